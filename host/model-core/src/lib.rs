@@ -1,0 +1,25 @@
+//! Shared model plumbing for the cogvx CogVideoX port.
+//!
+//! * [`weights`]: opens a diffusers component folder (single-file or sharded safetensors, stored
+//!   fp16/bf16/fp32) and hands tensors out by checkpoint name through a path-scoped
+//!   [`weights::VarBuilder`], so module code carries the checkpoint's names and needs no renaming table.
+//! * [`config`]: typed `config.json` reading with errors that name the file.
+//! * [`nn`]: the few layers every component shares (PyTorch weight layout).
+//! * [`attention`]: the single scaled-dot-product attention function of the project.
+//! * [`case`]: the parity case format of `shared/reference/cases`.
+
+pub mod attention;
+pub mod case;
+pub mod config;
+pub mod error;
+pub mod nn;
+pub mod weights;
+
+pub use error::LoadError;
+
+/// The CPU backend used by tests and CPU runs (burn's ndarray backend, f32).
+pub type CpuBackend = burn::backend::NdArray<f32>;
+/// The device of [`CpuBackend`].
+pub type CpuDevice = burn::backend::ndarray::NdArrayDevice;
+/// [`CpuBackend`] with autodiff, for training on the CPU.
+pub type CpuAutodiffBackend = burn::backend::Autodiff<CpuBackend>;
