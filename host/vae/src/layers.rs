@@ -1,0 +1,474 @@
+//! The building blocks of `AutoencoderKLCogVideoX`, one struct per diffusers module with the same
+//! parameter names (`conv1.conv.weight`, `norm1.norm_layer.weight`, `downsamplers.0.conv.bias`...).
+//!
+//! Causal convolutions keep a `conv_cache` between frame batches exactly like diffusers: the last
+//! `kernel_t - 1` frames of the (padded) input of every causal conv are handed to the next call.
+//! Caches are plain structs mirroring diffusers' nested dicts (see [`ResnetCache`]).
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::module::{conv2d, conv3d};
+use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::{backend::Backend, Tensor};
+use cogvx_model_core::nn::GroupNorm;
+use cogvx_model_core::weights::VarBuilder;
+use cogvx_model_core::LoadError;
+
+use crate::ops::{avg_pool_time2, batch_to_frames, frames_to_batch, interpolate_nearest, repeat_interleave2};
+
+/// `CogVideoXSafeConv3d`: a `nn.Conv3d` (stride 1, zero spatial padding `padding_hw`, no time
+/// padding) that splits inputs above 2 GiB (counted as 2 bytes a value, as diffusers does) into
+/// time chunks overlapping by `kernel_t - 1` frames. The result equals one big convolution.
+#[derive(Module, Debug)]
+pub struct SafeConv3d<B: Backend> {
+    pub weight: Param<Tensor<B, 5>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub kernel_size: usize,
+    pub padding_hw: usize,
+}
+
+impl<B: Backend> SafeConv3d<B> {
+    /// Loads `weight [out, in, k, k, k]` and `bias [out]` under `vb`.
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: usize,
+        padding_hw: usize,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let k = kernel_size;
+        Ok(SafeConv3d {
+            weight: Param::from_tensor(vb.tensor("weight", [out_channels, in_channels, k, k, k], device)?),
+            bias: Param::from_tensor(vb.tensor("bias", [out_channels], device)?),
+            kernel_size,
+            padding_hw,
+        })
+    }
+
+    fn conv(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        let p = self.padding_hw;
+        conv3d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([1, 1, 1], [0, p, p], [1, 1, 1], 1))
+    }
+
+    pub fn forward(&self, input: Tensor<B, 5>) -> Tensor<B, 5> {
+        let dims = input.dims();
+        let numel: usize = dims.iter().product();
+        let memory_count = numel as f64 * 2.0 / 1024f64.powi(3);
+        if memory_count <= 2.0 {
+            return self.conv(input);
+        }
+        // torch.chunk(input, part_num, dim=2): chunks of ceil(T / part_num) frames.
+        let part_num = (memory_count / 2.0) as usize + 1;
+        let t = dims[2];
+        let size = t.div_ceil(part_num).max(1);
+        let k = self.kernel_size;
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        while start < t {
+            let len = size.min(t - start);
+            // Chunks after the first are prefixed with the last k-1 frames of the previous chunk.
+            let overlap = if start == 0 || k <= 1 { 0 } else { (k - 1).min(size) };
+            outputs.push(self.conv(input.clone().narrow(2, start - overlap, len + overlap)));
+            start += len;
+        }
+        Tensor::cat(outputs, 2)
+    }
+}
+
+/// `CogVideoXCausalConv3d` (`pad_mode="first"`, the only mode CogVideoX uses): time is padded on
+/// the front with `kernel_t - 1` copies of the first frame on the first call, and with the cached
+/// frames of the previous call afterwards; height/width are zero-padded by `(k - 1) / 2`.
+#[derive(Module, Debug)]
+pub struct CausalConv3d<B: Backend> {
+    pub conv: SafeConv3d<B>,
+    pub time_kernel_size: usize,
+}
+
+impl<B: Backend> CausalConv3d<B> {
+    /// Loads `conv.weight` / `conv.bias` under `vb` (cubic kernel `kernel_size`, stride 1).
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: usize,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let pad = (kernel_size - 1) / 2;
+        let conv = SafeConv3d::load(&vb.pp("conv"), in_channels, out_channels, kernel_size, pad, device)?;
+        Ok(CausalConv3d { conv, time_kernel_size: kernel_size })
+    }
+
+    /// Convolves `x [B, C, T, H, W]`; `conv_cache` is read (the previous call's frames, `None` on
+    /// the first chunk) and replaced with this call's last `kernel_t - 1` padded input frames.
+    pub fn forward(&self, x: Tensor<B, 5>, conv_cache: &mut Option<Tensor<B, 5>>) -> Tensor<B, 5> {
+        let k = self.time_kernel_size;
+        if k <= 1 {
+            // diffusers caches the whole input here but never reads it back for kernel 1.
+            return self.conv.forward(x);
+        }
+        let front = match conv_cache.take() {
+            Some(cached) => cached,
+            None => x.clone().narrow(2, 0, 1).repeat_dim(2, k - 1),
+        };
+        let x = Tensor::cat(vec![front, x], 2);
+        let t = x.dims()[2];
+        *conv_cache = Some(x.clone().narrow(2, t - (k - 1), k - 1));
+        self.conv.forward(x)
+    }
+}
+
+/// A frame-wise `nn.Conv2d` (the convolution of the up/down samplers).
+#[derive(Module, Debug)]
+pub struct Conv2d<B: Backend> {
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// Loads `weight [out, in, k, k]` and `bias [out]` under `vb`.
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: usize,
+        stride: usize,
+        padding: usize,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let k = kernel_size;
+        Ok(Conv2d {
+            weight: Param::from_tensor(vb.tensor("weight", [out_channels, in_channels, k, k], device)?),
+            bias: Param::from_tensor(vb.tensor("bias", [out_channels], device)?),
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (s, p) = (self.stride, self.padding);
+        conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
+    }
+}
+
+/// `CogVideoXSpatialNorm3D`: `GroupNorm(f) * conv_y(zq) + conv_b(zq)` with `zq` resized (nearest)
+/// to `f`; for an odd frame count above 1 the first frame of `zq` is resized on its own.
+#[derive(Module, Debug)]
+pub struct SpatialNorm3D<B: Backend> {
+    pub norm_layer: GroupNorm<B>,
+    pub conv_y: CausalConv3d<B>,
+    pub conv_b: CausalConv3d<B>,
+}
+
+impl<B: Backend> SpatialNorm3D<B> {
+    pub fn load(
+        vb: &VarBuilder,
+        f_channels: usize,
+        zq_channels: usize,
+        groups: usize,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        Ok(SpatialNorm3D {
+            norm_layer: GroupNorm::load(&vb.pp("norm_layer"), groups, f_channels, 1e-6, device)?,
+            conv_y: CausalConv3d::load(&vb.pp("conv_y"), zq_channels, f_channels, 1, device)?,
+            conv_b: CausalConv3d::load(&vb.pp("conv_b"), zq_channels, f_channels, 1, device)?,
+        })
+    }
+
+    pub fn forward(&self, f: Tensor<B, 5>, zq: &Tensor<B, 5>) -> Tensor<B, 5> {
+        let [_, _, t, h, w] = f.dims();
+        let zt = zq.dims()[2];
+        let zq = if t > 1 && t % 2 == 1 && zt > 1 {
+            let z_first = interpolate_nearest(zq.clone().narrow(2, 0, 1), [1, h, w]);
+            let z_rest = interpolate_nearest(zq.clone().narrow(2, 1, zt - 1), [t - 1, h, w]);
+            Tensor::cat(vec![z_first, z_rest], 2)
+        } else {
+            interpolate_nearest(zq.clone(), [t, h, w])
+        };
+        // Kernel-1 convolutions: their conv cache is never read.
+        let conv_y = self.conv_y.forward(zq.clone(), &mut None);
+        let conv_b = self.conv_b.forward(zq, &mut None);
+        self.norm_layer.forward(f) * conv_y + conv_b
+    }
+}
+
+/// The norm of a ResNet block: GroupNorm in the encoder, SpatialNorm3D (conditioned on the
+/// latent) in the decoder.
+#[derive(Module, Debug)]
+pub enum ResnetNorm<B: Backend> {
+    Group(GroupNorm<B>),
+    Spatial(SpatialNorm3D<B>),
+}
+
+impl<B: Backend> ResnetNorm<B> {
+    fn forward(&self, x: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>) -> Tensor<B, 5> {
+        match (self, zq) {
+            (ResnetNorm::Spatial(n), Some(zq)) => n.forward(x, zq),
+            (ResnetNorm::Group(n), _) => n.forward(x),
+            // diffusers only calls a spatial norm with zq; without it the block would crash there.
+            (ResnetNorm::Spatial(n), None) => n.norm_layer.forward(x),
+        }
+    }
+}
+
+/// Conv caches of one [`ResnetBlock3D`] (diffusers' `{"conv1": .., "conv2": ..}`).
+#[derive(Debug, Clone)]
+pub struct ResnetCache<B: Backend> {
+    pub conv1: Option<Tensor<B, 5>>,
+    pub conv2: Option<Tensor<B, 5>>,
+}
+
+impl<B: Backend> Default for ResnetCache<B> {
+    fn default() -> Self {
+        ResnetCache { conv1: None, conv2: None }
+    }
+}
+
+/// `CogVideoXResnetBlock3D` without time embedding (`temb_channels=0` in the VAE); the shortcut
+/// is a 1x1x1 `CogVideoXSafeConv3d` when the channel count changes.
+#[derive(Module, Debug)]
+pub struct ResnetBlock3D<B: Backend> {
+    pub norm1: ResnetNorm<B>,
+    pub conv1: CausalConv3d<B>,
+    pub norm2: ResnetNorm<B>,
+    pub conv2: CausalConv3d<B>,
+    pub conv_shortcut: Option<SafeConv3d<B>>,
+}
+
+impl<B: Backend> ResnetBlock3D<B> {
+    /// `spatial_norm_dim`: `Some(latent_channels)` in the decoder (SpatialNorm3D norms).
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        groups: usize,
+        eps: f64,
+        spatial_norm_dim: Option<usize>,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let norm = |name: &str, ch: usize| -> Result<ResnetNorm<B>, LoadError> {
+            Ok(match spatial_norm_dim {
+                None => ResnetNorm::Group(GroupNorm::load(&vb.pp(name), groups, ch, eps, device)?),
+                Some(zq) => ResnetNorm::Spatial(SpatialNorm3D::load(&vb.pp(name), ch, zq, groups, device)?),
+            })
+        };
+        Ok(ResnetBlock3D {
+            norm1: norm("norm1", in_channels)?,
+            conv1: CausalConv3d::load(&vb.pp("conv1"), in_channels, out_channels, 3, device)?,
+            norm2: norm("norm2", out_channels)?,
+            conv2: CausalConv3d::load(&vb.pp("conv2"), out_channels, out_channels, 3, device)?,
+            conv_shortcut: if in_channels != out_channels {
+                Some(SafeConv3d::load(&vb.pp("conv_shortcut"), in_channels, out_channels, 1, 0, device)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, inputs: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>, cache: &mut ResnetCache<B>) -> Tensor<B, 5> {
+        let h = self.norm1.forward(inputs.clone(), zq);
+        let h = self.conv1.forward(silu(h), &mut cache.conv1);
+        let h = self.norm2.forward(h, zq);
+        // Dropout is the identity at inference.
+        let h = self.conv2.forward(silu(h), &mut cache.conv2);
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(inputs),
+            None => inputs,
+        };
+        h + shortcut
+    }
+}
+
+/// `CogVideoXDownsample3D`: optional time compression (first frame kept, the rest averaged in
+/// pairs), then a frame-wise 3x3 stride-2 Conv2d after padding right/bottom by one.
+#[derive(Module, Debug)]
+pub struct Downsample3D<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub compress_time: bool,
+}
+
+impl<B: Backend> Downsample3D<B> {
+    pub fn load(vb: &VarBuilder, channels: usize, compress_time: bool, device: &B::Device) -> Result<Self, LoadError> {
+        Ok(Downsample3D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 2, 0, device)?, compress_time })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        let mut x = x;
+        if self.compress_time {
+            let t = x.dims()[2];
+            x = if t % 2 == 1 {
+                let first = x.clone().narrow(2, 0, 1);
+                if t > 1 {
+                    let rest = avg_pool_time2(x.narrow(2, 1, t - 1));
+                    Tensor::cat(vec![first, rest], 2)
+                } else {
+                    first
+                }
+            } else {
+                avg_pool_time2(x)
+            };
+        }
+        let x = x.pad((0, 1, 0, 1), PadMode::Constant(0.0));
+        let b = x.dims()[0];
+        batch_to_frames(self.conv.forward(frames_to_batch(x)), b)
+    }
+}
+
+/// `CogVideoXUpsample3D`: nearest 2x upsampling (also in time when `compress_time`, except the
+/// first frame of an odd count), then a frame-wise 3x3 Conv2d.
+#[derive(Module, Debug)]
+pub struct Upsample3D<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub compress_time: bool,
+}
+
+impl<B: Backend> Upsample3D<B> {
+    pub fn load(vb: &VarBuilder, channels: usize, compress_time: bool, device: &B::Device) -> Result<Self, LoadError> {
+        Ok(Upsample3D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 1, 1, device)?, compress_time })
+    }
+
+    pub fn forward(&self, inputs: Tensor<B, 5>) -> Tensor<B, 5> {
+        let t = inputs.dims()[2];
+        let up_hw = |x: Tensor<B, 5>| repeat_interleave2(repeat_interleave2(x, 3), 4);
+        let x = if self.compress_time && t > 1 && t % 2 == 1 {
+            let first = up_hw(inputs.clone().narrow(2, 0, 1));
+            let rest = repeat_interleave2(up_hw(inputs.narrow(2, 1, t - 1)), 2);
+            Tensor::cat(vec![first, rest], 2)
+        } else if self.compress_time && t > 1 {
+            repeat_interleave2(up_hw(inputs), 2)
+        } else {
+            up_hw(inputs)
+        };
+        let b = x.dims()[0];
+        batch_to_frames(self.conv.forward(frames_to_batch(x)), b)
+    }
+}
+
+/// `CogVideoXDownBlock3D` (also used for the encoder's blocks without a downsampler).
+#[derive(Module, Debug)]
+pub struct DownBlock3D<B: Backend> {
+    pub resnets: Vec<ResnetBlock3D<B>>,
+    pub downsamplers: Vec<Downsample3D<B>>,
+}
+
+impl<B: Backend> DownBlock3D<B> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        num_layers: usize,
+        eps: f64,
+        groups: usize,
+        add_downsample: bool,
+        compress_time: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let resnets = (0..num_layers)
+            .map(|i| {
+                let ic = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock3D::load(&vb.pp("resnets").pp(i), ic, out_channels, groups, eps, None, device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let downsamplers = if add_downsample {
+            vec![Downsample3D::load(&vb.pp("downsamplers").pp(0), out_channels, compress_time, device)?]
+        } else {
+            vec![]
+        };
+        Ok(DownBlock3D { resnets, downsamplers })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 5>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
+        cache.resize_with(self.resnets.len(), ResnetCache::default);
+        let mut h = x;
+        for (resnet, c) in self.resnets.iter().zip(cache.iter_mut()) {
+            h = resnet.forward(h, None, c);
+        }
+        for down in &self.downsamplers {
+            h = down.forward(h);
+        }
+        h
+    }
+}
+
+/// `CogVideoXMidBlock3D`: ResNet blocks at the lowest resolution (spatial norms in the decoder).
+#[derive(Module, Debug)]
+pub struct MidBlock3D<B: Backend> {
+    pub resnets: Vec<ResnetBlock3D<B>>,
+}
+
+impl<B: Backend> MidBlock3D<B> {
+    pub fn load(
+        vb: &VarBuilder,
+        channels: usize,
+        num_layers: usize,
+        eps: f64,
+        groups: usize,
+        spatial_norm_dim: Option<usize>,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let resnets = (0..num_layers)
+            .map(|i| ResnetBlock3D::load(&vb.pp("resnets").pp(i), channels, channels, groups, eps, spatial_norm_dim, device))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MidBlock3D { resnets })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
+        cache.resize_with(self.resnets.len(), ResnetCache::default);
+        let mut h = x;
+        for (resnet, c) in self.resnets.iter().zip(cache.iter_mut()) {
+            h = resnet.forward(h, zq, c);
+        }
+        h
+    }
+}
+
+/// `CogVideoXUpBlock3D`: ResNet blocks with spatial norms, then an optional upsampler.
+#[derive(Module, Debug)]
+pub struct UpBlock3D<B: Backend> {
+    pub resnets: Vec<ResnetBlock3D<B>>,
+    pub upsamplers: Vec<Upsample3D<B>>,
+}
+
+impl<B: Backend> UpBlock3D<B> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        num_layers: usize,
+        eps: f64,
+        groups: usize,
+        spatial_norm_dim: usize,
+        add_upsample: bool,
+        compress_time: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let resnets = (0..num_layers)
+            .map(|i| {
+                let ic = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock3D::load(&vb.pp("resnets").pp(i), ic, out_channels, groups, eps, Some(spatial_norm_dim), device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let upsamplers = if add_upsample {
+            vec![Upsample3D::load(&vb.pp("upsamplers").pp(0), out_channels, compress_time, device)?]
+        } else {
+            vec![]
+        };
+        Ok(UpBlock3D { resnets, upsamplers })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 5>, zq: &Tensor<B, 5>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
+        cache.resize_with(self.resnets.len(), ResnetCache::default);
+        let mut h = x;
+        for (resnet, c) in self.resnets.iter().zip(cache.iter_mut()) {
+            h = resnet.forward(h, Some(zq), c);
+        }
+        for up in &self.upsamplers {
+            h = up.forward(h);
+        }
+        h
+    }
+}
