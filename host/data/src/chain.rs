@@ -1,0 +1,68 @@
+//! The plugin chain a dataset runs through, by kind.
+
+use cogvx_plugin_api::{Plugin, PluginError};
+
+/// The plugins that preprocess a dataset, by kind, in the order they run. The CLI fills it
+/// from its plugin registry (built-in, `.so` or `.wasm` alike: every call goes through the
+/// [`Plugin`] trait).
+#[derive(Default)]
+pub struct Chain<'a> {
+    /// The dataset reader; `None` uses the built-in `finetune-layout` reader directly
+    /// (which reports each problem with its file and line).
+    pub reader: Option<&'a mut dyn Plugin>,
+    /// Caption rewriters, applied in order.
+    pub prompt_rewriters: Vec<&'a mut dyn Plugin>,
+    /// Video transforms, in order: their plans first (each validated), then, after the plan
+    /// is decoded, their pixel paths.
+    pub video_transforms: Vec<&'a mut dyn Plugin>,
+}
+
+impl<'a> Chain<'a> {
+    /// An empty chain (built-in reader, no rewriters, no transforms).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs the caption through every prompt rewriter; the error names the plugin.
+    pub fn rewrite_prompt(&mut self, caption: &str) -> Result<String, String> {
+        let mut caption = caption.to_string();
+        for p in self.prompt_rewriters.iter_mut() {
+            match p.rewrite_prompt(&caption) {
+                Ok(c) => caption = c,
+                Err(PluginError::Unsupported(_)) => {}
+                Err(e) => return Err(format!("plugin `{}` failed in `rewrite-prompt`: {e}", p.info().name)),
+            }
+        }
+        Ok(caption)
+    }
+
+    /// The video transforms, reborrowed for [`cogvx_video::VideoTransforms`].
+    pub fn transforms(&mut self) -> cogvx_video::VideoTransforms<'_> {
+        cogvx_video::VideoTransforms::new(self.video_transforms.iter_mut().map(|p| &mut **p as &mut dyn Plugin).collect())
+    }
+}
+
+/// The seed of sample `index` under base seed `base`: SplitMix64 of `base` and `index`, so
+/// a sample keeps its seed whatever the order or subset processed.
+pub fn sample_seed(base: u64, index: u64) -> u64 {
+    let mut z = base ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x6A09_E667_F3BC_C909);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_differ_per_sample_and_base() {
+        let a: Vec<u64> = (0..100).map(|i| sample_seed(42, i)).collect();
+        let mut b = a.clone();
+        b.sort_unstable();
+        b.dedup();
+        assert_eq!(b.len(), 100);
+        assert_ne!(sample_seed(1, 0), sample_seed(2, 0));
+        assert_eq!(sample_seed(7, 3), sample_seed(7, 3));
+    }
+}
