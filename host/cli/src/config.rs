@@ -1,0 +1,215 @@
+//! The TOML config (`--config FILE`): the single source of every setting, with CLI flags
+//! overriding it. Unknown keys are rejected by name.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A training resolution `FxHxW`, e.g. `49x480x720`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub frames: u32,
+    pub height: u32,
+    pub width: u32,
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.trim().split(['x', 'X']).collect();
+        let nums: Vec<u32> = parts.iter().filter_map(|p| p.trim().parse().ok()).collect();
+        if parts.len() != 3 || nums.len() != 3 {
+            return Err(format!("`{s}` is not a resolution: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720"));
+        }
+        let r = Resolution { frames: nums[0], height: nums[1], width: nums[2] };
+        if r.frames == 0 || (r.frames - 1) % 8 != 0 {
+            return Err(format!("resolution `{s}`: the frame count must be 8N+1 (9, 17, 25, 33, 41, 49, ...), got {}", r.frames));
+        }
+        if r.height == 0 || r.width == 0 || r.height % 16 != 0 || r.width % 16 != 0 {
+            return Err(format!("resolution `{s}`: height and width must be positive multiples of 16, got {}x{}", r.height, r.width));
+        }
+        Ok(r)
+    }
+}
+
+impl std::fmt::Display for Resolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.frames, self.height, self.width)
+    }
+}
+
+impl<'de> Deserialize<'de> for Resolution {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<Resolution> for cogvx_plugin_api::Resolution {
+    fn from(r: Resolution) -> Self {
+        cogvx_plugin_api::Resolution { frames: r.frames, height: r.height, width: r.width }
+    }
+}
+
+/// `[data]`: where the clips are and how they are preprocessed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset root in the finetune layout (prompts.txt, videos.txt, optional images.txt).
+    pub root: Option<PathBuf>,
+    /// Validation set in the same layout.
+    pub validation_root: Option<PathBuf>,
+    /// `FxHxW`.
+    #[serde(default = "default_resolution")]
+    pub resolution: Resolution,
+    /// The dataset reader plugin by name.
+    #[serde(default = "default_reader")]
+    pub reader: String,
+    /// Video-transform plugins, applied in order.
+    #[serde(default = "default_transforms")]
+    pub transforms: Vec<String>,
+    /// Prompt-rewriter plugins, applied in order.
+    #[serde(default)]
+    pub rewriters: Vec<String>,
+    /// Base seed for per-sample randomness (random crops).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_resolution() -> Resolution {
+    Resolution { frames: 49, height: 480, width: 720 }
+}
+fn default_reader() -> String {
+    "finetune-layout".into()
+}
+fn default_transforms() -> Vec<String> {
+    vec!["frame_skip".into(), "crop_resize".into()]
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            root: None,
+            validation_root: None,
+            resolution: default_resolution(),
+            reader: default_reader(),
+            transforms: default_transforms(),
+            rewriters: Vec::new(),
+            seed: default_seed(),
+        }
+    }
+}
+
+/// `[wasm]`: sandbox limits of WebAssembly plugins.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmConfig {
+    /// Memory cap per plugin instance, in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_limit_mib: u64,
+    /// Time cap per plugin call, in seconds.
+    #[serde(default = "default_timeout")]
+    pub call_timeout_secs: f64,
+}
+
+fn default_memory() -> u64 {
+    512
+}
+fn default_timeout() -> f64 {
+    30.0
+}
+
+impl Default for WasmConfig {
+    fn default() -> Self {
+        WasmConfig { memory_limit_mib: default_memory(), call_timeout_secs: default_timeout() }
+    }
+}
+
+/// The whole config file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Plugin files (`.wasm` or `.so`) to load, relative to the config file.
+    #[serde(default)]
+    pub plugins: Vec<PathBuf>,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub wasm: WasmConfig,
+    /// `[plugin.<name>]`: parameters handed to each plugin's `configure`.
+    #[serde(default)]
+    pub plugin: BTreeMap<String, toml::Table>,
+}
+
+impl Config {
+    /// Reads `path`; relative paths inside are resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        config.plugins.iter_mut().for_each(resolve);
+        if let Some(p) = config.data.root.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = config.data.validation_root.as_mut() {
+            resolve(p);
+        }
+        Ok(config)
+    }
+
+    /// The `[plugin.<name>]` table of a plugin as JSON (`{}` when absent).
+    pub fn plugin_params_json(&self, name: &str) -> Result<String> {
+        match self.plugin.get(name) {
+            None => Ok("{}".into()),
+            Some(table) => serde_json::to_string(table).with_context(|| format!("[plugin.{name}] cannot be converted to JSON")),
+        }
+    }
+
+    /// Checks that every `[plugin.<name>]` table names a known plugin.
+    pub fn check_plugin_tables(&self, known: &[String]) -> Result<()> {
+        for name in self.plugin.keys() {
+            if !known.iter().any(|k| k == name) {
+                bail!("config: [plugin.{name}] names no loaded plugin (known: {})", known.join(", "));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolution_rules() {
+        assert_eq!("49x480x720".parse::<Resolution>().unwrap(), Resolution { frames: 49, height: 480, width: 720 });
+        assert!("48x480x720".parse::<Resolution>().unwrap_err().contains("8N+1"));
+        assert!("49x470x720".parse::<Resolution>().unwrap_err().contains("multiples of 16"));
+        assert!("49x480".parse::<Resolution>().unwrap_err().contains("FRAMESxHEIGHTxWIDTH"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = toml::from_str::<Config>("[data]\nroot = \"x\"\nresolutoin = \"49x480x720\"\n").unwrap_err().to_string();
+        assert!(err.contains("resolutoin"), "{err}");
+        let err = toml::from_str::<Config>("pluginz = []\n").unwrap_err().to_string();
+        assert!(err.contains("pluginz"), "{err}");
+    }
+
+    #[test]
+    fn plugin_params_become_json() {
+        let c: Config = toml::from_str("[plugin.id_token]\ntoken = \"BW\"\nposition = \"prefix\"\n").unwrap();
+        let json: serde_json::Value = serde_json::from_str(&c.plugin_params_json("id_token").unwrap()).unwrap();
+        assert_eq!(json["token"], "BW");
+        assert_eq!(c.plugin_params_json("other").unwrap(), "{}");
+    }
+}

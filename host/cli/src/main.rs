@@ -1,0 +1,142 @@
+//! `cogvx`: fine-tune CogVideoX from a folder of videos and captions.
+
+mod commands;
+mod config;
+mod plugins;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use config::Resolution;
+
+/// Fine-tune CogVideoX (2B, 5B, 5B-I2V, 1.5-5B, 1.5-5B-I2V) from a folder of videos and captions.
+///
+/// Dataset readers, preprocessing, prompt rewriting, adapters, schedulers and validators are
+/// plugins: built in, or loaded with `--plugin FILE` (`.wasm` components run sandboxed, `.so`
+/// native libraries run in-process). A loaded plugin replaces the built-in of the same name.
+#[derive(Parser, Debug)]
+#[command(name = "cogvx", version, propagate_version = true)]
+pub struct Cli {
+    /// Load a plugin file (`.wasm` or `.so`); repeatable. Added to the config's `plugins` list.
+    #[arg(long = "plugin", value_name = "FILE", global = true)]
+    pub plugins: Vec<PathBuf>,
+
+    /// The TOML config file (see configs/). CLI flags override its values.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// The dataset root (overrides `[data] root`).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub data_root: Option<PathBuf>,
+
+    /// The training resolution FRAMESxHEIGHTxWIDTH, e.g. 49x480x720 (overrides `[data] resolution`).
+    #[arg(long, value_name = "FxHxW", global = true)]
+    pub resolution: Option<Resolution>,
+
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the available plugins: name, version, kinds, transport, API version, source.
+    Plugins,
+    /// Inspect a dataset in the finetune layout (prompts.txt, videos.txt, optional images.txt).
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+    /// Run diffusers parity cases (a folder of `*.safetensors` case files) and print a table;
+    /// exits 1 unless every case that ran passed.
+    Parity {
+        /// The cases folder, e.g. ../shared/reference/cases. Model folders are found relative
+        /// to its parent.
+        dir: PathBuf,
+        /// Only run cases whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Benchmarks (throughput numbers for the docs; not tests).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Report every problem of a dataset (file and line); exits 1 if there is any.
+    Check {
+        /// The dataset root (else --data-root or `[data] root`).
+        dir: Option<PathBuf>,
+    },
+    /// Run the plugin chain and write each preprocessed clip as .mp4, a contact sheet PNG and
+    /// the rewritten captions, so you see what will be trained on.
+    Preview {
+        /// The dataset root (else --data-root or `[data] root`).
+        dir: Option<PathBuf>,
+        /// Output folder (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Decode + preprocess throughput (frames/s) of a generated 1080p clip to the target
+    /// resolution, through the built-in, `.so` and `.wasm` crop_resize.
+    Preprocess {
+        /// Folder holding crop_resize.so and crop_resize.wasm (built by plugins/build.sh).
+        #[arg(long, value_name = "DIR", default_value = "plugins")]
+        plugins_dir: PathBuf,
+        /// Seconds of 1080p video to generate.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Repetitions per transport.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let settings = commands::Settings::from_cli(&cli)?;
+    match cli.command {
+        Command::Plugins => commands::plugins::run(&settings),
+        Command::Dataset { command: DatasetCommand::Check { dir } } => commands::dataset::check(&settings, dir),
+        Command::Dataset { command: DatasetCommand::Preview { dir, out } } => commands::dataset::preview(&settings, dir, &out),
+        Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref()),
+        Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
+            commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)
+        }
+    }
+}
