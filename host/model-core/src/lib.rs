@@ -23,3 +23,10 @@ pub type CpuBackend = burn::backend::NdArray<f32>;
 pub type CpuDevice = burn::backend::ndarray::NdArrayDevice;
 /// [`CpuBackend`] with autodiff, for training on the CPU.
 pub type CpuAutodiffBackend = burn::backend::Autodiff<CpuBackend>;
+
+/// The CUDA backend (f32), with the `cuda` feature.
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda<f32, i32>;
+/// The device of [`CudaBackend`].
+#[cfg(feature = "cuda")]
+pub type CudaDevice = burn::backend::cuda::CudaDevice;
