@@ -1,0 +1,312 @@
+//! `CogVideoXTransformer3DModel` and `CogVideoXBlock`, mirroring diffusers
+//! `models/transformers/cogvideox_transformer_3d.py` (and `FeedForward`/`GELU` of
+//! `models/attention.py`, `models/activations.py`).
+
+use crate::attention::{check_rotary, Attention};
+use crate::config::TransformerConfig;
+use crate::embeddings::{get_timestep_embedding, CogVideoXPatchEmbed, TimestepEmbedding};
+use crate::error::{input_err, TransformerError};
+use crate::normalization::{AdaLayerNorm, CogVideoXLayerNormZero};
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{activation, backend::Backend, Tensor};
+use cogvx_model_core::config::read_config;
+use cogvx_model_core::nn::{LayerNorm, Linear};
+use cogvx_model_core::weights::VarBuilder;
+use std::path::Path;
+
+/// diffusers `GELU` (`net.0` of the feed-forward): `gelu(proj(x))`, tanh-approximated for
+/// `activation_fn = "gelu-approximate"`.
+#[derive(Module, Debug)]
+pub struct Gelu<B: Backend> {
+    pub proj: Linear<B>,
+    pub approximate: bool,
+}
+
+impl<B: Backend> Gelu<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.proj.forward(x);
+        if self.approximate {
+            activation::gelu_approximate(x)
+        } else {
+            activation::gelu(x)
+        }
+    }
+}
+
+/// diffusers `FeedForward(dim, activation_fn, final_dropout=True)`: `net` is
+/// `(GELU, Dropout, Linear, Dropout)`, so module paths are `net.0.proj` and `net.2` as in the checkpoint.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    pub net: (Gelu<B>, Dropout, Linear<B>, Dropout),
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// Loads `net.0.proj` (`dim -> 4 dim`) and `net.2` (`4 dim -> dim`), both with bias.
+    pub fn load(vb: &VarBuilder, dim: usize, activation_fn: &str, dropout: f64, device: &B::Device) -> Result<Self, TransformerError> {
+        let inner = 4 * dim;
+        let net = vb.pp("net");
+        Ok(FeedForward {
+            net: (
+                Gelu { proj: Linear::load(&net.pp(0).pp("proj"), dim, inner, true, device)?, approximate: activation_fn == "gelu-approximate" },
+                DropoutConfig::new(dropout).init(),
+                Linear::load(&net.pp(2), inner, dim, true, device)?,
+                DropoutConfig::new(dropout).init(),
+            ),
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.net.0.forward(x);
+        let x = self.net.1.forward(x);
+        let x = self.net.2.forward(x);
+        self.net.3.forward(x)
+    }
+}
+
+/// diffusers `CogVideoXBlock`: adaLN-zero norm, joint self-attention, adaLN-zero norm, joint
+/// feed-forward, each added back to the text and video streams through their own gates.
+#[derive(Module, Debug)]
+pub struct CogVideoXBlock<B: Backend> {
+    pub norm1: CogVideoXLayerNormZero<B>,
+    pub attn1: Attention<B>,
+    pub norm2: CogVideoXLayerNormZero<B>,
+    pub ff: FeedForward<B>,
+}
+
+impl<B: Backend> CogVideoXBlock<B> {
+    pub fn load(vb: &VarBuilder, c: &TransformerConfig, device: &B::Device) -> Result<Self, TransformerError> {
+        let dim = c.inner_dim();
+        Ok(CogVideoXBlock {
+            norm1: CogVideoXLayerNormZero::load(&vb.pp("norm1"), c.time_embed_dim, dim, c.norm_elementwise_affine, c.norm_eps, device)?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, c.num_attention_heads, c.attention_head_dim, c.attention_bias, c.dropout, device)?,
+            norm2: CogVideoXLayerNormZero::load(&vb.pp("norm2"), c.time_embed_dim, dim, c.norm_elementwise_affine, c.norm_eps, device)?,
+            ff: FeedForward::load(&vb.pp("ff"), dim, &c.activation_fn, c.dropout, device)?,
+        })
+    }
+
+    /// `hidden_states [B, Lv, D]`, `encoder_hidden_states [B, Lt, D]`, `temb [B, E]`; returns
+    /// `(hidden_states, encoder_hidden_states)`.
+    pub fn forward(
+        &self,
+        hidden_states: Tensor<B, 3>,
+        encoder_hidden_states: Tensor<B, 3>,
+        temb: Tensor<B, 2>,
+        image_rotary_emb: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [_, text_len, _] = encoder_hidden_states.dims();
+        let n = self.norm1.forward(hidden_states.clone(), encoder_hidden_states.clone(), temb.clone());
+        let (attn_hidden, attn_encoder) = self.attn1.forward(n.hidden_states, n.encoder_hidden_states, image_rotary_emb);
+        let hidden_states = hidden_states + n.gate * attn_hidden;
+        let encoder_hidden_states = encoder_hidden_states + n.enc_gate * attn_encoder;
+
+        let n = self.norm2.forward(hidden_states.clone(), encoder_hidden_states.clone(), temb);
+        let joint = Tensor::cat(vec![n.encoder_hidden_states, n.hidden_states], 1);
+        let ff_output = self.ff.forward(joint);
+        let len = ff_output.dims()[1];
+        let hidden_states = hidden_states + n.gate * ff_output.clone().narrow(1, text_len, len - text_len);
+        let encoder_hidden_states = encoder_hidden_states + n.enc_gate * ff_output.narrow(1, 0, text_len);
+        (hidden_states, encoder_hidden_states)
+    }
+}
+
+/// diffusers `CogVideoXTransformer3DModel`, all variants (2B, 5B, 5B-I2V, 1.5-5B, 1.5-5B-I2V).
+///
+/// Field names are the checkpoint's, and so are burn's module paths (`transformer_blocks.3.attn1.to_q`,
+/// `ff.net.0.proj`, ...); the weights load through [`VarBuilder`] without a renaming table.
+#[derive(Module, Debug)]
+pub struct CogVideoXTransformer3DModel<B: Backend> {
+    pub patch_embed: CogVideoXPatchEmbed<B>,
+    pub embedding_dropout: Dropout,
+    pub time_embedding: TimestepEmbedding<B>,
+    /// CogVideoX1.5-5B-I2V only.
+    pub ofs_embedding: Option<TimestepEmbedding<B>>,
+    pub transformer_blocks: Vec<CogVideoXBlock<B>>,
+    pub norm_final: LayerNorm<B>,
+    pub norm_out: AdaLayerNorm<B>,
+    pub proj_out: Linear<B>,
+    /// The config the model was built from.
+    pub config: TransformerConfig,
+}
+
+impl<B: Backend> CogVideoXTransformer3DModel<B> {
+    /// Builds the model from `vb` (the root of a `transformer/` folder's weights). Problems with
+    /// keys or shapes are collected in `vb`; call `vb.finish()` afterwards (as [`Self::from_dir`] does).
+    pub fn load(vb: &VarBuilder, config: &TransformerConfig, device: &B::Device) -> Result<Self, TransformerError> {
+        config
+            .validate()
+            .map_err(|message| TransformerError::Config { path: "<config>".into(), message })?;
+        let c = config;
+        let inner = c.inner_dim();
+        let ofs_embedding = match c.ofs_embed_dim {
+            Some(d) => Some(TimestepEmbedding::load(&vb.pp("ofs_embedding"), d, d, &c.timestep_activation_fn, device)?),
+            None => None,
+        };
+        let transformer_blocks = (0..c.num_layers)
+            .map(|i| CogVideoXBlock::load(&vb.pp("transformer_blocks").pp(i), c, device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output_dim = c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels();
+        Ok(CogVideoXTransformer3DModel {
+            patch_embed: CogVideoXPatchEmbed::load(&vb.pp("patch_embed"), c, device)?,
+            embedding_dropout: DropoutConfig::new(c.dropout).init(),
+            time_embedding: TimestepEmbedding::load(&vb.pp("time_embedding"), inner, c.time_embed_dim, &c.timestep_activation_fn, device)?,
+            ofs_embedding,
+            transformer_blocks,
+            norm_final: LayerNorm::load(&vb.pp("norm_final"), inner, c.norm_eps, c.norm_elementwise_affine, true, device)?,
+            norm_out: AdaLayerNorm::load(&vb.pp("norm_out"), c.time_embed_dim, 2 * inner, c.norm_elementwise_affine, c.norm_eps, device)?,
+            proj_out: Linear::load(&vb.pp("proj_out"), inner, output_dim, true, device)?,
+            config: c.clone(),
+        })
+    }
+
+    /// Loads a diffusers `transformer/` folder: `config.json` plus single-file or sharded
+    /// safetensors (fp16/bf16/fp32). Every missing, unexpected or wrong-shape key is reported at once.
+    pub fn from_dir(dir: &Path, device: &B::Device) -> Result<Self, TransformerError> {
+        let config_path = dir.join("config.json");
+        let config: TransformerConfig = read_config(&config_path)?;
+        config
+            .validate()
+            .map_err(|message| TransformerError::Config { path: config_path.display().to_string(), message })?;
+        let vb = VarBuilder::from_dir(dir)?;
+        let model = Self::load(&vb, &config, device)?;
+        vb.finish()?;
+        Ok(model)
+    }
+
+    /// The RoPE tables for latent `hidden_states` of `frames x height x width`, when the config uses
+    /// RoPE (`None` otherwise): see [`crate::rotary_tables`].
+    pub fn image_rotary_emb(
+        &self,
+        frames: usize,
+        height: usize,
+        width: usize,
+        device: &B::Device,
+    ) -> Result<Option<(Tensor<B, 2>, Tensor<B, 2>)>, TransformerError> {
+        if !self.config.use_rotary_positional_embeddings {
+            return Ok(None);
+        }
+        crate::embeddings::rotary_tables(&self.config, frames, height, width, device).map(Some)
+    }
+
+    /// The forward pass of diffusers' `CogVideoXTransformer3DModel`.
+    ///
+    /// * `hidden_states` `[B, F, C_in, H, W]` latents (I2V: image latents concatenated on channels);
+    ///   `H`, `W` divisible by `patch_size`, `F` by `patch_size_t` (1.5: the pipeline pads).
+    /// * `encoder_hidden_states` `[B, S, text_embed_dim]`.
+    /// * `timestep` `[B]` (or `[1]`, broadcast), as floats.
+    /// * `ofs` `[1]` or `[B]`, required exactly when the config has `ofs_embed_dim` (1.5-I2V).
+    /// * `image_rotary_emb` `(cos, sin)` `[F' * H/p * W/p, head_dim]` from [`Self::image_rotary_emb`];
+    ///   as in diffusers, `None` runs without RoPE.
+    ///
+    /// Returns `sample` `[B, F, C_out, H, W]`.
+    pub fn forward(
+        &self,
+        hidden_states: Tensor<B, 5>,
+        encoder_hidden_states: Tensor<B, 3>,
+        timestep: Tensor<B, 1>,
+        ofs: Option<Tensor<B, 1>>,
+        image_rotary_emb: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
+    ) -> Result<Tensor<B, 5>, TransformerError> {
+        let c = &self.config;
+        let [batch_size, num_frames, channels, height, width] = hidden_states.dims();
+        let [eb, text_len, text_dim] = encoder_hidden_states.dims();
+        let p = c.patch_size;
+        let p_t = c.patch_size_t.unwrap_or(1);
+        if channels != c.in_channels {
+            return input_err(format!("hidden_states has {channels} channels, the model takes in_channels = {}", c.in_channels));
+        }
+        if batch_size == 0 || num_frames == 0 || height % p != 0 || width % p != 0 || height == 0 || width == 0 {
+            return input_err(format!(
+                "hidden_states [B, F, C, H, W] = {:?}: H and W must be positive multiples of patch_size {p}",
+                hidden_states.dims()
+            ));
+        }
+        if num_frames % p_t != 0 {
+            return input_err(format!(
+                "{num_frames} latent frames are not divisible by patch_size_t {p_t}; pad the latents as the pipeline does"
+            ));
+        }
+        if eb != batch_size || text_dim != c.text_embed_dim || text_len == 0 {
+            return input_err(format!(
+                "encoder_hidden_states has shape {:?}, expected [{batch_size}, S, {}]",
+                encoder_hidden_states.dims(),
+                c.text_embed_dim
+            ));
+        }
+        let video_tokens = (num_frames / p_t) * (height / p) * (width / p);
+        if let Some(rot) = image_rotary_emb {
+            check_rotary(rot, video_tokens, c.attention_head_dim)?;
+        }
+
+        // 1. Time embedding
+        let timestep = broadcast_batch(timestep, batch_size, "timestep")?;
+        let t_emb = get_timestep_embedding(timestep, c.inner_dim(), c.flip_sin_to_cos, c.freq_shift);
+        let mut emb = self.time_embedding.forward(t_emb); // [B, E]
+        match (&self.ofs_embedding, ofs) {
+            (Some(ofs_embedding), Some(ofs)) => {
+                let ofs = broadcast_batch(ofs, batch_size, "ofs")?;
+                let d = c.ofs_embed_dim.expect("ofs_embedding exists");
+                let ofs_emb = get_timestep_embedding(ofs, d, c.flip_sin_to_cos, c.freq_shift);
+                let ofs_emb = ofs_embedding.forward(ofs_emb);
+                if ofs_emb.dims()[1] != emb.dims()[1] {
+                    return input_err(format!(
+                        "ofs_embed_dim {d} differs from time_embed_dim {}; diffusers cannot add them either",
+                        c.time_embed_dim
+                    ));
+                }
+                emb = emb + ofs_emb;
+            }
+            (Some(_), None) => return input_err("this model (CogVideoX1.5-I2V) needs `ofs` (the pipeline passes 2.0)"),
+            (None, _) => {}
+        }
+
+        // 2. Patch embedding
+        let hidden = self.patch_embed.forward(encoder_hidden_states, hidden_states)?;
+        let hidden = self.embedding_dropout.forward(hidden);
+        let len = hidden.dims()[1];
+        let mut encoder_hidden_states = hidden.clone().narrow(1, 0, text_len);
+        let mut hidden_states = hidden.narrow(1, text_len, len - text_len);
+
+        // 3. Transformer blocks
+        for block in &self.transformer_blocks {
+            (hidden_states, encoder_hidden_states) =
+                block.forward(hidden_states, encoder_hidden_states, emb.clone(), image_rotary_emb);
+        }
+        let hidden_states = self.norm_final.forward(hidden_states);
+
+        // 4. Final block
+        let hidden_states = self.norm_out.forward(hidden_states, emb);
+        let hidden_states = self.proj_out.forward(hidden_states); // [B, tokens, p_t * p * p * C_out]
+
+        // 5. Unpatchify
+        let (hp, wp) = (height / p, width / p);
+        let c_out = c.out_channels();
+        // Reshapes stay at rank <= 6 (burn's ndarray backend limit).
+        let output = match c.patch_size_t {
+            None => {
+                let x = hidden_states.reshape([batch_size * num_frames, hp, wp, c_out, p, p]);
+                let x = x.permute([0, 3, 1, 4, 2, 5]); // [B*F, C, H', p, W', p]
+                x.reshape([batch_size, num_frames, c_out, height, width])
+            }
+            Some(pt) => {
+                // diffusers: [B, F', H', W', C, p_t, p, p] permuted to [B, F', p_t, C, H', p, W', p].
+                let f = num_frames / pt;
+                let x = hidden_states.reshape([batch_size * f, hp * wp, c_out, pt, p * p]);
+                let x = x.permute([0, 3, 2, 1, 4]); // [B*F', p_t, C, H'*W', p*p]
+                let x = x.reshape([batch_size * num_frames * c_out, hp, wp, p, p]);
+                let x = x.permute([0, 1, 3, 2, 4]); // [B*F*C, H', p, W', p]
+                x.reshape([batch_size, num_frames, c_out, height, width])
+            }
+        };
+        Ok(output)
+    }
+}
+
+/// `[1]` or `[B]` to `[B]`.
+fn broadcast_batch<B: Backend>(t: Tensor<B, 1>, batch: usize, name: &str) -> Result<Tensor<B, 1>, TransformerError> {
+    match t.dims()[0] {
+        n if n == batch => Ok(t),
+        1 => Ok(t.expand([batch])),
+        n => input_err(format!("`{name}` has {n} values for a batch of {batch}")),
+    }
+}

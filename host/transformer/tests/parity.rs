@@ -1,0 +1,88 @@
+//! Parity with diffusers on the shared `transformer` cases (all five variants), and the RoPE tables.
+
+mod common;
+
+use common::{checkpoint_keys, reference_dir, B};
+use cogvx_model_core::case::{rel_l2, Case, Tolerance};
+use cogvx_model_core::weights::Weights;
+use cogvx_transformer::{run_case, rotary_tables_host, CogVideoXTransformer3DModel, TransformerConfig};
+use std::path::PathBuf;
+
+fn transformer_cases() -> Option<Vec<PathBuf>> {
+    let dir = reference_dir()?.join("cases");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.contains(".transformer.") && name.ends_with(".safetensors")
+        })
+        .collect();
+    cases.sort();
+    Some(cases)
+}
+
+#[test]
+fn all_transformer_cases_match_diffusers() {
+    let Some(cases) = transformer_cases() else { return };
+    assert!(cases.len() >= 9, "expected the 9 shared transformer cases, found {}", cases.len());
+    let device = Default::default();
+    let mut failures = Vec::new();
+    for path in &cases {
+        let case = Case::load(path).unwrap();
+        let got = run_case::<B>(&case, &device).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        for (name, want) in &case.outputs {
+            let g = &got[name];
+            assert_eq!(g.shape, want.shape, "{}: shape of {name}", case.name);
+            let err = rel_l2(&g.to_f32(), &want.to_f32());
+            let Tolerance::RelL2(tol) = case.tolerance else { panic!("{}: float output with exact tolerance", case.name) };
+            eprintln!("{:<40} {name:<8} rel_l2 {err:.3e} (tolerance {tol:.0e})", case.name);
+            if !(err <= tol) {
+                failures.push(format!("{} {name}: rel_l2 {err:.3e} > {tol:.0e}", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn rotary_tables_match_the_cases() {
+    let Some(cases) = transformer_cases() else { return };
+    let mut checked = 0;
+    for path in &cases {
+        let case = Case::load(path).unwrap();
+        let Some(want_cos) = case.inputs.get("rotary_cos") else { continue };
+        let want_sin = &case.inputs["rotary_sin"];
+        let config: TransformerConfig =
+            cogvx_model_core::config::read_config(&case.model_dir.join("transformer/config.json")).unwrap();
+        let shape = &case.inputs["hidden_states"].shape;
+        let (cos, sin) = rotary_tables_host(&config, shape[1], shape[3], shape[4]).unwrap();
+        assert_eq!(cos.len(), want_cos.to_f32().len(), "{}", case.name);
+        for (name, got, want) in [("cos", &cos, want_cos.to_f32()), ("sin", &sin, want_sin.to_f32())] {
+            let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            eprintln!("{:<40} rotary_{name} max |diff| {max:.2e}", case.name);
+            assert!(max < 2e-6, "{}: rotary_{name} differs by {max}", case.name);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 7, "expected 7 RoPE cases, checked {checked}");
+}
+
+/// Burn's module paths are the checkpoint keys (what adapters and saved LoRA files rely on), and
+/// every key of every shared variant is used with its stored shape.
+#[test]
+fn module_paths_are_the_checkpoint_keys() {
+    let Some(reference) = reference_dir() else { return };
+    let device = Default::default();
+    for variant in ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"] {
+        let dir = reference.join(format!("models/{variant}-tiny/transformer"));
+        let model = CogVideoXTransformer3DModel::<B>::from_dir(&dir, &device).unwrap();
+        let weights = Weights::open(&dir).unwrap();
+        let mut ours: Vec<(String, Vec<usize>)> = checkpoint_keys(&model);
+        ours.sort();
+        let mut theirs: Vec<(String, Vec<usize>)> =
+            weights.keys().map(|k| (k.to_string(), weights.shape(k).unwrap())).collect();
+        theirs.sort();
+        assert_eq!(ours, theirs, "{variant}");
+    }
+}
