@@ -305,6 +305,14 @@ impl T5Tokenizer {
         let encodings = tokenizer
             .encode_batch(inputs, true)
             .map_err(|e| TextError::InvalidInput(format!("tokenizing failed: {e}")))?;
+        for (i, e) in encodings.iter().enumerate() {
+            if !e.get_overflowing().is_empty() {
+                // diffusers' `_get_t5_prompt_embeds` warns the same way.
+                tracing::warn!(
+                    "prompt {i} was truncated to max_length={max_length} tokens (including `</s>`); the rest is ignored"
+                );
+            }
+        }
         Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
