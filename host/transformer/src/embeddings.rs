@@ -497,8 +497,11 @@ mod tests {
 
     #[test]
     fn crop_region_rounds_half_to_even() {
-        // r = 3/4 < 4/6: resize_width = 6, resize_height = round(6/4*3) = round(4.5) = 4.
-        assert_eq!(get_resize_crop_region_for_grid((3, 4), 6, 4), ((0, 0), (4, 6)));
+        // r = 3/4 < 5/6: resize_width = 6, resize_height = round(6/4*3) = round(4.5) = 4,
+        // crop_top = round(0.5) = 0.
+        assert_eq!(get_resize_crop_region_for_grid((3, 4), 6, 5), ((0, 0), (4, 6)));
+        // r = 3/4 > 4/6: resize_height = 4, resize_width = round(5.33) = 5, crop_left = round(0.5) = 0.
+        assert_eq!(get_resize_crop_region_for_grid((3, 4), 6, 4), ((0, 0), (4, 5)));
         // r = 1 > 4/6: resize_height = 4, resize_width = 4, crop_left = 1.
         assert_eq!(get_resize_crop_region_for_grid((2, 2), 6, 4), ((0, 1), (4, 5)));
         // crop_top = round(0.5) = 0 (half to even).
