@@ -104,7 +104,10 @@ pub struct Case {
     /// The model folder (resolved against the cases folder's parent).
     pub model_dir: PathBuf,
     pub params: serde_json::Value,
+    /// The default bound (`rel_l2` of the `tolerance` metadata).
     pub tolerance: Tolerance,
+    /// Per-output bounds that override the default (e.g. `"input_ids": "exact"`).
+    pub output_tolerances: BTreeMap<String, Tolerance>,
     /// Inputs without the `in.` prefix.
     pub inputs: BTreeMap<String, HostTensor>,
     /// Expected outputs without the `out.` prefix.
@@ -126,14 +129,27 @@ impl Case {
             Some(p) => serde_json::from_str(p).map_err(|e| bad(format!("metadata `params`: {e}")))?,
             None => serde_json::Value::Object(Default::default()),
         };
+        let mut output_tolerances = BTreeMap::new();
         let tolerance = match header.get("tolerance").map(|s| s.as_str()) {
             None => return Err(bad("metadata has no `tolerance`".into())),
             Some(t) => {
                 let v: serde_json::Value = serde_json::from_str(t).map_err(|e| bad(format!("metadata `tolerance`: {e}")))?;
-                if v.as_str() == Some("exact") {
-                    Tolerance::Exact
-                } else if let Some(x) = v.get("rel_l2").and_then(|x| x.as_f64()) {
-                    Tolerance::RelL2(x)
+                let parse = |v: &serde_json::Value| match (v.as_str(), v.as_f64()) {
+                    (Some("exact"), _) => Some(Tolerance::Exact),
+                    (_, Some(x)) => Some(Tolerance::RelL2(x)),
+                    _ => None,
+                };
+                if let Some(tol) = parse(&v) {
+                    tol
+                } else if let Some(map) = v.as_object() {
+                    for (name, value) in map.iter().filter(|(k, _)| *k != "rel_l2") {
+                        let tol = parse(value).ok_or_else(|| bad(format!("metadata `tolerance.{name}`: unknown form {value}")))?;
+                        output_tolerances.insert(name.clone(), tol);
+                    }
+                    match map.get("rel_l2") {
+                        Some(x) => parse(x).ok_or_else(|| bad(format!("metadata `tolerance.rel_l2`: unknown form {x}")))?,
+                        None => return Err(bad(format!("metadata `tolerance`: no `rel_l2` in {t}"))),
+                    }
                 } else {
                     return Err(bad(format!("metadata `tolerance`: unknown form {t}")));
                 }
@@ -169,9 +185,15 @@ impl Case {
             model_dir: base.join(model),
             params,
             tolerance,
+            output_tolerances,
             inputs,
             outputs,
         })
+    }
+
+    /// The bound for output `name`: its own entry in the tolerance metadata, else the default.
+    pub fn tolerance_for(&self, name: &str) -> Tolerance {
+        self.output_tolerances.get(name).copied().unwrap_or(self.tolerance)
     }
 
     /// An input by name (without `in.`), or an error naming the case.
@@ -234,5 +256,19 @@ mod tests {
         assert_eq!(case.input("hidden_states").unwrap().shape, vec![2, 3, 4, 8, 12]);
         assert!(matches!(case.input("timestep").unwrap().data, HostData::I64(_)));
         assert_eq!(case.outputs["sample"].shape, vec![2, 3, 4, 8, 12]);
+        assert_eq!(case.tolerance_for("sample"), Tolerance::RelL2(1e-4));
+    }
+
+    #[test]
+    fn per_output_tolerances() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/reference/cases/cogvideox-2b.text_encoder.safetensors");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} not found", path.display());
+            return;
+        }
+        let case = Case::load(&path).unwrap();
+        assert_eq!(case.tolerance_for("input_ids"), Tolerance::Exact);
+        assert_eq!(case.tolerance_for("last_hidden_state"), Tolerance::RelL2(1e-4));
     }
 }
