@@ -1,0 +1,1 @@
+//! cogvx training core (in progress).
