@@ -1,0 +1,365 @@
+//! Text-to-video sampling, a port of diffusers `CogVideoXPipeline.__call__`
+//! (`pipelines/cogvideo/pipeline_cogvideox.py`): prompt → T5 tokenizer → T5 encoder →
+//! transformer with classifier-free guidance → scheduler loop (any [`InferencePlan`], applied by
+//! the coefficient executor) → `1 / scaling_factor` → VAE decode → frames in [0, 1].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use cogvx_model_core::case::{Case, HostTensor};
+use cogvx_plugin_api::{InferencePlan, Plugin, SchedulerPlanRequest};
+use cogvx_scheduler::{CogVideoXDdim, CogVideoXDpm, PlanExecutor, SchedulerKind};
+use cogvx_text::PromptEncoder;
+use cogvx_transformer::CogVideoXTransformer3DModel;
+use cogvx_vae::{AutoencoderKLCogVideoX, VaeConfig, VaeOptions};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::model::ModelFolder;
+use crate::EngineError;
+
+/// Arguments of a text-to-video generation, with the defaults of `CogVideoXPipeline.__call__`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct T2vRequest {
+    /// One video per prompt.
+    pub prompts: Vec<String>,
+    /// Used for every prompt when classifier-free guidance is on; `None` is `""`.
+    pub negative_prompt: Option<String>,
+    /// Pixels; `None`: `transformer.sample_height * 8`.
+    pub height: Option<usize>,
+    /// Pixels; `None`: `transformer.sample_width * 8`.
+    pub width: Option<usize>,
+    /// Pixel frames; `None`: `transformer.sample_frames`.
+    pub num_frames: Option<usize>,
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance is on when `> 1`.
+    pub guidance_scale: f64,
+    /// The cosine guidance ramp of the pipeline (`use_dynamic_cfg`).
+    pub use_dynamic_cfg: bool,
+    pub max_sequence_length: usize,
+    /// Seed of the starting latents and of any scheduler noise (DPM).
+    pub seed: u64,
+    /// VAE tiling / slicing for the decode.
+    pub vae_options: VaeOptions,
+}
+
+impl Default for T2vRequest {
+    fn default() -> Self {
+        T2vRequest {
+            prompts: Vec::new(),
+            negative_prompt: None,
+            height: None,
+            width: None,
+            num_frames: None,
+            num_inference_steps: 50,
+            guidance_scale: 6.0,
+            use_dynamic_cfg: false,
+            max_sequence_length: cogvx_text::COGVIDEOX_MAX_SEQUENCE_LENGTH,
+            seed: 0,
+            vae_options: VaeOptions::default(),
+        }
+    }
+}
+
+/// Where sampling noise comes from (the starting latents and the noise of stochastic
+/// schedulers), so that tests and parity runs can inject it.
+pub trait NoiseSource<B: Backend> {
+    /// A standard-normal tensor of `shape`.
+    fn sample(&mut self, shape: [usize; 5], device: &B::Device) -> Tensor<B, 5>;
+}
+
+/// Standard-normal noise from a seeded host RNG (`StdRng` + Box-Muller), identical on every
+/// backend for a given seed.
+#[derive(Clone, Debug)]
+pub struct SeededNoise {
+    rng: StdRng,
+}
+
+impl SeededNoise {
+    pub fn new(seed: u64) -> Self {
+        SeededNoise { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    /// `n` standard-normal values.
+    pub fn values(&mut self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            // Box-Muller on (0, 1] x [0, 1).
+            let u1: f64 = 1.0 - self.rng.random::<f64>();
+            let u2: f64 = self.rng.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let theta = 2.0 * std::f64::consts::PI * u2;
+            out.push((r * theta.cos()) as f32);
+            out.push((r * theta.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+impl<B: Backend> NoiseSource<B> for SeededNoise {
+    fn sample(&mut self, shape: [usize; 5], device: &B::Device) -> Tensor<B, 5> {
+        let n = shape.iter().product();
+        Tensor::from_data(TensorData::new(self.values(n), shape), device)
+    }
+}
+
+/// The guidance scale of step `t` with `use_dynamic_cfg`:
+/// `1 + g * (1 - cos(pi * ((n - t) / n) ** 5)) / 2`, exactly as the pipeline computes it
+/// (with the model timestep `t`, not the step index).
+pub fn dynamic_guidance_scale(guidance_scale: f64, num_inference_steps: usize, t: u32) -> f64 {
+    let n = num_inference_steps as f64;
+    let x = ((n - t as f64) / n).powf(5.0);
+    1.0 + guidance_scale * ((1.0 - (std::f64::consts::PI * x).cos()) / 2.0)
+}
+
+/// A loaded CogVideoX text-to-video model: tokenizer, T5, transformer, VAE and the folder's
+/// scheduler config.
+pub struct CogVideoXPipeline<B: Backend> {
+    pub folder: ModelFolder,
+    pub prompt_encoder: PromptEncoder<B>,
+    pub transformer: CogVideoXTransformer3DModel<B>,
+    pub vae: AutoencoderKLCogVideoX<B>,
+    pub vae_config: VaeConfig,
+}
+
+impl<B: Backend> CogVideoXPipeline<B> {
+    /// Loads every component of a diffusers CogVideoX folder (checked by [`ModelFolder::open`]).
+    pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, EngineError> {
+        let folder = ModelFolder::open(dir)?;
+        let prompt_encoder = PromptEncoder::load(&folder.root, device)?;
+        let transformer = CogVideoXTransformer3DModel::from_dir(&folder.component_dir("transformer"), device)?;
+        let (vae, vae_config) = AutoencoderKLCogVideoX::from_dir(&folder.component_dir("vae"), device)?;
+        Ok(CogVideoXPipeline { folder, prompt_encoder, transformer, vae, vae_config })
+    }
+
+    /// `2 ** (len(vae.block_out_channels) - 1)` (8).
+    pub fn vae_scale_factor_spatial(&self) -> usize {
+        self.vae.spatial_scale
+    }
+
+    /// `vae.temporal_compression_ratio` (4).
+    pub fn vae_scale_factor_temporal(&self) -> usize {
+        self.vae_config.temporal_compression_ratio as usize
+    }
+
+    /// The plan of the folder's own scheduler (`CogVideoXDDIMScheduler` or
+    /// `CogVideoXDPMScheduler`, through the built-in plugins).
+    pub fn default_plan(&self, num_inference_steps: usize) -> Result<InferencePlan, EngineError> {
+        let mut plugin: Box<dyn Plugin> = match self.folder.scheduler_kind {
+            SchedulerKind::Ddim => Box::new(CogVideoXDdim),
+            SchedulerKind::Dpm => Box::new(CogVideoXDpm),
+        };
+        plan_from_plugin(plugin.as_mut(), &self.folder, num_inference_steps)
+    }
+
+    /// Generates videos with the folder's scheduler and [`SeededNoise`] from `request.seed`.
+    /// Returns frames `[B, T, 3, H, W]` in [0, 1].
+    pub fn generate(&self, request: &T2vRequest, device: &B::Device) -> Result<Tensor<B, 5>, EngineError> {
+        let plan = self.default_plan(request.num_inference_steps)?;
+        let mut noise = SeededNoise::new(request.seed);
+        self.generate_with(request, plan, None, &mut noise, &mut |_, _| {}, device)
+    }
+
+    /// The full sampling path with an explicit scheduler `plan` (from any scheduler plugin),
+    /// optional starting `latents` `[B, F, C, h, w]` (else drawn from `noise`), the noise source
+    /// of stochastic schedulers, and `on_step(i, n)` called after each step.
+    /// Returns frames `[B, T, 3, H, W]` in [0, 1].
+    pub fn generate_with(
+        &self,
+        request: &T2vRequest,
+        plan: InferencePlan,
+        latents: Option<Tensor<B, 5>>,
+        noise: &mut dyn NoiseSource<B>,
+        on_step: &mut dyn FnMut(usize, usize),
+        device: &B::Device,
+    ) -> Result<Tensor<B, 5>, EngineError> {
+        let (latents, additional_frames) = self.denoise(request, plan, latents, noise, on_step, device)?;
+        let f = latents.dims()[1];
+        let latents = latents.narrow(1, additional_frames, f - additional_frames);
+        self.decode_latents(latents, &request.vae_options)
+    }
+
+    /// The denoising loop: returns the final latents `[B, F, C, h, w]` (including the frames
+    /// the 1.5 models pad with) and the number of padded leading frames.
+    pub fn denoise(
+        &self,
+        request: &T2vRequest,
+        plan: InferencePlan,
+        latents: Option<Tensor<B, 5>>,
+        noise: &mut dyn NoiseSource<B>,
+        on_step: &mut dyn FnMut(usize, usize),
+        device: &B::Device,
+    ) -> Result<(Tensor<B, 5>, usize), EngineError> {
+        let tc = &self.transformer.config;
+        if self.folder.variant.is_i2v() {
+            return Err(EngineError::Input(format!(
+                "{} is an image-to-video model ({}); text-to-video sampling needs a text-to-video checkpoint",
+                self.folder.root.display(),
+                self.folder.variant
+            )));
+        }
+        if request.prompts.is_empty() {
+            return Err(EngineError::Input("no prompt given".into()));
+        }
+        let spatial = self.vae_scale_factor_spatial();
+        let temporal = self.vae_scale_factor_temporal();
+        let height = request.height.unwrap_or(tc.sample_height * spatial);
+        let width = request.width.unwrap_or(tc.sample_width * spatial);
+        let mut num_frames = request.num_frames.unwrap_or(tc.sample_frames);
+        if height % 8 != 0 || width % 8 != 0 || height == 0 || width == 0 {
+            return Err(EngineError::Input(format!(
+                "`height` and `width` have to be positive and divisible by 8 but are {height} and {width}"
+            )));
+        }
+        if num_frames == 0 {
+            return Err(EngineError::Input("num_frames must be at least 1".into()));
+        }
+        let batch_size = request.prompts.len();
+        let do_cfg = request.guidance_scale > 1.0;
+
+        // encode_prompt: [negative; positive] on the batch when guiding.
+        let enc = &self.prompt_encoder;
+        let mut prompt_embeds = enc.encode(&request.prompts, request.max_sequence_length, 1, device)?;
+        if do_cfg {
+            let negative = request.negative_prompt.clone().unwrap_or_default();
+            let negatives = vec![negative; batch_size];
+            let negative_embeds = enc.encode(&negatives, request.max_sequence_length, 1, device)?;
+            prompt_embeds = Tensor::cat(vec![negative_embeds, prompt_embeds], 0);
+        }
+
+        // Latent frames, padded at the front for patch_size_t (1.5).
+        let latent_frames = (num_frames - 1) / temporal + 1;
+        let mut additional_frames = 0;
+        if let Some(p_t) = tc.patch_size_t {
+            if latent_frames % p_t != 0 {
+                additional_frames = p_t - latent_frames % p_t;
+                num_frames += additional_frames * temporal;
+            }
+        }
+        let shape = [batch_size, (num_frames - 1) / temporal + 1, tc.in_channels, height / spatial, width / spatial];
+        let latents = match latents {
+            Some(l) => {
+                if l.dims() != shape {
+                    return Err(EngineError::Input(format!(
+                        "latents have shape {:?}, expected {shape:?} [batch, latent frames, channels, height/{spatial}, width/{spatial}]",
+                        l.dims()
+                    )));
+                }
+                l
+            }
+            None => noise.sample(shape, device),
+        };
+        // init_noise_sigma is 1.0 for both CogVideoX schedulers.
+        let mut latents = latents;
+
+        let rotary = self.transformer.image_rotary_emb(shape[1], shape[3], shape[4], device)?;
+        let num_inference_steps = plan.steps.len();
+        let mut executor = PlanExecutor::<B, 5>::new(plan)?;
+        let mut i = 0;
+        while let Some(t) = executor.current_timestep() {
+            let latent_model_input =
+                if do_cfg { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
+            let n = latent_model_input.dims()[0];
+            let timestep = Tensor::<B, 1>::full([n], t as f32, device);
+            let noise_pred =
+                self.transformer.forward(latent_model_input, prompt_embeds.clone(), timestep, None, rotary.as_ref())?;
+            let guidance_scale = if request.use_dynamic_cfg {
+                dynamic_guidance_scale(request.guidance_scale, num_inference_steps, t)
+            } else {
+                request.guidance_scale
+            };
+            let noise_pred = if do_cfg {
+                let uncond = noise_pred.clone().narrow(0, 0, batch_size);
+                let text = noise_pred.narrow(0, batch_size, batch_size);
+                uncond.clone() + (text - uncond) * guidance_scale
+            } else {
+                noise_pred
+            };
+            let step_noise = if executor.needs_noise() { Some(noise.sample(shape, device)) } else { None };
+            latents = executor.step(latents, noise_pred, step_noise)?.prev_sample;
+            i += 1;
+            on_step(i, num_inference_steps);
+        }
+        Ok((latents, additional_frames))
+    }
+
+    /// The pipeline's `decode_latents` + `postprocess_video(output_type="pt")`: latents
+    /// `[B, F, C, h, w]` → `1 / scaling_factor` → VAE decode → `(x / 2 + 0.5).clamp(0, 1)` →
+    /// frames `[B, T, 3, H, W]`.
+    pub fn decode_latents(&self, latents: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, EngineError> {
+        let latents = latents.swap_dims(1, 2); // [B, C, F, h, w]
+        let latents = self.vae.unscale_latents(latents);
+        let video = self.vae.decode(latents, options)?; // [B, 3, T, H, W]
+        let frames = (video * 0.5 + 0.5).clamp(0.0, 1.0);
+        Ok(frames.swap_dims(1, 2))
+    }
+}
+
+/// Asks a scheduler plugin for the plan of `folder`'s scheduler config.
+pub fn plan_from_plugin(
+    plugin: &mut dyn Plugin,
+    folder: &ModelFolder,
+    num_inference_steps: usize,
+) -> Result<InferencePlan, EngineError> {
+    let request = SchedulerPlanRequest {
+        config_json: folder.scheduler_config_json.clone(),
+        num_inference_steps: num_inference_steps as u32,
+    };
+    plugin
+        .scheduler_plan(&request)
+        .map_err(|e| EngineError::Plugin { plugin: plugin.info().name, message: e.to_string() })
+}
+
+fn param<'a>(case: &'a Case, key: &str) -> Result<&'a serde_json::Value, EngineError> {
+    Ok(case.param(key)?)
+}
+
+fn param_usize(case: &Case, key: &str) -> Result<usize, EngineError> {
+    param(case, key)?
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| EngineError::Input(format!("case {}: params.{key} is not a non-negative integer", case.name)))
+}
+
+/// Runs a `pipeline_t2v` parity case: the case's prompt, negative prompt, steps, guidance,
+/// sizes and `max_sequence_length`, the folder's scheduler, starting from `in.latents`.
+/// Returns `{"frames": [1, T, 3, H, W]}`.
+pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, EngineError> {
+    if case.component != "pipeline_t2v" {
+        return Err(EngineError::Input(format!(
+            "case {}: component `{}` is not run by the pipeline (it runs pipeline_t2v)",
+            case.name, case.component
+        )));
+    }
+    let text = |key: &str| -> Result<Option<String>, EngineError> {
+        match case.params.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(EngineError::Input(format!("case {}: params.{key} is not a string: {v}", case.name))),
+        }
+    };
+    let prompt = text("prompt")?
+        .ok_or_else(|| EngineError::Input(format!("case {}: missing params.prompt", case.name)))?;
+    let request = T2vRequest {
+        prompts: vec![prompt],
+        negative_prompt: text("negative_prompt")?,
+        height: Some(param_usize(case, "height")?),
+        width: Some(param_usize(case, "width")?),
+        num_frames: Some(param_usize(case, "num_frames")?),
+        num_inference_steps: param_usize(case, "num_inference_steps")?,
+        guidance_scale: param(case, "guidance_scale")?
+            .as_f64()
+            .ok_or_else(|| EngineError::Input(format!("case {}: params.guidance_scale is not a number", case.name)))?,
+        use_dynamic_cfg: case.params.get("use_dynamic_cfg").and_then(|v| v.as_bool()).unwrap_or(false),
+        max_sequence_length: param_usize(case, "max_sequence_length")?,
+        seed: 0,
+        vae_options: VaeOptions::default(),
+    };
+    let pipe = CogVideoXPipeline::<B>::load(&case.model_dir, device)?;
+    let latents = case.input("latents")?.to_tensor::<B, 5>(device)?;
+    let plan = pipe.default_plan(request.num_inference_steps)?;
+    let mut noise = SeededNoise::new(request.seed);
+    let frames = pipe.generate_with(&request, plan, Some(latents), &mut noise, &mut |_, _| {}, device)?;
+    Ok(BTreeMap::from([("frames".to_string(), HostTensor::from_tensor(frames))]))
+}
