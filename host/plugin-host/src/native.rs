@@ -1,0 +1,277 @@
+//! Native transport: a `.so` exporting the abi_stable root module of `export_plugin!`.
+//!
+//! Load order: open the library, read its abi_stable header, compare the plugin API version
+//! stored there (before any layout check, so another API version gets a one-line refusal),
+//! check the root module's layout, then the module's own `api_version` field.
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use abi_stable::std_types::{RResult, RStr, RVec};
+use cogvx_plugin_api::native::{InstanceHandle, NativeErrorKind, PluginModuleRef};
+use cogvx_plugin_api::*;
+
+use crate::LoadError;
+
+/// A native plugin instance. The library is never unloaded (abi_stable leaks it on purpose).
+pub(crate) struct NativePlugin {
+    module: PluginModuleRef,
+    handle: InstanceHandle,
+    params: Option<String>,
+    path: PathBuf,
+    info: Option<PluginInfo>,
+}
+
+// SAFETY: the instance is a `Box<dyn Plugin>` (`Plugin: Send`) owned by this value alone; the
+// module's functions are plain `extern "C"` functions without thread affinity.
+unsafe impl Send for NativePlugin {}
+
+/// Whether a library built for API `found` can be used by this host (`ours`): same major
+/// version, and for 0.x the same minor version.
+pub(crate) fn api_compatible(found: &str, ours: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.split('.');
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    match (parse(found), parse(ours)) {
+        (Some((fa, fb)), Some((oa, ob))) => fa == oa && (oa != 0 || fb == ob),
+        _ => false,
+    }
+}
+
+fn first_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = lines.iter().take(n).copied().collect::<Vec<_>>().join("\n  ");
+    if lines.len() > n {
+        out.push_str(&format!("\n  ... ({} more lines)", lines.len() - n));
+    }
+    out
+}
+
+fn library_error(path: &Path, e: LibraryError) -> LoadError {
+    let path = path.to_path_buf();
+    match e {
+        LibraryError::OpenError { err, .. } => {
+            LoadError::NotAPlugin { path, reason: format!("not a loadable shared library ({err})") }
+        }
+        LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin {
+            path,
+            reason: "it is a shared library but exports no cogvx/abi_stable root module \
+                     (build the plugin crate with `--features native-export` and call `export_plugin!`)"
+                .into(),
+        },
+        LibraryError::InvalidAbiHeader(h) => LoadError::NotAPlugin {
+            path,
+            reason: format!("it was built with an incompatible abi_stable ({h:?}); rebuild it against cogvx-plugin-api {API_VERSION}"),
+        },
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => LoadError::ApiVersion {
+            path,
+            found: actual_version.to_string(),
+            expected: expected_version.to_string(),
+        },
+        LibraryError::AbiInstability(err) => LoadError::NotAPlugin {
+            path,
+            reason: format!(
+                "its root module does not have the layout of cogvx plugin API {API_VERSION} \
+                 (built against another cogvx-plugin-api?):\n  {}",
+                first_lines(&err.to_string(), 12)
+            ),
+        },
+        other => LoadError::Start { path, reason: first_lines(&other.to_string(), 12) },
+    }
+}
+
+impl NativePlugin {
+    /// Loads, checks and instantiates; returns the instance, its info and its API version.
+    pub(crate) fn load(path: &Path) -> Result<(Self, PluginInfo, String), LoadError> {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() });
+        }
+        let header = lib_header_from_path(path).map_err(|e| library_error(path, e))?;
+        let found = header.version_strings().version.as_str().to_string();
+        if !api_compatible(&found, API_VERSION) {
+            return Err(LoadError::ApiVersion { path: path.to_path_buf(), found, expected: API_VERSION.into() });
+        }
+        header.ensure_layout::<PluginModuleRef>().map_err(|e| library_error(path, e))?;
+        // SAFETY: the layout was checked just above.
+        let module = unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }
+            .map_err(|e| library_error(path, e))?;
+        let declared = module.api_version().as_str().to_string();
+        if !api_compatible(&declared, API_VERSION) {
+            return Err(LoadError::ApiVersion { path: path.to_path_buf(), found: declared, expected: API_VERSION.into() });
+        }
+        let handle = match (module.new_instance())() {
+            RResult::ROk(h) => h,
+            RResult::RErr(e) => {
+                return Err(LoadError::Start { path: path.to_path_buf(), reason: format!("creating the instance: {}", e.message) })
+            }
+        };
+        let mut plugin = NativePlugin { module, handle, params: None, path: path.to_path_buf(), info: None };
+        let info = plugin
+            .info_checked()
+            .map_err(|e| LoadError::Start { path: path.to_path_buf(), reason: format!("`info`: {e}") })?;
+        plugin.info = Some(info.clone());
+        Ok((plugin, info, declared))
+    }
+
+    fn info_checked(&mut self) -> PluginResult<PluginInfo> {
+        let (json, _) = self.raw_call("info", String::new(), Vec::new())?;
+        let info: PluginInfo = serde_json::from_str(&json)
+            .map_err(|e| PluginError::Failed(format!("the plugin answered `info` with bad JSON: {e}")))?;
+        if info.name.trim().is_empty() {
+            return Err(PluginError::Failed("the plugin's name is empty".into()));
+        }
+        Ok(info)
+    }
+
+    /// Frees the instance and creates a fresh one, configured with the stored parameters.
+    fn recreate(&mut self) -> Result<(), String> {
+        (self.module.drop_instance())(std::mem::replace(&mut self.handle, InstanceHandle(std::ptr::null_mut())));
+        match (self.module.new_instance())() {
+            RResult::ROk(h) => self.handle = h,
+            RResult::RErr(e) => return Err(format!("recreating the instance failed: {}", e.message)),
+        }
+        if let Some(params) = self.params.clone() {
+            let json = serde_json::to_string(&params).expect("a string serialises");
+            self.raw_call("configure", json, Vec::new())
+                .map_err(|e| format!("re-configuring the recreated instance failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn raw_call(&mut self, method: &str, json: String, bytes: Vec<u8>) -> PluginResult<(String, Vec<u8>)> {
+        if self.handle.0.is_null() {
+            self.recreate().map_err(PluginError::Failed)?;
+        }
+        let reply = (self.module.call())(self.handle, RStr::from_str(method), RStr::from_str(&json), RVec::from(bytes));
+        match reply {
+            RResult::ROk(r) => Ok((r.json.into_string(), r.bytes.into_vec())),
+            RResult::RErr(e) => {
+                let m = e.message.into_string();
+                Err(match e.kind {
+                    NativeErrorKind::Unsupported => PluginError::Unsupported(m),
+                    NativeErrorKind::Invalid => PluginError::Invalid(m),
+                    NativeErrorKind::Failed => PluginError::Failed(m),
+                    NativeErrorKind::Panicked => {
+                        let note = match self.recreate() {
+                            Ok(()) => "the instance was recreated".to_string(),
+                            Err(e) => {
+                                tracing::warn!(plugin = %self.path.display(), "{e}");
+                                e
+                            }
+                        };
+                        PluginError::Failed(format!("{m} ({note})"))
+                    }
+                })
+            }
+        }
+    }
+
+    fn call<A: serde::Serialize, R: serde::de::DeserializeOwned>(&mut self, method: &str, arg: &A) -> PluginResult<R> {
+        self.call_bytes(method, arg, Vec::new()).map(|(r, _)| r)
+    }
+
+    fn call_bytes<A: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &mut self,
+        method: &str,
+        arg: &A,
+        bytes: Vec<u8>,
+    ) -> PluginResult<(R, Vec<u8>)> {
+        let json = serde_json::to_string(arg)
+            .map_err(|e| PluginError::Failed(format!("cannot encode the arguments: {e}")))?;
+        let (out, bytes) = self.raw_call(method, json, bytes)?;
+        let value = serde_json::from_str(&out)
+            .map_err(|e| PluginError::Failed(format!("the plugin's answer is not a valid {method} result: {e}")))?;
+        Ok((value, bytes))
+    }
+}
+
+impl Drop for NativePlugin {
+    fn drop(&mut self) {
+        if !self.handle.0.is_null() {
+            (self.module.drop_instance())(self.handle);
+        }
+    }
+}
+
+impl Plugin for NativePlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone().expect("set by `load`")
+    }
+
+    fn configure(&mut self, params_json: &str) -> PluginResult<()> {
+        self.params = Some(params_json.to_string());
+        let _: () = self.call("configure", &params_json)?;
+        Ok(())
+    }
+
+    fn list_samples(&mut self, root: &str) -> PluginResult<Vec<Sample>> {
+        self.call("list-samples", &root)
+    }
+
+    fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
+        self.call("plan-transform", request)
+    }
+
+    fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
+        let (header, rgb) = native::split_frames(frames);
+        let (mut out, rgb): (Frames, Vec<u8>) = self.call_bytes("transform-frames", &header, rgb)?;
+        out.rgb = rgb;
+        Ok(out)
+    }
+
+    fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {
+        self.call("rewrite-prompt", &caption)
+    }
+
+    fn adapter_recipe(&mut self, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
+        self.call("adapter-recipe", request)
+    }
+
+    fn scheduler_tables(&mut self, config_json: &str) -> PluginResult<SchedulerTables> {
+        self.call("scheduler-tables", &config_json)
+    }
+
+    fn scheduler_plan(&mut self, request: &SchedulerPlanRequest) -> PluginResult<InferencePlan> {
+        self.call("scheduler-plan", request)
+    }
+
+    fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
+        // Send the pixels as bytes, the rest as JSON (without cloning the pixels).
+        #[derive(serde::Serialize)]
+        struct Head<'a> {
+            prompt: &'a str,
+            frames: FramesHead,
+            fps: f64,
+        }
+        #[derive(serde::Serialize)]
+        struct FramesHead {
+            width: u32,
+            height: u32,
+            count: u32,
+            rgb: [u8; 0],
+        }
+        let f = &request.frames;
+        let head = Head {
+            prompt: &request.prompt,
+            frames: FramesHead { width: f.width, height: f.height, count: f.count, rgb: [] },
+            fps: request.fps,
+        };
+        self.call_bytes("validate", &head, f.rgb.clone()).map(|(m, _)| m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_versions() {
+        use super::api_compatible as c;
+        assert!(c("0.1.0", "0.1.0"));
+        assert!(c("0.1.3", "0.1.0"));
+        assert!(!c("0.2.0", "0.1.0"));
+        assert!(!c("0.0.9", "0.1.0"));
+        assert!(c("1.4.0", "1.0.0"));
+        assert!(!c("2.0.0", "1.0.0"));
+        assert!(!c("garbage", "0.1.0"));
+    }
+}

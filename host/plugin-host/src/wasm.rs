@@ -1,0 +1,725 @@
+//! WASM transport: `cogvx:plugin` components run by wasmtime (component model, WASI p2).
+//!
+//! * One [`wasmtime::Engine`] per process; each `.wasm` is compiled once (cached by path,
+//!   size and modification time) and pre-linked against the sandbox's WASI imports.
+//! * Sandbox: no preopened directories, no environment, no arguments, no network (no TCP, UDP
+//!   or name lookup), stdin closed; stdout and stderr go to `tracing` (target
+//!   `cogvx::plugin`). Only `list-samples` runs in a separate instance that sees the dataset
+//!   root read-only at [`GUEST_DATASET_ROOT`]; paths it returns are translated back.
+//! * Limits ([`WasmLimits`]): a cap on linear memory per instance (a `memory.grow` past it
+//!   traps) and a time cap per call (epoch interruption, ticked by a background thread).
+//! * A trap (panic, `unreachable`, timeout, out of memory) discards the instance; the next
+//!   call instantiates a fresh one and re-applies the last `configure` parameters.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use cogvx_plugin_api::*;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::LoadError;
+
+/// Bindings of the `cogvx:plugin@0.1.0` world (one module per supported API version).
+mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        path: "../../plugin-api/wit/v0.1.0",
+        world: "plugin",
+    });
+}
+
+use v0_1_0::cogvx::plugin::types as w;
+
+/// Where a dataset reader sees its (read-only) dataset root inside the sandbox.
+pub const GUEST_DATASET_ROOT: &str = "/dataset";
+
+/// The export name of the guest interface, without the version.
+const GUEST_INTERFACE: &str = "cogvx:plugin/guest";
+
+/// Resource caps of a WASM plugin instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WasmLimits {
+    /// Maximum size of the instance's linear memory, in bytes (default 512 MiB).
+    pub max_memory_bytes: usize,
+    /// Maximum wall time of one call, instantiation included (default 30 s).
+    pub call_timeout: Duration,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits { max_memory_bytes: 512 << 20, call_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Period of the epoch ticker; the time cap is enforced to about this precision.
+const TICK: Duration = Duration::from_millis(5);
+
+fn deadline_ticks(limits: &WasmLimits) -> u64 {
+    (limits.call_timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1)
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+// ------------------------------------------------------------------ engine
+
+struct Runtime {
+    engine: Engine,
+    linker: Linker<WasmState>,
+    compiled: Mutex<HashMap<(PathBuf, u64, Option<SystemTime>), (v0_1_0::PluginPre<WasmState>, String)>>,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+fn runtime() -> Result<&'static Runtime, String> {
+    RUNTIME
+        .get_or_init(|| {
+            let mut config = Config::new();
+            config.wasm_component_model(true).epoch_interruption(true);
+            let engine = Engine::new(&config).map_err(|e| format!("cannot start the WASM engine: {e}"))?;
+            let mut linker = Linker::new(&engine);
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+                .map_err(|e| format!("cannot link WASI into the WASM engine: {e}"))?;
+            let ticker = engine.clone();
+            std::thread::Builder::new()
+                .name("cogvx-wasm-epoch".into())
+                .spawn(move || loop {
+                    std::thread::sleep(TICK);
+                    ticker.increment_epoch();
+                })
+                .map_err(|e| format!("cannot start the WASM epoch thread: {e}"))?;
+            Ok(Runtime { engine, linker, compiled: Mutex::new(HashMap::new()) })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Compiles (once per process) and pre-links a component; returns it with its API version.
+fn compile(path: &Path) -> Result<(v0_1_0::PluginPre<WasmState>, String), LoadError> {
+    let unreadable = |e: std::io::Error| LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    let canonical = std::fs::canonicalize(path).map_err(unreadable)?;
+    let key = (canonical, meta.len(), meta.modified().ok());
+    let rt = runtime().map_err(|reason| LoadError::Start { path: path.to_path_buf(), reason })?;
+    if let Some(hit) = rt.compiled.lock().expect("compile cache poisoned").get(&key) {
+        return Ok(hit.clone());
+    }
+    let bytes = std::fs::read(path).map_err(unreadable)?;
+    let not_a_plugin = |reason: String| LoadError::NotAPlugin { path: path.to_path_buf(), reason };
+    if !bytes.starts_with(b"\0asm") {
+        return Err(not_a_plugin("not a WASM file (no `\\0asm` header)".into()));
+    }
+    // Byte 4..8: 0x01 00 00 00 is a core module, 0x0d 00 01 00 a component.
+    if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+        return Err(not_a_plugin(
+            "a core WASM module, not a component; build the plugin with `cargo build --target wasm32-wasip2`".into(),
+        ));
+    }
+    let component = Component::from_binary(&rt.engine, &bytes)
+        .map_err(|e| not_a_plugin(format!("not a valid WASM component: {e}")))?;
+    let ty = component.component_type();
+    let version = ty
+        .exports(&rt.engine)
+        .find_map(|(name, _)| name.strip_prefix(GUEST_INTERFACE).and_then(|v| v.strip_prefix('@')).map(str::to_string))
+        .ok_or_else(|| {
+            not_a_plugin(format!(
+                "the component exports no `{GUEST_INTERFACE}` interface (call `cogvx_plugin_api::export_plugin!` in the plugin crate)"
+            ))
+        })?;
+    if version != API_VERSION {
+        return Err(LoadError::ApiVersion { path: path.to_path_buf(), found: version, expected: API_VERSION.into() });
+    }
+    let pre = rt.linker.instantiate_pre(&component).map_err(|e| LoadError::Start {
+        path: path.to_path_buf(),
+        reason: format!("it needs imports the sandbox does not provide: {e}"),
+    })?;
+    let pre = v0_1_0::PluginPre::new(pre).map_err(|e| not_a_plugin(format!("its exports do not match cogvx:plugin@{API_VERSION}: {e}")))?;
+    let entry = (pre, version);
+    rt.compiled.lock().expect("compile cache poisoned").insert(key, entry.clone());
+    Ok(entry)
+}
+
+// ------------------------------------------------------------------ store state
+
+struct WasmState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryCap,
+}
+
+impl WasiView for WasmState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Caps linear memory; remembers a refused growth so the error can say "out of memory".
+struct MemoryCap {
+    max_bytes: usize,
+    refused: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.refused = Some(desired);
+            wasmtime::bail!("memory cap of {} exceeded (asked for {})", mib(self.max_bytes), mib(desired));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Tables cost a pointer per element; count them against the same cap.
+        Ok(desired.saturating_mul(std::mem::size_of::<usize>()) <= self.max_bytes)
+    }
+}
+
+// ------------------------------------------------------------------ guest output
+
+/// Guest stdout/stderr: complete lines go to `tracing`; the stderr of the current call is
+/// kept (bounded) so a trap's error can quote the panic message.
+#[derive(Clone)]
+struct GuestLog(Arc<Mutex<LogInner>>);
+
+struct LogInner {
+    plugin: String,
+    partial: [Vec<u8>; 2],
+    stderr_tail: String,
+}
+
+const TAIL_CHARS: usize = 2000;
+const MAX_LINE: usize = 16 * 1024;
+
+impl GuestLog {
+    fn new(plugin: &str) -> Self {
+        GuestLog(Arc::new(Mutex::new(LogInner {
+            plugin: plugin.to_string(),
+            partial: [Vec::new(), Vec::new()],
+            stderr_tail: String::new(),
+        })))
+    }
+
+    fn set_plugin(&self, plugin: &str) {
+        self.0.lock().expect("log poisoned").plugin = plugin.to_string();
+    }
+
+    fn write(&self, stderr: bool, bytes: &[u8]) {
+        let mut inner = self.0.lock().expect("log poisoned");
+        let i = stderr as usize;
+        inner.partial[i].extend_from_slice(bytes);
+        while let Some(pos) = inner.partial[i].iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = inner.partial[i].drain(..=pos).collect();
+            inner.emit(stderr, &line[..line.len() - 1]);
+        }
+        if inner.partial[i].len() > MAX_LINE {
+            let line = std::mem::take(&mut inner.partial[i]);
+            inner.emit(stderr, &line);
+        }
+    }
+
+    /// Starts a call: forgets the previous call's stderr.
+    fn begin_call(&self) {
+        self.0.lock().expect("log poisoned").stderr_tail.clear();
+    }
+
+    /// Ends a call: emits unterminated lines.
+    fn flush(&self) {
+        let mut inner = self.0.lock().expect("log poisoned");
+        for i in 0..2 {
+            if !inner.partial[i].is_empty() {
+                let line = std::mem::take(&mut inner.partial[i]);
+                inner.emit(i == 1, &line);
+            }
+        }
+    }
+
+    /// The stderr of the current call, joined on one line, without Rust's backtrace hint.
+    fn stderr_tail(&self) -> Option<String> {
+        let inner = self.0.lock().expect("log poisoned");
+        let text = inner
+            .stderr_tail
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        (!text.is_empty()).then_some(text)
+    }
+}
+
+impl LogInner {
+    fn emit(&mut self, stderr: bool, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let stream = if stderr { "stderr" } else { "stdout" };
+        tracing::info!(target: "cogvx::plugin", plugin = %self.plugin, stream, "{line}");
+        if stderr {
+            self.stderr_tail.push_str(&line);
+            self.stderr_tail.push('\n');
+            if self.stderr_tail.len() > TAIL_CHARS {
+                let mut cut = self.stderr_tail.len() - TAIL_CHARS;
+                while !self.stderr_tail.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                self.stderr_tail.drain(..cut);
+            }
+        }
+    }
+}
+
+/// One of the guest's output streams.
+#[derive(Clone)]
+struct GuestStream {
+    log: GuestLog,
+    stderr: bool,
+}
+
+impl wasmtime_wasi::cli::IsTerminal for GuestStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for GuestStream {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        // Synchronous, so the output of a call is logged before the call returns.
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::Pollable for GuestStream {
+    async fn ready(&mut self) {}
+}
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::OutputStream for GuestStream {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.log.write(self.stderr, &bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestStream {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.log.write(self.stderr, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+// ------------------------------------------------------------------ plugin
+
+struct Instance {
+    store: Store<WasmState>,
+    bindings: v0_1_0::Plugin,
+}
+
+/// How a call went wrong.
+enum Failure {
+    /// The plugin returned an error value; the instance is fine.
+    Guest(PluginError),
+    /// The instance trapped (or could not be created); it must be discarded.
+    Trap(String),
+}
+
+/// A WASM plugin: the pre-linked component, the limits, the last `configure` parameters and
+/// the current instance (absent after a trap until the next call).
+pub(crate) struct WasmPlugin {
+    pre: v0_1_0::PluginPre<WasmState>,
+    limits: WasmLimits,
+    params: Option<String>,
+    instance: Option<Instance>,
+    log: GuestLog,
+    info: Option<PluginInfo>,
+}
+
+impl WasmPlugin {
+    /// Compiles (or reuses) the component, instantiates it and asks for its info.
+    pub(crate) fn load(path: &Path, limits: &WasmLimits) -> Result<(Self, PluginInfo, String), LoadError> {
+        let (pre, api_version) = compile(path)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut plugin = WasmPlugin {
+            pre,
+            limits: limits.clone(),
+            params: None,
+            instance: None,
+            log: GuestLog::new(&name),
+            info: None,
+        };
+        let start = |reason: String| LoadError::Start { path: path.to_path_buf(), reason };
+        let info = plugin
+            .call("info", |b, s| b.cogvx_plugin_guest().call_info(s).map(Ok))
+            .map_err(|e| start(format!("`info` failed: {e}")))?;
+        let info: PluginInfo = info.into();
+        if info.name.trim().is_empty() {
+            return Err(start("the plugin's name is empty".into()));
+        }
+        plugin.log.set_plugin(&info.name);
+        plugin.info = Some(info.clone());
+        Ok((plugin, info, api_version))
+    }
+
+    /// A fresh sandboxed instance; with `dataset_root`, that directory is preopened read-only
+    /// at [`GUEST_DATASET_ROOT`]. Re-applies the stored `configure` parameters.
+    fn instantiate(&self, dataset_root: Option<&Path>) -> Result<Instance, String> {
+        let mut b = WasiCtxBuilder::new();
+        b.stdout(GuestStream { log: self.log.clone(), stderr: false })
+            .stderr(GuestStream { log: self.log.clone(), stderr: true })
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        if let Some(root) = dataset_root {
+            b.preopened_dir(root, GUEST_DATASET_ROOT, FsPerms::ReadOnly)
+                .map_err(|e| format!("cannot open the dataset root {} for the plugin: {e}", root.display()))?;
+        }
+        let state = WasmState {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limiter: MemoryCap { max_bytes: self.limits.max_memory_bytes, refused: None },
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(&self.limits));
+        self.log.begin_call();
+        let bindings = self.pre.instantiate(&mut store);
+        self.log.flush();
+        let bindings = bindings.map_err(|e| format!("instantiation {}", describe_trap(&self.limits, &self.log, &store, e)))?;
+        let mut instance = Instance { store, bindings };
+        if let Some(params) = &self.params {
+            match run(&self.limits, &self.log, &mut instance, |b, s| b.cogvx_plugin_guest().call_configure(s, params)) {
+                Ok(()) => {}
+                Err(Failure::Guest(e)) => return Err(format!("re-applying `configure` failed: {e}")),
+                Err(Failure::Trap(m)) => return Err(format!("re-applying `configure` failed: {m}")),
+            }
+        }
+        Ok(instance)
+    }
+
+    /// Runs one call on the current instance, recreating it first if a trap discarded it.
+    fn call<R>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&v0_1_0::Plugin, &mut Store<WasmState>) -> wasmtime::Result<Result<R, w::PluginError>>,
+    ) -> PluginResult<R> {
+        if self.instance.is_none() {
+            let instance = self
+                .instantiate(None)
+                .map_err(|e| PluginError::Failed(format!("could not (re)create the instance for `{what}`: {e}")))?;
+            self.instance = Some(instance);
+        }
+        let instance = self.instance.as_mut().expect("just created");
+        match run(&self.limits, &self.log, instance, f) {
+            Ok(v) => Ok(v),
+            Err(Failure::Guest(e)) => Err(e),
+            Err(Failure::Trap(m)) => {
+                self.instance = None;
+                Err(PluginError::Failed(format!(
+                    "{m} (the instance was discarded; the next call gets a fresh one, re-configured)"
+                )))
+            }
+        }
+    }
+}
+
+fn run<R>(
+    limits: &WasmLimits,
+    log: &GuestLog,
+    instance: &mut Instance,
+    f: impl FnOnce(&v0_1_0::Plugin, &mut Store<WasmState>) -> wasmtime::Result<Result<R, w::PluginError>>,
+) -> Result<R, Failure> {
+    instance.store.set_epoch_deadline(deadline_ticks(limits));
+    instance.store.data_mut().limiter.refused = None;
+    log.begin_call();
+    let result = f(&instance.bindings, &mut instance.store);
+    log.flush();
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::Guest(e.into())),
+        Err(e) => Err(Failure::Trap(describe_trap(limits, log, &instance.store, e))),
+    }
+}
+
+/// Turns a trap into a sentence: out of memory, timeout, panic (with its message) or trap.
+fn describe_trap(limits: &WasmLimits, log: &GuestLog, store: &Store<WasmState>, e: wasmtime::Error) -> String {
+    let tail = log.stderr_tail();
+    let mut msg = if let Some(wanted) = store.data().limiter.refused {
+        format!(
+            "ran out of memory: it tried to grow its memory to {}, past its cap of {} \
+             (raise the WASM memory limit if the plugin really needs that much)",
+            mib(wanted),
+            mib(limits.max_memory_bytes)
+        )
+    } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        format!("timed out: the call ran longer than its time cap of {:?} and was interrupted", limits.call_timeout)
+    } else if tail.as_deref().is_some_and(|t| t.contains("panicked")) {
+        "panicked".to_string()
+    } else if let Some(trap) = e.downcast_ref::<Trap>() {
+        format!("trapped: {trap}")
+    } else {
+        format!("failed: {}", e.root_cause())
+    };
+    if let Some(tail) = tail {
+        msg.push_str(&format!(" (plugin stderr: {tail})"));
+    }
+    msg
+}
+
+/// Replaces the guest's dataset root by the host's in a path or message.
+fn to_host_text(text: &str, root: &Path) -> String {
+    text.replace(GUEST_DATASET_ROOT, &root.display().to_string())
+}
+
+/// Makes a path the guest returned relative to the dataset root.
+fn to_relative(path: String) -> String {
+    match path.strip_prefix(GUEST_DATASET_ROOT) {
+        Some("") => ".".into(),
+        Some(rest) if rest.starts_with('/') => rest.trim_start_matches('/').to_string(),
+        _ => path,
+    }
+}
+
+impl Plugin for WasmPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone().expect("set by `load`")
+    }
+
+    fn configure(&mut self, params_json: &str) -> PluginResult<()> {
+        self.call("configure", |b, s| b.cogvx_plugin_guest().call_configure(s, params_json))?;
+        self.params = Some(params_json.to_string());
+        Ok(())
+    }
+
+    fn list_samples(&mut self, root: &str) -> PluginResult<Vec<Sample>> {
+        let host_root = Path::new(root);
+        if !host_root.is_dir() {
+            return Err(PluginError::Invalid(format!("the dataset root {root} is not a directory")));
+        }
+        // A separate instance that sees the dataset root (and nothing else), read-only.
+        let mut instance = self
+            .instantiate(Some(host_root))
+            .map_err(|e| PluginError::Failed(format!("could not create the dataset-reader instance: {e}")))?;
+        let result = run(&self.limits, &self.log, &mut instance, |b, s| {
+            b.cogvx_plugin_guest().call_list_samples(s, GUEST_DATASET_ROOT)
+        });
+        match result {
+            Ok(samples) => Ok(samples
+                .into_iter()
+                .map(|s| Sample {
+                    caption: s.caption,
+                    video: to_relative(s.video),
+                    image: s.image.map(to_relative),
+                    frames: s.frames.map(|r| FrameRange { start: r.start, end: r.end }),
+                    origin: to_host_text(&s.origin, host_root),
+                })
+                .collect()),
+            Err(Failure::Guest(e)) => Err(match e {
+                PluginError::Unsupported(m) => PluginError::Unsupported(to_host_text(&m, host_root)),
+                PluginError::Invalid(m) => PluginError::Invalid(to_host_text(&m, host_root)),
+                PluginError::Failed(m) => PluginError::Failed(to_host_text(&m, host_root)),
+            }),
+            Err(Failure::Trap(m)) => Err(PluginError::Failed(to_host_text(&m, host_root))),
+        }
+    }
+
+    fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
+        let request: w::TransformRequest = request.clone().into();
+        self.call("plan-transform", |b, s| b.cogvx_plugin_guest().call_plan_transform(s, &request)).map(Into::into)
+    }
+
+    fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
+        let frames: w::Frames = frames.into();
+        self.call("transform-frames", |b, s| b.cogvx_plugin_guest().call_transform_frames(s, &frames)).map(Into::into)
+    }
+
+    fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {
+        self.call("rewrite-prompt", |b, s| b.cogvx_plugin_guest().call_rewrite_prompt(s, caption))
+    }
+
+    fn adapter_recipe(&mut self, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
+        let json = serde_json::to_string(request).map_err(|e| PluginError::Failed(format!("cannot encode the request: {e}")))?;
+        let out = self.call("adapter-recipe", |b, s| b.cogvx_plugin_guest().call_adapter_recipe(s, &json))?;
+        serde_json::from_str(&out).map_err(|e| PluginError::Failed(format!("the plugin returned an invalid AdapterRecipe JSON: {e}")))
+    }
+
+    fn scheduler_tables(&mut self, config_json: &str) -> PluginResult<SchedulerTables> {
+        self.call("scheduler-tables", |b, s| b.cogvx_plugin_guest().call_scheduler_tables(s, config_json)).map(Into::into)
+    }
+
+    fn scheduler_plan(&mut self, request: &SchedulerPlanRequest) -> PluginResult<InferencePlan> {
+        let request = w::SchedulerPlanRequest {
+            config_json: request.config_json.clone(),
+            num_inference_steps: request.num_inference_steps,
+        };
+        self.call("scheduler-plan", |b, s| b.cogvx_plugin_guest().call_scheduler_plan(s, &request)).map(Into::into)
+    }
+
+    fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
+        let request = w::ValidateRequest {
+            prompt: request.prompt.clone(),
+            frames: request.frames.clone().into(),
+            fps: request.fps,
+        };
+        self.call("validate", |b, s| b.cogvx_plugin_guest().call_validate(s, &request))
+            .map(|v| v.into_iter().map(|m| Metric { name: m.name, value: m.value }).collect())
+    }
+}
+
+// ------------------------------------------------------------------ conversions
+
+impl From<w::PluginError> for PluginError {
+    fn from(e: w::PluginError) -> Self {
+        match e {
+            w::PluginError::Unsupported(m) => PluginError::Unsupported(m),
+            w::PluginError::Invalid(m) => PluginError::Invalid(m),
+            w::PluginError::Failed(m) => PluginError::Failed(m),
+        }
+    }
+}
+
+impl From<w::PluginInfo> for PluginInfo {
+    fn from(i: w::PluginInfo) -> Self {
+        PluginInfo {
+            name: i.name,
+            version: i.version,
+            kinds: i
+                .kinds
+                .into_iter()
+                .map(|k| match k {
+                    w::PluginKind::DatasetReader => PluginKind::DatasetReader,
+                    w::PluginKind::VideoTransform => PluginKind::VideoTransform,
+                    w::PluginKind::PromptRewriter => PluginKind::PromptRewriter,
+                    w::PluginKind::Adapter => PluginKind::Adapter,
+                    w::PluginKind::Scheduler => PluginKind::Scheduler,
+                    w::PluginKind::Validator => PluginKind::Validator,
+                })
+                .collect(),
+            description: i.description,
+        }
+    }
+}
+
+impl From<TransformRequest> for w::TransformRequest {
+    fn from(r: TransformRequest) -> Self {
+        w::TransformRequest {
+            clip: w::ClipInfo { width: r.clip.width, height: r.clip.height, frame_count: r.clip.frame_count, fps: r.clip.fps },
+            target: w::Resolution { frames: r.target.frames, height: r.target.height, width: r.target.width },
+            plan: r.plan.into(),
+            seed: r.seed,
+        }
+    }
+}
+
+impl From<TransformPlan> for w::TransformPlan {
+    fn from(p: TransformPlan) -> Self {
+        w::TransformPlan {
+            frames: p.frames,
+            crop: p.crop.map(|c| w::CropBox { x: c.x, y: c.y, width: c.width, height: c.height }),
+            resize: p.resize.map(|s| w::Size { width: s.width, height: s.height }),
+            filter: match p.filter {
+                ResizeFilter::Nearest => w::ResizeFilter::Nearest,
+                ResizeFilter::Bilinear => w::ResizeFilter::Bilinear,
+                ResizeFilter::Bicubic => w::ResizeFilter::Bicubic,
+                ResizeFilter::Lanczos3 => w::ResizeFilter::Lanczos3,
+            },
+        }
+    }
+}
+
+impl From<w::TransformPlan> for TransformPlan {
+    fn from(p: w::TransformPlan) -> Self {
+        TransformPlan {
+            frames: p.frames,
+            crop: p.crop.map(|c| CropBox { x: c.x, y: c.y, width: c.width, height: c.height }),
+            resize: p.resize.map(|s| Size { width: s.width, height: s.height }),
+            filter: match p.filter {
+                w::ResizeFilter::Nearest => ResizeFilter::Nearest,
+                w::ResizeFilter::Bilinear => ResizeFilter::Bilinear,
+                w::ResizeFilter::Bicubic => ResizeFilter::Bicubic,
+                w::ResizeFilter::Lanczos3 => ResizeFilter::Lanczos3,
+            },
+        }
+    }
+}
+
+impl From<Frames> for w::Frames {
+    fn from(f: Frames) -> Self {
+        w::Frames { width: f.width, height: f.height, count: f.count, rgb: f.rgb }
+    }
+}
+
+impl From<w::Frames> for Frames {
+    fn from(f: w::Frames) -> Self {
+        Frames { width: f.width, height: f.height, count: f.count, rgb: f.rgb }
+    }
+}
+
+impl From<w::SchedulerTables> for SchedulerTables {
+    fn from(t: w::SchedulerTables) -> Self {
+        SchedulerTables { alphas_cumprod: t.alphas_cumprod, timestep_weights: t.timestep_weights, loss_weights: t.loss_weights }
+    }
+}
+
+impl From<w::InferencePlan> for InferencePlan {
+    fn from(p: w::InferencePlan) -> Self {
+        InferencePlan {
+            steps: p
+                .steps
+                .into_iter()
+                .map(|s| StepCoefficients {
+                    timestep: s.timestep,
+                    x0_sample: s.x0_sample,
+                    x0_model_output: s.x0_model_output,
+                    sample_coef: s.sample_coef,
+                    model_output_coef: s.model_output_coef,
+                    x0_coef: s.x0_coef,
+                    x0_history: s.x0_history,
+                    noise_coef: s.noise_coef,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths_become_relative() {
+        assert_eq!(to_relative("/dataset/videos/a.mp4".into()), "videos/a.mp4");
+        assert_eq!(to_relative("/dataset".into()), ".");
+        assert_eq!(to_relative("videos/a.mp4".into()), "videos/a.mp4");
+        assert_eq!(to_relative("/datasetx/a".into()), "/datasetx/a");
+        assert_eq!(to_host_text("/dataset/prompts.txt:3", Path::new("/data/mini")), "/data/mini/prompts.txt:3");
+    }
+
+    #[test]
+    fn ticks_round_up() {
+        let l = WasmLimits { call_timeout: Duration::from_millis(12), ..Default::default() };
+        assert_eq!(deadline_ticks(&l), 3);
+        let l = WasmLimits { call_timeout: Duration::ZERO, ..Default::default() };
+        assert_eq!(deadline_ticks(&l), 1);
+    }
+}

@@ -1,0 +1,197 @@
+//! WASM transport: misbehaving plugins become errors naming the plugin and the call, the
+//! instance is recreated (and re-configured) afterwards, and the sandbox holds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cogvx_plugin_api::{Plugin, PluginError};
+use cogvx_plugin_host::{LoadedPlugin, Transport, WasmLimits};
+
+fn limits() -> WasmLimits {
+    WasmLimits { max_memory_bytes: 64 << 20, call_timeout: Duration::from_millis(500) }
+}
+
+fn load() -> LoadedPlugin {
+    LoadedPlugin::load(common::misbehave_wasm(), &limits()).unwrap()
+}
+
+fn prefix() -> String {
+    format!("plugin `misbehave` 0.3.1 (wasm, {})", common::misbehave_wasm().display())
+}
+
+fn failed(e: PluginError) -> String {
+    match e {
+        PluginError::Failed(m) => m,
+        other => panic!("expected a Failed error, got {other:?}"),
+    }
+}
+
+/// After a failure the same `LoadedPlugin` answers again, with its configuration re-applied.
+fn assert_recovered(p: &mut LoadedPlugin) {
+    assert_eq!(p.rewrite_prompt("a cat").unwrap(), "[cfg] a cat");
+    assert_eq!(p.plan_transform(&common::request(0)).unwrap(), common::good_plan());
+}
+
+#[test]
+fn loads_and_answers() {
+    let mut p = load();
+    assert_eq!(p.name(), "misbehave");
+    assert_eq!(p.version(), "0.3.1");
+    assert_eq!(p.transport(), Transport::Wasm);
+    assert_eq!(p.api_version(), "0.1.0");
+    assert_eq!(p.source(), Some(common::misbehave_wasm()));
+    assert_eq!(p.plan_transform(&common::request(0)).unwrap(), common::good_plan());
+    assert_eq!(p.rewrite_prompt("x").unwrap(), "x");
+    // A call the plugin does not implement.
+    let e = p.scheduler_tables("{}").unwrap_err();
+    assert_eq!(
+        e,
+        PluginError::Unsupported(format!(
+            "{}: `scheduler-tables`: this plugin does not implement `scheduler-tables`",
+            prefix()
+        ))
+    );
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    let mut p = load();
+    p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
+    let start = Instant::now();
+    let e = failed(p.plan_transform(&common::request(1)).unwrap_err());
+    assert!(start.elapsed() < Duration::from_secs(10), "the time cap did not fire: {:?}", start.elapsed());
+    assert!(
+        e.starts_with(&format!(
+            "{}: `plan-transform` failed: timed out: the call ran longer than its time cap of 500ms and was interrupted",
+            prefix()
+        )),
+        "{e}"
+    );
+    assert_recovered(&mut p);
+}
+
+#[test]
+fn allocation_past_the_cap_is_out_of_memory() {
+    let mut p = load();
+    p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
+    let e = failed(p.plan_transform(&common::request(2)).unwrap_err());
+    assert!(e.starts_with(&format!("{}: `plan-transform` failed: ran out of memory: it tried to grow its memory to ", prefix())), "{e}");
+    assert!(e.contains("past its cap of 64 MiB"), "{e}");
+    assert_recovered(&mut p);
+}
+
+#[test]
+fn trap_is_an_error() {
+    let mut p = load();
+    p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
+    let e = failed(p.plan_transform(&common::request(3)).unwrap_err());
+    assert!(e.starts_with(&format!("{}: `plan-transform` failed: trapped: ", prefix())), "{e}");
+    assert!(e.contains("unreachable"), "{e}");
+    assert!(e.contains("the instance was discarded; the next call gets a fresh one, re-configured"), "{e}");
+    assert_recovered(&mut p);
+}
+
+#[test]
+fn panic_is_an_error_quoting_the_message() {
+    let mut p = load();
+    p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
+    let e = failed(p.plan_transform(&common::request(4)).unwrap_err());
+    assert!(e.starts_with(&format!("{}: `plan-transform` failed: panicked (plugin stderr: ", prefix())), "{e}");
+    assert!(e.contains("misbehave: deliberate panic for seed 4"), "{e}");
+    assert_recovered(&mut p);
+}
+
+#[test]
+fn bad_plans_are_rejected_naming_the_plugin() {
+    let mut p = load();
+    p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
+    let cases = [
+        (5, "the crop box 10x10 at (320, 0) lies outside the 320x240 frame (it reaches x=330, y=10)"),
+        (6, "frame index 10 (position 1 of 2) is out of range: the clip has 10 frames (valid: 0..10)"),
+        (7, "the output size 0x32 has a zero side"),
+    ];
+    for (seed, why) in cases {
+        let e = failed(p.plan_transform(&common::request(seed)).unwrap_err());
+        assert_eq!(e, format!("{}: `plan-transform` returned a bad plan: {why}", prefix()));
+        assert_recovered(&mut p);
+    }
+}
+
+#[test]
+fn guest_errors_are_wrapped() {
+    let mut p = load();
+    let e = p.configure("not json").unwrap_err();
+    match e {
+        PluginError::Invalid(m) => {
+            assert!(m.starts_with(&format!("{}: `configure`: bad params: ", prefix())), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn dataset_reader_reads_inside_its_grant() {
+    let dir = common::dataset();
+    let root = dir.path().join("data");
+    let mut p = load();
+    let samples = p.list_samples(root.to_str().unwrap()).unwrap();
+    assert_eq!(samples.len(), 2);
+    assert_eq!(samples[0].caption, "a cat");
+    assert_eq!(samples[0].video, "videos/cat.mp4");
+    assert_eq!(samples[1].video, "videos/dog.mp4");
+    assert_eq!(samples[1].origin, format!("{}/videos.txt:2", root.display()));
+
+    p.configure(r#"{"probe": "inside.txt"}"#).unwrap();
+    let samples = p.list_samples(root.to_str().unwrap()).unwrap();
+    assert_eq!(samples[0].caption, "readable inside the grant");
+}
+
+#[test]
+fn dataset_reader_cannot_read_outside_its_grant() {
+    let dir = common::dataset();
+    let root = dir.path().join("data");
+    let secret = dir.path().join("secret.txt");
+    let mut p = load();
+    for probe in ["/etc/passwd", "../secret.txt", secret.to_str().unwrap(), "/dataset/../secret.txt"] {
+        p.configure(&serde_json::json!({ "probe": probe }).to_string()).unwrap();
+        let e = failed(p.list_samples(root.to_str().unwrap()).unwrap_err());
+        assert!(e.starts_with(&format!("{}: `list-samples` failed: cannot read ", prefix())), "{probe}: {e}");
+        assert!(!e.contains("SECRET") && !e.contains("root:x:0:0"), "{probe}: {e}");
+    }
+    // A root that is not a directory is refused before the plugin runs.
+    let missing = dir.path().join("missing");
+    let e = p.list_samples(missing.to_str().unwrap()).unwrap_err();
+    assert_eq!(
+        e,
+        PluginError::Invalid(format!(
+            "{}: `list-samples`: the dataset root {} is not a directory",
+            prefix(),
+            missing.display()
+        ))
+    );
+}
+
+#[test]
+fn files_that_are_not_components_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("x.wasm");
+    std::fs::write(&text, "hello").unwrap();
+    let e = LoadedPlugin::load(&text, &limits()).unwrap_err().to_string();
+    assert_eq!(e, format!("{} is not a cogvx plugin: not a WASM file (no `\\0asm` header)", text.display()));
+
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let e = LoadedPlugin::load(&core, &limits()).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{} is not a cogvx plugin: a core WASM module, not a component; build the plugin with `cargo build --target wasm32-wasip2`",
+            core.display()
+        )
+    );
+
+    let missing = dir.path().join("missing.wasm");
+    let e = LoadedPlugin::load(&missing, &limits()).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("cannot load plugin {}: ", missing.display())), "{e}");
+}
