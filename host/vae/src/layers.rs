@@ -14,7 +14,74 @@ use cogvx_model_core::nn::GroupNorm;
 use cogvx_model_core::weights::VarBuilder;
 use cogvx_model_core::LoadError;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use crate::ops::{avg_pool_time2, batch_to_frames, frames_to_batch, interpolate_nearest, repeat_interleave2};
+
+/// How the VAE's stride-1 3D convolutions are computed (same result, different speed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conv3dAlgo {
+    /// [`Conv3dAlgo::ShiftMatmul`] on burn's ndarray backend (whose direct convolution is slow),
+    /// the backend's own `conv3d` elsewhere. The default.
+    Auto,
+    /// burn's `conv3d`.
+    Native,
+    /// One `[out, in] x [in, T*H*W]` matmul per kernel offset, accumulated (uses the backend's
+    /// GEMM; needs one extra input-sized temporary).
+    ShiftMatmul,
+}
+
+static CONV3D_ALGO: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the convolution algorithm for all VAEs of this process.
+pub fn set_conv3d_algo(algo: Conv3dAlgo) {
+    let v = match algo {
+        Conv3dAlgo::Auto => 0,
+        Conv3dAlgo::Native => 1,
+        Conv3dAlgo::ShiftMatmul => 2,
+    };
+    CONV3D_ALGO.store(v, Ordering::Relaxed);
+}
+
+/// The algorithm selected with [`set_conv3d_algo`].
+pub fn conv3d_algo() -> Conv3dAlgo {
+    match CONV3D_ALGO.load(Ordering::Relaxed) {
+        1 => Conv3dAlgo::Native,
+        2 => Conv3dAlgo::ShiftMatmul,
+        _ => Conv3dAlgo::Auto,
+    }
+}
+
+/// Stride-1 3D convolution of `x [B, C, T, H, W]` with `weight [O, C, kt, kh, kw]`, no time
+/// padding and zero padding `pad_hw` on height and width (PyTorch `nn.Conv3d` semantics).
+pub fn conv3d_s1<B: Backend>(x: Tensor<B, 5>, weight: Tensor<B, 5>, bias: Tensor<B, 1>, pad_hw: usize) -> Tensor<B, 5> {
+    let shift_matmul = match conv3d_algo() {
+        Conv3dAlgo::Native => false,
+        Conv3dAlgo::ShiftMatmul => true,
+        Conv3dAlgo::Auto => B::name(&x.device()).contains("ndarray"),
+    };
+    if !shift_matmul {
+        let p = pad_hw;
+        return conv3d(x, weight, Some(bias), ConvOptions::new([1, 1, 1], [0, p, p], [1, 1, 1], 1));
+    }
+    let [b, c, t, h, w] = x.dims();
+    let [o, _, kt, kh, kw] = weight.dims();
+    let x = if pad_hw > 0 { x.pad([(pad_hw, pad_hw), (pad_hw, pad_hw)], PadMode::Constant(0.0)) } else { x };
+    let (to, ho, wo) = (t + 1 - kt, h + 2 * pad_hw + 1 - kh, w + 2 * pad_hw + 1 - kw);
+    let n = to * ho * wo;
+    let mut acc: Tensor<B, 3> = bias.reshape([1, o, 1]).expand([b, o, n]);
+    for i in 0..kh {
+        for j in 0..kw {
+            let xs = if kh == 1 && kw == 1 { x.clone() } else { x.clone().slice([0..b, 0..c, 0..t, i..i + ho, j..j + wo]) };
+            for k in 0..kt {
+                let xk: Tensor<B, 3> = xs.clone().narrow(2, k, to).reshape([b, c, n]);
+                let wk: Tensor<B, 3> = weight.clone().slice([0..o, 0..c, k..k + 1, i..i + 1, j..j + 1]).reshape([1, o, c]);
+                acc = acc + wk.matmul(xk);
+            }
+        }
+    }
+    acc.reshape([b, o, to, ho, wo])
+}
 
 /// `CogVideoXSafeConv3d`: a `nn.Conv3d` (stride 1, zero spatial padding `padding_hw`, no time
 /// padding) that splits inputs above 2 GiB (counted as 2 bytes a value, as diffusers does) into
@@ -47,8 +114,7 @@ impl<B: Backend> SafeConv3d<B> {
     }
 
     fn conv(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
-        let p = self.padding_hw;
-        conv3d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([1, 1, 1], [0, p, p], [1, 1, 1], 1))
+        conv3d_s1(x, self.weight.val(), self.bias.val(), self.padding_hw)
     }
 
     pub fn forward(&self, input: Tensor<B, 5>) -> Tensor<B, 5> {
@@ -150,6 +216,17 @@ impl<B: Backend> Conv2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let (s, p) = (self.stride, self.padding);
         conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
+    }
+
+    /// Applies the convolution to every frame of `x [B, C, T, H, W]`.
+    pub fn forward_frames(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        if self.stride == 1 {
+            // A 1 x k x k 3D convolution is the frame-wise 2D one.
+            let w: Tensor<B, 5> = self.weight.val().unsqueeze_dim(2);
+            return conv3d_s1(x, w, self.bias.val(), self.padding);
+        }
+        let b = x.dims()[0];
+        batch_to_frames(self.forward(frames_to_batch(x)), b)
     }
 }
 
@@ -311,8 +388,7 @@ impl<B: Backend> Downsample3D<B> {
             };
         }
         let x = x.pad((0, 1, 0, 1), PadMode::Constant(0.0));
-        let b = x.dims()[0];
-        batch_to_frames(self.conv.forward(frames_to_batch(x)), b)
+        self.conv.forward_frames(x)
     }
 }
 
@@ -341,8 +417,7 @@ impl<B: Backend> Upsample3D<B> {
         } else {
             up_hw(inputs)
         };
-        let b = x.dims()[0];
-        batch_to_frames(self.conv.forward(frames_to_batch(x)), b)
+        self.conv.forward_frames(x)
     }
 }
 
@@ -470,5 +545,62 @@ impl<B: Backend> UpBlock3D<B> {
             h = up.forward(h);
         }
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use cogvx_model_core::{CpuBackend as Cb, CpuDevice};
+
+    fn max_abs_diff(a: Tensor<Cb, 5>, b: Tensor<Cb, 5>) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn shift_matmul_equals_native_conv3d() {
+        let dev = CpuDevice::default();
+        for (kt, kh, kw, pad) in [(3, 3, 3, 1), (1, 1, 1, 0), (1, 3, 3, 1), (2, 3, 1, 0)] {
+            let x = Tensor::<Cb, 5>::random([2, 3, 5, 6, 7], Distribution::Normal(0.0, 1.0), &dev);
+            let w = Tensor::<Cb, 5>::random([4, 3, kt, kh, kw], Distribution::Normal(0.0, 1.0), &dev);
+            let b = Tensor::<Cb, 1>::random([4], Distribution::Normal(0.0, 1.0), &dev);
+            let native = conv3d(
+                x.clone(),
+                w.clone(),
+                Some(b.clone()),
+                ConvOptions::new([1, 1, 1], [0, pad, pad], [1, 1, 1], 1),
+            );
+            set_conv3d_algo(Conv3dAlgo::ShiftMatmul);
+            let mm = conv3d_s1(x, w, b, pad);
+            set_conv3d_algo(Conv3dAlgo::Auto);
+            assert!(max_abs_diff(native, mm) < 1e-4, "kernel {kt}x{kh}x{kw}");
+        }
+    }
+
+    #[test]
+    fn causal_conv_cache_equals_one_pass() {
+        // Running frames in chunks with the cache gives the same frames as one causal pass.
+        let dev = CpuDevice::default();
+        let conv = CausalConv3d::<Cb> {
+            conv: SafeConv3d {
+                weight: Param::from_tensor(Tensor::random([2, 3, 3, 3, 3], Distribution::Normal(0.0, 1.0), &dev)),
+                bias: Param::from_tensor(Tensor::random([2], Distribution::Normal(0.0, 1.0), &dev)),
+                kernel_size: 3,
+                padding_hw: 1,
+            },
+            time_kernel_size: 3,
+        };
+        let x = Tensor::<Cb, 5>::random([1, 3, 7, 4, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let whole = conv.forward(x.clone(), &mut None);
+        assert_eq!(whole.dims(), [1, 2, 7, 4, 5]);
+        // The first output frame sees the first frame replicated.
+        let mut cache = None;
+        let a = conv.forward(x.clone().narrow(2, 0, 3), &mut cache);
+        assert_eq!(cache.as_ref().unwrap().dims(), [1, 3, 2, 4, 5]);
+        let b = conv.forward(x.clone().narrow(2, 3, 2), &mut cache);
+        let c = conv.forward(x.narrow(2, 5, 2), &mut cache);
+        assert!(max_abs_diff(whole, Tensor::cat(vec![a, b, c], 2)) < 1e-5);
     }
 }
