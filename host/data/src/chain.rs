@@ -25,27 +25,59 @@ impl<'a> Chain<'a> {
 
     /// Runs the caption through every prompt rewriter; the error names the plugin.
     pub fn rewrite_prompt(&mut self, caption: &str) -> Result<String, String> {
-        let mut caption = caption.to_string();
-        for p in self.prompt_rewriters.iter_mut() {
-            match p.rewrite_prompt(&caption) {
-                Ok(c) => caption = c,
-                Err(PluginError::Unsupported(_)) => {}
-                Err(e) => return Err(format!("plugin `{}` failed in `rewrite-prompt`: {e}", p.info().name)),
-            }
-        }
-        Ok(caption)
+        rewrite(&mut self.prompt_rewriters, caption)
     }
 
-    /// The video transforms, reborrowed for [`cogvx_video::VideoTransforms`].
-    pub fn transforms(&mut self) -> cogvx_video::VideoTransforms<'_> {
-        cogvx_video::VideoTransforms::new(self.video_transforms.iter_mut().map(|p| &mut **p as &mut dyn Plugin).collect())
+    /// The rewriter and video-transform stages, borrowed together. Keep them for a whole
+    /// run: the video stage remembers which plugins decline the pixel path, so their
+    /// frames are not sent to them again.
+    pub fn stages(&mut self) -> (PromptRewriters<'_, 'a>, cogvx_video::VideoTransforms<'_>) {
+        let transforms = cogvx_video::VideoTransforms::new(
+            self.video_transforms
+                .iter_mut()
+                .map(|p| &mut **p as &mut dyn Plugin)
+                .collect(),
+        );
+        (
+            PromptRewriters {
+                plugins: &mut self.prompt_rewriters,
+            },
+            transforms,
+        )
     }
+}
+
+/// The prompt rewriters of a [`Chain`], in order.
+pub struct PromptRewriters<'c, 'a> {
+    plugins: &'c mut Vec<&'a mut dyn Plugin>,
+}
+
+impl PromptRewriters<'_, '_> {
+    /// Runs the caption through every rewriter; the error names the plugin.
+    pub fn rewrite(&mut self, caption: &str) -> Result<String, String> {
+        rewrite(self.plugins, caption)
+    }
+}
+
+fn rewrite(plugins: &mut [&mut dyn Plugin], caption: &str) -> Result<String, String> {
+    let mut caption = caption.to_string();
+    for p in plugins.iter_mut() {
+        match p.rewrite_prompt(&caption) {
+            Ok(c) => caption = c,
+            Err(PluginError::Unsupported(_)) => {}
+            Err(e) => return Err(format!("plugin `{}` failed in `rewrite-prompt`: {e}", p.info().name)),
+        }
+    }
+    Ok(caption)
 }
 
 /// The seed of sample `index` under base seed `base`: SplitMix64 of `base` and `index`, so
 /// a sample keeps its seed whatever the order or subset processed.
 pub fn sample_seed(base: u64, index: u64) -> u64 {
-    let mut z = base ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x6A09_E667_F3BC_C909);
+    let mut z = base
+        ^ index
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0x6A09_E667_F3BC_C909);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -4,9 +4,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use cogvx_plugin_api::{Resolution, Sample};
-use cogvx_video::VideoReader;
+use cogvx_video::{VideoReader, VideoTransforms};
 
-use crate::chain::{sample_seed, Chain};
+use crate::chain::{sample_seed, Chain, PromptRewriters};
 use crate::layout::{origin_location, read_layout, resolve_in_root, Problem};
 
 /// The outcome of [`check`].
@@ -33,7 +33,13 @@ impl fmt::Display for Report {
         if n == 0 {
             return write!(f, "{}: {} samples, no problems", self.root.display(), self.samples);
         }
-        write!(f, "{}: {} samples, {n} problem{}", self.root.display(), self.samples, if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{}: {} samples, {n} problem{}",
+            self.root.display(),
+            self.samples,
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }
@@ -75,7 +81,10 @@ pub(crate) fn list(root: &Path, chain: &mut Chain<'_>) -> (Vec<Sample>, Vec<Prob
                     }
                     (kept, problems)
                 }
-                Err(e) => (vec![], vec![Problem::new(root, None, format!("dataset reader `{name}` failed: {e}"))]),
+                Err(e) => (
+                    vec![],
+                    vec![Problem::new(root, None, format!("dataset reader `{name}` failed: {e}"))],
+                ),
             }
         }
     }
@@ -85,7 +94,11 @@ pub(crate) fn list(root: &Path, chain: &mut Chain<'_>) -> (Vec<Sample>, Vec<Prob
 /// paths leaving the root. Reads no media.
 pub fn check_structure(root: &Path, chain: &mut Chain<'_>) -> Report {
     let (samples, problems) = list(root, chain);
-    Report { root: root.to_path_buf(), samples: samples.len(), problems }
+    Report {
+        root: root.to_path_buf(),
+        samples: samples.len(),
+        problems,
+    }
 }
 
 /// Checks a dataset and reports every problem: the structure (see [`check_structure`]),
@@ -96,16 +109,32 @@ pub fn check_structure(root: &Path, chain: &mut Chain<'_>) -> Report {
 /// `target.frames` after planning (with no frame-selection plugin: its raw frame count).
 pub fn check(root: &Path, target: Resolution, chain: &mut Chain<'_>) -> Report {
     let (samples, mut problems) = list(root, chain);
+    let (mut rewriters, mut transforms) = chain.stages();
     for (i, sample) in samples.iter().enumerate() {
         let (file, line) = origin_location(root, sample);
-        problems.extend(check_sample(root, target, chain, sample, i as u64).into_iter().map(|m| Problem::new(&file, line, m)));
+        problems.extend(
+            check_sample(root, target, &mut rewriters, &mut transforms, sample, i as u64)
+                .into_iter()
+                .map(|m| Problem::new(&file, line, m)),
+        );
     }
-    Report { root: root.to_path_buf(), samples: samples.len(), problems }
+    Report {
+        root: root.to_path_buf(),
+        samples: samples.len(),
+        problems,
+    }
 }
 
-fn check_sample(root: &Path, target: Resolution, chain: &mut Chain<'_>, sample: &Sample, index: u64) -> Vec<String> {
+fn check_sample(
+    root: &Path,
+    target: Resolution,
+    rewriters: &mut PromptRewriters<'_, '_>,
+    transforms: &mut VideoTransforms<'_>,
+    sample: &Sample,
+    index: u64,
+) -> Vec<String> {
     let mut out = Vec::new();
-    match chain.rewrite_prompt(&sample.caption) {
+    match rewriters.rewrite(&sample.caption) {
         Ok(c) if c.trim().is_empty() => out.push("the prompt rewriters left an empty caption".to_string()),
         Ok(_) => {}
         Err(e) => out.push(e),
@@ -143,10 +172,14 @@ fn check_sample(root: &Path, target: Resolution, chain: &mut Chain<'_>, sample: 
         }
     };
     let seed = sample_seed(0, index);
-    match chain.transforms().plan(&clip, target, seed) {
+    match transforms.plan(&clip, target, seed) {
         Ok(plan) if (plan.frames.len() as u64) < target.frames as u64 => {
             let untouched = plan.frames.iter().copied().eq(0..clip.frame_count);
-            let how = if untouched { " (no plugin in the chain selects frames, so the raw frame count applies)" } else { " after frame selection" };
+            let how = if untouched {
+                " (no plugin in the chain selects frames, so the raw frame count applies)"
+            } else {
+                " after frame selection"
+            };
             out.push(format!(
                 "{}: clip too short: {} frames{how}, the target resolution {}x{}x{} needs {}",
                 path.display(),

@@ -37,7 +37,11 @@ pub struct Problem {
 impl Problem {
     /// A problem at `file` (and `line`).
     pub fn new(file: impl Into<PathBuf>, line: Option<usize>, message: impl Into<String>) -> Self {
-        Problem { file: file.into(), line, message: message.into() }
+        Problem {
+            file: file.into(),
+            line,
+            message: message.into(),
+        }
     }
 }
 
@@ -61,7 +65,11 @@ fn read_list(path: &Path, required: bool, problems: &mut Vec<Problem>) -> Option
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if required {
-                problems.push(Problem::new(path, None, "file not found; the finetune layout needs prompts.txt and videos.txt in the dataset root"));
+                problems.push(Problem::new(
+                    path,
+                    None,
+                    "file not found; the finetune layout needs prompts.txt and videos.txt in the dataset root",
+                ));
             }
             return None;
         }
@@ -74,7 +82,11 @@ fn read_list(path: &Path, required: bool, problems: &mut Vec<Problem>) -> Option
         Ok(t) => t,
         Err(e) => {
             let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-            problems.push(Problem::new(path, Some(line), "not valid UTF-8; save the file as UTF-8"));
+            problems.push(Problem::new(
+                path,
+                Some(line),
+                "not valid UTF-8; save the file as UTF-8",
+            ));
             return None;
         }
     };
@@ -93,10 +105,18 @@ fn read_list(path: &Path, required: bool, problems: &mut Vec<Problem>) -> Option
 /// climb out with `..`, and, if it exists, must not resolve (through symlinks) outside the
 /// root. Returns `root` joined with the normalised path.
 pub fn resolve_in_root(root: &Path, rel: &str) -> Result<PathBuf, String> {
-    let leaves = || format!("path `{rel}` leaves the dataset root {}; paths must be relative to it and stay inside", root.display());
+    let leaves = || {
+        format!(
+            "path `{rel}` leaves the dataset root {}; paths must be relative to it and stay inside",
+            root.display()
+        )
+    };
     let p = Path::new(rel);
     if p.is_absolute() || rel.starts_with('/') || rel.starts_with('\\') {
-        return Err(format!("path `{rel}` is absolute; paths must be relative to the dataset root {}", root.display()));
+        return Err(format!(
+            "path `{rel}` is absolute; paths must be relative to the dataset root {}",
+            root.display()
+        ));
     }
     let mut normal = PathBuf::new();
     for c in p.components() {
@@ -143,8 +163,16 @@ pub struct Layout {
 pub fn read_layout(root: &Path) -> Layout {
     let mut problems = Vec::new();
     if !root.is_dir() {
-        problems.push(Problem::new(root, None, "dataset root is not a folder (or does not exist)"));
-        return Layout { root: root.to_path_buf(), samples: vec![], problems };
+        problems.push(Problem::new(
+            root,
+            None,
+            "dataset root is not a folder (or does not exist)",
+        ));
+        return Layout {
+            root: root.to_path_buf(),
+            samples: vec![],
+            problems,
+        };
     }
     let prompts_path = root.join(PROMPTS);
     let videos_path = root.join(VIDEOS);
@@ -153,7 +181,11 @@ pub fn read_layout(root: &Path) -> Layout {
     let videos = read_list(&videos_path, true, &mut problems);
     let images = read_list(&images_path, false, &mut problems);
     let (Some(prompts), Some(videos)) = (prompts, videos) else {
-        return Layout { root: root.to_path_buf(), samples: vec![], problems };
+        return Layout {
+            root: root.to_path_buf(),
+            samples: vec![],
+            problems,
+        };
     };
     let (np, nv) = (prompts.lines.len(), videos.lines.len());
     if np != nv {
@@ -165,7 +197,11 @@ pub fn read_layout(root: &Path) -> Layout {
     }
     if let Some(im) = &images {
         if im.lines.len() != nv {
-            problems.push(Problem::new(&images_path, None, format!("has {} lines but {VIDEOS} has {nv}", im.lines.len())));
+            problems.push(Problem::new(
+                &images_path,
+                None,
+                format!("has {} lines but {VIDEOS} has {nv}", im.lines.len()),
+            ));
         }
     }
     for (i, caption) in prompts.lines.iter().enumerate() {
@@ -213,7 +249,11 @@ pub fn read_layout(root: &Path) -> Layout {
             origin: format!("{VIDEOS}:{}", i + 1),
         });
     }
-    Layout { root: root.to_path_buf(), samples, problems }
+    Layout {
+        root: root.to_path_buf(),
+        samples,
+        problems,
+    }
 }
 
 /// Where a sample came from, as a file and line: its `origin` (`file:line`, the file
@@ -265,11 +305,20 @@ mod tests {
     fn paths_must_stay_inside_the_root() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        assert_eq!(resolve_in_root(root, "videos/a.mp4").unwrap(), root.join("videos/a.mp4"));
+        assert_eq!(
+            resolve_in_root(root, "videos/a.mp4").unwrap(),
+            root.join("videos/a.mp4")
+        );
         assert_eq!(resolve_in_root(root, "./videos/../b.mp4").unwrap(), root.join("b.mp4"));
-        assert!(resolve_in_root(root, "../x.mp4").unwrap_err().contains("path `../x.mp4` leaves the dataset root"));
-        assert!(resolve_in_root(root, "videos/../../x.mp4").unwrap_err().contains("leaves the dataset root"));
-        assert!(resolve_in_root(root, "/etc/passwd").unwrap_err().contains("path `/etc/passwd` is absolute"));
+        assert!(resolve_in_root(root, "../x.mp4")
+            .unwrap_err()
+            .contains("path `../x.mp4` leaves the dataset root"));
+        assert!(resolve_in_root(root, "videos/../../x.mp4")
+            .unwrap_err()
+            .contains("leaves the dataset root"));
+        assert!(resolve_in_root(root, "/etc/passwd")
+            .unwrap_err()
+            .contains("path `/etc/passwd` is absolute"));
     }
 
     #[cfg(unix)]
@@ -280,7 +329,10 @@ mod tests {
         std::fs::write(outside.path().join("secret.mp4"), b"x").unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret.mp4"), d.path().join("link.mp4")).unwrap();
         let err = resolve_in_root(d.path(), "link.mp4").unwrap_err();
-        assert!(err.contains("resolves (through a symlink) to") && err.contains("outside the dataset root"), "{err}");
+        assert!(
+            err.contains("resolves (through a symlink) to") && err.contains("outside the dataset root"),
+            "{err}"
+        );
         // A symlink that stays inside is fine.
         std::fs::write(d.path().join("real.mp4"), b"x").unwrap();
         std::os::unix::fs::symlink(d.path().join("real.mp4"), d.path().join("alias.mp4")).unwrap();
@@ -297,9 +349,18 @@ mod tests {
         let msgs: Vec<String> = layout.problems.iter().map(|p| p.to_string()).collect();
         let vp = root.join(VIDEOS).display().to_string();
         let pp = root.join(PROMPTS).display().to_string();
-        assert!(msgs.contains(&format!("{vp}: has 3 lines but prompts.txt has 4; line i of prompts.txt must caption line i of videos.txt")), "{msgs:#?}");
+        assert!(
+            msgs.contains(&format!(
+                "{vp}: has 3 lines but prompts.txt has 4; line i of prompts.txt must caption line i of videos.txt"
+            )),
+            "{msgs:#?}"
+        );
         assert!(msgs.contains(&format!("{pp}:2: empty caption")), "{msgs:#?}");
-        assert!(msgs.iter().any(|m| m.starts_with(&format!("{vp}:2: path `../escape.mp4` leaves the dataset root"))), "{msgs:#?}");
+        assert!(
+            msgs.iter()
+                .any(|m| m.starts_with(&format!("{vp}:2: path `../escape.mp4` leaves the dataset root"))),
+            "{msgs:#?}"
+        );
         assert_eq!(msgs.len(), 3, "{msgs:#?}");
         // Only the sound lines become samples.
         let videos: Vec<&str> = layout.samples.iter().map(|s| s.video.as_str()).collect();
@@ -307,7 +368,10 @@ mod tests {
         assert_eq!(layout.samples[1].origin, "videos.txt:3");
         // Through the plugin trait, all problems come back in one error.
         let err = FinetuneLayout.list_samples(root.to_str().unwrap()).unwrap_err();
-        assert!(matches!(&err, PluginError::Invalid(m) if m.lines().count() == 3), "{err}");
+        assert!(
+            matches!(&err, PluginError::Invalid(m) if m.lines().count() == 3),
+            "{err}"
+        );
     }
 
     #[test]

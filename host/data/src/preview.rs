@@ -33,7 +33,15 @@ pub struct PreviewOptions {
 
 impl Default for PreviewOptions {
     fn default() -> Self {
-        PreviewOptions { seed: 0, fps: 8.0, sheet_frames: 8, sheet_rows: 64, sheet_gap: 4, encode: EncodeOptions::default(), progress: true }
+        PreviewOptions {
+            seed: 0,
+            fps: 8.0,
+            sheet_frames: 8,
+            sheet_rows: 64,
+            sheet_gap: 4,
+            encode: EncodeOptions::default(),
+            progress: true,
+        }
     }
 }
 
@@ -74,18 +82,38 @@ pub enum PreviewError {
 /// `<out>/<index>_<stem>.mp4`; finally `<out>/captions.txt` (one caption per written clip,
 /// in order) and `<out>/contact_sheet.png` (one row per clip). A sample that fails later
 /// is listed in [`Summary::failed`] and has no file.
-pub fn preview(root: &Path, out: &Path, target: Resolution, chain: &mut Chain<'_>, options: &PreviewOptions) -> Result<Summary, PreviewError> {
+pub fn preview(
+    root: &Path,
+    out: &Path,
+    target: Resolution,
+    chain: &mut Chain<'_>,
+    options: &PreviewOptions,
+) -> Result<Summary, PreviewError> {
     let report = check(root, target, chain);
     if !report.is_ok() {
         return Err(PreviewError::Dataset(report));
     }
     let (samples, problems) = crate::check::list(root, chain);
     if !problems.is_empty() {
-        return Err(PreviewError::Dataset(Report { root: root.to_path_buf(), samples: samples.len(), problems }));
+        return Err(PreviewError::Dataset(Report {
+            root: root.to_path_buf(),
+            samples: samples.len(),
+            problems,
+        }));
     }
-    std::fs::create_dir_all(out).map_err(|source| PreviewError::OutDir { path: out.to_path_buf(), source })?;
-    let mut summary = Summary { samples: samples.len(), ..Default::default() };
-    let bar = if options.progress { ProgressBar::new(samples.len() as u64) } else { ProgressBar::with_draw_target(Some(samples.len() as u64), ProgressDrawTarget::hidden()) };
+    std::fs::create_dir_all(out).map_err(|source| PreviewError::OutDir {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut summary = Summary {
+        samples: samples.len(),
+        ..Default::default()
+    };
+    let bar = if options.progress {
+        ProgressBar::new(samples.len() as u64)
+    } else {
+        ProgressBar::with_draw_target(Some(samples.len() as u64), ProgressDrawTarget::hidden())
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} preview [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -93,14 +121,19 @@ pub fn preview(root: &Path, out: &Path, target: Resolution, chain: &mut Chain<'_
     );
     let digits = samples.len().saturating_sub(1).to_string().len();
     let mut sheet_rows: Vec<Frames> = Vec::new();
+    let (mut rewriters, mut transforms) = chain.stages();
     for (i, sample) in samples.iter().enumerate() {
         let (file, line) = origin_location(root, sample);
         let fail = |summary: &mut Summary, message: String| {
-            tracing::error!("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default());
+            tracing::error!(
+                "{}{}: {message}",
+                file.display(),
+                line.map(|l| format!(":{l}")).unwrap_or_default()
+            );
             summary.failed.push(Problem::new(&file, line, message));
         };
         bar.set_message(sample.video.clone());
-        let caption = match chain.rewrite_prompt(&sample.caption) {
+        let caption = match rewriters.rewrite(&sample.caption) {
             Ok(c) => c.replace(['\n', '\r'], " "),
             Err(e) => {
                 fail(&mut summary, e);
@@ -118,11 +151,7 @@ pub fn preview(root: &Path, out: &Path, target: Resolution, chain: &mut Chain<'_
         };
         let seed = sample_seed(options.seed, i as u64);
         let started = std::time::Instant::now();
-        let pre = {
-            let mut transforms = chain.transforms();
-            preprocess_clip(&path, sample.frames, &mut transforms, target, seed)
-        };
-        let pre = match pre {
+        let pre = match preprocess_clip(&path, sample.frames, &mut transforms, target, seed) {
             Ok(p) => p,
             Err(e) => {
                 fail(&mut summary, e.to_string());
@@ -130,7 +159,10 @@ pub fn preview(root: &Path, out: &Path, target: Resolution, chain: &mut Chain<'_
                 continue;
             }
         };
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "clip".into());
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "clip".into());
         let dest = out.join(format!("{i:0digits$}_{stem}.mp4"));
         if let Err(e) = encode_mp4(&dest, &pre.frames, options.fps, &options.encode) {
             fail(&mut summary, e.to_string());
@@ -167,7 +199,10 @@ pub fn preview(root: &Path, out: &Path, target: Resolution, chain: &mut Chain<'_
     let mut text = summary.captions.join("\n");
     text.push('\n');
     cogvx_video::atomic::write_atomically(&captions_file, |tmp| {
-        std::fs::write(tmp, text.as_bytes()).map_err(|source| VideoError::Io { path: captions_file.clone(), source })
+        std::fs::write(tmp, text.as_bytes()).map_err(|source| VideoError::Io {
+            path: captions_file.clone(),
+            source,
+        })
     })?;
     summary.captions_file = Some(captions_file);
     Ok(summary)
@@ -181,5 +216,10 @@ fn pick_frames(frames: &Frames, n: usize) -> Frames {
     for &i in &idx {
         rgb.extend_from_slice(&frames.rgb[i as usize * size..(i as usize + 1) * size]);
     }
-    Frames { width: frames.width, height: frames.height, count: idx.len() as u32, rgb }
+    Frames {
+        width: frames.width,
+        height: frames.height,
+        count: idx.len() as u32,
+        rgb,
+    }
 }

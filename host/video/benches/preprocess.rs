@@ -6,32 +6,65 @@
 //! `cogvx_video::bench::preprocess_throughput`, with the built-in, `.so` and `.wasm`
 //! first-party plugins.
 
-use cogvx_plugin_api::{CropBox, Plugin, PluginInfo, PluginKind, PluginResult, Resolution, Size, TransformPlan, TransformRequest};
+use cogvx_plugin_api::{
+    CropBox, Plugin, PluginInfo, PluginKind, PluginResult, Resolution, Size, TransformPlan, TransformRequest,
+};
 use cogvx_video::bench::{make_bench_clip, preprocess_throughput};
 
 struct Uniform;
 impl Plugin for Uniform {
     fn info(&self) -> PluginInfo {
-        PluginInfo { name: "bench-uniform".into(), version: "0".into(), kinds: vec![PluginKind::VideoTransform], description: String::new() }
+        PluginInfo {
+            name: "bench-uniform".into(),
+            version: "0".into(),
+            kinds: vec![PluginKind::VideoTransform],
+            description: String::new(),
+        }
     }
     fn plan_transform(&mut self, r: &TransformRequest) -> PluginResult<TransformPlan> {
         let (n, f) = (r.clip.frame_count as u64, r.target.frames as u64);
-        let frames = (0..f).map(|j| if f == 1 { 0 } else { (j * (n - 1) / (f - 1)) as u32 }).collect();
-        Ok(TransformPlan { frames, ..r.plan.clone() })
+        let frames = (0..f)
+            .map(|j| if f == 1 { 0 } else { (j * (n - 1) / (f - 1)) as u32 })
+            .collect();
+        Ok(TransformPlan {
+            frames,
+            ..r.plan.clone()
+        })
     }
 }
 
 struct CenterCrop;
 impl Plugin for CenterCrop {
     fn info(&self) -> PluginInfo {
-        PluginInfo { name: "bench-center-crop".into(), version: "0".into(), kinds: vec![PluginKind::VideoTransform], description: String::new() }
+        PluginInfo {
+            name: "bench-center-crop".into(),
+            version: "0".into(),
+            kinds: vec![PluginKind::VideoTransform],
+            description: String::new(),
+        }
     }
     fn plan_transform(&mut self, r: &TransformRequest) -> PluginResult<TransformPlan> {
         let (w, h) = (r.clip.width as u64, r.clip.height as u64);
         let (tw, th) = (r.target.width as u64, r.target.height as u64);
-        let (cw, ch) = if w * th > h * tw { (h * tw / th, h) } else { (w, w * th / tw) };
-        let crop = CropBox { x: ((w - cw) / 2) as u32, y: ((h - ch) / 2) as u32, width: cw as u32, height: ch as u32 };
-        Ok(TransformPlan { crop: Some(crop), resize: Some(Size { width: r.target.width, height: r.target.height }), ..r.plan.clone() })
+        let (cw, ch) = if w * th > h * tw {
+            (h * tw / th, h)
+        } else {
+            (w, w * th / tw)
+        };
+        let crop = CropBox {
+            x: ((w - cw) / 2) as u32,
+            y: ((h - ch) / 2) as u32,
+            width: cw as u32,
+            height: ch as u32,
+        };
+        Ok(TransformPlan {
+            crop: Some(crop),
+            resize: Some(Size {
+                width: r.target.width,
+                height: r.target.height,
+            }),
+            ..r.plan.clone()
+        })
     }
 }
 
@@ -43,7 +76,11 @@ fn main() {
         Some(c) => c.into(),
         None => make_bench_clip(dir.path(), 1920, 1080, 250, 25).expect("making the 1080p clip"),
     };
-    let target = Resolution { frames: 49, height: 480, width: 720 };
+    let target = Resolution {
+        frames: 49,
+        height: 480,
+        width: 720,
+    };
     let (mut a, mut b) = (Uniform, CenterCrop);
     let chain: Vec<&mut dyn Plugin> = vec![&mut a, &mut b];
     match preprocess_throughput(&clip, target, chain, 3) {

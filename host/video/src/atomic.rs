@@ -9,7 +9,10 @@ use crate::error::{Result, VideoError};
 pub fn temp_path(dest: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp = format!(".{name}.tmp-{}-{n}", std::process::id());
     match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.join(tmp),
@@ -22,7 +25,10 @@ pub fn temp_path(dest: &Path) -> PathBuf {
 pub fn write_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(dest);
     let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, dest).map_err(|source| VideoError::Io { path: dest.to_path_buf(), source })
+        std::fs::rename(&tmp, dest).map_err(|source| VideoError::Io {
+            path: dest.to_path_buf(),
+            source,
+        })
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

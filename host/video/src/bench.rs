@@ -31,7 +31,13 @@ impl std::fmt::Display for Throughput {
         write!(
             f,
             "{:.1} frames/s ({} frames of {}x{} in {:.2} s over {} runs; clip of {} source frames)",
-            self.frames_per_second, self.frames, self.width, self.height, self.seconds, self.iterations, self.source_frames
+            self.frames_per_second,
+            self.frames,
+            self.width,
+            self.height,
+            self.seconds,
+            self.iterations,
+            self.source_frames
         )
     }
 }
@@ -77,7 +83,16 @@ pub fn make_bench_clip(dir: &Path, width: u32, height: u32, frames: u32, fps: u3
     let status = std::process::Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
         .arg(format!("testsrc2=s={width}x{height}:r={fps}"))
-        .args(["-frames:v", &frames.to_string(), "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"])
+        .args([
+            "-frames:v",
+            &frames.to_string(),
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+        ])
         .arg(&path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -102,7 +117,20 @@ pub fn make_bench_clip(dir: &Path, width: u32, height: u32, frames: u32, fps: u3
             }
         }
     }
-    let frames = Frames { width, height, count: frames, rgb };
-    encode_mp4(&path, &frames, fps as f64, &EncodeOptions { crf: 23, preset: "veryfast".into() })?;
+    let frames = Frames {
+        width,
+        height,
+        count: frames,
+        rgb,
+    };
+    encode_mp4(
+        &path,
+        &frames,
+        fps as f64,
+        &EncodeOptions {
+            crf: 23,
+            preset: "veryfast".into(),
+        },
+    )?;
     Ok(path)
 }

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use cogvx_plugin_api::{ClipInfo, FrameRange, Frames, TransformPlan};
-use ffmpeg_next as ffmpeg;
 use ffmpeg::{codec, ffi, format, frame, media, software::scaling, Packet};
+use ffmpeg_next as ffmpeg;
 
 use crate::error::{Result, VideoError};
 use crate::plan::{output_size, rotate_rgb, validate_plan, FrameProcessor};
@@ -70,7 +70,12 @@ pub struct VideoInfo {
 impl VideoInfo {
     /// The plugin-facing summary (display size, frame count, fps).
     pub fn clip_info(&self) -> ClipInfo {
-        ClipInfo { width: self.width, height: self.height, frame_count: self.frame_count, fps: self.fps }
+        ClipInfo {
+            width: self.width,
+            height: self.height,
+            frame_count: self.frame_count,
+            fps: self.fps,
+        }
     }
 }
 
@@ -88,7 +93,7 @@ pub fn decode(path: impl AsRef<Path>, plan: &TransformPlan) -> Result<Frames> {
 struct KeyFrame {
     /// Display index of the keyframe.
     index: u32,
-    /// Timestamp to seek to (the packet's dts, or pts).
+    /// Timestamp to seek to (the keyframe's pts).
     seek_ts: i64,
 }
 
@@ -117,13 +122,34 @@ pub struct VideoReader {
     info: VideoInfo,
     stream_index: usize,
     index: FrameIndex,
+    stats: ReadStats,
+}
+
+/// What the last [`VideoReader::read`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Frames the decoder produced (needed or not).
+    pub frames_decoded: u64,
+    /// Frames converted, cropped and resized (each needed frame once).
+    pub frames_kept: u64,
+    /// Seeks to a keyframe.
+    pub seeks: u32,
+    /// Restarts from the beginning of the stream (after a seek overshot, or when the
+    /// decoder's timestamps do not match the index).
+    pub restarts: u32,
 }
 
 fn classify_open_error(path: &Path, err: ffmpeg::Error) -> VideoError {
     let detail = format!("ffmpeg: {err}");
     match probe_container(path) {
-        Some(name) => VideoError::Truncated { path: path.to_path_buf(), detail: format!("{name} container, {detail}") },
-        None => VideoError::NotVideo { path: path.to_path_buf(), detail: format!("no media container recognised; {detail}") },
+        Some(name) => VideoError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("{name} container, {detail}"),
+        },
+        None => VideoError::NotVideo {
+            path: path.to_path_buf(),
+            detail: format!("no media container recognised; {detail}"),
+        },
     }
 }
 
@@ -163,10 +189,19 @@ fn probe_container(path: &Path) -> Option<String> {
 
 fn check_file(path: &Path) -> Result<()> {
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(VideoError::NotFound { path: path.to_path_buf() }),
-        Err(e) => Err(VideoError::Io { path: path.to_path_buf(), source: e }),
-        Ok(m) if !m.is_file() => Err(VideoError::NotAFile { path: path.to_path_buf() }),
-        Ok(m) if m.len() == 0 => Err(VideoError::Empty { path: path.to_path_buf() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(VideoError::NotFound {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(VideoError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        Ok(m) if !m.is_file() => Err(VideoError::NotAFile {
+            path: path.to_path_buf(),
+        }),
+        Ok(m) if m.len() == 0 => Err(VideoError::Empty {
+            path: path.to_path_buf(),
+        }),
         Ok(_) => Ok(()),
     }
 }
@@ -198,7 +233,10 @@ fn snap_rotation(theta: f64, path: &Path) -> u32 {
         }
     }
     if theta.abs() > 1.0 && (theta - 360.0).abs() > 1.0 {
-        tracing::warn!("{}: rotation of {theta:.1} degrees is not a multiple of 90; ignored", path.display());
+        tracing::warn!(
+            "{}: rotation of {theta:.1} degrees is not a multiple of 90; ignored",
+            path.display()
+        );
     }
     0
 }
@@ -228,9 +266,15 @@ fn stream_rotation(stream: &format::stream::Stream, path: &Path) -> u32 {
 }
 
 fn open_decoder(path: &Path, stream: &format::stream::Stream) -> Result<ffmpeg::decoder::Video> {
-    let mut ctx = codec::context::Context::from_parameters(stream.parameters())
-        .map_err(|e| VideoError::Decode { path: path.to_path_buf(), detail: format!("cannot read codec parameters: {e}") })?;
-    ctx.set_threading(codec::threading::Config { kind: codec::threading::Type::Frame, count: 0, ..Default::default() });
+    let mut ctx = codec::context::Context::from_parameters(stream.parameters()).map_err(|e| VideoError::Decode {
+        path: path.to_path_buf(),
+        detail: format!("cannot read codec parameters: {e}"),
+    })?;
+    ctx.set_threading(codec::threading::Config {
+        kind: codec::threading::Type::Frame,
+        count: 0,
+        ..Default::default()
+    });
     let id = ctx.id();
     ctx.decoder().video().map_err(|e| VideoError::Decode {
         path: path.to_path_buf(),
@@ -244,15 +288,21 @@ impl VideoReader {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let mut input = open_input(path)?;
-        let video = input
-            .streams()
-            .find(|s| s.parameters().medium() == media::Type::Video && !s.disposition().contains(format::stream::Disposition::ATTACHED_PIC));
+        let video = input.streams().find(|s| {
+            s.parameters().medium() == media::Type::Video
+                && !s.disposition().contains(format::stream::Disposition::ATTACHED_PIC)
+        });
         let Some(stream) = video else {
             let has_audio = input.streams().any(|s| s.parameters().medium() == media::Type::Audio);
             return Err(if has_audio {
-                VideoError::AudioOnly { path: path.to_path_buf() }
+                VideoError::AudioOnly {
+                    path: path.to_path_buf(),
+                }
             } else {
-                VideoError::NotVideo { path: path.to_path_buf(), detail: "the file has no video stream".into() }
+                VideoError::NotVideo {
+                    path: path.to_path_buf(),
+                    detail: "the file has no video stream".into(),
+                }
             });
         };
         let stream_index = stream.index();
@@ -266,13 +316,15 @@ impl VideoReader {
         let codec_name = decoder.id().name().to_string();
         drop(decoder);
         if coded_width == 0 || coded_height == 0 {
-            return Err(VideoError::NotVideo { path: path.to_path_buf(), detail: "the video stream has no frame size".into() });
+            return Err(VideoError::NotVideo {
+                path: path.to_path_buf(),
+                detail: "the video stream has no frame size".into(),
+            });
         }
 
         // Demux once (no decoding) to index every frame's presentation timestamp.
         struct Pkt {
             pts: Option<i64>,
-            dts: Option<i64>,
             key: bool,
             duration: i64,
         }
@@ -291,7 +343,11 @@ impl VideoReader {
                         discarded += 1;
                         continue;
                     }
-                    pkts.push(Pkt { pts: packet.pts(), dts: packet.dts(), key: packet.is_key(), duration: packet.duration() });
+                    pkts.push(Pkt {
+                        pts: packet.pts(),
+                        key: packet.is_key(),
+                        duration: packet.duration(),
+                    });
                 }
                 Err(ffmpeg::Error::Eof) => break,
                 Err(ffmpeg::Error::InvalidData) => {
@@ -316,13 +372,21 @@ impl VideoReader {
                 format!("{counted} frames read before the data ended")
             };
             let why = first_error.map(|e| format!(" (ffmpeg: {e})")).unwrap_or_default();
-            return Err(VideoError::Truncated { path: path.to_path_buf(), detail: format!("{detail}{why}") });
+            return Err(VideoError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!("{detail}{why}"),
+            });
         }
         if pkts.is_empty() {
-            return Err(VideoError::NoFrames { path: path.to_path_buf() });
+            return Err(VideoError::NoFrames {
+                path: path.to_path_buf(),
+            });
         }
         if pkts.len() > u32::MAX as usize {
-            return Err(VideoError::Decode { path: path.to_path_buf(), detail: "more than 2^32 frames".into() });
+            return Err(VideoError::Decode {
+                path: path.to_path_buf(),
+                detail: "more than 2^32 frames".into(),
+            });
         }
 
         let mut index = FrameIndex::default();
@@ -331,14 +395,19 @@ impl VideoReader {
             let mut pts: Vec<i64> = pkts.iter().map(|p| p.pts.unwrap()).collect();
             pts.sort_unstable();
             if pts.windows(2).any(|w| w[0] == w[1]) {
-                tracing::debug!("{}: repeated timestamps; frames are counted from the start", path.display());
+                tracing::debug!(
+                    "{}: repeated timestamps; frames are counted from the start",
+                    path.display()
+                );
                 seekable = false;
             } else {
                 index.pts = pts;
                 for p in pkts.iter().filter(|p| p.key) {
                     let pts = p.pts.unwrap();
                     let i = index.lookup(pts).unwrap();
-                    index.keys.push(KeyFrame { index: i, seek_ts: p.dts.unwrap_or(pts) });
+                    // Seek by presentation time, as `ffmpeg -ss` does: demuxers index a keyframe
+                    // at or before its pts, so the seek lands on it or on an earlier keyframe.
+                    index.keys.push(KeyFrame { index: i, seek_ts: pts });
                 }
                 index.keys.sort_by_key(|k| k.index);
                 if index.keys.is_empty() {
@@ -349,12 +418,25 @@ impl VideoReader {
         let frame_count = pkts.len() as u32;
         let tb = f64::from(time_base);
         let duration = if seekable && !index.pts.is_empty() {
-            let last = pkts.iter().filter(|p| p.pts == index.pts.last().copied()).map(|p| p.duration).next().unwrap_or(0);
+            let last = pkts
+                .iter()
+                .filter(|p| p.pts == index.pts.last().copied())
+                .map(|p| p.duration)
+                .next()
+                .unwrap_or(0);
             let span = (index.pts.last().unwrap() - index.pts[0] + last.max(0)) as f64 * tb;
-            if span > 0.0 { span } else { 0.0 }
+            if span > 0.0 {
+                span
+            } else {
+                0.0
+            }
         } else {
             let d = input.duration();
-            if d > 0 { d as f64 / ffi::AV_TIME_BASE as f64 } else { 0.0 }
+            if d > 0 {
+                d as f64 / ffi::AV_TIME_BASE as f64
+            } else {
+                0.0
+            }
         };
         let avg = f64::from(avg_rate);
         let fps = if avg.is_finite() && avg > 0.0 {
@@ -364,8 +446,15 @@ impl VideoReader {
         } else {
             0.0
         };
-        let (width, height) = if rotation % 180 == 90 { (coded_height, coded_width) } else { (coded_width, coded_height) };
-        let pixel_format = pix.descriptor().map(|d| d.name().to_string()).unwrap_or_else(|| format!("{pix:?}"));
+        let (width, height) = if rotation % 180 == 90 {
+            (coded_height, coded_width)
+        } else {
+            (coded_width, coded_height)
+        };
+        let pixel_format = pix
+            .descriptor()
+            .map(|d| d.name().to_string())
+            .unwrap_or_else(|| format!("{pix:?}"));
         Ok(VideoReader {
             info: VideoInfo {
                 path: path.to_path_buf(),
@@ -383,12 +472,18 @@ impl VideoReader {
             },
             stream_index,
             index,
+            stats: ReadStats::default(),
         })
     }
 
     /// What probing found.
     pub fn info(&self) -> &VideoInfo {
         &self.info
+    }
+
+    /// What the last read did (frames decoded, seeks).
+    pub fn last_read_stats(&self) -> ReadStats {
+        self.stats
     }
 
     /// Decodes the frames of `plan` (indices in any order, repeats allowed), cropped and
@@ -402,7 +497,10 @@ impl VideoReader {
     pub fn read_range(&mut self, plan: &TransformPlan, range: Option<FrameRange>) -> Result<Frames> {
         let path = self.info.path.clone();
         let clip = self.clip_info(range)?;
-        validate_plan(plan, &clip).map_err(|reason| VideoError::BadPlan { path: path.clone(), reason })?;
+        validate_plan(plan, &clip).map_err(|reason| VideoError::BadPlan {
+            path: path.clone(),
+            reason,
+        })?;
         let offset = range.map_or(0, |r| r.start);
         let needed: BTreeSet<u32> = plan.frames.iter().map(|&i| i + offset).collect();
         let out = output_size(plan, self.info.width, self.info.height);
@@ -410,9 +508,15 @@ impl VideoReader {
         let mut converter = RgbConverter::default();
         let rotation = self.info.rotation;
         let mut got: HashMap<u32, Vec<u8>> = HashMap::with_capacity(needed.len());
-        self.decode_indices(&needed, |idx, frame| {
+        self.stats = ReadStats::default();
+        let mut stats = ReadStats::default();
+        let result = self.decode_indices(&needed, &mut stats, |idx, frame| {
             let (rgb, w, h) = converter.convert(frame)?;
-            let (rgb, w, h) = if rotation == 0 { (rgb, w, h) } else { rotate_rgb(&rgb, w, h, rotation) };
+            let (rgb, w, h) = if rotation == 0 {
+                (rgb, w, h)
+            } else {
+                rotate_rgb(&rgb, w, h, rotation)
+            };
             let (pixels, size) = processor.process(&rgb, w, h).map_err(|e| format!("frame {idx}: {e}"))?;
             if size.width != out.width || size.height != out.height {
                 return Err(format!(
@@ -422,13 +526,21 @@ impl VideoReader {
             }
             got.insert(idx, pixels);
             Ok(())
-        })?;
+        });
+        stats.frames_kept = got.len() as u64;
+        self.stats = stats;
+        result?;
         let frame_bytes = out.width as usize * out.height as usize * 3;
         let mut rgb = Vec::with_capacity(frame_bytes * plan.frames.len());
         for &i in &plan.frames {
             rgb.extend_from_slice(&got[&(i + offset)]);
         }
-        Ok(Frames { width: out.width, height: out.height, count: plan.frames.len() as u32, rgb })
+        Ok(Frames {
+            width: out.width,
+            height: out.height,
+            count: plan.frames.len() as u32,
+            rgb,
+        })
     }
 
     /// The clip summary, restricted to `range` if given (checked against the clip).
@@ -438,7 +550,10 @@ impl VideoReader {
             if r.start >= r.end || r.end > clip.frame_count {
                 return Err(VideoError::BadPlan {
                     path: self.info.path.clone(),
-                    reason: format!("frame range {}..{} does not fit the clip's {} frames", r.start, r.end, clip.frame_count),
+                    reason: format!(
+                        "frame range {}..{} does not fit the clip's {} frames",
+                        r.start, r.end, clip.frame_count
+                    ),
                 });
             }
             clip.frame_count = r.end - r.start;
@@ -450,10 +565,14 @@ impl VideoReader {
     fn decode_indices(
         &self,
         needed: &BTreeSet<u32>,
+        stats: &mut ReadStats,
         mut on_frame: impl FnMut(u32, &frame::Video) -> std::result::Result<(), String>,
     ) -> Result<()> {
         let path = self.info.path.clone();
-        let dec_err = |detail: String| VideoError::Decode { path: path.clone(), detail };
+        let dec_err = |detail: String| VideoError::Decode {
+            path: path.clone(),
+            detail,
+        };
         let mut remaining = needed.clone();
         let mut use_pts = self.info.seekable;
         let mut allow_seek = self.info.seekable;
@@ -464,13 +583,25 @@ impl VideoReader {
                 .ok_or_else(|| dec_err("the video stream disappeared on reopening".into()))?;
             let mut decoder = open_decoder(&path, &stream)?;
             drop(stream);
+            let seeks_before = stats.seeks;
+            let mut await_key = false;
             let mut counter: u32 = 0;
             let mut last_key_sent: Option<usize> = None;
             let mut seek_target: Option<u32> = None;
-            let seek_to = |input: &mut format::context::Input, decoder: &mut ffmpeg::decoder::Video, key: &KeyFrame| -> bool {
+            let seek_to = |input: &mut format::context::Input,
+                           decoder: &mut ffmpeg::decoder::Video,
+                           key: &KeyFrame,
+                           stats: &mut ReadStats|
+             -> bool {
+                stats.seeks += 1;
                 // SAFETY: a valid, opened input context and one of its stream indices.
                 let r = unsafe {
-                    ffi::av_seek_frame(input.as_mut_ptr(), self.stream_index as i32, key.seek_ts, ffi::AVSEEK_FLAG_BACKWARD as i32)
+                    ffi::av_seek_frame(
+                        input.as_mut_ptr(),
+                        self.stream_index as i32,
+                        key.seek_ts,
+                        ffi::AVSEEK_FLAG_BACKWARD as i32,
+                    )
                 };
                 decoder.flush();
                 r >= 0
@@ -478,11 +609,13 @@ impl VideoReader {
             if allow_seek {
                 if let Some(k) = remaining.first().and_then(|&first| self.index.key_for(first)) {
                     if self.index.keys[k].index > 0 {
-                        if !seek_to(&mut input, &mut decoder, &self.index.keys[k]) {
+                        if !seek_to(&mut input, &mut decoder, &self.index.keys[k], stats) {
                             allow_seek = false;
+                            stats.restarts += 1;
                             continue 'restart;
                         }
                         seek_target = remaining.first().copied();
+                        await_key = true;
                     }
                     last_key_sent = Some(k);
                 }
@@ -492,6 +625,7 @@ impl VideoReader {
             let mut eof = false;
             let mut last_error: Option<String> = None;
             let (mut decoded, mut matched) = (0u64, 0u64);
+            let mut max_seen: Option<u32> = None;
             while !remaining.is_empty() {
                 if !eof {
                     match packet.read(&mut input) {
@@ -540,6 +674,7 @@ impl VideoReader {
                         Err(_) => break,
                     }
                     decoded += 1;
+                    stats.frames_decoded += 1;
                     let idx = if use_pts {
                         match frame.timestamp().or(frame.pts()).and_then(|t| self.index.lookup(t)) {
                             Some(i) => {
@@ -552,11 +687,24 @@ impl VideoReader {
                         counter += 1;
                         counter - 1
                     };
+                    // After a seek, frames before the first keyframe (open-GOP leading pictures)
+                    // may miss references: skip them.
+                    if await_key {
+                        if !frame.is_key() {
+                            continue;
+                        }
+                        await_key = false;
+                    }
+                    max_seen = Some(max_seen.map_or(idx, |m| m.max(idx)));
                     if let Some(target) = seek_target.take() {
                         if idx > target {
                             // The seek landed after the wanted frame: start over without seeking.
-                            tracing::debug!("{}: seek overshot frame {target} (landed at {idx}); decoding from the start", path.display());
+                            tracing::debug!(
+                                "{}: seek overshot frame {target} (landed at {idx}); decoding from the start",
+                                path.display()
+                            );
                             allow_seek = false;
+                            stats.restarts += 1;
                             continue 'restart;
                         }
                     }
@@ -579,11 +727,13 @@ impl VideoReader {
                     if let Some(&next) = remaining.first() {
                         if let Some(k) = self.index.key_for(next) {
                             if last_key_sent.is_none_or(|l| k > l + 1) {
-                                if !seek_to(&mut input, &mut decoder, &self.index.keys[k]) {
+                                if !seek_to(&mut input, &mut decoder, &self.index.keys[k], stats) {
                                     allow_seek = false;
+                                    stats.restarts += 1;
                                     continue 'restart;
                                 }
                                 seek_target = Some(next);
+                                await_key = true;
                                 last_key_sent = Some(k);
                             }
                         }
@@ -592,16 +742,42 @@ impl VideoReader {
             }
             if !remaining.is_empty() && use_pts && decoded > 0 && matched == 0 {
                 // The decoder's timestamps do not match the container's: count frames instead.
-                tracing::debug!("{}: decoded timestamps do not match the index; counting frames", path.display());
+                tracing::debug!(
+                    "{}: decoded timestamps do not match the index; counting frames",
+                    path.display()
+                );
                 use_pts = false;
                 allow_seek = false;
+                stats.restarts += 1;
                 continue 'restart;
+            }
+            if !remaining.is_empty() && stats.seeks > seeks_before {
+                // Some demuxers seek imprecisely (e.g. MPEG-TS); before calling frames missing,
+                // try once more from the start without seeking.
+                tracing::debug!(
+                    "{}: frames missing after seeking; decoding from the start",
+                    path.display()
+                );
+                allow_seek = false;
+                stats.restarts += 1;
+                continue 'restart;
+            }
+            if !remaining.is_empty() && remaining.first().is_some_and(|&r| max_seen.is_none_or(|m| r > m)) {
+                // The stream ended before the needed frames: fewer frames than indexed.
+                return Err(VideoError::TooFewFrames {
+                    path: path.clone(),
+                    have: max_seen.map_or(0, |m| m + 1),
+                    need: remaining.last().unwrap() + 1,
+                });
             }
             if !remaining.is_empty() {
                 let list: Vec<String> = remaining.iter().take(8).map(|i| i.to_string()).collect();
                 let more = if remaining.len() > 8 { ", ..." } else { "" };
                 let why = last_error.map(|e| format!(" (ffmpeg: {e})")).unwrap_or_default();
-                return Err(dec_err(format!("frame(s) {}{more} could not be decoded{why}", list.join(", "))));
+                return Err(dec_err(format!(
+                    "frame(s) {}{more} could not be decoded{why}",
+                    list.join(", ")
+                )));
             }
             return Ok(());
         }
@@ -626,14 +802,24 @@ impl RgbConverter {
             None => true,
         };
         if stale {
-            let mut ctx = scaling::Context::get(fmt, w, h, ffmpeg::format::Pixel::RGB24, w, h, scaling::Flags::BILINEAR)
-                .map_err(|e| format!("cannot convert pixel format {fmt:?} to RGB: {e}"))?;
+            let mut ctx =
+                scaling::Context::get(fmt, w, h, ffmpeg::format::Pixel::RGB24, w, h, scaling::Flags::BILINEAR)
+                    .map_err(|e| format!("cannot convert pixel format {fmt:?} to RGB: {e}"))?;
             let full_range = range == ffi::AVColorRange::AVCOL_RANGE_JPEG as i32;
             // SAFETY: valid swscale context; coefficient tables are static.
             unsafe {
                 let table = ffi::sws_getCoefficients(space);
                 let dst_table = ffi::sws_getCoefficients(ffi::SWS_CS_DEFAULT as i32);
-                ffi::sws_setColorspaceDetails(ctx.as_mut_ptr(), table, full_range as i32, dst_table, 1, 0, 1 << 16, 1 << 16);
+                ffi::sws_setColorspaceDetails(
+                    ctx.as_mut_ptr(),
+                    table,
+                    full_range as i32,
+                    dst_table,
+                    1,
+                    0,
+                    1 << 16,
+                    1 << 16,
+                );
             }
             self.scaler = Some((ctx, fmt, w, h, space, range));
             self.out = None;

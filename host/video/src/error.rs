@@ -43,7 +43,11 @@ pub enum VideoError {
     BadFrames { path: PathBuf, reason: String },
     /// A file-system operation failed.
     #[error("{path}: {source}", path = .path.display())]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing an image failed.
     #[error("{path}: cannot write image: {detail}", path = .path.display())]
     Image { path: PathBuf, detail: String },

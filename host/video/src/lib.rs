@@ -24,7 +24,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod sheet;
 
-pub use decode::{decode, init, probe, VideoInfo, VideoReader};
+pub use decode::{decode, init, probe, ReadStats, VideoInfo, VideoReader};
 pub use encode::{check_frames, encode_mp4, EncodeOptions};
 pub use error::{Result, VideoError};
 pub use pipeline::{preprocess_clip, PreprocessError, Preprocessed, TransformError, VideoTransforms};

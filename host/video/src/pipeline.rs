@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use cogvx_plugin_api::{ClipInfo, FrameRange, Frames, Plugin, PluginError, Resolution, TransformPlan, TransformRequest};
+use cogvx_plugin_api::{
+    ClipInfo, FrameRange, Frames, Plugin, PluginError, Resolution, TransformPlan, TransformRequest,
+};
 
 use crate::decode::{VideoInfo, VideoReader};
 use crate::encode::check_frames;
@@ -16,7 +18,11 @@ use crate::plan::validate_plan;
 pub enum TransformError {
     /// The plugin returned an error.
     #[error("plugin `{plugin}` failed in `{call}`: {message}")]
-    Plugin { plugin: String, call: &'static str, message: String },
+    Plugin {
+        plugin: String,
+        call: &'static str,
+        message: String,
+    },
     /// The plugin's plan does not fit the clip.
     #[error("plugin `{plugin}` returned a bad plan: {reason}")]
     BadPlan { plugin: String, reason: String },
@@ -41,7 +47,12 @@ impl<'a> VideoTransforms<'a> {
     pub fn new(plugins: Vec<&'a mut dyn Plugin>) -> Self {
         let names = plugins.iter().map(|p| p.info().name).collect();
         let n = plugins.len();
-        VideoTransforms { plugins, names, plans: vec![None; n], pixels: vec![None; n] }
+        VideoTransforms {
+            plugins,
+            names,
+            plans: vec![None; n],
+            pixels: vec![None; n],
+        }
     }
 
     /// The plugins' names, in order.
@@ -57,16 +68,28 @@ impl<'a> VideoTransforms<'a> {
             if self.plans[i] == Some(false) {
                 continue;
             }
-            let request = TransformRequest { clip: *clip, target, plan: plan.clone(), seed };
+            let request = TransformRequest {
+                clip: *clip,
+                target,
+                plan: plan.clone(),
+                seed,
+            };
             match self.plugins[i].plan_transform(&request) {
                 Ok(p) => {
                     self.plans[i] = Some(true);
-                    validate_plan(&p, clip).map_err(|reason| TransformError::BadPlan { plugin: self.names[i].clone(), reason })?;
+                    validate_plan(&p, clip).map_err(|reason| TransformError::BadPlan {
+                        plugin: self.names[i].clone(),
+                        reason,
+                    })?;
                     plan = p;
                 }
                 Err(PluginError::Unsupported(_)) => self.plans[i] = Some(false),
                 Err(e) => {
-                    return Err(TransformError::Plugin { plugin: self.names[i].clone(), call: "plan-transform", message: e.to_string() })
+                    return Err(TransformError::Plugin {
+                        plugin: self.names[i].clone(),
+                        call: "plan-transform",
+                        message: e.to_string(),
+                    })
                 }
             }
         }
@@ -80,11 +103,18 @@ impl<'a> VideoTransforms<'a> {
                 continue;
             }
             // Until the plugin has answered once, keep a copy in case it declines.
-            let backup = if self.pixels[i].is_none() { Some(frames.clone()) } else { None };
+            let backup = if self.pixels[i].is_none() {
+                Some(frames.clone())
+            } else {
+                None
+            };
             match self.plugins[i].transform_frames(frames) {
                 Ok(out) => {
                     self.pixels[i] = Some(true);
-                    check_frames(&out).map_err(|reason| TransformError::BadFrames { plugin: self.names[i].clone(), reason })?;
+                    check_frames(&out).map_err(|reason| TransformError::BadFrames {
+                        plugin: self.names[i].clone(),
+                        reason,
+                    })?;
                     frames = out;
                 }
                 Err(PluginError::Unsupported(_)) if backup.is_some() => {
@@ -92,7 +122,11 @@ impl<'a> VideoTransforms<'a> {
                     frames = backup.unwrap();
                 }
                 Err(e) => {
-                    return Err(TransformError::Plugin { plugin: self.names[i].clone(), call: "transform-frames", message: e.to_string() })
+                    return Err(TransformError::Plugin {
+                        plugin: self.names[i].clone(),
+                        call: "transform-frames",
+                        message: e.to_string(),
+                    })
                 }
             }
         }
@@ -108,7 +142,11 @@ pub enum PreprocessError {
     Video(#[from] VideoError),
     /// A plugin failed or returned something unusable.
     #[error("{path}: {source}", path = .path.display())]
-    Transform { path: PathBuf, #[source] source: TransformError },
+    Transform {
+        path: PathBuf,
+        #[source]
+        source: TransformError,
+    },
 }
 
 /// One preprocessed clip.
@@ -135,9 +173,17 @@ pub fn preprocess_clip(
 ) -> Result<Preprocessed, PreprocessError> {
     let mut reader = VideoReader::open(path)?;
     let clip = reader.clip_info(range)?;
-    let wrap = |source| PreprocessError::Transform { path: path.to_path_buf(), source };
+    let wrap = |source| PreprocessError::Transform {
+        path: path.to_path_buf(),
+        source,
+    };
     let plan = transforms.plan(&clip, target, seed).map_err(wrap)?;
     let frames = reader.read_range(&plan, range)?;
     let frames = transforms.transform_frames(frames).map_err(wrap)?;
-    Ok(Preprocessed { info: reader.info().clone(), clip, plan, frames })
+    Ok(Preprocessed {
+        info: reader.info().clone(),
+        clip,
+        plan,
+        frames,
+    })
 }

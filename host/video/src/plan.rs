@@ -18,7 +18,10 @@ pub fn validate_plan(plan: &TransformPlan, clip: &ClipInfo) -> Result<(), String
         return Err("the plan selects no frames".into());
     }
     if plan.frames.len() > MAX_PLAN_FRAMES {
-        return Err(format!("the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}", plan.frames.len()));
+        return Err(format!(
+            "the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}",
+            plan.frames.len()
+        ));
     }
     if let Some((pos, idx)) = plan.frames.iter().enumerate().find(|(_, &i)| i >= clip.frame_count) {
         return Err(format!(
@@ -29,7 +32,10 @@ pub fn validate_plan(plan: &TransformPlan, clip: &ClipInfo) -> Result<(), String
     }
     if let Some(c) = plan.crop {
         if c.width == 0 || c.height == 0 {
-            return Err(format!("crop box {}x{} at ({}, {}) has zero size", c.width, c.height, c.x, c.y));
+            return Err(format!(
+                "crop box {}x{} at ({}, {}) has zero size",
+                c.width, c.height, c.x, c.y
+            ));
         }
         if c.x as u64 + c.width as u64 > clip.width as u64 || c.y as u64 + c.height as u64 > clip.height as u64 {
             return Err(format!(
@@ -43,7 +49,10 @@ pub fn validate_plan(plan: &TransformPlan, clip: &ClipInfo) -> Result<(), String
             return Err(format!("output size {}x{} has zero size", s.width, s.height));
         }
         if s.width > MAX_SIDE || s.height > MAX_SIDE {
-            return Err(format!("output size {}x{} exceeds the {MAX_SIDE} px limit", s.width, s.height));
+            return Err(format!(
+                "output size {}x{} exceeds the {MAX_SIDE} px limit",
+                s.width, s.height
+            ));
         }
     }
     Ok(())
@@ -55,7 +64,10 @@ pub fn output_size(plan: &TransformPlan, width: u32, height: u32) -> Size {
         return s;
     }
     match plan.crop {
-        Some(c) => Size { width: c.width, height: c.height },
+        Some(c) => Size {
+            width: c.width,
+            height: c.height,
+        },
         None => Size { width, height },
     }
 }
@@ -81,13 +93,23 @@ pub struct FrameProcessor {
 impl FrameProcessor {
     /// A processor for the crop, size and filter of `plan` (assumed validated).
     pub fn new(plan: &TransformPlan) -> Self {
-        FrameProcessor { crop: plan.crop, resize: plan.resize, filter: plan.filter, resizer: fir::Resizer::new() }
+        FrameProcessor {
+            crop: plan.crop,
+            resize: plan.resize,
+            filter: plan.filter,
+            resizer: fir::Resizer::new(),
+        }
     }
 
     /// Crops then resizes one packed RGB8 frame of `width` x `height`; returns the output
     /// frame (packed RGB8) and its size. The crop must lie inside the frame.
     pub fn process(&mut self, rgb: &[u8], width: u32, height: u32) -> Result<(Vec<u8>, Size), String> {
-        let crop = self.crop.unwrap_or(CropBox { x: 0, y: 0, width, height });
+        let crop = self.crop.unwrap_or(CropBox {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        });
         if crop.width == 0
             || crop.height == 0
             || crop.x as u64 + crop.width as u64 > width as u64
@@ -98,7 +120,10 @@ impl FrameProcessor {
                 crop.width, crop.height, crop.x, crop.y
             ));
         }
-        let out = self.resize.unwrap_or(Size { width: crop.width, height: crop.height });
+        let out = self.resize.unwrap_or(Size {
+            width: crop.width,
+            height: crop.height,
+        });
         if out.width == crop.width && out.height == crop.height {
             // Pure crop (or identity): copy rows.
             let row = crop.width as usize * 3;
@@ -111,10 +136,15 @@ impl FrameProcessor {
         }
         let src = fir::images::ImageRef::new(width, height, rgb, fir::PixelType::U8x3).map_err(|e| e.to_string())?;
         let mut dst = fir::images::Image::new(out.width, out.height, fir::PixelType::U8x3);
-        let options = fir::ResizeOptions::new()
-            .resize_alg(resize_alg(self.filter))
-            .crop(crop.x as f64, crop.y as f64, crop.width as f64, crop.height as f64);
-        self.resizer.resize(&src, &mut dst, &options).map_err(|e| e.to_string())?;
+        let options = fir::ResizeOptions::new().resize_alg(resize_alg(self.filter)).crop(
+            crop.x as f64,
+            crop.y as f64,
+            crop.width as f64,
+            crop.height as f64,
+        );
+        self.resizer
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| e.to_string())?;
         Ok((dst.into_vec(), out))
     }
 }
@@ -170,25 +200,56 @@ mod tests {
     use super::*;
 
     fn clip() -> ClipInfo {
-        ClipInfo { width: 100, height: 50, frame_count: 10, fps: 25.0 }
+        ClipInfo {
+            width: 100,
+            height: 50,
+            frame_count: 10,
+            fps: 25.0,
+        }
     }
 
     #[test]
     fn validate_rejects_each_bad_plan() {
-        let ok = TransformPlan { frames: vec![0, 9, 9, 3], crop: Some(CropBox { x: 50, y: 0, width: 50, height: 50 }), resize: Some(Size { width: 8, height: 8 }), filter: ResizeFilter::Lanczos3 };
+        let ok = TransformPlan {
+            frames: vec![0, 9, 9, 3],
+            crop: Some(CropBox {
+                x: 50,
+                y: 0,
+                width: 50,
+                height: 50,
+            }),
+            resize: Some(Size { width: 8, height: 8 }),
+            filter: ResizeFilter::Lanczos3,
+        };
         assert_eq!(validate_plan(&ok, &clip()), Ok(()));
         let mut p = ok.clone();
         p.frames.push(10);
-        assert!(validate_plan(&p, &clip()).unwrap_err().contains("frame index 10 (position 4 of the plan) is out of range: the clip has 10 frames"));
+        assert!(validate_plan(&p, &clip())
+            .unwrap_err()
+            .contains("frame index 10 (position 4 of the plan) is out of range: the clip has 10 frames"));
         let mut p = ok.clone();
-        p.crop = Some(CropBox { x: 51, y: 0, width: 50, height: 50 });
-        assert!(validate_plan(&p, &clip()).unwrap_err().contains("lies outside the 100x50 frame"));
+        p.crop = Some(CropBox {
+            x: 51,
+            y: 0,
+            width: 50,
+            height: 50,
+        });
+        assert!(validate_plan(&p, &clip())
+            .unwrap_err()
+            .contains("lies outside the 100x50 frame"));
         let mut p = ok.clone();
-        p.crop = Some(CropBox { x: 0, y: 0, width: 0, height: 50 });
+        p.crop = Some(CropBox {
+            x: 0,
+            y: 0,
+            width: 0,
+            height: 50,
+        });
         assert!(validate_plan(&p, &clip()).unwrap_err().contains("zero size"));
         let mut p = ok.clone();
         p.resize = Some(Size { width: 8, height: 0 });
-        assert!(validate_plan(&p, &clip()).unwrap_err().contains("output size 8x0 has zero size"));
+        assert!(validate_plan(&p, &clip())
+            .unwrap_err()
+            .contains("output size 8x0 has zero size"));
         let mut p = ok;
         p.frames.clear();
         assert!(validate_plan(&p, &clip()).unwrap_err().contains("no frames"));
@@ -226,7 +287,12 @@ mod tests {
                 src[i..i + 3].fill(v);
             }
         }
-        let plan = TransformPlan { frames: vec![0], crop: None, resize: Some(Size { width: 16, height: 16 }), filter: ResizeFilter::Lanczos3 };
+        let plan = TransformPlan {
+            frames: vec![0],
+            crop: None,
+            resize: Some(Size { width: 16, height: 16 }),
+            filter: ResizeFilter::Lanczos3,
+        };
         let (out, size) = FrameProcessor::new(&plan).process(&src, w, h).unwrap();
         assert_eq!(size, Size { width: 16, height: 16 });
         let mean = out.iter().map(|&v| v as f64).sum::<f64>() / out.len() as f64;
@@ -238,7 +304,17 @@ mod tests {
     fn pure_crop_copies_rows() {
         let (w, h) = (4u32, 3u32);
         let src: Vec<u8> = (0..(w * h) as u8).flat_map(|i| [i, 0, 0]).collect();
-        let plan = TransformPlan { frames: vec![0], crop: Some(CropBox { x: 1, y: 1, width: 2, height: 2 }), resize: None, filter: ResizeFilter::Lanczos3 };
+        let plan = TransformPlan {
+            frames: vec![0],
+            crop: Some(CropBox {
+                x: 1,
+                y: 1,
+                width: 2,
+                height: 2,
+            }),
+            resize: None,
+            filter: ResizeFilter::Lanczos3,
+        };
         let (out, size) = FrameProcessor::new(&plan).process(&src, w, h).unwrap();
         assert_eq!(size, Size { width: 2, height: 2 });
         let r: Vec<u8> = out.chunks(3).map(|p| p[0]).collect();

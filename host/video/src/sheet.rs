@@ -21,7 +21,9 @@ pub fn evenly_spaced(count: u32, n: usize) -> Vec<u32> {
     if n == 1 {
         return vec![0];
     }
-    (0..n).map(|j| ((j as f64 * (count - 1) as f64 / (n - 1) as f64).round()) as u32).collect()
+    (0..n)
+        .map(|j| ((j as f64 * (count - 1) as f64 / (n - 1) as f64).round()) as u32)
+        .collect()
 }
 
 /// Lays out `per_row` evenly spaced frames of each clip in a row, on a dark grey
@@ -40,7 +42,9 @@ pub fn contact_sheet(rows: &[&Frames], per_row: usize, gap: u32) -> std::result:
     let width = gap as u64 + cols as u64 * (cw as u64 + gap as u64);
     let height = gap as u64 + rows.len() as u64 * (ch as u64 + gap as u64);
     if width * height > MAX_SHEET_PIXELS {
-        return Err(format!("a {width}x{height} contact sheet is too large; use fewer or smaller frames"));
+        return Err(format!(
+            "a {width}x{height} contact sheet is too large; use fewer or smaller frames"
+        ));
     }
     let mut img = RgbImage::from_pixel(width as u32, height as u32, Rgb([32, 32, 32]));
     for (r, f) in rows.iter().enumerate() {
@@ -65,14 +69,20 @@ pub fn write_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
     let path = path.as_ref();
     write_atomically(path, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
-            .map_err(|e| VideoError::Image { path: path.to_path_buf(), detail: e.to_string() })
+            .map_err(|e| VideoError::Image {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
     })
 }
 
 /// [`contact_sheet`] then [`write_png`].
 pub fn write_contact_sheet(path: impl AsRef<Path>, rows: &[&Frames], per_row: usize, gap: u32) -> Result<()> {
     let path = path.as_ref();
-    let img = contact_sheet(rows, per_row, gap).map_err(|reason| VideoError::BadFrames { path: path.to_path_buf(), reason })?;
+    let img = contact_sheet(rows, per_row, gap).map_err(|reason| VideoError::BadFrames {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     write_png(path, &img)
 }
 
@@ -90,8 +100,18 @@ mod tests {
     #[test]
     fn grid_places_frames() {
         // Two clips: 2x2 frames valued by frame index, and one 4x2 frame.
-        let a = Frames { width: 2, height: 2, count: 3, rgb: (0..3u8).flat_map(|i| [i * 100; 12]).collect() };
-        let b = Frames { width: 4, height: 2, count: 1, rgb: vec![77; 24] };
+        let a = Frames {
+            width: 2,
+            height: 2,
+            count: 3,
+            rgb: (0..3u8).flat_map(|i| [i * 100; 12]).collect(),
+        };
+        let b = Frames {
+            width: 4,
+            height: 2,
+            count: 1,
+            rgb: vec![77; 24],
+        };
         let img = contact_sheet(&[&a, &b], 2, 1).unwrap();
         // cells 4x2, 2 columns: width = 1 + 2*(4+1) = 11, height = 1 + 2*(2+1) = 7
         assert_eq!(img.dimensions(), (11, 7));

@@ -14,7 +14,11 @@ fn ff(args: &[&str]) {
         .args(args)
         .output()
         .expect("these tests need the `ffmpeg` command-line tool (apt-get install ffmpeg)");
-    assert!(out.status.success(), "ffmpeg {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn tmp() -> tempfile::TempDir {
@@ -59,7 +63,12 @@ fn frame_mean(f: &Frames, i: usize) -> f64 {
 }
 
 fn plan(frames: Vec<u32>) -> TransformPlan {
-    TransformPlan { frames, crop: None, resize: None, filter: ResizeFilter::Lanczos3 }
+    TransformPlan {
+        frames,
+        crop: None,
+        resize: None,
+        filter: ResizeFilter::Lanczos3,
+    }
 }
 
 #[test]
@@ -78,7 +87,11 @@ fn frame_selection_returns_the_requested_frames() {
     assert_eq!((frames.width, frames.height, frames.count), (64, 48, 7));
     for (k, &i) in wanted.iter().enumerate() {
         let m = frame_mean(&frames, k);
-        assert!((m - 8.0 * i as f64).abs() < 3.0, "position {k}: wanted frame {i} (grey {}), got mean {m:.1}", 8 * i);
+        assert!(
+            (m - 8.0 * i as f64).abs() < 3.0,
+            "position {k}: wanted frame {i} (grey {}), got mean {m:.1}",
+            8 * i
+        );
     }
 }
 
@@ -91,6 +104,94 @@ fn every_frame_decodes_in_order() {
     for i in 0..30 {
         let m = frame_mean(&frames, i);
         assert!((m - 8.0 * i as f64).abs() < 3.0, "frame {i}: mean {m:.1}");
+    }
+}
+
+#[test]
+fn decoding_seeks_and_skips_unneeded_frames() {
+    // 100 frames, grey level 2 * i, keyframes every 10 frames, B-frames.
+    let d = tmp();
+    let clip = p(d.path(), "long.mp4");
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=black:s=64x48:r=25:d=4,format=rgb24,geq=r='N*2':g='N*2':b='N*2'",
+        "-c:v",
+        "libx264",
+        "-g",
+        "10",
+        "-bf",
+        "2",
+        "-pix_fmt",
+        "yuv420p",
+        s(&clip),
+    ]);
+    let mut r = VideoReader::open(&clip).unwrap();
+    assert_eq!(r.info().frame_count, 100);
+    let check = |f: &Frames, wanted: &[u32]| {
+        for (k, &i) in wanted.iter().enumerate() {
+            let m = frame_mean(f, k);
+            assert!((m - 2.0 * i as f64).abs() < 3.0, "wanted frame {i}, got mean {m:.1}");
+        }
+    };
+    // One late frame: a seek to its keyframe (90), then at most one GOP decoded.
+    let f = r.read(&plan(vec![95])).unwrap();
+    check(&f, &[95]);
+    let st = r.last_read_stats();
+    assert_eq!((st.seeks, st.restarts, st.frames_kept), (1, 0, 1), "{st:?}");
+    assert!(st.frames_decoded <= 12, "{st:?}");
+    // Spread frames: a seek per distant GOP, far fewer than 100 frames decoded.
+    let wanted = [97u32, 3, 51, 3, 52, 28];
+    let f = r.read(&plan(wanted.to_vec())).unwrap();
+    check(&f, &wanted);
+    let st = r.last_read_stats();
+    assert!(st.seeks >= 3 && st.restarts == 0, "{st:?}");
+    assert_eq!(st.frames_kept, 5, "{st:?}");
+    assert!(st.frames_decoded <= 50, "{st:?}");
+    // Every frame: no seek, each decoded once.
+    let all: Vec<u32> = (0..100).collect();
+    let f = r.read(&plan(all.clone())).unwrap();
+    check(&f, &all);
+    let st = r.last_read_stats();
+    assert_eq!((st.seeks, st.frames_decoded, st.frames_kept), (0, 100, 100), "{st:?}");
+}
+
+#[test]
+fn other_codecs_and_containers_select_frames() {
+    // Raw H.264 (no timestamps: frames are counted), MPEG-4 Part 2 and MJPEG in AVI,
+    // FFV1 in Matroska, MPEG-2 in MPEG-TS.
+    let d = tmp();
+    let src = "color=black:s=64x48:r=25:d=1.2,format=rgb24,geq=r='N*8':g='N*8':b='N*8'";
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "raw.h264",
+            &[
+                "-c:v", "libx264", "-g", "10", "-bf", "2", "-pix_fmt", "yuv420p", "-f", "h264",
+            ],
+        ),
+        ("mpeg4.avi", &["-c:v", "mpeg4", "-q:v", "2", "-g", "10"]),
+        ("mjpeg.avi", &["-c:v", "mjpeg", "-q:v", "2", "-pix_fmt", "yuvj420p"]),
+        ("ffv1.mkv", &["-c:v", "ffv1", "-g", "10"]),
+        ("mpeg2.ts", &["-c:v", "mpeg2video", "-q:v", "2", "-g", "10", "-bf", "2"]),
+    ];
+    for (name, args) in cases {
+        let clip = p(d.path(), name);
+        let mut a = vec!["-f", "lavfi", "-i", src];
+        a.extend_from_slice(args);
+        a.push(s(&clip));
+        ff(&a);
+        let info = probe(&clip).unwrap();
+        assert_eq!((info.width, info.height, info.frame_count), (64, 48, 30), "{name}");
+        let wanted = vec![29u32, 0, 14, 14, 7];
+        let f = decode(&clip, &plan(wanted.clone())).unwrap();
+        for (k, &i) in wanted.iter().enumerate() {
+            let m = frame_mean(&f, k);
+            assert!(
+                (m - 8.0 * i as f64).abs() < 4.0,
+                "{name}: wanted frame {i}, got mean {m:.1}"
+            );
+        }
     }
 }
 
@@ -133,21 +234,54 @@ fn rotation_metadata_is_applied_like_the_ffmpeg_tool() {
     let base = p(d.path(), "box.mp4");
     let rotated = p(d.path(), "rotated.mp4");
     // Landscape 320x240, a white square in the top-left corner.
-    ff(&["-f", "lavfi", "-i", "color=black:s=320x240:r=25:d=0.4,drawbox=x=0:y=0:w=60:h=40:color=white:t=fill", "-c:v", "libx264", "-pix_fmt", "yuv420p", s(&base)]);
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=black:s=320x240:r=25:d=0.4,drawbox=x=0:y=0:w=60:h=40:color=white:t=fill",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        s(&base),
+    ]);
     ff(&["-i", s(&base), "-c", "copy", "-metadata:s:v", "rotate=90", s(&rotated)]);
     let info = probe(&rotated).unwrap();
     assert_eq!((info.coded_width, info.coded_height), (320, 240));
-    assert_eq!((info.width, info.height), (240, 320), "a rotate=90 clip must come out portrait");
+    assert_eq!(
+        (info.width, info.height),
+        (240, 320),
+        "a rotate=90 clip must come out portrait"
+    );
     assert!(info.rotation == 90 || info.rotation == 270);
     let ours = decode(&rotated, &plan(vec![0])).unwrap();
     assert_eq!((ours.width, ours.height), (240, 320));
     // The ffmpeg tool autorotates by the display matrix; our frame must match its frame.
     let raw = p(d.path(), "ref.rgb");
-    ff(&["-i", s(&rotated), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", s(&raw)]);
+    ff(&[
+        "-i",
+        s(&rotated),
+        "-frames:v",
+        "1",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        s(&raw),
+    ]);
     let reference = std::fs::read(&raw).unwrap();
     assert_eq!(reference.len(), ours.rgb.len());
-    let diff = ours.rgb.iter().zip(&reference).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / reference.len() as f64;
-    assert!(diff < 3.0, "mean abs difference to the ffmpeg tool's rotated frame: {diff}");
+    let diff = ours
+        .rgb
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>()
+        / reference.len() as f64;
+    assert!(
+        diff < 3.0,
+        "mean abs difference to the ffmpeg tool's rotated frame: {diff}"
+    );
     // And the square moved out of the top-left corner (it was not simply transposed).
     let at = |x: u32, y: u32| ours.rgb[((y * ours.width + x) * 3) as usize];
     assert!(at(5, 5) < 50, "the top-left corner should be black after rotation");
@@ -160,20 +294,64 @@ fn ten_bit_and_odd_sizes_convert_to_rgb() {
     let odd = p(d.path(), "odd.mkv");
     let odd444 = p(d.path(), "odd444.mp4");
     let src = "nullsrc=s=34x18:r=25:d=0.4,format=rgb24,geq=r=192:g=128:b=64";
-    ff(&["-f", "lavfi", "-i", src, "-c:v", "libx264", "-pix_fmt", "yuv420p10le", s(&ten)]);
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        src,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p10le",
+        s(&ten),
+    ]);
     let src_odd = "nullsrc=s=33x17:r=25:d=0.4,format=rgb24,geq=r=192:g=128:b=64";
-    ff(&["-f", "lavfi", "-i", src_odd, "-c:v", "ffv1", "-pix_fmt", "yuv420p", s(&odd)]);
-    ff(&["-f", "lavfi", "-i", src_odd, "-c:v", "libx264", "-pix_fmt", "yuv444p", s(&odd444)]);
-    for (clip, w, h, fmt) in [(&ten, 34, 18, "yuv420p10le"), (&odd, 33, 17, "yuv420p"), (&odd444, 33, 17, "yuv444p")] {
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        src_odd,
+        "-c:v",
+        "ffv1",
+        "-pix_fmt",
+        "yuv420p",
+        s(&odd),
+    ]);
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        src_odd,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv444p",
+        s(&odd444),
+    ]);
+    for (clip, w, h, fmt) in [
+        (&ten, 34, 18, "yuv420p10le"),
+        (&odd, 33, 17, "yuv420p"),
+        (&odd444, 33, 17, "yuv444p"),
+    ] {
         let info = probe(clip).unwrap();
-        assert_eq!((info.width, info.height, info.frame_count), (w, h, 10), "{}", clip.display());
+        assert_eq!(
+            (info.width, info.height, info.frame_count),
+            (w, h, 10),
+            "{}",
+            clip.display()
+        );
         assert_eq!(info.pixel_format, fmt);
         let f = decode(clip, &plan(vec![0, 9])).unwrap();
         assert_eq!((f.width, f.height, f.count), (w, h, 2));
         let px = (w * h) as usize;
         let mean = |c: usize| f.rgb.chunks(3).take(px).map(|p| p[c] as f64).sum::<f64>() / px as f64;
         for (c, want) in [(0, 192.0), (1, 128.0), (2, 64.0)] {
-            assert!((mean(c) - want).abs() < 6.0, "{}: channel {c} mean {} != {want}", clip.display(), mean(c));
+            assert!(
+                (mean(c) - want).abs() < 6.0,
+                "{}: channel {c} mean {} != {want}",
+                clip.display(),
+                mean(c)
+            );
         }
     }
 }
@@ -214,8 +392,16 @@ fn a_circle_stays_a_circle_after_crop_and_resize() {
     let crop_w = 360 * 720 / 480;
     let keep = TransformPlan {
         frames: vec![0, 4],
-        crop: Some(CropBox { x: (640 - crop_w) / 2, y: 0, width: crop_w, height: 360 }),
-        resize: Some(Size { width: 720, height: 480 }),
+        crop: Some(CropBox {
+            x: (640 - crop_w) / 2,
+            y: 0,
+            width: crop_w,
+            height: 360,
+        }),
+        resize: Some(Size {
+            width: 720,
+            height: 480,
+        }),
         filter: ResizeFilter::Lanczos3,
     };
     let f = decode(&clip, &keep).unwrap();
@@ -241,19 +427,30 @@ fn bad_files_are_named_and_explained() {
     std::fs::write(&empty, b"").unwrap();
     let err = probe(&empty).unwrap_err();
     assert!(matches!(err, VideoError::Empty { .. }));
-    assert!(err.to_string().starts_with(&format!("{}: file is empty (0 bytes)", empty.display())), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: file is empty (0 bytes)", empty.display())),
+        "{err}"
+    );
 
     let text = p(d.path(), "notes.mp4");
     std::fs::write(&text, "this is a text file, renamed to .mp4\nsecond line\n").unwrap();
     let err = probe(&text).unwrap_err();
     assert!(matches!(err, VideoError::NotVideo { .. }), "{err:?}");
-    assert!(err.to_string().starts_with(&format!("{}: not a video file", text.display())), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: not a video file", text.display())),
+        "{err}"
+    );
 
     let audio = p(d.path(), "tone.mp4");
     ff(&["-f", "lavfi", "-i", "sine=frequency=440:duration=0.5", s(&audio)]);
     let err = probe(&audio).unwrap_err();
     assert!(matches!(err, VideoError::AudioOnly { .. }), "{err:?}");
-    assert_eq!(err.to_string(), format!("{}: audio only, no video stream", audio.display()));
+    assert_eq!(
+        err.to_string(),
+        format!("{}: audio only, no video stream", audio.display())
+    );
 
     let dir = d.path().join("adir.mp4");
     std::fs::create_dir(&dir).unwrap();
@@ -270,7 +467,11 @@ fn truncated_files_are_reported() {
     std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
     let err = probe(&half).unwrap_err();
     assert!(matches!(err, VideoError::Truncated { .. }), "{err:?}");
-    assert!(err.to_string().starts_with(&format!("{}: truncated or corrupt video", half.display())), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: truncated or corrupt video", half.display())),
+        "{err}"
+    );
     // moov first (faststart): the index lists frames whose data is missing.
     let fast = p(d.path(), "fast.mp4");
     ff(&["-i", s(&whole), "-c", "copy", "-movflags", "+faststart", s(&fast)]);
@@ -288,17 +489,44 @@ fn bad_plans_are_refused_before_decoding() {
     let mut r = VideoReader::open(&clip).unwrap();
     let err = r.read(&plan(vec![0, 30])).unwrap_err();
     assert!(matches!(err, VideoError::BadPlan { .. }));
-    assert!(err.to_string().contains("frame index 30 (position 1 of the plan) is out of range: the clip has 30 frames"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("frame index 30 (position 1 of the plan) is out of range: the clip has 30 frames"),
+        "{err}"
+    );
     let mut p2 = plan(vec![0]);
-    p2.crop = Some(CropBox { x: 10, y: 0, width: 60, height: 48 });
-    assert!(r.read(&p2).unwrap_err().to_string().contains("crop box 60x48 at (10, 0) lies outside the 64x48 frame"));
+    p2.crop = Some(CropBox {
+        x: 10,
+        y: 0,
+        width: 60,
+        height: 48,
+    });
+    assert!(r
+        .read(&p2)
+        .unwrap_err()
+        .to_string()
+        .contains("crop box 60x48 at (10, 0) lies outside the 64x48 frame"));
     p2.crop = None;
     p2.resize = Some(Size { width: 0, height: 10 });
-    assert!(r.read(&p2).unwrap_err().to_string().contains("output size 0x10 has zero size"));
+    assert!(r
+        .read(&p2)
+        .unwrap_err()
+        .to_string()
+        .contains("output size 0x10 has zero size"));
     // A frame range restricts and offsets the indices.
-    let f = r.read_range(&plan(vec![0, 4]), Some(cogvx_plugin_api::FrameRange { start: 20, end: 25 })).unwrap();
+    let f = r
+        .read_range(
+            &plan(vec![0, 4]),
+            Some(cogvx_plugin_api::FrameRange { start: 20, end: 25 }),
+        )
+        .unwrap();
     assert!((frame_mean(&f, 0) - 160.0).abs() < 3.0 && (frame_mean(&f, 1) - 192.0).abs() < 3.0);
-    assert!(r.read_range(&plan(vec![5]), Some(cogvx_plugin_api::FrameRange { start: 20, end: 25 })).is_err());
+    assert!(r
+        .read_range(
+            &plan(vec![5]),
+            Some(cogvx_plugin_api::FrameRange { start: 20, end: 25 })
+        )
+        .is_err());
 }
 
 #[test]
@@ -306,8 +534,15 @@ fn encode_round_trips_and_writes_atomically() {
     let d = tmp();
     // 20 frames of 33x25 (odd: padded to 34x26), grey level 10 * i.
     let (w, h, n) = (33u32, 25u32, 20u32);
-    let rgb: Vec<u8> = (0..n).flat_map(|i| vec![(10 * i) as u8; (w * h * 3) as usize]).collect();
-    let frames = Frames { width: w, height: h, count: n, rgb };
+    let rgb: Vec<u8> = (0..n)
+        .flat_map(|i| vec![(10 * i) as u8; (w * h * 3) as usize])
+        .collect();
+    let frames = Frames {
+        width: w,
+        height: h,
+        count: n,
+        rgb,
+    };
     let out = p(d.path(), "out.mp4");
     encode_mp4(&out, &frames, 12.5, &EncodeOptions::default()).unwrap();
     let info = probe(&out).unwrap();
@@ -318,23 +553,51 @@ fn encode_round_trips_and_writes_atomically() {
         assert!((frame_mean(&back, i) - 10.0 * i as f64).abs() < 3.0, "frame {i}");
     }
     // Only the finished file is left in the folder.
-    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("out.mp4")]);
     // Inconsistent frames are refused, naming the file, and nothing is written.
-    let bad = Frames { width: 4, height: 4, count: 2, rgb: vec![0; 10] };
+    let bad = Frames {
+        width: 4,
+        height: 4,
+        count: 2,
+        rgb: vec![0; 10],
+    };
     let err = encode_mp4(p(d.path(), "bad.mp4"), &bad, 25.0, &EncodeOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("bad.mp4: invalid frames: 10 bytes of RGB for 2 frames of 4x4"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("bad.mp4: invalid frames: 10 bytes of RGB for 2 frames of 4x4"),
+        "{err}"
+    );
     assert!(!p(d.path(), "bad.mp4").exists());
     // A folder that does not exist: an error naming the file, no stray file.
-    let err = encode_mp4(p(d.path(), "no/such/dir/x.mp4"), &frames, 25.0, &EncodeOptions::default()).unwrap_err();
+    let err = encode_mp4(
+        p(d.path(), "no/such/dir/x.mp4"),
+        &frames,
+        25.0,
+        &EncodeOptions::default(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("x.mp4"), "{err}");
 }
 
 #[test]
 fn contact_sheet_is_a_png_grid() {
     let d = tmp();
-    let a = Frames { width: 8, height: 6, count: 10, rgb: vec![200; 8 * 6 * 3 * 10] };
-    let b = Frames { width: 8, height: 6, count: 3, rgb: vec![50; 8 * 6 * 3 * 3] };
+    let a = Frames {
+        width: 8,
+        height: 6,
+        count: 10,
+        rgb: vec![200; 8 * 6 * 3 * 10],
+    };
+    let b = Frames {
+        width: 8,
+        height: 6,
+        count: 3,
+        rgb: vec![50; 8 * 6 * 3 * 3],
+    };
     let out = p(d.path(), "sheet.png");
     write_contact_sheet(&out, &[&a, &b], 4, 2).unwrap();
     let bytes = std::fs::read(&out).unwrap();
@@ -350,7 +613,10 @@ fn mini() -> Option<PathBuf> {
     if root.is_dir() {
         Some(root)
     } else {
-        eprintln!("!!! SKIPPED: {} is absent; the mini-dataset checks did not run", root.display());
+        eprintln!(
+            "!!! SKIPPED: {} is absent; the mini-dataset checks did not run",
+            root.display()
+        );
         None
     }
 }
@@ -370,8 +636,17 @@ fn mini_dataset_clips_probe_and_decode() {
         let info = probe(&path).unwrap();
         assert_eq!((info.width, info.height, info.frame_count), (w, h, n), "{name}");
         assert!((info.fps - fps).abs() < 0.01, "{name}: fps {}", info.fps);
-        let p = TransformPlan { frames: vec![n - 1, 0, n / 2], crop: None, resize: Some(Size { width: 96, height: 64 }), filter: ResizeFilter::Lanczos3 };
+        let p = TransformPlan {
+            frames: vec![n - 1, 0, n / 2],
+            crop: None,
+            resize: Some(Size { width: 96, height: 64 }),
+            filter: ResizeFilter::Lanczos3,
+        };
         let f = decode(&path, &p).unwrap();
-        assert_eq!((f.width, f.height, f.count, f.rgb.len()), (96, 64, 3, 96 * 64 * 3 * 3), "{name}");
+        assert_eq!(
+            (f.width, f.height, f.count, f.rgb.len()),
+            (96, 64, 3, 96 * 64 * 3 * 3),
+            "{name}"
+        );
     }
 }
