@@ -291,7 +291,7 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         } else {
             None
         };
-        Ok(AutoencoderKLCogVideoX {
+        let model = AutoencoderKLCogVideoX {
             encoder,
             decoder,
             quant_conv,
@@ -302,7 +302,9 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
             latent_channels: config.latent_channels,
             scaling_factor: config.scaling_factor,
             invert_scale_latents: config.invert_scale_latents,
-        })
+        };
+        // The VAE is frozen in CogVideoX training: never track gradients of its weights.
+        Ok(model.no_grad())
     }
 
     /// Loads a diffusers `vae/` folder (`config.json` + safetensors), reporting every weight
@@ -338,7 +340,20 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
                 return self.tiled_encode(x, t);
             }
         }
+        self.check_encode_size(height, width, "video")?;
         Ok(self.encode_frames(x))
+    }
+
+    /// The stride-2 downsamplers need at least `spatial_scale` pixels (PyTorch would raise too).
+    fn check_encode_size(&self, height: usize, width: usize, what: &str) -> Result<(), VaeError> {
+        let s = self.spatial_scale;
+        if height < s || width < s {
+            return Err(VaeError::Input(format!(
+                "vae encode: a {what} of {height}x{width} pixels is smaller than the VAE's {s}x{s} stride; \
+                 use a larger video (or, when tiling, a size that leaves no edge tile under {s} pixels)"
+            )));
+        }
+        Ok(())
     }
 
     /// Frame batches of `num_sample_frames_batch_size`, the first one taking the remainder
@@ -413,19 +428,17 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         let blend_h = (lat_h as f64 * tiling.tile_overlap_factor_height) as usize;
         let blend_w = (lat_w as f64 * tiling.tile_overlap_factor_width) as usize;
         check_tiling(tiling, overlap_height, overlap_width, lat_h, lat_w)?;
-        let rows: Vec<Vec<Tensor<B, 5>>> = (0..height)
-            .step_by(overlap_height)
-            .map(|i| {
-                (0..width)
-                    .step_by(overlap_width)
-                    .map(|j| {
-                        let th = tiling.tile_sample_min_height.min(height - i);
-                        let tw = tiling.tile_sample_min_width.min(width - j);
-                        self.encode_frames(x.clone().narrow(3, i, th).narrow(4, j, tw))
-                    })
-                    .collect()
-            })
-            .collect();
+        let mut rows: Vec<Vec<Tensor<B, 5>>> = Vec::new();
+        for i in (0..height).step_by(overlap_height) {
+            let mut row = Vec::new();
+            for j in (0..width).step_by(overlap_width) {
+                let th = tiling.tile_sample_min_height.min(height - i);
+                let tw = tiling.tile_sample_min_width.min(width - j);
+                self.check_encode_size(th, tw, &format!("tile at ({i}, {j})"))?;
+                row.push(self.encode_frames(x.clone().narrow(3, i, th).narrow(4, j, tw)));
+            }
+            rows.push(row);
+        }
         Ok(blend_tiles(rows, blend_h, blend_w, lat_h - blend_h, lat_w - blend_w))
     }
 
