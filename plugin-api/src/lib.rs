@@ -39,11 +39,31 @@ pub mod __private {
 /// Exports a plugin type (`Plugin + Default`) through every transport. Call it once, at the
 /// root of the plugin crate:
 ///
-/// ```ignore
+/// ```
+/// use cogvx_plugin_api::{Plugin, PluginInfo, PluginKind, PluginResult};
+///
 /// #[derive(Default)]
-/// pub struct Letterbox { /* ... */ }
-/// impl cogvx_plugin_api::Plugin for Letterbox { /* ... */ }
-/// cogvx_plugin_api::export_plugin!(Letterbox);
+/// pub struct Shout;
+///
+/// impl Plugin for Shout {
+///     fn info(&self) -> PluginInfo {
+///         PluginInfo {
+///             name: "shout".into(),
+///             version: "0.1.0".into(),
+///             kinds: vec![PluginKind::PromptRewriter],
+///             description: "upper-cases captions".into(),
+///         }
+///     }
+///     fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {
+///         Ok(caption.to_uppercase())
+///     }
+/// }
+///
+/// cogvx_plugin_api::export_plugin!(Shout);
+/// # fn main() {
+/// # let mut p = builtin();
+/// # assert_eq!(p.rewrite_prompt("a cat").unwrap(), "A CAT");
+/// # }
 /// ```
 ///
 /// It expands to

@@ -218,14 +218,6 @@ pub fn dispatch(plugin: &mut dyn Plugin, method: &str, json: &str, bytes: Vec<u8
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn root_module_symbol_matches_abi_stable() {
-        assert_eq!(super::ROOT_MODULE_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
-    }
-}
-
 /// Builds the root module for plugin type `T` (called once, when the host loads the library).
 #[doc(hidden)]
 pub fn root_module<T: Plugin + Default + 'static>() -> PluginModuleRef {
@@ -237,4 +229,12 @@ pub fn root_module<T: Plugin + Default + 'static>() -> PluginModuleRef {
         drop_instance,
     }
     .leak_into_prefix()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn root_module_symbol_matches_abi_stable() {
+        assert_eq!(super::ROOT_MODULE_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
+    }
 }

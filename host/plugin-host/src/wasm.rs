@@ -69,10 +69,14 @@ fn mib(bytes: usize) -> String {
 
 // ------------------------------------------------------------------ engine
 
+/// A compiled file is reused while its canonical path, size and modification time match.
+type CacheKey = (PathBuf, u64, Option<SystemTime>);
+
 struct Runtime {
     engine: Engine,
     linker: Linker<WasmState>,
-    compiled: Mutex<HashMap<(PathBuf, u64, Option<SystemTime>), (v0_1_0::PluginPre<WasmState>, String)>>,
+    /// Pre-linked components and their API version.
+    compiled: Mutex<HashMap<CacheKey, (v0_1_0::PluginPre<WasmState>, String)>>,
 }
 
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
@@ -121,8 +125,10 @@ fn compile(path: &Path) -> Result<(v0_1_0::PluginPre<WasmState>, String), LoadEr
             "a core WASM module, not a component; build the plugin with `cargo build --target wasm32-wasip2`".into(),
         ));
     }
+    let started = std::time::Instant::now();
     let component = Component::from_binary(&rt.engine, &bytes)
         .map_err(|e| not_a_plugin(format!("not a valid WASM component: {e}")))?;
+    tracing::debug!(path = %path.display(), elapsed = ?started.elapsed(), "compiled WASM plugin");
     let ty = component.component_type();
     let version = ty
         .exports(&rt.engine)
