@@ -3,6 +3,7 @@
 //! queries and keys only). The scaled-dot-product itself is
 //! [`cogvx_model_core::attention::attention`], the project's single attention function.
 
+use crate::embeddings::RotaryEmb;
 use crate::error::TransformerError;
 use burn::module::Module;
 use burn::nn::Dropout;
@@ -58,7 +59,7 @@ impl<B: Backend> Attention<B> {
         &self,
         hidden_states: Tensor<B, 3>,
         encoder_hidden_states: Tensor<B, 3>,
-        image_rotary_emb: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [_, text_len, _] = encoder_hidden_states.dims();
         let x = Tensor::cat(vec![encoder_hidden_states, hidden_states], 1);
@@ -97,7 +98,7 @@ fn rope_video_part<B: Backend>(x: Tensor<B, 4>, text_len: usize, cos: &Tensor<B,
 
 /// Checks a RoPE table pair against the video token count and head dim.
 pub(crate) fn check_rotary<B: Backend>(
-    rot: &(Tensor<B, 2>, Tensor<B, 2>),
+    rot: &RotaryEmb<B>,
     video_tokens: usize,
     head_dim: usize,
 ) -> Result<(), TransformerError> {

@@ -105,6 +105,7 @@ impl TransformerConfig {
 
     /// Checks that the values describe a model this port (and diffusers) can build; the message
     /// names the offending key.
+    #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace allows 1.85.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(c) = &self.class_name {
             if c != "CogVideoXTransformer3DModel" {
@@ -169,7 +170,7 @@ impl TransformerConfig {
                 self.attention_head_dim
             ));
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return Err(format!("`norm_eps` must be positive, got {}", self.norm_eps));
         }
         if !(0.0..1.0).contains(&self.dropout) {

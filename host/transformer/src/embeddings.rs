@@ -71,6 +71,12 @@ impl<B: Backend> TimestepEmbedding<B> {
         act_fn: &str,
         device: &B::Device,
     ) -> Result<Self, TransformerError> {
+        if !crate::config::TIMESTEP_ACTIVATIONS.contains(&act_fn) {
+            return Err(TransformerError::Config {
+                path: vb.key("linear_1"),
+                message: format!("activation `{act_fn}` is not supported (supported: {})", crate::config::TIMESTEP_ACTIVATIONS.join(", ")),
+            });
+        }
         Ok(TimestepEmbedding {
             linear_1: Linear::load(&vb.pp("linear_1"), in_channels, time_embed_dim, true, device)?,
             linear_2: Linear::load(&vb.pp("linear_2"), time_embed_dim, time_embed_dim, true, device)?,
@@ -190,7 +196,7 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
                 } else {
                     None
                 };
-                Linear { weight: burn::module::Param::from_tensor(w.reshape([d, c.in_channels * p * p])), bias }
+                Linear { weight: burn::module::Param::from_tensor(w.reshape([d, c.in_channels * p * p])), bias, adapter: None }
             }
             Some(pt) => Linear::load(&vb.pp("proj"), c.in_channels * p * p * pt, d, true, device)?,
         };
@@ -460,6 +466,9 @@ pub fn rotary_tables_host(
     }
 }
 
+/// A pair of RoPE tables `(cos, sin)`, each `[video tokens, attention_head_dim]`.
+pub type RotaryEmb<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
 /// [`rotary_tables_host`] uploaded to `device`: `(cos, sin)`, each `[tokens, attention_head_dim]`.
 /// This is how the pipeline, the trainer and the parity runner compute the tables.
 pub fn rotary_tables<B: Backend>(
@@ -468,7 +477,7 @@ pub fn rotary_tables<B: Backend>(
     height: usize,
     width: usize,
     device: &B::Device,
-) -> Result<(Tensor<B, 2>, Tensor<B, 2>), TransformerError> {
+) -> Result<RotaryEmb<B>, TransformerError> {
     let (cos, sin) = rotary_tables_host(config, frames, height, width)?;
     let d = config.attention_head_dim;
     let n = cos.len() / d;

@@ -18,7 +18,7 @@ pub mod model;
 pub mod normalization;
 
 pub use config::TransformerConfig;
-pub use embeddings::{rotary_tables, rotary_tables_host};
+pub use embeddings::{rotary_tables, rotary_tables_host, RotaryEmb};
 pub use error::TransformerError;
 pub use model::{CogVideoXBlock, CogVideoXTransformer3DModel};
 

@@ -4,7 +4,7 @@
 
 use crate::attention::{check_rotary, Attention};
 use crate::config::TransformerConfig;
-use crate::embeddings::{get_timestep_embedding, CogVideoXPatchEmbed, TimestepEmbedding};
+use crate::embeddings::{get_timestep_embedding, CogVideoXPatchEmbed, RotaryEmb, TimestepEmbedding};
 use crate::error::{input_err, TransformerError};
 use crate::normalization::{AdaLayerNorm, CogVideoXLayerNormZero};
 use burn::module::Module;
@@ -44,6 +44,12 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// Loads `net.0.proj` (`dim -> 4 dim`) and `net.2` (`4 dim -> dim`), both with bias.
     pub fn load(vb: &VarBuilder, dim: usize, activation_fn: &str, dropout: f64, device: &B::Device) -> Result<Self, TransformerError> {
+        if !crate::config::FF_ACTIVATIONS.contains(&activation_fn) {
+            return Err(TransformerError::Config {
+                path: vb.key("net"),
+                message: format!("activation_fn `{activation_fn}` is not supported (supported: {})", crate::config::FF_ACTIVATIONS.join(", ")),
+            });
+        }
         let inner = 4 * dim;
         let net = vb.pp("net");
         Ok(FeedForward {
@@ -92,7 +98,7 @@ impl<B: Backend> CogVideoXBlock<B> {
         hidden_states: Tensor<B, 3>,
         encoder_hidden_states: Tensor<B, 3>,
         temb: Tensor<B, 2>,
-        image_rotary_emb: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [_, text_len, _] = encoder_hidden_states.dims();
         let n = self.norm1.forward(hidden_states.clone(), encoder_hidden_states.clone(), temb.clone());
@@ -181,7 +187,7 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         height: usize,
         width: usize,
         device: &B::Device,
-    ) -> Result<Option<(Tensor<B, 2>, Tensor<B, 2>)>, TransformerError> {
+    ) -> Result<Option<RotaryEmb<B>>, TransformerError> {
         if !self.config.use_rotary_positional_embeddings {
             return Ok(None);
         }
@@ -205,7 +211,7 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         encoder_hidden_states: Tensor<B, 3>,
         timestep: Tensor<B, 1>,
         ofs: Option<Tensor<B, 1>>,
-        image_rotary_emb: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> Result<Tensor<B, 5>, TransformerError> {
         let c = &self.config;
         let [batch_size, num_frames, channels, height, width] = hidden_states.dims();
