@@ -258,7 +258,7 @@ fn compare(case: &Case, got: &BTreeMap<String, HostTensor>, seconds: f64) -> Vec
         })
     };
     for (name, want) in &case.outputs {
-        push(name.clone(), compare_one(got.get(name), want, case.tolerance));
+        push(name.clone(), compare_one(got.get(name), want, case.tolerance_for(name)));
     }
     for (name, g) in got {
         if case.outputs.contains_key(name) {
@@ -266,7 +266,7 @@ fn compare(case: &Case, got: &BTreeMap<String, HostTensor>, seconds: f64) -> Vec
         }
         if let Some(want) = case.inputs.get(name) {
             if matches!(want.data, HostData::I64(_)) {
-                push(format!("in.{name}"), compare_one(Some(g), want, Tolerance::Exact));
+                push(format!("in.{name}"), compare_one(Some(g), want, case.tolerance_for(name)));
             }
         }
     }
@@ -331,6 +331,6 @@ impl std::fmt::Display for Table<'_> {
         let failed = self.0.iter().filter(|r| r.status.is_failure()).count();
         let skipped = self.0.iter().filter(|r| r.status.is_skipped()).count();
         let cases: std::collections::BTreeSet<&str> = self.0.iter().map(|r| r.case.as_str()).collect();
-        write!(f, "{} cases, {} outputs: {ok} ok, {failed} FAIL, {skipped} skipped", cases.len(), self.0.len())
+        write!(f, "{} cases, {} rows: {ok} ok, {failed} FAIL, {skipped} skipped", cases.len(), self.0.len())
     }
 }

@@ -184,8 +184,19 @@ fn timesteps_of(t: &HostTensor, n_train: usize) -> Result<Vec<usize>, SchedulerE
         .collect()
 }
 
-fn tensor5<B: Backend>(t: &HostTensor, device: &B::Device) -> Result<Tensor<B, 5>, SchedulerError> {
-    Ok(t.to_tensor::<B, 5>(device)?)
+/// A case tensor of any rank as `[shape[0], rest]` (every scheduler op is per batch element or
+/// element-wise), with its original shape to restore.
+fn batch_rows<B: Backend>(t: &HostTensor, device: &B::Device) -> Result<(Tensor<B, 2>, Vec<usize>), SchedulerError> {
+    let n = *t.shape.first().ok_or_else(|| SchedulerError::Shape("a scalar where a batch was expected".into()))?;
+    let rest = t.shape[1..].iter().product::<usize>();
+    let flat = HostTensor::f32(vec![n, rest], t.to_f32());
+    Ok((flat.to_tensor::<B, 2>(device)?, t.shape.clone()))
+}
+
+fn to_host<B: Backend>(t: Tensor<B, 2>, shape: &[usize]) -> HostTensor {
+    let mut h = HostTensor::from_tensor(t);
+    h.shape = shape.to_vec();
+    h
 }
 
 /// Runs a `scheduler_train`, `scheduler_ddim` or `scheduler_dpm` parity case (see
@@ -208,13 +219,16 @@ pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<
             let mut plugin = CogVideoXDdim;
             let tables = plugin.scheduler_tables(&config_json).map_err(|e| SchedulerError::Invalid(e.to_string()))?;
             let ac = &tables.alphas_cumprod;
-            let sample = tensor5::<B>(case.input("sample")?, device)?;
-            let noise = tensor5::<B>(case.input("noise")?, device)?;
+            let (sample, shape) = batch_rows::<B>(case.input("sample")?, device)?;
+            let (noise, noise_shape) = batch_rows::<B>(case.input("noise")?, device)?;
+            if noise_shape != shape {
+                return Err(SchedulerError::Shape(format!("case {}: noise {noise_shape:?} vs sample {shape:?}", case.name)));
+            }
             let ts = timesteps_of(case.input("timesteps")?, ac.len())?;
             let noisy = add_noise(ac, sample.clone(), noise.clone(), &ts)?;
             let velocity = get_velocity(ac, noise, sample, &ts)?;
-            out.insert("noisy".into(), HostTensor::from_tensor(noisy));
-            out.insert("velocity".into(), HostTensor::from_tensor(velocity));
+            out.insert("noisy".into(), to_host(noisy, &shape));
+            out.insert("velocity".into(), to_host(velocity, &shape));
             out.insert(
                 "alphas_cumprod".into(),
                 HostTensor::f32(vec![ac.len()], ac.iter().map(|a| *a as f32).collect()),
@@ -231,18 +245,18 @@ pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<
             let plan = plugin.scheduler_plan(&request).map_err(|e| SchedulerError::Invalid(e.to_string()))?;
             let timesteps: Vec<i64> = plan.steps.iter().map(|s| s.timestep as i64).collect();
             out.insert("timesteps".into(), HostTensor::i64(vec![timesteps.len()], timesteps));
-            let mut executor = PlanExecutor::<B, 5>::new(plan)?;
-            let mut sample = tensor5::<B>(case.input("sample")?, device)?;
+            let mut executor = PlanExecutor::<B, 2>::new(plan)?;
+            let (mut sample, shape) = batch_rows::<B>(case.input("sample")?, device)?;
             let mut i = 0;
             while executor.current_timestep().is_some() {
-                let model_output = tensor5::<B>(case.input(&format!("model_output.{i}"))?, device)?;
+                let (model_output, _) = batch_rows::<B>(case.input(&format!("model_output.{i}"))?, device)?;
                 let noise = if executor.needs_noise() {
-                    Some(tensor5::<B>(case.input(&format!("noise.{i}"))?, device)?)
+                    Some(batch_rows::<B>(case.input(&format!("noise.{i}"))?, device)?.0)
                 } else {
                     None
                 };
                 sample = executor.step(sample, model_output, noise)?.prev_sample;
-                out.insert(format!("prev_sample.{i}"), HostTensor::from_tensor(sample.clone()));
+                out.insert(format!("prev_sample.{i}"), to_host(sample.clone(), &shape));
                 i += 1;
             }
         }
