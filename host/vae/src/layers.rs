@@ -4,6 +4,7 @@
 //! Causal convolutions keep a `conv_cache` between frame batches exactly like diffusers: the last
 //! `kernel_t - 1` frames of the (padded) input of every causal conv are handed to the next call.
 //! Caches are plain structs mirroring diffusers' nested dicts (see [`ResnetCache`]).
+//! Module fields are named as the checkpoint keys (and diffusers' attributes).
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
@@ -117,6 +118,7 @@ impl<B: Backend> SafeConv3d<B> {
         conv3d_s1(x, self.weight.val(), self.bias.val(), self.padding_hw)
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, input: Tensor<B, 5>) -> Tensor<B, 5> {
         let dims = input.dims();
         let numel: usize = dims.iter().product();
@@ -213,6 +215,7 @@ impl<B: Backend> Conv2d<B> {
         })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let (s, p) = (self.stride, self.padding);
         conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
@@ -240,6 +243,7 @@ pub struct SpatialNorm3D<B: Backend> {
 }
 
 impl<B: Backend> SpatialNorm3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(
         vb: &VarBuilder,
         f_channels: usize,
@@ -254,6 +258,7 @@ impl<B: Backend> SpatialNorm3D<B> {
         })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, f: Tensor<B, 5>, zq: &Tensor<B, 5>) -> Tensor<B, 5> {
         let [_, _, t, h, w] = f.dims();
         let zt = zq.dims()[2];
@@ -275,7 +280,9 @@ impl<B: Backend> SpatialNorm3D<B> {
 /// latent) in the decoder.
 #[derive(Module, Debug)]
 pub enum ResnetNorm<B: Backend> {
+    /// `nn.GroupNorm` (encoder).
     Group(GroupNorm<B>),
+    /// `CogVideoXSpatialNorm3D` (decoder).
     Spatial(SpatialNorm3D<B>),
 }
 
@@ -293,7 +300,9 @@ impl<B: Backend> ResnetNorm<B> {
 /// Conv caches of one [`ResnetBlock3D`] (diffusers' `{"conv1": .., "conv2": ..}`).
 #[derive(Debug, Clone)]
 pub struct ResnetCache<B: Backend> {
+    /// Cached input frames of `conv1`.
     pub conv1: Option<Tensor<B, 5>>,
+    /// Cached input frames of `conv2`.
     pub conv2: Option<Tensor<B, 5>>,
 }
 
@@ -344,6 +353,7 @@ impl<B: Backend> ResnetBlock3D<B> {
         })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, inputs: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>, cache: &mut ResnetCache<B>) -> Tensor<B, 5> {
         let h = self.norm1.forward(inputs.clone(), zq);
         let h = self.conv1.forward(silu(h), &mut cache.conv1);
@@ -367,10 +377,12 @@ pub struct Downsample3D<B: Backend> {
 }
 
 impl<B: Backend> Downsample3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(vb: &VarBuilder, channels: usize, compress_time: bool, device: &B::Device) -> Result<Self, LoadError> {
         Ok(Downsample3D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 2, 0, device)?, compress_time })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
         let mut x = x;
         if self.compress_time {
@@ -401,10 +413,12 @@ pub struct Upsample3D<B: Backend> {
 }
 
 impl<B: Backend> Upsample3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(vb: &VarBuilder, channels: usize, compress_time: bool, device: &B::Device) -> Result<Self, LoadError> {
         Ok(Upsample3D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 1, 1, device)?, compress_time })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, inputs: Tensor<B, 5>) -> Tensor<B, 5> {
         let t = inputs.dims()[2];
         let up_hw = |x: Tensor<B, 5>| repeat_interleave2(repeat_interleave2(x, 3), 4);
@@ -429,6 +443,7 @@ pub struct DownBlock3D<B: Backend> {
 }
 
 impl<B: Backend> DownBlock3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         vb: &VarBuilder,
@@ -455,6 +470,7 @@ impl<B: Backend> DownBlock3D<B> {
         Ok(DownBlock3D { resnets, downsamplers })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, x: Tensor<B, 5>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
         cache.resize_with(self.resnets.len(), ResnetCache::default);
         let mut h = x;
@@ -475,6 +491,7 @@ pub struct MidBlock3D<B: Backend> {
 }
 
 impl<B: Backend> MidBlock3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(
         vb: &VarBuilder,
         channels: usize,
@@ -490,6 +507,7 @@ impl<B: Backend> MidBlock3D<B> {
         Ok(MidBlock3D { resnets })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, x: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
         cache.resize_with(self.resnets.len(), ResnetCache::default);
         let mut h = x;
@@ -508,6 +526,7 @@ pub struct UpBlock3D<B: Backend> {
 }
 
 impl<B: Backend> UpBlock3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         vb: &VarBuilder,
@@ -535,6 +554,7 @@ impl<B: Backend> UpBlock3D<B> {
         Ok(UpBlock3D { resnets, upsamplers })
     }
 
+    /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, x: Tensor<B, 5>, zq: &Tensor<B, 5>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
         cache.resize_with(self.resnets.len(), ResnetCache::default);
         let mut h = x;

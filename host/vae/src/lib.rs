@@ -20,6 +20,7 @@ pub mod ops;
 
 pub use case::{run_case, tiling_from_params};
 pub use config::VaeConfig;
+pub use layers::{conv3d_algo, set_conv3d_algo, Conv3dAlgo};
 pub use model::{
     frame_batches, AutoencoderKLCogVideoX, Decoder3D, DecoderCache, Encoder3D, EncoderCache, LatentDist, Tiling,
     VaeOptions,
@@ -36,7 +37,12 @@ pub enum VaeError {
     Load(#[from] LoadError),
     /// `config.json` has a value this model does not support.
     #[error("{path}: {message}")]
-    Config { path: PathBuf, message: String },
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
     /// An input tensor or option is unusable (wrong shape, bad tiling...).
     #[error("{0}")]
     Input(String),

@@ -14,6 +14,7 @@ use crate::layers::{CausalConv3d, DownBlock3D, MidBlock3D, ResnetCache, SafeConv
 use crate::VaeError;
 
 /// Conv caches of the encoder between frame batches (diffusers' nested `conv_cache` dict).
+/// Fields are named as diffusers' cache keys.
 #[derive(Debug, Clone)]
 pub struct EncoderCache<B: Backend> {
     pub conv_in: Option<Tensor<B, 5>>,
@@ -29,6 +30,7 @@ impl<B: Backend> Default for EncoderCache<B> {
 }
 
 /// Conv caches of the decoder between frame batches.
+/// Fields are named as diffusers' cache keys.
 #[derive(Debug, Clone)]
 pub struct DecoderCache<B: Backend> {
     pub conv_in: Option<Tensor<B, 5>>,
@@ -55,6 +57,7 @@ pub struct Encoder3D<B: Backend> {
 }
 
 impl<B: Backend> Encoder3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(vb: &VarBuilder, c: &VaeConfig, device: &B::Device) -> Result<Self, LoadError> {
         let ch = &c.block_out_channels;
         let level = c.temporal_compress_level();
@@ -108,6 +111,7 @@ pub struct Decoder3D<B: Backend> {
 }
 
 impl<B: Backend> Decoder3D<B> {
+    /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(vb: &VarBuilder, c: &VaeConfig, device: &B::Device) -> Result<Self, LoadError> {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let zc = c.latent_channels;
@@ -204,7 +208,9 @@ pub struct VaeOptions {
 /// `DiagonalGaussianDistribution` of the encoder: `mean` and `logvar` clamped to [-30, 20].
 #[derive(Debug, Clone)]
 pub struct LatentDist<B: Backend> {
+    /// Mean `[B, C, F, h, w]` (unscaled latents).
     pub mean: Tensor<B, 5>,
+    /// Log-variance, clamped to [-30, 20].
     pub logvar: Tensor<B, 5>,
 }
 
