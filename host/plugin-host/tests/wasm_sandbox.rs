@@ -195,3 +195,40 @@ fn files_that_are_not_components_are_refused() {
     let e = LoadedPlugin::load(&missing, &limits()).unwrap_err().to_string();
     assert!(e.starts_with(&format!("cannot load plugin {}: ", missing.display())), "{e}");
 }
+
+/// Collects formatted tracing output.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn guest_stderr_goes_to_the_log() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .without_time()
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let mut p = load();
+        p.plan_transform(&common::request(4)).unwrap_err();
+    });
+    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("misbehave: deliberate panic for seed 4"))
+        .unwrap_or_else(|| panic!("the guest's panic message is not in the log:\n{log}"));
+    assert!(line.contains("cogvx::plugin"), "{line}");
+    assert!(line.contains("plugin=misbehave"), "{line}");
+    assert!(line.contains("stream=\"stderr\""), "{line}");
+}
