@@ -1,0 +1,128 @@
+//! End-to-end tests of the `cogvx` binary: the commands a user types, on the project's
+//! example dataset (`../shared/datasets/mini`) and on broken inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn mini() -> PathBuf {
+    repo().join("../shared/datasets/mini")
+}
+
+fn cogvx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cogvx")).args(args).current_dir(repo()).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The first-party plugin files, built by `plugins/build.sh` (CI runs it before the tests;
+/// here it runs once if they are missing).
+fn plugin_file(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = repo().join("plugins").join(name);
+    BUILT.get_or_init(|| {
+        if !path.exists() {
+            let status = Command::new("bash").arg("plugins/build.sh").current_dir(repo()).status().unwrap();
+            assert!(status.success(), "plugins/build.sh failed");
+        }
+    });
+    assert!(path.exists(), "{} missing after plugins/build.sh", path.display());
+    path
+}
+
+#[test]
+fn plugins_lists_builtins_and_a_loaded_wasm_replaces_its_builtin() {
+    let out = cogvx(&["plugins"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    for name in ["finetune-layout", "frame_skip", "crop_resize", "id_token"] {
+        let line = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
+        assert!(line.contains("built-in"), "{line}");
+        assert!(line.contains("0.1.0"), "{line}");
+    }
+    let wasm = plugin_file("crop_resize.wasm");
+    let out = cogvx(&["--plugin", wasm.to_str().unwrap(), "plugins"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("crop_resize")).collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert!(rows[0].contains("wasm") && rows[0].contains("crop_resize.wasm") && rows[0].contains("video-transform"), "{}", rows[0]);
+}
+
+#[test]
+fn preview_with_the_wasm_crop_resize_writes_four_49x480x720_clips_and_a_contact_sheet() {
+    let wasm = plugin_file("crop_resize.wasm");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = cogvx(&[
+        "--plugin",
+        wasm.to_str().unwrap(),
+        "dataset",
+        "preview",
+        mini().to_str().unwrap(),
+        "--out",
+        out_dir.path().to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let mut clips: Vec<PathBuf> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "mp4"))
+        .collect();
+    clips.sort();
+    assert_eq!(clips.len(), 4, "{clips:?}");
+    for clip in &clips {
+        let info = cogvx_video::probe(clip).unwrap();
+        assert_eq!((info.width, info.height, info.frame_count), (720, 480, 49), "{}", clip.display());
+    }
+    let sheet = image::open(out_dir.path().join("contact_sheet.png")).unwrap();
+    assert!(sheet.width() > 0 && sheet.height() > 0);
+    let captions = std::fs::read_to_string(out_dir.path().join("captions.txt")).unwrap();
+    assert_eq!(captions.lines().count(), 4);
+}
+
+#[test]
+fn unknown_config_key_is_named_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[data]\nroot = \"x\"\nresolutoin = \"49x480x720\"\n").unwrap();
+    let out = cogvx(&["--config", config.to_str().unwrap(), "dataset", "check"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad.toml") && stderr.contains("resolutoin"), "{stderr}");
+}
+
+#[test]
+fn bad_resolution_flag_is_refused() {
+    let out = cogvx(&["--resolution", "48x480x720", "dataset", "check", mini().to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("8N+1"), "{stderr}");
+}
+
+#[test]
+fn check_reports_every_problem_with_file_and_line_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prompts.txt"), "one\ntwo\nthree\n").unwrap();
+    std::fs::write(dir.path().join("videos.txt"), "missing.mp4\n../escape.mp4\n").unwrap();
+    let out = cogvx(&["dataset", "check", dir.path().to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("prompts.txt") && stdout.contains("videos.txt"), "{stdout}");
+    assert!(stdout.contains("missing.mp4"), "{stdout}");
+    assert!(stdout.contains("escape.mp4"), "{stdout}");
+}
+
+#[test]
+fn check_passes_on_the_example_dataset() {
+    let out = cogvx(&["dataset", "check", mini().to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("4 samples, no problems"), "{stdout}");
+}
