@@ -5,9 +5,11 @@
 //!   [`weights::VarBuilder`], so module code carries the checkpoint's names and needs no renaming table.
 //! * [`config`]: typed `config.json` reading with errors that name the file.
 //! * [`nn`]: the few layers every component shares (PyTorch weight layout).
+//! * [`adapter`]: trainable adapters on [`nn::Linear`] (LoRA, plugin recipes).
 //! * [`attention`]: the single scaled-dot-product attention function of the project.
 //! * [`case`]: the parity case format of `shared/reference/cases`.
 
+pub mod adapter;
 pub mod attention;
 pub mod case;
 pub mod config;

@@ -1,15 +1,19 @@
 //! Layers shared by the CogVideoX components, with parameters in PyTorch layout so that they
 //! load by checkpoint name (`<prefix>.weight`, `<prefix>.bias`).
 
+use crate::adapter::{base_linear, LinearAdapter};
 use crate::{weights::VarBuilder, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-/// `torch.nn.Linear`: `y = x W^T + b`, `weight: [out, in]`.
+/// `torch.nn.Linear`: `y = x W^T + b`, `weight: [out, in]`; with an [`adapter`](Self::adapter)
+/// (LoRA, or a plugin's recipe), `y = x W^T + b + adapter(x)`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A trainable adapter; `None` for a plain layer (as loaded).
+    pub adapter: Option<LinearAdapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -17,7 +21,12 @@ impl<B: Backend> Linear<B> {
     pub fn load(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool, device: &B::Device) -> Result<Self, LoadError> {
         let weight = vb.tensor::<B, 2>("weight", [out_features, in_features], device)?;
         let bias = if bias { Some(Param::from_tensor(vb.tensor::<B, 1>("bias", [out_features], device)?)) } else { None };
-        Ok(Linear { weight: Param::from_tensor(weight), bias })
+        Ok(Linear { weight: Param::from_tensor(weight), bias, adapter: None })
+    }
+
+    /// A layer from a `weight` `[out, in]` and an optional `bias` `[out]`, without adapter.
+    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), adapter: None }
     }
 
     /// `[in]`-last input of any rank to `[out]`-last output.
@@ -27,10 +36,11 @@ impl<B: Backend> Linear<B> {
         let rows: usize = dims[..D - 1].iter().product();
         let w = self.weight.val();
         let out_features = w.dims()[0];
-        let y = x.reshape([rows, in_features]).matmul(w.transpose());
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze::<2>(),
-            None => y,
+        let x = x.reshape([rows, in_features]);
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = match &self.adapter {
+            None => base_linear(x, w, bias),
+            Some(adapter) => adapter.forward(x, w, bias),
         };
         let mut out_dims = dims;
         out_dims[D - 1] = out_features;
@@ -139,10 +149,10 @@ mod tests {
     #[test]
     fn linear_matches_pytorch_layout() {
         let dev = CpuDevice::default();
-        let lin = Linear::<CpuBackend> {
-            weight: Param::from_tensor(Tensor::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]), &dev)),
-            bias: Some(Param::from_tensor(Tensor::from_data(TensorData::new(vec![10.0f32, 20.0], [2]), &dev))),
-        };
+        let lin = Linear::<CpuBackend>::new(
+            Tensor::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]), &dev),
+            Some(Tensor::from_data(TensorData::new(vec![10.0f32, 20.0], [2]), &dev)),
+        );
         let x = Tensor::<CpuBackend, 3>::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0], [1, 1, 3]), &dev);
         assert_eq!(lin.forward(x).into_data().to_vec::<f32>().unwrap(), vec![14.0, 30.0]);
     }
