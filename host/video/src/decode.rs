@@ -16,6 +16,10 @@
 //! When timestamps are missing or repeated (some raw streams), or a seek lands after the
 //! wanted frame, the reader falls back to decoding from the start and counting output frames.
 
+// FFmpeg's constants have bindgen-chosen integer types that vary between FFmpeg versions;
+// the casts below keep them portable.
+#![allow(clippy::unnecessary_cast)]
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -170,7 +174,7 @@ fn probe_container(path: &Path) -> Option<String> {
     buf.truncate(n);
     buf.resize(n + ffi::AVPROBE_PADDING_SIZE as usize, 0);
     let empty = c"";
-    let mut pd = ffi::AVProbeData {
+    let pd = ffi::AVProbeData {
         filename: empty.as_ptr(),
         buf: buf.as_mut_ptr(),
         buf_size: n as i32,
@@ -178,7 +182,7 @@ fn probe_container(path: &Path) -> Option<String> {
     };
     let mut score: i32 = 0;
     // SAFETY: `pd` points at a readable buffer of `buf_size` bytes plus the required zero padding.
-    let fmt = unsafe { ffi::av_probe_input_format2(&mut pd, 1, &mut score) };
+    let fmt = unsafe { ffi::av_probe_input_format2(&pd, 1, &mut score) };
     if fmt.is_null() || score < ffi::AVPROBE_SCORE_MAX as i32 / 4 {
         return None;
     }
@@ -582,7 +586,6 @@ impl VideoReader {
                 .stream(self.stream_index)
                 .ok_or_else(|| dec_err("the video stream disappeared on reopening".into()))?;
             let mut decoder = open_decoder(&path, &stream)?;
-            drop(stream);
             let seeks_before = stats.seeks;
             let mut await_key = false;
             let mut counter: u32 = 0;
