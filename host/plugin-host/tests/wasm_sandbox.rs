@@ -232,3 +232,17 @@ fn guest_stderr_goes_to_the_log() {
     assert!(line.contains("plugin=misbehave"), "{line}");
     assert!(line.contains("stream=\"stderr\""), "{line}");
 }
+
+#[test]
+fn a_component_of_another_api_version_is_refused() {
+    let path = common::old_wit_wasm();
+    let e = LoadedPlugin::load(path, &limits()).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{} was built for cogvx plugin API 0.0.7, but this host supports API 0.1.0; \
+             rebuild the plugin against cogvx-plugin-api 0.1.0",
+            path.display()
+        )
+    );
+}

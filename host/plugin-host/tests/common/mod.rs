@@ -96,3 +96,12 @@ pub fn dataset() -> tempfile::TempDir {
     std::fs::write(dir.path().join("secret.txt"), "SECRET outside the grant\n").unwrap();
     dir
 }
+
+/// A WASM component exporting `cogvx:plugin/guest@0.0.7`.
+pub fn old_wit_wasm() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        cargo_build("old_wit", &["--target", "wasm32-wasip2"]);
+        target_dir().join("wasm32-wasip2/debug/cogvx_fixture_old_wit.wasm")
+    })
+}
