@@ -1,0 +1,121 @@
+//! The data pipeline with the first-party `frame_skip` and `crop_resize` plugins linked as
+//! built-ins: the end-to-end preview (four 49x480x720 clips and a contact sheet
+//! from the mini dataset) and the circle test through the real `crop_resize`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cogvx_data::{check, preview, Chain, PreviewOptions};
+use cogvx_plugin_api::{Frames, Plugin, Resolution};
+use cogvx_plugin_crop_resize::CropResize;
+use cogvx_plugin_frame_skip::FrameSkip;
+use cogvx_video::{preprocess_clip, VideoTransforms};
+
+fn mini() -> Option<PathBuf> {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/datasets/mini"));
+    if root.is_dir() {
+        Some(root)
+    } else {
+        eprintln!(
+            "!!! SKIPPED: {} is absent; the first-party preview did not run",
+            root.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn mini_preview_writes_four_49x480x720_clips_and_a_contact_sheet() {
+    let Some(root) = mini() else { return };
+    let target = Resolution {
+        frames: 49,
+        height: 480,
+        width: 720,
+    };
+    let (mut fs, mut cr) = (FrameSkip::default(), CropResize::default());
+    let mut chain = Chain {
+        video_transforms: vec![&mut fs, &mut cr],
+        ..Chain::new()
+    };
+    let report = check(&root, target, &mut chain);
+    assert!(report.is_ok(), "{report}");
+    let out = tempfile::tempdir().unwrap();
+    let opts = PreviewOptions {
+        progress: false,
+        encode: cogvx_video::EncodeOptions {
+            crf: 23,
+            preset: "ultrafast".into(),
+        },
+        ..Default::default()
+    };
+    let s = preview(&root, out.path(), target, &mut chain, &opts).unwrap();
+    assert!(s.failed.is_empty(), "{:?}", s.failed);
+    assert_eq!(s.clips.len(), 4);
+    for clip in &s.clips {
+        let info = cogvx_video::probe(clip).unwrap();
+        assert_eq!(
+            (info.frame_count, info.height, info.width),
+            (49, 480, 720),
+            "{}",
+            clip.display()
+        );
+    }
+    assert!(out.path().join("contact_sheet.png").is_file());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("captions.txt"))
+            .unwrap()
+            .lines()
+            .count(),
+        4
+    );
+}
+
+fn blob(f: &Frames) -> (f64, f64) {
+    let (mut x0, mut x1, mut y0, mut y1) = (u32::MAX, 0, u32::MAX, 0);
+    for y in 0..f.height {
+        for x in 0..f.width {
+            if f.rgb[((y * f.width + x) * 3) as usize] > 128 {
+                (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+            }
+        }
+    }
+    ((x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64)
+}
+
+fn circle_clip(path: &Path, w: u32, h: u32) {
+    let src = format!(
+        "nullsrc=s={w}x{h}:r=25:d=0.4,format=gray,geq=lum='if(lt(hypot(X-{},Y-{}),{}),255,0)'",
+        w / 2,
+        h / 2,
+        h.min(w) / 4
+    );
+    let out = Command::new("ffmpeg")
+        .args([
+            "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", &src, "-c:v", "libx264", "-pix_fmt", "yuv420p",
+        ])
+        .arg(path)
+        .output()
+        .expect("these tests need the `ffmpeg` command-line tool (apt-get install ffmpeg)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_circle_stays_a_circle_through_crop_resize() {
+    let d = tempfile::tempdir().unwrap();
+    // Wide (16:9), tall (9:16) and square sources, all to 480x720.
+    for (w, h) in [(640u32, 360u32), (360, 640), (400, 400)] {
+        let path = d.path().join(format!("circle_{w}x{h}.mp4"));
+        circle_clip(&path, w, h);
+        let (mut fs, mut cr) = (FrameSkip::default(), CropResize::default());
+        let mut t = VideoTransforms::new(vec![&mut fs as &mut dyn Plugin, &mut cr]);
+        let target = Resolution {
+            frames: 9,
+            height: 480,
+            width: 720,
+        };
+        let p = preprocess_clip(&path, None, &mut t, target, 0).unwrap();
+        assert_eq!((p.frames.count, p.frames.height, p.frames.width), (9, 480, 720));
+        let (bw, bh) = blob(&p.frames);
+        assert!((bw / bh - 1.0).abs() < 0.04, "{w}x{h}: the circle came out {bw}x{bh}");
+    }
+}
