@@ -3,7 +3,7 @@
 //! plugin reports [`NativeErrorKind::Panicked`] instead of aborting the host.
 //!
 //! Calls cross the boundary as `(method, JSON, bytes)`: the arguments and results are the
-//! serde encodings of the [`crate::types`] values, except that frame pixels travel as a
+//! serde encodings of the crate's data types, except that frame pixels travel as a
 //! separate byte vector (the `rgb` field is sent empty) so they are never JSON-encoded.
 //! Plugin authors never touch this module; [`crate::export_plugin!`] wires it up.
 

@@ -7,7 +7,9 @@
 //!   `cogvx::plugin`). Only `list-samples` runs in a separate instance that sees the dataset
 //!   root read-only at [`GUEST_DATASET_ROOT`]; paths it returns are translated back.
 //! * Limits ([`WasmLimits`]): a cap on linear memory per instance (a `memory.grow` past it
-//!   traps) and a time cap per call (epoch interruption, ticked by a background thread).
+//!   traps) and a time cap per call (epoch interruption, ticked by a background thread; it
+//!   fires while guest code runs, so a guest blocked in a WASI call, e.g. a long sleep, is
+//!   interrupted only once that call returns).
 //! * A trap (panic, `unreachable`, timeout, out of memory) discards the instance; the next
 //!   call instantiates a fresh one and re-applies the last `configure` parameters.
 
