@@ -17,4 +17,7 @@ pub mod pipeline;
 pub use error::EngineError;
 pub use model::{ModelFolder, ModelIndex, Variant};
 pub use parity::{all_passed, run_dir, ParityRunner, Row, Status, Table};
-pub use pipeline::{dynamic_guidance_scale, plan_from_plugin, CogVideoXPipeline, NoiseSource, SeededNoise, T2vRequest};
+pub use pipeline::{
+    dynamic_guidance_scale, plan_from_plugin, CogVideoXPipeline, NoiseSource, SeededNoise,
+    T2vRequest,
+};

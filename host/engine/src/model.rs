@@ -120,7 +120,10 @@ pub const KNOWN_COMPONENTS: [(&str, &[&str]); 5] = [
     ("vae", &["AutoencoderKLCogVideoX"]),
     ("text_encoder", &["T5EncoderModel"]),
     ("tokenizer", &["T5Tokenizer", "T5TokenizerFast"]),
-    ("scheduler", &["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"]),
+    (
+        "scheduler",
+        &["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"],
+    ),
 ];
 
 /// `model_index.json`: the pipeline class and `(library, class)` per component.
@@ -133,9 +136,15 @@ pub struct ModelIndex {
 impl ModelIndex {
     /// Parses `model_index.json` text (`path` is used in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, EngineError> {
-        let bad = |message: String| EngineError::Model { path: path.to_path_buf(), message };
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
+        let bad = |message: String| EngineError::Model {
+            path: path.to_path_buf(),
+            message,
+        };
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("expected a JSON object".into()))?;
         let class_name = obj
             .get("_class_name")
             .and_then(Value::as_str)
@@ -154,12 +163,17 @@ impl ModelIndex {
                 Some([Value::Null, Value::Null]) => {}
                 _ => {
                     if value.is_array() {
-                        return Err(bad(format!("`{key}`: expected [\"library\", \"ClassName\"], found {value}")));
+                        return Err(bad(format!(
+                            "`{key}`: expected [\"library\", \"ClassName\"], found {value}"
+                        )));
                     }
                 }
             }
         }
-        Ok(ModelIndex { class_name, components })
+        Ok(ModelIndex {
+            class_name,
+            components,
+        })
     }
 }
 
@@ -187,7 +201,10 @@ impl ModelFolder {
             message: format!("cannot read it ({e}); point cogvx at a diffusers CogVideoX folder (the one holding model_index.json)"),
         })?;
         let index = ModelIndex::parse(&text, &index_path)?;
-        let bad = |message: String| EngineError::Model { path: index_path.clone(), message };
+        let bad = |message: String| EngineError::Model {
+            path: index_path.clone(),
+            message,
+        };
         let pipeline_i2v = KNOWN_PIPELINES
             .iter()
             .find(|(c, _)| *c == index.class_name)
@@ -196,7 +213,11 @@ impl ModelFolder {
                 bad(format!(
                     "unknown pipeline class `{}`; cogvx loads {}",
                     index.class_name,
-                    KNOWN_PIPELINES.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+                    KNOWN_PIPELINES
+                        .iter()
+                        .map(|(c, _)| *c)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?;
         for (component, classes) in KNOWN_COMPONENTS {
@@ -214,17 +235,26 @@ impl ModelFolder {
             if !dir.is_dir() {
                 return Err(EngineError::Model {
                     path: dir,
-                    message: format!("the `{component}` folder named in model_index.json is missing"),
+                    message: format!(
+                        "the `{component}` folder named in model_index.json is missing"
+                    ),
                 });
             }
         }
         let config_path = root.join("transformer").join("config.json");
-        let transformer_config: TransformerConfig = cogvx_model_core::config::read_config(&config_path)?;
+        let transformer_config: TransformerConfig =
+            cogvx_model_core::config::read_config(&config_path)?;
         transformer_config
             .validate()
-            .map_err(|message| EngineError::Model { path: config_path.clone(), message })?;
-        let variant = Variant::detect(&transformer_config)
-            .map_err(|message| EngineError::Model { path: config_path.clone(), message })?;
+            .map_err(|message| EngineError::Model {
+                path: config_path.clone(),
+                message,
+            })?;
+        let variant =
+            Variant::detect(&transformer_config).map_err(|message| EngineError::Model {
+                path: config_path.clone(),
+                message,
+            })?;
         if variant.is_i2v() != pipeline_i2v {
             return Err(EngineError::Model {
                 path: config_path,
@@ -236,13 +266,27 @@ impl ModelFolder {
             });
         }
         let scheduler_path = root.join("scheduler").join("scheduler_config.json");
-        let scheduler_config_json = std::fs::read_to_string(&scheduler_path)
-            .map_err(|source| EngineError::Io { path: scheduler_path.clone(), source })?;
+        let scheduler_config_json =
+            std::fs::read_to_string(&scheduler_path).map_err(|source| EngineError::Io {
+                path: scheduler_path.clone(),
+                source,
+            })?;
         // Parse once now so that a bad scheduler config is reported at load time.
-        cogvx_scheduler::SchedulerConfig::from_json(&scheduler_config_json, &scheduler_path.display().to_string())?;
+        cogvx_scheduler::SchedulerConfig::from_json(
+            &scheduler_config_json,
+            &scheduler_path.display().to_string(),
+        )?;
         let scheduler_class = &index.components["scheduler"].1;
-        let scheduler_kind = SchedulerKind::from_class_name(scheduler_class).expect("checked against KNOWN_COMPONENTS");
-        Ok(ModelFolder { root, index, variant, transformer_config, scheduler_config_json, scheduler_kind })
+        let scheduler_kind = SchedulerKind::from_class_name(scheduler_class)
+            .expect("checked against KNOWN_COMPONENTS");
+        Ok(ModelFolder {
+            root,
+            index,
+            variant,
+            transformer_config,
+            scheduler_config_json,
+            scheduler_kind,
+        })
     }
 
     /// The folder of a component (`transformer`, `vae`, ...).

@@ -64,9 +64,12 @@ pub struct Row {
     pub seconds: f64,
 }
 
+/// Output name (without `out.`) -> computed tensor.
+pub type CaseOutputs = BTreeMap<String, HostTensor>;
+
 /// Runs one case's component and returns output name -> computed tensor.
 pub type CaseFn<B> =
-    Box<dyn Fn(&Case, &burn::tensor::Device<B>) -> Result<BTreeMap<String, HostTensor>, String> + Send + Sync>;
+    Box<dyn Fn(&Case, &burn::tensor::Device<B>) -> Result<CaseOutputs, String> + Send + Sync>;
 
 /// What the runner does with a component.
 enum Handler<B: Backend> {
@@ -83,9 +86,11 @@ pub struct ParityRunner<B: Backend> {
 }
 
 fn run<B: Backend, E: std::fmt::Display + 'static>(
-    f: fn(&Case, &B::Device) -> Result<BTreeMap<String, HostTensor>, E>,
+    f: fn(&Case, &B::Device) -> Result<CaseOutputs, E>,
 ) -> Handler<B> {
-    Handler::Run(Box::new(move |case, device| f(case, device).map_err(|e| e.to_string())))
+    Handler::Run(Box::new(move |case, device| {
+        f(case, device).map_err(|e| e.to_string())
+    }))
 }
 
 impl<B: Backend> ParityRunner<B> {
@@ -94,14 +99,23 @@ impl<B: Backend> ParityRunner<B> {
     /// `train_step_lora` is reported as not implemented.
     pub fn new(device: B::Device) -> Self {
         let mut handlers: BTreeMap<String, Handler<B>> = BTreeMap::new();
-        handlers.insert("transformer".into(), run::<B, _>(cogvx_transformer::run_case::<B>));
+        handlers.insert(
+            "transformer".into(),
+            run::<B, _>(cogvx_transformer::run_case::<B>),
+        );
         handlers.insert("vae_encode".into(), run::<B, _>(cogvx_vae::run_case::<B>));
         handlers.insert("vae_decode".into(), run::<B, _>(cogvx_vae::run_case::<B>));
-        handlers.insert("text_encoder".into(), run::<B, _>(cogvx_text::run_case::<B>));
+        handlers.insert(
+            "text_encoder".into(),
+            run::<B, _>(cogvx_text::run_case::<B>),
+        );
         for c in cogvx_scheduler::CASE_COMPONENTS {
             handlers.insert(c.into(), run::<B, _>(cogvx_scheduler::run_case::<B>));
         }
-        handlers.insert("pipeline_t2v".into(), run::<B, _>(crate::pipeline::run_case::<B>));
+        handlers.insert(
+            "pipeline_t2v".into(),
+            run::<B, _>(crate::pipeline::run_case::<B>),
+        );
         handlers.insert(
             "train_step_lora".into(),
             Handler::<B>::NotImplemented("the LoRA training step comes with the trainer".into()),
@@ -143,11 +157,21 @@ impl<B: Backend> ParityRunner<B> {
 
     /// Runs one case file and returns its rows.
     pub fn run_file(&self, path: &Path) -> Vec<Row> {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let start = Instant::now();
         let case = match Case::load(path) {
             Ok(c) => c,
-            Err(e) => return vec![case_row(&stem, "?", Status::Fail(format!("cannot read the case: {e}")), 0.0)],
+            Err(e) => {
+                return vec![case_row(
+                    &stem,
+                    "?",
+                    Status::Fail(format!("cannot read the case: {e}")),
+                    0.0,
+                )]
+            }
         };
         let handler = match self.handlers.get(&case.component) {
             Some(h) => h,
@@ -166,13 +190,23 @@ impl<B: Backend> ParityRunner<B> {
         };
         let result = match handler {
             Handler::NotImplemented(reason) => {
-                return vec![case_row(&case.name, &case.component, Status::NotImplemented(reason.clone()), 0.0)]
+                return vec![case_row(
+                    &case.name,
+                    &case.component,
+                    Status::NotImplemented(reason.clone()),
+                    0.0,
+                )]
             }
             Handler::Run(f) => f(&case, &self.device),
         };
         let seconds = start.elapsed().as_secs_f64();
         match result {
-            Err(e) => vec![case_row(&case.name, &case.component, Status::Fail(e), seconds)],
+            Err(e) => vec![case_row(
+                &case.name,
+                &case.component,
+                Status::Fail(e),
+                seconds,
+            )],
             Ok(got) => compare(&case, &got, seconds),
         }
     }
@@ -192,11 +226,16 @@ fn case_row(case: &str, component: &str, status: Status, seconds: f64) -> Row {
 
 /// The case files of a folder, sorted.
 pub fn case_files(cases_dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
-    let entries =
-        std::fs::read_dir(cases_dir).map_err(|source| EngineError::Io { path: cases_dir.to_path_buf(), source })?;
+    let entries = std::fs::read_dir(cases_dir).map_err(|source| EngineError::Io {
+        path: cases_dir.to_path_buf(),
+        source,
+    })?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| EngineError::Io { path: cases_dir.to_path_buf(), source })?;
+        let entry = entry.map_err(|source| EngineError::Io {
+            path: cases_dir.to_path_buf(),
+            source,
+        })?;
         let path = entry.path();
         if path.is_file() && path.extension().is_some_and(|e| e == "safetensors") {
             files.push(path);
@@ -207,14 +246,30 @@ pub fn case_files(cases_dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
 }
 
 /// Compares one expected tensor with the computed one.
-fn compare_one(got: Option<&HostTensor>, want: &HostTensor, tolerance: Tolerance) -> (Option<f64>, Tolerance, Status) {
+fn compare_one(
+    got: Option<&HostTensor>,
+    want: &HostTensor,
+    tolerance: Tolerance,
+) -> (Option<f64>, Tolerance, Status) {
     let Some(got) = got else {
-        let tol = if matches!(want.data, HostData::I64(_)) { Tolerance::Exact } else { tolerance };
+        let tol = if matches!(want.data, HostData::I64(_)) {
+            Tolerance::Exact
+        } else {
+            tolerance
+        };
         return (None, tol, Status::Fail("not computed".into()));
     };
     if got.shape != want.shape {
-        let tol = if matches!(want.data, HostData::I64(_)) { Tolerance::Exact } else { tolerance };
-        return (None, tol, Status::Fail(format!("shape {:?}, expected {:?}", got.shape, want.shape)));
+        let tol = if matches!(want.data, HostData::I64(_)) {
+            Tolerance::Exact
+        } else {
+            tolerance
+        };
+        return (
+            None,
+            tol,
+            Status::Fail(format!("shape {:?}, expected {:?}", got.shape, want.shape)),
+        );
     }
     match &want.data {
         HostData::I64(w) => {
@@ -236,7 +291,11 @@ fn compare_one(got: Option<&HostTensor>, want: &HostTensor, tolerance: Tolerance
                 Tolerance::RelL2(t) => t,
                 Tolerance::Exact => 0.0,
             };
-            let status = if err <= tol { Status::Ok } else { Status::Fail(format!("rel L2 {err:.3e} > {tol:.0e}")) };
+            let status = if err <= tol {
+                Status::Ok
+            } else {
+                Status::Fail(format!("rel L2 {err:.3e} > {tol:.0e}"))
+            };
             (Some(err), tolerance, status)
         }
     }
@@ -258,7 +317,10 @@ fn compare(case: &Case, got: &BTreeMap<String, HostTensor>, seconds: f64) -> Vec
         })
     };
     for (name, want) in &case.outputs {
-        push(name.clone(), compare_one(got.get(name), want, case.tolerance_for(name)));
+        push(
+            name.clone(),
+            compare_one(got.get(name), want, case.tolerance_for(name)),
+        );
     }
     for (name, g) in got {
         if case.outputs.contains_key(name) {
@@ -266,12 +328,20 @@ fn compare(case: &Case, got: &BTreeMap<String, HostTensor>, seconds: f64) -> Vec
         }
         if let Some(want) = case.inputs.get(name) {
             if matches!(want.data, HostData::I64(_)) {
-                push(format!("in.{name}"), compare_one(Some(g), want, case.tolerance_for(name)));
+                push(
+                    format!("in.{name}"),
+                    compare_one(Some(g), want, case.tolerance_for(name)),
+                );
             }
         }
     }
     if rows.is_empty() {
-        rows.push(case_row(&case.name, &case.component, Status::Fail("the case has no outputs".into()), seconds));
+        rows.push(case_row(
+            &case.name,
+            &case.component,
+            Status::Fail("the case has no outputs".into()),
+            seconds,
+        ));
     }
     rows
 }
@@ -291,7 +361,15 @@ pub struct Table<'a>(pub &'a [Row]);
 
 impl std::fmt::Display for Table<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let header = ["case", "component", "output", "rel L2", "tolerance", "time", "status"];
+        let header = [
+            "case",
+            "component",
+            "output",
+            "rel L2",
+            "tolerance",
+            "time",
+            "status",
+        ];
         let cells: Vec<[String; 7]> = self
             .0
             .iter()
@@ -330,7 +408,13 @@ impl std::fmt::Display for Table<'_> {
         let ok = self.0.iter().filter(|r| r.status == Status::Ok).count();
         let failed = self.0.iter().filter(|r| r.status.is_failure()).count();
         let skipped = self.0.iter().filter(|r| r.status.is_skipped()).count();
-        let cases: std::collections::BTreeSet<&str> = self.0.iter().map(|r| r.case.as_str()).collect();
-        write!(f, "{} cases, {} rows: {ok} ok, {failed} FAIL, {skipped} skipped", cases.len(), self.0.len())
+        let cases: std::collections::BTreeSet<&str> =
+            self.0.iter().map(|r| r.case.as_str()).collect();
+        write!(
+            f,
+            "{} cases, {} rows: {ok} ok, {failed} FAIL, {skipped} skipped",
+            cases.len(),
+            self.0.len()
+        )
     }
 }

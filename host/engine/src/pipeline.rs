@@ -77,7 +77,9 @@ pub struct SeededNoise {
 
 impl SeededNoise {
     pub fn new(seed: u64) -> Self {
-        SeededNoise { rng: StdRng::seed_from_u64(seed) }
+        SeededNoise {
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// `n` standard-normal values.
@@ -128,9 +130,17 @@ impl<B: Backend> CogVideoXPipeline<B> {
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, EngineError> {
         let folder = ModelFolder::open(dir)?;
         let prompt_encoder = PromptEncoder::load(&folder.root, device)?;
-        let transformer = CogVideoXTransformer3DModel::from_dir(&folder.component_dir("transformer"), device)?;
-        let (vae, vae_config) = AutoencoderKLCogVideoX::from_dir(&folder.component_dir("vae"), device)?;
-        Ok(CogVideoXPipeline { folder, prompt_encoder, transformer, vae, vae_config })
+        let transformer =
+            CogVideoXTransformer3DModel::from_dir(&folder.component_dir("transformer"), device)?;
+        let (vae, vae_config) =
+            AutoencoderKLCogVideoX::from_dir(&folder.component_dir("vae"), device)?;
+        Ok(CogVideoXPipeline {
+            folder,
+            prompt_encoder,
+            transformer,
+            vae,
+            vae_config,
+        })
     }
 
     /// `2 ** (len(vae.block_out_channels) - 1)` (8).
@@ -155,7 +165,11 @@ impl<B: Backend> CogVideoXPipeline<B> {
 
     /// Generates videos with the folder's scheduler and [`SeededNoise`] from `request.seed`.
     /// Returns frames `[B, T, 3, H, W]` in [0, 1].
-    pub fn generate(&self, request: &T2vRequest, device: &B::Device) -> Result<Tensor<B, 5>, EngineError> {
+    pub fn generate(
+        &self,
+        request: &T2vRequest,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 5>, EngineError> {
         let plan = self.default_plan(request.num_inference_steps)?;
         let mut noise = SeededNoise::new(request.seed);
         self.generate_with(request, plan, None, &mut noise, &mut |_, _| {}, device)
@@ -174,7 +188,8 @@ impl<B: Backend> CogVideoXPipeline<B> {
         on_step: &mut dyn FnMut(usize, usize),
         device: &B::Device,
     ) -> Result<Tensor<B, 5>, EngineError> {
-        let (latents, additional_frames) = self.denoise(request, plan, latents, noise, on_step, device)?;
+        let (latents, additional_frames) =
+            self.denoise(request, plan, latents, noise, on_step, device)?;
         let f = latents.dims()[1];
         let latents = latents.narrow(1, additional_frames, f - additional_frames);
         self.decode_latents(latents, &request.vae_options)
@@ -220,7 +235,8 @@ impl<B: Backend> CogVideoXPipeline<B> {
 
         // encode_prompt: [negative; positive] on the batch when guiding.
         let enc = &self.prompt_encoder;
-        let mut prompt_embeds = enc.encode(&request.prompts, request.max_sequence_length, 1, device)?;
+        let mut prompt_embeds =
+            enc.encode(&request.prompts, request.max_sequence_length, 1, device)?;
         if do_cfg {
             let negative = request.negative_prompt.clone().unwrap_or_default();
             let negatives = vec![negative; batch_size];
@@ -237,7 +253,13 @@ impl<B: Backend> CogVideoXPipeline<B> {
                 num_frames += additional_frames * temporal;
             }
         }
-        let shape = [batch_size, (num_frames - 1) / temporal + 1, tc.in_channels, height / spatial, width / spatial];
+        let shape = [
+            batch_size,
+            (num_frames - 1) / temporal + 1,
+            tc.in_channels,
+            height / spatial,
+            width / spatial,
+        ];
         let latents = match latents {
             Some(l) => {
                 if l.dims() != shape {
@@ -253,17 +275,27 @@ impl<B: Backend> CogVideoXPipeline<B> {
         // init_noise_sigma is 1.0 for both CogVideoX schedulers.
         let mut latents = latents;
 
-        let rotary = self.transformer.image_rotary_emb(shape[1], shape[3], shape[4], device)?;
+        let rotary = self
+            .transformer
+            .image_rotary_emb(shape[1], shape[3], shape[4], device)?;
         let num_inference_steps = plan.steps.len();
         let mut executor = PlanExecutor::<B, 5>::new(plan)?;
         let mut i = 0;
         while let Some(t) = executor.current_timestep() {
-            let latent_model_input =
-                if do_cfg { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
+            let latent_model_input = if do_cfg {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
             let n = latent_model_input.dims()[0];
             let timestep = Tensor::<B, 1>::full([n], t as f32, device);
-            let noise_pred =
-                self.transformer.forward(latent_model_input, prompt_embeds.clone(), timestep, None, rotary.as_ref())?;
+            let noise_pred = self.transformer.forward(
+                latent_model_input,
+                prompt_embeds.clone(),
+                timestep,
+                None,
+                rotary.as_ref(),
+            )?;
             let guidance_scale = if request.use_dynamic_cfg {
                 dynamic_guidance_scale(request.guidance_scale, num_inference_steps, t)
             } else {
@@ -276,7 +308,11 @@ impl<B: Backend> CogVideoXPipeline<B> {
             } else {
                 noise_pred
             };
-            let step_noise = if executor.needs_noise() { Some(noise.sample(shape, device)) } else { None };
+            let step_noise = if executor.needs_noise() {
+                Some(noise.sample(shape, device))
+            } else {
+                None
+            };
             latents = executor.step(latents, noise_pred, step_noise)?.prev_sample;
             i += 1;
             on_step(i, num_inference_steps);
@@ -287,7 +323,11 @@ impl<B: Backend> CogVideoXPipeline<B> {
     /// The pipeline's `decode_latents` + `postprocess_video(output_type="pt")`: latents
     /// `[B, F, C, h, w]` → `1 / scaling_factor` → VAE decode → `(x / 2 + 0.5).clamp(0, 1)` →
     /// frames `[B, T, 3, H, W]`.
-    pub fn decode_latents(&self, latents: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, EngineError> {
+    pub fn decode_latents(
+        &self,
+        latents: Tensor<B, 5>,
+        options: &VaeOptions,
+    ) -> Result<Tensor<B, 5>, EngineError> {
         let latents = latents.swap_dims(1, 2); // [B, C, F, h, w]
         let latents = self.vae.unscale_latents(latents);
         let video = self.vae.decode(latents, options)?; // [B, 3, T, H, W]
@@ -308,7 +348,10 @@ pub fn plan_from_plugin(
     };
     plugin
         .scheduler_plan(&request)
-        .map_err(|e| EngineError::Plugin { plugin: plugin.info().name, message: e.to_string() })
+        .map_err(|e| EngineError::Plugin {
+            plugin: plugin.info().name,
+            message: e.to_string(),
+        })
 }
 
 fn param<'a>(case: &'a Case, key: &str) -> Result<&'a serde_json::Value, EngineError> {
@@ -319,13 +362,21 @@ fn param_usize(case: &Case, key: &str) -> Result<usize, EngineError> {
     param(case, key)?
         .as_u64()
         .map(|v| v as usize)
-        .ok_or_else(|| EngineError::Input(format!("case {}: params.{key} is not a non-negative integer", case.name)))
+        .ok_or_else(|| {
+            EngineError::Input(format!(
+                "case {}: params.{key} is not a non-negative integer",
+                case.name
+            ))
+        })
 }
 
 /// Runs a `pipeline_t2v` parity case: the case's prompt, negative prompt, steps, guidance,
 /// sizes and `max_sequence_length`, the folder's scheduler, starting from `in.latents`.
 /// Returns `{"frames": [1, T, 3, H, W]}`.
-pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, EngineError> {
+pub fn run_case<B: Backend>(
+    case: &Case,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, EngineError> {
     if case.component != "pipeline_t2v" {
         return Err(EngineError::Input(format!(
             "case {}: component `{}` is not run by the pipeline (it runs pipeline_t2v)",
@@ -336,7 +387,10 @@ pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<
         match case.params.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(EngineError::Input(format!("case {}: params.{key} is not a string: {v}", case.name))),
+            Some(v) => Err(EngineError::Input(format!(
+                "case {}: params.{key} is not a string: {v}",
+                case.name
+            ))),
         }
     };
     let prompt = text("prompt")?
@@ -348,10 +402,17 @@ pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<
         width: Some(param_usize(case, "width")?),
         num_frames: Some(param_usize(case, "num_frames")?),
         num_inference_steps: param_usize(case, "num_inference_steps")?,
-        guidance_scale: param(case, "guidance_scale")?
-            .as_f64()
-            .ok_or_else(|| EngineError::Input(format!("case {}: params.guidance_scale is not a number", case.name)))?,
-        use_dynamic_cfg: case.params.get("use_dynamic_cfg").and_then(|v| v.as_bool()).unwrap_or(false),
+        guidance_scale: param(case, "guidance_scale")?.as_f64().ok_or_else(|| {
+            EngineError::Input(format!(
+                "case {}: params.guidance_scale is not a number",
+                case.name
+            ))
+        })?,
+        use_dynamic_cfg: case
+            .params
+            .get("use_dynamic_cfg")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
         max_sequence_length: param_usize(case, "max_sequence_length")?,
         seed: 0,
         vae_options: VaeOptions::default(),
@@ -360,6 +421,16 @@ pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<
     let latents = case.input("latents")?.to_tensor::<B, 5>(device)?;
     let plan = pipe.default_plan(request.num_inference_steps)?;
     let mut noise = SeededNoise::new(request.seed);
-    let frames = pipe.generate_with(&request, plan, Some(latents), &mut noise, &mut |_, _| {}, device)?;
-    Ok(BTreeMap::from([("frames".to_string(), HostTensor::from_tensor(frames))]))
+    let frames = pipe.generate_with(
+        &request,
+        plan,
+        Some(latents),
+        &mut noise,
+        &mut |_, _| {},
+        device,
+    )?;
+    Ok(BTreeMap::from([(
+        "frames".to_string(),
+        HostTensor::from_tensor(frames),
+    )]))
 }

@@ -6,11 +6,17 @@ use cogvx_engine::{EngineError, ModelFolder, Variant};
 use cogvx_scheduler::SchedulerKind;
 
 fn models() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models"));
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/models"
+    ));
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED: shared reference models not found at {}", dir.display());
+        eprintln!(
+            "SKIPPED: shared reference models not found at {}",
+            dir.display()
+        );
         None
     }
 }
@@ -36,7 +42,11 @@ fn detects_every_reference_variant() {
 fn config_copy(models: &Path, folder: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let src = models.join(folder);
-    std::fs::copy(src.join("model_index.json"), tmp.path().join("model_index.json")).unwrap();
+    std::fs::copy(
+        src.join("model_index.json"),
+        tmp.path().join("model_index.json"),
+    )
+    .unwrap();
     for (component, file) in [
         ("transformer", "config.json"),
         ("vae", "config.json"),
@@ -45,13 +55,18 @@ fn config_copy(models: &Path, folder: &str) -> tempfile::TempDir {
         ("scheduler", "scheduler_config.json"),
     ] {
         std::fs::create_dir(tmp.path().join(component)).unwrap();
-        std::fs::copy(src.join(component).join(file), tmp.path().join(component).join(file)).unwrap();
+        std::fs::copy(
+            src.join(component).join(file),
+            tmp.path().join(component).join(file),
+        )
+        .unwrap();
     }
     tmp
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -67,16 +82,28 @@ fn bad_folders_give_clear_errors() {
     // Not a diffusers folder at all.
     let empty = tempfile::tempdir().unwrap();
     let m = open_err(empty.path());
-    assert!(m.contains("model_index.json") && m.contains("diffusers CogVideoX folder"), "{m}");
+    assert!(
+        m.contains("model_index.json") && m.contains("diffusers CogVideoX folder"),
+        "{m}"
+    );
 
     // The copy opens as the original.
     let tmp = config_copy(&models, "cogvideox-5b-tiny");
-    assert_eq!(ModelFolder::open(tmp.path()).unwrap().variant, Variant::CogVideoX5b);
+    assert_eq!(
+        ModelFolder::open(tmp.path()).unwrap().variant,
+        Variant::CogVideoX5b
+    );
 
     // Unknown pipeline class.
-    edit_json(&tmp.path().join("model_index.json"), |v| v["_class_name"] = "StableDiffusionPipeline".into());
+    edit_json(&tmp.path().join("model_index.json"), |v| {
+        v["_class_name"] = "StableDiffusionPipeline".into()
+    });
     let m = open_err(tmp.path());
-    assert!(m.contains("unknown pipeline class `StableDiffusionPipeline`") && m.contains("CogVideoXPipeline"), "{m}");
+    assert!(
+        m.contains("unknown pipeline class `StableDiffusionPipeline`")
+            && m.contains("CogVideoXPipeline"),
+        "{m}"
+    );
 
     // Unknown component class.
     let tmp = config_copy(&models, "cogvideox-5b-tiny");
@@ -84,7 +111,11 @@ fn bad_folders_give_clear_errors() {
         v["scheduler"] = serde_json::json!(["diffusers", "EulerDiscreteScheduler"])
     });
     let m = open_err(tmp.path());
-    assert!(m.contains("`scheduler` is `EulerDiscreteScheduler`") && m.contains("CogVideoXDPMScheduler"), "{m}");
+    assert!(
+        m.contains("`scheduler` is `EulerDiscreteScheduler`")
+            && m.contains("CogVideoXDPMScheduler"),
+        "{m}"
+    );
 
     // Missing component folder.
     let tmp = config_copy(&models, "cogvideox-5b-tiny");
@@ -94,30 +125,53 @@ fn bad_folders_give_clear_errors() {
 
     // A transformer config no CogVideoX checkpoint has.
     let tmp = config_copy(&models, "cogvideox-5b-tiny");
-    edit_json(&tmp.path().join("transformer/config.json"), |v| v["in_channels"] = 12.into());
+    edit_json(&tmp.path().join("transformer/config.json"), |v| {
+        v["in_channels"] = 12.into()
+    });
     let m = open_err(tmp.path());
-    assert!(m.contains("unknown CogVideoX variant") && m.contains("in_channels = 12"), "{m}");
+    assert!(
+        m.contains("unknown CogVideoX variant") && m.contains("in_channels = 12"),
+        "{m}"
+    );
     let tmp = config_copy(&models, "cogvideox1.5-5b-i2v-tiny");
-    edit_json(&tmp.path().join("transformer/config.json"), |v| v["ofs_embed_dim"] = serde_json::Value::Null);
+    edit_json(&tmp.path().join("transformer/config.json"), |v| {
+        v["ofs_embed_dim"] = serde_json::Value::Null
+    });
     let m = open_err(tmp.path());
-    assert!(m.contains("unknown CogVideoX variant") && m.contains("ofs_embed_dim = None"), "{m}");
+    assert!(
+        m.contains("unknown CogVideoX variant") && m.contains("ofs_embed_dim = None"),
+        "{m}"
+    );
 
     // A text-to-video pipeline class around an image-to-video transformer.
     let tmp = config_copy(&models, "cogvideox-5b-i2v-tiny");
-    edit_json(&tmp.path().join("model_index.json"), |v| v["_class_name"] = "CogVideoXPipeline".into());
+    edit_json(&tmp.path().join("model_index.json"), |v| {
+        v["_class_name"] = "CogVideoXPipeline".into()
+    });
     let m = open_err(tmp.path());
-    assert!(m.contains("image-to-video") && m.contains("mixes components"), "{m}");
+    assert!(
+        m.contains("image-to-video") && m.contains("mixes components"),
+        "{m}"
+    );
 
     // A bad scheduler value is reported at load time, naming file and key.
     let tmp = config_copy(&models, "cogvideox-2b-tiny");
-    edit_json(&tmp.path().join("scheduler/scheduler_config.json"), |v| v["timestep_spacing"] = "sometimes".into());
+    edit_json(&tmp.path().join("scheduler/scheduler_config.json"), |v| {
+        v["timestep_spacing"] = "sometimes".into()
+    });
     let m = open_err(tmp.path());
-    assert!(m.contains("scheduler_config.json") && m.contains("timestep_spacing"), "{m}");
+    assert!(
+        m.contains("scheduler_config.json") && m.contains("timestep_spacing"),
+        "{m}"
+    );
 
     // The DPM scheduler is picked up from model_index.json.
     let tmp = config_copy(&models, "cogvideox-2b-tiny");
     edit_json(&tmp.path().join("model_index.json"), |v| {
         v["scheduler"] = serde_json::json!(["diffusers", "CogVideoXDPMScheduler"])
     });
-    assert_eq!(ModelFolder::open(tmp.path()).unwrap().scheduler_kind, SchedulerKind::Dpm);
+    assert_eq!(
+        ModelFolder::open(tmp.path()).unwrap().scheduler_kind,
+        SchedulerKind::Dpm
+    );
 }

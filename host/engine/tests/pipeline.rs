@@ -10,7 +10,11 @@ use cogvx_plugin_api::Plugin;
 use cogvx_scheduler::CogVideoXDpm;
 
 fn model(name: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models")).join(name);
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/models"
+    ))
+    .join(name);
     if dir.is_dir() {
         Some(dir)
     } else {
@@ -51,14 +55,22 @@ fn max_abs_diff(a: Tensor<CpuBackend, 5>, b: Tensor<CpuBackend, 5>) -> f32 {
 
 #[test]
 fn cogvideox15_pads_latent_frames_and_dpm_is_seeded() {
-    let Some(dir) = model("cogvideox1.5-5b-tiny") else { return };
+    let Some(dir) = model("cogvideox1.5-5b-tiny") else {
+        return;
+    };
     let device = CpuDevice::default();
     let pipe = CogVideoXPipeline::<CpuBackend>::load(&dir, &device).unwrap();
     // Defaults: 9 frames of 64x96 → 3 latent frames, padded to 4 for patch_size_t = 2, cut back to 3.
     let frames = pipe.generate(&request(2, 6.0), &device).unwrap();
     assert_eq!(frames.dims(), [1, 9, 3, 64, 96]);
-    let (lo, hi) = (frames.clone().min().into_scalar(), frames.clone().max().into_scalar());
-    assert!((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && hi > lo, "range {lo}..{hi}");
+    let (lo, hi) = (
+        frames.clone().min().into_scalar(),
+        frames.clone().max().into_scalar(),
+    );
+    assert!(
+        (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && hi > lo,
+        "range {lo}..{hi}"
+    );
 
     // DPM through the plugin: noise at each step comes from the seeded source.
     let plan = CogVideoXDpm
@@ -71,7 +83,14 @@ fn cogvideox15_pads_latent_frames_and_dpm_is_seeded() {
         let mut noise = SeededNoise::new(seed);
         let mut steps = Vec::new();
         let out = pipe
-            .generate_with(&request(3, 6.0), plan.clone(), None, &mut noise, &mut |i, n| steps.push((i, n)), &device)
+            .generate_with(
+                &request(3, 6.0),
+                plan.clone(),
+                None,
+                &mut noise,
+                &mut |i, n| steps.push((i, n)),
+                &device,
+            )
             .unwrap();
         assert_eq!(steps, vec![(1, 3), (2, 3), (3, 3)]);
         out
@@ -85,31 +104,59 @@ fn cogvideox15_pads_latent_frames_and_dpm_is_seeded() {
 
 #[test]
 fn guidance_and_latent_checks() {
-    let Some(dir) = model("cogvideox-2b-tiny") else { return };
+    let Some(dir) = model("cogvideox-2b-tiny") else {
+        return;
+    };
     let device = CpuDevice::default();
     let pipe = CogVideoXPipeline::<CpuBackend>::load(&dir, &device).unwrap();
     // Guidance 1 runs the transformer without the negative prompt; dynamic CFG changes the result.
     let plain = pipe.generate(&request(2, 1.0), &device).unwrap();
     assert_eq!(plain.dims(), [1, 9, 3, 64, 96]);
     let fixed = pipe.generate(&request(2, 6.0), &device).unwrap();
-    let dynamic = pipe.generate(&T2vRequest { use_dynamic_cfg: true, ..request(2, 6.0) }, &device).unwrap();
+    let dynamic = pipe
+        .generate(
+            &T2vRequest {
+                use_dynamic_cfg: true,
+                ..request(2, 6.0)
+            },
+            &device,
+        )
+        .unwrap();
     assert!(max_abs_diff(plain, fixed.clone()) > 1e-4);
     assert!(max_abs_diff(fixed, dynamic) > 1e-5);
     // Given latents of the wrong shape are refused with the expected shape.
     let wrong = Tensor::<CpuBackend, 5>::zeros([1, 2, 4, 8, 12], &device);
     let plan = pipe.default_plan(2).unwrap();
     let e = pipe
-        .generate_with(&request(2, 6.0), plan, Some(wrong), &mut SeededNoise::new(0), &mut |_, _| {}, &device)
+        .generate_with(
+            &request(2, 6.0),
+            plan,
+            Some(wrong),
+            &mut SeededNoise::new(0),
+            &mut |_, _| {},
+            &device,
+        )
         .err()
         .unwrap();
     assert!(e.to_string().contains("expected [1, 3, 4, 8, 12]"), "{e}");
-    let e = pipe.generate(&T2vRequest { height: Some(60), ..request(2, 6.0) }, &device).err().unwrap();
+    let e = pipe
+        .generate(
+            &T2vRequest {
+                height: Some(60),
+                ..request(2, 6.0)
+            },
+            &device,
+        )
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("divisible by 8"), "{e}");
 }
 
 #[test]
 fn image_to_video_folders_are_refused_for_text_to_video() {
-    let Some(dir) = model("cogvideox-5b-i2v-tiny") else { return };
+    let Some(dir) = model("cogvideox-5b-i2v-tiny") else {
+        return;
+    };
     let device = CpuDevice::default();
     let pipe = CogVideoXPipeline::<CpuBackend>::load(&dir, &device).unwrap();
     let e = pipe.generate(&request(2, 6.0), &device).err().unwrap();

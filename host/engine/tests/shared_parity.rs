@@ -5,11 +5,18 @@ use std::path::PathBuf;
 use cogvx_engine::parity::{all_passed, run_dir, Status, Table};
 
 fn shared(sub: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference")).join(sub);
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference"
+    ))
+    .join(sub);
     if dir.exists() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED: shared reference data not found at {}", dir.display());
+        eprintln!(
+            "SKIPPED: shared reference data not found at {}",
+            dir.display()
+        );
         None
     }
 }
@@ -20,7 +27,12 @@ fn every_shared_case_passes_except_the_training_step() {
     let rows = run_dir(&dir).unwrap();
     eprintln!("{}", Table(&rows));
     let failures: Vec<_> = rows.iter().filter(|r| r.status.is_failure()).collect();
-    assert!(failures.is_empty(), "{} failing rows:\n{:#?}", failures.len(), failures);
+    assert!(
+        failures.is_empty(),
+        "{} failing rows:\n{:#?}",
+        failures.len(),
+        failures
+    );
     for component in [
         "transformer",
         "vae_encode",
@@ -32,12 +44,18 @@ fn every_shared_case_passes_except_the_training_step() {
         "pipeline_t2v",
     ] {
         assert!(
-            rows.iter().any(|r| r.component == component && r.status == Status::Ok),
+            rows.iter()
+                .any(|r| r.component == component && r.status == Status::Ok),
             "no passing row for {component}"
         );
     }
-    let lora: Vec<_> = rows.iter().filter(|r| r.component == "train_step_lora").collect();
+    let lora: Vec<_> = rows
+        .iter()
+        .filter(|r| r.component == "train_step_lora")
+        .collect();
     assert_eq!(lora.len(), 5, "one row per train_step_lora case");
-    assert!(lora.iter().all(|r| matches!(r.status, Status::NotImplemented(_))));
+    assert!(lora
+        .iter()
+        .all(|r| matches!(r.status, Status::NotImplemented(_))));
     assert!(all_passed(&rows));
 }

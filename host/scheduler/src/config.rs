@@ -121,7 +121,9 @@ impl SchedulerConfig {
             Some(other) => {
                 return Err(r.err(
                     "prediction_type",
-                    format!("unknown value {other:?}; expected \"epsilon\", \"sample\" or \"v_prediction\""),
+                    format!(
+                    "unknown value {other:?}; expected \"epsilon\", \"sample\" or \"v_prediction\""
+                ),
                 ))
             }
         };
@@ -133,7 +135,9 @@ impl SchedulerConfig {
             Some(other) => {
                 return Err(r.err(
                     "timestep_spacing",
-                    format!("unknown value {other:?}; expected \"linspace\", \"leading\" or \"trailing\""),
+                    format!(
+                    "unknown value {other:?}; expected \"linspace\", \"leading\" or \"trailing\""
+                ),
                 ))
             }
         };
@@ -142,24 +146,39 @@ impl SchedulerConfig {
             Some(Value::Array(items)) => Some(
                 items
                     .iter()
-                    .map(|v| v.as_f64().ok_or_else(|| r.err("trained_betas", "expected an array of numbers".into())))
+                    .map(|v| {
+                        v.as_f64().ok_or_else(|| {
+                            r.err("trained_betas", "expected an array of numbers".into())
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
-            Some(_) => return Err(r.err("trained_betas", "expected an array of numbers or null".into())),
+            Some(_) => {
+                return Err(r.err(
+                    "trained_betas",
+                    "expected an array of numbers or null".into(),
+                ))
+            }
         };
         let cfg = SchedulerConfig {
             class_name,
-            num_train_timesteps: r.opt_usize("num_train_timesteps")?.unwrap_or(d.num_train_timesteps),
+            num_train_timesteps: r
+                .opt_usize("num_train_timesteps")?
+                .unwrap_or(d.num_train_timesteps),
             beta_start: r.opt_f64("beta_start")?.unwrap_or(d.beta_start),
             beta_end: r.opt_f64("beta_end")?.unwrap_or(d.beta_end),
             beta_schedule,
             trained_betas,
             clip_sample: r.opt_bool("clip_sample")?.unwrap_or(d.clip_sample),
-            set_alpha_to_one: r.opt_bool("set_alpha_to_one")?.unwrap_or(d.set_alpha_to_one),
+            set_alpha_to_one: r
+                .opt_bool("set_alpha_to_one")?
+                .unwrap_or(d.set_alpha_to_one),
             steps_offset: r.opt_usize("steps_offset")?.unwrap_or(d.steps_offset),
             prediction_type,
             timestep_spacing,
-            rescale_betas_zero_snr: r.opt_bool("rescale_betas_zero_snr")?.unwrap_or(d.rescale_betas_zero_snr),
+            rescale_betas_zero_snr: r
+                .opt_bool("rescale_betas_zero_snr")?
+                .unwrap_or(d.rescale_betas_zero_snr),
             snr_shift_scale: r.opt_f64("snr_shift_scale")?.unwrap_or(d.snr_shift_scale),
         };
         if cfg.num_train_timesteps == 0 {
@@ -169,7 +188,11 @@ impl SchedulerConfig {
             if b.len() != cfg.num_train_timesteps {
                 return Err(r.err(
                     "trained_betas",
-                    format!("has {} values but num_train_timesteps is {}", b.len(), cfg.num_train_timesteps),
+                    format!(
+                        "has {} values but num_train_timesteps is {}",
+                        b.len(),
+                        cfg.num_train_timesteps
+                    ),
                 ));
             }
         }
@@ -193,7 +216,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, key: &str, message: String) -> SchedulerError {
-        SchedulerError::Config { source_name: self.source.to_string(), message: format!("key `{key}`: {message}") }
+        SchedulerError::Config {
+            source_name: self.source.to_string(),
+            message: format!("key `{key}`: {message}"),
+        }
     }
 
     fn get(&self, key: &str) -> Option<&Value> {
@@ -211,17 +237,19 @@ impl Reader<'_> {
     fn opt_f64(&self, key: &str) -> Result<Option<f64>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
         }
     }
 
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 

@@ -17,7 +17,11 @@ pub struct StepOutput<B: Backend, const D: usize> {
 }
 
 /// `acc + c * x`, skipping the term when `c == 0` (as a zero coefficient contributes nothing).
-fn axpy<B: Backend, const D: usize>(acc: Option<Tensor<B, D>>, c: f64, x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+fn axpy<B: Backend, const D: usize>(
+    acc: Option<Tensor<B, D>>,
+    c: f64,
+    x: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
     if c == 0.0 {
         return acc;
     }
@@ -47,8 +51,12 @@ pub fn apply_step<B: Backend, const D: usize>(
             sample.dims()
         )));
     }
-    let x0 = axpy(axpy(None, coefs.x0_sample, &sample), coefs.x0_model_output, &model_output)
-        .unwrap_or_else(|| sample.zeros_like());
+    let x0 = axpy(
+        axpy(None, coefs.x0_sample, &sample),
+        coefs.x0_model_output,
+        &model_output,
+    )
+    .unwrap_or_else(|| sample.zeros_like());
     let mut prev = axpy(None, coefs.sample_coef, &sample);
     prev = axpy(prev, coefs.model_output_coef, &model_output);
     prev = axpy(prev, coefs.x0_coef, &x0);
@@ -92,7 +100,10 @@ pub fn apply_step<B: Backend, const D: usize>(
         prev = axpy(prev, coefs.noise_coef, &noise);
     }
     let prev_sample = prev.unwrap_or_else(|| sample.zeros_like());
-    Ok(StepOutput { prev_sample, pred_original_sample: x0 })
+    Ok(StepOutput {
+        prev_sample,
+        pred_original_sample: x0,
+    })
 }
 
 /// Whether a step adds noise (and so needs a noise tensor).
@@ -123,10 +134,22 @@ impl<B: Backend, const D: usize> PlanExecutor<B, D> {
     /// Starts at the plan's first step. An empty plan is an error.
     pub fn new(plan: InferencePlan) -> Result<Self, SchedulerError> {
         if plan.steps.is_empty() {
-            return Err(SchedulerError::Invalid("the inference plan has no steps".into()));
+            return Err(SchedulerError::Invalid(
+                "the inference plan has no steps".into(),
+            ));
         }
-        let keep = plan.steps.iter().map(|s| s.x0_history.len()).max().unwrap_or(0);
-        Ok(PlanExecutor { plan, index: 0, history: VecDeque::new(), keep })
+        let keep = plan
+            .steps
+            .iter()
+            .map(|s| s.x0_history.len())
+            .max()
+            .unwrap_or(0);
+        Ok(PlanExecutor {
+            plan,
+            index: 0,
+            history: VecDeque::new(),
+            keep,
+        })
     }
 
     /// The plan being executed.
@@ -151,7 +174,10 @@ impl<B: Backend, const D: usize> PlanExecutor<B, D> {
 
     /// Whether the next step needs a noise tensor.
     pub fn needs_noise(&self) -> bool {
-        self.plan.steps.get(self.index).is_some_and(step_needs_noise)
+        self.plan
+            .steps
+            .get(self.index)
+            .is_some_and(step_needs_noise)
     }
 
     /// Runs the next step and records its x0.
@@ -162,7 +188,10 @@ impl<B: Backend, const D: usize> PlanExecutor<B, D> {
         noise: Option<Tensor<B, D>>,
     ) -> Result<StepOutput<B, D>, SchedulerError> {
         let coefs = self.plan.steps.get(self.index).ok_or_else(|| {
-            SchedulerError::Invalid(format!("all {} steps of the plan already ran", self.plan.steps.len()))
+            SchedulerError::Invalid(format!(
+                "all {} steps of the plan already ran",
+                self.plan.steps.len()
+            ))
         })?;
         let history: Vec<Tensor<B, D>> = self.history.iter().cloned().collect();
         let out = apply_step(coefs, sample, model_output, &history, noise)?;

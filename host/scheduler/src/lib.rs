@@ -27,7 +27,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use cogvx_model_core::case::{Case, HostTensor};
 use cogvx_model_core::LoadError;
 use cogvx_plugin_api::{
-    InferencePlan, Plugin, PluginError, PluginInfo, PluginKind, PluginResult, SchedulerPlanRequest, SchedulerTables,
+    InferencePlan, Plugin, PluginError, PluginInfo, PluginKind, PluginResult, SchedulerPlanRequest,
+    SchedulerTables,
 };
 
 pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
@@ -46,7 +47,10 @@ pub const DPM_PLUGIN: &str = "cogvideox-dpm";
 pub enum SchedulerError {
     /// The scheduler config is malformed; `source_name` is the file (or where the text came from).
     #[error("{source_name}: {message}")]
-    Config { source_name: String, message: String },
+    Config {
+        source_name: String,
+        message: String,
+    },
     /// A value is out of range or inconsistent.
     #[error("{0}")]
     Invalid(String),
@@ -100,7 +104,11 @@ impl SchedulerKind {
     }
 
     /// The inference plan of this scheduler.
-    pub fn plan(self, schedule: &NoiseSchedule, num_inference_steps: usize) -> Result<InferencePlan, SchedulerError> {
+    pub fn plan(
+        self,
+        schedule: &NoiseSchedule,
+        num_inference_steps: usize,
+    ) -> Result<InferencePlan, SchedulerError> {
         match self {
             SchedulerKind::Ddim => ddim_plan(schedule, num_inference_steps),
             SchedulerKind::Dpm => dpm_plan(schedule, num_inference_steps),
@@ -150,7 +158,8 @@ impl Plugin for CogVideoXDpm {
             name: DPM_PLUGIN.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             kinds: vec![PluginKind::Scheduler],
-            description: "CogVideoX DPM-Solver++ 2M (diffusers CogVideoXDPMScheduler), built in".into(),
+            description: "CogVideoX DPM-Solver++ 2M (diffusers CogVideoXDPMScheduler), built in"
+                .into(),
         }
     }
 
@@ -176,7 +185,9 @@ fn timesteps_of(t: &HostTensor, n_train: usize) -> Result<Vec<usize>, SchedulerE
         .into_iter()
         .map(|v| {
             if v < 0 || v as usize >= n_train {
-                Err(SchedulerError::Invalid(format!("timestep {v} is outside 0..{n_train}")))
+                Err(SchedulerError::Invalid(format!(
+                    "timestep {v} is outside 0..{n_train}"
+                )))
             } else {
                 Ok(v as usize)
             }
@@ -186,8 +197,14 @@ fn timesteps_of(t: &HostTensor, n_train: usize) -> Result<Vec<usize>, SchedulerE
 
 /// A case tensor of any rank as `[shape[0], rest]` (every scheduler op is per batch element or
 /// element-wise), with its original shape to restore.
-fn batch_rows<B: Backend>(t: &HostTensor, device: &B::Device) -> Result<(Tensor<B, 2>, Vec<usize>), SchedulerError> {
-    let n = *t.shape.first().ok_or_else(|| SchedulerError::Shape("a scalar where a batch was expected".into()))?;
+fn batch_rows<B: Backend>(
+    t: &HostTensor,
+    device: &B::Device,
+) -> Result<(Tensor<B, 2>, Vec<usize>), SchedulerError> {
+    let n = *t
+        .shape
+        .first()
+        .ok_or_else(|| SchedulerError::Shape("a scalar where a batch was expected".into()))?;
     let rest = t.shape[1..].iter().product::<usize>();
     let flat = HostTensor::f32(vec![n, rest], t.to_f32());
     Ok((flat.to_tensor::<B, 2>(device)?, t.shape.clone()))
@@ -209,20 +226,32 @@ fn to_host<B: Backend>(t: Tensor<B, 2>, shape: &[usize]) -> HostTensor {
 /// * `scheduler_ddim` / `scheduler_dpm`: `timesteps` and `prev_sample.<i>` of a loop over
 ///   `params.num_inference_steps` steps fed with `model_output.<i>` (and DPM's `noise.<i>`),
 ///   executed through the coefficient plan of the built-in plugin.
-pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, SchedulerError> {
-    let config_path = case.model_dir.join("scheduler").join("scheduler_config.json");
-    let config_json = std::fs::read_to_string(&config_path)
-        .map_err(|e| SchedulerError::Invalid(format!("cannot read {}: {e}", config_path.display())))?;
+pub fn run_case<B: Backend>(
+    case: &Case,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, SchedulerError> {
+    let config_path = case
+        .model_dir
+        .join("scheduler")
+        .join("scheduler_config.json");
+    let config_json = std::fs::read_to_string(&config_path).map_err(|e| {
+        SchedulerError::Invalid(format!("cannot read {}: {e}", config_path.display()))
+    })?;
     let mut out = BTreeMap::new();
     match case.component.as_str() {
         "scheduler_train" => {
             let mut plugin = CogVideoXDdim;
-            let tables = plugin.scheduler_tables(&config_json).map_err(|e| SchedulerError::Invalid(e.to_string()))?;
+            let tables = plugin
+                .scheduler_tables(&config_json)
+                .map_err(|e| SchedulerError::Invalid(e.to_string()))?;
             let ac = &tables.alphas_cumprod;
             let (sample, shape) = batch_rows::<B>(case.input("sample")?, device)?;
             let (noise, noise_shape) = batch_rows::<B>(case.input("noise")?, device)?;
             if noise_shape != shape {
-                return Err(SchedulerError::Shape(format!("case {}: noise {noise_shape:?} vs sample {shape:?}", case.name)));
+                return Err(SchedulerError::Shape(format!(
+                    "case {}: noise {noise_shape:?} vs sample {shape:?}",
+                    case.name
+                )));
             }
             let ts = timesteps_of(case.input("timesteps")?, ac.len())?;
             let noisy = add_noise(ac, sample.clone(), noise.clone(), &ts)?;
@@ -235,21 +264,35 @@ pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<
             );
         }
         "scheduler_ddim" | "scheduler_dpm" => {
-            let steps = case
-                .param("num_inference_steps")?
-                .as_u64()
-                .ok_or_else(|| SchedulerError::Invalid(format!("case {}: num_inference_steps is not an integer", case.name)))?;
-            let request = SchedulerPlanRequest { config_json, num_inference_steps: steps as u32 };
-            let mut plugin: Box<dyn Plugin> =
-                if case.component == "scheduler_ddim" { Box::new(CogVideoXDdim) } else { Box::new(CogVideoXDpm) };
-            let plan = plugin.scheduler_plan(&request).map_err(|e| SchedulerError::Invalid(e.to_string()))?;
+            let steps = case.param("num_inference_steps")?.as_u64().ok_or_else(|| {
+                SchedulerError::Invalid(format!(
+                    "case {}: num_inference_steps is not an integer",
+                    case.name
+                ))
+            })?;
+            let request = SchedulerPlanRequest {
+                config_json,
+                num_inference_steps: steps as u32,
+            };
+            let mut plugin: Box<dyn Plugin> = if case.component == "scheduler_ddim" {
+                Box::new(CogVideoXDdim)
+            } else {
+                Box::new(CogVideoXDpm)
+            };
+            let plan = plugin
+                .scheduler_plan(&request)
+                .map_err(|e| SchedulerError::Invalid(e.to_string()))?;
             let timesteps: Vec<i64> = plan.steps.iter().map(|s| s.timestep as i64).collect();
-            out.insert("timesteps".into(), HostTensor::i64(vec![timesteps.len()], timesteps));
+            out.insert(
+                "timesteps".into(),
+                HostTensor::i64(vec![timesteps.len()], timesteps),
+            );
             let mut executor = PlanExecutor::<B, 2>::new(plan)?;
             let (mut sample, shape) = batch_rows::<B>(case.input("sample")?, device)?;
             let mut i = 0;
             while executor.current_timestep().is_some() {
-                let (model_output, _) = batch_rows::<B>(case.input(&format!("model_output.{i}"))?, device)?;
+                let (model_output, _) =
+                    batch_rows::<B>(case.input(&format!("model_output.{i}"))?, device)?;
                 let noise = if executor.needs_noise() {
                     Some(batch_rows::<B>(case.input(&format!("noise.{i}"))?, device)?.0)
                 } else {

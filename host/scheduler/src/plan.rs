@@ -22,7 +22,10 @@ fn x0_coefficients(prediction: PredictionType, alpha_prod_t: f64) -> (f64, f64) 
     let beta_prod_t = 1.0 - alpha_prod_t;
     match prediction {
         // (sample - sqrt(beta) * eps) / sqrt(alpha)
-        PredictionType::Epsilon => (1.0 / alpha_prod_t.powf(0.5), -(beta_prod_t.powf(0.5)) / alpha_prod_t.powf(0.5)),
+        PredictionType::Epsilon => (
+            1.0 / alpha_prod_t.powf(0.5),
+            -(beta_prod_t.powf(0.5)) / alpha_prod_t.powf(0.5),
+        ),
         PredictionType::Sample => (0.0, 1.0),
         // sqrt(alpha) * sample - sqrt(beta) * v
         PredictionType::VPrediction => (alpha_prod_t.powf(0.5), -(beta_prod_t.powf(0.5))),
@@ -31,8 +34,19 @@ fn x0_coefficients(prediction: PredictionType, alpha_prod_t: f64) -> (f64, f64) 
 
 fn check_finite(plan: &InferencePlan, schedule: &NoiseSchedule) -> Result<(), SchedulerError> {
     for (i, s) in plan.steps.iter().enumerate() {
-        let all = [s.x0_sample, s.x0_model_output, s.sample_coef, s.model_output_coef, s.x0_coef, s.noise_coef];
-        if all.iter().chain(s.x0_history.iter()).any(|c| !c.is_finite()) {
+        let all = [
+            s.x0_sample,
+            s.x0_model_output,
+            s.sample_coef,
+            s.model_output_coef,
+            s.x0_coef,
+            s.noise_coef,
+        ];
+        if all
+            .iter()
+            .chain(s.x0_history.iter())
+            .any(|c| !c.is_finite())
+        {
             let hint = if schedule.config.prediction_type == PredictionType::Epsilon
                 && schedule.config.rescale_betas_zero_snr
             {
@@ -60,7 +74,10 @@ fn check_finite(plan: &InferencePlan, schedule: &NoiseSchedule) -> Result<(), Sc
 ///
 /// with `prev_t = t - num_train_timesteps // num_inference_steps` and `ᾱ_prev = final_alpha_cumprod`
 /// below zero.
-pub fn ddim_plan(schedule: &NoiseSchedule, num_inference_steps: usize) -> Result<InferencePlan, SchedulerError> {
+pub fn ddim_plan(
+    schedule: &NoiseSchedule,
+    num_inference_steps: usize,
+) -> Result<InferencePlan, SchedulerError> {
     let timesteps = schedule.timesteps(num_inference_steps)?;
     let steps = timesteps
         .iter()
@@ -68,7 +85,8 @@ pub fn ddim_plan(schedule: &NoiseSchedule, num_inference_steps: usize) -> Result
             let prev_t = schedule.prev_timestep(t, num_inference_steps);
             let alpha_prod_t = schedule.alpha_prod(t as i64);
             let alpha_prod_t_prev = schedule.alpha_prod(prev_t);
-            let (x0_sample, x0_model_output) = x0_coefficients(schedule.config.prediction_type, alpha_prod_t);
+            let (x0_sample, x0_model_output) =
+                x0_coefficients(schedule.config.prediction_type, alpha_prod_t);
             let a_t = ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t)).powf(0.5);
             let b_t = alpha_prod_t_prev.powf(0.5) - alpha_prod_t.powf(0.5) * a_t;
             StepCoefficients {
@@ -106,7 +124,10 @@ pub fn ddim_plan(schedule: &NoiseSchedule, num_inference_steps: usize) -> Result
 /// so `x0_coef = -mult2 (1 + 1/(2r))` and `x0_history = [mult2 / (2r)]`. Only the noise of the
 /// final combination reaches the output (diffusers draws a first-order noise too and drops it),
 /// hence one `noise_coef` per step.
-pub fn dpm_plan(schedule: &NoiseSchedule, num_inference_steps: usize) -> Result<InferencePlan, SchedulerError> {
+pub fn dpm_plan(
+    schedule: &NoiseSchedule,
+    num_inference_steps: usize,
+) -> Result<InferencePlan, SchedulerError> {
     let timesteps = schedule.timesteps(num_inference_steps)?;
     let lambda = |a: f64| (a / (1.0 - a)).powf(0.5).ln();
     let mut steps = Vec::with_capacity(timesteps.len());
@@ -114,7 +135,8 @@ pub fn dpm_plan(schedule: &NoiseSchedule, num_inference_steps: usize) -> Result<
         let prev_t = schedule.prev_timestep(t, num_inference_steps);
         let alpha_prod_t = schedule.alpha_prod(t as i64);
         let alpha_prod_t_prev = schedule.alpha_prod(prev_t);
-        let (x0_sample, x0_model_output) = x0_coefficients(schedule.config.prediction_type, alpha_prod_t);
+        let (x0_sample, x0_model_output) =
+            x0_coefficients(schedule.config.prediction_type, alpha_prod_t);
         let lamb = lambda(alpha_prod_t);
         let lamb_next = lambda(alpha_prod_t_prev);
         let h = lamb_next - lamb;

@@ -64,7 +64,11 @@ fn torch_linspace(start: f64, end: f64, steps: usize, p: TablePrecision) -> Vec<
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (computed in Python floats,
 /// stored as float32).
 fn betas_for_alpha_bar(n: usize, max_beta: f64) -> Vec<f64> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -95,18 +99,29 @@ impl NoiseSchedule {
     pub fn new(config: SchedulerConfig) -> Result<Self, SchedulerError> {
         let n = config.num_train_timesteps;
         let (precision, betas) = if let Some(trained) = &config.trained_betas {
-            (TablePrecision::F32, trained.iter().map(|b| *b as f32 as f64).collect::<Vec<_>>())
+            (
+                TablePrecision::F32,
+                trained.iter().map(|b| *b as f32 as f64).collect::<Vec<_>>(),
+            )
         } else {
             match config.beta_schedule {
-                BetaSchedule::Linear => {
-                    (TablePrecision::F32, torch_linspace(config.beta_start, config.beta_end, n, TablePrecision::F32))
-                }
+                BetaSchedule::Linear => (
+                    TablePrecision::F32,
+                    torch_linspace(config.beta_start, config.beta_end, n, TablePrecision::F32),
+                ),
                 BetaSchedule::ScaledLinear => {
                     let p = TablePrecision::F64;
-                    let roots = torch_linspace(config.beta_start.powf(0.5), config.beta_end.powf(0.5), n, p);
+                    let roots = torch_linspace(
+                        config.beta_start.powf(0.5),
+                        config.beta_end.powf(0.5),
+                        n,
+                        p,
+                    );
                     (p, roots.iter().map(|r| r * r).collect())
                 }
-                BetaSchedule::SquaredcosCapV2 => (TablePrecision::F32, betas_for_alpha_bar(n, 0.999)),
+                BetaSchedule::SquaredcosCapV2 => {
+                    (TablePrecision::F32, betas_for_alpha_bar(n, 0.999))
+                }
             }
         };
         let p = precision;
@@ -127,14 +142,28 @@ impl NoiseSchedule {
         if config.rescale_betas_zero_snr {
             alphas_cumprod = rescale_zero_terminal_snr(&alphas_cumprod, p);
         }
-        if let Some((i, a)) = alphas_cumprod.iter().enumerate().find(|(_, a)| !a.is_finite() || **a < 0.0 || **a > 1.0) {
+        if let Some((i, a)) = alphas_cumprod
+            .iter()
+            .enumerate()
+            .find(|(_, a)| !a.is_finite() || **a < 0.0 || **a > 1.0)
+        {
             return Err(SchedulerError::Invalid(format!(
                 "the scheduler config gives alphas_cumprod[{i}] = {a}, outside [0, 1]: check beta_start, beta_end, \
                  trained_betas and snr_shift_scale (must be positive)"
             )));
         }
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
-        Ok(NoiseSchedule { config, precision, betas, alphas_cumprod, final_alpha_cumprod })
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        Ok(NoiseSchedule {
+            config,
+            precision,
+            betas,
+            alphas_cumprod,
+            final_alpha_cumprod,
+        })
     }
 
     /// Parses a `scheduler_config.json` text and builds the tables.
@@ -196,7 +225,10 @@ impl NoiseSchedule {
             }
             TimestepSpacing::Leading => {
                 let ratio = n_train / steps;
-                (0..steps).rev().map(|i| (i * ratio + self.config.steps_offset) as i64).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * ratio + self.config.steps_offset) as i64)
+                    .collect()
             }
             TimestepSpacing::Trailing => {
                 // np.round(np.arange(n_train, 0, -n_train / steps)) - 1, with numpy's arange fill:
@@ -205,7 +237,9 @@ impl NoiseSchedule {
                 let delta = -(n_train as f64 / steps as f64);
                 let len = ((0.0 - start) / delta).ceil().max(0.0) as usize;
                 let d = (start + delta) - start;
-                (0..len).map(|i| (start + i as f64 * d).round_ties_even() as i64 - 1).collect()
+                (0..len)
+                    .map(|i| (start + i as f64 * d).round_ties_even() as i64 - 1)
+                    .collect()
             }
         };
         ts.iter()

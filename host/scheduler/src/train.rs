@@ -9,12 +9,18 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use crate::SchedulerError;
 
 /// `(sqrt(ᾱ_t), sqrt(1 - ᾱ_t))` per timestep, computed in float32 as diffusers does.
-fn sqrt_alphas(alphas_cumprod: &[f64], timesteps: &[usize]) -> Result<(Vec<f32>, Vec<f32>), SchedulerError> {
+fn sqrt_alphas(
+    alphas_cumprod: &[f64],
+    timesteps: &[usize],
+) -> Result<(Vec<f32>, Vec<f32>), SchedulerError> {
     let mut a = Vec::with_capacity(timesteps.len());
     let mut b = Vec::with_capacity(timesteps.len());
     for &t in timesteps {
         let ac = *alphas_cumprod.get(t).ok_or_else(|| {
-            SchedulerError::Invalid(format!("timestep {t} is outside 0..{}", alphas_cumprod.len()))
+            SchedulerError::Invalid(format!(
+                "timestep {t} is outside 0..{}",
+                alphas_cumprod.len()
+            ))
         })? as f32;
         a.push(ac.sqrt());
         b.push((1.0f32 - ac).sqrt());
@@ -36,7 +42,11 @@ fn check<B: Backend, const D: usize>(
     timesteps: &[usize],
 ) -> Result<(), SchedulerError> {
     if a.dims() != b.dims() {
-        return Err(SchedulerError::Shape(format!("{what}: shapes {:?} and {:?} differ", a.dims(), b.dims())));
+        return Err(SchedulerError::Shape(format!(
+            "{what}: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        )));
     }
     let n = a.dims()[0];
     if timesteps.len() != n && timesteps.len() != 1 {
