@@ -22,27 +22,39 @@ fn transformer_cases() -> Option<Vec<PathBuf>> {
     Some(cases)
 }
 
-#[test]
-fn all_transformer_cases_match_diffusers() {
+/// Runs every shared transformer case on backend `Bk`; panics listing the cases out of tolerance.
+fn check_cases_on<Bk: burn::tensor::backend::Backend>(backend: &str) {
     let Some(cases) = transformer_cases() else { return };
     assert!(cases.len() >= 9, "expected the 9 shared transformer cases, found {}", cases.len());
     let device = Default::default();
     let mut failures = Vec::new();
     for path in &cases {
         let case = Case::load(path).unwrap();
-        let got = run_case::<B>(&case, &device).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let got = run_case::<Bk>(&case, &device).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         for (name, want) in &case.outputs {
             let g = &got[name];
             assert_eq!(g.shape, want.shape, "{}: shape of {name}", case.name);
             let err = rel_l2(&g.to_f32(), &want.to_f32());
             let Tolerance::RelL2(tol) = case.tolerance else { panic!("{}: float output with exact tolerance", case.name) };
-            eprintln!("{:<40} {name:<8} rel_l2 {err:.3e} (tolerance {tol:.0e})", case.name);
+            eprintln!("{backend:<8} {:<40} {name:<8} rel_l2 {err:.3e} (tolerance {tol:.0e})", case.name);
             if err.is_nan() || err > tol {
                 failures.push(format!("{} {name}: rel_l2 {err:.3e} > {tol:.0e}", case.name));
             }
         }
     }
-    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(failures.is_empty(), "{backend}: {failures:#?}");
+}
+
+#[test]
+fn all_transformer_cases_match_diffusers() {
+    check_cases_on::<B>("ndarray");
+}
+
+/// The same on burn's `flex` CPU backend (`--features flex`).
+#[cfg(feature = "flex")]
+#[test]
+fn all_transformer_cases_match_diffusers_on_flex() {
+    check_cases_on::<burn::backend::Flex>("flex");
 }
 
 #[test]

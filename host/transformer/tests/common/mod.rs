@@ -115,18 +115,29 @@ pub fn random_inputs(
     text_len: usize,
     seed: u64,
 ) -> (Tensor<B, 5>, Tensor<B, 3>, Tensor<B, 1>, Option<Tensor<B, 1>>) {
-    let device = Default::default();
+    random_inputs_on::<B>(config, batch, frames, height, width, text_len, seed, &Default::default())
+}
+
+/// [`random_inputs`] on any backend.
+#[allow(clippy::too_many_arguments)]
+pub fn random_inputs_on<Bk: Backend>(
+    config: &TransformerConfig,
+    batch: usize,
+    frames: usize,
+    height: usize,
+    width: usize,
+    text_len: usize,
+    seed: u64,
+    device: &Bk::Device,
+) -> (Tensor<Bk, 5>, Tensor<Bk, 3>, Tensor<Bk, 1>, Option<Tensor<Bk, 1>>) {
+    use burn::tensor::TensorData;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.7f32..1.7)).collect() };
-    let x = Tensor::from_data(
-        burn::tensor::TensorData::new(rand_vec(batch * frames * config.in_channels * height * width), [batch, frames, config.in_channels, height, width]),
-        &device,
-    );
-    let ctx = Tensor::from_data(
-        burn::tensor::TensorData::new(rand_vec(batch * text_len * config.text_embed_dim), [batch, text_len, config.text_embed_dim]),
-        &device,
-    );
-    let t = Tensor::from_data(burn::tensor::TensorData::new((0..batch).map(|i| (137 + 401 * i) as f32).collect::<Vec<_>>(), [batch]), &device);
-    let ofs = config.ofs_embed_dim.map(|_| Tensor::from_data(burn::tensor::TensorData::new(vec![2.0f32], [1]), &device));
+    let x_shape = [batch, frames, config.in_channels, height, width];
+    let x = Tensor::from_data(TensorData::new(rand_vec(x_shape.iter().product()), x_shape), device);
+    let ctx_shape = [batch, text_len, config.text_embed_dim];
+    let ctx = Tensor::from_data(TensorData::new(rand_vec(ctx_shape.iter().product()), ctx_shape), device);
+    let t = Tensor::from_data(TensorData::new((0..batch).map(|i| (137 + 401 * i) as f32).collect::<Vec<_>>(), [batch]), device);
+    let ofs = config.ofs_embed_dim.map(|_| Tensor::from_data(TensorData::new(vec![2.0f32], [1]), device));
     (x, ctx, t, ofs)
 }
