@@ -107,11 +107,10 @@ impl std::fmt::Display for Variant {
 }
 
 /// Pipeline classes of `model_index.json` we accept, and whether they are image-to-video.
-pub const KNOWN_PIPELINES: [(&str, bool); 4] = [
+pub const KNOWN_PIPELINES: [(&str, bool); 3] = [
     ("CogVideoXPipeline", false),
     ("CogVideoXVideoToVideoPipeline", false),
     ("CogVideoXImageToVideoPipeline", true),
-    ("CogVideoXFunControlPipeline", false),
 ];
 
 /// Component classes we can load, per component folder.

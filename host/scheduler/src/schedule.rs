@@ -237,9 +237,20 @@ impl NoiseSchedule {
                 let delta = -(n_train as f64 / steps as f64);
                 let len = ((0.0 - start) / delta).ceil().max(0.0) as usize;
                 let d = (start + delta) - start;
-                (0..len)
+                let ts: Vec<i64> = (0..len)
                     .map(|i| (start + i as f64 * d).round_ties_even() as i64 - 1)
-                    .collect()
+                    .collect();
+                if ts.len() != steps {
+                    // numpy's float arange overshoots for some step counts (61, 103, 121, ...
+                    // of 1000) and diffusers then runs an extra step at timestep -1.
+                    return Err(SchedulerError::Invalid(format!(
+                        "num_inference_steps = {steps} with \"trailing\" spacing: diffusers computes {} timesteps \
+                         ({:?}), a float rounding artifact that ends on timestep -1; choose another step count",
+                        ts.len(),
+                        &ts[ts.len().saturating_sub(3)..]
+                    )));
+                }
+                ts
             }
         };
         ts.iter()

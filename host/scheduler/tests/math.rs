@@ -39,6 +39,10 @@ fn trailing_leading_linspace_timesteps() {
     // linspace(0, 999, 5) = [0, 249.75, 499.5, 749.25, 999], rounded half to even
     assert_eq!(lin.timesteps(5).unwrap(), vec![999, 749, 500, 250, 0]);
     assert!(s.timesteps(0).is_err());
+    // numpy's arange gives 62 values for 61 steps (the last one -1): refused, not silently run.
+    let e = s.timesteps(61).unwrap_err().to_string();
+    assert!(e.contains("62 timesteps") && e.contains("-1"), "{e}");
+    assert_eq!(s.timesteps(60).unwrap().len(), 60);
     assert!(s.timesteps(1001).is_err());
 }
 
