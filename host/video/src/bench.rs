@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use cogvx_plugin_api::{Frames, Plugin, Resolution};
 
-use crate::encode::{encode_mp4, EncodeOptions};
+use crate::encode::{EncodeOptions, Mp4Writer};
 use crate::pipeline::{preprocess_clip, PreprocessError, VideoTransforms};
 
 /// Result of [`preprocess_throughput`].
@@ -74,7 +74,7 @@ pub fn preprocess_throughput(
 
 /// Makes a benchmark clip `dir/bench_<w>x<h>_<frames>.mp4` (H.264): FFmpeg's `testsrc2`
 /// through the `ffmpeg` tool when it is installed, otherwise a moving synthetic pattern
-/// encoded with [`encode_mp4`]. Reuses an existing file.
+/// streamed to [`Mp4Writer`]. Reuses an existing file.
 pub fn make_bench_clip(dir: &Path, width: u32, height: u32, frames: u32, fps: u32) -> Result<PathBuf, PreprocessError> {
     let path = dir.join(format!("bench_{width}x{height}_{frames}.mp4"));
     if path.is_file() {
@@ -101,12 +101,19 @@ pub fn make_bench_clip(dir: &Path, width: u32, height: u32, frames: u32, fps: u3
         return Ok(path);
     }
     let _ = std::fs::remove_file(&path);
-    // Fallback: a synthetic moving gradient with a sweeping bar, encoded in chunks of
-    // frames would need a streaming encoder; the clip is small enough to hold at 1080p x 250.
-    let frame_bytes = (width * height * 3) as usize;
-    let mut rgb = vec![0u8; frame_bytes * frames as usize];
+    // Fallback: a synthetic moving gradient with a sweeping bar, streamed to the encoder.
+    let mut writer = Mp4Writer::create(
+        &path,
+        width,
+        height,
+        fps as f64,
+        &EncodeOptions {
+            crf: 23,
+            preset: "veryfast".into(),
+        },
+    )?;
+    let mut px = vec![0u8; (width * height * 3) as usize];
     for f in 0..frames {
-        let px = &mut rgb[f as usize * frame_bytes..(f as usize + 1) * frame_bytes];
         for y in 0..height {
             for x in 0..width {
                 let i = ((y * width + x) * 3) as usize;
@@ -116,21 +123,8 @@ pub fn make_bench_clip(dir: &Path, width: u32, height: u32, frames: u32, fps: u3
                 px[i + 2] = if bar { 220 } else { ((x ^ y) % 256) as u8 };
             }
         }
+        writer.write_frame(&px)?;
     }
-    let frames = Frames {
-        width,
-        height,
-        count: frames,
-        rgb,
-    };
-    encode_mp4(
-        &path,
-        &frames,
-        fps as f64,
-        &EncodeOptions {
-            crf: 23,
-            preset: "veryfast".into(),
-        },
-    )?;
+    writer.finish()?;
     Ok(path)
 }

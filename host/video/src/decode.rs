@@ -646,8 +646,15 @@ impl VideoReader {
                             if use_pts {
                                 // A frame nobody needs is skipped by the decoder if no other
                                 // frame references it (non-reference B-frames).
-                                let wanted = packet.pts().and_then(|t| self.index.lookup(t)).is_none_or(|i| remaining.contains(&i));
-                                let discard = if wanted { ffi::AVDiscard::AVDISCARD_DEFAULT } else { ffi::AVDiscard::AVDISCARD_NONREF };
+                                let wanted = packet
+                                    .pts()
+                                    .and_then(|t| self.index.lookup(t))
+                                    .is_none_or(|i| remaining.contains(&i));
+                                let discard = if wanted {
+                                    ffi::AVDiscard::AVDISCARD_DEFAULT
+                                } else {
+                                    ffi::AVDiscard::AVDISCARD_NONREF
+                                };
                                 // SAFETY: setting a plain field of the opened codec context between calls.
                                 unsafe { (*decoder.as_mut_ptr()).skip_frame = discard };
                             }

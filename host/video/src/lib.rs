@@ -25,7 +25,7 @@ pub mod plan;
 pub mod sheet;
 
 pub use decode::{decode, init, probe, ReadStats, VideoInfo, VideoReader};
-pub use encode::{check_frames, encode_mp4, EncodeOptions};
+pub use encode::{check_frames, encode_mp4, EncodeOptions, Mp4Writer};
 pub use error::{Result, VideoError};
 pub use pipeline::{preprocess_clip, PreprocessError, Preprocessed, TransformError, VideoTransforms};
 pub use plan::{output_size, validate_plan, FrameProcessor};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cogvx_plugin_api::{CropBox, Frames, ResizeFilter, Size, TransformPlan};
-use cogvx_video::{decode, encode_mp4, probe, write_contact_sheet, EncodeOptions, VideoError, VideoReader};
+use cogvx_video::{decode, encode_mp4, probe, write_contact_sheet, EncodeOptions, Mp4Writer, VideoError, VideoReader};
 
 /// Runs the `ffmpeg` tool (CI installs it; see the README's set-up).
 fn ff(args: &[&str]) {
@@ -581,6 +581,36 @@ fn encode_round_trips_and_writes_atomically() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("x.mp4"), "{err}");
+}
+
+#[test]
+fn streaming_writer_appears_only_when_finished() {
+    let d = tmp();
+    let out = p(d.path(), "stream.mp4");
+    let opts = EncodeOptions {
+        crf: 23,
+        preset: "ultrafast".into(),
+    };
+    // Abandoned: nothing is left behind.
+    let mut w = Mp4Writer::create(&out, 16, 16, 25.0, &opts).unwrap();
+    w.write_frame(&[0u8; 16 * 16 * 3]).unwrap();
+    let err = w.write_frame(&[0u8; 10]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("stream.mp4: invalid frames: a frame of 10 bytes is not 16x16 RGB"),
+        "{err}"
+    );
+    drop(w);
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    // Finished: the clip is complete.
+    let mut w = Mp4Writer::create(&out, 16, 16, 25.0, &opts).unwrap();
+    for i in 0..7u8 {
+        w.write_frame(&[i * 30; 16 * 16 * 3]).unwrap();
+    }
+    assert!(!out.exists(), "the clip must not appear before finish()");
+    w.finish().unwrap();
+    assert_eq!(probe(&out).unwrap().frame_count, 7);
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
 }
 
 #[test]
