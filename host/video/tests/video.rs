@@ -196,6 +196,21 @@ fn other_codecs_and_containers_select_frames() {
 }
 
 #[test]
+fn a_clip_with_an_audio_track_decodes_its_video() {
+    let d = tmp();
+    let clip = p(d.path(), "av.mp4");
+    ff(&[
+        "-f", "lavfi", "-i", "color=black:s=64x48:r=25:d=1.2,format=rgb24,geq=r='N*8':g='N*8':b='N*8'",
+        "-f", "lavfi", "-i", "sine=frequency=440:duration=1.2",
+        "-c:v", "libx264", "-g", "10", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", s(&clip),
+    ]);
+    let info = probe(&clip).unwrap();
+    assert_eq!(info.frame_count, 30);
+    let f = decode(&clip, &plan(vec![25, 5])).unwrap();
+    assert!((frame_mean(&f, 0) - 200.0).abs() < 3.0 && (frame_mean(&f, 1) - 40.0).abs() < 3.0);
+}
+
+#[test]
 fn variable_frame_rate_maps_indices_by_timestamp() {
     // Frames 0..9 at 1/25 s, then frames 10.. three times as far apart; the index of a
     // frame is still its position in presentation order (not time * fps).
