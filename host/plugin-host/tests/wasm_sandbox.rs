@@ -159,6 +159,15 @@ fn dataset_reader_cannot_read_outside_its_grant() {
         assert!(e.starts_with(&format!("{}: `list-samples` failed: cannot read ", prefix())), "{probe}: {e}");
         assert!(!e.contains("SECRET") && !e.contains("root:x:0:0"), "{probe}: {e}");
     }
+    // The grant is read-only.
+    p.configure(r#"{"write": "new.txt"}"#).unwrap();
+    let e = failed(p.list_samples(root.to_str().unwrap()).unwrap_err());
+    assert!(
+        e.starts_with(&format!("{}: `list-samples` failed: cannot write {}/new.txt: ", prefix(), root.display())),
+        "{e}"
+    );
+    assert!(!root.join("new.txt").exists());
+
     // A root that is not a directory is refused before the plugin runs.
     let missing = dir.path().join("missing");
     let e = p.list_samples(missing.to_str().unwrap()).unwrap_err();
