@@ -108,7 +108,10 @@ impl VaeConfig {
     /// Reads and validates `path` (a `vae/config.json`).
     pub fn from_file(path: &Path) -> Result<Self, VaeError> {
         let config: VaeConfig = cogvx_model_core::config::read_config(path)?;
-        config.validate().map_err(|message| VaeError::Config { path: path.to_path_buf(), message })?;
+        config.validate().map_err(|message| VaeError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(config)
     }
 
@@ -128,7 +131,9 @@ impl VaeConfig {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(c) = &self.class_name {
             if c != "AutoencoderKLCogVideoX" {
-                return Err(format!("_class_name is `{c}`, expected `AutoencoderKLCogVideoX`"));
+                return Err(format!(
+                    "_class_name is `{c}`, expected `AutoencoderKLCogVideoX`"
+                ));
             }
         }
         if self.block_out_channels.is_empty() {
@@ -148,32 +153,62 @@ impl VaeConfig {
                 self.block_out_channels.len()
             ));
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "CogVideoXDownBlock3D") {
-            return Err(format!("down_block_types: unknown block `{t}` (only `CogVideoXDownBlock3D` exists)"));
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "CogVideoXDownBlock3D")
+        {
+            return Err(format!(
+                "down_block_types: unknown block `{t}` (only `CogVideoXDownBlock3D` exists)"
+            ));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "CogVideoXUpBlock3D") {
-            return Err(format!("up_block_types: unknown block `{t}` (only `CogVideoXUpBlock3D` exists)"));
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "CogVideoXUpBlock3D")
+        {
+            return Err(format!(
+                "up_block_types: unknown block `{t}` (only `CogVideoXUpBlock3D` exists)"
+            ));
         }
         if !matches!(self.act_fn.as_str(), "silu" | "swish") {
-            return Err(format!("act_fn: `{}` is not supported (CogVideoX uses `silu`)", self.act_fn));
+            return Err(format!(
+                "act_fn: `{}` is not supported (CogVideoX uses `silu`)",
+                self.act_fn
+            ));
         }
         let groups = self.norm_num_groups;
         if groups == 0 {
             return Err("norm_num_groups must be positive".into());
         }
-        if let Some(c) = self.block_out_channels.iter().find(|c| **c == 0 || **c % groups != 0) {
-            return Err(format!("block_out_channels: {c} is not divisible by norm_num_groups = {groups}"));
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| **c == 0 || **c % groups != 0)
+        {
+            return Err(format!(
+                "block_out_channels: {c} is not divisible by norm_num_groups = {groups}"
+            ));
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
             return Err("in_channels, out_channels and latent_channels must be positive".into());
         }
-        if !(self.temporal_compression_ratio >= 1.0) || !self.temporal_compression_ratio.is_finite() {
-            return Err(format!("temporal_compression_ratio must be >= 1, got {}", self.temporal_compression_ratio));
+        if !(self.temporal_compression_ratio >= 1.0) || !self.temporal_compression_ratio.is_finite()
+        {
+            return Err(format!(
+                "temporal_compression_ratio must be >= 1, got {}",
+                self.temporal_compression_ratio
+            ));
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
-            return Err(format!("scaling_factor must be a non-zero number, got {}", self.scaling_factor));
+            return Err(format!(
+                "scaling_factor must be a non-zero number, got {}",
+                self.scaling_factor
+            ));
         }
-        if (self.use_quant_conv || self.use_post_quant_conv) && self.out_channels != self.latent_channels {
+        if (self.use_quant_conv || self.use_post_quant_conv)
+            && self.out_channels != self.latent_channels
+        {
             // diffusers builds quant_conv with 2*out_channels and post_quant_conv with out_channels
             // channels; such a model cannot run in diffusers either.
             return Err(format!(

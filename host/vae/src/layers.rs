@@ -17,19 +17,21 @@ use cogvx_model_core::LoadError;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::ops::{avg_pool_time2, batch_to_frames, frames_to_batch, interpolate_nearest, repeat_interleave2};
+use crate::ops::{
+    avg_pool_time2, batch_to_frames, frames_to_batch, interpolate_nearest, repeat_interleave2,
+};
 
 /// How the VAE's stride-1 3D convolutions are computed (same result, different speed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Conv3dAlgo {
-    /// [`Conv3dAlgo::ShiftMatmul`] on burn's ndarray backend (whose direct convolution is slow),
+    /// [`Conv3dAlgo::Gemm`] on burn's ndarray backend (whose direct convolution is slow),
     /// the backend's own `conv3d` elsewhere. The default.
     Auto,
     /// burn's `conv3d`.
     Native,
-    /// One `[out, in] x [in, T*H*W]` matmul per kernel offset, accumulated (uses the backend's
-    /// GEMM; needs one extra input-sized temporary).
-    ShiftMatmul,
+    /// im2col over height and width and one GEMM per frame chunk (the backend's matmul; needs
+    /// a `kh * kw`-times input-sized buffer, bounded by splitting frames).
+    Gemm,
 }
 
 static CONV3D_ALGO: AtomicU8 = AtomicU8::new(0);
@@ -39,7 +41,7 @@ pub fn set_conv3d_algo(algo: Conv3dAlgo) {
     let v = match algo {
         Conv3dAlgo::Auto => 0,
         Conv3dAlgo::Native => 1,
-        Conv3dAlgo::ShiftMatmul => 2,
+        Conv3dAlgo::Gemm => 2,
     };
     CONV3D_ALGO.store(v, Ordering::Relaxed);
 }
@@ -48,40 +50,118 @@ pub fn set_conv3d_algo(algo: Conv3dAlgo) {
 pub fn conv3d_algo() -> Conv3dAlgo {
     match CONV3D_ALGO.load(Ordering::Relaxed) {
         1 => Conv3dAlgo::Native,
-        2 => Conv3dAlgo::ShiftMatmul,
+        2 => Conv3dAlgo::Gemm,
         _ => Conv3dAlgo::Auto,
     }
 }
 
 /// Stride-1 3D convolution of `x [B, C, T, H, W]` with `weight [O, C, kt, kh, kw]`, no time
 /// padding and zero padding `pad_hw` on height and width (PyTorch `nn.Conv3d` semantics).
-pub fn conv3d_s1<B: Backend>(x: Tensor<B, 5>, weight: Tensor<B, 5>, bias: Tensor<B, 1>, pad_hw: usize) -> Tensor<B, 5> {
-    let shift_matmul = match conv3d_algo() {
+pub fn conv3d_s1<B: Backend>(
+    x: Tensor<B, 5>,
+    weight: Tensor<B, 5>,
+    bias: Tensor<B, 1>,
+    pad_hw: usize,
+) -> Tensor<B, 5> {
+    let gemm = match conv3d_algo() {
         Conv3dAlgo::Native => false,
-        Conv3dAlgo::ShiftMatmul => true,
+        Conv3dAlgo::Gemm => true,
         Conv3dAlgo::Auto => B::name(&x.device()).contains("ndarray"),
     };
-    if !shift_matmul {
+    if !gemm {
         let p = pad_hw;
-        return conv3d(x, weight, Some(bias), ConvOptions::new([1, 1, 1], [0, p, p], [1, 1, 1], 1));
+        return conv3d(
+            x,
+            weight,
+            Some(bias),
+            ConvOptions::new([1, 1, 1], [0, p, p], [1, 1, 1], 1),
+        );
     }
-    let [b, c, t, h, w] = x.dims();
+    let x = if pad_hw > 0 {
+        x.pad([(pad_hw, pad_hw), (pad_hw, pad_hw)], PadMode::Constant(0.0))
+    } else {
+        x
+    };
+    gemm_conv3d_chunked(x, weight, bias, GEMM_CONV_MAX_ELEMENTS)
+}
+
+/// [`gemm_conv3d`] on frame chunks small enough that the im2col buffer and the GEMM output stay
+/// under `max_elements` (each chunk repeats the `kt - 1` frames it shares with the next).
+fn gemm_conv3d_chunked<B: Backend>(
+    x: Tensor<B, 5>,
+    weight: Tensor<B, 5>,
+    bias: Tensor<B, 1>,
+    max_elements: usize,
+) -> Tensor<B, 5> {
+    let [b, c, t, hp, wp] = x.dims();
     let [o, _, kt, kh, kw] = weight.dims();
-    let x = if pad_hw > 0 { x.pad([(pad_hw, pad_hw), (pad_hw, pad_hw)], PadMode::Constant(0.0)) } else { x };
-    let (to, ho, wo) = (t + 1 - kt, h + 2 * pad_hw + 1 - kh, w + 2 * pad_hw + 1 - kw);
-    let n = to * ho * wo;
-    let mut acc: Tensor<B, 3> = bias.reshape([1, o, 1]).expand([b, o, n]);
-    for i in 0..kh {
-        for j in 0..kw {
-            let xs = if kh == 1 && kw == 1 { x.clone() } else { x.clone().slice([0..b, 0..c, 0..t, i..i + ho, j..j + wo]) };
-            for k in 0..kt {
-                let xk: Tensor<B, 3> = xs.clone().narrow(2, k, to).reshape([b, c, n]);
-                let wk: Tensor<B, 3> = weight.clone().slice([0..o, 0..c, k..k + 1, i..i + 1, j..j + 1]).reshape([1, o, c]);
-                acc = acc + wk.matmul(xk);
+    let per_frame = b * (hp + 1 - kh) * (wp + 1 - kw) * (kh * kw * c).max(kt * o);
+    let frames_per_chunk = (max_elements / per_frame.max(1)).max(kt);
+    if t <= frames_per_chunk {
+        return gemm_conv3d(x, weight, bias);
+    }
+    let to = t + 1 - kt;
+    let to_chunk = frames_per_chunk + 1 - kt;
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < to {
+        let n = to_chunk.min(to - start);
+        outs.push(gemm_conv3d(
+            x.clone().narrow(2, start, n + kt - 1),
+            weight.clone(),
+            bias.clone(),
+        ));
+        start += n;
+    }
+    Tensor::cat(outs, 2)
+}
+
+/// Largest im2col buffer (elements) of the GEMM convolution before it splits the frames.
+const GEMM_CONV_MAX_ELEMENTS: usize = 1 << 27;
+
+/// Valid (unpadded) stride-1 3D convolution as one GEMM: the `kh * kw` shifted copies of the
+/// input are stacked on channels (im2col over height and width), multiplied by the weight
+/// arranged `[kt * O, kh * kw * C]`, and time tap `k` is read back at frames `k..k + To`.
+fn gemm_conv3d<B: Backend>(
+    x: Tensor<B, 5>,
+    weight: Tensor<B, 5>,
+    bias: Tensor<B, 1>,
+) -> Tensor<B, 5> {
+    let [b, c, t, hp, wp] = x.dims();
+    let [o, _, kt, kh, kw] = weight.dims();
+    let (to, ho, wo) = (t + 1 - kt, hp + 1 - kh, wp + 1 - kw);
+    let hw = ho * wo;
+    // [B, kh*kw*C, T*Ho*Wo], offsets (i, j) outer, channels inner.
+    let cols: Tensor<B, 3> = if kh == 1 && kw == 1 {
+        x.reshape([b, c, t * hw])
+    } else {
+        let mut shifted = Vec::with_capacity(kh * kw);
+        for i in 0..kh {
+            for j in 0..kw {
+                shifted.push(
+                    x.clone()
+                        .slice([0..b, 0..c, 0..t, i..i + ho, j..j + wo])
+                        .reshape([b, c, t * hw]),
+                );
             }
         }
+        Tensor::cat(shifted, 1)
+    };
+    // [O, C, kt, kh, kw] -> [kt, O, kh, kw, C] -> [1, kt*O, kh*kw*C]
+    let w: Tensor<B, 3> = weight
+        .permute([2, 0, 3, 4, 1])
+        .reshape([1, kt * o, kh * kw * c]);
+    // [B, kt*O, T*Ho*Wo] -> [B, kt, O, T, Ho*Wo]
+    let taps: Tensor<B, 5> = w.matmul(cols).reshape([b, kt, o, t, hw]);
+    let mut out: Tensor<B, 4> = bias.reshape([1, o, 1, 1]).expand([b, o, to, hw]);
+    for k in 0..kt {
+        let tap: Tensor<B, 4> = taps
+            .clone()
+            .slice([0..b, k..k + 1, 0..o, k..k + to, 0..hw])
+            .reshape([b, o, to, hw]);
+        out = out + tap;
     }
-    acc.reshape([b, o, to, ho, wo])
+    out.reshape([b, o, to, ho, wo])
 }
 
 /// `CogVideoXSafeConv3d`: a `nn.Conv3d` (stride 1, zero spatial padding `padding_hw`, no time
@@ -107,7 +187,11 @@ impl<B: Backend> SafeConv3d<B> {
     ) -> Result<Self, LoadError> {
         let k = kernel_size;
         Ok(SafeConv3d {
-            weight: Param::from_tensor(vb.tensor("weight", [out_channels, in_channels, k, k, k], device)?),
+            weight: Param::from_tensor(vb.tensor(
+                "weight",
+                [out_channels, in_channels, k, k, k],
+                device,
+            )?),
             bias: Param::from_tensor(vb.tensor("bias", [out_channels], device)?),
             kernel_size,
             padding_hw,
@@ -136,7 +220,11 @@ impl<B: Backend> SafeConv3d<B> {
         while start < t {
             let len = size.min(t - start);
             // Chunks after the first are prefixed with the last k-1 frames of the previous chunk.
-            let overlap = if start == 0 || k <= 1 { 0 } else { (k - 1).min(size) };
+            let overlap = if start == 0 || k <= 1 {
+                0
+            } else {
+                (k - 1).min(size)
+            };
             outputs.push(self.conv(input.clone().narrow(2, start - overlap, len + overlap)));
             start += len;
         }
@@ -163,8 +251,18 @@ impl<B: Backend> CausalConv3d<B> {
         device: &B::Device,
     ) -> Result<Self, LoadError> {
         let pad = (kernel_size - 1) / 2;
-        let conv = SafeConv3d::load(&vb.pp("conv"), in_channels, out_channels, kernel_size, pad, device)?;
-        Ok(CausalConv3d { conv, time_kernel_size: kernel_size })
+        let conv = SafeConv3d::load(
+            &vb.pp("conv"),
+            in_channels,
+            out_channels,
+            kernel_size,
+            pad,
+            device,
+        )?;
+        Ok(CausalConv3d {
+            conv,
+            time_kernel_size: kernel_size,
+        })
     }
 
     /// Convolves `x [B, C, T, H, W]`; `conv_cache` is read (the previous call's frames, `None` on
@@ -208,7 +306,11 @@ impl<B: Backend> Conv2d<B> {
     ) -> Result<Self, LoadError> {
         let k = kernel_size;
         Ok(Conv2d {
-            weight: Param::from_tensor(vb.tensor("weight", [out_channels, in_channels, k, k], device)?),
+            weight: Param::from_tensor(vb.tensor(
+                "weight",
+                [out_channels, in_channels, k, k],
+                device,
+            )?),
             bias: Param::from_tensor(vb.tensor("bias", [out_channels], device)?),
             stride,
             padding,
@@ -218,7 +320,12 @@ impl<B: Backend> Conv2d<B> {
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let (s, p) = (self.stride, self.padding);
-        conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
+        conv2d(
+            x,
+            self.weight.val(),
+            Some(self.bias.val()),
+            ConvOptions::new([s, s], [p, p], [1, 1], 1),
+        )
     }
 
     /// Applies the convolution to every frame of `x [B, C, T, H, W]`.
@@ -308,7 +415,10 @@ pub struct ResnetCache<B: Backend> {
 
 impl<B: Backend> Default for ResnetCache<B> {
     fn default() -> Self {
-        ResnetCache { conv1: None, conv2: None }
+        ResnetCache {
+            conv1: None,
+            conv2: None,
+        }
     }
 }
 
@@ -337,7 +447,9 @@ impl<B: Backend> ResnetBlock3D<B> {
         let norm = |name: &str, ch: usize| -> Result<ResnetNorm<B>, LoadError> {
             Ok(match spatial_norm_dim {
                 None => ResnetNorm::Group(GroupNorm::load(&vb.pp(name), groups, ch, eps, device)?),
-                Some(zq) => ResnetNorm::Spatial(SpatialNorm3D::load(&vb.pp(name), ch, zq, groups, device)?),
+                Some(zq) => {
+                    ResnetNorm::Spatial(SpatialNorm3D::load(&vb.pp(name), ch, zq, groups, device)?)
+                }
             })
         };
         Ok(ResnetBlock3D {
@@ -346,7 +458,14 @@ impl<B: Backend> ResnetBlock3D<B> {
             norm2: norm("norm2", out_channels)?,
             conv2: CausalConv3d::load(&vb.pp("conv2"), out_channels, out_channels, 3, device)?,
             conv_shortcut: if in_channels != out_channels {
-                Some(SafeConv3d::load(&vb.pp("conv_shortcut"), in_channels, out_channels, 1, 0, device)?)
+                Some(SafeConv3d::load(
+                    &vb.pp("conv_shortcut"),
+                    in_channels,
+                    out_channels,
+                    1,
+                    0,
+                    device,
+                )?)
             } else {
                 None
             },
@@ -354,7 +473,12 @@ impl<B: Backend> ResnetBlock3D<B> {
     }
 
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
-    pub fn forward(&self, inputs: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>, cache: &mut ResnetCache<B>) -> Tensor<B, 5> {
+    pub fn forward(
+        &self,
+        inputs: Tensor<B, 5>,
+        zq: Option<&Tensor<B, 5>>,
+        cache: &mut ResnetCache<B>,
+    ) -> Tensor<B, 5> {
         let h = self.norm1.forward(inputs.clone(), zq);
         let h = self.conv1.forward(silu(h), &mut cache.conv1);
         let h = self.norm2.forward(h, zq);
@@ -378,8 +502,16 @@ pub struct Downsample3D<B: Backend> {
 
 impl<B: Backend> Downsample3D<B> {
     /// Builds the module from the checkpoint tensors under `vb`.
-    pub fn load(vb: &VarBuilder, channels: usize, compress_time: bool, device: &B::Device) -> Result<Self, LoadError> {
-        Ok(Downsample3D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 2, 0, device)?, compress_time })
+    pub fn load(
+        vb: &VarBuilder,
+        channels: usize,
+        compress_time: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Downsample3D {
+            conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 2, 0, device)?,
+            compress_time,
+        })
     }
 
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
@@ -414,8 +546,16 @@ pub struct Upsample3D<B: Backend> {
 
 impl<B: Backend> Upsample3D<B> {
     /// Builds the module from the checkpoint tensors under `vb`.
-    pub fn load(vb: &VarBuilder, channels: usize, compress_time: bool, device: &B::Device) -> Result<Self, LoadError> {
-        Ok(Upsample3D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 1, 1, device)?, compress_time })
+    pub fn load(
+        vb: &VarBuilder,
+        channels: usize,
+        compress_time: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Upsample3D {
+            conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 1, 1, device)?,
+            compress_time,
+        })
     }
 
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
@@ -459,15 +599,31 @@ impl<B: Backend> DownBlock3D<B> {
         let resnets = (0..num_layers)
             .map(|i| {
                 let ic = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock3D::load(&vb.pp("resnets").pp(i), ic, out_channels, groups, eps, None, device)
+                ResnetBlock3D::load(
+                    &vb.pp("resnets").pp(i),
+                    ic,
+                    out_channels,
+                    groups,
+                    eps,
+                    None,
+                    device,
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         let downsamplers = if add_downsample {
-            vec![Downsample3D::load(&vb.pp("downsamplers").pp(0), out_channels, compress_time, device)?]
+            vec![Downsample3D::load(
+                &vb.pp("downsamplers").pp(0),
+                out_channels,
+                compress_time,
+                device,
+            )?]
         } else {
             vec![]
         };
-        Ok(DownBlock3D { resnets, downsamplers })
+        Ok(DownBlock3D {
+            resnets,
+            downsamplers,
+        })
     }
 
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
@@ -502,13 +658,28 @@ impl<B: Backend> MidBlock3D<B> {
         device: &B::Device,
     ) -> Result<Self, LoadError> {
         let resnets = (0..num_layers)
-            .map(|i| ResnetBlock3D::load(&vb.pp("resnets").pp(i), channels, channels, groups, eps, spatial_norm_dim, device))
+            .map(|i| {
+                ResnetBlock3D::load(
+                    &vb.pp("resnets").pp(i),
+                    channels,
+                    channels,
+                    groups,
+                    eps,
+                    spatial_norm_dim,
+                    device,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MidBlock3D { resnets })
     }
 
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
-    pub fn forward(&self, x: Tensor<B, 5>, zq: Option<&Tensor<B, 5>>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 5>,
+        zq: Option<&Tensor<B, 5>>,
+        cache: &mut Vec<ResnetCache<B>>,
+    ) -> Tensor<B, 5> {
         cache.resize_with(self.resnets.len(), ResnetCache::default);
         let mut h = x;
         for (resnet, c) in self.resnets.iter().zip(cache.iter_mut()) {
@@ -543,19 +714,40 @@ impl<B: Backend> UpBlock3D<B> {
         let resnets = (0..num_layers)
             .map(|i| {
                 let ic = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock3D::load(&vb.pp("resnets").pp(i), ic, out_channels, groups, eps, Some(spatial_norm_dim), device)
+                ResnetBlock3D::load(
+                    &vb.pp("resnets").pp(i),
+                    ic,
+                    out_channels,
+                    groups,
+                    eps,
+                    Some(spatial_norm_dim),
+                    device,
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         let upsamplers = if add_upsample {
-            vec![Upsample3D::load(&vb.pp("upsamplers").pp(0), out_channels, compress_time, device)?]
+            vec![Upsample3D::load(
+                &vb.pp("upsamplers").pp(0),
+                out_channels,
+                compress_time,
+                device,
+            )?]
         } else {
             vec![]
         };
-        Ok(UpBlock3D { resnets, upsamplers })
+        Ok(UpBlock3D {
+            resnets,
+            upsamplers,
+        })
     }
 
     /// Forward pass (`[B, C, T, H, W]` in and out), as the diffusers module.
-    pub fn forward(&self, x: Tensor<B, 5>, zq: &Tensor<B, 5>, cache: &mut Vec<ResnetCache<B>>) -> Tensor<B, 5> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 5>,
+        zq: &Tensor<B, 5>,
+        cache: &mut Vec<ResnetCache<B>>,
+    ) -> Tensor<B, 5> {
         cache.resize_with(self.resnets.len(), ResnetCache::default);
         let mut h = x;
         for (resnet, c) in self.resnets.iter().zip(cache.iter_mut()) {
@@ -580,11 +772,12 @@ mod tests {
     }
 
     #[test]
-    fn shift_matmul_equals_native_conv3d() {
+    fn gemm_equals_native_conv3d() {
         let dev = CpuDevice::default();
         for (kt, kh, kw, pad) in [(3, 3, 3, 1), (1, 1, 1, 0), (1, 3, 3, 1), (2, 3, 1, 0)] {
             let x = Tensor::<Cb, 5>::random([2, 3, 5, 6, 7], Distribution::Normal(0.0, 1.0), &dev);
-            let w = Tensor::<Cb, 5>::random([4, 3, kt, kh, kw], Distribution::Normal(0.0, 1.0), &dev);
+            let w =
+                Tensor::<Cb, 5>::random([4, 3, kt, kh, kw], Distribution::Normal(0.0, 1.0), &dev);
             let b = Tensor::<Cb, 1>::random([4], Distribution::Normal(0.0, 1.0), &dev);
             let native = conv3d(
                 x.clone(),
@@ -592,10 +785,22 @@ mod tests {
                 Some(b.clone()),
                 ConvOptions::new([1, 1, 1], [0, pad, pad], [1, 1, 1], 1),
             );
-            set_conv3d_algo(Conv3dAlgo::ShiftMatmul);
-            let mm = conv3d_s1(x, w, b, pad);
+            set_conv3d_algo(Conv3dAlgo::Gemm);
+            let mm = conv3d_s1(x.clone(), w.clone(), b.clone(), pad);
             set_conv3d_algo(Conv3dAlgo::Auto);
-            assert!(max_abs_diff(native, mm) < 1e-4, "kernel {kt}x{kh}x{kw}");
+            assert!(
+                max_abs_diff(native.clone(), mm) < 1e-4,
+                "kernel {kt}x{kh}x{kw}"
+            );
+            // Frame chunks (down to one output frame each) give the same result.
+            let xp = x.pad([(pad, pad), (pad, pad)], PadMode::Constant(0.0));
+            for limit in [1, 200, 2000] {
+                let chunked = gemm_conv3d_chunked(xp.clone(), w.clone(), b.clone(), limit);
+                assert!(
+                    max_abs_diff(native.clone(), chunked) < 1e-4,
+                    "kernel {kt}x{kh}x{kw}, limit {limit}"
+                );
+            }
         }
     }
 
@@ -605,7 +810,11 @@ mod tests {
         let dev = CpuDevice::default();
         let conv = CausalConv3d::<Cb> {
             conv: SafeConv3d {
-                weight: Param::from_tensor(Tensor::random([2, 3, 3, 3, 3], Distribution::Normal(0.0, 1.0), &dev)),
+                weight: Param::from_tensor(Tensor::random(
+                    [2, 3, 3, 3, 3],
+                    Distribution::Normal(0.0, 1.0),
+                    &dev,
+                )),
                 bias: Param::from_tensor(Tensor::random([2], Distribution::Normal(0.0, 1.0), &dev)),
                 kernel_size: 3,
                 padding_hw: 1,

@@ -22,8 +22,8 @@ pub use case::{run_case, tiling_from_params};
 pub use config::VaeConfig;
 pub use layers::{conv3d_algo, set_conv3d_algo, Conv3dAlgo};
 pub use model::{
-    frame_batches, AutoencoderKLCogVideoX, Decoder3D, DecoderCache, Encoder3D, EncoderCache, LatentDist, Tiling,
-    VaeOptions,
+    frame_batches, AutoencoderKLCogVideoX, Decoder3D, DecoderCache, Encoder3D, EncoderCache,
+    LatentDist, Tiling, VaeOptions,
 };
 
 use cogvx_model_core::LoadError;

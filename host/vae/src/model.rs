@@ -10,7 +10,9 @@ use cogvx_model_core::LoadError;
 use std::path::Path;
 
 use crate::config::VaeConfig;
-use crate::layers::{CausalConv3d, DownBlock3D, MidBlock3D, ResnetCache, SafeConv3d, SpatialNorm3D, UpBlock3D};
+use crate::layers::{
+    CausalConv3d, DownBlock3D, MidBlock3D, ResnetCache, SafeConv3d, SpatialNorm3D, UpBlock3D,
+};
 use crate::VaeError;
 
 /// Conv caches of the encoder between frame batches (diffusers' nested `conv_cache` dict).
@@ -25,7 +27,12 @@ pub struct EncoderCache<B: Backend> {
 
 impl<B: Backend> Default for EncoderCache<B> {
     fn default() -> Self {
-        EncoderCache { conv_in: None, down_blocks: Vec::new(), mid_block: Vec::new(), conv_out: None }
+        EncoderCache {
+            conv_in: None,
+            down_blocks: Vec::new(),
+            mid_block: Vec::new(),
+            conv_out: None,
+        }
     }
 }
 
@@ -41,7 +48,12 @@ pub struct DecoderCache<B: Backend> {
 
 impl<B: Backend> Default for DecoderCache<B> {
     fn default() -> Self {
-        DecoderCache { conv_in: None, mid_block: Vec::new(), up_blocks: Vec::new(), conv_out: None }
+        DecoderCache {
+            conv_in: None,
+            mid_block: Vec::new(),
+            up_blocks: Vec::new(),
+            conv_out: None,
+        }
     }
 }
 
@@ -81,16 +93,33 @@ impl<B: Backend> Encoder3D<B> {
             )?);
         }
         let last = ch[ch.len() - 1];
-        let mid_block = MidBlock3D::load(&vb.pp("mid_block"), last, 2, c.norm_eps, c.norm_num_groups, None, device)?;
+        let mid_block = MidBlock3D::load(
+            &vb.pp("mid_block"),
+            last,
+            2,
+            c.norm_eps,
+            c.norm_num_groups,
+            None,
+            device,
+        )?;
         let norm_out = GroupNorm::load(&vb.pp("norm_out"), c.norm_num_groups, last, 1e-6, device)?;
-        let conv_out = CausalConv3d::load(&vb.pp("conv_out"), last, 2 * c.latent_channels, 3, device)?;
-        Ok(Encoder3D { conv_in, down_blocks, mid_block, norm_out, conv_out })
+        let conv_out =
+            CausalConv3d::load(&vb.pp("conv_out"), last, 2 * c.latent_channels, 3, device)?;
+        Ok(Encoder3D {
+            conv_in,
+            down_blocks,
+            mid_block,
+            norm_out,
+            conv_out,
+        })
     }
 
     /// One frame batch; `cache` carries the causal-conv frames to the next batch.
     pub fn forward(&self, sample: Tensor<B, 5>, cache: &mut EncoderCache<B>) -> Tensor<B, 5> {
         let mut h = self.conv_in.forward(sample, &mut cache.conv_in);
-        cache.down_blocks.resize_with(self.down_blocks.len(), Vec::new);
+        cache
+            .down_blocks
+            .resize_with(self.down_blocks.len(), Vec::new);
         for (block, c) in self.down_blocks.iter().zip(cache.down_blocks.iter_mut()) {
             h = block.forward(h, c);
         }
@@ -117,7 +146,15 @@ impl<B: Backend> Decoder3D<B> {
         let zc = c.latent_channels;
         let g = c.norm_num_groups;
         let conv_in = CausalConv3d::load(&vb.pp("conv_in"), zc, rev[0], 3, device)?;
-        let mid_block = MidBlock3D::load(&vb.pp("mid_block"), rev[0], 2, c.norm_eps, g, Some(zc), device)?;
+        let mid_block = MidBlock3D::load(
+            &vb.pp("mid_block"),
+            rev[0],
+            2,
+            c.norm_eps,
+            g,
+            Some(zc),
+            device,
+        )?;
         let level = c.temporal_compress_level();
         let mut up_blocks = Vec::with_capacity(rev.len());
         let mut output_channel = rev[0];
@@ -141,13 +178,21 @@ impl<B: Backend> Decoder3D<B> {
         let last = rev[rev.len() - 1];
         let norm_out = SpatialNorm3D::load(&vb.pp("norm_out"), last, zc, g, device)?;
         let conv_out = CausalConv3d::load(&vb.pp("conv_out"), last, c.out_channels, 3, device)?;
-        Ok(Decoder3D { conv_in, mid_block, up_blocks, norm_out, conv_out })
+        Ok(Decoder3D {
+            conv_in,
+            mid_block,
+            up_blocks,
+            norm_out,
+            conv_out,
+        })
     }
 
     /// One latent frame batch; `cache` carries the causal-conv frames to the next batch.
     pub fn forward(&self, sample: Tensor<B, 5>, cache: &mut DecoderCache<B>) -> Tensor<B, 5> {
         let mut h = self.conv_in.forward(sample.clone(), &mut cache.conv_in);
-        h = self.mid_block.forward(h, Some(&sample), &mut cache.mid_block);
+        h = self
+            .mid_block
+            .forward(h, Some(&sample), &mut cache.mid_block);
         cache.up_blocks.resize_with(self.up_blocks.len(), Vec::new);
         for (block, c) in self.up_blocks.iter().zip(cache.up_blocks.iter_mut()) {
             h = block.forward(h, &sample, c);
@@ -282,18 +327,38 @@ fn check_input(what: &str, dims: [usize; 5], channels: usize) -> Result<(), VaeE
 impl<B: Backend> AutoencoderKLCogVideoX<B> {
     /// Builds the model of `config` with weights from `vb` (rooted at the `vae/` folder).
     /// Call `vb.finish()` afterwards to get every missing / unexpected key reported.
-    pub fn load(vb: &VarBuilder, config: &VaeConfig, device: &B::Device) -> Result<Self, LoadError> {
-        config.validate().map_err(|m| LoadError::Other(format!("vae config: {m}")))?;
+    pub fn load(
+        vb: &VarBuilder,
+        config: &VaeConfig,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        config
+            .validate()
+            .map_err(|m| LoadError::Other(format!("vae config: {m}")))?;
         let encoder = Encoder3D::load(&vb.pp("encoder"), config, device)?;
         let decoder = Decoder3D::load(&vb.pp("decoder"), config, device)?;
         let oc = config.out_channels;
         let quant_conv = if config.use_quant_conv {
-            Some(SafeConv3d::load(&vb.pp("quant_conv"), 2 * oc, 2 * oc, 1, 0, device)?)
+            Some(SafeConv3d::load(
+                &vb.pp("quant_conv"),
+                2 * oc,
+                2 * oc,
+                1,
+                0,
+                device,
+            )?)
         } else {
             None
         };
         let post_quant_conv = if config.use_post_quant_conv {
-            Some(SafeConv3d::load(&vb.pp("post_quant_conv"), oc, oc, 1, 0, device)?)
+            Some(SafeConv3d::load(
+                &vb.pp("post_quant_conv"),
+                oc,
+                oc,
+                1,
+                0,
+                device,
+            )?)
         } else {
             None
         };
@@ -325,12 +390,21 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
 
     /// Encodes `video [B, 3, T, H, W]` in [-1, 1] to the latent distribution (unscaled mean and
     /// logvar `[B, C, 1 + (T-1)/4, H/8, W/8]`). `T` should be 1, `8k` or `8k + 1`, as in diffusers.
-    pub fn encode(&self, video: Tensor<B, 5>, options: &VaeOptions) -> Result<LatentDist<B>, VaeError> {
-        check_input("vae encode", video.dims(), self.encoder.conv_in.conv.weight.dims()[1])?;
+    pub fn encode(
+        &self,
+        video: Tensor<B, 5>,
+        options: &VaeOptions,
+    ) -> Result<LatentDist<B>, VaeError> {
+        check_input(
+            "vae encode",
+            video.dims(),
+            self.encoder.conv_in.conv.weight.dims()[1],
+        )?;
         let b = video.dims()[0];
         let h = if options.slicing && b > 1 {
-            let parts =
-                (0..b).map(|i| self.encode_one(video.clone().narrow(0, i, 1), options)).collect::<Result<Vec<_>, _>>()?;
+            let parts = (0..b)
+                .map(|i| self.encode_one(video.clone().narrow(0, i, 1), options))
+                .collect::<Result<Vec<_>, _>>()?;
             Tensor::cat(parts, 0)
         } else {
             self.encode_one(video, options)?
@@ -370,7 +444,9 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         let parts = frame_batches(num_frames, self.num_sample_frames_batch_size)
             .into_iter()
             .map(|(start, end)| {
-                let h = self.encoder.forward(x.clone().narrow(2, start, end - start), &mut cache);
+                let h = self
+                    .encoder
+                    .forward(x.clone().narrow(2, start, end - start), &mut cache);
                 match &self.quant_conv {
                     Some(q) => q.forward(h),
                     None => h,
@@ -382,7 +458,11 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
 
     /// Decodes unscaled `latents [B, C, F, h, w]` to video `[B, 3, 1 + 4(F-1), 8h, 8w]`
     /// (roughly in [-1, 1]).
-    pub fn decode(&self, latents: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {
+    pub fn decode(
+        &self,
+        latents: Tensor<B, 5>,
+        options: &VaeOptions,
+    ) -> Result<Tensor<B, 5>, VaeError> {
         check_input("vae decode", latents.dims(), self.latent_channels)?;
         let b = latents.dims()[0];
         if options.slicing && b > 1 {
@@ -398,7 +478,8 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     fn decode_one(&self, z: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {
         let [_, _, _, height, width] = z.dims();
         if let Some(t) = &options.tiling {
-            if width > t.tile_latent_min_width(self.spatial_scale) || height > t.tile_latent_min_height(self.spatial_scale)
+            if width > t.tile_latent_min_width(self.spatial_scale)
+                || height > t.tile_latent_min_height(self.spatial_scale)
             {
                 return self.tiled_decode(z, t);
             }
@@ -428,9 +509,14 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     pub fn tiled_encode(&self, x: Tensor<B, 5>, tiling: &Tiling) -> Result<Tensor<B, 5>, VaeError> {
         let [_, _, _, height, width] = x.dims();
         let s = self.spatial_scale;
-        let (lat_h, lat_w) = (tiling.tile_latent_min_height(s), tiling.tile_latent_min_width(s));
-        let overlap_height = (tiling.tile_sample_min_height as f64 * (1.0 - tiling.tile_overlap_factor_height)) as usize;
-        let overlap_width = (tiling.tile_sample_min_width as f64 * (1.0 - tiling.tile_overlap_factor_width)) as usize;
+        let (lat_h, lat_w) = (
+            tiling.tile_latent_min_height(s),
+            tiling.tile_latent_min_width(s),
+        );
+        let overlap_height = (tiling.tile_sample_min_height as f64
+            * (1.0 - tiling.tile_overlap_factor_height)) as usize;
+        let overlap_width = (tiling.tile_sample_min_width as f64
+            * (1.0 - tiling.tile_overlap_factor_width)) as usize;
         let blend_h = (lat_h as f64 * tiling.tile_overlap_factor_height) as usize;
         let blend_w = (lat_w as f64 * tiling.tile_overlap_factor_width) as usize;
         check_tiling(tiling, overlap_height, overlap_width, lat_h, lat_w)?;
@@ -445,7 +531,13 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
             }
             rows.push(row);
         }
-        Ok(blend_tiles(rows, blend_h, blend_w, lat_h - blend_h, lat_w - blend_w))
+        Ok(blend_tiles(
+            rows,
+            blend_h,
+            blend_w,
+            lat_h - blend_h,
+            lat_w - blend_w,
+        ))
     }
 
     /// Diffusers' `tiled_decode`: overlapping latent tiles of `tile_latent_min_*`, each decoded
@@ -453,11 +545,16 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     pub fn tiled_decode(&self, z: Tensor<B, 5>, tiling: &Tiling) -> Result<Tensor<B, 5>, VaeError> {
         let [_, _, _, height, width] = z.dims();
         let s = self.spatial_scale;
-        let (lat_h, lat_w) = (tiling.tile_latent_min_height(s), tiling.tile_latent_min_width(s));
+        let (lat_h, lat_w) = (
+            tiling.tile_latent_min_height(s),
+            tiling.tile_latent_min_width(s),
+        );
         let overlap_height = (lat_h as f64 * (1.0 - tiling.tile_overlap_factor_height)) as usize;
         let overlap_width = (lat_w as f64 * (1.0 - tiling.tile_overlap_factor_width)) as usize;
-        let blend_h = (tiling.tile_sample_min_height as f64 * tiling.tile_overlap_factor_height) as usize;
-        let blend_w = (tiling.tile_sample_min_width as f64 * tiling.tile_overlap_factor_width) as usize;
+        let blend_h =
+            (tiling.tile_sample_min_height as f64 * tiling.tile_overlap_factor_height) as usize;
+        let blend_w =
+            (tiling.tile_sample_min_width as f64 * tiling.tile_overlap_factor_width) as usize;
         check_tiling(tiling, overlap_height, overlap_width, lat_h, lat_w)?;
         let rows: Vec<Vec<Tensor<B, 5>>> = (0..height)
             .step_by(overlap_height)
@@ -519,7 +616,13 @@ pub fn frame_batches(num_frames: usize, batch: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn check_tiling(t: &Tiling, overlap_h: usize, overlap_w: usize, lat_h: usize, lat_w: usize) -> Result<(), VaeError> {
+fn check_tiling(
+    t: &Tiling,
+    overlap_h: usize,
+    overlap_w: usize,
+    lat_h: usize,
+    lat_w: usize,
+) -> Result<(), VaeError> {
     let ok_factor = |f: f64| (0.0..1.0).contains(&f);
     if !ok_factor(t.tile_overlap_factor_height) || !ok_factor(t.tile_overlap_factor_width) {
         return Err(VaeError::Input(format!(
@@ -559,7 +662,10 @@ fn blend_tiles<B: Backend>(
             }
             rows[i][j] = tile.clone();
             let [_, _, _, h, w] = tile.dims();
-            result_row.push(tile.narrow(3, 0, limit_h.min(h)).narrow(4, 0, limit_w.min(w)));
+            result_row.push(
+                tile.narrow(3, 0, limit_h.min(h))
+                    .narrow(4, 0, limit_w.min(w)),
+            );
         }
         result_rows.push(Tensor::cat(result_row, 4));
     }
@@ -579,7 +685,12 @@ fn blend<B: Backend>(a: &Tensor<B, 5>, b: Tensor<B, 5>, extent: usize, dim: usiz
     let w: Vec<f32> = (0..e).map(|y| (y as f64 / e as f64) as f32).collect();
     let w_b = Tensor::<B, 5>::from_data(TensorData::new(w.clone(), shape), &device);
     let w_a = Tensor::<B, 5>::from_data(
-        TensorData::new((0..e).map(|y| (1.0 - y as f64 / e as f64) as f32).collect::<Vec<f32>>(), shape),
+        TensorData::new(
+            (0..e)
+                .map(|y| (1.0 - y as f64 / e as f64) as f32)
+                .collect::<Vec<f32>>(),
+            shape,
+        ),
         &device,
     );
     let a_len = a.dims()[dim];

@@ -12,7 +12,9 @@ pub fn nearest_indices(input: usize, output: usize) -> Vec<i64> {
         return (0..output as i64).map(|i| i >> 1).collect();
     }
     let scale = input as f32 / output as f32;
-    (0..output).map(|i| ((i as f32 * scale).floor() as i64).min(input as i64 - 1)).collect()
+    (0..output)
+        .map(|i| ((i as f32 * scale).floor() as i64).min(input as i64 - 1))
+        .collect()
 }
 
 /// `F.interpolate(x, size=size)` (nearest) on the last `N` dims of `x`.
@@ -60,7 +62,10 @@ pub fn repeat_interleave2<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usiz
             let n = dims[dim];
             let idx: Vec<i64> = (0..2 * n as i64).map(|i| i >> 1).collect();
             let device = x.device();
-            x.select(dim, Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [2 * n]), &device))
+            x.select(
+                dim,
+                Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [2 * n]), &device),
+            )
         }
     }
 }
@@ -122,8 +127,14 @@ mod tests {
     #[test]
     fn interpolate_and_repeat() {
         let x = t(vec![1.0, 2.0, 3.0], [1, 1, 3]);
-        assert_eq!(v(repeat_interleave2(x.clone(), 2)), vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
-        assert_eq!(v(interpolate_nearest(x, [5])), vec![1.0, 1.0, 2.0, 2.0, 3.0]);
+        assert_eq!(
+            v(repeat_interleave2(x.clone(), 2)),
+            vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+        );
+        assert_eq!(
+            v(interpolate_nearest(x, [5])),
+            vec![1.0, 1.0, 2.0, 2.0, 3.0]
+        );
         let y = t((0..6).map(|i| i as f32).collect(), [1, 1, 2, 3]);
         let up = interpolate_nearest(y, [4, 6]);
         assert_eq!(up.dims(), [1, 1, 4, 6]);

@@ -6,12 +6,18 @@ use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeConfig, VaeError, VaeOptions}
 use std::path::{Path, PathBuf};
 
 fn tiny_vae_dir() -> Option<PathBuf> {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models/cogvideox-2b-tiny/vae"))
-        .to_path_buf();
+    let dir = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/models/cogvideox-2b-tiny/vae"
+    ))
+    .to_path_buf();
     if dir.exists() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED: {} not found (the repo must sit next to `shared/`)", dir.display());
+        eprintln!(
+            "SKIPPED: {} not found (the repo must sit next to `shared/`)",
+            dir.display()
+        );
         None
     }
 }
@@ -22,7 +28,11 @@ fn edited_copy(src: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> tempfil
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut config);
-    std::fs::write(dir.path().join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
     std::fs::copy(
         src.join("diffusion_pytorch_model.safetensors"),
         dir.path().join("diffusion_pytorch_model.safetensors"),
@@ -41,18 +51,32 @@ fn config_defaults_are_diffusers() {
     assert_eq!(c.temporal_compress_level(), 2);
     assert_eq!(c.spatial_scale(), 8);
     let t = Tiling::for_config(&c);
-    assert_eq!((t.tile_sample_min_height, t.tile_sample_min_width), (240, 360));
-    assert_eq!((t.tile_latent_min_height(8), t.tile_latent_min_width(8)), (30, 45));
+    assert_eq!(
+        (t.tile_sample_min_height, t.tile_sample_min_width),
+        (240, 360)
+    );
+    assert_eq!(
+        (t.tile_latent_min_height(8), t.tile_latent_min_width(8)),
+        (30, 45)
+    );
 }
 
 #[test]
 fn unknown_block_type_names_file_and_key() {
     let Some(src) = tiny_vae_dir() else { return };
-    let dir = edited_copy(&src, |c| c["down_block_types"][1] = "DownEncoderBlock2D".into());
-    let err = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default()).unwrap_err();
+    let dir = edited_copy(&src, |c| {
+        c["down_block_types"][1] = "DownEncoderBlock2D".into()
+    });
+    let err = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default())
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, VaeError::Config { .. }), "{msg}");
-    assert!(msg.contains("config.json") && msg.contains("down_block_types") && msg.contains("DownEncoderBlock2D"), "{msg}");
+    assert!(
+        msg.contains("config.json")
+            && msg.contains("down_block_types")
+            && msg.contains("DownEncoderBlock2D"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -60,12 +84,22 @@ fn wrong_config_lists_every_weight_problem() {
     let Some(src) = tiny_vae_dir() else { return };
     // One more ResNet per block: the extra keys are missing, nothing else changes.
     let dir = edited_copy(&src, |c| c["layers_per_block"] = 2.into());
-    let msg = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default()).unwrap_err().to_string();
-    assert!(msg.contains("missing key `encoder.down_blocks.0.resnets.1.conv1.conv.weight`"), "{msg}");
-    assert!(msg.contains("missing key `decoder.up_blocks.3.resnets.2.norm1.conv_y.conv.bias`"), "{msg}");
+    let msg = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("missing key `encoder.down_blocks.0.resnets.1.conv1.conv.weight`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("missing key `decoder.up_blocks.3.resnets.2.norm1.conv_y.conv.bias`"),
+        "{msg}"
+    );
     // Fewer channels: wrong shapes, reported with both shapes.
     let dir = edited_copy(&src, |c| c["latent_channels"] = 8.into());
-    let msg = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default()).unwrap_err().to_string();
+    let msg = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default())
+        .unwrap_err()
+        .to_string();
     assert!(
         msg.contains("wrong shape for `decoder.conv_in.conv.weight`: file has [16, 4, 3, 3, 3], model expects [16, 8, 3, 3, 3]"),
         "{msg}"
@@ -77,25 +111,67 @@ fn bad_inputs_are_errors() {
     let Some(src) = tiny_vae_dir() else { return };
     let device = CpuDevice::default();
     let (vae, config) = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&src, &device).unwrap();
-    let video = Tensor::<CpuBackend, 5>::random([1, 4, 1, 16, 16], Distribution::Uniform(-1.0, 1.0), &device);
-    let msg = vae.encode(video, &VaeOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("[B, 3, T, H, W]") && msg.contains("[1, 4, 1, 16, 16]"), "{msg}");
-    let z = Tensor::<CpuBackend, 5>::random([1, 3, 1, 2, 2], Distribution::Normal(0.0, 1.0), &device);
+    let video = Tensor::<CpuBackend, 5>::random(
+        [1, 4, 1, 16, 16],
+        Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let msg = vae
+        .encode(video, &VaeOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("[B, 3, T, H, W]") && msg.contains("[1, 4, 1, 16, 16]"),
+        "{msg}"
+    );
+    let z =
+        Tensor::<CpuBackend, 5>::random([1, 3, 1, 2, 2], Distribution::Normal(0.0, 1.0), &device);
     assert!(vae.decode(z, &VaeOptions::default()).is_err());
     // Tiles smaller than the VAE's stride cannot be blended.
     let mut tiling = Tiling::for_config(&config);
     tiling.tile_sample_min_height = 4;
-    let video = Tensor::<CpuBackend, 5>::random([1, 3, 1, 16, 16], Distribution::Uniform(-1.0, 1.0), &device);
-    let opts = VaeOptions { tiling: Some(tiling), slicing: false };
+    let video = Tensor::<CpuBackend, 5>::random(
+        [1, 3, 1, 16, 16],
+        Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let opts = VaeOptions {
+        tiling: Some(tiling),
+        slicing: false,
+    };
     let msg = vae.encode(video, &opts).unwrap_err().to_string();
     assert!(msg.contains("tiling"), "{msg}");
     // Too small for the stride, whole or as an edge tile (PyTorch raises there as well).
-    let tiny = Tensor::<CpuBackend, 5>::random([1, 3, 1, 4, 16], Distribution::Uniform(-1.0, 1.0), &device);
-    let msg = vae.encode(tiny, &VaeOptions::default()).unwrap_err().to_string();
+    let tiny = Tensor::<CpuBackend, 5>::random(
+        [1, 3, 1, 4, 16],
+        Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let msg = vae
+        .encode(tiny, &VaeOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("4x16 pixels"), "{msg}");
-    let tiling = Tiling { tile_sample_min_height: 48, tile_sample_min_width: 64, ..Tiling::for_config(&config) };
-    let video = Tensor::<CpuBackend, 5>::random([1, 3, 1, 48, 105], Distribution::Uniform(-1.0, 1.0), &device);
-    let msg = vae.encode(video, &VaeOptions { tiling: Some(tiling), slicing: false }).unwrap_err().to_string();
+    let tiling = Tiling {
+        tile_sample_min_height: 48,
+        tile_sample_min_width: 64,
+        ..Tiling::for_config(&config)
+    };
+    let video = Tensor::<CpuBackend, 5>::random(
+        [1, 3, 1, 48, 105],
+        Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let msg = vae
+        .encode(
+            video,
+            &VaeOptions {
+                tiling: Some(tiling),
+                slicing: false,
+            },
+        )
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("tile at (0, 102)"), "{msg}");
 }
 
@@ -105,10 +181,22 @@ fn single_frame_and_batch_slicing() {
     let device = CpuDevice::default();
     let (vae, _) = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&src, &device).unwrap();
     // An image (T = 1) encodes to one latent frame and decodes back to one frame.
-    let video = Tensor::<CpuBackend, 5>::random([2, 3, 1, 16, 24], Distribution::Uniform(-1.0, 1.0), &device);
+    let video = Tensor::<CpuBackend, 5>::random(
+        [2, 3, 1, 16, 24],
+        Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
     let whole = vae.encode(video.clone(), &VaeOptions::default()).unwrap();
     assert_eq!(whole.mean.dims(), [2, 4, 1, 2, 3]);
-    let sliced = vae.encode(video, &VaeOptions { tiling: None, slicing: true }).unwrap();
+    let sliced = vae
+        .encode(
+            video,
+            &VaeOptions {
+                tiling: None,
+                slicing: true,
+            },
+        )
+        .unwrap();
     let diff: f32 = (whole.mean.clone() - sliced.mean).abs().max().into_scalar();
     assert!(diff < 1e-5, "slicing changed the result by {diff}");
     let frames = vae.decode(whole.mean, &VaeOptions::default()).unwrap();
@@ -129,7 +217,12 @@ fn latent_scaling_follows_the_pipelines() {
     let i: f32 = vae.scale_image_latents(z.clone()).max().into_scalar();
     assert!((i as f64 - 1.15258426).abs() < 1e-6);
     // CogVideoX 1.5 inverts the image-latent scale.
-    let src15 = src.parent().unwrap().parent().unwrap().join("cogvideox1.5-5b-tiny/vae");
+    let src15 = src
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("cogvideox1.5-5b-tiny/vae");
     let (vae15, c15) = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&src15, &device).unwrap();
     assert!(c15.invert_scale_latents);
     let i: f32 = vae15.scale_image_latents(z).max().into_scalar();

@@ -7,13 +7,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 fn cases_dir() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/cases")).to_path_buf()
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/cases"
+    ))
+    .to_path_buf()
 }
 
 fn vae_cases() -> Option<Vec<PathBuf>> {
     let dir = cases_dir();
     if !dir.exists() {
-        eprintln!("SKIPPED: reference cases not found at {} (the repo must sit next to `shared/`)", dir.display());
+        eprintln!(
+            "SKIPPED: reference cases not found at {} (the repo must sit next to `shared/`)",
+            dir.display()
+        );
         return None;
     }
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -30,29 +37,56 @@ fn vae_cases() -> Option<Vec<PathBuf>> {
 
 fn run(filter: &str) {
     let Some(cases) = vae_cases() else { return };
-    let cases: Vec<_> = cases.into_iter().filter(|p| p.to_string_lossy().contains(filter)).collect();
-    assert!(!cases.is_empty(), "no VAE case matching `{filter}` in {}", cases_dir().display());
+    let cases: Vec<_> = cases
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(filter))
+        .collect();
+    assert!(
+        !cases.is_empty(),
+        "no VAE case matching `{filter}` in {}",
+        cases_dir().display()
+    );
     let device = CpuDevice::default();
     let mut failures = Vec::new();
     for path in &cases {
         let case = Case::load(path).unwrap();
         let start = Instant::now();
-        let got = cogvx_vae::run_case::<CpuBackend>(&case, &device).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let got = cogvx_vae::run_case::<CpuBackend>(&case, &device)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let secs = start.elapsed().as_secs_f64();
-        assert_eq!(got.len(), case.outputs.len(), "{}: outputs {:?}", case.name, got.keys().collect::<Vec<_>>());
+        assert_eq!(
+            got.len(),
+            case.outputs.len(),
+            "{}: outputs {:?}",
+            case.name,
+            got.keys().collect::<Vec<_>>()
+        );
         for (name, want) in &case.outputs {
-            let g = got.get(name).unwrap_or_else(|| panic!("{}: no output `{name}`", case.name));
+            let g = got
+                .get(name)
+                .unwrap_or_else(|| panic!("{}: no output `{name}`", case.name));
             assert_eq!(g.shape, want.shape, "{}: shape of `{name}`", case.name);
             let err = rel_l2(&g.to_f32(), &want.to_f32());
-            let Tolerance::RelL2(tol) = case.tolerance else { panic!("{}: float output with exact tolerance", case.name) };
+            let Tolerance::RelL2(tol) = case.tolerance else {
+                panic!("{}: float output with exact tolerance", case.name)
+            };
             let ok = err <= tol;
-            eprintln!("{:<40} {:<7} rel_l2 {err:.3e} (tol {tol:.0e}) {} [{secs:.2}s]", case.name, name, if ok { "ok" } else { "FAIL" });
+            eprintln!(
+                "{:<40} {:<7} rel_l2 {err:.3e} (tol {tol:.0e}) {} [{secs:.2}s]",
+                case.name,
+                name,
+                if ok { "ok" } else { "FAIL" }
+            );
             if !ok {
                 failures.push(format!("{} {name}: {err:.3e} > {tol:.0e}", case.name));
             }
         }
     }
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
