@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 use cogvx_model_core::nn::Linear;
 use cogvx_model_core::weights::VarBuilder;
+use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------------------------
 // Timesteps
@@ -180,7 +181,14 @@ pub struct CogVideoXPatchEmbed<B: Backend> {
     pub temporal_interpolation_scale: f64,
     pub use_positional_embeddings: bool,
     pub use_learned_positional_embeddings: bool,
+    /// The last table recomputed for a size other than the sample size (diffusers recomputes it
+    /// on every call; a sampling loop or a training run asks for the same size again and again).
+    /// Held on the host so that the module stays backend-independent (autodiff, devices).
+    pub recomputed: SincosCache,
 }
+
+/// `(latent height, latent width, pixel frames)` and the joint sincos table `[1, L, D]` for them.
+pub type SincosCache = Arc<Mutex<Option<((usize, usize, usize), TensorData)>>>;
 
 impl<B: Backend> CogVideoXPatchEmbed<B> {
     /// Loads `proj`, `text_proj` and (learned) `pos_embedding` under `vb` (`patch_embed`).
@@ -217,6 +225,7 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
             temporal_interpolation_scale: c.temporal_interpolation_scale,
             use_positional_embeddings: !c.use_rotary_positional_embeddings,
             use_learned_positional_embeddings: c.use_learned_positional_embeddings,
+            recomputed: Arc::default(),
         };
         if embed.use_positional_embeddings || embed.use_learned_positional_embeddings {
             let table = embed.sincos_table(c.sample_height, c.sample_width, c.sample_frames, device);
@@ -234,6 +243,11 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
     /// `[1, max_text_seq_length + patches, D]` (zeros on the text positions) for latent
     /// `height x width` and pixel `frames`.
     pub fn sincos_table(&self, height: usize, width: usize, frames: usize, device: &B::Device) -> Tensor<B, 3> {
+        Tensor::from_data(self.sincos_data(height, width, frames), device)
+    }
+
+    /// [`Self::sincos_table`] on the host.
+    fn sincos_data(&self, height: usize, width: usize, frames: usize) -> TensorData {
         let ph = height / self.patch_size;
         let pw = width / self.patch_size;
         let t = (frames.max(1) - 1) / self.temporal_compression_ratio + 1;
@@ -247,7 +261,21 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
         );
         let mut joint = vec![0f32; self.max_text_seq_length * self.embed_dim];
         joint.extend(table);
-        Tensor::from_data(TensorData::new(joint, [1, self.max_text_seq_length + patches, self.embed_dim]), device)
+        TensorData::new(joint, [1, self.max_text_seq_length + patches, self.embed_dim])
+    }
+
+    /// [`Self::sincos_table`], reusing the last recomputed table when size and device match.
+    fn cached_sincos_table(&self, height: usize, width: usize, frames: usize, device: &B::Device) -> Tensor<B, 3> {
+        let key = (height, width, frames);
+        let mut cache = self.recomputed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, data)) = cache.as_ref() {
+            if *k == key {
+                return Tensor::from_data(data.clone(), device);
+            }
+        }
+        let data = self.sincos_data(height, width, frames);
+        *cache = Some((key, data.clone()));
+        Tensor::from_data(data, device)
     }
 
     /// `text_embeds [B, S, Dt]`, `image_embeds [B, F, C, H, W]` to `[B, S + patches, D]`.
@@ -290,7 +318,7 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
         }
         let pre_time_compression_frames = (f - 1) * self.temporal_compression_ratio + 1;
         let pos = if self.sample_height != h || self.sample_width != w || self.sample_frames != pre_time_compression_frames {
-            self.sincos_table(h, w, pre_time_compression_frames, &embeds.device())
+            self.cached_sincos_table(h, w, pre_time_compression_frames, &embeds.device())
         } else {
             self.pos_embedding.clone().expect("set in load when positional embeddings are used")
         };

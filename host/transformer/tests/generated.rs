@@ -67,6 +67,10 @@ fn sincos_table_is_recomputed_for_other_sizes() {
     assert_eq!(out_a.dims(), [2, 2, 5, 6, 8]);
     let out_a = values(out_a);
     assert!(out_a.iter().all(|v| v.is_finite()));
+    // The recomputed table is cached per size: another size in between, then the same again.
+    assert_eq!(run(&a, 1, 3, 4, 6, 7).unwrap().dims(), [1, 3, 5, 4, 6]);
+    assert_close(&out_a, &values(run(&a, 2, 2, 6, 8, 7).unwrap()), 0.0);
+    assert_close(&out_a, &values(run(&a, 2, 2, 6, 8, 7).unwrap()), 0.0);
 
     // Same weights, sample size = the input size: the stored table is used.
     let b_dir = tmp.path().join("b");
