@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use cogvx_plugin_api::{Resolution, Sample};
-use cogvx_video::{VideoReader, VideoTransforms};
+use cogvx_video::{VideoError, VideoReader, VideoTransforms};
 
 use crate::chain::{sample_seed, Chain, PromptRewriters};
 use crate::layout::{origin_location, read_layout, resolve_in_root, Problem};
@@ -144,7 +144,16 @@ fn check_sample(
             Ok(p) => match std::fs::metadata(&p) {
                 Ok(m) if !m.is_file() => out.push(format!("{}: image is not a regular file", p.display())),
                 Ok(m) if m.len() == 0 => out.push(format!("{}: image file is empty (0 bytes)", p.display())),
-                Ok(_) => {}
+                Ok(_) => {
+                    // FFmpeg reads still images (PNG, JPEG, WebP, ...) as one-frame videos.
+                    if let Err(e) = cogvx_video::probe(&p) {
+                        let why = match e {
+                            VideoError::NotVideo { detail, .. } | VideoError::Truncated { detail, .. } => detail,
+                            other => other.to_string(),
+                        };
+                        out.push(format!("{}: not a readable image ({why})", p.display()));
+                    }
+                }
                 Err(_) => out.push(format!("{}: image file not found", p.display())),
             },
             Err(m) => out.push(m),

@@ -380,6 +380,42 @@ fn check_reports_every_problem_at_once() {
 }
 
 #[test]
+fn image_lists_are_checked() {
+    let d = dataset("a\nb\n", "videos/a.mp4\nvideos/a.mp4\n");
+    clip(&d.path().join("videos/a.mp4"), 12);
+    std::fs::create_dir_all(d.path().join("images")).unwrap();
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=s=96x64",
+        "-frames:v",
+        "1",
+        d.path().join("images/a.png").to_str().unwrap(),
+    ]);
+    std::fs::write(d.path().join("images/b.png"), "not an image").unwrap();
+    std::fs::write(d.path().join("images.txt"), "images/a.png\n").unwrap();
+    assert_refused(
+        d.path(),
+        &mut Chain::new(),
+        "images.txt",
+        None,
+        "has 1 lines but videos.txt has 2",
+    );
+    std::fs::write(d.path().join("images.txt"), "images/a.png\nimages/b.png\n").unwrap();
+    let b = d.path().join("images/b.png");
+    assert_refused(
+        d.path(),
+        &mut Chain::new(),
+        "videos.txt",
+        Some(2),
+        &format!("{}: not a readable image", b.display()),
+    );
+    std::fs::write(d.path().join("images.txt"), "images/a.png\nimages/a.png\n").unwrap();
+    assert!(check(d.path(), TARGET, &mut Chain::new()).is_ok());
+}
+
+#[test]
 fn bad_plan_names_the_plugin_and_writes_nothing() {
     let d = dataset("a\n", "videos/a.mp4\n");
     clip(&d.path().join("videos/a.mp4"), 12);
