@@ -271,6 +271,7 @@ fn resolve_dim(layer: &str, pname: &str, dim: &Dim, req: &AdapterRequest) -> Res
         Dim::Factor { of_out, limit, cofactor } => {
             let n = if *of_out { req.out_features } else { req.in_features } as usize;
             let limit = (*limit as usize).max(1);
+            #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace allows 1.85.
             let f = (1..=n.min(limit)).rev().find(|d| n % d == 0).unwrap_or(1);
             if *cofactor {
                 n / f

@@ -1,0 +1,280 @@
+//! Export of a trained LoRA as diffusers writes it (`CogVideoXPipeline.save_lora_weights` with
+//! `transformer_lora_adapter_metadata`): `pytorch_lora_weights.safetensors`, keys
+//! `transformer.<peft key>` in float32, header metadata `format = "pt"` and
+//! `lora_adapter_metadata` (PEFT's `LoraConfig.to_dict()` with every key prefixed by
+//! `transformer.`, as `json.dumps(..., indent=2, sort_keys=True)`), so that diffusers'
+//! `load_lora_weights` applies it at `alpha / rank`.
+
+use crate::error::{invalid, TrainError};
+use burn::tensor::backend::Backend;
+use cogvx_model_core::adapter::AdapterTensor;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The file name diffusers uses.
+pub const LORA_WEIGHTS_NAME: &str = "pytorch_lora_weights.safetensors";
+/// The PEFT version whose `LoraConfig` fields the metadata lists (the fields written by the
+/// diffusers/PEFT versions that produced the reference files).
+pub const PEFT_METADATA_VERSION: &str = "0.21.2";
+
+/// Rank, alpha and targets written to the metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraMetadata {
+    pub rank: usize,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+}
+
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// PEFT's `LoraConfig(r, lora_alpha, target_modules).to_dict()` (set-valued fields sorted).
+pub fn lora_config_dict(meta: &LoraMetadata) -> BTreeMap<String, Value> {
+    let mut targets = meta.target_modules.clone();
+    targets.sort();
+    targets.dedup();
+    let entries: Vec<(&str, Value)> = vec![
+        ("alora_invocation_tokens", Value::Null),
+        ("alpha_pattern", json!({})),
+        ("arrow_config", Value::Null),
+        ("auto_mapping", Value::Null),
+        ("base_model_name_or_path", Value::Null),
+        ("bias", json!("none")),
+        ("corda_config", Value::Null),
+        ("ensure_weight_tying", json!(false)),
+        ("eva_config", Value::Null),
+        ("exclude_modules", Value::Null),
+        ("fan_in_fan_out", json!(false)),
+        ("inference_mode", json!(false)),
+        ("init_lora_weights", json!(true)),
+        ("kasa_config", Value::Null),
+        ("layer_replication", Value::Null),
+        ("layers_pattern", Value::Null),
+        ("layers_to_transform", Value::Null),
+        ("loftq_config", json!({})),
+        ("lora_alpha", number(meta.alpha)),
+        ("lora_bias", json!(false)),
+        ("lora_dropout", json!(0.0)),
+        ("lora_ga_config", Value::Null),
+        ("megatron_config", Value::Null),
+        ("megatron_core", json!("megatron.core")),
+        ("modules_to_save", Value::Null),
+        ("monteclora_config", Value::Null),
+        ("peft_type", json!("LORA")),
+        ("peft_version", json!(PEFT_METADATA_VERSION)),
+        ("qalora_group_size", json!(16)),
+        ("r", json!(meta.rank)),
+        ("rank_pattern", json!({})),
+        ("revision", Value::Null),
+        ("target_modules", json!(targets)),
+        ("target_parameters", Value::Null),
+        ("task_type", Value::Null),
+        ("trainable_token_indices", Value::Null),
+        ("use_bdlora", Value::Null),
+        ("use_dora", json!(false)),
+        ("use_qalora", json!(false)),
+        ("use_rslora", json!(false)),
+        ("velora_config", Value::Null),
+    ];
+    entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Python's `json.dumps(value, indent=2, sort_keys=True)` (ASCII-escaped, `", "`/`": "` separators).
+pub fn python_json_dumps(value: &Value) -> String {
+    fn write(v: &Value, indent: usize, out: &mut String) {
+        let pad = |n: usize| " ".repeat(n);
+        match v {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Number(n) => {
+                if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                    // Rust's `{:?}` switches to exponents at the same magnitudes as Python's
+                    // repr; Python writes the exponent signed and with at least two digits.
+                    let s = format!("{f:?}");
+                    match s.split_once('e') {
+                        Some((mantissa, exp)) => {
+                            let (sign, digits) = exp.strip_prefix('-').map(|d| ('-', d)).unwrap_or(('+', exp));
+                            out.push_str(&format!("{mantissa}e{sign}{digits:0>2}"));
+                        }
+                        None => out.push_str(&s),
+                    }
+                } else {
+                    out.push_str(&n.to_string());
+                }
+            }
+            Value::String(s) => {
+                out.push('"');
+                for ch in s.chars() {
+                    match ch {
+                        '"' => out.push_str("\\\""),
+                        '\\' => out.push_str("\\\\"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        '\t' => out.push_str("\\t"),
+                        c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                            let mut buf = [0u16; 2];
+                            for u in c.encode_utf16(&mut buf) {
+                                out.push_str(&format!("\\u{:04x}", u));
+                            }
+                        }
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            Value::Array(a) if a.is_empty() => out.push_str("[]"),
+            Value::Array(a) => {
+                out.push_str("[\n");
+                for (i, x) in a.iter().enumerate() {
+                    out.push_str(&pad(indent + 2));
+                    write(x, indent + 2, out);
+                    if i + 1 < a.len() {
+                        out.push(',');
+                    }
+                    out.push('\n');
+                }
+                out.push_str(&pad(indent));
+                out.push(']');
+            }
+            Value::Object(m) if m.is_empty() => out.push_str("{}"),
+            Value::Object(m) => {
+                let sorted: BTreeMap<&String, &Value> = m.iter().collect();
+                out.push_str("{\n");
+                for (i, (k, x)) in sorted.iter().enumerate() {
+                    out.push_str(&pad(indent + 2));
+                    write(&Value::String((*k).clone()), indent + 2, out);
+                    out.push_str(": ");
+                    write(x, indent + 2, out);
+                    if i + 1 < sorted.len() {
+                        out.push(',');
+                    }
+                    out.push('\n');
+                }
+                out.push_str(&pad(indent));
+                out.push('}');
+            }
+        }
+    }
+    let mut s = String::new();
+    write(value, 0, &mut s);
+    s
+}
+
+/// The header metadata diffusers writes for a transformer LoRA.
+pub fn lora_file_metadata(meta: &LoraMetadata) -> BTreeMap<String, String> {
+    let packed: serde_json::Map<String, Value> =
+        lora_config_dict(meta).into_iter().map(|(k, v)| (format!("transformer.{k}"), v)).collect();
+    BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("lora_adapter_metadata".to_string(), python_json_dumps(&Value::Object(packed))),
+    ])
+}
+
+/// Writes a safetensors file of float32 tensors with `metadata`, atomically (a temporary file
+/// in the same folder, then a rename). Tensors are laid out in name order.
+pub fn write_safetensors_f32(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, metadata: &BTreeMap<String, String>) -> Result<(), TrainError> {
+    let io = |e: std::io::Error| TrainError::Io { path: path.to_path_buf(), message: e.to_string() };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!(metadata));
+    let mut offset = 0usize;
+    for (name, (shape, data)) in tensors {
+        if shape.iter().product::<usize>() != data.len() {
+            return invalid(format!("tensor `{name}`: shape {shape:?} does not hold {} values", data.len()));
+        }
+        let end = offset + 4 * data.len();
+        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}));
+        offset = end;
+    }
+    let mut header = serde_json::to_string(&Value::Object(header)).expect("JSON of strings and numbers");
+    // Pad with spaces to a multiple of 8 bytes, as the safetensors writer does.
+    header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(header.as_bytes())?;
+        for (_, data) in tensors.values() {
+            for x in data {
+                f.write_all(&x.to_le_bytes())?;
+            }
+        }
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Saves LoRA parameters (`<layer>.lora_A.weight` / `.lora_B.weight`, PEFT names without the
+/// `transformer.` prefix) to `dir/pytorch_lora_weights.safetensors` in diffusers' layout, with
+/// the adapter metadata. Returns the file's path.
+pub fn save_lora<B: Backend>(
+    dir: &Path,
+    params: &BTreeMap<String, AdapterTensor<B>>,
+    meta: &LoraMetadata,
+) -> Result<std::path::PathBuf, TrainError> {
+    if params.is_empty() {
+        return invalid("no LoRA parameters to save");
+    }
+    if meta.rank == 0 {
+        return invalid("LoRA rank 0 in the export metadata");
+    }
+    let mut tensors = BTreeMap::new();
+    for (name, t) in params {
+        if !(name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) {
+            return invalid(format!("`{name}` is not a LoRA parameter (lora_A.weight / lora_B.weight)"));
+        }
+        tensors.insert(format!("transformer.{name}"), (t.shape(), t.to_vec()));
+    }
+    let path = dir.join(LORA_WEIGHTS_NAME);
+    write_safetensors_f32(&path, &tensors, &lora_file_metadata(meta))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_json_formatting() {
+        let v = json!({"b": [1, "x\u{e9}"], "a": {}, "c": 1e-5, "d": 0.0, "e": [], "f": 1e16, "g": 2.5});
+        assert_eq!(
+            python_json_dumps(&v),
+            "{\n  \"a\": {},\n  \"b\": [\n    1,\n    \"x\\u00e9\"\n  ],\n  \"c\": 1e-05,\n  \"d\": 0.0,\n  \"e\": [],\n  \"f\": 1e+16,\n  \"g\": 2.5\n}"
+        );
+    }
+
+    #[test]
+    fn alpha_is_written_as_given() {
+        let m = |alpha| lora_config_dict(&LoraMetadata { rank: 8, alpha, target_modules: vec!["to_q".into()] })["lora_alpha"].clone();
+        assert_eq!(m(64.0), json!(64));
+        assert_eq!(m(2.5), json!(2.5));
+    }
+
+    #[test]
+    fn refuses_non_lora_names_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[1], vec![1.0], &Default::default()).unwrap();
+        let params = BTreeMap::from([("blocks.0.weight".to_string(), t)]);
+        let meta = LoraMetadata { rank: 1, alpha: 1.0, target_modules: vec![] };
+        assert!(save_lora(dir.path(), &params, &meta).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

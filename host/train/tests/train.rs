@@ -1,0 +1,197 @@
+//! Export, training-loop and error tests of the training core on the shared tiny models.
+
+use burn::tensor::{Distribution, Tensor};
+use cogvx_model_core::adapter::{AdapterTensor, RecipeLimits};
+use cogvx_model_core::case::{rel_l2, Case, HostData, Tolerance};
+use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
+use cogvx_plugin_api::{AdapterOutput, AdapterRecipe, Dim, ExportKey, Init, Op, ParamSpec};
+use cogvx_train::*;
+use cogvx_transformer::CogVideoXTransformer3DModel;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+type AD = CpuAutodiffBackend;
+
+fn reference() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference"));
+    if p.join("cases").exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} not found (the shared reference data sits next to the repo)", p.display());
+        None
+    }
+}
+
+/// Tensor name -> (dtype, shape, values).
+type Tensors = BTreeMap<String, (String, Vec<usize>, Vec<f32>)>;
+
+fn read_safetensors(path: &Path) -> (BTreeMap<String, String>, Tensors) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let header: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (k, (format!("{:?}", v.dtype()), v.shape().to_vec(), data))
+        })
+        .collect();
+    (header, tensors)
+}
+
+#[test]
+fn export_reproduces_the_reference_lora_files() {
+    let Some(root) = reference() else { return };
+    let out = tempfile::tempdir().unwrap();
+    for variant in ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"] {
+        let case = Case::load(&root.join(format!("cases/{variant}.train_step_lora.safetensors"))).unwrap();
+        let got = run_case::<AD>(&case, &CpuDevice::default()).unwrap();
+        let params: BTreeMap<String, AdapterTensor<cogvx_model_core::CpuBackend>> = got
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix("lora_after_step.")?;
+                let HostData::F32(d) = &v.data else { return None };
+                Some((name.to_string(), AdapterTensor::from_vec(&v.shape, d.clone(), &CpuDevice::default()).unwrap()))
+            })
+            .collect();
+        let spec = case_lora_spec(&case).unwrap();
+        let meta = LoraMetadata { rank: spec.rank, alpha: spec.alpha, target_modules: spec.targets.clone() };
+        let dir = out.path().join(variant);
+        let path = save_lora(&dir, &params, &meta).unwrap();
+        assert_eq!(path, dir.join("pytorch_lora_weights.safetensors"));
+        let (got_meta, got_t) = read_safetensors(&path);
+        let (want_meta, want_t) = read_safetensors(&root.join(format!("cases/{variant}.lora/pytorch_lora_weights.safetensors")));
+        assert_eq!(got_meta, want_meta, "{variant}: header metadata");
+        assert_eq!(got_t.keys().collect::<Vec<_>>(), want_t.keys().collect::<Vec<_>>(), "{variant}: keys");
+        let Tolerance::RelL2(tol) = case.tolerance else { panic!() };
+        for (k, (dtype, shape, data)) in &want_t {
+            let (gd, gs, gv) = &got_t[k];
+            assert_eq!((gd, gs), (dtype, shape), "{variant}: {k}");
+            let err = rel_l2(gv, data);
+            assert!(err <= tol, "{variant}: {k} rel L2 {err:.2e}");
+        }
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+}
+
+fn tiny_batch(model: &CogVideoXTransformer3DModel<AD>, seed: u64) -> (TrainBatch<AD>, NoiseDraw<AD>) {
+    use burn::tensor::backend::Backend;
+    let dev = CpuDevice::default();
+    AD::seed(&dev, seed);
+    let c = &model.config;
+    let latents = Tensor::<AD, 5>::random([2, c.out_channels(), 3, 8, 12], Distribution::Normal(0.0, 1.0), &dev);
+    let noise = Tensor::random(noise_shape(c, latents.dims()), Distribution::Normal(0.0, 1.0), &dev);
+    let prompt_embeds = Tensor::random([2, 16, c.text_embed_dim], Distribution::Normal(0.0, 1.0), &dev);
+    (TrainBatch { latents, prompt_embeds, image_latents: None }, NoiseDraw { timesteps: vec![100, 700], noise })
+}
+
+#[test]
+fn lora_training_lowers_the_loss_and_only_moves_the_adapter() {
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-2b-tiny");
+    let dev = CpuDevice::default();
+    let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+    let base_before = model.transformer_blocks[0].attn1.to_q.weight.val().into_data();
+    let names = inject_lora(&mut model, &AdapterSpec::lora(4, 4.0), &dev).unwrap();
+    assert_eq!(names.len(), 8);
+    assert_eq!(names[3], "transformer_blocks.0.attn1.to_out.0");
+    let schedule = load_schedule(&model_dir).unwrap();
+    let (batch, draw) = tiny_batch(&model, 7);
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 });
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let s = train_step(&mut model, &schedule, &batch, &draw, &mut opt, 1e-2, Some(1.0)).unwrap();
+        assert!(s.grad_norm.is_finite() && s.grad_norm > 0.0);
+        // Only the adapter gets gradients: 8 layers x (A, B).
+        assert_eq!(s.grads.len(), 16);
+        losses.push(s.loss);
+    }
+    assert!(losses[7] < 0.9 * losses[0], "loss did not fall: {losses:?}");
+    assert_eq!(model.transformer_blocks[0].attn1.to_q.weight.val().into_data(), base_before);
+    assert_eq!(opt.state.values().next().unwrap().step, 8);
+}
+
+/// LoRA expressed as a plugin recipe trains exactly like the built-in LoRA.
+#[test]
+fn recipe_lora_gives_the_builtin_lora_loss_and_gradients() {
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-5b-tiny");
+    let dev = CpuDevice::default();
+    let load = || freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+    let spec = AdapterSpec { rank: 2, alpha: 3.0, targets: vec!["to_q".into(), "attn1.to_v".into()] };
+    let mut builtin = load();
+    inject_lora(&mut builtin, &spec, &dev).unwrap();
+    // Non-zero B so that every gradient is exercised.
+    let mut values = trainable_values(&mut builtin);
+    for (k, v) in values.iter_mut() {
+        if k.ends_with("lora_B.weight") {
+            let shape = v.shape();
+            *v = AdapterTensor::Matrix(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, 0.1), &dev));
+        }
+    }
+    set_adapter_values(&mut builtin, &values).unwrap();
+    let recipe = AdapterRecipe {
+        params: vec![
+            ParamSpec { name: "A".into(), shape: vec![Dim::Rank, Dim::In], init: Init::KaimingUniform { a: 5f32.sqrt() }, trainable: true },
+            ParamSpec { name: "B".into(), shape: vec![Dim::Out, Dim::Rank], init: Init::Zeros, trainable: true },
+        ],
+        graph: vec![Op::Param("B".into()), Op::Param("A".into()), Op::Matmul(0, 1), Op::AlphaOverRank(2)],
+        output: 3,
+        output_kind: AdapterOutput::WeightDelta,
+        export: vec![ExportKey { param: "A".into(), suffix: "lora_A.weight".into() }, ExportKey { param: "B".into(), suffix: "lora_B.weight".into() }],
+        peft_type: "LORA".into(),
+    };
+    let mut plugin = load();
+    let layers = inject_recipe(&mut plugin, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
+    assert_eq!(layers, vec!["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_v", "transformer_blocks.1.attn1.to_q", "transformer_blocks.1.attn1.to_v"]);
+    set_adapter_values(&mut plugin, &values).unwrap();
+    let schedule = load_schedule(&model_dir).unwrap();
+    let (batch, draw) = tiny_batch(&builtin, 3);
+    let (l1, g1) = loss_and_grads(&mut builtin, &schedule, &batch, &draw).unwrap();
+    let (l2, g2) = loss_and_grads(&mut plugin, &schedule, &batch, &draw).unwrap();
+    assert!((l1 - l2).abs() <= 1e-5 * l1.abs(), "{l1} vs {l2}");
+    assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());
+    for (k, g) in &g1 {
+        let err = rel_l2(&g2[k].to_vec(), &g.to_vec());
+        assert!(err < 1e-4, "{k}: {err:.2e}");
+    }
+    // A recipe that refers to a later node is refused, naming the layer.
+    let mut bad = recipe.clone();
+    bad.graph[2] = Op::Matmul(0, 9);
+    let e = inject_recipe(&mut load(), &spec, RecipeLimits::default(), |_| Ok::<_, String>(bad.clone()), &dev).unwrap_err().to_string();
+    assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("not an earlier node"), "{e}");
+}
+
+#[test]
+fn bad_targets_and_batches_are_clear_errors() {
+    let Some(root) = reference() else { return };
+    let dev = CpuDevice::default();
+    let dir = root.join("models/cogvideox-2b-tiny");
+    let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&dir.join("transformer"), &dev).unwrap());
+    let e = inject_lora(&mut model, &AdapterSpec { rank: 4, alpha: 4.0, targets: vec!["to_x".into()] }, &dev).unwrap_err().to_string();
+    assert!(e.contains("`to_x` matches no linear layer"), "{e}");
+    let e = inject_lora(&mut model, &AdapterSpec { rank: 4, alpha: 4.0, targets: vec!["proj".into()] }, &dev).unwrap_err().to_string();
+    assert!(e.contains("Conv2d"), "{e}");
+    inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev).unwrap();
+    let e = inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev).unwrap_err().to_string();
+    assert!(e.contains("already has an adapter"), "{e}");
+
+    let schedule = load_schedule(&dir).unwrap();
+    let (mut batch, draw) = tiny_batch(&model, 1);
+    batch.image_latents = Some(batch.latents.clone().narrow(2, 0, 1));
+    let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
+    assert!(e.contains("not an image-to-video model"), "{e}");
+    let (batch, mut draw) = tiny_batch(&model, 1);
+    draw.timesteps = vec![5, 1000];
+    let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
+    assert!(e.contains("timestep 1000 is outside 0..1000"), "{e}");
+
+    let i2v = root.join("models/cogvideox-5b-i2v-tiny");
+    let model = CogVideoXTransformer3DModel::<AD>::from_dir(&i2v.join("transformer"), &dev).unwrap();
+    let (batch, draw) = tiny_batch(&model, 1);
+    let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
+    assert!(e.contains("needs image latents"), "{e}");
+}
