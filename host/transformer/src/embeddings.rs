@@ -199,12 +199,8 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
             None => {
                 let pvb = vb.pp("proj");
                 let w = pvb.tensor::<B, 4>("weight", [d, c.in_channels, p, p], device)?;
-                let bias = if c.patch_bias {
-                    Some(burn::module::Param::from_tensor(pvb.tensor::<B, 1>("bias", [d], device)?))
-                } else {
-                    None
-                };
-                Linear { weight: burn::module::Param::from_tensor(w.reshape([d, c.in_channels * p * p])), bias, adapter: None }
+                let bias = if c.patch_bias { Some(pvb.tensor::<B, 1>("bias", [d], device)?) } else { None };
+                Linear::new(w.reshape([d, c.in_channels * p * p]), bias)
             }
             Some(pt) => Linear::load(&vb.pp("proj"), c.in_channels * p * p * pt, d, true, device)?,
         };
@@ -264,7 +260,7 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
         TensorData::new(joint, [1, self.max_text_seq_length + patches, self.embed_dim])
     }
 
-    /// [`Self::sincos_table`], reusing the last recomputed table when size and device match.
+    /// [`Self::sincos_table`], reusing the last recomputed table when the size matches.
     fn cached_sincos_table(&self, height: usize, width: usize, frames: usize, device: &B::Device) -> Tensor<B, 3> {
         let key = (height, width, frames);
         let mut cache = self.recomputed.lock().unwrap_or_else(|p| p.into_inner());
