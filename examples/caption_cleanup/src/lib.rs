@@ -50,6 +50,16 @@ pub struct CaptionCleanup {
     config: Config,
 }
 
+/// serde_json's message without its ` at line L column C` suffix: the JSON is the host's
+/// conversion of the user's TOML table, so positions in it would only mislead.
+fn json_error(e: &serde_json::Error) -> String {
+    let m = e.to_string();
+    match m.rfind(" at line ") {
+        Some(i) if e.line() > 0 => m[..i].to_string(),
+        _ => m,
+    }
+}
+
 /// Quote pairs removed when they wrap the whole caption.
 const QUOTE_PAIRS: [(char, char); 7] =
     [('"', '"'), ('\'', '\''), ('`', '`'), ('“', '”'), ('‘', '’'), ('„', '“'), ('«', '»')];
@@ -119,7 +129,7 @@ impl Plugin for CaptionCleanup {
             Config::default()
         } else {
             serde_json::from_str(text)
-                .map_err(|e| PluginError::Invalid(format!("{NAME}: bad [plugin.{NAME}] table: {e}")))?
+                .map_err(|e| PluginError::Invalid(format!("{NAME}: bad [plugin.{NAME}] table: {}", json_error(&e))))?
         };
         if config.max_words == Some(0) {
             return Err(PluginError::Invalid(format!(
@@ -197,6 +207,7 @@ mod tests {
         let mut p = CaptionCleanup::default();
         let e = p.configure(r#"{"lower_case":true}"#).unwrap_err().to_string();
         assert!(e.contains("unknown field `lower_case`") && e.contains("[plugin.caption_cleanup]"), "{e}");
+        assert!(!e.contains("at line"), "JSON positions mean nothing to the user: {e}");
         let e = p.configure(r#"{"max_words":0}"#).unwrap_err().to_string();
         assert!(e.contains("max_words = 0"), "{e}");
         let e = p.configure(r#"{"max_words":-1}"#).unwrap_err().to_string();

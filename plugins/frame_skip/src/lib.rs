@@ -104,6 +104,16 @@ impl FrameSkip {
     }
 }
 
+/// serde_json's message without its ` at line L column C` suffix: the JSON is the host's
+/// conversion of the user's TOML table, so positions in it would only mislead.
+fn json_error(e: &serde_json::Error) -> String {
+    let m = e.to_string();
+    match m.rfind(" at line ") {
+        Some(i) if e.line() > 0 => m[..i].to_string(),
+        _ => m,
+    }
+}
+
 fn invalid(msg: String) -> PluginError {
     PluginError::Invalid(format!("{NAME}: {msg}"))
 }
@@ -114,7 +124,7 @@ pub fn parse_config(params_json: &str) -> PluginResult<Config> {
     let config: Config = if text.is_empty() || text == "null" {
         Config::default()
     } else {
-        serde_json::from_str(text).map_err(|e| invalid(format!("bad [plugin.{NAME}] table: {e}")))?
+        serde_json::from_str(text).map_err(|e| invalid(format!("bad [plugin.{NAME}] table: {}", json_error(&e))))?
     };
     if !(config.fps.is_finite() && config.fps > 0.0) {
         return Err(invalid(format!("[plugin.{NAME}] fps = {} must be a positive number of frames per second", config.fps)));
@@ -370,6 +380,7 @@ mod tests {
         let mut p = FrameSkip::default();
         let e = p.configure(r#"{"mode":"uniform","frames":49}"#).unwrap_err().to_string();
         assert!(e.contains("unknown field `frames`") && e.contains("[plugin.frame_skip]"), "{e}");
+        assert!(!e.contains("at line"), "JSON positions mean nothing to the user: {e}");
         let e = p.configure(r#"{"mode":"random"}"#).unwrap_err().to_string();
         assert!(e.contains("unknown variant `random`"), "{e}");
         let e = p.configure(r#"{"fps":0}"#).unwrap_err().to_string();
