@@ -1,10 +1,10 @@
 //! CPU timings of encode/decode on a VAE folder (default: the shared tiny 2B model).
 //!
-//! `cargo run -p cogvx-vae --example vae_bench [-- <vae dir> [repeats]]`
+//! `cargo run -p cogvx-vae --example vae_bench [-- <vae dir> [repeats] [auto|native|gemm]]`
 
 use burn::tensor::{Distribution, Tensor};
 use cogvx_model_core::{CpuBackend as B, CpuDevice};
-use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeOptions};
+use cogvx_vae::{set_conv3d_algo, AutoencoderKLCogVideoX, Conv3dAlgo, Tiling, VaeOptions};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -17,6 +17,17 @@ fn main() {
         ))
     });
     let repeats: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let algo = match args.get(3).map(|s| s.as_str()) {
+        None | Some("auto") => Conv3dAlgo::Auto,
+        Some("native") => Conv3dAlgo::Native,
+        Some("gemm") => Conv3dAlgo::Gemm,
+        Some(other) => {
+            eprintln!("error: unknown conv algorithm `{other}` (auto, native, gemm)");
+            std::process::exit(2);
+        }
+    };
+    set_conv3d_algo(algo);
+    println!("conv3d algorithm: {algo:?}");
     let device = CpuDevice::default();
     let t0 = Instant::now();
     let (vae, config) = match AutoencoderKLCogVideoX::<B>::from_dir(&dir, &device) {
