@@ -7,16 +7,16 @@
 //!   `cogvx::plugin`). Only `list-samples` runs in a separate instance that sees the dataset
 //!   root read-only at [`GUEST_DATASET_ROOT`]; paths it returns are translated back.
 //! * Limits ([`WasmLimits`]): a cap on linear memory per instance (a `memory.grow` past it
-//!   traps) and a time cap per call (epoch interruption, ticked by a background thread; it
-//!   fires while guest code runs, so a guest blocked in a WASI call, e.g. a long sleep, is
-//!   interrupted only once that call returns).
+//!   traps) and a time cap per call: epoch interruption (ticked by a background thread) stops
+//!   guest code; a call blocked inside a WASI host call (e.g. a long sleep), which epochs cannot
+//!   reach, is abandoned one second past the cap (each instance lives on its own worker thread).
 //! * A trap (panic, `unreachable`, timeout, out of memory) discards the instance; the next
 //!   call instantiates a fresh one and re-applies the last `configure` parameters.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -351,43 +351,34 @@ enum Failure {
     Trap(String),
 }
 
-/// A WASM plugin: the pre-linked component, the limits, the last `configure` parameters and
-/// the current instance (absent after a trap until the next call).
-pub(crate) struct WasmPlugin {
-    pre: v0_1_0::PluginPre<WasmState>,
-    limits: WasmLimits,
-    params: Option<String>,
-    instance: Option<Instance>,
-    log: GuestLog,
-    info: Option<PluginInfo>,
+/// A guest call, run on the worker thread that owns the instance.
+type GuestCall<R> =
+    Box<dyn FnOnce(&v0_1_0::Plugin, &mut Store<WasmState>) -> wasmtime::Result<Result<R, w::PluginError>> + Send>;
+
+/// A job for a worker; returns `false` when the instance must be discarded.
+type Job = Box<dyn FnOnce(&mut Instance) -> bool + Send>;
+
+/// How long past its time cap a call may stay blocked in a host call (where epoch
+/// interruption cannot reach it) before the host abandons its worker thread.
+const BLOCKED_GRACE: Duration = Duration::from_secs(1);
+
+/// A thread that owns one instance and runs calls on it. A call blocked inside a WASI host
+/// call (e.g. a long sleep) cannot be interrupted; the host stops waiting for it after the
+/// time cap plus [`BLOCKED_GRACE`] and drops the worker, whose thread ends when the call does.
+struct Worker {
+    jobs: mpsc::Sender<Job>,
 }
 
-impl WasmPlugin {
-    /// Compiles (or reuses) the component, instantiates it and asks for its info.
-    pub(crate) fn load(path: &Path, limits: &WasmLimits) -> Result<(Self, PluginInfo, String), LoadError> {
-        let (pre, api_version) = compile(path)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut plugin = WasmPlugin {
-            pre,
-            limits: limits.clone(),
-            params: None,
-            instance: None,
-            log: GuestLog::new(&name),
-            info: None,
-        };
-        let start = |reason: String| LoadError::Start { path: path.to_path_buf(), reason };
-        let info = plugin
-            .call("info", |b, s| b.cogvx_plugin_guest().call_info(s).map(Ok))
-            .map_err(|e| start(format!("`info` failed: {e}")))?;
-        let info: PluginInfo = info.into();
-        if info.name.trim().is_empty() {
-            return Err(start("the plugin's name is empty".into()));
-        }
-        plugin.log.set_plugin(&info.name);
-        plugin.info = Some(info.clone());
-        Ok((plugin, info, api_version))
-    }
+/// What it takes to create an instance (cloned into each worker thread).
+#[derive(Clone)]
+struct Factory {
+    pre: v0_1_0::PluginPre<WasmState>,
+    limits: WasmLimits,
+    log: GuestLog,
+    params: Option<String>,
+}
 
+impl Factory {
     /// A fresh sandboxed instance; with `dataset_root`, that directory is preopened read-only
     /// at [`GUEST_DATASET_ROOT`]. Re-applies the stored `configure` parameters.
     fn instantiate(&self, dataset_root: Option<&Path>) -> Result<Instance, String> {
@@ -425,24 +416,127 @@ impl WasmPlugin {
         Ok(instance)
     }
 
-    /// Runs one call on the current instance, recreating it first if a trap discarded it.
-    fn call<R>(
-        &mut self,
-        what: &str,
-        f: impl FnOnce(&v0_1_0::Plugin, &mut Store<WasmState>) -> wasmtime::Result<Result<R, w::PluginError>>,
-    ) -> PluginResult<R> {
-        if self.instance.is_none() {
-            let instance = self
-                .instantiate(None)
-                .map_err(|e| PluginError::Failed(format!("could not (re)create the instance for `{what}`: {e}")))?;
-            self.instance = Some(instance);
+    /// Starts a worker thread owning a fresh instance.
+    fn spawn(&self, dataset_root: Option<PathBuf>) -> Result<Worker, String> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+        let factory = self.clone();
+        let (dispatch, span) = (tracing::dispatcher::get_default(Clone::clone), tracing::Span::current());
+        std::thread::Builder::new()
+            .name("cogvx-wasm-plugin".into())
+            .spawn(move || {
+                let instance = tracing::dispatcher::with_default(&dispatch, || {
+                    span.in_scope(|| factory.instantiate(dataset_root.as_deref()))
+                });
+                drop((dispatch, span));
+                let mut instance = match instance {
+                    Ok(instance) => {
+                        let _ = ready_tx.send(Ok(()));
+                        instance
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = rx.recv() {
+                    if !job(&mut instance) {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start a thread for the instance: {e}"))?;
+        match ready_rx.recv_timeout(self.limits.call_timeout + BLOCKED_GRACE) {
+            Ok(Ok(())) => Ok(Worker { jobs }),
+            Ok(Err(e)) => Err(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "instantiation timed out: it ran longer than the time cap of {:?}",
+                self.limits.call_timeout
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the instance's thread ended unexpectedly".into()),
         }
-        let instance = self.instance.as_mut().expect("just created");
-        match run(&self.limits, &self.log, instance, f) {
+    }
+}
+
+impl Worker {
+    /// Runs one call on the worker's instance and waits for it (at most the time cap plus
+    /// [`BLOCKED_GRACE`]).
+    fn exec<R: Send + 'static>(&self, limits: &WasmLimits, log: &GuestLog, f: GuestCall<R>) -> Result<R, Failure> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (job_limits, job_log) = (limits.clone(), log.clone());
+        // The guest's output is logged with the caller's subscriber and inside its span.
+        let (dispatch, span) = (tracing::dispatcher::get_default(Clone::clone), tracing::Span::current());
+        let job: Job = Box::new(move |instance| {
+            let result = tracing::dispatcher::with_default(&dispatch, || {
+                span.in_scope(|| run(&job_limits, &job_log, instance, f))
+            });
+            let keep = !matches!(result, Err(Failure::Trap(_)));
+            let _ = tx.send(result);
+            keep
+        });
+        if self.jobs.send(job).is_err() {
+            return Err(Failure::Trap("the instance's thread ended unexpectedly".into()));
+        }
+        match rx.recv_timeout(limits.call_timeout + BLOCKED_GRACE) {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Failure::Trap(format!(
+                "timed out: the call ran longer than its time cap of {:?} (blocked in a host call, e.g. a sleep) \
+                 and was abandoned",
+                limits.call_timeout
+            ))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Failure::Trap("the instance's thread ended unexpectedly".into()))
+            }
+        }
+    }
+}
+
+/// A WASM plugin: how to make instances, and the worker owning the current instance (absent
+/// after a trap until the next call).
+pub(crate) struct WasmPlugin {
+    factory: Factory,
+    worker: Option<Worker>,
+    info: Option<PluginInfo>,
+}
+
+impl WasmPlugin {
+    /// Compiles (or reuses) the component, instantiates it and asks for its info.
+    pub(crate) fn load(path: &Path, limits: &WasmLimits) -> Result<(Self, PluginInfo, String), LoadError> {
+        let (pre, api_version) = compile(path)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut plugin = WasmPlugin {
+            factory: Factory { pre, limits: limits.clone(), log: GuestLog::new(&name), params: None },
+            worker: None,
+            info: None,
+        };
+        let start = |reason: String| LoadError::Start { path: path.to_path_buf(), reason };
+        let info = plugin
+            .call("info", Box::new(|b, s| b.cogvx_plugin_guest().call_info(s).map(Ok)))
+            .map_err(|e| start(format!("`info` failed: {e}")))?;
+        let info: PluginInfo = info.into();
+        if info.name.trim().is_empty() {
+            return Err(start("the plugin's name is empty".into()));
+        }
+        plugin.factory.log.set_plugin(&info.name);
+        plugin.info = Some(info.clone());
+        Ok((plugin, info, api_version))
+    }
+
+    /// Runs one call on the current instance, recreating it first if a trap discarded it.
+    fn call<R: Send + 'static>(&mut self, what: &str, f: GuestCall<R>) -> PluginResult<R> {
+        if self.worker.is_none() {
+            let worker = self
+                .factory
+                .spawn(None)
+                .map_err(|e| PluginError::Failed(format!("could not (re)create the instance for `{what}`: {e}")))?;
+            self.worker = Some(worker);
+        }
+        let worker = self.worker.as_ref().expect("just created");
+        match worker.exec(&self.factory.limits, &self.factory.log, f) {
             Ok(v) => Ok(v),
             Err(Failure::Guest(e)) => Err(e),
             Err(Failure::Trap(m)) => {
-                self.instance = None;
+                self.worker = None;
                 Err(PluginError::Failed(format!(
                     "{m} (the instance was discarded; the next call gets a fresh one, re-configured)"
                 )))
@@ -514,8 +608,9 @@ impl Plugin for WasmPlugin {
     }
 
     fn configure(&mut self, params_json: &str) -> PluginResult<()> {
-        self.call("configure", |b, s| b.cogvx_plugin_guest().call_configure(s, params_json))?;
-        self.params = Some(params_json.to_string());
+        let params = params_json.to_string();
+        self.call("configure", Box::new(move |b, s| b.cogvx_plugin_guest().call_configure(s, &params)))?;
+        self.factory.params = Some(params_json.to_string());
         Ok(())
     }
 
@@ -525,12 +620,16 @@ impl Plugin for WasmPlugin {
             return Err(PluginError::Invalid(format!("the dataset root {root} is not a directory")));
         }
         // A separate instance that sees the dataset root (and nothing else), read-only.
-        let mut instance = self
-            .instantiate(Some(host_root))
-            .map_err(|e| PluginError::Failed(format!("could not create the dataset-reader instance: {e}")))?;
-        let result = run(&self.limits, &self.log, &mut instance, |b, s| {
-            b.cogvx_plugin_guest().call_list_samples(s, GUEST_DATASET_ROOT)
-        });
+        let worker = self
+            .factory
+            .spawn(Some(host_root.to_path_buf()))
+            .map_err(|e| PluginError::Failed(to_host_text(&format!("could not create the dataset-reader instance: {e}"), host_root)))?;
+        let result = worker.exec(
+            &self.factory.limits,
+            &self.factory.log,
+            Box::new(|b, s| b.cogvx_plugin_guest().call_list_samples(s, GUEST_DATASET_ROOT)),
+        );
+        drop(worker);
         match result {
             Ok(samples) => Ok(samples
                 .into_iter()
@@ -553,26 +652,31 @@ impl Plugin for WasmPlugin {
 
     fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
         let request: w::TransformRequest = request.clone().into();
-        self.call("plan-transform", |b, s| b.cogvx_plugin_guest().call_plan_transform(s, &request)).map(Into::into)
+        self.call("plan-transform", Box::new(move |b, s| b.cogvx_plugin_guest().call_plan_transform(s, &request)))
+            .map(Into::into)
     }
 
     fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
         let frames: w::Frames = frames.into();
-        self.call("transform-frames", |b, s| b.cogvx_plugin_guest().call_transform_frames(s, &frames)).map(Into::into)
+        self.call("transform-frames", Box::new(move |b, s| b.cogvx_plugin_guest().call_transform_frames(s, &frames)))
+            .map(Into::into)
     }
 
     fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {
-        self.call("rewrite-prompt", |b, s| b.cogvx_plugin_guest().call_rewrite_prompt(s, caption))
+        let caption = caption.to_string();
+        self.call("rewrite-prompt", Box::new(move |b, s| b.cogvx_plugin_guest().call_rewrite_prompt(s, &caption)))
     }
 
     fn adapter_recipe(&mut self, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
         let json = serde_json::to_string(request).map_err(|e| PluginError::Failed(format!("cannot encode the request: {e}")))?;
-        let out = self.call("adapter-recipe", |b, s| b.cogvx_plugin_guest().call_adapter_recipe(s, &json))?;
+        let out = self.call("adapter-recipe", Box::new(move |b, s| b.cogvx_plugin_guest().call_adapter_recipe(s, &json)))?;
         serde_json::from_str(&out).map_err(|e| PluginError::Failed(format!("the plugin returned an invalid AdapterRecipe JSON: {e}")))
     }
 
     fn scheduler_tables(&mut self, config_json: &str) -> PluginResult<SchedulerTables> {
-        self.call("scheduler-tables", |b, s| b.cogvx_plugin_guest().call_scheduler_tables(s, config_json)).map(Into::into)
+        let config = config_json.to_string();
+        self.call("scheduler-tables", Box::new(move |b, s| b.cogvx_plugin_guest().call_scheduler_tables(s, &config)))
+            .map(Into::into)
     }
 
     fn scheduler_plan(&mut self, request: &SchedulerPlanRequest) -> PluginResult<InferencePlan> {
@@ -580,7 +684,8 @@ impl Plugin for WasmPlugin {
             config_json: request.config_json.clone(),
             num_inference_steps: request.num_inference_steps,
         };
-        self.call("scheduler-plan", |b, s| b.cogvx_plugin_guest().call_scheduler_plan(s, &request)).map(Into::into)
+        self.call("scheduler-plan", Box::new(move |b, s| b.cogvx_plugin_guest().call_scheduler_plan(s, &request)))
+            .map(Into::into)
     }
 
     fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
@@ -589,7 +694,7 @@ impl Plugin for WasmPlugin {
             frames: request.frames.clone().into(),
             fps: request.fps,
         };
-        self.call("validate", |b, s| b.cogvx_plugin_guest().call_validate(s, &request))
+        self.call("validate", Box::new(move |b, s| b.cogvx_plugin_guest().call_validate(s, &request)))
             .map(|v| v.into_iter().map(|m| Metric { name: m.name, value: m.value }).collect())
     }
 }

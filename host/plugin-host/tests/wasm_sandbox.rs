@@ -72,6 +72,24 @@ fn infinite_loop_times_out() {
 }
 
 #[test]
+fn a_call_blocked_in_the_host_is_abandoned() {
+    let mut p = load();
+    p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
+    let start = Instant::now();
+    let e = failed(p.plan_transform(&common::request(8)).unwrap_err());
+    assert!(start.elapsed() < Duration::from_secs(10), "the call was not abandoned: {:?}", start.elapsed());
+    assert!(
+        e.starts_with(&format!(
+            "{}: `plan-transform` failed: timed out: the call ran longer than its time cap of 500ms \
+             (blocked in a host call, e.g. a sleep) and was abandoned",
+            prefix()
+        )),
+        "{e}"
+    );
+    assert_recovered(&mut p);
+}
+
+#[test]
 fn allocation_past_the_cap_is_out_of_memory() {
     let mut p = load();
     p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
