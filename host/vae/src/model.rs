@@ -507,6 +507,11 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     /// Diffusers' `tiled_encode`: overlapping tiles of `tile_sample_min_*` pixels, each encoded
     /// with frame batching, blended into their upper and left neighbours and cropped.
     pub fn tiled_encode(&self, x: Tensor<B, 5>, tiling: &Tiling) -> Result<Tensor<B, 5>, VaeError> {
+        check_input(
+            "vae tiled encode",
+            x.dims(),
+            self.encoder.conv_in.conv.weight.dims()[1],
+        )?;
         let [_, _, _, height, width] = x.dims();
         let s = self.spatial_scale;
         let (lat_h, lat_w) = (
@@ -543,6 +548,7 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     /// Diffusers' `tiled_decode`: overlapping latent tiles of `tile_latent_min_*`, each decoded
     /// with frame batching, blended and cropped to `tile_sample_min_* - blend` pixels.
     pub fn tiled_decode(&self, z: Tensor<B, 5>, tiling: &Tiling) -> Result<Tensor<B, 5>, VaeError> {
+        check_input("vae tiled decode", z.dims(), self.latent_channels)?;
         let [_, _, _, height, width] = z.dims();
         let s = self.spatial_scale;
         let (lat_h, lat_w) = (
