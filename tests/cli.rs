@@ -82,7 +82,8 @@ fn preview_with_the_wasm_crop_resize_writes_four_49x480x720_clips_and_a_contact_
         assert_eq!((info.width, info.height, info.frame_count), (720, 480, 49), "{}", clip.display());
     }
     let sheet = image::open(out_dir.path().join("contact_sheet.png")).unwrap();
-    assert!(sheet.width() > 0 && sheet.height() > 0);
+    // One row per clip, 8 thumbnails of at most 240 px wide with 4 px gaps.
+    assert_eq!((sheet.width(), sheet.height()), (4 + 8 * (240 + 4), 4 + 4 * (160 + 4)));
     let captions = std::fs::read_to_string(out_dir.path().join("captions.txt")).unwrap();
     assert_eq!(captions.lines().count(), 4);
 }
@@ -125,4 +126,32 @@ fn check_passes_on_the_example_dataset() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("4 samples, no problems"), "{stdout}");
+}
+
+#[test]
+fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
+    let cases = repo().join("../shared/reference/cases");
+    let out = cogvx(&["parity", cases.to_str().unwrap(), "--filter", "transformer"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" transformer ")).collect();
+    assert_eq!(rows.len(), 9, "{stdout}");
+    assert!(rows.iter().all(|r| r.trim_end().ends_with("ok")), "{stdout}");
+
+    // A case whose expected output was tampered with must fail the run.
+    let dir = tempfile::tempdir().unwrap();
+    let bad_cases = dir.path().join("cases");
+    std::fs::create_dir(&bad_cases).unwrap();
+    std::os::unix::fs::symlink(repo().join("../shared/reference/models"), dir.path().join("models")).unwrap();
+    let src = std::fs::read(cases.join("cogvideox-2b.transformer.0.safetensors")).unwrap();
+    let n = u64::from_le_bytes(src[..8].try_into().unwrap()) as usize;
+    let mut bad = src.clone();
+    let last = bad.len() - 4; // last f32 of the data section belongs to the last tensor (an output)
+    assert!(last > 8 + n);
+    bad[last..].copy_from_slice(&1.0e6f32.to_le_bytes());
+    std::fs::write(bad_cases.join("cogvideox-2b.transformer.0.safetensors"), bad).unwrap();
+    let out = cogvx(&["parity", bad_cases.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("FAIL"), "{stdout}");
 }

@@ -13,6 +13,9 @@ pub fn register_builtins(registry: &mut Registry) {
     registry.register_builtin(cogvx_plugin_frame_skip::builtin());
     registry.register_builtin(cogvx_plugin_crop_resize::builtin());
     registry.register_builtin(cogvx_plugin_id_token::builtin());
+    for scheduler in cogvx_scheduler::builtin_plugins() {
+        registry.register_builtin(scheduler);
+    }
 }
 
 /// The registry for a run: built-ins, the config's plugin files, then the `--plugin` files,

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cogvx_plugin_api::{Frames, Resolution};
-use cogvx_video::{encode_mp4, evenly_spaced, preprocess_clip, write_contact_sheet, EncodeOptions, VideoError};
+use cogvx_plugin_api::{Frames, ResizeFilter, Resolution, Size, TransformPlan};
+use cogvx_video::{encode_mp4, evenly_spaced, preprocess_clip, write_contact_sheet, EncodeOptions, FrameProcessor, VideoError};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::chain::{sample_seed, Chain};
@@ -25,6 +25,8 @@ pub struct PreviewOptions {
     pub sheet_rows: usize,
     /// Gap between contact-sheet cells, pixels.
     pub sheet_gap: u32,
+    /// Contact-sheet cells are scaled down (aspect kept) to at most this width, pixels.
+    pub sheet_cell_width: u32,
     /// H.264 settings.
     pub encode: EncodeOptions,
     /// Show a progress bar on stderr.
@@ -39,6 +41,7 @@ impl Default for PreviewOptions {
             sheet_frames: 8,
             sheet_rows: 64,
             sheet_gap: 4,
+            sheet_cell_width: 240,
             encode: EncodeOptions::default(),
             progress: true,
         }
@@ -182,7 +185,7 @@ pub fn preview(
             started.elapsed().as_secs_f64()
         );
         if sheet_rows.len() < options.sheet_rows {
-            sheet_rows.push(pick_frames(&pre.frames, options.sheet_frames));
+            sheet_rows.push(pick_frames(&pre.frames, options.sheet_frames, options.sheet_cell_width));
         }
         summary.clips.push(dest);
         summary.captions.push(caption);
@@ -209,17 +212,31 @@ pub fn preview(
 }
 
 /// The `n` evenly spaced frames a contact sheet shows.
-fn pick_frames(frames: &Frames, n: usize) -> Frames {
+/// `n` evenly spaced frames of `frames`, scaled down to at most `max_width` pixels wide.
+fn pick_frames(frames: &Frames, n: usize, max_width: u32) -> Frames {
     let idx = evenly_spaced(frames.count, n);
     let size = (frames.width * frames.height * 3) as usize;
-    let mut rgb = Vec::with_capacity(size * idx.len());
+    let (width, height) = if frames.width > max_width && max_width > 0 {
+        (max_width, ((frames.height as u64 * max_width as u64) / frames.width as u64).max(1) as u32)
+    } else {
+        (frames.width, frames.height)
+    };
+    let plan = TransformPlan {
+        frames: vec![0],
+        crop: None,
+        resize: Some(Size { width, height }),
+        filter: ResizeFilter::Bilinear,
+    };
+    let mut thumbs = FrameProcessor::new(&plan);
+    let mut rgb = Vec::with_capacity((width * height * 3) as usize * idx.len());
     for &i in &idx {
-        rgb.extend_from_slice(&frames.rgb[i as usize * size..(i as usize + 1) * size]);
+        let src = &frames.rgb[i as usize * size..(i as usize + 1) * size];
+        if (width, height) == (frames.width, frames.height) {
+            rgb.extend_from_slice(src);
+        } else {
+            let (thumb, _) = thumbs.process(src, frames.width, frames.height).expect("a downscale of a valid frame");
+            rgb.extend_from_slice(&thumb);
+        }
     }
-    Frames {
-        width: frames.width,
-        height: frames.height,
-        count: idx.len() as u32,
-        rgb,
-    }
+    Frames { width, height, count: idx.len() as u32, rgb }
 }

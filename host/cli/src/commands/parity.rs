@@ -1,10 +1,45 @@
-//! `cogvx parity DIR`.
+//! `cogvx parity DIR`: diffusers parity cases, one table, exit 0 only if all that ran passed.
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
+use cogvx_engine::parity::{all_passed, case_files, ParityRunner, Row, Table};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::process::ExitCode;
 
+/// Runs the cases of `dir` (optionally only those whose name contains `filter`) on the CPU,
+/// or on the GPU when built with the `cuda` feature and `COGVX_DEVICE=cuda`.
 pub fn run(dir: &Path, filter: Option<&str>) -> Result<ExitCode> {
-    let _ = (dir, filter);
-    anyhow::bail!("parity: wired once cogvx-engine lands")
+    #[cfg(feature = "cuda")]
+    if std::env::var("COGVX_DEVICE").is_ok_and(|d| d == "cuda") {
+        let runner = ParityRunner::<cogvx_model_core::CudaBackend>::new(cogvx_model_core::CudaDevice::default());
+        return report(dir, filter, |p| runner.run_file(p));
+    }
+    let runner = ParityRunner::<cogvx_model_core::CpuBackend>::new(cogvx_model_core::CpuDevice::default());
+    report(dir, filter, |p| runner.run_file(p))
+}
+
+fn report(dir: &Path, filter: Option<&str>, run_file: impl Fn(&Path) -> Vec<Row>) -> Result<ExitCode> {
+    let files: Vec<_> = case_files(dir)
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .filter(|p| filter.is_none_or(|f| p.file_name().is_some_and(|n| n.to_string_lossy().contains(f))))
+        .collect();
+    if files.is_empty() {
+        anyhow::bail!("{}: no case files (*.safetensors){}", dir.display(), filter.map(|f| format!(" matching `{f}`")).unwrap_or_default());
+    }
+    let bar = ProgressBar::new(files.len() as u64);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut rows = Vec::new();
+    for path in &files {
+        bar.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        rows.extend(run_file(path));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!("{}", Table(&rows));
+    Ok(if all_passed(&rows) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
