@@ -269,6 +269,24 @@ mod tests {
     }
 
     #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Default::default();
+        let a = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[1, 3], vec![1.0, -2.0, 0.5], &dev).unwrap();
+        let b = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[2, 1], vec![0.25, 4.0], &dev).unwrap();
+        let params = BTreeMap::from([("blocks.0.to_q.lora_A.weight".to_string(), a), ("blocks.0.to_q.lora_B.weight".to_string(), b)]);
+        let meta = LoraMetadata { rank: 1, alpha: 0.5, target_modules: vec!["to_q".into()] };
+        let path = save_lora(dir.path(), &params, &meta).unwrap();
+        let loaded = load_lora(&path).unwrap();
+        assert_eq!(loaded.metadata, Some(meta));
+        assert_eq!(loaded.tensors["blocks.0.to_q.lora_A.weight"], (vec![1, 3], vec![1.0, -2.0, 0.5]));
+        assert_eq!(loaded.tensors["blocks.0.to_q.lora_B.weight"], (vec![2, 1], vec![0.25, 4.0]));
+        std::fs::write(dir.path().join("bad.safetensors"), b"nope").unwrap();
+        let e = load_lora(&dir.path().join("bad.safetensors")).unwrap_err().to_string();
+        assert!(e.contains("bad.safetensors") && e.contains("not a safetensors file"), "{e}");
+    }
+
+    #[test]
     fn refuses_non_lora_names_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let t = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[1], vec![1.0], &Default::default()).unwrap();
@@ -277,4 +295,51 @@ mod tests {
         assert!(save_lora(dir.path(), &params, &meta).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
+}
+
+/// A LoRA read back from a `pytorch_lora_weights.safetensors`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedLora {
+    /// PEFT names without the `transformer.` prefix -> `(shape, values)`.
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Rank, alpha and targets from the header; `None` for files without adapter metadata
+    /// (e.g. the official finetune's), which diffusers loads at scale 1.0 (alpha = rank).
+    pub metadata: Option<LoraMetadata>,
+}
+
+/// Reads a diffusers LoRA file (F32/F16/BF16): the `transformer.` LoRA tensors and the adapter
+/// metadata of the header. Errors name the file and the key.
+pub fn load_lora(path: &Path) -> Result<LoadedLora, TrainError> {
+    let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let Some(key) = name.strip_prefix("transformer.") else {
+            return Err(bad(format!("tensor `{name}` is not a transformer LoRA weight (expected `transformer.<module>.lora_A.weight`)")));
+        };
+        if !(key.ends_with(".lora_A.weight") || key.ends_with(".lora_B.weight")) {
+            return Err(bad(format!("tensor `{name}` is not a LoRA weight (only lora_A/lora_B are supported)")));
+        }
+        let data = cogvx_model_core::weights::bytes_to_f32(view.data(), view.dtype())
+            .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        tensors.insert(key.to_string(), (view.shape().to_vec(), data));
+    }
+    let metadata = match header.metadata().as_ref().and_then(|m| m.get("lora_adapter_metadata")) {
+        None => None,
+        Some(text) => {
+            let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("header `lora_adapter_metadata` is not JSON: {e}")))?;
+            let get = |k: &str| v.get(format!("transformer.{k}"));
+            let rank = get("r").and_then(Value::as_u64).ok_or_else(|| bad("header `lora_adapter_metadata` has no integer `transformer.r`".into()))?;
+            let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("header `lora_adapter_metadata` has no number `transformer.lora_alpha`".into()))?;
+            let target_modules = match get("target_modules") {
+                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+                Some(Value::String(s)) => vec![s.clone()],
+                _ => Vec::new(),
+            };
+            Some(LoraMetadata { rank: rank as usize, alpha, target_modules })
+        }
+    };
+    Ok(LoadedLora { tensors, metadata })
 }

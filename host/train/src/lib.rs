@@ -22,9 +22,9 @@ pub use adapters::{
     set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
 };
 pub use error::TrainError;
-pub use export::{save_lora, LoraMetadata, LORA_WEIGHTS_NAME};
+pub use export::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
 pub use loss::{compute_loss, model_latents, noise_shape, NoiseDraw, TrainBatch};
-pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig, HostAdamState};
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;

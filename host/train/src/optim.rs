@@ -166,9 +166,43 @@ fn update<B: Backend, const D: usize>(
     (p, m, v)
 }
 
+/// Host copy of one parameter's AdamW state, for checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostAdamState {
+    pub step: u64,
+    pub shape: Vec<usize>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
         AdamW { config, state: BTreeMap::new() }
+    }
+
+    /// The state of every parameter on the host (what a checkpoint stores).
+    pub fn state_to_host(&self) -> BTreeMap<String, HostAdamState> {
+        self.state
+            .iter()
+            .map(|(k, s)| {
+                let h = HostAdamState { step: s.step, shape: s.exp_avg.shape(), exp_avg: s.exp_avg.to_vec(), exp_avg_sq: s.exp_avg_sq.to_vec() };
+                (k.clone(), h)
+            })
+            .collect()
+    }
+
+    /// Restores the state saved by [`Self::state_to_host`] (replacing the current one).
+    pub fn load_state(&mut self, state: &BTreeMap<String, HostAdamState>, device: &B::Device) -> Result<(), TrainError> {
+        let mut out = BTreeMap::new();
+        for (k, h) in state {
+            let make = |v: &Vec<f32>| {
+                AdapterTensor::from_vec(&h.shape, v.clone(), device)
+                    .ok_or_else(|| TrainError::Invalid(format!("optimizer state of `{k}`: shape {:?} does not fit {} values", h.shape, v.len())))
+            };
+            out.insert(k.clone(), AdamState { step: h.step, exp_avg: make(&h.exp_avg)?, exp_avg_sq: make(&h.exp_avg_sq)? });
+        }
+        self.state = out;
+        Ok(())
     }
 
     /// Updates every parameter that has a gradient (as torch, parameters without one are left
@@ -248,6 +282,10 @@ mod tests {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
         }
         assert_eq!(opt.state["w"].step, 3);
+        // The state survives a host round trip (checkpoint/resume).
+        let mut resumed = AdamW::<CpuBackend>::new(c);
+        resumed.load_state(&opt.state_to_host(), &CpuDevice::default()).unwrap();
+        assert_eq!(resumed.state_to_host(), opt.state_to_host());
         // A gradient for an unknown parameter is an error.
         let grads = BTreeMap::from([("x".to_string(), vec_t(&[1.0]))]);
         assert!(opt.step(c.lr, &mut params, &grads).is_err());

@@ -72,6 +72,12 @@ fn export_reproduces_the_reference_lora_files() {
             let err = rel_l2(gv, data);
             assert!(err <= tol, "{variant}: {k} rel L2 {err:.2e}");
         }
+        // Reading the reference file back gives its rank, alpha and targets.
+        let reread = load_lora(&root.join(format!("cases/{variant}.lora/pytorch_lora_weights.safetensors"))).unwrap();
+        let mut want_targets = spec.targets.clone();
+        want_targets.sort();
+        assert_eq!(reread.metadata, Some(LoraMetadata { rank: 4, alpha: 2.0, target_modules: want_targets }));
+        assert_eq!(reread.tensors.len(), params.len());
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     }
