@@ -1,0 +1,1 @@
+//! cogvx latent/prompt cache (in progress).
