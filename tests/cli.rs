@@ -155,3 +155,34 @@ fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("FAIL"), "{stdout}");
 }
+
+#[test]
+fn builtin_native_and_wasm_crop_resize_produce_identical_frames() {
+    use cogvx_plugin_api::{Plugin, Resolution};
+    use cogvx_plugin_host::{LoadedPlugin, WasmLimits};
+    let target = Resolution { frames: 17, height: 480, width: 720 };
+    let so = plugin_file("crop_resize.so");
+    let wasm = plugin_file("crop_resize.wasm");
+    let transports: Vec<LoadedPlugin> = vec![
+        LoadedPlugin::builtin(cogvx_plugin_crop_resize::builtin()),
+        LoadedPlugin::load_native(&so).unwrap(),
+        LoadedPlugin::load_wasm(&wasm, &WasmLimits::default()).unwrap(),
+    ];
+    let mut outputs: Vec<Vec<cogvx_plugin_api::Frames>> = Vec::new();
+    for mut crop_resize in transports {
+        crop_resize.configure(r#"{"crop":"random","seed":7}"#).unwrap();
+        let mut frame_skip = LoadedPlugin::builtin(cogvx_plugin_frame_skip::builtin());
+        let mut frames = Vec::new();
+        for clip in ["carphone.mp4", "bikes.mp4", "testsrc.mp4", "mandelbrot.mp4"] {
+            let chain: Vec<&mut dyn Plugin> = vec![&mut frame_skip, &mut crop_resize];
+            let mut transforms = cogvx_video::VideoTransforms::new(chain);
+            let path = mini().join("videos").join(clip);
+            let pre = cogvx_video::preprocess_clip(&path, None, &mut transforms, target, 11).unwrap();
+            assert_eq!((pre.frames.count, pre.frames.height, pre.frames.width), (17, 480, 720), "{clip}");
+            frames.push(pre.frames);
+        }
+        outputs.push(frames);
+    }
+    assert!(outputs[0] == outputs[1], "built-in and .so frames differ");
+    assert!(outputs[0] == outputs[2], "built-in and .wasm frames differ");
+}
