@@ -3,7 +3,7 @@
 //! queries and keys only). The scaled-dot-product itself is
 //! [`cogvx_model_core::attention::attention`], the project's single attention function.
 
-use crate::embeddings::RotaryEmb;
+use crate::embeddings::{apply_rotary_emb, RotaryEmb};
 use crate::error::TransformerError;
 use burn::module::Module;
 use burn::nn::Dropout;
@@ -74,7 +74,15 @@ impl<B: Backend> Attention<B> {
         let query = self.norm_q.forward(query);
         let key = self.norm_k.forward(key);
         let (query, key) = match image_rotary_emb {
-            Some((cos, sin)) => (rope_video_part(query, text_len, cos, sin), rope_video_part(key, text_len, cos, sin)),
+            Some((cos, sin)) => {
+                // RoPE on the video tokens only: the text rows of the tables are the identity
+                // (cos 1, sin 0), which leaves the text tokens bit-for-bit unchanged.
+                let (cos, sin) = pad_text_rows(cos, sin, text_len);
+                (
+                    apply_rotary_emb(query, cos.clone(), sin.clone()),
+                    apply_rotary_emb(key, cos, sin),
+                )
+            }
             None => (query, key),
         };
         let out = attention(query, key, value, None, None); // [B, H, L, hd]
@@ -87,13 +95,14 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// Applies RoPE to the tokens after the first `text_len` of `x [B, H, L, hd]`.
-fn rope_video_part<B: Backend>(x: Tensor<B, 4>, text_len: usize, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-    let len = x.dims()[2];
-    let text = x.clone().narrow(2, 0, text_len);
-    let video = x.narrow(2, text_len, len - text_len);
-    let video = crate::embeddings::apply_rotary_emb(video, cos.clone(), sin.clone());
-    Tensor::cat(vec![text, video], 2)
+/// Prepends `text_len` identity rows (cos 1, sin 0) to the video RoPE tables `[Lv, hd]`.
+fn pad_text_rows<B: Backend>(cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, text_len: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let d = cos.dims()[1];
+    let device = cos.device();
+    (
+        Tensor::cat(vec![Tensor::ones([text_len, d], &device), cos.clone()], 0),
+        Tensor::cat(vec![Tensor::zeros([text_len, d], &device), sin.clone()], 0),
+    )
 }
 
 /// Checks a RoPE table pair against the video token count and head dim.

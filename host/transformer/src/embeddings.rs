@@ -511,14 +511,26 @@ pub fn rotary_tables<B: Backend>(
     ))
 }
 
+/// The `[D, D]` matrix `R` with `x R = stack([-x_imag, x_real], -1).flatten()` for interleaved
+/// pairs `(x_real, x_imag) = (x[2i], x[2i+1])`: `R[2i+1][2i] = -1`, `R[2i][2i+1] = 1`.
+/// Every output is a single signed input, so the product is exact.
+pub fn rotate_pairs_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut r = vec![0f32; dim * dim];
+    for i in 0..dim / 2 {
+        r[(2 * i + 1) * dim + 2 * i] = -1.0;
+        r[(2 * i) * dim + 2 * i + 1] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(r, [dim, dim]), device)
+}
+
 /// diffusers `apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)` on
-/// `x [B, H, S, D]` with `cos`, `sin` `[S, D]`: pairs `(x[2i], x[2i+1])` are rotated.
+/// `x [B, H, S, D]` with `cos`, `sin` `[S, D]`: pairs `(x[2i], x[2i+1])` are rotated,
+/// `x * cos + rotate_pairs(x) * sin`.
 pub fn apply_rotary_emb<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
     let [b, h, s, d] = x.dims();
-    let pairs = x.clone().reshape([b, h, s, d / 2, 2]);
-    let x_real = pairs.clone().narrow(4, 0, 1);
-    let x_imag = pairs.narrow(4, 1, 1);
-    let x_rotated = Tensor::cat(vec![x_imag.neg(), x_real], 4).reshape([b, h, s, d]);
+    // The pair swap as one small matmul: much faster than narrow/cat on the last axis.
+    let r = rotate_pairs_matrix::<B>(d, &x.device());
+    let x_rotated = x.clone().reshape([b * h * s, d]).matmul(r).reshape([b, h, s, d]);
     let cos = cos.reshape([1, 1, s, d]);
     let sin = sin.reshape([1, 1, s, d]);
     x * cos + x_rotated * sin
@@ -548,6 +560,31 @@ mod tests {
         let v = linspace_f32(0.0, 3.5, 4);
         assert_eq!(v[3], 3.5);
         assert!((v[1] - 3.5 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rotary_emb_rotates_interleaved_pairs() {
+        type B = cogvx_model_core::CpuBackend;
+        let dev = Default::default();
+        let (s, d) = (3, 4);
+        let xs: Vec<f32> = (0..2 * s * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let cs: Vec<f32> = (0..s * d).map(|i| (i as f32 * 0.11).cos()).collect();
+        let sn: Vec<f32> = (0..s * d).map(|i| (i as f32 * 0.11).sin()).collect();
+        let x = Tensor::<B, 4>::from_data(TensorData::new(xs.clone(), [1, 2, s, d]), &dev);
+        let cos = Tensor::<B, 2>::from_data(TensorData::new(cs.clone(), [s, d]), &dev);
+        let sin = Tensor::<B, 2>::from_data(TensorData::new(sn.clone(), [s, d]), &dev);
+        let got = apply_rotary_emb(x, cos, sin).into_data().to_vec::<f32>().unwrap();
+        for h in 0..2 {
+            for t in 0..s {
+                for j in 0..d {
+                    let i = (h * s + t) * d + j;
+                    // stack([-x_imag, x_real], -1): even slots take -x[j+1], odd slots x[j-1].
+                    let rot = if j % 2 == 0 { -xs[i + 1] } else { xs[i - 1] };
+                    let want = xs[i] * cs[t * d + j] + rot * sn[t * d + j];
+                    assert_eq!(got[i], want, "h {h} t {t} j {j}");
+                }
+            }
+        }
     }
 
     #[test]
