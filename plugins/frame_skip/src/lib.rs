@@ -203,7 +203,7 @@ impl Plugin for FrameSkip {
 
     fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
         let f = request.target.frames;
-        if f == 0 || (f - 1) % 8 != 0 {
+        if f % 8 != 1 {
             return Err(invalid(format!(
                 "the target frame count {f} is not 8N+1; CogVideoX needs 1, 9, 17, 25, 33, 41, 49, … frames \
                  (e.g. --resolution 49x480x720)"
