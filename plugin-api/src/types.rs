@@ -148,10 +148,58 @@ pub struct TransformPlan {
     pub filter: ResizeFilter,
 }
 
+/// The largest output side a plan may ask for, in pixels.
+pub const MAX_PLAN_SIDE: u32 = 16_384;
+/// The largest number of frame indices a plan may list.
+pub const MAX_PLAN_FRAMES: usize = 100_000;
+
 impl TransformPlan {
     /// The identity plan: every frame, no crop, no resize.
     pub fn identity(clip: &ClipInfo) -> Self {
         TransformPlan { frames: (0..clip.frame_count).collect(), crop: None, resize: None, filter: ResizeFilter::default() }
+    }
+
+    /// Checks the plan against the clip it is for: at least one and at most
+    /// [`MAX_PLAN_FRAMES`] frames, every index `< clip.frame_count`, a non-empty crop box
+    /// inside the frame, an output size that is non-zero and at most [`MAX_PLAN_SIDE`].
+    /// The message says what is wrong; the host prefixes it with the plugin's name.
+    pub fn check(&self, clip: &ClipInfo) -> Result<(), String> {
+        if self.frames.is_empty() {
+            return Err("the plan selects no frames".into());
+        }
+        if self.frames.len() > MAX_PLAN_FRAMES {
+            return Err(format!("the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}", self.frames.len()));
+        }
+        if let Some((pos, &index)) = self.frames.iter().enumerate().find(|(_, &i)| i >= clip.frame_count) {
+            return Err(format!(
+                "frame index {index} (position {pos} of {}) is out of range: the clip has {} frames (valid: 0..{})",
+                self.frames.len(),
+                clip.frame_count,
+                clip.frame_count
+            ));
+        }
+        if let Some(c) = self.crop {
+            if c.width == 0 || c.height == 0 {
+                return Err(format!("the crop box {}x{} at ({}, {}) has a zero size", c.width, c.height, c.x, c.y));
+            }
+            let right = c.x as u64 + c.width as u64;
+            let bottom = c.y as u64 + c.height as u64;
+            if right > clip.width as u64 || bottom > clip.height as u64 {
+                return Err(format!(
+                    "the crop box {}x{} at ({}, {}) lies outside the {}x{} frame (it reaches x={right}, y={bottom})",
+                    c.width, c.height, c.x, c.y, clip.width, clip.height
+                ));
+            }
+        }
+        if let Some(s) = self.resize {
+            if s.width == 0 || s.height == 0 {
+                return Err(format!("the output size {}x{} has a zero side", s.width, s.height));
+            }
+            if s.width > MAX_PLAN_SIDE || s.height > MAX_PLAN_SIDE {
+                return Err(format!("the output size {}x{} exceeds the {MAX_PLAN_SIDE} px limit", s.width, s.height));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -172,6 +220,27 @@ pub struct Frames {
     pub height: u32,
     pub count: u32,
     pub rgb: Vec<u8>,
+}
+
+impl Frames {
+    /// Checks that the value is consistent: non-zero sizes and `count * height * width * 3`
+    /// bytes of RGB.
+    pub fn check(&self) -> Result<(), String> {
+        if self.width == 0 || self.height == 0 || self.count == 0 {
+            return Err(format!("the frames have a zero size ({} frames of {}x{})", self.count, self.width, self.height));
+        }
+        let want = self.count as u64 * self.height as u64 * self.width as u64 * 3;
+        if self.rgb.len() as u64 != want {
+            return Err(format!(
+                "{} frames of {}x{} RGB need {want} bytes, got {}",
+                self.count,
+                self.width,
+                self.height,
+                self.rgb.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------- adapter
@@ -348,4 +417,73 @@ pub struct ValidateRequest {
 pub struct Metric {
     pub name: String,
     pub value: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip() -> ClipInfo {
+        ClipInfo { width: 640, height: 360, frame_count: 10, fps: 24.0 }
+    }
+
+    fn plan() -> TransformPlan {
+        TransformPlan {
+            frames: vec![0, 5, 9, 9],
+            crop: Some(CropBox { x: 40, y: 0, width: 600, height: 360 }),
+            resize: Some(Size { width: 720, height: 480 }),
+            filter: ResizeFilter::Lanczos3,
+        }
+    }
+
+    #[test]
+    fn plan_check_accepts_good_plans() {
+        assert_eq!(plan().check(&clip()), Ok(()));
+        assert_eq!(TransformPlan::identity(&clip()).check(&clip()), Ok(()));
+    }
+
+    #[test]
+    fn plan_check_rejects_each_bad_plan_with_a_reason() {
+        let check = |f: &dyn Fn(&mut TransformPlan)| {
+            let mut p = plan();
+            f(&mut p);
+            p.check(&clip()).unwrap_err()
+        };
+        assert_eq!(check(&|p| p.frames.clear()), "the plan selects no frames");
+        assert_eq!(
+            check(&|p| p.frames = vec![0; MAX_PLAN_FRAMES + 1]),
+            format!("the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}", MAX_PLAN_FRAMES + 1)
+        );
+        assert_eq!(
+            check(&|p| p.frames = vec![0, 10]),
+            "frame index 10 (position 1 of 2) is out of range: the clip has 10 frames (valid: 0..10)"
+        );
+        assert_eq!(
+            check(&|p| p.crop = Some(CropBox { x: 100, y: 0, width: 600, height: 360 })),
+            "the crop box 600x360 at (100, 0) lies outside the 640x360 frame (it reaches x=700, y=360)"
+        );
+        assert!(check(&|p| p.crop = Some(CropBox { x: u32::MAX, y: 0, width: 2, height: 1 })).contains("lies outside"));
+        assert_eq!(
+            check(&|p| p.crop = Some(CropBox { x: 0, y: 0, width: 0, height: 360 })),
+            "the crop box 0x360 at (0, 0) has a zero size"
+        );
+        assert_eq!(check(&|p| p.resize = Some(Size { width: 720, height: 0 })), "the output size 720x0 has a zero side");
+        assert_eq!(
+            check(&|p| p.resize = Some(Size { width: 720, height: MAX_PLAN_SIDE + 1 })),
+            format!("the output size 720x{} exceeds the {MAX_PLAN_SIDE} px limit", MAX_PLAN_SIDE + 1)
+        );
+    }
+
+    #[test]
+    fn frames_check_matches_size_and_bytes() {
+        assert_eq!(Frames { width: 2, height: 2, count: 1, rgb: vec![0; 12] }.check(), Ok(()));
+        assert_eq!(
+            Frames { width: 2, height: 2, count: 1, rgb: vec![0; 11] }.check().unwrap_err(),
+            "1 frames of 2x2 RGB need 12 bytes, got 11"
+        );
+        assert_eq!(
+            Frames { width: 0, height: 2, count: 1, rgb: vec![] }.check().unwrap_err(),
+            "the frames have a zero size (1 frames of 0x2)"
+        );
+    }
 }

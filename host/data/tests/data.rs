@@ -429,7 +429,7 @@ fn bad_plan_names_the_plugin_and_writes_nothing() {
         &mut chain,
         "videos.txt",
         Some(1),
-        "plugin `test-bad-plan` returned a bad plan: frame index 12 (position 1 of the plan) is out of range: the clip has 12 frames",
+        "plugin `test-bad-plan` returned a bad plan: frame index 12 (position 1 of 2) is out of range: the clip has 12 frames",
     );
 }
 

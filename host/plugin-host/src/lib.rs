@@ -11,7 +11,7 @@
 //!   root read-only), with a memory cap per instance and a time cap per call ([`WasmLimits`]).
 //!
 //! [`LoadedPlugin`] wraps one plugin: it names the plugin, its version, transport and call in
-//! every error, and checks what the plugin returns (plans via [`validate_plan`], frames,
+//! every error, and checks what the plugin returns (plans via [`TransformPlan::check`](cogvx_plugin_api::TransformPlan::check), frames,
 //! sample paths). [`Registry`] holds the built-ins and the loaded files for `cogvx plugins`.
 
 mod error;
@@ -24,7 +24,7 @@ mod wasm;
 pub use error::LoadError;
 pub use loaded::{LoadedPlugin, Transport};
 pub use registry::{PluginRow, Registry};
-pub use validate::{validate_frames, validate_plan, validate_samples};
+pub use validate::validate_samples;
 pub use wasm::{WasmLimits, GUEST_DATASET_ROOT};
 
 pub use cogvx_plugin_api::{Plugin, PluginError, PluginInfo, PluginKind, PluginResult, API_VERSION};

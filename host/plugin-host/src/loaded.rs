@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use cogvx_plugin_api::*;
 
-use crate::validate::{validate_frames, validate_plan, validate_samples};
+use crate::validate::validate_samples;
 use crate::{native, wasm, LoadError, WasmLimits};
 
 /// How a plugin reaches the host.
@@ -38,7 +38,7 @@ impl std::fmt::Display for Transport {
 /// A plugin ready to call. It implements [`Plugin`] itself, so the rest of the host calls
 /// every plugin the same way; each error is prefixed with the plugin's name, version,
 /// transport (and file) and the call, and what the plugin returns is checked (plans with
-/// [`validate_plan`], frames with [`validate_frames`], sample paths with [`validate_samples`]).
+/// [`TransformPlan::check`](cogvx_plugin_api::TransformPlan::check), frames with [`Frames::check`](cogvx_plugin_api::Frames::check), sample paths with [`validate_samples`]).
 pub struct LoadedPlugin {
     info: PluginInfo,
     transport: Transport,
@@ -196,14 +196,14 @@ impl Plugin for LoadedPlugin {
     fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
         let r = self.inner.plan_transform(request);
         let plan = self.wrap("plan-transform", r)?;
-        validate_plan(&request.clip, &plan).map_err(|why| self.bad_output("plan-transform", "a bad plan", why))?;
+        plan.check(&request.clip).map_err(|why| self.bad_output("plan-transform", "a bad plan", why))?;
         Ok(plan)
     }
 
     fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
         let r = self.inner.transform_frames(frames);
         let out = self.wrap("transform-frames", r)?;
-        validate_frames(&out).map_err(|why| self.bad_output("transform-frames", "bad frames", why))?;
+        out.check().map_err(|why| self.bad_output("transform-frames", "bad frames", why))?;
         Ok(out)
     }
 

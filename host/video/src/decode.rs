@@ -29,7 +29,7 @@ use ffmpeg::{codec, ffi, format, frame, media, software::scaling, Packet};
 use ffmpeg_next as ffmpeg;
 
 use crate::error::{Result, VideoError};
-use crate::plan::{output_size, rotate_rgb, validate_plan, FrameProcessor};
+use crate::plan::{output_size, rotate_rgb, FrameProcessor};
 
 /// Initialises FFmpeg once (and keeps its own logging to fatal errors: every failure is
 /// reported through [`VideoError`] instead).
@@ -501,7 +501,7 @@ impl VideoReader {
     pub fn read_range(&mut self, plan: &TransformPlan, range: Option<FrameRange>) -> Result<Frames> {
         let path = self.info.path.clone();
         let clip = self.clip_info(range)?;
-        validate_plan(plan, &clip).map_err(|reason| VideoError::BadPlan {
+        plan.check(&clip).map_err(|reason| VideoError::BadPlan {
             path: path.clone(),
             reason,
         })?;

@@ -28,26 +28,6 @@ impl Default for EncodeOptions {
     }
 }
 
-/// Checks that `frames` is consistent: non-zero sizes and count, and `rgb` of the right length.
-pub fn check_frames(frames: &Frames) -> std::result::Result<(), String> {
-    if frames.width == 0 || frames.height == 0 || frames.count == 0 {
-        return Err(format!(
-            "{} frames of {}x{}: nothing to write",
-            frames.count, frames.width, frames.height
-        ));
-    }
-    let want = frames.count as u64 * frames.height as u64 * frames.width as u64 * 3;
-    if frames.rgb.len() as u64 != want {
-        return Err(format!(
-            "{} bytes of RGB for {} frames of {}x{} (expected {want})",
-            frames.rgb.len(),
-            frames.count,
-            frames.width,
-            frames.height
-        ));
-    }
-    Ok(())
-}
 
 /// Writes `frames` as an H.264 (libx264, yuv420p, BT.601 limited range) `.mp4` at `fps`.
 /// yuv420p needs even sizes: an odd width or height is padded by repeating the last
@@ -55,7 +35,7 @@ pub fn check_frames(frames: &Frames) -> std::result::Result<(), String> {
 /// either absent/old or complete.
 pub fn encode_mp4(path: impl AsRef<Path>, frames: &Frames, fps: f64, options: &EncodeOptions) -> Result<()> {
     let path = path.as_ref();
-    check_frames(frames).map_err(|reason| VideoError::BadFrames {
+    frames.check().map_err(|reason| VideoError::BadFrames {
         path: path.to_path_buf(),
         reason,
     })?;

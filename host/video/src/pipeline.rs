@@ -9,9 +9,7 @@ use cogvx_plugin_api::{
 };
 
 use crate::decode::{VideoInfo, VideoReader};
-use crate::encode::check_frames;
 use crate::error::VideoError;
-use crate::plan::validate_plan;
 
 /// A video-transform plugin failed or answered something unusable.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -77,7 +75,7 @@ impl<'a> VideoTransforms<'a> {
             match self.plugins[i].plan_transform(&request) {
                 Ok(p) => {
                     self.plans[i] = Some(true);
-                    validate_plan(&p, clip).map_err(|reason| TransformError::BadPlan {
+                    p.check(clip).map_err(|reason| TransformError::BadPlan {
                         plugin: self.names[i].clone(),
                         reason,
                     })?;
@@ -111,7 +109,7 @@ impl<'a> VideoTransforms<'a> {
             match self.plugins[i].transform_frames(frames) {
                 Ok(out) => {
                     self.pixels[i] = Some(true);
-                    check_frames(&out).map_err(|reason| TransformError::BadFrames {
+                    out.check().map_err(|reason| TransformError::BadFrames {
                         plugin: self.names[i].clone(),
                         reason,
                     })?;

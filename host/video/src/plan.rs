@@ -2,61 +2,9 @@
 //! plan's filter (`fast_image_resize`, a convolution filter that averages over the whole
 //! footprint when downscaling, not a point sampler).
 
-use cogvx_plugin_api::{ClipInfo, CropBox, ResizeFilter, Size, TransformPlan};
+use cogvx_plugin_api::{CropBox, ResizeFilter, Size, TransformPlan};
 use fast_image_resize as fir;
 
-/// The largest output side a plan may ask for, in pixels.
-pub const MAX_SIDE: u32 = 16_384;
-/// The largest number of frame indices a plan may list.
-pub const MAX_PLAN_FRAMES: usize = 100_000;
-
-/// Checks a plan against the clip it is for: at least one frame, every index
-/// `< clip.frame_count`, the crop box non-empty and inside the frame, the output size
-/// non-zero and at most [`MAX_SIDE`]. The message says what is wrong.
-pub fn validate_plan(plan: &TransformPlan, clip: &ClipInfo) -> Result<(), String> {
-    if plan.frames.is_empty() {
-        return Err("the plan selects no frames".into());
-    }
-    if plan.frames.len() > MAX_PLAN_FRAMES {
-        return Err(format!(
-            "the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}",
-            plan.frames.len()
-        ));
-    }
-    if let Some((pos, idx)) = plan.frames.iter().enumerate().find(|(_, &i)| i >= clip.frame_count) {
-        return Err(format!(
-            "frame index {idx} (position {pos} of the plan) is out of range: the clip has {} frames (valid indices 0..={})",
-            clip.frame_count,
-            clip.frame_count.saturating_sub(1)
-        ));
-    }
-    if let Some(c) = plan.crop {
-        if c.width == 0 || c.height == 0 {
-            return Err(format!(
-                "crop box {}x{} at ({}, {}) has zero size",
-                c.width, c.height, c.x, c.y
-            ));
-        }
-        if c.x as u64 + c.width as u64 > clip.width as u64 || c.y as u64 + c.height as u64 > clip.height as u64 {
-            return Err(format!(
-                "crop box {}x{} at ({}, {}) lies outside the {}x{} frame",
-                c.width, c.height, c.x, c.y, clip.width, clip.height
-            ));
-        }
-    }
-    if let Some(s) = plan.resize {
-        if s.width == 0 || s.height == 0 {
-            return Err(format!("output size {}x{} has zero size", s.width, s.height));
-        }
-        if s.width > MAX_SIDE || s.height > MAX_SIDE {
-            return Err(format!(
-                "output size {}x{} exceeds the {MAX_SIDE} px limit",
-                s.width, s.height
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// The size of each output frame of a (valid) plan on a clip of `width` x `height`.
 pub fn output_size(plan: &TransformPlan, width: u32, height: u32) -> Size {
@@ -198,62 +146,6 @@ pub fn rotate_rgb(src: &[u8], width: u32, height: u32, degrees_cw: u32) -> (Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn clip() -> ClipInfo {
-        ClipInfo {
-            width: 100,
-            height: 50,
-            frame_count: 10,
-            fps: 25.0,
-        }
-    }
-
-    #[test]
-    fn validate_rejects_each_bad_plan() {
-        let ok = TransformPlan {
-            frames: vec![0, 9, 9, 3],
-            crop: Some(CropBox {
-                x: 50,
-                y: 0,
-                width: 50,
-                height: 50,
-            }),
-            resize: Some(Size { width: 8, height: 8 }),
-            filter: ResizeFilter::Lanczos3,
-        };
-        assert_eq!(validate_plan(&ok, &clip()), Ok(()));
-        let mut p = ok.clone();
-        p.frames.push(10);
-        assert!(validate_plan(&p, &clip())
-            .unwrap_err()
-            .contains("frame index 10 (position 4 of the plan) is out of range: the clip has 10 frames"));
-        let mut p = ok.clone();
-        p.crop = Some(CropBox {
-            x: 51,
-            y: 0,
-            width: 50,
-            height: 50,
-        });
-        assert!(validate_plan(&p, &clip())
-            .unwrap_err()
-            .contains("lies outside the 100x50 frame"));
-        let mut p = ok.clone();
-        p.crop = Some(CropBox {
-            x: 0,
-            y: 0,
-            width: 0,
-            height: 50,
-        });
-        assert!(validate_plan(&p, &clip()).unwrap_err().contains("zero size"));
-        let mut p = ok.clone();
-        p.resize = Some(Size { width: 8, height: 0 });
-        assert!(validate_plan(&p, &clip())
-            .unwrap_err()
-            .contains("output size 8x0 has zero size"));
-        let mut p = ok;
-        p.frames.clear();
-        assert!(validate_plan(&p, &clip()).unwrap_err().contains("no frames"));
-    }
 
     #[test]
     fn rotation_moves_corners() {

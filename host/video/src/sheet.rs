@@ -6,7 +6,6 @@ use cogvx_plugin_api::Frames;
 use image::{Rgb, RgbImage};
 
 use crate::atomic::write_atomically;
-use crate::encode::check_frames;
 use crate::error::{Result, VideoError};
 
 /// The largest contact sheet, in pixels.
@@ -34,7 +33,7 @@ pub fn contact_sheet(rows: &[&Frames], per_row: usize, gap: u32) -> std::result:
         return Err("a contact sheet needs at least one clip and one frame per row".into());
     }
     for (r, f) in rows.iter().enumerate() {
-        check_frames(f).map_err(|e| format!("row {r}: {e}"))?;
+        f.check().map_err(|e| format!("row {r}: {e}"))?;
     }
     let cw = rows.iter().map(|f| f.width).max().unwrap();
     let ch = rows.iter().map(|f| f.height).max().unwrap();

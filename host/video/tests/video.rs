@@ -506,7 +506,7 @@ fn bad_plans_are_refused_before_decoding() {
     assert!(matches!(err, VideoError::BadPlan { .. }));
     assert!(
         err.to_string()
-            .contains("frame index 30 (position 1 of the plan) is out of range: the clip has 30 frames"),
+            .contains("frame index 30 (position 1 of 2) is out of range: the clip has 30 frames"),
         "{err}"
     );
     let mut p2 = plan(vec![0]);
@@ -527,7 +527,7 @@ fn bad_plans_are_refused_before_decoding() {
         .read(&p2)
         .unwrap_err()
         .to_string()
-        .contains("output size 0x10 has zero size"));
+        .contains("the output size 0x10 has a zero side"));
     // A frame range restricts and offsets the indices.
     let f = r
         .read_range(
@@ -583,7 +583,7 @@ fn encode_round_trips_and_writes_atomically() {
     let err = encode_mp4(p(d.path(), "bad.mp4"), &bad, 25.0, &EncodeOptions::default()).unwrap_err();
     assert!(
         err.to_string()
-            .contains("bad.mp4: invalid frames: 10 bytes of RGB for 2 frames of 4x4"),
+            .contains("bad.mp4: invalid frames: 2 frames of 4x4 RGB need 96 bytes, got 10"),
         "{err}"
     );
     assert!(!p(d.path(), "bad.mp4").exists());
