@@ -191,3 +191,44 @@ fn canonical(v: &serde_json::Value) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_canonical_and_keys_separate_fields() {
+        let a = PluginId::new("crop_resize", "0.1.0", r#"{"b": 1, "a": {"y": [1, 2], "x": null}}"#).unwrap();
+        let b = PluginId::new("crop_resize", "0.1.0", r#"{"a":{"x":null,"y":[1,2]},"b":1}"#).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.params, r#"{"a":{"x":null,"y":[1,2]},"b":1}"#);
+        assert_eq!(PluginId::new("p", "1", "  ").unwrap().params, "null");
+        let err = PluginId::new("p", "1", "{oops").unwrap_err().to_string();
+        assert!(err.contains("params of plugin `p` are not valid JSON"), "{err}");
+        // Length-prefixed fields: moving a byte across a boundary changes the key.
+        assert_ne!(prompt_key("ab", "c", 226), prompt_key("a", "bc", 226));
+        assert_ne!(prompt_key("a", "t", 226), prompt_key("a", "t", 128));
+        assert_ne!(sample_seed(1, "v", None), sample_seed(2, "v", None));
+        let r = Some(FrameRange { start: 0, end: 9 });
+        assert_ne!(sample_seed(1, "v", None), sample_seed(1, "v", r));
+    }
+
+    #[test]
+    fn model_identity_follows_configs_and_weight_sizes() {
+        let d = tempfile::tempdir().unwrap();
+        let vae = d.path().join("vae");
+        std::fs::create_dir_all(&vae).unwrap();
+        std::fs::write(vae.join("config.json"), "{\"a\": 1}").unwrap();
+        std::fs::write(vae.join("diffusion_pytorch_model.safetensors"), [0u8; 16]).unwrap();
+        let a = component_identity(&vae, &[]).unwrap();
+        std::fs::write(vae.join("diffusion_pytorch_model.safetensors"), [1u8; 16]).unwrap();
+        assert_eq!(component_identity(&vae, &[]).unwrap(), a, "weights are identified by name and size");
+        std::fs::write(vae.join("diffusion_pytorch_model.safetensors"), [1u8; 17]).unwrap();
+        let b = component_identity(&vae, &[]).unwrap();
+        assert_ne!(b, a);
+        std::fs::write(vae.join("config.json"), "{\"a\": 2}").unwrap();
+        assert_ne!(component_identity(&vae, &[]).unwrap(), b);
+        let err = component_identity(d.path(), &[]).unwrap_err().to_string();
+        assert!(err.contains("no config.json"), "{err}");
+    }
+}

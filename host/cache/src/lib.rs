@@ -797,3 +797,55 @@ impl Cache {
         (0..self.len()).map(|i| self.get(i))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaussian_noise_is_seeded_and_standard() {
+        let a = gaussian_noise(3, 20001);
+        assert_eq!(a.len(), 20001);
+        assert_eq!(a, gaussian_noise(3, 20001));
+        assert_ne!(a[..10], gaussian_noise(4, 10)[..]);
+        assert_eq!(a[..10], gaussian_noise(3, 10)[..], "a prefix does not depend on the length");
+        let n = a.len() as f64;
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn entries_are_validated_and_named_in_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.safetensors");
+        let t = HostTensor::new(vec![2, 3], (0..6).map(|v| v as f32).collect());
+        store::write_entry(&p, "k1", &[("prompt_embedding", &t)]).unwrap();
+        assert_eq!(validate_prompt(&p, "k1").unwrap(), t);
+        // Wrong key (a file moved or copied under another name).
+        let e = validate_prompt(&p, "k2").unwrap_err().to_string();
+        assert!(e.contains("x.safetensors") && e.contains("does not match"), "{e}");
+        // Wrong rank.
+        let bad = HostTensor::new(vec![6], t.data.clone());
+        store::write_entry(&p, "k1", &[("prompt_embedding", &bad)]).unwrap();
+        assert!(validate_prompt(&p, "k1").unwrap_err().to_string().contains("expected [L, D]"));
+        // A latent entry without its I2V image.
+        let l = HostTensor::new(vec![1, 1, 1, 1], vec![0.5]);
+        store::write_entry(&p, "k3", &[("latent", &l)]).unwrap();
+        assert!(validate_latent(&p, "k3", false).is_ok());
+        assert!(validate_latent(&p, "k3", true).unwrap_err().to_string().contains("no tensor `image`"));
+        // Not a safetensors file at all; a missing file.
+        std::fs::write(&p, b"garbage").unwrap();
+        assert!(validate_latent(&p, "k3", false).unwrap_err().to_string().contains("not a valid safetensors file"));
+        assert!(validate_latent(&d.path().join("nope"), "k", false).is_err());
+    }
+
+    #[test]
+    fn resolutions_are_checked() {
+        assert!(check_resolution(Resolution { frames: 9, height: 64, width: 96 }).is_ok());
+        for r in [(10, 64, 96), (9, 60, 96), (9, 64, 0), (0, 64, 96)] {
+            let e = check_resolution(Resolution { frames: r.0, height: r.1, width: r.2 }).unwrap_err();
+            assert!(e.to_string().contains("8N+1"), "{e}");
+        }
+    }
+}
