@@ -23,8 +23,12 @@ fn model_dir() -> Option<PathBuf> {
 
 /// A 9-frame `w`x`h` clip with a moving gradient, distinct per `salt`.
 fn clip(w: u32, h: u32, salt: u32) -> Frames {
+    clip_n(w, h, salt, 9)
+}
+
+fn clip_n(w: u32, h: u32, salt: u32, n: u32) -> Frames {
     let mut rgb = Vec::new();
-    for f in 0..9u32 {
+    for f in 0..n {
         for y in 0..h {
             for x in 0..w {
                 rgb.push(((x * 255 / w + f * 7 + salt * 40) % 256) as u8);
@@ -33,7 +37,7 @@ fn clip(w: u32, h: u32, salt: u32) -> Frames {
             }
         }
     }
-    Frames { width: w, height: h, count: 9, rgb }
+    Frames { width: w, height: h, count: n, rgb }
 }
 
 /// A dataset of two clips (160x96, cropped and resized to 96x64 by crop_resize).
@@ -117,7 +121,7 @@ fn prepare_reuses_and_invalidates_only_what_changed() {
     // A plugin setting changes every latent, no prompt.
     let p = planned(&cache, &root, &model, r#"{"filter": "bilinear"}"#, &opts);
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (2, 0));
-    // So do the seed and the resolution's... seed.
+    // So does the base seed.
     let p = planned(&cache, &root, &model, "{}", &PrepareOptions { seed: 7, ..options() });
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (2, 0));
 }
@@ -238,4 +242,55 @@ fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() 
     assert!(img.data[2 * h * w..].iter().all(|&v| (v - (200.0 / 255.0 * 2.0 - 1.0)).abs() < 0.02));
     let red_left = img.data[0];
     assert!(red_left > -1.0 + 2.0 * 6.0 / 255.0 && red_left < -1.0 + 2.0 * 12.0 / 255.0, "{red_left}");
+}
+
+#[test]
+fn bad_samples_are_reported_and_left_out_of_the_index() {
+    let Some(model) = model_dir() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (root, cache) = (d.path().join("data"), d.path().join("cache"));
+    dataset(&root);
+    let opts0 = cogvx_video::EncodeOptions { crf: 0, preset: "ultrafast".into() };
+    cogvx_video::encode_mp4(root.join("videos/long.mp4"), &clip_n(160, 96, 3, 12), 8.0, &opts0).unwrap();
+    std::fs::write(root.join("videos.txt"), "videos/a.mp4\nvideos/long.mp4\nvideos/missing.mp4\n").unwrap();
+    std::fs::write(root.join("prompts.txt"), "one\ntwo\nthree\n").unwrap();
+    let s = run(&cache, &root, &model, "{}", &options());
+    assert_eq!(s.samples, 3);
+    assert_eq!((s.encoded_latents, s.encoded_prompts), (1, 1));
+    assert_eq!(s.failed.len(), 2, "{:?}", s.failed);
+    let msgs: Vec<String> = s.failed.iter().map(|p| p.to_string()).collect();
+    assert!(msgs.iter().any(|m| m.contains("videos.txt:2") && m.contains("the chain gives 12x64x96")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.contains("videos.txt:3") && m.contains("missing.mp4")), "{msgs:?}");
+    let c = Cache::open(&cache).unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.index.samples[0].caption, "one");
+
+    // Bad arguments are refused before any work.
+    let mut chain = Chain::new();
+    let err = plan(&cache, &root, &model, &mut chain, &["{}".to_string()], &options()).unwrap_err();
+    assert!(err.to_string().contains("1 params strings given for 0 video-transform plugins"), "{err}");
+    let bad = PrepareOptions { resolution: Resolution { frames: 8, height: 64, width: 96 }, ..options() };
+    assert!(plan(&cache, &root, &model, &mut chain, &[], &bad).is_err());
+    assert!(Cache::open(d.path()).unwrap_err().to_string().contains("index.json"));
+}
+
+#[test]
+fn noisy_image_latents_follow_the_official_train_step() {
+    let Some(model) = model_dir() else { return };
+    use burn::tensor::{Distribution, Tensor};
+    let device = CpuDevice::default();
+    let (vae, cfg) = cogvx_vae::AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&model.join("vae"), &device).unwrap();
+    let opts = cogvx_vae::VaeOptions::default();
+    let images = Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Uniform(-1.0, 1.0), &device);
+    let noise = Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Normal(0.0, 1.0), &device);
+    let eps = Tensor::<CpuBackend, 5>::random([2, 4, 1, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+    let log_sigma = Tensor::<CpuBackend, 1>::from_floats([-3.0, -2.5], &device);
+    let got = cogvx_cache::noisy_image_latents(&vae, images.clone(), log_sigma, noise.clone(), |_| eps.clone(), &opts).unwrap();
+    // By hand: images + noise * exp(log_sigma), as one-frame videos, posterior sample, * scaling_factor.
+    let sigma = Tensor::<CpuBackend, 1>::from_floats([(-3.0f32).exp(), (-2.5f32).exp()], &device).reshape([2, 1, 1, 1]);
+    let dist = vae.encode((images + noise * sigma).unsqueeze_dim::<5>(2), &opts).unwrap();
+    let want = (dist.mean + (dist.logvar * 0.5).exp() * eps) * cfg.scaling_factor;
+    assert_eq!(got.dims(), [2, 4, 1, 4, 6]);
+    let (g, w): (Vec<f32>, Vec<f32>) = (got.into_data().to_vec().unwrap(), want.into_data().to_vec().unwrap());
+    assert_eq!(g, w);
 }
