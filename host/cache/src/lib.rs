@@ -247,7 +247,13 @@ fn transform_ids(chain: &Chain<'_>, params: &[String]) -> Result<Vec<PluginId>, 
 }
 
 fn check_resolution(r: Resolution) -> Result<(), CacheError> {
-    if r.frames == 0 || (r.frames - 1) % 8 != 0 || r.height == 0 || r.width == 0 || r.height % 16 != 0 || r.width % 16 != 0 {
+    if r.frames == 0
+        || !(r.frames - 1).is_multiple_of(8)
+        || r.height == 0
+        || r.width == 0
+        || !r.height.is_multiple_of(16)
+        || !r.width.is_multiple_of(16)
+    {
         return Err(CacheError::Input(format!(
             "resolution {}x{}x{}: frames must be 8N+1 and height/width positive multiples of 16",
             r.frames, r.height, r.width

@@ -220,8 +220,8 @@ fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() 
     assert_eq!(img.shape, vec![3, 64, 96]);
     let (h, w) = (64usize, 96usize);
     for (i, px) in pre.frames.rgb[..h * w * 3].chunks_exact(3).enumerate().step_by(97) {
-        for ch in 0..3 {
-            assert_eq!(img.data[ch * h * w + i], px[ch] as f32 / 255.0 * 2.0 - 1.0);
+        for (ch, &v) in px.iter().enumerate() {
+            assert_eq!(img.data[ch * h * w + i], v as f32 / 255.0 * 2.0 - 1.0);
         }
     }
 
