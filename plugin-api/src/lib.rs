@@ -143,6 +143,29 @@ impl std::error::Error for PluginError {}
 /// Result of a plugin call.
 pub type PluginResult<T> = Result<T, PluginError>;
 
+/// serde and serde_json as this crate uses them, so a plugin can derive its parameter struct
+/// without depending on them itself (`#[serde(crate = "cogvx_plugin_api::serde")]`).
+pub use serde;
+pub use serde_json;
+
+/// Parses a plugin's parameters (its `[plugin.<name>]` table as JSON; empty or `null` reads
+/// as `{}`) into `T`, typically a `#[serde(deny_unknown_fields)]` struct, for
+/// [`Plugin::configure`]. The error, [`PluginError::Invalid`], reads
+/// `<plugin>: bad [plugin.<plugin>] table: <what serde says>`, without JSON line/column
+/// positions: the JSON is the host's conversion of the user's TOML, so they would mislead.
+pub fn parse_params<T: serde::de::DeserializeOwned>(plugin: &str, params_json: &str) -> PluginResult<T> {
+    let text = params_json.trim();
+    let text = if text.is_empty() || text == "null" { "{}" } else { text };
+    serde_json::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(i) if e.line() > 0 => message[..i].to_string(),
+            _ => message,
+        };
+        PluginError::Invalid(format!("{plugin}: bad [plugin.{plugin}] table: {message}"))
+    })
+}
+
 fn unsupported<T>(call: &str) -> PluginResult<T> {
     Err(PluginError::Unsupported(format!("this plugin does not implement `{call}`")))
 }

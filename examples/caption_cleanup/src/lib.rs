@@ -23,14 +23,14 @@
 //! ```
 
 use cogvx_plugin_api::{Plugin, PluginError, PluginInfo, PluginKind, PluginResult};
-use serde::Deserialize;
+use cogvx_plugin_api::serde::Deserialize;
 
 /// The plugin's name; configured under `[plugin.caption_cleanup]`.
 pub const NAME: &str = "caption_cleanup";
 
 /// The `[plugin.caption_cleanup]` table. Unknown keys are rejected by name.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(crate = "cogvx_plugin_api::serde", deny_unknown_fields, default)]
 pub struct Config {
     pub lowercase: bool,
     pub strip_quotes: bool,
@@ -48,16 +48,6 @@ impl Default for Config {
 #[derive(Clone, Debug, Default)]
 pub struct CaptionCleanup {
     config: Config,
-}
-
-/// serde_json's message without its ` at line L column C` suffix: the JSON is the host's
-/// conversion of the user's TOML table, so positions in it would only mislead.
-fn json_error(e: &serde_json::Error) -> String {
-    let m = e.to_string();
-    match m.rfind(" at line ") {
-        Some(i) if e.line() > 0 => m[..i].to_string(),
-        _ => m,
-    }
 }
 
 /// Quote pairs removed when they wrap the whole caption.
@@ -124,13 +114,7 @@ impl Plugin for CaptionCleanup {
     }
 
     fn configure(&mut self, params_json: &str) -> PluginResult<()> {
-        let text = params_json.trim();
-        let config: Config = if text.is_empty() || text == "null" {
-            Config::default()
-        } else {
-            serde_json::from_str(text)
-                .map_err(|e| PluginError::Invalid(format!("{NAME}: bad [plugin.{NAME}] table: {}", json_error(&e))))?
-        };
+        let config: Config = cogvx_plugin_api::parse_params(NAME, params_json)?;
         if config.max_words == Some(0) {
             return Err(PluginError::Invalid(format!(
                 "{NAME}: [plugin.{NAME}] max_words = 0 would empty every caption; remove it or set a positive number"

@@ -104,28 +104,13 @@ impl FrameSkip {
     }
 }
 
-/// serde_json's message without its ` at line L column C` suffix: the JSON is the host's
-/// conversion of the user's TOML table, so positions in it would only mislead.
-fn json_error(e: &serde_json::Error) -> String {
-    let m = e.to_string();
-    match m.rfind(" at line ") {
-        Some(i) if e.line() > 0 => m[..i].to_string(),
-        _ => m,
-    }
-}
-
 fn invalid(msg: String) -> PluginError {
     PluginError::Invalid(format!("{NAME}: {msg}"))
 }
 
 /// Parses the `[plugin.frame_skip]` table given as JSON (empty or `null` means all defaults).
 pub fn parse_config(params_json: &str) -> PluginResult<Config> {
-    let text = params_json.trim();
-    let config: Config = if text.is_empty() || text == "null" {
-        Config::default()
-    } else {
-        serde_json::from_str(text).map_err(|e| invalid(format!("bad [plugin.{NAME}] table: {}", json_error(&e))))?
-    };
+    let config: Config = cogvx_plugin_api::parse_params(NAME, params_json)?;
     if !(config.fps.is_finite() && config.fps > 0.0) {
         return Err(invalid(format!("[plugin.{NAME}] fps = {} must be a positive number of frames per second", config.fps)));
     }

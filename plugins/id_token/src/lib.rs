@@ -65,16 +65,6 @@ impl IdToken {
     }
 }
 
-/// serde_json's message without its ` at line L column C` suffix: the JSON is the host's
-/// conversion of the user's TOML table, so positions in it would only mislead.
-fn json_error(e: &serde_json::Error) -> String {
-    let m = e.to_string();
-    match m.rfind(" at line ") {
-        Some(i) if e.line() > 0 => m[..i].to_string(),
-        _ => m,
-    }
-}
-
 fn invalid(msg: String) -> PluginError {
     PluginError::Invalid(format!("{NAME}: {msg}"))
 }
@@ -103,11 +93,7 @@ fn validate(mut config: Config) -> PluginResult<Config> {
 
 /// Parses and validates the `[plugin.id_token]` table given as JSON.
 pub fn parse_config(params_json: &str) -> PluginResult<Config> {
-    let text = params_json.trim();
-    let text = if text.is_empty() || text == "null" { "{}" } else { text };
-    let config: Config =
-        serde_json::from_str(text).map_err(|e| invalid(format!("bad [plugin.{NAME}] table: {}", json_error(&e))))?;
-    validate(config)
+    validate(cogvx_plugin_api::parse_params(NAME, params_json)?)
 }
 
 /// Whether `text` contains `token` as a whole word (see the crate docs).
