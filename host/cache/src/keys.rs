@@ -37,7 +37,11 @@ impl PluginId {
             })?;
             canonical(&v)
         };
-        Ok(PluginId { name: name.into(), version: version.into(), params })
+        Ok(PluginId {
+            name: name.into(),
+            version: version.into(),
+            params,
+        })
     }
 }
 
@@ -63,11 +67,17 @@ impl KeyHasher {
 /// sha256 (hex) of a file's bytes, streamed.
 pub fn file_sha256(path: &Path) -> Result<String, CacheError> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+    let mut f = std::fs::File::open(path).map_err(|source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+        let n = f.read(&mut buf).map_err(|source| CacheError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if n == 0 {
             break;
         }
@@ -82,31 +92,57 @@ pub fn file_sha256(path: &Path) -> Result<String, CacheError> {
 pub fn component_identity(dir: &Path, extra: &[&Path]) -> Result<String, CacheError> {
     let mut k = KeyHasher::new("cogvx-cache/component/1");
     let list = |d: &Path| -> Result<Vec<std::path::PathBuf>, CacheError> {
-        let rd = std::fs::read_dir(d).map_err(|source| CacheError::Io { path: d.to_path_buf(), source })?;
-        let mut v: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+        let rd = std::fs::read_dir(d).map_err(|source| CacheError::Io {
+            path: d.to_path_buf(),
+            source,
+        })?;
+        let mut v: Vec<_> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
         v.sort();
         Ok(v)
     };
     let files = list(dir)?;
-    if !files.iter().any(|p| p.file_name().is_some_and(|n| n == "config.json")) {
+    if !files
+        .iter()
+        .any(|p| p.file_name().is_some_and(|n| n == "config.json"))
+    {
         return Err(CacheError::Input(format!(
             "{}: no config.json; expected a diffusers model component folder",
             dir.display()
         )));
     }
     for p in files {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         if name.ends_with(".json") {
-            let bytes = std::fs::read(&p).map_err(|source| CacheError::Io { path: p.clone(), source })?;
+            let bytes = std::fs::read(&p).map_err(|source| CacheError::Io {
+                path: p.clone(),
+                source,
+            })?;
             k.field(name.as_bytes()).field(&bytes);
         } else if name.ends_with(".safetensors") || name.ends_with(".bin") {
-            let len = std::fs::metadata(&p).map_err(|source| CacheError::Io { path: p.clone(), source })?.len();
+            let len = std::fs::metadata(&p)
+                .map_err(|source| CacheError::Io {
+                    path: p.clone(),
+                    source,
+                })?
+                .len();
             k.field(name.as_bytes()).field(&len.to_le_bytes());
         }
     }
     for d in extra {
         for p in list(d)? {
-            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             k.field(name.as_bytes()).field(file_sha256(&p)?.as_bytes());
         }
     }
@@ -125,7 +161,10 @@ impl ModelIdentity {
     pub fn of(model_dir: &Path) -> Result<Self, CacheError> {
         Ok(ModelIdentity {
             vae: component_identity(&model_dir.join("vae"), &[])?,
-            text: component_identity(&model_dir.join("text_encoder"), &[&model_dir.join("tokenizer")])?,
+            text: component_identity(
+                &model_dir.join("text_encoder"),
+                &[&model_dir.join("tokenizer")],
+            )?,
         })
     }
 }
@@ -143,13 +182,23 @@ pub struct LatentContext<'a> {
 }
 
 /// The latent entry key of one sample.
-pub fn latent_key(ctx: &LatentContext<'_>, video_sha: &str, image_sha: Option<&str>, range: Option<FrameRange>) -> String {
+pub fn latent_key(
+    ctx: &LatentContext<'_>,
+    video_sha: &str,
+    image_sha: Option<&str>,
+    range: Option<FrameRange>,
+) -> String {
     let mut k = KeyHasher::new("cogvx-cache/latent/1");
     k.field(video_sha.as_bytes());
     k.field(image_sha.unwrap_or("-").as_bytes());
     k.field(format!("{:?}", range.map(|r| (r.start, r.end))).as_bytes());
-    k.field(serde_json::to_string(ctx.transforms).unwrap_or_default().as_bytes());
-    k.field(ctx.vae.as_bytes()).field(ctx.vae_options.as_bytes());
+    k.field(
+        serde_json::to_string(ctx.transforms)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    k.field(ctx.vae.as_bytes())
+        .field(ctx.vae_options.as_bytes());
     let r = ctx.resolution;
     k.field(format!("{}x{}x{}", r.frames, r.height, r.width).as_bytes());
     k.field(&ctx.seed.to_le_bytes());
@@ -170,7 +219,9 @@ pub fn sample_seed(base: u64, video_sha: &str, range: Option<FrameRange>) -> u64
 /// The prompt entry key: final caption, text-encoder identity, max length.
 pub fn prompt_key(caption: &str, text_identity: &str, max_length: usize) -> String {
     let mut k = KeyHasher::new("cogvx-cache/prompt/1");
-    k.field(caption.as_bytes()).field(text_identity.as_bytes()).field(&(max_length as u64).to_le_bytes());
+    k.field(caption.as_bytes())
+        .field(text_identity.as_bytes())
+        .field(&(max_length as u64).to_le_bytes());
     k.finish()
 }
 
@@ -187,7 +238,10 @@ fn canonical(v: &serde_json::Value) -> String {
                 .collect();
             format!("{{{}}}", parts.join(","))
         }
-        Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -198,13 +252,26 @@ mod tests {
 
     #[test]
     fn params_are_canonical_and_keys_separate_fields() {
-        let a = PluginId::new("crop_resize", "0.1.0", r#"{"b": 1, "a": {"y": [1, 2], "x": null}}"#).unwrap();
-        let b = PluginId::new("crop_resize", "0.1.0", r#"{"a":{"x":null,"y":[1,2]},"b":1}"#).unwrap();
+        let a = PluginId::new(
+            "crop_resize",
+            "0.1.0",
+            r#"{"b": 1, "a": {"y": [1, 2], "x": null}}"#,
+        )
+        .unwrap();
+        let b = PluginId::new(
+            "crop_resize",
+            "0.1.0",
+            r#"{"a":{"x":null,"y":[1,2]},"b":1}"#,
+        )
+        .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.params, r#"{"a":{"x":null,"y":[1,2]},"b":1}"#);
         assert_eq!(PluginId::new("p", "1", "  ").unwrap().params, "null");
         let err = PluginId::new("p", "1", "{oops").unwrap_err().to_string();
-        assert!(err.contains("params of plugin `p` are not valid JSON"), "{err}");
+        assert!(
+            err.contains("params of plugin `p` are not valid JSON"),
+            "{err}"
+        );
         // Length-prefixed fields: moving a byte across a boundary changes the key.
         assert_ne!(prompt_key("ab", "c", 226), prompt_key("a", "bc", 226));
         assert_ne!(prompt_key("a", "t", 226), prompt_key("a", "t", 128));
@@ -222,7 +289,11 @@ mod tests {
         std::fs::write(vae.join("diffusion_pytorch_model.safetensors"), [0u8; 16]).unwrap();
         let a = component_identity(&vae, &[]).unwrap();
         std::fs::write(vae.join("diffusion_pytorch_model.safetensors"), [1u8; 16]).unwrap();
-        assert_eq!(component_identity(&vae, &[]).unwrap(), a, "weights are identified by name and size");
+        assert_eq!(
+            component_identity(&vae, &[]).unwrap(),
+            a,
+            "weights are identified by name and size"
+        );
         std::fs::write(vae.join("diffusion_pytorch_model.safetensors"), [1u8; 17]).unwrap();
         let b = component_identity(&vae, &[]).unwrap();
         assert_ne!(b, a);

@@ -165,21 +165,35 @@ pub struct Plan {
 impl Plan {
     /// Latent entries to compute.
     pub fn latents_to_encode(&self) -> usize {
-        let mut keys: Vec<&str> = self.samples.iter().filter(|s| !s.latent_ready).map(|s| s.sample.latent.as_str()).collect();
+        let mut keys: Vec<&str> = self
+            .samples
+            .iter()
+            .filter(|s| !s.latent_ready)
+            .map(|s| s.sample.latent.as_str())
+            .collect();
         keys.sort();
         keys.dedup();
         keys.len()
     }
     /// Prompt entries to compute.
     pub fn prompts_to_encode(&self) -> usize {
-        let mut keys: Vec<&str> = self.samples.iter().filter(|s| !s.prompt_ready).map(|s| s.sample.prompt.as_str()).collect();
+        let mut keys: Vec<&str> = self
+            .samples
+            .iter()
+            .filter(|s| !s.prompt_ready)
+            .map(|s| s.sample.prompt.as_str())
+            .collect();
         keys.sort();
         keys.dedup();
         keys.len()
     }
     /// `prepare` has work to do (an entry to compute, or the index to rewrite).
     pub fn is_stale(&self) -> bool {
-        !self.index_current || self.samples.iter().any(|s| !s.latent_ready || !s.prompt_ready)
+        !self.index_current
+            || self
+                .samples
+                .iter()
+                .any(|s| !s.latent_ready || !s.prompt_ready)
     }
 }
 
@@ -214,7 +228,11 @@ fn list_samples(root: &Path, chain: &mut Chain<'_>) -> Result<Vec<Sample>, Cache
     match chain.reader.as_mut() {
         Some(reader) => reader.list_samples(&root.to_string_lossy()).map_err(|e| {
             let name = reader.info().name;
-            CacheError::Dataset(vec![Problem::new(root, None, format!("dataset reader `{name}`: {e}"))])
+            CacheError::Dataset(vec![Problem::new(
+                root,
+                None,
+                format!("dataset reader `{name}`: {e}"),
+            )])
         }),
         None => {
             let layout = read_layout(root);
@@ -304,7 +322,9 @@ pub fn plan(
     for sample in &samples {
         let (file, line) = origin_location(data_root, sample);
         let keyed = (|| -> Result<IndexSample, String> {
-            let caption = chain.rewrite_prompt(&sample.caption)?.replace(['\n', '\r'], " ");
+            let caption = chain
+                .rewrite_prompt(&sample.caption)?
+                .replace(['\n', '\r'], " ");
             if caption.trim().is_empty() {
                 return Err("the prompt rewriters left an empty caption".into());
             }
@@ -329,9 +349,15 @@ pub fn plan(
         })();
         match keyed {
             Ok(s) => {
-                let latent_ready = validate_latent(&latent_path(cache, &s.latent), &s.latent, s.image).is_ok();
-                let prompt_ready = validate_prompt(&prompt_path(cache, &s.prompt), &s.prompt).is_ok();
-                planned.push(PlannedSample { sample: s, latent_ready, prompt_ready });
+                let latent_ready =
+                    validate_latent(&latent_path(cache, &s.latent), &s.latent, s.image).is_ok();
+                let prompt_ready =
+                    validate_prompt(&prompt_path(cache, &s.prompt), &s.prompt).is_ok();
+                planned.push(PlannedSample {
+                    sample: s,
+                    latent_ready,
+                    prompt_ready,
+                });
             }
             Err(m) => failed.push(Problem::new(file, line, m)),
         }
@@ -348,7 +374,12 @@ pub fn plan(
         samples: planned.iter().map(|p| p.sample.clone()).collect(),
     };
     let index_current = read_index(cache).map(|i| i == index).unwrap_or(false);
-    Ok(Plan { index, samples: planned, failed, index_current })
+    Ok(Plan {
+        index,
+        samples: planned,
+        failed,
+        index_current,
+    })
 }
 
 /// Deterministic standard-normal noise: SplitMix64 uniforms through Box-Muller.
@@ -378,8 +409,16 @@ pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
 /// Frames (RGB8, `[F, H, W, 3]`) as the VAE's input `[1, 3, F, H, W]` in [-1, 1]
 /// (`x / 255 * 2 - 1`, as the official dataset's transform).
 pub fn frames_to_video<B: Backend>(frames: &Frames, device: &B::Device) -> Tensor<B, 5> {
-    let (f, h, w) = (frames.count as usize, frames.height as usize, frames.width as usize);
-    let data: Vec<f32> = frames.rgb.iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect();
+    let (f, h, w) = (
+        frames.count as usize,
+        frames.height as usize,
+        frames.width as usize,
+    );
+    let data: Vec<f32> = frames
+        .rgb
+        .iter()
+        .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
+        .collect();
     Tensor::<B, 4>::from_data(TensorData::new(data, [f, h, w, 3]), device)
         .permute([3, 0, 1, 2])
         .unsqueeze_dim(0)
@@ -396,7 +435,11 @@ pub fn encode_latent<B: Backend>(
     let dist = vae.encode(video, options)?;
     let dims = dist.mean.dims();
     let n = dims.iter().product();
-    let noise = Tensor::<B, 1>::from_data(TensorData::new(gaussian_noise(seed, n), [n]), &dist.mean.device()).reshape(dims);
+    let noise = Tensor::<B, 1>::from_data(
+        TensorData::new(gaussian_noise(seed, n), [n]),
+        &dist.mean.device(),
+    )
+    .reshape(dims);
     let z = vae.scale_latents(dist.sample_with(noise));
     to_host(z.squeeze_dim::<4>(0))
 }
@@ -469,12 +512,20 @@ fn conditioning_image(
             let plan = TransformPlan {
                 frames: vec![0],
                 crop,
-                resize: Some(Size { width: frames.width, height: frames.height }),
+                resize: Some(Size {
+                    width: frames.width,
+                    height: frames.height,
+                }),
                 filter: pre.plan.filter,
             };
             let got = reader.read(&plan).map_err(|e| e.to_string())?;
             if got.count < 1 || (got.width, got.height) != (frames.width, frames.height) {
-                return Err(format!("{}: image decoded to {}x{}, expected {w}x{h}", path.display(), got.width, got.height));
+                return Err(format!(
+                    "{}: image decoded to {}x{}, expected {w}x{h}",
+                    path.display(),
+                    got.width,
+                    got.height
+                ));
             }
             got.rgb[..w * h * 3].to_vec()
         }
@@ -507,9 +558,23 @@ pub fn prepare<B: Backend>(
     options: &PrepareOptions,
     device: &B::Device,
 ) -> Result<Summary, CacheError> {
-    let planned = plan(cache, data_root, model_dir, chain, transform_params, options)?;
-    for d in [cache.to_path_buf(), cache.join("latents"), cache.join("prompts")] {
-        std::fs::create_dir_all(&d).map_err(|source| CacheError::Io { path: d.clone(), source })?;
+    let planned = plan(
+        cache,
+        data_root,
+        model_dir,
+        chain,
+        transform_params,
+        options,
+    )?;
+    for d in [
+        cache.to_path_buf(),
+        cache.join("latents"),
+        cache.join("prompts"),
+    ] {
+        std::fs::create_dir_all(&d).map_err(|source| CacheError::Io {
+            path: d.clone(),
+            source,
+        })?;
     }
     let mut summary = Summary {
         samples: planned.samples.len() + planned.failed.len(),
@@ -518,26 +583,40 @@ pub fn prepare<B: Backend>(
         ..Default::default()
     };
     let samples = list_samples(data_root, chain)?;
-    let by_origin: BTreeMap<&str, &Sample> = samples.iter().map(|s| (s.origin.as_str(), s)).collect();
+    let by_origin: BTreeMap<&str, &Sample> =
+        samples.iter().map(|s| (s.origin.as_str(), s)).collect();
     let mut encoders: Option<Encoders<B>> = None;
     let load = |enc: &mut Option<Encoders<B>>| -> Result<(), CacheError> {
         if enc.is_none() {
-            tracing::info!("loading the VAE and text encoder from {}", model_dir.display());
-            let (vae, config) = AutoencoderKLCogVideoX::<B>::from_dir(&model_dir.join("vae"), device)?;
+            tracing::info!(
+                "loading the VAE and text encoder from {}",
+                model_dir.display()
+            );
+            let (vae, config) =
+                AutoencoderKLCogVideoX::<B>::from_dir(&model_dir.join("vae"), device)?;
             let text = PromptEncoder::<B>::load(model_dir, device)?;
-            *enc = Some(Encoders { vae_options: vae_options_for(options, &config), vae, text });
+            *enc = Some(Encoders {
+                vae_options: vae_options_for(options, &config),
+                vae,
+                text,
+            });
         }
         Ok(())
     };
     let bar = if options.progress {
         ProgressBar::new(planned.samples.len() as u64)
     } else {
-        ProgressBar::with_draw_target(Some(planned.samples.len() as u64), ProgressDrawTarget::hidden())
+        ProgressBar::with_draw_target(
+            Some(planned.samples.len() as u64),
+            ProgressDrawTarget::hidden(),
+        )
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} prepare [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} prepare [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let mut done_latents = std::collections::BTreeSet::new();
     let mut done_prompts = std::collections::BTreeSet::new();
@@ -552,7 +631,12 @@ pub fn prepare<B: Backend>(
             None => (data_root.to_path_buf(), None),
         };
         let result = (|| -> Result<(), String> {
-            let sample = sample.ok_or_else(|| format!("sample {} vanished from the dataset while preparing", s.origin))?;
+            let sample = sample.ok_or_else(|| {
+                format!(
+                    "sample {} vanished from the dataset while preparing",
+                    s.origin
+                )
+            })?;
             // Latent.
             if p.latent_ready || done_latents.contains(&s.latent) {
                 if !done_latents.contains(&s.latent) {
@@ -562,8 +646,14 @@ pub fn prepare<B: Backend>(
             } else {
                 let started = std::time::Instant::now();
                 let video = resolve_in_root(data_root, &sample.video)?;
-                let pre = cogvx_video::preprocess_clip(&video, sample.frames, &mut transforms, options.resolution, s.seed)
-                    .map_err(|e| e.to_string())?;
+                let pre = cogvx_video::preprocess_clip(
+                    &video,
+                    sample.frames,
+                    &mut transforms,
+                    options.resolution,
+                    s.seed,
+                )
+                .map_err(|e| e.to_string())?;
                 let r = options.resolution;
                 let f = &pre.frames;
                 if (f.count, f.height, f.width) != (r.frames, r.height, r.width) {
@@ -582,8 +672,13 @@ pub fn prepare<B: Backend>(
                 load(&mut encoders).map_err(|e| e.to_string())?;
                 let enc = encoders.as_ref().expect("loaded");
                 let x = frames_to_video::<B>(&pre.frames, device);
-                let latent = encode_latent(&enc.vae, x.clone(), s.seed, &enc.vae_options).map_err(|e| e.to_string())?;
-                let want = [(r.frames as usize - 1) / 4 + 1, r.height as usize / 8, r.width as usize / 8];
+                let latent = encode_latent(&enc.vae, x.clone(), s.seed, &enc.vae_options)
+                    .map_err(|e| e.to_string())?;
+                let want = [
+                    (r.frames as usize - 1) / 4 + 1,
+                    r.height as usize / 8,
+                    r.width as usize / 8,
+                ];
                 let latent = if enc.vae_options.tiling.is_some() && latent.shape[1..] != want {
                     // diffusers' tiled encode keeps `tile_latent_stride` rows per tile without
                     // cropping the total: for frames not much larger than a tile (tiny test
@@ -594,7 +689,10 @@ pub fn prepare<B: Backend>(
                         r.height,
                         r.width
                     );
-                    let whole = VaeOptions { tiling: None, ..enc.vae_options };
+                    let whole = VaeOptions {
+                        tiling: None,
+                        ..enc.vae_options
+                    };
                     encode_latent(&enc.vae, x, s.seed, &whole).map_err(|e| e.to_string())?
                 } else {
                     latent
@@ -612,7 +710,8 @@ pub fn prepare<B: Backend>(
                 if let Some(i) = &image {
                     tensors.push(("image", i));
                 }
-                store::write_entry(&latent_path(cache, &s.latent), &s.latent, &tensors).map_err(|e| e.to_string())?;
+                store::write_entry(&latent_path(cache, &s.latent), &s.latent, &tensors)
+                    .map_err(|e| e.to_string())?;
                 tracing::info!(
                     "{} -> latent {:?} ({:.2} s)",
                     video.display(),
@@ -633,11 +732,20 @@ pub fn prepare<B: Backend>(
                 let enc = encoders.as_ref().expect("loaded");
                 let emb = enc
                     .text
-                    .encode(&[s.caption.as_str()], options.max_sequence_length, 1, device)
+                    .encode(
+                        &[s.caption.as_str()],
+                        options.max_sequence_length,
+                        1,
+                        device,
+                    )
                     .map_err(|e| e.to_string())?;
                 let emb = to_host(emb.squeeze_dim::<2>(0)).map_err(|e| e.to_string())?;
-                store::write_entry(&prompt_path(cache, &s.prompt), &s.prompt, &[("prompt_embedding", &emb)])
-                    .map_err(|e| e.to_string())?;
+                store::write_entry(
+                    &prompt_path(cache, &s.prompt),
+                    &s.prompt,
+                    &[("prompt_embedding", &emb)],
+                )
+                .map_err(|e| e.to_string())?;
                 tracing::debug!("prompt {:?} -> {:?}", s.caption, emb.shape);
                 summary.encoded_prompts += 1;
                 done_prompts.insert(s.prompt.clone());
@@ -647,7 +755,11 @@ pub fn prepare<B: Backend>(
         match result {
             Ok(()) => kept.push(s.clone()),
             Err(m) => {
-                tracing::error!("{}{}: {m}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default());
+                tracing::error!(
+                    "{}{}: {m}",
+                    file.display(),
+                    line.map(|l| format!(":{l}")).unwrap_or_default()
+                );
                 summary.failed.push(Problem::new(file, line, m));
             }
         }
@@ -656,7 +768,8 @@ pub fn prepare<B: Backend>(
     bar.finish_and_clear();
     let mut index = planned.index;
     index.samples = kept;
-    let json = serde_json::to_vec_pretty(&index).map_err(|e| CacheError::Input(format!("cannot serialize the index: {e}")))?;
+    let json = serde_json::to_vec_pretty(&index)
+        .map_err(|e| CacheError::Input(format!("cannot serialize the index: {e}")))?;
     store::write_atomically(&summary.index, &json)?;
     tracing::info!(
         "prepare: {} samples, latents {} encoded / {} reused, prompts {} encoded / {} reused, {} failed",
@@ -673,7 +786,10 @@ pub fn prepare<B: Backend>(
 /// Reads `<cache>/index.json`.
 pub fn read_index(cache: &Path) -> Result<Index, CacheError> {
     let path = cache.join(INDEX);
-    let bytes = std::fs::read(&path).map_err(|source| CacheError::Io { path: path.clone(), source })?;
+    let bytes = std::fs::read(&path).map_err(|source| CacheError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let index: Index = serde_json::from_slice(&bytes).map_err(|e| CacheError::Entry {
         path: path.clone(),
         message: format!("not a cache index: {e}; run `cogvx prepare` again"),
@@ -681,25 +797,49 @@ pub fn read_index(cache: &Path) -> Result<Index, CacheError> {
     if index.format != INDEX_FORMAT {
         return Err(CacheError::Entry {
             path,
-            message: format!("index format {:?}, this build reads {INDEX_FORMAT:?}; run `cogvx prepare` again", index.format),
+            message: format!(
+                "index format {:?}, this build reads {INDEX_FORMAT:?}; run `cogvx prepare` again",
+                index.format
+            ),
         });
     }
     Ok(index)
 }
 
-fn validate_latent(path: &Path, key: &str, image: bool) -> Result<BTreeMap<String, HostTensor>, CacheError> {
+fn validate_latent(
+    path: &Path,
+    key: &str,
+    image: bool,
+) -> Result<BTreeMap<String, HostTensor>, CacheError> {
     let t = store::read_entry(path, key)?;
-    let bad = |m: String| CacheError::Entry { path: path.to_path_buf(), message: m };
+    let bad = |m: String| CacheError::Entry {
+        path: path.to_path_buf(),
+        message: m,
+    };
     match t.get("latent") {
         Some(l) if l.shape.len() == 4 => {}
-        Some(l) => return Err(bad(format!("tensor `latent` has shape {:?}, expected [C, F, h, w]", l.shape))),
+        Some(l) => {
+            return Err(bad(format!(
+                "tensor `latent` has shape {:?}, expected [C, F, h, w]",
+                l.shape
+            )))
+        }
         None => return Err(bad("no tensor `latent`".into())),
     }
     if image {
         match t.get("image") {
             Some(i) if i.shape.len() == 3 && i.shape[0] == 3 => {}
-            Some(i) => return Err(bad(format!("tensor `image` has shape {:?}, expected [3, H, W]", i.shape))),
-            None => return Err(bad("no tensor `image` (an I2V entry needs the conditioning image)".into())),
+            Some(i) => {
+                return Err(bad(format!(
+                    "tensor `image` has shape {:?}, expected [3, H, W]",
+                    i.shape
+                )))
+            }
+            None => {
+                return Err(bad(
+                    "no tensor `image` (an I2V entry needs the conditioning image)".into(),
+                ))
+            }
         }
     }
     Ok(t)
@@ -711,9 +851,15 @@ fn validate_prompt(path: &Path, key: &str) -> Result<HostTensor, CacheError> {
         Some(p) if p.shape.len() == 2 => Ok(p),
         Some(p) => Err(CacheError::Entry {
             path: path.to_path_buf(),
-            message: format!("tensor `prompt_embedding` has shape {:?}, expected [L, D]", p.shape),
+            message: format!(
+                "tensor `prompt_embedding` has shape {:?}, expected [L, D]",
+                p.shape
+            ),
         }),
-        None => Err(CacheError::Entry { path: path.to_path_buf(), message: "no tensor `prompt_embedding`".into() }),
+        None => Err(CacheError::Entry {
+            path: path.to_path_buf(),
+            message: "no tensor `prompt_embedding`".into(),
+        }),
     }
 }
 
@@ -759,7 +905,10 @@ impl Cache {
     /// and the image size. Errors name the file.
     pub fn get(&self, i: usize) -> Result<Entry, CacheError> {
         let s = self.index.samples.get(i).ok_or_else(|| {
-            CacheError::Input(format!("sample {i} out of range: the cache has {} samples", self.len()))
+            CacheError::Input(format!(
+                "sample {i} out of range: the cache has {} samples",
+                self.len()
+            ))
         })?;
         let lp = latent_path(&self.dir, &s.latent);
         let mut t = validate_latent(&lp, &s.latent, s.image)?;
@@ -795,7 +944,45 @@ impl Cache {
                 ),
             });
         }
-        Ok(Entry { sample: s.clone(), latent, prompt_embedding, image })
+        Ok(Entry {
+            sample: s.clone(),
+            latent,
+            prompt_embedding,
+            image,
+        })
+    }
+
+    /// Removes entry files the index does not reference and temporary files left by an
+    /// interrupted write; returns the paths removed. The cache holds one index: entries of
+    /// another configuration prepared into the same folder are removed too.
+    pub fn prune(&self) -> Result<Vec<PathBuf>, CacheError> {
+        let mut keep = std::collections::BTreeSet::new();
+        for s in &self.index.samples {
+            keep.insert(latent_path(&self.dir, &s.latent));
+            keep.insert(prompt_path(&self.dir, &s.prompt));
+        }
+        let mut removed = Vec::new();
+        for sub in ["latents", "prompts"] {
+            let d = self.dir.join(sub);
+            let rd = match std::fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(CacheError::Io { path: d, source }),
+            };
+            for e in rd.filter_map(|e| e.ok()) {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = name.ends_with(".safetensors") || name.contains(".tmp-");
+                if p.is_file() && ours && !keep.contains(&p) {
+                    std::fs::remove_file(&p).map_err(|source| CacheError::Io {
+                        path: p.clone(),
+                        source,
+                    })?;
+                    removed.push(p);
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// All samples in index order, each loaded and validated on demand.
@@ -814,11 +1001,18 @@ mod tests {
         assert_eq!(a.len(), 20001);
         assert_eq!(a, gaussian_noise(3, 20001));
         assert_ne!(a[..10], gaussian_noise(4, 10)[..]);
-        assert_eq!(a[..10], gaussian_noise(3, 10)[..], "a prefix does not depend on the length");
+        assert_eq!(
+            a[..10],
+            gaussian_noise(3, 10)[..],
+            "a prefix does not depend on the length"
+        );
         let n = a.len() as f64;
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
     }
 
     #[test]
@@ -830,27 +1024,49 @@ mod tests {
         assert_eq!(validate_prompt(&p, "k1").unwrap(), t);
         // Wrong key (a file moved or copied under another name).
         let e = validate_prompt(&p, "k2").unwrap_err().to_string();
-        assert!(e.contains("x.safetensors") && e.contains("does not match"), "{e}");
+        assert!(
+            e.contains("x.safetensors") && e.contains("does not match"),
+            "{e}"
+        );
         // Wrong rank.
         let bad = HostTensor::new(vec![6], t.data.clone());
         store::write_entry(&p, "k1", &[("prompt_embedding", &bad)]).unwrap();
-        assert!(validate_prompt(&p, "k1").unwrap_err().to_string().contains("expected [L, D]"));
+        assert!(validate_prompt(&p, "k1")
+            .unwrap_err()
+            .to_string()
+            .contains("expected [L, D]"));
         // A latent entry without its I2V image.
         let l = HostTensor::new(vec![1, 1, 1, 1], vec![0.5]);
         store::write_entry(&p, "k3", &[("latent", &l)]).unwrap();
         assert!(validate_latent(&p, "k3", false).is_ok());
-        assert!(validate_latent(&p, "k3", true).unwrap_err().to_string().contains("no tensor `image`"));
+        assert!(validate_latent(&p, "k3", true)
+            .unwrap_err()
+            .to_string()
+            .contains("no tensor `image`"));
         // Not a safetensors file at all; a missing file.
         std::fs::write(&p, b"garbage").unwrap();
-        assert!(validate_latent(&p, "k3", false).unwrap_err().to_string().contains("not a valid safetensors file"));
+        assert!(validate_latent(&p, "k3", false)
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid safetensors file"));
         assert!(validate_latent(&d.path().join("nope"), "k", false).is_err());
     }
 
     #[test]
     fn resolutions_are_checked() {
-        assert!(check_resolution(Resolution { frames: 9, height: 64, width: 96 }).is_ok());
+        assert!(check_resolution(Resolution {
+            frames: 9,
+            height: 64,
+            width: 96
+        })
+        .is_ok());
         for r in [(10, 64, 96), (9, 60, 96), (9, 64, 0), (0, 64, 96)] {
-            let e = check_resolution(Resolution { frames: r.0, height: r.1, width: r.2 }).unwrap_err();
+            let e = check_resolution(Resolution {
+                frames: r.0,
+                height: r.1,
+                width: r.2,
+            })
+            .unwrap_err();
             assert!(e.to_string().contains("8N+1"), "{e}");
         }
     }

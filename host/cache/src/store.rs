@@ -31,14 +31,20 @@ impl HostTensor {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> CacheError {
-    CacheError::Io { path: path.to_path_buf(), source }
+    CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A hidden temporary path next to `dest`, unique in this process.
 fn temp_path(dest: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
@@ -70,7 +76,11 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
 
 /// Serializes `tensors` (f32) with `key` and a content checksum in the header, and writes
 /// the file atomically.
-pub fn write_entry(path: &Path, key: &str, tensors: &[(&str, &HostTensor)]) -> Result<(), CacheError> {
+pub fn write_entry(
+    path: &Path,
+    key: &str,
+    tensors: &[(&str, &HostTensor)],
+) -> Result<(), CacheError> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, t)| (n.to_string(), f32_bytes(&t.data), t.shape.clone()))
@@ -108,14 +118,23 @@ pub fn write_entry(path: &Path, key: &str, tensors: &[(&str, &HostTensor)]) -> R
 /// its header key equals `key`, every tensor is f32 and the checksum matches. Returns the
 /// tensors by name.
 pub fn read_entry(path: &Path, key: &str) -> Result<BTreeMap<String, HostTensor>, CacheError> {
-    let bad = |message: String| CacheError::Entry { path: path.to_path_buf(), message };
+    let bad = |message: String| CacheError::Entry {
+        path: path.to_path_buf(),
+        message,
+    };
     let buf = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let st = SafeTensors::deserialize(&buf)
-        .map_err(|e| bad(format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| bad(format!("unreadable header: {e}")))?;
+    let st = SafeTensors::deserialize(&buf).map_err(|e| {
+        bad(format!(
+            "not a valid safetensors file (truncated or corrupt?): {e}"
+        ))
+    })?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&buf).map_err(|e| bad(format!("unreadable header: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(ENTRY_FORMAT) {
-        return Err(bad(format!("not a cogvx cache entry (header `format` is not `{ENTRY_FORMAT}`)")));
+        return Err(bad(format!(
+            "not a cogvx cache entry (header `format` is not `{ENTRY_FORMAT}`)"
+        )));
     }
     if meta.get("key").map(String::as_str) != Some(key) {
         return Err(bad(format!(
@@ -128,14 +147,23 @@ pub fn read_entry(path: &Path, key: &str) -> Result<BTreeMap<String, HostTensor>
     let mut h = Sha256::new();
     let mut out = BTreeMap::new();
     for n in names {
-        let v = st.tensor(&n).map_err(|e| bad(format!("tensor `{n}`: {e}")))?;
+        let v = st
+            .tensor(&n)
+            .map_err(|e| bad(format!("tensor `{n}`: {e}")))?;
         if v.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor `{n}` is {:?}, expected F32", v.dtype())));
+            return Err(bad(format!(
+                "tensor `{n}` is {:?}, expected F32",
+                v.dtype()
+            )));
         }
         h.update(n.as_bytes());
         h.update(format!("{:?}", v.shape()).as_bytes());
         h.update(v.data());
-        let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         out.insert(n, HostTensor::new(v.shape().to_vec(), data));
     }
     if meta.get("sha256").map(String::as_str) != Some(hex(&h.finalize()).as_str()) {
@@ -157,7 +185,11 @@ pub fn read_entry_unchecked(buf: &[u8]) -> Result<BTreeMap<String, HostTensor>, 
         if v.dtype() != Dtype::F32 {
             return Err(format!("tensor `{n}` is {:?}, expected F32", v.dtype()));
         }
-        let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         out.insert(n, HostTensor::new(v.shape().to_vec(), data));
     }
     Ok(out)

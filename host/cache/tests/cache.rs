@@ -9,14 +9,24 @@ use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_plugin_api::{Frames, Plugin, Resolution};
 use cogvx_plugin_crop_resize::CropResize;
 
-const RES: Resolution = Resolution { frames: 9, height: 64, width: 96 };
+const RES: Resolution = Resolution {
+    frames: 9,
+    height: 64,
+    width: 96,
+};
 
 fn model_dir() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models/cogvideox-2b-tiny"));
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/models/cogvideox-2b-tiny"
+    ));
     if p.is_dir() {
         Some(p)
     } else {
-        eprintln!("SKIPPED: {} is absent (the shared reference data sits next to the repo)", p.display());
+        eprintln!(
+            "SKIPPED: {} is absent (the shared reference data sits next to the repo)",
+            p.display()
+        );
         None
     }
 }
@@ -37,33 +47,71 @@ fn clip_n(w: u32, h: u32, salt: u32, n: u32) -> Frames {
             }
         }
     }
-    Frames { width: w, height: h, count: n, rgb }
+    Frames {
+        width: w,
+        height: h,
+        count: n,
+        rgb,
+    }
 }
 
 /// A dataset of two clips (160x96, cropped and resized to 96x64 by crop_resize).
 fn dataset(dir: &Path) {
     std::fs::create_dir_all(dir.join("videos")).unwrap();
     for (i, name) in ["a.mp4", "b.mp4"].iter().enumerate() {
-        let opts = cogvx_video::EncodeOptions { crf: 0, preset: "ultrafast".into() };
-        cogvx_video::encode_mp4(dir.join("videos").join(name), &clip(160, 96, i as u32), 8.0, &opts).unwrap();
+        let opts = cogvx_video::EncodeOptions {
+            crf: 0,
+            preset: "ultrafast".into(),
+        };
+        cogvx_video::encode_mp4(
+            dir.join("videos").join(name),
+            &clip(160, 96, i as u32),
+            8.0,
+            &opts,
+        )
+        .unwrap();
     }
     std::fs::write(dir.join("videos.txt"), "videos/a.mp4\nvideos/b.mp4\n").unwrap();
     std::fs::write(dir.join("prompts.txt"), "a red gradient\na blue gradient\n").unwrap();
 }
 
 fn options() -> PrepareOptions {
-    PrepareOptions { progress: false, ..PrepareOptions::new(RES) }
+    PrepareOptions {
+        progress: false,
+        ..PrepareOptions::new(RES)
+    }
 }
 
-fn run(cache: &Path, root: &Path, model: &Path, params: &str, opts: &PrepareOptions) -> cogvx_cache::Summary {
+fn run(
+    cache: &Path,
+    root: &Path,
+    model: &Path,
+    params: &str,
+    opts: &PrepareOptions,
+) -> cogvx_cache::Summary {
     let mut cr = CropResize::default();
     cr.configure(params).unwrap();
     let mut chain = Chain::new();
     chain.video_transforms.push(&mut cr);
-    prepare::<CpuBackend>(cache, root, model, &mut chain, &[params.to_string()], opts, &CpuDevice::default()).unwrap()
+    prepare::<CpuBackend>(
+        cache,
+        root,
+        model,
+        &mut chain,
+        &[params.to_string()],
+        opts,
+        &CpuDevice::default(),
+    )
+    .unwrap()
 }
 
-fn planned(cache: &Path, root: &Path, model: &Path, params: &str, opts: &PrepareOptions) -> cogvx_cache::Plan {
+fn planned(
+    cache: &Path,
+    root: &Path,
+    model: &Path,
+    params: &str,
+    opts: &PrepareOptions,
+) -> cogvx_cache::Plan {
     let mut cr = CropResize::default();
     cr.configure(params).unwrap();
     let mut chain = Chain::new();
@@ -85,7 +133,15 @@ fn prepare_reuses_and_invalidates_only_what_changed() {
 
     let s = run(&cache, &root, &model, "{}", &opts);
     assert!(s.failed.is_empty(), "{:?}", s.failed);
-    assert_eq!((s.encoded_latents, s.encoded_prompts, s.reused_latents, s.reused_prompts), (2, 2, 0, 0));
+    assert_eq!(
+        (
+            s.encoded_latents,
+            s.encoded_prompts,
+            s.reused_latents,
+            s.reused_prompts
+        ),
+        (2, 2, 0, 0)
+    );
 
     // Loader: shapes as the trainer needs them.
     let c = Cache::open(&cache).unwrap();
@@ -102,27 +158,73 @@ fn prepare_reuses_and_invalidates_only_what_changed() {
     let p = planned(&cache, &root, &model, " { } ", &opts);
     assert!(!p.is_stale());
     let s = run(&cache, &root, &model, "{}", &opts);
-    assert_eq!((s.encoded_latents, s.encoded_prompts, s.reused_latents, s.reused_prompts), (0, 0, 2, 2));
+    assert_eq!(
+        (
+            s.encoded_latents,
+            s.encoded_prompts,
+            s.reused_latents,
+            s.reused_prompts
+        ),
+        (0, 0, 2, 2)
+    );
 
     // Edit one caption: only that prompt is recomputed.
-    std::fs::write(root.join("prompts.txt"), "a red gradient\na green gradient\n").unwrap();
+    std::fs::write(
+        root.join("prompts.txt"),
+        "a red gradient\na green gradient\n",
+    )
+    .unwrap();
     let p = planned(&cache, &root, &model, "{}", &opts);
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (0, 1));
     let s = run(&cache, &root, &model, "{}", &opts);
-    assert_eq!((s.encoded_latents, s.encoded_prompts, s.reused_latents, s.reused_prompts), (0, 1, 2, 1));
-    assert_eq!(read_index(&cache).unwrap().samples[1].caption, "a green gradient");
+    assert_eq!(
+        (
+            s.encoded_latents,
+            s.encoded_prompts,
+            s.reused_latents,
+            s.reused_prompts
+        ),
+        (0, 1, 2, 1)
+    );
+    assert_eq!(
+        read_index(&cache).unwrap().samples[1].caption,
+        "a green gradient"
+    );
 
     // Edit one video: only its latent.
-    let opts0 = cogvx_video::EncodeOptions { crf: 0, preset: "ultrafast".into() };
+    let opts0 = cogvx_video::EncodeOptions {
+        crf: 0,
+        preset: "ultrafast".into(),
+    };
     cogvx_video::encode_mp4(root.join("videos/b.mp4"), &clip(160, 96, 7), 8.0, &opts0).unwrap();
     let p = planned(&cache, &root, &model, "{}", &opts);
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (1, 0));
+
+    // Pruning removes the superseded prompt entry (and stray temporary files), nothing in use.
+    std::fs::write(cache.join("latents/.x.safetensors.tmp-1-0"), b"half").unwrap();
+    let removed = Cache::open(&cache).unwrap().prune().unwrap();
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    let s = run(&cache, &root, &model, "{}", &opts);
+    assert_eq!(
+        (s.encoded_latents, s.encoded_prompts),
+        (1, 0),
+        "only the edited video"
+    );
 
     // A plugin setting changes every latent, no prompt.
     let p = planned(&cache, &root, &model, r#"{"filter": "bilinear"}"#, &opts);
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (2, 0));
     // So does the base seed.
-    let p = planned(&cache, &root, &model, "{}", &PrepareOptions { seed: 7, ..options() });
+    let p = planned(
+        &cache,
+        &root,
+        &model,
+        "{}",
+        &PrepareOptions {
+            seed: 7,
+            ..options()
+        },
+    );
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (2, 0));
 }
 
@@ -135,15 +237,22 @@ fn corrupt_or_truncated_entries_are_detected_and_recomputed() {
     let opts = options();
     run(&cache, &root, &model, "{}", &opts);
     let index = read_index(&cache).unwrap();
-    let latent = cache.join("latents").join(format!("{}.safetensors", index.samples[0].latent));
-    let prompt = cache.join("prompts").join(format!("{}.safetensors", index.samples[1].prompt));
+    let latent = cache
+        .join("latents")
+        .join(format!("{}.safetensors", index.samples[0].latent));
+    let prompt = cache
+        .join("prompts")
+        .join(format!("{}.safetensors", index.samples[1].prompt));
     let good = std::fs::read(&latent).unwrap();
 
     // Truncated latent: the loader names the file, plan and prepare recompute it.
     std::fs::write(&latent, &good[..good.len() / 2]).unwrap();
     let err = Cache::open(&cache).unwrap().get(0).unwrap_err();
     assert!(matches!(err, CacheError::Entry { .. }));
-    assert!(err.to_string().contains(&latent.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&latent.display().to_string()),
+        "{err}"
+    );
     let p = planned(&cache, &root, &model, "{}", &opts);
     assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (1, 0));
     let s = run(&cache, &root, &model, "{}", &opts);
@@ -153,7 +262,10 @@ fn corrupt_or_truncated_entries_are_detected_and_recomputed() {
         cogvx_cache::store::read_entry_unchecked(&std::fs::read(&latent).unwrap()).unwrap(),
     );
     // (The files' bytes may differ only in the header's metadata order.)
-    assert!(before["latent"] == after["latent"], "the recomputed latent differs (it is seeded)");
+    assert!(
+        before["latent"] == after["latent"],
+        "the recomputed latent differs (it is seeded)"
+    );
 
     // A flipped byte in the tensor data (a valid safetensors file): the checksum catches it.
     let mut bytes = std::fs::read(&prompt).unwrap();
@@ -183,7 +295,10 @@ fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() 
     let d = tempfile::tempdir().unwrap();
     let (root, cache) = (d.path().join("data"), d.path().join("cache"));
     dataset(&root);
-    let opts = PrepareOptions { i2v: true, ..options() };
+    let opts = PrepareOptions {
+        i2v: true,
+        ..options()
+    };
     let s = run(&cache, &root, &model, "{}", &opts);
     assert!(s.failed.is_empty(), "{:?}", s.failed);
     let c = Cache::open(&cache).unwrap();
@@ -193,33 +308,60 @@ fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() 
     let device = CpuDevice::default();
     let mut cr = CropResize::default();
     let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut cr as &mut dyn Plugin]);
-    let pre = cogvx_video::preprocess_clip(&root.join("videos/a.mp4"), None, &mut transforms, RES, e.sample.seed).unwrap();
-    let (vae, cfg) = cogvx_vae::AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&model.join("vae"), &device).unwrap();
+    let pre = cogvx_video::preprocess_clip(
+        &root.join("videos/a.mp4"),
+        None,
+        &mut transforms,
+        RES,
+        e.sample.seed,
+    )
+    .unwrap();
+    let (vae, cfg) =
+        cogvx_vae::AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&model.join("vae"), &device)
+            .unwrap();
     // The official options are tiling + slicing; at 64x96 the tiny model's tiled encode gives 9
     // latent rows (diffusers' tiling does not crop), so the cache falls back to a whole-frame encode.
-    let tiled = cogvx_vae::VaeOptions { tiling: Some(cogvx_vae::Tiling::for_config(&cfg)), slicing: true };
+    let tiled = cogvx_vae::VaeOptions {
+        tiling: Some(cogvx_vae::Tiling::for_config(&cfg)),
+        slicing: true,
+    };
     let x = cogvx_cache::frames_to_video::<CpuBackend>(&pre.frames, &device);
     assert_eq!(vae.encode(x, &tiled).unwrap().mean.dims(), [1, 4, 3, 9, 12]);
-    let vopts = cogvx_vae::VaeOptions { tiling: None, slicing: true };
+    let vopts = cogvx_vae::VaeOptions {
+        tiling: None,
+        slicing: true,
+    };
     let x = cogvx_cache::frames_to_video::<CpuBackend>(&pre.frames, &device);
     let dist = vae.encode(x, &vopts).unwrap();
     let dims = dist.mean.dims();
     let noise = cogvx_cache::gaussian_noise(e.sample.seed, dims.iter().product());
-    let noise = burn::tensor::Tensor::<CpuBackend, 1>::from_data(burn::tensor::TensorData::new(noise, [dims.iter().product::<usize>()]), &device).reshape(dims);
-    let want: Vec<f32> = ((dist.mean.clone() + (dist.logvar.clone() * 0.5).exp() * noise) * cfg.scaling_factor)
+    let noise = burn::tensor::Tensor::<CpuBackend, 1>::from_data(
+        burn::tensor::TensorData::new(noise, [dims.iter().product::<usize>()]),
+        &device,
+    )
+    .reshape(dims);
+    let want: Vec<f32> = ((dist.mean.clone() + (dist.logvar.clone() * 0.5).exp() * noise)
+        * cfg.scaling_factor)
         .into_data()
         .to_vec()
         .unwrap();
     assert_eq!(e.latent.data, want);
     // The posterior sample is not the mean: the noise is really there.
-    let mean: Vec<f32> = (dist.mean * cfg.scaling_factor).into_data().to_vec().unwrap();
+    let mean: Vec<f32> = (dist.mean * cfg.scaling_factor)
+        .into_data()
+        .to_vec()
+        .unwrap();
     assert!(mean.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-4));
 
     // I2V without images.txt: the first preprocessed frame, [3, H, W] in [-1, 1].
     let img = e.image.expect("i2v entry has an image");
     assert_eq!(img.shape, vec![3, 64, 96]);
     let (h, w) = (64usize, 96usize);
-    for (i, px) in pre.frames.rgb[..h * w * 3].chunks_exact(3).enumerate().step_by(97) {
+    for (i, px) in pre.frames.rgb[..h * w * 3]
+        .chunks_exact(3)
+        .enumerate()
+        .step_by(97)
+    {
         for (ch, &v) in px.iter().enumerate() {
             assert_eq!(img.data[ch * h * w + i], v as f32 / 255.0 * 2.0 - 1.0);
         }
@@ -234,14 +376,23 @@ fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() 
     png.save(root.join("b.png")).unwrap();
     std::fs::write(root.join("images.txt"), "a.png\nb.png\n").unwrap();
     let p = planned(&cache, &root, &model, "{}", &opts);
-    assert_eq!((p.latents_to_encode(), p.prompts_to_encode()), (2, 0), "a new image invalidates the latent entry");
+    assert_eq!(
+        (p.latents_to_encode(), p.prompts_to_encode()),
+        (2, 0),
+        "a new image invalidates the latent entry"
+    );
     let s = run(&cache, &root, &model, "{}", &opts);
     assert_eq!((s.encoded_latents, s.encoded_prompts), (2, 0));
     let img = Cache::open(&cache).unwrap().get(0).unwrap().image.unwrap();
     // Center crop of 160x96 to 3:2 is x in [8, 152); the blue channel is constant 200.
-    assert!(img.data[2 * h * w..].iter().all(|&v| (v - (200.0 / 255.0 * 2.0 - 1.0)).abs() < 0.02));
+    assert!(img.data[2 * h * w..]
+        .iter()
+        .all(|&v| (v - (200.0 / 255.0 * 2.0 - 1.0)).abs() < 0.02));
     let red_left = img.data[0];
-    assert!(red_left > -1.0 + 2.0 * 6.0 / 255.0 && red_left < -1.0 + 2.0 * 12.0 / 255.0, "{red_left}");
+    assert!(
+        red_left > -1.0 + 2.0 * 6.0 / 255.0 && red_left < -1.0 + 2.0 * 12.0 / 255.0,
+        "{red_left}"
+    );
 }
 
 #[test]
@@ -250,28 +401,71 @@ fn bad_samples_are_reported_and_left_out_of_the_index() {
     let d = tempfile::tempdir().unwrap();
     let (root, cache) = (d.path().join("data"), d.path().join("cache"));
     dataset(&root);
-    let opts0 = cogvx_video::EncodeOptions { crf: 0, preset: "ultrafast".into() };
-    cogvx_video::encode_mp4(root.join("videos/long.mp4"), &clip_n(160, 96, 3, 12), 8.0, &opts0).unwrap();
-    std::fs::write(root.join("videos.txt"), "videos/a.mp4\nvideos/long.mp4\nvideos/missing.mp4\n").unwrap();
+    let opts0 = cogvx_video::EncodeOptions {
+        crf: 0,
+        preset: "ultrafast".into(),
+    };
+    cogvx_video::encode_mp4(
+        root.join("videos/long.mp4"),
+        &clip_n(160, 96, 3, 12),
+        8.0,
+        &opts0,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("videos.txt"),
+        "videos/a.mp4\nvideos/long.mp4\nvideos/missing.mp4\n",
+    )
+    .unwrap();
     std::fs::write(root.join("prompts.txt"), "one\ntwo\nthree\n").unwrap();
     let s = run(&cache, &root, &model, "{}", &options());
     assert_eq!(s.samples, 3);
     assert_eq!((s.encoded_latents, s.encoded_prompts), (1, 1));
     assert_eq!(s.failed.len(), 2, "{:?}", s.failed);
     let msgs: Vec<String> = s.failed.iter().map(|p| p.to_string()).collect();
-    assert!(msgs.iter().any(|m| m.contains("videos.txt:2") && m.contains("the chain gives 12x64x96")), "{msgs:?}");
-    assert!(msgs.iter().any(|m| m.contains("videos.txt:3") && m.contains("missing.mp4")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("videos.txt:2") && m.contains("the chain gives 12x64x96")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("videos.txt:3") && m.contains("missing.mp4")),
+        "{msgs:?}"
+    );
     let c = Cache::open(&cache).unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c.index.samples[0].caption, "one");
 
     // Bad arguments are refused before any work.
     let mut chain = Chain::new();
-    let err = plan(&cache, &root, &model, &mut chain, &["{}".to_string()], &options()).unwrap_err();
-    assert!(err.to_string().contains("1 params strings given for 0 video-transform plugins"), "{err}");
-    let bad = PrepareOptions { resolution: Resolution { frames: 8, height: 64, width: 96 }, ..options() };
+    let err = plan(
+        &cache,
+        &root,
+        &model,
+        &mut chain,
+        &["{}".to_string()],
+        &options(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("1 params strings given for 0 video-transform plugins"),
+        "{err}"
+    );
+    let bad = PrepareOptions {
+        resolution: Resolution {
+            frames: 8,
+            height: 64,
+            width: 96,
+        },
+        ..options()
+    };
     assert!(plan(&cache, &root, &model, &mut chain, &[], &bad).is_err());
-    assert!(Cache::open(d.path()).unwrap_err().to_string().contains("index.json"));
+    assert!(Cache::open(d.path())
+        .unwrap_err()
+        .to_string()
+        .contains("index.json"));
 }
 
 #[test]
@@ -279,18 +473,37 @@ fn noisy_image_latents_follow_the_official_train_step() {
     let Some(model) = model_dir() else { return };
     use burn::tensor::{Distribution, Tensor};
     let device = CpuDevice::default();
-    let (vae, cfg) = cogvx_vae::AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&model.join("vae"), &device).unwrap();
+    let (vae, cfg) =
+        cogvx_vae::AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&model.join("vae"), &device)
+            .unwrap();
     let opts = cogvx_vae::VaeOptions::default();
-    let images = Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Uniform(-1.0, 1.0), &device);
-    let noise = Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Normal(0.0, 1.0), &device);
-    let eps = Tensor::<CpuBackend, 5>::random([2, 4, 1, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+    let images =
+        Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Uniform(-1.0, 1.0), &device);
+    let noise =
+        Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Normal(0.0, 1.0), &device);
+    let eps =
+        Tensor::<CpuBackend, 5>::random([2, 4, 1, 4, 6], Distribution::Normal(0.0, 1.0), &device);
     let log_sigma = Tensor::<CpuBackend, 1>::from_floats([-3.0, -2.5], &device);
-    let got = cogvx_cache::noisy_image_latents(&vae, images.clone(), log_sigma, noise.clone(), |_| eps.clone(), &opts).unwrap();
+    let got = cogvx_cache::noisy_image_latents(
+        &vae,
+        images.clone(),
+        log_sigma,
+        noise.clone(),
+        |_| eps.clone(),
+        &opts,
+    )
+    .unwrap();
     // By hand: images + noise * exp(log_sigma), as one-frame videos, posterior sample, * scaling_factor.
-    let sigma = Tensor::<CpuBackend, 1>::from_floats([(-3.0f32).exp(), (-2.5f32).exp()], &device).reshape([2, 1, 1, 1]);
-    let dist = vae.encode((images + noise * sigma).unsqueeze_dim::<5>(2), &opts).unwrap();
+    let sigma = Tensor::<CpuBackend, 1>::from_floats([(-3.0f32).exp(), (-2.5f32).exp()], &device)
+        .reshape([2, 1, 1, 1]);
+    let dist = vae
+        .encode((images + noise * sigma).unsqueeze_dim::<5>(2), &opts)
+        .unwrap();
     let want = (dist.mean + (dist.logvar * 0.5).exp() * eps) * cfg.scaling_factor;
     assert_eq!(got.dims(), [2, 4, 1, 4, 6]);
-    let (g, w): (Vec<f32>, Vec<f32>) = (got.into_data().to_vec().unwrap(), want.into_data().to_vec().unwrap());
+    let (g, w): (Vec<f32>, Vec<f32>) = (
+        got.into_data().to_vec().unwrap(),
+        want.into_data().to_vec().unwrap(),
+    );
     assert_eq!(g, w);
 }
