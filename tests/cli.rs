@@ -138,6 +138,14 @@ fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
     assert_eq!(rows.len(), 9, "{stdout}");
     assert!(rows.iter().all(|r| r.trim_end().ends_with("ok")), "{stdout}");
 
+    // The LoRA training step (loss, grad norm, every gradient, the weights after AdamW).
+    let out = cogvx(&["parity", cases.to_str().unwrap(), "--filter", "train_step_lora"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" train_step_lora ")).collect();
+    assert_eq!(rows.len(), 5 * 34, "{stdout}");
+    assert!(rows.iter().all(|r| r.trim_end().ends_with("ok")), "{stdout}");
+
     // A case whose expected output was tampered with must fail the run.
     let dir = tempfile::tempdir().unwrap();
     let bad_cases = dir.path().join("cases");

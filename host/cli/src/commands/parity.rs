@@ -1,6 +1,8 @@
 //! `cogvx parity DIR`: diffusers parity cases, one table, exit 0 only if all that ran passed.
 
 use anyhow::{anyhow, Result};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
 use cogvx_engine::parity::{all_passed, case_files, ParityRunner, Row, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -11,11 +13,19 @@ use std::process::ExitCode;
 pub fn run(dir: &Path, filter: Option<&str>) -> Result<ExitCode> {
     #[cfg(feature = "cuda")]
     if std::env::var("COGVX_DEVICE").is_ok_and(|d| d == "cuda") {
-        let runner = ParityRunner::<cogvx_model_core::CudaBackend>::new(cogvx_model_core::CudaDevice::default());
+        let runner = runner::<cogvx_model_core::CudaBackend>(cogvx_model_core::CudaDevice::default());
         return report(dir, filter, |p| runner.run_file(p));
     }
-    let runner = ParityRunner::<cogvx_model_core::CpuBackend>::new(cogvx_model_core::CpuDevice::default());
+    let runner = runner::<cogvx_model_core::CpuBackend>(cogvx_model_core::CpuDevice::default());
     report(dir, filter, |p| runner.run_file(p))
+}
+
+/// The engine's runner plus the training step (`train_step_lora`), which runs on `B` with autodiff.
+fn runner<B: Backend>(device: B::Device) -> ParityRunner<B> {
+    ParityRunner::<B>::new(device).with_component(
+        "train_step_lora",
+        Box::new(|case, device| cogvx_train::run_case::<Autodiff<B>>(case, device).map_err(|e| e.to_string())),
+    )
 }
 
 fn report(dir: &Path, filter: Option<&str>, run_file: impl Fn(&Path) -> Vec<Row>) -> Result<ExitCode> {
