@@ -69,14 +69,17 @@ fn encode_prompts_repeats_per_video_and_matches_forward() {
     let once = once.into_data().to_vec::<f32>().unwrap();
     let twice = twice.into_data().to_vec::<f32>().unwrap();
     let row = 16 * 32;
-    assert_eq!(twice[..row], once[..row]);
-    assert_eq!(twice[row..2 * row], once[..row]);
-    assert_eq!(twice[2 * row..3 * row], once[row..]);
+    // Equal up to float reassociation: the batch size may change how a backend blocks its matmuls.
+    let close = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+    assert!(close(&twice[..row], &once[..row]));
+    assert!(close(&twice[row..2 * row], &once[..row]));
+    assert!(close(&twice[2 * row..3 * row], &once[row..]));
+    assert!(!close(&twice[..row], &once[row..]), "the two prompts must give different embeddings");
     // Same as running forward on the tokenizer's ids directly.
     let ids = pe.tokenizer.encode_batch(&prompts, 16).unwrap();
     let flat: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
     let direct = pe.encoder.forward(Tensor::<CpuBackend, 2, Int>::from_data(TensorData::new(flat, [2, 16]), &dev));
-    assert_eq!(direct.into_data().to_vec::<f32>().unwrap(), once);
+    assert!(close(&direct.into_data().to_vec::<f32>().unwrap(), &once));
 }
 
 #[test]
