@@ -165,27 +165,15 @@ pub struct Plan {
 impl Plan {
     /// Latent entries to compute.
     pub fn latents_to_encode(&self) -> usize {
-        let mut keys: Vec<&str> = self
-            .samples
-            .iter()
-            .filter(|s| !s.latent_ready)
-            .map(|s| s.sample.latent.as_str())
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys.len()
+        self.distinct_pending(|s| (!s.latent_ready).then_some(s.sample.latent.as_str()))
     }
     /// Prompt entries to compute.
     pub fn prompts_to_encode(&self) -> usize {
-        let mut keys: Vec<&str> = self
-            .samples
-            .iter()
-            .filter(|s| !s.prompt_ready)
-            .map(|s| s.sample.prompt.as_str())
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys.len()
+        self.distinct_pending(|s| (!s.prompt_ready).then_some(s.sample.prompt.as_str()))
+    }
+    /// The number of distinct entry keys `pending` returns (samples may share an entry).
+    fn distinct_pending<'a>(&'a self, pending: impl Fn(&'a PlannedSample) -> Option<&'a str>) -> usize {
+        self.samples.iter().filter_map(pending).collect::<std::collections::BTreeSet<&str>>().len()
     }
     /// `prepare` has work to do (an entry to compute, or the index to rewrite).
     pub fn is_stale(&self) -> bool {
