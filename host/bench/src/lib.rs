@@ -1,0 +1,1 @@
+//! # cogvx-bench (work in progress).

@@ -1,0 +1,1 @@
+//! # cogvx-metrics (work in progress).

@@ -1,0 +1,1 @@
+//! # cogvx-trainer: the training loop (work in progress).
