@@ -8,6 +8,8 @@
 //!   the base weights frozen; adapter parameters, gradients and updates by PEFT name.
 //! * [`loss`]: the finetune's `compute_loss` (T2V and I2V, CogVideoX 1.0 and 1.5).
 //! * [`optim`]: `clip_grad_norm_` (global norm) and AdamW with PyTorch semantics.
+//! * [`sft`]: full fine-tuning of every transformer weight (the finetune's `training_type = "sft"`),
+//!   with the same name -> tensor interface as the adapters; [`TrainMode`] switches between them.
 //! * [`export`]: `pytorch_lora_weights.safetensors` as diffusers' `save_lora_weights` writes it.
 //! * [`train_step`] ties them together; [`run_case`] runs the `train_step_lora` parity cases.
 
@@ -16,6 +18,7 @@ pub mod error;
 pub mod export;
 pub mod loss;
 pub mod optim;
+pub mod sft;
 
 pub use adapters::{
     adapter_grads, adapter_tensors, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
@@ -25,6 +28,7 @@ pub use error::TrainError;
 pub use export::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
 pub use loss::{compute_loss, model_latents, noise_shape, NoiseDraw, TrainBatch};
 pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig, HostAdamState};
+pub use sft::{checkpoint_shapes, enable_full_training, full_grads, full_host_values, full_param_shapes, full_values, set_full_values, TrainMode};
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
@@ -48,16 +52,39 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     batch: &TrainBatch<B>,
     draw: &NoiseDraw<B>,
 ) -> Result<(f64, InnerTensors<B>), TrainError> {
+    loss_and_grads_for(TrainMode::Adapter, model, schedule, batch, draw)
+}
+
+/// The loss of one batch and the gradient of every parameter `mode` trains.
+pub fn loss_and_grads_for<B: AutodiffBackend>(
+    mode: TrainMode,
+    model: &mut CogVideoXTransformer3DModel<B>,
+    schedule: &NoiseSchedule,
+    batch: &TrainBatch<B>,
+    draw: &NoiseDraw<B>,
+) -> Result<(f64, InnerTensors<B>), TrainError> {
     let loss = compute_loss(model, schedule, batch, draw)?;
     let grads = loss.backward();
     let value: f64 = loss.inner().into_scalar().elem::<f64>();
-    Ok((value, adapter_grads(model, &grads)))
+    Ok((value, mode.grads(model, &grads)))
 }
 
 /// Clips `grads` to `max_grad_norm` (global norm; `None`: no clipping), takes one AdamW step at
-/// learning rate `lr` and writes the new values into the model. Returns the total gradient norm
-/// before clipping.
+/// learning rate `lr` and writes the new values into the model's adapter. Returns the total
+/// gradient norm before clipping.
 pub fn apply_update<B: AutodiffBackend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+    grads: InnerTensors<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    lr: f64,
+    max_grad_norm: Option<f64>,
+) -> Result<f64, TrainError> {
+    apply_update_for(TrainMode::Adapter, model, grads, optimizer, lr, max_grad_norm)
+}
+
+/// [`apply_update`] for the parameters `mode` trains.
+pub fn apply_update_for<B: AutodiffBackend>(
+    mode: TrainMode,
     model: &mut CogVideoXTransformer3DModel<B>,
     mut grads: InnerTensors<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
@@ -68,9 +95,11 @@ pub fn apply_update<B: AutodiffBackend>(
         Some(max) => clip_grad_norm(&mut grads, max)?,
         None => total_grad_norm(&grads),
     };
-    let mut params = trainable_values(model);
+    let mut params = mode.values(model);
     optimizer.step(lr, &mut params, &grads)?;
-    set_adapter_values(model, &params)?;
+    // Only the updated parameters are written back (as torch, those without a gradient stay).
+    params.retain(|name, _| grads.contains_key(name));
+    mode.set_values(model, &params)?;
     Ok(grad_norm)
 }
 
@@ -84,7 +113,7 @@ pub struct StepOutput<B: AutodiffBackend> {
     pub grads: InnerTensors<B>,
 }
 
-/// One optimisation step: loss, gradients, global-norm clipping, AdamW.
+/// One optimisation step of the adapter: loss, gradients, global-norm clipping, AdamW.
 pub fn train_step<B: AutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     schedule: &NoiseSchedule,
@@ -94,8 +123,23 @@ pub fn train_step<B: AutodiffBackend>(
     lr: f64,
     max_grad_norm: Option<f64>,
 ) -> Result<StepOutput<B>, TrainError> {
-    let (loss, grads) = loss_and_grads(model, schedule, batch, draw)?;
-    let grad_norm = apply_update(model, grads.clone(), optimizer, lr, max_grad_norm)?;
+    train_step_for(TrainMode::Adapter, model, schedule, batch, draw, optimizer, lr, max_grad_norm)
+}
+
+/// [`train_step`] for the parameters `mode` trains.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_for<B: AutodiffBackend>(
+    mode: TrainMode,
+    model: &mut CogVideoXTransformer3DModel<B>,
+    schedule: &NoiseSchedule,
+    batch: &TrainBatch<B>,
+    draw: &NoiseDraw<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    lr: f64,
+    max_grad_norm: Option<f64>,
+) -> Result<StepOutput<B>, TrainError> {
+    let (loss, grads) = loss_and_grads_for(mode, model, schedule, batch, draw)?;
+    let grad_norm = apply_update_for(mode, model, grads.clone(), optimizer, lr, max_grad_norm)?;
     Ok(StepOutput { loss, grad_norm, grads })
 }
 

@@ -201,3 +201,117 @@ fn bad_targets_and_batches_are_clear_errors() {
     let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
     assert!(e.contains("needs image latents"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// SFT (full fine-tuning)
+
+const VARIANTS: [&str; 5] = ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"];
+
+/// The SFT parameter names are the checkpoint's keys (all but the persistent buffer
+/// `patch_embed.pos_embedding` of 5B-I2V, which diffusers does not train), with the stored shapes.
+#[test]
+fn full_parameter_names_are_the_checkpoint_keys() {
+    let Some(root) = reference() else { return };
+    for variant in VARIANTS {
+        let dir = root.join(format!("models/{variant}-tiny/transformer"));
+        let model = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &CpuDevice::default()).unwrap();
+        let weights = cogvx_model_core::weights::Weights::open(&dir).unwrap();
+        let mut want: BTreeMap<String, Vec<usize>> = weights.keys().map(|k| (k.to_string(), weights.shape(k).unwrap())).collect();
+        let buffer = want.remove("patch_embed.pos_embedding");
+        assert_eq!(buffer.is_some(), model.config.use_learned_positional_embeddings, "{variant}");
+        assert_eq!(checkpoint_shapes(&model), want, "{variant}");
+        let values = full_values(&model);
+        assert_eq!(values.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{variant}");
+        let host: usize = full_host_values(&model).iter().map(|(_, _, d)| d.len()).sum();
+        assert_eq!(host, burn::module::Module::num_params(&model), "{variant}: every parameter is listed");
+    }
+}
+
+#[test]
+fn one_sft_step_changes_every_weight() {
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-2b-tiny");
+    let dev = CpuDevice::default();
+    // Frozen first, as after an adapter run: enable_full_training makes everything trainable.
+    let model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+    let mut model = enable_full_training(model);
+    let schedule = load_schedule(&model_dir).unwrap();
+    let (batch, draw) = tiny_batch(&model, 11);
+    let before = TrainMode::Full.values(&mut model);
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 });
+    let s = train_step_for(TrainMode::Full, &mut model, &schedule, &batch, &draw, &mut opt, 1e-3, Some(1.0)).unwrap();
+    assert!(s.loss.is_finite() && s.grad_norm.is_finite() && s.grad_norm > 0.0, "{} {}", s.loss, s.grad_norm);
+    assert_eq!(s.grads.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>(), "every weight gets a gradient");
+    let after = full_values(&model);
+    for (name, b) in &before {
+        let (b, a) = (b.to_vec(), after[name].to_vec());
+        assert!(b.iter().zip(&a).any(|(x, y)| x != y), "{name} did not change");
+        // One AdamW step moves each element by at most lr (plus decay).
+        let max = b.iter().zip(&a).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max <= 1.01e-3 + 1e-4 * b.iter().fold(0f32, |m, x| m.max(x.abs())), "{name}: moved {max}");
+    }
+    assert_eq!(opt.state.len(), before.len());
+    // A second step lowers the loss on the same batch.
+    let s2 = train_step_for(TrainMode::Full, &mut model, &schedule, &batch, &draw, &mut opt, 1e-3, Some(1.0)).unwrap();
+    assert!(s2.loss < s.loss, "{} -> {}", s.loss, s2.loss);
+}
+
+/// The full gradient of a weight and the gradient of a zero-initialised LoRA on it agree:
+/// dL/dB = alpha/r * dL/dW A^T (so full_grads names the right tensors).
+#[test]
+fn full_gradients_agree_with_lora_gradients() {
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-5b-tiny");
+    let dev = CpuDevice::default();
+    let mut model = CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap();
+    inject_lora(&mut model, &AdapterSpec { rank: 2, alpha: 3.0, targets: vec!["to_v".into(), "ff.net.2".into()] }, &dev).unwrap();
+    let mut model = enable_full_training(model);
+    let schedule = load_schedule(&model_dir).unwrap();
+    let (batch, draw) = tiny_batch(&model, 5);
+    let loss = compute_loss(&model, &schedule, &batch, &draw).unwrap();
+    let grads = loss.backward();
+    let full = full_grads(&model, &grads);
+    let lora = adapter_grads(&mut model, &grads);
+    let values = trainable_values(&mut model);
+    assert!(full.keys().all(|k| !k.contains("lora")));
+    for layer in ["transformer_blocks.1.attn1.to_v", "transformer_blocks.0.ff.net.2"] {
+        let g = match &full[&format!("{layer}.weight")] {
+            AdapterTensor::Matrix(m) => m.clone(),
+            _ => panic!(),
+        };
+        let a = match &values[&format!("{layer}.lora_A.weight")] {
+            AdapterTensor::Matrix(m) => m.clone(),
+            _ => panic!(),
+        };
+        let want = g.matmul(a.transpose()).mul_scalar(1.5).into_data().to_vec::<f32>().unwrap();
+        let got = lora[&format!("{layer}.lora_B.weight")].to_vec();
+        let err = rel_l2(&got, &want);
+        assert!(err < 1e-4, "{layer}: {err:.2e}");
+    }
+}
+
+#[test]
+fn set_full_values_round_trips_and_refuses_bad_input() {
+    let Some(root) = reference() else { return };
+    let dev = CpuDevice::default();
+    let dir = root.join("models/cogvideox-2b-tiny/transformer");
+    let mut model = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &dev).unwrap();
+    let mut values = full_values(&model);
+    let key = "transformer_blocks.1.attn1.to_k.weight".to_string();
+    let shape = values[&key].shape();
+    let new: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| i as f32 * 0.01).collect();
+    // A flattened vector is accepted as well as the matrix.
+    values.insert(key.clone(), AdapterTensor::from_vec(&[new.len()], new.clone(), &dev).unwrap());
+    set_full_values(&mut model, &values).unwrap();
+    assert_eq!(full_values(&model)[&key].to_vec(), new);
+    assert_eq!(full_values(&model)[&key].shape(), shape);
+    assert!(model.transformer_blocks[1].attn1.to_k.weight.val().is_require_grad());
+
+    let bad = BTreeMap::from([("transformer_blocks.9.attn1.to_k.weight".to_string(), values[&key].clone())]);
+    let e = set_full_values(&mut model, &bad).unwrap_err().to_string();
+    assert!(e.contains("no transformer parameter named transformer_blocks.9.attn1.to_k.weight"), "{e}");
+    let bad = BTreeMap::from([(key.clone(), AdapterTensor::from_vec(&[2, 2], vec![0.0; 4], &dev).unwrap())]);
+    let e = set_full_values(&mut model, &bad).unwrap_err().to_string();
+    assert!(e.contains(&key) && e.contains("[2, 2]"), "{e}");
+    assert_eq!(full_values(&model)[&key].to_vec(), new, "a refused update changes nothing");
+}
