@@ -75,6 +75,9 @@ pub struct DataConfig {
     /// Base seed for per-sample randomness (random crops).
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Where `prepare` keeps the latent/prompt cache (default `<[train] output_dir>/cache`).
+    /// Entries are keyed by content, so one cache can serve several runs.
+    pub cache_dir: Option<PathBuf>,
 }
 
 fn default_resolution() -> Resolution {
@@ -100,8 +103,37 @@ impl Default for DataConfig {
             transforms: default_transforms(),
             rewriters: Vec::new(),
             seed: default_seed(),
+            cache_dir: None,
         }
     }
+}
+
+/// What a run trains: text-to-video or image-to-video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    T2v,
+    I2v,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::T2v => "t2v",
+            Task::I2v => "i2v",
+        })
+    }
+}
+
+/// `[model]`: the diffusers model folder.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The diffusers folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/), relative to the config file.
+    pub path: Option<PathBuf>,
+    /// `"t2v"` or `"i2v"`: checked against the folder before any work starts (optional).
+    pub task: Option<Task>,
 }
 
 /// `[wasm]`: sandbox limits of WebAssembly plugins.
@@ -137,6 +169,8 @@ pub struct Config {
     #[serde(default)]
     pub plugins: Vec<PathBuf>,
     #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
     pub data: DataConfig,
     #[serde(default)]
     pub wasm: WasmConfig,
@@ -161,6 +195,12 @@ impl Config {
             resolve(p);
         }
         if let Some(p) = config.data.validation_root.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = config.data.cache_dir.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = config.model.path.as_mut() {
             resolve(p);
         }
         Ok(config)

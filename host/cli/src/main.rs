@@ -31,6 +31,10 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", global = true)]
     pub data_root: Option<PathBuf>,
 
+    /// The diffusers model folder (overrides `[model] path`).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub model: Option<PathBuf>,
+
     /// The training resolution FRAMESxHEIGHTxWIDTH, e.g. 49x480x720 (overrides `[data] resolution`).
     #[arg(long, value_name = "FxHxW", global = true)]
     pub resolution: Option<Resolution>,
@@ -51,6 +55,16 @@ pub enum Command {
     Dataset {
         #[command(subcommand)]
         command: DatasetCommand,
+    },
+    /// Fill the latent/prompt cache: decode each clip, run the plugin chain, VAE-encode it and
+    /// T5-encode its caption. Entries are keyed by content (clip bytes, chain and its
+    /// parameters, model, resolution): only what changed is recomputed.
+    Prepare {
+        /// The dataset root (else --data-root or `[data] root`).
+        dir: Option<PathBuf>,
+        /// The cache folder (else `[data] cache_dir`, else `<[train] output_dir>/cache`).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
     },
     /// Run diffusers parity cases (a folder of `*.safetensors` case files) and print a table;
     /// exits 1 unless every case that ran passed.
@@ -134,6 +148,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plugins => commands::plugins::run(&settings),
         Command::Dataset { command: DatasetCommand::Check { dir } } => commands::dataset::check(&settings, dir),
         Command::Dataset { command: DatasetCommand::Preview { dir, out } } => commands::dataset::preview(&settings, dir, &out),
+        Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
         Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref()),
         Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
             commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)

@@ -4,11 +4,16 @@ pub mod bench;
 pub mod dataset;
 pub mod parity;
 pub mod plugins;
+pub mod prepare;
 
 use anyhow::{bail, Result};
+use cogvx_data::chain::Chain;
+use cogvx_plugin_api::{Plugin, PluginKind};
+use cogvx_plugin_host::{LoadedPlugin, Transport};
 use std::path::PathBuf;
 
 use crate::config::{Config, Resolution};
+use crate::plugins::take_chain;
 use crate::Cli;
 
 /// The config file merged with the CLI flags that override it.
@@ -27,6 +32,9 @@ impl Settings {
         if let Some(root) = &cli.data_root {
             config.data.root = Some(root.clone());
         }
+        if let Some(model) = &cli.model {
+            config.model.path = Some(model.clone());
+        }
         let resolution = cli.resolution.unwrap_or(config.data.resolution);
         config.data.resolution = resolution;
         Ok(Settings { config, cli_plugins: cli.plugins.clone(), resolution })
@@ -40,7 +48,52 @@ impl Settings {
         }
     }
 
+    /// The model folder: --model, else `[model] path`.
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        match &self.config.model.path {
+            Some(p) => Ok(p.clone()),
+            None => bail!("no model folder: pass --model DIR or set `[model] path` in the config (a diffusers CogVideoX folder)"),
+        }
+    }
+
+    /// The `[plugin.<name>]` JSON of each `[data] transforms` plugin, in chain order (what the
+    /// cache keys on).
+    pub fn transform_params(&self) -> Result<Vec<String>> {
+        self.config.data.transforms.iter().map(|name| self.config.plugin_params_json(name)).collect()
+    }
+
     pub fn registry(&self) -> Result<cogvx_plugin_host::Registry> {
         crate::plugins::build_registry(&self.config, &self.cli_plugins)
+    }
+}
+
+/// The plugins of the data chain, taken out of the registry for the duration of a command.
+pub struct ChainPlugins {
+    pub reader: Option<LoadedPlugin>,
+    pub rewriters: Vec<LoadedPlugin>,
+    pub transforms: Vec<LoadedPlugin>,
+}
+
+impl ChainPlugins {
+    /// Takes the reader, rewriters and transforms of `[data]` out of a fresh registry.
+    pub fn from_settings(settings: &Settings) -> Result<Self> {
+        let mut registry = settings.registry()?;
+        let data = &settings.config.data;
+        let mut readers = take_chain(&mut registry, &settings.config, std::slice::from_ref(&data.reader), PluginKind::DatasetReader, "[data] reader")?;
+        let reader = readers.pop().expect("one reader taken");
+        // The built-in finetune-layout reader is called directly, so its problems keep file and line.
+        let reader = (reader.transport() != Transport::BuiltIn || reader.name() != "finetune-layout").then_some(reader);
+        let rewriters = take_chain(&mut registry, &settings.config, &data.rewriters, PluginKind::PromptRewriter, "[data] rewriters")?;
+        let transforms = take_chain(&mut registry, &settings.config, &data.transforms, PluginKind::VideoTransform, "[data] transforms")?;
+        Ok(ChainPlugins { reader, rewriters, transforms })
+    }
+
+    /// The chain over the taken plugins.
+    pub fn chain(&mut self) -> Chain<'_> {
+        Chain {
+            reader: self.reader.as_mut().map(|p| p as &mut dyn Plugin),
+            prompt_rewriters: self.rewriters.iter_mut().map(|p| p as &mut dyn Plugin).collect(),
+            video_transforms: self.transforms.iter_mut().map(|p| p as &mut dyn Plugin).collect(),
+        }
     }
 }

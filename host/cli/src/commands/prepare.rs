@@ -1,0 +1,75 @@
+//! `cogvx prepare`: the latent/prompt cache (also run by `cogvx train` when it is stale).
+
+use anyhow::{anyhow, bail, Result};
+use cogvx_cache::{PrepareOptions, Summary};
+use cogvx_engine::ModelFolder;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::{ChainPlugins, Settings};
+use crate::config::Task;
+
+/// Opens the model folder and checks it against `[model] task`.
+pub fn open_model(settings: &Settings) -> Result<ModelFolder> {
+    let dir = settings.model_dir()?;
+    let folder = ModelFolder::open(&dir).map_err(|e| anyhow!("{e}"))?;
+    if let Some(task) = settings.config.model.task {
+        let is = if folder.variant.is_i2v() { Task::I2v } else { Task::T2v };
+        if task != is {
+            bail!(
+                "config `[model] task = \"{task}\"`, but {} is a {} model ({}): use a{} model folder or set task = \"{is}\"",
+                dir.display(),
+                is,
+                folder.variant,
+                if task == Task::I2v { "n image-to-video (…-I2V)" } else { " text-to-video" },
+            );
+        }
+    }
+    Ok(folder)
+}
+
+/// The cache folder: the flag, else `[data] cache_dir`, else `fallback`.
+pub fn cache_dir(settings: &Settings, flag: Option<PathBuf>, fallback: Option<PathBuf>) -> Result<PathBuf> {
+    flag.or_else(|| settings.config.data.cache_dir.clone())
+        .or(fallback)
+        .ok_or_else(|| anyhow!("no cache folder: pass --cache-dir DIR or set `[data] cache_dir` (or `[train] output_dir`) in the config"))
+}
+
+/// Prepares `cache` for the dataset at `root` with the model folder, the config's plugin chain
+/// and resolution. Problems with single samples are in the summary; structural ones are errors.
+pub fn prepare_cache(settings: &Settings, root: &Path, folder: &ModelFolder, cache: &Path) -> Result<Summary> {
+    let mut plugins = ChainPlugins::from_settings(settings)?;
+    let params = settings.transform_params()?;
+    let mut options = PrepareOptions::new(settings.resolution.into());
+    options.seed = settings.config.data.seed;
+    options.i2v = folder.variant.is_i2v();
+    options.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let device = cogvx_model_core::CpuDevice::default();
+    cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// Prints what `prepare` did; failed samples go to stderr.
+pub fn print_summary(summary: &Summary) {
+    println!(
+        "{} samples: latents {} encoded, {} reused; prompts {} encoded, {} reused; index {}",
+        summary.samples,
+        summary.encoded_latents,
+        summary.reused_latents,
+        summary.encoded_prompts,
+        summary.reused_prompts,
+        summary.index.display()
+    );
+    for p in &summary.failed {
+        eprintln!("left out: {p}");
+    }
+}
+
+pub fn run(settings: &Settings, dir: Option<PathBuf>, cache_flag: Option<PathBuf>) -> Result<ExitCode> {
+    let root = settings.data_root(dir)?;
+    let folder = open_model(settings)?;
+    let cache = cache_dir(settings, cache_flag, None)?;
+    let summary = prepare_cache(settings, &root, &folder, &cache)?;
+    print_summary(&summary);
+    Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
