@@ -55,10 +55,18 @@ pub enum MetricsError {
     /// A line of a JSONL metrics file is not a metrics record (not the torn last line of a
     /// killed run, which is skipped).
     #[error("{path}:{line}: {message}; fix or delete that line (the file is a cogvx metrics log, one JSON object per line)")]
-    Parse { path: PathBuf, line: usize, message: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     /// [`MetricsLog::log_event`] was given something that cannot be logged.
     #[error("cannot log event `{kind}` to {path}: {message}")]
-    Event { path: PathBuf, kind: String, message: String },
+    Event {
+        path: PathBuf,
+        kind: String,
+        message: String,
+    },
     /// The metrics file holds no step with a finite loss, so there is no curve to draw.
     #[error("{path} has no step record with a finite loss; nothing to plot")]
     NoSteps { path: PathBuf },
@@ -69,6 +77,10 @@ pub enum MetricsError {
 
 impl MetricsError {
     pub(crate) fn io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        MetricsError::Io { action, path: path.to_path_buf(), source }
+        MetricsError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }

@@ -82,7 +82,8 @@ impl MetricsLog {
     /// is not a metrics record.
     pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self, MetricsError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| MetricsError::io("cannot create the folder of", path, e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| MetricsError::io("cannot create the folder of", path, e))?;
         }
         let file = match resume_step {
             None => OpenOptions::new()
@@ -102,7 +103,10 @@ impl MetricsLog {
                     .map_err(|e| MetricsError::io("cannot open for appending", path, e))?
             }
         };
-        Ok(MetricsLog { path: path.to_path_buf(), file })
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// The file this log writes.
@@ -112,7 +116,11 @@ impl MetricsLog {
 
     /// Appends one step record as `{"type":"step","step":..,"epoch":..,"loss":..,...}`.
     pub fn log(&mut self, r: &StepRecord) -> Result<(), MetricsError> {
-        let line = serde_json::to_string(&Tagged { kind: "step", body: r }).expect("a StepRecord always serialises");
+        let line = serde_json::to_string(&Tagged {
+            kind: "step",
+            body: r,
+        })
+        .expect("a StepRecord always serialises");
         self.append(line)
     }
 
@@ -120,27 +128,56 @@ impl MetricsLog {
     /// (`kind = "validation"`, `fields = {"prompt": .., "video": .., "video_metrics.flicker": ..}`).
     /// `fields` must be a JSON object (or `null` for none) without the keys `type` and `step`;
     /// `kind` must not be empty nor `"step"` (reserved for [`StepRecord`]s).
-    pub fn log_event(&mut self, kind: &str, step: u64, fields: serde_json::Value) -> Result<(), MetricsError> {
-        let bad = |message: String| MetricsError::Event { path: self.path.clone(), kind: kind.to_string(), message };
+    pub fn log_event(
+        &mut self,
+        kind: &str,
+        step: u64,
+        fields: serde_json::Value,
+    ) -> Result<(), MetricsError> {
+        let bad = |message: String| MetricsError::Event {
+            path: self.path.clone(),
+            kind: kind.to_string(),
+            message,
+        };
         if kind.is_empty() || kind == "step" {
-            return Err(bad("the event type must be a non-empty name other than `step`".into()));
+            return Err(bad(
+                "the event type must be a non-empty name other than `step`".into(),
+            ));
         }
         let fields = match fields {
             serde_json::Value::Object(map) => map,
             serde_json::Value::Null => serde_json::Map::new(),
-            other => return Err(bad(format!("the fields must be a JSON object, got {other}"))),
+            other => {
+                return Err(bad(format!(
+                    "the fields must be a JSON object, got {other}"
+                )))
+            }
         };
-        if let Some(key) = ["type", "step"].into_iter().find(|k| fields.contains_key(*k)) {
-            return Err(bad(format!("the fields must not contain the key `{key}` (set by the log)")));
+        if let Some(key) = ["type", "step"]
+            .into_iter()
+            .find(|k| fields.contains_key(*k))
+        {
+            return Err(bad(format!(
+                "the fields must not contain the key `{key}` (set by the log)"
+            )));
         }
-        let line = serde_json::to_string(&Event { kind, step, fields: &fields }).expect("JSON values always serialise");
+        let line = serde_json::to_string(&Event {
+            kind,
+            step,
+            fields: &fields,
+        })
+        .expect("JSON values always serialise");
         self.append(line)
     }
 
     fn append(&mut self, mut line: String) -> Result<(), MetricsError> {
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|e| MetricsError::io("cannot append to", &self.path, e))?;
-        self.file.flush().map_err(|e| MetricsError::io("cannot append to", &self.path, e))
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| MetricsError::io("cannot append to", &self.path, e))?;
+        self.file
+            .flush()
+            .map_err(|e| MetricsError::io("cannot append to", &self.path, e))
     }
 }
 
@@ -163,17 +200,29 @@ fn parse_lines<'a>(path: &Path, text: &'a str) -> Result<Vec<Line<'a>>, MetricsE
             continue;
         }
         let parsed = serde_json::from_str::<serde_json::Value>(line);
-        let err = |message: String| MetricsError::Parse { path: path.to_path_buf(), line: i + 1, message };
+        let err = |message: String| MetricsError::Parse {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
         match parsed {
             Ok(serde_json::Value::Object(value)) => {
                 if !matches!(value.get("type"), Some(serde_json::Value::String(_))) {
                     return Err(err("the record has no string field `type`".into()));
                 }
-                out.push(Line { number: i + 1, text: line, value });
+                out.push(Line {
+                    number: i + 1,
+                    text: line,
+                    value,
+                });
             }
             Ok(_) => return Err(err("the line is not a JSON object".into())),
             Err(_) if torn_tail && i + 1 == count => {
-                tracing::warn!("{}:{}: skipping a torn last line (an interrupted write)", path.display(), i + 1);
+                tracing::warn!(
+                    "{}:{}: skipping a torn last line (an interrupted write)",
+                    path.display(),
+                    i + 1
+                );
             }
             Err(e) => return Err(err(format!("invalid JSON: {e}"))),
         }
@@ -197,9 +246,12 @@ pub fn read_steps(path: &Path) -> Result<Vec<StepRecord>, MetricsError> {
         if line.value.get("type").and_then(|t| t.as_str()) != Some("step") {
             continue;
         }
-        let record = serde_json::from_value::<StepRecord>(serde_json::Value::Object(line.value)).map_err(|e| {
-            MetricsError::Parse { path: path.to_path_buf(), line: line.number, message: format!("bad step record: {e}") }
-        })?;
+        let record = serde_json::from_value::<StepRecord>(serde_json::Value::Object(line.value))
+            .map_err(|e| MetricsError::Parse {
+                path: path.to_path_buf(),
+                line: line.number,
+                message: format!("bad step record: {e}"),
+            })?;
         steps.push(record);
     }
     Ok(steps)
@@ -210,11 +262,15 @@ fn truncate_after(path: &Path, last_step: u64) -> Result<(), MetricsError> {
     let text = read_text(path)?;
     let mut kept = String::with_capacity(text.len());
     for line in parse_lines(path, &text)? {
-        let step = line.value.get("step").and_then(|s| s.as_u64()).ok_or_else(|| MetricsError::Parse {
-            path: path.to_path_buf(),
-            line: line.number,
-            message: "the record has no unsigned integer field `step`".into(),
-        })?;
+        let step = line
+            .value
+            .get("step")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| MetricsError::Parse {
+                path: path.to_path_buf(),
+                line: line.number,
+                message: "the record has no unsigned integer field `step`".into(),
+            })?;
         if step <= last_step {
             kept.push_str(line.text);
             kept.push('\n');
@@ -234,7 +290,11 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), MetricsE
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(MetricsError::io("cannot write a temporary file next to", path, e));
+        return Err(MetricsError::io(
+            "cannot write a temporary file next to",
+            path,
+            e,
+        ));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -244,7 +304,10 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), MetricsE
 
 /// `<dir>/.<name>.tmp-<pid>` next to `path`.
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -270,17 +333,33 @@ mod tests {
         let path = dir.path().join("sub/metrics.jsonl");
         let mut log = MetricsLog::open(&path, None).unwrap();
         log.log(&record(1, 0.5)).unwrap();
-        log.log_event("validation", 1, serde_json::json!({"prompt": "a cat", "flicker": 0.25})).unwrap();
+        log.log_event(
+            "validation",
+            1,
+            serde_json::json!({"prompt": "a cat", "flicker": 0.25}),
+        )
+        .unwrap();
         log.log(&record(2, 0.25)).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with(r#"{"type":"step","step":1,"epoch":0,"loss":0.5,"lr":0.0001"#), "{}", lines[0]);
-        assert!(lines[1].starts_with(r#"{"type":"validation","step":1,"#), "{}", lines[1]);
+        assert!(
+            lines[0].starts_with(r#"{"type":"step","step":1,"epoch":0,"loss":0.5,"lr":0.0001"#),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].starts_with(r#"{"type":"validation","step":1,"#),
+            "{}",
+            lines[1]
+        );
         let event: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
         assert_eq!(event["prompt"], "a cat");
         assert_eq!(event["flicker"], 0.25);
-        assert_eq!(read_steps(&path).unwrap(), vec![record(1, 0.5), record(2, 0.25)]);
+        assert_eq!(
+            read_steps(&path).unwrap(),
+            vec![record(1, 0.5), record(2, 0.25)]
+        );
     }
 
     #[test]
@@ -289,7 +368,11 @@ mod tests {
         let path = dir.path().join("m.jsonl");
         let mut log = MetricsLog::open(&path, None).unwrap();
         log.log(&record(1, f64::NAN)).unwrap();
-        log.log(&StepRecord { grad_norm: f64::INFINITY, ..record(2, 1.0) }).unwrap();
+        log.log(&StepRecord {
+            grad_norm: f64::INFINITY,
+            ..record(2, 1.0)
+        })
+        .unwrap();
         let steps = read_steps(&path).unwrap();
         assert!(steps[0].loss.is_nan());
         assert!(steps[1].grad_norm.is_nan());
@@ -309,7 +392,10 @@ mod tests {
         text.push_str(r#"{"type":"step","step":4,"epoch":0,"lo"#);
         std::fs::write(&path, &text).unwrap();
         let steps = read_steps(&path).unwrap();
-        assert_eq!(steps.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            steps.iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
 
         // The same broken line followed by a newline and more records is corruption.
         text.push_str("\n{\"type\":\"step\",\"step\":5}\n");
@@ -319,11 +405,22 @@ mod tests {
         // A well-formed step line with a missing field names its line too.
         std::fs::write(&path, "{\"type\":\"step\",\"step\":5}\n").unwrap();
         let e = read_steps(&path).unwrap_err().to_string();
-        assert!(e.contains("m.jsonl:1: bad step record: missing field `epoch`"), "{e}");
+        assert!(
+            e.contains("m.jsonl:1: bad step record: missing field `epoch`"),
+            "{e}"
+        );
         std::fs::write(&path, "[1,2]\n").unwrap();
-        assert!(read_steps(&path).unwrap_err().to_string().contains("m.jsonl:1: the line is not a JSON object"));
-        let e = read_steps(&dir.path().join("absent.jsonl")).unwrap_err().to_string();
-        assert!(e.starts_with("cannot read ") && e.contains("absent.jsonl"), "{e}");
+        assert!(read_steps(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("m.jsonl:1: the line is not a JSON object"));
+        let e = read_steps(&dir.path().join("absent.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("absent.jsonl"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -334,7 +431,8 @@ mod tests {
         for s in 1..=6 {
             log.log(&record(s, 1.0 / s as f64)).unwrap();
             if s % 2 == 0 {
-                log.log_event("validation", s, serde_json::json!({"sharpness": s})).unwrap();
+                log.log_event("validation", s, serde_json::json!({"sharpness": s}))
+                    .unwrap();
             }
         }
         drop(log);
@@ -345,22 +443,38 @@ mod tests {
 
         let mut log = MetricsLog::open(&path, Some(4)).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.lines().count(), 6, "steps 1-4 and the validations at 2 and 4:\n{text}");
-        assert!(text.ends_with("{\"type\":\"validation\",\"step\":4,\"sharpness\":4}\n"), "{text}");
+        assert_eq!(
+            text.lines().count(),
+            6,
+            "steps 1-4 and the validations at 2 and 4:\n{text}"
+        );
+        assert!(
+            text.ends_with("{\"type\":\"validation\",\"step\":4,\"sharpness\":4}\n"),
+            "{text}"
+        );
         for s in 5..=7 {
             log.log(&record(s, 0.01 * s as f64)).unwrap();
         }
         let steps = read_steps(&path).unwrap();
-        assert_eq!(steps.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(
+            steps.iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5, 6, 7]
+        );
         assert_eq!(steps[3], record(4, 0.25));
         assert_eq!(steps[4], record(5, 0.05));
         // No temporary file is left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("m.jsonl")]);
 
         // Resuming with a missing file creates it; a fresh open truncates.
         let other = dir.path().join("new.jsonl");
-        MetricsLog::open(&other, Some(10)).unwrap().log(&record(11, 0.1)).unwrap();
+        MetricsLog::open(&other, Some(10))
+            .unwrap()
+            .log(&record(11, 0.1))
+            .unwrap();
         assert_eq!(read_steps(&other).unwrap().len(), 1);
         drop(MetricsLog::open(&path, None).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
@@ -370,12 +484,22 @@ mod tests {
     fn resume_refuses_a_corrupt_file_naming_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.jsonl");
-        std::fs::write(&path, "{\"type\":\"step\",\"step\":1}\n{\"type\":\"note\"}\n").unwrap();
+        std::fs::write(
+            &path,
+            "{\"type\":\"step\",\"step\":1}\n{\"type\":\"note\"}\n",
+        )
+        .unwrap();
         let e = MetricsLog::open(&path, Some(1)).unwrap_err().to_string();
-        assert!(e.contains("m.jsonl:2: the record has no unsigned integer field `step`"), "{e}");
+        assert!(
+            e.contains("m.jsonl:2: the record has no unsigned integer field `step`"),
+            "{e}"
+        );
         std::fs::write(&path, "{\"step\":1}\n").unwrap();
         let e = MetricsLog::open(&path, Some(1)).unwrap_err().to_string();
-        assert!(e.contains("m.jsonl:1: the record has no string field `type`"), "{e}");
+        assert!(
+            e.contains("m.jsonl:1: the record has no string field `type`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -383,14 +507,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.jsonl");
         let mut log = MetricsLog::open(&path, None).unwrap();
-        let e = log.log_event("step", 1, serde_json::Value::Null).unwrap_err().to_string();
+        let e = log
+            .log_event("step", 1, serde_json::Value::Null)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("other than `step`"), "{e}");
-        let e = log.log_event("validation", 1, serde_json::json!([1])).unwrap_err().to_string();
+        let e = log
+            .log_event("validation", 1, serde_json::json!([1]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must be a JSON object, got [1]"), "{e}");
-        let e = log.log_event("validation", 1, serde_json::json!({"step": 2})).unwrap_err().to_string();
+        let e = log
+            .log_event("validation", 1, serde_json::json!({"step": 2}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must not contain the key `step`"), "{e}");
-        log.log_event("checkpoint", 3, serde_json::Value::Null).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"type\":\"checkpoint\",\"step\":3}\n");
+        log.log_event("checkpoint", 3, serde_json::Value::Null)
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"type\":\"checkpoint\",\"step\":3}\n"
+        );
     }
 
     #[test]
@@ -398,7 +535,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, "x").unwrap();
-        let e = MetricsLog::open(&blocker.join("m.jsonl"), None).unwrap_err().to_string();
+        let e = MetricsLog::open(&blocker.join("m.jsonl"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("file/m.jsonl"), "{e}");
     }
 }

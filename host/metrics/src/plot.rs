@@ -55,7 +55,11 @@ fn ema_beta(n: usize) -> f64 {
 /// `[lo, hi]` widened by 5 % on each side (or by a unit-relative margin when `lo == hi`).
 fn padded(lo: f64, hi: f64) -> (f64, f64) {
     let span = hi - lo;
-    let pad = if span > 0.0 { 0.05 * span } else { 0.05 * lo.abs().max(1e-3) };
+    let pad = if span > 0.0 {
+        0.05 * span
+    } else {
+        0.05 * lo.abs().max(1e-3)
+    };
     (lo - pad, hi + pad)
 }
 
@@ -71,23 +75,41 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
 /// loss ([`MetricsError::NoSteps`]), or the PNG cannot be written.
 pub fn plot_loss_curve(jsonl: &Path, png: &Path) -> Result<(), MetricsError> {
     let steps = read_steps(jsonl)?;
-    let points: Vec<(f64, f64)> =
-        steps.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss)).collect();
+    let points: Vec<(f64, f64)> = steps
+        .iter()
+        .filter(|r| r.loss.is_finite())
+        .map(|r| (r.step as f64, r.loss))
+        .collect();
     if points.is_empty() {
-        return Err(MetricsError::NoSteps { path: jsonl.to_path_buf() });
+        return Err(MetricsError::NoSteps {
+            path: jsonl.to_path_buf(),
+        });
     }
     let losses: Vec<f64> = points.iter().map(|p| p.1).collect();
-    let smooth: Vec<(f64, f64)> =
-        points.iter().zip(ema(&losses, ema_beta(points.len()))).map(|(&(x, _), y)| (x, y)).collect();
+    let smooth: Vec<(f64, f64)> = points
+        .iter()
+        .zip(ema(&losses, ema_beta(points.len())))
+        .map(|(&(x, _), y)| (x, y))
+        .collect();
 
-    let rgb = render(&points, &smooth).map_err(|message| MetricsError::Plot { path: png.to_path_buf(), message })?;
+    let rgb = render(&points, &smooth).map_err(|message| MetricsError::Plot {
+        path: png.to_path_buf(),
+        message,
+    })?;
     let mut encoded = Vec::new();
     image::RgbImage::from_raw(PLOT_WIDTH, PLOT_HEIGHT, rgb)
         .expect("the buffer is PLOT_WIDTH x PLOT_HEIGHT x 3")
-        .write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png)
-        .map_err(|e| MetricsError::Plot { path: png.to_path_buf(), message: format!("PNG encoding failed: {e}") })?;
+        .write_to(
+            &mut std::io::Cursor::new(&mut encoded),
+            image::ImageFormat::Png,
+        )
+        .map_err(|e| MetricsError::Plot {
+            path: png.to_path_buf(),
+            message: format!("PNG encoding failed: {e}"),
+        })?;
     if let Some(dir) = png.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| MetricsError::io("cannot create the folder of", png, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| MetricsError::io("cannot create the folder of", png, e))?;
     }
     write_atomically(png, &encoded)
 }
@@ -96,8 +118,15 @@ pub fn plot_loss_curve(jsonl: &Path, png: &Path) -> Result<(), MetricsError> {
 fn render(raw: &[(f64, f64)], smooth: &[(f64, f64)]) -> Result<Vec<u8>, String> {
     register_embedded_font()?;
     let fail = |e: &dyn std::fmt::Display| e.to_string();
-    let (x0, x1) = (raw[0].0.min(raw[raw.len() - 1].0), raw.iter().map(|p| p.0).fold(f64::MIN, f64::max));
-    let (x0, x1) = if x1 > x0 { (x0, x1) } else { (x0 - 1.0, x0 + 1.0) };
+    let (x0, x1) = (
+        raw[0].0.min(raw[raw.len() - 1].0),
+        raw.iter().map(|p| p.0).fold(f64::MIN, f64::max),
+    );
+    let (x0, x1) = if x1 > x0 {
+        (x0, x1)
+    } else {
+        (x0 - 1.0, x0 + 1.0)
+    };
     let lo = raw.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = raw.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (y0, y1) = padded(lo, hi);
@@ -108,7 +137,8 @@ fn render(raw: &[(f64, f64)], smooth: &[(f64, f64)]) -> Result<Vec<u8>, String> 
 
     let mut buf = vec![0u8; PLOT_WIDTH as usize * PLOT_HEIGHT as usize * 3];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (PLOT_WIDTH, PLOT_HEIGHT)).into_drawing_area();
+        let root =
+            BitMapBackend::with_buffer(&mut buf, (PLOT_WIDTH, PLOT_HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(&e))?;
         let title = format!("training loss (step {last_step}, EMA {last_ema:.4})");
         let mut chart = ChartBuilder::on(&root)
@@ -132,16 +162,26 @@ fn render(raw: &[(f64, f64)], smooth: &[(f64, f64)]) -> Result<Vec<u8>, String> 
             .map_err(|e| fail(&e))?;
         let raw_colour = RGBColor(31, 119, 180);
         chart
-            .draw_series(LineSeries::new(raw.iter().copied(), raw_colour.mix(0.3).stroke_width(1)))
+            .draw_series(LineSeries::new(
+                raw.iter().copied(),
+                raw_colour.mix(0.3).stroke_width(1),
+            ))
             .map_err(|e| fail(&e))?
             .label("loss")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], raw_colour.mix(0.3).stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], raw_colour.mix(0.3).stroke_width(2))
+            });
         let ema_colour = RGBColor(214, 39, 40);
         chart
-            .draw_series(LineSeries::new(smooth.iter().copied(), ema_colour.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                smooth.iter().copied(),
+                ema_colour.stroke_width(2),
+            ))
             .map_err(|e| fail(&e))?
             .label("EMA")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], ema_colour.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], ema_colour.stroke_width(2))
+            });
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
@@ -193,14 +233,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("metrics.jsonl");
         // A falling, noisy curve with one diverged step, which is left out.
-        let mut losses: Vec<f64> = (0..300).map(|i| 1.0 / (1.0 + i as f64 * 0.05) + 0.05 * ((i * 7919) % 13) as f64 / 13.0).collect();
+        let mut losses: Vec<f64> = (0..300)
+            .map(|i| 1.0 / (1.0 + i as f64 * 0.05) + 0.05 * ((i * 7919) % 13) as f64 / 13.0)
+            .collect();
         losses[150] = f64::NAN;
         write_log(&jsonl, &losses);
         let png = dir.path().join("plots/loss.png");
         plot_loss_curve(&jsonl, &png).unwrap();
-        let img = image::load_from_memory_with_format(&std::fs::read(&png).unwrap(), image::ImageFormat::Png)
-            .unwrap()
-            .to_rgb8();
+        let img = image::load_from_memory_with_format(
+            &std::fs::read(&png).unwrap(),
+            image::ImageFormat::Png,
+        )
+        .unwrap()
+        .to_rgb8();
         assert_eq!(img.dimensions(), (PLOT_WIDTH, PLOT_HEIGHT));
         let count = |f: &dyn Fn(&image::Rgb<u8>) -> bool| img.pixels().filter(|p| f(p)).count();
         // The EMA line is red; text and axes are dark.
@@ -209,11 +254,17 @@ mod tests {
         let white = count(&|p| p.0 == [255, 255, 255]);
         assert!(red > 500, "EMA pixels: {red}");
         assert!(dark > 1500, "text and axis pixels: {dark}");
-        assert!(white > (PLOT_WIDTH * PLOT_HEIGHT / 2) as usize, "background: {white}");
+        assert!(
+            white > (PLOT_WIDTH * PLOT_HEIGHT / 2) as usize,
+            "background: {white}"
+        );
         // Rewriting replaces the file and leaves no temporary behind.
         write_log(&jsonl, &[0.5]);
         plot_loss_curve(&jsonl, &png).unwrap();
-        let names: Vec<_> = std::fs::read_dir(png.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(png.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("loss.png")]);
     }
 
@@ -236,7 +287,11 @@ mod tests {
                 }
             }
         }
-        assert!(greys.len() > 20, "anti-aliased glyph levels in the title: {}", greys.len());
+        assert!(
+            greys.len() > 20,
+            "anti-aliased glyph levels in the title: {}",
+            greys.len()
+        );
     }
 
     #[test]
@@ -244,8 +299,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("m.jsonl");
         write_log(&jsonl, &[f64::NAN]);
-        let e = plot_loss_curve(&jsonl, &dir.path().join("x.png")).unwrap_err().to_string();
-        assert!(e.contains("m.jsonl has no step record with a finite loss"), "{e}");
+        let e = plot_loss_curve(&jsonl, &dir.path().join("x.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m.jsonl has no step record with a finite loss"),
+            "{e}"
+        );
         assert!(!dir.path().join("x.png").exists());
     }
 }

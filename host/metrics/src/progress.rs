@@ -23,7 +23,9 @@ impl TrainProgress {
         } else {
             ProgressBar::hidden()
         };
-        let style = ProgressStyle::with_template(TEMPLATE).expect("the template is valid").progress_chars("=> ");
+        let style = ProgressStyle::with_template(TEMPLATE)
+            .expect("the template is valid")
+            .progress_chars("=> ");
         bar.set_style(style);
         bar.set_length(total_steps);
         bar.set_position(start_step.min(total_steps));
