@@ -1,0 +1,229 @@
+//! # `dora` — DoRA, weight-decomposed low-rank adaptation (PEFT `LoraConfig(use_dora=True)`)
+//!
+//! An adapter plugin: for every target `nn.Linear` (`W [out, in]`) it answers a recipe that the
+//! host's interpreter (`cogvx_model_core::adapter::RecipeAdapter`) lowers to differentiable ops.
+//! The effective weight, as PEFT's `DoraLinearLayer` computes it (`peft/tuners/lora/dora.py`):
+//!
+//! ```text
+//! V  = W + s · lora_B @ lora_A                  s = alpha / r   (alpha / sqrt(r) with use_rslora)
+//! W' = (lora_magnitude_vector / ‖V‖_row) ⊙ V     ‖V‖_row[i] = L2 norm of row i of V, broadcast over rows
+//! y  = x W'ᵀ + b
+//! ```
+//!
+//! Parameters and initialisation (PEFT's `reset_lora_parameters` and `DoraLinearLayer.update_layer`):
+//!
+//! | recipe parameter / export suffix | shape     | init                                                     |
+//! |----------------------------------|-----------|----------------------------------------------------------|
+//! | `lora_A.weight`                  | `[r, in]` | kaiming-uniform `a = √5` (`init_lora_weights = true`) or Normal(0, 1/r) (`"gaussian"`) |
+//! | `lora_B.weight`                  | `[out, r]`| zeros                                                    |
+//! | `lora_magnitude_vector`          | `[out]`   | `‖W + s·B@A‖_row = ‖W‖_row` (B is zero)                  |
+//!
+//! so at initialisation `W' = W` exactly. The export keys are PEFT's (`<layer>.lora_A.weight`,
+//! `<layer>.lora_B.weight`, `<layer>.lora_magnitude_vector`), the PEFT type `LORA` (a DoRA is a
+//! LoRA with `use_dora = true` in PEFT's `adapter_config.json`).
+//!
+//! ## Gradient: the norm is not detached (a documented difference from PEFT)
+//!
+//! PEFT detaches `‖V‖_row` (DoRA paper §4.3: the norm is treated as a constant in the backward
+//! pass, to save training memory). The plugin API's op set (`cogvx_plugin_api::Op`, API 0.1.0)
+//! has no detach/stop-gradient op and the host's interpreter none either, so this recipe
+//! differentiates through the norm. The forward values (loss, outputs, effective weight) are
+//! identical; the gradients relate as follows. With `G = ∂L/∂W'`, row `i`, `c_i = ‖V_i‖`:
+//!
+//! ```text
+//! ∂L/∂m_i  = ⟨G_i, V_i⟩ / c_i                                  same in PEFT and here
+//! ∂L/∂V_i  = (m_i / c_i) · G_i                                  PEFT (norm detached)
+//! ∂L/∂V_i  = (m_i / c_i) · (G_i − (⟨G_i, V_i⟩ / c_i²) · V_i)    here (the exact gradient)
+//! ∂L/∂lora_B = s · ∂L/∂V · lora_Aᵀ,   ∂L/∂lora_A = s · lora_Bᵀ · ∂L/∂V   (both)
+//! ```
+//!
+//! i.e. the gradient reaching `lora_A`/`lora_B` here is PEFT's with its component along each row
+//! `V_i` projected out; the magnitude's gradient is the same. At initialisation (`lora_B = 0`)
+//! both give `∂L/∂lora_A = 0`, while `∂L/∂lora_B` already differs by that projection. The
+//! training therefore follows the DoRA objective with its exact gradient rather than PEFT's
+//! approximation; a trained adapter loads in PEFT/diffusers unchanged (same keys, same forward).
+//! `tests/recipe.rs` checks both formulas against the interpreter's autodiff.
+//!
+//! ## Configuration (`[plugin.dora]`)
+//!
+//! ```toml
+//! [plugin.dora]
+//! init_lora_weights = true   # PEFT's default (kaiming-uniform lora_A); or "gaussian" (Normal(0, 1/r))
+//! use_rslora = false         # true: s = alpha / sqrt(r) (rank-stabilised LoRA)
+//! ```
+//!
+//! Rank, alpha and target modules come from the trainer (`rank`, `alpha`, `targets`). PEFT's
+//! `init_lora_weights = false` (random `lora_B`) is refused: its magnitude would start at the
+//! row norm of `W + s·B@A`, which the API's initialisers cannot express. `lora_dropout` is not
+//! offered (the interpreter adapts the weight, not the activations). Unknown keys are rejected
+//! by name.
+
+use cogvx_plugin_api::{
+    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin, PluginError,
+    PluginInfo, PluginKind, PluginResult,
+};
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// The plugin's name (`adapter = "dora"` in the training config).
+pub const NAME: &str = "dora";
+
+/// PEFT's `init_lora_weights` values that DoRA supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LoraInit {
+    /// `true`: `lora_A` kaiming-uniform with `a = √5` (as `nn.Linear`), `lora_B` zeros.
+    #[default]
+    Kaiming,
+    /// `"gaussian"`: `lora_A` Normal(0, 1/r), `lora_B` zeros.
+    Gaussian,
+}
+
+impl<'de> Deserialize<'de> for LoraInit {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = LoraInit;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true or \"gaussian\"")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<LoraInit, E> {
+                if v {
+                    Ok(LoraInit::Kaiming)
+                } else {
+                    Err(E::custom(
+                        "false is not supported by DoRA here (it starts from a random lora_B, and the magnitude would \
+                         have to start at the row norm of W + s*B@A); use true or \"gaussian\"",
+                    ))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LoraInit, E> {
+                match v {
+                    "gaussian" => Ok(LoraInit::Gaussian),
+                    _ => Err(E::custom(format!(
+                        "\"{v}\" is not supported by DoRA here; use true or \"gaussian\" \
+                         (PEFT's pissa/olora/loftq/eva/corda initialisations need the base weights' decompositions)"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// The `[plugin.dora]` table.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PEFT's `init_lora_weights`.
+    #[serde(deserialize_with = "de_init_lora_weights")]
+    pub init_lora_weights: LoraInit,
+    /// PEFT's `use_rslora`: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[serde(deserialize_with = "de_use_rslora")]
+    pub use_rslora: bool,
+}
+
+/// Deserialises a field, naming its key in the error (serde names only unknown keys).
+fn keyed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(key: &str, d: D) -> Result<T, D::Error> {
+    T::deserialize(d).map_err(|e| de::Error::custom(format!("`{key}`: {e}")))
+}
+
+fn de_init_lora_weights<'de, D: Deserializer<'de>>(d: D) -> Result<LoraInit, D::Error> {
+    keyed("init_lora_weights", d)
+}
+
+fn de_use_rslora<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    keyed("use_rslora", d)
+}
+
+/// Parses the `[plugin.dora]` table (as JSON).
+pub fn parse_config(params_json: &str) -> PluginResult<Config> {
+    cogvx_plugin_api::parse_params(NAME, params_json)
+}
+
+/// The `dora` plugin.
+#[derive(Clone, Debug, Default)]
+pub struct Dora {
+    config: Config,
+}
+
+/// Checks the request as PEFT's `update_layer` does (`r` positive) plus non-empty features and a
+/// finite alpha.
+fn check_request(request: &AdapterRequest) -> PluginResult<()> {
+    let layer = &request.layer;
+    if request.rank == 0 {
+        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: the rank must be a positive integer, not 0")));
+    }
+    if request.in_features == 0 || request.out_features == 0 {
+        let (i, o) = (request.in_features, request.out_features);
+        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive")));
+    }
+    if !request.alpha.is_finite() {
+        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: alpha {} is not finite", request.alpha)));
+    }
+    Ok(())
+}
+
+/// The DoRA recipe for one layer under `config` (see the crate docs for the formula).
+pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
+    check_request(request)?;
+    let a_init = match config.init_lora_weights {
+        LoraInit::Kaiming => Init::KaimingUniform { a: 5f32.sqrt() },
+        LoraInit::Gaussian => Init::Normal { std: 1.0 / request.rank as f32 },
+    };
+    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec { name: name.into(), shape, init, trainable: true };
+    let scaled = if config.use_rslora {
+        // PEFT: scaling = lora_alpha / math.sqrt(r).
+        Op::Scale(3, (request.alpha as f64 / (request.rank as f64).sqrt()) as f32)
+    } else {
+        Op::AlphaOverRank(3)
+    };
+    Ok(AdapterRecipe {
+        params: vec![
+            param("lora_A", vec![Dim::Rank, Dim::In], a_init),
+            param("lora_B", vec![Dim::Out, Dim::Rank], Init::Zeros),
+            param("lora_magnitude_vector", vec![Dim::Out], Init::BaseRowNorm),
+        ],
+        graph: vec![
+            Op::BaseWeight,                            // 0: W
+            Op::Param("lora_B".into()),                // 1
+            Op::Param("lora_A".into()),                // 2
+            Op::Matmul(1, 2),                          // 3: B @ A
+            scaled,                                    // 4: s * B @ A
+            Op::Add(0, 4),                             // 5: V = W + s * B @ A
+            Op::RowNorm(5),                            // 6: ‖V‖_row (not detached, see the crate docs)
+            Op::Param("lora_magnitude_vector".into()), // 7: m
+            Op::Div(7, 6),                             // 8: m / ‖V‖_row
+            Op::Mul(8, 5),                             // 9: W' = (m / ‖V‖_row) ⊙ V
+        ],
+        output: 9,
+        output_kind: AdapterOutput::Weight,
+        export: vec![
+            ExportKey { param: "lora_A".into(), suffix: "lora_A.weight".into() },
+            ExportKey { param: "lora_B".into(), suffix: "lora_B.weight".into() },
+            ExportKey { param: "lora_magnitude_vector".into(), suffix: "lora_magnitude_vector".into() },
+        ],
+        peft_type: "LORA".into(),
+    })
+}
+
+impl Plugin for Dora {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            name: NAME.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            kinds: vec![PluginKind::Adapter],
+            description: "DoRA (PEFT LoRA with use_dora): magnitude times the row-normalised W + s*B@A".to_string(),
+        }
+    }
+
+    fn configure(&mut self, params_json: &str) -> PluginResult<()> {
+        self.config = parse_config(params_json)?;
+        Ok(())
+    }
+
+    fn adapter_recipe(&mut self, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
+        recipe(&self.config, request)
+    }
+}
+
+cogvx_plugin_api::export_plugin!(Dora);
