@@ -11,6 +11,8 @@
 //! * [`sft`]: full fine-tuning of every transformer weight (the finetune's `training_type = "sft"`),
 //!   with the same name -> tensor interface as the adapters; [`TrainMode`] switches between them.
 //! * [`export`]: `pytorch_lora_weights.safetensors` as diffusers' `save_lora_weights` writes it.
+//! * [`sft_export`]: a fully fine-tuned transformer as a diffusers `transformer/` folder
+//!   (config, single or sharded safetensors with index, fp32/bf16/fp16), written atomically.
 //! * [`train_step`] ties them together; [`run_case`] runs the `train_step_lora` parity cases.
 
 pub mod adapters;
@@ -19,16 +21,18 @@ pub mod export;
 pub mod loss;
 pub mod optim;
 pub mod sft;
+pub mod sft_export;
 
 pub use adapters::{
     adapter_grads, adapter_tensors, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
     set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
 };
 pub use error::TrainError;
+pub use sft_export::{save_transformer_folder, state_dict_keys, ExportDtype, ExportedFolder, DEFAULT_MAX_SHARD_BYTES};
 pub use export::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
 pub use loss::{compute_loss, model_latents, noise_shape, NoiseDraw, TrainBatch};
 pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig, HostAdamState};
-pub use sft::{checkpoint_shapes, enable_full_training, full_grads, full_host_values, full_param_shapes, full_values, set_full_values, TrainMode};
+pub use sft::{checkpoint_shapes, enable_full_training, first_adapter_layer, full_grads, full_host_values, full_param_shapes, full_values, set_full_values, TrainMode};
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;

@@ -181,6 +181,32 @@ pub fn full_host_values<B: Backend>(model: &CogVideoXTransformer3DModel<B>) -> V
     v.out
 }
 
+/// The module path of the first layer that carries an adapter, if any.
+pub fn first_adapter_layer<B: Backend>(model: &CogVideoXTransformer3DModel<B>) -> Option<String> {
+    struct Find {
+        path: PathTracker,
+        found: Option<String>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Find {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
+            if self.found.is_none() {
+                if let Some(i) = self.path.stack.iter().position(|s| s == "adapter") {
+                    self.found = Some(self.path.stack[..i].join("."));
+                }
+            }
+        }
+    }
+    let mut v = Find { path: PathTracker::default(), found: None };
+    model.visit(&mut v);
+    v.found
+}
+
 /// Makes every base weight of the transformer trainable (`requires_grad_(True)`), undoing a
 /// [`crate::freeze`]. Adapter parameters keep their own trainability.
 pub fn enable_full_training<B: Backend>(model: CogVideoXTransformer3DModel<B>) -> CogVideoXTransformer3DModel<B> {

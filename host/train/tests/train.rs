@@ -315,3 +315,93 @@ fn set_full_values_round_trips_and_refuses_bad_input() {
     assert!(e.contains(&key) && e.contains("[2, 2]"), "{e}");
     assert_eq!(full_values(&model)[&key].to_vec(), new, "a refused update changes nothing");
 }
+
+// ---------------------------------------------------------------------------------------------
+// SFT export
+
+/// Loading a reference model and exporting it in its stored dtype with the shard size it was
+/// saved with reproduces diffusers' files byte for byte: weights, shard split and index.
+#[test]
+fn transformer_export_reproduces_the_reference_folders() {
+    let Some(root) = reference() else { return };
+    let out = tempfile::tempdir().unwrap();
+    for (variant, dtype, shard) in [
+        ("cogvideox-2b", ExportDtype::F16, DEFAULT_MAX_SHARD_BYTES),
+        ("cogvideox-5b", ExportDtype::Bf16, 40_000),
+        ("cogvideox-5b-i2v", ExportDtype::Bf16, 40_000),
+        ("cogvideox1.5-5b", ExportDtype::Bf16, 40_000),
+        ("cogvideox1.5-5b-i2v", ExportDtype::Bf16, 40_000),
+    ] {
+        let src = root.join(format!("models/{variant}-tiny/transformer"));
+        let model = CogVideoXTransformer3DModel::<AD>::from_dir(&src, &CpuDevice::default()).unwrap();
+        let dir = out.path().join(variant).join("transformer");
+        let exported = save_transformer_folder(&model, &src, &dir, shard, dtype).unwrap();
+        let mut want: Vec<String> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut got: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{variant}: files");
+        for f in &want {
+            assert!(std::fs::read(dir.join(f)).unwrap() == std::fs::read(src.join(f)).unwrap(), "{variant}: {f} differs");
+        }
+        assert_eq!(exported.files.len(), if shard == 40_000 { 4 } else { 1 });
+        // No temporary folder is left next to it.
+        assert_eq!(std::fs::read_dir(dir.parent().unwrap()).unwrap().count(), 1);
+    }
+}
+
+/// An SFT-trained model exported (fp32, sharded small) loads back with from_dir and gives the
+/// same output; an existing export is replaced; bad targets and adapter models are refused.
+#[test]
+fn exported_sft_model_loads_back_with_the_same_output() {
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-5b-i2v-tiny");
+    let src = model_dir.join("transformer");
+    let dev = CpuDevice::default();
+    let mut model = enable_full_training(CogVideoXTransformer3DModel::<AD>::from_dir(&src, &dev).unwrap());
+    let schedule = load_schedule(&model_dir).unwrap();
+    let (mut batch, draw) = tiny_batch(&model, 2);
+    batch.image_latents = Some(batch.latents.clone().narrow(2, 0, 1));
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 });
+    train_step_for(TrainMode::Full, &mut model, &schedule, &batch, &draw, &mut opt, 1e-3, Some(1.0)).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("transformer");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), b"stale").unwrap();
+    let exported = save_transformer_folder(&model, &src, &dir, 20_000, ExportDtype::F32).unwrap();
+    assert!(exported.files.len() > 4, "{:?}", exported.files);
+    assert!(!dir.join("diffusion_pytorch_model.safetensors").exists(), "the stale file is gone with the old folder");
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("diffusion_pytorch_model.safetensors.index.json")).unwrap()).unwrap();
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(exported.total_size));
+    assert_eq!(index["weight_map"].as_object().unwrap().len(), state_dict_keys(&model.config).len());
+
+    let loaded = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &dev).unwrap();
+    for (k, v) in full_values(&model) {
+        assert_eq!(full_values(&loaded)[&k].to_vec(), v.to_vec(), "{k}");
+    }
+    let x = Tensor::<AD, 5>::random([1, 3, 8, 8, 12], Distribution::Normal(0.0, 1.0), &dev);
+    let text = Tensor::<AD, 3>::random([1, 16, 32], Distribution::Normal(0.0, 1.0), &dev);
+    let t = Tensor::<AD, 1>::from_floats([500.0], &dev);
+    let run = |m: &CogVideoXTransformer3DModel<AD>| {
+        let rot = m.image_rotary_emb(3, 8, 12, &dev).unwrap();
+        m.forward(x.clone(), text.clone(), t.clone(), None, rot.as_ref()).unwrap().into_data().to_vec::<f32>().unwrap()
+    };
+    assert_eq!(run(&loaded), run(&model));
+
+    // A folder with other files is not replaced; a config from another model is refused.
+    let busy = out.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), b"mine").unwrap();
+    let e = save_transformer_folder(&model, &src, &busy, 20_000, ExportDtype::F32).unwrap_err().to_string();
+    assert!(e.contains("busy") && e.contains("other files"), "{e}");
+    assert!(busy.join("notes.txt").exists());
+    let e = save_transformer_folder(&model, &root.join("models/cogvideox-5b-tiny/transformer"), &out.path().join("x"), 20_000, ExportDtype::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json") && e.contains("differs from the model's"), "{e}");
+    inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev).unwrap();
+    let e = save_transformer_folder(&model, &src, &out.path().join("y"), 20_000, ExportDtype::F32).unwrap_err().to_string();
+    assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("adapter"), "{e}");
+    assert!(!out.path().join("x").exists() && !out.path().join("y").exists());
+}
