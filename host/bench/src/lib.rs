@@ -1,1 +1,381 @@
-//! # cogvx-bench (work in progress).
+//! # cogvx-bench
+//!
+//! The cogvx side of the CPU training-step benchmark of `shared/bench/torch_train_step.py`: one
+//! LoRA training step of a CogVideoX transformer with random (seeded) weights, the 5B-style block
+//! with 3D RoPE, float32 on the CPU, with exactly the script's shapes ([`PRESETS`]):
+//!
+//! * `time_embed_dim = inner / 2`, `text_embed_dim = inner`, 16 latent channels, batch 1;
+//! * LoRA with rank = alpha = the preset's rank on `to_q`, `to_k`, `to_v`, `to_out.0`
+//!   (`cogvx_train::freeze` + `inject_lora`, PEFT's initialisation);
+//! * the official finetune's loss, global-norm clipping at 1.0 and AdamW (lr 1e-4, betas
+//!   0.9/0.95, eps 1e-8, weight decay 1e-4) through [`cogvx_train::train_step`], with a
+//!   `CogVideoXDDIMScheduler(snr_shift_scale=1.0, rescale_betas_zero_snr=True,
+//!   prediction_type="v_prediction", timestep_spacing="trailing")` schedule;
+//! * each timed step draws its timestep and noise, as the script's loop does.
+//!
+//! [`train_step`] returns a [`BenchReport`] whose [`BenchReport::to_json_line`] has the script's
+//! JSON fields, so that the two are compared as a ratio on one machine.
+
+pub mod random;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
+use cogvx_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError, TimestepSpacing};
+use cogvx_train::{AdamW, AdamWConfig, AdapterSpec, NoiseDraw, TrainBatch, TrainError};
+use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig, TransformerError};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub use random::write_random_transformer;
+
+/// The `impl` field of the report.
+pub const IMPL_NAME: &str = "cogvx-burn-ndarray";
+/// The burn version cogvx is built with (the report's counterpart of the script's `torch` field).
+pub const BURN_VERSION: &str = "0.21.0";
+/// Learning rate, betas, eps and weight decay of the script's `torch.optim.AdamW`.
+pub const ADAMW: AdamWConfig = AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 };
+/// The script's `clip_grad_norm_(params, 1.0)`.
+pub const MAX_GRAD_NORM: f64 = 1.0;
+/// Latent channels of every preset.
+pub const LATENT_CHANNELS: usize = 16;
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A preset name that is not in [`PRESETS`].
+    #[error("unknown preset `{0}` (known: {known})", known = PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", "))]
+    UnknownPreset(String),
+    /// Arguments or a preset that cannot be run, with what to change.
+    #[error("{0}")]
+    Invalid(String),
+    /// The rayon pool for `threads` could not be built.
+    #[error("cannot start a pool of {threads} threads: {message}")]
+    ThreadPool { threads: usize, message: String },
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error(transparent)]
+    Transformer(#[from] TransformerError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+}
+
+/// The shapes of one benchmark preset (`PRESETS` of `torch_train_step.py`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    /// Text tokens (`encoder_hidden_states` length).
+    pub text_len: usize,
+    /// Latent frames, height, width (16 channels).
+    pub lat: (usize, usize, usize),
+    /// LoRA rank (alpha is the same number).
+    pub rank: usize,
+}
+
+/// The script's presets: S (480 video tokens) and M (2310 video tokens).
+pub const PRESETS: &[Preset] = &[
+    Preset { name: "S", heads: 4, head_dim: 64, layers: 4, text_len: 32, lat: (5, 16, 24), rank: 16 },
+    Preset { name: "M", heads: 8, head_dim: 64, layers: 8, text_len: 64, lat: (7, 30, 44), rank: 32 },
+];
+
+/// Looks a preset up by name.
+pub fn preset(name: &str) -> Result<Preset, BenchError> {
+    PRESETS.iter().find(|p| p.name == name).copied().ok_or_else(|| BenchError::UnknownPreset(name.to_string()))
+}
+
+impl Preset {
+    /// `heads * head_dim`.
+    pub fn inner_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// The script's `CogVideoXTransformer3DModel(...)` arguments (every other key at diffusers'
+    /// default: patch size 2, no `patch_size_t`, no learned positional embedding).
+    pub fn transformer_config(&self) -> TransformerConfig {
+        let (f, h, w) = self.lat;
+        let inner = self.inner_dim();
+        TransformerConfig {
+            num_attention_heads: self.heads,
+            attention_head_dim: self.head_dim,
+            in_channels: LATENT_CHANNELS,
+            out_channels: Some(LATENT_CHANNELS),
+            time_embed_dim: inner / 2,
+            text_embed_dim: inner,
+            num_layers: self.layers,
+            sample_width: w,
+            sample_height: h,
+            sample_frames: (f - 1) * 4 + 1,
+            max_text_seq_length: self.text_len,
+            use_rotary_positional_embeddings: true,
+            ..Default::default()
+        }
+    }
+
+    /// Tokens the attention sees: `F * (H/2) * (W/2) + text_len` (the script's `tokens`).
+    pub fn tokens(&self) -> usize {
+        let (f, h, w) = self.lat;
+        f * (h / 2) * (w / 2) + self.text_len
+    }
+
+    fn check(&self) -> Result<(), BenchError> {
+        let (f, h, w) = self.lat;
+        if f == 0 || h == 0 || w == 0 || h % 2 != 0 || w % 2 != 0 {
+            return Err(BenchError::Invalid(format!(
+                "preset {}: latent {f}x{h}x{w} must be positive with even height and width (patch size 2)",
+                self.name
+            )));
+        }
+        if self.rank == 0 || self.text_len == 0 || self.layers == 0 {
+            return Err(BenchError::Invalid(format!("preset {}: rank, text_len and layers must be positive", self.name)));
+        }
+        if (self.inner_dim() / 2) == 0 {
+            return Err(BenchError::Invalid(format!("preset {}: hidden size {} is too small", self.name, self.inner_dim())));
+        }
+        Ok(())
+    }
+}
+
+/// The script's scheduler: `CogVideoXDDIMScheduler(snr_shift_scale=1.0, rescale_betas_zero_snr=True,
+/// prediction_type="v_prediction", timestep_spacing="trailing")`.
+pub fn bench_schedule() -> Result<NoiseSchedule, BenchError> {
+    Ok(NoiseSchedule::new(SchedulerConfig {
+        class_name: Some("CogVideoXDDIMScheduler".into()),
+        snr_shift_scale: 1.0,
+        rescale_betas_zero_snr: true,
+        prediction_type: PredictionType::VPrediction,
+        timestep_spacing: TimestepSpacing::Trailing,
+        ..Default::default()
+    })?)
+}
+
+/// The result of one benchmark run. [`BenchReport::to_json_line`] prints the fields of
+/// `torch_train_step.py` (`impl`, `preset`, `threads`, `tokens`, `median_s`, `min_s`,
+/// `peak_rss_mib`), with `burn` (the burn version) in place of the script's `torch`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// `cogvx-burn-ndarray`.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// burn's version.
+    pub burn: String,
+    pub preset: String,
+    pub threads: usize,
+    /// `F * (H/2) * (W/2) + text_len`.
+    pub tokens: usize,
+    /// Median seconds per timed step, rounded to 4 decimals (as the script).
+    pub median_s: f64,
+    /// Fastest timed step in seconds, rounded to 4 decimals.
+    pub min_s: f64,
+    /// Peak resident set of the process in MiB (`getrusage` `ru_maxrss`), rounded to 0.1;
+    /// `None` where the platform has no `getrusage`.
+    pub peak_rss_mib: Option<f64>,
+    /// The loss of every step, warm-up included (not part of the JSON line).
+    #[serde(skip)]
+    pub losses: Vec<f64>,
+    /// Threads of the rayon pool the steps ran on (equals `threads`; not part of the JSON line).
+    #[serde(skip)]
+    pub rayon_threads: usize,
+}
+
+impl BenchReport {
+    /// One JSON line with the script's field names and order.
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).expect("a report always serialises")
+    }
+}
+
+fn round_to(x: f64, decimals: i32) -> f64 {
+    let s = 10f64.powi(decimals);
+    (x * s).round() / s
+}
+
+/// Median as Python's `statistics.median` (mean of the two middle values for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// The peak resident set size of this process in MiB (`getrusage(RUSAGE_SELF).ru_maxrss`, which
+/// Linux gives in KiB and macOS in bytes).
+#[cfg(unix)]
+pub fn peak_rss_mib() -> Option<f64> {
+    // SAFETY: getrusage only writes into the zero-initialised struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let raw = usage.ru_maxrss as f64;
+    let kib = if cfg!(target_os = "macos") { raw / 1024.0 } else { raw };
+    Some(kib / 1024.0)
+}
+
+/// The peak resident set size: not available on this platform.
+#[cfg(not(unix))]
+pub fn peak_rss_mib() -> Option<f64> {
+    None
+}
+
+/// Runs `f` on a rayon pool of `threads` threads, the pool burn-ndarray's kernels use.
+///
+/// Matrix products also go through `matrixmultiply`, whose own pool reads `MATMUL_NUM_THREADS`
+/// once per process (at its first product): when that variable is unset it is set to `threads`
+/// here, which takes effect if no product ran in this process before.
+pub fn run_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R, BenchError> {
+    if threads == 0 {
+        return Err(BenchError::Invalid("threads must be at least 1".into()));
+    }
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cogvx-bench-{i}"))
+        .build()
+        .map_err(|e| BenchError::ThreadPool { threads, message: e.to_string() })?;
+    Ok(pool.install(f))
+}
+
+/// One LoRA training step of preset `preset` (`"S"` or `"M"`) on `threads` CPU threads:
+/// `warmup` untimed steps, then `steps` timed ones; the report has their median and minimum and
+/// the process's peak RSS.
+pub fn train_step(preset: &str, threads: usize, steps: usize, warmup: usize) -> Result<BenchReport, BenchError> {
+    train_step_with(&self::preset(preset)?, threads, steps, warmup)
+}
+
+/// [`train_step`] for any [`Preset`] (e.g. a tiny one in tests).
+pub fn train_step_with(preset: &Preset, threads: usize, steps: usize, warmup: usize) -> Result<BenchReport, BenchError> {
+    if steps == 0 {
+        return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
+    }
+    preset.check()?;
+    run_with_threads(threads, || run(preset, threads, steps, warmup))?
+}
+
+type AD = CpuAutodiffBackend;
+
+fn run(preset: &Preset, threads: usize, steps: usize, warmup: usize) -> Result<BenchReport, BenchError> {
+    let rayon_threads = rayon::current_num_threads();
+    let device = CpuDevice::default();
+    let config = preset.transformer_config();
+    let (f, h, w) = preset.lat;
+
+    // Random weights through the real loading path: a diffusers folder in a temp dir.
+    let tmp = tempfile::tempdir().map_err(|e| BenchError::Io { path: std::env::temp_dir(), message: e.to_string() })?;
+    write_random_transformer(tmp.path(), &config, 0)?;
+    let model = CogVideoXTransformer3DModel::<AD>::from_dir(tmp.path(), &device)?;
+    drop(tmp);
+
+    AD::seed(&device, 0);
+    let mut model = cogvx_train::freeze(model);
+    cogvx_train::inject_lora(&mut model, &AdapterSpec::lora(preset.rank, preset.rank as f64), &device)?;
+    let schedule = bench_schedule()?;
+    let latents = Tensor::<AD, 5>::random([1, LATENT_CHANNELS, f, h, w], Distribution::Normal(0.0, 1.0), &device);
+    let prompt_embeds = Tensor::<AD, 3>::random([1, preset.text_len, preset.inner_dim()], Distribution::Normal(0.0, 1.0), &device);
+    let noise_shape = cogvx_train::noise_shape(&config, latents.dims());
+    let batch = TrainBatch { latents, prompt_embeds, image_latents: None };
+    let mut optimizer = AdamW::new(ADAMW);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let num_train_timesteps = schedule.num_train_timesteps();
+
+    let mut times = Vec::with_capacity(steps);
+    let mut losses = Vec::with_capacity(warmup + steps);
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        let draw = NoiseDraw {
+            timesteps: vec![rng.random_range(0..num_train_timesteps)],
+            noise: Tensor::random(noise_shape, Distribution::Normal(0.0, 1.0), &device),
+        };
+        let out = cogvx_train::train_step(&mut model, &schedule, &batch, &draw, &mut optimizer, ADAMW.lr, Some(MAX_GRAD_NORM))?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+        if !out.loss.is_finite() {
+            return Err(BenchError::Invalid(format!("step {i}: the loss is {} (timestep {})", out.loss, draw.timesteps[0])));
+        }
+        losses.push(out.loss);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(BenchReport {
+        implementation: IMPL_NAME.into(),
+        burn: BURN_VERSION.into(),
+        preset: preset.name.into(),
+        threads,
+        tokens: preset.tokens(),
+        median_s: round_to(median(&times), 4),
+        min_s: round_to(times[0], 4),
+        peak_rss_mib: peak_rss_mib().map(|m| round_to(m, 1)),
+        losses,
+        rayon_threads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: Preset = Preset { name: "tiny", heads: 2, head_dim: 16, layers: 1, text_len: 4, lat: (2, 4, 6), rank: 2 };
+
+    #[test]
+    fn presets_have_the_script_shapes() {
+        let s = preset("S").unwrap();
+        assert_eq!((s.inner_dim(), s.tokens(), s.rank), (256, 5 * 8 * 12 + 32, 16));
+        let m = preset("M").unwrap();
+        assert_eq!((m.inner_dim(), m.tokens(), m.rank), (512, 7 * 15 * 22 + 64, 32));
+        let c = m.transformer_config();
+        assert_eq!((c.time_embed_dim, c.text_embed_dim, c.num_layers, c.sample_frames), (256, 512, 8, 25));
+        assert!(c.use_rotary_positional_embeddings && !c.use_learned_positional_embeddings && c.patch_size_t.is_none());
+        let e = preset("L").unwrap_err().to_string();
+        assert!(e.contains("unknown preset `L`") && e.contains("S, M"), "{e}");
+    }
+
+    #[test]
+    fn tiny_step_reports_the_script_fields_with_a_finite_loss() {
+        let r = train_step_with(&TINY, 1, 1, 1).unwrap();
+        assert_eq!(r.rayon_threads, 1);
+        assert_eq!(r.losses.len(), 2);
+        assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0), "{:?}", r.losses);
+        assert_eq!(r.tokens, 2 * 2 * 3 + 4);
+        assert!(r.median_s > 0.0 && r.min_s == r.median_s, "{r:?}");
+        let line = r.to_json_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 8, "{line}");
+        // The script's field order (`burn` where it has `torch`).
+        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib"];
+        let at: Vec<usize> = fields.iter().map(|f| line.find(&format!("\"{f}\":")).unwrap_or_else(|| panic!("{f}: {line}"))).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
+        assert_eq!(v["impl"], "cogvx-burn-ndarray");
+        assert_eq!(v["preset"], "tiny");
+        assert_eq!(v["threads"], 1);
+        assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0);
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn the_pool_has_the_requested_threads_and_bad_arguments_are_refused() {
+        assert_eq!(run_with_threads(2, rayon::current_num_threads).unwrap(), 2);
+        assert_eq!(run_with_threads(1, rayon::current_num_threads).unwrap(), 1);
+        assert!(train_step("S", 0, 1, 0).unwrap_err().to_string().contains("threads"));
+        assert!(train_step("S", 1, 0, 0).unwrap_err().to_string().contains("steps"));
+        let bad = Preset { lat: (2, 5, 6), ..TINY };
+        assert!(train_step_with(&bad, 1, 1, 0).unwrap_err().to_string().contains("even"));
+    }
+
+    #[test]
+    fn median_and_rounding_follow_python() {
+        assert_eq!(median(&[1.0, 2.0, 3.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 3.0, 10.0]), 2.5);
+        assert_eq!(round_to(1.234_56, 4), 1.2346);
+        assert_eq!(round_to(881.04, 1), 881.0);
+    }
+}
