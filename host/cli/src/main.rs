@@ -116,6 +116,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeat: u32,
     },
+    /// One LoRA training step (loss, backward, clip, AdamW) of a random CogVideoX transformer
+    /// with the shapes of shared/bench/torch_train_step.py; prints the same JSON fields, so the
+    /// two are compared as a ratio (docs/benchmarks.md).
+    TrainStep {
+        /// `S` (4x64 heads, 4 layers, latent 5x16x24, rank 16) or `M` (8x64, 8 layers, 7x30x44, rank 32).
+        #[arg(long, default_value = "S")]
+        preset: String,
+        /// CPU threads (the torch side's --threads).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed steps (the median and minimum are reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
 }
 
 fn init_tracing(verbose: u8) {
@@ -152,6 +169,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref()),
         Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
             commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)
+        }
+        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup } } => {
+            commands::bench::train_step(&preset, threads, steps, warmup)
         }
     }
 }

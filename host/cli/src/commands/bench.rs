@@ -52,3 +52,10 @@ pub fn preprocess(settings: &Settings, plugins_dir: &Path, seconds: u32, repeat:
     println!("{}", serde_json::to_string(&rows)?);
     Ok(ExitCode::SUCCESS)
 }
+
+/// `cogvx bench train-step`: one JSON line, as `torch_train_step.py` prints.
+pub fn train_step(preset: &str, threads: usize, steps: usize, warmup: usize) -> Result<ExitCode> {
+    let report = cogvx_bench::train_step(preset, threads, steps, warmup).map_err(|e| anyhow!("{e}"))?;
+    println!("{}", report.to_json_line());
+    Ok(ExitCode::SUCCESS)
+}
