@@ -27,7 +27,7 @@ pub struct LoraMetadata {
     pub target_modules: Vec<String>,
 }
 
-fn number(x: f64) -> Value {
+pub(crate) fn number(x: f64) -> Value {
     if x.fract() == 0.0 && x.abs() < 9.0e15 {
         json!(x as i64)
     } else {

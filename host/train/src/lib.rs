@@ -11,10 +11,13 @@
 //! * [`sft`]: full fine-tuning of every transformer weight (the finetune's `training_type = "sft"`),
 //!   with the same name -> tensor interface as the adapters; [`TrainMode`] switches between them.
 //! * [`export`]: `pytorch_lora_weights.safetensors` as diffusers' `save_lora_weights` writes it.
+//! * [`adapter_export`]: any adapter (LoRA, DoRA, LoHa, LoKr from plugins) under PEFT's names with
+//!   PEFT's config in the header, and its loader.
 //! * [`sft_export`]: a fully fine-tuned transformer as a diffusers `transformer/` folder
 //!   (config, single or sharded safetensors with index, fp32/bf16/fp16), written atomically.
 //! * [`train_step`] ties them together; [`run_case`] runs the `train_step_lora` parity cases.
 
+pub mod adapter_export;
 pub mod adapters;
 pub mod error;
 pub mod export;
@@ -27,6 +30,7 @@ pub use adapters::{
     adapter_grads, adapter_tensors, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
     set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
 };
+pub use adapter_export::{adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata, LoadedAdapter};
 pub use error::TrainError;
 pub use sft_export::{save_transformer_folder, state_dict_keys, ExportDtype, ExportedFolder, DEFAULT_MAX_SHARD_BYTES};
 pub use export::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};

@@ -405,3 +405,156 @@ fn exported_sft_model_loads_back_with_the_same_output() {
     assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("adapter"), "{e}");
     assert!(!out.path().join("x").exists() && !out.path().join("y").exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// PEFT-named adapter export
+
+fn dora_recipe() -> AdapterRecipe {
+    AdapterRecipe {
+        params: vec![
+            ParamSpec { name: "A".into(), shape: vec![Dim::Rank, Dim::In], init: Init::KaimingUniform { a: 5f32.sqrt() }, trainable: true },
+            ParamSpec { name: "B".into(), shape: vec![Dim::Out, Dim::Rank], init: Init::Normal { std: 0.1 }, trainable: true },
+            ParamSpec { name: "m".into(), shape: vec![Dim::Out], init: Init::BaseRowNorm, trainable: true },
+        ],
+        graph: vec![
+            Op::BaseWeight,
+            Op::Param("B".into()),
+            Op::Param("A".into()),
+            Op::Matmul(1, 2),
+            Op::AlphaOverRank(3),
+            Op::Add(0, 4),
+            Op::RowNorm(5),
+            Op::Div(5, 6),
+            Op::Param("m".into()),
+            Op::Mul(8, 7),
+        ],
+        output: 9,
+        output_kind: AdapterOutput::Weight,
+        export: vec![
+            ExportKey { param: "A".into(), suffix: "lora_A.weight".into() },
+            ExportKey { param: "B".into(), suffix: "lora_B.weight".into() },
+            ExportKey { param: "m".into(), suffix: "lora_magnitude_vector".into() },
+        ],
+        peft_type: "LORA".into(),
+    }
+}
+
+fn loha_recipe() -> AdapterRecipe {
+    let p = |n: &str, shape: Vec<Dim>| ParamSpec { name: n.into(), shape, init: Init::Normal { std: 0.1 }, trainable: true };
+    AdapterRecipe {
+        params: vec![p("hada_w1_a", vec![Dim::Out, Dim::Rank]), p("hada_w1_b", vec![Dim::Rank, Dim::In]), p("hada_w2_a", vec![Dim::Out, Dim::Rank]), p("hada_w2_b", vec![Dim::Rank, Dim::In])],
+        graph: vec![
+            Op::Param("hada_w1_a".into()),
+            Op::Param("hada_w1_b".into()),
+            Op::Matmul(0, 1),
+            Op::Param("hada_w2_a".into()),
+            Op::Param("hada_w2_b".into()),
+            Op::Matmul(3, 4),
+            Op::Mul(2, 5),
+            Op::AlphaOverRank(6),
+        ],
+        output: 7,
+        output_kind: AdapterOutput::WeightDelta,
+        export: ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].iter().map(|n| ExportKey { param: n.to_string(), suffix: n.to_string() }).collect(),
+        peft_type: "LOHA".into(),
+    }
+}
+
+/// A built-in LoRA saved through save_adapter is byte-identical to save_lora's file.
+#[test]
+fn save_adapter_writes_a_builtin_lora_as_save_lora_does() {
+    let Some(root) = reference() else { return };
+    let dev = CpuDevice::default();
+    let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&root.join("models/cogvideox-2b-tiny/transformer"), &dev).unwrap());
+    let spec = AdapterSpec::lora(2, 3.0);
+    inject_lora(&mut model, &spec, &dev).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let meta = adapter_metadata(&mut model, &spec, BTreeMap::new()).unwrap();
+    assert_eq!((meta.peft_type.as_str(), meta.use_dora), ("LORA", false));
+    let a = save_adapter(&mut model, &out.path().join("a"), &meta).unwrap();
+    let lm = LoraMetadata { rank: 2, alpha: 3.0, target_modules: spec.targets.clone() };
+    let b = save_lora(&out.path().join("b"), &trainable_values(&mut model), &lm).unwrap();
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+    let loaded = load_adapter(&a).unwrap();
+    assert_eq!(loaded.metadata.as_ref().unwrap(), &meta_sorted(meta));
+}
+
+fn meta_sorted(mut m: AdapterMetadata) -> AdapterMetadata {
+    m.target_modules.sort();
+    m
+}
+
+/// DoRA and LoHa recipes export under PEFT's names with PEFT's config, and load back into a
+/// fresh model to the same loss.
+#[test]
+fn recipe_adapters_export_under_peft_names_and_load_back() {
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-5b-tiny");
+    let dev = CpuDevice::default();
+    let load = || freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+    let schedule = load_schedule(&model_dir).unwrap();
+    let spec = AdapterSpec { rank: 2, alpha: 4.0, targets: vec!["to_q".into(), "to_out.0".into()] };
+    let out = tempfile::tempdir().unwrap();
+    for (name, recipe, settings) in [
+        ("dora", dora_recipe(), serde_json::json!({"use_rslora": false, "init_lora_weights": "gaussian"})),
+        ("loha", loha_recipe(), serde_json::json!({"init_weights": false})),
+    ] {
+        let mut model = load();
+        inject_recipe(&mut model, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
+        let settings = peft_settings(&recipe.peft_type, &settings);
+        let meta = adapter_metadata(&mut model, &spec, settings).unwrap();
+        let path = save_adapter(&mut model, &out.path().join(name), &meta).unwrap();
+        let (header, tensors) = read_safetensors(&path);
+        let dict: serde_json::Value = serde_json::from_str(&header["lora_adapter_metadata"]).unwrap();
+        assert_eq!(header["format"], "pt");
+        let layer = "transformer.transformer_blocks.1.attn1.to_out.0";
+        match name {
+            "dora" => {
+                assert_eq!(tensors.len(), 4 * 3);
+                assert_eq!(tensors[&format!("{layer}.lora_magnitude_vector")].1, vec![32]);
+                assert_eq!(tensors[&format!("{layer}.lora_A.weight")].1, vec![2, 32]);
+                assert_eq!(dict["transformer.use_dora"], serde_json::json!(true));
+                assert_eq!(dict["transformer.init_lora_weights"], serde_json::json!("gaussian"));
+                assert_eq!(dict["transformer.lora_alpha"], serde_json::json!(4));
+                assert_eq!(dict["transformer.peft_type"], serde_json::json!("LORA"));
+            }
+            _ => {
+                assert_eq!(tensors.len(), 4 * 4);
+                assert_eq!(tensors[&format!("{layer}.hada_w1_a")].1, vec![32, 2]);
+                assert_eq!(dict["transformer.peft_type"], serde_json::json!("LOHA"));
+                assert_eq!(dict["transformer.alpha"], serde_json::json!(4));
+                assert_eq!(dict["transformer.init_weights"], serde_json::json!(false));
+                assert!(dict.get("transformer.lora_alpha").is_none());
+            }
+        }
+        assert!(tensors.values().all(|(dtype, _, _)| dtype == "F32"));
+
+        // Load into a freshly injected model: same adapter values, same loss.
+        let loaded = load_adapter(&path).unwrap();
+        assert_eq!(loaded.metadata.as_ref().unwrap(), &meta_sorted(meta.clone()));
+        let mut fresh = load();
+        inject_recipe(&mut fresh, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
+        let values: BTreeMap<String, AdapterTensor<cogvx_model_core::CpuBackend>> = loaded.values(&dev).unwrap();
+        set_adapter_values(&mut fresh, &values).unwrap();
+        let (batch, draw) = tiny_batch(&model, 4);
+        let l1 = compute_loss(&model, &schedule, &batch, &draw).unwrap().into_scalar();
+        let l2 = compute_loss(&fresh, &schedule, &batch, &draw).unwrap().into_scalar();
+        assert_eq!(l1, l2, "{name}");
+    }
+
+    // Refusals: metadata that disagrees with the model, an unexported trainable parameter, no adapter.
+    let mut model = load();
+    inject_recipe(&mut model, &spec, RecipeLimits::default(), |_| Ok::<_, String>(dora_recipe()), &dev).unwrap();
+    let mut meta = adapter_metadata(&mut model, &spec, BTreeMap::new()).unwrap();
+    meta.use_dora = false;
+    let e = save_adapter(&mut model, out.path(), &meta).unwrap_err().to_string();
+    assert!(e.contains("use_dora = false"), "{e}");
+    let mut bad = dora_recipe();
+    bad.export.pop();
+    let mut model = load();
+    inject_recipe(&mut model, &spec, RecipeLimits::default(), |_| Ok::<_, String>(bad.clone()), &dev).unwrap();
+    let e = adapter_metadata(&mut model, &spec, BTreeMap::new()).unwrap_err().to_string();
+    assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("`m` has no export key"), "{e}");
+    let e = adapter_metadata(&mut load(), &spec, BTreeMap::new()).unwrap_err().to_string();
+    assert!(e.contains("no adapter"), "{e}");
+}
