@@ -1,0 +1,310 @@
+//! Checkpoints: `output_dir/checkpoint-<step>/` with the trainable weights, the optimizer state
+//! and `trainer_state.json` (step, data position, RNG position, LR schedule, configs).
+//!
+//! A checkpoint is written into a hidden temporary folder (`.checkpoint-<step>.tmp-<pid>`),
+//! every file fsynced, then the folder is renamed to `checkpoint-<step>` and the parent fsynced:
+//! a crash at any point leaves either no `checkpoint-<step>` or a complete one, and the
+//! previous checkpoints untouched. Only folders named `checkpoint-<step>` whose state file
+//! parses are listed; temporary folders are ignored (and removed by [`remove_stale_temp_dirs`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{TrainConfig, ValidationConfig};
+use crate::rng::RngState;
+use crate::schedule::LrSchedule;
+use crate::TrainerError;
+use cogvx_train::HostAdamState;
+
+/// `trainer_state.json`'s format tag.
+pub const CHECKPOINT_FORMAT: &str = "cogvx-checkpoint/1";
+/// The trainable weights, by PEFT / diffusers parameter name (float32).
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// AdamW `exp_avg.<name>` / `exp_avg_sq.<name>`, per-parameter step counts in the metadata.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Everything else, written last.
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Host tensors by name: `(shape, values)`.
+pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Where the data loader stands: the next micro-batch is batch `batch` (0-based) of `epoch`'s
+/// order ([`crate::rng::epoch_order`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+/// `trainer_state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: String,
+    /// Optimizer updates done.
+    pub step: u64,
+    /// The step the run was set to reach.
+    pub total_steps: u64,
+    /// Samples in the cache the run trained on (the data order depends on it).
+    pub num_samples: u64,
+    pub data: DataPosition,
+    /// The schedule; the next update runs at `lr_schedule.lr_at(learning_rate, step)`.
+    pub lr_schedule: LrSchedule,
+    /// The learning rate of the last update.
+    pub last_lr: f64,
+    /// The training RNG after the last update.
+    pub rng: RngState,
+    /// Seconds spent training so far (for step timing across resumes).
+    pub elapsed_s: f64,
+    pub config: TrainConfig,
+    pub validation: ValidationConfig,
+}
+
+/// A checkpoint in memory.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub state: TrainerState,
+    pub weights: HostTensors,
+    pub optimizer: BTreeMap<String, HostAdamState>,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainerError {
+    TrainerError::Io { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// `checkpoint-<step>` → `step`.
+pub fn checkpoint_step(name: &str) -> Option<u64> {
+    name.strip_prefix("checkpoint-")?.parse().ok()
+}
+
+/// The folder of step `step`'s checkpoint.
+pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), TrainerError> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io(dir, e))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
+    f.write_all(bytes).map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))
+}
+
+/// Writes `checkpoint` to `output_dir/checkpoint-<step>/` atomically (see the module docs);
+/// `on_file(path)` is called after each file is written and synced (fault-injection tests use
+/// it). An existing checkpoint of the same step is replaced. Returns the folder.
+pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Option<&dyn Fn(&Path)>) -> Result<PathBuf, TrainerError> {
+    let step = checkpoint.state.step;
+    let dest = checkpoint_dir(output_dir, step);
+    let tmp = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let notify = |p: &Path| {
+        if let Some(f) = on_file {
+            f(p)
+        }
+    };
+
+    let weights = tmp.join(WEIGHTS_FILE);
+    let meta = BTreeMap::from([("format".to_string(), CHECKPOINT_FORMAT.to_string())]);
+    cogvx_train::export::write_safetensors_f32(&weights, &checkpoint.weights, &meta)?;
+    notify(&weights);
+
+    let optimizer = tmp.join(OPTIMIZER_FILE);
+    let mut tensors = HostTensors::new();
+    let mut steps = BTreeMap::new();
+    for (name, s) in &checkpoint.optimizer {
+        tensors.insert(format!("exp_avg.{name}"), (s.shape.clone(), s.exp_avg.clone()));
+        tensors.insert(format!("exp_avg_sq.{name}"), (s.shape.clone(), s.exp_avg_sq.clone()));
+        steps.insert(name.clone(), s.step);
+    }
+    let meta = BTreeMap::from([
+        ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
+        ("steps".to_string(), serde_json::to_string(&steps).expect("map of numbers")),
+    ]);
+    cogvx_train::export::write_safetensors_f32(&optimizer, &tensors, &meta)?;
+    notify(&optimizer);
+
+    let state = tmp.join(STATE_FILE);
+    let json = serde_json::to_vec_pretty(&checkpoint.state).map_err(|e| io(&state, e))?;
+    write_file(&state, &json)?;
+    notify(&state);
+    fsync_dir(&tmp)?;
+
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+    fsync_dir(output_dir)?;
+    Ok(dest)
+}
+
+fn read_tensors(path: &Path) -> Result<(HostTensors, BTreeMap<String, String>), TrainerError> {
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| io(path, format!("not a valid safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| io(path, format!("unreadable header: {e}")))?;
+    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+        return Err(io(path, format!("not a cogvx checkpoint file (header `format` is not `{CHECKPOINT_FORMAT}`)")));
+    }
+    let mut out = HostTensors::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(io(path, format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+        }
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok((out, meta))
+}
+
+/// Reads `trainer_state.json` of a checkpoint folder.
+pub fn read_state(dir: &Path) -> Result<TrainerState, TrainerError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    let state: TrainerState = serde_json::from_slice(&bytes).map_err(|e| io(&path, format!("not a trainer state: {e}")))?;
+    if state.format != CHECKPOINT_FORMAT {
+        return Err(io(&path, format!("format {:?}, this build reads {CHECKPOINT_FORMAT:?}", state.format)));
+    }
+    Ok(state)
+}
+
+/// Reads a whole checkpoint folder.
+pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint, TrainerError> {
+    let state = read_state(dir)?;
+    let (weights, _) = read_tensors(&dir.join(WEIGHTS_FILE))?;
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let (mut tensors, meta) = read_tensors(&opt_path)?;
+    let steps: BTreeMap<String, u64> = meta
+        .get("steps")
+        .ok_or_else(|| io(&opt_path, "no `steps` in the header"))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| io(&opt_path, format!("header `steps`: {e}"))))?;
+    let mut optimizer = BTreeMap::new();
+    for (name, step) in steps {
+        let (shape, exp_avg) = tensors.remove(&format!("exp_avg.{name}")).ok_or_else(|| io(&opt_path, format!("no exp_avg.{name}")))?;
+        let (shape2, exp_avg_sq) = tensors.remove(&format!("exp_avg_sq.{name}")).ok_or_else(|| io(&opt_path, format!("no exp_avg_sq.{name}")))?;
+        if shape != shape2 {
+            return Err(io(&opt_path, format!("exp_avg.{name} {shape:?} and exp_avg_sq.{name} {shape2:?} differ in shape")));
+        }
+        optimizer.insert(name, HostAdamState { step, shape, exp_avg, exp_avg_sq });
+    }
+    if let Some(extra) = tensors.keys().next() {
+        return Err(io(&opt_path, format!("tensor `{extra}` has no step count in the header")));
+    }
+    Ok(Checkpoint { state, weights, optimizer })
+}
+
+/// The complete checkpoints under `output_dir` (a `checkpoint-<step>` folder whose state file
+/// parses), oldest first.
+pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainerError> {
+    let rd = match std::fs::read_dir(output_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(output_dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(step) = checkpoint_step(&name) else { continue };
+        let dir = entry.path();
+        match read_state(&dir) {
+            Ok(s) if s.step == step => out.push((step, dir)),
+            Ok(s) => tracing::warn!("{}: holds step {}, not {step}; ignored", dir.display(), s.step),
+            Err(e) => tracing::warn!("ignoring incomplete checkpoint: {e}"),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>, TrainerError> {
+    Ok(list_checkpoints(output_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Removes all but the newest `keep` complete checkpoints; returns the removed folders.
+pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, TrainerError> {
+    let all = list_checkpoints(output_dir)?;
+    let n = all.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for (_, dir) in all.into_iter().take(n) {
+        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        removed.push(dir);
+    }
+    Ok(removed)
+}
+
+/// Removes temporary checkpoint folders left by an interrupted write.
+pub fn remove_stale_temp_dirs(output_dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(output_dir) else { return Ok(removed) };
+    for entry in rd.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp-") && entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path()).map_err(|e| io(&entry.path(), e))?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::LrScheduler;
+
+    fn sample(step: u64) -> Checkpoint {
+        Checkpoint {
+            state: TrainerState {
+                format: CHECKPOINT_FORMAT.into(),
+                step,
+                total_steps: 10,
+                num_samples: 5,
+                data: DataPosition { epoch: 1, batch: 2 },
+                lr_schedule: LrSchedule { kind: LrScheduler::Linear, num_warmup_steps: 2, num_training_steps: 10, num_cycles: 1 },
+                last_lr: 1e-5,
+                rng: crate::rng::TrainRng::new(3).state(),
+                elapsed_s: 1.5,
+                config: TrainConfig::default(),
+                validation: ValidationConfig::default(),
+            },
+            weights: BTreeMap::from([("a.lora_A.weight".to_string(), (vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]))]),
+            optimizer: BTreeMap::from([(
+                "a.lora_A.weight".to_string(),
+                HostAdamState { step: 4, shape: vec![2, 3], exp_avg: vec![0.1; 6], exp_avg_sq: vec![0.2; 6] },
+            )]),
+        }
+    }
+
+    #[test]
+    fn write_read_list_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in [2, 4, 6] {
+            write_checkpoint(dir.path(), &sample(s), None).unwrap();
+        }
+        let c = read_checkpoint(&checkpoint_dir(dir.path(), 4)).unwrap();
+        assert_eq!(c.state, sample(4).state);
+        assert_eq!(c.weights, sample(4).weights);
+        assert_eq!(c.optimizer, sample(4).optimizer);
+        // A temp folder and a folder without a state file are not checkpoints.
+        std::fs::create_dir_all(dir.path().join(".checkpoint-8.tmp-1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("checkpoint-9")).unwrap();
+        let steps: Vec<u64> = list_checkpoints(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [2, 4, 6]);
+        assert_eq!(latest_checkpoint(dir.path()).unwrap().unwrap(), checkpoint_dir(dir.path(), 6));
+        let removed = prune_checkpoints(dir.path(), 2).unwrap();
+        assert_eq!(removed, [checkpoint_dir(dir.path(), 2)]);
+        assert_eq!(remove_stale_temp_dirs(dir.path()).unwrap().len(), 1);
+        // A corrupt optimizer file is an error naming it.
+        std::fs::write(checkpoint_dir(dir.path(), 6).join(OPTIMIZER_FILE), b"junk").unwrap();
+        let e = read_checkpoint(&checkpoint_dir(dir.path(), 6)).unwrap_err().to_string();
+        assert!(e.contains(OPTIMIZER_FILE), "{e}");
+    }
+}

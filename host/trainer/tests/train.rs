@@ -1,0 +1,324 @@
+//! The training loop end to end on the tiny 2B model (`shared/reference/models/cogvideox-2b-tiny`)
+//! with a synthetic three-sample cache (latents `[4, 3, 4, 6]`, i.e. 9x32x48 pixels, prompt
+//! embeddings `[16, 32]`), written through cogvx-cache's entry format.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use burn::backend::Autodiff;
+use cogvx_cache::{store, Cache, HostTensor, Index, IndexSample, ModelIdentity, INDEX, INDEX_FORMAT};
+use cogvx_metrics::read_steps;
+use cogvx_model_core::{CpuBackend, CpuDevice};
+use cogvx_plugin_api::{Metric, Plugin, PluginInfo, PluginKind, PluginResult, ValidateRequest};
+use cogvx_trainer::checkpoint::{checkpoint_dir, list_checkpoints, OPTIMIZER_FILE};
+use cogvx_trainer::{train, LrScheduler, Resume, TrainConfig, TrainJob, TrainSummary, TrainerError, ValidationConfig};
+
+type B = Autodiff<CpuBackend>;
+
+/// The adapter initialisation seeds the backend's global RNG: one run at a time per process.
+static RUN: Mutex<()> = Mutex::new(());
+
+fn model_dir() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models/cogvideox-2b-tiny"));
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} is absent (the shared reference data sits next to the repo)", p.display());
+        None
+    }
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    cogvx_cache::gaussian_noise(seed, n)
+}
+
+/// A cache of `n` samples with the given latent channel count.
+fn make_cache(dir: &Path, n: usize, i2v: bool) -> Cache {
+    std::fs::create_dir_all(dir.join("latents")).unwrap();
+    std::fs::create_dir_all(dir.join("prompts")).unwrap();
+    let mut samples = Vec::new();
+    for i in 0..n {
+        let lkey = format!("{:064x}", 1000 + i);
+        let pkey = format!("{:064x}", 2000 + i);
+        let latent = HostTensor::new(vec![4, 3, 4, 6], values(4 * 3 * 4 * 6, 10 + i as u64));
+        let prompt = HostTensor::new(vec![16, 32], values(16 * 32, 20 + i as u64));
+        let image = HostTensor::new(vec![3, 32, 48], values(3 * 32 * 48, 30 + i as u64).into_iter().map(|v| (v * 0.3).clamp(-1.0, 1.0)).collect());
+        let mut tensors: Vec<(&str, &HostTensor)> = vec![("latent", &latent)];
+        if i2v {
+            tensors.push(("image", &image));
+        }
+        store::write_entry(&dir.join("latents").join(format!("{lkey}.safetensors")), &lkey, &tensors).unwrap();
+        store::write_entry(&dir.join("prompts").join(format!("{pkey}.safetensors")), &pkey, &[("prompt_embedding", &prompt)]).unwrap();
+        samples.push(IndexSample {
+            origin: format!("videos.txt:{}", i + 1),
+            video: format!("videos/{i}.mp4"),
+            caption: format!("caption {i}"),
+            seed: i as u64,
+            latent: lkey,
+            prompt: pkey,
+            image: i2v,
+        });
+    }
+    let index = Index {
+        format: INDEX_FORMAT.into(),
+        model: ModelIdentity { vae: "test".into(), text: "test".into() },
+        transforms: Vec::new(),
+        resolution: [9, 32, 48],
+        seed: 0,
+        max_sequence_length: 16,
+        i2v,
+        samples,
+    };
+    std::fs::write(dir.join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
+    Cache::open(dir).unwrap()
+}
+
+/// Small, fast settings that exercise accumulation (3 samples, 2 micro-batches per step: windows
+/// of 2 then 1 per epoch), a decaying schedule with warmup, clipping and keep-last-K.
+fn config(out: &Path, max_steps: u64, checkpointing_steps: u64) -> TrainConfig {
+    TrainConfig {
+        rank: 4,
+        alpha: 2.0,
+        learning_rate: 1e-3,
+        lr_scheduler: LrScheduler::Linear,
+        lr_warmup_steps: 1,
+        max_steps: Some(max_steps),
+        gradient_accumulation_steps: 2,
+        checkpointing_steps,
+        checkpoints_total_limit: Some(2),
+        output_dir: out.to_path_buf(),
+        ..TrainConfig::default()
+    }
+}
+
+fn run(job: TrainJob<'_>) -> Result<TrainSummary, TrainerError> {
+    let _guard = RUN.lock().unwrap_or_else(|e| e.into_inner());
+    train::<B>(job, &CpuDevice::default())
+}
+
+fn job<'a>(model: &Path, cache: &Cache, config: TrainConfig) -> TrainJob<'a> {
+    let mut j = TrainJob::new(model, cache.clone(), config);
+    j.progress = false;
+    j
+}
+
+fn bits(losses: &[(u64, f64)]) -> Vec<(u64, u64)> {
+    losses.iter().map(|(s, l)| (*s, l.to_bits())).collect()
+}
+
+#[test]
+fn resume_continues_the_same_loss_curve() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 3, false);
+
+    // 2N = 6 steps without interruption.
+    let full_out = tmp.path().join("full");
+    let full = run(job(&model, &cache, config(&full_out, 6, 3))).unwrap();
+    assert_eq!(bits(&full.losses).len(), 6);
+    assert!(full.exported.is_some());
+
+    // N = 3 steps, stopped (a checkpoint is written at the stop), then resumed for N more.
+    let out = tmp.path().join("split");
+    let mut stop = |r: &cogvx_metrics::StepRecord| r.step == 3;
+    let mut first = job(&model, &cache, config(&out, 6, 3));
+    first.on_step = Some(&mut stop);
+    let a = run(first).unwrap();
+    assert!(a.stopped_early);
+    assert_eq!((a.step, a.exported.as_ref()), (3, None));
+    let mut second = job(&model, &cache, config(&out, 6, 3));
+    second.resume = Some(Resume::Latest);
+    let b = run(second).unwrap();
+    assert_eq!(b.resumed_from, Some(checkpoint_dir(&out, 3)));
+    assert_eq!(b.start_step, 3);
+
+    let mut joined = a.losses.clone();
+    joined.extend(b.losses.clone());
+    assert_eq!(bits(&joined), bits(&full.losses), "resumed {joined:?}\nuninterrupted {:?}", full.losses);
+
+    // The same final weights, byte for byte.
+    let lora = |dir: &Path| std::fs::read(dir.join(cogvx_train::LORA_WEIGHTS_NAME)).unwrap();
+    assert_eq!(lora(&out), lora(&full_out));
+
+    // metrics.jsonl holds one continuous curve; 2 steps per epoch (3 samples, accumulation 2).
+    let steps = read_steps(&out.join(cogvx_trainer::METRICS_FILE)).unwrap();
+    assert_eq!(steps.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(steps.iter().map(|r| r.epoch).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2]);
+    assert_eq!(steps.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>(), bits(&full.losses).iter().map(|x| x.1).collect::<Vec<_>>());
+    // Linear schedule, 1 warmup step: lr 0 at the first update, then (6 - s) / 5 * 1e-3.
+    assert_eq!(steps[0].lr, 0.0);
+    assert!((steps[1].lr - 1e-3).abs() < 1e-15 && (steps[5].lr - 0.2e-3).abs() < 1e-15, "{steps:?}");
+    assert!(steps.iter().all(|r| r.grad_norm.is_finite() && r.grad_norm > 0.0));
+    assert!(out.join(cogvx_trainer::LOSS_PLOT_FILE).is_file());
+    // keep-last-2: checkpoints 3 and 6.
+    let kept: Vec<u64> = list_checkpoints(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, [3, 6]);
+}
+
+const KILL_ENV: &str = "COGVX_TRAINER_KILL_TEST_OUT";
+
+fn kill_config(out: &Path) -> TrainConfig {
+    TrainConfig { checkpoints_total_limit: None, ..config(out, 4, 1) }
+}
+
+#[test]
+fn killed_checkpoint_write_leaves_previous_usable() {
+    let Some(model) = model_dir() else { return };
+    if let Ok(out) = std::env::var(KILL_ENV) {
+        // Child: train, and abort the process in the middle of writing checkpoint-2 (after its
+        // weights file, before its optimizer and state files).
+        let out = PathBuf::from(out);
+        let cache = Cache::open(out.parent().unwrap().join("cache")).unwrap();
+        let abort = |p: &Path| {
+            let in_tmp = p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().starts_with(".checkpoint-2.tmp-")).unwrap_or(false);
+            if in_tmp && p.file_name().unwrap() != OPTIMIZER_FILE {
+                std::process::abort();
+            }
+        };
+        let mut j = job(&model, &cache, kill_config(&out));
+        j.on_checkpoint_file = Some(&abort);
+        let _ = run(j);
+        panic!("the child should have been killed while writing checkpoint-2");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 3, false);
+    let out = tmp.path().join("out");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "killed_checkpoint_write_leaves_previous_usable", "--test-threads=1", "--nocapture"])
+        .env(KILL_ENV, &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child run was not killed");
+    // The partial write is a hidden temp folder; checkpoint-1 is intact and the only one listed.
+    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().any(|n| n.starts_with(".checkpoint-2.tmp-")), "{names:?}");
+    assert!(!out.join("checkpoint-2").exists(), "{names:?}");
+    let listed: Vec<u64> = list_checkpoints(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(listed, [1]);
+
+    let mut resumed = job(&model, &cache, kill_config(&out));
+    resumed.resume = Some(Resume::Latest);
+    let r = run(resumed).unwrap();
+    assert_eq!(r.resumed_from, Some(checkpoint_dir(&out, 1)));
+    assert_eq!(r.losses.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 3, 4]);
+    // The temp folder was cleaned up and the resumed run matches an uninterrupted one.
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
+    let full = run(job(&model, &cache, kill_config(&tmp.path().join("full")))).unwrap();
+    assert_eq!(bits(&r.losses), bits(&full.losses[1..]));
+}
+
+/// A validator that reports the mean brightness and the frame count.
+struct Brightness;
+
+impl Plugin for Brightness {
+    fn info(&self) -> PluginInfo {
+        PluginInfo { name: "brightness".into(), version: "0.1.0".into(), kinds: vec![PluginKind::Validator], description: "test".into() }
+    }
+    fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
+        let f = &request.frames;
+        let mean = f.rgb.iter().map(|v| *v as f64).sum::<f64>() / f.rgb.len() as f64;
+        Ok(vec![Metric { name: "mean".into(), value: mean }, Metric { name: "frames".into(), value: f.count as f64 }])
+    }
+}
+
+#[test]
+fn lora_export_validation_videos_and_validator_metrics() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let out = tmp.path().join("out");
+    let mut cfg = config(&out, 4, 100);
+    cfg.gradient_accumulation_steps = 1;
+    cfg.lr_scheduler = LrScheduler::Constant;
+    let mut brightness = Brightness;
+    let mut j = job(&model, &cache, cfg);
+    j.validation = ValidationConfig {
+        steps: 2,
+        prompts: vec!["a red cube".into()],
+        num_inference_steps: 2,
+        validators: vec!["brightness".into()],
+        ..ValidationConfig::default()
+    };
+    j.validators = vec![&mut brightness];
+    let s = run(j).unwrap();
+    // Validation at steps 2 and 4 (the end), one video each.
+    assert_eq!(s.validation_videos, [out.join("validation/step-2/0.mp4"), out.join("validation/step-4/0.mp4")]);
+    for v in &s.validation_videos {
+        let info = cogvx_video::probe(v).unwrap();
+        assert_eq!((info.width, info.height, info.frame_count), (48, 32, 9), "{info:?}");
+    }
+    let log = std::fs::read_to_string(out.join(cogvx_trainer::METRICS_FILE)).unwrap();
+    let events: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["type"] == "validation").collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["step"], 2);
+    assert_eq!(events[0]["brightness.frames"], 9.0);
+    assert!(events[0]["brightness.mean"].as_f64().unwrap() > 0.0);
+    // The LoRA export loads back with the configured rank, alpha and targets.
+    let lora = cogvx_train::load_lora(s.exported.as_ref().unwrap()).unwrap();
+    let meta = lora.metadata.expect("adapter metadata");
+    assert_eq!((meta.rank, meta.alpha), (4, 2.0));
+    assert_eq!(lora.tensors.len(), 2 * 4 * 2, "2 blocks x 4 targets x (A, B)");
+    // The final checkpoint (step 4) is written even though 4 is not a multiple of 100.
+    assert_eq!(s.last_checkpoint, Some(checkpoint_dir(&out, 4)));
+}
+
+#[test]
+fn bad_inputs_fail_before_any_work() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 1, false);
+    let err = |j: TrainJob<'_>| run(j).unwrap_err().to_string();
+
+    // An output folder that is a file.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = err(job(&model, &cache, config(&file, 1, 1)));
+    assert!(e.contains("a-file"), "{e}");
+
+    let out = tmp.path().join("out");
+    // An adapter plugin that was not loaded.
+    let e = err(job(&model, &cache, TrainConfig { adapter: "dora".into(), ..config(&out, 1, 1) }));
+    assert!(e.contains("`adapter`") && e.contains("dora"), "{e}");
+    // A validator that was not loaded.
+    let mut j = job(&model, &cache, config(&out, 1, 1));
+    j.validation = ValidationConfig { steps: 1, prompts: vec!["x".into()], validators: vec!["flicker".into()], ..ValidationConfig::default() };
+    let e = err(j);
+    assert!(e.contains("validation.validators") && e.contains("flicker"), "{e}");
+    // A bad value.
+    let e = err(job(&model, &cache, TrainConfig { batch_size: 0, ..config(&out, 1, 1) }));
+    assert!(e.contains("`batch_size`"), "{e}");
+    // An I2V cache for a T2V model.
+    let i2v_cache = make_cache(&tmp.path().join("cache-i2v"), 1, true);
+    let e = err(job(&model, &i2v_cache, config(&out, 1, 1)));
+    assert!(e.contains("image-to-video") && e.contains("text-to-video"), "{e}");
+    // A resume path that is not a checkpoint.
+    let mut j = job(&model, &cache, config(&out, 1, 1));
+    j.resume = Some(Resume::Path(tmp.path().join("nope")));
+    let e = err(j);
+    assert!(e.contains("nope"), "{e}");
+    // Nothing was trained: no checkpoint, no export.
+    assert!(list_checkpoints(&out).unwrap().is_empty());
+    assert!(!out.join(cogvx_train::LORA_WEIGHTS_NAME).exists());
+}
+
+#[test]
+fn resume_refuses_other_adapter_settings() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let out = tmp.path().join("out");
+    run(job(&model, &cache, config(&out, 1, 1))).unwrap();
+    let mut j = job(&model, &cache, TrainConfig { rank: 8, ..config(&out, 2, 1) });
+    j.resume = Some(Resume::Latest);
+    let e = run(j).unwrap_err().to_string();
+    assert!(e.contains("`rank` = 4 there, 8 now"), "{e}");
+    // Extending a finished run with more steps works.
+    let mut j = job(&model, &cache, config(&out, 2, 1));
+    j.resume = Some(Resume::Latest);
+    let s = run(j).unwrap();
+    assert_eq!((s.start_step, s.step), (1, 2));
+}
