@@ -25,6 +25,15 @@ pub enum EngineError {
     /// A scheduler plugin refused to give tables or a plan.
     #[error("scheduler plugin `{plugin}`: {message}")]
     Plugin { plugin: String, message: String },
+    /// Reading a conditioning image or writing a video failed.
+    #[error(transparent)]
+    Video(#[from] cogvx_video::VideoError),
+    /// Reading a LoRA file failed.
+    #[error(transparent)]
+    Train(#[from] cogvx_train::TrainError),
+    /// A LoRA file that does not fit the model; the message names the file and the key.
+    #[error("{path}: {message}")]
+    Lora { path: PathBuf, message: String },
     /// A file or folder could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
