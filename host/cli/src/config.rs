@@ -134,6 +134,10 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// `"t2v"` or `"i2v"`: checked against the folder before any work starts (optional).
     pub task: Option<Task>,
+    /// A scheduler plugin by name (e.g. `cogvideox-dpm`): its tables give the training
+    /// timestep distribution and loss weights, its plans the validation sampler. Default: the
+    /// folder's own scheduler with uniform timesteps, as the official finetune.
+    pub scheduler: Option<String>,
 }
 
 /// `[wasm]`: sandbox limits of WebAssembly plugins.
@@ -172,6 +176,12 @@ pub struct Config {
     pub model: ModelConfig,
     #[serde(default)]
     pub data: DataConfig,
+    /// `[train]`: adapter, optimizer, schedule, steps, checkpoints, output folder.
+    #[serde(default)]
+    pub train: cogvx_trainer::TrainConfig,
+    /// `[validation]`: prompts sampled every N steps, and the validator plugins.
+    #[serde(default)]
+    pub validation: cogvx_trainer::ValidationConfig,
     #[serde(default)]
     pub wasm: WasmConfig,
     /// `[plugin.<name>]`: parameters handed to each plugin's `configure`.
@@ -187,7 +197,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         config.plugins.iter_mut().for_each(resolve);
@@ -203,6 +213,8 @@ impl Config {
         if let Some(p) = config.model.path.as_mut() {
             resolve(p);
         }
+        resolve(&mut config.train.output_dir);
+        config.validation.images.iter_mut().for_each(resolve);
         Ok(config)
     }
 
@@ -225,6 +237,27 @@ impl Config {
     }
 }
 
+/// Removes `.` and `name/..` pairs without touching the file system (`configs/../out` → `out`),
+/// so paths in messages read as the user would write them.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +276,14 @@ mod tests {
         assert!(err.contains("resolutoin"), "{err}");
         let err = toml::from_str::<Config>("pluginz = []\n").unwrap_err().to_string();
         assert!(err.contains("pluginz"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_normalized() {
+        assert_eq!(normalize(Path::new("configs/../out/x")), PathBuf::from("out/x"));
+        assert_eq!(normalize(Path::new("./a/./b")), PathBuf::from("a/b"));
+        assert_eq!(normalize(Path::new("../../shared/x")), PathBuf::from("../../shared/x"));
+        assert_eq!(normalize(Path::new("configs/..")), PathBuf::from("."));
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Fine-tune: prepares the cache when stale, then trains the `[train] adapter` (LoRA, SFT
+    /// or an adapter plugin), with checkpoints, validation videos, metrics and the export.
+    /// Everything is checked before any work starts.
+    Train(TrainArgs),
     /// Run diffusers parity cases (a folder of `*.safetensors` case files) and print a table;
     /// exits 1 unless every case that ran passed.
     Parity {
@@ -81,6 +85,30 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+/// `cogvx train` flags (each overrides its `[train]` key).
+#[derive(clap::Args, Debug, Default)]
+pub struct TrainArgs {
+    /// Optimizer steps to run (`[train] max_steps`).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+    /// Adapter rank (`[train] rank`).
+    #[arg(long, value_name = "R")]
+    pub rank: Option<usize>,
+    /// Adapter alpha (`[train] alpha`); the update is scaled by alpha / rank.
+    #[arg(long, value_name = "A")]
+    pub alpha: Option<f64>,
+    /// Output folder: checkpoints, metrics, validation videos, exported weights (`[train] output_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Continue a run: `latest` (the newest complete checkpoint in the output folder) or a
+    /// checkpoint folder.
+    #[arg(long, value_name = "latest|PATH")]
+    pub resume: Option<String>,
+    /// The cache folder (else `[data] cache_dir`, else `<output_dir>/cache`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,6 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dataset { command: DatasetCommand::Check { dir } } => commands::dataset::check(&settings, dir),
         Command::Dataset { command: DatasetCommand::Preview { dir, out } } => commands::dataset::preview(&settings, dir, &out),
         Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
+        Command::Train(args) => commands::train::run(&settings, args),
         Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref()),
         Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
             commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)

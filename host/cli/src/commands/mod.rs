@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod parity;
 pub mod plugins;
 pub mod prepare;
+pub mod train;
 
 use anyhow::{bail, Result};
 use cogvx_data::chain::Chain;

@@ -43,6 +43,9 @@ pub fn prepare_cache(settings: &Settings, root: &Path, folder: &ModelFolder, cac
     let mut options = PrepareOptions::new(settings.resolution.into());
     options.seed = settings.config.data.seed;
     options.i2v = folder.variant.is_i2v();
+    // Prompts are tokenized to the length the transformer's positional table covers (226 for
+    // every released checkpoint, as the finetune's max_text_seq_length).
+    options.max_sequence_length = folder.transformer_config.max_text_seq_length;
     options.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let device = cogvx_model_core::CpuDevice::default();
     cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)

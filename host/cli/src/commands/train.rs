@@ -1,0 +1,184 @@
+//! `cogvx train`: checks everything, prepares the cache when stale, then runs the trainer.
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use cogvx_plugin_api::{Plugin, PluginKind};
+use cogvx_plugin_host::LoadedPlugin;
+use cogvx_trainer::{Resume, TrainConfig, TrainJob, ValidationConfig};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::prepare::{cache_dir, open_model, prepare_cache, print_summary};
+use super::Settings;
+use crate::plugins::take_chain;
+use crate::TrainArgs;
+
+/// `[train]` with the flags applied, and `[validation]` with prompts from `[data]
+/// validation_root` when it lists none itself.
+fn effective_configs(settings: &Settings, args: &TrainArgs) -> Result<(TrainConfig, ValidationConfig)> {
+    let mut train = settings.config.train.clone();
+    if let Some(n) = args.max_steps {
+        train.max_steps = Some(n);
+    }
+    if let Some(r) = args.rank {
+        train.rank = r;
+    }
+    if let Some(a) = args.alpha {
+        train.alpha = a;
+    }
+    if let Some(dir) = &args.output_dir {
+        train.output_dir = dir.clone();
+    }
+    train.validate().map_err(|e| anyhow!("config [train]: {e}"))?;
+    let mut validation = settings.config.validation.clone();
+    if validation.prompts.is_empty() {
+        if let Some(root) = &settings.config.data.validation_root {
+            let (prompts, images) = read_validation_set(root)?;
+            validation.prompts = prompts;
+            if validation.images.is_empty() {
+                validation.images = images;
+            }
+        }
+    }
+    validation.validate().map_err(|e| anyhow!("config [validation]: {e}"))?;
+    Ok((train, validation))
+}
+
+/// The prompts (and images, when `images.txt` exists) of a validation set in the finetune layout.
+fn read_validation_set(root: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
+    let read = |name: &str| -> Result<Option<Vec<String>>> {
+        let path = root.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("[data] validation_root: cannot read {}", path.display()))?;
+        Ok(Some(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()))
+    };
+    let prompts = read(cogvx_data::layout::PROMPTS)?
+        .ok_or_else(|| anyhow!("[data] validation_root: {} has no {}", root.display(), cogvx_data::layout::PROMPTS))?;
+    let images: Vec<PathBuf> = read(cogvx_data::layout::IMAGES)?.unwrap_or_default().iter().map(|p| root.join(p)).collect();
+    if !images.is_empty() && images.len() != prompts.len() {
+        bail!(
+            "[data] validation_root: {} lists {} images for {} prompts in {}; give one image per prompt",
+            root.join(cogvx_data::layout::IMAGES).display(),
+            images.len(),
+            prompts.len(),
+            cogvx_data::layout::PROMPTS
+        );
+    }
+    Ok((prompts, images))
+}
+
+/// Creates the output folder and proves it writable with a probe file, before any work.
+fn check_output_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("[train] output_dir: cannot create {} (choose a writable folder with --output-dir DIR)", dir.display()))?;
+    let probe = dir.join(format!(".cogvx-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").with_context(|| format!("[train] output_dir: {} is not writable (choose another folder with --output-dir DIR)", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The plugins a run takes out of the registry.
+struct RunPlugins {
+    adapter: Option<LoadedPlugin>,
+    scheduler: Option<LoadedPlugin>,
+    validators: Vec<LoadedPlugin>,
+}
+
+fn take_plugins(settings: &Settings, train: &TrainConfig, validation: &ValidationConfig) -> Result<RunPlugins> {
+    let mut registry = settings.registry()?;
+    let config = &settings.config;
+    let adapter = if train.is_lora() || train.is_sft() {
+        None
+    } else {
+        take_chain(&mut registry, config, std::slice::from_ref(&train.adapter), PluginKind::Adapter, "[train] adapter")?.pop()
+    };
+    let scheduler = match &config.model.scheduler {
+        Some(name) => take_chain(&mut registry, config, std::slice::from_ref(name), PluginKind::Scheduler, "[model] scheduler")?.pop(),
+        None => None,
+    };
+    let validators = take_chain(&mut registry, config, &validation.validators, PluginKind::Validator, "[validation] validators")?;
+    Ok(RunPlugins { adapter, scheduler, validators })
+}
+
+pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
+    // Every check before any work: config values, model kind, data root, plugins, output folder.
+    let (train, validation) = effective_configs(settings, &args)?;
+    let folder = open_model(settings)?;
+    if !folder.variant.is_i2v() && !validation.images.is_empty() {
+        bail!(
+            "config [validation] images: {} is a text-to-video model ({}); conditioning images need an image-to-video (…-I2V) model",
+            folder.root.display(),
+            folder.variant
+        );
+    }
+    if folder.variant.is_i2v() && validation.enabled() && validation.images.is_empty() {
+        bail!(
+            "config [validation]: {} is an image-to-video model ({}); give one conditioning image per prompt in `images` (or images.txt in [data] validation_root)",
+            folder.root.display(),
+            folder.variant
+        );
+    }
+    let root = settings.data_root(None)?;
+    if !root.is_dir() {
+        bail!("dataset root {} is not a folder (set --data-root DIR or `[data] root`)", root.display());
+    }
+    let mut plugins = take_plugins(settings, &train, &validation)?;
+    check_output_dir(&train.output_dir)?;
+    let resume = match args.resume.as_deref() {
+        None => None,
+        Some(r) => {
+            let resume: Resume = r.parse().expect("infallible");
+            if let Resume::Path(p) = &resume {
+                if !p.is_dir() {
+                    bail!("--resume {}: no such checkpoint folder (use `latest` or a checkpoint-<step> folder)", p.display());
+                }
+            }
+            Some(resume)
+        }
+    };
+
+    // The cache: prepared (only what changed is recomputed), then opened.
+    let cache = cache_dir(settings, args.cache_dir.clone(), Some(train.output_dir.join("cache")))?;
+    let summary = prepare_cache(settings, &root, &folder, &cache)?;
+    print_summary(&summary);
+    let cache = cogvx_cache::Cache::open(&cache).map_err(|e| anyhow!("{e}"))?;
+    if cache.is_empty() {
+        bail!("no usable samples in {} (see the problems above)", root.display());
+    }
+
+    let mut job = TrainJob::new(folder.root.clone(), cache, train);
+    job.validation = validation;
+    job.adapter_plugin = plugins.adapter.as_mut().map(|p| p as &mut dyn Plugin);
+    job.scheduler_plugin = plugins.scheduler.as_mut().map(|p| p as &mut dyn Plugin);
+    job.validators = plugins.validators.iter_mut().map(|p| p as &mut dyn Plugin).collect();
+    job.resume = resume;
+    job.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+
+    #[cfg(feature = "cuda")]
+    if std::env::var("COGVX_DEVICE").is_ok_and(|d| d == "cuda") {
+        return run_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(job, &cogvx_model_core::CudaDevice::default());
+    }
+    run_on::<cogvx_model_core::CpuAutodiffBackend>(job, &cogvx_model_core::CpuDevice::default())
+}
+
+fn run_on<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<ExitCode> {
+    let summary = cogvx_trainer::train::<B>(job, device).map_err(|e| anyhow!("{e}"))?;
+    if let Some(from) = &summary.resumed_from {
+        println!("resumed from {}", from.display());
+    }
+    println!("trained steps {}..{} of {}", summary.start_step, summary.step, summary.total_steps);
+    if let Some((step, loss)) = summary.losses.last() {
+        println!("last loss {loss:.6} (step {step})");
+    }
+    if let Some(c) = &summary.last_checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    for v in &summary.validation_videos {
+        println!("validation video: {}", v.display());
+    }
+    if let Some(e) = &summary.exported {
+        println!("exported: {}", e.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
