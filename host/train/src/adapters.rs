@@ -185,6 +185,24 @@ pub fn trainable_values<B: AutodiffBackend>(
         .collect()
 }
 
+/// Every adapter parameter by full name (trainable or not), on the inner backend: what a
+/// checkpoint must hold to restore an adapter whose recipe has frozen, randomly initialised
+/// parameters ([`set_adapter_values`] accepts all of them).
+pub fn all_adapter_values<B: AutodiffBackend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+) -> BTreeMap<String, AdapterTensor<B::InnerBackend>> {
+    adapter_tensors(model)
+        .into_iter()
+        .map(|(n, t, _)| {
+            let inner = match t {
+                AdapterTensor::Vector(t) => AdapterTensor::Vector(t.inner()),
+                AdapterTensor::Matrix(t) => AdapterTensor::Matrix(t.inner()),
+            };
+            (n, inner)
+        })
+        .collect()
+}
+
 /// The gradient of every trainable adapter parameter that the loss reached (as `p.grad` in torch:
 /// parameters the loss does not depend on have none).
 pub fn adapter_grads<B: AutodiffBackend>(

@@ -27,7 +27,7 @@ pub mod sft;
 pub mod sft_export;
 
 pub use adapters::{
-    adapter_grads, adapter_tensors, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
+    adapter_grads, adapter_tensors, all_adapter_values, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
     set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
 };
 pub use adapter_export::{adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata, LoadedAdapter};

@@ -558,3 +558,40 @@ fn recipe_adapters_export_under_peft_names_and_load_back() {
     let e = adapter_metadata(&mut load(), &spec, BTreeMap::new()).unwrap_err().to_string();
     assert!(e.contains("no adapter"), "{e}");
 }
+
+/// A recipe with a frozen random parameter: all_adapter_values holds it (trainable_values does
+/// not), and restoring them into a model injected under another seed gives the same loss.
+#[test]
+fn all_adapter_values_restore_frozen_recipe_parameters() {
+    use burn::tensor::backend::Backend;
+    let Some(root) = reference() else { return };
+    let model_dir = root.join("models/cogvideox-2b-tiny");
+    let dev = CpuDevice::default();
+    let mut recipe = loha_recipe();
+    recipe.params[0].trainable = false;
+    recipe.export.remove(0);
+    let spec = AdapterSpec { rank: 2, alpha: 2.0, targets: vec!["to_k".into()] };
+    let build = |seed: u64| {
+        AD::seed(&dev, seed);
+        let mut m = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+        inject_recipe(&mut m, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
+        m
+    };
+    let mut a = build(1);
+    let mut b = build(2);
+    let all = all_adapter_values(&mut a);
+    assert_eq!(all.len(), 2 * 4);
+    assert_eq!(trainable_values(&mut a).len(), 2 * 3);
+    assert!(all.contains_key("transformer_blocks.0.attn1.to_k.hada_w1_a"));
+    let schedule = load_schedule(&model_dir).unwrap();
+    let (batch, draw) = tiny_batch(&a, 9);
+    let la = compute_loss(&a, &schedule, &batch, &draw).unwrap().into_scalar();
+    assert_ne!(la, compute_loss(&b, &schedule, &batch, &draw).unwrap().into_scalar());
+    set_adapter_values(&mut b, &all).unwrap();
+    assert_eq!(la, compute_loss(&b, &schedule, &batch, &draw).unwrap().into_scalar());
+    // The frozen parameter has no export key: the export skips it, the trainable ones are saved.
+    let out = tempfile::tempdir().unwrap();
+    let meta = adapter_metadata(&mut a, &spec, BTreeMap::new()).unwrap();
+    let path = save_adapter(&mut a, out.path(), &meta).unwrap();
+    assert_eq!(load_adapter(&path).unwrap().tensors.len(), 2 * 3);
+}
