@@ -27,8 +27,10 @@ use std::collections::BTreeMap;
 pub enum TrainMode {
     /// The adapter parameters (built-in LoRA or a plugin recipe); the base weights are frozen.
     #[default]
+    #[serde(alias = "lora")]
     Adapter,
     /// Every transformer weight (SFT).
+    #[serde(alias = "sft")]
     Full,
 }
 
@@ -344,5 +346,8 @@ mod tests {
     fn train_mode_reads_from_config_names() {
         assert_eq!(serde_json::from_str::<TrainMode>("\"full\"").unwrap(), TrainMode::Full);
         assert_eq!(serde_json::from_str::<TrainMode>("\"adapter\"").unwrap(), TrainMode::Adapter);
+        // The official finetune's `training_type` names.
+        assert_eq!(serde_json::from_str::<TrainMode>("\"sft\"").unwrap(), TrainMode::Full);
+        assert_eq!(serde_json::from_str::<TrainMode>("\"lora\"").unwrap(), TrainMode::Adapter);
     }
 }
