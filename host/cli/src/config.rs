@@ -63,6 +63,9 @@ pub struct DataConfig {
     /// `FxHxW`.
     #[serde(default = "default_resolution")]
     pub resolution: Resolution,
+    /// The file set `resolution` (else it is the default).
+    #[serde(skip)]
+    pub resolution_set: bool,
     /// The dataset reader plugin by name.
     #[serde(default = "default_reader")]
     pub reader: String,
@@ -99,6 +102,7 @@ impl Default for DataConfig {
             root: None,
             validation_root: None,
             resolution: default_resolution(),
+            resolution_set: false,
             reader: default_reader(),
             transforms: default_transforms(),
             rewriters: Vec::new(),
@@ -194,6 +198,11 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let mut config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        config.data.resolution_set = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("data").and_then(|d| d.get("resolution")).map(|_| ()))
+            .is_some();
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {

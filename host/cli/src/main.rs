@@ -70,6 +70,9 @@ pub enum Command {
     /// or an adapter plugin), with checkpoints, validation videos, metrics and the export.
     /// Everything is checked before any work starts.
     Train(TrainArgs),
+    /// Generate a video with a model folder (--model or `[model] path`), optionally with a LoRA
+    /// at its trained strength and, for image-to-video models, a conditioning image.
+    Sample(SampleArgs),
     /// Run diffusers parity cases (a folder of `*.safetensors` case files) and print a table;
     /// exits 1 unless every case that ran passed.
     Parity {
@@ -109,6 +112,47 @@ pub struct TrainArgs {
     /// The cache folder (else `[data] cache_dir`, else `<output_dir>/cache`).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+/// `cogvx sample` flags (defaults: diffusers' `CogVideoXPipeline.__call__`).
+#[derive(clap::Args, Debug)]
+pub struct SampleArgs {
+    /// The prompt; repeat for several videos (`<out stem>-<i>.mp4`).
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// The negative prompt (classifier-free guidance).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// A diffusers LoRA file (e.g. a run's pytorch_lora_weights.safetensors), applied at alpha / rank.
+    #[arg(long, value_name = "FILE")]
+    pub lora: Option<PathBuf>,
+    /// Multiplies the LoRA's alpha / rank (1.0: the trained strength).
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_strength: f64,
+    /// The conditioning image (or a video, its first frame) for image-to-video models.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// The .mp4 to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (off at 1.0).
+    #[arg(long, default_value_t = 6.0)]
+    pub guidance_scale: f64,
+    /// The cosine guidance ramp of the CogVideoX demos.
+    #[arg(long)]
+    pub dynamic_cfg: bool,
+    /// Seed of the starting noise (and of any sampler noise).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Frames per second of the .mp4 (default 8, 16 for CogVideoX 1.5).
+    #[arg(long)]
+    pub fps: Option<f64>,
+    /// A scheduler plugin by name (else `[model] scheduler`, else the folder's scheduler).
+    #[arg(long)]
+    pub scheduler: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -195,6 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dataset { command: DatasetCommand::Preview { dir, out } } => commands::dataset::preview(&settings, dir, &out),
         Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
         Command::Train(args) => commands::train::run(&settings, args),
+        Command::Sample(args) => commands::sample::run(&settings, args),
         Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref()),
         Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
             commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)

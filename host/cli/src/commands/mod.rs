@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod parity;
 pub mod plugins;
 pub mod prepare;
+pub mod sample;
 pub mod train;
 
 use anyhow::{bail, Result};
@@ -22,6 +23,8 @@ pub struct Settings {
     pub config: Config,
     pub cli_plugins: Vec<PathBuf>,
     pub resolution: Resolution,
+    /// The resolution came from --resolution or the config file (not the built-in default).
+    pub resolution_given: bool,
 }
 
 impl Settings {
@@ -36,9 +39,10 @@ impl Settings {
         if let Some(model) = &cli.model {
             config.model.path = Some(model.clone());
         }
+        let resolution_given = cli.resolution.is_some() || config.data.resolution_set;
         let resolution = cli.resolution.unwrap_or(config.data.resolution);
         config.data.resolution = resolution;
-        Ok(Settings { config, cli_plugins: cli.plugins.clone(), resolution })
+        Ok(Settings { config, cli_plugins: cli.plugins.clone(), resolution, resolution_given })
     }
 
     /// The dataset root: the positional DIR, else --data-root, else `[data] root`.
