@@ -287,6 +287,26 @@ mod tests {
         assert!(err.contains("pluginz"), "{err}");
     }
 
+    /// Every shipped config parses (no unknown key) and its [train] / [validation] values pass
+    /// the trainer's checks.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs"));
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            c.train.validate().unwrap_or_else(|e| panic!("{} [train]: {e}", path.display()));
+            c.validation.validate().unwrap_or_else(|e| panic!("{} [validation]: {e}", path.display()));
+            assert!(c.data.resolution_set, "{}: set [data] resolution explicitly", path.display());
+            n += 1;
+        }
+        assert!(n >= 12, "expected the 10 presets, quickstart and mini in configs/, found {n}");
+    }
+
     #[test]
     fn relative_paths_are_normalized() {
         assert_eq!(normalize(Path::new("configs/../out/x")), PathBuf::from("out/x"));

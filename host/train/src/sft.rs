@@ -349,8 +349,5 @@ mod tests {
         // The official finetune's `training_type` names.
         assert_eq!(serde_json::from_str::<TrainMode>("\"sft\"").unwrap(), TrainMode::Full);
         assert_eq!(serde_json::from_str::<TrainMode>("\"lora\"").unwrap(), TrainMode::Adapter);
-        // The official finetune's `training_type` names.
-        assert_eq!(serde_json::from_str::<TrainMode>("\"sft\"").unwrap(), TrainMode::Full);
-        assert_eq!(serde_json::from_str::<TrainMode>("\"lora\"").unwrap(), TrainMode::Adapter);
     }
 }
