@@ -19,7 +19,10 @@
 //!
 //! Outputs under `output_dir`: `checkpoint-<step>/`, `metrics.jsonl` (one
 //! [`cogvx_metrics::StepRecord`] per step, validation events), `loss.png`,
-//! `validation/step-<N>/<i>.mp4`, and at the end `pytorch_lora_weights.safetensors` (LoRA).
+//! `validation/step-<N>/<i>.mp4`, and at the end the trained weights: the built-in LoRA as
+//! diffusers' `pytorch_lora_weights.safetensors` (with the adapter metadata diffusers reads
+//! alpha from), a plugin adapter (DoRA, LoHa, LoKr, ...) in the same file under PEFT's names,
+//! SFT as a diffusers transformer folder `transformer/`.
 
 // `is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
@@ -49,7 +52,7 @@ use cogvx_metrics::{MetricsLog, StepRecord, TrainProgress};
 use cogvx_model_core::adapter::{AdapterTensor, RecipeLimits};
 use cogvx_plugin_api::Plugin;
 use cogvx_scheduler::NoiseSchedule;
-use cogvx_train::{AdamW, InnerTensors, NoiseDraw, TrainBatch};
+use cogvx_train::{AdamW, InnerTensors, NoiseDraw, TrainBatch, TrainMode};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeConfig, VaeOptions};
 
@@ -116,6 +119,9 @@ pub struct TrainJob<'a> {
     pub validation: ValidationConfig,
     /// The adapter plugin named by `config.adapter` when it is neither `lora` nor `sft`.
     pub adapter_plugin: Option<&'a mut dyn Plugin>,
+    /// The adapter plugin's configuration table (as given to its `configure`): its PEFT fields
+    /// (e.g. `use_rslora`) go into the exported file's metadata.
+    pub adapter_params: serde_json::Value,
     /// Limits for the adapter plugin's recipes.
     pub recipe_limits: RecipeLimits,
     /// A scheduler plugin: its `scheduler_tables` give the training `alphas_cumprod` and timestep
@@ -143,6 +149,7 @@ impl<'a> TrainJob<'a> {
             config,
             validation: ValidationConfig::default(),
             adapter_plugin: None,
+            adapter_params: serde_json::Value::Null,
             recipe_limits: RecipeLimits::default(),
             scheduler_plugin: None,
             validators: Vec::new(),
@@ -374,6 +381,44 @@ fn make_micro_batch<B: AutodiffBackend>(
     Ok((TrainBatch { latents, prompt_embeds, image_latents }, NoiseDraw { timesteps, noise }))
 }
 
+/// What a checkpoint stores of the model: every adapter parameter (trainable or not: a recipe
+/// may have frozen, randomly initialised ones), or every transformer weight for SFT.
+fn checkpoint_values<B: AutodiffBackend>(mode: TrainMode, model: &mut CogVideoXTransformer3DModel<B>) -> InnerTensors<B> {
+    match mode {
+        TrainMode::Adapter => cogvx_train::all_adapter_values(model),
+        TrainMode::Full => cogvx_train::full_values(model),
+    }
+}
+
+/// Name of the SFT export folder under `output_dir`.
+pub const SFT_EXPORT_DIR: &str = "transformer";
+
+/// The final export: the built-in LoRA as diffusers' `pytorch_lora_weights.safetensors`
+/// (`save_lora`), a plugin adapter under PEFT's names in the same file (`save_adapter`, PEFT
+/// config in the header), SFT as a diffusers transformer folder `output_dir/transformer/`
+/// (float32, sharded as diffusers does, with the source `config.json`).
+fn export<B: AutodiffBackend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+    config: &TrainConfig,
+    spec: &cogvx_train::AdapterSpec,
+    adapter_params: &serde_json::Value,
+    source_transformer: &Path,
+    out: &Path,
+) -> Result<PathBuf, TrainerError> {
+    if config.is_sft() {
+        let dir = out.join(SFT_EXPORT_DIR);
+        let f = cogvx_train::save_transformer_folder(model, source_transformer, &dir, cogvx_train::DEFAULT_MAX_SHARD_BYTES, cogvx_train::ExportDtype::F32)?;
+        return Ok(f.dir);
+    }
+    if config.is_lora() {
+        let meta = cogvx_train::LoraMetadata { rank: config.rank, alpha: config.alpha, target_modules: config.target_modules.clone() };
+        return Ok(cogvx_train::save_lora(out, &cogvx_train::trainable_values(model), &meta)?);
+    }
+    let mut meta = cogvx_train::adapter_metadata(model, spec, BTreeMap::new())?;
+    meta.config = cogvx_train::peft_settings(&meta.peft_type, adapter_params);
+    Ok(cogvx_train::save_adapter(model, out, &meta)?)
+}
+
 /// Shape-defining keys a resumed run must share with its checkpoint.
 fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result<(), TrainerError> {
     let mut diffs = Vec::new();
@@ -421,6 +466,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
         config,
         validation: vconfig,
         adapter_plugin,
+        adapter_params,
         recipe_limits,
         mut scheduler_plugin,
         mut validators,
@@ -487,11 +533,13 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
     // The adapter initialisation draws from the backend RNG.
     B::seed(device, config.seed);
     let spec = cogvx_train::AdapterSpec { rank: config.rank, alpha: config.alpha, targets: config.target_modules.clone() };
+    let mode = if config.is_sft() { TrainMode::Full } else { TrainMode::Adapter };
     let layers = if config.is_lora() {
         model = cogvx_train::freeze(model);
         cogvx_train::inject_lora(&mut model, &spec, device)?
     } else if config.is_sft() {
-        return input("adapter = \"sft\": full fine-tuning is not available in this build yet (cogvx-train's sft module)");
+        model = cogvx_train::enable_full_training(model);
+        Vec::new()
     } else {
         let plugin = adapter_plugin.ok_or_else(|| {
             TrainerError::Config(format!("`adapter` = {:?}: no adapter plugin of that name was loaded (built in: \"lora\", \"sft\")", config.adapter))
@@ -503,8 +551,12 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
         model = cogvx_train::freeze(model);
         cogvx_train::inject_recipe(&mut model, &spec, recipe_limits, |req| plugin.adapter_recipe(req), device)?
     };
-    let n_params: usize = cogvx_train::trainable_values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
-    tracing::info!("{} adapter on {} layers, {n_params} trainable parameters", config.adapter, layers.len());
+    let n_params: usize = mode.values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
+    if config.is_sft() {
+        tracing::info!("full fine-tuning: {n_params} trainable parameters");
+    } else {
+        tracing::info!("{} adapter on {} layers, {n_params} trainable parameters", config.adapter, layers.len());
+    }
 
     let tschedule = train_schedule(&model_dir, scheduler_plugin.as_deref_mut())?;
     let image_encoder = if i2v { Some(ImageEncoder::<B::InnerBackend>::load(&model_dir, device)?) } else { None };
@@ -559,7 +611,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
             ));
         }
         let values = from_host::<B::InnerBackend>(&ck.weights, device, &dir.join(checkpoint::WEIGHTS_FILE))?;
-        cogvx_train::set_adapter_values(&mut model, &values)?;
+        mode.set_values(&mut model, &values)?;
         optimizer.load_state(&ck.optimizer, device)?;
         rng = TrainRng::from_state(&ck.state.rng).map_err(|m| TrainerError::Io { path: dir.join(checkpoint::STATE_FILE), message: m })?;
         step = ck.state.step;
@@ -581,6 +633,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
         config.lr_scheduler.as_str()
     );
 
+    let folder_transformer = folder.component_dir("transformer");
     let mut validation = validation::Validation::<B::InnerBackend>::new(folder, &out, &cache, &vconfig)?;
     let mut summary = TrainSummary {
         start_step,
@@ -620,7 +673,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
                 config: config.clone(),
                 validation: vconfig.clone(),
             },
-            weights: host_tensors(&cogvx_train::trainable_values(model)),
+            weights: host_tensors(&checkpoint_values(mode, model)),
             optimizer: optimizer.state_to_host(),
         };
         let dir = write_checkpoint(&out, &ck, on_checkpoint_file)?;
@@ -654,7 +707,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
             let start = pos.batch as usize * bs;
             let idx = &order[start..(start + bs).min(n)];
             let (batch, draw) = make_micro_batch::<B>(&cache, idx, &tc, &tschedule, image_encoder.as_ref(), &mut rng, device)?;
-            let (loss, grads) = cogvx_train::loss_and_grads(&mut model, &tschedule.schedule, &batch, &draw)?;
+            let (loss, grads) = cogvx_train::loss_and_grads_for(mode, &mut model, &tschedule.schedule, &batch, &draw)?;
             losses.push(loss);
             samples += idx.len();
             let grads: InnerTensors<B> = if k == 1 { grads } else { grads.into_iter().map(|(n, g)| (n, scale_tensor(g, 1.0 / k as f64))).collect() };
@@ -678,7 +731,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
             }
         }
         let lr = lr_schedule.lr_at(config.learning_rate, step);
-        let grad_norm = cogvx_train::apply_update(&mut model, acc.unwrap_or_default(), &mut optimizer, lr, Some(config.max_grad_norm))?;
+        let grad_norm = cogvx_train::apply_update_for(mode, &mut model, acc.unwrap_or_default(), &mut optimizer, lr, Some(config.max_grad_norm))?;
         step += 1;
         last_lr = lr;
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
@@ -726,14 +779,8 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
         let videos = validation.run(step, model.valid(), scheduler_plugin, &mut validator_refs, &mut metrics, device)?;
         summary.validation_videos.extend(videos);
     }
-    let values = cogvx_train::trainable_values(&mut model);
-    if config.is_lora() {
-        let meta = cogvx_train::LoraMetadata { rank: config.rank, alpha: config.alpha, target_modules: config.target_modules.clone() };
-        let path = cogvx_train::save_lora(&out, &values, &meta)?;
-        tracing::info!("wrote {}", path.display());
-        summary.exported = Some(path);
-    } else {
-        tracing::warn!("export of `{}` adapters is not available in this build; the weights are in {}", config.adapter, summary.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
-    }
+    let path = export(&mut model, &config, &spec, &adapter_params, &folder_transformer, &out)?;
+    tracing::info!("wrote {}", path.display());
+    summary.exported = Some(path);
     Ok(summary)
 }

@@ -19,7 +19,11 @@ type B = Autodiff<CpuBackend>;
 static RUN: Mutex<()> = Mutex::new(());
 
 fn model_dir() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models/cogvideox-2b-tiny"));
+    tiny("cogvideox-2b-tiny")
+}
+
+fn tiny(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models")).join(name);
     if p.is_dir() {
         Some(p)
     } else {
@@ -321,4 +325,87 @@ fn resume_refuses_other_adapter_settings() {
     j.resume = Some(Resume::Latest);
     let s = run(j).unwrap();
     assert_eq!((s.start_step, s.step), (1, 2));
+}
+
+/// Runs `config` for 4 steps uninterrupted, and again as 2 steps + a resume of 2 (a fresh
+/// adapter plugin from `plugin` for each run); asserts identical losses and returns the
+/// uninterrupted summary and output folder.
+fn split_run_matches(
+    model: &Path,
+    cache: &Cache,
+    root: &Path,
+    config: impl Fn(&Path) -> TrainConfig,
+    plugin: impl Fn() -> Option<Box<dyn Plugin>>,
+) -> (TrainSummary, PathBuf) {
+    let go = |out: &Path, stop_at: Option<u64>, resume: bool| {
+        let mut p = plugin();
+        let mut stop = |r: &cogvx_metrics::StepRecord| Some(r.step) == stop_at;
+        let mut j = job(model, cache, config(out));
+        j.adapter_plugin = p.as_deref_mut().map(|p| p as &mut dyn Plugin);
+        j.on_step = Some(&mut stop);
+        if resume {
+            j.resume = Some(Resume::Latest);
+        }
+        run(j).unwrap()
+    };
+    let full_out = root.join("full");
+    let full = go(&full_out, None, false);
+    let split = root.join("split");
+    let a = go(&split, Some(2), false);
+    assert!(a.stopped_early);
+    let b = go(&split, None, true);
+    assert_eq!(b.start_step, 2);
+    let mut joined = a.losses;
+    joined.extend(b.losses);
+    assert_eq!(bits(&joined), bits(&full.losses), "resumed {joined:?}\nuninterrupted {:?}", full.losses);
+    assert!(full.losses.iter().all(|(_, l)| l.is_finite()));
+    (full, full_out)
+}
+
+#[test]
+fn i2v_15_trains_with_noisy_image_latents_and_resumes_exactly() {
+    let Some(model) = tiny("cogvideox1.5-5b-i2v-tiny") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, true);
+    let (full, out) = split_run_matches(&model, &cache, tmp.path(), |out| config(out, 4, 2), || None);
+    assert_eq!(full.exported, Some(out.join(cogvx_train::LORA_WEIGHTS_NAME)));
+}
+
+#[test]
+fn dora_plugin_adapter_trains_resumes_and_exports_peft_names() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let cfg = |out: &Path| TrainConfig { adapter: "dora".into(), ..config(out, 4, 2) };
+    let (full, _) = split_run_matches(&model, &cache, tmp.path(), cfg, || Some(Box::new(cogvx_plugin_dora::Dora::default())));
+    let loaded = cogvx_train::load_adapter(full.exported.as_ref().unwrap()).unwrap();
+    let names: Vec<&String> = loaded.tensors.keys().collect();
+    assert!(names.iter().any(|n| n.ends_with("attn1.to_q.lora_magnitude_vector")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("attn1.to_out.0.lora_B.weight")), "{names:?}");
+    assert!(loaded.metadata.expect("PEFT metadata").use_dora);
+    // A plugin of another name than `adapter` is refused.
+    let mut dora = cogvx_plugin_dora::Dora::default();
+    let mut j = job(&model, &cache, TrainConfig { adapter: "loha".into(), ..config(&tmp.path().join("x"), 1, 1) });
+    j.adapter_plugin = Some(&mut dora);
+    let e = run(j).unwrap_err().to_string();
+    assert!(e.contains("loha") && e.contains("dora"), "{e}");
+}
+
+#[test]
+fn sft_trains_every_weight_resumes_and_exports_a_transformer_folder() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let cfg = |out: &Path| TrainConfig { adapter: "sft".into(), learning_rate: 1e-4, ..config(out, 4, 2) };
+    let (full, out) = split_run_matches(&model, &cache, tmp.path(), cfg, || None);
+    let dir = full.exported.clone().unwrap();
+    assert_eq!(dir, out.join(cogvx_trainer::SFT_EXPORT_DIR));
+    // The folder loads as a transformer, and its weights moved away from the base model's.
+    let device = CpuDevice::default();
+    let trained = cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(&dir, &device).unwrap();
+    let base = cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(&model.join("transformer"), &device).unwrap();
+    let w = |m: &cogvx_transformer::CogVideoXTransformer3DModel<CpuBackend>| m.transformer_blocks[0].attn1.to_q.weight.val().into_data().to_vec::<f32>().unwrap();
+    let (a, b) = (w(&trained), w(&base));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().zip(&b).any(|(x, y)| x != y), "SFT left to_q unchanged");
 }
