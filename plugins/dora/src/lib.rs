@@ -59,8 +59,8 @@
 //! by name.
 
 use cogvx_plugin_api::{
-    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin, PluginError,
-    PluginInfo, PluginKind, PluginResult,
+    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin,
+    PluginError, PluginInfo, PluginKind, PluginResult,
 };
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -151,14 +151,21 @@ pub struct Dora {
 fn check_request(request: &AdapterRequest) -> PluginResult<()> {
     let layer = &request.layer;
     if request.rank == 0 {
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: the rank must be a positive integer, not 0")));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}`: the rank must be a positive integer, not 0"
+        )));
     }
     if request.in_features == 0 || request.out_features == 0 {
         let (i, o) = (request.in_features, request.out_features);
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive")));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive"
+        )));
     }
     if !request.alpha.is_finite() {
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: alpha {} is not finite", request.alpha)));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}`: alpha {} is not finite",
+            request.alpha
+        )));
     }
     Ok(())
 }
@@ -168,12 +175,22 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
     check_request(request)?;
     let a_init = match config.init_lora_weights {
         LoraInit::Kaiming => Init::KaimingUniform { a: 5f32.sqrt() },
-        LoraInit::Gaussian => Init::Normal { std: 1.0 / request.rank as f32 },
+        LoraInit::Gaussian => Init::Normal {
+            std: 1.0 / request.rank as f32,
+        },
     };
-    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec { name: name.into(), shape, init, trainable: true };
+    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec {
+        name: name.into(),
+        shape,
+        init,
+        trainable: true,
+    };
     let scaled = if config.use_rslora {
         // PEFT: scaling = lora_alpha / math.sqrt(r).
-        Op::Scale(3, (request.alpha as f64 / (request.rank as f64).sqrt()) as f32)
+        Op::Scale(
+            3,
+            (request.alpha as f64 / (request.rank as f64).sqrt()) as f32,
+        )
     } else {
         Op::AlphaOverRank(3)
     };
@@ -190,17 +207,26 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
             Op::Matmul(1, 2),                          // 3: B @ A
             scaled,                                    // 4: s * B @ A
             Op::Add(0, 4),                             // 5: V = W + s * B @ A
-            Op::RowNorm(5),                            // 6: ‖V‖_row (not detached, see the crate docs)
+            Op::RowNorm(5), // 6: ‖V‖_row (not detached, see the crate docs)
             Op::Param("lora_magnitude_vector".into()), // 7: m
-            Op::Div(7, 6),                             // 8: m / ‖V‖_row
-            Op::Mul(8, 5),                             // 9: W' = (m / ‖V‖_row) ⊙ V
+            Op::Div(7, 6),  // 8: m / ‖V‖_row
+            Op::Mul(8, 5),  // 9: W' = (m / ‖V‖_row) ⊙ V
         ],
         output: 9,
         output_kind: AdapterOutput::Weight,
         export: vec![
-            ExportKey { param: "lora_A".into(), suffix: "lora_A.weight".into() },
-            ExportKey { param: "lora_B".into(), suffix: "lora_B.weight".into() },
-            ExportKey { param: "lora_magnitude_vector".into(), suffix: "lora_magnitude_vector".into() },
+            ExportKey {
+                param: "lora_A".into(),
+                suffix: "lora_A.weight".into(),
+            },
+            ExportKey {
+                param: "lora_B".into(),
+                suffix: "lora_B.weight".into(),
+            },
+            ExportKey {
+                param: "lora_magnitude_vector".into(),
+                suffix: "lora_magnitude_vector".into(),
+            },
         ],
         peft_type: "LORA".into(),
     })
@@ -212,7 +238,9 @@ impl Plugin for Dora {
             name: NAME.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             kinds: vec![PluginKind::Adapter],
-            description: "DoRA (PEFT LoRA with use_dora): magnitude times the row-normalised W + s*B@A".to_string(),
+            description:
+                "DoRA (PEFT LoRA with use_dora): magnitude times the row-normalised W + s*B@A"
+                    .to_string(),
         }
     }
 

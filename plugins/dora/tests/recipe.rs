@@ -29,7 +29,15 @@ fn peft_weight(w: &Mat, a: &Mat, b: &Mat, m: &[f64], s: f64) -> (Mat, Vec<f64>, 
 
 /// Gradients of `L = Σ W' ⊙ g` for `lora_A`, `lora_B` and the magnitude; `detach` treats the
 /// norm as a constant as PEFT does.
-fn reference_grads(w: &Mat, a: &Mat, b: &Mat, m: &[f64], s: f64, g: &Mat, detach: bool) -> (Mat, Mat, Vec<f64>) {
+fn reference_grads(
+    w: &Mat,
+    a: &Mat,
+    b: &Mat,
+    m: &[f64],
+    s: f64,
+    g: &Mat,
+    detach: bool,
+) -> (Mat, Mat, Vec<f64>) {
     let (v, c, _) = peft_weight(w, a, b, m, s);
     let mut dv = Mat::zeros(v.rows, v.cols);
     let mut dm = vec![0.0; v.rows];
@@ -37,7 +45,11 @@ fn reference_grads(w: &Mat, a: &Mat, b: &Mat, m: &[f64], s: f64, g: &Mat, detach
         let gv: f64 = (0..v.cols).map(|j| g.at(i, j) * v.at(i, j)).sum();
         dm[i] = gv / c[i];
         for j in 0..v.cols {
-            let proj = if detach { 0.0 } else { gv / (c[i] * c[i]) * v.at(i, j) };
+            let proj = if detach {
+                0.0
+            } else {
+                gv / (c[i] * c[i]) * v.at(i, j)
+            };
             dv.set(i, j, m[i] / c[i] * (g.at(i, j) - proj));
         }
     }
@@ -55,21 +67,45 @@ fn random_state(seed: u64) -> (Mat, Mat, Mat, Vec<f64>) {
     (w, a, b, m)
 }
 
-fn adapter_with(config: &Config, w: &Mat, a: &Mat, b: &Mat, m: &[f64]) -> cogvx_model_core::adapter::LinearAdapter<AD> {
+fn adapter_with(
+    config: &Config,
+    w: &Mat,
+    a: &Mat,
+    b: &Mat,
+    m: &[f64],
+) -> cogvx_model_core::adapter::LinearAdapter<AD> {
     let rec = recipe(config, &request(IN as u32, OUT as u32, R, ALPHA)).unwrap();
     assert_eq!(rec.output_kind, AdapterOutput::Weight);
     assert_eq!(rec.peft_type, "LORA");
     let mut ad = build(rec, request(IN as u32, OUT as u32, R, ALPHA), w, 1);
-    let mv = Mat { rows: 1, cols: m.len(), v: m.to_vec() };
-    set(&mut ad, &[("lora_A.weight", a.clone()), ("lora_B.weight", b.clone()), ("lora_magnitude_vector", mv)]);
+    let mv = Mat {
+        rows: 1,
+        cols: m.len(),
+        v: m.to_vec(),
+    };
+    set(
+        &mut ad,
+        &[
+            ("lora_A.weight", a.clone()),
+            ("lora_B.weight", b.clone()),
+            ("lora_magnitude_vector", mv),
+        ],
+    );
     ad
 }
 
 #[test]
 fn effective_weight_and_output_match_peft() {
     for (seed, rslora) in [(1, false), (2, false), (3, true)] {
-        let config = Config { use_rslora: rslora, ..Config::default() };
-        let s = if rslora { ALPHA as f64 / (R as f64).sqrt() } else { ALPHA as f64 / R as f64 };
+        let config = Config {
+            use_rslora: rslora,
+            ..Config::default()
+        };
+        let s = if rslora {
+            ALPHA as f64 / (R as f64).sqrt()
+        } else {
+            ALPHA as f64 / R as f64
+        };
         let (w, a, b, m) = random_state(seed);
         let ad = adapter_with(&config, &w, &a, &b, &m);
         let (_, _, want) = peft_weight(&w, &a, &b, &m, s);
@@ -79,15 +115,30 @@ fn effective_weight_and_output_match_peft() {
         let mut rng = Rng(seed + 100);
         let x = rng.mat(3, IN);
         let bias = rng.vec(OUT);
-        assert_close(&forward(&ad, &x, &w, &bias).v, &linear(&x, &want, &bias).v, 1e-6, "y");
+        assert_close(
+            &forward(&ad, &x, &w, &bias).v,
+            &linear(&x, &want, &bias).v,
+            1e-6,
+            "y",
+        );
     }
 }
 
 #[test]
 fn export_names_are_pefts() {
-    let rec = recipe(&Config::default(), &request(IN as u32, OUT as u32, R, ALPHA)).unwrap();
-    let ad = build(rec, request(IN as u32, OUT as u32, R, ALPHA), &Rng(5).mat(OUT, IN), 1);
-    let got: Vec<(String, Vec<usize>)> = values(&ad).into_iter().map(|(k, (s, _))| (k, s)).collect();
+    let rec = recipe(
+        &Config::default(),
+        &request(IN as u32, OUT as u32, R, ALPHA),
+    )
+    .unwrap();
+    let ad = build(
+        rec,
+        request(IN as u32, OUT as u32, R, ALPHA),
+        &Rng(5).mat(OUT, IN),
+        1,
+    );
+    let got: Vec<(String, Vec<usize>)> =
+        values(&ad).into_iter().map(|(k, (s, _))| (k, s)).collect();
     let want = vec![
         ("lora_A.weight".to_string(), vec![R as usize, IN]),
         ("lora_B.weight".to_string(), vec![OUT, R as usize]),
@@ -101,13 +152,24 @@ fn export_names_are_pefts() {
 fn initial_effective_weight_is_the_base_weight() {
     let w = Rng(11).mat(OUT, 64);
     for (init, seed) in [(LoraInit::Kaiming, 1), (LoraInit::Gaussian, 2)] {
-        let config = Config { init_lora_weights: init, ..Config::default() };
+        let config = Config {
+            init_lora_weights: init,
+            ..Config::default()
+        };
         let rec = recipe(&config, &request(64, OUT as u32, 4, ALPHA)).unwrap();
         let ad = build(rec, request(64, OUT as u32, 4, ALPHA), &w, seed);
         assert_close(&evaluate(&ad, &w).v, &w.v, 1e-6, "W' at init");
         let v = values(&ad);
-        assert_close(&v["lora_magnitude_vector"].1, &w.row_norms(), 1e-6, "magnitude = ‖W‖_row");
-        assert!(v["lora_B.weight"].1.iter().all(|x| *x == 0.0), "lora_B starts at zero");
+        assert_close(
+            &v["lora_magnitude_vector"].1,
+            &w.row_norms(),
+            1e-6,
+            "magnitude = ‖W‖_row",
+        );
+        assert!(
+            v["lora_B.weight"].1.iter().all(|x| *x == 0.0),
+            "lora_B starts at zero"
+        );
         let a = &v["lora_A.weight"].1;
         match init {
             // kaiming_uniform_(a=√5) over fan-in 64: bound sqrt(6 / (6 * 64)) = 1/8.
@@ -141,8 +203,16 @@ fn gradients_are_the_exact_dora_gradients() {
             let (mut p, mut q) = (base.clone(), base.clone());
             p.v[k] += h;
             q.v[k] -= h;
-            let fd = if name == "A" { (loss(&p, &b, &m) - loss(&q, &b, &m)) / (2.0 * h) } else { (loss(&a, &p, &m) - loss(&a, &q, &m)) / (2.0 * h) };
-            assert!((fd - analytic.v[k]).abs() < 1e-6, "finite difference of {name}[{k}]: {fd} vs {}", analytic.v[k]);
+            let fd = if name == "A" {
+                (loss(&p, &b, &m) - loss(&q, &b, &m)) / (2.0 * h)
+            } else {
+                (loss(&a, &p, &m) - loss(&a, &q, &m)) / (2.0 * h)
+            };
+            assert!(
+                (fd - analytic.v[k]).abs() < 1e-6,
+                "finite difference of {name}[{k}]: {fd} vs {}",
+                analytic.v[k]
+            );
         }
     }
     for k in 0..m.len() {
@@ -163,10 +233,26 @@ fn gradients_differ_from_pefts_detached_norm_only_by_the_row_projection() {
     let g = Rng(32).mat(OUT, IN);
     let got = grads(&adapter_with(&Config::default(), &w, &a, &b, &m), &w, &g);
     let (da_peft, db_peft, dm_peft) = reference_grads(&w, &a, &b, &m, s, &g, true);
-    assert_close(&got["lora_magnitude_vector"], &dm_peft, 1e-5, "dL/dm equals PEFT's");
-    let diff = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
-    assert!(diff(&got["lora_B.weight"], &db_peft.v) > 1e-2, "dL/dB should differ from PEFT's detached gradient");
-    assert!(diff(&got["lora_A.weight"], &da_peft.v) > 1e-2, "dL/dA should differ from PEFT's detached gradient");
+    assert_close(
+        &got["lora_magnitude_vector"],
+        &dm_peft,
+        1e-5,
+        "dL/dm equals PEFT's",
+    );
+    let diff = |x: &[f64], y: &[f64]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        diff(&got["lora_B.weight"], &db_peft.v) > 1e-2,
+        "dL/dB should differ from PEFT's detached gradient"
+    );
+    assert!(
+        diff(&got["lora_A.weight"], &da_peft.v) > 1e-2,
+        "dL/dA should differ from PEFT's detached gradient"
+    );
 
     // The difference, for B: s · P Aᵀ with P_i = -(m_i ⟨G_i, V_i⟩ / c_i³) V_i.
     let (v, c, _) = peft_weight(&w, &a, &b, &m, s);
@@ -177,34 +263,76 @@ fn gradients_differ_from_pefts_detached_norm_only_by_the_row_projection() {
             p.set(i, j, -m[i] * gv / c[i].powi(3) * v.at(i, j));
         }
     }
-    let want_b: Vec<f64> = db_peft.v.iter().zip(&p.matmul(&a.t()).scale(s).v).map(|(x, y)| x + y).collect();
-    assert_close(&got["lora_B.weight"], &want_b, 1e-5, "dL/dB = PEFT's + s P Aᵀ");
+    let want_b: Vec<f64> = db_peft
+        .v
+        .iter()
+        .zip(&p.matmul(&a.t()).scale(s).v)
+        .map(|(x, y)| x + y)
+        .collect();
+    assert_close(
+        &got["lora_B.weight"],
+        &want_b,
+        1e-5,
+        "dL/dB = PEFT's + s P Aᵀ",
+    );
 
     // At init (B = 0) dL/dA is zero either way.
     let zero_b = Mat::zeros(OUT, R as usize);
     let m0 = w.row_norms();
-    let got0 = grads(&adapter_with(&Config::default(), &w, &a, &zero_b, &m0), &w, &g);
+    let got0 = grads(
+        &adapter_with(&Config::default(), &w, &a, &zero_b, &m0),
+        &w,
+        &g,
+    );
     assert!(got0["lora_A.weight"].iter().all(|x| x.abs() < 1e-7));
 }
 
 #[test]
 fn bad_configs_are_refused_with_the_key_named() {
     assert_eq!(parse_config("").unwrap(), Config::default());
-    assert_eq!(parse_config(r#"{"init_lora_weights": "gaussian", "use_rslora": true}"#).unwrap(), Config { init_lora_weights: LoraInit::Gaussian, use_rslora: true });
+    assert_eq!(
+        parse_config(r#"{"init_lora_weights": "gaussian", "use_rslora": true}"#).unwrap(),
+        Config {
+            init_lora_weights: LoraInit::Gaussian,
+            use_rslora: true
+        }
+    );
     let cases = [
         (r#"{"use_dora": true}"#, "unknown field `use_dora`"),
-        (r#"{"init_lora_weights": false}"#, "`init_lora_weights`: false is not supported"),
-        (r#"{"init_lora_weights": "pissa"}"#, "`init_lora_weights`: \"pissa\" is not supported"),
-        (r#"{"init_lora_weights": 1}"#, "`init_lora_weights`: invalid type: integer `1`, expected true or \"gaussian\""),
-        (r#"{"use_rslora": "yes"}"#, "`use_rslora`: invalid type: string \"yes\", expected a boolean"),
+        (
+            r#"{"init_lora_weights": false}"#,
+            "`init_lora_weights`: false is not supported",
+        ),
+        (
+            r#"{"init_lora_weights": "pissa"}"#,
+            "`init_lora_weights`: \"pissa\" is not supported",
+        ),
+        (
+            r#"{"init_lora_weights": 1}"#,
+            "`init_lora_weights`: invalid type: integer `1`, expected true or \"gaussian\"",
+        ),
+        (
+            r#"{"use_rslora": "yes"}"#,
+            "`use_rslora`: invalid type: string \"yes\", expected a boolean",
+        ),
     ];
     for (json, want) in cases {
         let e = parse_config(json).unwrap_err().to_string();
-        assert!(e.contains("dora: bad [plugin.dora] table") && e.contains(want), "{json}: {e}");
+        assert!(
+            e.contains("dora: bad [plugin.dora] table") && e.contains(want),
+            "{json}: {e}"
+        );
         assert!(!e.contains(" at line "), "{e}");
     }
     let mut p = cogvx_plugin_dora::builtin();
-    assert!(p.configure(r#"{"lora_dropout": 0.1}"#).unwrap_err().to_string().contains("unknown field `lora_dropout`"));
-    let e = p.adapter_recipe(&request(IN as u32, OUT as u32, 0, ALPHA)).unwrap_err().to_string();
+    assert!(p
+        .configure(r#"{"lora_dropout": 0.1}"#)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown field `lora_dropout`"));
+    let e = p
+        .adapter_recipe(&request(IN as u32, OUT as u32, 0, ALPHA))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rank must be a positive integer"), "{e}");
 }

@@ -19,7 +19,13 @@ fn requests() -> Vec<AdapterRequest> {
         ("proj_out", 127, 12),
     ] {
         for (rank, alpha) in [(1, 1.0), (4, 2.0), (128, 64.0)] {
-            out.push(AdapterRequest { layer: layer.into(), in_features: i, out_features: o, rank, alpha });
+            out.push(AdapterRequest {
+                layer: layer.into(),
+                in_features: i,
+                out_features: o,
+                rank,
+                alpha,
+            });
         }
     }
     out
@@ -29,25 +35,45 @@ fn requests() -> Vec<AdapterRequest> {
 fn builtin_native_and_wasm_dora_answer_identical_recipes() {
     let artifacts = support::build("cogvx-plugin-dora", "cogvx_plugin_dora");
     let builtin = cogvx_plugin_dora::builtin;
-    let configs = ["{}", r#"{"init_lora_weights":"gaussian"}"#, r#"{"use_rslora":true,"init_lora_weights":true}"#];
+    let configs = [
+        "{}",
+        r#"{"init_lora_weights":"gaussian"}"#,
+        r#"{"use_rslora":true,"init_lora_weights":true}"#,
+    ];
     let requests = requests();
     for params in configs {
         let mut plugins = support::configured_all(builtin, &artifacts, params);
         let info = support::assert_same(&mut plugins, "info", |p| Ok(p.info())).unwrap();
-        assert_eq!((info.name.as_str(), info.kinds.as_slice()), ("dora", [PluginKind::Adapter].as_slice()));
+        assert_eq!(
+            (info.name.as_str(), info.kinds.as_slice()),
+            ("dora", [PluginKind::Adapter].as_slice())
+        );
         let config = cogvx_plugin_dora::parse_config(params).unwrap();
         for request in &requests {
             let what = format!("{params} and {request:?}");
-            let got = support::assert_same(&mut plugins, &what, |p| p.adapter_recipe(request)).unwrap();
-            assert_eq!(got, cogvx_plugin_dora::recipe(&config, request).unwrap(), "{what}");
+            let got =
+                support::assert_same(&mut plugins, &what, |p| p.adapter_recipe(request)).unwrap();
+            assert_eq!(
+                got,
+                cogvx_plugin_dora::recipe(&config, request).unwrap(),
+                "{what}"
+            );
         }
         // A rank of 0 is refused the same way everywhere.
-        let zero = AdapterRequest { rank: 0, ..requests[0].clone() };
-        let e = support::assert_same(&mut plugins, "rank 0", |p| p.adapter_recipe(&zero)).unwrap_err();
+        let zero = AdapterRequest {
+            rank: 0,
+            ..requests[0].clone()
+        };
+        let e =
+            support::assert_same(&mut plugins, "rank 0", |p| p.adapter_recipe(&zero)).unwrap_err();
         assert!(e.contains("rank must be a positive integer"), "{e}");
     }
-    let e = support::assert_same_config_error(builtin, &artifacts, r#"{"init_lora_weights":false}"#);
-    assert!(e.contains("`init_lora_weights`: false is not supported"), "{e}");
+    let e =
+        support::assert_same_config_error(builtin, &artifacts, r#"{"init_lora_weights":false}"#);
+    assert!(
+        e.contains("`init_lora_weights`: false is not supported"),
+        "{e}"
+    );
     let e = support::assert_same_config_error(builtin, &artifacts, r#"{"rank_dropout":0.1}"#);
     assert!(e.contains("unknown field `rank_dropout`"), "{e}");
 }

@@ -38,8 +38,8 @@
 //! are rejected by name.
 
 use cogvx_plugin_api::{
-    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin, PluginError,
-    PluginInfo, PluginKind, PluginResult,
+    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin,
+    PluginError, PluginInfo, PluginKind, PluginResult,
 };
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -83,14 +83,21 @@ pub struct Loha {
 fn check_request(request: &AdapterRequest) -> PluginResult<()> {
     let layer = &request.layer;
     if request.rank == 0 {
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: the rank must be a positive integer, not 0")));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}`: the rank must be a positive integer, not 0"
+        )));
     }
     if request.in_features == 0 || request.out_features == 0 {
         let (i, o) = (request.in_features, request.out_features);
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive")));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive"
+        )));
     }
     if !request.alpha.is_finite() {
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: alpha {} is not finite", request.alpha)));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}`: alpha {} is not finite",
+            request.alpha
+        )));
     }
     Ok(())
 }
@@ -99,8 +106,17 @@ fn check_request(request: &AdapterRequest) -> PluginResult<()> {
 pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
     check_request(request)?;
     let kaiming = Init::KaimingUniform { a: 5f32.sqrt() };
-    let w2_b_init = if config.init_weights { Init::Zeros } else { kaiming.clone() };
-    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec { name: name.into(), shape, init, trainable: true };
+    let w2_b_init = if config.init_weights {
+        Init::Zeros
+    } else {
+        kaiming.clone()
+    };
+    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec {
+        name: name.into(),
+        shape,
+        init,
+        trainable: true,
+    };
     let names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
     Ok(AdapterRecipe {
         params: vec![
@@ -121,7 +137,13 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
         ],
         output: 7,
         output_kind: AdapterOutput::WeightDelta,
-        export: names.iter().map(|n| ExportKey { param: n.to_string(), suffix: n.to_string() }).collect(),
+        export: names
+            .iter()
+            .map(|n| ExportKey {
+                param: n.to_string(),
+                suffix: n.to_string(),
+            })
+            .collect(),
         peft_type: "LOHA".into(),
     })
 }

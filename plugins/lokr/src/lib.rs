@@ -47,8 +47,8 @@
 //! `(1, dimension)` for other values). Unknown keys are rejected by name.
 
 use cogvx_plugin_api::{
-    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin, PluginError,
-    PluginInfo, PluginKind, PluginResult,
+    AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin,
+    PluginError, PluginInfo, PluginKind, PluginResult,
 };
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -82,7 +82,9 @@ impl<'de> Deserialize<'de> for LokrInit {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<LokrInit, E> {
                 match v {
                     "lycoris" => Ok(LokrInit::Lycoris),
-                    _ => Err(E::custom(format!("\"{v}\" is not a LoKr initialisation; use true, false or \"lycoris\""))),
+                    _ => Err(E::custom(format!(
+                        "\"{v}\" is not a LoKr initialisation; use true, false or \"lycoris\""
+                    ))),
                 }
             }
         }
@@ -124,7 +126,11 @@ fn de_init_weights<'de, D: Deserializer<'de>>(d: D) -> Result<LokrInit, D::Error
 
 impl Default for Config {
     fn default() -> Self {
-        Config { decompose_factor: -1, decompose_both: false, init_weights: LokrInit::Peft }
+        Config {
+            decompose_factor: -1,
+            decompose_both: false,
+            init_weights: LokrInit::Peft,
+        }
     }
 }
 
@@ -195,21 +201,34 @@ pub fn layout(config: &Config, in_features: u32, out_features: u32, rank: u32) -
     let (out_l, out_k) = factorization(out_features, config.decompose_factor);
     let r = f64::from(rank);
     let use_w1 = !(config.decompose_both && r < f64::from(out_l.max(in_m)) / 2.0);
-    let use_w2 = !(r < f64::from(out_k.max(in_n)) / 2.0);
-    Layout { out: (out_l, out_k), inp: (in_m, in_n), use_w1, use_w2 }
+    // PEFT: `use_w2 = not (r < max(out_k, in_n) / 2)`; the same as `>=` for finite values.
+    let use_w2 = r >= f64::from(out_k.max(in_n)) / 2.0;
+    Layout {
+        out: (out_l, out_k),
+        inp: (in_m, in_n),
+        use_w1,
+        use_w2,
+    }
 }
 
 fn check_request(request: &AdapterRequest) -> PluginResult<()> {
     let layer = &request.layer;
     if request.rank == 0 {
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: the rank must be a positive integer, not 0")));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}`: the rank must be a positive integer, not 0"
+        )));
     }
     if request.in_features == 0 || request.out_features == 0 {
         let (i, o) = (request.in_features, request.out_features);
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive")));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive"
+        )));
     }
     if !request.alpha.is_finite() {
-        return Err(PluginError::Invalid(format!("{NAME}: layer `{layer}`: alpha {} is not finite", request.alpha)));
+        return Err(PluginError::Invalid(format!(
+            "{NAME}: layer `{layer}`: alpha {} is not finite",
+            request.alpha
+        )));
     }
     Ok(())
 }
@@ -217,23 +236,48 @@ fn check_request(request: &AdapterRequest) -> PluginResult<()> {
 /// The LoKr recipe for one layer under `config` (see the crate docs for the formula).
 pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
     check_request(request)?;
-    let lay = layout(config, request.in_features, request.out_features, request.rank);
+    let lay = layout(
+        config,
+        request.in_features,
+        request.out_features,
+        request.rank,
+    );
     let kaiming = Init::KaimingUniform { a: 5f32.sqrt() };
     let zeros = Init::Zeros;
-    let (peft, lycoris) = (config.init_weights == LokrInit::Peft, config.init_weights == LokrInit::Lycoris);
+    let (peft, lycoris) = (
+        config.init_weights == LokrInit::Peft,
+        config.init_weights == LokrInit::Lycoris,
+    );
     let pick = |zero: bool| if zero { zeros.clone() } else { kaiming.clone() };
     let fixed = Dim::Fixed;
 
     let mut params = Vec::new();
     let mut graph = Vec::new();
-    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec { name: name.into(), shape, init, trainable: true };
+    let param = |name: &str, shape: Vec<Dim>, init: Init| ParamSpec {
+        name: name.into(),
+        shape,
+        init,
+        trainable: true,
+    };
     // w1 [out_l, in_m]
     if lay.use_w1 {
-        params.push(param("lokr_w1", vec![fixed(lay.out.0), fixed(lay.inp.0)], pick(peft)));
+        params.push(param(
+            "lokr_w1",
+            vec![fixed(lay.out.0), fixed(lay.inp.0)],
+            pick(peft),
+        ));
         graph.push(Op::Param("lokr_w1".into()));
     } else {
-        params.push(param("lokr_w1_a", vec![fixed(lay.out.0), Dim::Rank], pick(peft)));
-        params.push(param("lokr_w1_b", vec![Dim::Rank, fixed(lay.inp.0)], kaiming.clone()));
+        params.push(param(
+            "lokr_w1_a",
+            vec![fixed(lay.out.0), Dim::Rank],
+            pick(peft),
+        ));
+        params.push(param(
+            "lokr_w1_b",
+            vec![Dim::Rank, fixed(lay.inp.0)],
+            kaiming.clone(),
+        ));
         graph.push(Op::Param("lokr_w1_a".into()));
         graph.push(Op::Param("lokr_w1_b".into()));
         graph.push(Op::Matmul(0, 1));
@@ -241,11 +285,23 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
     let w1 = graph.len() as u32 - 1;
     // w2 [out_k, in_n]
     if lay.use_w2 {
-        params.push(param("lokr_w2", vec![fixed(lay.out.1), fixed(lay.inp.1)], pick(lycoris)));
+        params.push(param(
+            "lokr_w2",
+            vec![fixed(lay.out.1), fixed(lay.inp.1)],
+            pick(lycoris),
+        ));
         graph.push(Op::Param("lokr_w2".into()));
     } else {
-        params.push(param("lokr_w2_a", vec![fixed(lay.out.1), Dim::Rank], kaiming.clone()));
-        params.push(param("lokr_w2_b", vec![Dim::Rank, fixed(lay.inp.1)], pick(lycoris)));
+        params.push(param(
+            "lokr_w2_a",
+            vec![fixed(lay.out.1), Dim::Rank],
+            kaiming.clone(),
+        ));
+        params.push(param(
+            "lokr_w2_b",
+            vec![Dim::Rank, fixed(lay.inp.1)],
+            pick(lycoris),
+        ));
         let first = graph.len() as u32;
         graph.push(Op::Param("lokr_w2_a".into()));
         graph.push(Op::Param("lokr_w2_b".into()));
@@ -254,7 +310,13 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
     let w2 = graph.len() as u32 - 1;
     graph.push(Op::Kron(w1, w2));
     graph.push(Op::AlphaOverRank(graph.len() as u32 - 1));
-    let export = params.iter().map(|p| ExportKey { param: p.name.clone(), suffix: p.name.clone() }).collect();
+    let export = params
+        .iter()
+        .map(|p| ExportKey {
+            param: p.name.clone(),
+            suffix: p.name.clone(),
+        })
+        .collect();
     Ok(AdapterRecipe {
         params,
         output: graph.len() as u32 - 1,
@@ -277,7 +339,8 @@ impl Plugin for Lokr {
             name: NAME.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             kinds: vec![PluginKind::Adapter],
-            description: "LoKr (PEFT): ΔW = kron(w1, w2) * alpha/r with PEFT's factorization".to_string(),
+            description: "LoKr (PEFT): ΔW = kron(w1, w2) * alpha/r with PEFT's factorization"
+                .to_string(),
         }
     }
 
@@ -325,10 +388,16 @@ mod tests {
         let c = Config::default();
         // 1920 = 40 * 48; r = 4 < 48 / 2: w2 decomposed; w1 full without decompose_both.
         let l = layout(&c, 1920, 1920, 4);
-        assert_eq!((l.out, l.inp, l.use_w1, l.use_w2), ((40, 48), (40, 48), true, false));
+        assert_eq!(
+            (l.out, l.inp, l.use_w1, l.use_w2),
+            ((40, 48), (40, 48), true, false)
+        );
         // r = 24 = 48 / 2 is not smaller: w2 full.
         assert!(layout(&c, 1920, 1920, 24).use_w2);
-        let both = Config { decompose_both: true, ..Config::default() };
+        let both = Config {
+            decompose_both: true,
+            ..Config::default()
+        };
         assert!(!layout(&both, 1920, 1920, 4).use_w1);
         assert!(layout(&both, 1920, 1920, 20).use_w1);
     }

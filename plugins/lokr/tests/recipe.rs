@@ -14,7 +14,11 @@ use std::collections::BTreeMap;
 /// Random values for every parameter of the recipe for `(in, out, r)` under `config`.
 fn random_params(config: &Config, inf: u32, outf: u32, r: u32, seed: u64) -> BTreeMap<String, Mat> {
     let l = layout(config, inf, outf, r);
-    let (r, (ol, ok), (im, in_)) = (r as usize, (l.out.0 as usize, l.out.1 as usize), (l.inp.0 as usize, l.inp.1 as usize));
+    let (r, (ol, ok), (im, in_)) = (
+        r as usize,
+        (l.out.0 as usize, l.out.1 as usize),
+        (l.inp.0 as usize, l.inp.1 as usize),
+    );
     let mut rng = Rng(seed);
     let mut p = BTreeMap::new();
     if l.use_w1 {
@@ -33,11 +37,15 @@ fn random_params(config: &Config, inf: u32, outf: u32, r: u32, seed: u64) -> BTr
 }
 
 fn w1(p: &BTreeMap<String, Mat>) -> Mat {
-    p.get("lokr_w1").cloned().unwrap_or_else(|| p["lokr_w1_a"].matmul(&p["lokr_w1_b"]))
+    p.get("lokr_w1")
+        .cloned()
+        .unwrap_or_else(|| p["lokr_w1_a"].matmul(&p["lokr_w1_b"]))
 }
 
 fn w2(p: &BTreeMap<String, Mat>) -> Mat {
-    p.get("lokr_w2").cloned().unwrap_or_else(|| p["lokr_w2_a"].matmul(&p["lokr_w2_b"]))
+    p.get("lokr_w2")
+        .cloned()
+        .unwrap_or_else(|| p["lokr_w2_a"].matmul(&p["lokr_w2_b"]))
 }
 
 /// PEFT's `get_delta_weight`: `make_kron(w1, w2, scaling)` = `torch.kron(w1, w2) * alpha / r`.
@@ -62,7 +70,10 @@ fn reference_grads(p: &BTreeMap<String, Mat>, scale: f64, g: &Mat) -> BTreeMap<S
         }
     }
     let mut out = BTreeMap::new();
-    for (full, a_name, b_name, d) in [("lokr_w1", "lokr_w1_a", "lokr_w1_b", &da), ("lokr_w2", "lokr_w2_a", "lokr_w2_b", &db)] {
+    for (full, a_name, b_name, d) in [
+        ("lokr_w1", "lokr_w1_a", "lokr_w1_b", &da),
+        ("lokr_w2", "lokr_w2_a", "lokr_w2_b", &db),
+    ] {
         if p.contains_key(full) {
             out.insert(full.to_string(), d.clone());
         } else {
@@ -73,10 +84,19 @@ fn reference_grads(p: &BTreeMap<String, Mat>, scale: f64, g: &Mat) -> BTreeMap<S
     out
 }
 
-fn adapter_with(config: &Config, p: &BTreeMap<String, Mat>, w: &Mat, r: u32, alpha: f32) -> cogvx_model_core::adapter::LinearAdapter<AD> {
+fn adapter_with(
+    config: &Config,
+    p: &BTreeMap<String, Mat>,
+    w: &Mat,
+    r: u32,
+    alpha: f32,
+) -> cogvx_model_core::adapter::LinearAdapter<AD> {
     let req = request(w.cols as u32, w.rows as u32, r, alpha);
     let rec = recipe(config, &req).unwrap();
-    assert_eq!((rec.output_kind, rec.peft_type.as_str()), (AdapterOutput::WeightDelta, "LOKR"));
+    assert_eq!(
+        (rec.output_kind, rec.peft_type.as_str()),
+        (AdapterOutput::WeightDelta, "LOKR")
+    );
     let mut ad = build(rec, req, w, 1);
     let values: Vec<(&str, Mat)> = p.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     set(&mut ad, &values);
@@ -85,20 +105,44 @@ fn adapter_with(config: &Config, p: &BTreeMap<String, Mat>, w: &Mat, r: u32, alp
 
 /// (config, in, out, rank, which parameters PEFT creates).
 fn layouts() -> Vec<(Config, u32, u32, u32, Vec<&'static str>)> {
-    let both = Config { decompose_both: true, ..Config::default() };
-    let f2 = Config { decompose_factor: 2, ..Config::default() };
+    let both = Config {
+        decompose_both: true,
+        ..Config::default()
+    };
+    let f2 = Config {
+        decompose_factor: 2,
+        ..Config::default()
+    };
     vec![
         // 12 = 3 x 4, 8 = 2 x 4; r = 1 < max(4, 4) / 2: w2 decomposed.
-        (Config::default(), 12, 8, 1, vec!["lokr_w1", "lokr_w2_a", "lokr_w2_b"]),
+        (
+            Config::default(),
+            12,
+            8,
+            1,
+            vec!["lokr_w1", "lokr_w2_a", "lokr_w2_b"],
+        ),
         // r = 2 = 4 / 2 is not smaller: w2 full.
         (Config::default(), 12, 8, 2, vec!["lokr_w1", "lokr_w2"]),
         // decompose_both, r = 1 < max(2, 3) / 2: w1 decomposed too.
-        (both.clone(), 12, 8, 1, vec!["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"]),
+        (
+            both.clone(),
+            12,
+            8,
+            1,
+            vec!["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"],
+        ),
         (both, 12, 8, 2, vec!["lokr_w1", "lokr_w2"]),
         // decompose_factor 2: 12 = 2 x 6, 8 = 2 x 4; r = 2 < 6 / 2.
         (f2, 12, 8, 2, vec!["lokr_w1", "lokr_w2_a", "lokr_w2_b"]),
         // A prime input: 7 = 1 x 7.
-        (Config::default(), 7, 6, 1, vec!["lokr_w1", "lokr_w2_a", "lokr_w2_b"]),
+        (
+            Config::default(),
+            7,
+            6,
+            1,
+            vec!["lokr_w1", "lokr_w2_a", "lokr_w2_b"],
+        ),
     ]
 }
 
@@ -106,10 +150,19 @@ fn layouts() -> Vec<(Config, u32, u32, u32, Vec<&'static str>)> {
 fn shapes_and_export_names_are_pefts() {
     for (config, inf, outf, r, names) in layouts() {
         let req = request(inf, outf, r, 1.0);
-        let ad = build(recipe(&config, &req).unwrap(), req, &Rng(1).mat(outf as usize, inf as usize), 2);
+        let ad = build(
+            recipe(&config, &req).unwrap(),
+            req,
+            &Rng(1).mat(outf as usize, inf as usize),
+            2,
+        );
         let got = values(&ad);
         let want = random_params(&config, inf, outf, r, 0);
-        assert_eq!(got.keys().map(String::as_str).collect::<Vec<_>>(), names, "{config:?} {inf} -> {outf} r{r}");
+        assert_eq!(
+            got.keys().map(String::as_str).collect::<Vec<_>>(),
+            names,
+            "{config:?} {inf} -> {outf} r{r}"
+        );
         for (k, m) in &want {
             assert_eq!(got[k].0, vec![m.rows, m.cols], "{k}");
         }
@@ -126,11 +179,21 @@ fn delta_and_output_match_peft() {
         let w = Rng(20 + i as u64).mat(outf as usize, inf as usize);
         let ad = adapter_with(&config, &p, &w, r, alpha);
         let want = peft_delta(&p, alpha as f64 / r as f64);
-        assert_close(&evaluate(&ad, &w).v, &want.v, 1e-6, &format!("ΔW {config:?} r{r}"));
+        assert_close(
+            &evaluate(&ad, &w).v,
+            &want.v,
+            1e-6,
+            &format!("ΔW {config:?} r{r}"),
+        );
         let mut rng = Rng(30 + i as u64);
         let x = rng.mat(3, inf as usize);
         let bias = rng.vec(outf as usize);
-        assert_close(&forward(&ad, &x, &w, &bias).v, &linear(&x, &w.add(&want), &bias).v, 1e-5, "y");
+        assert_close(
+            &forward(&ad, &x, &w, &bias).v,
+            &linear(&x, &w.add(&want), &bias).v,
+            1e-5,
+            "y",
+        );
     }
 }
 
@@ -144,7 +207,10 @@ fn gradients_match_the_analytic_kron_gradients() {
         let g = Rng(60 + i as u64).mat(outf as usize, inf as usize);
         let got = grads(&adapter_with(&config, &p, &w, r, alpha), &w, &g);
         let want = reference_grads(&p, scale, &g);
-        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
         for (k, want) in &want {
             assert_close(&got[k], &want.v, 1e-5, &format!("dL/d{k} {config:?} r{r}"));
             // The analytic reference by central finite differences in f64.
@@ -153,8 +219,13 @@ fn gradients_match_the_analytic_kron_gradients() {
                 let (mut plus, mut minus) = (p.clone(), p.clone());
                 plus.get_mut(k).unwrap().v[e] += h;
                 minus.get_mut(k).unwrap().v[e] -= h;
-                let fd = (peft_delta(&plus, scale).dot(&g) - peft_delta(&minus, scale).dot(&g)) / (2.0 * h);
-                assert!((fd - want.v[e]).abs() < 1e-6, "finite difference of {k}[{e}]: {fd} vs {}", want.v[e]);
+                let fd = (peft_delta(&plus, scale).dot(&g) - peft_delta(&minus, scale).dot(&g))
+                    / (2.0 * h);
+                assert!(
+                    (fd - want.v[e]).abs() < 1e-6,
+                    "finite difference of {k}[{e}]: {fd} vs {}",
+                    want.v[e]
+                );
             }
         }
     }
@@ -165,7 +236,10 @@ fn inits_are_pefts() {
     let w = Rng(1).mat(8, 12);
     for (config, inf, outf, r, _) in layouts().into_iter().filter(|l| l.1 == 12) {
         for init in [LokrInit::Peft, LokrInit::Lycoris, LokrInit::Random] {
-            let config = Config { init_weights: init, ..config.clone() };
+            let config = Config {
+                init_weights: init,
+                ..config.clone()
+            };
             let req = request(inf, outf, r, 4.0);
             let ad = build(recipe(&config, &req).unwrap(), req, &w, 3);
             let v = values(&ad);
@@ -176,15 +250,26 @@ fn inits_are_pefts() {
             };
             for (k, (shape, x)) in &v {
                 if zero_names.contains(&k.as_str()) {
-                    assert!(x.iter().all(|x| *x == 0.0), "{init:?}: {k} should start at zero");
+                    assert!(
+                        x.iter().all(|x| *x == 0.0),
+                        "{init:?}: {k} should start at zero"
+                    );
                 } else {
                     // kaiming_uniform_(a = √5): bound 1/sqrt(fan-in), the last dimension.
-                    assert_uniform_within(x, 1.0 / (shape[1] as f64).sqrt(), &format!("{init:?}: {k}"));
+                    assert_uniform_within(
+                        x,
+                        1.0 / (shape[1] as f64).sqrt(),
+                        &format!("{init:?}: {k}"),
+                    );
                 }
             }
             let delta = evaluate(&ad, &w);
             let zero = delta.v.iter().all(|x| *x == 0.0);
-            assert_eq!(zero, init != LokrInit::Random, "{init:?} {config:?} r{r}: ΔW zero at init = {zero}");
+            assert_eq!(
+                zero,
+                init != LokrInit::Random,
+                "{init:?} {config:?} r{r}: ΔW zero at init = {zero}"
+            );
         }
     }
 }
@@ -193,20 +278,53 @@ fn inits_are_pefts() {
 fn bad_configs_are_refused_with_the_key_named() {
     assert_eq!(parse_config("{}").unwrap(), Config::default());
     assert_eq!(
-        parse_config(r#"{"decompose_factor": 8, "decompose_both": true, "init_weights": "lycoris"}"#).unwrap(),
-        Config { decompose_factor: 8, decompose_both: true, init_weights: LokrInit::Lycoris }
+        parse_config(
+            r#"{"decompose_factor": 8, "decompose_both": true, "init_weights": "lycoris"}"#
+        )
+        .unwrap(),
+        Config {
+            decompose_factor: 8,
+            decompose_both: true,
+            init_weights: LokrInit::Lycoris
+        }
     );
-    assert_eq!(parse_config(r#"{"init_weights": false}"#).unwrap().init_weights, LokrInit::Random);
+    assert_eq!(
+        parse_config(r#"{"init_weights": false}"#)
+            .unwrap()
+            .init_weights,
+        LokrInit::Random
+    );
     for (json, want) in [
-        (r#"{"decompose_factor": 0}"#, "`decompose_factor`: 0 must be -1"),
-        (r#"{"decompose_factor": -4}"#, "`decompose_factor`: -4 must be -1"),
-        (r#"{"decompose_factor": 2.5}"#, "`decompose_factor`: invalid type: floating point `2.5`, expected i64"),
-        (r#"{"decompose_both": 1}"#, "`decompose_both`: invalid type: integer `1`, expected a boolean"),
-        (r#"{"init_weights": "gaussian"}"#, "`init_weights`: \"gaussian\" is not a LoKr initialisation"),
-        (r#"{"use_effective_conv2d": true}"#, "unknown field `use_effective_conv2d`"),
+        (
+            r#"{"decompose_factor": 0}"#,
+            "`decompose_factor`: 0 must be -1",
+        ),
+        (
+            r#"{"decompose_factor": -4}"#,
+            "`decompose_factor`: -4 must be -1",
+        ),
+        (
+            r#"{"decompose_factor": 2.5}"#,
+            "`decompose_factor`: invalid type: floating point `2.5`, expected i64",
+        ),
+        (
+            r#"{"decompose_both": 1}"#,
+            "`decompose_both`: invalid type: integer `1`, expected a boolean",
+        ),
+        (
+            r#"{"init_weights": "gaussian"}"#,
+            "`init_weights`: \"gaussian\" is not a LoKr initialisation",
+        ),
+        (
+            r#"{"use_effective_conv2d": true}"#,
+            "unknown field `use_effective_conv2d`",
+        ),
     ] {
         let e = parse_config(json).unwrap_err().to_string();
-        assert!(e.contains("lokr: bad [plugin.lokr] table") && e.contains(want), "{json}: {e}");
+        assert!(
+            e.contains("lokr: bad [plugin.lokr] table") && e.contains(want),
+            "{json}: {e}"
+        );
         assert!(!e.contains(" at line "), "{e}");
     }
 }
