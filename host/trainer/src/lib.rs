@@ -784,3 +784,78 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
     summary.exported = Some(path);
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cogvx_plugin_api::{PluginInfo, PluginKind, PluginResult, SchedulerTables};
+
+    struct Tables(SchedulerTables);
+
+    impl Plugin for Tables {
+        fn info(&self) -> PluginInfo {
+            PluginInfo { name: "tables".into(), version: "0.1.0".into(), kinds: vec![PluginKind::Scheduler], description: "test".into() }
+        }
+        fn scheduler_tables(&mut self, _config_json: &str) -> PluginResult<SchedulerTables> {
+            Ok(self.0.clone())
+        }
+    }
+
+    fn model_dir() -> Option<PathBuf> {
+        let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models/cogvideox-2b-tiny"));
+        if p.is_dir() {
+            Some(p)
+        } else {
+            eprintln!("SKIPPED: {} is absent", p.display());
+            None
+        }
+    }
+
+    #[test]
+    fn timesteps_are_uniform_or_the_scheduler_plugins_distribution() {
+        let Some(dir) = model_dir() else { return };
+        let own = train_schedule(&dir, None).unwrap();
+        let n = own.schedule.alphas_cumprod.len();
+        assert_eq!(n, 1000);
+        let mut rng = TrainRng::new(0);
+        let draws: Vec<usize> = (0..5000).map(|_| own.draw_timestep(&mut rng)).collect();
+        assert!(draws.iter().all(|t| *t < n));
+        assert!(draws.iter().any(|t| *t < 100) && draws.iter().any(|t| *t >= 900));
+
+        // A plugin that puts all the probability on timesteps 10 and 20 (1:3), with its own
+        // alphas_cumprod.
+        let ac: Vec<f64> = (0..n).map(|t| 0.999 - 0.99 * t as f64 / n as f64).collect();
+        let mut weights = vec![0.0; n];
+        weights[10] = 1.0;
+        weights[20] = 3.0;
+        let tables = SchedulerTables {
+            alphas_cumprod: ac.clone(),
+            timestep_weights: Some(weights),
+            loss_weights: ac.iter().map(|a| 1.0 / (1.0 - a)).collect(),
+        };
+        let mut plugin = Tables(tables.clone());
+        let s = train_schedule(&dir, Some(&mut plugin)).unwrap();
+        assert_eq!(s.schedule.alphas_cumprod, ac);
+        let mut counts = [0usize; 2];
+        for _ in 0..4000 {
+            match s.draw_timestep(&mut rng) {
+                10 => counts[0] += 1,
+                20 => counts[1] += 1,
+                t => panic!("drew timestep {t}"),
+            }
+        }
+        assert!((850..1150).contains(&counts[0]), "{counts:?}");
+
+        // Loss weights other than CogVideoX's 1 / (1 - alphas_cumprod) are refused, as are bad tables.
+        let mut bad = tables.clone();
+        bad.loss_weights[5] = 1.0;
+        let e = train_schedule(&dir, Some(&mut Tables(bad))).err().unwrap().to_string();
+        assert!(e.contains("plugin `tables`") && e.contains("timestep 5"), "{e}");
+        let mut bad = tables.clone();
+        bad.timestep_weights = Some(vec![0.0; n]);
+        assert!(train_schedule(&dir, Some(&mut Tables(bad))).is_err());
+        let mut bad = tables;
+        bad.alphas_cumprod[0] = 1.5;
+        assert!(train_schedule(&dir, Some(&mut Tables(bad))).is_err());
+    }
+}

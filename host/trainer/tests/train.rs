@@ -243,10 +243,11 @@ fn lora_export_validation_videos_and_validator_metrics() {
         steps: 2,
         prompts: vec!["a red cube".into()],
         num_inference_steps: 2,
-        validators: vec!["brightness".into()],
+        validators: vec!["brightness".into(), "video_metrics".into()],
         ..ValidationConfig::default()
     };
-    j.validators = vec![&mut brightness];
+    let mut video_metrics = cogvx_plugin_video_metrics::VideoMetricsPlugin::default();
+    j.validators = vec![&mut video_metrics, &mut brightness];
     let s = run(j).unwrap();
     // Validation at steps 2 and 4 (the end), one video each.
     assert_eq!(s.validation_videos, [out.join("validation/step-2/0.mp4"), out.join("validation/step-4/0.mp4")]);
@@ -261,6 +262,10 @@ fn lora_export_validation_videos_and_validator_metrics() {
     assert_eq!(events[0]["step"], 2);
     assert_eq!(events[0]["brightness.frames"], 9.0);
     assert!(events[0]["brightness.mean"].as_f64().unwrap() > 0.0);
+    // The shipped validator's metrics, under `video_metrics.<name>`.
+    for m in ["brightness", "flicker_mean_luma", "flicker_pixel", "sharpness"] {
+        assert!(events[1][format!("video_metrics.{m}")].as_f64().is_some_and(f64::is_finite), "{m}: {}", events[1]);
+    }
     // The LoRA export loads back with the configured rank, alpha and targets.
     let lora = cogvx_train::load_lora(s.exported.as_ref().unwrap()).unwrap();
     let meta = lora.metadata.expect("adapter metadata");
@@ -408,4 +413,29 @@ fn sft_trains_every_weight_resumes_and_exports_a_transformer_folder() {
     let (a, b) = (w(&trained), w(&base));
     assert_eq!(a.len(), b.len());
     assert!(a.iter().zip(&b).any(|(x, y)| x != y), "SFT left to_q unchanged");
+}
+
+#[test]
+fn i2v_validation_samples_from_the_conditioning_image() {
+    let Some(model) = tiny("cogvideox1.5-5b-i2v-tiny") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 1, true);
+    // The conditioning image (anything FFmpeg decodes; here a one-frame clip of 64x40).
+    let (w, h) = (64u32, 40u32);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let image = tmp.path().join("cond.mp4");
+    cogvx_video::encode_mp4(&image, &cogvx_plugin_api::Frames { width: w, height: h, count: 1, rgb }, 8.0, &Default::default()).unwrap();
+    let out = tmp.path().join("out");
+    let mut j = job(&model, &cache, config(&out, 1, 1));
+    j.validation = ValidationConfig { steps: 1, prompts: vec!["a cat".into()], images: vec![image], num_inference_steps: 2, ..ValidationConfig::default() };
+    let s = run(j).unwrap();
+    assert_eq!(s.validation_videos, [out.join("validation/step-1/0.mp4")]);
+    let info = cogvx_video::probe(&s.validation_videos[0]).unwrap();
+    assert_eq!((info.width, info.height), (48, 32));
+    // Without images an I2V model's validation is refused before training.
+    let mut j = job(&model, &cache, config(&tmp.path().join("out2"), 1, 1));
+    j.validation = ValidationConfig { steps: 1, prompts: vec!["a cat".into()], ..ValidationConfig::default() };
+    let e = run(j).unwrap_err().to_string();
+    assert!(e.contains("validation.images"), "{e}");
+    assert!(!tmp.path().join("out2").join("checkpoint-1").exists());
 }
