@@ -200,17 +200,19 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
             param("lora_B", vec![Dim::Out, Dim::Rank], Init::Zeros),
             param("lora_magnitude_vector", vec![Dim::Out], Init::BaseRowNorm),
         ],
+        // 0 W, 1 B, 2 A, 3 B@A, 4 s*B@A, 5 V = W + s*B@A, 6 the row norm of V (not detached,
+        // see the crate docs), 7 m, 8 m / norm, 9 W' = (m / norm) * V.
         graph: vec![
-            Op::BaseWeight,                            // 0: W
-            Op::Param("lora_B".into()),                // 1
-            Op::Param("lora_A".into()),                // 2
-            Op::Matmul(1, 2),                          // 3: B @ A
-            scaled,                                    // 4: s * B @ A
-            Op::Add(0, 4),                             // 5: V = W + s * B @ A
-            Op::RowNorm(5), // 6: ‖V‖_row (not detached, see the crate docs)
-            Op::Param("lora_magnitude_vector".into()), // 7: m
-            Op::Div(7, 6),  // 8: m / ‖V‖_row
-            Op::Mul(8, 5),  // 9: W' = (m / ‖V‖_row) ⊙ V
+            Op::BaseWeight,
+            Op::Param("lora_B".into()),
+            Op::Param("lora_A".into()),
+            Op::Matmul(1, 2),
+            scaled,
+            Op::Add(0, 4),
+            Op::RowNorm(5),
+            Op::Param("lora_magnitude_vector".into()),
+            Op::Div(7, 6),
+            Op::Mul(8, 5),
         ],
         output: 9,
         output_kind: AdapterOutput::Weight,
