@@ -93,6 +93,10 @@ pub enum Command {
 /// `cogvx train` flags (each overrides its `[train]` key).
 #[derive(clap::Args, Debug, Default)]
 pub struct TrainArgs {
+    /// `lora`, `sft`, or an adapter plugin's name, e.g. `dora` with `--plugin plugins/dora.wasm`
+    /// (`[train] adapter`).
+    #[arg(long, value_name = "NAME")]
+    pub adapter: Option<String>,
     /// Optimizer steps to run (`[train] max_steps`).
     #[arg(long, value_name = "N")]
     pub max_steps: Option<u64>,

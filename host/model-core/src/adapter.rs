@@ -11,7 +11,7 @@
 //!   parameter names, shapes and size limits are checked and refused with a clear
 //!   [`AdapterError`]. DoRA, LoHa and LoKr plugins are run through it.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use cogvx_plugin_api::{AdapterOutput, AdapterRecipe, AdapterRequest, Dim, Init, Op};
 
@@ -491,11 +491,12 @@ impl<B: Backend> RecipeAdapter<B> {
             match init(shape) {
                 Value::V(t) => {
                     slots.push((ParamSlot::Vector(vectors.len()), shape.clone()));
-                    vectors.push(Param::from_tensor(t.detach().set_require_grad(spec.trainable)));
+                    // `Param::from_tensor` would mark a frozen parameter as requiring grad again.
+                    vectors.push(Param::initialized(ParamId::new(), t.detach().set_require_grad(spec.trainable)));
                 }
                 Value::M(t) => {
                     slots.push((ParamSlot::Matrix(matrices.len()), shape.clone()));
-                    matrices.push(Param::from_tensor(t.detach().set_require_grad(spec.trainable)));
+                    matrices.push(Param::initialized(ParamId::new(), t.detach().set_require_grad(spec.trainable)));
                 }
             }
         }

@@ -17,9 +17,9 @@ pub fn open_model(settings: &Settings) -> Result<ModelFolder> {
         let is = if folder.variant.is_i2v() { Task::I2v } else { Task::T2v };
         if task != is {
             bail!(
-                "config `[model] task = \"{task}\"`, but {} is a {} model ({}): use a{} model folder or set task = \"{is}\"",
+                "config `[model] task = \"{task}\"`, but {} is a{} model ({}): use a{} model folder or set task = \"{is}\"",
                 dir.display(),
-                is,
+                if is == Task::I2v { "n image-to-video" } else { " text-to-video" },
                 folder.variant,
                 if task == Task::I2v { "n image-to-video (…-I2V)" } else { " text-to-video" },
             );

@@ -17,6 +17,9 @@ use crate::TrainArgs;
 /// validation_root` when it lists none itself.
 fn effective_configs(settings: &Settings, args: &TrainArgs) -> Result<(TrainConfig, ValidationConfig)> {
     let mut train = settings.config.train.clone();
+    if let Some(a) = &args.adapter {
+        train.adapter = a.clone();
+    }
     if let Some(n) = args.max_steps {
         train.max_steps = Some(n);
     }
@@ -90,6 +93,12 @@ fn take_plugins(settings: &Settings, train: &TrainConfig, validation: &Validatio
     let config = &settings.config;
     let adapter = if train.is_lora() || train.is_sft() {
         None
+    } else if registry.get_mut(&train.adapter).is_none() {
+        bail!(
+            "config [train] adapter = \"{}\": no such plugin is loaded. Adapters other than lora and sft are plugins: load one with --plugin FILE (e.g. --plugin plugins/{}.wasm, built by `bash plugins/build.sh`) or list it in the config's `plugins`",
+            train.adapter,
+            train.adapter
+        );
     } else {
         take_chain(&mut registry, config, std::slice::from_ref(&train.adapter), PluginKind::Adapter, "[train] adapter")?.pop()
     };

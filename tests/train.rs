@@ -1,0 +1,255 @@
+//! End-to-end tests of `cogvx train` / `cogvx sample`: the quickstart (the README's main job),
+//! resume through the CLI, an adapter swapped by loading a plugin, and bad input refused before
+//! any work.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn cogvx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cogvx")).args(args).current_dir(repo()).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The first-party plugin files, built by `plugins/build.sh` (CI runs it before the tests;
+/// here it runs once if they are missing).
+fn plugin_file(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = repo().join("plugins").join(name);
+    BUILT.get_or_init(|| {
+        if !path.exists() {
+            let status = Command::new("bash").arg("plugins/build.sh").current_dir(repo()).status().unwrap();
+            assert!(status.success(), "plugins/build.sh failed");
+        }
+    });
+    assert!(path.exists(), "{} missing after plugins/build.sh", path.display());
+    path
+}
+
+/// The step records of a run's metrics.jsonl: (step, loss).
+fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "step")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// The `__metadata__` of a safetensors file.
+fn safetensors_metadata(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].as_object().cloned().unwrap_or_default()
+}
+
+/// A config like the quickstart's, with absolute paths and `extra` appended to `[train]`.
+fn small_config(dir: &Path, train_extra: &str) -> PathBuf {
+    let repo = repo();
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+
+[data]
+root = "{data}"
+resolution = "9x64x96"
+cache_dir = "{cache}"
+
+[train]
+output_dir = "{out}"
+rank = 4
+alpha = 8
+learning_rate = 1e-3
+lr_warmup_steps = 2
+checkpointing_steps = 3
+{train_extra}
+"#,
+        model = repo.join("examples/models/cogvideox-2b-tiny").display(),
+        data = repo.join("examples/datasets/mini").display(),
+        cache = dir.join("cache").display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn quickstart_trains_validates_and_exports_a_lora_that_sample_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("quickstart");
+    let out = cogvx(&["--config", "configs/quickstart.toml", "train", "--output-dir", s(&out_dir)]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    // The loss falls: the mean of the last 20 steps is well below that of the first 20.
+    let l = losses(&out_dir);
+    assert_eq!(l.len(), 200, "one record per step");
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&l[..20]), mean(&l[l.len() - 20..]));
+    assert!(last < 0.5 * first, "loss did not fall: first 20 {first}, last 20 {last}");
+
+    // Validation video at steps 100 and 200: 9 frames of 96x64.
+    for step in [100, 200] {
+        let video = out_dir.join(format!("validation/step-{step}/0.mp4"));
+        let info = cogvx_video::probe(&video).unwrap_or_else(|e| panic!("{}: {e}", video.display()));
+        assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9), "{}", video.display());
+    }
+    // Loss curve PNG; the last two checkpoints kept.
+    let png = image::open(out_dir.join("loss.png")).unwrap();
+    assert!(png.width() > 100 && png.height() > 100);
+    let mut checkpoints: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    checkpoints.sort();
+    assert_eq!(checkpoints, ["checkpoint-150", "checkpoint-200"]);
+
+    // The LoRA carries rank and alpha in diffusers' metadata, and `cogvx sample` loads it.
+    let lora = out_dir.join("pytorch_lora_weights.safetensors");
+    let meta = safetensors_metadata(&lora);
+    let adapter: serde_json::Value = serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
+    // diffusers packs the transformer's PEFT config with a `transformer.` prefix.
+    assert_eq!((adapter["transformer.r"].as_u64(), adapter["transformer.lora_alpha"].as_f64()), (Some(8), Some(8.0)), "{adapter}");
+    let video = dir.path().join("sample.mp4");
+    let out = cogvx(&[
+        "--config",
+        "configs/quickstart.toml",
+        "sample",
+        "--lora",
+        s(&lora),
+        "--prompt",
+        "BW_STYLE a zoom into a mandelbrot fractal",
+        "--steps",
+        "4",
+        "--out",
+        s(&video),
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let info = cogvx_video::probe(&video).unwrap();
+    assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9));
+}
+
+#[test]
+fn resume_latest_from_the_cli_continues_the_same_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    // Uninterrupted: 8 steps.
+    let full = tempfile::tempdir().unwrap();
+    let config = small_config(full.path(), "");
+    let out = cogvx(&["--config", s(&config), "train", "--max-steps", "8"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let want = losses(&full.path().join("out"));
+    assert_eq!(want.len(), 8);
+
+    // 4 steps (checkpoints at 3 and 4), then --resume latest up to 8.
+    let config = small_config(dir.path(), "");
+    let out = cogvx(&["--config", s(&config), "train", "--max-steps", "4"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let out = cogvx(&["--config", s(&config), "train", "--max-steps", "8", "--resume", "latest"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("resumed from") && stdout.contains("checkpoint-4"), "{stdout}");
+    let got = losses(&dir.path().join("out"));
+    assert_eq!(got, want, "a resumed run must reproduce the uninterrupted loss curve");
+}
+
+#[test]
+fn dora_from_the_wasm_plugin_trains_and_exports_peft_keys() {
+    let wasm = plugin_file("dora.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), "");
+    let out = cogvx(&["--plugin", s(&wasm), "--config", s(&config), "train", "--adapter", "dora", "--max-steps", "3"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let file = dir.path().join("out/pytorch_lora_weights.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let keys: Vec<&String> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").collect();
+    for suffix in ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"] {
+        let key = format!("transformer.transformer_blocks.0.attn1.to_q.{suffix}");
+        assert!(keys.iter().any(|k| **k == key), "{key} missing in {keys:?}");
+    }
+    let meta = safetensors_metadata(&file);
+    let adapter: serde_json::Value = serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
+    assert_eq!(adapter["transformer.use_dora"], true, "{adapter}");
+    assert_eq!(adapter["transformer.peft_type"], "LORA", "{adapter}");
+    assert!(losses(&dir.path().join("out")).iter().all(|(_, l)| l.is_finite()));
+}
+
+/// Runs `train` with a config and returns (exit code, stderr); asserts that nothing was
+/// prepared or trained.
+fn refused(dir: &Path, config_text: &str, flags: &[&str]) -> (Option<i32>, String) {
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, config_text).unwrap();
+    let mut args = vec!["--config", s(&config), "train"];
+    args.extend_from_slice(flags);
+    let out = cogvx(&args);
+    assert!(!dir.join("cache").exists(), "the cache was touched before the error");
+    assert!(!dir.join("out").join("metrics.jsonl").exists());
+    (out.status.code(), text(&out).1)
+}
+
+#[test]
+fn bad_input_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo();
+    let model = repo.join("examples/models/cogvideox-2b-tiny");
+    let data = repo.join("examples/datasets/mini");
+    let base = |extra_model: &str, extra_data: &str, extra_train: &str| {
+        format!(
+            "[model]\npath = \"{}\"\n{extra_model}\n[data]\nroot = \"{}\"\ncache_dir = \"{}\"\n{extra_data}\n[train]\noutput_dir = \"{}\"\n{extra_train}\n",
+            model.display(),
+            data.display(),
+            dir.path().join("cache").display(),
+            dir.path().join("out").display()
+        )
+    };
+
+    // An unknown key, named with the file.
+    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "lerning_rate = 1e-4"), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("bad.toml") && err.contains("lerning_rate"), "{err}");
+
+    // Frames not 8N+1; sides not multiples of 16.
+    let (code, err) = refused(dir.path(), &base("", "resolution = \"10x64x96\"", ""), &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("8N+1"), "{err}");
+    let (_, err) = refused(dir.path(), &base("", "resolution = \"9x60x96\"", ""), &[]);
+    assert!(err.contains("multiples of 16"), "{err}");
+
+    // A text-to-video folder for an image-to-video run.
+    let (code, err) = refused(dir.path(), &base("task = \"i2v\"", "resolution = \"9x64x96\"", ""), &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("task") && err.contains("text-to-video"), "{err}");
+
+    // A bad value, named by its key.
+    let (_, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "adam_betas = [0.9, 1.5]"), &[]);
+    assert!(err.contains("adam_betas"), "{err}");
+
+    // An unwritable output folder (under a regular file).
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", ""), &["--output-dir", s(&blocker.join("out"))]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("output_dir") && err.contains("file/out"), "{err}");
+
+    // An adapter plugin that is not loaded.
+    let (_, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "adapter = \"dora2\""), &[]);
+    assert!(err.contains("dora2"), "{err}");
+}
