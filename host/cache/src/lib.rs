@@ -599,6 +599,7 @@ pub fn prepare<B: Backend>(
             ProgressDrawTarget::hidden(),
         )
     };
+    cogvx_metrics::console::track(&bar);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} prepare [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",

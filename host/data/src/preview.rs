@@ -117,6 +117,7 @@ pub fn preview(
     } else {
         ProgressBar::with_draw_target(Some(samples.len() as u64), ProgressDrawTarget::hidden())
     };
+    cogvx_metrics::console::track(&bar);
     bar.set_style(
         ProgressStyle::with_template("{spinner} preview [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())

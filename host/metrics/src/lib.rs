@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod console;
 mod log;
 mod plot;
 mod progress;

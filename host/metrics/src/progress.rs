@@ -31,6 +31,7 @@ impl TrainProgress {
         bar.set_position(start_step.min(total_steps));
         // The steps done before a resume took no time in this process.
         bar.reset_eta();
+        crate::console::track(&bar);
         TrainProgress { bar }
     }
 
@@ -59,9 +60,10 @@ impl TrainProgress {
         }
     }
 
-    /// Stops the bar, leaving its last state on screen.
+    /// Stops the bar and clears it (the caller reports the outcome; a finished bar would leave
+    /// the cursor at the end of its line).
     pub fn finish(&self) {
-        self.bar.finish();
+        self.bar.finish_and_clear();
     }
 }
 
