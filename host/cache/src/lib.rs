@@ -466,7 +466,14 @@ pub fn noisy_image_latents<B: Backend>(
     }
     let sigma = log_sigma.exp().reshape([b, 1, 1, 1]);
     let noisy = (images + noise * sigma).unsqueeze_dim::<5>(2);
-    let dist = vae.encode(noisy, options)?;
+    let mut dist = vae.encode(noisy.clone(), options)?;
+    let want = [h / vae.spatial_scale, w / vae.spatial_scale];
+    if options.tiling.is_some() && dist.mean.dims()[3..] != want {
+        // As in `prepare`: a tiled encode of frames barely larger than a tile (tiny models) keeps
+        // too many rows; encode the image whole.
+        let whole = VaeOptions { tiling: None, ..*options };
+        dist = vae.encode(noisy, &whole)?;
+    }
     let eps = sample_noise(dist.mean.dims());
     Ok(vae.scale_latents(dist.sample_with(eps)))
 }
