@@ -309,6 +309,12 @@ pub enum Op {
     RowNorm(u32),
     /// Kronecker product.
     Kron(u32, u32),
+    /// The operand's value with no gradient flowing back through it (PyTorch's `.detach()`, a
+    /// stop-gradient): same shape and forward value, treated as a constant in the backward pass.
+    /// DoRA uses it for its weight norm (PEFT `lora/dora.py`, DoRA paper §4.3). JSON:
+    /// `{"detach": 3}`; added after API 0.1.0's first release (a host that predates it refuses
+    /// a recipe using it as invalid JSON).
+    Detach(u32),
 }
 
 /// What the graph's output means.
@@ -472,6 +478,15 @@ mod tests {
             check(&|p| p.resize = Some(Size { width: 720, height: MAX_PLAN_SIDE + 1 })),
             format!("the output size 720x{} exceeds the {MAX_PLAN_SIDE} px limit", MAX_PLAN_SIDE + 1)
         );
+    }
+
+    #[test]
+    fn ops_serialise_as_kebab_case_json() {
+        let graph = vec![Op::BaseWeight, Op::Param("m".into()), Op::RowNorm(0), Op::Detach(2), Op::Div(1, 3), Op::Scale(4, 0.5)];
+        let json = serde_json::to_string(&graph).unwrap();
+        assert_eq!(json, r#"["base-weight",{"param":"m"},{"row-norm":0},{"detach":2},{"div":[1,3]},{"scale":[4,0.5]}]"#);
+        assert_eq!(serde_json::from_str::<Vec<Op>>(&json).unwrap(), graph);
+        assert_eq!(serde_json::from_str::<Op>(r#"{"detach": 3}"#).unwrap(), Op::Detach(3));
     }
 
     #[test]

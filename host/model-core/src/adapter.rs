@@ -9,7 +9,9 @@
 //! * [`RecipeAdapter`]: a generic interpreter of the plugin API's [`AdapterRecipe`] (parameters
 //!   plus a flat op graph that yields `ΔW` or `W'`), validated once when built: operand indices,
 //!   parameter names, shapes and size limits are checked and refused with a clear
-//!   [`AdapterError`]. DoRA, LoHa and LoKr plugins are run through it.
+//!   [`AdapterError`]. DoRA, LoHa and LoKr plugins are run through it. `Op::Detach` is a
+//!   stop-gradient (burn's `Tensor::detach`): its node keeps the operand's value and shape, and
+//!   no gradient flows back through it (PEFT's detached DoRA weight norm).
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
@@ -346,7 +348,7 @@ fn infer_shapes(layer: &str, recipe: &AdapterRecipe, param_shapes: &[(String, Ve
                 }
                 operand(*a)?
             }
-            Op::AlphaOverRank(a) => operand(*a)?,
+            Op::AlphaOverRank(a) | Op::Detach(a) => operand(*a)?,
             Op::Transpose(a) => {
                 let s = operand(*a)?;
                 if rank_of(&s) != 2 {
@@ -386,6 +388,14 @@ impl<B: Backend> Value<B> {
         match self {
             Value::M(t) => t,
             Value::V(_) => unreachable!("shapes were validated when the adapter was built"),
+        }
+    }
+
+    /// The same value cut from the autodiff graph (a constant in the backward pass).
+    fn detach(self) -> Self {
+        match self {
+            Value::V(t) => Value::V(t.detach()),
+            Value::M(t) => Value::M(t.detach()),
         }
     }
 }
@@ -532,6 +542,7 @@ impl<B: Backend> RecipeAdapter<B> {
                 Op::AlphaOverRank(a) => scale(get(a), alpha_over_rank),
                 Op::Transpose(a) => Value::M(get(a).m().transpose()),
                 Op::RowNorm(a) => Value::V(row_norm(get(a).m())),
+                Op::Detach(a) => get(a).detach(),
                 Op::Kron(a, b) => {
                     let (x, y) = (get(a).m(), get(b).m());
                     let ([p, q], [r, s]) = (x.dims(), y.dims());
@@ -773,6 +784,76 @@ mod tests {
         let mut r = lora_recipe();
         r.export[0].param = "Z".into();
         assert!(build(r, RecipeLimits::default()).contains("export key"));
+    }
+
+    /// `ΔW = (m / sg(‖P‖_row)) ⊙ P + sg(P) ⊙ P`: a detached vector and a detached matrix; with
+    /// `identity = true` the detaches are replaced by `Scale(·, 1)` (same values, gradients flow).
+    fn detach_recipe(identity: bool) -> AdapterRecipe {
+        let cut = |j: u32| if identity { Op::Scale(j, 1.0) } else { Op::Detach(j) };
+        AdapterRecipe {
+            params: vec![
+                ParamSpec { name: "P".into(), shape: vec![Dim::Out, Dim::In], init: Init::Zeros, trainable: true },
+                ParamSpec { name: "m".into(), shape: vec![Dim::Out], init: Init::Ones, trainable: true },
+            ],
+            // 0 P, 1 ‖P‖_row, 2 sg(‖P‖_row), 3 m, 4 m / sg(‖P‖_row), 5 (m / sg(‖P‖_row)) ⊙ P,
+            // 6 sg(P), 7 sg(P) ⊙ P, 8 the sum.
+            graph: vec![Op::Param("P".into()), Op::RowNorm(0), cut(1), Op::Param("m".into()), Op::Div(3, 2), Op::Mul(4, 0), cut(0), Op::Mul(6, 0), Op::Add(5, 7)],
+            output: 8,
+            output_kind: AdapterOutput::WeightDelta,
+            export: vec![],
+            peft_type: "LORA".into(),
+        }
+    }
+
+    #[test]
+    fn detach_keeps_the_value_and_stops_the_gradient() {
+        type AD = CpuAutodiffBackend;
+        let dev = CpuDevice::default();
+        let w = Tensor::<AD, 2>::zeros([2, 3], &dev);
+        // P rows [3, 4, 0] and [1, 2, 2] (norms 5 and 3), m = [2, 6], L = Σ G ⊙ ΔW.
+        let p = vec![3f32, 4., 0., 1., 2., 2.];
+        let m = vec![2f32, 6.];
+        let g = Tensor::<AD, 2>::from_data(TensorData::new(vec![1f32, -1., 2., 0.5, 1., -2.], [2, 3]), &dev);
+        let run = |identity: bool| {
+            let mut rec = RecipeAdapter::<AD>::new(detach_recipe(identity), request(1), &w, RecipeLimits::default(), &dev).unwrap();
+            rec.set_tensor("l", "P", AdapterTensor::from_vec(&[2, 3], p.clone(), &dev).unwrap()).unwrap();
+            rec.set_tensor("l", "m", AdapterTensor::from_vec(&[2], m.clone(), &dev).unwrap()).unwrap();
+            assert_eq!(rec.program.node_shapes[2], vec![2]);
+            assert_eq!(rec.program.node_shapes[6], vec![2, 3]);
+            let dw = rec.evaluate(w.clone());
+            let value = dw.clone().into_data().to_vec::<f32>().unwrap();
+            let grads = (dw * g.clone()).sum().backward();
+            let dp = rec.matrices[0].val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            let dm = rec.vectors[0].val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            (value, dp, dm)
+        };
+        let (value, dp, dm) = run(false);
+        let (value_id, dp_id, dm_id) = run(true);
+        // Forward, by hand: row 0 0.4 [3, 4, 0] + [9, 16, 0]; row 1 2 [1, 2, 2] + [1, 4, 4].
+        close(&value, &[10.2, 17.6, 0.0, 3.0, 8.0, 8.0]);
+        close(&value_id, &value);
+        // Detached: ∂L/∂P = (m / c) G + P ⊙ G (no term through the norm nor through sg(P)),
+        // ∂L/∂m = ⟨G_i, P_i⟩ / c_i.
+        close(&dp, &[3.4, -4.4, 0.8, 1.5, 4.0, -8.0]);
+        close(&dm, &[-0.2, -0.5]);
+        // Through the identity the norm's term -m ⟨G_i, P_i⟩ / c_i³ P_i and a second P ⊙ G appear;
+        // ∂L/∂m does not involve a detached path.
+        let want_id: Vec<f32> = {
+            let (pv, gv) = (&p, [1f32, -1., 2., 0.5, 1., -2.]);
+            let (c, gp) = ([5f32, 3.], [-1f32, -1.5]);
+            (0..6).map(|k| {
+                let i = k / 3;
+                m[i] / c[i] * gv[k] - m[i] * gp[i] / c[i].powi(3) * pv[k] + 2.0 * pv[k] * gv[k]
+            }).collect()
+        };
+        close(&dp_id, &want_id);
+        close(&dm_id, &dm);
+
+        // A detach of a later node is refused like any other operand.
+        let mut r = detach_recipe(false);
+        r.graph[2] = Op::Detach(5);
+        let e = RecipeAdapter::<AD>::new(r, request(1), &w, RecipeLimits::default(), &dev).map(|_| ()).unwrap_err().message;
+        assert!(e.contains("graph node 2 (Detach(5)) uses node 5, which is not an earlier node"), "{e}");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! The effective weight, as PEFT's `DoraLinearLayer` computes it (`peft/tuners/lora/dora.py`):
 //!
 //! ```text
-//! V  = W + s · lora_B @ lora_A                  s = alpha / r   (alpha / sqrt(r) with use_rslora)
-//! W' = (lora_magnitude_vector / ‖V‖_row) ⊙ V     ‖V‖_row[i] = L2 norm of row i of V, broadcast over rows
+//! V  = W + s · lora_B @ lora_A                         s = alpha / r  (alpha / sqrt(r) with use_rslora)
+//! W' = (lora_magnitude_vector / ‖V‖_row.detach()) ⊙ V  ‖V‖_row[i] = L2 norm of row i of V,
+//!                                                      broadcast over the rows
 //! y  = x W'ᵀ + b
 //! ```
 //!
@@ -22,27 +23,23 @@
 //! `<layer>.lora_B.weight`, `<layer>.lora_magnitude_vector`), the PEFT type `LORA` (a DoRA is a
 //! LoRA with `use_dora = true` in PEFT's `adapter_config.json`).
 //!
-//! ## Gradient: the norm is not detached (a documented difference from PEFT)
+//! ## Gradient: the norm is detached, as in PEFT
 //!
-//! PEFT detaches `‖V‖_row` (DoRA paper §4.3: the norm is treated as a constant in the backward
-//! pass, to save training memory). The plugin API's op set (`cogvx_plugin_api::Op`, API 0.1.0)
-//! has no detach/stop-gradient op and the host's interpreter none either, so this recipe
-//! differentiates through the norm. The forward values (loss, outputs, effective weight) are
-//! identical; the gradients relate as follows. With `G = ∂L/∂W'`, row `i`, `c_i = ‖V_i‖`:
+//! PEFT detaches `‖V‖_row` (`weight_norm = weight_norm.detach()`; DoRA paper §4.3: the norm
+//! reflects the updates of `V` in the forward pass but is treated as a constant in the backward
+//! pass). The recipe does the same with the API's stop-gradient op (`Op::Detach` on the row
+//! norm), so with `G = ∂L/∂W'`, row `i`, `c_i = ‖V_i‖`, the gradients are PEFT's:
 //!
 //! ```text
-//! ∂L/∂m_i  = ⟨G_i, V_i⟩ / c_i                                  same in PEFT and here
-//! ∂L/∂V_i  = (m_i / c_i) · G_i                                  PEFT (norm detached)
-//! ∂L/∂V_i  = (m_i / c_i) · (G_i − (⟨G_i, V_i⟩ / c_i²) · V_i)    here (the exact gradient)
-//! ∂L/∂lora_B = s · ∂L/∂V · lora_Aᵀ,   ∂L/∂lora_A = s · lora_Bᵀ · ∂L/∂V   (both)
+//! ∂L/∂m_i    = ⟨G_i, V_i⟩ / c_i
+//! ∂L/∂V_i    = (m_i / c_i) · G_i
+//! ∂L/∂lora_B = s · ∂L/∂V · lora_Aᵀ,   ∂L/∂lora_A = s · lora_Bᵀ · ∂L/∂V
 //! ```
 //!
-//! i.e. the gradient reaching `lora_A`/`lora_B` here is PEFT's with its component along each row
-//! `V_i` projected out; the magnitude's gradient is the same. At initialisation (`lora_B = 0`)
-//! both give `∂L/∂lora_A = 0`, while `∂L/∂lora_B` already differs by that projection. The
-//! training therefore follows the DoRA objective with its exact gradient rather than PEFT's
-//! approximation; a trained adapter loads in PEFT/diffusers unchanged (same keys, same forward).
-//! `tests/recipe.rs` checks both formulas against the interpreter's autodiff.
+//! (not the exact gradient of the DoRA objective, which would subtract from `∂L/∂V_i` its
+//! component along `V_i`). `tests/recipe.rs` checks these formulas against the interpreter's
+//! autodiff. `Op::Detach` was added to the API after its first 0.1.0 plugins; a host that
+//! predates it refuses this recipe (invalid `AdapterRecipe` JSON) rather than misreading it.
 //!
 //! ## Configuration (`[plugin.dora]`)
 //!
@@ -200,8 +197,8 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
             param("lora_B", vec![Dim::Out, Dim::Rank], Init::Zeros),
             param("lora_magnitude_vector", vec![Dim::Out], Init::BaseRowNorm),
         ],
-        // 0 W, 1 B, 2 A, 3 B@A, 4 s*B@A, 5 V = W + s*B@A, 6 the row norm of V (not detached,
-        // see the crate docs), 7 m, 8 m / norm, 9 W' = (m / norm) * V.
+        // 0 W, 1 B, 2 A, 3 B@A, 4 s*B@A, 5 V = W + s*B@A, 6 the row norm of V, 7 the norm
+        // detached (PEFT's `weight_norm.detach()`), 8 m, 9 m / norm, 10 W' = (m / norm) * V.
         graph: vec![
             Op::BaseWeight,
             Op::Param("lora_B".into()),
@@ -210,11 +207,12 @@ pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<Adapter
             scaled,
             Op::Add(0, 4),
             Op::RowNorm(5),
+            Op::Detach(6),
             Op::Param("lora_magnitude_vector".into()),
-            Op::Div(7, 6),
-            Op::Mul(8, 5),
+            Op::Div(8, 7),
+            Op::Mul(9, 5),
         ],
-        output: 9,
+        output: 10,
         output_kind: AdapterOutput::Weight,
         export: vec![
             ExportKey {
