@@ -334,3 +334,21 @@ fn sft_exports_a_diffusers_transformer_folder() {
     let out = cogvx(&["--model", s(&model), "sample", "--prompt", "a test pattern", "--steps", "2", "--out", s(&video)]);
     assert!(out.status.success(), "{}", text(&out).1);
 }
+
+/// The bar: `cogvx parity ../shared/reference/cases` passes every case, the LoRA training
+/// steps of all five variants included.
+#[test]
+fn parity_passes_all_shared_cases_including_the_training_steps() {
+    let cases = repo().join("../shared/reference/cases");
+    if !cases.is_dir() {
+        eprintln!("SKIPPED: {} is missing (the repository must sit beside shared/)", cases.display());
+        return;
+    }
+    let out = cogvx(&["parity", s(&cases)]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("35 cases,") && last.contains(" 0 FAIL, 0 skipped"), "{last}");
+    let lora_rows = stdout.lines().filter(|l| l.contains("train_step_lora") && l.trim_end().ends_with("ok")).count();
+    assert!(lora_rows >= 5 * 4, "loss, grad norm, gradients and weights of 5 variants:\n{stdout}");
+}
