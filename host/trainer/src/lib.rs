@@ -599,6 +599,16 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
             l
         }
     };
+    if resume_dir.is_none() {
+        let old = list_checkpoints(&out)?;
+        if let Some((last, _)) = old.last() {
+            tracing::warn!(
+                "{} already holds {} checkpoint(s) up to step {last}; this new run replaces them as it goes (resume with `latest` to continue instead)",
+                out.display(),
+                old.len()
+            );
+        }
+    }
     if let Some(dir) = &resume_dir {
         let ck = read_checkpoint(dir)?;
         check_resumable(&ck.state.config, &config, dir)?;
