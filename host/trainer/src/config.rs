@@ -253,9 +253,6 @@ fn default_inference_steps() -> usize {
 fn default_guidance() -> f64 {
     6.0
 }
-fn default_fps() -> f64 {
-    8.0
-}
 
 /// Validation during training (the keys of a config's validation section).
 ///
@@ -284,9 +281,10 @@ pub struct ValidationConfig {
     /// videos of different steps are comparable).
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Frame rate of the written `.mp4` files (CogVideoX generates 8 fps video).
-    #[serde(default = "default_fps")]
-    pub fps: f64,
+    /// Frame rate of the written `.mp4` files; `None`: the model's (8 for CogVideoX 1.0, 16 for
+    /// 1.5, as the official demos export).
+    #[serde(default)]
+    pub fps: Option<f64>,
     /// Names of validator plugins to run on each video (passed as [`crate::TrainJob::validators`]).
     #[serde(default)]
     pub validators: Vec<String>,
@@ -311,7 +309,7 @@ impl Default for ValidationConfig {
             guidance_scale: default_guidance(),
             use_dynamic_cfg: false,
             seed: default_seed(),
-            fps: default_fps(),
+            fps: None,
             validators: Vec::new(),
             num_frames: None,
             height: None,
@@ -344,8 +342,10 @@ impl ValidationConfig {
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
             return bad(&key("guidance_scale"), format!("{} must be a finite number >= 0", self.guidance_scale));
         }
-        if !self.fps.is_finite() || self.fps <= 0.0 {
-            return bad(&key("fps"), format!("{} must be a positive number", self.fps));
+        if let Some(fps) = self.fps {
+            if !fps.is_finite() || fps <= 0.0 {
+                return bad(&key("fps"), format!("{fps} must be a positive number"));
+            }
         }
         if let Some(f) = self.num_frames {
             if f == 0 || (f - 1) % 8 != 0 {

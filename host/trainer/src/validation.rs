@@ -93,6 +93,7 @@ impl<B: Backend> Validation<B> {
         let dir = self.out.join("validation").join(format!("step-{step}"));
         std::fs::create_dir_all(&dir).map_err(|e| TrainerError::Io { path: dir.clone(), message: e.to_string() })?;
         let t0 = std::time::Instant::now();
+        let fps = c.fps.unwrap_or_else(|| pipe.default_fps());
         let mut written = Vec::new();
         for (i, prompt) in c.prompts.iter().enumerate() {
             let request = SampleRequest {
@@ -117,12 +118,12 @@ impl<B: Backend> Validation<B> {
             let frames = pipe.generate_with(&request, plan, None, &mut noise, &mut |_, _| {}, device)?;
             let clip = frames_to_u8(frames)?.remove(0);
             let path = dir.join(format!("{i}.mp4"));
-            cogvx_video::encode_mp4(&path, &clip, c.fps, &cogvx_video::EncodeOptions::default())?;
+            cogvx_video::encode_mp4(&path, &clip, fps, &cogvx_video::EncodeOptions::default())?;
             let mut fields = serde_json::Map::new();
             fields.insert("prompt".into(), prompt.clone().into());
             fields.insert("video".into(), path.display().to_string().into());
             for (name, plugin) in validators.iter_mut() {
-                let request = ValidateRequest { prompt: prompt.clone(), frames: clip.clone(), fps: c.fps };
+                let request = ValidateRequest { prompt: prompt.clone(), frames: clip.clone(), fps };
                 let scores = plugin.validate(&request).map_err(|e| TrainerError::Plugin { plugin: name.clone(), message: e.to_string() })?;
                 for m in scores {
                     tracing::info!("validation step {step}, video {i}: {name}.{} = {}", m.name, m.value);

@@ -254,6 +254,7 @@ fn lora_export_validation_videos_and_validator_metrics() {
     for v in &s.validation_videos {
         let info = cogvx_video::probe(v).unwrap();
         assert_eq!((info.width, info.height, info.frame_count), (48, 32, 9), "{info:?}");
+        assert!((info.fps - 8.0).abs() < 1e-6, "CogVideoX 1.0 videos are 8 fps: {}", info.fps);
     }
     let log = std::fs::read_to_string(out.join(cogvx_trainer::METRICS_FILE)).unwrap();
     let events: Vec<serde_json::Value> =
@@ -432,6 +433,7 @@ fn i2v_validation_samples_from_the_conditioning_image() {
     assert_eq!(s.validation_videos, [out.join("validation/step-1/0.mp4")]);
     let info = cogvx_video::probe(&s.validation_videos[0]).unwrap();
     assert_eq!((info.width, info.height), (48, 32));
+    assert!((info.fps - 16.0).abs() < 1e-6, "CogVideoX 1.5 videos are 16 fps: {}", info.fps);
     // Without images an I2V model's validation is refused before training.
     let mut j = job(&model, &cache, config(&tmp.path().join("out2"), 1, 1));
     j.validation = ValidationConfig { steps: 1, prompts: vec!["a cat".into()], ..ValidationConfig::default() };
