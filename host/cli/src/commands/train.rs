@@ -7,6 +7,8 @@ use cogvx_plugin_host::LoadedPlugin;
 use cogvx_trainer::{Resume, TrainConfig, TrainJob, ValidationConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use super::prepare::{cache_dir, open_model, prepare_cache, print_summary};
 use super::Settings;
@@ -156,7 +158,28 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
         bail!("no usable samples in {} (see the problems above)", root.display());
     }
 
+    // The adapter plugin's table goes into the export metadata (PEFT settings such as use_rslora).
+    let adapter_params: serde_json::Value = if plugins.adapter.is_some() {
+        serde_json::from_str(&settings.config.plugin_params_json(&train.adapter)?)?
+    } else {
+        serde_json::Value::Null
+    };
+    // Ctrl-C: finish the current step, write a checkpoint, stop (a second Ctrl-C quits at once).
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step and writing a checkpoint (Ctrl-C again quits at once)");
+        });
+    }
+    let mut on_step = |_: &cogvx_metrics::StepRecord| stop.load(Ordering::SeqCst);
+
     let mut job = TrainJob::new(folder.root.clone(), cache, train);
+    job.adapter_params = adapter_params;
+    job.on_step = Some(&mut on_step);
     job.validation = validation;
     job.adapter_plugin = plugins.adapter.as_mut().map(|p| p as &mut dyn Plugin);
     job.scheduler_plugin = plugins.scheduler.as_mut().map(|p| p as &mut dyn Plugin);
@@ -188,6 +211,10 @@ fn run_on<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<E
     }
     if let Some(e) = &summary.exported {
         println!("exported: {}", e.display());
+    }
+    if summary.stopped_early {
+        println!("stopped at step {}: continue with --resume latest", summary.step);
+        return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::SUCCESS)
 }
