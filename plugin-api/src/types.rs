@@ -338,6 +338,25 @@ pub struct AdapterRequest {
     pub alpha: f32,
 }
 
+impl AdapterRequest {
+    /// Checks what every adapter needs: a positive rank (PEFT's `update_layer`), non-zero
+    /// features and a finite alpha. The message names the layer; callers prefix their name.
+    pub fn check(&self) -> Result<(), String> {
+        let layer = &self.layer;
+        if self.rank == 0 {
+            return Err(format!("layer `{layer}`: the rank must be a positive integer, not 0"));
+        }
+        if self.in_features == 0 || self.out_features == 0 {
+            let (i, o) = (self.in_features, self.out_features);
+            return Err(format!("layer `{layer}` has {i} -> {o} features; both must be positive"));
+        }
+        if !self.alpha.is_finite() {
+            return Err(format!("layer `{layer}`: alpha {} is not finite", self.alpha));
+        }
+        Ok(())
+    }
+}
+
 /// How a parameter is named in the exported file: `<prefix>.<layer>.<suffix>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExportKey {

@@ -211,31 +211,9 @@ pub fn layout(config: &Config, in_features: u32, out_features: u32, rank: u32) -
     }
 }
 
-fn check_request(request: &AdapterRequest) -> PluginResult<()> {
-    let layer = &request.layer;
-    if request.rank == 0 {
-        return Err(PluginError::Invalid(format!(
-            "{NAME}: layer `{layer}`: the rank must be a positive integer, not 0"
-        )));
-    }
-    if request.in_features == 0 || request.out_features == 0 {
-        let (i, o) = (request.in_features, request.out_features);
-        return Err(PluginError::Invalid(format!(
-            "{NAME}: layer `{layer}` has {i} -> {o} features; both must be positive"
-        )));
-    }
-    if !request.alpha.is_finite() {
-        return Err(PluginError::Invalid(format!(
-            "{NAME}: layer `{layer}`: alpha {} is not finite",
-            request.alpha
-        )));
-    }
-    Ok(())
-}
-
 /// The LoKr recipe for one layer under `config` (see the crate docs for the formula).
 pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
-    check_request(request)?;
+    request.check().map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
     let lay = layout(
         config,
         request.in_features,
