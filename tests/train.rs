@@ -3,38 +3,12 @@
 //! any work.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn cogvx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cogvx")).args(args).current_dir(repo()).env("RUST_LOG", "warn").output().unwrap()
-}
-
-fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+mod common;
+use common::{cogvx, plugin_file, repo, text};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// The first-party plugin files, built by `plugins/build.sh` (CI runs it before the tests;
-/// here it runs once if they are missing).
-fn plugin_file(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let path = repo().join("plugins").join(name);
-    BUILT.get_or_init(|| {
-        if !path.exists() {
-            let status = Command::new("bash").arg("plugins/build.sh").current_dir(repo()).status().unwrap();
-            assert!(status.success(), "plugins/build.sh failed");
-        }
-    });
-    assert!(path.exists(), "{} missing after plugins/build.sh", path.display());
-    path
 }
 
 /// The step records of a run's metrics.jsonl: (step, loss).

@@ -106,19 +106,24 @@ impl SeededNoise {
 
     /// `n` standard-normal values.
     pub fn values(&mut self, n: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(n + 1);
-        while out.len() < n {
-            // Box-Muller on (0, 1] x [0, 1).
-            let u1: f64 = 1.0 - self.rng.random::<f64>();
-            let u2: f64 = self.rng.random::<f64>();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let theta = 2.0 * std::f64::consts::PI * u2;
-            out.push((r * theta.cos()) as f32);
-            out.push((r * theta.sin()) as f32);
-        }
-        out.truncate(n);
-        out
+        standard_normal(&mut self.rng, n)
     }
+}
+
+/// `n` standard-normal values from `rng`: Box-Muller on `(0, 1] x [0, 1)` uniforms, both
+/// outputs of each pair used.
+pub fn standard_normal(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
 }
 
 impl<B: Backend> NoiseSource<B> for SeededNoise {

@@ -66,19 +66,9 @@ impl TrainRng {
         self.rng.random::<f64>()
     }
 
-    /// `n` standard-normal values (Box-Muller on `(0, 1] x [0, 1)`).
+    /// `n` standard-normal values (the engine's Box-Muller, so training and sampling draw alike).
     pub fn normal(&mut self, n: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(n + 1);
-        while out.len() < n {
-            let u1: f64 = 1.0 - self.rng.random::<f64>();
-            let u2: f64 = self.rng.random::<f64>();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let theta = 2.0 * std::f64::consts::PI * u2;
-            out.push((r * theta.cos()) as f32);
-            out.push((r * theta.sin()) as f32);
-        }
-        out.truncate(n);
-        out
+        cogvx_engine::standard_normal(&mut self.rng, n)
     }
 
     /// An index drawn with probability proportional to `weights` (inverse CDF).

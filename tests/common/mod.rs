@@ -1,0 +1,35 @@
+//! Helpers shared by the end-to-end tests of the `cogvx` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Runs the `cogvx` binary in the repository root with warnings-only logging.
+pub fn cogvx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cogvx")).args(args).current_dir(repo()).env("RUST_LOG", "warn").output().unwrap()
+}
+
+/// (stdout, stderr) as text.
+pub fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The first-party plugin files, built by `plugins/build.sh` (CI runs it before the tests;
+/// here it runs once if they are missing).
+pub fn plugin_file(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = repo().join("plugins").join(name);
+    BUILT.get_or_init(|| {
+        if !path.exists() {
+            let status = Command::new("bash").arg("plugins/build.sh").current_dir(repo()).status().unwrap();
+            assert!(status.success(), "plugins/build.sh failed");
+        }
+    });
+    assert!(path.exists(), "{} missing after plugins/build.sh", path.display());
+    path
+}
