@@ -98,7 +98,7 @@ fn quickstart_trains_validates_and_exports_a_lora_that_sample_loads() {
     let meta = safetensors_metadata(&lora);
     let adapter: serde_json::Value = serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
     // diffusers packs the transformer's PEFT config with a `transformer.` prefix.
-    assert_eq!((adapter["transformer.r"].as_u64(), adapter["transformer.lora_alpha"].as_f64()), (Some(8), Some(8.0)), "{adapter}");
+    assert_eq!((adapter["transformer.r"].as_u64(), adapter["transformer.lora_alpha"].as_f64()), (Some(8), Some(16.0)), "{adapter}");
     let video = dir.path().join("sample.mp4");
     let out = cogvx(&[
         "--config",
