@@ -10,7 +10,9 @@
    alpha / rank, and every `lora_A`/`lora_B` tensor of the file is in the transformer unchanged.
 3. On a fixed input (the one in `--cogvx-forward`, else a seeded random one), the transformer's
    output with the loaded LoRA equals the output of a fresh transformer whose weights were merged
-   by hand, W + alpha / r * B @ A, and differs clearly from the output without the LoRA.
+   by hand, W + alpha / r * B @ A (DoRA, `use_dora` in the header: m / ||V||_row * V with
+   V = W + alpha / r * B @ A, the magnitude vectors loaded unchanged too), and differs clearly from
+   the output without the LoRA.
 4. With `--cogvx-forward` (written by `cargo run -p cogvx-bench --example lora_export`), it also
    equals cogvx's own forward with the same LoRA.
 
@@ -81,7 +83,8 @@ def main():
         return 1
     rank, alpha = meta["r"], float(meta["lora_alpha"])
     targets = sorted(meta["target_modules"])
-    print(f"     header: r={rank}, lora_alpha={alpha}, target_modules={targets}")
+    use_dora = bool(meta.get("use_dora", False))
+    print(f"     header: r={rank}, lora_alpha={alpha}, target_modules={targets}, use_dora={use_dora}")
     if a.rank is not None:
         check(rank == a.rank, f"header rank {rank} == expected {a.rank}")
     if a.alpha is not None:
@@ -95,6 +98,7 @@ def main():
     check(cfg.r == rank, f"loaded adapter: peft r = {cfg.r} (header {rank})")
     check(float(cfg.lora_alpha) == alpha, f"loaded adapter: peft lora_alpha = {cfg.lora_alpha} (header {alpha})")
     check(sorted(cfg.target_modules) == targets, f"loaded adapter: target_modules = {sorted(cfg.target_modules)}")
+    check(bool(cfg.use_dora) == use_dora, f"loaded adapter: use_dora = {cfg.use_dora} (header {use_dora})")
 
     file_tensors = {k[len("transformer."):]: v for k, v in load_file(a.lora).items()}
     pairs = sorted({k.rsplit(".lora_", 1)[0] for k in file_tensors})
@@ -108,8 +112,12 @@ def main():
             loaded = getattr(module, f"lora_{ab}")[ADAPTER].weight.detach()
             if not torch.equal(loaded, file_tensors[f"{layer}.lora_{ab}.weight"]):
                 bad_values.append(f"{layer}.lora_{ab}")
+        if use_dora:
+            loaded = module.lora_magnitude_vector[ADAPTER].weight.detach()
+            if not torch.equal(loaded, file_tensors[f"{layer}.lora_magnitude_vector"]):
+                bad_values.append(f"{layer}.lora_magnitude_vector")
     check(not bad_scaling, f"{len(pairs)} LoRA layers scaled by alpha/r = {scale}" + (f" (wrong: {bad_scaling})" if bad_scaling else ""))
-    check(not bad_values, "every lora_A/lora_B of the file is loaded unchanged" + (f" (differ: {bad_values})" if bad_values else ""))
+    check(not bad_values, "every lora_A/lora_B" + ("/lora_magnitude_vector" if use_dora else "") + " of the file is loaded unchanged" + (f" (differ: {bad_values})" if bad_values else ""))
 
     if a.cogvx_forward:
         dump = load_file(a.cogvx_forward)
@@ -123,26 +131,32 @@ def main():
 
     with_lora = forward(tr, pipe, inputs)
 
-    # The same model merged by hand: W + alpha/r * B @ A on a fresh copy of the base weights.
+    def merge(model, s):
+        """Merges the file's adapter into `model`'s weights at scale `s` = alpha / r."""
+        with torch.no_grad():
+            for layer in pairs:
+                lin = model.get_submodule(layer)
+                v = lin.weight + s * file_tensors[f"{layer}.lora_B.weight"] @ file_tensors[f"{layer}.lora_A.weight"]
+                if use_dora:
+                    m = file_tensors[f"{layer}.lora_magnitude_vector"]
+                    v = m[:, None] * v / v.norm(dim=1, keepdim=True)
+                lin.weight.copy_(v)
+
+    # The same model merged by hand on a fresh copy of the base weights.
     merged = CogVideoXTransformer3DModel.from_pretrained(a.model, subfolder="transformer", torch_dtype=torch.float32)
     base_out = forward(merged, pipe, inputs)
-    with torch.no_grad():
-        for layer in pairs:
-            lin = merged.get_submodule(layer)
-            lin.weight += scale * file_tensors[f"{layer}.lora_B.weight"] @ file_tensors[f"{layer}.lora_A.weight"]
+    merge(merged, scale)
     by_hand = forward(merged, pipe, inputs)
 
+    formula = f"m / |V| * V, V = W + {scale} * B @ A" if use_dora else f"W + {scale} * B @ A"
     err = rel_l2(with_lora, by_hand)
-    check(err <= a.tol, f"diffusers + load_lora_weights vs merged by hand (W + {scale} * B @ A): rel L2 {err:.2e} <= {a.tol:g}")
+    check(err <= a.tol, f"diffusers + load_lora_weights vs merged by hand ({formula}): rel L2 {err:.2e} <= {a.tol:g}")
     effect = rel_l2(base_out, with_lora)
     check(effect > 100 * a.tol, f"the LoRA changes the output: rel L2 to the base model {effect:.2e}")
     if scale != 1.0:
         # What a loader that drops alpha (scale 1) would give: it must be distinguishable.
         merged_1 = CogVideoXTransformer3DModel.from_pretrained(a.model, subfolder="transformer", torch_dtype=torch.float32)
-        with torch.no_grad():
-            for layer in pairs:
-                lin = merged_1.get_submodule(layer)
-                lin.weight += file_tensors[f"{layer}.lora_B.weight"] @ file_tensors[f"{layer}.lora_A.weight"]
+        merge(merged_1, 1.0)
         lost = rel_l2(with_lora, forward(merged_1, pipe, inputs))
         check(lost > 100 * a.tol, f"alpha matters: output at scale 1.0 differs by rel L2 {lost:.2e}")
     if a.cogvx_forward:
