@@ -280,7 +280,7 @@ fn image_to_video_trains_validates_with_an_image_and_samples() {
 #[test]
 fn sft_exports_a_diffusers_transformer_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let config = small_config(dir.path(), "");
+    let config = small_config(dir.path(), "export_dtype = \"bf16\"");
     let out = cogvx(&["--config", s(&config), "train", "--adapter", "sft", "--max-steps", "2"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -293,6 +293,13 @@ fn sft_exports_a_diffusers_transformer_folder() {
         .filter(|n| n.ends_with(".safetensors"))
         .collect();
     assert!(!weights.is_empty(), "no weights in {}", exported.display());
+    // Stored in the configured dtype.
+    let bytes = std::fs::read(exported.join(&weights[0])).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let dtypes: std::collections::BTreeSet<&str> =
+        header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__").map(|(_, v)| v["dtype"].as_str().unwrap()).collect();
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), ["BF16"]);
     // The exported folder is a model folder's transformer: sampling with it works.
     let model = dir.path().join("model");
     std::fs::create_dir(&model).unwrap();

@@ -126,6 +126,14 @@ pub struct TrainConfig {
     /// Where checkpoints, metrics, validation videos and the exported weights go.
     #[serde(default = "default_output_dir")]
     pub output_dir: PathBuf,
+    /// SFT: the dtype of the exported transformer folder (`"fp32"`, lossless, the default;
+    /// `"bf16"` as the 5B and 1.5 checkpoints are stored; `"fp16"` as the 2B one).
+    #[serde(default = "default_export_dtype")]
+    pub export_dtype: cogvx_train::ExportDtype,
+}
+
+fn default_export_dtype() -> cogvx_train::ExportDtype {
+    cogvx_train::ExportDtype::F32
 }
 
 impl Default for TrainConfig {
@@ -151,6 +159,7 @@ impl Default for TrainConfig {
             checkpointing_steps: default_ckpt_steps(),
             checkpoints_total_limit: default_ckpt_limit(),
             output_dir: default_output_dir(),
+            export_dtype: default_export_dtype(),
         }
     }
 }

@@ -396,7 +396,7 @@ pub const SFT_EXPORT_DIR: &str = "transformer";
 /// The final export: the built-in LoRA as diffusers' `pytorch_lora_weights.safetensors`
 /// (`save_lora`), a plugin adapter under PEFT's names in the same file (`save_adapter`, PEFT
 /// config in the header), SFT as a diffusers transformer folder `output_dir/transformer/`
-/// (float32, sharded as diffusers does, with the source `config.json`).
+/// (in `config.export_dtype`, sharded as diffusers does, with the source `config.json`).
 fn export<B: AutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     config: &TrainConfig,
@@ -407,7 +407,7 @@ fn export<B: AutodiffBackend>(
 ) -> Result<PathBuf, TrainerError> {
     if config.is_sft() {
         let dir = out.join(SFT_EXPORT_DIR);
-        let f = cogvx_train::save_transformer_folder(model, source_transformer, &dir, cogvx_train::DEFAULT_MAX_SHARD_BYTES, cogvx_train::ExportDtype::F32)?;
+        let f = cogvx_train::save_transformer_folder(model, source_transformer, &dir, cogvx_train::DEFAULT_MAX_SHARD_BYTES, config.export_dtype)?;
         return Ok(f.dir);
     }
     if config.is_lora() {
