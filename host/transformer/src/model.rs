@@ -34,13 +34,15 @@ impl<B: Backend> Gelu<B> {
     }
 }
 
-/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (torch's `gelu(approximate="tanh")`), with
-/// `x^3` as products (burn's `gelu_approximate` uses `powf`, several times slower on the CPU).
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (torch's `gelu(approximate="tanh")`),
+/// evaluated as the identical `x * sigmoid(2 sqrt(2/pi) x (1 + 0.044715 x^2))`
+/// (`0.5 (1 + tanh z) = sigmoid(2 z)`): burn-ndarray's `tanh` goes through f64 and its sigmoid does
+/// not, which makes the forward plus backward about 1.9x faster on the CPU; `x^2` as a product
+/// (burn's `gelu_approximate` uses `powf`, several times slower).
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    let cube = x.clone() * x.clone() * x.clone();
-    let inner = (x.clone() + cube * 0.044715) * SQRT_2_OVER_PI;
-    x * (inner.tanh() + 1.0) * 0.5
+    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
+    let z2 = (x.clone() * x.clone() * (0.044715 * TWO_SQRT_2_OVER_PI) + TWO_SQRT_2_OVER_PI) * x.clone();
+    x * activation::sigmoid(z2)
 }
 
 /// diffusers `FeedForward(dim, activation_fn, final_dropout=True)`: `net` is
@@ -343,6 +345,22 @@ mod tests {
             let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
             assert!((*g as f64 - want).abs() < 1e-6, "x {x}: {g} vs {want}");
             assert!((g - b).abs() < 1e-6, "x {x}: {g} vs burn {b}");
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_is_finite_with_finite_gradients_far_out() {
+        type A = burn::backend::Autodiff<cogvx_model_core::CpuBackend>;
+        let xs = vec![-1e4f32, -60.0, -20.0, 20.0, 60.0, 1e4];
+        let x = Tensor::<A, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default()).require_grad();
+        let y = gelu_tanh(x.clone());
+        let grads = y.clone().sum().backward();
+        let y = y.into_data().to_vec::<f32>().unwrap();
+        let g = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        for ((x, y), g) in xs.iter().zip(&y).zip(&g) {
+            let (want_y, want_g) = if *x < 0.0 { (0.0, 0.0) } else { (*x, 1.0) };
+            assert!((y - want_y).abs() <= 1e-6 * x.abs(), "x {x}: gelu {y}");
+            assert!((g - want_g).abs() < 1e-6, "x {x}: gradient {g}");
         }
     }
 }
