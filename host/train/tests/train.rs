@@ -424,11 +424,12 @@ fn dora_recipe() -> AdapterRecipe {
             Op::AlphaOverRank(3),
             Op::Add(0, 4),
             Op::RowNorm(5),
-            Op::Div(5, 6),
+            Op::Detach(6), // PEFT detaches the weight norm (as plugins/dora does)
+            Op::Div(5, 7),
             Op::Param("m".into()),
-            Op::Mul(8, 7),
+            Op::Mul(9, 8),
         ],
-        output: 9,
+        output: 10,
         output_kind: AdapterOutput::Weight,
         export: vec![
             ExportKey { param: "A".into(), suffix: "lora_A.weight".into() },
