@@ -19,7 +19,10 @@
 
 use crate::adapters::{linear_layers_mut, AdapterSpec};
 use crate::error::{invalid, TrainError};
-use crate::export::{lora_config_dict, number, python_json_dumps, save_lora, write_safetensors_f32, LoraMetadata, LORA_WEIGHTS_NAME, PEFT_METADATA_VERSION};
+use crate::export::{
+    lora_config_dict, number, python_json_dumps, read_adapter_file, save_lora, target_modules_of, write_safetensors_f32, LoraMetadata, LORA_WEIGHTS_NAME,
+    PEFT_METADATA_VERSION,
+};
 use burn::tensor::backend::Backend;
 use cogvx_model_core::adapter::{AdapterTensor, LinearAdapter};
 use cogvx_transformer::CogVideoXTransformer3DModel;
@@ -265,24 +268,10 @@ impl LoadedAdapter {
 /// or BF16 tensors under `transformer.`). Errors name the file and the key.
 pub fn load_adapter(path: &Path) -> Result<LoadedAdapter, TrainError> {
     let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let mut tensors = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let Some(key) = name.strip_prefix("transformer.") else {
-            return Err(bad(format!("tensor `{name}` is not a transformer adapter weight (expected `transformer.<module>.<parameter>`)")));
-        };
-        let data = cogvx_model_core::weights::bytes_to_f32(view.data(), view.dtype())
-            .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
-        tensors.insert(key.to_string(), (view.shape().to_vec(), data));
-    }
-    let metadata = match header.metadata().as_ref().and_then(|m| m.get("lora_adapter_metadata")) {
+    let (tensors, dict) = read_adapter_file(path, "transformer adapter weight (expected `transformer.<module>.<parameter>`)")?;
+    let metadata = match dict {
         None => None,
-        Some(text) => {
-            let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("header `lora_adapter_metadata` is not JSON: {e}")))?;
-            let obj = v.as_object().ok_or_else(|| bad("header `lora_adapter_metadata` is not a JSON object".into()))?;
-            let dict: BTreeMap<String, Value> = obj.iter().filter_map(|(k, v)| Some((k.strip_prefix("transformer.")?.to_string(), v.clone()))).collect();
+        Some(dict) => {
             let peft_type = dict.get("peft_type").and_then(Value::as_str).unwrap_or("LORA").to_ascii_uppercase();
             let rank = dict.get("r").and_then(Value::as_u64).ok_or_else(|| bad("header `lora_adapter_metadata` has no integer `transformer.r`".into()))?;
             let alpha_key = if peft_type == "LORA" { "lora_alpha" } else { "alpha" };
@@ -290,11 +279,7 @@ pub fn load_adapter(path: &Path) -> Result<LoadedAdapter, TrainError> {
                 .get(alpha_key)
                 .and_then(Value::as_f64)
                 .ok_or_else(|| bad(format!("header `lora_adapter_metadata` has no number `transformer.{alpha_key}`")))?;
-            let target_modules = match dict.get("target_modules") {
-                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-                Some(Value::String(s)) => vec![s.clone()],
-                _ => Vec::new(),
-            };
+            let target_modules = target_modules_of(&dict);
             let use_dora = dict.get("use_dora").and_then(Value::as_bool).unwrap_or(false);
             let mut meta = AdapterMetadata { peft_type, rank: rank as usize, alpha, target_modules, use_dora, config: BTreeMap::new() };
             let defaults = default_dict(&meta);

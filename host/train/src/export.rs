@@ -307,9 +307,14 @@ pub struct LoadedLora {
     pub metadata: Option<LoraMetadata>,
 }
 
-/// Reads a diffusers LoRA file (F32/F16/BF16): the `transformer.` LoRA tensors and the adapter
-/// metadata of the header. Errors name the file and the key.
-pub fn load_lora(path: &Path) -> Result<LoadedLora, TrainError> {
+/// Host tensors of an adapter file by key without the `transformer.` prefix: (shape, f32 values).
+pub(crate) type FileTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Reads an adapter file written as diffusers does (F32/F16/BF16): every tensor must be under
+/// `transformer.` (`expected` describes the key form in the error), returned without the prefix,
+/// and the header's `lora_adapter_metadata` as the dict of its `transformer.` keys (prefix
+/// stripped; `None` when the header has none). Errors name the file and the key.
+pub(crate) fn read_adapter_file(path: &Path, expected: &str) -> Result<(FileTensors, Option<BTreeMap<String, Value>>), TrainError> {
     let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
@@ -317,11 +322,8 @@ pub fn load_lora(path: &Path) -> Result<LoadedLora, TrainError> {
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         let Some(key) = name.strip_prefix("transformer.") else {
-            return Err(bad(format!("tensor `{name}` is not a transformer LoRA weight (expected `transformer.<module>.lora_A.weight`)")));
+            return Err(bad(format!("tensor `{name}` is not a {expected}")));
         };
-        if !(key.ends_with(".lora_A.weight") || key.ends_with(".lora_B.weight")) {
-            return Err(bad(format!("tensor `{name}` is not a LoRA weight (only lora_A/lora_B are supported)")));
-        }
         let data = cogvx_model_core::weights::bytes_to_f32(view.data(), view.dtype())
             .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
         tensors.insert(key.to_string(), (view.shape().to_vec(), data));
@@ -330,15 +332,39 @@ pub fn load_lora(path: &Path) -> Result<LoadedLora, TrainError> {
         None => None,
         Some(text) => {
             let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("header `lora_adapter_metadata` is not JSON: {e}")))?;
-            let get = |k: &str| v.get(format!("transformer.{k}"));
-            let rank = get("r").and_then(Value::as_u64).ok_or_else(|| bad("header `lora_adapter_metadata` has no integer `transformer.r`".into()))?;
-            let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("header `lora_adapter_metadata` has no number `transformer.lora_alpha`".into()))?;
-            let target_modules = match get("target_modules") {
-                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-                Some(Value::String(s)) => vec![s.clone()],
-                _ => Vec::new(),
-            };
-            Some(LoraMetadata { rank: rank as usize, alpha, target_modules })
+            let obj = v.as_object().ok_or_else(|| bad("header `lora_adapter_metadata` is not a JSON object".into()))?;
+            Some(obj.iter().filter_map(|(k, v)| Some((k.strip_prefix("transformer.")?.to_string(), v.clone()))).collect())
+        }
+    };
+    Ok((tensors, metadata))
+}
+
+/// `target_modules` of a PEFT config dict: a list, or one name.
+pub(crate) fn target_modules_of(dict: &BTreeMap<String, Value>) -> Vec<String> {
+    match dict.get("target_modules") {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Reads a diffusers LoRA file (F32/F16/BF16): the `transformer.` LoRA tensors and the adapter
+/// metadata of the header. Errors name the file and the key.
+pub fn load_lora(path: &Path) -> Result<LoadedLora, TrainError> {
+    let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
+    let (tensors, dict) = read_adapter_file(path, "transformer LoRA weight (expected `transformer.<module>.lora_A.weight`)")?;
+    if let Some(key) = tensors.keys().find(|k| !(k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))) {
+        return Err(bad(format!("tensor `transformer.{key}` is not a LoRA weight (only lora_A/lora_B are supported)")));
+    }
+    let metadata = match dict {
+        None => None,
+        Some(dict) => {
+            let rank = dict.get("r").and_then(Value::as_u64).ok_or_else(|| bad("header `lora_adapter_metadata` has no integer `transformer.r`".into()))?;
+            let alpha = dict
+                .get("lora_alpha")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| bad("header `lora_adapter_metadata` has no number `transformer.lora_alpha`".into()))?;
+            Some(LoraMetadata { rank: rank as usize, alpha, target_modules: target_modules_of(&dict) })
         }
     };
     Ok(LoadedLora { tensors, metadata })
