@@ -82,14 +82,19 @@ pub struct ChainPlugins {
 impl ChainPlugins {
     /// Takes the reader, rewriters and transforms of `[data]` out of a fresh registry.
     pub fn from_settings(settings: &Settings) -> Result<Self> {
-        let mut registry = settings.registry()?;
+        Self::take(&mut settings.registry()?, settings)
+    }
+
+    /// Takes the reader, rewriters and transforms of `[data]` out of `registry` (a command that
+    /// needs other plugins too loads the files once).
+    pub fn take(registry: &mut cogvx_plugin_host::Registry, settings: &Settings) -> Result<Self> {
         let data = &settings.config.data;
-        let mut readers = take_chain(&mut registry, &settings.config, std::slice::from_ref(&data.reader), PluginKind::DatasetReader, "[data] reader")?;
+        let mut readers = take_chain(registry, &settings.config, std::slice::from_ref(&data.reader), PluginKind::DatasetReader, "[data] reader")?;
         let reader = readers.pop().expect("one reader taken");
         // The built-in finetune-layout reader is called directly, so its problems keep file and line.
         let reader = (reader.transport() != Transport::BuiltIn || reader.name() != "finetune-layout").then_some(reader);
-        let rewriters = take_chain(&mut registry, &settings.config, &data.rewriters, PluginKind::PromptRewriter, "[data] rewriters")?;
-        let transforms = take_chain(&mut registry, &settings.config, &data.transforms, PluginKind::VideoTransform, "[data] transforms")?;
+        let rewriters = take_chain(registry, &settings.config, &data.rewriters, PluginKind::PromptRewriter, "[data] rewriters")?;
+        let transforms = take_chain(registry, &settings.config, &data.transforms, PluginKind::VideoTransform, "[data] transforms")?;
         Ok(ChainPlugins { reader, rewriters, transforms })
     }
 

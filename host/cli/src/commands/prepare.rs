@@ -36,9 +36,9 @@ pub fn cache_dir(settings: &Settings, flag: Option<PathBuf>, fallback: Option<Pa
 }
 
 /// Prepares `cache` for the dataset at `root` with the model folder, the config's plugin chain
-/// and resolution. Problems with single samples are in the summary; structural ones are errors.
-pub fn prepare_cache(settings: &Settings, root: &Path, folder: &ModelFolder, cache: &Path) -> Result<Summary> {
-    let mut plugins = ChainPlugins::from_settings(settings)?;
+/// (taken into `plugins`) and resolution. Problems with single samples are in the summary;
+/// structural ones are errors.
+pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Path, folder: &ModelFolder, cache: &Path) -> Result<Summary> {
     let params = settings.transform_params()?;
     let mut options = PrepareOptions::new(settings.resolution.into());
     options.seed = settings.config.data.seed;
@@ -72,7 +72,8 @@ pub fn run(settings: &Settings, dir: Option<PathBuf>, cache_flag: Option<PathBuf
     let root = settings.data_root(dir)?;
     let folder = open_model(settings)?;
     let cache = cache_dir(settings, cache_flag, None)?;
-    let summary = prepare_cache(settings, &root, &folder, &cache)?;
+    let mut plugins = ChainPlugins::from_settings(settings)?;
+    let summary = prepare_cache(settings, &mut plugins, &root, &folder, &cache)?;
     print_summary(&summary);
     Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use cogvx_plugin_api::{Plugin, PluginKind};
-use cogvx_plugin_host::LoadedPlugin;
+use cogvx_plugin_host::{LoadedPlugin, Registry};
 use cogvx_trainer::{Resume, TrainConfig, TrainJob, ValidationConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::prepare::{cache_dir, open_model, prepare_cache, print_summary};
-use super::Settings;
+use super::{ChainPlugins, Settings};
 use crate::plugins::take_chain;
 use crate::TrainArgs;
 
@@ -90,8 +90,7 @@ struct RunPlugins {
     validators: Vec<LoadedPlugin>,
 }
 
-fn take_plugins(settings: &Settings, train: &TrainConfig, validation: &ValidationConfig) -> Result<RunPlugins> {
-    let mut registry = settings.registry()?;
+fn take_plugins(registry: &mut Registry, settings: &Settings, train: &TrainConfig, validation: &ValidationConfig) -> Result<RunPlugins> {
     let config = &settings.config;
     let adapter = if train.is_lora() || train.is_sft() {
         None
@@ -102,13 +101,13 @@ fn take_plugins(settings: &Settings, train: &TrainConfig, validation: &Validatio
             train.adapter
         );
     } else {
-        take_chain(&mut registry, config, std::slice::from_ref(&train.adapter), PluginKind::Adapter, "[train] adapter")?.pop()
+        take_chain(registry, config, std::slice::from_ref(&train.adapter), PluginKind::Adapter, "[train] adapter")?.pop()
     };
     let scheduler = match &config.model.scheduler {
-        Some(name) => take_chain(&mut registry, config, std::slice::from_ref(name), PluginKind::Scheduler, "[model] scheduler")?.pop(),
+        Some(name) => take_chain(registry, config, std::slice::from_ref(name), PluginKind::Scheduler, "[model] scheduler")?.pop(),
         None => None,
     };
-    let validators = take_chain(&mut registry, config, &validation.validators, PluginKind::Validator, "[validation] validators")?;
+    let validators = take_chain(registry, config, &validation.validators, PluginKind::Validator, "[validation] validators")?;
     Ok(RunPlugins { adapter, scheduler, validators })
 }
 
@@ -134,7 +133,10 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     if !root.is_dir() {
         bail!("dataset root {} is not a folder (set --data-root DIR or `[data] root`)", root.display());
     }
-    let mut plugins = take_plugins(settings, &train, &validation)?;
+    // One registry (each plugin file loaded once) for the data chain and the run's plugins.
+    let mut registry = settings.registry()?;
+    let mut chain = ChainPlugins::take(&mut registry, settings)?;
+    let mut plugins = take_plugins(&mut registry, settings, &train, &validation)?;
     check_output_dir(&train.output_dir)?;
     let resume = match args.resume.as_deref() {
         None => None,
@@ -151,7 +153,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
 
     // The cache: prepared (only what changed is recomputed), then opened.
     let cache = cache_dir(settings, args.cache_dir.clone(), Some(train.output_dir.join("cache")))?;
-    let summary = prepare_cache(settings, &root, &folder, &cache)?;
+    let summary = prepare_cache(settings, &mut chain, &root, &folder, &cache)?;
     print_summary(&summary);
     let cache = cogvx_cache::Cache::open(&cache).map_err(|e| anyhow!("{e}"))?;
     if cache.is_empty() {
