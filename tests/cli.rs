@@ -74,6 +74,19 @@ fn unknown_config_key_is_named_before_any_work() {
 }
 
 #[test]
+fn a_gpu_in_a_cpu_build_is_refused_naming_the_build_flag() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let out = cogvx(&["--device", "cuda:0", "dataset", "check", mini().to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("--features cuda") && stdout.is_empty(), "{stderr}");
+    let out = cogvx(&["--device", "npu", "dataset", "check", mini().to_str().unwrap()]);
+    assert!(text(&out).1.contains("`npu` is not a device"), "{}", text(&out).1);
+}
+
+#[test]
 fn bad_resolution_flag_is_refused() {
     let out = cogvx(&["--resolution", "48x480x720", "dataset", "check", mini().to_str().unwrap()]);
     let (_, stderr) = text(&out);

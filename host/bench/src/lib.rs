@@ -16,6 +16,7 @@
 //! [`train_step`] returns a [`BenchReport`] whose [`BenchReport::to_json_line`] has the script's
 //! JSON fields, so that the two are compared as a ratio on one machine.
 
+pub mod attention;
 pub mod random;
 
 use burn::tensor::backend::Backend;
@@ -79,10 +80,12 @@ pub struct Preset {
     pub rank: usize,
 }
 
-/// The script's presets: S (480 video tokens) and M (2310 video tokens).
+/// The script's presets: S (480 video tokens), M (2310 video tokens) and XL (one block of
+/// CogVideoX-2B's width, 30 heads x 64, at 49x480x720: 226 text + 13x30x45 video = 17,776 tokens).
 pub const PRESETS: &[Preset] = &[
     Preset { name: "S", heads: 4, head_dim: 64, layers: 4, text_len: 32, lat: (5, 16, 24), rank: 16 },
     Preset { name: "M", heads: 8, head_dim: 64, layers: 8, text_len: 64, lat: (7, 30, 44), rank: 32 },
+    Preset { name: "XL", heads: 30, head_dim: 64, layers: 1, text_len: 226, lat: (13, 60, 90), rank: 128 },
 ];
 
 /// Looks a preset up by name.
@@ -182,6 +185,8 @@ pub struct BenchReport {
     /// Threads of the rayon pool the steps ran on (equals `threads`; not part of the JSON line).
     #[serde(skip)]
     pub rayon_threads: usize,
+    /// Whether the blocks ran with gradient checkpointing (after the script's fields).
+    pub gradient_checkpointing: bool,
 }
 
 impl BenchReport {
@@ -191,7 +196,7 @@ impl BenchReport {
     }
 }
 
-fn round_to(x: f64, decimals: i32) -> f64 {
+pub(crate) fn round_to(x: f64, decimals: i32) -> f64 {
     let s = 10f64.powi(decimals);
     (x * s).round() / s
 }
@@ -246,25 +251,38 @@ pub fn run_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -
     Ok(pool.install(f))
 }
 
-/// One LoRA training step of preset `preset` (`"S"` or `"M"`) on `threads` CPU threads:
-/// `warmup` untimed steps, then `steps` timed ones; the report has their median and minimum and
-/// the process's peak RSS.
-pub fn train_step(preset: &str, threads: usize, steps: usize, warmup: usize) -> Result<BenchReport, BenchError> {
-    train_step_with(&self::preset(preset)?, threads, steps, warmup)
+/// How a benchmark step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepOptions {
+    /// CPU threads.
+    pub threads: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Block-level gradient checkpointing.
+    pub gradient_checkpointing: bool,
+}
+
+/// One LoRA training step of preset `preset` (`"S"`, `"M"` or `"XL"`): `warmup` untimed steps,
+/// then `steps` timed ones; the report has their median and minimum and the process's peak RSS.
+pub fn train_step(preset: &str, options: StepOptions) -> Result<BenchReport, BenchError> {
+    train_step_with(&self::preset(preset)?, options)
 }
 
 /// [`train_step`] for any [`Preset`] (e.g. a tiny one in tests).
-pub fn train_step_with(preset: &Preset, threads: usize, steps: usize, warmup: usize) -> Result<BenchReport, BenchError> {
-    if steps == 0 {
+pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
+    if options.steps == 0 {
         return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
     }
     preset.check()?;
-    run_with_threads(threads, || run(preset, threads, steps, warmup))?
+    run_with_threads(options.threads, || run(preset, options))?
 }
 
 type AD = CpuAutodiffBackend;
 
-fn run(preset: &Preset, threads: usize, steps: usize, warmup: usize) -> Result<BenchReport, BenchError> {
+fn run(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
+    let StepOptions { threads, steps, warmup, gradient_checkpointing } = options;
     let rayon_threads = rayon::current_num_threads();
     let device = CpuDevice::default();
     let config = preset.transformer_config();
@@ -278,6 +296,7 @@ fn run(preset: &Preset, threads: usize, steps: usize, warmup: usize) -> Result<B
 
     AD::seed(&device, 0);
     let mut model = cogvx_train::freeze(model);
+    model.set_gradient_checkpointing(gradient_checkpointing);
     cogvx_train::inject_lora(&mut model, &AdapterSpec::lora(preset.rank, preset.rank as f64), &device)?;
     let schedule = bench_schedule()?;
     let latents = Tensor::<AD, 5>::random([1, LATENT_CHANNELS, f, h, w], Distribution::Normal(0.0, 1.0), &device);
@@ -317,6 +336,7 @@ fn run(preset: &Preset, threads: usize, steps: usize, warmup: usize) -> Result<B
         peak_rss_mib: peak_rss_mib().map(|m| round_to(m, 1)),
         losses,
         rayon_threads,
+        gradient_checkpointing,
     })
 }
 
@@ -325,6 +345,25 @@ mod tests {
     use super::*;
 
     const TINY: Preset = Preset { name: "tiny", heads: 2, head_dim: 16, layers: 1, text_len: 4, lat: (2, 4, 6), rank: 2 };
+
+    /// The steps seed burn's process-wide backend RNG: tests that run them take turns.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn opts(threads: usize, steps: usize, warmup: usize) -> StepOptions {
+        StepOptions { threads, steps, warmup, gradient_checkpointing: false }
+    }
+
+    #[test]
+    fn checkpointed_steps_give_the_same_losses() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let two = Preset { layers: 2, ..TINY };
+        let plain = train_step_with(&two, opts(1, 2, 1)).unwrap();
+        let ck = train_step_with(&two, StepOptions { gradient_checkpointing: true, ..opts(1, 2, 1) }).unwrap();
+        assert!(ck.gradient_checkpointing && !plain.gradient_checkpointing);
+        for (a, b) in plain.losses.iter().zip(&ck.losses) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{:?} vs {:?}", plain.losses, ck.losses);
+        }
+    }
 
     #[test]
     fn presets_have_the_script_shapes() {
@@ -335,13 +374,16 @@ mod tests {
         let c = m.transformer_config();
         assert_eq!((c.time_embed_dim, c.text_embed_dim, c.num_layers, c.sample_frames), (256, 512, 8, 25));
         assert!(c.use_rotary_positional_embeddings && !c.use_learned_positional_embeddings && c.patch_size_t.is_none());
+        let xl = preset("XL").unwrap();
+        assert_eq!((xl.inner_dim(), xl.tokens(), xl.rank, xl.layers), (1920, 17_776, 128, 1));
         let e = preset("L").unwrap_err().to_string();
-        assert!(e.contains("unknown preset `L`") && e.contains("S, M"), "{e}");
+        assert!(e.contains("unknown preset `L`") && e.contains("S, M, XL"), "{e}");
     }
 
     #[test]
     fn tiny_step_reports_the_script_fields_with_a_finite_loss() {
-        let r = train_step_with(&TINY, 1, 1, 1).unwrap();
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let r = train_step_with(&TINY, opts(1, 1, 1)).unwrap();
         assert_eq!(r.rayon_threads, 1);
         assert_eq!(r.losses.len(), 2);
         assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0), "{:?}", r.losses);
@@ -349,9 +391,9 @@ mod tests {
         assert!(r.median_s > 0.0 && r.min_s == r.median_s, "{r:?}");
         let line = r.to_json_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v.as_object().unwrap().len(), 8, "{line}");
-        // The script's field order (`burn` where it has `torch`).
-        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib"];
+        assert_eq!(v.as_object().unwrap().len(), 9, "{line}");
+        // The script's field order (`burn` where it has `torch`), then cogvx's own.
+        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing"];
         let at: Vec<usize> = fields.iter().map(|f| line.find(&format!("\"{f}\":")).unwrap_or_else(|| panic!("{f}: {line}"))).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert_eq!(v["impl"], "cogvx-burn-ndarray");
@@ -363,12 +405,13 @@ mod tests {
 
     #[test]
     fn the_pool_has_the_requested_threads_and_bad_arguments_are_refused() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         assert_eq!(run_with_threads(2, rayon::current_num_threads).unwrap(), 2);
         assert_eq!(run_with_threads(1, rayon::current_num_threads).unwrap(), 1);
-        assert!(train_step("S", 0, 1, 0).unwrap_err().to_string().contains("threads"));
-        assert!(train_step("S", 1, 0, 0).unwrap_err().to_string().contains("steps"));
+        assert!(train_step("S", opts(0, 1, 0)).unwrap_err().to_string().contains("threads"));
+        assert!(train_step("S", opts(1, 0, 0)).unwrap_err().to_string().contains("steps"));
         let bad = Preset { lat: (2, 5, 6), ..TINY };
-        assert!(train_step_with(&bad, 1, 1, 0).unwrap_err().to_string().contains("even"));
+        assert!(train_step_with(&bad, opts(1, 1, 0)).unwrap_err().to_string().contains("even"));
     }
 
     #[test]

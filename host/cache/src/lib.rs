@@ -544,7 +544,7 @@ struct Encoders<B: Backend> {
 /// writes the index (only samples whose entries all exist). The models are loaded only if
 /// something must be computed. A sample that fails (unreadable clip, wrong frame count after
 /// the chain, plugin error) is reported in [`Summary::failed`] and left out of the index.
-pub fn prepare<B: Backend>(
+pub fn prepare<B: cogvx_model_core::ModelBackend>(
     cache: &Path,
     data_root: &Path,
     model_dir: &Path,

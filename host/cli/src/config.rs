@@ -52,6 +52,59 @@ impl From<Resolution> for cogvx_plugin_api::Resolution {
     }
 }
 
+/// Where the models run: `cpu`, or `cuda` / `cuda:N` (GPU N, in a build with the `cuda` feature).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match t.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Device::Cuda(i)),
+                _ => Err(format!("`{s}` is not a device: write `cpu`, `cuda` or `cuda:N` (N = the GPU's index, from 0)")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Device {
+    /// Refuses a GPU in a build without the `cuda` feature, naming the flag; `source` says
+    /// where the choice came from.
+    pub fn check_available(self, source: &str) -> Result<Self> {
+        if matches!(self, Device::Cuda(_)) && !cfg!(feature = "cuda") {
+            bail!(
+                "{source} asks for `{self}`, but this cogvx was built without CUDA: rebuild with \
+                 `cargo build --release -p cogvx --features cuda`, or use `--device cpu`"
+            );
+        }
+        Ok(self)
+    }
+}
+
 /// `[data]`: where the clips are and how they are preprocessed.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +229,8 @@ pub struct Config {
     /// Plugin files (`.wasm` or `.so`) to load, relative to the config file.
     #[serde(default)]
     pub plugins: Vec<PathBuf>,
+    /// Where the models run (`cpu`, `cuda`, `cuda:N`); `--device` overrides it.
+    pub device: Option<Device>,
     #[serde(default)]
     pub model: ModelConfig,
     #[serde(default)]
@@ -277,6 +332,28 @@ mod tests {
         assert!("48x480x720".parse::<Resolution>().unwrap_err().contains("8N+1"));
         assert!("49x470x720".parse::<Resolution>().unwrap_err().contains("multiples of 16"));
         assert!("49x480".parse::<Resolution>().unwrap_err().contains("FRAMESxHEIGHTxWIDTH"));
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        assert!("cuda:x".parse::<Device>().unwrap_err().contains("cuda:N"));
+        assert!("tpu".parse::<Device>().unwrap_err().contains("`tpu` is not a device"));
+        let c: Config = toml::from_str("device = \"cuda:1\"\n").unwrap();
+        assert_eq!(c.device, Some(Device::Cuda(1)));
+        assert!(toml::from_str::<Config>("device = \"gpu7\"\n").unwrap_err().to_string().contains("not a device"));
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        let cpu = Device::Cpu.check_available("--device");
+        assert!(cpu.is_ok());
+        let gpu = Device::Cuda(0).check_available("--device");
+        if cfg!(feature = "cuda") {
+            assert!(gpu.is_ok());
+        } else {
+            let e = gpu.unwrap_err().to_string();
+            assert!(e.contains("--features cuda") && e.contains("--device"), "{e}");
+        }
     }
 
     #[test]

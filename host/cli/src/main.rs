@@ -39,6 +39,11 @@ pub struct Cli {
     #[arg(long, value_name = "FxHxW", global = true)]
     pub resolution: Option<Resolution>,
 
+    /// Where the models run: `cpu`, `cuda` or `cuda:N` (overrides `device` in the config, which
+    /// overrides the COGVX_DEVICE variable; default cpu). CUDA needs a build with `--features cuda`.
+    #[arg(long, value_name = "DEVICE", global = true)]
+    pub device: Option<config::Device>,
+
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -196,7 +201,9 @@ pub enum BenchCommand {
     /// with the shapes of shared/bench/torch_train_step.py; prints the same JSON fields, so the
     /// two are compared as a ratio (docs/benchmarks.md).
     TrainStep {
-        /// `S` (4x64 heads, 4 layers, latent 5x16x24, rank 16) or `M` (8x64, 8 layers, 7x30x44, rank 32).
+        /// `S` (4x64 heads, 4 layers, latent 5x16x24, rank 16), `M` (8x64, 8 layers, 7x30x44,
+        /// rank 32) or `XL` (one CogVideoX-2B-width block, 30x64, 13x60x90 = 17,776 tokens, rank
+        /// 128; minutes a step on a CPU: use --warmup 0 --steps 1).
         #[arg(long, default_value = "S")]
         preset: String,
         /// CPU threads (the torch side's --threads).
@@ -208,6 +215,34 @@ pub enum BenchCommand {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Recompute each block in the backward instead of keeping its activations.
+        #[arg(long)]
+        gradient_checkpointing: bool,
+    },
+    /// Forward and backward of the attention operation alone at one shape (default:
+    /// CogVideoX-2B at 49x480x720, [1, 30, 17776, 64]); prints time, GFLOP/s and peak RSS.
+    Attention {
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 30)]
+        heads: usize,
+        /// Sequence length (text + video tokens).
+        #[arg(long, default_value_t = 17_776)]
+        len: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        /// The textbook formula, which keeps the [B, H, L, L] scores (for comparison).
+        #[arg(long)]
+        naive: bool,
+        /// CPU threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Query rows per tile (with --block-k; default: sized to a 64 MiB tile).
+        #[arg(long, requires = "block_k")]
+        block_q: Option<usize>,
+        /// Key columns per tile (with --block-q).
+        #[arg(long, requires = "block_q")]
+        block_k: Option<usize>,
     },
 }
 
@@ -244,12 +279,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
         Command::Train(args) => commands::train::run(&settings, args),
         Command::Sample(args) => commands::sample::run(&settings, args),
-        Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref()),
+        Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref(), settings.device),
         Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
             commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)
         }
-        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup } } => {
-            commands::bench::train_step(&preset, threads, steps, warmup)
+        Command::Bench { command: BenchCommand::Attention { batch, heads, len, head_dim, naive, threads, block_q, block_k } } => {
+            let blocks = block_q.zip(block_k).map(|(q, k)| cogvx_model_core::attention::BlockSizes { q, k });
+            let options = cogvx_bench::attention::AttentionOptions { batch, heads, len, head_dim, naive, threads, blocks };
+            commands::bench::attention(&settings, options)
+        }
+        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing } } => {
+            commands::bench::train_step(&preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing })
         }
     }
 }

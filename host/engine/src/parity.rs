@@ -93,7 +93,7 @@ fn run<B: Backend, E: std::fmt::Display + 'static>(
     }))
 }
 
-impl<B: Backend> ParityRunner<B> {
+impl<B: cogvx_model_core::ModelBackend> ParityRunner<B> {
     /// A runner with `transformer`, `vae_encode`, `vae_decode`, `text_encoder`,
     /// `scheduler_train`, `scheduler_ddim`, `scheduler_dpm` and `pipeline_t2v`;
     /// `train_step_lora` is reported as not implemented.

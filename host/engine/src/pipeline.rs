@@ -153,7 +153,7 @@ pub struct CogVideoXPipeline<B: Backend> {
     pub vae_config: VaeConfig,
 }
 
-impl<B: Backend> CogVideoXPipeline<B> {
+impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
     /// Loads every component of a diffusers CogVideoX folder (checked by [`ModelFolder::open`]).
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, EngineError> {
         let folder = ModelFolder::open(dir)?;
@@ -584,7 +584,7 @@ fn param_usize(case: &Case, key: &str) -> Result<usize, EngineError> {
 /// Runs a `pipeline_t2v` parity case: the case's prompt, negative prompt, steps, guidance,
 /// sizes and `max_sequence_length`, the folder's scheduler, starting from `in.latents`.
 /// Returns `{"frames": [1, T, 3, H, W]}`.
-pub fn run_case<B: Backend>(
+pub fn run_case<B: cogvx_model_core::ModelBackend>(
     case: &Case,
     device: &B::Device,
 ) -> Result<BTreeMap<String, HostTensor>, EngineError> {

@@ -168,7 +168,7 @@ impl SampleJob {
 /// model, applies the LoRA, samples with `scheduler`'s plan (`None`: the folder's scheduler)
 /// and [`SeededNoise`] from the request's seed, reports `on_step(i, n)`, and writes the
 /// video(s). Returns the paths written.
-pub fn sample<B: Backend>(
+pub fn sample<B: cogvx_model_core::ModelBackend>(
     job: &SampleJob,
     scheduler: Option<&mut dyn Plugin>,
     on_step: &mut dyn FnMut(usize, usize),

@@ -6,17 +6,23 @@
 //! * [`config`]: typed `config.json` reading with errors that name the file.
 //! * [`nn`]: the few layers every component shares (PyTorch weight layout).
 //! * [`adapter`]: trainable adapters on [`nn::Linear`] (LoRA, plugin recipes).
-//! * [`attention`]: the single scaled-dot-product attention function of the project.
+//! * [`attention`]: the single scaled-dot-product attention function of the project
+//!   (memory-efficient, one autodiff operation with its own backward).
+//! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
+//! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`case`]: the parity case format of `shared/reference/cases`.
 
 pub mod adapter;
 pub mod attention;
+pub mod backend;
 pub mod case;
 pub mod config;
 pub mod error;
+pub mod grad_checkpoint;
 pub mod nn;
 pub mod weights;
 
+pub use backend::{ModelAutodiffBackend, ModelBackend};
 pub use error::LoadError;
 
 /// The CPU backend used by tests and CPU runs (burn's ndarray backend, f32).

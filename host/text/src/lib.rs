@@ -14,6 +14,7 @@ pub mod tokenizer;
 pub use t5::{T5Config, T5Encoder};
 pub use tokenizer::{T5Tokenizer, TokenizerConfig, TokenizerSource};
 
+use cogvx_model_core::ModelBackend;
 use burn::tensor::{backend::Backend, Tensor};
 use cogvx_model_core::case::{Case, HostTensor};
 use std::collections::BTreeMap;
@@ -48,7 +49,7 @@ pub enum TextError {
 /// encoder without an attention mask, and repeats each prompt's embedding
 /// `num_videos_per_prompt` times (consecutively). Returns `[len(prompts) * num_videos_per_prompt,
 /// max_sequence_length, d_model]`.
-pub fn encode_prompts<B: Backend, S: AsRef<str>>(
+pub fn encode_prompts<B: ModelBackend, S: AsRef<str>>(
     tokenizer: &T5Tokenizer,
     encoder: &T5Encoder<B>,
     prompts: &[S],
@@ -85,6 +86,9 @@ impl<B: Backend> PromptEncoder<B> {
         })
     }
 
+}
+
+impl<B: ModelBackend> PromptEncoder<B> {
     /// [`encode_prompts`] with this pair.
     pub fn encode<S: AsRef<str>>(
         &self,
@@ -103,7 +107,7 @@ impl<B: Backend> PromptEncoder<B> {
 /// (`max_length` from `params.max_length`, else the width of `in.input_ids`) and those ids feed
 /// the encoder; otherwise `in.input_ids` do. Returns `last_hidden_state` (compare with
 /// `out.last_hidden_state`) and `input_ids`, the ids used (compare exactly with `in.input_ids`).
-pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TextError> {
+pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TextError> {
     if case.component != "text_encoder" {
         return Err(TextError::InvalidInput(format!(
             "case {}: component {:?} is not run by cogvx-text (it runs `text_encoder`)",

@@ -7,6 +7,7 @@
 //! transformers is therefore never active.
 
 use crate::TextError;
+use cogvx_model_core::ModelBackend;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -238,6 +239,9 @@ impl<B: Backend> T5Attention<B> {
         Some(values.permute([2, 0, 1]).unsqueeze::<4>())
     }
 
+}
+
+impl<B: ModelBackend> T5Attention<B> {
     /// `[B, L, d_model]` with `position_bias` `[1 or B, H, L, L]` to `[B, L, d_model]`.
     pub fn forward(&self, hidden_states: Tensor<B, 3>, position_bias: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, l, _] = hidden_states.dims();
@@ -344,7 +348,9 @@ impl<B: Backend> T5Block<B> {
             },
         })
     }
+}
 
+impl<B: ModelBackend> T5Block<B> {
     pub fn forward(&self, hidden_states: Tensor<B, 3>, position_bias: Tensor<B, 4>) -> Tensor<B, 3> {
         let a = &self.attention_layer;
         let normed = a.layer_norm.forward(hidden_states.clone());
@@ -409,6 +415,9 @@ impl<B: Backend> T5Encoder<B> {
         &self.config
     }
 
+}
+
+impl<B: ModelBackend> T5Encoder<B> {
     /// `last_hidden_state` `[N, L, d_model]` for token ids `[N, L]` (no attention mask, as the
     /// CogVideoX pipeline calls it). Ids must be below `vocab_size`; see [`T5Encoder::forward_ids`]
     /// for a checked entry point.

@@ -34,11 +34,12 @@ pub use adapter_export::{adapter_metadata, load_adapter, peft_config_dict, peft_
 pub use error::TrainError;
 pub use sft_export::{save_transformer_folder, state_dict_keys, ExportDtype, ExportedFolder, DEFAULT_MAX_SHARD_BYTES};
 pub use export::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
-pub use loss::{compute_loss, model_latents, noise_shape, NoiseDraw, TrainBatch};
+pub use loss::{compute_loss, compute_loss_taped, model_latents, noise_shape, NoiseDraw, TrainBatch};
 pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig, HostAdamState};
 pub use sft::{checkpoint_shapes, enable_full_training, first_adapter_layer, full_grads, full_host_values, full_param_shapes, full_values, set_full_values, TrainMode};
 
 use burn::tensor::backend::AutodiffBackend;
+use cogvx_model_core::ModelAutodiffBackend;
 use burn::tensor::ElementConversion;
 use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::case::{Case, HostTensor};
@@ -54,7 +55,7 @@ pub const COMPONENTS: &[&str] = &["train_step_lora"];
 pub type InnerTensors<B> = BTreeMap<String, AdapterTensor<<B as AutodiffBackend>::InnerBackend>>;
 
 /// The loss of one batch and the gradient of every trainable adapter parameter.
-pub fn loss_and_grads<B: AutodiffBackend>(
+pub fn loss_and_grads<B: ModelAutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     schedule: &NoiseSchedule,
     batch: &TrainBatch<B>,
@@ -64,23 +65,23 @@ pub fn loss_and_grads<B: AutodiffBackend>(
 }
 
 /// The loss of one batch and the gradient of every parameter `mode` trains.
-pub fn loss_and_grads_for<B: AutodiffBackend>(
+pub fn loss_and_grads_for<B: ModelAutodiffBackend>(
     mode: TrainMode,
     model: &mut CogVideoXTransformer3DModel<B>,
     schedule: &NoiseSchedule,
     batch: &TrainBatch<B>,
     draw: &NoiseDraw<B>,
 ) -> Result<(f64, InnerTensors<B>), TrainError> {
-    let loss = compute_loss(model, schedule, batch, draw)?;
-    let grads = loss.backward();
-    let value: f64 = loss.inner().into_scalar().elem::<f64>();
+    let (loss, tape) = compute_loss_taped(model, schedule, batch, draw)?;
+    let value: f64 = loss.clone().inner().into_scalar().elem::<f64>();
+    let grads = tape.backward(loss);
     Ok((value, mode.grads(model, &grads)))
 }
 
 /// Clips `grads` to `max_grad_norm` (global norm; `None`: no clipping), takes one AdamW step at
 /// learning rate `lr` and writes the new values into the model's adapter. Returns the total
 /// gradient norm before clipping.
-pub fn apply_update<B: AutodiffBackend>(
+pub fn apply_update<B: ModelAutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     grads: InnerTensors<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
@@ -91,7 +92,7 @@ pub fn apply_update<B: AutodiffBackend>(
 }
 
 /// [`apply_update`] for the parameters `mode` trains.
-pub fn apply_update_for<B: AutodiffBackend>(
+pub fn apply_update_for<B: ModelAutodiffBackend>(
     mode: TrainMode,
     model: &mut CogVideoXTransformer3DModel<B>,
     mut grads: InnerTensors<B>,
@@ -122,7 +123,7 @@ pub struct StepOutput<B: AutodiffBackend> {
 }
 
 /// One optimisation step of the adapter: loss, gradients, global-norm clipping, AdamW.
-pub fn train_step<B: AutodiffBackend>(
+pub fn train_step<B: ModelAutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     schedule: &NoiseSchedule,
     batch: &TrainBatch<B>,
@@ -136,7 +137,7 @@ pub fn train_step<B: AutodiffBackend>(
 
 /// [`train_step`] for the parameters `mode` trains.
 #[allow(clippy::too_many_arguments)]
-pub fn train_step_for<B: AutodiffBackend>(
+pub fn train_step_for<B: ModelAutodiffBackend>(
     mode: TrainMode,
     model: &mut CogVideoXTransformer3DModel<B>,
     schedule: &NoiseSchedule,
@@ -182,12 +183,42 @@ pub fn case_lora_spec(case: &Case) -> Result<AdapterSpec, TrainError> {
     Ok(AdapterSpec { rank, alpha, targets })
 }
 
+/// The batch (`in.encoded_videos`, `in.prompt_embedding`, `in.image_latents` for I2V) and the
+/// draw (`in.timesteps`, `in.noise`) of a `train_step_lora` case.
+pub fn case_batch<B: burn::tensor::backend::Backend>(case: &Case, device: &B::Device) -> Result<(TrainBatch<B>, NoiseDraw<B>), TrainError> {
+    let batch = TrainBatch {
+        latents: case.input("encoded_videos")?.to_tensor::<B, 5>(device)?,
+        prompt_embeds: case.input("prompt_embedding")?.to_tensor::<B, 3>(device)?,
+        image_latents: match case.inputs.get("image_latents") {
+            Some(t) => Some(t.to_tensor::<B, 5>(device)?),
+            None => None,
+        },
+    };
+    let timesteps = case
+        .input("timesteps")?
+        .to_i64()
+        .into_iter()
+        .map(|t| usize::try_from(t).map_err(|_| TrainError::Invalid(format!("case {}: negative timestep {t}", case.name))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let draw = NoiseDraw { timesteps, noise: case.input("noise")?.to_tensor::<B, 5>(device)? };
+    Ok((batch, draw))
+}
+
 /// Runs a `train_step_lora` case: the transformer of the case's model folder with LoRA on the
 /// case's targets initialised from `in.lora_init.*`, one step of the finetune's loss with the
 /// given timesteps and noise, global-norm clipping at `max_grad_norm` and one AdamW step with
 /// `params.optimizer`. Returns `loss`, `grad_norm` (before clipping), `grad.<param>` and
 /// `lora_after_step.<param>`.
-pub fn run_case<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+pub fn run_case<B: ModelAutodiffBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+    run_case_with::<B>(case, false, device)
+}
+
+/// [`run_case`] with block-level gradient checkpointing on or off (the same outputs either way).
+pub fn run_case_with<B: ModelAutodiffBackend>(
+    case: &Case,
+    gradient_checkpointing: bool,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, TrainError> {
     if case.component != "train_step_lora" {
         return Err(TrainError::Invalid(format!(
             "case {}: component `{}` is not run by the train crate ({})",
@@ -199,6 +230,7 @@ pub fn run_case<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Result<B
     let spec = case_lora_spec(case)?;
     let model = CogVideoXTransformer3DModel::<B>::from_dir(&case.model_dir.join("transformer"), device)?;
     let mut model = freeze(model);
+    model.set_gradient_checkpointing(gradient_checkpointing);
     inject_lora(&mut model, &spec, device)?;
 
     // LoRA initial values from the case.
@@ -221,21 +253,7 @@ pub fn run_case<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Result<B
     set_adapter_values(&mut model, &init)?;
 
     let schedule = load_schedule(&case.model_dir)?;
-    let batch = TrainBatch {
-        latents: case.input("encoded_videos")?.to_tensor::<B, 5>(device)?,
-        prompt_embeds: case.input("prompt_embedding")?.to_tensor::<B, 3>(device)?,
-        image_latents: match case.inputs.get("image_latents") {
-            Some(t) => Some(t.to_tensor::<B, 5>(device)?),
-            None => None,
-        },
-    };
-    let timesteps = case
-        .input("timesteps")?
-        .to_i64()
-        .into_iter()
-        .map(|t| usize::try_from(t).map_err(|_| TrainError::Invalid(format!("case {}: negative timestep {t}", case.name))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let draw = NoiseDraw { timesteps, noise: case.input("noise")?.to_tensor::<B, 5>(device)? };
+    let (batch, draw) = case_batch::<B>(case, device)?;
     let opt_config = AdamWConfig::from_json(case.param("optimizer")?)?;
     let max_grad_norm = match case.params.get("max_grad_norm") {
         Some(v) => Some(v.as_f64().ok_or_else(|| TrainError::Invalid(format!("case {}: `max_grad_norm` is not a number", case.name)))?),

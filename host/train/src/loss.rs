@@ -5,8 +5,9 @@
 
 use crate::error::{invalid, TrainError};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+use cogvx_model_core::{ModelAutodiffBackend, ModelBackend};
 use cogvx_scheduler::{add_noise, get_velocity, NoiseSchedule};
-use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
+use cogvx_transformer::{BlockTape, CogVideoXTransformer3DModel, RotaryEmb, TransformerConfig};
 
 /// The value CogVideoX1.5-I2V's trainer and pipeline pass as `ofs`.
 pub const OFS_VALUE: f32 = 2.0;
@@ -70,12 +71,48 @@ fn per_sample<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 5> 
 /// v-prediction (I2V: image latents zero-padded to `F` frames and concatenated on channels;
 /// RoPE from the latent size; `ofs = 2.0` for 1.5-I2V), `x0 = get_velocity(pred, noisy, t)`,
 /// `mean_b(mean((x0 - latents)^2 / (1 - ᾱ_t)))`. Returns a `[1]` tensor.
-pub fn compute_loss<B: Backend>(
+pub fn compute_loss<B: ModelBackend>(
     model: &CogVideoXTransformer3DModel<B>,
     schedule: &NoiseSchedule,
     batch: &TrainBatch<B>,
     draw: &NoiseDraw<B>,
 ) -> Result<Tensor<B, 1>, TrainError> {
+    let x = loss_inputs(model, schedule, batch, draw)?;
+    let pred = model.forward(x.model_in.clone(), batch.prompt_embeds.clone(), x.timestep.clone(), x.ofs.clone(), x.rotary.as_ref())?;
+    x.loss(&schedule.alphas_cumprod, pred, &draw.timesteps)
+}
+
+/// [`compute_loss`] through [`CogVideoXTransformer3DModel::forward_taped`], for training: the
+/// tape runs the backward (recomputing the blocks under gradient checkpointing).
+pub fn compute_loss_taped<B: ModelAutodiffBackend>(
+    model: &CogVideoXTransformer3DModel<B>,
+    schedule: &NoiseSchedule,
+    batch: &TrainBatch<B>,
+    draw: &NoiseDraw<B>,
+) -> Result<(Tensor<B, 1>, BlockTape<B>), TrainError> {
+    let x = loss_inputs(model, schedule, batch, draw)?;
+    let (pred, tape) =
+        model.forward_taped(x.model_in.clone(), batch.prompt_embeds.clone(), x.timestep.clone(), x.ofs.clone(), x.rotary.as_ref())?;
+    Ok((x.loss(&schedule.alphas_cumprod, pred, &draw.timesteps)?, tape))
+}
+
+/// What the transformer is called with, and the targets of the loss.
+struct LossInputs<B: Backend> {
+    latent: Tensor<B, 5>,
+    noisy: Tensor<B, 5>,
+    model_in: Tensor<B, 5>,
+    rotary: Option<RotaryEmb<B>>,
+    ofs: Option<Tensor<B, 1>>,
+    timestep: Tensor<B, 1>,
+}
+
+/// Checks the batch and the draw against the model, noises the latents and builds the inputs.
+fn loss_inputs<B: Backend>(
+    model: &CogVideoXTransformer3DModel<B>,
+    schedule: &NoiseSchedule,
+    batch: &TrainBatch<B>,
+    draw: &NoiseDraw<B>,
+) -> Result<LossInputs<B>, TrainError> {
     let config = &model.config;
     let device = batch.latents.device();
     let [b, c, _, h, w] = batch.latents.dims();
@@ -124,10 +161,18 @@ pub fn compute_loss<B: Backend>(
     let ofs = config.ofs_embed_dim.map(|_| Tensor::<B, 1>::from_data(TensorData::new(vec![OFS_VALUE], [1]), &device));
     let t: Vec<f32> = draw.timesteps.iter().map(|t| *t as f32).collect();
     let timestep = Tensor::<B, 1>::from_data(TensorData::new(t, [b]), &device);
-    let pred = model.forward(model_in, batch.prompt_embeds.clone(), timestep, ofs, rotary.as_ref())?;
-    let latent_pred = get_velocity(ac, pred, noisy, &draw.timesteps)?;
-    let weights: Vec<f32> = draw.timesteps.iter().map(|t| (1.0 / (1.0 - ac[*t])) as f32).collect();
-    let err = (latent_pred - latent).powi_scalar(2) * per_sample::<B>(weights, &device);
-    let per_sample_loss = err.reshape([b as i32, -1]).mean_dim(1); // [B, 1]
-    Ok(per_sample_loss.mean())
+    Ok(LossInputs { latent, noisy, model_in, rotary, ofs, timestep })
+}
+
+impl<B: Backend> LossInputs<B> {
+    /// `mean_b(mean((get_velocity(pred, noisy, t) - latents)^2 / (1 - ᾱ_t)))`.
+    fn loss(self, ac: &[f64], pred: Tensor<B, 5>, timesteps: &[usize]) -> Result<Tensor<B, 1>, TrainError> {
+        let b = timesteps.len();
+        let device = pred.device();
+        let latent_pred = get_velocity(ac, pred, self.noisy, timesteps)?;
+        let weights: Vec<f32> = timesteps.iter().map(|t| (1.0 / (1.0 - ac[*t])) as f32).collect();
+        let err = (latent_pred - self.latent).powi_scalar(2) * per_sample::<B>(weights, &device);
+        let per_sample_loss = err.reshape([b as i32, -1]).mean_dim(1); // [B, 1]
+        Ok(per_sample_loss.mean())
+    }
 }

@@ -130,6 +130,11 @@ pub struct TrainConfig {
     /// `"bf16"` as the 5B and 1.5 checkpoints are stored; `"fp16"` as the 2B one).
     #[serde(default = "default_export_dtype")]
     pub export_dtype: cogvx_train::ExportDtype,
+    /// Recompute each transformer block in the backward instead of keeping its activations
+    /// (diffusers' `enable_gradient_checkpointing`; the official finetune always turns it on):
+    /// the same gradients, in far less memory, for about one more forward pass of time.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_export_dtype() -> cogvx_train::ExportDtype {
@@ -160,6 +165,7 @@ impl Default for TrainConfig {
             checkpoints_total_limit: default_ckpt_limit(),
             output_dir: default_output_dir(),
             export_dtype: default_export_dtype(),
+            gradient_checkpointing: false,
         }
     }
 }

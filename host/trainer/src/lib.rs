@@ -459,7 +459,7 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result
 }
 
 /// Runs (or resumes) a training job on `device` and exports the result; see the crate docs.
-pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<TrainSummary, TrainerError> {
+pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<TrainSummary, TrainerError> {
     let TrainJob {
         model_dir,
         cache,
@@ -551,6 +551,7 @@ pub fn train<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Resul
         model = cogvx_train::freeze(model);
         cogvx_train::inject_recipe(&mut model, &spec, recipe_limits, |req| plugin.adapter_recipe(req), device)?
     };
+    model.set_gradient_checkpointing(config.gradient_checkpointing);
     let n_params: usize = mode.values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
     if config.is_sft() {
         tracing::info!("full fine-tuning: {n_params} trainable parameters");

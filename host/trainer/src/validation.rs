@@ -32,7 +32,7 @@ pub(crate) struct Validation<B: Backend> {
     parts: Option<Parts<B>>,
 }
 
-impl<B: Backend> Validation<B> {
+impl<B: cogvx_model_core::ModelBackend> Validation<B> {
     /// Reads the conditioning images (I2V) so that a missing file fails before training.
     pub(crate) fn new(folder: ModelFolder, out: &Path, cache: &Cache, config: &ValidationConfig) -> Result<Self, TrainerError> {
         let mut images = Vec::new();

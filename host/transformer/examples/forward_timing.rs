@@ -13,7 +13,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use burn::tensor::backend::Backend;
+use cogvx_model_core::ModelBackend;
 use common::{random_inputs_on, write_random_transformer};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
 use std::path::Path;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 /// Mean and min over `iters` timed forwards after one warm-up.
 #[allow(clippy::too_many_arguments)]
-fn time_forward<Bk: Backend>(
+fn time_forward<Bk: ModelBackend>(
     model: &CogVideoXTransformer3DModel<Bk>,
     batch: usize,
     f: usize,
@@ -67,7 +67,7 @@ fn bench_config() -> TransformerConfig {
     }
 }
 
-fn run_all<Bk: Backend>(backend: &str, random_dir: &Path, iters: usize) {
+fn run_all<Bk: ModelBackend>(backend: &str, random_dir: &Path, iters: usize) {
     let device = Default::default();
     if let Some(reference) = common::reference_dir() {
         for (variant, f) in [

@@ -5,6 +5,7 @@
 
 use crate::embeddings::{apply_rotary_emb, RotaryEmb};
 use crate::error::TransformerError;
+use cogvx_model_core::ModelBackend;
 use burn::module::Module;
 use burn::nn::Dropout;
 use burn::tensor::{backend::Backend, Tensor};
@@ -53,6 +54,9 @@ impl<B: Backend> Attention<B> {
         })
     }
 
+}
+
+impl<B: ModelBackend> Attention<B> {
     /// `hidden_states [B, Lv, D]` (video), `encoder_hidden_states [B, Lt, D]` (text),
     /// `image_rotary_emb` `(cos, sin)` `[Lv, head_dim]`. Returns `(video, text)` outputs.
     pub fn forward(

@@ -20,9 +20,9 @@ pub mod normalization;
 pub use config::TransformerConfig;
 pub use embeddings::{rotary_tables, rotary_tables_host, RotaryEmb};
 pub use error::TransformerError;
-pub use model::{CogVideoXBlock, CogVideoXTransformer3DModel};
+pub use model::{BlockTape, CogVideoXBlock, CogVideoXTransformer3DModel};
 
-use burn::tensor::backend::Backend;
+use cogvx_model_core::ModelBackend;
 use cogvx_model_core::case::{Case, HostTensor};
 use std::collections::BTreeMap;
 
@@ -31,7 +31,7 @@ pub const COMPONENTS: &[&str] = &["transformer"];
 
 /// Runs a `transformer` case: loads `<model>/transformer`, computes the RoPE tables itself (the
 /// case's `rotary_cos/sin` are not used) and returns `{"sample": ...}`.
-pub fn run_case<B: Backend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TransformerError> {
+pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TransformerError> {
     if case.component != "transformer" {
         return Err(TransformerError::Input(format!(
             "case {}: component `{}` is not run by the transformer crate",

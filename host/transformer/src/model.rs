@@ -13,6 +13,8 @@ use burn::tensor::{activation, backend::Backend, Tensor};
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
+use cogvx_model_core::grad_checkpoint;
+use cogvx_model_core::{ModelAutodiffBackend, ModelBackend};
 use std::path::Path;
 
 /// diffusers `GELU` (`net.0` of the feed-forward): `gelu(proj(x))`, tanh-approximated for
@@ -102,6 +104,9 @@ impl<B: Backend> CogVideoXBlock<B> {
         })
     }
 
+}
+
+impl<B: ModelBackend> CogVideoXBlock<B> {
     /// `hidden_states [B, Lv, D]`, `encoder_hidden_states [B, Lt, D]`, `temb [B, E]`; returns
     /// `(hidden_states, encoder_hidden_states)`.
     pub fn forward(
@@ -144,6 +149,10 @@ pub struct CogVideoXTransformer3DModel<B: Backend> {
     pub proj_out: Linear<B>,
     /// The config the model was built from.
     pub config: TransformerConfig,
+    /// Recompute each block in the backward instead of keeping its activations
+    /// ([`Self::set_gradient_checkpointing`]).
+    #[module(skip)]
+    pub gradient_checkpointing: bool,
 }
 
 impl<B: Backend> CogVideoXTransformer3DModel<B> {
@@ -173,6 +182,7 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
             norm_out: AdaLayerNorm::load(&vb.pp("norm_out"), c.time_embed_dim, 2 * inner, c.norm_elementwise_affine, c.norm_eps, device)?,
             proj_out: Linear::load(&vb.pp("proj_out"), inner, output_dim, true, device)?,
             config: c.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -190,6 +200,13 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         Ok(model)
     }
 
+    /// Block-level gradient checkpointing, as diffusers' `enable_gradient_checkpointing`: under
+    /// autodiff each block keeps only its inputs and is recomputed in the backward (same
+    /// gradients, one block's activations at a time). Without autodiff it changes nothing.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
     /// The RoPE tables for latent `hidden_states` of `frames x height x width`, when the config uses
     /// RoPE (`None` otherwise): see [`crate::rotary_tables`].
     pub fn image_rotary_emb(
@@ -205,6 +222,9 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         crate::embeddings::rotary_tables(&self.config, frames, height, width, device).map(Some)
     }
 
+}
+
+impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
     /// The forward pass of diffusers' `CogVideoXTransformer3DModel`.
     ///
     /// * `hidden_states` `[B, F, C_in, H, W]` latents (I2V: image latents concatenated on channels);
@@ -224,6 +244,24 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         ofs: Option<Tensor<B, 1>>,
         image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> Result<Tensor<B, 5>, TransformerError> {
+        let e = self.embed(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
+        // 3. Transformer blocks
+        let (mut hidden_states, mut encoder_hidden_states) = (e.hidden_states, e.encoder_hidden_states);
+        for block in &self.transformer_blocks {
+            (hidden_states, encoder_hidden_states) = block.forward(hidden_states, encoder_hidden_states, e.emb.clone(), image_rotary_emb);
+        }
+        Ok(self.head(hidden_states, e.emb, e.shape))
+    }
+
+    /// Steps 1 and 2 of the forward: input checks, time (and ofs) embedding, patch embedding.
+    fn embed(
+        &self,
+        hidden_states: Tensor<B, 5>,
+        encoder_hidden_states: Tensor<B, 3>,
+        timestep: Tensor<B, 1>,
+        ofs: Option<Tensor<B, 1>>,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
+    ) -> Result<Embedded<B>, TransformerError> {
         let c = &self.config;
         let [batch_size, num_frames, channels, height, width] = hidden_states.dims();
         let [eb, text_len, text_dim] = encoder_hidden_states.dims();
@@ -281,14 +319,18 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         let hidden = self.patch_embed.forward(encoder_hidden_states, hidden_states)?;
         let hidden = self.embedding_dropout.forward(hidden);
         let len = hidden.dims()[1];
-        let mut encoder_hidden_states = hidden.clone().narrow(1, 0, text_len);
-        let mut hidden_states = hidden.narrow(1, text_len, len - text_len);
+        let encoder_hidden_states = hidden.clone().narrow(1, 0, text_len);
+        let hidden_states = hidden.narrow(1, text_len, len - text_len);
+        Ok(Embedded { emb, hidden_states, encoder_hidden_states, shape: [batch_size, num_frames, height, width] })
+    }
 
-        // 3. Transformer blocks
-        for block in &self.transformer_blocks {
-            (hidden_states, encoder_hidden_states) =
-                block.forward(hidden_states, encoder_hidden_states, emb.clone(), image_rotary_emb);
-        }
+
+    /// Steps 4 and 5: the final norms and projection, and unpatchify to `[B, F, C_out, H, W]`
+    /// (`shape` = the input's `[B, F, H, W]`).
+    fn head(&self, hidden_states: Tensor<B, 3>, emb: Tensor<B, 2>, shape: [usize; 4]) -> Tensor<B, 5> {
+        let c = &self.config;
+        let [batch_size, num_frames, height, width] = shape;
+        let p = c.patch_size;
         let hidden_states = self.norm_final.forward(hidden_states);
 
         // 4. Final block
@@ -315,7 +357,125 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
                 x.reshape([batch_size, num_frames, c_out, height, width])
             }
         };
-        Ok(output)
+        output
+    }
+}
+
+/// The output of the embedding steps: what the blocks take.
+struct Embedded<B: Backend> {
+    /// Time (+ ofs) embedding `[B, E]`.
+    emb: Tensor<B, 2>,
+    hidden_states: Tensor<B, 3>,
+    encoder_hidden_states: Tensor<B, 3>,
+    /// The input's `[B, F, H, W]`.
+    shape: [usize; 4],
+}
+
+impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
+    /// [`Self::forward`] for training. With gradient checkpointing on
+    /// ([`Self::set_gradient_checkpointing`]) the blocks run without recording a graph and keep
+    /// only their inputs; the returned [`BlockTape`] then runs the backward
+    /// ([`BlockTape::backward`]), recomputing one block at a time. Without it the tape is plain
+    /// `loss.backward()`. The output and the gradients are those of [`Self::forward`].
+    pub fn forward_taped(
+        &self,
+        hidden_states: Tensor<B, 5>,
+        encoder_hidden_states: Tensor<B, 3>,
+        timestep: Tensor<B, 1>,
+        ofs: Option<Tensor<B, 1>>,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
+    ) -> Result<(Tensor<B, 5>, BlockTape<B>), TransformerError> {
+        if !self.gradient_checkpointing {
+            let out = self.forward(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
+            return Ok((out, BlockTape { segments: None }));
+        }
+        let e = self.embed(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
+        // The blocks see the embedding step's outputs as leaves, so the loss's backward stops
+        // there and the embedding graph is backpropagated once, at the end.
+        let emb = grad_checkpoint::leaf(&e.emb);
+        let mut h = grad_checkpoint::leaf(&e.hidden_states);
+        let mut t = grad_checkpoint::leaf(&e.encoder_hidden_states);
+        let rope = image_rotary_emb.map(|(c, s)| (Tensor::<B, 2>::from_inner(c.clone().inner()), Tensor::from_inner(s.clone().inner())));
+        let mut inputs = Vec::with_capacity(self.transformer_blocks.len());
+        for block in &self.transformer_blocks {
+            inputs.push((h.clone().inner(), t.clone().inner()));
+            let frozen = grad_checkpoint::detached(block);
+            let (hn, tn) = frozen.forward(
+                Tensor::from_inner(h.inner()),
+                Tensor::from_inner(t.inner()),
+                Tensor::from_inner(emb.clone().inner()),
+                rope.as_ref(),
+            );
+            (h, t) = (hn, tn);
+        }
+        let h_out = grad_checkpoint::leaf(&h);
+        let out = self.head(h_out.clone(), emb.clone(), e.shape);
+        let segments = Segments {
+            blocks: self.transformer_blocks.clone(),
+            inputs,
+            rope,
+            pre: (e.emb, e.hidden_states, e.encoder_hidden_states),
+            emb_leaf: emb,
+            h_out,
+            pre_module: self.clone(),
+        };
+        Ok((out, BlockTape { segments: Some(Box::new(segments)) }))
+    }
+}
+
+/// What [`CogVideoXTransformer3DModel::forward_taped`] recorded for the backward.
+pub struct BlockTape<B: ModelAutodiffBackend> {
+    segments: Option<Box<Segments<B>>>,
+}
+
+struct Segments<B: ModelAutodiffBackend> {
+    blocks: Vec<CogVideoXBlock<B>>,
+    /// Each block's `(hidden_states, encoder_hidden_states)` input.
+    inputs: Vec<(Tensor<B::InnerBackend, 3>, Tensor<B::InnerBackend, 3>)>,
+    rope: Option<RotaryEmb<B>>,
+    /// The embedding step's outputs (graph tensors): `emb`, `hidden_states`, `encoder_hidden_states`.
+    pre: (Tensor<B, 2>, Tensor<B, 3>, Tensor<B, 3>),
+    emb_leaf: Tensor<B, 2>,
+    /// The last block's video output as the head's leaf.
+    h_out: Tensor<B, 3>,
+    /// The model, for the parameters of the embedding step.
+    pre_module: CogVideoXTransformer3DModel<B>,
+}
+
+impl<B: ModelAutodiffBackend> BlockTape<B> {
+    /// The gradients of `loss` (computed from the forward's output) for every parameter, as
+    /// `loss.backward()` on an uncheckpointed forward gives them.
+    pub fn backward(self, loss: Tensor<B, 1>) -> B::Gradients {
+        let mut grads = loss.backward();
+        let Some(s) = self.segments else { return grads };
+        let zeros_like = |t: &Tensor<B::InnerBackend, 3>| Tensor::zeros(t.dims(), &t.device());
+        let (last_h, last_t) = s.inputs.last().map(|(h, t)| (zeros_like(h), zeros_like(t))).expect("a model has blocks");
+        let mut d_h = s.h_out.grad_remove(&mut grads).unwrap_or(last_h);
+        // The text stream's output of the last block is not used by the head.
+        let mut d_t = last_t;
+        let mut d_emb = s.emb_leaf.grad_remove(&mut grads).unwrap_or_else(|| Tensor::<B, 2>::zeros(s.emb_leaf.dims(), &s.emb_leaf.device()).inner());
+        for (block, (h, t)) in s.blocks.iter().zip(s.inputs).rev() {
+            let copy = grad_checkpoint::Recompute::new(block);
+            let h = Tensor::<B, 3>::from_inner(h).require_grad();
+            let t = Tensor::<B, 3>::from_inner(t).require_grad();
+            let emb = grad_checkpoint::leaf(&s.emb_leaf);
+            let (ho, to) = copy.module.forward(h.clone(), t.clone(), emb.clone(), s.rope.as_ref());
+            let terms = [grad_checkpoint::dot(ho, d_h.clone()), grad_checkpoint::dot(to, d_t.clone())];
+            let g = grad_checkpoint::backward_sum(terms).expect("the block inputs require gradients");
+            d_h = h.grad(&g).unwrap_or_else(|| zeros_like(&d_h));
+            d_t = t.grad(&g).unwrap_or_else(|| zeros_like(&d_t));
+            if let Some(ge) = emb.grad(&g) {
+                d_emb = d_emb + ge;
+            }
+            copy.transfer(&g, &mut grads);
+        }
+        // The embedding step, once, with the gradients of all its outputs.
+        let (emb, h0, t0) = s.pre;
+        let terms = [grad_checkpoint::dot(h0, d_h), grad_checkpoint::dot(t0, d_t), grad_checkpoint::dot(emb, d_emb)];
+        if let Some(g) = grad_checkpoint::backward_sum(terms) {
+            grad_checkpoint::merge_param_grads(&s.pre_module, &g, &mut grads);
+        }
+        grads
     }
 }
 

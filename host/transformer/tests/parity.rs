@@ -23,7 +23,7 @@ fn transformer_cases() -> Option<Vec<PathBuf>> {
 }
 
 /// Runs every shared transformer case on backend `Bk`; panics listing the cases out of tolerance.
-fn check_cases_on<Bk: burn::tensor::backend::Backend>(backend: &str) {
+fn check_cases_on<Bk: cogvx_model_core::ModelBackend>(backend: &str) {
     let Some(cases) = transformer_cases() else { return };
     assert!(cases.len() >= 9, "expected the 9 shared transformer cases, found {}", cases.len());
     let device = Default::default();

@@ -54,8 +54,22 @@ pub fn preprocess(settings: &Settings, plugins_dir: &Path, seconds: u32, repeat:
 }
 
 /// `cogvx bench train-step`: one JSON line, as `torch_train_step.py` prints.
-pub fn train_step(preset: &str, threads: usize, steps: usize, warmup: usize) -> Result<ExitCode> {
-    let report = cogvx_bench::train_step(preset, threads, steps, warmup).map_err(|e| anyhow!("{e}"))?;
+pub fn train_step(preset: &str, options: cogvx_bench::StepOptions) -> Result<ExitCode> {
+    let report = cogvx_bench::train_step(preset, options).map_err(|e| anyhow!("{e}"))?;
+    println!("{}", report.to_json_line());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cogvx bench attention`: one JSON line.
+pub fn attention(settings: &Settings, options: cogvx_bench::attention::AttentionOptions) -> Result<ExitCode> {
+    let report = match settings.device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda(index) => cogvx_bench::attention::attention_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(
+            options,
+            &cogvx_model_core::CudaDevice { index },
+        ),
+        _ => cogvx_bench::attention::attention_cpu(options).map_err(|e| anyhow!("{e}"))?,
+    };
     println!("{}", report.to_json_line());
     Ok(ExitCode::SUCCESS)
 }

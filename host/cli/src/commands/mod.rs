@@ -14,7 +14,7 @@ use cogvx_plugin_api::{Plugin, PluginKind};
 use cogvx_plugin_host::{LoadedPlugin, Transport};
 use std::path::PathBuf;
 
-use crate::config::{Config, Resolution};
+use crate::config::{Config, Device, Resolution};
 use crate::plugins::take_chain;
 use crate::Cli;
 
@@ -25,6 +25,8 @@ pub struct Settings {
     pub resolution: Resolution,
     /// The resolution came from --resolution or the config file (not the built-in default).
     pub resolution_given: bool,
+    /// Where the models run (checked to exist in this build).
+    pub device: Device,
 }
 
 impl Settings {
@@ -42,7 +44,13 @@ impl Settings {
         let resolution_given = cli.resolution.is_some() || config.data.resolution_set;
         let resolution = cli.resolution.unwrap_or(config.data.resolution);
         config.data.resolution = resolution;
-        Ok(Settings { config, cli_plugins: cli.plugins.clone(), resolution, resolution_given })
+        let device = match (cli.device, config.device, std::env::var("COGVX_DEVICE")) {
+            (Some(d), _, _) => d.check_available("--device")?,
+            (None, Some(d), _) => d.check_available("`device` in the config")?,
+            (None, None, Ok(v)) => v.parse::<Device>().map_err(|e| anyhow::anyhow!("COGVX_DEVICE: {e}"))?.check_available("COGVX_DEVICE")?,
+            (None, None, Err(_)) => Device::Cpu,
+        };
+        Ok(Settings { config, cli_plugins: cli.plugins.clone(), resolution, resolution_given, device })
     }
 
     /// The dataset root: the positional DIR, else --data-root, else `[data] root`.

@@ -1,27 +1,30 @@
 //! `cogvx parity DIR`: diffusers parity cases, one table, exit 0 only if all that ran passed.
 
+use crate::config::Device;
 use anyhow::{anyhow, Result};
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use cogvx_engine::parity::{all_passed, case_files, ParityRunner, Row, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Runs the cases of `dir` (optionally only those whose name contains `filter`) on the CPU,
-/// or on the GPU when built with the `cuda` feature and `COGVX_DEVICE=cuda`.
-pub fn run(dir: &Path, filter: Option<&str>) -> Result<ExitCode> {
-    #[cfg(feature = "cuda")]
-    if std::env::var("COGVX_DEVICE").is_ok_and(|d| d == "cuda") {
-        let runner = runner::<cogvx_model_core::CudaBackend>(cogvx_model_core::CudaDevice::default());
-        return report(dir, filter, |p| runner.run_file(p));
+/// Runs the cases of `dir` (optionally only those whose name contains `filter`) on `device`.
+pub fn run(dir: &Path, filter: Option<&str>, device: Device) -> Result<ExitCode> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(index) => {
+            let runner = runner::<cogvx_model_core::CudaBackend>(cogvx_model_core::CudaDevice { index });
+            report(dir, filter, |p| runner.run_file(p))
+        }
+        _ => {
+            let runner = runner::<cogvx_model_core::CpuBackend>(cogvx_model_core::CpuDevice::default());
+            report(dir, filter, |p| runner.run_file(p))
+        }
     }
-    let runner = runner::<cogvx_model_core::CpuBackend>(cogvx_model_core::CpuDevice::default());
-    report(dir, filter, |p| runner.run_file(p))
 }
 
 /// The engine's runner plus the training step (`train_step_lora`), which runs on `B` with autodiff.
-fn runner<B: Backend>(device: B::Device) -> ParityRunner<B> {
+fn runner<B: cogvx_model_core::ModelBackend>(device: B::Device) -> ParityRunner<B> {
     ParityRunner::<B>::new(device).with_component(
         "train_step_lora",
         Box::new(|case, device| cogvx_train::run_case::<Autodiff<B>>(case, device).map_err(|e| e.to_string())),

@@ -47,9 +47,18 @@ pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Pat
     // every released checkpoint, as the finetune's max_text_seq_length).
     options.max_sequence_length = folder.transformer_config.max_text_seq_length;
     options.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let device = cogvx_model_core::CpuDevice::default();
-    cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
-        .map_err(|e| anyhow!("{e}"))
+    let summary = match settings.device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda(index) => {
+            let device = cogvx_model_core::CudaDevice { index };
+            cogvx_cache::prepare::<cogvx_model_core::CudaBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
+        }
+        _ => {
+            let device = cogvx_model_core::CpuDevice::default();
+            cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
+        }
+    };
+    summary.map_err(|e| anyhow!("{e}"))
 }
 
 /// Prints what `prepare` did; failed samples go to stderr.

@@ -1,7 +1,6 @@
 //! `cogvx sample`: one video per prompt from a model folder, optionally with a LoRA.
 
 use anyhow::{anyhow, Result};
-use burn::tensor::backend::Backend;
 use cogvx_engine::{SampleJob, SampleRequest};
 use cogvx_plugin_api::{Plugin, PluginKind};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,14 +44,15 @@ pub fn run(settings: &Settings, args: SampleArgs) -> Result<ExitCode> {
         None => None,
     };
 
-    #[cfg(feature = "cuda")]
-    if std::env::var("COGVX_DEVICE").is_ok_and(|d| d == "cuda") {
-        return run_on::<cogvx_model_core::CudaBackend>(&job, scheduler.as_mut().map(|p| p as &mut dyn Plugin), &Default::default());
+    let scheduler = scheduler.as_mut().map(|p| p as &mut dyn Plugin);
+    match settings.device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda(index) => run_on::<cogvx_model_core::CudaBackend>(&job, scheduler, &cogvx_model_core::CudaDevice { index }),
+        _ => run_on::<cogvx_model_core::CpuBackend>(&job, scheduler, &Default::default()),
     }
-    run_on::<cogvx_model_core::CpuBackend>(&job, scheduler.as_mut().map(|p| p as &mut dyn Plugin), &Default::default())
 }
 
-fn run_on<B: Backend>(job: &SampleJob, scheduler: Option<&mut dyn Plugin>, device: &B::Device) -> Result<ExitCode> {
+fn run_on<B: cogvx_model_core::ModelBackend>(job: &SampleJob, scheduler: Option<&mut dyn Plugin>, device: &B::Device) -> Result<ExitCode> {
     let bar = ProgressBar::new(job.request.num_inference_steps as u64);
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_style(ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps, ETA {eta}").expect("valid template"));

@@ -1,7 +1,6 @@
 //! `cogvx train`: checks everything, prepares the cache when stale, then runs the trainer.
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use cogvx_plugin_api::{Plugin, PluginKind};
 use cogvx_plugin_host::{LoadedPlugin, Registry};
 use cogvx_trainer::{Resume, TrainConfig, TrainJob, ValidationConfig};
@@ -189,14 +188,14 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     job.resume = resume;
     job.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
 
-    #[cfg(feature = "cuda")]
-    if std::env::var("COGVX_DEVICE").is_ok_and(|d| d == "cuda") {
-        return run_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(job, &cogvx_model_core::CudaDevice::default());
+    match settings.device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda(index) => run_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(job, &cogvx_model_core::CudaDevice { index }),
+        _ => run_on::<cogvx_model_core::CpuAutodiffBackend>(job, &cogvx_model_core::CpuDevice::default()),
     }
-    run_on::<cogvx_model_core::CpuAutodiffBackend>(job, &cogvx_model_core::CpuDevice::default())
 }
 
-fn run_on<B: AutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<ExitCode> {
+fn run_on<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<ExitCode> {
     let summary = cogvx_trainer::train::<B>(job, device).map_err(|e| anyhow!("{e}"))?;
     if let Some(from) = &summary.resumed_from {
         println!("resumed from {}", from.display());

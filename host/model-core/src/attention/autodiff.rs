@@ -1,0 +1,71 @@
+//! Attention as one autodiff operation: the forward saves q, k, v, the bias, the output and
+//! the per-row log-sum-exp (O(L x head_dim), never the score matrix); the backward is
+//! [`ModelBackend::flash_attention_backward`].
+
+use crate::backend::{AttentionInputs, AttentionSaved, ModelBackend};
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+    Autodiff,
+};
+use burn::tensor::ops::FloatTensor;
+
+/// The backward step of one attention call; `N` is 3 (q, k, v) or 4 (with a bias).
+#[derive(Debug)]
+struct AttentionBackward<const N: usize>;
+
+/// What the backward needs: the inputs as primitives and the forward's output and log-sum-exp.
+#[derive(Debug, Clone)]
+struct State<B: ModelBackend> {
+    inputs: AttentionInputs<B>,
+    saved: AttentionSaved<B>,
+}
+
+impl<B: ModelBackend, const N: usize> Backward<B, N> for AttentionBackward<N> {
+    type State = State<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = grads.consume::<B>(&ops.node);
+        let parents = ops.parents;
+        let bias_grad = N == 4 && parents[N - 1].is_some();
+        let g = B::flash_attention_backward(ops.state.inputs, ops.state.saved, grad_out, bias_grad);
+        let mut values = [Some(g.q), Some(g.k), Some(g.v), g.bias].into_iter();
+        for parent in parents {
+            let value = values.next().flatten();
+            if let (Some(node), Some(value)) = (parent, value) {
+                grads.register::<B>(node.id, value);
+            }
+        }
+    }
+}
+
+impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn flash_attention(inputs: AttentionInputs<Self>) -> FloatTensor<Self> {
+        let AttentionInputs { q, k, v, bias, scale, sizes } = inputs;
+        let inner = AttentionInputs::<B> {
+            q: q.primitive.clone(),
+            k: k.primitive.clone(),
+            v: v.primitive.clone(),
+            bias: bias.as_ref().map(|b| b.primitive.clone()),
+            scale,
+            sizes,
+        };
+        macro_rules! op {
+            ($n:literal, $nodes:expr) => {
+                match AttentionBackward::<$n>.prepare::<C>($nodes).compute_bound().stateful() {
+                    OpsKind::Tracked(prep) => {
+                        let saved = B::flash_attention_forward(inner.clone());
+                        let out = saved.out.clone();
+                        prep.finish(State { inputs: inner, saved }, out)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(B::flash_attention(inner)),
+                }
+            };
+        }
+        match &bias {
+            None => op!(3, [q.node.clone(), k.node.clone(), v.node.clone()]),
+            Some(b) => op!(4, [q.node.clone(), k.node.clone(), v.node.clone(), b.node.clone()]),
+        }
+    }
+}

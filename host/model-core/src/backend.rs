@@ -1,0 +1,125 @@
+//! [`ModelBackend`]: a burn backend with the operations cogvx implements itself.
+//!
+//! Model code that needs one of them is generic over `B: ModelBackend` instead of burn's
+//! `Backend`. Each method has a default written with burn tensor operations, so a backend gets
+//! them by a one-line `impl`; a backend can override one with a fused kernel, and
+//! [`burn::backend::Autodiff`] overrides them with their own backward (see
+//! [`crate::attention`]).
+
+use crate::attention::flash::{self, BlockSizes};
+use burn::tensor::{backend::AutodiffBackend, backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
+
+/// The attention operands and options, as primitives: q `[B, H, Lq, D]`, k `[B, H, Lk, D]`,
+/// v `[B, H, Lk, Dv]`, an additive `bias` broadcastable to `[B, H, Lq, Lk]`, the score `scale`
+/// and the tiling.
+#[derive(Debug, Clone)]
+pub struct AttentionInputs<B: Backend> {
+    pub q: FloatTensor<B>,
+    pub k: FloatTensor<B>,
+    pub v: FloatTensor<B>,
+    pub bias: Option<FloatTensor<B>>,
+    pub scale: f64,
+    pub sizes: BlockSizes,
+}
+
+/// What the attention backward needs besides the inputs: the output and each row's log-sum-exp.
+#[derive(Debug, Clone)]
+pub struct AttentionSaved<B: Backend> {
+    pub out: FloatTensor<B>,
+    pub lse: FloatTensor<B>,
+}
+
+/// Gradients of the attention output with respect to q, k, v and the bias (when asked).
+#[derive(Debug)]
+pub struct AttentionGrads<B: Backend> {
+    pub q: FloatTensor<B>,
+    pub k: FloatTensor<B>,
+    pub v: FloatTensor<B>,
+    pub bias: Option<FloatTensor<B>>,
+}
+
+fn tensor<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend>(t: Tensor<B, 4>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// A burn backend with cogvx's own operations.
+pub trait ModelBackend: Backend {
+    /// Memory-efficient attention forward: the output and the per-row log-sum-exp
+    /// (FlashAttention-2, [`flash::forward`]).
+    fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
+        let (out, lse) = flash::forward(
+            tensor::<Self>(inputs.q),
+            tensor::<Self>(inputs.k),
+            tensor::<Self>(inputs.v),
+            inputs.bias.map(tensor),
+            inputs.scale,
+            inputs.sizes,
+        );
+        AttentionSaved { out: prim(out), lse: prim(lse) }
+    }
+
+    /// Memory-efficient attention backward from the saved output and log-sum-exp
+    /// ([`flash::backward`]); `bias_grad` asks for the bias's gradient too.
+    fn flash_attention_backward(
+        inputs: AttentionInputs<Self>,
+        saved: AttentionSaved<Self>,
+        grad_out: FloatTensor<Self>,
+        bias_grad: bool,
+    ) -> AttentionGrads<Self> {
+        let g = flash::backward(
+            tensor::<Self>(inputs.q),
+            tensor::<Self>(inputs.k),
+            tensor::<Self>(inputs.v),
+            inputs.bias.map(tensor),
+            inputs.scale,
+            tensor(saved.out),
+            tensor(saved.lse),
+            tensor(grad_out),
+            bias_grad,
+            inputs.sizes,
+        );
+        AttentionGrads { q: prim(g.q), k: prim(g.k), v: prim(g.v), bias: g.bias.map(prim) }
+    }
+
+    /// Attention as one operation: under autodiff it saves only q, k, v, the output and the
+    /// log-sum-exp, and its backward is [`ModelBackend::flash_attention_backward`].
+    fn flash_attention(inputs: AttentionInputs<Self>) -> FloatTensor<Self> {
+        Self::flash_attention_forward(inputs).out
+    }
+}
+
+/// An autodiff backend whose inner backend is a [`ModelBackend`] too: what training code
+/// needs (the model runs on `Self`, validation and the optimizer on `Self::InnerBackend`).
+pub trait ModelAutodiffBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {
+    /// Whether a backward from `tensor` reaches anything that requires a gradient (a leaf that
+    /// requires one, or a result computed from one). burn's `is_require_grad` answers for
+    /// leaves only.
+    fn is_tracked(tensor: &FloatTensor<Self>) -> bool;
+}
+
+impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> ModelAutodiffBackend
+    for burn::backend::Autodiff<B, C>
+{
+    fn is_tracked(tensor: &FloatTensor<Self>) -> bool {
+        !tensor.node.requirement.is_none()
+    }
+}
+
+impl<E, I, Q> ModelBackend for burn::backend::NdArray<E, I, Q>
+where
+    E: burn_ndarray::FloatNdArrayElement,
+    I: burn_ndarray::IntNdArrayElement,
+    Q: burn_ndarray::QuantElement,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
+{
+}
+
+#[cfg(feature = "cuda")]
+impl ModelBackend for crate::CudaBackend {}
+
+#[cfg(feature = "flex")]
+impl ModelBackend for burn::backend::Flex {}
