@@ -19,9 +19,8 @@
 pub mod attention;
 pub mod random;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
+use cogvx_model_core::{CpuAutodiffBackend, CpuDevice, ModelAutodiffBackend};
 use cogvx_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError, TimestepSpacing};
 use cogvx_train::{AdamW, AdamWConfig, AdapterSpec, NoiseDraw, TrainBatch, TrainError};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig, TransformerError};
@@ -81,11 +80,14 @@ pub struct Preset {
 }
 
 /// The script's presets: S (480 video tokens), M (2310 video tokens) and XL (one block of
-/// CogVideoX-2B's width, 30 heads x 64, at 49x480x720: 226 text + 13x30x45 video = 17,776 tokens).
+/// CogVideoX-2B's width, 30 heads x 64, at 49x480x720: 226 text + 13x30x45 video = 17,776 tokens),
+/// and XL30 (XL with CogVideoX-2B's 30 blocks; a GPU's size).
 pub const PRESETS: &[Preset] = &[
     Preset { name: "S", heads: 4, head_dim: 64, layers: 4, text_len: 32, lat: (5, 16, 24), rank: 16 },
     Preset { name: "M", heads: 8, head_dim: 64, layers: 8, text_len: 64, lat: (7, 30, 44), rank: 32 },
     Preset { name: "XL", heads: 30, head_dim: 64, layers: 1, text_len: 226, lat: (13, 60, 90), rank: 128 },
+    // cogvx only: XL at CogVideoX-2B's depth (30 blocks), for a GPU (scripts/gpu-check.sh).
+    Preset { name: "XL30", heads: 30, head_dim: 64, layers: 30, text_len: 226, lat: (13, 60, 90), rank: 128 },
 ];
 
 /// Looks a preset up by name.
@@ -276,31 +278,38 @@ pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchRep
         return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
     }
     preset.check()?;
-    run_with_threads(options.threads, || run(preset, options))?
+    run_with_threads(options.threads, || run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, &CpuDevice::default()))?
 }
 
-type AD = CpuAutodiffBackend;
+/// [`train_step_with`] on any autodiff backend and device (the GPU check runs it on CUDA);
+/// `options.threads` is only reported. The report's `impl` is `cogvx-burn-<backend name>`.
+pub fn train_step_on<B: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, device: &B::Device) -> Result<BenchReport, BenchError> {
+    if options.steps == 0 {
+        return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
+    }
+    preset.check()?;
+    run::<B>(preset, options, &format!("cogvx-burn-{}", B::name(device)), device)
+}
 
-fn run(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
+fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, device: &AD::Device) -> Result<BenchReport, BenchError> {
     let StepOptions { threads, steps, warmup, gradient_checkpointing } = options;
     let rayon_threads = rayon::current_num_threads();
-    let device = CpuDevice::default();
     let config = preset.transformer_config();
     let (f, h, w) = preset.lat;
 
     // Random weights through the real loading path: a diffusers folder in a temp dir.
     let tmp = tempfile::tempdir().map_err(|e| BenchError::Io { path: std::env::temp_dir(), message: e.to_string() })?;
     write_random_transformer(tmp.path(), &config, 0)?;
-    let model = CogVideoXTransformer3DModel::<AD>::from_dir(tmp.path(), &device)?;
+    let model = CogVideoXTransformer3DModel::<AD>::from_dir(tmp.path(), device)?;
     drop(tmp);
 
-    AD::seed(&device, 0);
+    AD::seed(device, 0);
     let mut model = cogvx_train::freeze(model);
     model.set_gradient_checkpointing(gradient_checkpointing);
-    cogvx_train::inject_lora(&mut model, &AdapterSpec::lora(preset.rank, preset.rank as f64), &device)?;
+    cogvx_train::inject_lora(&mut model, &AdapterSpec::lora(preset.rank, preset.rank as f64), device)?;
     let schedule = bench_schedule()?;
-    let latents = Tensor::<AD, 5>::random([1, LATENT_CHANNELS, f, h, w], Distribution::Normal(0.0, 1.0), &device);
-    let prompt_embeds = Tensor::<AD, 3>::random([1, preset.text_len, preset.inner_dim()], Distribution::Normal(0.0, 1.0), &device);
+    let latents = Tensor::<AD, 5>::random([1, LATENT_CHANNELS, f, h, w], Distribution::Normal(0.0, 1.0), device);
+    let prompt_embeds = Tensor::<AD, 3>::random([1, preset.text_len, preset.inner_dim()], Distribution::Normal(0.0, 1.0), device);
     let noise_shape = cogvx_train::noise_shape(&config, latents.dims());
     let batch = TrainBatch { latents, prompt_embeds, image_latents: None };
     let mut optimizer = AdamW::new(ADAMW);
@@ -313,7 +322,7 @@ fn run(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError>
         let start = Instant::now();
         let draw = NoiseDraw {
             timesteps: vec![rng.random_range(0..num_train_timesteps)],
-            noise: Tensor::random(noise_shape, Distribution::Normal(0.0, 1.0), &device),
+            noise: Tensor::random(noise_shape, Distribution::Normal(0.0, 1.0), device),
         };
         let out = cogvx_train::train_step(&mut model, &schedule, &batch, &draw, &mut optimizer, ADAMW.lr, Some(MAX_GRAD_NORM))?;
         if i >= warmup {
@@ -326,7 +335,7 @@ fn run(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError>
     }
     times.sort_by(f64::total_cmp);
     Ok(BenchReport {
-        implementation: IMPL_NAME.into(),
+        implementation: implementation.into(),
         burn: BURN_VERSION.into(),
         preset: preset.name.into(),
         threads,
@@ -377,7 +386,8 @@ mod tests {
         let xl = preset("XL").unwrap();
         assert_eq!((xl.inner_dim(), xl.tokens(), xl.rank, xl.layers), (1920, 17_776, 128, 1));
         let e = preset("L").unwrap_err().to_string();
-        assert!(e.contains("unknown preset `L`") && e.contains("S, M, XL"), "{e}");
+        assert!(e.contains("unknown preset `L`") && e.contains("S, M, XL, XL30"), "{e}");
+        assert_eq!(preset("XL30").unwrap().layers, 30);
     }
 
     #[test]

@@ -203,7 +203,8 @@ pub enum BenchCommand {
     TrainStep {
         /// `S` (4x64 heads, 4 layers, latent 5x16x24, rank 16), `M` (8x64, 8 layers, 7x30x44,
         /// rank 32) or `XL` (one CogVideoX-2B-width block, 30x64, 13x60x90 = 17,776 tokens, rank
-        /// 128; minutes a step on a CPU: use --warmup 0 --steps 1).
+        /// 128; minutes a step on a CPU: use --warmup 0 --steps 1), or `XL30` (XL with 30 blocks,
+        /// CogVideoX-2B's depth; for a GPU, `--device cuda`).
         #[arg(long, default_value = "S")]
         preset: String,
         /// CPU threads (the torch side's --threads).
@@ -289,7 +290,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             commands::bench::attention(&settings, options)
         }
         Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing } } => {
-            commands::bench::train_step(&preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing })
+            commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing })
         }
     }
 }

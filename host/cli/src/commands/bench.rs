@@ -54,8 +54,17 @@ pub fn preprocess(settings: &Settings, plugins_dir: &Path, seconds: u32, repeat:
 }
 
 /// `cogvx bench train-step`: one JSON line, as `torch_train_step.py` prints.
-pub fn train_step(preset: &str, options: cogvx_bench::StepOptions) -> Result<ExitCode> {
-    let report = cogvx_bench::train_step(preset, options).map_err(|e| anyhow!("{e}"))?;
+pub fn train_step(settings: &Settings, preset: &str, options: cogvx_bench::StepOptions) -> Result<ExitCode> {
+    let report = match settings.device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda(index) => {
+            let preset = cogvx_bench::preset(preset).map_err(|e| anyhow!("{e}"))?;
+            let device = cogvx_model_core::CudaDevice { index };
+            cogvx_bench::train_step_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(&preset, options, &device)
+        }
+        _ => cogvx_bench::train_step(preset, options),
+    }
+    .map_err(|e| anyhow!("{e}"))?;
     println!("{}", report.to_json_line());
     Ok(ExitCode::SUCCESS)
 }
