@@ -90,6 +90,17 @@ pub trait ModelBackend: Backend {
     fn flash_attention(inputs: AttentionInputs<Self>) -> FloatTensor<Self> {
         Self::flash_attention_forward(inputs).out
     }
+
+    /// tanh-approximated GELU ([`crate::activation::gelu_tanh`]); under autodiff one operation
+    /// that keeps only its input.
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::activation::elementwise::<Self>(x, crate::activation::gelu_tanh_formula::<Self, 1>)
+    }
+
+    /// The gradient of [`ModelBackend::gelu_tanh`] at `x` times `grad`.
+    fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::activation::elementwise2::<Self>(x, grad, crate::activation::gelu_tanh_backward_formula::<Self, 1>)
+    }
 }
 
 /// An autodiff backend whose inner backend is a [`ModelBackend`] too: what training code

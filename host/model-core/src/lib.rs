@@ -12,6 +12,7 @@
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`case`]: the parity case format of `shared/reference/cases`.
 
+pub mod activation;
 pub mod adapter;
 pub mod attention;
 pub mod backend;

@@ -25,7 +25,7 @@ pub struct Gelu<B: Backend> {
     pub approximate: bool,
 }
 
-impl<B: Backend> Gelu<B> {
+impl<B: ModelBackend> Gelu<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.proj.forward(x);
         if self.approximate {
@@ -36,15 +36,11 @@ impl<B: Backend> Gelu<B> {
     }
 }
 
-/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (torch's `gelu(approximate="tanh")`),
-/// evaluated as the identical `x * sigmoid(2 sqrt(2/pi) x (1 + 0.044715 x^2))`
-/// (`0.5 (1 + tanh z) = sigmoid(2 z)`): burn-ndarray's `tanh` goes through f64 and its sigmoid does
-/// not, which makes the forward plus backward about 1.9x faster on the CPU; `x^2` as a product
-/// (burn's `gelu_approximate` uses `powf`, several times slower).
-pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
-    let z2 = (x.clone() * x.clone() * (0.044715 * TWO_SQRT_2_OVER_PI) + TWO_SQRT_2_OVER_PI) * x.clone();
-    x * activation::sigmoid(z2)
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (torch's `gelu(approximate="tanh")`): one
+/// operation of [`ModelBackend`] that keeps only its input for the backward
+/// ([`cogvx_model_core::activation::gelu_tanh`]).
+pub fn gelu_tanh<B: ModelBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    cogvx_model_core::activation::gelu_tanh(x)
 }
 
 /// diffusers `FeedForward(dim, activation_fn, final_dropout=True)`: `net` is
@@ -74,7 +70,10 @@ impl<B: Backend> FeedForward<B> {
             ),
         })
     }
+}
 
+impl<B: ModelBackend> FeedForward<B> {
+    /// `net.2(gelu(net.0.proj(x)))` (dropouts in between).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.net.0.forward(x);
         let x = self.net.1.forward(x);
@@ -385,7 +384,7 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
         ofs: Option<Tensor<B, 1>>,
         image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> Result<(Tensor<B, 5>, BlockTape<B>), TransformerError> {
-        if !self.gradient_checkpointing {
+        if !self.gradient_checkpointing || self.transformer_blocks.is_empty() {
             let out = self.forward(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
             return Ok((out, BlockTape { segments: None }));
         }

@@ -68,4 +68,8 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             Some(b) => op!(4, [q.node.clone(), k.node.clone(), v.node.clone(), b.node.clone()]),
         }
     }
+
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::activation::autodiff_gelu_tanh::<B, C>(x)
+    }
 }
