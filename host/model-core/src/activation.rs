@@ -40,20 +40,33 @@ pub fn gelu_tanh_backward_formula<B: Backend, const D: usize>(x: Tensor<B, D>, g
     (inner + s) * grad
 }
 
-/// Applies an element-wise `f` to a primitive of any rank (as a flat rank-1 tensor).
-pub(crate) fn elementwise<B: Backend>(x: FloatTensor<B>, f: impl FnOnce(Tensor<B, 1>) -> Tensor<B, 1>) -> FloatTensor<B> {
-    let shape = x.shape();
-    let n = shape.num_elements();
-    let flat = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(x, [n].into())));
-    B::float_reshape(f(flat).into_primitive().tensor(), shape)
+/// Elements per chunk of [`elementwise`]: the formula's temporaries are this size (16 MiB in
+/// f32), not the whole tensor's (a `[17776, 7680]` GELU input is 546 MiB, and its backward has
+/// four temporaries).
+pub const CHUNK: usize = 1 << 22;
+
+/// Applies an element-wise `f` to a primitive of any rank, as flat rank-1 chunks of [`CHUNK`]
+/// elements joined again, so that `f`'s intermediates stay chunk-sized.
+pub(crate) fn elementwise<B: Backend>(x: FloatTensor<B>, f: impl Fn(Tensor<B, 1>) -> Tensor<B, 1>) -> FloatTensor<B> {
+    elementwise2::<B>(x.clone(), x, |x, _| f(x))
 }
 
 /// [`elementwise`] for a function of two same-shape primitives.
-pub(crate) fn elementwise2<B: Backend>(x: FloatTensor<B>, y: FloatTensor<B>, f: impl FnOnce(Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 1>) -> FloatTensor<B> {
+pub(crate) fn elementwise2<B: Backend>(x: FloatTensor<B>, y: FloatTensor<B>, f: impl Fn(Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 1>) -> FloatTensor<B> {
     let shape = x.shape();
     let n = shape.num_elements();
     let flat = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(t, [n].into())));
-    B::float_reshape(f(flat(x), flat(y)).into_primitive().tensor(), shape)
+    let (x, y) = (flat(x), flat(y));
+    let out = if n <= CHUNK {
+        f(x, y)
+    } else {
+        let parts = (0..n).step_by(CHUNK).map(|s| {
+            let len = CHUNK.min(n - s);
+            f(x.clone().narrow(0, s, len), y.clone().narrow(0, s, len))
+        });
+        Tensor::cat(parts.collect(), 0)
+    };
+    B::float_reshape(out.into_primitive().tensor(), shape)
 }
 
 #[derive(Debug)]
@@ -105,6 +118,14 @@ mod tests {
         for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
             assert!(a.is_finite() && (a - b).abs() <= 2e-6 * (1.0 + b.abs()), "x[{i}]: {a} vs {b}");
         }
+        // Larger than one chunk: the same values as the formula on the whole tensor.
+        let big = Tensor::<CpuBackend, 2>::random([3, CHUNK / 2 + 5], burn::tensor::Distribution::Normal(0.0, 3.0), &Default::default());
+        let whole = gelu_tanh_formula(big.clone()).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(gelu_tanh(big.clone()).into_data().to_vec::<f32>().unwrap(), whole);
+        let dy = Tensor::<CpuBackend, 2>::ones([3, CHUNK / 2 + 5], &Default::default());
+        let chunked = CpuBackend::gelu_tanh_backward(big.clone().into_primitive().tensor(), dy.clone().into_primitive().tensor());
+        let chunked = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(chunked)).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(chunked, gelu_tanh_backward_formula(big, dy).into_data().to_vec::<f32>().unwrap());
         // torch's values at a few points (gelu(approximate="tanh")).
         let at = |v: f32| gelu_tanh(Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![v], [1]), &Default::default())).into_scalar();
         for (v, want) in [(1.0f32, 0.841_192), (-1.0, -0.158_808), (3.0, 2.996_363)] {
