@@ -104,6 +104,7 @@ mod tests {
 
     #[test]
     fn a_small_shape_runs_both_ways() {
+        let _rng = crate::TEST_RNG.lock().unwrap_or_else(|e| e.into_inner());
         for naive in [false, true] {
             let blocks = Some(BlockSizes { q: 16, k: 16 });
             let r = attention_cpu(AttentionOptions { batch: 1, heads: 2, len: 40, head_dim: 8, naive, threads: 1, blocks }).unwrap();

@@ -349,14 +349,18 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
     })
 }
 
+/// The benchmarks seed and draw from burn's process-wide backend RNG: tests that run them take
+/// turns, or one test's draws change another's losses.
+#[cfg(test)]
+pub(crate) static TEST_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TINY: Preset = Preset { name: "tiny", heads: 2, head_dim: 16, layers: 1, text_len: 4, lat: (2, 4, 6), rank: 2 };
 
-    /// The steps seed burn's process-wide backend RNG: tests that run them take turns.
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    use crate::TEST_RNG as RNG;
 
     fn opts(threads: usize, steps: usize, warmup: usize) -> StepOptions {
         StepOptions { threads, steps, warmup, gradient_checkpointing: false }
