@@ -274,21 +274,23 @@ pub fn train_step(preset: &str, options: StepOptions) -> Result<BenchReport, Ben
 
 /// [`train_step`] for any [`Preset`] (e.g. a tiny one in tests).
 pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
-    if options.steps == 0 {
-        return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
-    }
-    preset.check()?;
+    check_step(preset, options)?;
     run_with_threads(options.threads, || run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, &CpuDevice::default()))?
 }
 
 /// [`train_step_with`] on any autodiff backend and device (the GPU check runs it on CUDA);
 /// `options.threads` is only reported. The report's `impl` is `cogvx-burn-<backend name>`.
 pub fn train_step_on<B: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, device: &B::Device) -> Result<BenchReport, BenchError> {
+    check_step(preset, options)?;
+    run::<B>(preset, options, &format!("cogvx-burn-{}", B::name(device)), device)
+}
+
+/// The checks both entry points make before any work.
+fn check_step(preset: &Preset, options: StepOptions) -> Result<(), BenchError> {
     if options.steps == 0 {
         return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
     }
-    preset.check()?;
-    run::<B>(preset, options, &format!("cogvx-burn-{}", B::name(device)), device)
+    preset.check()
 }
 
 fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, device: &AD::Device) -> Result<BenchReport, BenchError> {

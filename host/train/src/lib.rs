@@ -81,7 +81,7 @@ pub fn loss_and_grads_for<B: ModelAutodiffBackend>(
 /// Clips `grads` to `max_grad_norm` (global norm; `None`: no clipping), takes one AdamW step at
 /// learning rate `lr` and writes the new values into the model's adapter. Returns the total
 /// gradient norm before clipping.
-pub fn apply_update<B: ModelAutodiffBackend>(
+pub fn apply_update<B: AutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     grads: InnerTensors<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
@@ -92,7 +92,7 @@ pub fn apply_update<B: ModelAutodiffBackend>(
 }
 
 /// [`apply_update`] for the parameters `mode` trains.
-pub fn apply_update_for<B: ModelAutodiffBackend>(
+pub fn apply_update_for<B: AutodiffBackend>(
     mode: TrainMode,
     model: &mut CogVideoXTransformer3DModel<B>,
     mut grads: InnerTensors<B>,

@@ -410,13 +410,12 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
         let h_out = grad_checkpoint::leaf(&h);
         let out = self.head(h_out.clone(), emb.clone(), e.shape);
         let segments = Segments {
-            blocks: self.transformer_blocks.clone(),
+            model: self.clone(),
             inputs,
             rope,
             pre: (e.emb, e.hidden_states, e.encoder_hidden_states),
             emb_leaf: emb,
             h_out,
-            pre_module: self.clone(),
         };
         Ok((out, BlockTape { segments: Some(Box::new(segments)) }))
     }
@@ -428,7 +427,8 @@ pub struct BlockTape<B: ModelAutodiffBackend> {
 }
 
 struct Segments<B: ModelAutodiffBackend> {
-    blocks: Vec<CogVideoXBlock<B>>,
+    /// The model (a cheap copy: tensors are shared), for its blocks and embedding parameters.
+    model: CogVideoXTransformer3DModel<B>,
     /// Each block's `(hidden_states, encoder_hidden_states)` input.
     inputs: Vec<(Tensor<B::InnerBackend, 3>, Tensor<B::InnerBackend, 3>)>,
     rope: Option<RotaryEmb<B>>,
@@ -437,8 +437,6 @@ struct Segments<B: ModelAutodiffBackend> {
     emb_leaf: Tensor<B, 2>,
     /// The last block's video output as the head's leaf.
     h_out: Tensor<B, 3>,
-    /// The model, for the parameters of the embedding step.
-    pre_module: CogVideoXTransformer3DModel<B>,
 }
 
 impl<B: ModelAutodiffBackend> BlockTape<B> {
@@ -448,12 +446,12 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
         let mut grads = loss.backward();
         let Some(s) = self.segments else { return grads };
         let zeros_like = |t: &Tensor<B::InnerBackend, 3>| Tensor::zeros(t.dims(), &t.device());
-        let (last_h, last_t) = s.inputs.last().map(|(h, t)| (zeros_like(h), zeros_like(t))).expect("a model has blocks");
-        let mut d_h = s.h_out.grad_remove(&mut grads).unwrap_or(last_h);
+        let (last_h, last_t) = s.inputs.last().expect("forward_taped records a tape only for a model with blocks");
+        let mut d_h = s.h_out.grad_remove(&mut grads).unwrap_or_else(|| zeros_like(last_h));
         // The text stream's output of the last block is not used by the head.
-        let mut d_t = last_t;
+        let mut d_t = zeros_like(last_t);
         let mut d_emb = s.emb_leaf.grad_remove(&mut grads).unwrap_or_else(|| Tensor::<B, 2>::zeros(s.emb_leaf.dims(), &s.emb_leaf.device()).inner());
-        for (block, (h, t)) in s.blocks.iter().zip(s.inputs).rev() {
+        for (block, (h, t)) in s.model.transformer_blocks.iter().zip(s.inputs).rev() {
             let copy = grad_checkpoint::Recompute::new(block);
             let h = Tensor::<B, 3>::from_inner(h).require_grad();
             let t = Tensor::<B, 3>::from_inner(t).require_grad();
@@ -472,7 +470,7 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
         let (emb, h0, t0) = s.pre;
         let terms = [grad_checkpoint::dot(h0, d_h), grad_checkpoint::dot(t0, d_t), grad_checkpoint::dot(emb, d_emb)];
         if let Some(g) = grad_checkpoint::backward_sum(terms) {
-            grad_checkpoint::merge_param_grads(&s.pre_module, &g, &mut grads);
+            grad_checkpoint::merge_param_grads(&s.model, &g, &mut grads);
         }
         grads
     }
