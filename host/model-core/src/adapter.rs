@@ -17,6 +17,12 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use cogvx_plugin_api::{AdapterOutput, AdapterRecipe, AdapterRequest, Dim, Init, Op};
 
+/// PEFT's rule for a list of `target_modules`: the module name equals a target or ends with
+/// `.<target>`.
+pub fn matches_target(name: &str, targets: &[String]) -> bool {
+    targets.iter().any(|t| name == t || name.ends_with(&format!(".{t}")))
+}
+
 /// Why an adapter could not be built or updated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("adapter for `{layer}`: {message}")]

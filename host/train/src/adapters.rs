@@ -15,11 +15,7 @@ use std::collections::BTreeMap;
 /// diffusers' default LoRA targets for CogVideoX (the official finetune's `target_modules`).
 pub const DEFAULT_TARGETS: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
 
-/// PEFT's rule for a list of `target_modules`: the module name equals a target or ends with
-/// `.<target>`.
-pub fn matches_target(name: &str, targets: &[String]) -> bool {
-    targets.iter().any(|t| name == t || name.ends_with(&format!(".{t}")))
-}
+pub use cogvx_model_core::adapter::matches_target;
 
 /// Every `nn.Linear` of the transformer with its diffusers module path, in module order.
 ///

@@ -1,0 +1,216 @@
+//! Activation memory, counted op by op from the shapes.
+//!
+//! The training counts follow what burn's autodiff keeps for the backward of each op of
+//! `CogVideoXBlock::forward`, in units of `[tokens, inner_dim]` ("LD") and `[tokens, 4 x
+//! inner_dim]` ("LF") float32 tensors. burn keeps an operand only when the other one's gradient
+//! needs it: a frozen weight's matmul keeps no activation (its input is needed for the weight's
+//! gradient alone), a product with a constant (the AdaLN scale and gates come from the frozen
+//! timestep embedding in LoRA training, the RoPE tables) keeps only the constant. So what a block
+//! keeps depends on what is trained: LoRA keeps the inputs of the layers it targets, SFT the
+//! inputs of every layer and of every affine norm and gate.
+//! cogvx's fused GELU keeps its input, FlashAttention q, k, v, the output and the log-sum-exp.
+
+use cogvx_model_core::adapter::matches_target;
+use cogvx_model_core::attention::flash::{MAX_BLOCK_K, TILE_ELEMENTS};
+use cogvx_text::T5Config;
+use cogvx_transformer::TransformerConfig;
+use cogvx_vae::VaeConfig;
+
+use crate::{Shape, Tokens, Trainable, F32};
+
+/// When a block keeps a tensor for its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// Always (the gradient flows through it to a trained layer before it).
+    Always,
+    /// When one of these block layers is trained (LoRA target, or every layer in SFT).
+    Trained(&'static [&'static str]),
+    /// In SFT only (the inputs of trained norms, modulations and gates).
+    Sft,
+}
+
+/// What one `CogVideoXBlock` keeps for its backward: `(what, LD tensors, LF tensors, when)`.
+pub const BLOCK_SAVED: [(&str, u64, u64, Kept); 11] = [
+    ("norm1, norm2: the LayerNorm's centred input", 2, 0, Kept::Always),
+    ("norm_q, norm_k: the LayerNorm's centred input", 2, 0, Kept::Always),
+    ("attention: q, k, v and the output (FlashAttention keeps no scores)", 4, 0, Kept::Always),
+    ("ff.net.0.proj output (the fused GELU's input)", 0, 1, Kept::Always),
+    ("attn1 input, text and video joined (to_q, to_k, to_v)", 1, 0, Kept::Trained(&["attn1.to_q", "attn1.to_k", "attn1.to_v"])),
+    ("attention output as [L, D] (to_out.0)", 1, 0, Kept::Trained(&["attn1.to_out.0"])),
+    ("ff input, joined (ff.net.0.proj)", 1, 0, Kept::Trained(&["ff.net.0.proj"])),
+    ("GELU output (ff.net.2)", 0, 1, Kept::Trained(&["ff.net.2"])),
+    ("norm1, norm2, norm_q, norm_k: normalised input of the affine weight", 4, 0, Kept::Sft),
+    ("norm1, norm2: affine output, for the AdaLN scale's gradient", 2, 0, Kept::Sft),
+    ("attention and ff outputs, for the gates' gradients", 2, 0, Kept::Sft),
+];
+
+/// What the layers after the last block keep: the centred inputs of `norm_final` and
+/// `norm_out` (LoRA; SFT also their affine and modulation inputs and `proj_out`'s input), in LD.
+pub fn output_saved_ld(trainable: &Trainable) -> u64 {
+    match trainable {
+        Trainable::Lora { .. } => 2,
+        Trainable::Full => 6,
+    }
+}
+
+/// Every `nn.Linear` of the transformer with its diffusers module path and `(in, out)` features,
+/// in module order (as `cogvx_train::linear_layers_mut` lists them).
+pub fn linear_layers(c: &TransformerConfig) -> Vec<(String, usize, usize)> {
+    let d = c.inner_dim();
+    let e = c.time_embed_dim;
+    let p = c.patch_size;
+    let mut out = Vec::new();
+    if let Some(pt) = c.patch_size_t {
+        out.push(("patch_embed.proj".to_string(), c.in_channels * p * p * pt, d));
+    }
+    out.push(("patch_embed.text_proj".into(), c.text_embed_dim, d));
+    out.push(("time_embedding.linear_1".into(), d, e));
+    out.push(("time_embedding.linear_2".into(), e, e));
+    if let Some(o) = c.ofs_embed_dim {
+        out.push(("ofs_embedding.linear_1".into(), o, o));
+        out.push(("ofs_embedding.linear_2".into(), o, o));
+    }
+    for i in 0..c.num_layers {
+        let b = format!("transformer_blocks.{i}");
+        out.push((format!("{b}.norm1.linear"), e, 6 * d));
+        for m in ["to_q", "to_k", "to_v", "to_out.0"] {
+            out.push((format!("{b}.attn1.{m}"), d, d));
+        }
+        out.push((format!("{b}.norm2.linear"), e, 6 * d));
+        out.push((format!("{b}.ff.net.0.proj"), d, 4 * d));
+        out.push((format!("{b}.ff.net.2"), 4 * d, d));
+    }
+    out.push(("norm_out.linear".into(), e, 2 * d));
+    out.push(("proj_out".into(), d, p * p * c.patch_size_t.unwrap_or(1) * c.out_channels()));
+    out
+}
+
+/// LoRA parameters: `rank x (in + out)` for every linear layer matching `targets`.
+pub fn lora_parameters(c: &TransformerConfig, rank: usize, targets: &[String]) -> u64 {
+    linear_layers(c)
+        .iter()
+        .filter(|(name, _, _)| matches_target(name, targets))
+        .map(|(_, i, o)| (rank * (i + o)) as u64)
+        .sum()
+}
+
+/// LoRA layers of block 0 that match `targets` (their `x A` products are kept per token).
+fn lora_layers_per_block(c: &TransformerConfig, targets: &[String]) -> u64 {
+    linear_layers(c)
+        .iter()
+        .filter(|(name, _, _)| name.starts_with("transformer_blocks.0.") && matches_target(name, targets))
+        .count() as u64
+}
+
+/// Elements of one FlashAttention score tile for `batch_heads` rows of `len` queries and keys
+/// (the default tiling of `cogvx_model_core::attention`).
+pub fn attention_tile_elements(batch_heads: usize, len: usize) -> u64 {
+    let k = len.clamp(1, MAX_BLOCK_K);
+    let rows = (TILE_ELEMENTS / (batch_heads.max(1) * k)).clamp(1, len.max(1));
+    (batch_heads * rows * k) as u64
+}
+
+/// Training-step activation memory, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainingActivations {
+    /// Kept for the backward at its peak.
+    pub saved: u64,
+    /// Gradients alive while the largest op (the feed-forward) is differentiated.
+    pub workspace: u64,
+    /// FlashAttention tiles of the backward (scores, probabilities and their gradients).
+    pub attention: u64,
+    /// Latents, noise, prediction, target and prompt embeddings.
+    pub inputs: u64,
+}
+
+/// One block's kept activations, in elements, for `rows = batch x tokens`.
+pub fn block_saved_elements(c: &TransformerConfig, rows: u64, trainable: &Trainable) -> u64 {
+    let d = c.inner_dim() as u64;
+    let f = 4 * d;
+    let trained = |layer: &str| match trainable {
+        Trainable::Full => true,
+        Trainable::Lora { targets, .. } => matches_target(&format!("transformer_blocks.0.{layer}"), targets),
+    };
+    let per_row: u64 = BLOCK_SAVED
+        .iter()
+        .filter(|(_, _, _, kept)| match kept {
+            Kept::Always => true,
+            Kept::Trained(layers) => layers.iter().any(|l| trained(l)),
+            Kept::Sft => *trainable == Trainable::Full,
+        })
+        .map(|(_, ld, lf, _)| ld * d + lf * f)
+        .sum();
+    let lse = c.num_attention_heads as u64 * rows;
+    // LoRA: each targeted layer keeps `x A` ([rows, rank]) for B's gradient.
+    let lora = match trainable {
+        Trainable::Lora { rank, targets } => lora_layers_per_block(c, targets) * *rank as u64 * rows,
+        Trainable::Full => 0,
+    };
+    rows * per_row + lse + lora
+}
+
+/// The activations of one training step at `tokens` x `batch`.
+pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: bool) -> TrainingActivations {
+    let rows = (batch * tokens.total) as u64;
+    let d = c.inner_dim() as u64;
+    let f = 4 * d;
+    let block = block_saved_elements(c, rows, trainable);
+    let around = rows * d * output_saved_ld(trainable);
+    let blocks = c.num_layers as u64;
+    let saved = if checkpointing {
+        // forward_taped keeps each block's input (video and text rows), then recomputes one
+        // block at a time in the backward.
+        blocks * rows * d + around + block
+    } else {
+        blocks * block + around
+    };
+    // Feed-forward backward: the gradients of the GELU output and input (LF each) and of the
+    // block's input, output and residual stream (LD each); the attention backward needs less
+    // (dq, dk, dv, dout and the residual: 6 LD).
+    let workspace = rows * (2 * f + 3 * d).max(6 * d);
+    let tile = attention_tile_elements(batch * c.num_attention_heads, tokens.total);
+    let latent = (batch * tokens.video * c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels()) as u64;
+    let inputs = 5 * latent + (batch * tokens.text * c.text_embed_dim) as u64;
+    TrainingActivations { saved: saved * F32, workspace: workspace * F32, attention: 4 * tile * F32, inputs: inputs * F32 }
+}
+
+/// Peak activation bytes of one transformer forward without autodiff (sampling) at `tokens` x
+/// `batch`: the feed-forward's input, hidden and output, or the attention's q, k, v, output and
+/// tiles, whichever is larger.
+pub fn inference_bytes(c: &TransformerConfig, tokens: Tokens, batch: usize) -> u64 {
+    let rows = (batch * tokens.total) as u64;
+    let d = c.inner_dim() as u64;
+    let ff = rows * (3 * d + 2 * 4 * d);
+    let attention = rows * 10 * d + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total);
+    ff.max(attention) * F32
+}
+
+/// Tensors of the largest VAE level alive at once (block input, GroupNorm temporaries, activation,
+/// causal-padded conv input, conv output).
+pub const VAE_ALIVE: u64 = 6;
+
+/// Peak activation bytes of the VAE encode in `prepare`: tiles of diffusers' default size (half
+/// the VAE's sample size), frame batches of 8 (the first one 9), the first level's channels at
+/// the tile's full resolution.
+pub fn vae_encode_bytes(c: &VaeConfig, shape: Shape) -> u64 {
+    let h = shape.height.min(c.sample_height / 2).max(1);
+    let w = shape.width.min(c.sample_width / 2).max(1);
+    let frames = shape.frames.min(9);
+    let ch = c.block_out_channels.first().copied().unwrap_or(128);
+    VAE_ALIVE * (ch * frames * h * w) as u64 * F32
+}
+
+/// Peak activation bytes of the whole-frame VAE decode of validation: latent frames in batches
+/// of 2 (8 video frames), the last level's channels at full resolution.
+pub fn vae_decode_bytes(c: &VaeConfig, shape: Shape) -> u64 {
+    let frames = shape.frames.min(2 * c.temporal_compression_ratio as usize);
+    let ch = c.block_out_channels.first().copied().unwrap_or(128);
+    VAE_ALIVE * (ch * frames * shape.height * shape.width) as u64 * F32
+}
+
+/// Peak activation bytes of the T5 encoder at `len` tokens: the gated feed-forward's hidden
+/// states and one layer's attention scores.
+pub fn t5_bytes(c: &T5Config, len: usize) -> u64 {
+    let l = len as u64;
+    (l * (3 * c.d_model as u64 + 3 * c.d_ff as u64) + 2 * (c.num_heads as u64) * l * l) * F32
+}

@@ -1,0 +1,412 @@
+//! `cogvx plan`: the peak memory of `prepare`, training and validation for a config, before
+//! anything runs, per component.
+//!
+//! Everything is computed from the model configs and the shapes, the way cogvx runs them today:
+//! - **weights** from the parameter counts of the configs ([`params`]), in the dtype cogvx keeps
+//!   them in (float32: checkpoints are upcast when loaded);
+//! - **trainable parameters, gradients and AdamW states** (LoRA: `rank x (in + out)` per targeted
+//!   linear layer; SFT: every transformer weight), float32;
+//! - **activations** the backward needs, counted op by op for one `CogVideoXBlock` as burn's
+//!   autodiff keeps them ([`activations`]), for every block or, with gradient checkpointing, the
+//!   blocks' inputs plus one recomputed block;
+//! - the backward's **workspace** (the gradients alive while the largest op is differentiated)
+//!   and the **attention workspace** (FlashAttention tiles);
+//! - the **VAE** (tiled encode in `prepare`, whole-frame decode in validation) and the **T5**
+//!   encoder, loaded in `prepare` and validation only.
+//!
+//! The training phase is checked against the measured peak RSS of `cogvx bench train-step`
+//! (docs/benchmarks.md, "Memory plan"); the VAE and T5 terms are estimates of the same kind,
+//! not yet checked against a measurement at the real sizes.
+
+pub mod activations;
+pub mod models;
+pub mod params;
+
+use cogvx_transformer::TransformerConfig;
+use serde::Serialize;
+
+pub use models::{released_names, ModelConfigs};
+
+/// Bytes per element of what cogvx keeps in float32 (weights, activations, optimizer states).
+pub const F32: u64 = 4;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A model config could not be read or named.
+    #[error("{0}")]
+    Model(String),
+    /// The shapes or training settings do not fit the model, naming the key.
+    #[error("{0}")]
+    Input(String),
+}
+
+/// A video shape in pixels: `frames x height x width`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.frames, self.height, self.width)
+    }
+}
+
+/// What the optimizer trains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trainable {
+    /// LoRA (or an adapter plugin, planned as a LoRA of its rank) on the linear layers whose
+    /// diffusers name matches `targets` (PEFT's rule).
+    Lora { rank: usize, targets: Vec<String> },
+    /// Every transformer weight (SFT).
+    Full,
+}
+
+/// Where the work runs: the device's runtime reserves memory of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// Validation sampling, when enabled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ValidationInput {
+    pub shape: Shape,
+    /// Classifier-free guidance (`guidance_scale > 1`): the transformer runs on a batch of 2.
+    pub guidance: bool,
+}
+
+/// Everything a plan is computed from.
+#[derive(Clone, Debug)]
+pub struct PlanInput {
+    pub models: ModelConfigs,
+    /// `[data] resolution`.
+    pub shape: Shape,
+    /// `[train] batch_size` (micro-batch).
+    pub batch_size: usize,
+    pub trainable: Trainable,
+    /// `[train] gradient_checkpointing`.
+    pub gradient_checkpointing: bool,
+    /// `None` when `[validation] steps = 0`.
+    pub validation: Option<ValidationInput>,
+    pub device: DeviceKind,
+}
+
+/// One line of a phase: a component and its bytes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Item {
+    pub name: String,
+    pub bytes: u64,
+    pub gib: f64,
+}
+
+/// A phase (`prepare`, `train`, `validation`): what is resident at its peak.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Phase {
+    pub name: String,
+    /// What runs in the phase, for the reader.
+    pub what: String,
+    pub items: Vec<Item>,
+    pub peak_bytes: u64,
+    pub peak_gib: f64,
+    /// Whether `peak_bytes` fits the budget (`None` without one).
+    pub fits: Option<bool>,
+}
+
+/// Token counts of the transformer at the training shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Tokens {
+    pub text: usize,
+    pub video: usize,
+    /// `text + video`.
+    pub total: usize,
+}
+
+/// The plan: the phases, the overall peak and the verdict for a budget.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub model: String,
+    pub device: DeviceKind,
+    pub shape: Shape,
+    pub batch_size: usize,
+    pub training: String,
+    pub gradient_checkpointing: bool,
+    pub tokens: Tokens,
+    pub transformer_parameters: u64,
+    pub trainable_parameters: u64,
+    pub phases: Vec<Phase>,
+    /// The largest phase peak.
+    pub peak_bytes: u64,
+    pub peak_gib: f64,
+    /// The phase with the largest peak.
+    pub peak_phase: String,
+    /// The budget the verdict is for, in GiB.
+    pub budget_gib: Option<f64>,
+    pub fits: Option<bool>,
+}
+
+fn gib(bytes: u64) -> f64 {
+    (bytes as f64 / GIB * 1000.0).round() / 1000.0
+}
+
+fn item(name: impl Into<String>, bytes: u64) -> Item {
+    Item { name: name.into(), bytes, gib: gib(bytes) }
+}
+
+fn phase(name: &str, what: impl Into<String>, items: Vec<Item>) -> Phase {
+    let peak_bytes = items.iter().map(|i| i.bytes).sum();
+    Phase { name: name.into(), what: what.into(), items, peak_bytes, peak_gib: gib(peak_bytes), fits: None }
+}
+
+#[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace allows 1.85.
+/// Token counts for `shape` (pixels): text `max_text_seq_length`, video
+/// `ceil(latent_frames / patch_size_t) x (H / 8 / p) x (W / 8 / p)`.
+pub fn tokens(models: &ModelConfigs, shape: Shape) -> Result<Tokens, PlanError> {
+    let t = &models.transformer;
+    let tc = t.temporal_compression_ratio.max(1);
+    let scale = models.vae.spatial_scale();
+    let p = t.patch_size.max(1);
+    if shape.frames == 0 || (shape.frames - 1) % tc != 0 {
+        return Err(PlanError::Input(format!(
+            "resolution {shape}: frames must be {tc}k + 1 for a temporal compression of {tc}"
+        )));
+    }
+    if shape.height % (scale * p) != 0 || shape.width % (scale * p) != 0 || shape.height == 0 || shape.width == 0 {
+        return Err(PlanError::Input(format!(
+            "resolution {shape}: height and width must be positive multiples of {} (VAE scale {scale} x patch size {p})",
+            scale * p
+        )));
+    }
+    let latent_frames = (shape.frames - 1) / tc + 1;
+    let pt = t.patch_size_t.unwrap_or(1).max(1);
+    let video = latent_frames.div_ceil(pt) * (shape.height / scale / p) * (shape.width / scale / p);
+    let text = t.max_text_seq_length;
+    Ok(Tokens { text, video, total: text + video })
+}
+
+/// Runtime memory of the process or device context that no tensor accounts for: the binary, its
+/// libraries and allocator on the CPU; the CUDA context and kernels on a GPU.
+pub fn runtime_bytes(device: DeviceKind) -> u64 {
+    match device {
+        DeviceKind::Cpu => 64 << 20,
+        DeviceKind::Cuda => 512 << 20,
+    }
+}
+
+/// Computes the plan of `input`.
+pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
+    let m = &input.models;
+    let t = &m.transformer;
+    t.validate().map_err(|e| PlanError::Model(format!("{}: transformer config: {e}", m.source)))?;
+    if input.batch_size == 0 {
+        return Err(PlanError::Input("`[train] batch_size` must be at least 1".into()));
+    }
+    let tokens = tokens(m, input.shape)?;
+    let weights = params::transformer_parameters(t);
+    let vae_params = params::vae_parameters(&m.vae);
+    let t5_params = params::t5_encoder_parameters(&m.text_encoder);
+    let (trainable, training) = trainable_parameters(t, &input.trainable)?;
+    let runtime = item("runtime (process, libraries, device context)", runtime_bytes(input.device));
+    let weights_item = |name: &str, n: u64| item(format!("{name} weights ({} parameters, f32)", human(n)), n * F32);
+    let mut phases = Vec::new();
+
+    // prepare: the VAE and T5 are loaded together; each clip is decoded, encoded (tiled and
+    // sliced, diffusers' defaults) and each prompt encoded.
+    let video = 3 * (input.shape.frames * input.shape.height * input.shape.width) as u64 * F32;
+    let encode = activations::vae_encode_bytes(&m.vae, input.shape);
+    let t5_act = activations::t5_bytes(&m.text_encoder, t.max_text_seq_length);
+    phases.push(phase(
+        "prepare",
+        "VAE encode (tiled) and T5 encode of each sample, once, into the cache",
+        vec![
+            weights_item("T5 encoder", t5_params),
+            weights_item("VAE", vae_params),
+            item(format!("video frames ({}, f32)", input.shape), video),
+            item("VAE encode activations (largest tile and frame batch)", encode.max(t5_act)),
+            runtime.clone(),
+        ],
+    ));
+
+    // train.
+    let mut train = train_phase(t, tokens, input.batch_size, &input.trainable, input.gradient_checkpointing, input.device)?;
+    if m.is_i2v() {
+        train.items.insert(1, weights_item("VAE (I2V image latents)", vae_params));
+        train = phase(&train.name, train.what, train.items);
+    }
+    phases.push(train);
+
+    // validation: the pipeline loads T5 and the VAE next to the model being trained.
+    if let Some(v) = input.validation {
+        let vt = self::tokens(m, v.shape)?;
+        let batch = if v.guidance { 2 } else { 1 };
+        let sample = activations::inference_bytes(t, vt, batch);
+        let decode = activations::vae_decode_bytes(&m.vae, v.shape);
+        let frames = 3 * (v.shape.frames * v.shape.height * v.shape.width) as u64 * F32;
+        phases.push(phase(
+            "validation",
+            format!("sampling {} ({} tokens, batch {batch}) and the VAE decode", v.shape, vt.total),
+            vec![
+                weights_item("transformer", weights),
+                weights_item("T5 encoder", t5_params),
+                weights_item("VAE", vae_params),
+                match input.trainable {
+                    // SFT: the weights are the trainables (counted above); AdamW's two states stay.
+                    Trainable::Full => item("AdamW states kept (f32)", 2 * trainable * F32),
+                    Trainable::Lora { .. } => item("adapter weights and AdamW states kept (f32)", 3 * trainable * F32),
+                },
+                item("largest activation (transformer step or whole-frame VAE decode)", sample.max(decode)),
+                item("decoded frames (f32)", frames),
+                runtime,
+            ],
+        ));
+    }
+
+    let top = phases.iter().max_by_key(|p| p.peak_bytes).expect("at least two phases");
+    Ok(Plan {
+        model: m.source.clone(),
+        device: input.device,
+        shape: input.shape,
+        batch_size: input.batch_size,
+        training,
+        gradient_checkpointing: input.gradient_checkpointing,
+        tokens,
+        transformer_parameters: weights,
+        trainable_parameters: trainable,
+        peak_bytes: top.peak_bytes,
+        peak_gib: top.peak_gib,
+        peak_phase: top.name.clone(),
+        phases,
+        budget_gib: None,
+        fits: None,
+    })
+}
+
+/// Trainable parameter count and a description of what is trained.
+pub fn trainable_parameters(t: &TransformerConfig, trainable: &Trainable) -> Result<(u64, String), PlanError> {
+    match trainable {
+        Trainable::Lora { rank, targets } => {
+            if *rank == 0 {
+                return Err(PlanError::Input("`[train] rank` must be at least 1".into()));
+            }
+            let n = activations::lora_parameters(t, *rank, targets);
+            if n == 0 {
+                return Err(PlanError::Input(format!(
+                    "`[train] target_modules` = {targets:?} matches no linear layer of the transformer"
+                )));
+            }
+            Ok((n, format!("LoRA rank {rank} on {}", targets.join(", "))))
+        }
+        Trainable::Full => Ok((params::transformer_parameters(t) - params::learned_positional_parameters(t), "full fine-tuning (SFT)".to_string())),
+    }
+}
+
+/// The training phase alone: transformer weights, trainable parameters, gradients, AdamW
+/// states, activations and workspaces of one step at `tokens` x `batch` (what `cogvx bench
+/// train-step` runs, and what it compares its measured peak with).
+pub fn train_phase(t: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: bool, device: DeviceKind) -> Result<Phase, PlanError> {
+    let (n, _) = trainable_parameters(t, trainable)?;
+    let weights = params::transformer_parameters(t);
+    let act = activations::training(t, tokens, batch, trainable, checkpointing);
+    let mut items = vec![item(format!("transformer weights ({} parameters, f32)", human(weights)), weights * F32)];
+    if let Trainable::Lora { .. } = trainable {
+        items.push(item(format!("trainable parameters ({}, f32)", human(n)), n * F32));
+    }
+    items.push(item("gradients (f32)", n * F32));
+    items.push(item("AdamW states (2 per parameter, f32)", 2 * n * F32));
+    items.push(item(
+        if checkpointing {
+            "activations: block inputs, output layers, one recomputed block"
+        } else {
+            "activations kept for the backward (every block)"
+        },
+        act.saved,
+    ));
+    items.push(item("backward workspace (gradients of the largest op)", act.workspace));
+    items.push(item("attention workspace (FlashAttention tiles)", act.attention));
+    items.push(item("inputs (latents, noise, prompt embeddings)", act.inputs));
+    items.push(item("runtime (process, libraries, device context)", runtime_bytes(device)));
+    let what = format!(
+        "{} tokens ({} text + {} video) x batch {batch}, {}",
+        tokens.total,
+        tokens.text,
+        tokens.video,
+        if checkpointing { "gradient checkpointing" } else { "no checkpointing" }
+    );
+    Ok(phase("train", what, items))
+}
+
+impl Plan {
+    /// Sets the verdict of every phase and of the whole plan for a budget of `gib` GiB.
+    pub fn with_budget(mut self, gib: f64) -> Self {
+        let budget = gib * GIB;
+        for p in &mut self.phases {
+            p.fits = Some(p.peak_bytes as f64 <= budget);
+        }
+        self.budget_gib = Some(gib);
+        self.fits = Some(self.peak_bytes as f64 <= budget);
+        self
+    }
+
+    /// The plan as a table for people.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "model {} on {}, {} x batch {}, {}", self.model, self.device, self.shape, self.batch_size, self.training);
+        let _ = writeln!(
+            s,
+            "transformer {} parameters, {} trainable",
+            human(self.transformer_parameters),
+            human(self.trainable_parameters)
+        );
+        for p in &self.phases {
+            let verdict = match p.fits {
+                Some(true) => "  fits",
+                Some(false) => "  DOES NOT FIT",
+                None => "",
+            };
+            let _ = writeln!(s, "\n{}: {}", p.name, p.what);
+            for i in &p.items {
+                let _ = writeln!(s, "  {:<70} {:>8.2} GiB", i.name, i.gib);
+            }
+            let _ = writeln!(s, "  {:<70} {:>8.2} GiB{verdict}", format!("peak of {}", p.name), p.peak_gib);
+        }
+        let _ = write!(s, "\npeak {:.2} GiB ({})", self.peak_gib, self.peak_phase);
+        match (self.budget_gib, self.fits) {
+            (Some(b), Some(true)) => {
+                let _ = write!(s, ": fits in {b} GiB");
+            }
+            (Some(b), Some(false)) => {
+                let over: Vec<_> = self.phases.iter().filter(|p| p.fits == Some(false)).map(|p| p.name.as_str()).collect();
+                let _ = write!(s, ": does not fit in {b} GiB ({} over)", over.join(", "));
+            }
+            _ => {}
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// `1.69e9`-style counts for labels.
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}

@@ -1,0 +1,114 @@
+//! The plan of the released models: token counts, what each setting changes, verdicts and the
+//! errors a config can hit.
+
+use cogvx_plan::{plan, DeviceKind, ModelConfigs, PlanInput, Shape, Trainable, ValidationInput};
+
+fn lora() -> Trainable {
+    Trainable::Lora { rank: 128, targets: ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec() }
+}
+
+fn input(model: &str, shape: Shape) -> PlanInput {
+    PlanInput {
+        models: ModelConfigs::released(model).unwrap(),
+        shape,
+        batch_size: 1,
+        trainable: lora(),
+        gradient_checkpointing: true,
+        validation: None,
+        device: DeviceKind::Cuda,
+    }
+}
+
+const S480: Shape = Shape { frames: 49, height: 480, width: 720 };
+const S768: Shape = Shape { frames: 81, height: 768, width: 1360 };
+
+fn phase<'a>(p: &'a cogvx_plan::Plan, name: &str) -> &'a cogvx_plan::Phase {
+    p.phases.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no phase {name}"))
+}
+
+fn item(p: &cogvx_plan::Phase, starts: &str) -> u64 {
+    p.items.iter().find(|i| i.name.starts_with(starts)).unwrap_or_else(|| panic!("no item {starts}: {:?}", p.items)).bytes
+}
+
+#[test]
+fn token_counts_are_the_real_sequence_lengths() {
+    let p = plan(&input("cogvideox-2b", S480)).unwrap();
+    assert_eq!((p.tokens.text, p.tokens.video, p.tokens.total), (226, 13 * 30 * 45, 17_776));
+    // CogVideoX 1.5: 21 latent frames in pairs (patch_size_t = 2) -> 11 x 48 x 85.
+    let p = plan(&input("THUDM/CogVideoX1.5-5B", S768)).unwrap();
+    assert_eq!(p.tokens.total, 45_106);
+}
+
+#[test]
+fn weights_are_the_parameter_count_in_f32_and_lora_sizes_follow_the_rank() {
+    let p = plan(&input("cogvideox-2b", S480)).unwrap();
+    let train = phase(&p, "train");
+    assert_eq!(item(train, "transformer weights"), p.transformer_parameters * 4);
+    // rank 128 x (1920 + 1920) x 4 layers x 30 blocks.
+    assert_eq!(p.trainable_parameters, 128 * 3840 * 4 * 30);
+    assert_eq!(item(train, "AdamW states"), 2 * 4 * p.trainable_parameters);
+    let mut half = input("cogvideox-2b", S480);
+    half.trainable = Trainable::Lora { rank: 64, targets: vec!["to_q".into(), "to_k".into(), "to_v".into(), "to_out.0".into()] };
+    assert_eq!(plan(&half).unwrap().trainable_parameters * 2, p.trainable_parameters);
+    // SFT trains every weight but the 5B-I2V's learned positional table (a buffer, as in diffusers).
+    let mut sft = input("cogvideox-5b-i2v", S480);
+    sft.trainable = Trainable::Full;
+    let s = plan(&sft).unwrap();
+    assert!(s.trainable_parameters < s.transformer_parameters);
+    assert_eq!(s.transformer_parameters - s.trainable_parameters, (226 + 13 * 30 * 45) * 3072);
+    // The I2V model keeps the VAE for the image latents while it trains.
+    assert!(phase(&s, "train").items.iter().any(|i| i.name.starts_with("VAE (I2V")));
+}
+
+#[test]
+fn checkpointing_and_batch_change_the_activations_as_they_should() {
+    let ck = plan(&input("cogvideox-5b", S480)).unwrap();
+    let mut no = input("cogvideox-5b", S480);
+    no.gradient_checkpointing = false;
+    let no = plan(&no).unwrap();
+    let act = |p: &cogvx_plan::Plan| item(phase(p, "train"), "activations");
+    // 42 blocks kept whole vs their inputs plus one block: at least 10x less.
+    assert!(act(&no) > 10 * act(&ck), "{} vs {}", act(&no), act(&ck));
+    let mut two = input("cogvideox-5b", S480);
+    two.batch_size = 2;
+    let two = plan(&two).unwrap();
+    let ratio = act(&two) as f64 / act(&ck) as f64;
+    assert!((ratio - 2.0).abs() < 1e-9, "{ratio}");
+}
+
+#[test]
+fn validation_loads_t5_and_the_vae_and_the_verdict_follows_the_budget() {
+    let mut i = input("cogvideox-2b", S480);
+    i.validation = Some(ValidationInput { shape: S480, guidance: true });
+    let p = plan(&i).unwrap();
+    let v = phase(&p, "validation");
+    assert!(item(v, "T5 encoder weights") > 4_700_000_000 * 4);
+    assert_eq!(p.peak_bytes, p.phases.iter().map(|p| p.peak_bytes).max().unwrap());
+    let fits = p.clone().with_budget(p.peak_gib + 0.01);
+    assert_eq!(fits.fits, Some(true));
+    let tight = p.with_budget(phase(&fits, "train").peak_gib + 0.01);
+    assert_eq!(tight.fits, Some(false));
+    assert_eq!(phase(&tight, "train").fits, Some(true));
+    let text = tight.render();
+    assert!(text.contains("does not fit in") && text.contains("DOES NOT FIT"), "{text}");
+    let json: serde_json::Value = serde_json::to_value(&tight).unwrap();
+    for p in json["phases"].as_array().unwrap() {
+        assert!(p["peak_gib"].as_f64().unwrap() > 0.0 && p["fits"].is_boolean(), "{p}");
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_naming_the_key() {
+    let e = plan(&input("cogvideox-2b", Shape { frames: 50, height: 480, width: 720 })).unwrap_err().to_string();
+    assert!(e.contains("frames must be 4k + 1"), "{e}");
+    let e = plan(&input("cogvideox-2b", Shape { frames: 49, height: 488, width: 720 })).unwrap_err().to_string();
+    assert!(e.contains("multiples of 16"), "{e}");
+    let mut i = input("cogvideox-2b", S480);
+    i.trainable = Trainable::Lora { rank: 16, targets: vec!["to_qq".into()] };
+    let e = plan(&i).unwrap_err().to_string();
+    assert!(e.contains("target_modules") && e.contains("to_qq"), "{e}");
+    i.batch_size = 0;
+    assert!(plan(&i).unwrap_err().to_string().contains("batch_size"));
+    let e = ModelConfigs::released("cogvideox-7b").unwrap_err().to_string();
+    assert!(e.contains("cogvideox-7b") && e.contains("cogvideox1.5-5b-i2v"), "{e}");
+}
