@@ -189,6 +189,9 @@ pub struct BenchReport {
     pub rayon_threads: usize,
     /// Whether the blocks ran with gradient checkpointing (after the script's fields).
     pub gradient_checkpointing: bool,
+    /// The peak `cogvx plan` predicts for this step (its training phase), in MiB, to hold
+    /// next to `peak_rss_mib`.
+    pub plan_peak_mib: Option<f64>,
 }
 
 impl BenchReport {
@@ -275,14 +278,15 @@ pub fn train_step(preset: &str, options: StepOptions) -> Result<BenchReport, Ben
 /// [`train_step`] for any [`Preset`] (e.g. a tiny one in tests).
 pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
     check_step(preset, options)?;
-    run_with_threads(options.threads, || run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, &CpuDevice::default()))?
+    run_with_threads(options.threads, || run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, cogvx_plan::DeviceKind::Cpu, &CpuDevice::default()))?
 }
 
 /// [`train_step_with`] on any autodiff backend and device (the GPU check runs it on CUDA);
 /// `options.threads` is only reported. The report's `impl` is `cogvx-burn-<backend name>`.
 pub fn train_step_on<B: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, device: &B::Device) -> Result<BenchReport, BenchError> {
     check_step(preset, options)?;
-    run::<B>(preset, options, &format!("cogvx-burn-{}", B::name(device)), device)
+    let kind = if B::name(device).contains("cuda") { cogvx_plan::DeviceKind::Cuda } else { cogvx_plan::DeviceKind::Cpu };
+    run::<B>(preset, options, &format!("cogvx-burn-{}", B::name(device)), kind, device)
 }
 
 /// The checks both entry points make before any work.
@@ -293,7 +297,7 @@ fn check_step(preset: &Preset, options: StepOptions) -> Result<(), BenchError> {
     preset.check()
 }
 
-fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, device: &AD::Device) -> Result<BenchReport, BenchError> {
+fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, kind: cogvx_plan::DeviceKind, device: &AD::Device) -> Result<BenchReport, BenchError> {
     let StepOptions { threads, steps, warmup, gradient_checkpointing } = options;
     let rayon_threads = rayon::current_num_threads();
     let config = preset.transformer_config();
@@ -348,7 +352,19 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
         losses,
         rayon_threads,
         gradient_checkpointing,
+        plan_peak_mib: planned_peak_mib(preset, gradient_checkpointing, kind),
     })
+}
+
+/// The training-phase peak `cogvx plan` computes for one step of `preset`, in MiB.
+pub fn planned_peak_mib(preset: &Preset, gradient_checkpointing: bool, device: cogvx_plan::DeviceKind) -> Option<f64> {
+    let (f, h, w) = preset.lat;
+    let video = f * (h / 2) * (w / 2);
+    let tokens = cogvx_plan::Tokens { text: preset.text_len, video, total: video + preset.text_len };
+    let targets = cogvx_train::DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect();
+    let trainable = cogvx_plan::Trainable::Lora { rank: preset.rank, targets };
+    let phase = cogvx_plan::train_phase(&preset.transformer_config(), tokens, 1, &trainable, gradient_checkpointing, device).ok()?;
+    Some(round_to(phase.peak_bytes as f64 / (1u64 << 20) as f64, 1))
 }
 
 /// The benchmarks seed and draw from burn's process-wide backend RNG: tests that run them take
@@ -363,6 +379,7 @@ mod tests {
     const TINY: Preset = Preset { name: "tiny", heads: 2, head_dim: 16, layers: 1, text_len: 4, lat: (2, 4, 6), rank: 2 };
 
     use crate::TEST_RNG as RNG;
+    use burn::module::Module;
 
     fn opts(threads: usize, steps: usize, warmup: usize) -> StepOptions {
         StepOptions { threads, steps, warmup, gradient_checkpointing: false }
@@ -378,6 +395,50 @@ mod tests {
         for (a, b) in plain.losses.iter().zip(&ck.losses) {
             assert!((a - b).abs() <= 1e-6 * a.abs(), "{:?} vs {:?}", plain.losses, ck.losses);
         }
+    }
+
+    /// The planner's list of linear layers and LoRA sizes mirror the model the trainer builds.
+    #[test]
+    fn the_plan_counts_the_layers_and_lora_parameters_the_trainer_builds() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let device = CpuDevice::default();
+        for (config, targets) in [
+            (TINY.transformer_config(), vec!["to_q", "to_k", "to_v", "to_out.0"]),
+            (TransformerConfig { patch_size_t: Some(2), patch_bias: false, ofs_embed_dim: Some(8), in_channels: 2 * LATENT_CHANNELS, sample_frames: 9, ..TINY.transformer_config() }, vec!["ff.net.0.proj", "attn1.to_out.0", "proj_out", "linear_1"]),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            write_random_transformer(tmp.path(), &config, 0).unwrap();
+            let mut model = CogVideoXTransformer3DModel::<CpuAutodiffBackend>::from_dir(tmp.path(), &device).unwrap();
+            let built: Vec<(String, usize, usize)> =
+                cogvx_train::linear_layers_mut(&mut model).into_iter().map(|(n, l)| { let (i, o) = l.dims(); (n, i, o) }).collect();
+            assert_eq!(built, cogvx_plan::activations::linear_layers(&config));
+            let targets: Vec<String> = targets.into_iter().map(String::from).collect();
+            let spec = AdapterSpec { rank: 3, alpha: 3.0, targets: targets.clone() };
+            let mut model = cogvx_train::freeze(model);
+            cogvx_train::inject_lora(&mut model, &spec, &device).unwrap();
+            let trained: usize = cogvx_train::trainable_values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
+            assert_eq!(trained as u64, cogvx_plan::activations::lora_parameters(&config, 3, &targets));
+            let stored: u64 = model.num_params() as u64;
+            assert_eq!(stored - trained as u64, cogvx_plan::params::transformer_parameters(&config), "frozen weights");
+        }
+    }
+
+    /// `cogvx plan`'s training phase against the peak RSS `cogvx bench train-step` measured
+    /// (docs/benchmarks.md, "Memory plan"): within 20% for every preset, with and without
+    /// checkpointing. Re-measure and update the table when the step's memory changes.
+    #[test]
+    fn the_plan_is_within_20_percent_of_the_measured_peaks() {
+        let measured = [("S", false, 133.9), ("S", true, 107.6), ("M", false, 1104.4), ("M", true, 598.1)];
+        let mut report = String::new();
+        let mut worst: f64 = 0.0;
+        for (name, ck, rss) in measured {
+            let plan = planned_peak_mib(&preset(name).unwrap(), ck, cogvx_plan::DeviceKind::Cpu).unwrap();
+            let err = plan / rss - 1.0;
+            report += &format!("{name} checkpointing={ck}: plan {plan} MiB, measured {rss} MiB ({:+.1}%)\n", 100.0 * err);
+            worst = worst.max(err.abs());
+        }
+        eprintln!("{report}");
+        assert!(worst <= 0.20, "{report}");
     }
 
     #[test]
@@ -407,9 +468,9 @@ mod tests {
         assert!(r.median_s > 0.0 && r.min_s == r.median_s, "{r:?}");
         let line = r.to_json_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v.as_object().unwrap().len(), 9, "{line}");
+        assert_eq!(v.as_object().unwrap().len(), 10, "{line}");
         // The script's field order (`burn` where it has `torch`), then cogvx's own.
-        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing"];
+        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing", "plan_peak_mib"];
         let at: Vec<usize> = fields.iter().map(|f| line.find(&format!("\"{f}\":")).unwrap_or_else(|| panic!("{f}: {line}"))).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert_eq!(v["impl"], "cogvx-burn-ndarray");
