@@ -181,3 +181,35 @@ fn builtin_native_and_wasm_crop_resize_produce_identical_frames() {
     assert!(outputs[0] == outputs[1], "built-in and .so frames differ");
     assert!(outputs[0] == outputs[2], "built-in and .wasm frames differ");
 }
+
+/// `cogvx plan` on a shipped preset: the released model's configs, the three phases, JSON with a
+/// verdict per phase, exit 1 when a phase does not fit the budget.
+#[test]
+fn plan_prints_every_phase_and_the_verdict_for_a_budget() {
+    let out = cogvx(&["--config", "configs/cogvideox-5b-lora.toml", "plan", "--json", "--gpu-memory", "80"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["model"], "released:cogvideox-5b");
+    assert_eq!(plan["tokens"]["total"], 17_776);
+    let names: Vec<&str> = plan["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["prepare", "train"], "validation is off in the preset");
+    for p in plan["phases"].as_array().unwrap() {
+        assert!(p["peak_gib"].as_f64().unwrap() > 1.0 && p["fits"] == true, "{p}");
+    }
+    // The same config with a 16 GiB card: the table names what does not fit, exit 1.
+    let out = cogvx(&["--config", "configs/cogvideox-5b-lora.toml", "plan", "--gpu-memory", "16"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("DOES NOT FIT") && stdout.contains("does not fit in 16 GiB"), "{stdout}");
+    assert!(stdout.contains("transformer weights (5.57B parameters, f32)"), "{stdout}");
+    // A model folder wins over the name; no model at all is an error saying what to pass.
+    let out = cogvx(&["--model", repo().join("examples/models/cogvideox-2b-tiny").to_str().unwrap(), "plan", "--resolution", "9x64x96"]);
+    assert!(out.status.success() && text(&out).0.contains("cogvideox-2b-tiny"), "{:?}", text(&out));
+    let out = cogvx(&["plan"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("--model-name") && stderr.contains("cogvideox1.5-5b"), "{stderr}");
+    let out = cogvx(&["plan", "--model-name", "cogvideox-2b", "--gpu-memory=0"]);
+    assert!(text(&out).1.contains("--gpu-memory"), "{:?}", text(&out));
+}

@@ -226,6 +226,16 @@ fn bad_input_is_refused_before_any_work() {
     // An adapter plugin that is not loaded.
     let (_, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "adapter = \"dora2\""), &[]);
     assert!(err.contains("dora2"), "{err}");
+
+    // A released model's name that is not the folder's architecture.
+    let (code, err) = refused(dir.path(), &base("name = \"cogvideox-5b\"", "resolution = \"9x64x96\"", ""), &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("[model] name") && err.contains("5b model") && err.contains("2b model"), "{err}");
+
+    // A resolution no machine holds (48M tokens): the plan's numbers, before any work.
+    let (code, err) = refused(dir.path(), &base("", "resolution = \"49x30720x30720\"", "gradient_checkpointing = true"), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("needs more memory") && err.contains("peak of train") && err.contains("--force"), "{err}");
 }
 
 /// The shared reference models sit beside the repository (CI and development machines).

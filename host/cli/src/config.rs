@@ -191,6 +191,10 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// `"t2v"` or `"i2v"`: checked against the folder before any work starts (optional).
     pub task: Option<Task>,
+    /// The released checkpoint this config is for (`cogvideox-2b`, `cogvideox-5b`,
+    /// `cogvideox-5b-i2v`, `cogvideox1.5-5b`, `cogvideox1.5-5b-i2v`): `cogvx plan` sizes it
+    /// without the weights; checked against the folder's architecture when both are given.
+    pub name: Option<String>,
     /// A scheduler plugin by name (e.g. `cogvideox-dpm`): its tables give the training
     /// timestep distribution and loss weights, its plans the validation sampler. Default: the
     /// folder's own scheduler with uniform timesteps, as the official finetune.

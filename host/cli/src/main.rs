@@ -88,6 +88,23 @@ pub enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Print the peak memory of prepare, training and validation for the config, per
+    /// component (weights, trainable parameters and AdamW states, activations, workspaces, VAE,
+    /// T5), computed from the model's configs and the shapes before anything runs. Uses the
+    /// model folder when it exists, else the released model named by --model-name or
+    /// `[model] name`. Exits 1 when --gpu-memory is given and a phase does not fit.
+    Plan {
+        /// Memory budget in GiB (e.g. 24 for a 24 GB card): adds the verdict "fits" per phase.
+        #[arg(long, value_name = "GIB")]
+        gpu_memory: Option<f64>,
+        /// Print the plan as JSON (per phase `peak_gib` and `fits`).
+        #[arg(long)]
+        json: bool,
+        /// A released model: cogvideox-2b, cogvideox-5b, cogvideox-5b-i2v, cogvideox1.5-5b,
+        /// cogvideox1.5-5b-i2v (overrides `[model] name`; a model folder takes precedence).
+        #[arg(long, value_name = "NAME")]
+        model_name: Option<String>,
+    },
     /// Benchmarks (throughput numbers for the docs; not tests).
     Bench {
         #[command(subcommand)]
@@ -121,6 +138,10 @@ pub struct TrainArgs {
     /// The cache folder (else `[data] cache_dir`, else `<output_dir>/cache`).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Start even when `cogvx plan` says training or validation does not fit the device's
+    /// memory (the check then only warns).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `cogvx sample` flags (defaults: diffusers' `CogVideoXPipeline.__call__`).
@@ -280,6 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
         Command::Train(args) => commands::train::run(&settings, args),
         Command::Sample(args) => commands::sample::run(&settings, args),
+        Command::Plan { gpu_memory, json, model_name } => commands::plan::run(&settings, gpu_memory, json, model_name.as_deref()),
         Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref(), settings.device),
         Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
             commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod dataset;
 pub mod parity;
+pub mod plan;
 pub mod plugins;
 pub mod prepare;
 pub mod sample;

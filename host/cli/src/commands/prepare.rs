@@ -13,6 +13,18 @@ use crate::config::Task;
 pub fn open_model(settings: &Settings) -> Result<ModelFolder> {
     let dir = settings.model_dir()?;
     let folder = ModelFolder::open(&dir).map_err(|e| anyhow!("{e}"))?;
+    if let Some(name) = &settings.config.model.name {
+        // `cogvideox-5b-i2v` names the variant `5b-i2v`.
+        let named = cogvx_plan::ModelConfigs::released(name).map_err(|e| anyhow!("config `[model] name`: {e}"))?;
+        let variant = cogvx_engine::Variant::detect(&named.transformer).map_err(|e| anyhow!("{e}"))?;
+        if variant != folder.variant {
+            bail!(
+                "config `[model] name = \"{name}\"` is a {variant} model, but {} holds a {} model: fix the name or the folder",
+                dir.display(),
+                folder.variant
+            );
+        }
+    }
     if let Some(task) = settings.config.model.task {
         let is = if folder.variant.is_i2v() { Task::I2v } else { Task::T2v };
         if task != is {

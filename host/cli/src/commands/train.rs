@@ -114,6 +114,8 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     // Every check before any work: config values, model kind, data root, plugins, output folder.
     let (train, validation) = effective_configs(settings, &args)?;
     let folder = open_model(settings)?;
+    let models = cogvx_plan::ModelConfigs::from_dir(&folder.root).map_err(|e| anyhow!("{e}"))?;
+    super::plan::check_fits(settings, models, &train, &validation, args.force)?;
     if !folder.variant.is_i2v() && !validation.images.is_empty() {
         bail!(
             "config [validation] images: {} is a text-to-video model ({}); conditioning images need an image-to-video (…-I2V) model",
