@@ -166,6 +166,36 @@ fn dora_from_the_wasm_plugin_trains_and_exports_peft_keys() {
     assert!(losses(&dir.path().join("out")).iter().all(|(_, l)| l.is_finite()));
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Every file under `dir` with its size and modification time.
+fn dir_listing(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Runs `train` with a config and returns (exit code, stderr); asserts that nothing was
 /// prepared or trained.
 fn refused(dir: &Path, config_text: &str, flags: &[&str]) -> (Option<i32>, String) {
@@ -226,6 +256,22 @@ fn bad_input_is_refused_before_any_work() {
     // An adapter plugin that is not loaded.
     let (_, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "adapter = \"dora2\""), &[]);
     assert!(err.contains("dora2"), "{err}");
+
+    // An output folder inside the model folder (an SFT export would overwrite its transformer)
+    // or inside the dataset: refused, and nothing in them written (a copy of the model, in case).
+    let copy = dir.path().join("model-copy");
+    copy_dir(&model, &copy);
+    let before = dir_listing(&copy);
+    let with_copy = base("", "resolution = \"9x64x96\"", "adapter = \"sft\"").replace(&model.display().to_string(), &copy.display().to_string());
+    for out in [copy.clone(), copy.join("transformer"), copy.join("x/../out")] {
+        let (code, err) = refused(dir.path(), &with_copy, &["--output-dir", s(&out)]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("output_dir") && err.contains("inside [model] path"), "{err}");
+    }
+    assert_eq!(dir_listing(&copy), before, "the model folder was written");
+    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", ""), &["--output-dir", s(&data.join("runs"))]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("inside [data] root") && !data.join("runs").exists(), "{err}");
 
     // A released model's name that is not the folder's architecture.
     let (code, err) = refused(dir.path(), &base("name = \"cogvideox-5b\"", "resolution = \"9x64x96\"", ""), &[]);

@@ -188,16 +188,66 @@ fn input<T>(message: impl Into<String>) -> Result<T, TrainerError> {
     Err(TrainerError::Input(message.into()))
 }
 
-fn check_output_dir(dir: &Path) -> Result<(), TrainerError> {
+/// Checks that the output folder can be created and written, and that it is not (inside) a
+/// folder the run reads: an SFT export or a checkpoint written into the model folder would
+/// overwrite the base model; into the dataset, the data. `protected` names each such folder by
+/// its config key (`[model] path`, `[data] root`).
+pub fn check_output_dir(dir: &Path, protected: &[(&str, &Path)]) -> Result<(), TrainerError> {
+    let out = resolved(dir);
+    for (key, folder) in protected {
+        let folder = resolved(folder);
+        if out.starts_with(&folder) {
+            return input(format!(
+                "`[train] output_dir` {} is inside {key} {}: the run would write its checkpoints and export there \
+                 (an SFT export overwrites the model's transformer); choose an output folder outside it",
+                dir.display(),
+                folder.display()
+            ));
+        }
+    }
     let io = |e: std::io::Error| TrainerError::Io {
         path: dir.to_path_buf(),
-        message: format!("the output folder is not writable: {e}; choose another `output_dir`"),
+        message: format!("the output folder is not writable: {e}; choose another `[train] output_dir` (--output-dir DIR)"),
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let probe = dir.join(format!(".cogvx-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"ok").map_err(io)?;
     std::fs::remove_file(&probe).map_err(io)?;
     Ok(())
+}
+
+/// `path` made absolute with its symbolic links resolved, as far as it exists (the rest is
+/// appended as written, `..` applied), so that two spellings of one folder compare equal.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut out = real;
+            for c in rest.iter().rev() {
+                match c {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    c => out.push(c),
+                }
+            }
+            return out;
+        }
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
 }
 
 /// The training-side noise schedule and timestep distribution.
@@ -480,7 +530,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
     config.validate()?;
     vconfig.validate()?;
     let out = config.output_dir.clone();
-    check_output_dir(&out)?;
+    check_output_dir(&out, &[("[model] path", &model_dir)])?;
     if cache.is_empty() {
         return input(format!("the cache {} holds no samples; run `cogvx prepare` on a dataset with videos", cache.dir.display()));
     }

@@ -289,6 +289,11 @@ fn bad_inputs_fail_before_any_work() {
     let e = err(job(&model, &cache, config(&file, 1, 1)));
     assert!(e.contains("a-file"), "{e}");
 
+    // An output folder inside the model folder: refused before anything is written there.
+    let e = err(job(&model, &cache, config(&model.join("transformer").join("run"), 1, 1)));
+    assert!(e.contains("inside [model] path"), "{e}");
+    assert!(!model.join("transformer").join("run").exists());
+
     let out = tmp.path().join("out");
     // An adapter plugin that was not loaded.
     let e = err(job(&model, &cache, TrainConfig { adapter: "dora".into(), ..config(&out, 1, 1) }));

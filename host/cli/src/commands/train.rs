@@ -74,14 +74,6 @@ fn read_validation_set(root: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
 }
 
 /// Creates the output folder and proves it writable with a probe file, before any work.
-fn check_output_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("[train] output_dir: cannot create {} (choose a writable folder with --output-dir DIR)", dir.display()))?;
-    let probe = dir.join(format!(".cogvx-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"ok").with_context(|| format!("[train] output_dir: {} is not writable (choose another folder with --output-dir DIR)", dir.display()))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
-}
-
 /// The plugins a run takes out of the registry.
 struct RunPlugins {
     adapter: Option<LoadedPlugin>,
@@ -138,7 +130,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     let mut registry = settings.registry()?;
     let mut chain = ChainPlugins::take(&mut registry, settings)?;
     let mut plugins = take_plugins(&mut registry, settings, &train, &validation)?;
-    check_output_dir(&train.output_dir)?;
+    cogvx_trainer::check_output_dir(&train.output_dir, &[("[model] path", &folder.root), ("[data] root", &root)]).map_err(|e| anyhow!("{e}"))?;
     let resume = match args.resume.as_deref() {
         None => None,
         Some(r) => {
