@@ -94,7 +94,8 @@ pub enum Command {
     /// model folder when it exists, else the released model named by --model-name or
     /// `[model] name`. Exits 1 when --gpu-memory is given and a phase does not fit.
     Plan {
-        /// Memory budget in GiB (e.g. 24 for a 24 GB card): adds the verdict "fits" per phase.
+        /// GPU memory in GiB (e.g. 24 for a 24 GB card): plans for a GPU and adds the verdict
+        /// "fits" per phase.
         #[arg(long, value_name = "GIB")]
         gpu_memory: Option<f64>,
         /// Print the plan as JSON (per phase `peak_gib` and `fits`).

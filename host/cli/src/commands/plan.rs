@@ -71,7 +71,11 @@ pub fn run(settings: &Settings, gpu_memory: Option<f64>, json: bool, model_name:
     let train = settings.config.train.clone();
     train.validate().map_err(|e| anyhow!("config [train]: {e}"))?;
     let validation = settings.config.validation.clone();
-    let input = plan_input(settings, model_configs(settings, model_name)?, &train, &validation);
+    let mut input = plan_input(settings, model_configs(settings, model_name)?, &train, &validation);
+    if gpu_memory.is_some() {
+        // A GPU budget plans for a GPU (its runtime), whatever this build can run on.
+        input.device = DeviceKind::Cuda;
+    }
     let mut plan = cogvx_plan::plan(&input).map_err(|e| anyhow!("{e}"))?;
     if let Some(g) = gpu_memory {
         plan = plan.with_budget(g);
