@@ -62,6 +62,54 @@ pub struct TrainerState {
     pub validation: ValidationConfig,
 }
 
+impl Checkpoint {
+    /// Checks what a resume reads from this checkpoint against the run it continues: the data
+    /// position against the epoch's batches, the step against that position, finite times and
+    /// learning rates, and one optimizer state of the weight's shape per trained tensor. A
+    /// hand-edited or corrupted `trainer_state.json` is an error naming the field, not a panic
+    /// or a silently different run.
+    pub fn check_resumable(&self, dir: &Path, batches_per_epoch: u64, accumulation: u64) -> Result<(), TrainerError> {
+        let s = &self.state;
+        let state = dir.join(STATE_FILE);
+        let bad = |message: String| Err(TrainerError::Io { path: state.clone(), message: format!("{message}; resume from another checkpoint or start a new run") });
+        let accumulation = accumulation.max(1);
+        if s.data.batch >= batches_per_epoch {
+            return bad(format!("`data.batch` = {} but an epoch has {batches_per_epoch} batches", s.data.batch));
+        }
+        let updates_per_epoch = batches_per_epoch.div_ceil(accumulation);
+        let expected = s.data.epoch.checked_mul(updates_per_epoch).and_then(|e| e.checked_add(s.data.batch.div_ceil(accumulation)));
+        if s.data.batch % accumulation != 0 || expected != Some(s.step) {
+            return bad(format!(
+                "`step` = {} does not match `data` (epoch {}, batch {}) at {updates_per_epoch} updates per epoch",
+                s.step, s.data.epoch, s.data.batch
+            ));
+        }
+        for (key, v) in [("elapsed_s", s.elapsed_s), ("last_lr", s.last_lr)] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(format!("`{key}` = {v} is not a finite, non-negative number"));
+            }
+        }
+        for (name, st) in &self.optimizer {
+            let Some((shape, _)) = self.weights.get(name) else {
+                return bad(format!("optimizer state for `{name}`, which the checkpoint's weights do not hold"));
+            };
+            let n: usize = shape.iter().product();
+            if &st.shape != shape || st.exp_avg.len() != n || st.exp_avg_sq.len() != n {
+                return bad(format!("optimizer state of `{name}` has shape {:?} ({} values), its weight {shape:?}", st.shape, st.exp_avg.len()));
+            }
+            if st.step > s.step {
+                return bad(format!("optimizer state of `{name}` counts {} updates, the run {}", st.step, s.step));
+            }
+        }
+        for (name, (shape, values)) in &self.weights {
+            if shape.iter().product::<usize>() != values.len() {
+                return bad(format!("weight `{name}` has shape {shape:?} but {} values", values.len()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A checkpoint in memory.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {

@@ -671,6 +671,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
                 cache.dir.display()
             ));
         }
+        ck.check_resumable(dir, batches_per_epoch, k)?;
         let values = from_host::<B::InnerBackend>(&ck.weights, device, &dir.join(checkpoint::WEIGHTS_FILE))?;
         mode.set_values(&mut model, &values)?;
         optimizer.load_state(&ck.optimizer, device)?;

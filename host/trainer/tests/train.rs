@@ -338,6 +338,44 @@ fn resume_refuses_other_adapter_settings() {
     assert_eq!((s.start_step, s.step), (1, 2));
 }
 
+/// A hand-edited or corrupted `trainer_state.json` is an error naming the field (it panicked
+/// indexing the data order with `data.batch = 1000`), and the run it would resume is untouched.
+#[test]
+fn resume_checks_every_field_it_reads_from_the_checkpoint() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // 4 samples, batch 1, accumulation 2: 4 batches and 2 updates per epoch.
+    let cache = make_cache(&tmp.path().join("cache"), 4, false);
+    let out = tmp.path().join("out");
+    run(job(&model, &cache, config(&out, 1, 1))).unwrap();
+    let state_path = out.join("checkpoint-1").join(cogvx_trainer::checkpoint::STATE_FILE);
+    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!((good["step"].as_u64(), good["data"]["batch"].as_u64()), (Some(1), Some(2)));
+    let edits: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+        ("batch past the epoch", |v| v["data"]["batch"] = 1000.into(), "`data.batch` = 1000"),
+        ("batch inside an accumulation window", |v| v["data"]["batch"] = 1.into(), "`step` = 1 does not match"),
+        ("step of another position", |v| v["step"] = 7.into(), "`step` = 7 does not match"),
+        ("epoch overflowing the step", |v| v["data"]["epoch"] = u64::MAX.into(), "does not match"),
+        ("negative time", |v| v["elapsed_s"] = (-1.0).into(), "`elapsed_s`"),
+        ("negative learning rate", |v| v["last_lr"] = (-0.5).into(), "`last_lr`"),
+    ];
+    for (what, edit, expect) in edits {
+        let mut v = good.clone();
+        edit(&mut v);
+        std::fs::write(&state_path, serde_json::to_string(&v).unwrap()).unwrap();
+        let mut j = job(&model, &cache, config(&out, 2, 1));
+        j.resume = Some(Resume::Path(out.join("checkpoint-1")));
+        let e = run(j).map(|s| format!("{s:?}")).unwrap_or_else(|e| e.to_string());
+        assert!(e.contains(expect) && e.contains("trainer_state.json"), "{what}: {e}");
+        assert!(!out.join("checkpoint-2").exists(), "{what}: trained on");
+    }
+    // The untouched state resumes.
+    std::fs::write(&state_path, serde_json::to_string(&good).unwrap()).unwrap();
+    let mut j = job(&model, &cache, config(&out, 2, 1));
+    j.resume = Some(Resume::Path(out.join("checkpoint-1")));
+    assert_eq!(run(j).unwrap().step, 2);
+}
+
 /// Runs `config` for 4 steps uninterrupted, and again as 2 steps + a resume of 2 (a fresh
 /// adapter plugin from `plugin` for each run); asserts identical losses and returns the
 /// uninterrupted summary and output folder.
