@@ -213,3 +213,25 @@ fn plan_prints_every_phase_and_the_verdict_for_a_budget() {
     let out = cogvx(&["plan", "--model-name", "cogvideox-2b", "--gpu-memory=0"]);
     assert!(text(&out).1.contains("--gpu-memory"), "{:?}", text(&out));
 }
+
+/// `[wasm]` limits that panicked (a negative, NaN or infinite time cap), wrapped (a memory cap
+/// shifted past 64 bits) or gave an unclear message (0 MiB): each is an error naming the key.
+#[test]
+fn wasm_limits_out_of_range_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (table, key) in [
+        ("call_timeout_secs = -1.0", "call_timeout_secs"),
+        ("call_timeout_secs = nan", "call_timeout_secs"),
+        ("call_timeout_secs = inf", "call_timeout_secs"),
+        ("call_timeout_secs = 0.0", "call_timeout_secs"),
+        ("memory_limit_mib = 17592186044417", "memory_limit_mib"),
+        ("memory_limit_mib = 0", "memory_limit_mib"),
+    ] {
+        let config = dir.path().join("limits.toml");
+        std::fs::write(&config, format!("[wasm]\n{table}\n")).unwrap();
+        let out = cogvx(&["--config", config.to_str().unwrap(), "plugins"]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{table}: {stdout}{stderr}");
+        assert!(stderr.contains(key) && stderr.contains("limits.toml") && !stderr.contains("panicked"), "{table}: {stderr}");
+    }
+}

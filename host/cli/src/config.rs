@@ -213,6 +213,39 @@ pub struct WasmConfig {
     pub call_timeout_secs: f64,
 }
 
+/// Largest `[wasm] memory_limit_mib`: a 32-bit WebAssembly memory addresses 4 GiB.
+pub const MAX_WASM_MEMORY_MIB: u64 = 4096;
+/// Largest `[wasm] call_timeout_secs` (one day).
+pub const MAX_WASM_CALL_SECS: f64 = 86_400.0;
+
+impl WasmConfig {
+    /// Checks the sandbox limits: a memory cap of 1 to 4096 MiB, a time cap of a positive
+    /// number of seconds up to a day. The message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_WASM_MEMORY_MIB).contains(&self.memory_limit_mib) {
+            return Err(format!(
+                "[wasm] memory_limit_mib = {}: give the memory cap of a WASM plugin in MiB, from 1 to {MAX_WASM_MEMORY_MIB} (a 32-bit WebAssembly memory addresses 4 GiB); default 512",
+                self.memory_limit_mib
+            ));
+        }
+        let t = self.call_timeout_secs;
+        if !(t.is_finite() && t > 0.0 && t <= MAX_WASM_CALL_SECS) {
+            return Err(format!(
+                "[wasm] call_timeout_secs = {t}: give the time cap of one plugin call in seconds, more than 0 and at most {MAX_WASM_CALL_SECS} (a day); default 30"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The limits handed to the plugin host (call [`WasmConfig::validate`] first).
+    pub fn limits(&self) -> cogvx_plugin_host::WasmLimits {
+        cogvx_plugin_host::WasmLimits {
+            max_memory_bytes: (self.memory_limit_mib.clamp(1, MAX_WASM_MEMORY_MIB) as usize) << 20,
+            call_timeout: std::time::Duration::from_secs_f64(self.call_timeout_secs.clamp(1e-3, MAX_WASM_CALL_SECS)),
+        }
+    }
+}
+
 fn default_memory() -> u64 {
     512
 }
@@ -257,6 +290,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let mut config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        config.wasm.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         config.data.resolution_set = text
             .parse::<toml::Table>()
             .ok()

@@ -2,8 +2,7 @@
 //! each plugin then receives its `[plugin.<name>]` table.
 
 use anyhow::{anyhow, Result};
-use cogvx_plugin_host::{LoadedPlugin, Registry, WasmLimits};
-use std::time::Duration;
+use cogvx_plugin_host::{LoadedPlugin, Registry};
 
 use crate::config::Config;
 
@@ -22,11 +21,8 @@ pub fn register_builtins(registry: &mut Registry) {
 /// The registry for a run: built-ins, the config's plugin files, then the `--plugin` files,
 /// each configured with its `[plugin.<name>]` table.
 pub fn build_registry(config: &Config, cli_plugins: &[std::path::PathBuf]) -> Result<Registry> {
-    let limits = WasmLimits {
-        max_memory_bytes: (config.wasm.memory_limit_mib as usize) << 20,
-        call_timeout: Duration::from_secs_f64(config.wasm.call_timeout_secs),
-    };
-    let mut registry = Registry::with_wasm_limits(limits);
+    config.wasm.validate().map_err(|e| anyhow!("{e}"))?;
+    let mut registry = Registry::with_wasm_limits(config.wasm.limits());
     register_builtins(&mut registry);
     for path in config.plugins.iter().chain(cli_plugins) {
         registry.load(path).map_err(|e| anyhow!("{e}"))?;
