@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::{RResult, RStr, RVec};
-use cogvx_plugin_api::native::{InstanceHandle, NativeErrorKind, PluginModuleRef};
+use cogvx_plugin_api::native::{InstanceHandle, NativeError, NativeErrorKind, PluginModuleRef};
 use cogvx_plugin_api::*;
 
 use crate::LoadError;
@@ -124,29 +124,49 @@ impl NativePlugin {
         Ok(info)
     }
 
-    /// Frees the instance and creates a fresh one, configured with the stored parameters.
+    /// Frees the instance and creates a fresh one, configured with the stored parameters. When
+    /// the fresh instance fails (or panics) in `configure`, it is dropped and the plugin is left
+    /// without one: the next call tries again, once. Nothing here recurses, so a plugin that
+    /// panics in `configure` gives one error per call (it used to recreate, re-configure and
+    /// panic again until the stack overflowed).
     fn recreate(&mut self) -> Result<(), String> {
-        (self.module.drop_instance())(std::mem::replace(&mut self.handle, InstanceHandle(std::ptr::null_mut())));
+        self.drop_instance();
         match (self.module.new_instance())() {
             RResult::ROk(h) => self.handle = h,
             RResult::RErr(e) => return Err(format!("recreating the instance failed: {}", e.message)),
         }
         if let Some(params) = self.params.clone() {
             let json = serde_json::to_string(&params).expect("a string serialises");
-            self.raw_call("configure", json, Vec::new())
-                .map_err(|e| format!("re-configuring the recreated instance failed: {e}"))?;
+            if let Err(e) = self.call_once("configure", json, Vec::new()) {
+                self.drop_instance();
+                return Err(format!("re-configuring the recreated instance failed: {}", e.message));
+            }
         }
         Ok(())
+    }
+
+    fn drop_instance(&mut self) {
+        let handle = std::mem::replace(&mut self.handle, InstanceHandle(std::ptr::null_mut()));
+        if !handle.0.is_null() {
+            (self.module.drop_instance())(handle);
+        }
+    }
+
+    /// One call on the current instance, without recovery.
+    fn call_once(&mut self, method: &str, json: String, bytes: Vec<u8>) -> Result<(String, Vec<u8>), NativeError> {
+        match (self.module.call())(self.handle, RStr::from_str(method), RStr::from_str(&json), RVec::from(bytes)) {
+            RResult::ROk(r) => Ok((r.json.into_string(), r.bytes.into_vec())),
+            RResult::RErr(e) => Err(e),
+        }
     }
 
     fn raw_call(&mut self, method: &str, json: String, bytes: Vec<u8>) -> PluginResult<(String, Vec<u8>)> {
         if self.handle.0.is_null() {
             self.recreate().map_err(PluginError::Failed)?;
         }
-        let reply = (self.module.call())(self.handle, RStr::from_str(method), RStr::from_str(&json), RVec::from(bytes));
-        match reply {
-            RResult::ROk(r) => Ok((r.json.into_string(), r.bytes.into_vec())),
-            RResult::RErr(e) => {
+        match self.call_once(method, json, bytes) {
+            Ok(r) => Ok(r),
+            Err(e) => {
                 let m = e.message.into_string();
                 Err(match e.kind {
                     NativeErrorKind::Unsupported => PluginError::Unsupported(m),
@@ -188,9 +208,7 @@ impl NativePlugin {
 
 impl Drop for NativePlugin {
     fn drop(&mut self) {
-        if !self.handle.0.is_null() {
-            (self.module.drop_instance())(self.handle);
-        }
+        self.drop_instance();
     }
 }
 

@@ -6,6 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use cogvx_plugin_api::{Plugin, PluginError};
+
 use cogvx_plugin_host::{LoadedPlugin, Registry, Transport};
 
 fn prefix() -> String {
@@ -118,4 +119,21 @@ fn a_missing_file_is_reported() {
         e,
         "cannot load plugin plugins/x.dat: unknown file type; expected a `.wasm` component or a native `.so`"
     );
+}
+
+/// A panic in `configure` is one error per call: recreating the instance re-configures it, which
+/// panicked again and recursed until the stack overflowed (11,877 nested panics, then an abort).
+#[test]
+fn a_panic_in_configure_is_one_error_and_the_plugin_recovers_with_good_parameters() {
+    let mut p = LoadedPlugin::load_native(common::misbehave_so()).unwrap();
+    let e = p.configure(r#"{"panic": true}"#).unwrap_err().to_string();
+    assert!(e.contains("deliberate panic in configure") && e.contains("re-configuring the recreated instance failed"), "{e}");
+    // Every later call fails once (the stored parameters still panic), without recursing.
+    for _ in 0..3 {
+        let e = p.rewrite_prompt("a cat").unwrap_err().to_string();
+        assert!(e.contains("deliberate panic in configure"), "{e}");
+    }
+    // Good parameters give a working instance again.
+    p.configure(r#"{"prefix": "[ok] "}"#).unwrap();
+    assert_eq!(p.rewrite_prompt("a cat").unwrap(), "[ok] a cat");
 }
