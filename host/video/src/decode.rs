@@ -31,6 +31,9 @@ use ffmpeg_next as ffmpeg;
 use crate::error::{Result, VideoError};
 use crate::plan::{output_size, rotate_rgb, FrameProcessor};
 
+/// The most one read may return: 64 GiB of RGB (81x768x1360 is 254 MB).
+pub const MAX_READ_BYTES: usize = 64 << 30;
+
 /// Initialises FFmpeg once (and keeps its own logging to fatal errors: every failure is
 /// reported through [`VideoError`] instead).
 pub fn init() {
@@ -535,7 +538,20 @@ impl VideoReader {
         self.stats = stats;
         result?;
         let frame_bytes = out.width as usize * out.height as usize * 3;
-        let mut rgb = Vec::with_capacity(frame_bytes * plan.frames.len());
+        let mut rgb = Vec::new();
+        let total = frame_bytes.checked_mul(plan.frames.len());
+        if total.is_none_or(|t| t > MAX_READ_BYTES || rgb.try_reserve_exact(t).is_err()) {
+            return Err(VideoError::BadPlan {
+                path,
+                reason: format!(
+                    "{} frames of {}x{} RGB ({:.1} GiB) cannot be allocated (at most 64 GiB per read)",
+                    plan.frames.len(),
+                    out.width,
+                    out.height,
+                    (frame_bytes as f64) * plan.frames.len() as f64 / (1u64 << 30) as f64
+                ),
+            });
+        }
         for &i in &plan.frames {
             rgb.extend_from_slice(&got[&(i + offset)]);
         }

@@ -27,6 +27,13 @@ pub enum TransformError {
     /// The plugin's pixel output is inconsistent.
     #[error("plugin `{plugin}` returned bad frames: {reason}")]
     BadFrames { plugin: String, reason: String },
+    /// The chain's final plan asks for more than the target: it is refused before decoding
+    /// (a plan of 100,000 copies of a 16384x16384 frame asked for 80 TB).
+    #[error(
+        "the chain gives {frames}x{height}x{width} (frames x height x width), more than the resolution {target}: \
+         add or configure frame selection / crop_resize so that clips match it (plan from: {planned_by})"
+    )]
+    PlanExceedsTarget { frames: usize, height: u32, width: u32, target: String, planned_by: String },
 }
 
 /// The video-transform plugins of a chain, in order. Each takes part in the plan phase
@@ -92,6 +99,24 @@ impl<'a> VideoTransforms<'a> {
             }
         }
         Ok(plan)
+    }
+
+    /// Checks a plan against the target before anything is decoded: at most its frames, each
+    /// at most its size (a plan of 100,000 copies of a 16384x16384 frame asked for 80 TB).
+    pub fn check_within(&self, plan: &TransformPlan, clip: &ClipInfo, target: Resolution) -> Result<(), TransformError> {
+        let out = crate::plan::output_size(plan, clip.width, clip.height);
+        if plan.frames.len() > target.frames as usize || out.width > target.width || out.height > target.height {
+            let planned_by: Vec<&str> =
+                self.names.iter().zip(&self.plans).filter(|(_, p)| **p == Some(true)).map(|(n, _)| n.as_str()).collect();
+            return Err(TransformError::PlanExceedsTarget {
+                frames: plan.frames.len(),
+                height: out.height,
+                width: out.width,
+                target: format!("{}x{}x{}", target.frames, target.height, target.width),
+                planned_by: if planned_by.is_empty() { "no plugin: the whole clip".into() } else { planned_by.join(", ") },
+            });
+        }
+        Ok(())
     }
 
     /// Runs the pixel-path plugins on decoded frames, in order.
@@ -176,6 +201,7 @@ pub fn preprocess_clip(
         source,
     };
     let plan = transforms.plan(&clip, target, seed).map_err(wrap)?;
+    transforms.check_within(&plan, &clip, target).map_err(wrap)?;
     let frames = reader.read_range(&plan, range)?;
     let frames = transforms.transform_frames(frames).map_err(wrap)?;
     Ok(Preprocessed {

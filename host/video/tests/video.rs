@@ -497,6 +497,59 @@ fn truncated_files_are_reported() {
     assert!(matches!(err, VideoError::Truncated { .. }), "{err:?}");
 }
 
+/// A transform that answers every request with one plan (a hostile or broken plugin).
+struct FixedPlan(TransformPlan);
+
+impl cogvx_plugin_api::Plugin for FixedPlan {
+    fn info(&self) -> cogvx_plugin_api::PluginInfo {
+        cogvx_plugin_api::PluginInfo {
+            name: "fixed-plan".into(),
+            version: "0.0.1".into(),
+            kinds: vec![cogvx_plugin_api::PluginKind::VideoTransform],
+            description: String::new(),
+        }
+    }
+
+    fn plan_transform(&mut self, _: &cogvx_plugin_api::TransformRequest) -> cogvx_plugin_api::PluginResult<TransformPlan> {
+        Ok(self.0.clone())
+    }
+}
+
+/// The plan bomb: 100,000 copies of one frame at 16384x16384 passes `TransformPlan::check`
+/// (80 TB of output: the host aborted allocating it). The chain's plan is bounded by the
+/// target before decoding, and `read` turns an allocation that cannot succeed into an error.
+#[test]
+fn a_plan_larger_than_the_target_is_refused_before_decoding() {
+    let d = tmp();
+    let clip = grey_ramp(d.path(), &[]);
+    let mut bomb = plan(vec![0; cogvx_plugin_api::MAX_PLAN_FRAMES]);
+    bomb.resize = Some(Size { width: 16_384, height: 16_384 });
+    let target = cogvx_plugin_api::Resolution { frames: 9, height: 32, width: 48 };
+    let mut fixed = FixedPlan(bomb.clone());
+    let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
+    let e = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0).unwrap_err().to_string();
+    assert!(e.contains("the chain gives 100000x16384x16384") && e.contains("9x32x48") && e.contains("fixed-plan"), "{e}");
+    // More frames than the target, each within it; and a frame larger than the target.
+    for (frames, size) in [(vec![0; 10], Size { width: 48, height: 32 }), (vec![0; 9], Size { width: 48, height: 48 })] {
+        let mut p = plan(frames);
+        p.resize = Some(size);
+        let mut fixed = FixedPlan(p);
+        let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
+        let e = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0).unwrap_err().to_string();
+        assert!(e.contains("more than the resolution 9x32x48"), "{e}");
+    }
+    // The plan at the target decodes.
+    let mut ok = plan(vec![0, 3, 6, 9, 12, 15, 18, 21, 24]);
+    ok.resize = Some(Size { width: 48, height: 32 });
+    let mut fixed = FixedPlan(ok);
+    let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
+    let pre = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0).unwrap();
+    assert_eq!((pre.frames.count, pre.frames.height, pre.frames.width), (9, 32, 48));
+    // The reader alone, asked for the bomb: an error, not an abort.
+    let e = VideoReader::open(&clip).unwrap().read(&bomb).unwrap_err().to_string();
+    assert!(e.contains("cannot be allocated"), "{e}");
+}
+
 #[test]
 fn bad_plans_are_refused_before_decoding() {
     let d = tmp();
