@@ -60,15 +60,46 @@ impl PromptRewriters<'_, '_> {
 }
 
 fn rewrite(plugins: &mut [&mut dyn Plugin], caption: &str) -> Result<String, String> {
-    let mut caption = caption.to_string();
+    let mut caption = bounded_caption(caption, "the dataset")?;
     for p in plugins.iter_mut() {
         match p.rewrite_prompt(&caption) {
-            Ok(c) => caption = c,
+            Ok(c) => caption = bounded_caption(&c, &format!("plugin `{}` (`rewrite-prompt`)", p.info().name))?,
             Err(PluginError::Unsupported(_)) => {}
             Err(e) => return Err(format!("plugin `{}` failed in `rewrite-prompt`: {e}", p.info().name)),
         }
     }
     Ok(caption)
+}
+
+/// The longest caption kept, in bytes: far more than the 226 tokens the text encoder reads
+/// (a T5 token is at most 16 bytes); longer captions are cut at a character boundary.
+pub const MAX_CAPTION_BYTES: usize = 16 * 1024;
+
+/// Whether a caption has nothing to read: only whitespace and control characters (NULs
+/// included).
+pub fn is_blank_caption(caption: &str) -> bool {
+    caption.chars().all(|c| c.is_whitespace() || c.is_control())
+}
+
+/// `caption` cut to [`MAX_CAPTION_BYTES`] (with a warning naming `from`); an error for a blank
+/// caption.
+pub fn bounded_caption(caption: &str, from: &str) -> Result<String, String> {
+    if is_blank_caption(&caption[..floor_char_boundary(caption, MAX_CAPTION_BYTES)]) {
+        return Err(format!("{from} gave an empty caption (only whitespace or control characters)"));
+    }
+    if caption.len() <= MAX_CAPTION_BYTES {
+        return Ok(caption.to_string());
+    }
+    let end = floor_char_boundary(caption, MAX_CAPTION_BYTES);
+    tracing::warn!("{from} gave a caption of {} bytes: only its first {end} bytes are kept (the text encoder reads 226 tokens)", caption.len());
+    Ok(caption[..end].to_string())
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
 }
 
 /// The seed of sample `index` under base seed `base`: SplitMix64 of `base` and `index`, so

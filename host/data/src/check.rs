@@ -71,7 +71,7 @@ pub(crate) fn list(root: &Path, chain: &mut Chain<'_>) -> (Vec<Sample>, Vec<Prob
                                 ok = false;
                             }
                         }
-                        if s.caption.trim().is_empty() {
+                        if crate::chain::is_blank_caption(&s.caption) {
                             problems.push(Problem::new(&file, line, "empty caption"));
                             ok = false;
                         }
@@ -135,7 +135,7 @@ fn check_sample(
 ) -> Vec<String> {
     let mut out = Vec::new();
     match rewriters.rewrite(&sample.caption) {
-        Ok(c) if c.trim().is_empty() => out.push("the prompt rewriters left an empty caption".to_string()),
+        Ok(c) if crate::chain::is_blank_caption(&c) => out.push("the prompt rewriters left an empty caption".to_string()),
         Ok(_) => {}
         Err(e) => out.push(e),
     }

@@ -205,7 +205,7 @@ pub fn read_layout(root: &Path) -> Layout {
         }
     }
     for (i, caption) in prompts.lines.iter().enumerate() {
-        if caption.is_empty() {
+        if crate::chain::is_blank_caption(caption) {
             problems.push(Problem::new(&prompts_path, Some(i + 1), "empty caption"));
         }
     }

@@ -591,3 +591,40 @@ fn mini_dataset_check_and_preview_end_to_end() {
     files.sort();
     assert_eq!(files.len(), 6, "{files:?}");
 }
+
+/// A rewriter that returns a fixed text.
+struct Returns(String);
+
+impl Plugin for Returns {
+    fn info(&self) -> PluginInfo {
+        PluginInfo { name: "returns".into(), version: "0.0.1".into(), kinds: vec![PluginKind::PromptRewriter], description: String::new() }
+    }
+    fn rewrite_prompt(&mut self, _: &str) -> PluginResult<String> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Captions are bounded: a caption of NULs is empty; a 20 MB caption (from the dataset or a
+/// rewriter) is cut to `MAX_CAPTION_BYTES` at a character boundary before it reaches the
+/// tokenizer or the cache index.
+#[test]
+fn huge_and_blank_captions_are_bounded() {
+    let d = dataset("\0\0\0\n", "videos/a.mp4\n");
+    clip(&d.path().join("videos/a.mp4"), 12);
+    assert_refused(d.path(), &mut Chain::new(), "prompts.txt", Some(1), "empty caption");
+
+    let max = cogvx_data::chain::MAX_CAPTION_BYTES;
+    let huge = "é".repeat(10 << 20); // 20 MB of two-byte characters
+    let mut chain = Chain::new();
+    let cut = chain.rewrite_prompt(&huge).unwrap();
+    assert!(cut.len() <= max && cut.len() >= max - 1 && cut.chars().all(|c| c == 'é'), "{}", cut.len());
+    let mut rewriter = Returns("a".repeat(50 << 20));
+    let mut chain = Chain::new();
+    chain.prompt_rewriters.push(&mut rewriter);
+    assert_eq!(chain.rewrite_prompt("a cat").unwrap().len(), max);
+    let mut blank = Returns(" \0\t\u{1b}".into());
+    let mut chain = Chain::new();
+    chain.prompt_rewriters.push(&mut blank);
+    let e = chain.rewrite_prompt("a cat").unwrap_err();
+    assert!(e.contains("plugin `returns`") && e.contains("empty caption"), "{e}");
+}

@@ -301,12 +301,15 @@ impl T5Tokenizer {
             pad_type_id: 0,
             pad_token: PAD.to_string(),
         }));
-        let inputs: Vec<&str> = prompts.iter().map(|p| p.as_ref()).collect();
+        // Only a prefix that surely holds the first `max_length` tokens is tokenized: a 20 MB
+        // caption took 2.9 GB to encode in full before being truncated to 226 tokens.
+        let cut: Vec<(&str, bool)> = prompts.iter().map(|p| token_prefix(p.as_ref(), max_length)).collect();
+        let inputs: Vec<&str> = cut.iter().map(|(p, _)| *p).collect();
         let encodings = tokenizer
             .encode_batch(inputs, true)
             .map_err(|e| TextError::InvalidInput(format!("tokenizing failed: {e}")))?;
         for (i, e) in encodings.iter().enumerate() {
-            if !e.get_overflowing().is_empty() {
+            if !e.get_overflowing().is_empty() || cut[i].1 {
                 // diffusers' `_get_t5_prompt_embeds` warns the same way.
                 tracing::warn!(
                     "prompt {i} was truncated to max_length={max_length} tokens (including `</s>`); the rest is ignored"
@@ -421,6 +424,36 @@ fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
         }
     }
     Ok(out)
+}
+
+/// Bytes per token kept before tokenizing: a T5 piece is at most 16 bytes, so a prefix of
+/// `64 x max_length` bytes holds more than `max_length` tokens.
+const PREFIX_BYTES_PER_TOKEN: usize = 64;
+
+/// The prefix of `text` that holds its first `max_length` tokens, and whether anything was cut:
+/// the first `max_length + 1` whitespace-separated words (T5 splits on whitespace before its
+/// unigram model, so whole words keep their tokens) and at most `64 x max_length` bytes.
+fn token_prefix(text: &str, max_length: usize) -> (&str, bool) {
+    let max_bytes = max_length.saturating_mul(PREFIX_BYTES_PER_TOKEN);
+    let mut end = text.len();
+    let mut words = 0usize;
+    let mut in_word = false;
+    for (i, c) in text.char_indices() {
+        if i >= max_bytes {
+            end = i;
+            break;
+        }
+        let space = c.is_whitespace();
+        if !space && !in_word {
+            words += 1;
+            if words > max_length + 1 {
+                end = i;
+                break;
+            }
+        }
+        in_word = !space;
+    }
+    (&text[..end], end < text.len())
 }
 
 #[cfg(test)]
