@@ -16,6 +16,8 @@ extern crate self as cogvx_plugin_api;
 mod types;
 pub use types::*;
 
+pub mod text;
+
 #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
 pub mod native;
 

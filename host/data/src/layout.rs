@@ -47,9 +47,13 @@ impl Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Paths and messages can come from a dataset or a plugin: printed without control
+        // characters, and bounded.
+        let file = cogvx_plugin_api::text::display_safe(&self.file.display().to_string(), 4096);
+        let message = cogvx_plugin_api::text::display_safe(&self.message, 4096);
         match self.line {
-            Some(l) => write!(f, "{}:{l}: {}", self.file.display(), self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
+            Some(l) => write!(f, "{file}:{l}: {message}"),
+            None => write!(f, "{file}: {message}"),
         }
     }
 }

@@ -2,10 +2,34 @@
 
 use std::path::{Path, PathBuf};
 
+use cogvx_plugin_api::text::display_safe;
 use cogvx_plugin_api::*;
 
 use crate::validate::validate_samples;
 use crate::{native, wasm, LoadError, WasmLimits};
+
+/// The longest message of a plugin's error that is kept (the rest is counted, not printed).
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// Checks and bounds what a loaded plugin says about itself: the name is 1 to 64 characters
+/// of `[A-Za-z0-9._-]` (it appears in configs, tables and cache keys); the version and
+/// description are printed without control characters and cut to 64 and 256 bytes.
+fn checked_info(mut info: PluginInfo, path: &Path) -> Result<PluginInfo, LoadError> {
+    let name_ok = (1..=64).contains(&info.name.len())
+        && info.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !name_ok {
+        return Err(LoadError::Start {
+            path: path.to_path_buf(),
+            reason: format!(
+                "its name `{}` is not a plugin name (1 to 64 characters of letters, digits, `.`, `_` and `-`)",
+                display_safe(&info.name, 64)
+            ),
+        });
+    }
+    info.version = display_safe(&info.version, 64);
+    info.description = display_safe(&info.description, 256);
+    Ok(info)
+}
 
 /// How a plugin reaches the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -82,6 +106,7 @@ impl LoadedPlugin {
     /// Loads a WASM component (compiled once per process; instantiated in a sandbox).
     pub fn load_wasm(path: &Path, limits: &WasmLimits) -> Result<Self, LoadError> {
         let (plugin, info, api_version) = wasm::WasmPlugin::load(path, limits)?;
+        let info = checked_info(info, path)?;
         Ok(LoadedPlugin {
             info,
             transport: Transport::Wasm,
@@ -94,6 +119,7 @@ impl LoadedPlugin {
     /// Loads a native plugin library, checking its API version and root-module layout.
     pub fn load_native(path: &Path) -> Result<Self, LoadError> {
         let (plugin, info, api_version) = native::NativePlugin::load(path)?;
+        let info = checked_info(info, path)?;
         Ok(LoadedPlugin {
             info,
             transport: Transport::Native,
@@ -149,6 +175,11 @@ impl LoadedPlugin {
     fn wrap<T>(&self, call: &str, r: PluginResult<T>) -> PluginResult<T> {
         r.map_err(|e| {
             let label = self.label();
+            let e = match e {
+                PluginError::Unsupported(m) => PluginError::Unsupported(display_safe(&m, MAX_MESSAGE_BYTES)),
+                PluginError::Invalid(m) => PluginError::Invalid(display_safe(&m, MAX_MESSAGE_BYTES)),
+                PluginError::Failed(m) => PluginError::Failed(display_safe(&m, MAX_MESSAGE_BYTES)),
+            };
             match e {
                 PluginError::Unsupported(m) => PluginError::Unsupported(format!("{label}: `{call}`: {m}")),
                 PluginError::Invalid(m) => PluginError::Invalid(format!("{label}: `{call}`: {m}")),
@@ -230,5 +261,31 @@ impl Plugin for LoadedPlugin {
     fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
         let r = self.inner.validate(request);
         self.wrap("validate", r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, version: &str, description: &str) -> PluginInfo {
+        PluginInfo { name: name.into(), version: version.into(), kinds: vec![PluginKind::PromptRewriter], description: description.into() }
+    }
+
+    /// A 50 MB name made `cogvx plugins` panic (format width); names with escapes reached the
+    /// terminal. Names are checked at load; versions and descriptions are escaped and cut.
+    #[test]
+    fn what_a_plugin_says_about_itself_is_checked_and_bounded() {
+        let p = Path::new("x.wasm");
+        for bad in ["", "a b", "caption\u{1b}[2J", "../x", "é"] {
+            let e = checked_info(info(bad, "1", ""), p).unwrap_err().to_string();
+            assert!(e.contains("not a plugin name") && !e.contains('\u{1b}'), "{e}");
+        }
+        let huge = "n".repeat(50 << 20);
+        let e = checked_info(info(&huge, "1", ""), p).unwrap_err().to_string();
+        assert!(e.len() < 1024, "{}", e.len());
+        let ok = checked_info(info("crop_resize-2.v1", "1.0\u{1b}[31m", &"d".repeat(10_000)), p).unwrap();
+        assert_eq!(ok.version, "1.0\\u{1b}[31m");
+        assert!(ok.description.len() < 300 && ok.description.ends_with("more bytes)"));
     }
 }

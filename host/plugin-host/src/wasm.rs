@@ -199,9 +199,15 @@ struct LogInner {
     plugin: String,
     partial: [Vec<u8>; 2],
     stderr_tail: String,
+    /// Bytes logged in the current call.
+    logged: usize,
+    /// Bytes of the current call's output not logged.
+    dropped: usize,
 }
 
 const TAIL_CHARS: usize = 2000;
+/// Output of one call that reaches the log.
+const MAX_CALL_LOG: usize = 64 * 1024;
 const MAX_LINE: usize = 16 * 1024;
 
 impl GuestLog {
@@ -210,6 +216,8 @@ impl GuestLog {
             plugin: plugin.to_string(),
             partial: [Vec::new(), Vec::new()],
             stderr_tail: String::new(),
+            logged: 0,
+            dropped: 0,
         })))
     }
 
@@ -231,12 +239,15 @@ impl GuestLog {
         }
     }
 
-    /// Starts a call: forgets the previous call's stderr.
+    /// Starts a call: forgets the previous call's stderr and output budget.
     fn begin_call(&self) {
-        self.0.lock().expect("log poisoned").stderr_tail.clear();
+        let mut inner = self.0.lock().expect("log poisoned");
+        inner.stderr_tail.clear();
+        inner.logged = 0;
+        inner.dropped = 0;
     }
 
-    /// Ends a call: emits unterminated lines.
+    /// Ends a call: emits unterminated lines, and says how much output was left out.
     fn flush(&self) {
         let mut inner = self.0.lock().expect("log poisoned");
         for i in 0..2 {
@@ -244,6 +255,16 @@ impl GuestLog {
                 let line = std::mem::take(&mut inner.partial[i]);
                 inner.emit(i == 1, &line);
             }
+        }
+        if inner.dropped > 0 {
+            tracing::warn!(
+                target: "cogvx::plugin",
+                plugin = %inner.plugin,
+                "{} more bytes of output in this call were not logged (at most {} KiB per call)",
+                inner.dropped,
+                MAX_CALL_LOG / 1024
+            );
+            inner.dropped = 0;
         }
     }
 
@@ -265,7 +286,15 @@ impl LogInner {
     fn emit(&mut self, stderr: bool, line: &[u8]) {
         let line = String::from_utf8_lossy(line);
         let stream = if stderr { "stderr" } else { "stdout" };
-        tracing::info!(target: "cogvx::plugin", plugin = %self.plugin, stream, "{line}");
+        // At most MAX_CALL_LOG bytes of output per call reach the log (a plugin wrote 1 GB in
+        // a minute), without control characters; the rest is counted.
+        if self.logged < MAX_CALL_LOG {
+            self.logged += line.len();
+            let shown = cogvx_plugin_api::text::display_safe(&line, MAX_LINE);
+            tracing::info!(target: "cogvx::plugin", plugin = %self.plugin, stream, "{shown}");
+        } else {
+            self.dropped += line.len() + 1;
+        }
         if stderr {
             self.stderr_tail.push_str(&line);
             self.stderr_tail.push('\n');

@@ -137,3 +137,11 @@ fn a_panic_in_configure_is_one_error_and_the_plugin_recovers_with_good_parameter
     p.configure(r#"{"prefix": "[ok] "}"#).unwrap();
     assert_eq!(p.rewrite_prompt("a cat").unwrap(), "[ok] a cat");
 }
+
+/// A native plugin's error message is bounded and escaped like a WASM one's.
+#[test]
+fn a_huge_error_message_is_cut_and_escaped() {
+    let mut p = LoadedPlugin::load_native(common::misbehave_so()).unwrap();
+    let e = p.plan_transform(&common::request(9)).unwrap_err().to_string();
+    assert!(e.len() < 4096 && !e.contains('\u{1b}') && e.contains("\\u{1b}[2J") && e.contains("more bytes)"), "{}", &e[..e.len().min(300)]);
+}

@@ -273,3 +273,23 @@ fn a_component_of_another_api_version_is_refused() {
         )
     );
 }
+
+/// A plugin's error message and its output are bounded and escaped: a 10 MB message with
+/// escape sequences (it was printed per sample, and could clear the screen) and a 10 MB stderr
+/// flood in one call (1 GB of log in a minute).
+#[test]
+fn plugin_messages_and_output_are_bounded_and_escaped() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).without_time().finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let mut p = load();
+        let e = p.plan_transform(&common::request(9)).unwrap_err().to_string();
+        assert!(e.len() < 4096 && !e.contains('\u{1b}') && e.contains("\\u{1b}[2J") && e.contains("more bytes)"), "{}", &e[..e.len().min(300)]);
+        assert!(p.plan_transform(&common::request(10)).is_ok());
+    });
+    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(log.len() < 200 * 1024, "{} bytes of log", log.len());
+    assert!(!log.contains('\u{1b}'), "raw ESC in the log");
+    assert!(log.contains("flood \\u{1b}[31m") && log.contains("bytes of output in this call were not logged"), "{}", &log[log.len().saturating_sub(500)..]);
+}
