@@ -167,24 +167,45 @@ impl WasiView for WasmState {
     }
 }
 
-/// Caps linear memory; remembers a refused growth so the error can say "out of memory".
+/// Caps the instance's memory: every linear memory and table together (a component can hold
+/// several core instances, each with its own memory: 8 of them reached 3.5 GB under a 512 MiB
+/// cap counted per memory). Remembers a refused growth so the error can say "out of memory".
 struct MemoryCap {
     max_bytes: usize,
+    /// Bytes of every memory and table of the instance.
+    used: usize,
     refused: Option<usize>,
 }
 
+impl MemoryCap {
+    fn new(max_bytes: usize) -> Self {
+        MemoryCap { max_bytes, used: 0, refused: None }
+    }
+
+    /// Grows the total by `desired - current`, or refuses (the total is left as it was).
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.max_bytes {
+            self.refused = Some(total);
+            return false;
+        }
+        self.used = total;
+        true
+    }
+}
+
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.refused = Some(desired);
-            wasmtime::bail!("memory cap of {} exceeded (asked for {})", mib(self.max_bytes), mib(desired));
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if !self.grow(current, desired) {
+            wasmtime::bail!("memory cap of {} exceeded (all memories together would take {})", mib(self.max_bytes), mib(self.refused.unwrap_or(desired)));
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        // Tables cost a pointer per element; count them against the same cap.
-        Ok(desired.saturating_mul(std::mem::size_of::<usize>()) <= self.max_bytes)
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Tables cost a pointer per element; counted against the same cap.
+        let size = std::mem::size_of::<usize>();
+        Ok(self.grow(current.saturating_mul(size), desired.saturating_mul(size)))
     }
 }
 
@@ -424,7 +445,7 @@ impl Factory {
         let state = WasmState {
             wasi: b.build(),
             table: ResourceTable::new(),
-            limiter: MemoryCap { max_bytes: self.limits.max_memory_bytes, refused: None },
+            limiter: MemoryCap::new(self.limits.max_memory_bytes),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
