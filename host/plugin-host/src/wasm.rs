@@ -869,6 +869,22 @@ impl From<w::InferencePlan> for InferencePlan {
 mod tests {
     use super::*;
 
+    /// The cap holds for all memories together: 8 memories of 100 MiB under a 512 MiB cap get
+    /// 5, and a refused growth leaves the total unchanged.
+    #[test]
+    fn the_memory_cap_counts_every_memory_of_the_instance() {
+        let mib = 1usize << 20;
+        let mut cap = MemoryCap::new(512 * mib);
+        let granted = (0..8).filter(|_| cap.grow(0, 100 * mib)).count();
+        assert_eq!(granted, 5);
+        assert_eq!(cap.used, 500 * mib);
+        assert!(cap.refused.is_some());
+        // Growing one of them by 12 MiB fits exactly; one more byte does not.
+        assert!(cap.grow(100 * mib, 112 * mib));
+        assert!(!cap.grow(0, 1));
+        assert_eq!(cap.used, 512 * mib);
+    }
+
     #[test]
     fn guest_paths_become_relative() {
         assert_eq!(to_relative("/dataset/videos/a.mp4".into()), "videos/a.mp4");
