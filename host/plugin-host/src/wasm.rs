@@ -6,10 +6,14 @@
 //!   or name lookup), stdin closed; stdout and stderr go to `tracing` (target
 //!   `cogvx::plugin`). Only `list-samples` runs in a separate instance that sees the dataset
 //!   root read-only at [`GUEST_DATASET_ROOT`]; paths it returns are translated back.
-//! * Limits ([`WasmLimits`]): a cap on linear memory per instance (a `memory.grow` past it
-//!   traps) and a time cap per call: epoch interruption (ticked by a background thread) stops
-//!   guest code; a call blocked inside a WASI host call (e.g. a long sleep), which epochs cannot
-//!   reach, is abandoned one second past the cap (each instance lives on its own worker thread).
+//! * Limits ([`WasmLimits`]): a cap on the memory of an instance (all its linear memories and
+//!   tables together; a `memory.grow` past it traps) and a time cap per call: epoch
+//!   interruption (ticked by a background thread) stops guest code; a call blocked inside a
+//!   WASI host call (e.g. a long sleep), which epochs cannot reach, is abandoned one second past
+//!   the cap (each instance lives on its own worker thread, which keeps the instance's memory
+//!   until the call ends). At most 3 worker threads of a plugin are alive at once, and after 3
+//!   abandoned calls the plugin is disabled for the run.
+//! * What a plugin prints reaches the log escaped and bounded (64 KiB per call).
 //! * A trap (panic, `unreachable`, timeout, out of memory) discards the instance; the next
 //!   call instantiates a fresh one and re-applies the last `configure` parameters.
 
@@ -399,7 +403,17 @@ enum Failure {
     Guest(PluginError),
     /// The instance trapped (or could not be created); it must be discarded.
     Trap(String),
+    /// The call stayed blocked in a host call past its time cap: its worker thread was left to
+    /// finish on its own, holding the instance's memory until it does.
+    Abandoned(String),
 }
+
+/// Worker threads of one plugin alive at once (the current one and abandoned ones still blocked
+/// in host calls, each holding its instance's memory): at most this many, so a plugin that
+/// allocates and sleeps holds at most this many times its memory cap.
+const MAX_LIVE_WORKERS: usize = 3;
+/// Abandoned calls after which the plugin is disabled for the rest of the process.
+const MAX_ABANDONMENTS: u32 = 3;
 
 /// A guest call, run on the worker thread that owns the instance.
 type GuestCall<R> =
@@ -426,6 +440,17 @@ struct Factory {
     limits: WasmLimits,
     log: GuestLog,
     params: Option<String>,
+    /// Worker threads of this plugin alive now (see [`MAX_LIVE_WORKERS`]).
+    live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a worker thread as alive until it ends.
+struct LiveGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Factory {
@@ -460,7 +485,7 @@ impl Factory {
             match run(&self.limits, &self.log, &mut instance, |b, s| b.cogvx_plugin_guest().call_configure(s, params)) {
                 Ok(()) => {}
                 Err(Failure::Guest(e)) => return Err(format!("re-applying `configure` failed: {e}")),
-                Err(Failure::Trap(m)) => return Err(format!("re-applying `configure` failed: {m}")),
+                Err(Failure::Trap(m) | Failure::Abandoned(m)) => return Err(format!("re-applying `configure` failed: {m}")),
             }
         }
         Ok(instance)
@@ -468,6 +493,16 @@ impl Factory {
 
     /// Starts a worker thread owning a fresh instance.
     fn spawn(&self, dataset_root: Option<PathBuf>) -> Result<Worker, String> {
+        use std::sync::atomic::Ordering;
+        let live = self.live.load(Ordering::SeqCst);
+        if live >= MAX_LIVE_WORKERS {
+            return Err(format!(
+                "{live} earlier calls are still blocked in host calls past their time cap, each holding its instance's memory; \
+                 no new instance until one of them ends"
+            ));
+        }
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let guard = LiveGuard(self.live.clone());
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let factory = self.clone();
@@ -475,6 +510,7 @@ impl Factory {
         std::thread::Builder::new()
             .name("cogvx-wasm-plugin".into())
             .spawn(move || {
+                let _alive = guard;
                 let instance = tracing::dispatcher::with_default(&dispatch, || {
                     span.in_scope(|| factory.instantiate(dataset_root.as_deref()))
                 });
@@ -529,7 +565,7 @@ impl Worker {
         }
         match rx.recv_timeout(limits.call_timeout + BLOCKED_GRACE) {
             Ok(result) => result,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(Failure::Trap(format!(
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Failure::Abandoned(format!(
                 "timed out: the call ran longer than its time cap of {:?} (blocked in a host call, e.g. a sleep) \
                  and was abandoned",
                 limits.call_timeout
@@ -547,6 +583,8 @@ pub(crate) struct WasmPlugin {
     factory: Factory,
     worker: Option<Worker>,
     info: Option<PluginInfo>,
+    /// Calls abandoned so far (see [`MAX_ABANDONMENTS`]).
+    abandoned: u32,
 }
 
 impl WasmPlugin {
@@ -555,9 +593,10 @@ impl WasmPlugin {
         let (pre, api_version) = compile(path)?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut plugin = WasmPlugin {
-            factory: Factory { pre, limits: limits.clone(), log: GuestLog::new(&name), params: None },
+            factory: Factory { pre, limits: limits.clone(), log: GuestLog::new(&name), params: None, live: Default::default() },
             worker: None,
             info: None,
+            abandoned: 0,
         };
         let start = |reason: String| LoadError::Start { path: path.to_path_buf(), reason };
         let info = plugin
@@ -574,6 +613,12 @@ impl WasmPlugin {
 
     /// Runs one call on the current instance, recreating it first if a trap discarded it.
     fn call<R: Send + 'static>(&mut self, what: &str, f: GuestCall<R>) -> PluginResult<R> {
+        if self.abandoned >= MAX_ABANDONMENTS {
+            return Err(PluginError::Failed(format!(
+                "disabled: {} of its calls stayed blocked in host calls past their time cap of {:?}; it is not called again in this run",
+                self.abandoned, self.factory.limits.call_timeout
+            )));
+        }
         if self.worker.is_none() {
             let worker = self
                 .factory
@@ -590,6 +635,16 @@ impl WasmPlugin {
                 Err(PluginError::Failed(format!(
                     "{m} (the instance was discarded; the next call gets a fresh one, re-configured)"
                 )))
+            }
+            Err(Failure::Abandoned(m)) => {
+                self.worker = None;
+                self.abandoned += 1;
+                let next = if self.abandoned >= MAX_ABANDONMENTS {
+                    format!("after {} abandoned calls the plugin is disabled for this run", self.abandoned)
+                } else {
+                    "the next call gets a fresh instance, re-configured".to_string()
+                };
+                Err(PluginError::Failed(format!("{m} ({next})")))
             }
         }
     }
@@ -697,6 +752,10 @@ impl Plugin for WasmPlugin {
                 PluginError::Failed(m) => PluginError::Failed(to_host_text(&m, host_root)),
             }),
             Err(Failure::Trap(m)) => Err(PluginError::Failed(to_host_text(&m, host_root))),
+            Err(Failure::Abandoned(m)) => {
+                self.abandoned += 1;
+                Err(PluginError::Failed(to_host_text(&m, host_root)))
+            }
         }
     }
 

@@ -293,3 +293,23 @@ fn plugin_messages_and_output_are_bounded_and_escaped() {
     assert!(!log.contains('\u{1b}'), "raw ESC in the log");
     assert!(log.contains("flood \\u{1b}[31m") && log.contains("bytes of output in this call were not logged"), "{}", &log[log.len().saturating_sub(500)..]);
 }
+
+/// A plugin whose calls block in host calls (it sleeps) is abandoned at most a few times: the
+/// abandoned instances are bounded (each holds its memory until its call ends), and after
+/// three the plugin is disabled, answering at once (a plugin that allocated 400 MiB and slept
+/// took the host past 8 GB in a minute).
+#[test]
+fn repeated_abandonments_disable_the_plugin() {
+    let mut p = load();
+    for i in 1..=3 {
+        let e = failed(p.plan_transform(&common::request(8)).unwrap_err());
+        assert!(e.contains("was abandoned"), "call {i}: {e}");
+        if i == 3 {
+            assert!(e.contains("after 3 abandoned calls the plugin is disabled"), "{e}");
+        }
+    }
+    let start = Instant::now();
+    let e = failed(p.plan_transform(&common::request(0)).unwrap_err());
+    assert!(e.contains("disabled: 3 of its calls stayed blocked"), "{e}");
+    assert!(start.elapsed() < Duration::from_millis(100), "the disabled plugin was called: {:?}", start.elapsed());
+}
