@@ -213,10 +213,33 @@ fn check_file(path: &Path) -> Result<()> {
     }
 }
 
+/// The demuxers a clip may be read with: single-file video containers. Formats that open
+/// further files or URLs (HLS/DASH playlists, `concat` lists, image sequences, `tee`, network
+/// protocols) are refused: a `videos/x.m3u8` naming `../../outside/secret.ts` read a file
+/// outside the dataset root.
+pub const ACCEPTED_CONTAINERS: &str =
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,mpeg,mpegvideo,ogg,asf,h264,hevc,m4v,ivf,gif,yuv4mpegpipe,nut,mxf";
+
 fn open_input(path: &Path) -> Result<format::context::Input> {
     init();
     check_file(path)?;
-    format::input(&path).map_err(|e| classify_open_error(path, e))
+    if let Some(name) = probe_container(path) {
+        if !name.split(',').any(|n| ACCEPTED_CONTAINERS.split(',').any(|a| a == n)) {
+            return Err(VideoError::NotVideo {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "the `{name}` format is not accepted: playlists, concat lists and other formats that open further files \
+                     or URLs are refused; accepted containers: {ACCEPTED_CONTAINERS}"
+                ),
+            });
+        }
+    }
+    // The same whitelist inside FFmpeg (it probes by extension too), and only the file protocol.
+    let mut options = ffmpeg::Dictionary::new();
+    options.set("format_whitelist", ACCEPTED_CONTAINERS);
+    options.set("protocol_whitelist", "file");
+    let url = format!("file:{}", path.display());
+    format::input_with_dictionary(&url, options).map_err(|e| classify_open_error(path, e))
 }
 
 /// Clockwise display rotation as the `ffmpeg` tool applies it (`get_rotation` in fftools):

@@ -748,3 +748,27 @@ fn mini_dataset_clips_probe_and_decode() {
         );
     }
 }
+
+/// Playlists and concat lists open further files: a `videos/x.m3u8` naming
+/// `../../outside/secret.ts` (or an absolute path) was decoded. They are refused by content,
+/// whatever their extension, before FFmpeg opens anything.
+#[test]
+fn playlists_and_concat_lists_are_refused() {
+    let d = tmp();
+    let outside = p(d.path(), "outside");
+    let root = p(d.path(), "data/videos");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let secret = p(&outside, "secret.ts");
+    ff(&["-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1", "-c:v", "libx264", "-f", "mpegts", s(&secret)]);
+    let playlist = "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n../../outside/secret.ts\n#EXT-X-ENDLIST\n";
+    let concat = format!("ffconcat version 1.0\nfile '{}'\n", secret.display());
+    for (name, text) in [("x.m3u8", playlist.to_string()), ("looks-like.mp4", playlist.to_string()), ("list.mp4", concat)] {
+        let path = p(&root, name);
+        std::fs::write(&path, text).unwrap();
+        let e = VideoReader::open(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("is not accepted") && e.contains(name), "{name}: {e}");
+    }
+    // The segment itself, as a file in the dataset, is a video.
+    assert!(VideoReader::open(&secret).is_ok());
+}
