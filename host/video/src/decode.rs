@@ -213,12 +213,14 @@ fn check_file(path: &Path) -> Result<()> {
     }
 }
 
-/// The demuxers a clip may be read with: single-file video containers. Formats that open
+/// The demuxers a clip (or a conditioning image) may be read with: single-file containers and
+/// single images (not `image2`, whose file patterns read sibling files). Formats that open
 /// further files or URLs (HLS/DASH playlists, `concat` lists, image sequences, `tee`, network
 /// protocols) are refused: a `videos/x.m3u8` naming `../../outside/secret.ts` read a file
 /// outside the dataset root.
 pub const ACCEPTED_CONTAINERS: &str =
-    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,mpeg,mpegvideo,ogg,asf,h264,hevc,m4v,ivf,gif,yuv4mpegpipe,nut,mxf";
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,mpeg,mpegvideo,ogg,asf,h264,hevc,m4v,ivf,gif,yuv4mpegpipe,nut,mxf,\
+     png_pipe,jpeg_pipe,webp_pipe,bmp_pipe,tiff_pipe";
 
 fn open_input(path: &Path) -> Result<format::context::Input> {
     init();
