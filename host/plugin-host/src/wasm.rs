@@ -412,6 +412,9 @@ enum Failure {
 /// in host calls, each holding its instance's memory): at most this many, so a plugin that
 /// allocates and sleeps holds at most this many times its memory cap.
 const MAX_LIVE_WORKERS: usize = 3;
+/// wasmtime's default allowance of data copied in one call, kept for every call but
+/// `transform-frames` (which gets twice its frames' size on top).
+const HOSTCALL_FUEL_MIN: usize = 128 << 20;
 /// Abandoned calls after which the plugin is disabled for the rest of the process.
 const MAX_ABANDONMENTS: u32 = 3;
 
@@ -766,9 +769,20 @@ impl Plugin for WasmPlugin {
     }
 
     fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
+        // The frames cross into the guest and back: wasmtime's default allowance for data
+        // copied in one call (128 MiB) is below CogVideoX1.5's 81x768x1360 (254 MB each way).
+        let fuel = (frames.rgb.len().saturating_mul(2)).max(HOSTCALL_FUEL_MIN).saturating_add(HOSTCALL_FUEL_MIN);
         let frames: w::Frames = frames.into();
-        self.call("transform-frames", Box::new(move |b, s| b.cogvx_plugin_guest().call_transform_frames(s, &frames)))
-            .map(Into::into)
+        self.call(
+            "transform-frames",
+            Box::new(move |b, s| {
+                s.set_hostcall_fuel(fuel);
+                let r = b.cogvx_plugin_guest().call_transform_frames(&mut *s, &frames);
+                s.set_hostcall_fuel(HOSTCALL_FUEL_MIN);
+                r
+            }),
+        )
+        .map(Into::into)
     }
 
     fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {

@@ -313,3 +313,18 @@ fn repeated_abandonments_disable_the_plugin() {
     assert!(e.contains("disabled: 3 of its calls stayed blocked"), "{e}");
     assert!(start.elapsed() < Duration::from_millis(100), "the disabled plugin was called: {:?}", start.elapsed());
 }
+
+/// A pixel transform at CogVideoX1.5's resolution (81x768x1360: 254 MB of frames each way)
+/// goes through the sandbox; it failed past wasmtime's default hostcall allowance ("too much
+/// data is being copied").
+#[test]
+fn real_size_frames_cross_the_sandbox() {
+    let limits = cogvx_plugin_host::WasmLimits { max_memory_bytes: 1200 << 20, call_timeout: Duration::from_secs(120) };
+    let mut p = LoadedPlugin::load(common::misbehave_wasm(), &limits).unwrap();
+    let (count, height, width) = (81u32, 768u32, 1360u32);
+    let n = (count * height * width * 3) as usize;
+    let rgb: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let out = p.transform_frames(cogvx_plugin_api::Frames { width, height, count, rgb }).unwrap();
+    assert_eq!((out.count, out.height, out.width, out.rgb.len()), (count, height, width, n));
+    assert!(out.rgb.iter().enumerate().step_by(9973).all(|(i, &v)| v == 255 - (i % 251) as u8));
+}
