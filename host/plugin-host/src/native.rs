@@ -81,12 +81,71 @@ fn library_error(path: &Path, e: LibraryError) -> LoadError {
     }
 }
 
+/// Checks that an ELF file's program segments and section table lie inside the file (a file
+/// that is not ELF is left to the loader, which refuses it with its own message).
+fn check_elf_extent(path: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        return Ok(());
+    }
+    let len = bytes.len() as u64;
+    let short = |what: String| format!("the file is truncated or damaged: {what}, but the file has {len} bytes (copy or build it again)");
+    if bytes.len() < 64 || bytes[4] != 2 || bytes[5] != 1 {
+        return Err(if bytes.len() < 64 { short("its ELF header needs 64 bytes".into()) } else { "it is not a 64-bit little-endian ELF library".into() });
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as u64;
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes")) as u64;
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+    let (phoff, shoff) = (u64_at(0x20), u64_at(0x28));
+    let (phentsize, phnum, shentsize, shnum) = (u16_at(0x36), u16_at(0x38), u16_at(0x3a), u16_at(0x3c));
+    let ph_end = phoff.saturating_add(phentsize.saturating_mul(phnum));
+    if ph_end > len || phentsize < 56 {
+        return Err(short(format!("its program headers end at byte {ph_end}")));
+    }
+    let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
+    if sh_end > len {
+        return Err(short(format!("its section headers end at byte {sh_end}")));
+    }
+    for i in 0..phnum {
+        let h = (phoff + i * phentsize) as usize;
+        // PT_LOAD segments are mapped from the file.
+        if u32_at(h) == 1 {
+            let (offset, filesz) = (u64_at(h + 8), u64_at(h + 32));
+            let end = offset.saturating_add(filesz);
+            if end > len {
+                return Err(short(format!("its loadable segment {i} ends at byte {end}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Says once per library that a native plugin runs unsandboxed: its initialisers run inside
+/// the host when it is loaded, before any check, with the host's rights (only `.wasm` plugins
+/// are sandboxed).
+fn warn_native_once(path: &Path) {
+    static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|p| p == path) {
+        seen.push(path.to_path_buf());
+        tracing::warn!(
+            "loading native plugin {}: native plugins are not sandboxed; its code runs in this process with your rights \
+             as soon as it is loaded, before any check (use a .wasm build of a plugin you do not trust)",
+            path.display()
+        );
+    }
+}
+
 impl NativePlugin {
     /// Loads, checks and instantiates; returns the instance, its info and its API version.
     pub(crate) fn load(path: &Path) -> Result<(Self, PluginInfo, String), LoadError> {
         if let Err(e) = std::fs::metadata(path) {
             return Err(LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() });
         }
+        // A truncated library maps pages past the end of the file: the loader dies of SIGBUS
+        // touching them, with no message. Its segments must lie inside the file.
+        check_elf_extent(path).map_err(|reason| LoadError::NotAPlugin { path: path.to_path_buf(), reason })?;
+        warn_native_once(path);
         let header = lib_header_from_path(path).map_err(|e| library_error(path, e))?;
         let found = header.version_strings().version.as_str().to_string();
         if !api_compatible(&found, API_VERSION) {

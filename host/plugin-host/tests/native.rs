@@ -145,3 +145,17 @@ fn a_huge_error_message_is_cut_and_escaped() {
     let e = p.plan_transform(&common::request(9)).unwrap_err().to_string();
     assert!(e.len() < 4096 && !e.contains('\u{1b}') && e.contains("\\u{1b}[2J") && e.contains("more bytes)"), "{}", &e[..e.len().min(300)]);
 }
+
+/// A truncated `.so` killed the host with SIGBUS (the loader touched pages past the end of the
+/// file): its segments are checked against the file size before it is opened.
+#[test]
+fn a_truncated_library_is_refused_before_it_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(common::misbehave_so()).unwrap();
+    for keep in [bytes.len() / 2, bytes.len() - 1, 40] {
+        let path = dir.path().join(format!("cut-{keep}.so"));
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        let e = Registry::new().load(&path).unwrap_err().to_string();
+        assert!(e.contains("truncated or damaged") && e.contains(&format!("the file has {keep} bytes")), "{e}");
+    }
+}
