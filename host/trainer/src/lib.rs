@@ -28,6 +28,7 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod checkpoint;
+pub mod lock;
 pub mod config;
 pub mod rng;
 pub mod schedule;
@@ -531,6 +532,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
     vconfig.validate()?;
     let out = config.output_dir.clone();
     check_output_dir(&out, &[("[model] path", &model_dir)])?;
+    let _lock = lock::OutputLock::acquire(&out)?;
     if cache.is_empty() {
         return input(format!("the cache {} holds no samples; run `cogvx prepare` on a dataset with videos", cache.dir.display()));
     }

@@ -338,6 +338,22 @@ fn resume_refuses_other_adapter_settings() {
     assert_eq!((s.start_step, s.step), (1, 2));
 }
 
+/// Two runs in one output folder: the second is refused naming the first (it deleted the
+/// first run's checkpoint being written, and the first run died); the lock goes with its holder.
+#[test]
+fn a_second_run_in_the_same_output_folder_is_refused() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 1, false);
+    let out = tmp.path().join("out");
+    let held = cogvx_trainer::lock::OutputLock::acquire(&out).unwrap();
+    let e = run(job(&model, &cache, config(&out, 1, 1))).unwrap_err().to_string();
+    assert!(e.contains("in use by another cogvx run") && e.contains(&format!("pid {}", std::process::id())), "{e}");
+    assert!(list_checkpoints(&out).unwrap().is_empty());
+    drop(held);
+    run(job(&model, &cache, config(&out, 1, 1))).unwrap();
+}
+
 /// A hand-edited or corrupted `trainer_state.json` is an error naming the field (it panicked
 /// indexing the data order with `data.batch = 1000`), and the run it would resume is untouched.
 #[test]
