@@ -124,9 +124,21 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
             fields.insert("video".into(), path.display().to_string().into());
             for (name, plugin) in validators.iter_mut() {
                 let request = ValidateRequest { prompt: prompt.clone(), frames: clip.clone(), fps };
-                let scores = plugin.validate(&request).map_err(|e| TrainerError::Plugin { plugin: name.clone(), message: e.to_string() })?;
+                // A validator that fails marks this video's validation failed; training goes on.
+                let scores = match plugin.validate(&request) {
+                    Ok(scores) => scores,
+                    Err(e) => {
+                        tracing::warn!("validation step {step}, video {i}: validator `{name}` failed (training goes on): {e}");
+                        fields.insert(format!("{name}.error"), e.to_string().into());
+                        continue;
+                    }
+                };
                 for m in scores {
-                    tracing::info!("validation step {step}, video {i}: {name}.{} = {}", m.name, m.value);
+                    if !m.value.is_finite() {
+                        tracing::warn!("validation step {step}, video {i}: {name}.{} = {} (not a finite number; logged as null)", m.name, m.value);
+                    } else {
+                        tracing::info!("validation step {step}, video {i}: {name}.{} = {}", m.name, m.value);
+                    }
                     fields.insert(format!("{name}.{}", m.name), serde_json::json!(m.value));
                 }
             }

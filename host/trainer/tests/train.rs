@@ -228,6 +228,46 @@ impl Plugin for Brightness {
     }
 }
 
+/// A validator that fails on its first video and scores NaN on the next.
+struct Flaky(u32);
+
+impl Plugin for Flaky {
+    fn info(&self) -> PluginInfo {
+        PluginInfo { name: "flaky".into(), version: "0.1.0".into(), kinds: vec![PluginKind::Validator], description: "test".into() }
+    }
+    fn validate(&mut self, _: &ValidateRequest) -> PluginResult<Vec<Metric>> {
+        self.0 += 1;
+        match self.0 {
+            1 => Err(cogvx_plugin_api::PluginError::Failed("flaky: no score this time".into())),
+            _ => Ok(vec![Metric { name: "score".into(), value: f64::NAN }]),
+        }
+    }
+}
+
+/// A validator's failure marks that validation failed and training goes on (it aborted the
+/// run); a NaN score is logged as null.
+#[test]
+fn a_failing_validator_does_not_stop_training() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let out = tmp.path().join("out");
+    let mut cfg = config(&out, 4, 100);
+    cfg.gradient_accumulation_steps = 1;
+    let mut flaky = Flaky(0);
+    let mut j = job(&model, &cache, cfg);
+    j.validation = ValidationConfig { steps: 2, prompts: vec!["a red cube".into()], num_inference_steps: 1, validators: vec!["flaky".into()], ..ValidationConfig::default() };
+    j.validators = vec![&mut flaky];
+    let s = run(j).unwrap();
+    assert_eq!(s.step, 4);
+    let log = std::fs::read_to_string(out.join(cogvx_trainer::METRICS_FILE)).unwrap();
+    let events: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["type"] == "validation").collect();
+    assert_eq!(events.len(), 2, "{log}");
+    assert!(events[0]["flaky.error"].as_str().unwrap().contains("no score this time"), "{}", events[0]);
+    assert!(events[1]["flaky.score"].is_null() && events[1].get("flaky.error").is_none(), "{}", events[1]);
+}
+
 #[test]
 fn lora_export_validation_videos_and_validator_metrics() {
     let Some(model) = model_dir() else { return };
