@@ -273,6 +273,22 @@ fn bad_input_is_refused_before_any_work() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("inside [data] root") && !data.join("runs").exists(), "{err}");
 
+    // A truncated transformer (or one of another model): refused before the dataset is encoded.
+    let weights = copy.join("transformer/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    let (code, err) = refused(dir.path(), &with_copy.replace("adapter = \"sft\"", ""), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("transformer") && err.contains("model-copy"), "{err}");
+    std::fs::write(&weights, &bytes).unwrap();
+    let config_path = copy.join("transformer/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, config.replace("\"num_layers\": 2", "\"num_layers\": 1")).unwrap();
+    let (code, err) = refused(dir.path(), &with_copy.replace("adapter = \"sft\"", ""), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("belong to another model"), "{err}");
+    std::fs::write(&config_path, config).unwrap();
+
     // A released model's name that is not the folder's architecture.
     let (code, err) = refused(dir.path(), &base("name = \"cogvideox-5b\"", "resolution = \"9x64x96\"", ""), &[]);
     assert_eq!(code, Some(2));

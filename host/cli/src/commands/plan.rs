@@ -140,3 +140,32 @@ pub fn check_fits(settings: &Settings, models: ModelConfigs, train: &TrainConfig
         bail!(message)
     }
 }
+
+/// Before any work: every weight file of the model folder opens (headers and data ranges
+/// intact) and holds as many parameters as its `config.json` describes. A corrupt or truncated
+/// transformer used to be noticed only after the whole dataset was encoded.
+pub fn check_model_files(dir: &std::path::Path, models: &ModelConfigs) -> Result<()> {
+    let components: [(&str, u64, u64); 3] = [
+        ("transformer", cogvx_plan::params::transformer_parameters(&models.transformer), 0),
+        ("vae", cogvx_plan::params::vae_parameters(&models.vae), 0),
+        // A T5 checkpoint may store its tied embedding twice (`shared` and `encoder.embed_tokens`).
+        (
+            "text_encoder",
+            cogvx_plan::params::t5_encoder_parameters(&models.text_encoder),
+            (models.text_encoder.vocab_size * models.text_encoder.d_model) as u64,
+        ),
+    ];
+    for (component, expected, tied) in components {
+        let folder = dir.join(component);
+        let weights = cogvx_model_core::weights::Weights::open(&folder).map_err(|e| anyhow!("model folder {}: {e}", folder.display()))?;
+        let stored: u64 = weights.keys().filter_map(|k| weights.shape(k)).map(|s| s.iter().product::<usize>() as u64).sum();
+        if stored != expected && stored != expected + tied {
+            bail!(
+                "model folder {}: the weights hold {stored} parameters, but its config.json describes a model of {expected}: \
+                 the files are incomplete or belong to another model (download the folder again)",
+                folder.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -107,6 +107,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     let (train, validation) = effective_configs(settings, &args)?;
     let folder = open_model(settings)?;
     let models = cogvx_plan::ModelConfigs::from_dir(&folder.root).map_err(|e| anyhow!("{e}"))?;
+    super::plan::check_model_files(&folder.root, &models)?;
     super::plan::check_fits(settings, models, &train, &validation, args.force)?;
     if !folder.variant.is_i2v() && !validation.images.is_empty() {
         bail!(
