@@ -235,3 +235,26 @@ fn wasm_limits_out_of_range_are_named() {
         assert!(stderr.contains(key) && stderr.contains("limits.toml") && !stderr.contains("panicked"), "{table}: {stderr}");
     }
 }
+
+/// A plugin file named like a built-in (here the `.wasm` build of `crop_resize`, same name,
+/// version and parameters) does not reuse the built-in's cache entries: the keys hold the
+/// file's digest. The same file again reuses its own.
+#[test]
+fn a_file_plugin_named_like_a_builtin_does_not_reuse_its_cache_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let prepare = |extra: &[&str]| {
+        let mut args = vec!["--config", "configs/quickstart.toml"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["prepare", "--cache-dir", cache.to_str().unwrap()]);
+        let out = cogvx(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        stdout
+    };
+    assert!(prepare(&[]).contains("latents 4 encoded, 0 reused"));
+    assert!(prepare(&[]).contains("latents 0 encoded, 4 reused"));
+    let wasm = plugin_file("crop_resize.wasm");
+    assert!(prepare(&["--plugin", wasm.to_str().unwrap()]).contains("latents 4 encoded, 0 reused"));
+    assert!(prepare(&["--plugin", wasm.to_str().unwrap()]).contains("latents 0 encoded, 4 reused"));
+}

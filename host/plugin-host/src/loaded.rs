@@ -68,7 +68,16 @@ pub struct LoadedPlugin {
     transport: Transport,
     api_version: String,
     source: Option<PathBuf>,
+    /// sha256 of the file the plugin was loaded from (`None` for built-ins).
+    digest: Option<String>,
     inner: Box<dyn Plugin>,
+}
+
+/// The sha256 of a plugin file, hex.
+fn file_digest(path: &Path) -> Result<String, LoadError> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|e| LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() })?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -90,6 +99,7 @@ impl LoadedPlugin {
             transport: Transport::BuiltIn,
             api_version: API_VERSION.to_string(),
             source: None,
+            digest: None,
             inner: plugin,
         }
     }
@@ -112,6 +122,7 @@ impl LoadedPlugin {
             transport: Transport::Wasm,
             api_version,
             source: Some(path.to_path_buf()),
+            digest: Some(file_digest(path)?),
             inner: Box::new(plugin),
         })
     }
@@ -125,6 +136,7 @@ impl LoadedPlugin {
             transport: Transport::Native,
             api_version,
             source: Some(path.to_path_buf()),
+            digest: Some(file_digest(path)?),
             inner: Box::new(plugin),
         })
     }
@@ -162,6 +174,13 @@ impl LoadedPlugin {
     /// The file the plugin was loaded from (`None` for built-ins).
     pub fn source(&self) -> Option<&Path> {
         self.source.as_deref()
+    }
+
+    /// The sha256 (hex) of the file the plugin was loaded from; `None` for built-ins. Part of
+    /// the cache keys of what the plugin produces, so that a file plugin named like a built-in
+    /// (or a rebuilt one with an unchanged version) never reuses the other's entries.
+    pub fn digest(&self) -> Option<&str> {
+        self.digest.as_deref()
     }
 
     /// `plugin `name` version (transport[, file])`, the prefix of every error.

@@ -51,7 +51,20 @@ pub fn cache_dir(settings: &Settings, flag: Option<PathBuf>, fallback: Option<Pa
 /// (taken into `plugins`) and resolution. Problems with single samples are in the summary;
 /// structural ones are errors.
 pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Path, folder: &ModelFolder, cache: &Path) -> Result<Summary> {
-    let params = settings.transform_params()?;
+    // What the cache keys on per transform: its parameters, and for a plugin loaded from a
+    // file, the file's digest (a `.wasm` named `crop_resize` must not reuse the built-in's entries).
+    let params = settings
+        .transform_params()?
+        .into_iter()
+        .zip(&plugins.transforms)
+        .map(|(params, plugin)| match plugin.digest() {
+            None => Ok(params),
+            Some(digest) => {
+                let params: serde_json::Value = serde_json::from_str(&params)?;
+                Ok(serde_json::json!({ "params": params, "file_sha256": digest }).to_string())
+            }
+        })
+        .collect::<Result<Vec<String>>>()?;
     let mut options = PrepareOptions::new(settings.resolution.into());
     options.seed = settings.config.data.seed;
     options.i2v = folder.variant.is_i2v();
