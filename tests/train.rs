@@ -294,6 +294,19 @@ fn bad_input_is_refused_before_any_work() {
     assert_eq!(code, Some(2));
     assert!(err.contains("[model] name") && err.contains("5b model") && err.contains("2b model"), "{err}");
 
+    // A rank or a validation size no machine holds: refused with the plan's numbers (a rank
+    // of 1e12 aborted allocating).
+    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "rank = 1000000000000"), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("needs more memory") && err.contains("AdamW states"), "{err}");
+    let (code, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", "").replace("[train]", "[validation]\nsteps = 1\nprompts = [\"x\"]\nnum_frames = 49\nheight = 16384\nwidth = 16384\n\n[train]"),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("needs more memory") && err.contains("validation"), "{err}");
+
     // A resolution no machine holds (48M tokens): the plan's numbers, before any work.
     let (code, err) = refused(dir.path(), &base("", "resolution = \"49x30720x30720\"", "gradient_checkpointing = true"), &[]);
     assert_eq!(code, Some(2), "{err}");
