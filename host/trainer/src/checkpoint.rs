@@ -27,6 +27,8 @@ pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Everything else, written last.
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The sha256 of each file of a checkpoint.
+pub const CHECKSUMS_FILE: &str = "checksums.json";
 
 /// Host tensors by name: `(shape, values)`.
 pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -184,6 +186,16 @@ pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Opt
     let json = serde_json::to_vec_pretty(&checkpoint.state).map_err(|e| io(&state, e))?;
     write_file(&state, &json)?;
     notify(&state);
+
+    // A checksum per file: a flipped bit is found when the checkpoint is read, not only if it
+    // happens to give a NaN.
+    let mut sums = BTreeMap::new();
+    for name in [WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        sums.insert(name.to_string(), file_sha256(&tmp.join(name))?);
+    }
+    let checksums = tmp.join(CHECKSUMS_FILE);
+    write_file(&checksums, &serde_json::to_vec_pretty(&sums).expect("a map of strings"))?;
+    notify(&checksums);
     fsync_dir(&tmp)?;
 
     if dest.exists() {
@@ -224,8 +236,34 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainerError> {
     Ok(state)
 }
 
-/// Reads a whole checkpoint folder.
+/// The sha256 (hex) of a file.
+fn file_sha256(path: &Path) -> Result<String, TrainerError> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks every file listed in the folder's `checksums.json` (checkpoints written before
+/// checksums existed have none and are read as they are).
+fn verify_checksums(dir: &Path) -> Result<(), TrainerError> {
+    let path = dir.join(CHECKSUMS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| io(&path, format!("not a checksum list: {e}")))?;
+    for (name, want) in sums {
+        if name.contains('/') || name.contains("..") {
+            return Err(io(&path, format!("lists `{name}`, which is not a file of the checkpoint")));
+        }
+        let file = dir.join(&name);
+        if file_sha256(&file)? != want {
+            return Err(io(&file, "its checksum does not match the one written with it: the file was damaged after it was saved"));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a whole checkpoint folder, checking its files' checksums.
 pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint, TrainerError> {
+    verify_checksums(dir)?;
     let state = read_state(dir)?;
     let (weights, _) = read_tensors(&dir.join(WEIGHTS_FILE))?;
     let opt_path = dir.join(OPTIMIZER_FILE);

@@ -636,34 +636,48 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
 
     // ---- resume
     checkpoint::remove_stale_temp_dirs(&out)?;
-    let resume_dir = match resume {
+    let resumed: Option<(PathBuf, Checkpoint)> = match resume {
         None => None,
         Some(Resume::Path(p)) => {
             if !p.join(checkpoint::STATE_FILE).is_file() {
                 return input(format!("--resume {}: not a checkpoint folder (no {})", p.display(), checkpoint::STATE_FILE));
             }
-            Some(p)
+            let ck = read_checkpoint(&p)?;
+            Some((p, ck))
         }
         Some(Resume::Latest) => {
-            let l = latest_checkpoint(&out)?;
-            if l.is_none() {
+            // The newest checkpoint that reads back whole; damaged ones are skipped with a
+            // warning, and a run whose every checkpoint is damaged is an error, not a fresh start.
+            let all = list_checkpoints(&out)?;
+            if all.is_empty() {
                 tracing::info!("no checkpoint under {}; starting a new run", out.display());
             }
-            l
+            let mut found = None;
+            let mut damaged = Vec::new();
+            for (_, dir) in all.iter().rev() {
+                match read_checkpoint(dir) {
+                    Ok(ck) => {
+                        found = Some((dir.clone(), ck));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("skipping damaged checkpoint {}: {e}", dir.display());
+                        damaged.push(e.to_string());
+                    }
+                }
+            }
+            if found.is_none() && !all.is_empty() {
+                return input(format!(
+                    "--resume latest: every checkpoint under {} is damaged ({}); remove them to start a new run there",
+                    out.display(),
+                    damaged.join("; ")
+                ));
+            }
+            found
         }
     };
-    if resume_dir.is_none() {
-        let old = list_checkpoints(&out)?;
-        if let Some((last, _)) = old.last() {
-            tracing::warn!(
-                "{} already holds {} checkpoint(s) up to step {last}; this new run replaces them as it goes (resume with `latest` to continue instead)",
-                out.display(),
-                old.len()
-            );
-        }
-    }
-    if let Some(dir) = &resume_dir {
-        let ck = read_checkpoint(dir)?;
+    let resume_dir = resumed.as_ref().map(|(d, _)| d.clone());
+    if let Some((dir, ck)) = &resumed {
         check_resumable(&ck.state.config, &config, dir)?;
         if ck.state.num_samples != n as u64 {
             return input(format!(

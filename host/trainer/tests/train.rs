@@ -378,6 +378,38 @@ fn resume_refuses_other_adapter_settings() {
     assert_eq!((s.start_step, s.step), (1, 2));
 }
 
+/// A bit flipped in a saved checkpoint is found by its checksum: `--resume latest` goes back to
+/// the previous checkpoint, and with every checkpoint damaged it is an error (not a fresh start).
+#[test]
+fn damaged_checkpoints_are_found_and_skipped() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 4, false);
+    let out = tmp.path().join("out");
+    run(job(&model, &cache, TrainConfig { checkpoints_total_limit: None, ..config(&out, 2, 1) })).unwrap();
+    let flip = |step: u64| {
+        let path = out.join(format!("checkpoint-{step}")).join(cogvx_trainer::checkpoint::WEIGHTS_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 3;
+        bytes[at] ^= 0x10;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    flip(2);
+    let e = cogvx_trainer::checkpoint::read_checkpoint(&out.join("checkpoint-2")).unwrap_err().to_string();
+    assert!(e.contains("checksum does not match"), "{e}");
+    let mut j = job(&model, &cache, TrainConfig { checkpoints_total_limit: None, ..config(&out, 2, 1) });
+    j.resume = Some(Resume::Latest);
+    let s = run(j).unwrap();
+    assert_eq!((s.start_step, s.step), (1, 2), "resumed from the previous checkpoint");
+    // checkpoint-2 was written again by that run; damage both.
+    flip(1);
+    flip(2);
+    let mut j = job(&model, &cache, TrainConfig { checkpoints_total_limit: None, ..config(&out, 3, 1) });
+    j.resume = Some(Resume::Latest);
+    let e = run(j).unwrap_err().to_string();
+    assert!(e.contains("every checkpoint under") && e.contains("damaged"), "{e}");
+}
+
 /// Two runs in one output folder: the second is refused naming the first (it deleted the
 /// first run's checkpoint being written, and the first run died); the lock goes with its holder.
 #[test]
@@ -406,6 +438,14 @@ fn resume_checks_every_field_it_reads_from_the_checkpoint() {
     run(job(&model, &cache, config(&out, 1, 1))).unwrap();
     let state_path = out.join("checkpoint-1").join(cogvx_trainer::checkpoint::STATE_FILE);
     let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    // An edit is first caught by the checksum; without checksums (older checkpoints, or a
+    // state written by another tool) every field is still checked.
+    let mut v = good.clone();
+    v["data"]["batch"] = 1000.into();
+    std::fs::write(&state_path, serde_json::to_string(&v).unwrap()).unwrap();
+    let e = cogvx_trainer::checkpoint::read_checkpoint(&out.join("checkpoint-1")).unwrap_err().to_string();
+    assert!(e.contains("checksum does not match"), "{e}");
+    std::fs::remove_file(out.join("checkpoint-1").join(cogvx_trainer::checkpoint::CHECKSUMS_FILE)).unwrap();
     assert_eq!((good["step"].as_u64(), good["data"]["batch"].as_u64()), (Some(1), Some(2)));
     let edits: [(&str, fn(&mut serde_json::Value), &str); 6] = [
         ("batch past the epoch", |v| v["data"]["batch"] = 1000.into(), "`data.batch` = 1000"),
