@@ -12,7 +12,8 @@
 //!   WASI host call (e.g. a long sleep), which epochs cannot reach, is abandoned one second past
 //!   the cap (each instance lives on its own worker thread, which keeps the instance's memory
 //!   until the call ends). At most 3 worker threads of a plugin are alive at once, and after 3
-//!   abandoned calls the plugin is disabled for the run.
+//!   timed-out calls (interrupted or abandoned) the plugin is disabled for the run. Epochs
+//!   follow the wall clock.
 //! * What a plugin prints reaches the log escaped and bounded (64 KiB per call).
 //! * A trap (panic, `unreachable`, timeout, out of memory) discards the instance; the next
 //!   call instantiates a fresh one and re-applies the last `configure` parameters.
@@ -99,9 +100,20 @@ fn runtime() -> Result<&'static Runtime, String> {
             let ticker = engine.clone();
             std::thread::Builder::new()
                 .name("cogvx-wasm-epoch".into())
-                .spawn(move || loop {
-                    std::thread::sleep(TICK);
-                    ticker.increment_epoch();
+                .spawn(move || {
+                    // Epochs follow the wall clock, not the count of sleeps: a loaded machine
+                    // oversleeps, and counted sleeps made a CPU-bound guest outlive its cap
+                    // (then misreported as blocked in a host call).
+                    let start = std::time::Instant::now();
+                    let mut ticks: u128 = 0;
+                    loop {
+                        std::thread::sleep(TICK);
+                        let due = start.elapsed().as_nanos() / TICK.as_nanos();
+                        while ticks < due {
+                            ticker.increment_epoch();
+                            ticks += 1;
+                        }
+                    }
                 })
                 .map_err(|e| format!("cannot start the WASM epoch thread: {e}"))?;
             Ok(Runtime { engine, linker, compiled: Mutex::new(HashMap::new()) })
@@ -415,7 +427,8 @@ const MAX_LIVE_WORKERS: usize = 3;
 /// wasmtime's default allowance of data copied in one call, kept for every call but
 /// `transform-frames` (which gets twice its frames' size on top).
 const HOSTCALL_FUEL_MIN: usize = 128 << 20;
-/// Abandoned calls after which the plugin is disabled for the rest of the process.
+/// Timed-out calls (abandoned, or interrupted past the cap) after which the plugin is disabled
+/// for the rest of the process.
 const MAX_ABANDONMENTS: u32 = 3;
 
 /// A guest call, run on the worker thread that owns the instance.
@@ -586,7 +599,7 @@ pub(crate) struct WasmPlugin {
     factory: Factory,
     worker: Option<Worker>,
     info: Option<PluginInfo>,
-    /// Calls abandoned so far (see [`MAX_ABANDONMENTS`]).
+    /// Calls that timed out so far, abandoned or interrupted (see [`MAX_ABANDONMENTS`]).
     abandoned: u32,
 }
 
@@ -618,7 +631,7 @@ impl WasmPlugin {
     fn call<R: Send + 'static>(&mut self, what: &str, f: GuestCall<R>) -> PluginResult<R> {
         if self.abandoned >= MAX_ABANDONMENTS {
             return Err(PluginError::Failed(format!(
-                "disabled: {} of its calls stayed blocked in host calls past their time cap of {:?}; it is not called again in this run",
+                "disabled: {} of its calls ran past their time cap of {:?}; it is not called again in this run",
                 self.abandoned, self.factory.limits.call_timeout
             )));
         }
@@ -635,6 +648,14 @@ impl WasmPlugin {
             Err(Failure::Guest(e)) => Err(e),
             Err(Failure::Trap(m)) => {
                 self.worker = None;
+                // A plugin that runs past its cap on every call costs the whole cap each time:
+                // after a few timeouts it is not called again.
+                if m.starts_with("timed out") {
+                    self.abandoned += 1;
+                    if self.abandoned >= MAX_ABANDONMENTS {
+                        return Err(PluginError::Failed(format!("{m} (after {} timed-out calls the plugin is disabled for this run)", self.abandoned)));
+                    }
+                }
                 Err(PluginError::Failed(format!(
                     "{m} (the instance was discarded; the next call gets a fresh one, re-configured)"
                 )))

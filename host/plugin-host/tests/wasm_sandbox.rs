@@ -310,7 +310,7 @@ fn repeated_abandonments_disable_the_plugin() {
     }
     let start = Instant::now();
     let e = failed(p.plan_transform(&common::request(0)).unwrap_err());
-    assert!(e.contains("disabled: 3 of its calls stayed blocked"), "{e}");
+    assert!(e.contains("disabled: 3 of its calls ran past their time cap"), "{e}");
     assert!(start.elapsed() < Duration::from_millis(100), "the disabled plugin was called: {:?}", start.elapsed());
 }
 
@@ -327,4 +327,19 @@ fn real_size_frames_cross_the_sandbox() {
     let out = p.transform_frames(cogvx_plugin_api::Frames { width, height, count, rgb }).unwrap();
     assert_eq!((out.count, out.height, out.width, out.rgb.len()), (count, height, width, n));
     assert!(out.rgb.iter().enumerate().step_by(9973).all(|(i, &v)| v == 255 - (i % 251) as u8));
+}
+
+/// A guest that loops past its cap on every call costs the whole cap each time: after three
+/// timeouts it is disabled and answers at once.
+#[test]
+fn repeated_timeouts_disable_the_plugin() {
+    let mut p = load();
+    for i in 1..=3 {
+        let e = failed(p.plan_transform(&common::request(1)).unwrap_err());
+        assert!(e.contains("timed out") && !e.contains("abandoned"), "call {i}: {e}");
+    }
+    let start = Instant::now();
+    let e = failed(p.plan_transform(&common::request(0)).unwrap_err());
+    assert!(e.contains("disabled: 3 of its calls ran past their time cap"), "{e}");
+    assert!(start.elapsed() < Duration::from_millis(100));
 }
