@@ -424,15 +424,29 @@ mod tests {
     }
 
     /// `cogvx plan`'s training phase against the peak RSS `cogvx bench train-step` measured
-    /// (docs/benchmarks.md, "Memory plan"): within 20% for every preset, with and without
-    /// checkpointing. Re-measure and update the table when the step's memory changes.
+    /// (docs/benchmarks.md, "Memory plan vs measured peaks"): within 20% for S, M and two one-block shapes (XL's
+    /// width, XL's length), with and without checkpointing. The full XL block is not in the
+    /// table: the plan is 19% (29% checkpointed) under its measured peak, a gap not yet explained
+    /// (see the docs). Re-measure and update the table when the step's memory changes.
     #[test]
     fn the_plan_is_within_20_percent_of_the_measured_peaks() {
-        let measured = [("S", false, 133.9), ("S", true, 107.6), ("M", false, 1104.4), ("M", true, 598.1)];
+        // Two shapes beside the presets: XL's width at 1,876 tokens, and 8 heads at XL's 17,776.
+        let wide = Preset { name: "wide", heads: 30, head_dim: 64, layers: 1, text_len: 226, lat: (5, 30, 44), rank: 128 };
+        let long = Preset { name: "long", heads: 8, head_dim: 64, layers: 1, text_len: 226, lat: (13, 60, 90), rank: 128 };
+        let measured = [
+            (preset("S").unwrap(), false, 133.9),
+            (preset("S").unwrap(), true, 107.6),
+            (preset("M").unwrap(), false, 1104.4),
+            (preset("M").unwrap(), true, 598.1),
+            (wide, false, 921.6),
+            (wide, true, 992.9),
+            (long, false, 1420.6),
+        ];
         let mut report = String::new();
         let mut worst: f64 = 0.0;
-        for (name, ck, rss) in measured {
-            let plan = planned_peak_mib(&preset(name).unwrap(), ck, cogvx_plan::DeviceKind::Cpu).unwrap();
+        for (p, ck, rss) in measured {
+            let name = p.name;
+            let plan = planned_peak_mib(&p, ck, cogvx_plan::DeviceKind::Cpu).unwrap();
             let err = plan / rss - 1.0;
             report += &format!("{name} checkpointing={ck}: plan {plan} MiB, measured {rss} MiB ({:+.1}%)\n", 100.0 * err);
             worst = worst.max(err.abs());

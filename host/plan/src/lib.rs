@@ -15,7 +15,7 @@
 //!   encoder, loaded in `prepare` and validation only.
 //!
 //! The training phase is checked against the measured peak RSS of `cogvx bench train-step`
-//! (docs/benchmarks.md, "Memory plan"); the VAE and T5 terms are estimates of the same kind,
+//! (docs/benchmarks.md, "Memory plan vs measured peaks"); the VAE and T5 terms are estimates of the same kind,
 //! not yet checked against a measurement at the real sizes.
 
 pub mod activations;
