@@ -320,20 +320,25 @@ pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<Vec<PathBuf>,
     let all = list_checkpoints(output_dir)?;
     let n = all.len().saturating_sub(keep);
     let mut removed = Vec::new();
-    for (_, dir) in all.into_iter().take(n) {
-        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    for (step, dir) in all.into_iter().take(n) {
+        // Renamed first (atomic), then removed: a run killed while removing leaves a
+        // `.checkpoint-<step>.pruning-<pid>` folder, removed at the next start, never a
+        // half-deleted `checkpoint-<step>` that looks complete.
+        let doomed = output_dir.join(format!(".checkpoint-{step}.pruning-{}", std::process::id()));
+        std::fs::rename(&dir, &doomed).map_err(|e| io(&dir, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| io(&doomed, e))?;
         removed.push(dir);
     }
     Ok(removed)
 }
 
-/// Removes temporary checkpoint folders left by an interrupted write.
+/// Removes temporary checkpoint folders left by an interrupted write or prune.
 pub fn remove_stale_temp_dirs(output_dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
     let mut removed = Vec::new();
     let Ok(rd) = std::fs::read_dir(output_dir) else { return Ok(removed) };
     for entry in rd.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".checkpoint-") && name.contains(".tmp-") && entry.path().is_dir() {
+        if name.starts_with(".checkpoint-") && (name.contains(".tmp-") || name.contains(".pruning-")) && entry.path().is_dir() {
             std::fs::remove_dir_all(entry.path()).map_err(|e| io(&entry.path(), e))?;
             removed.push(entry.path());
         }
@@ -387,7 +392,13 @@ mod tests {
         assert_eq!(latest_checkpoint(dir.path()).unwrap().unwrap(), checkpoint_dir(dir.path(), 6));
         let removed = prune_checkpoints(dir.path(), 2).unwrap();
         assert_eq!(removed, [checkpoint_dir(dir.path(), 2)]);
-        assert_eq!(remove_stale_temp_dirs(dir.path()).unwrap().len(), 1);
+        assert!(!checkpoint_dir(dir.path(), 2).exists());
+        // What a run killed while pruning leaves is not a checkpoint, and goes at the next start.
+        let pruning = dir.path().join(".checkpoint-1.pruning-77");
+        std::fs::create_dir_all(&pruning).unwrap();
+        std::fs::write(pruning.join(STATE_FILE), b"{}").unwrap();
+        assert_eq!(remove_stale_temp_dirs(dir.path()).unwrap().len(), 2);
+        assert!(!pruning.exists());
         // A corrupt optimizer file is an error naming it.
         std::fs::write(checkpoint_dir(dir.path(), 6).join(OPTIMIZER_FILE), b"junk").unwrap();
         let e = read_checkpoint(&checkpoint_dir(dir.path(), 6)).unwrap_err().to_string();
