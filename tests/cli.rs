@@ -258,3 +258,21 @@ fn a_file_plugin_named_like_a_builtin_does_not_reuse_its_cache_entries() {
     assert!(prepare(&["--plugin", wasm.to_str().unwrap()]).contains("latents 4 encoded, 0 reused"));
     assert!(prepare(&["--plugin", wasm.to_str().unwrap()]).contains("latents 0 encoded, 4 reused"));
 }
+
+/// A caption with escape sequences (it could clear the terminal or forge lines) is printed
+/// escaped by `dataset preview`; the cache and the tokenizer get it as written.
+#[test]
+fn captions_reach_the_terminal_escaped() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("videos")).unwrap();
+    std::fs::copy(mini().join("videos/testsrc.mp4"), data.path().join("videos/testsrc.mp4")).unwrap();
+    std::fs::write(data.path().join("videos.txt"), "videos/testsrc.mp4\n").unwrap();
+    std::fs::write(data.path().join("prompts.txt"), "a test \u{1b}[2J\u{1b}[H pattern\n").unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = cogvx(&[
+        "--config", "configs/quickstart.toml", "dataset", "preview", data.path().to_str().unwrap(), "--out", out_dir.path().to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(!stdout.contains('\u{1b}') && stdout.contains("a test \\u{1b}[2J"), "{stdout}");
+}

@@ -742,7 +742,7 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
                     &[("prompt_embedding", &emb)],
                 )
                 .map_err(|e| e.to_string())?;
-                tracing::debug!("prompt {:?} -> {:?}", s.caption, emb.shape);
+                tracing::debug!("prompt {} -> {:?}", cogvx_plugin_api::text::display_safe(&s.caption, 200), emb.shape);
                 summary.encoded_prompts += 1;
                 done_prompts.insert(s.prompt.clone());
             }

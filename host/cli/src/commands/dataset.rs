@@ -30,7 +30,8 @@ pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<
         }
     };
     for (clip, caption) in summary.clips.iter().zip(&summary.captions) {
-        println!("{}\t{}", clip.display(), caption);
+        // Captions come from the dataset or a rewriter: printed without control characters.
+        println!("{}\t{}", clip.display(), cogvx_plugin_api::text::display_safe(caption, 2048));
     }
     if let Some(sheet) = &summary.contact_sheet {
         println!("contact sheet: {}", sheet.display());
