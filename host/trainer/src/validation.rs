@@ -10,16 +10,9 @@ use cogvx_metrics::MetricsLog;
 use cogvx_plugin_api::{Plugin, ValidateRequest};
 use cogvx_text::PromptEncoder;
 use cogvx_transformer::CogVideoXTransformer3DModel;
-use cogvx_vae::{AutoencoderKLCogVideoX, VaeConfig, VaeOptions};
+use cogvx_vae::{AutoencoderKLCogVideoX, VaeOptions};
 
 use crate::{ValidationConfig, TrainerError};
-
-/// The sampling components other than the transformer, loaded at the first validation.
-struct Parts<B: Backend> {
-    prompt_encoder: PromptEncoder<B>,
-    vae: AutoencoderKLCogVideoX<B>,
-    vae_config: VaeConfig,
-}
 
 pub(crate) struct Validation<B: Backend> {
     folder: ModelFolder,
@@ -29,7 +22,7 @@ pub(crate) struct Validation<B: Backend> {
     /// `[frames, height, width]` of the training data.
     resolution: [usize; 3],
     max_sequence_length: usize,
-    parts: Option<Parts<B>>,
+    _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: cogvx_model_core::ModelBackend> Validation<B> {
@@ -49,7 +42,7 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
             images,
             resolution: [f as usize, h as usize, w as usize],
             max_sequence_length: cache.index.max_sequence_length,
-            parts: None,
+            _backend: std::marker::PhantomData,
         })
     }
 
@@ -65,18 +58,14 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
         metrics: &mut MetricsLog,
         device: &B::Device,
     ) -> Result<Vec<PathBuf>, TrainerError> {
-        let parts = match self.parts.take() {
-            Some(p) => p,
-            None => {
-                let prompt_encoder = PromptEncoder::load(&self.folder.root, device).map_err(cogvx_engine::EngineError::from)?;
-                let (vae, vae_config) = AutoencoderKLCogVideoX::from_dir(&self.folder.component_dir("vae"), device)?;
-                Parts { prompt_encoder, vae, vae_config }
-            }
-        };
-        let pipe = CogVideoXPipeline::from_parts(self.folder.clone(), parts.prompt_encoder, transformer, parts.vae, parts.vae_config)?;
+        // T5 and the VAE are loaded for this validation and released after it: they are not
+        // resident while the transformer trains (T5 alone is 19 GB in f32), as `cogvx plan`'s
+        // training phase assumes.
+        let prompt_encoder = PromptEncoder::load(&self.folder.root, device).map_err(cogvx_engine::EngineError::from)?;
+        let (vae, vae_config) = AutoencoderKLCogVideoX::from_dir(&self.folder.component_dir("vae"), device)?;
+        let pipe = CogVideoXPipeline::from_parts(self.folder.clone(), prompt_encoder, transformer, vae, vae_config)?;
         let result = self.sample_all(step, &pipe, scheduler, validators, metrics, device);
-        let CogVideoXPipeline { prompt_encoder, vae, vae_config, .. } = pipe;
-        self.parts = Some(Parts { prompt_encoder, vae, vae_config });
+        drop(pipe);
         result
     }
 
