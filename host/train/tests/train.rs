@@ -83,8 +83,14 @@ fn export_reproduces_the_reference_lora_files() {
     }
 }
 
+/// burn's backend RNG is process-wide: a seed and the draws that follow it are taken under
+/// this lock, or a test running beside reseeds in between (two "differently seeded" adapters
+/// came out equal).
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tiny_batch(model: &CogVideoXTransformer3DModel<AD>, seed: u64) -> (TrainBatch<AD>, NoiseDraw<AD>) {
     use burn::tensor::backend::Backend;
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dev = CpuDevice::default();
     AD::seed(&dev, seed);
     let c = &model.config;
@@ -573,6 +579,7 @@ fn all_adapter_values_restore_frozen_recipe_parameters() {
     recipe.export.remove(0);
     let spec = AdapterSpec { rank: 2, alpha: 2.0, targets: vec!["to_k".into()] };
     let build = |seed: u64| {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         AD::seed(&dev, seed);
         let mut m = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
         inject_recipe(&mut m, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
