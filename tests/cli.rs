@@ -193,7 +193,7 @@ fn plan_prints_every_phase_and_the_verdict_for_a_budget() {
     assert_eq!(plan["model"], "released:cogvideox-5b");
     assert_eq!(plan["tokens"]["total"], 17_776);
     let names: Vec<&str> = plan["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["prepare", "train"], "validation is off in the preset");
+    assert_eq!(names, ["prepare-latents", "prepare-prompts", "train"], "validation is off in the preset");
     for p in plan["phases"].as_array().unwrap() {
         assert!(p["peak_gib"].as_f64().unwrap() > 1.0 && p["fits"] == true, "{p}");
     }

@@ -534,15 +534,15 @@ fn conditioning_image(
     Ok(HostTensor::new(vec![3, h, w], data))
 }
 
-struct Encoders<B: Backend> {
+struct VaeEncoder<B: Backend> {
     vae: AutoencoderKLCogVideoX<B>,
     vae_options: VaeOptions,
-    text: PromptEncoder<B>,
 }
 
 /// Prepares the cache: plans (see [`plan`]), computes every missing or invalid entry, then
-/// writes the index (only samples whose entries all exist). The models are loaded only if
-/// something must be computed. A sample that fails (unreadable clip, wrong frame count after
+/// writes the index (only samples whose entries all exist). It runs in two passes, one model
+/// each: every latent with the VAE, which is then released, then every prompt with T5; each
+/// model is loaded only if something must be computed with it. A sample that fails (unreadable clip, wrong frame count after
 /// the chain, plugin error) is reported in [`Summary::failed`] and left out of the index.
 pub fn prepare<B: cogvx_model_core::ModelBackend>(
     cache: &Path,
@@ -580,31 +580,31 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
     let samples = list_samples(data_root, chain)?;
     let by_origin: BTreeMap<&str, &Sample> =
         samples.iter().map(|s| (s.origin.as_str(), s)).collect();
-    let mut encoders: Option<Encoders<B>> = None;
-    let load = |enc: &mut Option<Encoders<B>>| -> Result<(), CacheError> {
+    // Two passes, one model each: every latent with the VAE, which is then released, then
+    // every prompt with T5. The two are never resident together (T5 alone is 19 GB in f32).
+    let mut vae_encoder: Option<VaeEncoder<B>> = None;
+    let mut text_encoder: Option<PromptEncoder<B>> = None;
+    let load_vae = |enc: &mut Option<VaeEncoder<B>>| -> Result<(), CacheError> {
         if enc.is_none() {
-            tracing::info!(
-                "loading the VAE and text encoder from {}",
-                model_dir.display()
-            );
-            let (vae, config) =
-                AutoencoderKLCogVideoX::<B>::from_dir(&model_dir.join("vae"), device)?;
-            let text = PromptEncoder::<B>::load(model_dir, device)?;
-            *enc = Some(Encoders {
-                vae_options: vae_options_for(options, &config),
-                vae,
-                text,
-            });
+            tracing::info!("loading the VAE from {}", model_dir.display());
+            let (vae, config) = AutoencoderKLCogVideoX::<B>::from_dir(&model_dir.join("vae"), device)?;
+            *enc = Some(VaeEncoder { vae_options: vae_options_for(options, &config), vae });
         }
         Ok(())
     };
+    let load_text = |enc: &mut Option<PromptEncoder<B>>| -> Result<(), CacheError> {
+        if enc.is_none() {
+            tracing::info!("loading the text encoder from {}", model_dir.display());
+            *enc = Some(PromptEncoder::<B>::load(model_dir, device)?);
+        }
+        Ok(())
+    };
+    // One tick per sample and pass.
+    let ticks = 2 * planned.samples.len() as u64;
     let bar = if options.progress {
-        ProgressBar::new(planned.samples.len() as u64)
+        ProgressBar::new(ticks)
     } else {
-        ProgressBar::with_draw_target(
-            Some(planned.samples.len() as u64),
-            ProgressDrawTarget::hidden(),
-        )
+        ProgressBar::with_draw_target(Some(ticks), ProgressDrawTarget::hidden())
     };
     cogvx_metrics::console::track(&bar);
     bar.set_style(
@@ -618,8 +618,16 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
     let mut done_prompts = std::collections::BTreeSet::new();
     let mut kept = Vec::new();
     let (_, mut transforms) = chain.stages();
+    let mut latent_ok = std::collections::BTreeSet::new();
+    for latents_pass in [true, false] {
+    if !latents_pass {
+        vae_encoder = None;
+    }
     for p in &planned.samples {
         let s = &p.sample;
+        if !latents_pass && !latent_ok.contains(&s.origin) {
+            continue;
+        }
         bar.set_message(s.video.clone());
         let sample = by_origin.get(s.origin.as_str()).copied();
         let (file, line) = match sample {
@@ -633,8 +641,10 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
                     s.origin
                 )
             })?;
-            // Latent.
-            if p.latent_ready || done_latents.contains(&s.latent) {
+            // Latent (first pass only).
+            if !latents_pass {
+                // The prompt pass: this sample's latent is ready.
+            } else if p.latent_ready || done_latents.contains(&s.latent) {
                 if !done_latents.contains(&s.latent) {
                     summary.reused_latents += 1;
                     done_latents.insert(s.latent.clone());
@@ -665,8 +675,8 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
                         r.width
                     ));
                 }
-                load(&mut encoders).map_err(|e| e.to_string())?;
-                let enc = encoders.as_ref().expect("loaded");
+                load_vae(&mut vae_encoder).map_err(|e| e.to_string())?;
+                let enc = vae_encoder.as_ref().expect("loaded");
                 let x = frames_to_video::<B>(&pre.frames, device);
                 let latent = encode_latent(&enc.vae, x.clone(), s.seed, &enc.vae_options)
                     .map_err(|e| e.to_string())?;
@@ -717,17 +727,18 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
                 summary.encoded_latents += 1;
                 done_latents.insert(s.latent.clone());
             }
-            // Prompt.
-            if p.prompt_ready || done_prompts.contains(&s.prompt) {
+            // Prompt (second pass only).
+            if latents_pass {
+                // The latent pass: prompts come after the VAE is released.
+            } else if p.prompt_ready || done_prompts.contains(&s.prompt) {
                 if !done_prompts.contains(&s.prompt) {
                     summary.reused_prompts += 1;
                     done_prompts.insert(s.prompt.clone());
                 }
             } else {
-                load(&mut encoders).map_err(|e| e.to_string())?;
-                let enc = encoders.as_ref().expect("loaded");
+                load_text(&mut text_encoder).map_err(|e| e.to_string())?;
+                let enc = text_encoder.as_ref().expect("loaded");
                 let emb = enc
-                    .text
                     .encode(
                         &[s.caption.as_str()],
                         options.max_sequence_length,
@@ -749,6 +760,9 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
             Ok(())
         })();
         match result {
+            Ok(()) if latents_pass => {
+                latent_ok.insert(s.origin.clone());
+            }
             Ok(()) => kept.push(s.clone()),
             Err(m) => {
                 tracing::error!(
@@ -760,6 +774,7 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
             }
         }
         bar.inc(1);
+    }
     }
     bar.finish_and_clear();
     let mut index = planned.index;

@@ -225,21 +225,25 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let weights_item = |name: &str, n: u64| item(format!("{name} weights ({} parameters, f32)", human(n)), n * F32);
     let mut phases = Vec::new();
 
-    // prepare: the VAE and T5 are loaded together; each clip is decoded, encoded (tiled and
-    // sliced, diffusers' defaults) and each prompt encoded.
+    // prepare, in two passes with one model each: every clip decoded and VAE-encoded (tiled
+    // and sliced, diffusers' defaults), the VAE released, then every prompt T5-encoded.
     let video = 3 * (input.shape.frames * input.shape.height * input.shape.width) as u64 * F32;
     let encode = activations::vae_encode_bytes(&m.vae, input.shape);
     let t5_act = activations::t5_bytes(&m.text_encoder, t.max_text_seq_length);
     phases.push(phase(
-        "prepare",
-        "VAE encode (tiled) and T5 encode of each sample, once, into the cache",
+        "prepare-latents",
+        "VAE encode (tiled) of each clip, once, into the cache",
         vec![
-            weights_item("T5 encoder", t5_params),
             weights_item("VAE", vae_params),
             item(format!("video frames ({}, f32)", input.shape), video),
-            item("VAE encode activations (largest tile and frame batch)", encode.max(t5_act)),
+            item("VAE encode activations (largest tile and frame batch)", encode),
             runtime.clone(),
         ],
+    ));
+    phases.push(phase(
+        "prepare-prompts",
+        "T5 encode of each caption, once, into the cache (after the VAE is released)",
+        vec![weights_item("T5 encoder", t5_params), item("T5 activations", t5_act), runtime.clone()],
     ));
 
     // train.

@@ -118,7 +118,7 @@ pub fn check_fits(settings: &Settings, models: ModelConfigs, train: &TrainConfig
         return Ok(());
     };
     let plan: Plan = plan.with_budget(available);
-    let over: Vec<_> = plan.phases.iter().filter(|p| p.name != "prepare" && p.fits == Some(false)).collect();
+    let over: Vec<_> = plan.phases.iter().filter(|p| !p.name.starts_with("prepare") && p.fits == Some(false)).collect();
     for p in &plan.phases {
         tracing::info!("memory plan: {} peaks at {:.2} GiB ({:.2} GiB available)", p.name, p.peak_gib, available);
     }
