@@ -101,8 +101,37 @@ impl Device {
                  `cargo build --release -p cogvx --features cuda`, or use `--device cpu`"
             );
         }
+        if let Device::Cuda(index) = self {
+            // A GPU that does not exist is named here, not by a panic deep in the CUDA backend.
+            if let Some(count) = gpu_count() {
+                if count == 0 {
+                    bail!("{source} asks for `{self}`, but nvidia-smi lists no GPU on this machine: use `--device cpu`");
+                }
+                if index >= count {
+                    bail!(
+                        "{source} asks for `{self}`, but this machine has {count} NVIDIA GPU{} (cuda:0{}): pick one of them",
+                        if count == 1 { "" } else { "s" },
+                        if count > 1 { format!(" to cuda:{}", count - 1) } else { String::new() }
+                    );
+                }
+            }
+        }
         Ok(self)
     }
+}
+
+/// NVIDIA GPUs on this machine, from `nvidia-smi -L` (`None` when it cannot be run).
+fn gpu_count() -> Option<usize> {
+    if !cfg!(feature = "cuda") {
+        return None;
+    }
+    let out = std::process::Command::new("nvidia-smi").arg("-L").output().ok()?;
+    out.status.success().then(|| count_gpus(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The GPUs `nvidia-smi -L` lists (`GPU 0: NVIDIA H200 (UUID: ...)`, one per line).
+fn count_gpus(listing: &str) -> usize {
+    listing.lines().filter(|l| l.trim_start().starts_with("GPU ")).count()
 }
 
 /// `[data]`: where the clips are and how they are preprocessed.
@@ -392,6 +421,13 @@ mod tests {
             let e = gpu.unwrap_err().to_string();
             assert!(e.contains("--features cuda") && e.contains("--device"), "{e}");
         }
+    }
+
+    #[test]
+    fn gpus_are_counted_from_nvidia_smi() {
+        let listing = "GPU 0: NVIDIA H200 (UUID: GPU-1)\nGPU 1: NVIDIA H200 (UUID: GPU-2)\n  MIG 1g.18gb Device 0: (UUID: MIG-1)\n";
+        assert_eq!(count_gpus(listing), 2);
+        assert_eq!(count_gpus(""), 0);
     }
 
     #[test]
