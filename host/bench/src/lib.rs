@@ -425,9 +425,9 @@ mod tests {
 
     /// `cogvx plan`'s training phase against the peak RSS `cogvx bench train-step` measured
     /// (docs/benchmarks.md, "Memory plan vs measured peaks"): within 20% for S, M and two one-block shapes (XL's
-    /// width, XL's length), with and without checkpointing. The full XL block is not in the
-    /// table: the plan is 19% (29% checkpointed) under its measured peak, a gap not yet explained
-    /// (see the docs). Re-measure and update the table when the step's memory changes.
+    /// width, XL's length) and XL itself, with and without checkpointing (XL checkpointed was
+    /// measured before the chunked-GELU fix only, 29% over the plan, and is left out until it is
+    /// measured again). Re-measure and update the table when the step's memory changes.
     #[test]
     fn the_plan_is_within_20_percent_of_the_measured_peaks() {
         // Two shapes beside the presets: XL's width at 1,876 tokens, and 8 heads at XL's 17,776.
@@ -441,6 +441,7 @@ mod tests {
             (wide, false, 921.6),
             (wide, true, 992.9),
             (long, false, 1420.6),
+            (preset("XL").unwrap(), false, 4666.8),
         ];
         let mut report = String::new();
         let mut worst: f64 = 0.0;
