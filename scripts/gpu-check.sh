@@ -12,7 +12,8 @@
 #   attention  forward + backward of the memory-efficient attention at [1, 30, 17776, 64]
 #              (CogVideoX-2B at 49x480x720), time and GFLOP/s
 #   step-xl    one LoRA training step of one CogVideoX-2B-width block at 17,776 tokens
-#   step-xl30  the same with 30 blocks (CogVideoX-2B's depth) and gradient checkpointing
+#   step-xl30  the same with 30 blocks (CogVideoX-2B's depth), gradient checkpointing and
+#              mixed precision (bf16 frozen weights and compute)
 # and writes out/summary.jsonl (one JSON object per check) plus each command's output. Each
 # check has a time limit (LIMIT seconds, default 150), so the whole script ends within 9 minutes.
 set -uo pipefail
@@ -46,5 +47,5 @@ check() {
 check parity "$BIN" --device cuda parity "$CASES"
 check attention "$BIN" --device cuda bench attention --batch 1 --heads 30 --len 17776 --head-dim 64
 check step-xl "$BIN" --device cuda bench train-step --preset XL --steps 2 --warmup 1
-check step-xl30 "$BIN" --device cuda bench train-step --preset XL30 --steps 1 --warmup 0 --gradient-checkpointing
+check step-xl30 "$BIN" --device cuda bench train-step --preset XL30 --steps 1 --warmup 0 --gradient-checkpointing --mixed-precision bf16
 cat "$OUT/summary.jsonl"

@@ -202,7 +202,8 @@ fn plan_prints_every_phase_and_the_verdict_for_a_budget() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("DOES NOT FIT") && stdout.contains("does not fit in 16 GiB"), "{stdout}");
-    assert!(stdout.contains("transformer weights (5.57B parameters, f32)"), "{stdout}");
+    // The preset's mixed precision keeps the frozen weights in bf16.
+    assert!(stdout.contains("transformer weights (5.57B parameters, bf16)") && stdout.contains("mixed precision bf16"), "{stdout}");
     // A model folder wins over the name; no model at all is an error saying what to pass.
     let out = cogvx(&["--model", repo().join("examples/models/cogvideox-2b-tiny").to_str().unwrap(), "plan", "--resolution", "9x64x96"]);
     assert!(out.status.success() && text(&out).0.contains("cogvideox-2b-tiny"), "{:?}", text(&out));

@@ -20,7 +20,8 @@ pub mod attention;
 pub mod random;
 
 use burn::tensor::{Distribution, Tensor};
-use cogvx_model_core::{CpuAutodiffBackend, CpuDevice, ModelAutodiffBackend};
+use cogvx_model_core::precision::MixedPrecision;
+use cogvx_model_core::{CpuAutodiffBackend, CpuDevice, FlexAutodiffBackend, ModelAutodiffBackend};
 use cogvx_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError, TimestepSpacing};
 use cogvx_train::{AdamW, AdamWConfig, AdapterSpec, NoiseDraw, TrainBatch, TrainError};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig, TransformerError};
@@ -192,6 +193,11 @@ pub struct BenchReport {
     /// The peak `cogvx plan` predicts for this step (its training phase), in MiB, to hold
     /// next to `peak_rss_mib`.
     pub plan_peak_mib: Option<f64>,
+    /// `"no"`, `"bf16"` or `"fp16"`.
+    pub mixed_precision: String,
+    /// The growth of the process's anonymous resident memory while the transformer's weights
+    /// were loaded, in MiB (Linux `RssAnon`; the weight files are mapped, not counted).
+    pub weights_mib: Option<f64>,
 }
 
 impl BenchReport {
@@ -227,6 +233,15 @@ pub fn peak_rss_mib() -> Option<f64> {
     }
     let raw = usage.ru_maxrss as f64;
     let kib = if cfg!(target_os = "macos") { raw / 1024.0 } else { raw };
+    Some(kib / 1024.0)
+}
+
+/// The anonymous resident memory of the process now (Linux `/proc/self/status` `RssAnon`), in
+/// MiB; `None` elsewhere.
+pub fn anon_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
@@ -267,6 +282,9 @@ pub struct StepOptions {
     pub warmup: usize,
     /// Block-level gradient checkpointing.
     pub gradient_checkpointing: bool,
+    /// `"no"`, `"bf16"` or `"fp16"`: frozen weights and compute in half precision (on the
+    /// CPU through burn's flex backend).
+    pub mixed_precision: MixedPrecision,
 }
 
 /// One LoRA training step of preset `preset` (`"S"`, `"M"` or `"XL"`): `warmup` untimed steps,
@@ -278,7 +296,14 @@ pub fn train_step(preset: &str, options: StepOptions) -> Result<BenchReport, Ben
 /// [`train_step`] for any [`Preset`] (e.g. a tiny one in tests).
 pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
     check_step(preset, options)?;
-    run_with_threads(options.threads, || run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, cogvx_plan::DeviceKind::Cpu, &CpuDevice::default()))?
+    run_with_threads(options.threads, || {
+        if options.mixed_precision.is_half() {
+            // ndarray has no half types.
+            run::<FlexAutodiffBackend>(preset, options, "cogvx-burn-flex", cogvx_plan::DeviceKind::Cpu, &Default::default())
+        } else {
+            run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, cogvx_plan::DeviceKind::Cpu, &CpuDevice::default())
+        }
+    })?
 }
 
 /// [`train_step_with`] on any autodiff backend and device (the GPU check runs it on CUDA);
@@ -298,7 +323,7 @@ fn check_step(preset: &Preset, options: StepOptions) -> Result<(), BenchError> {
 }
 
 fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, kind: cogvx_plan::DeviceKind, device: &AD::Device) -> Result<BenchReport, BenchError> {
-    let StepOptions { threads, steps, warmup, gradient_checkpointing } = options;
+    let StepOptions { threads, steps, warmup, gradient_checkpointing, mixed_precision } = options;
     let rayon_threads = rayon::current_num_threads();
     let config = preset.transformer_config();
     let (f, h, w) = preset.lat;
@@ -306,7 +331,12 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
     // Random weights through the real loading path: a diffusers folder in a temp dir.
     let tmp = tempfile::tempdir().map_err(|e| BenchError::Io { path: std::env::temp_dir(), message: e.to_string() })?;
     write_random_transformer(tmp.path(), &config, 0)?;
-    let model = CogVideoXTransformer3DModel::<AD>::from_dir(tmp.path(), device)?;
+    let before = anon_rss_mib();
+    let model = CogVideoXTransformer3DModel::<AD>::from_dir_in(tmp.path(), mixed_precision.dtype(), device)?;
+    let weights_mib = match (before, anon_rss_mib()) {
+        (Some(a), Some(b)) => Some(round_to(b - a, 1)),
+        _ => None,
+    };
     drop(tmp);
 
     AD::seed(device, 0);
@@ -352,18 +382,20 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
         losses,
         rayon_threads,
         gradient_checkpointing,
-        plan_peak_mib: planned_peak_mib(preset, gradient_checkpointing, kind),
+        plan_peak_mib: planned_peak_mib(preset, gradient_checkpointing, mixed_precision, kind),
+        mixed_precision: mixed_precision.name().into(),
+        weights_mib,
     })
 }
 
 /// The training-phase peak `cogvx plan` computes for one step of `preset`, in MiB.
-pub fn planned_peak_mib(preset: &Preset, gradient_checkpointing: bool, device: cogvx_plan::DeviceKind) -> Option<f64> {
+pub fn planned_peak_mib(preset: &Preset, gradient_checkpointing: bool, precision: MixedPrecision, device: cogvx_plan::DeviceKind) -> Option<f64> {
     let (f, h, w) = preset.lat;
     let video = f * (h / 2) * (w / 2);
     let tokens = cogvx_plan::Tokens { text: preset.text_len, video, total: video + preset.text_len };
     let targets = cogvx_train::DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect();
     let trainable = cogvx_plan::Trainable::Lora { rank: preset.rank, targets };
-    let phase = cogvx_plan::train_phase(&preset.transformer_config(), tokens, 1, &trainable, gradient_checkpointing, device).ok()?;
+    let phase = cogvx_plan::train_phase(&preset.transformer_config(), tokens, 1, &trainable, gradient_checkpointing, precision, device).ok()?;
     Some(round_to(phase.peak_bytes as f64 / (1u64 << 20) as f64, 1))
 }
 
@@ -382,7 +414,7 @@ mod tests {
     use burn::module::Module;
 
     fn opts(threads: usize, steps: usize, warmup: usize) -> StepOptions {
-        StepOptions { threads, steps, warmup, gradient_checkpointing: false }
+        StepOptions { threads, steps, warmup, gradient_checkpointing: false, mixed_precision: MixedPrecision::No }
     }
 
     #[test]
@@ -447,7 +479,7 @@ mod tests {
         let mut worst: f64 = 0.0;
         for (p, ck, rss) in measured {
             let name = p.name;
-            let plan = planned_peak_mib(&p, ck, cogvx_plan::DeviceKind::Cpu).unwrap();
+            let plan = planned_peak_mib(&p, ck, MixedPrecision::No, cogvx_plan::DeviceKind::Cpu).unwrap();
             let err = plan / rss - 1.0;
             report += &format!("{name} checkpointing={ck}: plan {plan} MiB, measured {rss} MiB ({:+.1}%)\n", 100.0 * err);
             worst = worst.max(err.abs());
@@ -483,9 +515,9 @@ mod tests {
         assert!(r.median_s > 0.0 && r.min_s == r.median_s, "{r:?}");
         let line = r.to_json_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v.as_object().unwrap().len(), 10, "{line}");
+        assert_eq!(v.as_object().unwrap().len(), 12, "{line}");
         // The script's field order (`burn` where it has `torch`), then cogvx's own.
-        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing", "plan_peak_mib"];
+        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing", "plan_peak_mib", "mixed_precision", "weights_mib"];
         let at: Vec<usize> = fields.iter().map(|f| line.find(&format!("\"{f}\":")).unwrap_or_else(|| panic!("{f}: {line}"))).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert_eq!(v["impl"], "cogvx-burn-ndarray");
@@ -493,6 +525,19 @@ mod tests {
         assert_eq!(v["threads"], 1);
         assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0);
         assert!(!line.contains('\n'));
+    }
+
+    /// `--mixed-precision bf16` runs on flex with bf16 frozen weights: the same losses as f32
+    /// within bf16's precision (a broken cast would give a different or non-finite loss).
+    #[test]
+    fn a_bf16_step_runs_on_flex_near_the_f32_losses() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let f32_run = train_step_with(&TINY, opts(1, 2, 0)).unwrap();
+        let bf16 = train_step_with(&TINY, StepOptions { mixed_precision: MixedPrecision::Bf16, ..opts(1, 2, 0) }).unwrap();
+        assert_eq!((bf16.implementation.as_str(), bf16.mixed_precision.as_str()), ("cogvx-burn-flex", "bf16"));
+        for (a, b) in bf16.losses.iter().zip(&f32_run.losses) {
+            assert!(a.is_finite() && ((a - b) / b).abs() < 2e-2, "{:?} vs {:?}", bf16.losses, f32_run.losses);
+        }
     }
 
     #[test]

@@ -241,6 +241,10 @@ pub enum BenchCommand {
         /// Recompute each block in the backward instead of keeping its activations.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// "no" (f32), "bf16" or "fp16": frozen weights and compute in half precision, as
+        /// `[train] mixed_precision` (on the CPU through burn's flex backend).
+        #[arg(long, default_value = "no", value_parser = parse_mixed_precision)]
+        mixed_precision: cogvx_model_core::precision::MixedPrecision,
     },
     /// Forward and backward of the attention operation alone at one shape (default:
     /// CogVideoX-2B at 49x480x720, [1, 30, 17776, 64]); prints time, GFLOP/s and peak RSS.
@@ -312,8 +316,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let options = cogvx_bench::attention::AttentionOptions { batch, heads, len, head_dim, naive, threads, blocks };
             commands::bench::attention(&settings, options)
         }
-        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing } } => {
-            commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing })
+        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing, mixed_precision } } => {
+            commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing, mixed_precision })
         }
     }
+}
+
+fn parse_mixed_precision(s: &str) -> Result<cogvx_model_core::precision::MixedPrecision, String> {
+    use cogvx_model_core::precision::MixedPrecision;
+    MixedPrecision::parse(s).ok_or_else(|| format!("`{s}`: expected one of {}", MixedPrecision::NAMES))
 }

@@ -57,16 +57,24 @@ pub(crate) fn elementwise2<B: Backend>(x: FloatTensor<B>, y: FloatTensor<B>, f: 
     let n = shape.num_elements();
     let flat = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(t, [n].into())));
     let (x, y) = (flat(x), flat(y));
+    // Half-precision inputs are computed in f32 chunk by chunk (as torch's half kernels do)
+    // and the result given back in x's dtype.
+    let dtype = crate::precision::float_dtype(&x);
+    let f = |x: Tensor<B, 1>, y: Tensor<B, 1>| crate::precision::to_dtype(f(crate::precision::to_f32(x), crate::precision::to_f32(y)), dtype);
     let out = if n <= CHUNK {
         f(x, y)
     } else {
         // Each chunk's result is written into one output as it is computed: collecting the
         // chunks and joining them held the output twice (at the peak of a 2B block's backward,
-        // 32 chunks of 16 MiB beside their 546 MiB join).
-        let mut out = x.zeros_like();
+        // 32 chunks of 16 MiB beside their 546 MiB join). The output is y's own buffer, each
+        // chunk overwritten after it was read: when the caller gave y away (the GELU backward's
+        // incoming gradient) no third buffer beside x and y is allocated (546 MiB at the peak of
+        // a 2B block's backward); when y is shared (the forward passes x twice) the first write
+        // copies it, as a fresh output would.
+        let mut out = if y.dtype() == x.dtype() { y } else { crate::precision::like(y, &x) };
         for s in (0..n).step_by(CHUNK) {
             let len = CHUNK.min(n - s);
-            let part = f(x.clone().narrow(0, s, len), y.clone().narrow(0, s, len));
+            let part = f(x.clone().narrow(0, s, len), out.clone().narrow(0, s, len));
             out = out.slice_assign([s..s + len], part);
         }
         out

@@ -44,6 +44,23 @@ pub enum AdapterTensor<B: Backend> {
 }
 
 impl<B: Backend> AdapterTensor<B> {
+    /// Every element times `s`.
+    pub fn mul_scalar(self, s: f64) -> Self {
+        match self {
+            AdapterTensor::Vector(a) => AdapterTensor::Vector(a.mul_scalar(s)),
+            AdapterTensor::Matrix(a) => AdapterTensor::Matrix(a.mul_scalar(s)),
+        }
+    }
+
+    /// The element-wise sum of two tensors of one shape (gradient accumulation).
+    pub fn add(self, other: Self) -> Self {
+        match (self, other) {
+            (AdapterTensor::Vector(a), AdapterTensor::Vector(b)) => AdapterTensor::Vector(a + b),
+            (AdapterTensor::Matrix(a), AdapterTensor::Matrix(b)) => AdapterTensor::Matrix(a + b),
+            (a, b) => panic!("adding tensors of different ranks: {:?} + {:?}", a.shape(), b.shape()),
+        }
+    }
+
     /// The tensor's shape.
     pub fn shape(&self) -> Vec<usize> {
         match self {
@@ -204,7 +221,11 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// The adapter's own output `(x A^T) B^T * scale` for `x [rows, in]`.
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scale)
+        // In x's dtype (autocast runs the LoRA matmuls in half too); the cast's backward
+        // brings the gradients back to the f32 parameters.
+        let a = crate::precision::like(self.lora_a.val(), &x);
+        let b = crate::precision::like(self.lora_b.val(), &x);
+        x.matmul(a.transpose()).matmul(b.transpose()).mul_scalar(self.scale)
     }
 
     fn forward_with_base(&self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
@@ -562,7 +583,9 @@ impl<B: Backend> RecipeAdapter<B> {
     }
 
     fn forward_with_base(&self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
-        let w = self.evaluate(weight.clone());
+        // A recipe is evaluated in f32 (its parameters are f32; norms of a half weight would
+        // lose precision), then used in x's dtype.
+        let w = crate::precision::like(self.evaluate(crate::precision::to_f32(weight.clone())), &x);
         match self.program.recipe.output_kind {
             AdapterOutput::WeightDelta => base_linear(x.clone(), weight, bias) + x.matmul(w.transpose()),
             AdapterOutput::Weight => base_linear(x, w, bias),

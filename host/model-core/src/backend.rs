@@ -7,6 +7,8 @@
 //! [`crate::attention`]).
 
 use crate::attention::flash::{self, BlockSizes};
+use crate::precision::{float_dtype, to_dtype, to_f32};
+use burn::tensor::FloatDType;
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
 
 /// The attention operands and options, as primitives: q `[B, H, Lq, D]`, k `[B, H, Lk, D]`,
@@ -50,16 +52,21 @@ fn prim<B: Backend>(t: Tensor<B, 4>) -> FloatTensor<B> {
 pub trait ModelBackend: Backend {
     /// Memory-efficient attention forward: the output and the per-row log-sum-exp
     /// (FlashAttention-2, [`flash::forward`]).
+    ///
+    /// Half-precision operands are computed in f32 block by block (FlashAttention's f32
+    /// accumulators); the output has q's dtype, the log-sum-exp is f32.
     fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
+        let q = tensor::<Self>(inputs.q);
+        let dtype = float_dtype(&q);
         let (out, lse) = flash::forward(
-            tensor::<Self>(inputs.q),
-            tensor::<Self>(inputs.k),
-            tensor::<Self>(inputs.v),
-            inputs.bias.map(tensor),
+            to_f32(q),
+            to_f32(tensor::<Self>(inputs.k)),
+            to_f32(tensor::<Self>(inputs.v)),
+            inputs.bias.map(|b| to_f32(tensor(b))),
             inputs.scale,
             inputs.sizes,
         );
-        AttentionSaved { out: prim(out), lse: prim(lse) }
+        AttentionSaved { out: prim(to_dtype(out, dtype)), lse: prim(lse) }
     }
 
     /// Memory-efficient attention backward from the saved output and log-sum-exp
@@ -70,19 +77,28 @@ pub trait ModelBackend: Backend {
         grad_out: FloatTensor<Self>,
         bias_grad: bool,
     ) -> AttentionGrads<Self> {
+        let (q, k, v) = (tensor::<Self>(inputs.q), tensor::<Self>(inputs.k), tensor::<Self>(inputs.v));
+        let bias = inputs.bias.map(tensor::<Self>);
+        // Each gradient in its input's dtype, computed in f32.
+        let dtypes = (float_dtype(&q), float_dtype(&k), float_dtype(&v), bias.as_ref().map(float_dtype));
         let g = flash::backward(
-            tensor::<Self>(inputs.q),
-            tensor::<Self>(inputs.k),
-            tensor::<Self>(inputs.v),
-            inputs.bias.map(tensor),
+            to_f32(q),
+            to_f32(k),
+            to_f32(v),
+            bias.map(to_f32),
             inputs.scale,
-            tensor(saved.out),
-            tensor(saved.lse),
-            tensor(grad_out),
+            to_f32(tensor(saved.out)),
+            to_f32(tensor(saved.lse)),
+            to_f32(tensor(grad_out)),
             bias_grad,
             inputs.sizes,
         );
-        AttentionGrads { q: prim(g.q), k: prim(g.k), v: prim(g.v), bias: g.bias.map(prim) }
+        AttentionGrads {
+            q: prim(to_dtype(g.q, dtypes.0)),
+            k: prim(to_dtype(g.k, dtypes.1)),
+            v: prim(to_dtype(g.v, dtypes.2)),
+            bias: g.bias.map(|b| prim(to_dtype(b, dtypes.3.unwrap_or(FloatDType::F32)))),
+        }
     }
 
     /// Attention as one operation: under autodiff it saves only q, k, v, the output and the

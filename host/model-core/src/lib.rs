@@ -10,6 +10,7 @@
 //!   (memory-efficient, one autodiff operation with its own backward).
 //! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
+//! * [`precision`]: mixed precision (half compute and frozen weights, f32 where autocast keeps it).
 //! * [`case`]: the parity case format of `shared/reference/cases`.
 
 pub mod activation;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod grad_checkpoint;
 pub mod nn;
+pub mod precision;
 pub mod weights;
 
 pub use backend::{ModelAutodiffBackend, ModelBackend};
@@ -32,6 +34,14 @@ pub type CpuBackend = burn::backend::NdArray<f32>;
 pub type CpuDevice = burn::backend::ndarray::NdArrayDevice;
 /// [`CpuBackend`] with autodiff, for training on the CPU.
 pub type CpuAutodiffBackend = burn::backend::Autodiff<CpuBackend>;
+
+/// burn's `flex` CPU backend (f32 by default, with bf16/f16 tensors): the CPU backend of mixed
+/// precision, with the `flex` feature.
+#[cfg(feature = "flex")]
+pub type FlexBackend = burn::backend::Flex;
+/// [`FlexBackend`] with autodiff.
+#[cfg(feature = "flex")]
+pub type FlexAutodiffBackend = burn::backend::Autodiff<FlexBackend>;
 
 /// The CUDA backend (f32), with the `cuda` feature.
 #[cfg(feature = "cuda")]

@@ -2,6 +2,7 @@
 //! load by checkpoint name (`<prefix>.weight`, `<prefix>.bias`).
 
 use crate::adapter::{base_linear, LinearAdapter};
+use crate::precision::{float_dtype, to_dtype, to_f32};
 use crate::{weights::VarBuilder, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -29,15 +30,17 @@ impl<B: Backend> Linear<B> {
         Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), adapter: None }
     }
 
-    /// `[in]`-last input of any rank to `[out]`-last output.
+    /// `[in]`-last input of any rank to `[out]`-last output, computed in the input's dtype (the
+    /// parameters are cast to it, [`crate::precision`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let in_features = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
-        let w = self.weight.val();
+        let dtype = float_dtype(&x);
+        let w = to_dtype(self.weight.val(), dtype);
         let out_features = w.dims()[0];
         let x = x.reshape([rows, in_features]);
-        let bias = self.bias.as_ref().map(|b| b.val());
+        let bias = self.bias.as_ref().map(|b| to_dtype(b.val(), dtype));
         let y = match &self.adapter {
             None => base_linear(x, w, bias),
             Some(adapter) => adapter.forward(x, w, bias),
@@ -75,16 +78,19 @@ impl<B: Backend> LayerNorm<B> {
         LayerNorm { weight: None, bias: None, eps }
     }
 
+    /// Normalises in f32 (as autocast) and returns the input's dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = layer_norm(x, self.eps);
+        let dtype = float_dtype(&x);
+        let x = layer_norm(to_f32(x), self.eps);
         let x = match &self.weight {
-            Some(w) => x * broadcast_last(w.val()),
+            Some(w) => x * broadcast_last(to_f32(w.val())),
             None => x,
         };
-        match &self.bias {
-            Some(b) => x + broadcast_last(b.val()),
+        let x = match &self.bias {
+            Some(b) => x + broadcast_last(to_f32(b.val())),
             None => x,
-        }
+        };
+        to_dtype(x, dtype)
     }
 }
 
@@ -135,13 +141,16 @@ impl<B: Backend> GroupNorm<B> {
         })
     }
 
+    /// Normalises in f32 (as autocast) and returns the input's dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
+        let dtype = float_dtype(&x);
         let n = dims[0];
         let rest: usize = dims[1..].iter().product();
-        let grouped = x.reshape([n, self.num_groups, rest / self.num_groups]);
+        let grouped = to_f32(x).reshape([n, self.num_groups, rest / self.num_groups]);
         let normed = layer_norm(grouped, self.eps).reshape(dims);
-        normed * broadcast_channels(self.weight.val()) + broadcast_channels(self.bias.val())
+        let out = normed * broadcast_channels(to_f32(self.weight.val())) + broadcast_channels(to_f32(self.bias.val()));
+        to_dtype(out, dtype)
     }
 }
 

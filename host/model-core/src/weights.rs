@@ -4,7 +4,7 @@
 //! so the process never holds two full copies of the weights.
 
 use crate::LoadError;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorInfo};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -175,12 +175,14 @@ pub struct VarBuilder {
     weights: Arc<Weights>,
     prefix: String,
     tracker: Arc<Mutex<Tracker>>,
+    /// The dtype tensors are created in; `None` = f32.
+    dtype: Option<FloatDType>,
 }
 
 impl VarBuilder {
     /// A builder at the root of `weights`.
     pub fn new(weights: Weights) -> Self {
-        VarBuilder { weights: Arc::new(weights), prefix: String::new(), tracker: Arc::default() }
+        VarBuilder { weights: Arc::new(weights), prefix: String::new(), tracker: Arc::default(), dtype: None }
     }
 
     /// Opens `dir` and returns a root builder.
@@ -191,7 +193,19 @@ impl VarBuilder {
     /// A builder one level down: `pp("attn1")`, `pp(3)`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        VarBuilder { weights: self.weights.clone(), prefix, tracker: self.tracker.clone() }
+        VarBuilder { weights: self.weights.clone(), prefix, tracker: self.tracker.clone(), dtype: self.dtype }
+    }
+
+    /// This builder creating its tensors in `dtype` (mixed precision keeps frozen weights in
+    /// bf16/f16); `F32` or `None` = f32.
+    pub fn with_dtype(mut self, dtype: Option<FloatDType>) -> Self {
+        self.dtype = dtype.filter(|d| *d != FloatDType::F32);
+        self
+    }
+
+    /// The dtype set with [`VarBuilder::with_dtype`] (`None` = f32).
+    pub fn dtype(&self) -> Option<FloatDType> {
+        self.dtype
     }
 
     /// The full key of `name` under this builder.
@@ -218,7 +232,8 @@ impl VarBuilder {
         self.weights.shape(&self.key(name))
     }
 
-    /// Loads `name` as an f32 tensor of the expected `shape` on `device`.
+    /// Loads `name` as a tensor of the expected `shape` on `device`, in f32 or the builder's
+    /// [dtype](VarBuilder::with_dtype).
     ///
     /// A missing key or a wrong shape is recorded for [`VarBuilder::finish`] and a zero tensor of
     /// `shape` is returned; only unreadable data is an immediate error.
@@ -232,15 +247,27 @@ impl VarBuilder {
         match self.weights.get_f32(&key)? {
             None => {
                 self.record(format!("  missing key `{key}` (expected shape {shape:?})"));
-                Ok(Tensor::zeros(shape, device))
+                Ok(self.create(TensorData::zeros::<f32, _>(shape), device))
             }
             Some(w) => {
                 self.tracker.lock().unwrap_or_else(|p| p.into_inner()).used.insert(key.clone());
                 if w.shape != shape {
                     self.record(format!("  wrong shape for `{key}`: file has {:?}, model expects {shape:?}", w.shape));
-                    return Ok(Tensor::zeros(shape, device));
+                    return Ok(self.create(TensorData::zeros::<f32, _>(shape), device));
                 }
-                Ok(Tensor::from_data(TensorData::new(w.data, shape), device))
+                Ok(self.create(TensorData::new(w.data, shape), device))
+            }
+        }
+    }
+
+    /// f32 host data as a tensor in the builder's dtype (converted on the host, so the device
+    /// never holds the f32 copy).
+    fn create<B: Backend, const D: usize>(&self, data: TensorData, device: &B::Device) -> Tensor<B, D> {
+        match self.dtype {
+            None => Tensor::from_data(data, device),
+            Some(dtype) => {
+                let dtype = DType::from(dtype);
+                Tensor::from_data(data.convert_dtype(dtype), (device, dtype))
             }
         }
     }

@@ -29,19 +29,28 @@ pub enum Kept {
     Sft,
 }
 
-/// What one `CogVideoXBlock` keeps for its backward: `(what, LD tensors, LF tensors, when)`.
-pub const BLOCK_SAVED: [(&str, u64, u64, Kept); 11] = [
-    ("norm1, norm2: the LayerNorm's centred input", 2, 0, Kept::Always),
-    ("norm_q, norm_k: the LayerNorm's centred input", 2, 0, Kept::Always),
-    ("attention: q, k, v and the output (FlashAttention keeps no scores)", 4, 0, Kept::Always),
-    ("ff.net.0.proj output (the fused GELU's input)", 0, 1, Kept::Always),
-    ("attn1 input, text and video joined (to_q, to_k, to_v)", 1, 0, Kept::Trained(&["attn1.to_q", "attn1.to_k", "attn1.to_v"])),
-    ("attention output as [L, D] (to_out.0)", 1, 0, Kept::Trained(&["attn1.to_out.0"])),
-    ("ff input, joined (ff.net.0.proj)", 1, 0, Kept::Trained(&["ff.net.0.proj"])),
-    ("GELU output (ff.net.2)", 0, 1, Kept::Trained(&["ff.net.2"])),
-    ("norm1, norm2, norm_q, norm_k: normalised input of the affine weight", 4, 0, Kept::Sft),
-    ("norm1, norm2: affine output, for the AdaLN scale's gradient", 2, 0, Kept::Sft),
-    ("attention and ff outputs, for the gates' gradients", 2, 0, Kept::Sft),
+/// The dtype a kept tensor has under mixed precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The compute dtype (f32, or bf16/f16 with `mixed_precision`).
+    Compute,
+    /// Always f32: the LayerNorm statistics, computed in f32 as autocast does.
+    F32,
+}
+
+/// What one `CogVideoXBlock` keeps for its backward: `(what, LD tensors, LF tensors, when, dtype)`.
+pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 11] = [
+    ("norm1, norm2: the LayerNorm's centred input", 2, 0, Kept::Always, Kind::F32),
+    ("norm_q, norm_k: the LayerNorm's centred input", 2, 0, Kept::Always, Kind::F32),
+    ("attention: q, k, v and the output (FlashAttention keeps no scores)", 4, 0, Kept::Always, Kind::Compute),
+    ("ff.net.0.proj output (the fused GELU's input)", 0, 1, Kept::Always, Kind::Compute),
+    ("attn1 input, text and video joined (to_q, to_k, to_v)", 1, 0, Kept::Trained(&["attn1.to_q", "attn1.to_k", "attn1.to_v"]), Kind::Compute),
+    ("attention output as [L, D] (to_out.0)", 1, 0, Kept::Trained(&["attn1.to_out.0"]), Kind::Compute),
+    ("ff input, joined (ff.net.0.proj)", 1, 0, Kept::Trained(&["ff.net.0.proj"]), Kind::Compute),
+    ("GELU output (ff.net.2)", 0, 1, Kept::Trained(&["ff.net.2"]), Kind::Compute),
+    ("norm1, norm2, norm_q, norm_k: normalised input of the affine weight", 4, 0, Kept::Sft, Kind::F32),
+    ("norm1, norm2: affine output, for the AdaLN scale's gradient", 2, 0, Kept::Sft, Kind::Compute),
+    ("attention and ff outputs, for the gates' gradients", 2, 0, Kept::Sft, Kind::Compute),
 ];
 
 /// What the layers after the last block keep: the centred inputs of `norm_final` and
@@ -123,8 +132,9 @@ pub struct TrainingActivations {
     pub inputs: u64,
 }
 
-/// One block's kept activations, in elements, for `rows = batch x tokens`.
-pub fn block_saved_elements(c: &TransformerConfig, rows: u64, trainable: &Trainable) -> u64 {
+/// One block's kept activations, in bytes, for `rows = batch x tokens`, with activations of
+/// `act` bytes per element (4, or 2 in mixed precision; the norm statistics stay f32).
+pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable, act: u64) -> u64 {
     let d = c.inner_dim() as u64;
     let f = 4 * d;
     let trained = |layer: &str| match trainable {
@@ -133,56 +143,62 @@ pub fn block_saved_elements(c: &TransformerConfig, rows: u64, trainable: &Traina
     };
     let per_row: u64 = BLOCK_SAVED
         .iter()
-        .filter(|(_, _, _, kept)| match kept {
+        .filter(|(_, _, _, kept, _)| match kept {
             Kept::Always => true,
             Kept::Trained(layers) => layers.iter().any(|l| trained(l)),
             Kept::Sft => *trainable == Trainable::Full,
         })
-        .map(|(_, ld, lf, _)| ld * d + lf * f)
+        .map(|(_, ld, lf, _, kind)| (ld * d + lf * f) * if *kind == Kind::F32 { F32 } else { act })
         .sum();
-    let lse = c.num_attention_heads as u64 * rows;
+    let lse = c.num_attention_heads as u64 * rows * F32;
     // LoRA: each targeted layer keeps `x A` ([rows, rank]) for B's gradient.
     let lora = match trainable {
-        Trainable::Lora { rank, targets } => lora_layers_per_block(c, targets) * *rank as u64 * rows,
+        Trainable::Lora { rank, targets } => lora_layers_per_block(c, targets) * *rank as u64 * rows * act,
         Trainable::Full => 0,
     };
     rows * per_row + lse + lora
 }
 
-/// The activations of one training step at `tokens` x `batch`.
-pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: bool) -> TrainingActivations {
+/// The activations of one training step at `tokens` x `batch`, activations of `act` bytes per
+/// element (4, or 2 in mixed precision).
+pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: bool, act: u64) -> TrainingActivations {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
     let f = 4 * d;
-    let block = block_saved_elements(c, rows, trainable);
-    let around = rows * d * output_saved_ld(trainable);
+    let block = block_saved_bytes(c, rows, trainable, act);
+    // norm_final and norm_out keep f32 statistics.
+    let around = rows * d * output_saved_ld(trainable) * F32;
     let blocks = c.num_layers as u64;
     let saved = if checkpointing {
         // forward_taped keeps each block's input (video and text rows), then recomputes one
         // block at a time in the backward.
-        blocks * rows * d + around + block
+        blocks * rows * d * act + around + block
     } else {
         blocks * block + around
     };
     // Feed-forward backward: the gradients of the GELU output and input (LF each) and of the
     // block's input, output and residual stream (LD each); the attention backward needs less
-    // (dq, dk, dv, dout and the residual: 6 LD).
-    let workspace = rows * (2 * f + 3 * d).max(6 * d);
+    // (dq, dk, dv, dout and the residual: 6 LD). In half precision the attention computes in
+    // f32: q, k, v, the output and its gradient upcast, and dq, dk, dv in f32 (8 LD of f32).
+    let ff = rows * (2 * f + 3 * d) * act;
+    let attention = if act < F32 { rows * 8 * d * F32 } else { rows * 6 * d * F32 };
+    let workspace = ff.max(attention);
     let tile = attention_tile_elements(batch * c.num_attention_heads, tokens.total);
     let latent = (batch * tokens.video * c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels()) as u64;
     let inputs = 5 * latent + (batch * tokens.text * c.text_embed_dim) as u64;
-    TrainingActivations { saved: saved * F32, workspace: workspace * F32, attention: 4 * tile * F32, inputs: inputs * F32 }
+    TrainingActivations { saved, workspace, attention: 4 * tile * F32, inputs: inputs * F32 }
 }
 
 /// Peak activation bytes of one transformer forward without autodiff (sampling) at `tokens` x
 /// `batch`: the feed-forward's input, hidden and output, or the attention's q, k, v, output and
 /// tiles, whichever is larger.
-pub fn inference_bytes(c: &TransformerConfig, tokens: Tokens, batch: usize) -> u64 {
+/// Activations are `act` bytes per element (the attention's tiles are f32).
+pub fn inference_bytes(c: &TransformerConfig, tokens: Tokens, batch: usize, act: u64) -> u64 {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
-    let ff = rows * (3 * d + 2 * 4 * d);
-    let attention = rows * 10 * d + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total);
-    ff.max(attention) * F32
+    let ff = rows * (3 * d + 2 * 4 * d) * act;
+    let attention = rows * 10 * d * F32 + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
+    ff.max(attention)
 }
 
 /// Tensors of the largest VAE level alive at once (block input, GroupNorm temporaries, activation,

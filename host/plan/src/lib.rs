@@ -23,6 +23,7 @@ pub mod models;
 pub mod params;
 
 use cogvx_transformer::TransformerConfig;
+use cogvx_model_core::precision::MixedPrecision;
 use serde::Serialize;
 
 pub use models::{released_names, ModelConfigs};
@@ -102,6 +103,8 @@ pub struct PlanInput {
     pub trainable: Trainable,
     /// `[train] gradient_checkpointing`.
     pub gradient_checkpointing: bool,
+    /// `[train] mixed_precision`.
+    pub mixed_precision: MixedPrecision,
     /// `None` when `[validation] steps = 0`.
     pub validation: Option<ValidationInput>,
     pub device: DeviceKind,
@@ -146,6 +149,7 @@ pub struct Plan {
     pub batch_size: usize,
     pub training: String,
     pub gradient_checkpointing: bool,
+    pub mixed_precision: MixedPrecision,
     pub tokens: Tokens,
     pub transformer_parameters: u64,
     pub trainable_parameters: u64,
@@ -247,7 +251,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     ));
 
     // train.
-    let mut train = train_phase(t, tokens, input.batch_size, &input.trainable, input.gradient_checkpointing, input.device)?;
+    let mut train = train_phase(t, tokens, input.batch_size, &input.trainable, input.gradient_checkpointing, input.mixed_precision, input.device)?;
     if m.is_i2v() {
         train.items.insert(1, weights_item("VAE (I2V image latents)", vae_params));
         train = phase(&train.name, train.what, train.items);
@@ -258,14 +262,14 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if let Some(v) = input.validation {
         let vt = self::tokens(m, v.shape)?;
         let batch = if v.guidance { 2 } else { 1 };
-        let sample = activations::inference_bytes(t, vt, batch);
+        let sample = activations::inference_bytes(t, vt, batch, input.mixed_precision.bytes());
         let decode = activations::vae_decode_bytes(&m.vae, v.shape);
         let frames = 3 * (v.shape.frames * v.shape.height * v.shape.width) as u64 * F32;
         phases.push(phase(
             "validation",
             format!("sampling {} ({} tokens, batch {batch}) and the VAE decode", v.shape, vt.total),
             vec![
-                weights_item("transformer", weights),
+                transformer_weights_item(weights, &input.trainable, input.mixed_precision),
                 weights_item("T5 encoder", t5_params),
                 weights_item("VAE", vae_params),
                 match input.trainable {
@@ -288,6 +292,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         batch_size: input.batch_size,
         training,
         gradient_checkpointing: input.gradient_checkpointing,
+        mixed_precision: input.mixed_precision,
         tokens,
         transformer_parameters: weights,
         trainable_parameters: trainable,
@@ -298,6 +303,16 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         budget_gib: None,
         fits: None,
     })
+}
+
+/// The transformer's weights as they are resident: frozen weights in the compute dtype, SFT's
+/// trained (master) weights in f32.
+fn transformer_weights_item(weights: u64, trainable: &Trainable, precision: MixedPrecision) -> Item {
+    let (bytes, dtype) = match trainable {
+        Trainable::Full => (F32, "f32"),
+        Trainable::Lora { .. } => (precision.bytes(), if precision.is_half() { precision.name() } else { "f32" }),
+    };
+    item(format!("transformer weights ({} parameters, {dtype})", human(weights)), weights * bytes)
 }
 
 /// Trainable parameter count and a description of what is trained.
@@ -322,11 +337,24 @@ pub fn trainable_parameters(t: &TransformerConfig, trainable: &Trainable) -> Res
 /// The training phase alone: transformer weights, trainable parameters, gradients, AdamW
 /// states, activations and workspaces of one step at `tokens` x `batch` (what `cogvx bench
 /// train-step` runs, and what it compares its measured peak with).
-pub fn train_phase(t: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: bool, device: DeviceKind) -> Result<Phase, PlanError> {
+pub fn train_phase(
+    t: &TransformerConfig,
+    tokens: Tokens,
+    batch: usize,
+    trainable: &Trainable,
+    checkpointing: bool,
+    precision: MixedPrecision,
+    device: DeviceKind,
+) -> Result<Phase, PlanError> {
     let (n, _) = trainable_parameters(t, trainable)?;
     let weights = params::transformer_parameters(t);
-    let act = activations::training(t, tokens, batch, trainable, checkpointing);
-    let mut items = vec![item(format!("transformer weights ({} parameters, f32)", human(weights)), weights * F32)];
+    let act = activations::training(t, tokens, batch, trainable, checkpointing, precision.bytes());
+    let mut items = vec![transformer_weights_item(weights, trainable, precision)];
+    if *trainable == Trainable::Full && precision.is_half() {
+        // autocast: each f32 master weight is cast to half at use, and the copy is kept for the
+        // backward of its layer.
+        items.push(item(format!("half copies of the weights ({})", precision.name()), weights * precision.bytes()));
+    }
     if let Trainable::Lora { .. } = trainable {
         items.push(item(format!("trainable parameters ({}, f32)", human(n)), n * F32));
     }
@@ -370,7 +398,8 @@ impl Plan {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "model {} on {}, {} x batch {}, {}", self.model, self.device, self.shape, self.batch_size, self.training);
+        let precision = if self.mixed_precision.is_half() { format!(", mixed precision {}", self.mixed_precision.name()) } else { String::new() };
+        let _ = writeln!(s, "model {} on {}, {} x batch {}, {}{precision}", self.model, self.device, self.shape, self.batch_size, self.training);
         let _ = writeln!(
             s,
             "transformer {} parameters, {} trainable",

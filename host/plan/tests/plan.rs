@@ -1,6 +1,7 @@
 //! The plan of the released models: token counts, what each setting changes, verdicts and the
 //! errors a config can hit.
 
+use cogvx_model_core::precision::MixedPrecision;
 use cogvx_plan::{plan, DeviceKind, ModelConfigs, PlanInput, Shape, Trainable, ValidationInput};
 
 fn lora() -> Trainable {
@@ -14,6 +15,7 @@ fn input(model: &str, shape: Shape) -> PlanInput {
         batch_size: 1,
         trainable: lora(),
         gradient_checkpointing: true,
+        mixed_precision: MixedPrecision::No,
         validation: None,
         device: DeviceKind::Cuda,
     }
@@ -111,4 +113,26 @@ fn bad_input_is_an_error_naming_the_key() {
     assert!(plan(&i).unwrap_err().to_string().contains("batch_size"));
     let e = ModelConfigs::released("cogvideox-7b").unwrap_err().to_string();
     assert!(e.contains("cogvideox-7b") && e.contains("cogvideox1.5-5b-i2v"), "{e}");
+}
+
+/// Mixed precision: frozen weights in half (LoRA), f32 masters plus half copies cast at use
+/// (SFT); the activations a block keeps shrink except the f32 norm statistics.
+#[test]
+fn mixed_precision_halves_the_frozen_weights_and_most_activations() {
+    let f32_run = plan(&input("cogvideox-2b", S480)).unwrap();
+    let bf16 = plan(&PlanInput { mixed_precision: MixedPrecision::Bf16, ..input("cogvideox-2b", S480) }).unwrap();
+    let (a, b) = (phase(&f32_run, "train"), phase(&bf16, "train"));
+    assert_eq!(item(b, "transformer weights") * 2, item(a, "transformer weights"));
+    assert!(b.items.iter().any(|i| i.name.contains("bf16")), "{:?}", b.items);
+    // Trainable parameters and AdamW states stay f32.
+    assert_eq!(item(b, "AdamW states"), item(a, "AdamW states"));
+    let (sa, sb) = (item(a, "activations"), item(b, "activations"));
+    assert!(sb < sa && sb > sa / 2, "activations {sa} -> {sb}");
+    // SFT keeps f32 masters and adds their half copies.
+    let sft = |mp| plan(&PlanInput { trainable: Trainable::Full, mixed_precision: mp, ..input("cogvideox-2b", S480) }).unwrap();
+    let (fa, fb) = (sft(MixedPrecision::No), sft(MixedPrecision::Fp16));
+    let (ta, tb) = (phase(&fa, "train"), phase(&fb, "train"));
+    assert_eq!(item(tb, "transformer weights"), item(ta, "transformer weights"));
+    assert_eq!(item(tb, "half copies of the weights") * 2, item(ta, "transformer weights"));
+    assert!(fb.render().contains("mixed precision fp16"));
 }

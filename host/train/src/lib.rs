@@ -72,10 +72,30 @@ pub fn loss_and_grads_for<B: ModelAutodiffBackend>(
     batch: &TrainBatch<B>,
     draw: &NoiseDraw<B>,
 ) -> Result<(f64, InnerTensors<B>), TrainError> {
+    loss_and_grads_scaled(mode, model, schedule, batch, draw, 1.0)
+}
+
+/// [`loss_and_grads_for`] with the loss multiplied by `loss_scale` before the backward and the
+/// gradients divided by it after (fp16's dynamic loss scaling,
+/// [`cogvx_model_core::precision::LossScaler`]): half-precision gradients that would underflow
+/// stay representable; the returned loss and gradients are unscaled (non-finite on overflow).
+pub fn loss_and_grads_scaled<B: ModelAutodiffBackend>(
+    mode: TrainMode,
+    model: &mut CogVideoXTransformer3DModel<B>,
+    schedule: &NoiseSchedule,
+    batch: &TrainBatch<B>,
+    draw: &NoiseDraw<B>,
+    loss_scale: f64,
+) -> Result<(f64, InnerTensors<B>), TrainError> {
     let (loss, tape) = compute_loss_taped(model, schedule, batch, draw)?;
     let value: f64 = loss.clone().inner().into_scalar().elem::<f64>();
-    let grads = tape.backward(loss);
-    Ok((value, mode.grads(model, &grads)))
+    if loss_scale == 1.0 {
+        let grads = tape.backward(loss);
+        return Ok((value, mode.grads(model, &grads)));
+    }
+    let grads = tape.backward(loss.mul_scalar(loss_scale));
+    let grads = mode.grads(model, &grads).into_iter().map(|(n, g)| (n, g.mul_scalar(1.0 / loss_scale))).collect();
+    Ok((value, grads))
 }
 
 /// Clips `grads` to `max_grad_norm` (global norm; `None`: no clipping), takes one AdamW step at

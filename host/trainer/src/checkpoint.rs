@@ -62,6 +62,9 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     pub config: TrainConfig,
     pub validation: ValidationConfig,
+    /// fp16's loss scaler after the last update (`mixed_precision = "fp16"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<cogvx_model_core::precision::LossScaler>,
 }
 
 impl Checkpoint {
@@ -365,6 +368,7 @@ mod tests {
                 elapsed_s: 1.5,
                 config: TrainConfig::default(),
                 validation: ValidationConfig::default(),
+                loss_scaler: None,
             },
             weights: BTreeMap::from([("a.lora_A.weight".to_string(), (vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]))]),
             optimizer: BTreeMap::from([(

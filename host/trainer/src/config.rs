@@ -135,6 +135,20 @@ pub struct TrainConfig {
     /// the same gradients, in far less memory, for about one more forward pass of time.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `"no"` (f32), `"bf16"` or `"fp16"`, as accelerate's `mixed_precision`: the transformer
+    /// computes in half precision and keeps its frozen weights in it (half the memory);
+    /// trainable parameters and AdamW states stay f32. fp16 scales the loss dynamically and
+    /// skips a step whose gradients overflow. On the CPU it runs on burn's `flex` backend.
+    #[serde(default)]
+    pub mixed_precision: cogvx_model_core::precision::MixedPrecision,
+    /// fp16: the loss scale of the first step (torch's `GradScaler(init_scale=65536)`); it
+    /// halves after each step whose gradients overflow and doubles after 2000 clean ones.
+    #[serde(default = "default_fp16_init_scale")]
+    pub fp16_init_scale: f64,
+}
+
+fn default_fp16_init_scale() -> f64 {
+    cogvx_model_core::precision::LossScaler::default().scale
 }
 
 fn default_export_dtype() -> cogvx_train::ExportDtype {
@@ -166,6 +180,8 @@ impl Default for TrainConfig {
             output_dir: default_output_dir(),
             export_dtype: default_export_dtype(),
             gradient_checkpointing: false,
+            mixed_precision: Default::default(),
+            fp16_init_scale: default_fp16_init_scale(),
         }
     }
 }
@@ -186,6 +202,9 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), TrainerError> {
         if self.adapter.trim().is_empty() {
             return bad("adapter", "empty; use \"lora\", \"sft\" or an adapter plugin's name");
+        }
+        if !self.fp16_init_scale.is_finite() || self.fp16_init_scale < 1.0 || self.fp16_init_scale > 1e30 {
+            return bad("fp16_init_scale", format!("{} must be a number from 1 to 1e30 (torch's default is 65536)", self.fp16_init_scale));
         }
         if !self.is_sft() {
             if self.rank == 0 {

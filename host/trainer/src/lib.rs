@@ -47,6 +47,8 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::FloatDType;
+use cogvx_model_core::precision::{LossScaler, MixedPrecision};
 use burn::tensor::{Tensor, TensorData};
 use cogvx_cache::Cache;
 use cogvx_metrics::{MetricsLog, StepRecord, TrainProgress};
@@ -183,6 +185,8 @@ pub struct TrainSummary {
     pub validation_videos: Vec<PathBuf>,
     /// The run stopped early through [`TrainJob::on_step`].
     pub stopped_early: bool,
+    /// fp16: the steps of this run skipped because their gradients overflowed.
+    pub skipped_steps: Vec<u64>,
 }
 
 fn input<T>(message: impl Into<String>) -> Result<T, TrainerError> {
@@ -325,21 +329,6 @@ fn from_host<B: Backend>(t: &checkpoint::HostTensors, device: &B::Device, path: 
                 .ok_or_else(|| TrainerError::Io { path: path.to_path_buf(), message: format!("tensor `{k}` has shape {shape:?}, not a vector or matrix") })
         })
         .collect()
-}
-
-fn add_tensors<B: Backend>(a: AdapterTensor<B>, b: AdapterTensor<B>) -> AdapterTensor<B> {
-    match (a, b) {
-        (AdapterTensor::Vector(a), AdapterTensor::Vector(b)) => AdapterTensor::Vector(a + b),
-        (AdapterTensor::Matrix(a), AdapterTensor::Matrix(b)) => AdapterTensor::Matrix(a + b),
-        _ => unreachable!("gradients of one parameter have one rank"),
-    }
-}
-
-fn scale_tensor<B: Backend>(a: AdapterTensor<B>, s: f64) -> AdapterTensor<B> {
-    match a {
-        AdapterTensor::Vector(a) => AdapterTensor::Vector(a.mul_scalar(s)),
-        AdapterTensor::Matrix(a) => AdapterTensor::Matrix(a.mul_scalar(s)),
-    }
 }
 
 fn stack<B: Backend, const D1: usize>(items: Vec<&cogvx_cache::HostTensor>, device: &B::Device) -> Tensor<B, D1> {
@@ -487,6 +476,7 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result
     same!(batch_size);
     same!(gradient_accumulation_steps);
     same!(seed);
+    same!(mixed_precision);
     if !diffs.is_empty() {
         return input(format!(
             "cannot resume from {}: it was trained with other settings ({}); restore them or start a new run in another output_dir",
@@ -581,7 +571,20 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
     }
 
     // ---- model and adapter
-    let mut model = CogVideoXTransformer3DModel::<B>::from_dir(&folder.component_dir("transformer"), device)?;
+    // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
+    // weights and computes in half (autocast).
+    let precision = config.mixed_precision;
+    if !B::supports_dtype(device, precision.dtype().into()) {
+        return Err(TrainerError::Config(format!(
+            "`mixed_precision` = \"{}\": the {} backend has no {:?} tensors; use \"no\", or the flex backend on the CPU (as `cogvx train` does) or CUDA",
+            precision.name(),
+            B::name(device),
+            precision.dtype()
+        )));
+    }
+    let load_dtype = if config.is_sft() { FloatDType::F32 } else { precision.dtype() };
+    let mut model = CogVideoXTransformer3DModel::<B>::from_dir_in(&folder.component_dir("transformer"), load_dtype, device)?;
+    model.set_compute_dtype(precision.dtype());
     // The adapter initialisation draws from the backend RNG.
     B::seed(device, config.seed);
     let spec = cogvx_train::AdapterSpec { rank: config.rank, alpha: config.alpha, targets: config.target_modules.clone() };
@@ -633,6 +636,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
     let mut pos = DataPosition { epoch: 0, batch: 0 };
     let mut elapsed_s = 0.0;
     let mut last_lr = 0.0;
+    let mut scaler = (precision == MixedPrecision::Fp16).then(|| LossScaler { scale: config.fp16_init_scale, ..LossScaler::default() });
 
     // ---- resume
     checkpoint::remove_stale_temp_dirs(&out)?;
@@ -696,6 +700,9 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         pos = ck.state.data;
         elapsed_s = ck.state.elapsed_s;
         last_lr = ck.state.last_lr;
+        if scaler.is_some() {
+            scaler = Some(ck.state.loss_scaler.clone().unwrap_or_default());
+        }
         tracing::info!("resumed from {} at step {step} (epoch {}, batch {})", dir.display(), pos.epoch, pos.batch);
     }
     let start_step = step;
@@ -723,6 +730,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         exported: None,
         validation_videos: Vec::new(),
         stopped_early: false,
+        skipped_steps: Vec::new(),
     };
     let mut order = epoch_order(config.seed, pos.epoch, n);
     let mut order_epoch = pos.epoch;
@@ -735,7 +743,8 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
                 step: u64,
                 pos: DataPosition,
                 last_lr: f64,
-                elapsed_s: f64|
+                elapsed_s: f64,
+                scaler: &Option<LossScaler>|
      -> Result<PathBuf, TrainerError> {
         let ck = Checkpoint {
             state: TrainerState {
@@ -750,6 +759,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
                 elapsed_s,
                 config: config.clone(),
                 validation: vconfig.clone(),
+                loss_scaler: scaler.clone(),
             },
             weights: host_tensors(&checkpoint_values(mode, model)),
             optimizer: optimizer.state_to_host(),
@@ -785,16 +795,17 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
             let start = pos.batch as usize * bs;
             let idx = &order[start..(start + bs).min(n)];
             let (batch, draw) = make_micro_batch::<B>(&cache, idx, &tc, &tschedule, image_encoder.as_ref(), &mut rng, device)?;
-            let (loss, grads) = cogvx_train::loss_and_grads_for(mode, &mut model, &tschedule.schedule, &batch, &draw)?;
+            let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+            let (loss, grads) = cogvx_train::loss_and_grads_scaled(mode, &mut model, &tschedule.schedule, &batch, &draw, loss_scale)?;
             losses.push(loss);
             samples += idx.len();
-            let grads: InnerTensors<B> = if k == 1 { grads } else { grads.into_iter().map(|(n, g)| (n, scale_tensor(g, 1.0 / k as f64))).collect() };
+            let grads: InnerTensors<B> = if k == 1 { grads } else { grads.into_iter().map(|(n, g)| (n, g.mul_scalar(1.0 / k as f64))).collect() };
             acc = Some(match acc {
                 None => grads,
                 Some(mut a) => {
                     for (name, g) in grads {
                         let v = match a.remove(&name) {
-                            Some(prev) => add_tensors(prev, g),
+                            Some(prev) => prev.add(g),
                             None => g,
                         };
                         a.insert(name, v);
@@ -809,7 +820,21 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
             }
         }
         let lr = lr_schedule.lr_at(config.learning_rate, step);
-        let grad_norm = cogvx_train::apply_update_for(mode, &mut model, acc.unwrap_or_default(), &mut optimizer, lr, Some(config.max_grad_norm))?;
+        let grads = acc.unwrap_or_default();
+        // fp16: a step whose gradients overflowed is skipped and the loss scale halved.
+        let overflow = scaler.as_ref().is_some_and(|_| !cogvx_train::total_grad_norm(&grads).is_finite());
+        let grad_norm = if overflow {
+            let s = scaler.as_mut().expect("overflow is only checked with a scaler");
+            s.update(false);
+            tracing::warn!("step {}: fp16 gradients overflowed; step skipped, loss scale now {}", step + 1, s.scale);
+            summary.skipped_steps.push(step + 1);
+            f64::INFINITY
+        } else {
+            if let Some(s) = scaler.as_mut() {
+                s.update(true);
+            }
+            cogvx_train::apply_update_for(mode, &mut model, grads, &mut optimizer, lr, Some(config.max_grad_norm))?
+        };
         step += 1;
         last_lr = lr;
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
@@ -825,7 +850,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         }
 
         if step % config.checkpointing_steps == 0 {
-            summary.last_checkpoint = Some(save(&mut model, &optimizer, &rng, step, pos, last_lr, elapsed_s)?);
+            summary.last_checkpoint = Some(save(&mut model, &optimizer, &rng, step, pos, last_lr, elapsed_s, &scaler)?);
             last_saved = Some(step);
             plot(&out);
         }
@@ -845,7 +870,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
 
     // ---- the end: a checkpoint (the official trainer's must_save), validation, export
     if last_saved != Some(step) && step > 0 {
-        summary.last_checkpoint = Some(save(&mut model, &optimizer, &rng, step, pos, last_lr, elapsed_s)?);
+        summary.last_checkpoint = Some(save(&mut model, &optimizer, &rng, step, pos, last_lr, elapsed_s, &scaler)?);
     }
     plot(&out);
     bar.finish();

@@ -331,6 +331,7 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
                 self.max_text_seq_length
             ));
         }
+        let pos = cogvx_model_core::precision::like(pos, &embeds);
         Ok(embeds + pos)
     }
 }
@@ -526,14 +527,19 @@ pub fn rotate_pairs_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor
 /// diffusers `apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)` on
 /// `x [B, H, S, D]` with `cos`, `sin` `[S, D]`: pairs `(x[2i], x[2i+1])` are rotated,
 /// `x * cos + rotate_pairs(x) * sin`.
+///
+/// Computed in f32 and returned in x's dtype, as diffusers (`x.float()`, `.to(x.dtype)`).
 pub fn apply_rotary_emb<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    use cogvx_model_core::precision::{float_dtype, to_dtype, to_f32};
+    let dtype = float_dtype(&x);
+    let (x, cos, sin) = (to_f32(x), to_f32(cos), to_f32(sin));
     let [b, h, s, d] = x.dims();
     // The pair swap as one small matmul: much faster than narrow/cat on the last axis.
     let r = rotate_pairs_matrix::<B>(d, &x.device());
     let x_rotated = x.clone().reshape([b * h * s, d]).matmul(r).reshape([b, h, s, d]);
     let cos = cos.reshape([1, 1, s, d]);
     let sin = sin.reshape([1, 1, s, d]);
-    x * cos + x_rotated * sin
+    to_dtype(x * cos + x_rotated * sin, dtype)
 }
 
 #[cfg(test)]

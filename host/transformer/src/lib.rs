@@ -32,13 +32,23 @@ pub const COMPONENTS: &[&str] = &["transformer"];
 /// Runs a `transformer` case: loads `<model>/transformer`, computes the RoPE tables itself (the
 /// case's `rotary_cos/sin` are not used) and returns `{"sample": ...}`.
 pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TransformerError> {
+    run_case_in::<B>(case, burn::tensor::FloatDType::F32, device)
+}
+
+/// [`run_case`] with the weights loaded and the model computing in `dtype` (mixed precision);
+/// the output is f32.
+pub fn run_case_in<B: ModelBackend>(
+    case: &Case,
+    dtype: burn::tensor::FloatDType,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, TransformerError> {
     if case.component != "transformer" {
         return Err(TransformerError::Input(format!(
             "case {}: component `{}` is not run by the transformer crate",
             case.name, case.component
         )));
     }
-    let model = CogVideoXTransformer3DModel::<B>::from_dir(&case.model_dir.join("transformer"), device)?;
+    let model = CogVideoXTransformer3DModel::<B>::from_dir_in(&case.model_dir.join("transformer"), dtype, device)?;
     let hidden_states = case.input("hidden_states")?.to_tensor::<B, 5>(device)?;
     let encoder_hidden_states = case.input("encoder_hidden_states")?.to_tensor::<B, 3>(device)?;
     let timestep = case.input("timestep")?.to_tensor::<B, 1>(device)?;

@@ -9,7 +9,8 @@ use crate::error::{input_err, TransformerError};
 use crate::normalization::{AdaLayerNorm, CogVideoXLayerNormZero};
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{activation, backend::Backend, FloatDType, Tensor};
+use cogvx_model_core::precision::to_dtype;
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
@@ -152,6 +153,10 @@ pub struct CogVideoXTransformer3DModel<B: Backend> {
     /// ([`Self::set_gradient_checkpointing`]).
     #[module(skip)]
     pub gradient_checkpointing: bool,
+    /// The dtype the blocks compute in ([`cogvx_model_core::precision`]): the weights' load
+    /// dtype unless set with [`Self::set_compute_dtype`]. The output is always f32.
+    #[module(skip)]
+    pub compute_dtype: FloatDType,
 }
 
 impl<B: Backend> CogVideoXTransformer3DModel<B> {
@@ -182,18 +187,25 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
             proj_out: Linear::load(&vb.pp("proj_out"), inner, output_dim, true, device)?,
             config: c.clone(),
             gradient_checkpointing: false,
+            compute_dtype: vb.dtype().unwrap_or(FloatDType::F32),
         })
     }
 
     /// Loads a diffusers `transformer/` folder: `config.json` plus single-file or sharded
     /// safetensors (fp16/bf16/fp32). Every missing, unexpected or wrong-shape key is reported at once.
     pub fn from_dir(dir: &Path, device: &B::Device) -> Result<Self, TransformerError> {
+        Self::from_dir_in(dir, FloatDType::F32, device)
+    }
+
+    /// [`Self::from_dir`] with the weights created in `dtype` (mixed precision keeps frozen
+    /// weights in bf16/f16) and the model computing in it.
+    pub fn from_dir_in(dir: &Path, dtype: FloatDType, device: &B::Device) -> Result<Self, TransformerError> {
         let config_path = dir.join("config.json");
         let config: TransformerConfig = read_config(&config_path)?;
         config
             .validate()
             .map_err(|message| TransformerError::Config { path: config_path.display().to_string(), message })?;
-        let vb = VarBuilder::from_dir(dir)?;
+        let vb = VarBuilder::from_dir(dir)?.with_dtype(Some(dtype));
         let model = Self::load(&vb, &config, device)?;
         vb.finish()?;
         Ok(model)
@@ -204,6 +216,11 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
     /// gradients, one block's activations at a time). Without autodiff it changes nothing.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
+    }
+
+    /// Runs the model in `dtype` (mixed precision: f32 master weights are cast at use).
+    pub fn set_compute_dtype(&mut self, dtype: FloatDType) {
+        self.compute_dtype = dtype;
     }
 
     /// The RoPE tables for latent `hidden_states` of `frames x height x width`, when the config uses
@@ -294,14 +311,16 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
 
         // 1. Time embedding
         let timestep = broadcast_batch(timestep, batch_size, "timestep")?;
-        let t_emb = get_timestep_embedding(timestep, c.inner_dim(), c.flip_sin_to_cos, c.freq_shift);
+        // As diffusers: the sinusoids in f32, then `t_emb.to(dtype=hidden_states.dtype)`.
+        let dtype = self.compute_dtype;
+        let t_emb = to_dtype(get_timestep_embedding(timestep, c.inner_dim(), c.flip_sin_to_cos, c.freq_shift), dtype);
         let mut emb = self.time_embedding.forward(t_emb); // [B, E]
         match (&self.ofs_embedding, ofs) {
             (Some(ofs_embedding), Some(ofs)) => {
                 let ofs = broadcast_batch(ofs, batch_size, "ofs")?;
                 let d = c.ofs_embed_dim.expect("ofs_embedding exists");
                 let ofs_emb = get_timestep_embedding(ofs, d, c.flip_sin_to_cos, c.freq_shift);
-                let ofs_emb = ofs_embedding.forward(ofs_emb);
+                let ofs_emb = ofs_embedding.forward(to_dtype(ofs_emb, dtype));
                 if ofs_emb.dims()[1] != emb.dims()[1] {
                     return input_err(format!(
                         "ofs_embed_dim {d} differs from time_embed_dim {}; diffusers cannot add them either",
@@ -315,7 +334,7 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
         }
 
         // 2. Patch embedding
-        let hidden = self.patch_embed.forward(encoder_hidden_states, hidden_states)?;
+        let hidden = self.patch_embed.forward(to_dtype(encoder_hidden_states, dtype), to_dtype(hidden_states, dtype))?;
         let hidden = self.embedding_dropout.forward(hidden);
         let len = hidden.dims()[1];
         let encoder_hidden_states = hidden.clone().narrow(1, 0, text_len);
@@ -356,7 +375,7 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
                 x.reshape([batch_size, num_frames, c_out, height, width])
             }
         };
-        output
+        to_dtype(output, FloatDType::F32)
     }
 }
 
@@ -445,12 +464,12 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
     pub fn backward(self, loss: Tensor<B, 1>) -> B::Gradients {
         let mut grads = loss.backward();
         let Some(s) = self.segments else { return grads };
-        let zeros_like = |t: &Tensor<B::InnerBackend, 3>| Tensor::zeros(t.dims(), &t.device());
+        let zeros_like = |t: &Tensor<B::InnerBackend, 3>| t.zeros_like();
         let (last_h, last_t) = s.inputs.last().expect("forward_taped records a tape only for a model with blocks");
         let mut d_h = s.h_out.grad_remove(&mut grads).unwrap_or_else(|| zeros_like(last_h));
         // The text stream's output of the last block is not used by the head.
         let mut d_t = zeros_like(last_t);
-        let mut d_emb = s.emb_leaf.grad_remove(&mut grads).unwrap_or_else(|| Tensor::<B, 2>::zeros(s.emb_leaf.dims(), &s.emb_leaf.device()).inner());
+        let mut d_emb = s.emb_leaf.grad_remove(&mut grads).unwrap_or_else(|| s.emb_leaf.zeros_like().inner());
         for (block, (h, t)) in s.model.transformer_blocks.iter().zip(s.inputs).rev() {
             let copy = grad_checkpoint::Recompute::new(block);
             let h = Tensor::<B, 3>::from_inner(h).require_grad();

@@ -52,6 +52,7 @@ pub fn plan_input(settings: &Settings, models: ModelConfigs, train: &TrainConfig
         batch_size: train.batch_size,
         trainable,
         gradient_checkpointing: train.gradient_checkpointing,
+        mixed_precision: train.mixed_precision,
         validation,
         device: match settings.device {
             Device::Cpu => DeviceKind::Cpu,
@@ -128,7 +129,8 @@ pub fn check_fits(settings: &Settings, models: ModelConfigs, train: &TrainConfig
     let what = over.iter().map(|p| format!("{} {:.2} GiB", p.name, p.peak_gib)).collect::<Vec<_>>().join(", ");
     let message = format!(
         "this config needs more memory than {:?} has ({what}; {available:.2} GiB available):\n{}\n\
-         lower `[data] resolution` or `[train] batch_size` / `rank`, set `[train] gradient_checkpointing = true`, \
+         lower `[data] resolution` or `[train] batch_size` / `rank`, set `[train] gradient_checkpointing = true` \
+         or `mixed_precision = \"bf16\"`, \
          or pass --force to start anyway",
         settings.device,
         plan.render()

@@ -173,6 +173,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     }
     let mut on_step = |_: &cogvx_metrics::StepRecord| stop.load(Ordering::SeqCst);
 
+    let half = train.mixed_precision.is_half();
     let mut job = TrainJob::new(folder.root.clone(), cache, train);
     job.adapter_params = adapter_params;
     job.on_step = Some(&mut on_step);
@@ -186,6 +187,8 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     match settings.device {
         #[cfg(feature = "cuda")]
         crate::config::Device::Cuda(index) => run_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(job, &cogvx_model_core::CudaDevice { index }),
+        // ndarray has no half types: mixed precision on the CPU runs on burn's flex backend.
+        _ if half => run_on::<cogvx_model_core::FlexAutodiffBackend>(job, &Default::default()),
         _ => run_on::<cogvx_model_core::CpuAutodiffBackend>(job, &cogvx_model_core::CpuDevice::default()),
     }
 }
