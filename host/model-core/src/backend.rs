@@ -150,3 +150,6 @@ impl ModelBackend for crate::CudaBackend {}
 
 #[cfg(feature = "flex")]
 impl ModelBackend for burn::backend::Flex {}
+
+#[cfg(feature = "wgpu")]
+impl ModelBackend for crate::WgpuBackend {}

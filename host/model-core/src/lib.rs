@@ -43,6 +43,11 @@ pub type FlexBackend = burn::backend::Flex;
 #[cfg(feature = "flex")]
 pub type FlexAutodiffBackend = burn::backend::Autodiff<FlexBackend>;
 
+/// burn's wgpu backend (f32; Vulkan, or Mesa's lavapipe on the CPU), with the `wgpu` feature:
+/// the cubecl backend itself, without burn's op fusion (see the `cuda` feature).
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
 /// The CUDA backend (f32), with the `cuda` feature.
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Cuda<f32, i32>;
