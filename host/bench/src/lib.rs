@@ -195,9 +195,9 @@ pub struct BenchReport {
     pub plan_peak_mib: Option<f64>,
     /// `"no"`, `"bf16"` or `"fp16"`.
     pub mixed_precision: String,
-    /// The growth of the process's anonymous resident memory while the transformer's weights
-    /// were loaded, in MiB (Linux `RssAnon`; the weight files are mapped, not counted).
-    pub weights_mib: Option<f64>,
+    /// The transformer's weights as loaded, in MiB: each parameter tensor's elements times the
+    /// size of the dtype it holds (half with mixed precision).
+    pub weights_mib: f64,
 }
 
 impl BenchReport {
@@ -233,15 +233,6 @@ pub fn peak_rss_mib() -> Option<f64> {
     }
     let raw = usage.ru_maxrss as f64;
     let kib = if cfg!(target_os = "macos") { raw / 1024.0 } else { raw };
-    Some(kib / 1024.0)
-}
-
-/// The anonymous resident memory of the process now (Linux `/proc/self/status` `RssAnon`), in
-/// MiB; `None` elsewhere.
-pub fn anon_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
@@ -331,12 +322,8 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
     // Random weights through the real loading path: a diffusers folder in a temp dir.
     let tmp = tempfile::tempdir().map_err(|e| BenchError::Io { path: std::env::temp_dir(), message: e.to_string() })?;
     write_random_transformer(tmp.path(), &config, 0)?;
-    let before = anon_rss_mib();
     let model = CogVideoXTransformer3DModel::<AD>::from_dir_in(tmp.path(), mixed_precision.dtype(), device)?;
-    let weights_mib = match (before, anon_rss_mib()) {
-        (Some(a), Some(b)) => Some(round_to(b - a, 1)),
-        _ => None,
-    };
+    let weights_mib = round_to(tensor_bytes(&model) as f64 / (1u64 << 20) as f64, 1);
     drop(tmp);
 
     AD::seed(device, 0);
@@ -386,6 +373,20 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
         mixed_precision: mixed_precision.name().into(),
         weights_mib,
     })
+}
+
+/// The bytes held by a module's parameter tensors, each at the size of its own dtype.
+pub fn tensor_bytes<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(module: &M) -> u64 {
+    struct Count(u64);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let t = param.val();
+            self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+        }
+    }
+    let mut count = Count(0);
+    module.visit(&mut count);
+    count.0
 }
 
 /// The training-phase peak `cogvx plan` computes for one step of `preset`, in MiB.
@@ -535,6 +536,8 @@ mod tests {
         let f32_run = train_step_with(&TINY, opts(1, 2, 0)).unwrap();
         let bf16 = train_step_with(&TINY, StepOptions { mixed_precision: MixedPrecision::Bf16, ..opts(1, 2, 0) }).unwrap();
         assert_eq!((bf16.implementation.as_str(), bf16.mixed_precision.as_str()), ("cogvx-burn-flex", "bf16"));
+        // The loaded weights take half the bytes.
+        assert!(f32_run.weights_mib > 0.0 && (bf16.weights_mib * 2.0 - f32_run.weights_mib).abs() <= 0.1, "{} vs {}", bf16.weights_mib, f32_run.weights_mib);
         for (a, b) in bf16.losses.iter().zip(&f32_run.losses) {
             assert!(a.is_finite() && ((a - b) / b).abs() < 2e-2, "{:?} vs {:?}", bf16.losses, f32_run.losses);
         }
