@@ -11,16 +11,18 @@
 #   parity     the 35 diffusers parity cases of the tiny models on the GPU (exit 0 = all pass)
 #   attention  forward + backward of the memory-efficient attention at [1, 30, 17776, 64]
 #              (CogVideoX-2B at 49x480x720), time and GFLOP/s
+#   gemm-*     matrix-product throughput at the 2B feed-forward's shape, f32 and bf16
 #   step-xl    one LoRA training step of one CogVideoX-2B-width block at 17,776 tokens
 #   step-xl30  the same with 30 blocks (CogVideoX-2B's depth), gradient checkpointing and
 #              mixed precision (bf16 frozen weights and compute)
 # and writes out/summary.jsonl (one JSON object per check) plus each command's output. Each
-# check has a time limit (LIMIT seconds, default 150), so the whole script ends within 9 minutes.
+# check has a time limit (LIMIT seconds, default 115; 30 for the products), so the whole script
+# ends within 9 minutes.
 set -uo pipefail
 BIN=${1:?usage: gpu-check.sh COGVX_BIN CASES_DIR [OUT_DIR]}
 CASES=${2:?usage: gpu-check.sh COGVX_BIN CASES_DIR [OUT_DIR]}
 OUT=${3:-gpu-check-out}
-LIMIT=${LIMIT:-150}
+LIMIT=${LIMIT:-115}
 mkdir -p "$OUT"
 : > "$OUT/summary.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || echo "nvidia-smi failed" >> "$OUT/gpu.txt"
@@ -46,6 +48,8 @@ check() {
 
 check parity "$BIN" --device cuda parity "$CASES"
 check attention "$BIN" --device cuda bench attention --batch 1 --heads 30 --len 17776 --head-dim 64
+LIMIT=30 check gemm-f32 "$BIN" --device cuda bench gemm --repeat 10
+LIMIT=30 check gemm-bf16 "$BIN" --device cuda bench gemm --repeat 10 --dtype bf16
 check step-xl "$BIN" --device cuda bench train-step --preset XL --steps 2 --warmup 1
 check step-xl30 "$BIN" --device cuda bench train-step --preset XL30 --steps 1 --warmup 0 --gradient-checkpointing --mixed-precision bf16
 cat "$OUT/summary.jsonl"

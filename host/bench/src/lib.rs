@@ -17,6 +17,7 @@
 //! JSON fields, so that the two are compared as a ratio on one machine.
 
 pub mod attention;
+pub mod gemm;
 pub mod random;
 
 use burn::tensor::{Distribution, Tensor};

@@ -271,6 +271,25 @@ pub enum BenchCommand {
         #[arg(long, requires = "block_q")]
         block_k: Option<usize>,
     },
+    /// Matrix-product throughput ([M, K] x [K, N], default CogVideoX-2B's feed-forward at
+    /// 17,776 tokens); prints the median time and GFLOP/s.
+    Gemm {
+        #[arg(long, default_value_t = 17_776)]
+        m: usize,
+        #[arg(long, default_value_t = 1920)]
+        k: usize,
+        #[arg(long, default_value_t = 7680)]
+        n: usize,
+        /// Timed products (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// "no" (f32), "bf16" or "fp16".
+        #[arg(long, default_value = "no", value_parser = parse_mixed_precision)]
+        dtype: cogvx_model_core::precision::MixedPrecision,
+        /// CPU threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 fn init_tracing(verbose: u8) {
@@ -315,6 +334,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let blocks = block_q.zip(block_k).map(|(q, k)| cogvx_model_core::attention::BlockSizes { q, k });
             let options = cogvx_bench::attention::AttentionOptions { batch, heads, len, head_dim, naive, threads, blocks };
             commands::bench::attention(&settings, options)
+        }
+        Command::Bench { command: BenchCommand::Gemm { m, k, n, repeat, dtype, threads } } => {
+            commands::bench::gemm(&settings, cogvx_bench::gemm::GemmOptions { m, k, n, repeat, dtype: dtype.dtype(), threads })
         }
         Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing, mixed_precision } } => {
             commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing, mixed_precision })

@@ -82,3 +82,15 @@ pub fn attention(settings: &Settings, options: cogvx_bench::attention::Attention
     println!("{}", report.to_json_line());
     Ok(ExitCode::SUCCESS)
 }
+
+/// `cogvx bench gemm`: one JSON line.
+pub fn gemm(settings: &Settings, options: cogvx_bench::gemm::GemmOptions) -> Result<ExitCode> {
+    let report = match settings.device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda(index) => cogvx_bench::gemm::gemm_on::<cogvx_model_core::CudaBackend>(options, &cogvx_model_core::CudaDevice { index }),
+        _ => cogvx_bench::gemm::gemm_cpu(options),
+    }
+    .map_err(|e| anyhow!("{e}"))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
