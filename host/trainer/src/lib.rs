@@ -821,19 +821,16 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         }
         let lr = lr_schedule.lr_at(config.learning_rate, step);
         let grads = acc.unwrap_or_default();
-        // fp16: a step whose gradients overflowed is skipped and the loss scale halved.
-        let overflow = scaler.as_ref().is_some_and(|_| !cogvx_train::total_grad_norm(&grads).is_finite());
-        let grad_norm = if overflow {
-            let s = scaler.as_mut().expect("overflow is only checked with a scaler");
-            s.update(false);
-            tracing::warn!("step {}: fp16 gradients overflowed; step skipped, loss scale now {}", step + 1, s.scale);
+        // fp16: the scaler records whether the gradients are finite; a step whose gradients
+        // overflowed is skipped (the scale is halved).
+        let taken = scaler.as_mut().is_none_or(|s| s.update(cogvx_train::total_grad_norm(&grads).is_finite()));
+        let grad_norm = if taken {
+            cogvx_train::apply_update_for(mode, &mut model, grads, &mut optimizer, lr, Some(config.max_grad_norm))?
+        } else {
+            let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+            tracing::warn!("step {}: fp16 gradients overflowed; step skipped, loss scale now {scale}", step + 1);
             summary.skipped_steps.push(step + 1);
             f64::INFINITY
-        } else {
-            if let Some(s) = scaler.as_mut() {
-                s.update(true);
-            }
-            cogvx_train::apply_update_for(mode, &mut model, grads, &mut optimizer, lr, Some(config.max_grad_norm))?
         };
         step += 1;
         last_lr = lr;
