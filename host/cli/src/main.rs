@@ -226,7 +226,8 @@ pub enum BenchCommand {
         /// `S` (4x64 heads, 4 layers, latent 5x16x24, rank 16), `M` (8x64, 8 layers, 7x30x44,
         /// rank 32) or `XL` (one CogVideoX-2B-width block, 30x64, 13x60x90 = 17,776 tokens, rank
         /// 128; minutes a step on a CPU: use --warmup 0 --steps 1), or `XL30` (XL with 30 blocks,
-        /// CogVideoX-2B's depth; for a GPU, `--device cuda`).
+        /// CogVideoX-2B's depth; for a GPU, `--device cuda`); `wide` (XL's width, latent
+        /// 5x30x44) and `long` (8x64 heads at XL's 17,776 tokens) check `cogvx plan`.
         #[arg(long, default_value = "S")]
         preset: String,
         /// CPU threads (the torch side's --threads).

@@ -7,6 +7,7 @@
 //! [`crate::attention`]).
 
 use crate::attention::flash::{self, BlockSizes};
+use crate::feed_forward::{FeedForwardGrads, FeedForwardInputs};
 use crate::precision::{float_dtype, to_dtype, to_f32};
 use burn::tensor::FloatDType;
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
@@ -116,6 +117,19 @@ pub trait ModelBackend: Backend {
     /// The gradient of [`ModelBackend::gelu_tanh`] at `x` times `grad`.
     fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::activation::elementwise2::<Self>(x, grad, crate::activation::gelu_tanh_backward_formula::<Self, 1>)
+    }
+
+    /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
+    /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
+    /// the hidden layer.
+    fn feed_forward(inputs: FeedForwardInputs<Self>) -> FloatTensor<Self> {
+        crate::feed_forward::forward::<Self>(inputs)
+    }
+
+    /// The gradients of [`ModelBackend::feed_forward`] for `[x, w1, b1, w2, b2]` where `wanted`,
+    /// recomputing the hidden layer chunk by chunk.
+    fn feed_forward_backward(inputs: FeedForwardInputs<Self>, grad: FloatTensor<Self>, wanted: [bool; 5]) -> FeedForwardGrads<Self> {
+        crate::feed_forward::backward::<Self>(inputs, grad, wanted)
     }
 }
 

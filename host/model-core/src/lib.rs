@@ -8,6 +8,8 @@
 //! * [`adapter`]: trainable adapters on [`nn::Linear`] (LoRA, plugin recipes).
 //! * [`attention`]: the single scaled-dot-product attention function of the project
 //!   (memory-efficient, one autodiff operation with its own backward).
+//! * [`feed_forward`]: the transformer feed-forward as one operation that recomputes its hidden
+//!   layer in the backward, chunk by chunk.
 //! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`precision`]: mixed precision (half compute and frozen weights, f32 where autocast keeps it).
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod case;
 pub mod config;
 pub mod error;
+pub mod feed_forward;
 pub mod grad_checkpoint;
 pub mod nn;
 pub mod precision;

@@ -8,10 +8,13 @@
 //! timestep embedding in LoRA training, the RoPE tables) keeps only the constant. So what a block
 //! keeps depends on what is trained: LoRA keeps the inputs of the layers it targets, SFT the
 //! inputs of every layer and of every affine norm and gate.
-//! cogvx's fused GELU keeps its input, FlashAttention q, k, v, the output and the log-sum-exp.
+//! FlashAttention keeps q, k, v, the output and the log-sum-exp; the feed-forward, one operation
+//! when its layers carry no LoRA (`cogvx_model_core::feed_forward`), keeps only its input and
+//! recomputes its hidden layer chunk by chunk in the backward.
 
 use cogvx_model_core::adapter::matches_target;
 use cogvx_model_core::attention::flash::{MAX_BLOCK_K, TILE_ELEMENTS};
+use cogvx_model_core::feed_forward::chunk_rows;
 use cogvx_text::T5Config;
 use cogvx_transformer::TransformerConfig;
 use cogvx_vae::VaeConfig;
@@ -27,6 +30,11 @@ pub enum Kept {
     Trained(&'static [&'static str]),
     /// In SFT only (the inputs of trained norms, modulations and gates).
     Sft,
+    /// When the feed-forward runs as one operation: none of its layers carries a LoRA.
+    FfFused,
+    /// When one of these feed-forward layers carries a LoRA (the feed-forward then runs layer by
+    /// layer, its hidden layer kept whole).
+    FfLora(&'static [&'static str]),
 }
 
 /// The dtype a kept tensor has under mixed precision.
@@ -39,19 +47,43 @@ pub enum Kind {
 }
 
 /// What one `CogVideoXBlock` keeps for its backward: `(what, LD tensors, LF tensors, when, dtype)`.
-pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 11] = [
+pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 12] = [
     ("norm1, norm2: the LayerNorm's centred input", 2, 0, Kept::Always, Kind::F32),
     ("norm_q, norm_k: the LayerNorm's centred input", 2, 0, Kept::Always, Kind::F32),
     ("attention: q, k, v and the output (FlashAttention keeps no scores)", 4, 0, Kept::Always, Kind::Compute),
-    ("ff.net.0.proj output (the fused GELU's input)", 0, 1, Kept::Always, Kind::Compute),
+    ("ff input, joined: all the one-operation feed-forward keeps", 1, 0, Kept::FfFused, Kind::Compute),
+    ("ff.net.0.proj output (the GELU's input)", 0, 1, Kept::FfLora(FF_LAYERS), Kind::Compute),
     ("attn1 input, text and video joined (to_q, to_k, to_v)", 1, 0, Kept::Trained(&["attn1.to_q", "attn1.to_k", "attn1.to_v"]), Kind::Compute),
     ("attention output as [L, D] (to_out.0)", 1, 0, Kept::Trained(&["attn1.to_out.0"]), Kind::Compute),
-    ("ff input, joined (ff.net.0.proj)", 1, 0, Kept::Trained(&["ff.net.0.proj"]), Kind::Compute),
-    ("GELU output (ff.net.2)", 0, 1, Kept::Trained(&["ff.net.2"]), Kind::Compute),
+    ("ff input, joined (ff.net.0.proj's LoRA)", 1, 0, Kept::FfLora(&["ff.net.0.proj"]), Kind::Compute),
+    ("GELU output (ff.net.2's LoRA)", 0, 1, Kept::FfLora(&["ff.net.2"]), Kind::Compute),
     ("norm1, norm2, norm_q, norm_k: normalised input of the affine weight", 4, 0, Kept::Sft, Kind::F32),
     ("norm1, norm2: affine output, for the AdaLN scale's gradient", 2, 0, Kept::Sft, Kind::Compute),
     ("attention and ff outputs, for the gates' gradients", 2, 0, Kept::Sft, Kind::Compute),
 ];
+
+/// The feed-forward's two layers.
+const FF_LAYERS: &[&str] = &["ff.net.0.proj", "ff.net.2"];
+
+/// Whether block 0's `layer` carries a LoRA (never in SFT).
+fn has_lora(trainable: &Trainable, layer: &str) -> bool {
+    match trainable {
+        Trainable::Full => false,
+        Trainable::Lora { targets, .. } => matches_target(&format!("transformer_blocks.0.{layer}"), targets),
+    }
+}
+
+/// Whether the feed-forward runs as one operation (no LoRA on its layers): it then keeps only
+/// its input and never holds its hidden layer whole.
+pub fn ff_fused(trainable: &Trainable) -> bool {
+    !FF_LAYERS.iter().any(|l| has_lora(trainable, l))
+}
+
+/// Elements of the fused feed-forward's hidden-layer chunk at `rows` rows.
+fn ff_chunk_elements(c: &TransformerConfig, rows: u64) -> u64 {
+    let f = 4 * c.inner_dim();
+    rows.min(chunk_rows(f) as u64) * f as u64
+}
 
 /// What the layers after the last block keep: the centred inputs of `norm_final` and
 /// `norm_out` (LoRA; SFT also their affine and modulation inputs and `proj_out`'s input), in LD.
@@ -124,7 +156,8 @@ pub fn attention_tile_elements(batch_heads: usize, len: usize) -> u64 {
 pub struct TrainingActivations {
     /// Kept for the backward at its peak.
     pub saved: u64,
-    /// Gradients alive while the largest op (the feed-forward) is differentiated.
+    /// Gradients alive at the larger of the feed-forward's and the attention's backward peaks,
+    /// beyond [`TrainingActivations::attention`] (so that the two items add up to that peak).
     pub workspace: u64,
     /// FlashAttention tiles of the backward (scores, probabilities and their gradients).
     pub attention: u64,
@@ -147,6 +180,8 @@ pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable
             Kept::Always => true,
             Kept::Trained(layers) => layers.iter().any(|l| trained(l)),
             Kept::Sft => *trainable == Trainable::Full,
+            Kept::FfFused => ff_fused(trainable),
+            Kept::FfLora(layers) => layers.iter().any(|l| has_lora(trainable, l)),
         })
         .map(|(_, ld, lf, _, kind)| (ld * d + lf * f) * if *kind == Kind::F32 { F32 } else { act })
         .sum();
@@ -171,32 +206,41 @@ pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: 
     let blocks = c.num_layers as u64;
     let saved = if checkpointing {
         // forward_taped keeps each block's input (video and text rows), then recomputes one
-        // block at a time in the backward.
-        blocks * rows * d * act + around + block
+        // block at a time in the backward; the segmented backward also holds the last block's
+        // output (the head's leaf) and the gradient of the recomputed block's output.
+        blocks * rows * d * act + 2 * rows * d * act + around + block
     } else {
         blocks * block + around
     };
-    // Feed-forward backward: the gradients of the GELU output and input (LF each) and of the
-    // block's input, output and residual stream (LD each); the attention backward needs less
-    // (dq, dk, dv, dout and the residual: 6 LD). In half precision the attention computes in
-    // f32: q, k, v, the output and its gradient upcast, and dq, dk, dv in f32 (8 LD of f32).
-    let ff = rows * (2 * f + 3 * d) * act;
+    // Feed-forward backward: the gradients of the block's input, output and residual stream
+    // (LD each) and, one operation, the recomputed hidden layer's chunks (its pre-activation,
+    // the gradients of the GELU's output and input, the GELU formula's f32 temporaries), or,
+    // layer by layer, the gradients of the GELU output and input whole (LF each). The attention
+    // backward needs dq, dk, dv, dout and the residual (6 LD). In half precision the attention
+    // computes in f32: q, k, v, the output and its gradient upcast, and dq, dk, dv in f32 (8 LD of f32).
+    let ff = if ff_fused(trainable) { rows * 3 * d * act + 6 * ff_chunk_elements(c, rows) * F32 } else { rows * (2 * f + 3 * d) * act };
     let attention = if act < F32 { rows * 8 * d * F32 } else { rows * 6 * d * F32 };
-    let workspace = ff.max(attention);
-    let tile = attention_tile_elements(batch * c.num_attention_heads, tokens.total);
+    let tiles = 4 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
+    // The two peaks of a block's backward: the feed-forward's (first), and the attention's with
+    // its tiles, by which time the block no longer keeps what the feed-forward and norm2 kept
+    // (the ff input, or the hidden layer, and norm2's centred input). The workspace item is
+    // what the larger one adds beside the tiles (counted in their own item).
+    let ff_kept = if ff_fused(trainable) { rows * d * act } else { rows * f * act };
+    let released = ff_kept + rows * d * F32;
+    let workspace = ff.saturating_sub(tiles).max(attention.saturating_sub(released));
     let latent = (batch * tokens.video * c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels()) as u64;
     let inputs = 5 * latent + (batch * tokens.text * c.text_embed_dim) as u64;
-    TrainingActivations { saved, workspace, attention: 4 * tile * F32, inputs: inputs * F32 }
+    TrainingActivations { saved, workspace, attention: tiles, inputs: inputs * F32 }
 }
 
 /// Peak activation bytes of one transformer forward without autodiff (sampling) at `tokens` x
 /// `batch`: the feed-forward's input, hidden and output, or the attention's q, k, v, output and
-/// tiles, whichever is larger.
-/// Activations are `act` bytes per element (the attention's tiles are f32).
-pub fn inference_bytes(c: &TransformerConfig, tokens: Tokens, batch: usize, act: u64) -> u64 {
+/// tiles, whichever is larger (the hidden layer whole when a LoRA sits on a feed-forward layer,
+/// else its chunks). Activations are `act` bytes per element (the attention's tiles are f32).
+pub fn inference_bytes(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, act: u64) -> u64 {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
-    let ff = rows * (3 * d + 2 * 4 * d) * act;
+    let ff = if ff_fused(trainable) { rows * 3 * d * act + 3 * ff_chunk_elements(c, rows) * F32 } else { rows * (3 * d + 2 * 4 * d) * act };
     let attention = rows * 10 * d * F32 + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
     ff.max(attention)
 }

@@ -262,7 +262,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if let Some(v) = input.validation {
         let vt = self::tokens(m, v.shape)?;
         let batch = if v.guidance { 2 } else { 1 };
-        let sample = activations::inference_bytes(t, vt, batch, input.mixed_precision.bytes());
+        let sample = activations::inference_bytes(t, vt, batch, &input.trainable, input.mixed_precision.bytes());
         let decode = activations::vae_decode_bytes(&m.vae, v.shape);
         let frames = 3 * (v.shape.frames * v.shape.height * v.shape.width) as u64 * F32;
         phases.push(phase(
@@ -368,7 +368,7 @@ pub fn train_phase(
         },
         act.saved,
     ));
-    items.push(item("backward workspace (gradients of the largest op)", act.workspace));
+    items.push(item("backward workspace (gradients at the backward's peak, beside the tiles)", act.workspace));
     items.push(item("attention workspace (FlashAttention tiles)", act.attention));
     items.push(item("inputs (latents, noise, prompt embeddings)", act.inputs));
     items.push(item("runtime (process, libraries, device context)", runtime_bytes(device)));

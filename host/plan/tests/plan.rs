@@ -69,8 +69,9 @@ fn checkpointing_and_batch_change_the_activations_as_they_should() {
     no.gradient_checkpointing = false;
     let no = plan(&no).unwrap();
     let act = |p: &cogvx_plan::Plan| item(phase(p, "train"), "activations");
-    // 42 blocks kept whole vs their inputs plus one block: at least 10x less.
-    assert!(act(&no) > 10 * act(&ck), "{} vs {}", act(&no), act(&ck));
+    // 42 blocks kept whole (about 9 [tokens, 3072] tensors each, the feed-forward keeping only
+    // its input) vs their inputs plus one block: at least 5x less.
+    assert!(act(&no) > 5 * act(&ck), "{} vs {}", act(&no), act(&ck));
     let mut two = input("cogvideox-5b", S480);
     two.batch_size = 2;
     let two = plan(&two).unwrap();
@@ -135,4 +136,20 @@ fn mixed_precision_halves_the_frozen_weights_and_most_activations() {
     assert_eq!(item(tb, "transformer weights"), item(ta, "transformer weights"));
     assert_eq!(item(tb, "half copies of the weights") * 2, item(ta, "transformer weights"));
     assert!(fb.render().contains("mixed precision fp16"));
+}
+
+#[test]
+fn a_lora_on_the_feed_forward_keeps_its_hidden_layer() {
+    let act = |targets: &[&str]| {
+        let mut i = input("cogvideox-2b", S480);
+        i.gradient_checkpointing = false;
+        i.trainable = Trainable::Lora { rank: 128, targets: targets.iter().map(|t| t.to_string()).collect() };
+        item(phase(&plan(&i).unwrap(), "train"), "activations")
+    };
+    let attention = ["to_q", "to_k", "to_v", "to_out.0"];
+    let with_ff = act(&["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]);
+    // Layer by layer, each of the 30 blocks keeps the hidden layer [17776, 7680] and the LoRA's
+    // `x A` [17776, 128]; the ff input it keeps either way (for the LoRA's A, or as the one
+    // operation's only saved tensor).
+    assert_eq!(with_ff - act(&attention), 30 * 17_776 * (7680 + 128) * 4);
 }

@@ -7,10 +7,11 @@ use crate::config::TransformerConfig;
 use crate::embeddings::{get_timestep_embedding, CogVideoXPatchEmbed, RotaryEmb, TimestepEmbedding};
 use crate::error::{input_err, TransformerError};
 use crate::normalization::{AdaLayerNorm, CogVideoXLayerNormZero};
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{activation, backend::Backend, FloatDType, Tensor};
-use cogvx_model_core::precision::to_dtype;
+use cogvx_model_core::feed_forward::feed_forward;
+use cogvx_model_core::precision::{float_dtype, to_dtype};
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
@@ -75,7 +76,22 @@ impl<B: Backend> FeedForward<B> {
 
 impl<B: ModelBackend> FeedForward<B> {
     /// `net.2(gelu(net.0.proj(x)))` (dropouts in between).
+    ///
+    /// Without adapters on its two layers, with the tanh GELU and no active dropout (CogVideoX's
+    /// configuration), this is one operation ([`cogvx_model_core::feed_forward`]) that never
+    /// holds the `[tokens, 4 x dim]` hidden layer whole and keeps only `x` for the backward;
+    /// otherwise the layers run one after the other.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let (gelu, drop1, out, drop2) = &self.net;
+        let no_dropout = !B::ad_enabled(&x.device()) || (drop1.prob == 0.0 && drop2.prob == 0.0);
+        if let (true, true, None, Some(b1), None, Some(b2)) = (gelu.approximate, no_dropout, &gelu.proj.adapter, &gelu.proj.bias, &out.adapter, &out.bias) {
+            let [batch, len, dim] = x.dims();
+            let dtype = float_dtype(&x);
+            let cast = |w: &Param<Tensor<B, 2>>| to_dtype(w.val(), dtype);
+            let y = feed_forward(x.reshape([batch * len, dim]), cast(&gelu.proj.weight), to_dtype(b1.val(), dtype), cast(&out.weight), to_dtype(b2.val(), dtype));
+            let out_dim = y.dims()[1];
+            return y.reshape([batch, len, out_dim]);
+        }
         let x = self.net.0.forward(x);
         let x = self.net.1.forward(x);
         let x = self.net.2.forward(x);

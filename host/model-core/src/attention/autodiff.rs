@@ -72,4 +72,8 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::activation::autodiff_gelu_tanh::<B, C>(x)
     }
+
+    fn feed_forward(inputs: crate::feed_forward::FeedForwardInputs<Self>) -> FloatTensor<Self> {
+        crate::feed_forward::autodiff_feed_forward::<B, C>(inputs)
+    }
 }
