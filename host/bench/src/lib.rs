@@ -195,6 +195,8 @@ pub struct BenchReport {
     pub rayon_threads: usize,
     /// Whether the blocks ran with gradient checkpointing (after the script's fields).
     pub gradient_checkpointing: bool,
+    /// Whether the checkpointed blocks' inputs waited in host memory.
+    pub checkpoint_offload: bool,
     /// The peak `cogvx plan` predicts for this step (its training phase), in MiB, to hold
     /// next to `peak_rss_mib`.
     pub plan_peak_mib: Option<f64>,
@@ -278,6 +280,9 @@ pub struct StepOptions {
     pub warmup: usize,
     /// Block-level gradient checkpointing.
     pub gradient_checkpointing: bool,
+    /// With checkpointing, keep the blocks' inputs in host memory (`[train]
+    /// gradient_checkpointing_offload`).
+    pub checkpoint_offload: bool,
     /// `"no"`, `"bf16"` or `"fp16"`: frozen weights and compute in half precision (on the
     /// CPU through burn's flex backend).
     pub mixed_precision: MixedPrecision,
@@ -319,7 +324,8 @@ fn check_step(preset: &Preset, options: StepOptions) -> Result<(), BenchError> {
 }
 
 fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, kind: cogvx_plan::DeviceKind, device: &AD::Device) -> Result<BenchReport, BenchError> {
-    let StepOptions { threads, steps, warmup, gradient_checkpointing, mixed_precision } = options;
+    let StepOptions { threads, steps, warmup, gradient_checkpointing, checkpoint_offload, mixed_precision } = options;
+    let checkpoint_offload = gradient_checkpointing && checkpoint_offload;
     let rayon_threads = rayon::current_num_threads();
     let config = preset.transformer_config();
     let (f, h, w) = preset.lat;
@@ -334,6 +340,7 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
     AD::seed(device, 0);
     let mut model = cogvx_train::freeze(model);
     model.set_gradient_checkpointing(gradient_checkpointing);
+    model.set_checkpoint_offload(checkpoint_offload);
     cogvx_train::inject_lora(&mut model, &AdapterSpec::lora(preset.rank, preset.rank as f64), device)?;
     let schedule = bench_schedule()?;
     let latents = Tensor::<AD, 5>::random([1, LATENT_CHANNELS, f, h, w], Distribution::Normal(0.0, 1.0), device);
@@ -374,7 +381,8 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
         losses,
         rayon_threads,
         gradient_checkpointing,
-        plan_peak_mib: planned_peak_mib(preset, gradient_checkpointing, mixed_precision, kind),
+        checkpoint_offload,
+        plan_peak_mib: planned_peak_mib(preset, cogvx_plan::Checkpointing::from_flags(gradient_checkpointing, checkpoint_offload), mixed_precision, kind),
         mixed_precision: mixed_precision.name().into(),
         weights_mib,
     })
@@ -395,13 +403,13 @@ pub fn tensor_bytes<B: burn::tensor::backend::Backend, M: burn::module::Module<B
 }
 
 /// The training-phase peak `cogvx plan` computes for one step of `preset`, in MiB.
-pub fn planned_peak_mib(preset: &Preset, gradient_checkpointing: bool, precision: MixedPrecision, device: cogvx_plan::DeviceKind) -> Option<f64> {
+pub fn planned_peak_mib(preset: &Preset, checkpointing: cogvx_plan::Checkpointing, precision: MixedPrecision, device: cogvx_plan::DeviceKind) -> Option<f64> {
     let (f, h, w) = preset.lat;
     let video = f * (h / 2) * (w / 2);
     let tokens = cogvx_plan::Tokens { text: preset.text_len, video, total: video + preset.text_len };
     let targets = cogvx_train::DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect();
     let trainable = cogvx_plan::Trainable::Lora { rank: preset.rank, targets };
-    let phase = cogvx_plan::train_phase(&preset.transformer_config(), tokens, 1, &trainable, gradient_checkpointing, precision, device).ok()?;
+    let phase = cogvx_plan::train_phase(&preset.transformer_config(), tokens, 1, &trainable, checkpointing, precision, device).ok()?;
     Some(round_to(phase.peak_bytes as f64 / (1u64 << 20) as f64, 1))
 }
 
@@ -420,7 +428,7 @@ mod tests {
     use burn::module::Module;
 
     fn opts(threads: usize, steps: usize, warmup: usize) -> StepOptions {
-        StepOptions { threads, steps, warmup, gradient_checkpointing: false, mixed_precision: MixedPrecision::No }
+        StepOptions { threads, steps, warmup, gradient_checkpointing: false, checkpoint_offload: false, mixed_precision: MixedPrecision::No }
     }
 
     #[test]
@@ -492,7 +500,7 @@ mod tests {
         let mut worst: f64 = 0.0;
         for (p, ck, mp, rss) in measured {
             let name = p.name;
-            let plan = planned_peak_mib(&p, ck, mp, cogvx_plan::DeviceKind::Cpu).unwrap();
+            let plan = planned_peak_mib(&p, cogvx_plan::Checkpointing::from_flags(ck, false), mp, cogvx_plan::DeviceKind::Cpu).unwrap();
             let err = plan / rss - 1.0;
             report += &format!("{name} checkpointing={ck} {}: plan {plan} MiB, measured {rss} MiB ({:+.1}%)\n", mp.name(), 100.0 * err);
             worst = worst.max(err.abs());
@@ -528,9 +536,9 @@ mod tests {
         assert!(r.median_s > 0.0 && r.min_s == r.median_s, "{r:?}");
         let line = r.to_json_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v.as_object().unwrap().len(), 12, "{line}");
+        assert_eq!(v.as_object().unwrap().len(), 13, "{line}");
         // The script's field order (`burn` where it has `torch`), then cogvx's own.
-        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing", "plan_peak_mib", "mixed_precision", "weights_mib"];
+        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing", "checkpoint_offload", "plan_peak_mib", "mixed_precision", "weights_mib"];
         let at: Vec<usize> = fields.iter().map(|f| line.find(&format!("\"{f}\":")).unwrap_or_else(|| panic!("{f}: {line}"))).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert_eq!(v["impl"], "cogvx-burn-ndarray");

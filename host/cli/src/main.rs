@@ -242,6 +242,10 @@ pub enum BenchCommand {
         /// Recompute each block in the backward instead of keeping its activations.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// With --gradient-checkpointing, keep the blocks' inputs in host memory until the
+        /// backward, as `[train] gradient_checkpointing_offload`.
+        #[arg(long, requires = "gradient_checkpointing")]
+        checkpoint_offload: bool,
         /// "no" (f32), "bf16" or "fp16": frozen weights and compute in half precision, as
         /// `[train] mixed_precision` (on the CPU through burn's flex backend).
         #[arg(long, default_value = "no", value_parser = parse_mixed_precision)]
@@ -339,8 +343,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { command: BenchCommand::Gemm { m, k, n, repeat, dtype, threads } } => {
             commands::bench::gemm(&settings, cogvx_bench::gemm::GemmOptions { m, k, n, repeat, dtype: dtype.dtype(), threads })
         }
-        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing, mixed_precision } } => {
-            commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing, mixed_precision })
+        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing, checkpoint_offload, mixed_precision } } => {
+            commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing, checkpoint_offload, mixed_precision })
         }
     }
 }

@@ -19,7 +19,7 @@ use cogvx_text::T5Config;
 use cogvx_transformer::TransformerConfig;
 use cogvx_vae::VaeConfig;
 
-use crate::{Shape, Tokens, Trainable, F32};
+use crate::{Checkpointing, Shape, Tokens, Trainable, F32};
 
 /// When a block keeps a tensor for its backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,8 +154,10 @@ pub fn attention_tile_elements(batch_heads: usize, len: usize) -> u64 {
 /// Training-step activation memory, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrainingActivations {
-    /// Kept for the backward at its peak.
+    /// Kept for the backward at its peak, on the device.
     pub saved: u64,
+    /// Block inputs kept in host memory ([`Checkpointing::Offloaded`]).
+    pub offloaded: u64,
     /// Gradients alive at the larger of the feed-forward's and the attention's backward peaks,
     /// beyond [`TrainingActivations::attention`] (so that the two items add up to that peak).
     pub workspace: u64,
@@ -196,7 +198,7 @@ pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable
 
 /// The activations of one training step at `tokens` x `batch`, activations of `act` bytes per
 /// element (4, or 2 in mixed precision).
-pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: bool, act: u64) -> TrainingActivations {
+pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: Checkpointing, act: u64) -> TrainingActivations {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
     let f = 4 * d;
@@ -204,13 +206,16 @@ pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: 
     // norm_final and norm_out keep f32 statistics.
     let around = rows * d * output_saved_ld(trainable) * F32;
     let blocks = c.num_layers as u64;
-    let saved = if checkpointing {
-        // forward_taped keeps each block's input (video and text rows), then recomputes one
-        // block at a time in the backward; the segmented backward also holds the last block's
-        // output (the head's leaf) and the gradient of the recomputed block's output.
-        blocks * rows * d * act + 2 * rows * d * act + around + block
-    } else {
-        blocks * block + around
+    // forward_taped keeps each block's input (video and text rows), then recomputes one block
+    // at a time in the backward; the segmented backward also holds the last block's output (the
+    // head's leaf) and the gradient of the recomputed block's output. Offloaded, the inputs
+    // wait in host memory and one is on the device while its block is recomputed.
+    let inputs_kept = blocks * rows * d * act;
+    let segments = 2 * rows * d * act;
+    let (saved, offloaded) = match checkpointing {
+        Checkpointing::Off => (blocks * block + around, 0),
+        Checkpointing::Blocks => (inputs_kept + segments + around + block, 0),
+        Checkpointing::Offloaded => (rows * d * act + segments + around + block, inputs_kept),
     };
     // Feed-forward backward: the gradients of the block's input, output and residual stream
     // (LD each) and, one operation, the recomputed hidden layer's chunks (its pre-activation,
@@ -230,7 +235,7 @@ pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: 
     let workspace = ff.saturating_sub(tiles).max(attention.saturating_sub(released));
     let latent = (batch * tokens.video * c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels()) as u64;
     let inputs = 5 * latent + (batch * tokens.text * c.text_embed_dim) as u64;
-    TrainingActivations { saved, workspace, attention: tiles, inputs: inputs * F32 }
+    TrainingActivations { saved, offloaded, workspace, attention: tiles, inputs: inputs * F32 }
 }
 
 /// Peak activation bytes of one transformer forward without autodiff (sampling) at `tokens` x

@@ -92,6 +92,29 @@ pub struct ValidationInput {
     pub guidance: bool,
 }
 
+/// What the training step keeps of the blocks' activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every block's activations (`gradient_checkpointing = false`).
+    Off,
+    /// Each block's input, one block recomputed at a time (`gradient_checkpointing = true`).
+    Blocks,
+    /// As [`Checkpointing::Blocks`] with the inputs in host memory
+    /// (`gradient_checkpointing_offload = true`).
+    Offloaded,
+}
+
+impl Checkpointing {
+    /// From the config's two keys (offloading applies only with checkpointing).
+    pub fn from_flags(gradient_checkpointing: bool, offload: bool) -> Self {
+        match (gradient_checkpointing, offload) {
+            (false, _) => Checkpointing::Off,
+            (true, false) => Checkpointing::Blocks,
+            (true, true) => Checkpointing::Offloaded,
+        }
+    }
+}
+
 /// Everything a plan is computed from.
 #[derive(Clone, Debug)]
 pub struct PlanInput {
@@ -103,6 +126,8 @@ pub struct PlanInput {
     pub trainable: Trainable,
     /// `[train] gradient_checkpointing`.
     pub gradient_checkpointing: bool,
+    /// `[train] gradient_checkpointing_offload`: the blocks' kept inputs wait in host memory.
+    pub checkpoint_offload: bool,
     /// `[train] mixed_precision`.
     pub mixed_precision: MixedPrecision,
     /// `None` when `[validation] steps = 0`.
@@ -149,6 +174,8 @@ pub struct Plan {
     pub batch_size: usize,
     pub training: String,
     pub gradient_checkpointing: bool,
+    /// The checkpointed blocks' inputs kept in host memory.
+    pub checkpoint_offload: bool,
     pub mixed_precision: MixedPrecision,
     pub tokens: Tokens,
     pub transformer_parameters: u64,
@@ -251,7 +278,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     ));
 
     // train.
-    let mut train = train_phase(t, tokens, input.batch_size, &input.trainable, input.gradient_checkpointing, input.mixed_precision, input.device)?;
+    let checkpointing = Checkpointing::from_flags(input.gradient_checkpointing, input.checkpoint_offload);
+    let mut train = train_phase(t, tokens, input.batch_size, &input.trainable, checkpointing, input.mixed_precision, input.device)?;
     if m.is_i2v() {
         train.items.insert(1, weights_item("VAE (I2V image latents)", vae_params));
         train = phase(&train.name, train.what, train.items);
@@ -292,6 +320,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         batch_size: input.batch_size,
         training,
         gradient_checkpointing: input.gradient_checkpointing,
+        checkpoint_offload: input.gradient_checkpointing && input.checkpoint_offload,
         mixed_precision: input.mixed_precision,
         tokens,
         transformer_parameters: weights,
@@ -342,12 +371,17 @@ pub fn train_phase(
     tokens: Tokens,
     batch: usize,
     trainable: &Trainable,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
     precision: MixedPrecision,
     device: DeviceKind,
 ) -> Result<Phase, PlanError> {
     let (n, _) = trainable_parameters(t, trainable)?;
     let weights = params::transformer_parameters(t);
+    // On the CPU host memory is the device's: offloading moves nothing out of the budget.
+    let checkpointing = match (checkpointing, device) {
+        (Checkpointing::Offloaded, DeviceKind::Cpu) => Checkpointing::Blocks,
+        (c, _) => c,
+    };
     let act = activations::training(t, tokens, batch, trainable, checkpointing, precision.bytes());
     let mut items = vec![transformer_weights_item(weights, trainable, precision)];
     if *trainable == Trainable::Full && precision.is_half() {
@@ -361,10 +395,13 @@ pub fn train_phase(
     items.push(item("gradients (f32)", n * F32));
     items.push(item("AdamW states (2 per parameter, f32)", 2 * n * F32));
     items.push(item(
-        if checkpointing {
-            "activations: block inputs, output layers, one recomputed block"
-        } else {
-            "activations kept for the backward (every block)"
+        match checkpointing {
+            Checkpointing::Off => "activations kept for the backward (every block)".to_string(),
+            Checkpointing::Blocks => "activations: block inputs, output layers, one recomputed block".to_string(),
+            Checkpointing::Offloaded => format!(
+                "activations: output layers, one recomputed block (block inputs in host memory: {:.2} GiB)",
+                act.offloaded as f64 / GIB
+            ),
         },
         act.saved,
     ));
@@ -377,7 +414,11 @@ pub fn train_phase(
         tokens.total,
         tokens.text,
         tokens.video,
-        if checkpointing { "gradient checkpointing" } else { "no checkpointing" }
+        match checkpointing {
+            Checkpointing::Off => "no checkpointing",
+            Checkpointing::Blocks => "gradient checkpointing",
+            Checkpointing::Offloaded => "gradient checkpointing, block inputs offloaded to host memory",
+        }
     );
     Ok(phase("train", what, items))
 }

@@ -15,6 +15,7 @@ fn input(model: &str, shape: Shape) -> PlanInput {
         batch_size: 1,
         trainable: lora(),
         gradient_checkpointing: true,
+        checkpoint_offload: false,
         mixed_precision: MixedPrecision::No,
         validation: None,
         device: DeviceKind::Cuda,
@@ -152,4 +153,17 @@ fn a_lora_on_the_feed_forward_keeps_its_hidden_layer() {
     // `x A` [17776, 128]; the ff input it keeps either way (for the LoRA's A, or as the one
     // operation's only saved tensor).
     assert_eq!(with_ff - act(&attention), 30 * 17_776 * (7680 + 128) * 4);
+}
+
+#[test]
+fn offloaded_block_inputs_leave_the_gpu_but_not_the_cpu() {
+    let act = |offload: bool, device: DeviceKind| {
+        let i = PlanInput { checkpoint_offload: offload, mixed_precision: MixedPrecision::Bf16, device, ..input("cogvideox-5b", S480) };
+        item(phase(&plan(&i).unwrap(), "train"), "activations")
+    };
+    // 42 blocks: 41 of the bf16 [17776, 3072] inputs wait in host memory, the one being
+    // recomputed is on the GPU.
+    assert_eq!(act(false, DeviceKind::Cuda) - act(true, DeviceKind::Cuda), 41 * 17_776 * 3072 * 2);
+    // On the CPU host memory is the device's.
+    assert_eq!(act(false, DeviceKind::Cpu), act(true, DeviceKind::Cpu));
 }

@@ -1,7 +1,8 @@
 //! Block-level gradient checkpointing gives the gradients of the plain backward, on the tiny
 //! models of all five variants: LoRA (the shared `train_step_lora` cases, whose diffusers
 //! outputs must still match) and full fine-tuning (every transformer weight, including those
-//! before and after the blocks, whose gradients pass through the recomputed blocks).
+//! before and after the blocks, whose gradients pass through the recomputed blocks), also with
+//! the blocks' inputs offloaded to host memory.
 
 use cogvx_model_core::case::{rel_l2, Case, HostTensor, Tolerance};
 use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
@@ -58,20 +59,23 @@ fn full_finetuning_gradients_with_checkpointing_equal_the_plain_ones() {
         let case = case(variant);
         let schedule = load_schedule(&case.model_dir).unwrap();
         let (batch, draw) = case_batch::<AD>(&case, &device).unwrap();
-        let grads = |checkpointing: bool| {
+        let grads = |checkpointing: bool, offload: bool| {
             let model = CogVideoXTransformer3DModel::<AD>::from_dir(&case.model_dir.join("transformer"), &device).unwrap();
             let mut model = enable_full_training(model);
             model.set_gradient_checkpointing(checkpointing);
+            model.set_checkpoint_offload(offload);
             let (loss, grads) = loss_and_grads_for(TrainMode::Full, &mut model, &schedule, &batch, &draw).unwrap();
             let mut out: BTreeMap<String, Vec<f32>> =
                 grads.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
             out.insert("loss".into(), vec![loss as f32]);
             out
         };
-        let plain = grads(false);
+        let plain = grads(false, false);
         // Weights before the blocks (patch embedding, time embedding) and in them are there.
         assert!(plain.keys().any(|k| k.starts_with("patch_embed.")), "{variant}: {:?}", plain.keys().take(5).collect::<Vec<_>>());
         assert!(plain.keys().any(|k| k.starts_with("transformer_blocks.1.")), "{variant}");
-        assert_same(variant, "SFT", &plain, &grads(true));
+        assert_same(variant, "SFT", &plain, &grads(true, false));
+        // The block inputs through host memory and back: the same gradients.
+        assert_same(variant, "SFT, inputs offloaded", &plain, &grads(true, true));
     }
 }

@@ -135,6 +135,11 @@ pub struct TrainConfig {
     /// the same gradients, in far less memory, for about one more forward pass of time.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`, keep the blocks' inputs in host memory until the backward
+    /// reaches them (DeepSpeed's `cpu_checkpointing`): 4.3 GiB less GPU memory for CogVideoX-5B
+    /// at 49x480x720, for one copy of each block input to the host and back per step.
+    #[serde(default)]
+    pub gradient_checkpointing_offload: bool,
     /// `"no"` (f32), `"bf16"` or `"fp16"`, as accelerate's `mixed_precision`: the transformer
     /// computes in half precision and keeps its frozen weights in it (half the memory);
     /// trainable parameters and AdamW states stay f32. fp16 scales the loss dynamically and
@@ -180,6 +185,7 @@ impl Default for TrainConfig {
             output_dir: default_output_dir(),
             export_dtype: default_export_dtype(),
             gradient_checkpointing: false,
+            gradient_checkpointing_offload: false,
             mixed_precision: Default::default(),
             fp16_init_scale: default_fp16_init_scale(),
         }
@@ -202,6 +208,9 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), TrainerError> {
         if self.adapter.trim().is_empty() {
             return bad("adapter", "empty; use \"lora\", \"sft\" or an adapter plugin's name");
+        }
+        if self.gradient_checkpointing_offload && !self.gradient_checkpointing {
+            return bad("gradient_checkpointing_offload", "offloads what gradient checkpointing keeps; set `gradient_checkpointing = true` too");
         }
         if !self.fp16_init_scale.is_finite() || self.fp16_init_scale < 1.0 || self.fp16_init_scale > 1e30 {
             return bad("fp16_init_scale", format!("{} must be a number from 1 to 1e30 (torch's default is 65536)", self.fp16_init_scale));

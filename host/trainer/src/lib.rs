@@ -607,6 +607,7 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         cogvx_train::inject_recipe(&mut model, &spec, recipe_limits, |req| plugin.adapter_recipe(req), device)?
     };
     model.set_gradient_checkpointing(config.gradient_checkpointing);
+    model.set_checkpoint_offload(config.gradient_checkpointing_offload);
     let n_params: usize = mode.values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
     if config.is_sft() {
         tracing::info!("full fine-tuning: {n_params} trainable parameters");

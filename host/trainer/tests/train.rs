@@ -623,6 +623,32 @@ fn mixed_precision_loss_curves_follow_the_f32_curve() {
     }
 }
 
+/// `gradient_checkpointing_offload`: the blocks' bf16 inputs through host memory and back give
+/// the losses of checkpointing on the device, bit for bit; without checkpointing the key is
+/// refused, naming it.
+#[test]
+fn offloaded_checkpoints_train_as_the_device_ones() {
+    use cogvx_model_core::precision::MixedPrecision;
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 3, false);
+    let go = |name: &str, offload: bool| {
+        let cfg = TrainConfig {
+            mixed_precision: MixedPrecision::Bf16,
+            gradient_checkpointing: true,
+            gradient_checkpointing_offload: offload,
+            ..config(&tmp.path().join(name), 3, 3)
+        };
+        run(job(&model, &cache, cfg)).unwrap()
+    };
+    let (device, host) = (go("device", false), go("host", true));
+    assert_eq!(device.losses.len(), 3);
+    assert_eq!(device.losses, host.losses);
+    let cfg = TrainConfig { gradient_checkpointing_offload: true, ..config(&tmp.path().join("bad"), 1, 1) };
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("gradient_checkpointing_offload") && err.contains("gradient_checkpointing = true"), "{err}");
+}
+
 /// fp16's dynamic loss scaling: a first scale of 2^20 overflows the tiny model's half-precision
 /// gradients (measured: 2^16 does not, 2^18 does), so the first steps are skipped (logged, grad_norm null in metrics.jsonl, the scale halved each
 /// time) until the scale fits; training then goes on, and a resume restores the scaler (the

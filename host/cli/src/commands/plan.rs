@@ -52,6 +52,7 @@ pub fn plan_input(settings: &Settings, models: ModelConfigs, train: &TrainConfig
         batch_size: train.batch_size,
         trainable,
         gradient_checkpointing: train.gradient_checkpointing,
+        checkpoint_offload: train.gradient_checkpointing_offload,
         mixed_precision: train.mixed_precision,
         validation,
         device: match settings.device {
