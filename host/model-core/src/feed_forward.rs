@@ -90,10 +90,6 @@ pub fn backward<B: ModelBackend>(inputs: FeedForwardInputs<B>, grad: FloatTensor
     let options = TensorCreationOptions::new(x.device()).with_dtype(x.dtype());
     let mut gx = wanted[0].then(|| Tensor::<B, 2>::zeros([rows, d], options));
     let (mut gw1, mut gb1, mut gw2): (Option<Tensor<B, 2>>, Option<Tensor<B, 1>>, Option<Tensor<B, 2>>) = (None, None, None);
-    let accumulate = |acc: Option<Tensor<B, 2>>, part: Tensor<B, 2>| Some(match acc {
-        Some(acc) => acc + to_f32(part),
-        None => to_f32(part),
-    });
     for s in (0..rows).step_by(step) {
         let len = step.min(rows - s);
         let xr = x.clone().narrow(0, s, len);
@@ -109,11 +105,7 @@ pub fn backward<B: ModelBackend>(inputs: FeedForwardInputs<B>, grad: FloatTensor
             gw1 = accumulate(gw1, ga.clone().transpose().matmul(xr));
         }
         if wanted[2] {
-            let part = to_f32(ga.clone()).sum_dim(0).squeeze_dim::<1>(0);
-            gb1 = Some(match gb1 {
-                Some(acc) => acc + part,
-                None => part,
-            });
+            gb1 = accumulate(gb1, to_f32(ga.clone()).sum_dim(0).squeeze_dim::<1>(0));
         }
         if let Some(out) = gx.take() {
             gx = Some(out.slice_assign([s..s + len, 0..d], ga.matmul(w1.clone())));
@@ -127,6 +119,14 @@ pub fn backward<B: ModelBackend>(inputs: FeedForwardInputs<B>, grad: FloatTensor
         gw2.map(|gw| p(to_dtype(gw, float_dtype(&w2)))),
         gb2,
     ]
+}
+
+/// `acc + part` in f32 (the first `part` starts the sum).
+fn accumulate<B: Backend, const D: usize>(acc: Option<Tensor<B, D>>, part: Tensor<B, D>) -> Option<Tensor<B, D>> {
+    Some(match acc {
+        Some(acc) => acc + to_f32(part),
+        None => to_f32(part),
+    })
 }
 
 #[derive(Debug)]

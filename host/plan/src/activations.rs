@@ -172,10 +172,7 @@ pub struct TrainingActivations {
 pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable, act: u64) -> u64 {
     let d = c.inner_dim() as u64;
     let f = 4 * d;
-    let trained = |layer: &str| match trainable {
-        Trainable::Full => true,
-        Trainable::Lora { targets, .. } => matches_target(&format!("transformer_blocks.0.{layer}"), targets),
-    };
+    let trained = |layer: &str| *trainable == Trainable::Full || has_lora(trainable, layer);
     let per_row: u64 = BLOCK_SAVED
         .iter()
         .filter(|(_, _, _, kept, _)| match kept {

@@ -320,7 +320,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         batch_size: input.batch_size,
         training,
         gradient_checkpointing: input.gradient_checkpointing,
-        checkpoint_offload: input.gradient_checkpointing && input.checkpoint_offload,
+        checkpoint_offload: checkpointing == Checkpointing::Offloaded,
         mixed_precision: input.mixed_precision,
         tokens,
         transformer_parameters: weights,

@@ -445,8 +445,8 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
         let mut t = grad_checkpoint::leaf(&e.encoder_hidden_states);
         let rope = image_rotary_emb.map(|(c, s)| (Tensor::<B, 2>::from_inner(c.clone().inner()), Tensor::from_inner(s.clone().inner())));
         let mut inputs = Vec::with_capacity(self.transformer_blocks.len());
+        let offload = self.checkpoint_offload;
         for block in &self.transformer_blocks {
-            let offload = self.checkpoint_offload;
             inputs.push((Stashed::new(h.clone().inner(), offload), Stashed::new(t.clone().inner(), offload)));
             let frozen = grad_checkpoint::detached(block);
             let (hn, tn) = frozen.forward(
@@ -499,7 +499,7 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
         let (_, last_t) = s.inputs.last().expect("forward_taped records a tape only for a model with blocks");
         let mut d_h = s.h_out.grad_remove(&mut grads).unwrap_or_else(|| s.h_out.zeros_like().inner());
         // The text stream's output of the last block is not used by the head.
-        let mut d_t = last_t.zeros(&s.h_out.device());
+        let mut d_t = last_t.zeros();
         let mut d_emb = s.emb_leaf.grad_remove(&mut grads).unwrap_or_else(|| s.emb_leaf.zeros_like().inner());
         for (block, (h, t)) in s.model.transformer_blocks.iter().zip(s.inputs).rev() {
             let copy = grad_checkpoint::Recompute::new(block);
@@ -541,11 +541,11 @@ impl<B: Backend> Stashed<B> {
         }
     }
 
-    /// Zeros of this input's shape and dtype on `device`.
-    fn zeros(&self, device: &B::Device) -> Tensor<B, 3> {
+    /// Zeros of this input's shape and dtype on its device.
+    fn zeros(&self) -> Tensor<B, 3> {
         match self {
             Stashed::Device(t) => t.zeros_like(),
-            Stashed::Host { data, .. } => {
+            Stashed::Host { data, device } => {
                 let dims: [usize; 3] = data.shape.dims();
                 Tensor::zeros(dims, TensorCreationOptions::new(device.clone()).with_dtype(data.dtype))
             }
