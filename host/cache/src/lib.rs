@@ -210,6 +210,50 @@ fn prompt_path(cache: &Path, key: &str) -> PathBuf {
     cache.join("prompts").join(format!("{key}.safetensors"))
 }
 
+/// The embeddings of `prompts` outside the dataset (the validation prompts and the empty
+/// negative prompt), `[max_sequence_length, d_model]` each, in order: read from
+/// `<cache>/prompts/` where a valid entry exists, else T5-encoded (the tokenizer and encoder
+/// of `model_dir` loaded once, and released before this returns) and written there, keyed as
+/// the training captions are. Training calls this before it loads the transformer, so that
+/// validation samples without T5 resident.
+pub fn prompt_embeddings<B: cogvx_model_core::ModelBackend>(
+    cache: &Path,
+    model_dir: &Path,
+    prompts: &[String],
+    max_sequence_length: usize,
+    device: &B::Device,
+) -> Result<Vec<HostTensor>, CacheError> {
+    let identity = ModelIdentity::of(model_dir)?;
+    let dir = cache.join("prompts");
+    std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io { path: dir.clone(), source })?;
+    let mut encoder: Option<PromptEncoder<B>> = None;
+    let mut out = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let key = keys::prompt_key(prompt, &identity.text, max_sequence_length);
+        let path = prompt_path(cache, &key);
+        match validate_prompt(&path, &key) {
+            Ok(e) if e.shape[0] == max_sequence_length => {
+                out.push(e);
+                continue;
+            }
+            _ if path.exists() => {
+                tracing::warn!("{}: invalid prompt entry; encoding it again", path.display())
+            }
+            _ => {}
+        }
+        if encoder.is_none() {
+            tracing::info!("loading the text encoder from {} for {} prompt(s)", model_dir.display(), prompts.len());
+            encoder = Some(PromptEncoder::<B>::load(model_dir, device)?);
+        }
+        let enc = encoder.as_ref().expect("loaded above");
+        let emb = enc.encode(&[prompt.as_str()], max_sequence_length, 1, device)?;
+        let emb = to_host(emb.squeeze_dim::<2>(0))?;
+        store::write_entry(&path, &key, &[("prompt_embedding", &emb)])?;
+        out.push(emb);
+    }
+    Ok(out)
+}
+
 /// The dataset's samples: through the chain's reader plugin if it has one, else the built-in
 /// `finetune-layout` reader. Any structural problem is an error.
 fn list_samples(root: &Path, chain: &mut Chain<'_>) -> Result<Vec<Sample>, CacheError> {

@@ -142,12 +142,61 @@ pub fn dynamic_guidance_scale(guidance_scale: f64, num_inference_steps: usize, t
     1.0 + guidance_scale * ((1.0 - (std::f64::consts::PI * x).cos()) / 2.0)
 }
 
-/// A loaded CogVideoX model (text- or image-to-video): tokenizer, T5, transformer, VAE and the
-/// folder's scheduler config. The fields are public: a trainer samples with the weights it is
+/// Where a pipeline's prompt embeddings come from.
+#[derive(Debug)]
+pub enum PromptSource<B: Backend> {
+    /// The tokenizer and T5, loaded: each prompt is encoded when it is sampled.
+    Encoder(PromptEncoder<B>),
+    /// Embeddings computed beforehand, `[max_sequence_length, d_model]` per prompt text (the
+    /// negative prompt, `""` by default, included when guiding): the pipeline holds no T5, as
+    /// during training's validation, where T5 would not fit beside the model being trained.
+    Precomputed(BTreeMap<String, Tensor<B, 2>>),
+}
+
+impl<B: cogvx_model_core::ModelBackend> PromptSource<B> {
+    /// `[len(prompts), max_sequence_length, d_model]`: the prompts encoded, or looked up.
+    pub fn encode(
+        &self,
+        prompts: &[String],
+        max_sequence_length: usize,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>, EngineError> {
+        match self {
+            PromptSource::Encoder(encoder) => {
+                Ok(encoder.encode(prompts, max_sequence_length, 1, device)?)
+            }
+            PromptSource::Precomputed(embeddings) => {
+                let mut rows = Vec::with_capacity(prompts.len());
+                for prompt in prompts {
+                    let e = embeddings.get(prompt).ok_or_else(|| {
+                        EngineError::Input(format!(
+                            "no precomputed embedding for the prompt \"{}\" (this pipeline has no \
+                             text encoder; encode every prompt it samples beforehand)",
+                            cogvx_plugin_api::text::display_safe(prompt, 80)
+                        ))
+                    })?;
+                    if e.dims()[0] != max_sequence_length {
+                        return Err(EngineError::Input(format!(
+                            "the precomputed embedding of \"{}\" has {} tokens, the request \
+                             asks for max_sequence_length {max_sequence_length}",
+                            cogvx_plugin_api::text::display_safe(prompt, 80),
+                            e.dims()[0]
+                        )));
+                    }
+                    rows.push(e.clone().to_device(device));
+                }
+                Ok(Tensor::stack(rows, 0))
+            }
+        }
+    }
+}
+
+/// A loaded CogVideoX model (text- or image-to-video): its prompt source (tokenizer and T5, or
+/// precomputed embeddings), transformer, VAE and the folder's scheduler config. The fields are public: a trainer samples with the weights it is
 /// training by putting them in `transformer` (e.g. `pipeline.transformer = model.valid()`).
 pub struct CogVideoXPipeline<B: Backend> {
     pub folder: ModelFolder,
-    pub prompt_encoder: PromptEncoder<B>,
+    pub prompts: PromptSource<B>,
     pub transformer: CogVideoXTransformer3DModel<B>,
     pub vae: AutoencoderKLCogVideoX<B>,
     pub vae_config: VaeConfig,
@@ -170,17 +219,17 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
         transformer: CogVideoXTransformer3DModel<B>,
         device: &B::Device,
     ) -> Result<Self, EngineError> {
-        let prompt_encoder = PromptEncoder::load(&folder.root, device)?;
+        let prompts = PromptSource::Encoder(PromptEncoder::load(&folder.root, device)?);
         let (vae, vae_config) =
             AutoencoderKLCogVideoX::from_dir(&folder.component_dir("vae"), device)?;
-        Self::from_parts(folder, prompt_encoder, transformer, vae, vae_config)
+        Self::from_parts(folder, prompts, transformer, vae, vae_config)
     }
 
     /// Assembles a pipeline from loaded components, checking that the transformer's config is
     /// `folder`'s and that the VAE's latent channels are the transformer's.
     pub fn from_parts(
         folder: ModelFolder,
-        prompt_encoder: PromptEncoder<B>,
+        prompts: PromptSource<B>,
         transformer: CogVideoXTransformer3DModel<B>,
         vae: AutoencoderKLCogVideoX<B>,
         vae_config: VaeConfig,
@@ -207,7 +256,7 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
         }
         Ok(CogVideoXPipeline {
             folder,
-            prompt_encoder,
+            prompts,
             transformer,
             vae,
             vae_config,
@@ -300,7 +349,15 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
         let mut latents = Vec::with_capacity(batch);
         for i in 0..batch {
             let image = images.clone().narrow(0, i, 1).unsqueeze_dim::<5>(2); // [1, 3, 1, H, W]
-            let dist = self.vae.encode(image, options)?;
+            let mut dist = self.vae.encode(image.clone(), options)?;
+            let [_, _, _, h, w] = image.dims();
+            let want = [h / self.vae.spatial_scale, w / self.vae.spatial_scale];
+            if options.tiling.is_some() && dist.mean.dims()[3..] != want {
+                // As in `prepare`: a tiled encode of an image barely larger than a tile (tiny
+                // models) keeps too many rows; encode it whole.
+                tracing::warn!("tiled VAE encode gives latent {:?} for a {h}x{w} image; encoding without tiling", dist.mean.dims());
+                dist = self.vae.encode(image, &VaeOptions { tiling: None, ..*options })?;
+            }
             let eps = noise.sample(dist.mean.dims(), &device);
             latents.push(dist.sample_with(eps));
         }
@@ -343,13 +400,12 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
         let do_cfg = request.guidance_scale > 1.0;
 
         // encode_prompt: [negative; positive] on the batch when guiding.
-        let enc = &self.prompt_encoder;
-        let mut prompt_embeds =
-            enc.encode(&request.prompts, request.max_sequence_length, 1, device)?;
+        let enc = &self.prompts;
+        let mut prompt_embeds = enc.encode(&request.prompts, request.max_sequence_length, device)?;
         if do_cfg {
             let negative = request.negative_prompt.clone().unwrap_or_default();
             let negatives = vec![negative; batch_size];
-            let negative_embeds = enc.encode(&negatives, request.max_sequence_length, 1, device)?;
+            let negative_embeds = enc.encode(&negatives, request.max_sequence_length, device)?;
             prompt_embeds = Tensor::cat(vec![negative_embeds, prompt_embeds], 0);
         }
 
@@ -478,7 +534,15 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
     ) -> Result<Tensor<B, 5>, EngineError> {
         let latents = latents.swap_dims(1, 2); // [B, C, F, h, w]
         let latents = self.vae.unscale_latents(latents);
-        let video = self.vae.decode(latents, options)?; // [B, 3, T, H, W]
+        let [_, _, _, h, w] = latents.dims();
+        let want = [h * self.vae.spatial_scale, w * self.vae.spatial_scale];
+        let mut video = self.vae.decode(latents.clone(), options)?; // [B, 3, T, H, W]
+        if options.tiling.is_some() && video.dims()[3..] != want {
+            // Diffusers' tiled decode of latents barely larger than a tile (tiny models) gives
+            // too many rows or columns; decode them whole.
+            tracing::warn!("tiled VAE decode gives {:?} for {h}x{w} latents; decoding without tiling", video.dims());
+            video = self.vae.decode(latents, &VaeOptions { tiling: None, ..*options })?;
+        }
         let frames = (video * 0.5 + 0.5).clamp(0.0, 1.0);
         Ok(frames.swap_dims(1, 2))
     }

@@ -165,8 +165,8 @@ fn denoise_concatenates_image_latents_on_channels_with_ofs() {
             "{name}: channels of the transformer input"
         );
         let embeds = pipe
-            .prompt_encoder
-            .encode(&req.prompts, req.max_sequence_length, 1, &device)
+            .prompts
+            .encode(&req.prompts, req.max_sequence_length, &device)
             .unwrap();
         let rotary = pipe
             .transformer

@@ -570,6 +570,10 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         ));
     }
 
+    // Validation's prompt embeddings, T5-encoded now (or read from the cache) so that T5 is
+    // never resident beside the model being trained.
+    let validation = validation::Validation::<B::InnerBackend>::new(folder.clone(), &out, &cache, &vconfig, device)?;
+
     // ---- model and adapter
     // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
     // weights and computes in half (autocast).
@@ -720,7 +724,6 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
     );
 
     let folder_transformer = folder.component_dir("transformer");
-    let mut validation = validation::Validation::<B::InnerBackend>::new(folder, &out, &cache, &vconfig)?;
     let mut summary = TrainSummary {
         start_step,
         step,

@@ -1,16 +1,16 @@
 //! Validation during training: the validation prompts (and images, I2V) sampled with the model
 //! being trained, written as `.mp4`, scored by validator plugins and logged.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
-use cogvx_cache::Cache;
-use cogvx_engine::{frames_to_u8, plan_from_plugin, CogVideoXPipeline, ConditionImage, ModelFolder, SampleRequest, SeededNoise};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use cogvx_cache::{Cache, HostTensor};
+use cogvx_engine::{frames_to_u8, plan_from_plugin, CogVideoXPipeline, ConditionImage, ModelFolder, PromptSource, SampleRequest, SeededNoise};
 use cogvx_metrics::MetricsLog;
 use cogvx_plugin_api::{Plugin, ValidateRequest};
-use cogvx_text::PromptEncoder;
 use cogvx_transformer::CogVideoXTransformer3DModel;
-use cogvx_vae::{AutoencoderKLCogVideoX, VaeOptions};
+use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeOptions};
 
 use crate::{ValidationConfig, TrainerError};
 
@@ -19,6 +19,10 @@ pub(crate) struct Validation<B: Backend> {
     out: PathBuf,
     config: ValidationConfig,
     images: Vec<ConditionImage>,
+    /// The T5 embedding of each validation prompt and of the negative prompt `""`, computed
+    /// once before training (cached in the prompt cache), so T5 is never loaded beside the
+    /// model being trained.
+    embeddings: BTreeMap<String, HostTensor>,
     /// `[frames, height, width]` of the training data.
     resolution: [usize; 3],
     max_sequence_length: usize,
@@ -26,13 +30,23 @@ pub(crate) struct Validation<B: Backend> {
 }
 
 impl<B: cogvx_model_core::ModelBackend> Validation<B> {
-    /// Reads the conditioning images (I2V) so that a missing file fails before training.
-    pub(crate) fn new(folder: ModelFolder, out: &Path, cache: &Cache, config: &ValidationConfig) -> Result<Self, TrainerError> {
+    /// Reads the conditioning images (I2V) so that a missing file fails before training, and
+    /// gets the prompts' embeddings from the cache, encoding the missing ones with T5 (loaded
+    /// only then, and released before this returns). Call it before the transformer is loaded.
+    pub(crate) fn new(folder: ModelFolder, out: &Path, cache: &Cache, config: &ValidationConfig, device: &B::Device) -> Result<Self, TrainerError> {
         let mut images = Vec::new();
+        let mut embeddings = BTreeMap::new();
         if config.enabled() {
             for p in &config.images {
                 images.push(ConditionImage::open(p).map_err(|e| TrainerError::Config(format!("`validation.images`: {}: {e}", p.display())))?);
             }
+            let mut prompts = config.prompts.clone();
+            if config.guidance_scale > 1.0 {
+                // The negative prompt of classifier-free guidance (the pipeline's default).
+                prompts.push(String::new());
+            }
+            let encoded = cogvx_cache::prompt_embeddings::<B>(&cache.dir, &folder.root, &prompts, cache.index.max_sequence_length, device)?;
+            embeddings = prompts.into_iter().zip(encoded).collect();
         }
         let [f, h, w] = cache.index.resolution;
         Ok(Validation {
@@ -40,6 +54,7 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
             out: out.to_path_buf(),
             config: config.clone(),
             images,
+            embeddings,
             resolution: [f as usize, h as usize, w as usize],
             max_sequence_length: cache.index.max_sequence_length,
             _backend: std::marker::PhantomData,
@@ -50,7 +65,7 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
     /// writes `validation/step-<step>/<i>.mp4`, runs the validators and logs a `validation` event
     /// per video. Returns the videos written.
     pub(crate) fn run<'p>(
-        &mut self,
+        &self,
         step: u64,
         transformer: CogVideoXTransformer3DModel<B>,
         scheduler: Option<&mut (dyn Plugin + 'p)>,
@@ -58,12 +73,16 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
         metrics: &mut MetricsLog,
         device: &B::Device,
     ) -> Result<Vec<PathBuf>, TrainerError> {
-        // T5 and the VAE are loaded for this validation and released after it: they are not
-        // resident while the transformer trains (T5 alone is 19 GB in f32), as `cogvx plan`'s
-        // training phase assumes.
-        let prompt_encoder = PromptEncoder::load(&self.folder.root, device).map_err(cogvx_engine::EngineError::from)?;
+        // The VAE is loaded for this validation and released after it; T5 is never loaded here
+        // (the prompts' embeddings were computed before training). Neither is resident while
+        // the transformer trains, as `cogvx plan`'s training phase assumes.
+        let prompts = self
+            .embeddings
+            .iter()
+            .map(|(p, e)| (p.clone(), Tensor::from_data(TensorData::new(e.data.clone(), e.shape.clone()), device)))
+            .collect();
         let (vae, vae_config) = AutoencoderKLCogVideoX::from_dir(&self.folder.component_dir("vae"), device)?;
-        let pipe = CogVideoXPipeline::from_parts(self.folder.clone(), prompt_encoder, transformer, vae, vae_config)?;
+        let pipe = CogVideoXPipeline::from_parts(self.folder.clone(), PromptSource::Precomputed(prompts), transformer, vae, vae_config)?;
         let result = self.sample_all(step, &pipe, scheduler, validators, metrics, device);
         drop(pipe);
         result
@@ -83,6 +102,9 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
         std::fs::create_dir_all(&dir).map_err(|e| TrainerError::Io { path: dir.clone(), message: e.to_string() })?;
         let t0 = std::time::Instant::now();
         let fps = c.fps.unwrap_or_else(|| pipe.default_fps());
+        // Tiled and sliced decode, as the official finetune's validation (`enable_tiling`,
+        // `enable_slicing`): a whole-frame decode of 49x480x720 would need ~8 GB more.
+        let vae_options = VaeOptions { tiling: Some(Tiling::for_config(&pipe.vae_config)), slicing: true };
         let mut written = Vec::new();
         for (i, prompt) in c.prompts.iter().enumerate() {
             let request = SampleRequest {
@@ -97,7 +119,7 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
                 use_dynamic_cfg: c.use_dynamic_cfg,
                 max_sequence_length: self.max_sequence_length,
                 seed: c.seed,
-                vae_options: VaeOptions::default(),
+                vae_options,
             };
             let plan = match scheduler.as_deref_mut() {
                 Some(p) => plan_from_plugin(p, &pipe.folder, c.num_inference_steps)?,

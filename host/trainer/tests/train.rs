@@ -321,6 +321,65 @@ fn lora_export_validation_videos_and_validator_metrics() {
     assert_eq!(s.last_checkpoint, Some(checkpoint_dir(&out, 4)));
 }
 
+/// A copy of a model folder (files copied, so they can be replaced).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::write(to.join(e.file_name()), std::fs::read(e.path()).unwrap()).unwrap();
+        }
+    }
+}
+
+/// Validation samples from prompt embeddings computed before the transformer is loaded and kept
+/// in the prompt cache: once they are cached, training validates with a model folder whose T5
+/// weights are unreadable (same name and size, so the same identity), and the video is the one
+/// sampled with T5 itself.
+#[test]
+fn validation_samples_from_prompt_embeddings_computed_before_training() {
+    let Some(model) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let prompts_before = std::fs::read_dir(cache.dir.join("prompts")).unwrap().count();
+    let validated = |model: &Path, out: &Path| {
+        let mut cfg = config(out, 1, 100);
+        cfg.gradient_accumulation_steps = 1;
+        let mut j = job(model, &cache, cfg);
+        j.validation = ValidationConfig { steps: 1, prompts: vec!["a red cube".into()], num_inference_steps: 2, ..ValidationConfig::default() };
+        run(j)
+    };
+    let first = validated(&model, &tmp.path().join("out-1")).unwrap();
+    // The validation prompt and the negative prompt "" (guidance 6 > 1) joined the cache.
+    assert_eq!(std::fs::read_dir(cache.dir.join("prompts")).unwrap().count(), prompts_before + 2);
+
+    let copy = tmp.path().join("model");
+    copy_dir(&model, &copy);
+    let weights = copy.join("text_encoder").join("model.safetensors");
+    let size = std::fs::metadata(&weights).unwrap().len() as usize;
+    std::fs::write(&weights, vec![0u8; size]).unwrap();
+    let second = validated(&copy, &tmp.path().join("out-2")).unwrap();
+    assert_eq!(
+        std::fs::read(&first.validation_videos[0]).unwrap(),
+        std::fs::read(&second.validation_videos[0]).unwrap(),
+        "the video sampled from cached embeddings differs from the one sampled after encoding"
+    );
+
+    // With the cache's prompt entries gone, training must encode them again: it reports the
+    // unreadable T5 weights (before any training step).
+    for e in std::fs::read_dir(cache.dir.join("prompts")).unwrap() {
+        let p = e.unwrap().path();
+        if !cache.index.samples.iter().any(|s| p.file_stem().is_some_and(|n| n == s.prompt.as_str())) {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let e = validated(&copy, &tmp.path().join("out-3")).unwrap_err().to_string();
+    assert!(e.contains("text_encoder"), "{e}");
+    assert!(!tmp.path().join("out-3").join(cogvx_trainer::METRICS_FILE).exists());
+}
+
 #[test]
 fn bad_inputs_fail_before_any_work() {
     let Some(model) = model_dir() else { return };
