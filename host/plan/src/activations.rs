@@ -262,12 +262,22 @@ pub fn vae_encode_bytes(c: &VaeConfig, shape: Shape) -> u64 {
     VAE_ALIVE * (ch * frames * h * w) as u64 * F32
 }
 
-/// Peak activation bytes of the whole-frame VAE decode of validation: latent frames in batches
-/// of 2 (8 video frames), the last level's channels at full resolution.
+/// Peak activation bytes of validation's VAE decode, tiled and sliced as the official
+/// finetune's (`enable_tiling`, `enable_slicing`): tiles of half the VAE's sample size, latent
+/// frames in batches of 2 (8 video frames), the last level's channels at the tile's full
+/// resolution; plus the decoded tiles kept until they are blended (their overlap, 1/6 of the
+/// height and 1/5 of the width, makes them 1.5x the video's frames).
 pub fn vae_decode_bytes(c: &VaeConfig, shape: Shape) -> u64 {
+    let h = shape.height.min(c.sample_height / 2).max(1);
+    let w = shape.width.min(c.sample_width / 2).max(1);
     let frames = shape.frames.min(2 * c.temporal_compression_ratio as usize);
     let ch = c.block_out_channels.first().copied().unwrap_or(128);
-    VAE_ALIVE * (ch * frames * shape.height * shape.width) as u64 * F32
+    let tiles = if h < shape.height || w < shape.width {
+        3 * (shape.frames * shape.height * shape.width) as u64 * 3 / 2
+    } else {
+        0
+    };
+    (VAE_ALIVE * (ch * frames * h * w) as u64 + tiles) * F32
 }
 
 /// Peak activation bytes of the T5 encoder at `len` tokens: the gated feed-forward's hidden

@@ -3,7 +3,7 @@
 //!
 //! Everything is computed from the model configs and the shapes, the way cogvx runs them today:
 //! - **weights** from the parameter counts of the configs ([`params`]), in the dtype cogvx keeps
-//!   them in (float32: checkpoints are upcast when loaded);
+//!   them in (`mixed_precision`'s half dtype for frozen weights, f32 for trained ones);
 //! - **trainable parameters, gradients and AdamW states** (LoRA: `rank x (in + out)` per targeted
 //!   linear layer; SFT: every transformer weight), float32;
 //! - **activations** the backward needs, counted op by op for one `CogVideoXBlock` as burn's
@@ -11,8 +11,9 @@
 //!   blocks' inputs plus one recomputed block;
 //! - the backward's **workspace** (the gradients alive while the largest op is differentiated)
 //!   and the **attention workspace** (FlashAttention tiles);
-//! - the **VAE** (tiled encode in `prepare`, whole-frame decode in validation) and the **T5**
-//!   encoder, loaded in `prepare` and validation only.
+//! - the **VAE** (tiled encode in `prepare`, tiled decode in validation) and the **T5**
+//!   encoder, loaded in `prepare` only (training encodes the validation prompts before it loads
+//!   the transformer).
 //!
 //! The training phase is checked against the measured peak RSS of `cogvx bench train-step`
 //! (docs/benchmarks.md, "Memory plan vs measured peaks"); the VAE and T5 terms are estimates of the same kind,
@@ -286,7 +287,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     }
     phases.push(train);
 
-    // validation: the pipeline loads T5 and the VAE next to the model being trained.
+    // validation: the pipeline loads the VAE next to the model being trained; the prompts were
+    // T5-encoded before training (T5 is released before the transformer loads).
     if let Some(v) = input.validation {
         let vt = self::tokens(m, v.shape)?;
         let batch = if v.guidance { 2 } else { 1 };
@@ -298,14 +300,13 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             format!("sampling {} ({} tokens, batch {batch}) and the VAE decode", v.shape, vt.total),
             vec![
                 transformer_weights_item(weights, &input.trainable, input.mixed_precision),
-                weights_item("T5 encoder", t5_params),
                 weights_item("VAE", vae_params),
                 match input.trainable {
                     // SFT: the weights are the trainables (counted above); AdamW's two states stay.
                     Trainable::Full => item("AdamW states kept (f32)", 2 * trainable * F32),
                     Trainable::Lora { .. } => item("adapter weights and AdamW states kept (f32)", 3 * trainable * F32),
                 },
-                item("largest activation (transformer step or whole-frame VAE decode)", sample.max(decode)),
+                item("largest activation (transformer step or tiled VAE decode)", sample.max(decode)),
                 item("decoded frames (f32)", frames),
                 runtime,
             ],
