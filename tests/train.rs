@@ -119,6 +119,43 @@ fn quickstart_trains_validates_and_exports_a_lora_that_sample_loads() {
     assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9));
 }
 
+/// With mixed precision, `prepare` runs T5 with bf16 weights: its prompt entries are keyed apart
+/// from the f32 ones (an f32 run on the same cache encodes its own, a second bf16 prepare reuses
+/// them), and a bf16 run validates from the bf16 embeddings it computed before training.
+#[test]
+fn mixed_precision_encodes_prompts_with_bf16_t5_keyed_apart_from_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_config = small_config(dir.path(), "");
+    let bf16_config = dir.path().join("bf16.toml");
+    let body = std::fs::read_to_string(&f32_config).unwrap();
+    std::fs::write(
+        &bf16_config,
+        format!("{body}mixed_precision = \"bf16\"\n\n[validation]\nsteps = 2\nprompts = [\"a red cube\"]\nnum_inference_steps = 2\n"),
+    )
+    .unwrap();
+    let prepare = |config: &Path| {
+        let out = cogvx(&["--config", s(config), "prepare"]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+        stdout
+    };
+    let first = prepare(&bf16_config);
+    assert!(first.contains("latents 4 encoded, 0 reused; prompts 4 encoded, 0 reused"), "{first}");
+    let f32 = prepare(&f32_config);
+    assert!(f32.contains("latents 0 encoded, 4 reused; prompts 4 encoded, 0 reused"), "{f32}");
+    let again = prepare(&bf16_config);
+    assert!(again.contains("prompts 0 encoded, 4 reused"), "{again}");
+
+    let out = cogvx(&["--config", s(&bf16_config), "train", "--max-steps", "2"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let video = dir.path().join("out/validation/step-2/0.mp4");
+    let info = cogvx_video::probe(&video).unwrap_or_else(|e| panic!("{}: {e}", video.display()));
+    assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9));
+    // 4 captions in each dtype, the validation prompt and "" in bf16.
+    assert_eq!(std::fs::read_dir(dir.path().join("cache/prompts")).unwrap().count(), 10);
+}
+
 #[test]
 fn resume_latest_from_the_cli_continues_the_same_loss_curve() {
     let dir = tempfile::tempdir().unwrap();

@@ -90,6 +90,9 @@ pub struct PrepareOptions {
     /// VAE options; `None` = tiling (diffusers' defaults for the model) and slicing, as the
     /// official trainer encodes.
     pub vae_options: Option<VaeOptions>,
+    /// The dtype T5 keeps its weights in (`None`: f32, diffusers' parity; `Some(BF16)` with
+    /// mixed precision: half the memory). Part of the prompt keys.
+    pub text_dtype: Option<burn::tensor::FloatDType>,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }
@@ -103,6 +106,7 @@ impl PrepareOptions {
             max_sequence_length: cogvx_text::COGVIDEOX_MAX_SEQUENCE_LENGTH,
             i2v: false,
             vae_options: None,
+            text_dtype: None,
             progress: true,
         }
     }
@@ -214,13 +218,14 @@ fn prompt_path(cache: &Path, key: &str) -> PathBuf {
 /// negative prompt), `[max_sequence_length, d_model]` each, in order: read from
 /// `<cache>/prompts/` where a valid entry exists, else T5-encoded (the tokenizer and encoder
 /// of `model_dir` loaded once, and released before this returns) and written there, keyed as
-/// the training captions are. Training calls this before it loads the transformer, so that
-/// validation samples without T5 resident.
+/// the training captions are (`text_dtype` as [`PrepareOptions::text_dtype`]). Training calls
+/// this before it loads the transformer, so that validation samples without T5 resident.
 pub fn prompt_embeddings<B: cogvx_model_core::ModelBackend>(
     cache: &Path,
     model_dir: &Path,
     prompts: &[String],
     max_sequence_length: usize,
+    text_dtype: Option<burn::tensor::FloatDType>,
     device: &B::Device,
 ) -> Result<Vec<HostTensor>, CacheError> {
     let identity = ModelIdentity::of(model_dir)?;
@@ -229,7 +234,7 @@ pub fn prompt_embeddings<B: cogvx_model_core::ModelBackend>(
     let mut encoder: Option<PromptEncoder<B>> = None;
     let mut out = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let key = keys::prompt_key(prompt, &identity.text, max_sequence_length);
+        let key = keys::prompt_key(prompt, &identity.text, max_sequence_length, text_dtype);
         let path = prompt_path(cache, &key);
         match validate_prompt(&path, &key) {
             Ok(e) if e.shape[0] == max_sequence_length => {
@@ -243,7 +248,7 @@ pub fn prompt_embeddings<B: cogvx_model_core::ModelBackend>(
         }
         if encoder.is_none() {
             tracing::info!("loading the text encoder from {} for {} prompt(s)", model_dir.display(), prompts.len());
-            encoder = Some(PromptEncoder::<B>::load(model_dir, device)?);
+            encoder = Some(PromptEncoder::<B>::load_in(model_dir, text_dtype, device)?);
         }
         let enc = encoder.as_ref().expect("loaded above");
         let emb = enc.encode(&[prompt.as_str()], max_sequence_length, 1, device)?;
@@ -374,7 +379,7 @@ pub fn plan(
                 video: sample.video.clone(),
                 seed: keys::sample_seed(options.seed, &video_sha, sample.frames),
                 latent: keys::latent_key(&ctx, &video_sha, image_sha.as_deref(), sample.frames),
-                prompt: keys::prompt_key(&caption, &model.text, options.max_sequence_length),
+                prompt: keys::prompt_key(&caption, &model.text, options.max_sequence_length, options.text_dtype),
                 caption,
                 image: options.i2v,
             })
@@ -597,6 +602,22 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
     options: &PrepareOptions,
     device: &B::Device,
 ) -> Result<Summary, CacheError> {
+    prepare_on::<B, B>(cache, data_root, model_dir, chain, transform_params, options, device, device)
+}
+
+/// [`prepare`] with the prompts pass on its own backend `T` (on the CPU, a bf16 T5 needs burn's
+/// flex backend while the VAE runs on ndarray).
+#[allow(clippy::too_many_arguments)]
+pub fn prepare_on<B: cogvx_model_core::ModelBackend, T: cogvx_model_core::ModelBackend>(
+    cache: &Path,
+    data_root: &Path,
+    model_dir: &Path,
+    chain: &mut Chain<'_>,
+    transform_params: &[String],
+    options: &PrepareOptions,
+    device: &B::Device,
+    text_device: &T::Device,
+) -> Result<Summary, CacheError> {
     let planned = plan(
         cache,
         data_root,
@@ -627,7 +648,7 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
     // Two passes, one model each: every latent with the VAE, which is then released, then
     // every prompt with T5. The two are never resident together (T5 alone is 19 GB in f32).
     let mut vae_encoder: Option<VaeEncoder<B>> = None;
-    let mut text_encoder: Option<PromptEncoder<B>> = None;
+    let mut text_encoder: Option<PromptEncoder<T>> = None;
     let load_vae = |enc: &mut Option<VaeEncoder<B>>| -> Result<(), CacheError> {
         if enc.is_none() {
             tracing::info!("loading the VAE from {}", model_dir.display());
@@ -636,10 +657,10 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
         }
         Ok(())
     };
-    let load_text = |enc: &mut Option<PromptEncoder<B>>| -> Result<(), CacheError> {
+    let load_text = |enc: &mut Option<PromptEncoder<T>>| -> Result<(), CacheError> {
         if enc.is_none() {
             tracing::info!("loading the text encoder from {}", model_dir.display());
-            *enc = Some(PromptEncoder::<B>::load(model_dir, device)?);
+            *enc = Some(PromptEncoder::<T>::load_in(model_dir, options.text_dtype, text_device)?);
         }
         Ok(())
     };
@@ -787,7 +808,7 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
                         &[s.caption.as_str()],
                         options.max_sequence_length,
                         1,
-                        device,
+                        text_device,
                     )
                     .map_err(|e| e.to_string())?;
                 let emb = to_host(emb.squeeze_dim::<2>(0)).map_err(|e| e.to_string())?;

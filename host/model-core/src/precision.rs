@@ -71,6 +71,12 @@ impl MixedPrecision {
     pub fn is_half(self) -> bool {
         self != MixedPrecision::No
     }
+
+    /// The dtype the T5 text encoder keeps its weights in under this setting: bf16 with either
+    /// half precision (T5 v1.1 overflows in fp16), else f32 (`None`).
+    pub fn text_encoder_dtype(self) -> Option<FloatDType> {
+        self.is_half().then_some(FloatDType::BF16)
+    }
 }
 
 /// The float dtype of `t`.

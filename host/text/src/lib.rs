@@ -79,10 +79,15 @@ pub struct PromptEncoder<B: Backend> {
 impl<B: Backend> PromptEncoder<B> {
     /// Loads `<model_dir>/tokenizer` and `<model_dir>/text_encoder`.
     pub fn load(model_dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
+        Self::load_in(model_dir, None, device)
+    }
+
+    /// [`PromptEncoder::load`] with the encoder's weights kept in `dtype` ([`T5Encoder::load_in`]).
+    pub fn load_in(model_dir: impl AsRef<Path>, dtype: Option<burn::tensor::FloatDType>, device: &B::Device) -> Result<Self, TextError> {
         let dir = model_dir.as_ref();
         Ok(PromptEncoder {
             tokenizer: T5Tokenizer::from_dir(dir.join("tokenizer"))?,
-            encoder: T5Encoder::load(dir.join("text_encoder"), device)?,
+            encoder: T5Encoder::load_in(dir.join("text_encoder"), dtype, device)?,
         })
     }
 

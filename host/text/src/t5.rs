@@ -2,9 +2,13 @@
 //! T5 v1.1 (gated-gelu feed-forward) or v1.0 (plain relu), with module and parameter names as in
 //! the checkpoint (`shared`, `encoder.block.{i}.layer.{0,1}...`, `encoder.final_layer_norm`).
 //!
-//! Computed in the backend's float type (f32 on the CPU) whatever the storage dtype, like
-//! `T5EncoderModel.from_pretrained(..., torch_dtype=torch.float32)`; the fp16 clamping of
-//! transformers is therefore never active.
+//! Loaded in f32 by default ([`T5Encoder::load`]), like
+//! `T5EncoderModel.from_pretrained(..., torch_dtype=torch.float32)`, which the parity cases use.
+//! [`T5Encoder::load_in`] keeps the weights in bf16 (half the memory: 9 GB instead of 19 for
+//! T5-XXL), as the official finetune's mixed precision does; the linear layers and attention then
+//! compute in bf16 while the residual stream, the norms' statistics and the activation stay in
+//! f32 (autocast's split), and the output is f32. fp16 is not offered: T5 v1.1 overflows in it
+//! (transformers clamps it; bf16 has f32's range).
 
 use crate::TextError;
 use cogvx_model_core::ModelBackend;
@@ -14,7 +18,9 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use cogvx_model_core::attention::attention;
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::nn::{broadcast_last, Linear};
+use cogvx_model_core::precision::{float_dtype, like, to_dtype, to_f32};
 use cogvx_model_core::weights::VarBuilder;
+use burn::tensor::FloatDType;
 use cogvx_model_core::LoadError;
 use serde::Deserialize;
 use std::path::Path;
@@ -176,10 +182,15 @@ impl<B: Backend> T5LayerNorm<B> {
         Ok(T5LayerNorm { weight: Param::from_tensor(vb.tensor("weight", [dim], device)?), variance_epsilon: eps })
     }
 
+    /// Normalises in f32 and returns the weight's dtype (the dtype the next linear layer
+    /// computes in).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let weight = self.weight.val();
+        let dtype = float_dtype(&weight);
+        let x = to_f32(x);
         let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
         let x = x * variance.add_scalar(self.variance_epsilon).sqrt().recip();
-        x * broadcast_last::<B, D>(self.weight.val())
+        to_dtype(x * broadcast_last::<B, D>(to_f32(weight)), dtype)
     }
 }
 
@@ -250,6 +261,7 @@ impl<B: ModelBackend> T5Attention<B> {
         let q = shape(self.q.forward(hidden_states.clone()));
         let k = shape(self.k.forward(hidden_states.clone()));
         let v = shape(self.v.forward(hidden_states));
+        let position_bias = like(position_bias, &q);
         let out = attention(q, k, v, Some(position_bias), Some(1.0));
         self.o.forward(out.swap_dims(1, 2).reshape([b, l, h * d]))
     }
@@ -302,12 +314,13 @@ impl<B: Backend> T5DenseActDense<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        // The activation and the gate's product in f32; `wo` in its weights' dtype.
         let hidden = match (&self.wi, &self.wi_0, &self.wi_1) {
-            (Some(wi), _, _) => self.act.apply(wi.forward(x)),
-            (None, Some(wi_0), Some(wi_1)) => self.act.apply(wi_0.forward(x.clone())) * wi_1.forward(x),
+            (Some(wi), _, _) => self.act.apply(to_f32(wi.forward(x))),
+            (None, Some(wi_0), Some(wi_1)) => self.act.apply(to_f32(wi_0.forward(x.clone()))) * to_f32(wi_1.forward(x)),
             _ => unreachable!("T5DenseActDense is built with `wi` or with `wi_0` and `wi_1`"),
         };
-        self.wo.forward(hidden)
+        self.wo.forward(like(hidden, &self.wo.weight.val()))
     }
 }
 
@@ -354,10 +367,11 @@ impl<B: ModelBackend> T5Block<B> {
     pub fn forward(&self, hidden_states: Tensor<B, 3>, position_bias: Tensor<B, 4>) -> Tensor<B, 3> {
         let a = &self.attention_layer;
         let normed = a.layer_norm.forward(hidden_states.clone());
-        let hidden_states = hidden_states + a.self_attention.forward(normed, position_bias);
+        // The residual stream stays f32 whatever dtype the layers compute in.
+        let hidden_states = hidden_states + to_f32(a.self_attention.forward(normed, position_bias));
         let f = &self.ff_layer;
         let normed = f.layer_norm.forward(hidden_states.clone());
-        hidden_states + f.dense_relu_dense.forward(normed)
+        hidden_states + to_f32(f.dense_relu_dense.forward(normed))
     }
 }
 
@@ -383,9 +397,20 @@ impl<B: Backend> T5Encoder<B> {
     /// safetensors, any float storage dtype). Every missing, unexpected or wrongly shaped
     /// weight is reported at once.
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
+        Self::load_in(dir, None, device)
+    }
+
+    /// [`T5Encoder::load`] with the weights kept in `dtype` (`None` or f32: f32; bf16: computed as
+    /// the module doc says). fp16 is refused (T5 v1.1 overflows in it).
+    pub fn load_in(dir: impl AsRef<Path>, dtype: Option<FloatDType>, device: &B::Device) -> Result<Self, TextError> {
+        if matches!(dtype, Some(FloatDType::F16)) {
+            return Err(TextError::InvalidInput(
+                "the T5 text encoder does not run in fp16 (T5 v1.1 overflows in it); use bf16 or f32".into(),
+            ));
+        }
         let dir = dir.as_ref();
         let config = T5Config::from_file(&dir.join("config.json"))?;
-        let vb = VarBuilder::from_dir(dir)?;
+        let vb = VarBuilder::from_dir(dir)?.with_dtype(dtype);
         let model = Self::load_with(&vb, config, device)?;
         vb.finish()?;
         Ok(model)
@@ -425,9 +450,9 @@ impl<B: ModelBackend> T5Encoder<B> {
         let [n, l] = input_ids.dims();
         let device = input_ids.device();
         let d = self.config.d_model;
-        let mut hidden = self.shared.val().select(0, input_ids.reshape([n * l])).reshape([n, l, d]);
+        let mut hidden = to_f32(self.shared.val().select(0, input_ids.reshape([n * l])).reshape([n, l, d]));
         let Some(first) = self.encoder.block.first() else {
-            return self.encoder.final_layer_norm.forward(hidden);
+            return to_f32(self.encoder.final_layer_norm.forward(hidden));
         };
         let position_bias = first
             .attention_layer
@@ -437,7 +462,7 @@ impl<B: ModelBackend> T5Encoder<B> {
         for block in &self.encoder.block {
             hidden = block.forward(hidden, position_bias.clone());
         }
-        self.encoder.final_layer_norm.forward(hidden)
+        to_f32(self.encoder.final_layer_norm.forward(hidden))
     }
 
     /// [`T5Encoder::forward`] on host ids (rows of equal length), checked against the vocabulary.

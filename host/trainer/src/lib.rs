@@ -570,22 +570,27 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, devic
         ));
     }
 
+    // Mixed precision needs the half dtype (and bf16, which T5 runs in) on this backend.
+    let text_dtype = config.mixed_precision.text_encoder_dtype();
+    for dtype in std::iter::once(config.mixed_precision.dtype()).chain(text_dtype) {
+        if !B::supports_dtype(device, dtype.into()) {
+            return Err(TrainerError::Config(format!(
+                "`mixed_precision` = \"{}\": the {} backend has no {:?} tensors; use \"no\", or the flex backend on the CPU (as `cogvx train` does) or CUDA",
+                config.mixed_precision.name(),
+                B::name(device),
+                dtype
+            )));
+        }
+    }
+
     // Validation's prompt embeddings, T5-encoded now (or read from the cache) so that T5 is
     // never resident beside the model being trained.
-    let validation = validation::Validation::<B::InnerBackend>::new(folder.clone(), &out, &cache, &vconfig, device)?;
+    let validation = validation::Validation::<B::InnerBackend>::new(folder.clone(), &out, &cache, &vconfig, text_dtype, device)?;
 
     // ---- model and adapter
     // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
     // weights and computes in half (autocast).
     let precision = config.mixed_precision;
-    if !B::supports_dtype(device, precision.dtype().into()) {
-        return Err(TrainerError::Config(format!(
-            "`mixed_precision` = \"{}\": the {} backend has no {:?} tensors; use \"no\", or the flex backend on the CPU (as `cogvx train` does) or CUDA",
-            precision.name(),
-            B::name(device),
-            precision.dtype()
-        )));
-    }
     let load_dtype = if config.is_sft() { FloatDType::F32 } else { precision.dtype() };
     let mut model = CogVideoXTransformer3DModel::<B>::from_dir_in(&folder.component_dir("transformer"), load_dtype, device)?;
     model.set_compute_dtype(precision.dtype());

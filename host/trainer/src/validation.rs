@@ -33,7 +33,15 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
     /// Reads the conditioning images (I2V) so that a missing file fails before training, and
     /// gets the prompts' embeddings from the cache, encoding the missing ones with T5 (loaded
     /// only then, and released before this returns). Call it before the transformer is loaded.
-    pub(crate) fn new(folder: ModelFolder, out: &Path, cache: &Cache, config: &ValidationConfig, device: &B::Device) -> Result<Self, TrainerError> {
+    /// `text_dtype`: T5's weight dtype, as the training captions were encoded with.
+    pub(crate) fn new(
+        folder: ModelFolder,
+        out: &Path,
+        cache: &Cache,
+        config: &ValidationConfig,
+        text_dtype: Option<burn::tensor::FloatDType>,
+        device: &B::Device,
+    ) -> Result<Self, TrainerError> {
         let mut images = Vec::new();
         let mut embeddings = BTreeMap::new();
         if config.enabled() {
@@ -45,7 +53,14 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
                 // The negative prompt of classifier-free guidance (the pipeline's default).
                 prompts.push(String::new());
             }
-            let encoded = cogvx_cache::prompt_embeddings::<B>(&cache.dir, &folder.root, &prompts, cache.index.max_sequence_length, device)?;
+            let encoded = cogvx_cache::prompt_embeddings::<B>(
+                &cache.dir,
+                &folder.root,
+                &prompts,
+                cache.index.max_sequence_length,
+                text_dtype,
+                device,
+            )?;
             embeddings = prompts.into_iter().zip(encoded).collect();
         }
         let [f, h, w] = cache.index.resolution;

@@ -71,12 +71,28 @@ pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Pat
     // Prompts are tokenized to the length the transformer's positional table covers (226 for
     // every released checkpoint, as the finetune's max_text_seq_length).
     options.max_sequence_length = folder.transformer_config.max_text_seq_length;
+    // With mixed precision T5 keeps its weights in bf16 (half the memory of the prompts pass).
+    options.text_dtype = settings.config.train.mixed_precision.text_encoder_dtype();
     options.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let summary = match settings.device {
         #[cfg(feature = "cuda")]
         crate::config::Device::Cuda(index) => {
             let device = cogvx_model_core::CudaDevice { index };
             cogvx_cache::prepare::<cogvx_model_core::CudaBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
+        }
+        // ndarray has no bf16: the prompts pass of a mixed-precision run uses burn's flex backend.
+        _ if options.text_dtype.is_some() => {
+            let device = cogvx_model_core::CpuDevice::default();
+            cogvx_cache::prepare_on::<cogvx_model_core::CpuBackend, cogvx_model_core::FlexBackend>(
+                cache,
+                root,
+                &folder.root,
+                &mut plugins.chain(),
+                &params,
+                &options,
+                &device,
+                &Default::default(),
+            )
         }
         _ => {
             let device = cogvx_model_core::CpuDevice::default();
