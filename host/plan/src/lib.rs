@@ -12,7 +12,7 @@
 //! - the backward's **workspace** (the gradients alive while the largest op is differentiated)
 //!   and the **attention workspace** (FlashAttention tiles);
 //! - the **VAE** (tiled encode in `prepare`, tiled decode in validation) and the **T5**
-//!   encoder, loaded in `prepare` only (training encodes the validation prompts before it loads
+//!   encoder (bf16 under mixed precision, else f32), loaded in `prepare` only (training encodes the validation prompts before it loads
 //!   the transformer).
 //!
 //! The training phase is checked against the measured peak RSS of `cogvx bench train-step`
@@ -275,7 +275,15 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     phases.push(phase(
         "prepare-prompts",
         "T5 encode of each caption, once, into the cache (after the VAE is released)",
-        vec![weights_item("T5 encoder", t5_params), item("T5 activations", t5_act), runtime.clone()],
+        vec![
+            // bf16 under mixed precision (`MixedPrecision::text_encoder_dtype`), else f32.
+            match input.mixed_precision.text_encoder_dtype() {
+                Some(_) => item(format!("T5 encoder weights ({} parameters, bf16)", human(t5_params)), t5_params * 2),
+                None => weights_item("T5 encoder", t5_params),
+            },
+            item("T5 activations", t5_act),
+            runtime.clone(),
+        ],
     ));
 
     // train.

@@ -89,6 +89,13 @@ fn validation_loads_the_vae_not_t5_and_the_verdict_follows_the_budget() {
     // The validation prompts are T5-encoded before training: T5 is counted in prepare only.
     assert!(v.items.iter().all(|i| !i.name.contains("T5")), "{:?}", v.items);
     assert!(item(phase(&p, "prepare-prompts"), "T5 encoder weights") > 4_700_000_000 * 4);
+    // Under mixed precision T5 keeps bf16 weights (either half dtype: fp16 overflows in T5).
+    for precision in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+        let mut half = i.clone();
+        half.mixed_precision = precision;
+        let half = plan(&half).unwrap();
+        assert_eq!(item(phase(&half, "prepare-prompts"), "T5 encoder weights") * 2, item(phase(&p, "prepare-prompts"), "T5 encoder weights"));
+    }
     assert!(item(v, "VAE weights") > 200_000_000 * 4);
     // The decode is tiled (240x360 tiles for 480x720): a whole-frame decode would keep 4x one tile.
     let vae = &ModelConfigs::released("cogvideox-2b").unwrap().vae;
