@@ -64,6 +64,8 @@ pub enum BenchError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Train(#[from] TrainError),
+    #[error(transparent)]
+    Adapters(#[from] cogvx_adapters::AdaptersError),
 }
 
 /// The shapes of one benchmark preset (`PRESETS` of `torch_train_step.py`).

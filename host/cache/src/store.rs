@@ -3,9 +3,7 @@
 //! file is never read as valid.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
@@ -37,33 +35,10 @@ fn io_err(path: &Path, source: std::io::Error) -> CacheError {
     }
 }
 
-/// A hidden temporary path next to `dest`, unique in this process.
-fn temp_path(dest: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
-}
-
-/// Writes `bytes` to `dest` atomically: a temporary file in the same folder, flushed to disk,
-/// then renamed over `dest`. On failure the temporary file is removed and `dest` is untouched.
+/// Writes `bytes` to `dest` atomically ([`cogvx_io::write_atomically`]: a temporary file in the
+/// same folder, fsynced, then renamed over `dest`).
 pub fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let tmp = temp_path(dest);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, dest)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(dest, e));
-    }
-    Ok(())
+    cogvx_io::write_atomically(dest, bytes).map_err(|e| io_err(dest, e))
 }
 
 fn f32_bytes(data: &[f32]) -> Vec<u8> {

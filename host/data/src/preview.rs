@@ -202,11 +202,9 @@ pub fn preview(
     let captions_file = out.join("captions.txt");
     let mut text = summary.captions.join("\n");
     text.push('\n');
-    cogvx_video::atomic::write_atomically(&captions_file, |tmp| {
-        std::fs::write(tmp, text.as_bytes()).map_err(|source| VideoError::Io {
-            path: captions_file.clone(),
-            source,
-        })
+    cogvx_io::write_atomically(&captions_file, text.as_bytes()).map_err(|source| VideoError::Io {
+        path: captions_file.clone(),
+        source,
     })?;
     summary.captions_file = Some(captions_file);
     Ok(summary)

@@ -30,7 +30,7 @@ pub enum EngineError {
     Video(#[from] cogvx_video::VideoError),
     /// Reading a LoRA file failed.
     #[error(transparent)]
-    Train(#[from] cogvx_train::TrainError),
+    Adapters(#[from] cogvx_adapters::AdaptersError),
     /// A LoRA file that does not fit the model; the message names the file and the key.
     #[error("{path}: {message}")]
     Lora { path: PathBuf, message: String },

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use cogvx_model_core::adapter::{LinearAdapter, LoraAdapter};
-use cogvx_train::{linear_layers_mut, LoadedLora};
+use cogvx_adapters::{linear_layers_mut, LoadedLora};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 
 use crate::EngineError;
@@ -133,13 +133,13 @@ pub fn apply_lora<B: Backend>(
     Ok(names)
 }
 
-/// Reads a LoRA file ([`cogvx_train::load_lora`]) and applies it ([`apply_lora`]).
+/// Reads a LoRA file ([`cogvx_adapters::load_lora`]) and applies it ([`apply_lora`]).
 pub fn load_and_apply_lora<B: Backend>(
     transformer: &mut CogVideoXTransformer3DModel<B>,
     path: &Path,
     strength: f64,
     device: &B::Device,
 ) -> Result<Vec<String>, EngineError> {
-    let lora = cogvx_train::load_lora(path)?;
+    let lora = cogvx_adapters::load_lora(path)?;
     apply_lora(transformer, &lora, path, strength, device)
 }

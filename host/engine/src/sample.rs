@@ -204,7 +204,7 @@ pub fn sample<B: cogvx_model_core::ModelBackend>(
     }
     check_request(&folder, spatial, &request)?;
     let lora = match &job.lora {
-        Some(path) => Some((cogvx_train::load_lora(path)?, path)),
+        Some(path) => Some((cogvx_adapters::load_lora(path)?, path)),
         None => None,
     };
 

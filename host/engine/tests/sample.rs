@@ -12,7 +12,7 @@ use cogvx_engine::{
 };
 use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::{CpuBackend, CpuDevice};
-use cogvx_train::{linear_layers_mut, load_lora, save_lora, LoadedLora, LoraMetadata};
+use cogvx_adapters::{linear_layers_mut, load_lora, save_lora, LoadedLora, LoraMetadata};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 
 type B = CpuBackend;

@@ -279,36 +279,10 @@ fn truncate_after(path: &Path, last_step: u64) -> Result<(), MetricsError> {
     write_atomically(path, kept.as_bytes())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, fsynced, then renamed
-/// over `path`, so a reader (or a crash) sees either the old or the new file.
+/// Writes `bytes` to `path` atomically ([`cogvx_io::write_atomically`]), so a reader (or a
+/// crash) sees either the old or the new file.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), MetricsError> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(MetricsError::io(
-            "cannot write a temporary file next to",
-            path,
-            e,
-        ));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        MetricsError::io("cannot replace", path, e)
-    })
-}
-
-/// `<dir>/.<name>.tmp-<pid>` next to `path`.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    cogvx_io::write_atomically(path, bytes).map_err(|e| MetricsError::io("cannot write", path, e))
 }
 
 #[cfg(test)]

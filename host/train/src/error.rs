@@ -17,6 +17,8 @@ pub enum TrainError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Adapters(#[from] cogvx_adapters::AdaptersError),
     /// A batch, a setting or a parameter set that cannot be used, with what to do about it.
     #[error("{0}")]
     Invalid(String),

@@ -3,37 +3,31 @@
 //! The numerical core of CogVideoX fine-tuning, faithful to the official finetune
 //! (`CogVideo/finetune`) and to PEFT/diffusers:
 //!
-//! * [`adapters`]: LoRA (or a plugin's adapter recipe) injected into the transformer's linear
-//!   layers by diffusers module name (default targets `to_q`, `to_k`, `to_v`, `to_out.0`), with
-//!   the base weights frozen; adapter parameters, gradients and updates by PEFT name.
+//! * adapters (re-exported from [`cogvx_adapters`]): LoRA or a plugin's adapter recipe injected
+//!   into the transformer by diffusers module name, their parameters and gradients by PEFT name,
+//!   and their diffusers/PEFT files.
 //! * [`loss`]: the finetune's `compute_loss` (T2V and I2V, CogVideoX 1.0 and 1.5).
 //! * [`optim`]: `clip_grad_norm_` (global norm) and AdamW with PyTorch semantics.
 //! * [`sft`]: full fine-tuning of every transformer weight (the finetune's `training_type = "sft"`),
 //!   with the same name -> tensor interface as the adapters; [`TrainMode`] switches between them.
-//! * [`export`]: `pytorch_lora_weights.safetensors` as diffusers' `save_lora_weights` writes it.
-//! * [`adapter_export`]: any adapter (LoRA, DoRA, LoHa, LoKr from plugins) under PEFT's names with
-//!   PEFT's config in the header, and its loader.
 //! * [`sft_export`]: a fully fine-tuned transformer as a diffusers `transformer/` folder
 //!   (config, single or sharded safetensors with index, fp32/bf16/fp16), written atomically.
 //! * [`train_step`] ties them together; [`run_case`] runs the `train_step_lora` parity cases.
 
-pub mod adapter_export;
-pub mod adapters;
 pub mod error;
-pub mod export;
 pub mod loss;
 pub mod optim;
 pub mod sft;
 pub mod sft_export;
 
-pub use adapters::{
+pub use cogvx_adapters::{
     adapter_grads, adapter_tensors, all_adapter_values, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
     set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
 };
-pub use adapter_export::{adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata, LoadedAdapter};
+pub use cogvx_adapters::{adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata, LoadedAdapter};
 pub use error::TrainError;
 pub use sft_export::{save_transformer_folder, state_dict_keys, ExportDtype, ExportedFolder, DEFAULT_MAX_SHARD_BYTES};
-pub use export::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
+pub use cogvx_adapters::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
 pub use loss::{compute_loss, compute_loss_taped, model_latents, noise_shape, NoiseDraw, TrainBatch};
 pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig, HostAdamState};
 pub use sft::{checkpoint_shapes, enable_full_training, first_adapter_layer, full_grads, full_host_values, full_param_shapes, full_values, set_full_values, TrainMode};

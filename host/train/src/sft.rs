@@ -11,7 +11,7 @@
 //! checkpoint) is held by the model as the equivalent `[D, C*p*p]` matrix and handed out as such;
 //! [`checkpoint_shapes`] gives the stored shapes for export.
 
-use crate::adapters::{adapter_grads, set_adapter_values, trainable_values};
+use cogvx_adapters::{adapter_grads, set_adapter_values, trainable_values};
 use crate::error::{invalid, TrainError};
 use crate::InnerTensors;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
@@ -54,7 +54,7 @@ impl TrainMode {
     /// Writes parameters by name ([`set_adapter_values`] or [`set_full_values`]).
     pub fn set_values<B: AutodiffBackend>(self, model: &mut CogVideoXTransformer3DModel<B>, values: &InnerTensors<B>) -> Result<(), TrainError> {
         match self {
-            TrainMode::Adapter => set_adapter_values(model, values),
+            TrainMode::Adapter => Ok(set_adapter_values(model, values)?),
             TrainMode::Full => set_full_values(model, values),
         }
     }

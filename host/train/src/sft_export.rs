@@ -17,7 +17,7 @@
 //! reader sees the old folder or the new one, never a half-written one.
 
 use crate::error::{invalid, TrainError};
-use crate::export::python_json_dumps;
+use cogvx_adapters::python_json_dumps;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;

@@ -167,7 +167,7 @@ pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Opt
 
     let weights = tmp.join(WEIGHTS_FILE);
     let meta = BTreeMap::from([("format".to_string(), CHECKPOINT_FORMAT.to_string())]);
-    cogvx_train::export::write_safetensors_f32(&weights, &checkpoint.weights, &meta)?;
+    cogvx_io::write_safetensors_f32(&weights, &checkpoint.weights, &meta).map_err(|e| io(&weights, e))?;
     notify(&weights);
 
     let optimizer = tmp.join(OPTIMIZER_FILE);
@@ -182,7 +182,7 @@ pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Opt
         ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
         ("steps".to_string(), serde_json::to_string(&steps).expect("map of numbers")),
     ]);
-    cogvx_train::export::write_safetensors_f32(&optimizer, &tensors, &meta)?;
+    cogvx_io::write_safetensors_f32(&optimizer, &tensors, &meta).map_err(|e| io(&optimizer, e))?;
     notify(&optimizer);
 
     let state = tmp.join(STATE_FILE);

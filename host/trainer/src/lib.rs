@@ -79,6 +79,8 @@ pub enum TrainerError {
     #[error(transparent)]
     Train(#[from] cogvx_train::TrainError),
     #[error(transparent)]
+    Adapters(#[from] cogvx_adapters::AdaptersError),
+    #[error(transparent)]
     Cache(#[from] cogvx_cache::CacheError),
     #[error(transparent)]
     Engine(#[from] cogvx_engine::EngineError),

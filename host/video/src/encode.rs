@@ -6,7 +6,7 @@ use cogvx_plugin_api::Frames;
 use ffmpeg::{codec, encoder, format, frame, software::scaling, Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
-use crate::atomic::temp_path;
+use cogvx_io::temp_path;
 use crate::decode::init;
 use crate::error::{Result, VideoError};
 

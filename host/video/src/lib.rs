@@ -15,7 +15,6 @@
 //!
 //! [`TransformPlan`]: cogvx_plugin_api::TransformPlan
 
-pub mod atomic;
 pub mod bench;
 pub mod decode;
 pub mod encode;

@@ -5,7 +5,6 @@ use std::path::Path;
 use cogvx_plugin_api::Frames;
 use image::{Rgb, RgbImage};
 
-use crate::atomic::write_atomically;
 use crate::error::{Result, VideoError};
 
 /// The largest contact sheet, in pixels.
@@ -66,13 +65,20 @@ pub fn contact_sheet(rows: &[&Frames], per_row: usize, gap: u32) -> std::result:
 /// Writes an image as PNG, atomically (temporary file, then rename).
 pub fn write_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
     let path = path.as_ref();
-    write_atomically(path, |tmp| {
-        img.save_with_format(tmp, image::ImageFormat::Png)
-            .map_err(|e| VideoError::Image {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })
-    })
+    cogvx_io::write_via_temp(
+        path,
+        |tmp| {
+            img.save_with_format(tmp, image::ImageFormat::Png)
+                .map_err(|e| VideoError::Image {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                })
+        },
+        |source| VideoError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
 }
 
 /// [`contact_sheet`] then [`write_png`].

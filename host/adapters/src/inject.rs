@@ -2,7 +2,7 @@
 //! parameters (values, gradients, updates) by their PEFT names
 //! (`transformer_blocks.0.attn1.to_q.lora_A.weight`).
 
-use crate::error::{invalid, TrainError};
+use crate::error::{invalid, AdaptersError};
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -76,7 +76,7 @@ pub fn freeze<B: Backend>(model: CogVideoXTransformer3DModel<B>) -> CogVideoXTra
 fn select<'a, B: Backend>(
     model: &'a mut CogVideoXTransformer3DModel<B>,
     spec: &AdapterSpec,
-) -> Result<Vec<(String, &'a mut Linear<B>)>, TrainError> {
+) -> Result<Vec<(String, &'a mut Linear<B>)>, AdaptersError> {
     if spec.rank == 0 {
         return invalid("adapter rank must be at least 1");
     }
@@ -109,7 +109,7 @@ pub fn inject_lora<B: Backend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     spec: &AdapterSpec,
     device: &B::Device,
-) -> Result<Vec<String>, TrainError> {
+) -> Result<Vec<String>, AdaptersError> {
     let mut names = Vec::new();
     for (name, layer) in select(model, spec)? {
         let (inf, outf) = layer.dims();
@@ -132,7 +132,7 @@ pub fn inject_recipe<B: Backend, E: std::fmt::Display>(
     limits: RecipeLimits,
     mut recipe_for: impl FnMut(&AdapterRequest) -> Result<AdapterRecipe, E>,
     device: &B::Device,
-) -> Result<Vec<String>, TrainError> {
+) -> Result<Vec<String>, AdaptersError> {
     let mut names = Vec::new();
     for (name, layer) in select(model, spec)? {
         let (inf, outf) = layer.dims();
@@ -143,7 +143,7 @@ pub fn inject_recipe<B: Backend, E: std::fmt::Display>(
             rank: spec.rank as u32,
             alpha: spec.alpha as f32,
         };
-        let recipe = recipe_for(&request).map_err(|e| TrainError::Invalid(format!("adapter plugin, layer `{name}`: {e}")))?;
+        let recipe = recipe_for(&request).map_err(|e| AdaptersError::Invalid(format!("adapter plugin, layer `{name}`: {e}")))?;
         let adapter = RecipeAdapter::new(recipe, request, &layer.weight.val(), limits, device)?;
         layer.adapter = Some(LinearAdapter::Recipe(adapter));
         names.push(name);
@@ -225,7 +225,7 @@ pub fn adapter_grads<B: AutodiffBackend>(
 pub fn set_adapter_values<B: AutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     values: &BTreeMap<String, AdapterTensor<B::InnerBackend>>,
-) -> Result<(), TrainError> {
+) -> Result<(), AdaptersError> {
     let mut remaining: BTreeMap<&str, &AdapterTensor<B::InnerBackend>> = values.iter().map(|(k, v)| (k.as_str(), v)).collect();
     for (name, layer) in linear_layers_mut(model) {
         let Some(adapter) = layer.adapter.as_mut() else { continue };

@@ -17,9 +17,9 @@
 //! A built-in LoRA with no extra settings is written by [`crate::save_lora`] itself, so its file
 //! is byte-identical to what `save_lora` writes.
 
-use crate::adapters::{linear_layers_mut, AdapterSpec};
-use crate::error::{invalid, TrainError};
-use crate::export::{
+use crate::inject::{linear_layers_mut, AdapterSpec};
+use crate::error::{invalid, AdaptersError};
+use crate::lora_file::{
     lora_config_dict, number, python_json_dumps, read_adapter_file, save_lora, target_modules_of, write_safetensors_f32, LoraMetadata, LORA_WEIGHTS_NAME,
     PEFT_METADATA_VERSION,
 };
@@ -113,7 +113,7 @@ fn default_dict(meta: &AdapterMetadata) -> BTreeMap<String, Value> {
 
 /// PEFT's config `to_dict()` for `meta`: the type's defaults with `meta.config` applied. A
 /// setting that is not a field of that PEFT config is refused (it would be lost on loading).
-pub fn peft_config_dict(meta: &AdapterMetadata) -> Result<BTreeMap<String, Value>, TrainError> {
+pub fn peft_config_dict(meta: &AdapterMetadata) -> Result<BTreeMap<String, Value>, AdaptersError> {
     let mut dict = default_dict(meta);
     for (k, v) in &meta.config {
         if CORE_FIELDS.contains(&k.as_str()) {
@@ -133,7 +133,7 @@ pub fn peft_config_dict(meta: &AdapterMetadata) -> Result<BTreeMap<String, Value
 }
 
 /// The header metadata for `meta` (`format`, `lora_adapter_metadata`).
-pub fn adapter_file_metadata(meta: &AdapterMetadata) -> Result<BTreeMap<String, String>, TrainError> {
+pub fn adapter_file_metadata(meta: &AdapterMetadata) -> Result<BTreeMap<String, String>, AdaptersError> {
     let packed: serde_json::Map<String, Value> = peft_config_dict(meta)?.into_iter().map(|(k, v)| (format!("transformer.{k}"), v)).collect();
     Ok(BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -161,7 +161,7 @@ pub fn peft_settings(peft_type: &str, plugin_params: &Value) -> BTreeMap<String,
 /// Every exported adapter tensor as `(<layer>.<suffix>, value)` plus the PEFT type and whether
 /// it is a DoRA. A trainable recipe parameter without an export key is refused (it would be lost).
 #[allow(clippy::type_complexity)]
-fn exported_tensors<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>) -> Result<(Vec<(String, AdapterTensor<B>)>, String, bool), TrainError> {
+fn exported_tensors<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>) -> Result<(Vec<(String, AdapterTensor<B>)>, String, bool), AdaptersError> {
     let mut out = Vec::new();
     let mut peft_type: Option<(String, String)> = None;
     let mut dora = false;
@@ -202,14 +202,14 @@ pub fn adapter_metadata<B: Backend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     spec: &AdapterSpec,
     settings: BTreeMap<String, Value>,
-) -> Result<AdapterMetadata, TrainError> {
+) -> Result<AdapterMetadata, AdaptersError> {
     let (_, peft_type, use_dora) = exported_tensors(model)?;
     Ok(AdapterMetadata { peft_type, rank: spec.rank, alpha: spec.alpha, target_modules: spec.targets.clone(), use_dora, config: settings })
 }
 
 /// Saves the model's adapter to `dir/pytorch_lora_weights.safetensors` (see the module
 /// documentation), atomically. `meta` must agree with the model (type, DoRA). Returns the path.
-pub fn save_adapter<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>, dir: &Path, meta: &AdapterMetadata) -> Result<PathBuf, TrainError> {
+pub fn save_adapter<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>, dir: &Path, meta: &AdapterMetadata) -> Result<PathBuf, AdaptersError> {
     if meta.rank == 0 {
         return invalid("adapter rank 0 in the export metadata");
     }
@@ -252,13 +252,13 @@ pub struct LoadedAdapter {
 
 impl LoadedAdapter {
     /// The tensors as adapter values for [`crate::set_adapter_values`] (rank 1 or 2 only).
-    pub fn values<B: Backend>(&self, device: &B::Device) -> Result<BTreeMap<String, AdapterTensor<B>>, TrainError> {
+    pub fn values<B: Backend>(&self, device: &B::Device) -> Result<BTreeMap<String, AdapterTensor<B>>, AdaptersError> {
         self.tensors
             .iter()
             .map(|(k, (shape, data))| {
                 AdapterTensor::from_vec(shape, data.clone(), device)
                     .map(|t| (k.clone(), t))
-                    .ok_or_else(|| TrainError::Invalid(format!("adapter tensor `{k}` has shape {shape:?}; adapters have vectors and matrices only")))
+                    .ok_or_else(|| AdaptersError::Invalid(format!("adapter tensor `{k}` has shape {shape:?}; adapters have vectors and matrices only")))
             })
             .collect()
     }
@@ -266,8 +266,8 @@ impl LoadedAdapter {
 
 /// Reads an adapter file written by [`save_adapter`], [`crate::save_lora`] or diffusers (F32, F16
 /// or BF16 tensors under `transformer.`). Errors name the file and the key.
-pub fn load_adapter(path: &Path) -> Result<LoadedAdapter, TrainError> {
-    let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
+pub fn load_adapter(path: &Path) -> Result<LoadedAdapter, AdaptersError> {
+    let bad = |message: String| AdaptersError::Io { path: path.to_path_buf(), message };
     let (tensors, dict) = read_adapter_file(path, "transformer adapter weight (expected `transformer.<module>.<parameter>`)")?;
     let metadata = match dict {
         None => None,

@@ -5,12 +5,11 @@
 //! `transformer.`, as `json.dumps(..., indent=2, sort_keys=True)`), so that diffusers'
 //! `load_lora_weights` applies it at `alpha / rank`.
 
-use crate::error::{invalid, TrainError};
+use crate::error::{invalid, AdaptersError};
 use burn::tensor::backend::Backend;
 use cogvx_model_core::adapter::AdapterTensor;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// The file name diffusers uses.
@@ -177,48 +176,12 @@ pub fn lora_file_metadata(meta: &LoraMetadata) -> BTreeMap<String, String> {
     ])
 }
 
-/// Writes a safetensors file of float32 tensors with `metadata`, atomically (a temporary file
-/// in the same folder, then a rename). Tensors are laid out in name order.
-pub fn write_safetensors_f32(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, metadata: &BTreeMap<String, String>) -> Result<(), TrainError> {
-    let io = |e: std::io::Error| TrainError::Io { path: path.to_path_buf(), message: e.to_string() };
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!(metadata));
-    let mut offset = 0usize;
-    for (name, (shape, data)) in tensors {
-        if shape.iter().product::<usize>() != data.len() {
-            return invalid(format!("tensor `{name}`: shape {shape:?} does not hold {} values", data.len()));
-        }
-        let end = offset + 4 * data.len();
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}));
-        offset = end;
-    }
-    let mut header = serde_json::to_string(&Value::Object(header)).expect("JSON of strings and numbers");
-    // Pad with spaces to a multiple of 8 bytes, as the safetensors writer does.
-    header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        f.write_all(&(header.len() as u64).to_le_bytes())?;
-        f.write_all(header.as_bytes())?;
-        for (_, data) in tensors.values() {
-            for x in data {
-                f.write_all(&x.to_le_bytes())?;
-            }
-        }
-        let f = f.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
+/// Writes a safetensors file of float32 tensors with `metadata`, atomically
+/// ([`cogvx_io::write_safetensors_f32`]), with the error naming the file.
+pub(crate) fn write_safetensors_f32(path: &Path, tensors: &cogvx_io::F32Tensors, metadata: &BTreeMap<String, String>) -> Result<(), AdaptersError> {
+    cogvx_io::write_safetensors_f32(path, tensors, metadata).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => AdaptersError::Invalid(e.to_string()),
+        _ => AdaptersError::Io { path: path.to_path_buf(), message: e.to_string() },
     })
 }
 
@@ -229,7 +192,7 @@ pub fn save_lora<B: Backend>(
     dir: &Path,
     params: &BTreeMap<String, AdapterTensor<B>>,
     meta: &LoraMetadata,
-) -> Result<std::path::PathBuf, TrainError> {
+) -> Result<std::path::PathBuf, AdaptersError> {
     if params.is_empty() {
         return invalid("no LoRA parameters to save");
     }
@@ -314,8 +277,8 @@ pub(crate) type FileTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// `transformer.` (`expected` describes the key form in the error), returned without the prefix,
 /// and the header's `lora_adapter_metadata` as the dict of its `transformer.` keys (prefix
 /// stripped; `None` when the header has none). Errors name the file and the key.
-pub(crate) fn read_adapter_file(path: &Path, expected: &str) -> Result<(FileTensors, Option<BTreeMap<String, Value>>), TrainError> {
-    let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
+pub(crate) fn read_adapter_file(path: &Path, expected: &str) -> Result<(FileTensors, Option<BTreeMap<String, Value>>), AdaptersError> {
+    let bad = |message: String| AdaptersError::Io { path: path.to_path_buf(), message };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
@@ -350,8 +313,8 @@ pub(crate) fn target_modules_of(dict: &BTreeMap<String, Value>) -> Vec<String> {
 
 /// Reads a diffusers LoRA file (F32/F16/BF16): the `transformer.` LoRA tensors and the adapter
 /// metadata of the header. Errors name the file and the key.
-pub fn load_lora(path: &Path) -> Result<LoadedLora, TrainError> {
-    let bad = |message: String| TrainError::Io { path: path.to_path_buf(), message };
+pub fn load_lora(path: &Path) -> Result<LoadedLora, AdaptersError> {
+    let bad = |message: String| AdaptersError::Io { path: path.to_path_buf(), message };
     let (tensors, dict) = read_adapter_file(path, "transformer LoRA weight (expected `transformer.<module>.lora_A.weight`)")?;
     if let Some(key) = tensors.keys().find(|k| !(k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))) {
         return Err(bad(format!("tensor `transformer.{key}` is not a LoRA weight (only lora_A/lora_B are supported)")));
