@@ -117,7 +117,7 @@ fn check_passes_on_the_example_dataset() {
 
 #[test]
 fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
-    let cases = repo().join("../shared/reference/cases");
+    let cases = cogvx_fixtures::case("");
     let out = cogvx(&["parity", cases.to_str().unwrap(), "--filter", "transformer"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
@@ -137,7 +137,7 @@ fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
     let dir = tempfile::tempdir().unwrap();
     let bad_cases = dir.path().join("cases");
     std::fs::create_dir(&bad_cases).unwrap();
-    std::os::unix::fs::symlink(repo().join("../shared/reference/models"), dir.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(cogvx_fixtures::reference("models"), dir.path().join("models")).unwrap();
     let src = std::fs::read(cases.join("cogvideox-2b.transformer.0.safetensors")).unwrap();
     let n = u64::from_le_bytes(src[..8].try_into().unwrap()) as usize;
     let mut bad = src.clone();

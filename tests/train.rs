@@ -351,19 +351,13 @@ fn bad_input_is_refused_before_any_work() {
 }
 
 /// The shared reference models sit beside the repository (CI and development machines).
-fn shared_model(name: &str) -> Option<PathBuf> {
-    let dir = repo().join("../shared/reference/models").join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: {} is missing (the repository must sit beside shared/)", dir.display());
-        None
-    }
+fn shared_model(name: &str) -> PathBuf {
+    cogvx_fixtures::model(name)
 }
 
 #[test]
 fn image_to_video_trains_validates_with_an_image_and_samples() {
-    let Some(model) = shared_model("cogvideox-5b-i2v-tiny") else { return };
+    let model = shared_model("cogvideox-5b-i2v-tiny");
     let dir = tempfile::tempdir().unwrap();
     let image = repo().join("examples/datasets/mini/videos/testsrc.mp4"); // its first frame
     let config = small_config(dir.path(), "");
@@ -442,11 +436,7 @@ fn sft_exports_a_diffusers_transformer_folder() {
 /// steps of all five variants included.
 #[test]
 fn parity_passes_all_shared_cases_including_the_training_steps() {
-    let cases = repo().join("../shared/reference/cases");
-    if !cases.is_dir() {
-        eprintln!("SKIPPED: {} is missing (the repository must sit beside shared/)", cases.display());
-        return;
-    }
+    let cases = cogvx_fixtures::case("");
     let out = cogvx(&["parity", s(&cases)]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");

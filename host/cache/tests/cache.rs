@@ -15,20 +15,8 @@ const RES: Resolution = Resolution {
     width: 96,
 };
 
-fn model_dir() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/models/cogvideox-2b-tiny"
-    ));
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is absent (the shared reference data sits next to the repo)",
-            p.display()
-        );
-        None
-    }
+fn model_dir() -> PathBuf {
+    cogvx_fixtures::model("cogvideox-2b-tiny")
 }
 
 /// A 9-frame `w`x`h` clip with a moving gradient, distinct per `salt`.
@@ -121,7 +109,7 @@ fn planned(
 
 #[test]
 fn prepare_reuses_and_invalidates_only_what_changed() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let d = tempfile::tempdir().unwrap();
     let (root, cache) = (d.path().join("data"), d.path().join("cache"));
     dataset(&root);
@@ -230,7 +218,7 @@ fn prepare_reuses_and_invalidates_only_what_changed() {
 
 #[test]
 fn corrupt_or_truncated_entries_are_detected_and_recomputed() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let d = tempfile::tempdir().unwrap();
     let (root, cache) = (d.path().join("data"), d.path().join("cache"));
     dataset(&root);
@@ -291,7 +279,7 @@ fn corrupt_or_truncated_entries_are_detected_and_recomputed() {
 
 #[test]
 fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let d = tempfile::tempdir().unwrap();
     let (root, cache) = (d.path().join("data"), d.path().join("cache"));
     dataset(&root);
@@ -397,7 +385,7 @@ fn stored_latent_equals_a_direct_seeded_encode_and_i2v_stores_the_first_frame() 
 
 #[test]
 fn bad_samples_are_reported_and_left_out_of_the_index() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let d = tempfile::tempdir().unwrap();
     let (root, cache) = (d.path().join("data"), d.path().join("cache"));
     dataset(&root);
@@ -470,7 +458,7 @@ fn bad_samples_are_reported_and_left_out_of_the_index() {
 
 #[test]
 fn noisy_image_latents_follow_the_official_train_step() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     use burn::tensor::{Distribution, Tensor};
     let device = CpuDevice::default();
     let (vae, cfg) =

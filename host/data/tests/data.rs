@@ -507,22 +507,13 @@ fn preview_runs_pixel_transforms_and_rewriters() {
     );
 }
 
-fn mini() -> Option<PathBuf> {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/datasets/mini"));
-    if root.is_dir() {
-        Some(root)
-    } else {
-        eprintln!(
-            "!!! SKIPPED: {} is absent; the mini-dataset preview did not run",
-            root.display()
-        );
-        None
-    }
+fn mini() -> PathBuf {
+    cogvx_fixtures::mini_dataset()
 }
 
 #[test]
 fn mini_dataset_check_and_preview_end_to_end() {
-    let Some(root) = mini() else { return };
+    let root = mini();
     let target = Resolution {
         frames: 9,
         height: 64,

@@ -11,22 +11,13 @@ use cogvx_plugin_crop_resize::CropResize;
 use cogvx_plugin_frame_skip::FrameSkip;
 use cogvx_video::{preprocess_clip, VideoTransforms};
 
-fn mini() -> Option<PathBuf> {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/datasets/mini"));
-    if root.is_dir() {
-        Some(root)
-    } else {
-        eprintln!(
-            "!!! SKIPPED: {} is absent; the first-party preview did not run",
-            root.display()
-        );
-        None
-    }
+fn mini() -> PathBuf {
+    cogvx_fixtures::mini_dataset()
 }
 
 #[test]
 fn mini_preview_writes_four_49x480x720_clips_and_a_contact_sheet() {
-    let Some(root) = mini() else { return };
+    let root = mini();
     let target = Resolution {
         frames: 49,
         height: 480,

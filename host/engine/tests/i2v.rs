@@ -16,18 +16,8 @@ use cogvx_vae::VaeOptions;
 
 type B = CpuBackend;
 
-fn model(name: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/models"
-    ))
-    .join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: {} not found", dir.display());
-        None
-    }
+fn model(name: &str) -> PathBuf {
+    cogvx_fixtures::model(name)
 }
 
 /// A smooth colour gradient of `w x h` with a per-image `shift`.
@@ -67,7 +57,7 @@ fn image_latents_are_scaled_padded_and_first_frame_padded_for_15() {
         ("cogvideox-5b-i2v-tiny", false),
         ("cogvideox1.5-5b-i2v-tiny", true),
     ] {
-        let Some(dir) = model(name) else { return };
+        let dir = model(name);
         let pipe = CogVideoXPipeline::<B>::load(&dir, &device).unwrap();
         assert_eq!(pipe.vae.invert_scale_latents, invert, "{name}");
         let pixels = Tensor::stack::<4>(
@@ -128,7 +118,7 @@ fn image_latents_are_scaled_padded_and_first_frame_padded_for_15() {
 fn denoise_concatenates_image_latents_on_channels_with_ofs() {
     let device = CpuDevice::default();
     for name in ["cogvideox-5b-i2v-tiny", "cogvideox1.5-5b-i2v-tiny"] {
-        let Some(dir) = model(name) else { return };
+        let dir = model(name);
         let pipe = CogVideoXPipeline::<B>::load(&dir, &device).unwrap();
         let req = request(gradient(70, 50, 3), 1, 1.0, 5);
         let plan = pipe.default_plan(1).unwrap();
@@ -202,7 +192,7 @@ fn i2v_tiny_models_sample_seeded_frames_of_the_requested_size() {
         // and cut back to 5 before decoding; 48x80 pixels.
         ("cogvideox1.5-5b-i2v-tiny", 17, 48, 80),
     ] {
-        let Some(dir) = model(name) else { return };
+        let dir = model(name);
         let pipe = CogVideoXPipeline::<B>::load(&dir, &device).unwrap();
         let sized = |image, seed| SampleRequest {
             num_frames: Some(num_frames),
@@ -247,10 +237,7 @@ fn i2v_tiny_models_sample_seeded_frames_of_the_requested_size() {
 #[test]
 fn images_are_refused_by_text_to_video_models_and_required_by_i2v() {
     let device = CpuDevice::default();
-    let (Some(t2v), Some(i2v)) = (model("cogvideox-2b-tiny"), model("cogvideox-5b-i2v-tiny"))
-    else {
-        return;
-    };
+    let (t2v, i2v) = (model("cogvideox-2b-tiny"), model("cogvideox-5b-i2v-tiny"));
     let pipe = CogVideoXPipeline::<B>::load(&t2v, &device).unwrap();
     let e = pipe
         .generate(&request(gradient(8, 8, 0), 1, 6.0, 0), &device)

@@ -5,25 +5,13 @@ use std::path::{Path, PathBuf};
 use cogvx_engine::{EngineError, ModelFolder, Variant};
 use cogvx_scheduler::SchedulerKind;
 
-fn models() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/models"
-    ));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: shared reference models not found at {}",
-            dir.display()
-        );
-        None
-    }
+fn models() -> PathBuf {
+    cogvx_fixtures::reference("models")
 }
 
 #[test]
 fn detects_every_reference_variant() {
-    let Some(models) = models() else { return };
+    let models = models();
     for (folder, variant) in [
         ("cogvideox-2b-tiny", Variant::CogVideoX2b),
         ("cogvideox-5b-tiny", Variant::CogVideoX5b),
@@ -78,7 +66,7 @@ fn open_err(dir: &Path) -> String {
 
 #[test]
 fn bad_folders_give_clear_errors() {
-    let Some(models) = models() else { return };
+    let models = models();
     // Not a diffusers folder at all.
     let empty = tempfile::tempdir().unwrap();
     let m = open_err(empty.path());

@@ -9,18 +9,8 @@ use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_plugin_api::Plugin;
 use cogvx_scheduler::CogVideoXDpm;
 
-fn model(name: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/models"
-    ))
-    .join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: {} not found", dir.display());
-        None
-    }
+fn model(name: &str) -> PathBuf {
+    cogvx_fixtures::model(name)
 }
 
 fn request(steps: usize, guidance: f64) -> T2vRequest {
@@ -55,9 +45,7 @@ fn max_abs_diff(a: Tensor<CpuBackend, 5>, b: Tensor<CpuBackend, 5>) -> f32 {
 
 #[test]
 fn cogvideox15_pads_latent_frames_and_dpm_is_seeded() {
-    let Some(dir) = model("cogvideox1.5-5b-tiny") else {
-        return;
-    };
+    let dir = model("cogvideox1.5-5b-tiny");
     let device = CpuDevice::default();
     let pipe = CogVideoXPipeline::<CpuBackend>::load(&dir, &device).unwrap();
     // Defaults: 9 frames of 64x96 → 3 latent frames, padded to 4 for patch_size_t = 2, cut back to 3.
@@ -104,9 +92,7 @@ fn cogvideox15_pads_latent_frames_and_dpm_is_seeded() {
 
 #[test]
 fn guidance_and_latent_checks() {
-    let Some(dir) = model("cogvideox-2b-tiny") else {
-        return;
-    };
+    let dir = model("cogvideox-2b-tiny");
     let device = CpuDevice::default();
     let pipe = CogVideoXPipeline::<CpuBackend>::load(&dir, &device).unwrap();
     // Guidance 1 runs the transformer without the negative prompt; dynamic CFG changes the result.
@@ -154,9 +140,7 @@ fn guidance_and_latent_checks() {
 
 #[test]
 fn image_to_video_folders_are_refused_for_text_to_video() {
-    let Some(dir) = model("cogvideox-5b-i2v-tiny") else {
-        return;
-    };
+    let dir = model("cogvideox-5b-i2v-tiny");
     let device = CpuDevice::default();
     let pipe = CogVideoXPipeline::<CpuBackend>::load(&dir, &device).unwrap();
     let e = pipe.generate(&request(2, 6.0), &device).err().unwrap();

@@ -17,17 +17,8 @@ use cogvx_transformer::CogVideoXTransformer3DModel;
 
 type B = CpuBackend;
 
-fn reference() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference"
-    ));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: {} not found", dir.display());
-        None
-    }
+fn reference() -> PathBuf {
+    cogvx_fixtures::reference("")
 }
 
 fn request() -> SampleRequest {
@@ -70,7 +61,7 @@ fn max_abs_diff(a: Tensor<B, 5>, b: Tensor<B, 5>) -> f32 {
 
 #[test]
 fn zero_b_lora_keeps_the_frames_and_a_nonzero_one_changes_them() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let device = CpuDevice::default();
     let dir = reference.join("models/cogvideox-2b-tiny");
     let tmp = tempfile::tempdir().unwrap();
@@ -158,7 +149,7 @@ fn merged(
 
 #[test]
 fn the_reference_lora_applies_at_alpha_over_rank_as_diffusers_fuses_it() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let device = CpuDevice::default();
     let path = reference.join("cases/cogvideox-2b.lora/pytorch_lora_weights.safetensors");
     let lora = load_lora(&path).unwrap();
@@ -203,7 +194,7 @@ fn the_reference_lora_applies_at_alpha_over_rank_as_diffusers_fuses_it() {
 
 #[test]
 fn bad_lora_files_are_refused_with_the_key_and_leave_the_model_unchanged() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let device = CpuDevice::default();
     let mut model = CogVideoXTransformer3DModel::<B>::from_dir(
         &reference.join("models/cogvideox-2b-tiny/transformer"),
@@ -288,7 +279,7 @@ fn bad_lora_files_are_refused_with_the_key_and_leave_the_model_unchanged() {
 
 #[test]
 fn sample_job_writes_an_mp4_and_checks_inputs_first() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let device = CpuDevice::default();
     let tmp = tempfile::tempdir().unwrap();
     let model = reference.join("models/cogvideox-2b-tiny");
@@ -370,7 +361,7 @@ fn sample_job_writes_an_mp4_and_checks_inputs_first() {
 
 #[test]
 fn sample_job_runs_image_to_video_and_batches() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let device = CpuDevice::default();
     let tmp = tempfile::tempdir().unwrap();
     let png = tmp.path().join("start.png");

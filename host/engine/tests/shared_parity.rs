@@ -4,26 +4,13 @@ use std::path::PathBuf;
 
 use cogvx_engine::parity::{all_passed, run_dir, Status, Table};
 
-fn shared(sub: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference"
-    ))
-    .join(sub);
-    if dir.exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: shared reference data not found at {}",
-            dir.display()
-        );
-        None
-    }
+fn shared(sub: &str) -> PathBuf {
+    cogvx_fixtures::reference(sub)
 }
 
 #[test]
 fn every_shared_case_passes_except_the_training_step() {
-    let Some(dir) = shared("cases") else { return };
+    let dir = shared("cases");
     let rows = run_dir(&dir).unwrap();
     eprintln!("{}", Table(&rows));
     let failures: Vec<_> = rows.iter().filter(|r| r.status.is_failure()).collect();

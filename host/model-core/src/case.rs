@@ -242,12 +242,7 @@ mod tests {
 
     #[test]
     fn reads_a_shared_case() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/reference/cases/cogvideox-2b.transformer.0.safetensors");
-        if !path.exists() {
-            eprintln!("SKIPPED: {} not found", path.display());
-            return;
-        }
+        let path = cogvx_fixtures::case("cogvideox-2b.transformer.0.safetensors");
         let case = Case::load(&path).unwrap();
         assert_eq!(case.component, "transformer");
         assert!(case.model_dir.ends_with("models/cogvideox-2b-tiny"));
@@ -261,12 +256,7 @@ mod tests {
 
     #[test]
     fn per_output_tolerances() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/reference/cases/cogvideox-2b.text_encoder.safetensors");
-        if !path.exists() {
-            eprintln!("SKIPPED: {} not found", path.display());
-            return;
-        }
+        let path = cogvx_fixtures::case("cogvideox-2b.text_encoder.safetensors");
         let case = Case::load(&path).unwrap();
         assert_eq!(case.tolerance_for("input_ids"), Tolerance::Exact);
         assert_eq!(case.tolerance_for("last_hidden_state"), Tolerance::RelL2(1e-4));

@@ -365,11 +365,7 @@ mod tests {
 
     #[test]
     fn opens_the_shared_sharded_transformer() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/models/cogvideox-5b-tiny/transformer");
-        if !dir.exists() {
-            eprintln!("SKIPPED: {} not found", dir.display());
-            return;
-        }
+        let dir = cogvx_fixtures::reference("models/cogvideox-5b-tiny/transformer");
         let w = Weights::open(&dir).unwrap();
         assert!(w.keys().count() > 20);
         let key = w.keys().find(|k| k.ends_with("to_q.weight")).unwrap().to_string();

@@ -28,14 +28,7 @@ const RELEASED: [&str; 5] = ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v",
 /// `../shared/reference/models` next to the repository. These counts have no other oracle, so a
 /// missing folder fails the test instead of skipping it.
 fn reference_models() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models"));
-    assert!(
-        dir.is_dir(),
-        "the reference checkpoints are missing: expected {} (the `shared/reference` folder that sits \
-         beside the repository, produced by shared/reference/generate.py; see README.md, \"Build and test\")",
-        dir.display()
-    );
-    dir
+    cogvx_fixtures::reference("models")
 }
 
 fn released_dir(name: &str) -> PathBuf {

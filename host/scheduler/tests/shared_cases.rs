@@ -7,20 +7,8 @@ use cogvx_model_core::case::{rel_l2, Case, HostData, Tolerance};
 use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_scheduler::{run_case, CASE_COMPONENTS};
 
-fn cases_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/cases"
-    ));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: shared reference cases not found at {}",
-            dir.display()
-        );
-        None
-    }
+fn cases_dir() -> PathBuf {
+    cogvx_fixtures::case("")
 }
 
 fn scheduler_cases(dir: &PathBuf) -> Vec<Case> {
@@ -40,7 +28,7 @@ fn scheduler_cases(dir: &PathBuf) -> Vec<Case> {
 
 #[test]
 fn all_shared_scheduler_cases_pass() {
-    let Some(dir) = cases_dir() else { return };
+    let dir = cases_dir();
     let cases = scheduler_cases(&dir);
     assert!(
         cases.len() >= 6,

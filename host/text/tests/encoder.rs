@@ -7,18 +7,12 @@ use cogvx_text::t5::relative_position_bucket;
 use cogvx_text::{encode_prompts, run_case, PromptEncoder, T5Encoder};
 use std::path::PathBuf;
 
-fn reference() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: {} is absent (the shared reference data sits next to the repo)", dir.display());
-        None
-    }
+fn reference() -> PathBuf {
+    cogvx_fixtures::reference("")
 }
 
 fn check_case(name: &str) {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let case = Case::load(&reference.join("cases").join(format!("{name}.safetensors"))).unwrap();
     let dev = CpuDevice::default();
     let out = run_case::<CpuBackend>(&case, &dev).unwrap();
@@ -58,7 +52,7 @@ fn relative_position_buckets_match_transformers() {
 
 #[test]
 fn encode_prompts_repeats_per_video_and_matches_forward() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let dev = CpuDevice::default();
     let pe = PromptEncoder::<CpuBackend>::load(reference.join("models/cogvideox1.5-5b-tiny"), &dev).unwrap();
     let prompts = ["a cat on a boat", "the river"];
@@ -84,7 +78,7 @@ fn encode_prompts_repeats_per_video_and_matches_forward() {
 
 #[test]
 fn out_of_vocabulary_ids_are_an_error() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let dev = CpuDevice::default();
     let enc = T5Encoder::<CpuBackend>::load(reference.join("models/cogvideox-2b-tiny/text_encoder"), &dev).unwrap();
     let e = enc.forward_ids(&[vec![1, 104]], &dev).unwrap_err().to_string();
@@ -96,7 +90,7 @@ fn out_of_vocabulary_ids_are_an_error() {
 /// A folder with a renamed, a dropped and a reshaped weight: one error lists all three.
 #[test]
 fn loading_reports_every_weight_problem() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let src = reference.join("models/cogvideox-2b-tiny/text_encoder");
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
@@ -137,7 +131,7 @@ fn loading_reports_every_weight_problem() {
 #[test]
 fn bf16_weights_follow_the_f32_output_and_fp16_is_refused() {
     use burn::tensor::{DType, FloatDType};
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let dev = CpuDevice::default();
     for (name, model) in [("cogvideox-2b.text_encoder", "cogvideox-2b-tiny"), ("cogvideox1.5-5b.text_encoder", "cogvideox1.5-5b-tiny")] {
         let case = Case::load(&reference.join("cases").join(format!("{name}.safetensors"))).unwrap();

@@ -7,14 +7,8 @@ use cogvx_text::{T5Tokenizer, TokenizerConfig, TokenizerSource};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn reference() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: {} is absent (the shared reference data sits next to the repo)", dir.display());
-        None
-    }
+fn reference() -> PathBuf {
+    cogvx_fixtures::reference("")
 }
 
 fn fixture() -> Value {
@@ -49,7 +43,7 @@ fn config(dir: &Path) -> TokenizerConfig {
 /// The 2B set ships `tokenizer.json` (preferred by transformers, as by us) and `spiece.model`.
 #[test]
 fn cogvideox_2b_case_ids_from_tokenizer_json() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let case = Case::load(&reference.join("cases/cogvideox-2b.text_encoder.safetensors")).unwrap();
     let dir = case.model_dir.join("tokenizer");
     let tok = T5Tokenizer::from_dir(&dir).unwrap();
@@ -61,7 +55,7 @@ fn cogvideox_2b_case_ids_from_tokenizer_json() {
 /// The 1.5 set ships `spiece.model` only, like the hub checkpoints.
 #[test]
 fn cogvideox15_case_ids_from_spiece_model() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let case = Case::load(&reference.join("cases/cogvideox1.5-5b.text_encoder.safetensors")).unwrap();
     let dir = case.model_dir.join("tokenizer");
     let tok = T5Tokenizer::from_dir(&dir).unwrap();
@@ -91,7 +85,7 @@ fn fixture_strings(fx: &Value) -> Vec<String> {
 /// the text, truncation and empty input, through both sources, against transformers.
 #[test]
 fn extra_strings_match_transformers_for_both_sources() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let fx = fixture();
     let strings = fixture_strings(&fx);
     let max_length = fx["max_length"].as_u64().unwrap() as usize;
@@ -111,7 +105,7 @@ fn extra_strings_match_transformers_for_both_sources() {
 /// the `tokenizer.json` path to identical ids, normalizer included.
 #[test]
 fn spiece_and_tokenizer_json_paths_agree() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let fx = fixture();
     let mut strings = fixture_strings(&fx);
     strings.push("x".repeat(500));
@@ -135,7 +129,7 @@ fn spiece_and_tokenizer_json_paths_agree() {
 
 #[test]
 fn padding_truncation_and_eos() {
-    let Some(reference) = reference() else { return };
+    let reference = reference();
     let tok = T5Tokenizer::from_dir(tokenizer_dir(&reference, "models/cogvideox1.5-5b-tiny")).unwrap();
     let long = "a cat dog ".repeat(100);
     for max_length in [1usize, 2, 16, 226] {

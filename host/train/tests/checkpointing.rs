@@ -9,7 +9,7 @@ use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
 use cogvx_train::{case_batch, enable_full_training, load_schedule, loss_and_grads_for, run_case_with, TrainMode};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+
 
 type AD = CpuAutodiffBackend;
 
@@ -17,9 +17,7 @@ const VARIANTS: [&str; 5] = ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v",
 
 /// The shared reference cases; CI has them beside the repository, so their absence fails.
 fn case(variant: &str) -> Case {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/cases"))
-        .join(format!("{variant}.train_step_lora.safetensors"));
-    assert!(p.exists(), "{} is missing: the shared reference data sits next to the repository (../shared)", p.display());
+    let p = cogvx_fixtures::case(&format!("{variant}.train_step_lora.safetensors"));
     Case::load(&p).unwrap()
 }
 

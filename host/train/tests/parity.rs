@@ -3,18 +3,11 @@
 
 use cogvx_model_core::case::{rel_l2, Case, Tolerance};
 use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
-use std::path::PathBuf;
 
-fn cases_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/cases"))
-}
+
 
 fn check(variant: &str) {
-    let path = cases_dir().join(format!("{variant}.train_step_lora.safetensors"));
-    if !path.exists() {
-        eprintln!("SKIPPED: {} not found (the shared reference data sits next to the repo)", path.display());
-        return;
-    }
+    let path = cogvx_fixtures::case(&format!("{variant}.train_step_lora.safetensors"));
     let case = Case::load(&path).unwrap();
     let got = cogvx_train::run_case::<CpuAutodiffBackend>(&case, &CpuDevice::default()).unwrap();
     assert_eq!(got.len(), case.outputs.len(), "outputs: {:?}", got.keys().collect::<Vec<_>>());

@@ -12,14 +12,8 @@ use std::path::{Path, PathBuf};
 
 type AD = CpuAutodiffBackend;
 
-fn reference() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference"));
-    if p.join("cases").exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} not found (the shared reference data sits next to the repo)", p.display());
-        None
-    }
+fn reference() -> PathBuf {
+    cogvx_fixtures::reference("")
 }
 
 /// Tensor name -> (dtype, shape, values).
@@ -43,7 +37,7 @@ fn read_safetensors(path: &Path) -> (BTreeMap<String, String>, Tensors) {
 
 #[test]
 fn export_reproduces_the_reference_lora_files() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let out = tempfile::tempdir().unwrap();
     for variant in ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"] {
         let case = Case::load(&root.join(format!("cases/{variant}.train_step_lora.safetensors"))).unwrap();
@@ -102,7 +96,7 @@ fn tiny_batch(model: &CogVideoXTransformer3DModel<AD>, seed: u64) -> (TrainBatch
 
 #[test]
 fn lora_training_lowers_the_loss_and_only_moves_the_adapter() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-2b-tiny");
     let dev = CpuDevice::default();
     let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
@@ -129,7 +123,7 @@ fn lora_training_lowers_the_loss_and_only_moves_the_adapter() {
 /// LoRA expressed as a plugin recipe trains exactly like the built-in LoRA.
 #[test]
 fn recipe_lora_gives_the_builtin_lora_loss_and_gradients() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-5b-tiny");
     let dev = CpuDevice::default();
     let load = || freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
@@ -179,7 +173,7 @@ fn recipe_lora_gives_the_builtin_lora_loss_and_gradients() {
 
 #[test]
 fn bad_targets_and_batches_are_clear_errors() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let dev = CpuDevice::default();
     let dir = root.join("models/cogvideox-2b-tiny");
     let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&dir.join("transformer"), &dev).unwrap());
@@ -217,7 +211,7 @@ const VARIANTS: [&str; 5] = ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v",
 /// `patch_embed.pos_embedding` of 5B-I2V, which diffusers does not train), with the stored shapes.
 #[test]
 fn full_parameter_names_are_the_checkpoint_keys() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     for variant in VARIANTS {
         let dir = root.join(format!("models/{variant}-tiny/transformer"));
         let model = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &CpuDevice::default()).unwrap();
@@ -235,7 +229,7 @@ fn full_parameter_names_are_the_checkpoint_keys() {
 
 #[test]
 fn one_sft_step_changes_every_weight() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-2b-tiny");
     let dev = CpuDevice::default();
     // Frozen first, as after an adapter run: enable_full_training makes everything trainable.
@@ -266,7 +260,7 @@ fn one_sft_step_changes_every_weight() {
 /// dL/dB = alpha/r * dL/dW A^T (so full_grads names the right tensors).
 #[test]
 fn full_gradients_agree_with_lora_gradients() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-5b-tiny");
     let dev = CpuDevice::default();
     let mut model = CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap();
@@ -298,7 +292,7 @@ fn full_gradients_agree_with_lora_gradients() {
 
 #[test]
 fn set_full_values_round_trips_and_refuses_bad_input() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let dev = CpuDevice::default();
     let dir = root.join("models/cogvideox-2b-tiny/transformer");
     let mut model = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &dev).unwrap();
@@ -329,7 +323,7 @@ fn set_full_values_round_trips_and_refuses_bad_input() {
 /// saved with reproduces diffusers' files byte for byte: weights, shard split and index.
 #[test]
 fn transformer_export_reproduces_the_reference_folders() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let out = tempfile::tempdir().unwrap();
     for (variant, dtype, shard) in [
         ("cogvideox-2b", ExportDtype::F16, DEFAULT_MAX_SHARD_BYTES),
@@ -360,7 +354,7 @@ fn transformer_export_reproduces_the_reference_folders() {
 /// same output; an existing export is replaced; bad targets and adapter models are refused.
 #[test]
 fn exported_sft_model_loads_back_with_the_same_output() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-5b-i2v-tiny");
     let src = model_dir.join("transformer");
     let dev = CpuDevice::default();
@@ -470,7 +464,7 @@ fn loha_recipe() -> AdapterRecipe {
 /// A built-in LoRA saved through save_adapter is byte-identical to save_lora's file.
 #[test]
 fn save_adapter_writes_a_builtin_lora_as_save_lora_does() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let dev = CpuDevice::default();
     let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&root.join("models/cogvideox-2b-tiny/transformer"), &dev).unwrap());
     let spec = AdapterSpec::lora(2, 3.0);
@@ -495,7 +489,7 @@ fn meta_sorted(mut m: AdapterMetadata) -> AdapterMetadata {
 /// fresh model to the same loss.
 #[test]
 fn recipe_adapters_export_under_peft_names_and_load_back() {
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-5b-tiny");
     let dev = CpuDevice::default();
     let load = || freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
@@ -571,7 +565,7 @@ fn recipe_adapters_export_under_peft_names_and_load_back() {
 #[test]
 fn all_adapter_values_restore_frozen_recipe_parameters() {
     use burn::tensor::backend::Backend;
-    let Some(root) = reference() else { return };
+    let root = reference();
     let model_dir = root.join("models/cogvideox-2b-tiny");
     let dev = CpuDevice::default();
     let mut recipe = loha_recipe();

@@ -14,7 +14,7 @@ use burn::tensor::{Tensor, TensorData};
 use cogvx_model_core::attention::{attention_naive, attention_with_blocks, BlockSizes};
 use cogvx_model_core::case::{rel_l2, Case, Tolerance};
 use cogvx_model_core::{CpuAutodiffBackend, WgpuBackend};
-use std::path::PathBuf;
+
 
 type W = Autodiff<WgpuBackend>;
 
@@ -81,8 +81,7 @@ fn attention_forward_and_backward_on_wgpu_equal_the_naive_path_on_the_cpu() {
 #[test]
 fn a_lora_training_step_on_wgpu_matches_diffusers() {
     let dev = device();
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/cases/cogvideox-2b.train_step_lora.safetensors"));
-    assert!(p.exists(), "{} is missing: the shared reference data sits next to the repository (../shared)", p.display());
+    let p = cogvx_fixtures::case("cogvideox-2b.train_step_lora.safetensors");
     let case = Case::load(&p).unwrap();
     let Tolerance::RelL2(tol) = case.tolerance else { panic!("tolerance") };
     for checkpointing in [false, true] {

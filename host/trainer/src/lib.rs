@@ -912,19 +912,13 @@ mod tests {
         }
     }
 
-    fn model_dir() -> Option<PathBuf> {
-        let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models/cogvideox-2b-tiny"));
-        if p.is_dir() {
-            Some(p)
-        } else {
-            eprintln!("SKIPPED: {} is absent", p.display());
-            None
-        }
+    fn model_dir() -> PathBuf {
+        cogvx_fixtures::model("cogvideox-2b-tiny")
     }
 
     #[test]
     fn timesteps_are_uniform_or_the_scheduler_plugins_distribution() {
-        let Some(dir) = model_dir() else { return };
+        let dir = model_dir();
         let own = train_schedule(&dir, None).unwrap();
         let n = own.schedule.alphas_cumprod.len();
         assert_eq!(n, 1000);

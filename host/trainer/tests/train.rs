@@ -18,18 +18,12 @@ type B = Autodiff<CpuBackend>;
 /// The adapter initialisation seeds the backend's global RNG: one run at a time per process.
 static RUN: Mutex<()> = Mutex::new(());
 
-fn model_dir() -> Option<PathBuf> {
+fn model_dir() -> PathBuf {
     tiny("cogvideox-2b-tiny")
 }
 
-fn tiny(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference/models")).join(name);
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is absent (the shared reference data sits next to the repo)", p.display());
-        None
-    }
+fn tiny(name: &str) -> PathBuf {
+    cogvx_fixtures::model(name)
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -117,7 +111,7 @@ fn bits(losses: &[(u64, f64)]) -> Vec<(u64, u64)> {
 
 #[test]
 fn resume_continues_the_same_loss_curve() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 3, false);
 
@@ -172,7 +166,7 @@ fn kill_config(out: &Path) -> TrainConfig {
 
 #[test]
 fn killed_checkpoint_write_leaves_previous_usable() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     if let Ok(out) = std::env::var(KILL_ENV) {
         // Child: train, and abort the process in the middle of writing checkpoint-2 (after its
         // weights file, before its optimizer and state files).
@@ -253,7 +247,7 @@ impl Plugin for Flaky {
 /// run); a NaN score is logged as null.
 #[test]
 fn a_failing_validator_does_not_stop_training() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let out = tmp.path().join("out");
@@ -275,7 +269,7 @@ fn a_failing_validator_does_not_stop_training() {
 
 #[test]
 fn lora_export_validation_videos_and_validator_metrics() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let out = tmp.path().join("out");
@@ -340,7 +334,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// sampled with T5 itself.
 #[test]
 fn validation_samples_from_prompt_embeddings_computed_before_training() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let prompts_before = std::fs::read_dir(cache.dir.join("prompts")).unwrap().count();
@@ -382,7 +376,7 @@ fn validation_samples_from_prompt_embeddings_computed_before_training() {
 
 #[test]
 fn bad_inputs_fail_before_any_work() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 1, false);
     let err = |j: TrainJob<'_>| run(j).unwrap_err().to_string();
@@ -426,7 +420,7 @@ fn bad_inputs_fail_before_any_work() {
 
 #[test]
 fn resume_refuses_other_adapter_settings() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let out = tmp.path().join("out");
@@ -446,7 +440,7 @@ fn resume_refuses_other_adapter_settings() {
 /// the previous checkpoint, and with every checkpoint damaged it is an error (not a fresh start).
 #[test]
 fn damaged_checkpoints_are_found_and_skipped() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 4, false);
     let out = tmp.path().join("out");
@@ -478,7 +472,7 @@ fn damaged_checkpoints_are_found_and_skipped() {
 /// first run's checkpoint being written, and the first run died); the lock goes with its holder.
 #[test]
 fn a_second_run_in_the_same_output_folder_is_refused() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 1, false);
     let out = tmp.path().join("out");
@@ -494,7 +488,7 @@ fn a_second_run_in_the_same_output_folder_is_refused() {
 /// indexing the data order with `data.batch = 1000`), and the run it would resume is untouched.
 #[test]
 fn resume_checks_every_field_it_reads_from_the_checkpoint() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     // 4 samples, batch 1, accumulation 2: 4 batches and 2 updates per epoch.
     let cache = make_cache(&tmp.path().join("cache"), 4, false);
@@ -573,7 +567,7 @@ fn split_run_matches(
 
 #[test]
 fn i2v_15_trains_with_noisy_image_latents_and_resumes_exactly() {
-    let Some(model) = tiny("cogvideox1.5-5b-i2v-tiny") else { return };
+    let model = tiny("cogvideox1.5-5b-i2v-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, true);
     let (full, out) = split_run_matches(&model, &cache, tmp.path(), |out| config(out, 4, 2), || None);
@@ -582,7 +576,7 @@ fn i2v_15_trains_with_noisy_image_latents_and_resumes_exactly() {
 
 #[test]
 fn dora_plugin_adapter_trains_resumes_and_exports_peft_names() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let cfg = |out: &Path| TrainConfig { adapter: "dora".into(), ..config(out, 4, 2) };
@@ -602,7 +596,7 @@ fn dora_plugin_adapter_trains_resumes_and_exports_peft_names() {
 
 #[test]
 fn sft_trains_every_weight_resumes_and_exports_a_transformer_folder() {
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let cfg = |out: &Path| TrainConfig { adapter: "sft".into(), learning_rate: 1e-4, ..config(out, 4, 2) };
@@ -621,7 +615,7 @@ fn sft_trains_every_weight_resumes_and_exports_a_transformer_folder() {
 
 #[test]
 fn i2v_validation_samples_from_the_conditioning_image() {
-    let Some(model) = tiny("cogvideox1.5-5b-i2v-tiny") else { return };
+    let model = tiny("cogvideox1.5-5b-i2v-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 1, true);
     // The conditioning image (anything FFmpeg decodes; here a one-frame clip of 64x40).
@@ -654,7 +648,7 @@ fn i2v_validation_samples_from_the_conditioning_image() {
 #[test]
 fn mixed_precision_loss_curves_follow_the_f32_curve() {
     use cogvx_model_core::precision::MixedPrecision;
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 3, false);
     let run_flex = |name: &str, mixed_precision: MixedPrecision| {
@@ -688,7 +682,7 @@ fn mixed_precision_loss_curves_follow_the_f32_curve() {
 #[test]
 fn offloaded_checkpoints_train_as_the_device_ones() {
     use cogvx_model_core::precision::MixedPrecision;
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 3, false);
     let go = |name: &str, offload: bool| {
@@ -715,7 +709,7 @@ fn offloaded_checkpoints_train_as_the_device_ones() {
 #[test]
 fn fp16_skips_overflowing_steps_and_resumes_its_loss_scale() {
     use cogvx_model_core::precision::MixedPrecision;
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 3, false);
     let cfg = |out: &Path| TrainConfig {
@@ -744,7 +738,7 @@ fn fp16_skips_overflowing_steps_and_resumes_its_loss_scale() {
 #[test]
 fn mixed_precision_on_a_backend_without_half_types_is_refused() {
     use cogvx_model_core::precision::MixedPrecision;
-    let Some(model) = model_dir() else { return };
+    let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 1, false);
     let out = tmp.path().join("out");

@@ -69,7 +69,8 @@ fn bench_config() -> TransformerConfig {
 
 fn run_all<Bk: ModelBackend>(backend: &str, random_dir: &Path, iters: usize) {
     let device = Default::default();
-    if let Some(reference) = common::reference_dir() {
+    let reference = cogvx_fixtures::shared_dir().join("reference");
+    if reference.join("cases").is_dir() {
         for (variant, f) in [
             ("cogvideox-2b", 3),
             ("cogvideox-5b", 3),

@@ -5,21 +5,8 @@ use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeConfig, VaeError, VaeOptions};
 use std::path::{Path, PathBuf};
 
-fn tiny_vae_dir() -> Option<PathBuf> {
-    let dir = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/models/cogvideox-2b-tiny/vae"
-    ))
-    .to_path_buf();
-    if dir.exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: {} not found (the repo must sit next to `shared/`)",
-            dir.display()
-        );
-        None
-    }
+fn tiny_vae_dir() -> PathBuf {
+    cogvx_fixtures::reference("models/cogvideox-2b-tiny/vae")
 }
 
 /// A copy of the tiny VAE folder with `edit` applied to its config.
@@ -63,7 +50,7 @@ fn config_defaults_are_diffusers() {
 
 #[test]
 fn unknown_block_type_names_file_and_key() {
-    let Some(src) = tiny_vae_dir() else { return };
+    let src = tiny_vae_dir();
     let dir = edited_copy(&src, |c| {
         c["down_block_types"][1] = "DownEncoderBlock2D".into()
     });
@@ -81,7 +68,7 @@ fn unknown_block_type_names_file_and_key() {
 
 #[test]
 fn wrong_config_lists_every_weight_problem() {
-    let Some(src) = tiny_vae_dir() else { return };
+    let src = tiny_vae_dir();
     // One more ResNet per block: the extra keys are missing, nothing else changes.
     let dir = edited_copy(&src, |c| c["layers_per_block"] = 2.into());
     let msg = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(dir.path(), &CpuDevice::default())
@@ -108,7 +95,7 @@ fn wrong_config_lists_every_weight_problem() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let Some(src) = tiny_vae_dir() else { return };
+    let src = tiny_vae_dir();
     let device = CpuDevice::default();
     let (vae, config) = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&src, &device).unwrap();
     let video = Tensor::<CpuBackend, 5>::random(
@@ -177,7 +164,7 @@ fn bad_inputs_are_errors() {
 
 #[test]
 fn single_frame_and_batch_slicing() {
-    let Some(src) = tiny_vae_dir() else { return };
+    let src = tiny_vae_dir();
     let device = CpuDevice::default();
     let (vae, _) = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&src, &device).unwrap();
     // An image (T = 1) encodes to one latent frame and decodes back to one frame.
@@ -205,7 +192,7 @@ fn single_frame_and_batch_slicing() {
 
 #[test]
 fn latent_scaling_follows_the_pipelines() {
-    let Some(src) = tiny_vae_dir() else { return };
+    let src = tiny_vae_dir();
     let device = CpuDevice::default();
     let (vae, config) = AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&src, &device).unwrap();
     assert!(!config.invert_scale_latents);

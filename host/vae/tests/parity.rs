@@ -3,26 +3,15 @@
 
 use cogvx_model_core::case::{rel_l2, Case, Tolerance};
 use cogvx_model_core::{CpuBackend, CpuDevice};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 fn cases_dir() -> PathBuf {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/cases"
-    ))
-    .to_path_buf()
+    cogvx_fixtures::case("")
 }
 
 fn vae_cases() -> Option<Vec<PathBuf>> {
     let dir = cases_dir();
-    if !dir.exists() {
-        eprintln!(
-            "SKIPPED: reference cases not found at {} (the repo must sit next to `shared/`)",
-            dir.display()
-        );
-        return None;
-    }
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -706,22 +706,13 @@ fn contact_sheet_is_a_png_grid() {
     assert_eq!((w, h), (42, 18));
 }
 
-fn mini() -> Option<PathBuf> {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/datasets/mini"));
-    if root.is_dir() {
-        Some(root)
-    } else {
-        eprintln!(
-            "!!! SKIPPED: {} is absent; the mini-dataset checks did not run",
-            root.display()
-        );
-        None
-    }
+fn mini() -> PathBuf {
+    cogvx_fixtures::mini_dataset()
 }
 
 #[test]
 fn mini_dataset_clips_probe_and_decode() {
-    let Some(root) = mini() else { return };
+    let root = mini();
     // From the dataset's README.
     let expected = [
         ("carphone.mp4", 176, 144, 120, 29.97),

@@ -13,25 +13,13 @@ use std::path::PathBuf;
 
 type AD = CpuAutodiffBackend;
 
-fn model_dir() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/models/cogvideox-2b-tiny"
-    ));
-    if p.join("transformer").exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "\n*** SKIPPED: {} not found (the shared reference data sits next to the repo) ***\n",
-            p.display()
-        );
-        None
-    }
+fn model_dir() -> PathBuf {
+    cogvx_fixtures::model("cogvideox-2b-tiny")
 }
 
 #[test]
 fn dora_plugin_trains_on_the_tiny_transformer() {
-    let Some(dir) = model_dir() else { return };
+    let dir = model_dir();
     let dev = CpuDevice::default();
     let load = || {
         freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&dir.join("transformer"), &dev).unwrap())

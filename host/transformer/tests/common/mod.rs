@@ -13,14 +13,8 @@ use std::path::{Path, PathBuf};
 pub type B = cogvx_model_core::CpuBackend;
 
 /// The shared reference folder (next to the repository), or `None` with a loud message.
-pub fn reference_dir() -> Option<PathBuf> {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/reference"));
-    if dir.join("cases").is_dir() {
-        Some(dir.to_path_buf())
-    } else {
-        eprintln!("SKIPPED: shared reference data not found at {}", dir.display());
-        None
-    }
+pub fn reference_dir() -> PathBuf {
+    cogvx_fixtures::reference("")
 }
 
 /// Collects `(path, shape)` of every parameter, paths joined with `.` like the checkpoint keys.
