@@ -103,9 +103,40 @@ pub struct ClipInfo {
 /// The training resolution: frames x height x width (e.g. 49x480x720).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resolution {
+    /// Frames per clip, 8N+1 (the VAE compresses time by 4 after the first frame).
     pub frames: u32,
+    /// Height in pixels, a multiple of 16.
     pub height: u32,
+    /// Width in pixels, a multiple of 16.
     pub width: u32,
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+    /// Parses `FRAMESxHEIGHTxWIDTH` (e.g. `49x480x720`), checking that the frame count is 8N+1
+    /// and the sides are positive multiples of 16; the error says what to write.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.trim().split(['x', 'X']).collect();
+        let nums: Vec<u32> = parts.iter().filter_map(|p| p.trim().parse().ok()).collect();
+        if parts.len() != 3 || nums.len() != 3 {
+            return Err(format!("`{s}` is not a resolution: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720"));
+        }
+        let r = Resolution { frames: nums[0], height: nums[1], width: nums[2] };
+        if r.frames == 0 || (r.frames - 1) % 8 != 0 {
+            return Err(format!("resolution `{s}`: the frame count must be 8N+1 (9, 17, 25, 33, 41, 49, ...), got {}", r.frames));
+        }
+        if r.height == 0 || r.width == 0 || r.height % 16 != 0 || r.width % 16 != 0 {
+            return Err(format!("resolution `{s}`: height and width must be positive multiples of 16, got {}x{}", r.height, r.width));
+        }
+        Ok(r)
+    }
+}
+
+impl std::fmt::Display for Resolution {
+    /// `FRAMESxHEIGHTxWIDTH`, the form [`FromStr`](std::str::FromStr) reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.frames, self.height, self.width)
+    }
 }
 
 /// A crop rectangle in source pixels.

@@ -6,50 +6,12 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// A training resolution `FxHxW`, e.g. `49x480x720`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Resolution {
-    pub frames: u32,
-    pub height: u32,
-    pub width: u32,
-}
+pub use cogvx_plugin_api::Resolution;
 
-impl std::str::FromStr for Resolution {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.trim().split(['x', 'X']).collect();
-        let nums: Vec<u32> = parts.iter().filter_map(|p| p.trim().parse().ok()).collect();
-        if parts.len() != 3 || nums.len() != 3 {
-            return Err(format!("`{s}` is not a resolution: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720"));
-        }
-        let r = Resolution { frames: nums[0], height: nums[1], width: nums[2] };
-        if r.frames == 0 || (r.frames - 1) % 8 != 0 {
-            return Err(format!("resolution `{s}`: the frame count must be 8N+1 (9, 17, 25, 33, 41, 49, ...), got {}", r.frames));
-        }
-        if r.height == 0 || r.width == 0 || r.height % 16 != 0 || r.width % 16 != 0 {
-            return Err(format!("resolution `{s}`: height and width must be positive multiples of 16, got {}x{}", r.height, r.width));
-        }
-        Ok(r)
-    }
-}
-
-impl std::fmt::Display for Resolution {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}x{}", self.frames, self.height, self.width)
-    }
-}
-
-impl<'de> Deserialize<'de> for Resolution {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl From<Resolution> for cogvx_plugin_api::Resolution {
-    fn from(r: Resolution) -> Self {
-        cogvx_plugin_api::Resolution { frames: r.frames, height: r.height, width: r.width }
-    }
+/// `[data] resolution` as TOML writes it: the string `FRAMESxHEIGHTxWIDTH` ([`Resolution`]'s
+/// `FromStr`), e.g. `"49x480x720"`.
+fn resolution_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Resolution, D::Error> {
+    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
 }
 
 /// Where the models run: `cpu`, or `cuda` / `cuda:N` (GPU N, in a build with the `cuda` feature).
@@ -143,7 +105,7 @@ pub struct DataConfig {
     /// Validation set in the same layout.
     pub validation_root: Option<PathBuf>,
     /// `FxHxW`.
-    #[serde(default = "default_resolution")]
+    #[serde(default = "default_resolution", deserialize_with = "resolution_str")]
     pub resolution: Resolution,
     /// The file set `resolution` (else it is the default).
     #[serde(skip)]
