@@ -150,6 +150,31 @@ pub type PluginResult<T> = Result<T, PluginError>;
 pub use serde;
 pub use serde_json;
 
+/// Deserialises one field of a plugin's parameters, naming its key in the error (serde names
+/// only unknown keys, not the key whose value has the wrong type). Use it through
+/// [`keyed_fields!`].
+pub fn keyed<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(key: &str, d: D) -> Result<T, D::Error> {
+    T::deserialize(d).map_err(|e| <D::Error as serde::de::Error>::custom(format!("`{key}`: {e}")))
+}
+
+/// Defines field deserialisers that name their key in errors, for
+/// `#[serde(deserialize_with = "...")]` on a plugin's parameter struct:
+///
+/// ```
+/// cogvx_plugin_api::keyed_fields! {
+///     de_rank: u32 = "rank";
+///     de_use_rslora: bool = "use_rslora";
+/// }
+/// ```
+#[macro_export]
+macro_rules! keyed_fields {
+    ($($name:ident: $ty:ty = $key:literal;)*) => {$(
+        fn $name<'de, D: $crate::serde::Deserializer<'de>>(d: D) -> ::core::result::Result<$ty, D::Error> {
+            $crate::keyed($key, d)
+        }
+    )*};
+}
+
 /// Parses a plugin's parameters (its `[plugin.<name>]` table as JSON; empty or `null` reads
 /// as `{}`) into `T`, typically a `#[serde(deny_unknown_fields)]` struct, for
 /// [`Plugin::configure`]. The error, [`PluginError::Invalid`], reads

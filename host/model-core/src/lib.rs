@@ -26,6 +26,8 @@ pub mod feed_forward;
 pub mod grad_checkpoint;
 pub mod nn;
 pub mod precision;
+#[cfg(feature = "testing")]
+pub mod recipe_testing;
 pub mod weights;
 
 pub use backend::{ModelAutodiffBackend, ModelBackend};

@@ -18,6 +18,8 @@ mod error;
 mod loaded;
 mod native;
 mod registry;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod validate;
 mod wasm;
 

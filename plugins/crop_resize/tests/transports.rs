@@ -1,8 +1,8 @@
 //! The built-in, native `.so` and WASM `crop_resize` answer identically: same info, same plans
 //! for the same requests (several clips, seeds, incoming plans and configs), same errors.
-//! The `.so` and `.wasm` are built by the test (see `support/mod.rs`).
+//! The `.so` and `.wasm` are built by the test (`cogvx_plugin_host::testing`).
 
-mod support;
+use cogvx_plugin_host::testing as support;
 
 use cogvx_plugin_api::{ClipInfo, CropBox, Plugin, Resolution, Size, TransformPlan, TransformRequest};
 
@@ -46,7 +46,7 @@ fn builtin_native_and_wasm_crop_resize_plan_identically() {
     let mut plans = 0;
     for params in configs {
         let mut plugins = support::configured_all(builtin, &artifacts, params);
-        assert_eq!(plugins.len(), if artifacts.wasm.is_some() { 3 } else { 2 });
+        assert_eq!(plugins.len(), 3);
         let info = support::assert_same(&mut plugins, "info", |p| Ok(p.info())).unwrap();
         assert_eq!((info.name.as_str(), info.version.as_str()), ("crop_resize", "0.1.0"));
         for request in &requests {

@@ -119,17 +119,9 @@ pub struct Config {
     pub use_rslora: bool,
 }
 
-/// Deserialises a field, naming its key in the error (serde names only unknown keys).
-fn keyed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(key: &str, d: D) -> Result<T, D::Error> {
-    T::deserialize(d).map_err(|e| de::Error::custom(format!("`{key}`: {e}")))
-}
-
-fn de_init_lora_weights<'de, D: Deserializer<'de>>(d: D) -> Result<LoraInit, D::Error> {
-    keyed("init_lora_weights", d)
-}
-
-fn de_use_rslora<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    keyed("use_rslora", d)
+cogvx_plugin_api::keyed_fields! {
+    de_init_lora_weights: LoraInit = "init_lora_weights";
+    de_use_rslora: bool = "use_rslora";
 }
 
 /// Parses the `[plugin.dora]` table (as JSON).

@@ -3,7 +3,7 @@
 //! norm detached, checked by finite differences of the detached objective, and shown to differ
 //! from the undetached objective's), and config errors.
 
-mod common;
+use cogvx_model_core::recipe_testing as common;
 
 use cogvx_plugin_api::AdapterOutput;
 use cogvx_plugin_dora::{parse_config, recipe, Config, LoraInit};

@@ -1,8 +1,7 @@
 //! The built-in, native `.so` and WASM `frame_skip` answer identically (plans and errors).
-//! The `.so` and `.wasm` are built by the test (see crop_resize's `tests/support/mod.rs`).
+//! The `.so` and `.wasm` are built by the test (`cogvx_plugin_host::testing`).
 
-#[path = "../../crop_resize/tests/support/mod.rs"]
-mod support;
+use cogvx_plugin_host::testing as support;
 
 use cogvx_plugin_api::{ClipInfo, Plugin, Resolution, TransformPlan, TransformRequest};
 

@@ -41,7 +41,6 @@ use cogvx_plugin_api::{
     AdapterOutput, AdapterRecipe, AdapterRequest, Dim, ExportKey, Init, Op, ParamSpec, Plugin,
     PluginError, PluginInfo, PluginKind, PluginResult,
 };
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 /// The plugin's name (`adapter = "loha"` in the training config).
@@ -56,9 +55,8 @@ pub struct Config {
     pub init_weights: bool,
 }
 
-/// Deserialises `init_weights`, naming the key in the error (serde names only unknown keys).
-fn de_init_weights<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    bool::deserialize(d).map_err(|e| de::Error::custom(format!("`init_weights`: {e}")))
+cogvx_plugin_api::keyed_fields! {
+    de_init_weights: bool = "init_weights";
 }
 
 impl Default for Config {

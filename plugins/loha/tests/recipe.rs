@@ -2,8 +2,7 @@
 //! in f64: weight delta, layer output, gradients (PEFT's `HadaWeight.backward`), the
 //! initialisation, export names and config errors.
 
-#[path = "../../dora/tests/common/mod.rs"]
-mod common;
+use cogvx_model_core::recipe_testing as common;
 
 use cogvx_plugin_api::AdapterOutput;
 use cogvx_plugin_loha::{parse_config, recipe, Config};

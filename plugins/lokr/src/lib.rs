@@ -107,21 +107,10 @@ pub struct Config {
     pub init_weights: LokrInit,
 }
 
-/// Deserialises a field, naming its key in the error (serde names only unknown keys).
-fn keyed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(key: &str, d: D) -> Result<T, D::Error> {
-    T::deserialize(d).map_err(|e| de::Error::custom(format!("`{key}`: {e}")))
-}
-
-fn de_decompose_factor<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    keyed("decompose_factor", d)
-}
-
-fn de_decompose_both<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    keyed("decompose_both", d)
-}
-
-fn de_init_weights<'de, D: Deserializer<'de>>(d: D) -> Result<LokrInit, D::Error> {
-    keyed("init_weights", d)
+cogvx_plugin_api::keyed_fields! {
+    de_decompose_factor: i64 = "decompose_factor";
+    de_decompose_both: bool = "decompose_both";
+    de_init_weights: LokrInit = "init_weights";
 }
 
 impl Default for Config {

@@ -3,8 +3,7 @@
 //! gradients (analytic, checked by finite differences), the three initialisations, export
 //! names and config errors.
 
-#[path = "../../dora/tests/common/mod.rs"]
-mod common;
+use cogvx_model_core::recipe_testing as common;
 
 use cogvx_plugin_api::AdapterOutput;
 use cogvx_plugin_lokr::{layout, parse_config, recipe, Config, LokrInit};

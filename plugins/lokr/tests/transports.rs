@@ -1,9 +1,8 @@
 //! The built-in, native `.so` and WASM `lokr` answer identically: same info, same recipes for
 //! several layers, ranks and configs, same errors. The `.so` and `.wasm` are built by the test
-//! (see crop_resize's `tests/support/mod.rs`).
+//! (`cogvx_plugin_host::testing`).
 
-#[path = "../../crop_resize/tests/support/mod.rs"]
-mod support;
+use cogvx_plugin_host::testing as support;
 
 use cogvx_plugin_api::{AdapterRequest, Plugin, PluginKind};
 

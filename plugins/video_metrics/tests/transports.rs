@@ -1,9 +1,8 @@
 //! The built-in, native `.so` and WASM `video_metrics` answer identically: same info, the same
 //! metrics (bit for bit) for several clips and configs, the same errors.
-//! The `.so` and `.wasm` are built by the test (see crop_resize's `tests/support/mod.rs`).
+//! The `.so` and `.wasm` are built by the test (`cogvx_plugin_host::testing`).
 
-#[path = "../../crop_resize/tests/support/mod.rs"]
-mod support;
+use cogvx_plugin_host::testing as support;
 
 use cogvx_plugin_api::{Frames, Plugin, ValidateRequest};
 
@@ -64,7 +63,7 @@ fn builtin_native_and_wasm_video_metrics_measure_identically() {
     let requests = requests();
     for params in ["{}", r#"{"luma":"bt709"}"#] {
         let mut plugins = support::configured_all(builtin, &artifacts, params);
-        assert_eq!(plugins.len(), if artifacts.wasm.is_some() { 3 } else { 2 });
+        assert_eq!(plugins.len(), 3);
         let info = support::assert_same(&mut plugins, "info", |p| Ok(p.info())).unwrap();
         assert_eq!(
             (info.name.as_str(), info.version.as_str()),

@@ -1,17 +1,16 @@
-//! Shared by the first-party plugins' `tests/transports.rs`: builds a plugin crate's `.so` and
-//! `.wasm` with cargo and loads the plugin through every transport of the host.
+//! Test support for plugin crates (feature `testing`), used by the first-party plugins'
+//! `tests/transports.rs`: builds a plugin crate's `.so` and `.wasm` with cargo and loads the
+//! plugin through every transport of the host, to check that they answer alike.
 //!
 //! The builds always check the current sources (after `plugins/build.sh`, which uses the same
-//! profile, they are no-ops). Only when the `wasm32-wasip2` target is not installed is the
-//! WASM transport left out, with a loud message.
-
-#![allow(dead_code)]
+//! profile, they are no-ops). A missing `wasm32-wasip2` target fails the test saying how to
+//! install it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cogvx_plugin_api::{Plugin, PluginError, PluginResult};
-use cogvx_plugin_host::{LoadedPlugin, WasmLimits};
+use crate::{LoadedPlugin, WasmLimits};
 
 /// The cargo profile `plugins/build.sh` builds with, so CI reuses its artifacts.
 const PROFILE: &str = "dev";
@@ -25,6 +24,7 @@ fn profile_dir() -> &'static str {
     }
 }
 
+/// The workspace root (this crate sits two folders below it, as the plugin crates do).
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
 }
@@ -54,8 +54,8 @@ pub struct Artifacts {
     /// A private copy of the `.so`: any later build of the crate without `native-export` (e.g.
     /// as the CLI's dependency) rewrites the shared path, so it is copied at once.
     pub so: PathBuf,
-    /// `None` when the wasm32-wasip2 target is not installed.
-    pub wasm: Option<PathBuf>,
+    /// The WASM component.
+    pub wasm: PathBuf,
 }
 
 impl Drop for Artifacts {
@@ -75,19 +75,9 @@ pub fn build(package: &str, lib: &str) -> Artifacts {
     let so = dir.join(format!("lib{lib}-{}.so", std::process::id()));
     std::fs::copy(&built, &so).unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
     let wasm = match cargo_build(&root, package, &["--target", "wasm32-wasip2"]) {
-        Ok(()) => Some(target_dir(&root).join("wasm32-wasip2").join(profile_dir()).join(format!("{lib}.wasm"))),
-        Err(e)
-            if e.contains("target may not be installed")
-                || e.contains("can't find crate for `std`")
-                || e.contains("can't find crate for `core`") =>
-        {
-            eprintln!(
-                "\n**************************************************************************\n\
-                 SKIPPING the WASM transport of {package}: the wasm32-wasip2 target is not\n\
-                 installed (run `rustup target add wasm32-wasip2`).\n\
-                 **************************************************************************\n"
-            );
-            None
+        Ok(()) => target_dir(&root).join("wasm32-wasip2").join(profile_dir()).join(format!("{lib}.wasm")),
+        Err(e) if e.contains("target may not be installed") || e.contains("can't find crate for `std`") || e.contains("can't find crate for `core`") => {
+            panic!("building the .wasm of {package} needs the wasm32-wasip2 target: run `rustup target add wasm32-wasip2` (scripts/setup.sh does)\n{e}")
         }
         Err(e) => panic!("building the .wasm of {package} failed:\n{e}"),
     };
@@ -96,14 +86,11 @@ pub fn build(package: &str, lib: &str) -> Artifacts {
 
 /// The plugin through every transport (built-in first), unconfigured.
 pub fn load_all(builtin: fn() -> Box<dyn Plugin>, artifacts: &Artifacts) -> Vec<LoadedPlugin> {
-    let mut all = vec![
+    vec![
         LoadedPlugin::builtin(builtin()),
         LoadedPlugin::load_native(&artifacts.so).unwrap_or_else(|e| panic!("load the .so: {e}")),
-    ];
-    if let Some(w) = &artifacts.wasm {
-        all.push(LoadedPlugin::load_wasm(w, &WasmLimits::default()).unwrap_or_else(|e| panic!("load the .wasm: {e}")));
-    }
-    all
+        LoadedPlugin::load_wasm(&artifacts.wasm, &WasmLimits::default()).unwrap_or_else(|e| panic!("load the .wasm: {e}")),
+    ]
 }
 
 /// The plugin through every transport, each configured with `params` (which must be accepted).

@@ -1,13 +1,11 @@
-//! Shared by the adapter plugins' `tests/recipe.rs` (dora, loha, lokr): small f64 matrix
-//! helpers for the hand-written PEFT references, and the host's recipe interpreter
-//! (`cogvx_model_core::adapter`) driven with given parameter values.
-
-#![allow(dead_code)]
+//! Test support for adapter plugins (feature `testing`), used by dora's, loha's and lokr's
+//! `tests/recipe.rs`: small f64 matrix helpers for hand-written PEFT references, and the host's
+//! recipe interpreter ([`crate::adapter`]) driven with given parameter values.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use cogvx_model_core::adapter::{AdapterTensor, LinearAdapter, RecipeAdapter, RecipeLimits};
-use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
+use crate::adapter::{AdapterTensor, LinearAdapter, RecipeAdapter, RecipeLimits};
+use crate::{CpuAutodiffBackend, CpuDevice};
 use cogvx_plugin_api::{AdapterRecipe, AdapterRequest};
 use std::collections::BTreeMap;
 
