@@ -10,8 +10,8 @@ pub use cogvx_plugin_api::Resolution;
 
 /// `[data] resolution` as TOML writes it: the string `FRAMESxHEIGHTxWIDTH` ([`Resolution`]'s
 /// `FromStr`), e.g. `"49x480x720"`.
-fn resolution_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Resolution, D::Error> {
-    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+fn resolution_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Resolution>, D::Error> {
+    String::deserialize(d)?.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// Where the models run: `cpu`, or `cuda` / `cuda:N` (GPU N, in a build with the `cuda` feature).
@@ -104,12 +104,9 @@ pub struct DataConfig {
     pub root: Option<PathBuf>,
     /// Validation set in the same layout.
     pub validation_root: Option<PathBuf>,
-    /// `FxHxW`.
-    #[serde(default = "default_resolution", deserialize_with = "resolution_str")]
-    pub resolution: Resolution,
-    /// The file set `resolution` (else it is the default).
-    #[serde(skip)]
-    pub resolution_set: bool,
+    /// `FxHxW`; unset, [`DEFAULT_RESOLUTION`] (or `--resolution`).
+    #[serde(default, deserialize_with = "resolution_str")]
+    pub resolution: Option<Resolution>,
     /// The dataset reader plugin by name.
     #[serde(default = "default_reader")]
     pub reader: String,
@@ -127,9 +124,8 @@ pub struct DataConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
-fn default_resolution() -> Resolution {
-    Resolution { frames: 49, height: 480, width: 720 }
-}
+/// The resolution when neither the config nor `--resolution` gives one (the finetune's).
+pub const DEFAULT_RESOLUTION: Resolution = Resolution { frames: 49, height: 480, width: 720 };
 fn default_reader() -> String {
     "finetune-layout".into()
 }
@@ -145,8 +141,7 @@ impl Default for DataConfig {
         DataConfig {
             root: None,
             validation_root: None,
-            resolution: default_resolution(),
-            resolution_set: false,
+            resolution: None,
             reader: default_reader(),
             transforms: default_transforms(),
             rewriters: Vec::new(),
@@ -282,11 +277,6 @@ impl Config {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         let mut config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
         config.wasm.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        config.data.resolution_set = text
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|t| t.get("data").and_then(|d| d.get("resolution")).map(|_| ()))
-            .is_some();
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -414,7 +404,7 @@ mod tests {
             let c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             c.train.validate().unwrap_or_else(|e| panic!("{} [train]: {e}", path.display()));
             c.validation.validate().unwrap_or_else(|e| panic!("{} [validation]: {e}", path.display()));
-            assert!(c.data.resolution_set, "{}: set [data] resolution explicitly", path.display());
+            assert!(c.data.resolution.is_some(), "{}: set [data] resolution explicitly", path.display());
             n += 1;
         }
         assert!(n >= 12, "expected the 10 presets, quickstart and mini in configs/, found {n}");

@@ -42,9 +42,9 @@ impl Settings {
         if let Some(model) = &cli.model {
             config.model.path = Some(model.clone());
         }
-        let resolution_given = cli.resolution.is_some() || config.data.resolution_set;
-        let resolution = cli.resolution.unwrap_or(config.data.resolution);
-        config.data.resolution = resolution;
+        let resolution_given = cli.resolution.is_some() || config.data.resolution.is_some();
+        let resolution = cli.resolution.or(config.data.resolution).unwrap_or(crate::config::DEFAULT_RESOLUTION);
+        config.data.resolution = Some(resolution);
         let device = match (cli.device, config.device, std::env::var("COGVX_DEVICE")) {
             (Some(d), _, _) => d.check_available("--device")?,
             (None, Some(d), _) => d.check_available("`device` in the config")?,
