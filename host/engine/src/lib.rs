@@ -31,6 +31,6 @@ pub use model::{ModelFolder, ModelIndex, Variant};
 pub use parity::{all_passed, run_dir, ParityRunner, Row, Status, Table};
 pub use pipeline::{
     check_conditioning, check_request, dynamic_guidance_scale, plan_from_plugin, CogVideoXPipeline,
-    standard_normal, NoiseSource, PromptSource, SampleRequest, SeededNoise, T2vRequest, I2V_OFS,
+    NoiseSource, PromptSource, SampleRequest, SeededNoise, T2vRequest, I2V_OFS,
 };
 pub use sample::{check_output, frames_to_u8, sample, video_path, write_videos, SampleJob};

@@ -22,7 +22,7 @@ use cogvx_scheduler::{CogVideoXDdim, CogVideoXDpm, PlanExecutor, SchedulerKind};
 use cogvx_text::PromptEncoder;
 use cogvx_transformer::CogVideoXTransformer3DModel;
 use cogvx_vae::{AutoencoderKLCogVideoX, VaeConfig, VaeOptions};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 
 use crate::image::ConditionImage;
 use crate::model::ModelFolder;
@@ -106,24 +106,8 @@ impl SeededNoise {
 
     /// `n` standard-normal values.
     pub fn values(&mut self, n: usize) -> Vec<f32> {
-        standard_normal(&mut self.rng, n)
+        cogvx_scheduler::noise::standard_normal(&mut self.rng, n)
     }
-}
-
-/// `n` standard-normal values from `rng`: Box-Muller on `(0, 1] x [0, 1)` uniforms, both
-/// outputs of each pair used.
-pub fn standard_normal(rng: &mut impl Rng, n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let u1: f64 = 1.0 - rng.random::<f64>();
-        let u2: f64 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let theta = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * theta.cos()) as f32);
-        out.push((r * theta.sin()) as f32);
-    }
-    out.truncate(n);
-    out
 }
 
 impl<B: Backend> NoiseSource<B> for SeededNoise {
@@ -349,15 +333,7 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
         let mut latents = Vec::with_capacity(batch);
         for i in 0..batch {
             let image = images.clone().narrow(0, i, 1).unsqueeze_dim::<5>(2); // [1, 3, 1, H, W]
-            let mut dist = self.vae.encode(image.clone(), options)?;
-            let [_, _, _, h, w] = image.dims();
-            let want = [h / self.vae.spatial_scale, w / self.vae.spatial_scale];
-            if options.tiling.is_some() && dist.mean.dims()[3..] != want {
-                // As in `prepare`: a tiled encode of an image barely larger than a tile (tiny
-                // models) keeps too many rows; encode it whole.
-                tracing::warn!("tiled VAE encode gives latent {:?} for a {h}x{w} image; encoding without tiling", dist.mean.dims());
-                dist = self.vae.encode(image, &VaeOptions { tiling: None, ..*options })?;
-            }
+            let dist = self.vae.encode_exact(image, options)?;
             let eps = noise.sample(dist.mean.dims(), &device);
             latents.push(dist.sample_with(eps));
         }
@@ -534,15 +510,7 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
     ) -> Result<Tensor<B, 5>, EngineError> {
         let latents = latents.swap_dims(1, 2); // [B, C, F, h, w]
         let latents = self.vae.unscale_latents(latents);
-        let [_, _, _, h, w] = latents.dims();
-        let want = [h * self.vae.spatial_scale, w * self.vae.spatial_scale];
-        let mut video = self.vae.decode(latents.clone(), options)?; // [B, 3, T, H, W]
-        if options.tiling.is_some() && video.dims()[3..] != want {
-            // Diffusers' tiled decode of latents barely larger than a tile (tiny models) gives
-            // too many rows or columns; decode them whole.
-            tracing::warn!("tiled VAE decode gives {:?} for {h}x{w} latents; decoding without tiling", video.dims());
-            video = self.vae.decode(latents, &VaeOptions { tiling: None, ..*options })?;
-        }
+        let video = self.vae.decode_exact(latents, options)?; // [B, 3, T, H, W]
         let frames = (video * 0.5 + 0.5).clamp(0.0, 1.0);
         Ok(frames.swap_dims(1, 2))
     }

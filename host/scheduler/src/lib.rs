@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod executor;
+pub mod noise;
 pub mod plan;
 pub mod schedule;
 pub mod train;

@@ -65,6 +65,11 @@ pub struct TrainerState {
     /// fp16's loss scaler after the last update (`mixed_precision = "fp16"` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<cogvx_model_core::precision::LossScaler>,
+    /// The whole resolved config of the run ([`crate::TrainJob::run_config`]: model, data and
+    /// plugin tables besides `[train]` and `[validation]`), so that a resume can tell that the
+    /// data, the model or a plugin changed. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_config: Option<serde_json::Value>,
 }
 
 impl Checkpoint {
@@ -369,6 +374,7 @@ mod tests {
                 config: TrainConfig::default(),
                 validation: ValidationConfig::default(),
                 loss_scaler: None,
+                run_config: Some(serde_json::json!({"data": {"resolution": "9x64x96"}})),
             },
             weights: BTreeMap::from([("a.lora_A.weight".to_string(), (vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]))]),
             optimizer: BTreeMap::from([(

@@ -66,9 +66,9 @@ impl TrainRng {
         self.rng.random::<f64>()
     }
 
-    /// `n` standard-normal values (the engine's Box-Muller, so training and sampling draw alike).
+    /// `n` standard-normal values (the scheduler's Box-Muller, as sampling draws them).
     pub fn normal(&mut self, n: usize) -> Vec<f32> {
-        cogvx_engine::standard_normal(&mut self.rng, n)
+        cogvx_scheduler::noise::standard_normal(&mut self.rng, n)
     }
 
     /// An index drawn with probability proportional to `weights` (inverse CDF).

@@ -27,7 +27,7 @@ fn tiny(name: &str) -> PathBuf {
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    cogvx_cache::gaussian_noise(seed, n)
+    cogvx_scheduler::noise::gaussian_noise(seed, n)
 }
 
 /// A cache of `n` samples with the given latent channel count.
@@ -432,6 +432,41 @@ fn resume_refuses_other_adapter_settings() {
     // Extending a finished run with more steps works.
     let mut j = job(&model, &cache, config(&out, 2, 1));
     j.resume = Some(Resume::Latest);
+    let s = run(j).unwrap();
+    assert_eq!((s.start_step, s.step), (1, 2));
+}
+
+#[test]
+fn resume_refuses_another_data_model_or_plugin_config_and_logs_moved_folders() {
+    let model = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 2, false);
+    let out = tmp.path().join("out");
+    let run_config = |resolution: &str, root: &str, crop: &str| {
+        serde_json::json!({
+            "model": {"path": "/models/a"},
+            "data": {"resolution": resolution, "root": root, "transforms": ["frame_skip", "crop_resize"]},
+            "plugin": {"crop_resize": {"mode": crop}},
+            "train": {"rank": 4},
+        })
+    };
+    let mut j = job(&model, &cache, config(&out, 1, 1));
+    j.run_config = Some(run_config("9x32x48", "/data/a", "center"));
+    run(j).unwrap();
+    let saved = cogvx_trainer::read_checkpoint(&out.join("checkpoint-1")).unwrap();
+    assert_eq!(saved.state.run_config, Some(run_config("9x32x48", "/data/a", "center")));
+
+    // Another resolution and another plugin table: refused, naming both keys.
+    let mut j = job(&model, &cache, config(&out, 2, 1));
+    j.resume = Some(Resume::Latest);
+    j.run_config = Some(run_config("9x64x96", "/data/a", "random"));
+    let e = run(j).unwrap_err().to_string();
+    assert!(e.contains("`data.resolution` = \"9x32x48\" there, \"9x64x96\" now"), "{e}");
+    assert!(e.contains("`plugin.crop_resize.mode`") && e.contains("another output_dir"), "{e}");
+    // A moved dataset folder is not another run.
+    let mut j = job(&model, &cache, config(&out, 2, 1));
+    j.resume = Some(Resume::Latest);
+    j.run_config = Some(run_config("9x32x48", "/data/moved", "center"));
     let s = run(j).unwrap();
     assert_eq!((s.start_step, s.step), (1, 2));
 }

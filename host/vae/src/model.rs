@@ -412,6 +412,25 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         Ok(LatentDist::from_parameters(h))
     }
 
+    /// [`Self::encode`] with latents of exactly `H / spatial_scale x W / spatial_scale`.
+    /// Diffusers' tiled encode keeps `tile_latent_stride` rows per tile without cropping the
+    /// total: for frames not much larger than a tile (the tiny test models) that gives more
+    /// rows or columns, a latent no transformer can use. Such an input is encoded again without
+    /// tiling (logged as a warning); every other input is [`Self::encode`]'s.
+    pub fn encode_exact(&self, video: Tensor<B, 5>, options: &VaeOptions) -> Result<LatentDist<B>, VaeError> {
+        let [_, _, _, h, w] = video.dims();
+        let want = [h / self.spatial_scale, w / self.spatial_scale];
+        if options.tiling.is_none() {
+            return self.encode(video, options);
+        }
+        let dist = self.encode(video.clone(), options)?;
+        if dist.mean.dims()[3..] == want {
+            return Ok(dist);
+        }
+        tracing::warn!("tiled VAE encode gives latent {:?} for {h}x{w} frames; encoding without tiling", dist.mean.dims());
+        self.encode(video, &VaeOptions { tiling: None, ..*options })
+    }
+
     /// Diffusers' `_encode`: tiled if enabled and the frame is larger than a tile, else frame batches.
     fn encode_one(&self, x: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {
         let [_, _, _, height, width] = x.dims();
@@ -473,6 +492,24 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         } else {
             self.decode_one(latents, options)
         }
+    }
+
+    /// [`Self::decode`] with video of exactly `spatial_scale * h x spatial_scale * w`: as for
+    /// [`Self::encode_exact`], diffusers' tiled decode of latents barely larger than a tile (the
+    /// tiny models) gives too many rows or columns; such latents are decoded again without
+    /// tiling (logged as a warning).
+    pub fn decode_exact(&self, latents: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {
+        let [_, _, _, h, w] = latents.dims();
+        let want = [h * self.spatial_scale, w * self.spatial_scale];
+        if options.tiling.is_none() {
+            return self.decode(latents, options);
+        }
+        let video = self.decode(latents.clone(), options)?;
+        if video.dims()[3..] == want {
+            return Ok(video);
+        }
+        tracing::warn!("tiled VAE decode gives {:?} for {h}x{w} latents; decoding without tiling", video.dims());
+        self.decode(latents, &VaeOptions { tiling: None, ..*options })
     }
 
     fn decode_one(&self, z: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {

@@ -1,0 +1,666 @@
+//! One training run as a value ([`Run`]): [`Run::set_up`] checks the job and loads the model,
+//! its adapter and (when resuming) a checkpoint; [`Run::train_step`] makes one optimizer update;
+//! [`Run::checkpoint`] and [`Run::validate`] write a checkpoint and validation videos;
+//! [`Run::finish`] writes the last checkpoint, validates and exports. [`crate::train`] drives it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::FloatDType;
+use cogvx_cache::Cache;
+use cogvx_metrics::{MetricsLog, StepRecord, TrainProgress};
+use cogvx_model_core::adapter::AdapterTensor;
+use cogvx_model_core::precision::{LossScaler, MixedPrecision};
+use cogvx_model_core::ModelAutodiffBackend;
+use cogvx_plugin_api::Plugin;
+use cogvx_train::{AdamW, AdapterSpec, InnerTensors, TrainMode};
+use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
+
+use crate::batch::{make_micro_batch, train_schedule, ImageEncoder, TrainSchedule};
+use crate::validation::Validation;
+use crate::{
+    check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint, write_checkpoint, Checkpoint, DataPosition, LrSchedule,
+    Resume, TrainConfig, TrainJob, TrainRng, TrainSummary, TrainerError, TrainerState, ValidationConfig, LOSS_PLOT_FILE, METRICS_FILE, SFT_EXPORT_DIR,
+};
+
+/// One training run: the job's checks, the model with its adapter, the plan (steps, schedule)
+/// and the state a checkpoint saves (optimizer, RNG, data position).
+pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
+    device: B::Device,
+    pub(crate) config: TrainConfig,
+    pub(crate) vconfig: ValidationConfig,
+    out: PathBuf,
+    _lock: lock::OutputLock,
+    cache: Cache,
+    folder_transformer: PathBuf,
+    tc: TransformerConfig,
+    model: CogVideoXTransformer3DModel<B>,
+    mode: TrainMode,
+    spec: AdapterSpec,
+    adapter_params: serde_json::Value,
+    tschedule: TrainSchedule,
+    image_encoder: Option<ImageEncoder<B::InnerBackend>>,
+    validation: Validation<B::InnerBackend>,
+    validators: Vec<(String, &'a mut dyn Plugin)>,
+    scheduler_plugin: Option<&'a mut dyn Plugin>,
+    on_checkpoint_file: Option<&'a dyn Fn(&Path)>,
+    run_config: Option<serde_json::Value>,
+    // The plan.
+    n: usize,
+    bs: usize,
+    k: u64,
+    batches_per_epoch: u64,
+    pub(crate) total_steps: u64,
+    lr_schedule: LrSchedule,
+    // The state a checkpoint saves.
+    optimizer: AdamW<B::InnerBackend>,
+    rng: TrainRng,
+    pub(crate) step: u64,
+    pos: DataPosition,
+    elapsed_s: f64,
+    last_lr: f64,
+    scaler: Option<LossScaler>,
+    // Bookkeeping.
+    order: Vec<usize>,
+    order_epoch: u64,
+    metrics: MetricsLog,
+    bar: TrainProgress,
+    pub(crate) summary: TrainSummary,
+    last_saved: Option<u64>,
+    last_validated: Option<u64>,
+}
+
+impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
+    /// Checks the job before any work, loads the model and its adapter, plans the run and
+    /// restores a checkpoint when asked to resume.
+    pub(crate) fn set_up(job: TrainJob<'a>, device: &B::Device) -> Result<Self, TrainerError> {
+        let TrainJob {
+            model_dir,
+            cache,
+            config,
+            validation: vconfig,
+            adapter_plugin,
+            adapter_params,
+            recipe_limits,
+            mut scheduler_plugin,
+            mut validators,
+            resume,
+            run_config,
+            progress,
+            on_step: _,
+            on_checkpoint_file,
+        } = job;
+
+        // ---- checks before any work
+        config.validate()?;
+        vconfig.validate()?;
+        let out = config.output_dir.clone();
+        check_output_dir(&out, &[("[model] path", &model_dir)])?;
+        let lock = lock::OutputLock::acquire(&out)?;
+        if cache.is_empty() {
+            return input(format!("the cache {} holds no samples; run `cogvx prepare` on a dataset with videos", cache.dir.display()));
+        }
+        let folder = cogvx_engine::ModelFolder::open(&model_dir)?;
+        let i2v = folder.variant.is_i2v();
+        if i2v != cache.index.i2v {
+            return input(format!(
+                "the model {} is {} ({}), but the cache {} was prepared for {}; prepare it for this model",
+                model_dir.display(),
+                if i2v { "image-to-video" } else { "text-to-video" },
+                folder.variant,
+                cache.dir.display(),
+                if cache.index.i2v { "image-to-video" } else { "text-to-video" },
+            ));
+        }
+        if vconfig.enabled() && i2v && vconfig.images.is_empty() {
+            return Err(TrainerError::Config("`validation.images`: an image-to-video model needs one conditioning image per validation prompt".into()));
+        }
+        if vconfig.enabled() && !i2v && !vconfig.images.is_empty() {
+            return Err(TrainerError::Config("`validation.images`: given for a text-to-video model; remove them".into()));
+        }
+        let mut validator_refs: Vec<(String, &'a mut dyn Plugin)> = Vec::new();
+        for name in &vconfig.validators {
+            let pos = validators.iter().position(|p| &p.info().name == name).ok_or_else(|| {
+                TrainerError::Config(format!("`validation.validators`: no validator plugin named `{name}` was loaded"))
+            })?;
+            validator_refs.push((name.clone(), validators.remove(pos)));
+        }
+        let tc = folder.transformer_config.clone();
+        let first = cache.get(0)?;
+        let c = first.latent.shape[0];
+        let want_in = if i2v { 2 * c } else { c };
+        if tc.in_channels != want_in {
+            return input(format!(
+                "the cache's latents have {c} channels, the transformer of {} takes {} ({}); prepare the cache with this model's VAE",
+                model_dir.display(),
+                tc.in_channels,
+                if i2v { "twice the latent channels for I2V" } else { "the latent channels" }
+            ));
+        }
+        if first.prompt_embedding.shape[1] != tc.text_embed_dim {
+            return input(format!(
+                "the cache's prompt embeddings have width {}, the transformer takes {}; prepare the cache with this model's text encoder",
+                first.prompt_embedding.shape[1], tc.text_embed_dim
+            ));
+        }
+
+        // Mixed precision needs the half dtype (and bf16, which T5 runs in) on this backend.
+        let text_dtype = config.mixed_precision.text_encoder_dtype();
+        for dtype in std::iter::once(config.mixed_precision.dtype()).chain(text_dtype) {
+            if !B::supports_dtype(device, dtype.into()) {
+                return Err(TrainerError::Config(format!(
+                    "`mixed_precision` = \"{}\": the {} backend has no {:?} tensors; use \"no\", or the flex backend on the CPU (as `cogvx train` does) or CUDA",
+                    config.mixed_precision.name(),
+                    B::name(device),
+                    dtype
+                )));
+            }
+        }
+
+        // Validation's prompt embeddings, T5-encoded now (or read from the cache) so that T5 is
+        // never resident beside the model being trained.
+        let validation = Validation::<B::InnerBackend>::new(folder.clone(), &out, &cache, &vconfig, text_dtype, device)?;
+
+        // ---- model and adapter
+        // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
+        // weights and computes in half (autocast).
+        let precision = config.mixed_precision;
+        let load_dtype = if config.is_sft() { FloatDType::F32 } else { precision.dtype() };
+        let mut model = CogVideoXTransformer3DModel::<B>::from_dir_in(&folder.component_dir("transformer"), load_dtype, device)?;
+        model.set_compute_dtype(precision.dtype());
+        // The adapter initialisation draws from the backend RNG.
+        B::seed(device, config.seed);
+        let spec = AdapterSpec { rank: config.rank, alpha: config.alpha, targets: config.target_modules.clone() };
+        let mode = if config.is_sft() { TrainMode::Full } else { TrainMode::Adapter };
+        let layers = if config.is_lora() {
+            model = cogvx_train::freeze(model);
+            cogvx_train::inject_lora(&mut model, &spec, device)?
+        } else if config.is_sft() {
+            model = cogvx_train::enable_full_training(model);
+            Vec::new()
+        } else {
+            let plugin = adapter_plugin.ok_or_else(|| {
+                TrainerError::Config(format!("`adapter` = {:?}: no adapter plugin of that name was loaded (built in: \"lora\", \"sft\")", config.adapter))
+            })?;
+            let pname = plugin.info().name;
+            if pname != config.adapter {
+                return Err(TrainerError::Config(format!("`adapter` = {:?}, but the adapter plugin given is `{pname}`", config.adapter)));
+            }
+            model = cogvx_train::freeze(model);
+            cogvx_train::inject_recipe(&mut model, &spec, recipe_limits, |req| plugin.adapter_recipe(req), device)?
+        };
+        model.set_gradient_checkpointing(config.gradient_checkpointing);
+        model.set_checkpoint_offload(config.gradient_checkpointing_offload);
+        let n_params: usize = mode.values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
+        if config.is_sft() {
+            tracing::info!("full fine-tuning: {n_params} trainable parameters");
+        } else {
+            tracing::info!("{} adapter on {} layers, {n_params} trainable parameters", config.adapter, layers.len());
+        }
+
+        let tschedule = train_schedule(&model_dir, scheduler_plugin.as_deref_mut())?;
+        let image_encoder = if i2v { Some(ImageEncoder::<B::InnerBackend>::load(&model_dir, device)?) } else { None };
+
+        // ---- the plan of the run
+        let n = cache.len();
+        let bs = config.batch_size;
+        let k = config.gradient_accumulation_steps as u64;
+        let batches_per_epoch = n.div_ceil(bs) as u64;
+        let updates_per_epoch = batches_per_epoch.div_ceil(k);
+        let total_steps = config.max_steps.unwrap_or(config.epochs * updates_per_epoch);
+        let lr_schedule = LrSchedule {
+            kind: config.lr_scheduler,
+            num_warmup_steps: config.lr_warmup_steps,
+            num_training_steps: total_steps,
+            num_cycles: config.lr_num_cycles,
+        };
+        let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw());
+        let mut rng = TrainRng::new(config.seed);
+        let mut step = 0u64;
+        let mut pos = DataPosition { epoch: 0, batch: 0 };
+        let mut elapsed_s = 0.0;
+        let mut last_lr = 0.0;
+        let mut scaler = (precision == MixedPrecision::Fp16).then(|| LossScaler { scale: config.fp16_init_scale, ..LossScaler::default() });
+
+        // ---- resume
+        checkpoint::remove_stale_temp_dirs(&out)?;
+        let resumed = find_resume_checkpoint(resume, &out)?;
+        let resume_dir = resumed.as_ref().map(|(d, _)| d.clone());
+        if let Some((dir, ck)) = &resumed {
+            check_resumable(&ck.state.config, &config, dir)?;
+            check_same_run_config(ck.state.run_config.as_ref(), run_config.as_ref(), dir)?;
+            if ck.state.num_samples != n as u64 {
+                return input(format!(
+                    "cannot resume from {}: it was trained on {} samples, the cache {} has {n}; resume with the same cache",
+                    dir.display(),
+                    ck.state.num_samples,
+                    cache.dir.display()
+                ));
+            }
+            ck.check_resumable(dir, batches_per_epoch, k)?;
+            let values = from_host::<B::InnerBackend>(&ck.weights, device, &dir.join(checkpoint::WEIGHTS_FILE))?;
+            mode.set_values(&mut model, &values)?;
+            optimizer.load_state(&ck.optimizer, device)?;
+            rng = TrainRng::from_state(&ck.state.rng).map_err(|m| TrainerError::Io { path: dir.join(checkpoint::STATE_FILE), message: m })?;
+            step = ck.state.step;
+            pos = ck.state.data;
+            elapsed_s = ck.state.elapsed_s;
+            last_lr = ck.state.last_lr;
+            if scaler.is_some() {
+                scaler = Some(ck.state.loss_scaler.clone().unwrap_or_default());
+            }
+            tracing::info!("resumed from {} at step {step} (epoch {}, batch {})", dir.display(), pos.epoch, pos.batch);
+        }
+        if step >= total_steps {
+            tracing::info!("the run already reached step {step} of {total_steps}");
+        }
+
+        let metrics = MetricsLog::open(&out.join(METRICS_FILE), resume_dir.as_ref().map(|_| step))?;
+        let bar = TrainProgress::new(total_steps, step, progress);
+        tracing::info!(
+            "training {total_steps} steps: {n} samples, batch {bs}, accumulation {k}, {updates_per_epoch} steps per epoch, lr {} ({})",
+            config.learning_rate,
+            config.lr_scheduler.as_str()
+        );
+        let summary = TrainSummary {
+            start_step: step,
+            step,
+            total_steps,
+            resumed_from: resume_dir.clone(),
+            losses: Vec::new(),
+            last_checkpoint: None,
+            exported: None,
+            validation_videos: Vec::new(),
+            stopped_early: false,
+            skipped_steps: Vec::new(),
+        };
+        Ok(Run {
+            device: device.clone(),
+            order: epoch_order(config.seed, pos.epoch, n),
+            order_epoch: pos.epoch,
+            last_saved: resume_dir.as_ref().map(|_| step),
+            last_validated: None,
+            config,
+            vconfig,
+            out,
+            _lock: lock,
+            cache,
+            folder_transformer: folder.component_dir("transformer"),
+            tc,
+            model,
+            mode,
+            spec,
+            adapter_params,
+            tschedule,
+            image_encoder,
+            validation,
+            validators: validator_refs,
+            scheduler_plugin,
+            on_checkpoint_file,
+            run_config,
+            n,
+            bs,
+            k,
+            batches_per_epoch,
+            total_steps,
+            lr_schedule,
+            optimizer,
+            rng,
+            step,
+            pos,
+            elapsed_s,
+            last_lr,
+            scaler,
+            metrics,
+            bar,
+            summary,
+        })
+    }
+
+    /// One optimizer update: an accumulation window of `k` micro-batches (fewer at the end of
+    /// an epoch, as accelerate syncs gradients at the end of the dataloader), the fp16 overflow
+    /// check, clipping and AdamW. Logs and returns the step's record.
+    pub(crate) fn train_step(&mut self) -> Result<StepRecord, TrainerError> {
+        let t0 = Instant::now();
+        let step_epoch = self.pos.epoch;
+        let (n, bs, k) = (self.n, self.bs, self.k);
+        let mut acc: Option<InnerTensors<B>> = None;
+        let mut losses = Vec::new();
+        let mut samples = 0usize;
+        for _ in 0..k {
+            if self.order_epoch != self.pos.epoch {
+                self.order = epoch_order(self.config.seed, self.pos.epoch, n);
+                self.order_epoch = self.pos.epoch;
+            }
+            let start = self.pos.batch as usize * bs;
+            let idx = &self.order[start..(start + bs).min(n)];
+            let (batch, draw) =
+                make_micro_batch::<B>(&self.cache, idx, &self.tc, &self.tschedule, self.image_encoder.as_ref(), &mut self.rng, &self.device)?;
+            let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+            let (loss, grads) = cogvx_train::loss_and_grads_scaled(self.mode, &mut self.model, &self.tschedule.schedule, &batch, &draw, loss_scale)?;
+            losses.push(loss);
+            samples += idx.len();
+            let grads: InnerTensors<B> = if k == 1 { grads } else { grads.into_iter().map(|(n, g)| (n, g.mul_scalar(1.0 / k as f64))).collect() };
+            acc = Some(match acc {
+                None => grads,
+                Some(mut a) => {
+                    for (name, g) in grads {
+                        let v = match a.remove(&name) {
+                            Some(prev) => prev.add(g),
+                            None => g,
+                        };
+                        a.insert(name, v);
+                    }
+                    a
+                }
+            });
+            self.pos.batch += 1;
+            if self.pos.batch == self.batches_per_epoch {
+                self.pos = DataPosition { epoch: self.pos.epoch + 1, batch: 0 };
+                break;
+            }
+        }
+        let step = self.step;
+        let lr = self.lr_schedule.lr_at(self.config.learning_rate, step);
+        let grads = acc.unwrap_or_default();
+        // fp16: the scaler records whether the gradients are finite; a step whose gradients
+        // overflowed is skipped (the scale is halved).
+        let taken = self.scaler.as_mut().is_none_or(|s| s.update(cogvx_train::total_grad_norm(&grads).is_finite()));
+        let grad_norm = if taken {
+            cogvx_train::apply_update_for(self.mode, &mut self.model, grads, &mut self.optimizer, lr, Some(self.config.max_grad_norm))?
+        } else {
+            let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+            tracing::warn!("step {}: fp16 gradients overflowed; step skipped, loss scale now {scale}", step + 1);
+            self.summary.skipped_steps.push(step + 1);
+            f64::INFINITY
+        };
+        let step = step + 1;
+        self.step = step;
+        self.last_lr = lr;
+        let loss = losses.iter().sum::<f64>() / losses.len() as f64;
+        let dt = t0.elapsed().as_secs_f64();
+        self.elapsed_s += dt;
+        let record = StepRecord { step, epoch: step_epoch, loss, lr, grad_norm, step_time_s: dt, samples_per_s: samples as f64 / dt.max(1e-9) };
+        self.metrics.log(&record)?;
+        self.bar.update(step, loss, lr);
+        tracing::debug!("step {step}: loss {loss:.6} lr {lr:.3e} grad_norm {grad_norm:.4}");
+        self.summary.losses.push((step, loss));
+        if !loss.is_finite() {
+            tracing::warn!("step {step}: the loss is {loss}");
+        }
+        Ok(record)
+    }
+
+    /// Writes `checkpoint-<step>/` (pruning old ones to `checkpoints_total_limit`).
+    fn save_checkpoint(&mut self) -> Result<(), TrainerError> {
+        let ck = Checkpoint {
+            state: TrainerState {
+                format: checkpoint::CHECKPOINT_FORMAT.into(),
+                step: self.step,
+                total_steps: self.total_steps,
+                num_samples: self.n as u64,
+                data: self.pos,
+                lr_schedule: self.lr_schedule,
+                last_lr: self.last_lr,
+                rng: self.rng.state(),
+                elapsed_s: self.elapsed_s,
+                config: self.config.clone(),
+                validation: self.vconfig.clone(),
+                loss_scaler: self.scaler.clone(),
+                run_config: self.run_config.clone(),
+            },
+            weights: host_tensors(&checkpoint_values(self.mode, &mut self.model)),
+            optimizer: self.optimizer.state_to_host(),
+        };
+        let dir = write_checkpoint(&self.out, &ck, self.on_checkpoint_file)?;
+        if let Some(keep) = self.config.checkpoints_total_limit {
+            for d in checkpoint::prune_checkpoints(&self.out, keep)? {
+                tracing::info!("removed old checkpoint {}", d.display());
+            }
+        }
+        tracing::info!("saved {}", dir.display());
+        self.summary.last_checkpoint = Some(dir);
+        self.last_saved = Some(self.step);
+        Ok(())
+    }
+
+    /// Redraws `loss.png` from the metrics (a failure is a warning: the run goes on).
+    fn plot(&self) {
+        if let Err(e) = cogvx_metrics::plot_loss_curve(&self.out.join(METRICS_FILE), &self.out.join(LOSS_PLOT_FILE)) {
+            tracing::warn!("loss curve not drawn: {e}");
+        }
+    }
+
+    /// A checkpoint of the current step, and the loss curve.
+    pub(crate) fn checkpoint(&mut self) -> Result<(), TrainerError> {
+        self.save_checkpoint()?;
+        self.plot();
+        Ok(())
+    }
+
+    /// Samples the validation prompts with the current weights, runs the validators.
+    pub(crate) fn validate(&mut self) -> Result<(), TrainerError> {
+        let videos = self.validation.run(
+            self.step,
+            self.model.valid(),
+            self.scheduler_plugin.as_deref_mut(),
+            &mut self.validators,
+            &mut self.metrics,
+            &self.device,
+        )?;
+        self.summary.validation_videos.extend(videos);
+        self.last_validated = Some(self.step);
+        Ok(())
+    }
+
+    /// The end of the run: a checkpoint of the last step (the official trainer's `must_save`),
+    /// the loss curve, then (unless stopped early) validation and the export.
+    pub(crate) fn finish(mut self) -> Result<TrainSummary, TrainerError> {
+        let step = self.step;
+        self.summary.step = step;
+        if self.last_saved != Some(step) && step > 0 {
+            self.save_checkpoint()?;
+        }
+        self.plot();
+        self.bar.finish();
+        if self.summary.stopped_early {
+            tracing::info!("stopped at step {step} of {}; resume with `Resume::Latest`", self.total_steps);
+            return Ok(self.summary);
+        }
+        if self.vconfig.enabled() && self.last_validated != Some(step) {
+            self.validate()?;
+        }
+        let path = export(&mut self.model, &self.config, &self.spec, &self.adapter_params, &self.folder_transformer, &self.out)?;
+        tracing::info!("wrote {}", path.display());
+        self.summary.exported = Some(path);
+        Ok(self.summary)
+    }
+}
+
+/// The checkpoint `resume` names: a given folder, or the newest one under `out` that reads back
+/// whole (damaged ones are skipped with a warning; a run whose every checkpoint is damaged is an
+/// error, not a fresh start).
+fn find_resume_checkpoint(resume: Option<Resume>, out: &Path) -> Result<Option<(PathBuf, Checkpoint)>, TrainerError> {
+    match resume {
+        None => Ok(None),
+        Some(Resume::Path(p)) => {
+            if !p.join(checkpoint::STATE_FILE).is_file() {
+                return input(format!("--resume {}: not a checkpoint folder (no {})", p.display(), checkpoint::STATE_FILE));
+            }
+            let ck = read_checkpoint(&p)?;
+            Ok(Some((p, ck)))
+        }
+        Some(Resume::Latest) => {
+            let all = list_checkpoints(out)?;
+            if all.is_empty() {
+                tracing::info!("no checkpoint under {}; starting a new run", out.display());
+            }
+            let mut damaged = Vec::new();
+            for (_, dir) in all.iter().rev() {
+                match read_checkpoint(dir) {
+                    Ok(ck) => return Ok(Some((dir.clone(), ck))),
+                    Err(e) => {
+                        tracing::warn!("skipping damaged checkpoint {}: {e}", dir.display());
+                        damaged.push(e.to_string());
+                    }
+                }
+            }
+            if !all.is_empty() {
+                return input(format!(
+                    "--resume latest: every checkpoint under {} is damaged ({}); remove them to start a new run there",
+                    out.display(),
+                    damaged.join("; ")
+                ));
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// The trainable tensors of the model by name, on the host.
+fn host_tensors<B: Backend>(t: &BTreeMap<String, AdapterTensor<B>>) -> checkpoint::HostTensors {
+    t.iter().map(|(k, v)| (k.clone(), (v.shape(), v.to_vec()))).collect()
+}
+
+fn from_host<B: Backend>(t: &checkpoint::HostTensors, device: &B::Device, path: &Path) -> Result<BTreeMap<String, AdapterTensor<B>>, TrainerError> {
+    t.iter()
+        .map(|(k, (shape, data))| {
+            AdapterTensor::from_vec(shape, data.clone(), device)
+                .map(|v| (k.clone(), v))
+                .ok_or_else(|| TrainerError::Io { path: path.to_path_buf(), message: format!("tensor `{k}` has shape {shape:?}, not a vector or matrix") })
+        })
+        .collect()
+}
+
+/// What a checkpoint stores of the model: every adapter parameter (trainable or not: a recipe
+/// may have frozen, randomly initialised ones), or every transformer weight for SFT.
+fn checkpoint_values<B: AutodiffBackend>(mode: TrainMode, model: &mut CogVideoXTransformer3DModel<B>) -> InnerTensors<B> {
+    match mode {
+        TrainMode::Adapter => cogvx_train::all_adapter_values(model),
+        TrainMode::Full => cogvx_train::full_values(model),
+    }
+}
+
+/// The final export: the built-in LoRA as diffusers' `pytorch_lora_weights.safetensors`
+/// (`save_lora`), a plugin adapter under PEFT's names in the same file (`save_adapter`, PEFT
+/// config in the header), SFT as a diffusers transformer folder `output_dir/transformer/`
+/// (in `config.export_dtype`, sharded as diffusers does, with the source `config.json`).
+fn export<B: AutodiffBackend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+    config: &TrainConfig,
+    spec: &AdapterSpec,
+    adapter_params: &serde_json::Value,
+    source_transformer: &Path,
+    out: &Path,
+) -> Result<PathBuf, TrainerError> {
+    if config.is_sft() {
+        let dir = out.join(SFT_EXPORT_DIR);
+        let f = cogvx_train::save_transformer_folder(model, source_transformer, &dir, cogvx_train::DEFAULT_MAX_SHARD_BYTES, config.export_dtype)?;
+        return Ok(f.dir);
+    }
+    if config.is_lora() {
+        let meta = cogvx_train::LoraMetadata { rank: config.rank, alpha: config.alpha, target_modules: config.target_modules.clone() };
+        return Ok(cogvx_train::save_lora(out, &cogvx_train::trainable_values(model), &meta)?);
+    }
+    let mut meta = cogvx_train::adapter_metadata(model, spec, BTreeMap::new())?;
+    meta.config = cogvx_train::peft_settings(&meta.peft_type, adapter_params);
+    Ok(cogvx_train::save_adapter(model, out, &meta)?)
+}
+
+/// Shape-defining keys a resumed run must share with its checkpoint.
+fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result<(), TrainerError> {
+    let mut diffs = Vec::new();
+    macro_rules! same {
+        ($k:ident) => {
+            if saved.$k != now.$k {
+                diffs.push(format!("`{}` = {:?} there, {:?} now", stringify!($k), saved.$k, now.$k));
+            }
+        };
+    }
+    same!(adapter);
+    same!(rank);
+    same!(alpha);
+    same!(target_modules);
+    same!(batch_size);
+    same!(gradient_accumulation_steps);
+    same!(seed);
+    same!(mixed_precision);
+    if !diffs.is_empty() {
+        return input(format!(
+            "cannot resume from {}: it was trained with other settings ({}); restore them or start a new run in another output_dir",
+            dir.display(),
+            diffs.join("; ")
+        ));
+    }
+    for (k, a, b) in [
+        ("learning_rate", saved.learning_rate, now.learning_rate),
+        ("weight_decay", saved.weight_decay, now.weight_decay),
+        ("max_grad_norm", saved.max_grad_norm, now.max_grad_norm),
+    ] {
+        if a != b {
+            tracing::warn!("resuming {} with `{k}` = {b} (the checkpoint used {a}): the loss curve will differ from an uninterrupted run", dir.display());
+        }
+    }
+    if saved.lr_scheduler != now.lr_scheduler || saved.lr_warmup_steps != now.lr_warmup_steps {
+        tracing::warn!("resuming {} with another learning-rate schedule", dir.display());
+    }
+    Ok(())
+}
+
+
+/// Keys of the run config that name where something is, not what it is: a resume with another
+/// value (a moved dataset or model folder) is logged, not refused.
+const LOCATION_KEYS: &[&str] = &["model.path", "data.root", "data.validation_root", "data.cache_dir", "plugins", "device"];
+
+/// `value` as `dotted.key -> JSON text` leaves (objects are descended into, arrays are leaves).
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        v => {
+            out.insert(prefix.to_string(), v.to_string());
+        }
+    }
+}
+
+/// The rest of the config a resumed run must share with its checkpoint: every key outside
+/// `[train]` and `[validation]` (which [`check_resumable`] compares), locations excepted.
+fn check_same_run_config(saved: Option<&serde_json::Value>, now: Option<&serde_json::Value>, dir: &Path) -> Result<(), TrainerError> {
+    let (Some(saved), Some(now)) = (saved, now) else { return Ok(()) };
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", saved, &mut a);
+    flatten("", now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut diffs = Vec::new();
+    for key in keys {
+        if key.starts_with("train.") || key.starts_with("validation.") {
+            continue;
+        }
+        let (x, y) = (a.get(key), b.get(key));
+        if x == y {
+            continue;
+        }
+        let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
+        let location = LOCATION_KEYS.iter().any(|l| key == l || key.starts_with(&format!("{l}.")));
+        if location {
+            tracing::warn!("resuming {} with `{key}` = {} (the checkpoint's run had {})", dir.display(), show(y), show(x));
+        } else {
+            diffs.push(format!("`{key}` = {} there, {} now", show(x), show(y)));
+        }
+    }
+    if !diffs.is_empty() {
+        return input(format!(
+            "cannot resume from {}: its run had another config ({}); restore it or start a new run in another output_dir",
+            dir.display(),
+            diffs.join("; ")
+        ));
+    }
+    Ok(())
+}
