@@ -44,7 +44,7 @@ pub struct Cli {
     #[arg(long, value_name = "DEVICE", global = true)]
     pub device: Option<config::Device>,
 
-    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    /// More log output: -v cogvx's debug lines, -vv its trace lines, -vvv everything's. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 
@@ -297,14 +297,35 @@ pub enum BenchCommand {
     },
 }
 
+/// The tracing targets of cogvx's own crates (`-v` raises these, not wasmtime's or cranelift's).
+const COGVX_TARGETS: &[&str] = &[
+    "cogvx", "cogvx_adapters", "cogvx_bench", "cogvx_cache", "cogvx_data", "cogvx_engine", "cogvx_io", "cogvx_metrics",
+    "cogvx_model_core", "cogvx_plan", "cogvx_plugin_host", "cogvx_scheduler", "cogvx_text", "cogvx_train", "cogvx_trainer",
+    "cogvx_transformer", "cogvx_vae", "cogvx_video",
+];
+
+/// The log filter of `-v` count `verbose`: info everywhere; `-v` debug and `-vv` trace for
+/// cogvx's crates only (a dependency's debug lines, thousands from the WASM compiler, would
+/// bury them); `-vvv` trace everywhere.
+fn log_filter(verbose: u8) -> String {
+    let ours = |level: &str| {
+        let mut f = String::from("info");
+        for t in COGVX_TARGETS {
+            f.push_str(&format!(",{t}={level}"));
+        }
+        f
+    };
+    match verbose {
+        0 => "info".into(),
+        1 => ours("debug"),
+        2 => ours("trace"),
+        _ => "trace".into(),
+    }
+}
+
 fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_filter(verbose)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| cogvx_metrics::console::SuspendingStderr).with_ansi(ansi).with_target(false).try_init();
 }
@@ -352,4 +373,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn parse_mixed_precision(s: &str) -> Result<cogvx_model_core::precision::MixedPrecision, String> {
     use cogvx_model_core::precision::MixedPrecision;
     MixedPrecision::parse(s).ok_or_else(|| format!("`{s}`: expected one of {}", MixedPrecision::NAMES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbose_raises_every_cogvx_crate_and_no_dependency() {
+        // Every cogvx crate of the workspace is in COGVX_TARGETS.
+        let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml")).unwrap();
+        let crates: Vec<String> = manifest
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("cogvx-"))
+            .filter_map(|l| l.split_once(" = { path = \"host/"))
+            .map(|(name, _)| format!("cogvx_{}", name.replace('-', "_")))
+            .collect();
+        assert!(crates.len() >= 15, "{crates:?}");
+        for c in crates.iter().filter(|c| *c != "cogvx_fixtures") {
+            assert!(COGVX_TARGETS.contains(&c.as_str()), "{c} is missing from COGVX_TARGETS");
+        }
+        let v = log_filter(1);
+        assert!(v.starts_with("info,") && v.contains(",cogvx_trainer=debug") && !v.contains("wasmtime"), "{v}");
+        assert_eq!(log_filter(0), "info");
+        assert!(log_filter(2).contains(",cogvx_cache=trace"));
+        assert_eq!(log_filter(3), "trace");
+        // The filter parses.
+        tracing_subscriber::EnvFilter::try_new(v).unwrap();
+    }
 }

@@ -102,6 +102,36 @@ fn take_plugins(registry: &mut Registry, settings: &Settings, train: &TrainConfi
     Ok(RunPlugins { adapter, scheduler, validators })
 }
 
+/// The run's whole resolved config (the config file with the command line's overrides, paths
+/// resolved), stored in its checkpoints: a resume under another one is refused naming the keys
+/// that differ ([`TrainJob::run_config`]).
+fn run_config(settings: &Settings, train: &TrainConfig, validation: &ValidationConfig) -> Result<serde_json::Value> {
+    let c = &settings.config;
+    let plugin_files: Vec<&PathBuf> = c.plugins.iter().chain(&settings.cli_plugins).collect();
+    Ok(serde_json::json!({
+        "model": {
+            "path": c.model.path,
+            "task": c.model.task.map(|t| t.to_string()),
+            "name": c.model.name,
+            "scheduler": c.model.scheduler,
+        },
+        "data": {
+            "root": c.data.root,
+            "validation_root": c.data.validation_root,
+            "resolution": settings.resolution.to_string(),
+            "reader": c.data.reader,
+            "transforms": c.data.transforms,
+            "rewriters": c.data.rewriters,
+            "seed": c.data.seed,
+            "cache_dir": c.data.cache_dir,
+        },
+        "plugins": plugin_files,
+        "plugin": serde_json::to_value(&c.plugin)?,
+        "train": serde_json::to_value(train)?,
+        "validation": serde_json::to_value(validation)?,
+    }))
+}
+
 pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     // Every check before any work: config values, model kind, data root, plugins, output folder.
     let (train, validation) = effective_configs(settings, &args)?;
@@ -182,6 +212,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     job.scheduler_plugin = plugins.scheduler.as_mut().map(|p| p as &mut dyn Plugin);
     job.validators = plugins.validators.iter_mut().map(|p| p as &mut dyn Plugin).collect();
     job.resume = resume;
+    job.run_config = Some(run_config(settings, &job.config, &job.validation)?);
     job.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
 
     match settings.device {
