@@ -10,6 +10,8 @@
 //!
 //! API version: [`API_VERSION`].
 
+#![deny(missing_docs)]
+
 // Lets the wit-bindgen output (which names this crate by path) compile inside the crate itself.
 extern crate self as cogvx_plugin_api;
 
@@ -30,10 +32,10 @@ pub mod wasm;
 pub mod __private {
     #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
     pub use crate::native;
-    #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
-    pub use abi_stable;
     #[cfg(target_arch = "wasm32")]
     pub use crate::wasm;
+    #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+    pub use abi_stable;
     #[cfg(target_arch = "wasm32")]
     pub use wit_bindgen;
 }
@@ -153,7 +155,10 @@ pub use serde_json;
 /// Deserialises one field of a plugin's parameters, naming its key in the error (serde names
 /// only unknown keys, not the key whose value has the wrong type). Use it through
 /// [`keyed_fields!`].
-pub fn keyed<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(key: &str, d: D) -> Result<T, D::Error> {
+pub fn keyed<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    key: &str,
+    d: D,
+) -> Result<T, D::Error> {
     T::deserialize(d).map_err(|e| <D::Error as serde::de::Error>::custom(format!("`{key}`: {e}")))
 }
 
@@ -180,9 +185,16 @@ macro_rules! keyed_fields {
 /// [`Plugin::configure`]. The error, [`PluginError::Invalid`], reads
 /// `<plugin>: bad [plugin.<plugin>] table: <what serde says>`, without JSON line/column
 /// positions: the JSON is the host's conversion of the user's TOML, so they would mislead.
-pub fn parse_params<T: serde::de::DeserializeOwned>(plugin: &str, params_json: &str) -> PluginResult<T> {
+pub fn parse_params<T: serde::de::DeserializeOwned>(
+    plugin: &str,
+    params_json: &str,
+) -> PluginResult<T> {
     let text = params_json.trim();
-    let text = if text.is_empty() || text == "null" { "{}" } else { text };
+    let text = if text.is_empty() || text == "null" {
+        "{}"
+    } else {
+        text
+    };
     serde_json::from_str(text).map_err(|e| {
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
@@ -194,7 +206,9 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(plugin: &str, params_json: &
 }
 
 fn unsupported<T>(call: &str) -> PluginResult<T> {
-    Err(PluginError::Unsupported(format!("this plugin does not implement `{call}`")))
+    Err(PluginError::Unsupported(format!(
+        "this plugin does not implement `{call}`"
+    )))
 }
 
 /// The one trait a plugin implements. Every method but [`Plugin::info`] has a default that

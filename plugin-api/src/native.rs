@@ -32,8 +32,11 @@ pub struct InstanceHandle(pub *mut c_void);
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NativeErrorKind {
+    /// [`PluginError::Unsupported`].
     Unsupported,
+    /// [`PluginError::Invalid`].
     Invalid,
+    /// [`PluginError::Failed`].
     Failed,
     /// The plugin panicked; the instance must not be used again.
     Panicked,
@@ -43,7 +46,9 @@ pub enum NativeErrorKind {
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 pub struct NativeError {
+    /// How the call failed.
     pub kind: NativeErrorKind,
+    /// What went wrong, for the user.
     pub message: RString,
 }
 
@@ -51,7 +56,9 @@ pub struct NativeError {
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 pub struct NativeReply {
+    /// The result, JSON-encoded (a `Frames` result is sent with `rgb` empty).
     pub json: RString,
+    /// The pixels of a `Frames` result; empty otherwise.
     pub bytes: RVec<u8>,
 }
 
@@ -66,7 +73,12 @@ pub struct PluginModule {
     /// Creates a plugin instance (`T::default()`).
     pub new_instance: extern "C" fn() -> RResult<InstanceHandle, NativeError>,
     /// Calls `method` (the WIT function name, e.g. `plan-transform`) on an instance.
-    pub call: extern "C" fn(InstanceHandle, RStr<'_>, RStr<'_>, RVec<u8>) -> RResult<NativeReply, NativeError>,
+    pub call: extern "C" fn(
+        InstanceHandle,
+        RStr<'_>,
+        RStr<'_>,
+        RVec<u8>,
+    ) -> RResult<NativeReply, NativeError>,
     /// Frees an instance.
     #[sabi(last_prefix_field)]
     pub drop_instance: extern "C" fn(InstanceHandle),
@@ -97,16 +109,23 @@ fn to_native(e: PluginError) -> NativeError {
         PluginError::Invalid(m) => (NativeErrorKind::Invalid, m),
         PluginError::Failed(m) => (NativeErrorKind::Failed, m),
     };
-    NativeError { kind, message: m.into() }
+    NativeError {
+        kind,
+        message: m.into(),
+    }
 }
 
 fn panicked(payload: Box<dyn std::any::Any + Send>) -> NativeError {
-    NativeError { kind: NativeErrorKind::Panicked, message: format!("panicked: {}", panic_message(payload)).into() }
+    NativeError {
+        kind: NativeErrorKind::Panicked,
+        message: format!("panicked: {}", panic_message(payload)).into(),
+    }
 }
 
 /// Entry point: creates an instance of `T`.
 #[doc(hidden)]
-pub extern "C" fn new_instance<T: Plugin + Default + 'static>() -> RResult<InstanceHandle, NativeError> {
+pub extern "C" fn new_instance<T: Plugin + Default + 'static>(
+) -> RResult<InstanceHandle, NativeError> {
     match catch_unwind(|| {
         let plugin: Box<dyn Plugin> = Box::new(T::default());
         InstanceHandle(Box::into_raw(Box::new(plugin)) as *mut c_void)
@@ -137,28 +156,41 @@ pub extern "C" fn call(
     bytes: RVec<u8>,
 ) -> RResult<NativeReply, NativeError> {
     if handle.0.is_null() {
-        return RResult::RErr(NativeError { kind: NativeErrorKind::Failed, message: "null plugin instance".into() });
+        return RResult::RErr(NativeError {
+            kind: NativeErrorKind::Failed,
+            message: "null plugin instance".into(),
+        });
     }
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: created by `new_instance` of this library and not yet freed; the host
         // serialises calls on one instance.
         let plugin: &mut Box<dyn Plugin> = unsafe { &mut *(handle.0 as *mut Box<dyn Plugin>) };
-        dispatch(plugin.as_mut(), method.as_str(), json.as_str(), bytes.into_vec())
+        dispatch(
+            plugin.as_mut(),
+            method.as_str(),
+            json.as_str(),
+            bytes.into_vec(),
+        )
     }));
     match result {
-        Ok(Ok((json, bytes))) => RResult::ROk(NativeReply { json: json.into(), bytes: bytes.into() }),
+        Ok(Ok((json, bytes))) => RResult::ROk(NativeReply {
+            json: json.into(),
+            bytes: bytes.into(),
+        }),
         Ok(Err(e)) => RResult::RErr(to_native(e)),
         Err(p) => RResult::RErr(panicked(p)),
     }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(method: &str, json: &str) -> PluginResult<T> {
-    serde_json::from_str(json)
-        .map_err(|e| PluginError::Invalid(format!("{method}: cannot decode the host's arguments: {e}")))
+    serde_json::from_str(json).map_err(|e| {
+        PluginError::Invalid(format!("{method}: cannot decode the host's arguments: {e}"))
+    })
 }
 
 fn encode<T: serde::Serialize>(method: &str, value: &T) -> PluginResult<String> {
-    serde_json::to_string(value).map_err(|e| PluginError::Failed(format!("{method}: cannot encode the result: {e}")))
+    serde_json::to_string(value)
+        .map_err(|e| PluginError::Failed(format!("{method}: cannot encode the result: {e}")))
 }
 
 /// Splits the pixels off a `Frames` value (they travel as raw bytes).
@@ -170,7 +202,12 @@ pub fn split_frames(mut frames: Frames) -> (Frames, Vec<u8>) {
 
 /// Decodes and runs one call on `plugin`; used by the library side and, for tests, the host.
 #[doc(hidden)]
-pub fn dispatch(plugin: &mut dyn Plugin, method: &str, json: &str, bytes: Vec<u8>) -> PluginResult<(String, Vec<u8>)> {
+pub fn dispatch(
+    plugin: &mut dyn Plugin,
+    method: &str,
+    json: &str,
+    bytes: Vec<u8>,
+) -> PluginResult<(String, Vec<u8>)> {
     let none = Vec::new();
     match method {
         "info" => Ok((encode(method, &plugin.info())?, none)),
@@ -214,7 +251,9 @@ pub fn dispatch(plugin: &mut dyn Plugin, method: &str, json: &str, bytes: Vec<u8
             request.frames.rgb = bytes;
             Ok((encode(method, &plugin.validate(&request)?)?, none))
         }
-        other => Err(PluginError::Unsupported(format!("unknown native call `{other}`"))),
+        other => Err(PluginError::Unsupported(format!(
+            "unknown native call `{other}`"
+        ))),
     }
 }
 
@@ -235,6 +274,9 @@ pub fn root_module<T: Plugin + Default + 'static>() -> PluginModuleRef {
 mod tests {
     #[test]
     fn root_module_symbol_matches_abi_stable() {
-        assert_eq!(super::ROOT_MODULE_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
+        assert_eq!(
+            super::ROOT_MODULE_SYMBOL,
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
     }
 }

@@ -26,9 +26,15 @@ mod tests {
 
     #[test]
     fn control_characters_are_escaped_and_length_is_bounded() {
-        assert_eq!(display_safe("a\u{1b}[2Jb\0\n", 100), "a\\u{1b}[2Jb\\u{0}\\n");
+        assert_eq!(
+            display_safe("a\u{1b}[2Jb\0\n", 100),
+            "a\\u{1b}[2Jb\\u{0}\\n"
+        );
         assert_eq!(display_safe("héllo", 100), "héllo");
         let long = "x".repeat(1000);
-        assert_eq!(display_safe(&long, 10), format!("{}… (990 more bytes)", "x".repeat(10)));
+        assert_eq!(
+            display_safe(&long, 10),
+            format!("{}… (990 more bytes)", "x".repeat(10))
+        );
     }
 }

@@ -72,16 +72,23 @@ pub struct PluginInfo {
 /// A half-open frame range `[start, end)` in source-frame indices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameRange {
+    /// First frame of the range (inclusive).
     pub start: u32,
+    /// One past the last frame of the range (exclusive); above `start`, at most the clip's
+    /// frame count.
     pub end: u32,
 }
 
 /// One training sample as listed by a dataset reader. Paths are relative to the dataset root.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
+    /// The caption (training prompt) of the clip.
     pub caption: String,
+    /// Path of the video clip.
     pub video: String,
+    /// Path of the conditioning image, for image-to-video; `None` without one.
     pub image: Option<String>,
+    /// The part of the clip to use; `None` uses the whole clip.
     pub frames: Option<FrameRange>,
     /// Where the sample came from, for error messages (e.g. `videos.txt:3`).
     pub origin: String,
@@ -92,7 +99,9 @@ pub struct Sample {
 /// What the host knows about a clip before decoding it (display orientation, i.e. after rotation).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipInfo {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
     /// Number of frames in the clip (or in the sample's frame range).
     pub frame_count: u32,
@@ -119,14 +128,23 @@ impl std::str::FromStr for Resolution {
         let parts: Vec<&str> = s.trim().split(['x', 'X']).collect();
         let nums: Vec<u32> = parts.iter().filter_map(|p| p.trim().parse().ok()).collect();
         if parts.len() != 3 || nums.len() != 3 {
-            return Err(format!("`{s}` is not a resolution: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720"));
+            return Err(format!(
+                "`{s}` is not a resolution: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720"
+            ));
         }
-        let r = Resolution { frames: nums[0], height: nums[1], width: nums[2] };
+        let r = Resolution {
+            frames: nums[0],
+            height: nums[1],
+            width: nums[2],
+        };
         if r.frames == 0 || (r.frames - 1) % 8 != 0 {
             return Err(format!("resolution `{s}`: the frame count must be 8N+1 (9, 17, 25, 33, 41, 49, ...), got {}", r.frames));
         }
         if r.height == 0 || r.width == 0 || r.height % 16 != 0 || r.width % 16 != 0 {
-            return Err(format!("resolution `{s}`: height and width must be positive multiples of 16, got {}x{}", r.height, r.width));
+            return Err(format!(
+                "resolution `{s}`: height and width must be positive multiples of 16, got {}x{}",
+                r.height, r.width
+            ));
         }
         Ok(r)
     }
@@ -142,16 +160,22 @@ impl std::fmt::Display for Resolution {
 /// A crop rectangle in source pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CropBox {
+    /// Left edge, in pixels from the frame's left side.
     pub x: u32,
+    /// Top edge, in pixels from the frame's top.
     pub y: u32,
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 
 /// An output size in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Size {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 
@@ -159,9 +183,13 @@ pub struct Size {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResizeFilter {
+    /// Nearest neighbour.
     Nearest,
+    /// Bilinear interpolation.
     Bilinear,
+    /// Bicubic interpolation (Catmull-Rom).
     Bicubic,
+    /// Lanczos with three lobes; the default.
     #[default]
     Lanczos3,
 }
@@ -176,6 +204,7 @@ pub struct TransformPlan {
     pub crop: Option<CropBox>,
     /// The output size; `None` keeps the (cropped) size.
     pub resize: Option<Size>,
+    /// The filter used for `resize`.
     pub filter: ResizeFilter,
 }
 
@@ -187,7 +216,12 @@ pub const MAX_PLAN_FRAMES: usize = 100_000;
 impl TransformPlan {
     /// The identity plan: every frame, no crop, no resize.
     pub fn identity(clip: &ClipInfo) -> Self {
-        TransformPlan { frames: (0..clip.frame_count).collect(), crop: None, resize: None, filter: ResizeFilter::default() }
+        TransformPlan {
+            frames: (0..clip.frame_count).collect(),
+            crop: None,
+            resize: None,
+            filter: ResizeFilter::default(),
+        }
     }
 
     /// Checks the plan against the clip it is for: at least one and at most
@@ -199,9 +233,17 @@ impl TransformPlan {
             return Err("the plan selects no frames".into());
         }
         if self.frames.len() > MAX_PLAN_FRAMES {
-            return Err(format!("the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}", self.frames.len()));
+            return Err(format!(
+                "the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}",
+                self.frames.len()
+            ));
         }
-        if let Some((pos, &index)) = self.frames.iter().enumerate().find(|(_, &i)| i >= clip.frame_count) {
+        if let Some((pos, &index)) = self
+            .frames
+            .iter()
+            .enumerate()
+            .find(|(_, &i)| i >= clip.frame_count)
+        {
             return Err(format!(
                 "frame index {index} (position {pos} of {}) is out of range: the clip has {} frames (valid: 0..{})",
                 self.frames.len(),
@@ -211,7 +253,10 @@ impl TransformPlan {
         }
         if let Some(c) = self.crop {
             if c.width == 0 || c.height == 0 {
-                return Err(format!("the crop box {}x{} at ({}, {}) has a zero size", c.width, c.height, c.x, c.y));
+                return Err(format!(
+                    "the crop box {}x{} at ({}, {}) has a zero size",
+                    c.width, c.height, c.x, c.y
+                ));
             }
             let right = c.x as u64 + c.width as u64;
             let bottom = c.y as u64 + c.height as u64;
@@ -224,10 +269,16 @@ impl TransformPlan {
         }
         if let Some(s) = self.resize {
             if s.width == 0 || s.height == 0 {
-                return Err(format!("the output size {}x{} has a zero side", s.width, s.height));
+                return Err(format!(
+                    "the output size {}x{} has a zero side",
+                    s.width, s.height
+                ));
             }
             if s.width > MAX_PLAN_SIDE || s.height > MAX_PLAN_SIDE {
-                return Err(format!("the output size {}x{} exceeds the {MAX_PLAN_SIDE} px limit", s.width, s.height));
+                return Err(format!(
+                    "the output size {}x{} exceeds the {MAX_PLAN_SIDE} px limit",
+                    s.width, s.height
+                ));
             }
         }
         Ok(())
@@ -238,18 +289,27 @@ impl TransformPlan {
 /// built so far by earlier transforms in the chain, and a per-sample seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TransformRequest {
+    /// The clip, restricted to the sample's frame range.
     pub clip: ClipInfo,
+    /// The training resolution.
     pub target: Resolution,
+    /// The plan so far; the identity plan for the first transform of the chain.
     pub plan: TransformPlan,
+    /// Per-sample seed (from the run's seed, the video's content and the frame range), for
+    /// deterministic random choices.
     pub seed: u64,
 }
 
 /// Decoded frames, RGB8, row-major, `count * height * width * 3` bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Frames {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
+    /// Number of frames.
     pub count: u32,
+    /// The pixels, frame after frame: `count * height * width * 3` bytes.
     pub rgb: Vec<u8>,
 }
 
@@ -258,7 +318,10 @@ impl Frames {
     /// bytes of RGB.
     pub fn check(&self) -> Result<(), String> {
         if self.width == 0 || self.height == 0 || self.count == 0 {
-            return Err(format!("the frames have a zero size ({} frames of {}x{})", self.count, self.width, self.height));
+            return Err(format!(
+                "the frames have a zero size ({} frames of {}x{})",
+                self.count, self.width, self.height
+            ));
         }
         let want = self.count as u64 * self.height as u64 * self.width as u64 * 3;
         if self.rgb.len() as u64 != want {
@@ -290,19 +353,34 @@ pub enum Dim {
     Fixed(u32),
     /// A factor of `In` or `Out` (LoKr): the largest divisor of the dimension that is `<= limit`,
     /// or its cofactor when `cofactor` is set.
-    Factor { of_out: bool, limit: u32, cofactor: bool },
+    Factor {
+        /// Factor `Out` when set, `In` otherwise.
+        of_out: bool,
+        /// The largest factor allowed (0 counts as 1).
+        limit: u32,
+        /// Take the cofactor (the dimension divided by the factor) instead of the factor.
+        cofactor: bool,
+    },
 }
 
 /// How an adapter parameter is initialised.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Init {
+    /// All zeros.
     Zeros,
+    /// All ones.
     Ones,
     /// Normal(0, std).
-    Normal { std: f32 },
+    Normal {
+        /// Standard deviation.
+        std: f32,
+    },
     /// PyTorch's `kaiming_uniform_(a)` over the parameter's fan-in (last dim).
-    KaimingUniform { a: f32 },
+    KaimingUniform {
+        /// The negative slope `a` of `kaiming_uniform_` (LoRA's `lora_A` uses `√5`).
+        a: f32,
+    },
     /// The row L2 norm of the base weight (DoRA's magnitude vector), shape `[Out]`.
     BaseRowNorm,
 }
@@ -310,9 +388,13 @@ pub enum Init {
 /// One trainable (or frozen) adapter parameter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParamSpec {
+    /// Name, unique in the recipe; [`Op::Param`] and [`ExportKey::param`] refer to it.
     pub name: String,
+    /// The shape: one dimension (a vector) or two (a matrix).
     pub shape: Vec<Dim>,
+    /// How the parameter is initialised.
     pub init: Init,
+    /// Whether training updates it; a frozen parameter keeps its initial value.
     pub trainable: bool,
 }
 
@@ -324,8 +406,11 @@ pub enum Op {
     BaseWeight,
     /// A parameter by name.
     Param(String),
+    /// Matrix product, `[m, k] x [k, n] -> [m, n]`.
     Matmul(u32, u32),
+    /// Element-wise sum of two values of the same shape.
     Add(u32, u32),
+    /// Element-wise difference (first minus second) of two values of the same shape.
     Sub(u32, u32),
     /// Element-wise product (with broadcasting of a `[Out]` vector over rows).
     Mul(u32, u32),
@@ -335,6 +420,7 @@ pub enum Op {
     Scale(u32, f32),
     /// Multiply by `alpha / rank` of the configured adapter.
     AlphaOverRank(u32),
+    /// Matrix transpose, `[m, n] -> [n, m]`.
     Transpose(u32),
     /// The L2 norm of each row, `[Out, In] -> [Out]`.
     RowNorm(u32),
@@ -363,9 +449,13 @@ pub enum AdapterOutput {
 pub struct AdapterRequest {
     /// Module path in diffusers naming, e.g. `transformer_blocks.0.attn1.to_q`.
     pub layer: String,
+    /// The layer's input features (the base weight is `[Out, In]`).
     pub in_features: u32,
+    /// The layer's output features.
     pub out_features: u32,
+    /// The configured rank, positive.
     pub rank: u32,
+    /// The configured alpha (PEFT's `lora_alpha`); [`Op::AlphaOverRank`] scales by `alpha / rank`.
     pub alpha: f32,
 }
 
@@ -375,14 +465,21 @@ impl AdapterRequest {
     pub fn check(&self) -> Result<(), String> {
         let layer = &self.layer;
         if self.rank == 0 {
-            return Err(format!("layer `{layer}`: the rank must be a positive integer, not 0"));
+            return Err(format!(
+                "layer `{layer}`: the rank must be a positive integer, not 0"
+            ));
         }
         if self.in_features == 0 || self.out_features == 0 {
             let (i, o) = (self.in_features, self.out_features);
-            return Err(format!("layer `{layer}` has {i} -> {o} features; both must be positive"));
+            return Err(format!(
+                "layer `{layer}` has {i} -> {o} features; both must be positive"
+            ));
         }
         if !self.alpha.is_finite() {
-            return Err(format!("layer `{layer}`: alpha {} is not finite", self.alpha));
+            return Err(format!(
+                "layer `{layer}`: alpha {} is not finite",
+                self.alpha
+            ));
         }
         Ok(())
     }
@@ -391,7 +488,9 @@ impl AdapterRequest {
 /// How a parameter is named in the exported file: `<prefix>.<layer>.<suffix>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExportKey {
+    /// The parameter's name ([`ParamSpec::name`]).
     pub param: String,
+    /// The name after the layer, e.g. `lora_A.weight`; unique in the recipe.
     pub suffix: String,
 }
 
@@ -399,11 +498,15 @@ pub struct ExportKey {
 /// and the names under which the parameters are exported (PEFT naming).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdapterRecipe {
+    /// The adapter's parameters.
     pub params: Vec<ParamSpec>,
+    /// The op graph; node `i` refers only to nodes before it.
     pub graph: Vec<Op>,
     /// Index of the node whose value is the adapter's output.
     pub output: u32,
+    /// What the output node's value means.
     pub output_kind: AdapterOutput,
+    /// The export names of the parameters; every trainable parameter needs one.
     pub export: Vec<ExportKey>,
     /// PEFT's adapter type for the export metadata, e.g. `LORA`, `LOHA`, `LOKR`.
     pub peft_type: String,
@@ -435,18 +538,26 @@ pub struct SchedulerTables {
 pub struct StepCoefficients {
     /// The model timestep for this step.
     pub timestep: u32,
+    /// Coefficient of `sample` in `x0`.
     pub x0_sample: f64,
+    /// Coefficient of `model_output` in `x0`.
     pub x0_model_output: f64,
+    /// Coefficient of `sample` in `prev`.
     pub sample_coef: f64,
+    /// Coefficient of `model_output` in `prev`.
     pub model_output_coef: f64,
+    /// Coefficient of this step's `x0` in `prev`.
     pub x0_coef: f64,
+    /// Coefficients of earlier steps' `x0` in `prev`, most recent first; empty for none.
     pub x0_history: Vec<f64>,
+    /// Coefficient of fresh standard-normal noise in `prev`; `0` draws no noise.
     pub noise_coef: f64,
 }
 
 /// A whole inference schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InferencePlan {
+    /// The steps in the order they run, one model call each; at least one.
     pub steps: Vec<StepCoefficients>,
 }
 
@@ -455,6 +566,7 @@ pub struct InferencePlan {
 pub struct SchedulerPlanRequest {
     /// The model folder's `scheduler/scheduler_config.json`, verbatim.
     pub config_json: String,
+    /// The number of inference steps asked for.
     pub num_inference_steps: u32,
 }
 
@@ -463,15 +575,20 @@ pub struct SchedulerPlanRequest {
 /// Input of [`crate::Plugin::validate`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ValidateRequest {
+    /// The prompt the video was generated from.
     pub prompt: String,
+    /// The decoded video.
     pub frames: Frames,
+    /// The video's frame rate in frames per second.
     pub fps: f64,
 }
 
 /// A named scalar a validator reports.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
+    /// Name; the host logs it as `<validator>.<name>`.
     pub name: String,
+    /// The value; a non-finite one is logged as null.
     pub value: f64,
 }
 
@@ -480,14 +597,27 @@ mod tests {
     use super::*;
 
     fn clip() -> ClipInfo {
-        ClipInfo { width: 640, height: 360, frame_count: 10, fps: 24.0 }
+        ClipInfo {
+            width: 640,
+            height: 360,
+            frame_count: 10,
+            fps: 24.0,
+        }
     }
 
     fn plan() -> TransformPlan {
         TransformPlan {
             frames: vec![0, 5, 9, 9],
-            crop: Some(CropBox { x: 40, y: 0, width: 600, height: 360 }),
-            resize: Some(Size { width: 720, height: 480 }),
+            crop: Some(CropBox {
+                x: 40,
+                y: 0,
+                width: 600,
+                height: 360,
+            }),
+            resize: Some(Size {
+                width: 720,
+                height: 480,
+            }),
             filter: ResizeFilter::Lanczos3,
         }
     }
@@ -508,7 +638,10 @@ mod tests {
         assert_eq!(check(&|p| p.frames.clear()), "the plan selects no frames");
         assert_eq!(
             check(&|p| p.frames = vec![0; MAX_PLAN_FRAMES + 1]),
-            format!("the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}", MAX_PLAN_FRAMES + 1)
+            format!(
+                "the plan selects {} frames, more than the limit of {MAX_PLAN_FRAMES}",
+                MAX_PLAN_FRAMES + 1
+            )
         );
         assert_eq!(
             check(&|p| p.frames = vec![0, 10]),
@@ -518,36 +651,95 @@ mod tests {
             check(&|p| p.crop = Some(CropBox { x: 100, y: 0, width: 600, height: 360 })),
             "the crop box 600x360 at (100, 0) lies outside the 640x360 frame (it reaches x=700, y=360)"
         );
-        assert!(check(&|p| p.crop = Some(CropBox { x: u32::MAX, y: 0, width: 2, height: 1 })).contains("lies outside"));
+        assert!(check(&|p| p.crop = Some(CropBox {
+            x: u32::MAX,
+            y: 0,
+            width: 2,
+            height: 1
+        }))
+        .contains("lies outside"));
         assert_eq!(
-            check(&|p| p.crop = Some(CropBox { x: 0, y: 0, width: 0, height: 360 })),
+            check(&|p| p.crop = Some(CropBox {
+                x: 0,
+                y: 0,
+                width: 0,
+                height: 360
+            })),
             "the crop box 0x360 at (0, 0) has a zero size"
         );
-        assert_eq!(check(&|p| p.resize = Some(Size { width: 720, height: 0 })), "the output size 720x0 has a zero side");
         assert_eq!(
-            check(&|p| p.resize = Some(Size { width: 720, height: MAX_PLAN_SIDE + 1 })),
-            format!("the output size 720x{} exceeds the {MAX_PLAN_SIDE} px limit", MAX_PLAN_SIDE + 1)
+            check(&|p| p.resize = Some(Size {
+                width: 720,
+                height: 0
+            })),
+            "the output size 720x0 has a zero side"
+        );
+        assert_eq!(
+            check(&|p| p.resize = Some(Size {
+                width: 720,
+                height: MAX_PLAN_SIDE + 1
+            })),
+            format!(
+                "the output size 720x{} exceeds the {MAX_PLAN_SIDE} px limit",
+                MAX_PLAN_SIDE + 1
+            )
         );
     }
 
     #[test]
     fn ops_serialise_as_kebab_case_json() {
-        let graph = vec![Op::BaseWeight, Op::Param("m".into()), Op::RowNorm(0), Op::Detach(2), Op::Div(1, 3), Op::Scale(4, 0.5)];
+        let graph = vec![
+            Op::BaseWeight,
+            Op::Param("m".into()),
+            Op::RowNorm(0),
+            Op::Detach(2),
+            Op::Div(1, 3),
+            Op::Scale(4, 0.5),
+        ];
         let json = serde_json::to_string(&graph).unwrap();
-        assert_eq!(json, r#"["base-weight",{"param":"m"},{"row-norm":0},{"detach":2},{"div":[1,3]},{"scale":[4,0.5]}]"#);
+        assert_eq!(
+            json,
+            r#"["base-weight",{"param":"m"},{"row-norm":0},{"detach":2},{"div":[1,3]},{"scale":[4,0.5]}]"#
+        );
         assert_eq!(serde_json::from_str::<Vec<Op>>(&json).unwrap(), graph);
-        assert_eq!(serde_json::from_str::<Op>(r#"{"detach": 3}"#).unwrap(), Op::Detach(3));
+        assert_eq!(
+            serde_json::from_str::<Op>(r#"{"detach": 3}"#).unwrap(),
+            Op::Detach(3)
+        );
     }
 
     #[test]
     fn frames_check_matches_size_and_bytes() {
-        assert_eq!(Frames { width: 2, height: 2, count: 1, rgb: vec![0; 12] }.check(), Ok(()));
         assert_eq!(
-            Frames { width: 2, height: 2, count: 1, rgb: vec![0; 11] }.check().unwrap_err(),
+            Frames {
+                width: 2,
+                height: 2,
+                count: 1,
+                rgb: vec![0; 12]
+            }
+            .check(),
+            Ok(())
+        );
+        assert_eq!(
+            Frames {
+                width: 2,
+                height: 2,
+                count: 1,
+                rgb: vec![0; 11]
+            }
+            .check()
+            .unwrap_err(),
             "1 frames of 2x2 RGB need 12 bytes, got 11"
         );
         assert_eq!(
-            Frames { width: 0, height: 2, count: 1, rgb: vec![] }.check().unwrap_err(),
+            Frames {
+                width: 0,
+                height: 2,
+                count: 1,
+                rgb: vec![]
+            }
+            .check()
+            .unwrap_err(),
             "the frames have a zero size (1 frames of 0x2)"
         );
     }

@@ -53,10 +53,14 @@ impl<T: Plugin + Default + 'static> Guest for Export<T> {
     }
     fn plan_transform(request: w::TransformRequest) -> Result<w::TransformPlan, w::PluginError> {
         let request: crate::TransformRequest = request.into();
-        with::<T, _>(|p| p.plan_transform(&request)).map(Into::into).map_err(Into::into)
+        with::<T, _>(|p| p.plan_transform(&request))
+            .map(Into::into)
+            .map_err(Into::into)
     }
     fn transform_frames(frames: w::Frames) -> Result<w::Frames, w::PluginError> {
-        with::<T, _>(|p| p.transform_frames(frames.into())).map(Into::into).map_err(Into::into)
+        with::<T, _>(|p| p.transform_frames(frames.into()))
+            .map(Into::into)
+            .map_err(Into::into)
     }
     fn rewrite_prompt(caption: String) -> Result<String, w::PluginError> {
         with::<T, _>(|p| p.rewrite_prompt(&caption)).map_err(Into::into)
@@ -66,18 +70,25 @@ impl<T: Plugin + Default + 'static> Guest for Export<T> {
             w::PluginError::Invalid(format!("adapter-recipe: bad AdapterRequest JSON: {e}"))
         })?;
         let recipe = with::<T, _>(|p| p.adapter_recipe(&request)).map_err(w::PluginError::from)?;
-        serde_json::to_string(&recipe)
-            .map_err(|e| w::PluginError::Failed(format!("adapter-recipe: cannot encode recipe: {e}")))
+        serde_json::to_string(&recipe).map_err(|e| {
+            w::PluginError::Failed(format!("adapter-recipe: cannot encode recipe: {e}"))
+        })
     }
     fn scheduler_tables(config_json: String) -> Result<w::SchedulerTables, w::PluginError> {
-        with::<T, _>(|p| p.scheduler_tables(&config_json)).map(Into::into).map_err(Into::into)
+        with::<T, _>(|p| p.scheduler_tables(&config_json))
+            .map(Into::into)
+            .map_err(Into::into)
     }
-    fn scheduler_plan(request: w::SchedulerPlanRequest) -> Result<w::InferencePlan, w::PluginError> {
+    fn scheduler_plan(
+        request: w::SchedulerPlanRequest,
+    ) -> Result<w::InferencePlan, w::PluginError> {
         let request = crate::SchedulerPlanRequest {
             config_json: request.config_json,
             num_inference_steps: request.num_inference_steps,
         };
-        with::<T, _>(|p| p.scheduler_plan(&request)).map(Into::into).map_err(Into::into)
+        with::<T, _>(|p| p.scheduler_plan(&request))
+            .map(Into::into)
+            .map_err(Into::into)
     }
     fn validate(request: w::ValidateRequest) -> Result<Vec<w::Metric>, w::PluginError> {
         let request = crate::ValidateRequest {
@@ -86,7 +97,14 @@ impl<T: Plugin + Default + 'static> Guest for Export<T> {
             fps: request.fps,
         };
         with::<T, _>(|p| p.validate(&request))
-            .map(|v| v.into_iter().map(|m| w::Metric { name: m.name, value: m.value }).collect())
+            .map(|v| {
+                v.into_iter()
+                    .map(|m| w::Metric {
+                        name: m.name,
+                        value: m.value,
+                    })
+                    .collect()
+            })
             .map_err(Into::into)
     }
 }
@@ -134,7 +152,10 @@ impl From<crate::Sample> for w::Sample {
             caption: s.caption,
             video: s.video,
             image: s.image,
-            frames: s.frames.map(|r| w::FrameRange { start: r.start, end: r.end }),
+            frames: s.frames.map(|r| w::FrameRange {
+                start: r.start,
+                end: r.end,
+            }),
             origin: s.origin,
         }
     }
@@ -149,7 +170,11 @@ impl From<w::TransformRequest> for crate::TransformRequest {
                 frame_count: r.clip.frame_count,
                 fps: r.clip.fps,
             },
-            target: crate::Resolution { frames: r.target.frames, height: r.target.height, width: r.target.width },
+            target: crate::Resolution {
+                frames: r.target.frames,
+                height: r.target.height,
+                width: r.target.width,
+            },
             plan: r.plan.into(),
             seed: r.seed,
         }
@@ -160,8 +185,16 @@ impl From<w::TransformPlan> for crate::TransformPlan {
     fn from(p: w::TransformPlan) -> Self {
         crate::TransformPlan {
             frames: p.frames,
-            crop: p.crop.map(|c| crate::CropBox { x: c.x, y: c.y, width: c.width, height: c.height }),
-            resize: p.resize.map(|s| crate::Size { width: s.width, height: s.height }),
+            crop: p.crop.map(|c| crate::CropBox {
+                x: c.x,
+                y: c.y,
+                width: c.width,
+                height: c.height,
+            }),
+            resize: p.resize.map(|s| crate::Size {
+                width: s.width,
+                height: s.height,
+            }),
             filter: match p.filter {
                 w::ResizeFilter::Nearest => crate::ResizeFilter::Nearest,
                 w::ResizeFilter::Bilinear => crate::ResizeFilter::Bilinear,
@@ -176,8 +209,16 @@ impl From<crate::TransformPlan> for w::TransformPlan {
     fn from(p: crate::TransformPlan) -> Self {
         w::TransformPlan {
             frames: p.frames,
-            crop: p.crop.map(|c| w::CropBox { x: c.x, y: c.y, width: c.width, height: c.height }),
-            resize: p.resize.map(|s| w::Size { width: s.width, height: s.height }),
+            crop: p.crop.map(|c| w::CropBox {
+                x: c.x,
+                y: c.y,
+                width: c.width,
+                height: c.height,
+            }),
+            resize: p.resize.map(|s| w::Size {
+                width: s.width,
+                height: s.height,
+            }),
             filter: match p.filter {
                 crate::ResizeFilter::Nearest => w::ResizeFilter::Nearest,
                 crate::ResizeFilter::Bilinear => w::ResizeFilter::Bilinear,
@@ -190,13 +231,23 @@ impl From<crate::TransformPlan> for w::TransformPlan {
 
 impl From<w::Frames> for crate::Frames {
     fn from(f: w::Frames) -> Self {
-        crate::Frames { width: f.width, height: f.height, count: f.count, rgb: f.rgb }
+        crate::Frames {
+            width: f.width,
+            height: f.height,
+            count: f.count,
+            rgb: f.rgb,
+        }
     }
 }
 
 impl From<crate::Frames> for w::Frames {
     fn from(f: crate::Frames) -> Self {
-        w::Frames { width: f.width, height: f.height, count: f.count, rgb: f.rgb }
+        w::Frames {
+            width: f.width,
+            height: f.height,
+            count: f.count,
+            rgb: f.rgb,
+        }
     }
 }
 
