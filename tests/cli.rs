@@ -16,7 +16,10 @@ fn plugins_lists_builtins_and_a_loaded_wasm_replaces_its_builtin() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     for name in ["finetune-layout", "frame_skip", "crop_resize", "id_token"] {
-        let line = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
         assert!(line.contains("built-in"), "{line}");
         assert!(line.contains("0.1.0"), "{line}");
     }
@@ -24,9 +27,18 @@ fn plugins_lists_builtins_and_a_loaded_wasm_replaces_its_builtin() {
     let out = cogvx(&["--plugin", wasm.to_str().unwrap(), "plugins"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("crop_resize")).collect();
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("crop_resize"))
+        .collect();
     assert_eq!(rows.len(), 1, "{stdout}");
-    assert!(rows[0].contains("wasm") && rows[0].contains("crop_resize.wasm") && rows[0].contains("video-transform"), "{}", rows[0]);
+    assert!(
+        rows[0].contains("wasm")
+            && rows[0].contains("crop_resize.wasm")
+            && rows[0].contains("video-transform"),
+        "{}",
+        rows[0]
+    );
 }
 
 #[test]
@@ -53,11 +65,19 @@ fn preview_with_the_wasm_crop_resize_writes_four_49x480x720_clips_and_a_contact_
     assert_eq!(clips.len(), 4, "{clips:?}");
     for clip in &clips {
         let info = cogvx_video::probe(clip).unwrap();
-        assert_eq!((info.width, info.height, info.frame_count), (720, 480, 49), "{}", clip.display());
+        assert_eq!(
+            (info.width, info.height, info.frame_count),
+            (720, 480, 49),
+            "{}",
+            clip.display()
+        );
     }
     let sheet = image::open(out_dir.path().join("contact_sheet.png")).unwrap();
     // One row per clip, 8 thumbnails of at most 240 px wide with 4 px gaps.
-    assert_eq!((sheet.width(), sheet.height()), (4 + 8 * (240 + 4), 4 + 4 * (160 + 4)));
+    assert_eq!(
+        (sheet.width(), sheet.height()),
+        (4 + 8 * (240 + 4), 4 + 4 * (160 + 4))
+    );
     let captions = std::fs::read_to_string(out_dir.path().join("captions.txt")).unwrap();
     assert_eq!(captions.lines().count(), 4);
 }
@@ -66,11 +86,18 @@ fn preview_with_the_wasm_crop_resize_writes_four_49x480x720_clips_and_a_contact_
 fn unknown_config_key_is_named_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "[data]\nroot = \"x\"\nresolutoin = \"49x480x720\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[data]\nroot = \"x\"\nresolutoin = \"49x480x720\"\n",
+    )
+    .unwrap();
     let out = cogvx(&["--config", config.to_str().unwrap(), "dataset", "check"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("bad.toml") && stderr.contains("resolutoin"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("resolutoin"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -78,17 +105,42 @@ fn a_gpu_in_a_cpu_build_is_refused_naming_the_build_flag() {
     if cfg!(feature = "cuda") {
         return;
     }
-    let out = cogvx(&["--device", "cuda:0", "dataset", "check", mini().to_str().unwrap()]);
+    let out = cogvx(&[
+        "--device",
+        "cuda:0",
+        "dataset",
+        "check",
+        mini().to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
-    assert!(stderr.contains("--features cuda") && stdout.is_empty(), "{stderr}");
-    let out = cogvx(&["--device", "npu", "dataset", "check", mini().to_str().unwrap()]);
-    assert!(text(&out).1.contains("`npu` is not a device"), "{}", text(&out).1);
+    assert!(
+        stderr.contains("--features cuda") && stdout.is_empty(),
+        "{stderr}"
+    );
+    let out = cogvx(&[
+        "--device",
+        "npu",
+        "dataset",
+        "check",
+        mini().to_str().unwrap(),
+    ]);
+    assert!(
+        text(&out).1.contains("`npu` is not a device"),
+        "{}",
+        text(&out).1
+    );
 }
 
 #[test]
 fn bad_resolution_flag_is_refused() {
-    let out = cogvx(&["--resolution", "48x480x720", "dataset", "check", mini().to_str().unwrap()]);
+    let out = cogvx(&[
+        "--resolution",
+        "48x480x720",
+        "dataset",
+        "check",
+        mini().to_str().unwrap(),
+    ]);
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
     assert!(stderr.contains("8N+1"), "{stderr}");
@@ -98,11 +150,18 @@ fn bad_resolution_flag_is_refused() {
 fn check_reports_every_problem_with_file_and_line_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("prompts.txt"), "one\ntwo\nthree\n").unwrap();
-    std::fs::write(dir.path().join("videos.txt"), "missing.mp4\n../escape.mp4\n").unwrap();
+    std::fs::write(
+        dir.path().join("videos.txt"),
+        "missing.mp4\n../escape.mp4\n",
+    )
+    .unwrap();
     let out = cogvx(&["dataset", "check", dir.path().to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
-    assert!(stdout.contains("prompts.txt") && stdout.contains("videos.txt"), "{stdout}");
+    assert!(
+        stdout.contains("prompts.txt") && stdout.contains("videos.txt"),
+        "{stdout}"
+    );
     assert!(stdout.contains("missing.mp4"), "{stdout}");
     assert!(stdout.contains("escape.mp4"), "{stdout}");
 }
@@ -121,30 +180,55 @@ fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
     let out = cogvx(&["parity", cases.to_str().unwrap(), "--filter", "transformer"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" transformer ")).collect();
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" transformer "))
+        .collect();
     assert_eq!(rows.len(), 9, "{stdout}");
-    assert!(rows.iter().all(|r| r.trim_end().ends_with("ok")), "{stdout}");
+    assert!(
+        rows.iter().all(|r| r.trim_end().ends_with("ok")),
+        "{stdout}"
+    );
 
     // The LoRA training step (loss, grad norm, every gradient, the weights after AdamW).
-    let out = cogvx(&["parity", cases.to_str().unwrap(), "--filter", "train_step_lora"]);
+    let out = cogvx(&[
+        "parity",
+        cases.to_str().unwrap(),
+        "--filter",
+        "train_step_lora",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" train_step_lora ")).collect();
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" train_step_lora "))
+        .collect();
     assert_eq!(rows.len(), 5 * 34, "{stdout}");
-    assert!(rows.iter().all(|r| r.trim_end().ends_with("ok")), "{stdout}");
+    assert!(
+        rows.iter().all(|r| r.trim_end().ends_with("ok")),
+        "{stdout}"
+    );
 
     // A case whose expected output was tampered with must fail the run.
     let dir = tempfile::tempdir().unwrap();
     let bad_cases = dir.path().join("cases");
     std::fs::create_dir(&bad_cases).unwrap();
-    std::os::unix::fs::symlink(cogvx_fixtures::reference("models"), dir.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(
+        cogvx_fixtures::reference("models"),
+        dir.path().join("models"),
+    )
+    .unwrap();
     let src = std::fs::read(cases.join("cogvideox-2b.transformer.0.safetensors")).unwrap();
     let n = u64::from_le_bytes(src[..8].try_into().unwrap()) as usize;
     let mut bad = src.clone();
     let last = bad.len() - 4; // last f32 of the data section belongs to the last tensor (an output)
     assert!(last > 8 + n);
     bad[last..].copy_from_slice(&1.0e6f32.to_le_bytes());
-    std::fs::write(bad_cases.join("cogvideox-2b.transformer.0.safetensors"), bad).unwrap();
+    std::fs::write(
+        bad_cases.join("cogvideox-2b.transformer.0.safetensors"),
+        bad,
+    )
+    .unwrap();
     let out = cogvx(&["parity", bad_cases.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
@@ -155,7 +239,11 @@ fn parity_runs_the_shared_transformer_cases_and_fails_on_a_wrong_output() {
 fn builtin_native_and_wasm_crop_resize_produce_identical_frames() {
     use cogvx_plugin_api::{Plugin, Resolution};
     use cogvx_plugin_host::{LoadedPlugin, WasmLimits};
-    let target = Resolution { frames: 17, height: 480, width: 720 };
+    let target = Resolution {
+        frames: 17,
+        height: 480,
+        width: 720,
+    };
     let so = plugin_file("crop_resize.so");
     let wasm = plugin_file("crop_resize.wasm");
     let transports: Vec<LoadedPlugin> = vec![
@@ -165,15 +253,22 @@ fn builtin_native_and_wasm_crop_resize_produce_identical_frames() {
     ];
     let mut outputs: Vec<Vec<cogvx_plugin_api::Frames>> = Vec::new();
     for mut crop_resize in transports {
-        crop_resize.configure(r#"{"crop":"random","seed":7}"#).unwrap();
+        crop_resize
+            .configure(r#"{"crop":"random","seed":7}"#)
+            .unwrap();
         let mut frame_skip = LoadedPlugin::builtin(cogvx_plugin_frame_skip::builtin());
         let mut frames = Vec::new();
         for clip in ["carphone.mp4", "bikes.mp4", "testsrc.mp4", "mandelbrot.mp4"] {
             let chain: Vec<&mut dyn Plugin> = vec![&mut frame_skip, &mut crop_resize];
             let mut transforms = cogvx_video::VideoTransforms::new(chain);
             let path = mini().join("videos").join(clip);
-            let pre = cogvx_video::preprocess_clip(&path, None, &mut transforms, target, 11).unwrap();
-            assert_eq!((pre.frames.count, pre.frames.height, pre.frames.width), (17, 480, 720), "{clip}");
+            let pre =
+                cogvx_video::preprocess_clip(&path, None, &mut transforms, target, 11).unwrap();
+            assert_eq!(
+                (pre.frames.count, pre.frames.height, pre.frames.width),
+                (17, 480, 720),
+                "{clip}"
+            );
             frames.push(pre.frames);
         }
         outputs.push(frames);
@@ -186,31 +281,79 @@ fn builtin_native_and_wasm_crop_resize_produce_identical_frames() {
 /// verdict per phase, exit 1 when a phase does not fit the budget.
 #[test]
 fn plan_prints_every_phase_and_the_verdict_for_a_budget() {
-    let out = cogvx(&["--config", "configs/cogvideox-5b-lora.toml", "plan", "--json", "--gpu-memory", "80"]);
+    let out = cogvx(&[
+        "--config",
+        "configs/cogvideox-5b-lora.toml",
+        "plan",
+        "--json",
+        "--gpu-memory",
+        "80",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(plan["model"], "released:cogvideox-5b");
     assert_eq!(plan["tokens"]["total"], 17_776);
-    let names: Vec<&str> = plan["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["prepare-latents", "prepare-prompts", "train"], "validation is off in the preset");
+    let names: Vec<&str> = plan["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["prepare-latents", "prepare-prompts", "train"],
+        "validation is off in the preset"
+    );
     for p in plan["phases"].as_array().unwrap() {
-        assert!(p["peak_gib"].as_f64().unwrap() > 1.0 && p["fits"] == true, "{p}");
+        assert!(
+            p["peak_gib"].as_f64().unwrap() > 1.0 && p["fits"] == true,
+            "{p}"
+        );
     }
     // The same config with a 16 GiB card: the table names what does not fit, exit 1.
-    let out = cogvx(&["--config", "configs/cogvideox-5b-lora.toml", "plan", "--gpu-memory", "16"]);
+    let out = cogvx(&[
+        "--config",
+        "configs/cogvideox-5b-lora.toml",
+        "plan",
+        "--gpu-memory",
+        "16",
+    ]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
-    assert!(stdout.contains("DOES NOT FIT") && stdout.contains("does not fit in 16 GiB"), "{stdout}");
+    assert!(
+        stdout.contains("DOES NOT FIT") && stdout.contains("does not fit in 16 GiB"),
+        "{stdout}"
+    );
     // The preset's mixed precision keeps the frozen weights in bf16.
-    assert!(stdout.contains("transformer weights (5.57B parameters, bf16)") && stdout.contains("mixed precision bf16"), "{stdout}");
+    assert!(
+        stdout.contains("transformer weights (5.57B parameters, bf16)")
+            && stdout.contains("mixed precision bf16"),
+        "{stdout}"
+    );
     // A model folder wins over the name; no model at all is an error saying what to pass.
-    let out = cogvx(&["--model", repo().join("examples/models/cogvideox-2b-tiny").to_str().unwrap(), "plan", "--resolution", "9x64x96"]);
-    assert!(out.status.success() && text(&out).0.contains("cogvideox-2b-tiny"), "{:?}", text(&out));
+    let out = cogvx(&[
+        "--model",
+        repo()
+            .join("examples/models/cogvideox-2b-tiny")
+            .to_str()
+            .unwrap(),
+        "plan",
+        "--resolution",
+        "9x64x96",
+    ]);
+    assert!(
+        out.status.success() && text(&out).0.contains("cogvideox-2b-tiny"),
+        "{:?}",
+        text(&out)
+    );
     let out = cogvx(&["plan"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("--model-name") && stderr.contains("cogvideox1.5-5b"), "{stderr}");
+    assert!(
+        stderr.contains("--model-name") && stderr.contains("cogvideox1.5-5b"),
+        "{stderr}"
+    );
     let out = cogvx(&["plan", "--model-name", "cogvideox-2b", "--gpu-memory=0"]);
     assert!(text(&out).1.contains("--gpu-memory"), "{:?}", text(&out));
 }
@@ -233,7 +376,10 @@ fn wasm_limits_out_of_range_are_named() {
         let out = cogvx(&["--config", config.to_str().unwrap(), "plugins"]);
         let (stdout, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{table}: {stdout}{stderr}");
-        assert!(stderr.contains(key) && stderr.contains("limits.toml") && !stderr.contains("panicked"), "{table}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains("limits.toml") && !stderr.contains("panicked"),
+            "{table}: {stderr}"
+        );
     }
 }
 
@@ -266,14 +412,31 @@ fn a_file_plugin_named_like_a_builtin_does_not_reuse_its_cache_entries() {
 fn captions_reach_the_terminal_escaped() {
     let data = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data.path().join("videos")).unwrap();
-    std::fs::copy(mini().join("videos/testsrc.mp4"), data.path().join("videos/testsrc.mp4")).unwrap();
+    std::fs::copy(
+        mini().join("videos/testsrc.mp4"),
+        data.path().join("videos/testsrc.mp4"),
+    )
+    .unwrap();
     std::fs::write(data.path().join("videos.txt"), "videos/testsrc.mp4\n").unwrap();
-    std::fs::write(data.path().join("prompts.txt"), "a test \u{1b}[2J\u{1b}[H pattern\n").unwrap();
+    std::fs::write(
+        data.path().join("prompts.txt"),
+        "a test \u{1b}[2J\u{1b}[H pattern\n",
+    )
+    .unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let out = cogvx(&[
-        "--config", "configs/quickstart.toml", "dataset", "preview", data.path().to_str().unwrap(), "--out", out_dir.path().to_str().unwrap(),
+        "--config",
+        "configs/quickstart.toml",
+        "dataset",
+        "preview",
+        data.path().to_str().unwrap(),
+        "--out",
+        out_dir.path().to_str().unwrap(),
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(!stdout.contains('\u{1b}') && stdout.contains("a test \\u{1b}[2J"), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}') && stdout.contains("a test \\u{1b}[2J"),
+        "{stdout}"
+    );
 }

@@ -26,7 +26,10 @@ fn safetensors_metadata(path: &Path) -> serde_json::Map<String, serde_json::Valu
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header["__metadata__"].as_object().cloned().unwrap_or_default()
+    header["__metadata__"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A config like the quickstart's, with absolute paths and `extra` appended to `[train]`.
@@ -65,7 +68,13 @@ checkpointing_steps = 3
 fn quickstart_trains_validates_and_exports_a_lora_that_sample_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("quickstart");
-    let out = cogvx(&["--config", "configs/quickstart.toml", "train", "--output-dir", s(&out_dir)]);
+    let out = cogvx(&[
+        "--config",
+        "configs/quickstart.toml",
+        "train",
+        "--output-dir",
+        s(&out_dir),
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
 
@@ -74,13 +83,22 @@ fn quickstart_trains_validates_and_exports_a_lora_that_sample_loads() {
     assert_eq!(l.len(), 200, "one record per step");
     let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
     let (first, last) = (mean(&l[..20]), mean(&l[l.len() - 20..]));
-    assert!(last < 0.5 * first, "loss did not fall: first 20 {first}, last 20 {last}");
+    assert!(
+        last < 0.5 * first,
+        "loss did not fall: first 20 {first}, last 20 {last}"
+    );
 
     // Validation video at steps 100 and 200: 9 frames of 96x64.
     for step in [100, 200] {
         let video = out_dir.join(format!("validation/step-{step}/0.mp4"));
-        let info = cogvx_video::probe(&video).unwrap_or_else(|e| panic!("{}: {e}", video.display()));
-        assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9), "{}", video.display());
+        let info =
+            cogvx_video::probe(&video).unwrap_or_else(|e| panic!("{}: {e}", video.display()));
+        assert_eq!(
+            (info.width, info.height, info.frame_count),
+            (96, 64, 9),
+            "{}",
+            video.display()
+        );
     }
     // Loss curve PNG; the last two checkpoints kept.
     let png = image::open(out_dir.join("loss.png")).unwrap();
@@ -96,9 +114,17 @@ fn quickstart_trains_validates_and_exports_a_lora_that_sample_loads() {
     // The LoRA carries rank and alpha in diffusers' metadata, and `cogvx sample` loads it.
     let lora = out_dir.join("pytorch_lora_weights.safetensors");
     let meta = safetensors_metadata(&lora);
-    let adapter: serde_json::Value = serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
+    let adapter: serde_json::Value =
+        serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
     // diffusers packs the transformer's PEFT config with a `transformer.` prefix.
-    assert_eq!((adapter["transformer.r"].as_u64(), adapter["transformer.lora_alpha"].as_f64()), (Some(8), Some(16.0)), "{adapter}");
+    assert_eq!(
+        (
+            adapter["transformer.r"].as_u64(),
+            adapter["transformer.lora_alpha"].as_f64()
+        ),
+        (Some(8), Some(16.0)),
+        "{adapter}"
+    );
     let video = dir.path().join("sample.mp4");
     let out = cogvx(&[
         "--config",
@@ -140,9 +166,15 @@ fn mixed_precision_encodes_prompts_with_bf16_t5_keyed_apart_from_f32() {
         stdout
     };
     let first = prepare(&bf16_config);
-    assert!(first.contains("latents 4 encoded, 0 reused; prompts 4 encoded, 0 reused"), "{first}");
+    assert!(
+        first.contains("latents 4 encoded, 0 reused; prompts 4 encoded, 0 reused"),
+        "{first}"
+    );
     let f32 = prepare(&f32_config);
-    assert!(f32.contains("latents 0 encoded, 4 reused; prompts 4 encoded, 0 reused"), "{f32}");
+    assert!(
+        f32.contains("latents 0 encoded, 4 reused; prompts 4 encoded, 0 reused"),
+        "{f32}"
+    );
     let again = prepare(&bf16_config);
     assert!(again.contains("prompts 0 encoded, 4 reused"), "{again}");
 
@@ -153,7 +185,12 @@ fn mixed_precision_encodes_prompts_with_bf16_t5_keyed_apart_from_f32() {
     let info = cogvx_video::probe(&video).unwrap_or_else(|e| panic!("{}: {e}", video.display()));
     assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9));
     // 4 captions in each dtype, the validation prompt and "" in bf16.
-    assert_eq!(std::fs::read_dir(dir.path().join("cache/prompts")).unwrap().count(), 10);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache/prompts"))
+            .unwrap()
+            .count(),
+        10
+    );
 }
 
 #[test]
@@ -171,12 +208,26 @@ fn resume_latest_from_the_cli_continues_the_same_loss_curve() {
     let config = small_config(dir.path(), "");
     let out = cogvx(&["--config", s(&config), "train", "--max-steps", "4"]);
     assert!(out.status.success(), "{}", text(&out).1);
-    let out = cogvx(&["--config", s(&config), "train", "--max-steps", "8", "--resume", "latest"]);
+    let out = cogvx(&[
+        "--config",
+        s(&config),
+        "train",
+        "--max-steps",
+        "8",
+        "--resume",
+        "latest",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("resumed from") && stdout.contains("checkpoint-4"), "{stdout}");
+    assert!(
+        stdout.contains("resumed from") && stdout.contains("checkpoint-4"),
+        "{stdout}"
+    );
     let got = losses(&dir.path().join("out"));
-    assert_eq!(got, want, "a resumed run must reproduce the uninterrupted loss curve");
+    assert_eq!(
+        got, want,
+        "a resumed run must reproduce the uninterrupted loss curve"
+    );
 }
 
 #[test]
@@ -184,23 +235,41 @@ fn dora_from_the_wasm_plugin_trains_and_exports_peft_keys() {
     let wasm = plugin_file("dora.wasm");
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path(), "");
-    let out = cogvx(&["--plugin", s(&wasm), "--config", s(&config), "train", "--adapter", "dora", "--max-steps", "3"]);
+    let out = cogvx(&[
+        "--plugin",
+        s(&wasm),
+        "--config",
+        s(&config),
+        "train",
+        "--adapter",
+        "dora",
+        "--max-steps",
+        "3",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let file = dir.path().join("out/pytorch_lora_weights.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let keys: Vec<&String> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").collect();
+    let keys: Vec<&String> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .collect();
     for suffix in ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"] {
         let key = format!("transformer.transformer_blocks.0.attn1.to_q.{suffix}");
         assert!(keys.iter().any(|k| **k == key), "{key} missing in {keys:?}");
     }
     let meta = safetensors_metadata(&file);
-    let adapter: serde_json::Value = serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
+    let adapter: serde_json::Value =
+        serde_json::from_str(meta["lora_adapter_metadata"].as_str().unwrap()).unwrap();
     assert_eq!(adapter["transformer.use_dora"], true, "{adapter}");
     assert_eq!(adapter["transformer.peft_type"], "LORA", "{adapter}");
-    assert!(losses(&dir.path().join("out")).iter().all(|(_, l)| l.is_finite()));
+    assert!(losses(&dir.path().join("out"))
+        .iter()
+        .all(|(_, l)| l.is_finite()));
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -241,7 +310,10 @@ fn refused(dir: &Path, config_text: &str, flags: &[&str]) -> (Option<i32>, Strin
     let mut args = vec!["--config", s(&config), "train"];
     args.extend_from_slice(flags);
     let out = cogvx(&args);
-    assert!(!dir.join("cache").exists(), "the cache was touched before the error");
+    assert!(
+        !dir.join("cache").exists(),
+        "the cache was touched before the error"
+    );
     assert!(!dir.join("out").join("metrics.jsonl").exists());
     (out.status.code(), text(&out).1)
 }
@@ -263,9 +335,16 @@ fn bad_input_is_refused_before_any_work() {
     };
 
     // An unknown key, named with the file.
-    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "lerning_rate = 1e-4"), &[]);
+    let (code, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", "lerning_rate = 1e-4"),
+        &[],
+    );
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("bad.toml") && err.contains("lerning_rate"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("lerning_rate"),
+        "{err}"
+    );
 
     // Frames not 8N+1; sides not multiples of 16.
     let (code, err) = refused(dir.path(), &base("", "resolution = \"10x64x96\"", ""), &[]);
@@ -275,23 +354,45 @@ fn bad_input_is_refused_before_any_work() {
     assert!(err.contains("multiples of 16"), "{err}");
 
     // A text-to-video folder for an image-to-video run.
-    let (code, err) = refused(dir.path(), &base("task = \"i2v\"", "resolution = \"9x64x96\"", ""), &[]);
+    let (code, err) = refused(
+        dir.path(),
+        &base("task = \"i2v\"", "resolution = \"9x64x96\"", ""),
+        &[],
+    );
     assert_eq!(code, Some(2));
-    assert!(err.contains("task") && err.contains("text-to-video"), "{err}");
+    assert!(
+        err.contains("task") && err.contains("text-to-video"),
+        "{err}"
+    );
 
     // A bad value, named by its key.
-    let (_, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "adam_betas = [0.9, 1.5]"), &[]);
+    let (_, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", "adam_betas = [0.9, 1.5]"),
+        &[],
+    );
     assert!(err.contains("adam_betas"), "{err}");
 
     // An unwritable output folder (under a regular file).
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
-    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", ""), &["--output-dir", s(&blocker.join("out"))]);
+    let (code, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", ""),
+        &["--output-dir", s(&blocker.join("out"))],
+    );
     assert_eq!(code, Some(2));
-    assert!(err.contains("output_dir") && err.contains("file/out"), "{err}");
+    assert!(
+        err.contains("output_dir") && err.contains("file/out"),
+        "{err}"
+    );
 
     // An adapter plugin that is not loaded.
-    let (_, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "adapter = \"dora2\""), &[]);
+    let (_, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", "adapter = \"dora2\""),
+        &[],
+    );
     assert!(err.contains("dora2"), "{err}");
 
     // An output folder inside the model folder (an SFT export would overwrite its transformer)
@@ -299,16 +400,31 @@ fn bad_input_is_refused_before_any_work() {
     let copy = dir.path().join("model-copy");
     copy_dir(&model, &copy);
     let before = dir_listing(&copy);
-    let with_copy = base("", "resolution = \"9x64x96\"", "adapter = \"sft\"").replace(&model.display().to_string(), &copy.display().to_string());
-    for out in [copy.clone(), copy.join("transformer"), copy.join("x/../out")] {
+    let with_copy = base("", "resolution = \"9x64x96\"", "adapter = \"sft\"")
+        .replace(&model.display().to_string(), &copy.display().to_string());
+    for out in [
+        copy.clone(),
+        copy.join("transformer"),
+        copy.join("x/../out"),
+    ] {
         let (code, err) = refused(dir.path(), &with_copy, &["--output-dir", s(&out)]);
         assert_eq!(code, Some(2), "{err}");
-        assert!(err.contains("output_dir") && err.contains("inside [model] path"), "{err}");
+        assert!(
+            err.contains("output_dir") && err.contains("inside [model] path"),
+            "{err}"
+        );
     }
     assert_eq!(dir_listing(&copy), before, "the model folder was written");
-    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", ""), &["--output-dir", s(&data.join("runs"))]);
+    let (code, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", ""),
+        &["--output-dir", s(&data.join("runs"))],
+    );
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("inside [data] root") && !data.join("runs").exists(), "{err}");
+    assert!(
+        err.contains("inside [data] root") && !data.join("runs").exists(),
+        "{err}"
+    );
 
     // A truncated transformer (or one of another model): refused before the dataset is encoded.
     let weights = copy.join("transformer/diffusion_pytorch_model.safetensors");
@@ -316,38 +432,75 @@ fn bad_input_is_refused_before_any_work() {
     std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
     let (code, err) = refused(dir.path(), &with_copy.replace("adapter = \"sft\"", ""), &[]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("transformer") && err.contains("model-copy"), "{err}");
+    assert!(
+        err.contains("transformer") && err.contains("model-copy"),
+        "{err}"
+    );
     std::fs::write(&weights, &bytes).unwrap();
     let config_path = copy.join("transformer/config.json");
     let config = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(&config_path, config.replace("\"num_layers\": 2", "\"num_layers\": 1")).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("\"num_layers\": 2", "\"num_layers\": 1"),
+    )
+    .unwrap();
     let (code, err) = refused(dir.path(), &with_copy.replace("adapter = \"sft\"", ""), &[]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("belong to another model"), "{err}");
     std::fs::write(&config_path, config).unwrap();
 
     // A released model's name that is not the folder's architecture.
-    let (code, err) = refused(dir.path(), &base("name = \"cogvideox-5b\"", "resolution = \"9x64x96\"", ""), &[]);
+    let (code, err) = refused(
+        dir.path(),
+        &base("name = \"cogvideox-5b\"", "resolution = \"9x64x96\"", ""),
+        &[],
+    );
     assert_eq!(code, Some(2));
-    assert!(err.contains("[model] name") && err.contains("5b model") && err.contains("2b model"), "{err}");
+    assert!(
+        err.contains("[model] name") && err.contains("5b model") && err.contains("2b model"),
+        "{err}"
+    );
 
     // A rank or a validation size no machine holds: refused with the plan's numbers (a rank
     // of 1e12 aborted allocating).
-    let (code, err) = refused(dir.path(), &base("", "resolution = \"9x64x96\"", "rank = 1000000000000"), &[]);
+    let (code, err) = refused(
+        dir.path(),
+        &base("", "resolution = \"9x64x96\"", "rank = 1000000000000"),
+        &[],
+    );
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("needs more memory") && err.contains("AdamW states"), "{err}");
+    assert!(
+        err.contains("needs more memory") && err.contains("AdamW states"),
+        "{err}"
+    );
     let (code, err) = refused(
         dir.path(),
         &base("", "resolution = \"9x64x96\"", "").replace("[train]", "[validation]\nsteps = 1\nprompts = [\"x\"]\nnum_frames = 49\nheight = 16384\nwidth = 16384\n\n[train]"),
         &[],
     );
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("needs more memory") && err.contains("validation"), "{err}");
+    assert!(
+        err.contains("needs more memory") && err.contains("validation"),
+        "{err}"
+    );
 
     // A resolution no machine holds (48M tokens): the plan's numbers, before any work.
-    let (code, err) = refused(dir.path(), &base("", "resolution = \"49x30720x30720\"", "gradient_checkpointing = true"), &[]);
+    let (code, err) = refused(
+        dir.path(),
+        &base(
+            "",
+            "resolution = \"49x30720x30720\"",
+            "gradient_checkpointing = true",
+        ),
+        &[],
+    );
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("needs more memory") && err.contains("peak of train") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("needs more memory")
+            && err.contains("peak of train")
+            && err.contains("--force"),
+        "{err}"
+    );
 }
 
 /// The shared reference models sit beside the repository (CI and development machines).
@@ -369,11 +522,19 @@ fn image_to_video_trains_validates_with_an_image_and_samples() {
         ),
     );
     std::fs::write(&config, body).unwrap();
-    let out = cogvx(&["--config", s(&config), "--model", s(&model), "train", "--max-steps", "2"]);
+    let out = cogvx(&[
+        "--config",
+        s(&config),
+        "--model",
+        s(&model),
+        "train",
+        "--max-steps",
+        "2",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let out_dir = dir.path().join("out");
-    let info = cogvx_video::probe(&out_dir.join("validation/step-2/0.mp4")).unwrap();
+    let info = cogvx_video::probe(out_dir.join("validation/step-2/0.mp4")).unwrap();
     assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9));
     // The validator's metrics are in the log.
     let log = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
@@ -382,7 +543,19 @@ fn image_to_video_trains_validates_with_an_image_and_samples() {
     // cogvx sample with the trained LoRA and a conditioning image; without one it is refused.
     let lora = out_dir.join("pytorch_lora_weights.safetensors");
     let video = dir.path().join("i2v.mp4");
-    let args = ["--model", s(&model), "sample", "--lora", s(&lora), "--prompt", "a test pattern", "--steps", "2", "--out", s(&video)];
+    let args = [
+        "--model",
+        s(&model),
+        "sample",
+        "--lora",
+        s(&lora),
+        "--prompt",
+        "a test pattern",
+        "--steps",
+        "2",
+        "--out",
+        s(&video),
+    ];
     let out = cogvx(&args);
     assert!(!out.status.success());
     assert!(text(&out).1.contains("image"), "{}", text(&out).1);
@@ -397,11 +570,21 @@ fn image_to_video_trains_validates_with_an_image_and_samples() {
 fn sft_exports_a_diffusers_transformer_folder() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path(), "export_dtype = \"bf16\"");
-    let out = cogvx(&["--config", s(&config), "train", "--adapter", "sft", "--max-steps", "2"]);
+    let out = cogvx(&[
+        "--config",
+        s(&config),
+        "train",
+        "--adapter",
+        "sft",
+        "--max-steps",
+        "2",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let exported = dir.path().join("out/transformer");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["_class_name"], "CogVideoXTransformer3DModel");
     let weights: Vec<String> = std::fs::read_dir(&exported)
         .unwrap()
@@ -413,8 +596,13 @@ fn sft_exports_a_diffusers_transformer_folder() {
     let bytes = std::fs::read(exported.join(&weights[0])).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let dtypes: std::collections::BTreeSet<&str> =
-        header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__").map(|(_, v)| v["dtype"].as_str().unwrap()).collect();
+    let dtypes: std::collections::BTreeSet<&str> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap())
+        .collect();
     assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), ["BF16"]);
     // The exported folder is a model folder's transformer: sampling with it works.
     let model = dir.path().join("model");
@@ -428,7 +616,17 @@ fn sft_exports_a_diffusers_transformer_folder() {
     }
     std::os::unix::fs::symlink(&exported, model.join("transformer")).unwrap();
     let video = dir.path().join("sft.mp4");
-    let out = cogvx(&["--model", s(&model), "sample", "--prompt", "a test pattern", "--steps", "2", "--out", s(&video)]);
+    let out = cogvx(&[
+        "--model",
+        s(&model),
+        "sample",
+        "--prompt",
+        "a test pattern",
+        "--steps",
+        "2",
+        "--out",
+        s(&video),
+    ]);
     assert!(out.status.success(), "{}", text(&out).1);
 }
 
@@ -441,7 +639,16 @@ fn parity_passes_all_shared_cases_including_the_training_steps() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("35 cases,") && last.contains(" 0 FAIL, 0 skipped"), "{last}");
-    let lora_rows = stdout.lines().filter(|l| l.contains("train_step_lora") && l.trim_end().ends_with("ok")).count();
-    assert!(lora_rows >= 5 * 4, "loss, grad norm, gradients and weights of 5 variants:\n{stdout}");
+    assert!(
+        last.starts_with("35 cases,") && last.contains(" 0 FAIL, 0 skipped"),
+        "{last}"
+    );
+    let lora_rows = stdout
+        .lines()
+        .filter(|l| l.contains("train_step_lora") && l.trim_end().ends_with("ok"))
+        .count();
+    assert!(
+        lora_rows >= 5 * 4,
+        "loss, grad norm, gradients and weights of 5 variants:\n{stdout}"
+    );
 }

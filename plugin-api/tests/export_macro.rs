@@ -43,7 +43,12 @@ mod counter {
 
     impl Plugin for Counter {
         fn info(&self) -> PluginInfo {
-            PluginInfo { name: "counter".into(), version: "0.0.1".into(), kinds: vec![PluginKind::PromptRewriter], description: String::new() }
+            PluginInfo {
+                name: "counter".into(),
+                version: "0.0.1".into(),
+                kinds: vec![PluginKind::PromptRewriter],
+                description: String::new(),
+            }
         }
         fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {
             self.calls += 1;
@@ -63,10 +68,19 @@ fn builtins_of_two_plugins_coexist() {
     assert_eq!(a.rewrite_prompt("a cat").unwrap(), "A CAT");
     assert_eq!(b.rewrite_prompt("a cat").unwrap(), "a cat #1");
     assert_eq!(b.rewrite_prompt("a cat").unwrap(), "a cat #2");
-    let clip = ClipInfo { width: 4, height: 4, frame_count: 2, fps: 8.0 };
+    let clip = ClipInfo {
+        width: 4,
+        height: 4,
+        frame_count: 2,
+        fps: 8.0,
+    };
     let request = TransformRequest {
         clip,
-        target: Resolution { frames: 1, height: 4, width: 4 },
+        target: Resolution {
+            frames: 1,
+            height: 4,
+            width: 4,
+        },
         plan: TransformPlan::identity(&clip),
         seed: 0,
     };
@@ -86,14 +100,24 @@ fn native_dispatch_round_trips_json_and_pixels() {
     let (json, _) = dispatch(p.as_mut(), "rewrite-prompt", "\"a dog\"", Vec::new()).unwrap();
     assert_eq!(json, "\"A DOG\"");
     let header = r#"{"width":2,"height":1,"count":1,"rgb":[]}"#;
-    let (json, rgb) = dispatch(p.as_mut(), "transform-frames", header, vec![0, 10, 20, 30, 40, 50]).unwrap();
+    let (json, rgb) = dispatch(
+        p.as_mut(),
+        "transform-frames",
+        header,
+        vec![0, 10, 20, 30, 40, 50],
+    )
+    .unwrap();
     assert_eq!(json, header);
     assert_eq!(rgb, vec![255, 245, 235, 225, 215, 205]);
     assert_eq!(
         dispatch(p.as_mut(), "rewrite-prompt", "not json", Vec::new()).unwrap_err(),
         PluginError::Invalid(
-            "rewrite-prompt: cannot decode the host's arguments: expected ident at line 1 column 2".into()
+            "rewrite-prompt: cannot decode the host's arguments: expected ident at line 1 column 2"
+                .into()
         )
     );
-    assert!(matches!(dispatch(p.as_mut(), "frobnicate", "", Vec::new()), Err(PluginError::Unsupported(_))));
+    assert!(matches!(
+        dispatch(p.as_mut(), "frobnicate", "", Vec::new()),
+        Err(PluginError::Unsupported(_))
+    ));
 }

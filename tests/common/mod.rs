@@ -6,17 +6,28 @@ use std::sync::OnceLock;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Runs the `cogvx` binary in the repository root with warnings-only logging.
 pub fn cogvx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cogvx")).args(args).current_dir(repo()).env("RUST_LOG", "warn").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_cogvx"))
+        .args(args)
+        .current_dir(repo())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
 }
 
 /// (stdout, stderr) as text.
 pub fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The first-party plugin files, built by `plugins/build.sh` (CI runs it before the tests;
@@ -26,10 +37,18 @@ pub fn plugin_file(name: &str) -> PathBuf {
     let path = repo().join("plugins").join(name);
     BUILT.get_or_init(|| {
         if !path.exists() {
-            let status = Command::new("bash").arg("plugins/build.sh").current_dir(repo()).status().unwrap();
+            let status = Command::new("bash")
+                .arg("plugins/build.sh")
+                .current_dir(repo())
+                .status()
+                .unwrap();
             assert!(status.success(), "plugins/build.sh failed");
         }
     });
-    assert!(path.exists(), "{} missing after plugins/build.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} missing after plugins/build.sh",
+        path.display()
+    );
     path
 }

@@ -22,8 +22,8 @@
 //! max_words = 120   # optional
 //! ```
 
-use cogvx_plugin_api::{Plugin, PluginError, PluginInfo, PluginKind, PluginResult};
 use cogvx_plugin_api::serde::Deserialize;
+use cogvx_plugin_api::{Plugin, PluginError, PluginInfo, PluginKind, PluginResult};
 
 /// The plugin's name; configured under `[plugin.caption_cleanup]`.
 pub const NAME: &str = "caption_cleanup";
@@ -40,7 +40,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { lowercase: false, strip_quotes: true, max_words: None }
+        Config {
+            lowercase: false,
+            strip_quotes: true,
+            max_words: None,
+        }
     }
 }
 
@@ -51,8 +55,15 @@ pub struct CaptionCleanup {
 }
 
 /// Quote pairs removed when they wrap the whole caption.
-const QUOTE_PAIRS: [(char, char); 7] =
-    [('"', '"'), ('\'', '\''), ('`', '`'), ('“', '”'), ('‘', '’'), ('„', '“'), ('«', '»')];
+const QUOTE_PAIRS: [(char, char); 7] = [
+    ('"', '"'),
+    ('\'', '\''),
+    ('`', '`'),
+    ('“', '”'),
+    ('‘', '’'),
+    ('„', '“'),
+    ('«', '»'),
+];
 
 /// Steps 1 and 2: control characters out, whitespace collapsed.
 fn normalize_whitespace(text: &str) -> String {
@@ -72,7 +83,11 @@ fn normalize_whitespace(text: &str) -> String {
 fn has_bare_quote(inner: &str, q: char) -> bool {
     let chars: Vec<char> = inner.chars().collect();
     chars.iter().enumerate().any(|(i, &c)| {
-        c == q && !(i > 0 && i + 1 < chars.len() && chars[i - 1].is_alphanumeric() && chars[i + 1].is_alphanumeric())
+        c == q
+            && !(i > 0
+                && i + 1 < chars.len()
+                && chars[i - 1].is_alphanumeric()
+                && chars[i + 1].is_alphanumeric())
     })
 }
 
@@ -95,10 +110,22 @@ fn strip_wrapping_quotes(mut text: &str) -> &str {
 /// The whole clean-up of one caption per `config`.
 pub fn clean(caption: &str, config: &Config) -> String {
     let text = normalize_whitespace(caption);
-    let text = if config.strip_quotes { strip_wrapping_quotes(&text).to_string() } else { text };
-    let text = if config.lowercase { text.to_lowercase() } else { text };
+    let text = if config.strip_quotes {
+        strip_wrapping_quotes(&text).to_string()
+    } else {
+        text
+    };
+    let text = if config.lowercase {
+        text.to_lowercase()
+    } else {
+        text
+    };
     match config.max_words {
-        Some(n) => text.split(' ').take(n as usize).collect::<Vec<_>>().join(" "),
+        Some(n) => text
+            .split(' ')
+            .take(n as usize)
+            .collect::<Vec<_>>()
+            .join(" "),
         None => text,
     }
 }
@@ -151,8 +178,17 @@ mod tests {
 
     #[test]
     fn whitespace_and_control_characters() {
-        assert_eq!(rewrite("{}", "  A  dog\trunning\r\n on\u{0007} the\u{200b} beach.\u{0000} "), "A dog running on the beach.");
-        assert_eq!(rewrite("", "\u{feff}Line one\nline two"), "Line one line two");
+        assert_eq!(
+            rewrite(
+                "{}",
+                "  A  dog\trunning\r\n on\u{0007} the\u{200b} beach.\u{0000} "
+            ),
+            "A dog running on the beach."
+        );
+        assert_eq!(
+            rewrite("", "\u{feff}Line one\nline two"),
+            "Line one line two"
+        );
         assert_eq!(rewrite("{}", " \n\t "), "");
     }
 
@@ -163,23 +199,42 @@ mod tests {
         assert_eq!(rewrite("{}", "'the dog's bowl'"), "the dog's bowl");
         assert_eq!(rewrite("{}", "«Un chat»"), "Un chat");
         // Quotes that do not wrap the caption stay.
-        assert_eq!(rewrite("{}", "\"Hi\" she said, \"bye\""), "\"Hi\" she said, \"bye\"");
+        assert_eq!(
+            rewrite("{}", "\"Hi\" she said, \"bye\""),
+            "\"Hi\" she said, \"bye\""
+        );
         assert_eq!(rewrite("{}", "a \"quoted\" word"), "a \"quoted\" word");
         assert_eq!(rewrite("{}", "\""), "\"");
-        assert_eq!(rewrite(r#"{"strip_quotes":false}"#, "\"A cat.\""), "\"A cat.\"");
+        assert_eq!(
+            rewrite(r#"{"strip_quotes":false}"#, "\"A cat.\""),
+            "\"A cat.\""
+        );
     }
 
     #[test]
     fn lowercase_and_truncate() {
         assert_eq!(rewrite(r#"{"lowercase":true}"#, "A Big ÉLAN"), "a big élan");
-        assert_eq!(rewrite(r#"{"max_words":3}"#, " one  two three four five"), "one two three");
+        assert_eq!(
+            rewrite(r#"{"max_words":3}"#, " one  two three four five"),
+            "one two three"
+        );
         assert_eq!(rewrite(r#"{"max_words":10}"#, "one two"), "one two");
-        assert_eq!(rewrite(r#"{"max_words":2,"lowercase":true}"#, "\"Hello  World Again\""), "hello world");
+        assert_eq!(
+            rewrite(
+                r#"{"max_words":2,"lowercase":true}"#,
+                "\"Hello  World Again\""
+            ),
+            "hello world"
+        );
     }
 
     #[test]
     fn idempotent() {
-        let config = Config { lowercase: true, strip_quotes: true, max_words: Some(4) };
+        let config = Config {
+            lowercase: true,
+            strip_quotes: true,
+            max_words: Some(4),
+        };
         for caption in ["\"A  b\" c", "  'x y z w v' ", "\u{0001}Q\n", "“”"] {
             let once = clean(caption, &config);
             assert_eq!(clean(&once, &config), once, "{caption:?}");
@@ -189,13 +244,25 @@ mod tests {
     #[test]
     fn config_errors_name_the_key() {
         let mut p = CaptionCleanup::default();
-        let e = p.configure(r#"{"lower_case":true}"#).unwrap_err().to_string();
-        assert!(e.contains("unknown field `lower_case`") && e.contains("[plugin.caption_cleanup]"), "{e}");
-        assert!(!e.contains("at line"), "JSON positions mean nothing to the user: {e}");
+        let e = p
+            .configure(r#"{"lower_case":true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `lower_case`") && e.contains("[plugin.caption_cleanup]"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("at line"),
+            "JSON positions mean nothing to the user: {e}"
+        );
         let e = p.configure(r#"{"max_words":0}"#).unwrap_err().to_string();
         assert!(e.contains("max_words = 0"), "{e}");
         let e = p.configure(r#"{"max_words":-1}"#).unwrap_err().to_string();
-        assert!(e.contains("max_words") || e.contains("invalid value"), "{e}");
+        assert!(
+            e.contains("max_words") || e.contains("invalid value"),
+            "{e}"
+        );
     }
 
     #[test]

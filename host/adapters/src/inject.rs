@@ -6,7 +6,9 @@ use crate::error::{invalid, AdaptersError};
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-use cogvx_model_core::adapter::{AdapterTensor, LinearAdapter, LoraAdapter, RecipeAdapter, RecipeLimits};
+use cogvx_model_core::adapter::{
+    AdapterTensor, LinearAdapter, LoraAdapter, RecipeAdapter, RecipeLimits,
+};
 use cogvx_model_core::nn::Linear;
 use cogvx_plugin_api::{AdapterRecipe, AdapterRequest};
 use cogvx_transformer::CogVideoXTransformer3DModel;
@@ -20,7 +22,9 @@ pub use cogvx_model_core::adapter::matches_target;
 /// Every `nn.Linear` of the transformer with its diffusers module path, in module order.
 ///
 /// CogVideoX 1.0's `patch_embed.proj` is a `Conv2d` in diffusers and is not listed.
-pub fn linear_layers_mut<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>) -> Vec<(String, &mut Linear<B>)> {
+pub fn linear_layers_mut<B: Backend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+) -> Vec<(String, &mut Linear<B>)> {
     let conv_patch = model.config.patch_size_t.is_none();
     let mut out: Vec<(String, &mut Linear<B>)> = Vec::new();
     let pe = &mut model.patch_embed;
@@ -28,8 +32,14 @@ pub fn linear_layers_mut<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>)
         out.push(("patch_embed.proj".into(), &mut pe.proj));
     }
     out.push(("patch_embed.text_proj".into(), &mut pe.text_proj));
-    out.push(("time_embedding.linear_1".into(), &mut model.time_embedding.linear_1));
-    out.push(("time_embedding.linear_2".into(), &mut model.time_embedding.linear_2));
+    out.push((
+        "time_embedding.linear_1".into(),
+        &mut model.time_embedding.linear_1,
+    ));
+    out.push((
+        "time_embedding.linear_2".into(),
+        &mut model.time_embedding.linear_2,
+    ));
     if let Some(ofs) = model.ofs_embedding.as_mut() {
         out.push(("ofs_embedding.linear_1".into(), &mut ofs.linear_1));
         out.push(("ofs_embedding.linear_2".into(), &mut ofs.linear_2));
@@ -63,7 +73,11 @@ pub struct AdapterSpec {
 impl AdapterSpec {
     /// LoRA on diffusers' default targets.
     pub fn lora(rank: usize, alpha: f64) -> Self {
-        AdapterSpec { rank, alpha, targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect() }
+        AdapterSpec {
+            rank,
+            alpha,
+            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+        }
     }
 }
 
@@ -81,7 +95,9 @@ fn select<'a, B: Backend>(
         return invalid("adapter rank must be at least 1");
     }
     if spec.targets.is_empty() {
-        return invalid("no adapter target modules given (diffusers' default is to_q, to_k, to_v, to_out.0)");
+        return invalid(
+            "no adapter target modules given (diffusers' default is to_q, to_k, to_v, to_out.0)",
+        );
     }
     if model.config.patch_size_t.is_none() && matches_target("patch_embed.proj", &spec.targets) {
         return invalid(
@@ -92,12 +108,18 @@ fn select<'a, B: Backend>(
     let layers = linear_layers_mut(model);
     let names: Vec<String> = layers.iter().map(|(n, _)| n.clone()).collect();
     for t in &spec.targets {
-        if !names.iter().any(|n| n == t || n.ends_with(&format!(".{t}"))) {
+        if !names
+            .iter()
+            .any(|n| n == t || n.ends_with(&format!(".{t}")))
+        {
             let sample: Vec<&str> = names.iter().take(12).map(String::as_str).collect();
             return invalid(format!("adapter target `{t}` matches no linear layer of the transformer (they are named like {}, ...)", sample.join(", ")));
         }
     }
-    let chosen: Vec<_> = layers.into_iter().filter(|(n, _)| matches_target(n, &spec.targets)).collect();
+    let chosen: Vec<_> = layers
+        .into_iter()
+        .filter(|(n, _)| matches_target(n, &spec.targets))
+        .collect();
     if let Some((name, _)) = chosen.iter().find(|(_, l)| l.adapter.is_some()) {
         return invalid(format!("layer `{name}` already has an adapter"));
     }
@@ -113,10 +135,11 @@ pub fn inject_lora<B: Backend>(
     let mut names = Vec::new();
     for (name, layer) in select(model, spec)? {
         let (inf, outf) = layer.dims();
-        let lora = LoraAdapter::new(inf, outf, spec.rank, spec.alpha, device).map_err(|mut e| {
-            e.layer = name.clone();
-            e
-        })?;
+        let lora =
+            LoraAdapter::new(inf, outf, spec.rank, spec.alpha, device).map_err(|mut e| {
+                e.layer = name.clone();
+                e
+            })?;
         layer.adapter = Some(LinearAdapter::Lora(lora));
         names.push(name);
     }
@@ -143,7 +166,8 @@ pub fn inject_recipe<B: Backend, E: std::fmt::Display>(
             rank: spec.rank as u32,
             alpha: spec.alpha as f32,
         };
-        let recipe = recipe_for(&request).map_err(|e| AdaptersError::Invalid(format!("adapter plugin, layer `{name}`: {e}")))?;
+        let recipe = recipe_for(&request)
+            .map_err(|e| AdaptersError::Invalid(format!("adapter plugin, layer `{name}`: {e}")))?;
         let adapter = RecipeAdapter::new(recipe, request, &layer.weight.val(), limits, device)?;
         layer.adapter = Some(LinearAdapter::Recipe(adapter));
         names.push(name);
@@ -152,7 +176,9 @@ pub fn inject_recipe<B: Backend, E: std::fmt::Display>(
 }
 
 /// Every adapter parameter as `(full PEFT name, value, trainable)`, in module order.
-pub fn adapter_tensors<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>) -> Vec<(String, AdapterTensor<B>, bool)> {
+pub fn adapter_tensors<B: Backend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+) -> Vec<(String, AdapterTensor<B>, bool)> {
     let mut out = Vec::new();
     for (name, layer) in linear_layers_mut(model) {
         if let Some(adapter) = &layer.adapter {
@@ -226,16 +252,23 @@ pub fn set_adapter_values<B: AutodiffBackend>(
     model: &mut CogVideoXTransformer3DModel<B>,
     values: &BTreeMap<String, AdapterTensor<B::InnerBackend>>,
 ) -> Result<(), AdaptersError> {
-    let mut remaining: BTreeMap<&str, &AdapterTensor<B::InnerBackend>> = values.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut remaining: BTreeMap<&str, &AdapterTensor<B::InnerBackend>> =
+        values.iter().map(|(k, v)| (k.as_str(), v)).collect();
     for (name, layer) in linear_layers_mut(model) {
-        let Some(adapter) = layer.adapter.as_mut() else { continue };
+        let Some(adapter) = layer.adapter.as_mut() else {
+            continue;
+        };
         let suffixes: Vec<String> = adapter.tensors().into_iter().map(|(s, _, _)| s).collect();
         for suffix in suffixes {
             let full = format!("{name}.{suffix}");
             if let Some(v) = remaining.remove(full.as_str()) {
                 let v = match v.clone() {
-                    AdapterTensor::Vector(t) => AdapterTensor::Vector(Tensor::<B, 1>::from_inner(t)),
-                    AdapterTensor::Matrix(t) => AdapterTensor::Matrix(Tensor::<B, 2>::from_inner(t)),
+                    AdapterTensor::Vector(t) => {
+                        AdapterTensor::Vector(Tensor::<B, 1>::from_inner(t))
+                    }
+                    AdapterTensor::Matrix(t) => {
+                        AdapterTensor::Matrix(Tensor::<B, 2>::from_inner(t))
+                    }
                 };
                 adapter.set_tensor(&name, &suffix, v)?;
             }
@@ -243,7 +276,10 @@ pub fn set_adapter_values<B: AutodiffBackend>(
     }
     if !remaining.is_empty() {
         let names: Vec<&str> = remaining.keys().copied().collect();
-        return invalid(format!("no adapter parameter named {} in the model", names.join(", ")));
+        return invalid(format!(
+            "no adapter parameter named {} in the model",
+            names.join(", ")
+        ));
     }
     Ok(())
 }

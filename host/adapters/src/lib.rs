@@ -17,8 +17,14 @@ pub mod peft_file;
 
 pub use error::AdaptersError;
 pub use inject::{
-    adapter_grads, adapter_tensors, all_adapter_values, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
-    set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
+    adapter_grads, adapter_tensors, all_adapter_values, freeze, inject_lora, inject_recipe,
+    linear_layers_mut, matches_target, set_adapter_values, trainable_values, AdapterSpec,
+    DEFAULT_TARGETS,
 };
-pub use lora_file::{load_lora, python_json_dumps, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
-pub use peft_file::{adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata, LoadedAdapter};
+pub use lora_file::{
+    load_lora, python_json_dumps, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME,
+};
+pub use peft_file::{
+    adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata,
+    LoadedAdapter,
+};

@@ -82,7 +82,10 @@ pub fn lora_config_dict(meta: &LoraMetadata) -> BTreeMap<String, Value> {
         ("use_rslora", json!(false)),
         ("velora_config", Value::Null),
     ];
-    entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// Python's `json.dumps(value, indent=2, sort_keys=True)` (ASCII-escaped, `", "`/`": "` separators).
@@ -99,7 +102,10 @@ pub fn python_json_dumps(value: &Value) -> String {
                     let s = format!("{f:?}");
                     match s.split_once('e') {
                         Some((mantissa, exp)) => {
-                            let (sign, digits) = exp.strip_prefix('-').map(|d| ('-', d)).unwrap_or(('+', exp));
+                            let (sign, digits) = exp
+                                .strip_prefix('-')
+                                .map(|d| ('-', d))
+                                .unwrap_or(('+', exp));
                             out.push_str(&format!("{mantissa}e{sign}{digits:0>2}"));
                         }
                         None => out.push_str(&s),
@@ -168,20 +174,32 @@ pub fn python_json_dumps(value: &Value) -> String {
 
 /// The header metadata diffusers writes for a transformer LoRA.
 pub fn lora_file_metadata(meta: &LoraMetadata) -> BTreeMap<String, String> {
-    let packed: serde_json::Map<String, Value> =
-        lora_config_dict(meta).into_iter().map(|(k, v)| (format!("transformer.{k}"), v)).collect();
+    let packed: serde_json::Map<String, Value> = lora_config_dict(meta)
+        .into_iter()
+        .map(|(k, v)| (format!("transformer.{k}"), v))
+        .collect();
     BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("lora_adapter_metadata".to_string(), python_json_dumps(&Value::Object(packed))),
+        (
+            "lora_adapter_metadata".to_string(),
+            python_json_dumps(&Value::Object(packed)),
+        ),
     ])
 }
 
 /// Writes a safetensors file of float32 tensors with `metadata`, atomically
 /// ([`cogvx_io::write_safetensors_f32`]), with the error naming the file.
-pub(crate) fn write_safetensors_f32(path: &Path, tensors: &cogvx_io::F32Tensors, metadata: &BTreeMap<String, String>) -> Result<(), AdaptersError> {
+pub(crate) fn write_safetensors_f32(
+    path: &Path,
+    tensors: &cogvx_io::F32Tensors,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), AdaptersError> {
     cogvx_io::write_safetensors_f32(path, tensors, metadata).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidInput => AdaptersError::Invalid(e.to_string()),
-        _ => AdaptersError::Io { path: path.to_path_buf(), message: e.to_string() },
+        _ => AdaptersError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
     })
 }
 
@@ -202,7 +220,9 @@ pub fn save_lora<B: Backend>(
     let mut tensors = BTreeMap::new();
     for (name, t) in params {
         if !(name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) {
-            return invalid(format!("`{name}` is not a LoRA parameter (lora_A.weight / lora_B.weight)"));
+            return invalid(format!(
+                "`{name}` is not a LoRA parameter (lora_A.weight / lora_B.weight)"
+            ));
         }
         tensors.insert(format!("transformer.{name}"), (t.shape(), t.to_vec()));
     }
@@ -226,7 +246,14 @@ mod tests {
 
     #[test]
     fn alpha_is_written_as_given() {
-        let m = |alpha| lora_config_dict(&LoraMetadata { rank: 8, alpha, target_modules: vec!["to_q".into()] })["lora_alpha"].clone();
+        let m = |alpha| {
+            lora_config_dict(&LoraMetadata {
+                rank: 8,
+                alpha,
+                target_modules: vec!["to_q".into()],
+            })["lora_alpha"]
+                .clone()
+        };
         assert_eq!(m(64.0), json!(64));
         assert_eq!(m(2.5), json!(2.5));
     }
@@ -235,26 +262,60 @@ mod tests {
     fn save_then_load_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Default::default();
-        let a = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[1, 3], vec![1.0, -2.0, 0.5], &dev).unwrap();
-        let b = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[2, 1], vec![0.25, 4.0], &dev).unwrap();
-        let params = BTreeMap::from([("blocks.0.to_q.lora_A.weight".to_string(), a), ("blocks.0.to_q.lora_B.weight".to_string(), b)]);
-        let meta = LoraMetadata { rank: 1, alpha: 0.5, target_modules: vec!["to_q".into()] };
+        let a = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(
+            &[1, 3],
+            vec![1.0, -2.0, 0.5],
+            &dev,
+        )
+        .unwrap();
+        let b =
+            AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[2, 1], vec![0.25, 4.0], &dev)
+                .unwrap();
+        let params = BTreeMap::from([
+            ("blocks.0.to_q.lora_A.weight".to_string(), a),
+            ("blocks.0.to_q.lora_B.weight".to_string(), b),
+        ]);
+        let meta = LoraMetadata {
+            rank: 1,
+            alpha: 0.5,
+            target_modules: vec!["to_q".into()],
+        };
         let path = save_lora(dir.path(), &params, &meta).unwrap();
         let loaded = load_lora(&path).unwrap();
         assert_eq!(loaded.metadata, Some(meta));
-        assert_eq!(loaded.tensors["blocks.0.to_q.lora_A.weight"], (vec![1, 3], vec![1.0, -2.0, 0.5]));
-        assert_eq!(loaded.tensors["blocks.0.to_q.lora_B.weight"], (vec![2, 1], vec![0.25, 4.0]));
+        assert_eq!(
+            loaded.tensors["blocks.0.to_q.lora_A.weight"],
+            (vec![1, 3], vec![1.0, -2.0, 0.5])
+        );
+        assert_eq!(
+            loaded.tensors["blocks.0.to_q.lora_B.weight"],
+            (vec![2, 1], vec![0.25, 4.0])
+        );
         std::fs::write(dir.path().join("bad.safetensors"), b"nope").unwrap();
-        let e = load_lora(&dir.path().join("bad.safetensors")).unwrap_err().to_string();
-        assert!(e.contains("bad.safetensors") && e.contains("not a safetensors file"), "{e}");
+        let e = load_lora(&dir.path().join("bad.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bad.safetensors") && e.contains("not a safetensors file"),
+            "{e}"
+        );
     }
 
     #[test]
     fn refuses_non_lora_names_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        let t = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(&[1], vec![1.0], &Default::default()).unwrap();
+        let t = AdapterTensor::<cogvx_model_core::CpuBackend>::from_vec(
+            &[1],
+            vec![1.0],
+            &Default::default(),
+        )
+        .unwrap();
         let params = BTreeMap::from([("blocks.0.weight".to_string(), t)]);
-        let meta = LoraMetadata { rank: 1, alpha: 1.0, target_modules: vec![] };
+        let meta = LoraMetadata {
+            rank: 1,
+            alpha: 1.0,
+            target_modules: vec![],
+        };
         assert!(save_lora(dir.path(), &params, &meta).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -277,26 +338,53 @@ pub(crate) type FileTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// `transformer.` (`expected` describes the key form in the error), returned without the prefix,
 /// and the header's `lora_adapter_metadata` as the dict of its `transformer.` keys (prefix
 /// stripped; `None` when the header has none). Errors name the file and the key.
-pub(crate) fn read_adapter_file(path: &Path, expected: &str) -> Result<(FileTensors, Option<BTreeMap<String, Value>>), AdaptersError> {
-    let bad = |message: String| AdaptersError::Io { path: path.to_path_buf(), message };
+pub(crate) fn read_adapter_file(
+    path: &Path,
+    expected: &str,
+) -> Result<(FileTensors, Option<BTreeMap<String, Value>>), AdaptersError> {
+    let bad = |message: String| AdaptersError::Io {
+        path: path.to_path_buf(),
+        message,
+    };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         let Some(key) = name.strip_prefix("transformer.") else {
             return Err(bad(format!("tensor `{name}` is not a {expected}")));
         };
-        let data = cogvx_model_core::weights::bytes_to_f32(view.data(), view.dtype())
-            .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        let data = cogvx_model_core::weights::bytes_to_f32(view.data(), view.dtype()).ok_or_else(
+            || {
+                bad(format!(
+                    "tensor `{name}` has unsupported dtype {:?}",
+                    view.dtype()
+                ))
+            },
+        )?;
         tensors.insert(key.to_string(), (view.shape().to_vec(), data));
     }
-    let metadata = match header.metadata().as_ref().and_then(|m| m.get("lora_adapter_metadata")) {
+    let metadata = match header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lora_adapter_metadata"))
+    {
         None => None,
         Some(text) => {
-            let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("header `lora_adapter_metadata` is not JSON: {e}")))?;
-            let obj = v.as_object().ok_or_else(|| bad("header `lora_adapter_metadata` is not a JSON object".into()))?;
-            Some(obj.iter().filter_map(|(k, v)| Some((k.strip_prefix("transformer.")?.to_string(), v.clone()))).collect())
+            let v: Value = serde_json::from_str(text)
+                .map_err(|e| bad(format!("header `lora_adapter_metadata` is not JSON: {e}")))?;
+            let obj = v
+                .as_object()
+                .ok_or_else(|| bad("header `lora_adapter_metadata` is not a JSON object".into()))?;
+            Some(
+                obj.iter()
+                    .filter_map(|(k, v)| {
+                        Some((k.strip_prefix("transformer.")?.to_string(), v.clone()))
+                    })
+                    .collect(),
+            )
         }
     };
     Ok((tensors, metadata))
@@ -305,7 +393,10 @@ pub(crate) fn read_adapter_file(path: &Path, expected: &str) -> Result<(FileTens
 /// `target_modules` of a PEFT config dict: a list, or one name.
 pub(crate) fn target_modules_of(dict: &BTreeMap<String, Value>) -> Vec<String> {
     match dict.get("target_modules") {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
         Some(Value::String(s)) => vec![s.clone()],
         _ => Vec::new(),
     }
@@ -314,20 +405,42 @@ pub(crate) fn target_modules_of(dict: &BTreeMap<String, Value>) -> Vec<String> {
 /// Reads a diffusers LoRA file (F32/F16/BF16): the `transformer.` LoRA tensors and the adapter
 /// metadata of the header. Errors name the file and the key.
 pub fn load_lora(path: &Path) -> Result<LoadedLora, AdaptersError> {
-    let bad = |message: String| AdaptersError::Io { path: path.to_path_buf(), message };
-    let (tensors, dict) = read_adapter_file(path, "transformer LoRA weight (expected `transformer.<module>.lora_A.weight`)")?;
-    if let Some(key) = tensors.keys().find(|k| !(k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))) {
-        return Err(bad(format!("tensor `transformer.{key}` is not a LoRA weight (only lora_A/lora_B are supported)")));
+    let bad = |message: String| AdaptersError::Io {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (tensors, dict) = read_adapter_file(
+        path,
+        "transformer LoRA weight (expected `transformer.<module>.lora_A.weight`)",
+    )?;
+    if let Some(key) = tensors
+        .keys()
+        .find(|k| !(k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")))
+    {
+        return Err(bad(format!(
+            "tensor `transformer.{key}` is not a LoRA weight (only lora_A/lora_B are supported)"
+        )));
     }
     let metadata = match dict {
         None => None,
         Some(dict) => {
-            let rank = dict.get("r").and_then(Value::as_u64).ok_or_else(|| bad("header `lora_adapter_metadata` has no integer `transformer.r`".into()))?;
+            let rank = dict.get("r").and_then(Value::as_u64).ok_or_else(|| {
+                bad("header `lora_adapter_metadata` has no integer `transformer.r`".into())
+            })?;
             let alpha = dict
                 .get("lora_alpha")
                 .and_then(Value::as_f64)
-                .ok_or_else(|| bad("header `lora_adapter_metadata` has no number `transformer.lora_alpha`".into()))?;
-            Some(LoraMetadata { rank: rank as usize, alpha, target_modules: target_modules_of(&dict) })
+                .ok_or_else(|| {
+                    bad(
+                        "header `lora_adapter_metadata` has no number `transformer.lora_alpha`"
+                            .into(),
+                    )
+                })?;
+            Some(LoraMetadata {
+                rank: rank as usize,
+                alpha,
+                target_modules: target_modules_of(&dict),
+            })
         }
     };
     Ok(LoadedLora { tensors, metadata })

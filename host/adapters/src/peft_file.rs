@@ -17,11 +17,11 @@
 //! A built-in LoRA with no extra settings is written by [`crate::save_lora`] itself, so its file
 //! is byte-identical to what `save_lora` writes.
 
-use crate::inject::{linear_layers_mut, AdapterSpec};
 use crate::error::{invalid, AdaptersError};
+use crate::inject::{linear_layers_mut, AdapterSpec};
 use crate::lora_file::{
-    lora_config_dict, number, python_json_dumps, read_adapter_file, save_lora, target_modules_of, write_safetensors_f32, LoraMetadata, LORA_WEIGHTS_NAME,
-    PEFT_METADATA_VERSION,
+    lora_config_dict, number, python_json_dumps, read_adapter_file, save_lora, target_modules_of,
+    write_safetensors_f32, LoraMetadata, LORA_WEIGHTS_NAME, PEFT_METADATA_VERSION,
 };
 use burn::tensor::backend::Backend;
 use cogvx_model_core::adapter::{AdapterTensor, LinearAdapter};
@@ -45,7 +45,15 @@ pub struct AdapterMetadata {
 }
 
 /// Fields the trainer sets itself; a plugin setting may not override them.
-const CORE_FIELDS: &[&str] = &["r", "lora_alpha", "alpha", "target_modules", "peft_type", "use_dora", "peft_version"];
+const CORE_FIELDS: &[&str] = &[
+    "r",
+    "lora_alpha",
+    "alpha",
+    "target_modules",
+    "peft_type",
+    "use_dora",
+    "peft_version",
+];
 
 fn lycoris_dict(meta: &AdapterMetadata, extra: &[(&str, Value)]) -> BTreeMap<String, Value> {
     let mut targets = meta.target_modules.clone();
@@ -74,19 +82,33 @@ fn lycoris_dict(meta: &AdapterMetadata, extra: &[(&str, Value)]) -> BTreeMap<Str
         ("use_effective_conv2d", json!(false)),
     ];
     entries.extend(extra.iter().cloned());
-    entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// PEFT's config `to_dict()` for the adapter type with all defaults (set-valued fields sorted).
 fn default_dict(meta: &AdapterMetadata) -> BTreeMap<String, Value> {
     match meta.peft_type.to_ascii_uppercase().as_str() {
         "LORA" => {
-            let mut d = lora_config_dict(&LoraMetadata { rank: meta.rank, alpha: meta.alpha, target_modules: meta.target_modules.clone() });
+            let mut d = lora_config_dict(&LoraMetadata {
+                rank: meta.rank,
+                alpha: meta.alpha,
+                target_modules: meta.target_modules.clone(),
+            });
             d.insert("use_dora".into(), json!(meta.use_dora));
             d
         }
         "LOHA" => lycoris_dict(meta, &[]),
-        "LOKR" => lycoris_dict(meta, &[("decompose_both", json!(false)), ("decompose_factor", json!(-1)), ("rank_dropout_scale", json!(false))]),
+        "LOKR" => lycoris_dict(
+            meta,
+            &[
+                ("decompose_both", json!(false)),
+                ("decompose_factor", json!(-1)),
+                ("rank_dropout_scale", json!(false)),
+            ],
+        ),
         // Another type: PEFT's common fields, rank, alpha and targets.
         _ => {
             let mut targets = meta.target_modules.clone();
@@ -120,7 +142,11 @@ pub fn peft_config_dict(meta: &AdapterMetadata) -> Result<BTreeMap<String, Value
             return invalid(format!("adapter setting `{k}` is set by the trainer (rank, alpha, targets), not by the plugin's settings"));
         }
         if !dict.contains_key(k) {
-            let known: Vec<&str> = dict.keys().map(String::as_str).filter(|f| !CORE_FIELDS.contains(f)).collect();
+            let known: Vec<&str> = dict
+                .keys()
+                .map(String::as_str)
+                .filter(|f| !CORE_FIELDS.contains(f))
+                .collect();
             return invalid(format!(
                 "adapter setting `{k}` is not a field of PEFT's {} config, so the exported file could not record it (fields: {})",
                 meta.peft_type,
@@ -133,11 +159,19 @@ pub fn peft_config_dict(meta: &AdapterMetadata) -> Result<BTreeMap<String, Value
 }
 
 /// The header metadata for `meta` (`format`, `lora_adapter_metadata`).
-pub fn adapter_file_metadata(meta: &AdapterMetadata) -> Result<BTreeMap<String, String>, AdaptersError> {
-    let packed: serde_json::Map<String, Value> = peft_config_dict(meta)?.into_iter().map(|(k, v)| (format!("transformer.{k}"), v)).collect();
+pub fn adapter_file_metadata(
+    meta: &AdapterMetadata,
+) -> Result<BTreeMap<String, String>, AdaptersError> {
+    let packed: serde_json::Map<String, Value> = peft_config_dict(meta)?
+        .into_iter()
+        .map(|(k, v)| (format!("transformer.{k}"), v))
+        .collect();
     Ok(BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("lora_adapter_metadata".to_string(), python_json_dumps(&Value::Object(packed))),
+        (
+            "lora_adapter_metadata".to_string(),
+            python_json_dumps(&Value::Object(packed)),
+        ),
     ]))
 }
 
@@ -146,12 +180,21 @@ pub fn adapter_file_metadata(meta: &AdapterMetadata) -> Result<BTreeMap<String, 
 /// the PEFT config of `peft_type` and set to another value than PEFT's default; other entries
 /// (plugin-only settings) are left out.
 pub fn peft_settings(peft_type: &str, plugin_params: &Value) -> BTreeMap<String, Value> {
-    let probe = AdapterMetadata { peft_type: peft_type.to_string(), rank: 1, alpha: 1.0, target_modules: vec![], use_dora: false, config: BTreeMap::new() };
+    let probe = AdapterMetadata {
+        peft_type: peft_type.to_string(),
+        rank: 1,
+        alpha: 1.0,
+        target_modules: vec![],
+        use_dora: false,
+        config: BTreeMap::new(),
+    };
     let fields = default_dict(&probe);
     match plugin_params.as_object() {
         Some(m) => m
             .iter()
-            .filter(|(k, v)| !CORE_FIELDS.contains(&k.as_str()) && fields.get(*k).is_some_and(|d| d != *v))
+            .filter(|(k, v)| {
+                !CORE_FIELDS.contains(&k.as_str()) && fields.get(*k).is_some_and(|d| d != *v)
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         None => BTreeMap::new(),
@@ -161,12 +204,16 @@ pub fn peft_settings(peft_type: &str, plugin_params: &Value) -> BTreeMap<String,
 /// Every exported adapter tensor as `(<layer>.<suffix>, value)` plus the PEFT type and whether
 /// it is a DoRA. A trainable recipe parameter without an export key is refused (it would be lost).
 #[allow(clippy::type_complexity)]
-fn exported_tensors<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>) -> Result<(Vec<(String, AdapterTensor<B>)>, String, bool), AdaptersError> {
+fn exported_tensors<B: Backend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+) -> Result<(Vec<(String, AdapterTensor<B>)>, String, bool), AdaptersError> {
     let mut out = Vec::new();
     let mut peft_type: Option<(String, String)> = None;
     let mut dora = false;
     for (layer, linear) in linear_layers_mut(model) {
-        let Some(adapter) = &linear.adapter else { continue };
+        let Some(adapter) = &linear.adapter else {
+            continue;
+        };
         let t = adapter.peft_type().to_ascii_uppercase();
         match &peft_type {
             None => peft_type = Some((t.clone(), layer.clone())),
@@ -177,7 +224,13 @@ fn exported_tensors<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>) -> R
         }
         let exported: Vec<String> = match adapter {
             LinearAdapter::Lora(_) => vec!["lora_A.weight".into(), "lora_B.weight".into()],
-            LinearAdapter::Recipe(r) => r.program.recipe.export.iter().map(|k| k.suffix.clone()).collect(),
+            LinearAdapter::Recipe(r) => r
+                .program
+                .recipe
+                .export
+                .iter()
+                .map(|k| k.suffix.clone())
+                .collect(),
         };
         for (suffix, value, trainable) in adapter.tensors() {
             if exported.contains(&suffix) {
@@ -204,18 +257,32 @@ pub fn adapter_metadata<B: Backend>(
     settings: BTreeMap<String, Value>,
 ) -> Result<AdapterMetadata, AdaptersError> {
     let (_, peft_type, use_dora) = exported_tensors(model)?;
-    Ok(AdapterMetadata { peft_type, rank: spec.rank, alpha: spec.alpha, target_modules: spec.targets.clone(), use_dora, config: settings })
+    Ok(AdapterMetadata {
+        peft_type,
+        rank: spec.rank,
+        alpha: spec.alpha,
+        target_modules: spec.targets.clone(),
+        use_dora,
+        config: settings,
+    })
 }
 
 /// Saves the model's adapter to `dir/pytorch_lora_weights.safetensors` (see the module
 /// documentation), atomically. `meta` must agree with the model (type, DoRA). Returns the path.
-pub fn save_adapter<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>, dir: &Path, meta: &AdapterMetadata) -> Result<PathBuf, AdaptersError> {
+pub fn save_adapter<B: Backend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+    dir: &Path,
+    meta: &AdapterMetadata,
+) -> Result<PathBuf, AdaptersError> {
     if meta.rank == 0 {
         return invalid("adapter rank 0 in the export metadata");
     }
     let (tensors, peft_type, dora) = exported_tensors(model)?;
     if peft_type != meta.peft_type.to_ascii_uppercase() {
-        return invalid(format!("the model's adapter is {peft_type}, the export metadata says {}", meta.peft_type));
+        return invalid(format!(
+            "the model's adapter is {peft_type}, the export metadata says {}",
+            meta.peft_type
+        ));
     }
     if dora != meta.use_dora {
         return invalid(format!(
@@ -227,7 +294,11 @@ pub fn save_adapter<B: Backend>(model: &mut CogVideoXTransformer3DModel<B>, dir:
     let plain_lora = peft_type == "LORA" && !dora && meta.config.is_empty();
     if plain_lora {
         let params: BTreeMap<String, AdapterTensor<B>> = tensors.into_iter().collect();
-        let lm = LoraMetadata { rank: meta.rank, alpha: meta.alpha, target_modules: meta.target_modules.clone() };
+        let lm = LoraMetadata {
+            rank: meta.rank,
+            alpha: meta.alpha,
+            target_modules: meta.target_modules.clone(),
+        };
         return save_lora(dir, &params, &lm);
     }
     let metadata = adapter_file_metadata(meta)?;
@@ -252,7 +323,10 @@ pub struct LoadedAdapter {
 
 impl LoadedAdapter {
     /// The tensors as adapter values for [`crate::set_adapter_values`] (rank 1 or 2 only).
-    pub fn values<B: Backend>(&self, device: &B::Device) -> Result<BTreeMap<String, AdapterTensor<B>>, AdaptersError> {
+    pub fn values<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<BTreeMap<String, AdapterTensor<B>>, AdaptersError> {
         self.tensors
             .iter()
             .map(|(k, (shape, data))| {
@@ -267,25 +341,54 @@ impl LoadedAdapter {
 /// Reads an adapter file written by [`save_adapter`], [`crate::save_lora`] or diffusers (F32, F16
 /// or BF16 tensors under `transformer.`). Errors name the file and the key.
 pub fn load_adapter(path: &Path) -> Result<LoadedAdapter, AdaptersError> {
-    let bad = |message: String| AdaptersError::Io { path: path.to_path_buf(), message };
-    let (tensors, dict) = read_adapter_file(path, "transformer adapter weight (expected `transformer.<module>.<parameter>`)")?;
+    let bad = |message: String| AdaptersError::Io {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (tensors, dict) = read_adapter_file(
+        path,
+        "transformer adapter weight (expected `transformer.<module>.<parameter>`)",
+    )?;
     let metadata = match dict {
         None => None,
         Some(dict) => {
-            let peft_type = dict.get("peft_type").and_then(Value::as_str).unwrap_or("LORA").to_ascii_uppercase();
-            let rank = dict.get("r").and_then(Value::as_u64).ok_or_else(|| bad("header `lora_adapter_metadata` has no integer `transformer.r`".into()))?;
-            let alpha_key = if peft_type == "LORA" { "lora_alpha" } else { "alpha" };
-            let alpha = dict
-                .get(alpha_key)
-                .and_then(Value::as_f64)
-                .ok_or_else(|| bad(format!("header `lora_adapter_metadata` has no number `transformer.{alpha_key}`")))?;
+            let peft_type = dict
+                .get("peft_type")
+                .and_then(Value::as_str)
+                .unwrap_or("LORA")
+                .to_ascii_uppercase();
+            let rank = dict.get("r").and_then(Value::as_u64).ok_or_else(|| {
+                bad("header `lora_adapter_metadata` has no integer `transformer.r`".into())
+            })?;
+            let alpha_key = if peft_type == "LORA" {
+                "lora_alpha"
+            } else {
+                "alpha"
+            };
+            let alpha = dict.get(alpha_key).and_then(Value::as_f64).ok_or_else(|| {
+                bad(format!(
+                    "header `lora_adapter_metadata` has no number `transformer.{alpha_key}`"
+                ))
+            })?;
             let target_modules = target_modules_of(&dict);
-            let use_dora = dict.get("use_dora").and_then(Value::as_bool).unwrap_or(false);
-            let mut meta = AdapterMetadata { peft_type, rank: rank as usize, alpha, target_modules, use_dora, config: BTreeMap::new() };
+            let use_dora = dict
+                .get("use_dora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let mut meta = AdapterMetadata {
+                peft_type,
+                rank: rank as usize,
+                alpha,
+                target_modules,
+                use_dora,
+                config: BTreeMap::new(),
+            };
             let defaults = default_dict(&meta);
             meta.config = dict
                 .into_iter()
-                .filter(|(k, v)| !CORE_FIELDS.contains(&k.as_str()) && defaults.get(k).is_some_and(|d| d != v))
+                .filter(|(k, v)| {
+                    !CORE_FIELDS.contains(&k.as_str()) && defaults.get(k).is_some_and(|d| d != v)
+                })
                 .collect();
             Some(meta)
         }
@@ -298,7 +401,14 @@ mod tests {
     use super::*;
 
     fn meta(peft_type: &str) -> AdapterMetadata {
-        AdapterMetadata { peft_type: peft_type.into(), rank: 4, alpha: 2.0, target_modules: vec!["to_v".into(), "to_q".into()], use_dora: false, config: BTreeMap::new() }
+        AdapterMetadata {
+            peft_type: peft_type.into(),
+            rank: 4,
+            alpha: 2.0,
+            target_modules: vec!["to_v".into(), "to_q".into()],
+            use_dora: false,
+            config: BTreeMap::new(),
+        }
     }
 
     #[test]
@@ -307,25 +417,51 @@ mod tests {
         m.use_dora = true;
         m.config.insert("use_rslora".into(), json!(true));
         let d = peft_config_dict(&m).unwrap();
-        assert_eq!((d["use_dora"].clone(), d["use_rslora"].clone(), d["lora_alpha"].clone()), (json!(true), json!(true), json!(2)));
+        assert_eq!(
+            (
+                d["use_dora"].clone(),
+                d["use_rslora"].clone(),
+                d["lora_alpha"].clone()
+            ),
+            (json!(true), json!(true), json!(2))
+        );
 
         let d = peft_config_dict(&meta("LOHA")).unwrap();
-        assert_eq!((d["peft_type"].clone(), d["alpha"].clone(), d["r"].clone()), (json!("LOHA"), json!(2), json!(4)));
+        assert_eq!(
+            (d["peft_type"].clone(), d["alpha"].clone(), d["r"].clone()),
+            (json!("LOHA"), json!(2), json!(4))
+        );
         assert!(!d.contains_key("lora_alpha") && !d.contains_key("decompose_factor"));
         assert_eq!(d["target_modules"], json!(["to_q", "to_v"]));
 
         let mut m = meta("lokr");
-        m.config = peft_settings("LOKR", &json!({"decompose_factor": 4, "init_weights": "lycoris", "plugin_only": 1}));
+        m.config = peft_settings(
+            "LOKR",
+            &json!({"decompose_factor": 4, "init_weights": "lycoris", "plugin_only": 1}),
+        );
         assert_eq!(m.config.len(), 2);
         let d = peft_config_dict(&m).unwrap();
-        assert_eq!((d["peft_type"].clone(), d["decompose_factor"].clone(), d["init_weights"].clone()), (json!("LOKR"), json!(4), json!("lycoris")));
+        assert_eq!(
+            (
+                d["peft_type"].clone(),
+                d["decompose_factor"].clone(),
+                d["init_weights"].clone()
+            ),
+            (json!("LOKR"), json!(4), json!("lycoris"))
+        );
 
         let mut m = meta("LOHA");
         m.config.insert("decompose_factor".into(), json!(2));
         let e = peft_config_dict(&m).unwrap_err().to_string();
-        assert!(e.contains("`decompose_factor` is not a field of PEFT's LOHA config"), "{e}");
+        assert!(
+            e.contains("`decompose_factor` is not a field of PEFT's LOHA config"),
+            "{e}"
+        );
         let mut m = meta("LORA");
         m.config.insert("r".into(), json!(2));
-        assert!(peft_config_dict(&m).unwrap_err().to_string().contains("set by the trainer"));
+        assert!(peft_config_dict(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("set by the trainer"));
     }
 }

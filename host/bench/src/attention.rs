@@ -46,20 +46,36 @@ pub struct AttentionReport {
 /// Runs the benchmark on the CPU backend with `threads` threads.
 pub fn attention_cpu(options: AttentionOptions) -> Result<AttentionReport, BenchError> {
     if options.batch == 0 || options.heads == 0 || options.len == 0 || options.head_dim == 0 {
-        return Err(BenchError::Invalid("batch, heads, len and head_dim must be positive".into()));
+        return Err(BenchError::Invalid(
+            "batch, heads, len and head_dim must be positive".into(),
+        ));
     }
     if options.blocks.is_some_and(|b| b.q == 0 || b.k == 0) {
         return Err(BenchError::Invalid("tile sizes must be positive".into()));
     }
-    run_with_threads(options.threads, || attention_on::<CpuAutodiffBackend>(options, &Default::default()))
+    run_with_threads(options.threads, || {
+        attention_on::<CpuAutodiffBackend>(options, &Default::default())
+    })
 }
 
 /// Runs the benchmark on any autodiff backend (the GPU check uses CUDA).
-pub fn attention_on<B: ModelAutodiffBackend>(options: AttentionOptions, device: &B::Device) -> AttentionReport {
-    let AttentionOptions { batch, heads, len, head_dim, naive, threads, blocks } = options;
+pub fn attention_on<B: ModelAutodiffBackend>(
+    options: AttentionOptions,
+    device: &B::Device,
+) -> AttentionReport {
+    let AttentionOptions {
+        batch,
+        heads,
+        len,
+        head_dim,
+        naive,
+        threads,
+        blocks,
+    } = options;
     let blocks = blocks.unwrap_or_else(|| BlockSizes::for_shape(batch * heads, len, len));
     let shape = [batch, heads, len, head_dim];
-    let make = || Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).require_grad();
+    let make =
+        || Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).require_grad();
     let (q, k, v) = (make(), make(), make());
     let start = Instant::now();
     let out = if naive {
@@ -76,7 +92,11 @@ pub fn attention_on<B: ModelAutodiffBackend>(options: AttentionOptions, device: 
     tracing::debug!("attention output sum {out_sum:?}, gradient sum {total}");
     let flops = 14.0 * (batch * heads) as f64 * (len as f64).powi(2) * head_dim as f64;
     AttentionReport {
-        op: if naive { "naive".into() } else { "memory-efficient".into() },
+        op: if naive {
+            "naive".into()
+        } else {
+            "memory-efficient".into()
+        },
         shape,
         threads,
         tile: (!naive).then_some([blocks.q, blocks.k]),
@@ -88,7 +108,9 @@ pub fn attention_on<B: ModelAutodiffBackend>(options: AttentionOptions, device: 
 }
 
 fn grad_sum<B: AutodiffBackend>(t: &Tensor<B, 4>, grads: &B::Gradients) -> f64 {
-    t.grad(grads).map(|g| g.sum().into_scalar().elem::<f64>()).unwrap_or(0.0)
+    t.grad(grads)
+        .map(|g| g.sum().into_scalar().elem::<f64>())
+        .unwrap_or(0.0)
 }
 
 impl AttentionReport {
@@ -107,13 +129,36 @@ mod tests {
         let _rng = crate::TEST_RNG.lock().unwrap_or_else(|e| e.into_inner());
         for naive in [false, true] {
             let blocks = Some(BlockSizes { q: 16, k: 16 });
-            let r = attention_cpu(AttentionOptions { batch: 1, heads: 2, len: 40, head_dim: 8, naive, threads: 1, blocks }).unwrap();
+            let r = attention_cpu(AttentionOptions {
+                batch: 1,
+                heads: 2,
+                len: 40,
+                head_dim: 8,
+                naive,
+                threads: 1,
+                blocks,
+            })
+            .unwrap();
             assert_eq!(r.tile, (!naive).then_some([16, 16]));
             assert_eq!(r.shape, [1, 2, 40, 8]);
-            assert!(r.forward_s > 0.0 && r.backward_s > 0.0 && r.gflops > 0.0, "{r:?}");
+            assert!(
+                r.forward_s > 0.0 && r.backward_s > 0.0 && r.gflops > 0.0,
+                "{r:?}"
+            );
             assert_eq!(r.op, if naive { "naive" } else { "memory-efficient" });
         }
-        let bad = AttentionOptions { batch: 1, heads: 0, len: 4, head_dim: 8, naive: false, threads: 1, blocks: None };
-        assert!(attention_cpu(bad).unwrap_err().to_string().contains("positive"));
+        let bad = AttentionOptions {
+            batch: 1,
+            heads: 0,
+            len: 4,
+            head_dim: 8,
+            naive: false,
+            threads: 1,
+            blocks: None,
+        };
+        assert!(attention_cpu(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("positive"));
     }
 }

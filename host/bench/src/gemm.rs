@@ -35,20 +35,42 @@ pub struct GemmReport {
 
 fn check(o: &GemmOptions) -> Result<(), BenchError> {
     if o.m == 0 || o.k == 0 || o.n == 0 || o.repeat == 0 {
-        return Err(BenchError::Invalid("m, k, n and repeat must be positive".into()));
+        return Err(BenchError::Invalid(
+            "m, k, n and repeat must be positive".into(),
+        ));
     }
     Ok(())
 }
 
 /// Runs on any backend and device (the GPU check runs it on CUDA).
-pub fn gemm_on<B: Backend>(options: GemmOptions, device: &B::Device) -> Result<GemmReport, BenchError> {
+pub fn gemm_on<B: Backend>(
+    options: GemmOptions,
+    device: &B::Device,
+) -> Result<GemmReport, BenchError> {
     check(&options)?;
     if !B::supports_dtype(device, options.dtype.into()) {
-        return Err(BenchError::Invalid(format!("the {} backend has no {:?} tensors", B::name(device), options.dtype)));
+        return Err(BenchError::Invalid(format!(
+            "the {} backend has no {:?} tensors",
+            B::name(device),
+            options.dtype
+        )));
     }
-    let GemmOptions { m, k, n, repeat, dtype, .. } = options;
-    let a = to_dtype(Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), device), dtype);
-    let b = to_dtype(Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), device), dtype);
+    let GemmOptions {
+        m,
+        k,
+        n,
+        repeat,
+        dtype,
+        ..
+    } = options;
+    let a = to_dtype(
+        Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), device),
+        dtype,
+    );
+    let b = to_dtype(
+        Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), device),
+        dtype,
+    );
     let mut times = Vec::with_capacity(repeat);
     for i in 0..=repeat {
         let start = Instant::now();
@@ -90,14 +112,39 @@ mod tests {
     #[test]
     fn a_small_product_reports_its_throughput_in_each_dtype() {
         for dtype in [FloatDType::F32, FloatDType::BF16, FloatDType::F16] {
-            let r = gemm_cpu(GemmOptions { m: 64, k: 32, n: 48, repeat: 3, dtype, threads: 1 }).unwrap();
+            let r = gemm_cpu(GemmOptions {
+                m: 64,
+                k: 32,
+                n: 48,
+                repeat: 3,
+                dtype,
+                threads: 1,
+            })
+            .unwrap();
             assert_eq!(r.shape, [64, 32, 48]);
             assert!(r.median_s > 0.0 && r.gflops > 0.0, "{r:?}");
             assert_eq!(r.dtype, format!("{dtype:?}").to_lowercase());
         }
-        let bad = gemm_cpu(GemmOptions { m: 0, k: 1, n: 1, repeat: 1, dtype: FloatDType::F32, threads: 1 });
+        let bad = gemm_cpu(GemmOptions {
+            m: 0,
+            k: 1,
+            n: 1,
+            repeat: 1,
+            dtype: FloatDType::F32,
+            threads: 1,
+        });
         assert!(bad.unwrap_err().to_string().contains("positive"));
-        let no_half = gemm_on::<cogvx_model_core::CpuBackend>(GemmOptions { m: 2, k: 2, n: 2, repeat: 1, dtype: FloatDType::BF16, threads: 1 }, &Default::default());
+        let no_half = gemm_on::<cogvx_model_core::CpuBackend>(
+            GemmOptions {
+                m: 2,
+                k: 2,
+                n: 2,
+                repeat: 1,
+                dtype: FloatDType::BF16,
+                threads: 1,
+            },
+            &Default::default(),
+        );
         assert!(no_half.unwrap_err().to_string().contains("ndarray"));
     }
 }

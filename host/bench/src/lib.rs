@@ -23,7 +23,9 @@ pub mod random;
 use burn::tensor::{Distribution, Tensor};
 use cogvx_model_core::precision::MixedPrecision;
 use cogvx_model_core::{CpuAutodiffBackend, CpuDevice, FlexAutodiffBackend, ModelAutodiffBackend};
-use cogvx_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError, TimestepSpacing};
+use cogvx_scheduler::{
+    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError, TimestepSpacing,
+};
 use cogvx_train::{AdamW, AdamWConfig, AdapterSpec, NoiseDraw, TrainBatch, TrainError};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig, TransformerError};
 use rand::{Rng, SeedableRng};
@@ -38,7 +40,13 @@ pub const IMPL_NAME: &str = "cogvx-burn-ndarray";
 /// The burn version cogvx is built with (the report's counterpart of the script's `torch` field).
 pub const BURN_VERSION: &str = "0.21.0";
 /// Learning rate, betas, eps and weight decay of the script's `torch.optim.AdamW`.
-pub const ADAMW: AdamWConfig = AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 };
+pub const ADAMW: AdamWConfig = AdamWConfig {
+    lr: 1e-4,
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weight_decay: 1e-4,
+};
 /// The script's `clip_grad_norm_(params, 1.0)`.
 pub const MAX_GRAD_NORM: f64 = 1.0;
 /// Latent channels of every preset.
@@ -87,20 +95,72 @@ pub struct Preset {
 /// CogVideoX-2B's width, 30 heads x 64, at 49x480x720: 226 text + 13x30x45 video = 17,776 tokens),
 /// and XL30 (XL with CogVideoX-2B's 30 blocks; a GPU's size).
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "S", heads: 4, head_dim: 64, layers: 4, text_len: 32, lat: (5, 16, 24), rank: 16 },
-    Preset { name: "M", heads: 8, head_dim: 64, layers: 8, text_len: 64, lat: (7, 30, 44), rank: 32 },
-    Preset { name: "XL", heads: 30, head_dim: 64, layers: 1, text_len: 226, lat: (13, 60, 90), rank: 128 },
+    Preset {
+        name: "S",
+        heads: 4,
+        head_dim: 64,
+        layers: 4,
+        text_len: 32,
+        lat: (5, 16, 24),
+        rank: 16,
+    },
+    Preset {
+        name: "M",
+        heads: 8,
+        head_dim: 64,
+        layers: 8,
+        text_len: 64,
+        lat: (7, 30, 44),
+        rank: 32,
+    },
+    Preset {
+        name: "XL",
+        heads: 30,
+        head_dim: 64,
+        layers: 1,
+        text_len: 226,
+        lat: (13, 60, 90),
+        rank: 128,
+    },
     // cogvx only: XL at CogVideoX-2B's depth (30 blocks), for a GPU (scripts/gpu-check.sh).
-    Preset { name: "XL30", heads: 30, head_dim: 64, layers: 30, text_len: 226, lat: (13, 60, 90), rank: 128 },
+    Preset {
+        name: "XL30",
+        heads: 30,
+        head_dim: 64,
+        layers: 30,
+        text_len: 226,
+        lat: (13, 60, 90),
+        rank: 128,
+    },
     // cogvx only, for checking `cogvx plan` against measured peaks: XL's width at 1,876 tokens,
     // and 8 heads at XL's 17,776 tokens (minutes a step).
-    Preset { name: "wide", heads: 30, head_dim: 64, layers: 1, text_len: 226, lat: (5, 30, 44), rank: 128 },
-    Preset { name: "long", heads: 8, head_dim: 64, layers: 1, text_len: 226, lat: (13, 60, 90), rank: 128 },
+    Preset {
+        name: "wide",
+        heads: 30,
+        head_dim: 64,
+        layers: 1,
+        text_len: 226,
+        lat: (5, 30, 44),
+        rank: 128,
+    },
+    Preset {
+        name: "long",
+        heads: 8,
+        head_dim: 64,
+        layers: 1,
+        text_len: 226,
+        lat: (13, 60, 90),
+        rank: 128,
+    },
 ];
 
 /// Looks a preset up by name.
 pub fn preset(name: &str) -> Result<Preset, BenchError> {
-    PRESETS.iter().find(|p| p.name == name).copied().ok_or_else(|| BenchError::UnknownPreset(name.to_string()))
+    PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .copied()
+        .ok_or_else(|| BenchError::UnknownPreset(name.to_string()))
 }
 
 impl Preset {
@@ -146,10 +206,17 @@ impl Preset {
             )));
         }
         if self.rank == 0 || self.text_len == 0 || self.layers == 0 {
-            return Err(BenchError::Invalid(format!("preset {}: rank, text_len and layers must be positive", self.name)));
+            return Err(BenchError::Invalid(format!(
+                "preset {}: rank, text_len and layers must be positive",
+                self.name
+            )));
         }
         if (self.inner_dim() / 2) == 0 {
-            return Err(BenchError::Invalid(format!("preset {}: hidden size {} is too small", self.name, self.inner_dim())));
+            return Err(BenchError::Invalid(format!(
+                "preset {}: hidden size {} is too small",
+                self.name,
+                self.inner_dim()
+            )));
         }
         Ok(())
     }
@@ -241,7 +308,11 @@ pub fn peak_rss_mib() -> Option<f64> {
         return None;
     }
     let raw = usage.ru_maxrss as f64;
-    let kib = if cfg!(target_os = "macos") { raw / 1024.0 } else { raw };
+    let kib = if cfg!(target_os = "macos") {
+        raw / 1024.0
+    } else {
+        raw
+    };
     Some(kib / 1024.0)
 }
 
@@ -256,7 +327,10 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// Matrix products also go through `matrixmultiply`, whose own pool reads `MATMUL_NUM_THREADS`
 /// once per process (at its first product): when that variable is unset it is set to `threads`
 /// here, which takes effect if no product ran in this process before.
-pub fn run_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R, BenchError> {
+pub fn run_with_threads<R: Send>(
+    threads: usize,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, BenchError> {
     if threads == 0 {
         return Err(BenchError::Invalid("threads must be at least 1".into()));
     }
@@ -267,7 +341,10 @@ pub fn run_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -
         .num_threads(threads)
         .thread_name(|i| format!("cogvx-bench-{i}"))
         .build()
-        .map_err(|e| BenchError::ThreadPool { threads, message: e.to_string() })?;
+        .map_err(|e| BenchError::ThreadPool {
+            threads,
+            message: e.to_string(),
+        })?;
     Ok(pool.install(f))
 }
 
@@ -302,41 +379,90 @@ pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchRep
     run_with_threads(options.threads, || {
         if options.mixed_precision.is_half() {
             // ndarray has no half types.
-            run::<FlexAutodiffBackend>(preset, options, "cogvx-burn-flex", cogvx_plan::DeviceKind::Cpu, &Default::default())
+            run::<FlexAutodiffBackend>(
+                preset,
+                options,
+                "cogvx-burn-flex",
+                cogvx_plan::DeviceKind::Cpu,
+                &Default::default(),
+            )
         } else {
-            run::<CpuAutodiffBackend>(preset, options, IMPL_NAME, cogvx_plan::DeviceKind::Cpu, &CpuDevice::default())
+            run::<CpuAutodiffBackend>(
+                preset,
+                options,
+                IMPL_NAME,
+                cogvx_plan::DeviceKind::Cpu,
+                &CpuDevice::default(),
+            )
         }
     })?
 }
 
 /// [`train_step_with`] on any autodiff backend and device (the GPU check runs it on CUDA);
 /// `options.threads` is only reported. The report's `impl` is `cogvx-burn-<backend name>`.
-pub fn train_step_on<B: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, device: &B::Device) -> Result<BenchReport, BenchError> {
+pub fn train_step_on<B: ModelAutodiffBackend>(
+    preset: &Preset,
+    options: StepOptions,
+    device: &B::Device,
+) -> Result<BenchReport, BenchError> {
     check_step(preset, options)?;
-    let kind = if B::name(device).contains("cuda") { cogvx_plan::DeviceKind::Cuda } else { cogvx_plan::DeviceKind::Cpu };
-    run::<B>(preset, options, &format!("cogvx-burn-{}", B::name(device)), kind, device)
+    let kind = if B::name(device).contains("cuda") {
+        cogvx_plan::DeviceKind::Cuda
+    } else {
+        cogvx_plan::DeviceKind::Cpu
+    };
+    run::<B>(
+        preset,
+        options,
+        &format!("cogvx-burn-{}", B::name(device)),
+        kind,
+        device,
+    )
 }
 
 /// The checks both entry points make before any work.
 fn check_step(preset: &Preset, options: StepOptions) -> Result<(), BenchError> {
     if options.steps == 0 {
-        return Err(BenchError::Invalid("steps must be at least 1 (the number of timed steps)".into()));
+        return Err(BenchError::Invalid(
+            "steps must be at least 1 (the number of timed steps)".into(),
+        ));
     }
     preset.check()
 }
 
-fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implementation: &str, kind: cogvx_plan::DeviceKind, device: &AD::Device) -> Result<BenchReport, BenchError> {
-    let StepOptions { threads, steps, warmup, gradient_checkpointing, checkpoint_offload, mixed_precision } = options;
-    let checkpointing = cogvx_plan::Checkpointing::from_flags(gradient_checkpointing, checkpoint_offload);
+fn run<AD: ModelAutodiffBackend>(
+    preset: &Preset,
+    options: StepOptions,
+    implementation: &str,
+    kind: cogvx_plan::DeviceKind,
+    device: &AD::Device,
+) -> Result<BenchReport, BenchError> {
+    let StepOptions {
+        threads,
+        steps,
+        warmup,
+        gradient_checkpointing,
+        checkpoint_offload,
+        mixed_precision,
+    } = options;
+    let checkpointing =
+        cogvx_plan::Checkpointing::from_flags(gradient_checkpointing, checkpoint_offload);
     let checkpoint_offload = checkpointing == cogvx_plan::Checkpointing::Offloaded;
     let rayon_threads = rayon::current_num_threads();
     let config = preset.transformer_config();
     let (f, h, w) = preset.lat;
 
     // Random weights through the real loading path: a diffusers folder in a temp dir.
-    let tmp = tempfile::tempdir().map_err(|e| BenchError::Io { path: std::env::temp_dir(), message: e.to_string() })?;
+    let tmp = tempfile::tempdir().map_err(|e| BenchError::Io {
+        path: std::env::temp_dir(),
+        message: e.to_string(),
+    })?;
     write_random_transformer(tmp.path(), &config, 0)?;
-    let model = CogVideoXTransformer3DModel::<AD>::from_dir_in(tmp.path(), mixed_precision.dtype(), device)?;
+    let model = CogVideoXTransformer3DModel::<AD>::from_dir_in(
+        tmp.path(),
+        mixed_precision.dtype(),
+        device,
+    )?;
     let weights_mib = round_to(tensor_bytes(&model) as f64 / (1u64 << 20) as f64, 1);
     drop(tmp);
 
@@ -344,12 +470,28 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
     let mut model = cogvx_train::freeze(model);
     model.set_gradient_checkpointing(gradient_checkpointing);
     model.set_checkpoint_offload(checkpoint_offload);
-    cogvx_train::inject_lora(&mut model, &AdapterSpec::lora(preset.rank, preset.rank as f64), device)?;
+    cogvx_train::inject_lora(
+        &mut model,
+        &AdapterSpec::lora(preset.rank, preset.rank as f64),
+        device,
+    )?;
     let schedule = bench_schedule()?;
-    let latents = Tensor::<AD, 5>::random([1, LATENT_CHANNELS, f, h, w], Distribution::Normal(0.0, 1.0), device);
-    let prompt_embeds = Tensor::<AD, 3>::random([1, preset.text_len, preset.inner_dim()], Distribution::Normal(0.0, 1.0), device);
+    let latents = Tensor::<AD, 5>::random(
+        [1, LATENT_CHANNELS, f, h, w],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let prompt_embeds = Tensor::<AD, 3>::random(
+        [1, preset.text_len, preset.inner_dim()],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
     let noise_shape = cogvx_train::noise_shape(&config, latents.dims());
-    let batch = TrainBatch { latents, prompt_embeds, image_latents: None };
+    let batch = TrainBatch {
+        latents,
+        prompt_embeds,
+        image_latents: None,
+    };
     let mut optimizer = AdamW::new(ADAMW);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let num_train_timesteps = schedule.num_train_timesteps();
@@ -362,12 +504,23 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
             timesteps: vec![rng.random_range(0..num_train_timesteps)],
             noise: Tensor::random(noise_shape, Distribution::Normal(0.0, 1.0), device),
         };
-        let out = cogvx_train::train_step(&mut model, &schedule, &batch, &draw, &mut optimizer, ADAMW.lr, Some(MAX_GRAD_NORM))?;
+        let out = cogvx_train::train_step(
+            &mut model,
+            &schedule,
+            &batch,
+            &draw,
+            &mut optimizer,
+            ADAMW.lr,
+            Some(MAX_GRAD_NORM),
+        )?;
         if i >= warmup {
             times.push(start.elapsed().as_secs_f64());
         }
         if !out.loss.is_finite() {
-            return Err(BenchError::Invalid(format!("step {i}: the loss is {} (timestep {})", out.loss, draw.timesteps[0])));
+            return Err(BenchError::Invalid(format!(
+                "step {i}: the loss is {} (timestep {})",
+                out.loss, draw.timesteps[0]
+            )));
         }
         losses.push(out.loss);
     }
@@ -392,7 +545,9 @@ fn run<AD: ModelAutodiffBackend>(preset: &Preset, options: StepOptions, implemen
 }
 
 /// The bytes held by a module's parameter tensors, each at the size of its own dtype.
-pub fn tensor_bytes<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(module: &M) -> u64 {
+pub fn tensor_bytes<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
+    module: &M,
+) -> u64 {
     struct Count(u64);
     impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Count {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
@@ -406,13 +561,37 @@ pub fn tensor_bytes<B: burn::tensor::backend::Backend, M: burn::module::Module<B
 }
 
 /// The training-phase peak `cogvx plan` computes for one step of `preset`, in MiB.
-pub fn planned_peak_mib(preset: &Preset, checkpointing: cogvx_plan::Checkpointing, precision: MixedPrecision, device: cogvx_plan::DeviceKind) -> Option<f64> {
+pub fn planned_peak_mib(
+    preset: &Preset,
+    checkpointing: cogvx_plan::Checkpointing,
+    precision: MixedPrecision,
+    device: cogvx_plan::DeviceKind,
+) -> Option<f64> {
     let (f, h, w) = preset.lat;
     let video = f * (h / 2) * (w / 2);
-    let tokens = cogvx_plan::Tokens { text: preset.text_len, video, total: video + preset.text_len };
-    let targets = cogvx_train::DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect();
-    let trainable = cogvx_plan::Trainable::Lora { rank: preset.rank, targets };
-    let phase = cogvx_plan::train_phase(&preset.transformer_config(), tokens, 1, &trainable, checkpointing, precision, device).ok()?;
+    let tokens = cogvx_plan::Tokens {
+        text: preset.text_len,
+        video,
+        total: video + preset.text_len,
+    };
+    let targets = cogvx_train::DEFAULT_TARGETS
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let trainable = cogvx_plan::Trainable::Lora {
+        rank: preset.rank,
+        targets,
+    };
+    let phase = cogvx_plan::train_phase(
+        &preset.transformer_config(),
+        tokens,
+        1,
+        &trainable,
+        checkpointing,
+        precision,
+        device,
+    )
+    .ok()?;
     Some(round_to(phase.peak_bytes as f64 / (1u64 << 20) as f64, 1))
 }
 
@@ -425,13 +604,28 @@ pub(crate) static TEST_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 mod tests {
     use super::*;
 
-    const TINY: Preset = Preset { name: "tiny", heads: 2, head_dim: 16, layers: 1, text_len: 4, lat: (2, 4, 6), rank: 2 };
+    const TINY: Preset = Preset {
+        name: "tiny",
+        heads: 2,
+        head_dim: 16,
+        layers: 1,
+        text_len: 4,
+        lat: (2, 4, 6),
+        rank: 2,
+    };
 
     use crate::TEST_RNG as RNG;
     use burn::module::Module;
 
     fn opts(threads: usize, steps: usize, warmup: usize) -> StepOptions {
-        StepOptions { threads, steps, warmup, gradient_checkpointing: false, checkpoint_offload: false, mixed_precision: MixedPrecision::No }
+        StepOptions {
+            threads,
+            steps,
+            warmup,
+            gradient_checkpointing: false,
+            checkpoint_offload: false,
+            mixed_precision: MixedPrecision::No,
+        }
     }
 
     #[test]
@@ -439,10 +633,22 @@ mod tests {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         let two = Preset { layers: 2, ..TINY };
         let plain = train_step_with(&two, opts(1, 2, 1)).unwrap();
-        let ck = train_step_with(&two, StepOptions { gradient_checkpointing: true, ..opts(1, 2, 1) }).unwrap();
+        let ck = train_step_with(
+            &two,
+            StepOptions {
+                gradient_checkpointing: true,
+                ..opts(1, 2, 1)
+            },
+        )
+        .unwrap();
         assert!(ck.gradient_checkpointing && !plain.gradient_checkpointing);
         for (a, b) in plain.losses.iter().zip(&ck.losses) {
-            assert!((a - b).abs() <= 1e-6 * a.abs(), "{:?} vs {:?}", plain.losses, ck.losses);
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs(),
+                "{:?} vs {:?}",
+                plain.losses,
+                ck.losses
+            );
         }
     }
 
@@ -452,23 +658,57 @@ mod tests {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         let device = CpuDevice::default();
         for (config, targets) in [
-            (TINY.transformer_config(), vec!["to_q", "to_k", "to_v", "to_out.0"]),
-            (TransformerConfig { patch_size_t: Some(2), patch_bias: false, ofs_embed_dim: Some(8), in_channels: 2 * LATENT_CHANNELS, sample_frames: 9, ..TINY.transformer_config() }, vec!["ff.net.0.proj", "attn1.to_out.0", "proj_out", "linear_1"]),
+            (
+                TINY.transformer_config(),
+                vec!["to_q", "to_k", "to_v", "to_out.0"],
+            ),
+            (
+                TransformerConfig {
+                    patch_size_t: Some(2),
+                    patch_bias: false,
+                    ofs_embed_dim: Some(8),
+                    in_channels: 2 * LATENT_CHANNELS,
+                    sample_frames: 9,
+                    ..TINY.transformer_config()
+                },
+                vec!["ff.net.0.proj", "attn1.to_out.0", "proj_out", "linear_1"],
+            ),
         ] {
             let tmp = tempfile::tempdir().unwrap();
             write_random_transformer(tmp.path(), &config, 0).unwrap();
-            let mut model = CogVideoXTransformer3DModel::<CpuAutodiffBackend>::from_dir(tmp.path(), &device).unwrap();
-            let built: Vec<(String, usize, usize)> =
-                cogvx_train::linear_layers_mut(&mut model).into_iter().map(|(n, l)| { let (i, o) = l.dims(); (n, i, o) }).collect();
+            let mut model =
+                CogVideoXTransformer3DModel::<CpuAutodiffBackend>::from_dir(tmp.path(), &device)
+                    .unwrap();
+            let built: Vec<(String, usize, usize)> = cogvx_train::linear_layers_mut(&mut model)
+                .into_iter()
+                .map(|(n, l)| {
+                    let (i, o) = l.dims();
+                    (n, i, o)
+                })
+                .collect();
             assert_eq!(built, cogvx_plan::activations::linear_layers(&config));
             let targets: Vec<String> = targets.into_iter().map(String::from).collect();
-            let spec = AdapterSpec { rank: 3, alpha: 3.0, targets: targets.clone() };
+            let spec = AdapterSpec {
+                rank: 3,
+                alpha: 3.0,
+                targets: targets.clone(),
+            };
             let mut model = cogvx_train::freeze(model);
             cogvx_train::inject_lora(&mut model, &spec, &device).unwrap();
-            let trained: usize = cogvx_train::trainable_values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
-            assert_eq!(trained as u64, cogvx_plan::activations::lora_parameters(&config, 3, &targets));
+            let trained: usize = cogvx_train::trainable_values(&mut model)
+                .values()
+                .map(|t| t.shape().iter().product::<usize>())
+                .sum();
+            assert_eq!(
+                trained as u64,
+                cogvx_plan::activations::lora_parameters(&config, 3, &targets)
+            );
             let stored: u64 = model.num_params() as u64;
-            assert_eq!(stored - trained as u64, cogvx_plan::params::transformer_parameters(&config), "frozen weights");
+            assert_eq!(
+                stored - trained as u64,
+                cogvx_plan::params::transformer_parameters(&config),
+                "frozen weights"
+            );
         }
     }
 
@@ -503,9 +743,19 @@ mod tests {
         let mut worst: f64 = 0.0;
         for (p, ck, mp, rss) in measured {
             let name = p.name;
-            let plan = planned_peak_mib(&p, cogvx_plan::Checkpointing::from_flags(ck, false), mp, cogvx_plan::DeviceKind::Cpu).unwrap();
+            let plan = planned_peak_mib(
+                &p,
+                cogvx_plan::Checkpointing::from_flags(ck, false),
+                mp,
+                cogvx_plan::DeviceKind::Cpu,
+            )
+            .unwrap();
             let err = plan / rss - 1.0;
-            report += &format!("{name} checkpointing={ck} {}: plan {plan} MiB, measured {rss} MiB ({:+.1}%)\n", mp.name(), 100.0 * err);
+            report += &format!(
+                "{name} checkpointing={ck} {}: plan {plan} MiB, measured {rss} MiB ({:+.1}%)\n",
+                mp.name(),
+                100.0 * err
+            );
             worst = worst.max(err.abs());
         }
         eprintln!("{report}");
@@ -515,16 +765,40 @@ mod tests {
     #[test]
     fn presets_have_the_script_shapes() {
         let s = preset("S").unwrap();
-        assert_eq!((s.inner_dim(), s.tokens(), s.rank), (256, 5 * 8 * 12 + 32, 16));
+        assert_eq!(
+            (s.inner_dim(), s.tokens(), s.rank),
+            (256, 5 * 8 * 12 + 32, 16)
+        );
         let m = preset("M").unwrap();
-        assert_eq!((m.inner_dim(), m.tokens(), m.rank), (512, 7 * 15 * 22 + 64, 32));
+        assert_eq!(
+            (m.inner_dim(), m.tokens(), m.rank),
+            (512, 7 * 15 * 22 + 64, 32)
+        );
         let c = m.transformer_config();
-        assert_eq!((c.time_embed_dim, c.text_embed_dim, c.num_layers, c.sample_frames), (256, 512, 8, 25));
-        assert!(c.use_rotary_positional_embeddings && !c.use_learned_positional_embeddings && c.patch_size_t.is_none());
+        assert_eq!(
+            (
+                c.time_embed_dim,
+                c.text_embed_dim,
+                c.num_layers,
+                c.sample_frames
+            ),
+            (256, 512, 8, 25)
+        );
+        assert!(
+            c.use_rotary_positional_embeddings
+                && !c.use_learned_positional_embeddings
+                && c.patch_size_t.is_none()
+        );
         let xl = preset("XL").unwrap();
-        assert_eq!((xl.inner_dim(), xl.tokens(), xl.rank, xl.layers), (1920, 17_776, 128, 1));
+        assert_eq!(
+            (xl.inner_dim(), xl.tokens(), xl.rank, xl.layers),
+            (1920, 17_776, 128, 1)
+        );
         let e = preset("L").unwrap_err().to_string();
-        assert!(e.contains("unknown preset `L`") && e.contains("S, M, XL, XL30, wide, long"), "{e}");
+        assert!(
+            e.contains("unknown preset `L`") && e.contains("S, M, XL, XL30, wide, long"),
+            "{e}"
+        );
         assert_eq!(preset("XL30").unwrap().layers, 30);
     }
 
@@ -534,15 +808,39 @@ mod tests {
         let r = train_step_with(&TINY, opts(1, 1, 1)).unwrap();
         assert_eq!(r.rayon_threads, 1);
         assert_eq!(r.losses.len(), 2);
-        assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0), "{:?}", r.losses);
+        assert!(
+            r.losses.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{:?}",
+            r.losses
+        );
         assert_eq!(r.tokens, 2 * 2 * 3 + 4);
         assert!(r.median_s > 0.0 && r.min_s == r.median_s, "{r:?}");
         let line = r.to_json_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v.as_object().unwrap().len(), 13, "{line}");
         // The script's field order (`burn` where it has `torch`), then cogvx's own.
-        let fields = ["impl", "burn", "preset", "threads", "tokens", "median_s", "min_s", "peak_rss_mib", "gradient_checkpointing", "checkpoint_offload", "plan_peak_mib", "mixed_precision", "weights_mib"];
-        let at: Vec<usize> = fields.iter().map(|f| line.find(&format!("\"{f}\":")).unwrap_or_else(|| panic!("{f}: {line}"))).collect();
+        let fields = [
+            "impl",
+            "burn",
+            "preset",
+            "threads",
+            "tokens",
+            "median_s",
+            "min_s",
+            "peak_rss_mib",
+            "gradient_checkpointing",
+            "checkpoint_offload",
+            "plan_peak_mib",
+            "mixed_precision",
+            "weights_mib",
+        ];
+        let at: Vec<usize> = fields
+            .iter()
+            .map(|f| {
+                line.find(&format!("\"{f}\":"))
+                    .unwrap_or_else(|| panic!("{f}: {line}"))
+            })
+            .collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert_eq!(v["impl"], "cogvx-burn-ndarray");
         assert_eq!(v["preset"], "tiny");
@@ -557,12 +855,33 @@ mod tests {
     fn a_bf16_step_runs_on_flex_near_the_f32_losses() {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         let f32_run = train_step_with(&TINY, opts(1, 2, 0)).unwrap();
-        let bf16 = train_step_with(&TINY, StepOptions { mixed_precision: MixedPrecision::Bf16, ..opts(1, 2, 0) }).unwrap();
-        assert_eq!((bf16.implementation.as_str(), bf16.mixed_precision.as_str()), ("cogvx-burn-flex", "bf16"));
+        let bf16 = train_step_with(
+            &TINY,
+            StepOptions {
+                mixed_precision: MixedPrecision::Bf16,
+                ..opts(1, 2, 0)
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (bf16.implementation.as_str(), bf16.mixed_precision.as_str()),
+            ("cogvx-burn-flex", "bf16")
+        );
         // The loaded weights take half the bytes.
-        assert!(f32_run.weights_mib > 0.0 && (bf16.weights_mib * 2.0 - f32_run.weights_mib).abs() <= 0.1, "{} vs {}", bf16.weights_mib, f32_run.weights_mib);
+        assert!(
+            f32_run.weights_mib > 0.0
+                && (bf16.weights_mib * 2.0 - f32_run.weights_mib).abs() <= 0.1,
+            "{} vs {}",
+            bf16.weights_mib,
+            f32_run.weights_mib
+        );
         for (a, b) in bf16.losses.iter().zip(&f32_run.losses) {
-            assert!(a.is_finite() && ((a - b) / b).abs() < 2e-2, "{:?} vs {:?}", bf16.losses, f32_run.losses);
+            assert!(
+                a.is_finite() && ((a - b) / b).abs() < 2e-2,
+                "{:?} vs {:?}",
+                bf16.losses,
+                f32_run.losses
+            );
         }
     }
 
@@ -571,10 +890,22 @@ mod tests {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         assert_eq!(run_with_threads(2, rayon::current_num_threads).unwrap(), 2);
         assert_eq!(run_with_threads(1, rayon::current_num_threads).unwrap(), 1);
-        assert!(train_step("S", opts(0, 1, 0)).unwrap_err().to_string().contains("threads"));
-        assert!(train_step("S", opts(1, 0, 0)).unwrap_err().to_string().contains("steps"));
-        let bad = Preset { lat: (2, 5, 6), ..TINY };
-        assert!(train_step_with(&bad, opts(1, 1, 0)).unwrap_err().to_string().contains("even"));
+        assert!(train_step("S", opts(0, 1, 0))
+            .unwrap_err()
+            .to_string()
+            .contains("threads"));
+        assert!(train_step("S", opts(1, 0, 0))
+            .unwrap_err()
+            .to_string()
+            .contains("steps"));
+        let bad = Preset {
+            lat: (2, 5, 6),
+            ..TINY
+        };
+        assert!(train_step_with(&bad, opts(1, 1, 0))
+            .unwrap_err()
+            .to_string()
+            .contains("even"));
     }
 
     #[test]

@@ -27,16 +27,26 @@ impl<B: Backend> ModuleVisitor<B> for ParamPaths {
         self.stack.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.params.push((self.stack.join("."), param.val().dims().to_vec()));
+        self.params
+            .push((self.stack.join("."), param.val().dims().to_vec()));
     }
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> BenchError {
-    BenchError::Io { path: path.to_path_buf(), message: e.to_string() }
+    BenchError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), BenchError> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<(), BenchError> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -48,7 +58,10 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) ->
 
 /// The checkpoint keys and shapes of a transformer with `config` (read off a zero model built
 /// from an empty weights file in `dir`).
-fn checkpoint_keys(dir: &Path, config: &TransformerConfig) -> Result<Vec<(String, Vec<usize>)>, BenchError> {
+fn checkpoint_keys(
+    dir: &Path,
+    config: &TransformerConfig,
+) -> Result<Vec<(String, Vec<usize>)>, BenchError> {
     let file = dir.join("diffusion_pytorch_model.safetensors");
     write_safetensors(&file, &[])?;
     let vb = VarBuilder::from_dir(dir).map_err(cogvx_transformer::TransformerError::from)?;
@@ -60,7 +73,12 @@ fn checkpoint_keys(dir: &Path, config: &TransformerConfig) -> Result<Vec<(String
     for (k, shape) in keys.iter_mut() {
         // CogVideoX 1.0's patch projection is a Conv2d in the checkpoint, held flattened here.
         if k == "patch_embed.proj.weight" && config.patch_size_t.is_none() {
-            *shape = vec![config.inner_dim(), config.in_channels, config.patch_size, config.patch_size];
+            *shape = vec![
+                config.inner_dim(),
+                config.in_channels,
+                config.patch_size,
+                config.patch_size,
+            ];
         }
     }
     if config.use_learned_positional_embeddings {
@@ -75,8 +93,17 @@ fn checkpoint_keys(dir: &Path, config: &TransformerConfig) -> Result<Vec<(String
 /// `transformer/` folder that [`CogVideoXTransformer3DModel::from_dir`] loads). Norm weights are
 /// `1 + U(-0.1, 0.1)`; every other tensor is `U(-a, a)` with `a = sqrt(3 / fan_in)` (standard
 /// deviation `1 / sqrt(fan_in)`, the scale of PyTorch's default initialisations).
-pub fn write_random_transformer(dir: &Path, config: &TransformerConfig, seed: u64) -> Result<(), BenchError> {
-    config.validate().map_err(|message| cogvx_transformer::TransformerError::Config { path: "<bench config>".into(), message })?;
+pub fn write_random_transformer(
+    dir: &Path,
+    config: &TransformerConfig,
+    seed: u64,
+) -> Result<(), BenchError> {
+    config
+        .validate()
+        .map_err(|message| cogvx_transformer::TransformerError::Config {
+            path: "<bench config>".into(),
+            message,
+        })?;
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let config_path = dir.join("config.json");
     let mut json = serde_json::to_value(config).map_err(|e| io(&config_path, e))?;
@@ -90,7 +117,11 @@ pub fn write_random_transformer(dir: &Path, config: &TransformerConfig, seed: u6
         .map(|(k, shape)| {
             let n: usize = shape.iter().product();
             let is_norm_weight = shape.len() == 1 && k.contains("norm") && k.ends_with("weight");
-            let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
+            let fan_in: usize = if shape.len() > 1 {
+                shape[1..].iter().product()
+            } else {
+                shape[0]
+            };
             let a = (3.0f32 / fan_in.max(1) as f32).sqrt();
             let data = (0..n)
                 .map(|_| {

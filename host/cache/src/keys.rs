@@ -217,7 +217,12 @@ pub fn sample_seed(base: u64, video_sha: &str, range: Option<FrameRange>) -> u64
 }
 
 /// The prompt entry key: final caption, text-encoder identity, max length.
-pub fn prompt_key(caption: &str, text_identity: &str, max_length: usize, text_dtype: Option<burn::tensor::FloatDType>) -> String {
+pub fn prompt_key(
+    caption: &str,
+    text_identity: &str,
+    max_length: usize,
+    text_dtype: Option<burn::tensor::FloatDType>,
+) -> String {
     let mut k = KeyHasher::new("cogvx-cache/prompt/1");
     k.field(caption.as_bytes())
         .field(text_identity.as_bytes())
@@ -278,11 +283,23 @@ mod tests {
             "{err}"
         );
         // Length-prefixed fields: moving a byte across a boundary changes the key.
-        assert_ne!(prompt_key("ab", "c", 226, None), prompt_key("a", "bc", 226, None));
-        assert_ne!(prompt_key("a", "t", 226, None), prompt_key("a", "t", 128, None));
+        assert_ne!(
+            prompt_key("ab", "c", 226, None),
+            prompt_key("a", "bc", 226, None)
+        );
+        assert_ne!(
+            prompt_key("a", "t", 226, None),
+            prompt_key("a", "t", 128, None)
+        );
         let bf16 = Some(burn::tensor::FloatDType::BF16);
-        assert_ne!(prompt_key("a", "t", 226, None), prompt_key("a", "t", 226, bf16));
-        assert_eq!(prompt_key("a", "t", 226, None), prompt_key("a", "t", 226, Some(burn::tensor::FloatDType::F32)));
+        assert_ne!(
+            prompt_key("a", "t", 226, None),
+            prompt_key("a", "t", 226, bf16)
+        );
+        assert_eq!(
+            prompt_key("a", "t", 226, None),
+            prompt_key("a", "t", 226, Some(burn::tensor::FloatDType::F32))
+        );
         assert_ne!(sample_seed(1, "v", None), sample_seed(2, "v", None));
         let r = Some(FrameRange { start: 0, end: 9 });
         assert_ne!(sample_seed(1, "v", None), sample_seed(1, "v", r));

@@ -40,7 +40,9 @@ use cogvx_data::Problem;
 
 pub use keys::{ModelIdentity, PluginId};
 pub use plan::{plan, Plan, PlannedSample, PrepareOptions};
-pub use prepare::{encode_latent, frames_to_video, prepare, prepare_on, prompt_embeddings, Summary};
+pub use prepare::{
+    encode_latent, frames_to_video, prepare, prepare_on, prompt_embeddings, Summary,
+};
 pub use read::{read_index, Cache, Entry};
 pub use store::HostTensor;
 
@@ -120,8 +122,8 @@ pub(crate) fn prompt_path(cache: &Path, key: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cogvx_plugin_api::Resolution;
     use crate::{plan::*, read::*};
+    use cogvx_plugin_api::Resolution;
 
     #[test]
     fn entries_are_validated_and_named_in_errors() {

@@ -7,8 +7,8 @@ use cogvx_data::{layout::origin_location, read_layout, resolve_in_root, Chain, P
 use cogvx_plugin_api::{Resolution, Sample};
 use cogvx_vae::{Tiling, VaeConfig, VaeOptions};
 
-use crate::*;
 use crate::read::*;
+use crate::*;
 
 /// What [`prepare`] / [`plan`] need besides the dataset and model.
 #[derive(Clone, Debug)]
@@ -77,8 +77,15 @@ impl Plan {
         self.distinct_pending(|s| (!s.prompt_ready).then_some(s.sample.prompt.as_str()))
     }
     /// The number of distinct entry keys `pending` returns (samples may share an entry).
-    fn distinct_pending<'a>(&'a self, pending: impl Fn(&'a PlannedSample) -> Option<&'a str>) -> usize {
-        self.samples.iter().filter_map(pending).collect::<std::collections::BTreeSet<&str>>().len()
+    fn distinct_pending<'a>(
+        &'a self,
+        pending: impl Fn(&'a PlannedSample) -> Option<&'a str>,
+    ) -> usize {
+        self.samples
+            .iter()
+            .filter_map(pending)
+            .collect::<std::collections::BTreeSet<&str>>()
+            .len()
     }
     /// `prepare` has work to do (an entry to compute, or the index to rewrite).
     pub fn is_stale(&self) -> bool {
@@ -113,7 +120,10 @@ pub(crate) fn list_samples(root: &Path, chain: &mut Chain<'_>) -> Result<Vec<Sam
     }
 }
 
-pub(crate) fn transform_ids(chain: &Chain<'_>, params: &[String]) -> Result<Vec<PluginId>, CacheError> {
+pub(crate) fn transform_ids(
+    chain: &Chain<'_>,
+    params: &[String],
+) -> Result<Vec<PluginId>, CacheError> {
     if params.len() != chain.video_transforms.len() {
         return Err(CacheError::Input(format!(
             "{} params strings given for {} video-transform plugins; pass one (JSON, may be empty) per plugin, in chain order",
@@ -134,11 +144,11 @@ pub(crate) fn transform_ids(chain: &Chain<'_>, params: &[String]) -> Result<Vec<
 
 pub(crate) fn check_resolution(r: Resolution) -> Result<(), CacheError> {
     if r.frames == 0
-        || !(r.frames - 1).is_multiple_of(8)
+        || (r.frames - 1) % 8 != 0
         || r.height == 0
         || r.width == 0
-        || !r.height.is_multiple_of(16)
-        || !r.width.is_multiple_of(16)
+        || r.height % 16 != 0
+        || r.width % 16 != 0
     {
         return Err(CacheError::Input(format!(
             "resolution {}x{}x{}: frames must be 8N+1 and height/width positive multiples of 16",
@@ -155,7 +165,10 @@ pub(crate) fn vae_options_for(options: &PrepareOptions, config: &VaeConfig) -> V
     })
 }
 
-pub(crate) fn vae_options_string(options: &PrepareOptions, model_dir: &Path) -> Result<String, CacheError> {
+pub(crate) fn vae_options_string(
+    options: &PrepareOptions,
+    model_dir: &Path,
+) -> Result<String, CacheError> {
     let config = VaeConfig::from_file(&model_dir.join("vae").join("config.json"))?;
     let o = vae_options_for(options, &config);
     Ok(format!("{:?}/{}", o.tiling, o.slicing))
@@ -210,7 +223,12 @@ pub fn plan(
                 video: sample.video.clone(),
                 seed: keys::sample_seed(options.seed, &video_sha, sample.frames),
                 latent: keys::latent_key(&ctx, &video_sha, image_sha.as_deref(), sample.frames),
-                prompt: keys::prompt_key(&caption, &model.text, options.max_sequence_length, options.text_dtype),
+                prompt: keys::prompt_key(
+                    &caption,
+                    &model.text,
+                    options.max_sequence_length,
+                    options.text_dtype,
+                ),
                 caption,
                 image: options.i2v,
             })
@@ -249,4 +267,3 @@ pub fn plan(
         index_current,
     })
 }
-

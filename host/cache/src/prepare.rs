@@ -12,9 +12,9 @@ use cogvx_text::PromptEncoder;
 use cogvx_vae::{AutoencoderKLCogVideoX, VaeOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::*;
 use crate::plan::*;
 use crate::read::*;
+use crate::*;
 
 /// What [`prepare`] did.
 #[derive(Clone, Debug, Default)]
@@ -49,7 +49,10 @@ pub fn prompt_embeddings<B: cogvx_model_core::ModelBackend>(
 ) -> Result<Vec<HostTensor>, CacheError> {
     let identity = ModelIdentity::of(model_dir)?;
     let dir = cache.join("prompts");
-    std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io { path: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let mut encoder: Option<PromptEncoder<B>> = None;
     let mut out = Vec::with_capacity(prompts.len());
     for prompt in prompts {
@@ -61,12 +64,19 @@ pub fn prompt_embeddings<B: cogvx_model_core::ModelBackend>(
                 continue;
             }
             _ if path.exists() => {
-                tracing::warn!("{}: invalid prompt entry; encoding it again", path.display())
+                tracing::warn!(
+                    "{}: invalid prompt entry; encoding it again",
+                    path.display()
+                )
             }
             _ => {}
         }
         if encoder.is_none() {
-            tracing::info!("loading the text encoder from {} for {} prompt(s)", model_dir.display(), prompts.len());
+            tracing::info!(
+                "loading the text encoder from {} for {} prompt(s)",
+                model_dir.display(),
+                prompts.len()
+            );
             encoder = Some(PromptEncoder::<B>::load_in(model_dir, text_dtype, device)?);
         }
         let enc = encoder.as_ref().expect("loaded above");
@@ -202,7 +212,16 @@ pub fn prepare<B: cogvx_model_core::ModelBackend>(
     options: &PrepareOptions,
     device: &B::Device,
 ) -> Result<Summary, CacheError> {
-    prepare_on::<B, B>(cache, data_root, model_dir, chain, transform_params, options, device, device)
+    prepare_on::<B, B>(
+        cache,
+        data_root,
+        model_dir,
+        chain,
+        transform_params,
+        options,
+        device,
+        device,
+    )
 }
 
 /// [`prepare`] with the prompts pass on its own backend `T` (on the CPU, a bf16 T5 needs burn's
@@ -252,15 +271,23 @@ pub fn prepare_on<B: cogvx_model_core::ModelBackend, T: cogvx_model_core::ModelB
     let load_vae = |enc: &mut Option<VaeEncoder<B>>| -> Result<(), CacheError> {
         if enc.is_none() {
             tracing::info!("loading the VAE from {}", model_dir.display());
-            let (vae, config) = AutoencoderKLCogVideoX::<B>::from_dir(&model_dir.join("vae"), device)?;
-            *enc = Some(VaeEncoder { vae_options: vae_options_for(options, &config), vae });
+            let (vae, config) =
+                AutoencoderKLCogVideoX::<B>::from_dir(&model_dir.join("vae"), device)?;
+            *enc = Some(VaeEncoder {
+                vae_options: vae_options_for(options, &config),
+                vae,
+            });
         }
         Ok(())
     };
     let load_text = |enc: &mut Option<PromptEncoder<T>>| -> Result<(), CacheError> {
         if enc.is_none() {
             tracing::info!("loading the text encoder from {}", model_dir.display());
-            *enc = Some(PromptEncoder::<T>::load_in(model_dir, options.text_dtype, text_device)?);
+            *enc = Some(PromptEncoder::<T>::load_in(
+                model_dir,
+                options.text_dtype,
+                text_device,
+            )?);
         }
         Ok(())
     };
@@ -285,50 +312,50 @@ pub fn prepare_on<B: cogvx_model_core::ModelBackend, T: cogvx_model_core::ModelB
     let (_, mut transforms) = chain.stages();
     let mut latent_ok = std::collections::BTreeSet::new();
     for latents_pass in [true, false] {
-    if !latents_pass {
-        vae_encoder = None;
-    }
-    for p in &planned.samples {
-        let s = &p.sample;
-        if !latents_pass && !latent_ok.contains(&s.origin) {
-            continue;
+        if !latents_pass {
+            vae_encoder = None;
         }
-        bar.set_message(s.video.clone());
-        let sample = by_origin.get(s.origin.as_str()).copied();
-        let (file, line) = match sample {
-            Some(smp) => origin_location(data_root, smp),
-            None => (data_root.to_path_buf(), None),
-        };
-        let result = (|| -> Result<(), String> {
-            let sample = sample.ok_or_else(|| {
-                format!(
-                    "sample {} vanished from the dataset while preparing",
-                    s.origin
-                )
-            })?;
-            // Latent (first pass only).
-            if !latents_pass {
-                // The prompt pass: this sample's latent is ready.
-            } else if p.latent_ready || done_latents.contains(&s.latent) {
-                if !done_latents.contains(&s.latent) {
-                    summary.reused_latents += 1;
-                    done_latents.insert(s.latent.clone());
-                }
-            } else {
-                let started = std::time::Instant::now();
-                let video = resolve_in_root(data_root, &sample.video)?;
-                let pre = cogvx_video::preprocess_clip(
-                    &video,
-                    sample.frames,
-                    &mut transforms,
-                    options.resolution,
-                    s.seed,
-                )
-                .map_err(|e| e.to_string())?;
-                let r = options.resolution;
-                let f = &pre.frames;
-                if (f.count, f.height, f.width) != (r.frames, r.height, r.width) {
-                    return Err(format!(
+        for p in &planned.samples {
+            let s = &p.sample;
+            if !latents_pass && !latent_ok.contains(&s.origin) {
+                continue;
+            }
+            bar.set_message(s.video.clone());
+            let sample = by_origin.get(s.origin.as_str()).copied();
+            let (file, line) = match sample {
+                Some(smp) => origin_location(data_root, smp),
+                None => (data_root.to_path_buf(), None),
+            };
+            let result = (|| -> Result<(), String> {
+                let sample = sample.ok_or_else(|| {
+                    format!(
+                        "sample {} vanished from the dataset while preparing",
+                        s.origin
+                    )
+                })?;
+                // Latent (first pass only).
+                if !latents_pass {
+                    // The prompt pass: this sample's latent is ready.
+                } else if p.latent_ready || done_latents.contains(&s.latent) {
+                    if !done_latents.contains(&s.latent) {
+                        summary.reused_latents += 1;
+                        done_latents.insert(s.latent.clone());
+                    }
+                } else {
+                    let started = std::time::Instant::now();
+                    let video = resolve_in_root(data_root, &sample.video)?;
+                    let pre = cogvx_video::preprocess_clip(
+                        &video,
+                        sample.frames,
+                        &mut transforms,
+                        options.resolution,
+                        s.seed,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let r = options.resolution;
+                    let f = &pre.frames;
+                    if (f.count, f.height, f.width) != (r.frames, r.height, r.width) {
+                        return Err(format!(
                         "{}: the chain gives {}x{}x{} (frames x height x width), the resolution is {}x{}x{}; \
                          add or configure frame selection / crop_resize so that clips match it",
                         video.display(),
@@ -339,84 +366,88 @@ pub fn prepare_on<B: cogvx_model_core::ModelBackend, T: cogvx_model_core::ModelB
                         r.height,
                         r.width
                     ));
-                }
-                load_vae(&mut vae_encoder).map_err(|e| e.to_string())?;
-                let enc = vae_encoder.as_ref().expect("loaded");
-                let x = frames_to_video::<B>(&pre.frames, device);
-                let latent = encode_latent(&enc.vae, x, s.seed, &enc.vae_options)
-                    .map_err(|e| e.to_string())?;
-                let image = if options.i2v {
-                    let img_path = match &sample.image {
-                        Some(rel) => Some(resolve_in_root(data_root, rel)?),
-                        None => None,
+                    }
+                    load_vae(&mut vae_encoder).map_err(|e| e.to_string())?;
+                    let enc = vae_encoder.as_ref().expect("loaded");
+                    let x = frames_to_video::<B>(&pre.frames, device);
+                    let latent = encode_latent(&enc.vae, x, s.seed, &enc.vae_options)
+                        .map_err(|e| e.to_string())?;
+                    let image = if options.i2v {
+                        let img_path = match &sample.image {
+                            Some(rel) => Some(resolve_in_root(data_root, rel)?),
+                            None => None,
+                        };
+                        Some(conditioning_image(img_path.as_deref(), &pre)?)
+                    } else {
+                        None
                     };
-                    Some(conditioning_image(img_path.as_deref(), &pre)?)
+                    let mut tensors = vec![("latent", &latent)];
+                    if let Some(i) = &image {
+                        tensors.push(("image", i));
+                    }
+                    store::write_entry(&latent_path(cache, &s.latent), &s.latent, &tensors)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(
+                        "{} -> latent {:?} ({:.2} s)",
+                        video.display(),
+                        latent.shape,
+                        started.elapsed().as_secs_f64()
+                    );
+                    summary.encoded_latents += 1;
+                    done_latents.insert(s.latent.clone());
+                }
+                // Prompt (second pass only).
+                if latents_pass {
+                    // The latent pass: prompts come after the VAE is released.
+                } else if p.prompt_ready || done_prompts.contains(&s.prompt) {
+                    if !done_prompts.contains(&s.prompt) {
+                        summary.reused_prompts += 1;
+                        done_prompts.insert(s.prompt.clone());
+                    }
                 } else {
-                    None
-                };
-                let mut tensors = vec![("latent", &latent)];
-                if let Some(i) = &image {
-                    tensors.push(("image", i));
-                }
-                store::write_entry(&latent_path(cache, &s.latent), &s.latent, &tensors)
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(
-                    "{} -> latent {:?} ({:.2} s)",
-                    video.display(),
-                    latent.shape,
-                    started.elapsed().as_secs_f64()
-                );
-                summary.encoded_latents += 1;
-                done_latents.insert(s.latent.clone());
-            }
-            // Prompt (second pass only).
-            if latents_pass {
-                // The latent pass: prompts come after the VAE is released.
-            } else if p.prompt_ready || done_prompts.contains(&s.prompt) {
-                if !done_prompts.contains(&s.prompt) {
-                    summary.reused_prompts += 1;
-                    done_prompts.insert(s.prompt.clone());
-                }
-            } else {
-                load_text(&mut text_encoder).map_err(|e| e.to_string())?;
-                let enc = text_encoder.as_ref().expect("loaded");
-                let emb = enc
-                    .encode(
-                        &[s.caption.as_str()],
-                        options.max_sequence_length,
-                        1,
-                        text_device,
+                    load_text(&mut text_encoder).map_err(|e| e.to_string())?;
+                    let enc = text_encoder.as_ref().expect("loaded");
+                    let emb = enc
+                        .encode(
+                            &[s.caption.as_str()],
+                            options.max_sequence_length,
+                            1,
+                            text_device,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    let emb = to_host(emb.squeeze_dim::<2>(0)).map_err(|e| e.to_string())?;
+                    store::write_entry(
+                        &prompt_path(cache, &s.prompt),
+                        &s.prompt,
+                        &[("prompt_embedding", &emb)],
                     )
                     .map_err(|e| e.to_string())?;
-                let emb = to_host(emb.squeeze_dim::<2>(0)).map_err(|e| e.to_string())?;
-                store::write_entry(
-                    &prompt_path(cache, &s.prompt),
-                    &s.prompt,
-                    &[("prompt_embedding", &emb)],
-                )
-                .map_err(|e| e.to_string())?;
-                tracing::debug!("prompt {} -> {:?}", cogvx_plugin_api::text::display_safe(&s.caption, 200), emb.shape);
-                summary.encoded_prompts += 1;
-                done_prompts.insert(s.prompt.clone());
+                    tracing::debug!(
+                        "prompt {} -> {:?}",
+                        cogvx_plugin_api::text::display_safe(&s.caption, 200),
+                        emb.shape
+                    );
+                    summary.encoded_prompts += 1;
+                    done_prompts.insert(s.prompt.clone());
+                }
+                Ok(())
+            })();
+            match result {
+                Ok(()) if latents_pass => {
+                    latent_ok.insert(s.origin.clone());
+                }
+                Ok(()) => kept.push(s.clone()),
+                Err(m) => {
+                    tracing::error!(
+                        "{}{}: {m}",
+                        file.display(),
+                        line.map(|l| format!(":{l}")).unwrap_or_default()
+                    );
+                    summary.failed.push(Problem::new(file, line, m));
+                }
             }
-            Ok(())
-        })();
-        match result {
-            Ok(()) if latents_pass => {
-                latent_ok.insert(s.origin.clone());
-            }
-            Ok(()) => kept.push(s.clone()),
-            Err(m) => {
-                tracing::error!(
-                    "{}{}: {m}",
-                    file.display(),
-                    line.map(|l| format!(":{l}")).unwrap_or_default()
-                );
-                summary.failed.push(Problem::new(file, line, m));
-            }
+            bar.inc(1);
         }
-        bar.inc(1);
-    }
     }
     bar.finish_and_clear();
     let mut index = planned.index;
@@ -435,4 +466,3 @@ pub fn prepare_on<B: cogvx_model_core::ModelBackend, T: cogvx_model_core::ModelB
     );
     Ok(summary)
 }
-

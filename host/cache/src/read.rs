@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 use crate::*;
 
 /// Reads `<cache>/index.json`.
@@ -213,4 +212,3 @@ impl Cache {
         (0..self.len()).map(|i| self.get(i))
     }
 }
-

@@ -11,7 +11,10 @@ pub use cogvx_plugin_api::Resolution;
 /// `[data] resolution` as TOML writes it: the string `FRAMESxHEIGHTxWIDTH` ([`Resolution`]'s
 /// `FromStr`), e.g. `"49x480x720"`.
 fn resolution_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Resolution>, D::Error> {
-    String::deserialize(d)?.parse().map(Some).map_err(serde::de::Error::custom)
+    String::deserialize(d)?
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// Where the models run: `cpu`, or `cuda` / `cuda:N` (GPU N, in a build with the `cuda` feature).
@@ -87,13 +90,21 @@ fn gpu_count() -> Option<usize> {
     if !cfg!(feature = "cuda") {
         return None;
     }
-    let out = std::process::Command::new("nvidia-smi").arg("-L").output().ok()?;
-    out.status.success().then(|| count_gpus(&String::from_utf8_lossy(&out.stdout)))
+    let out = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| count_gpus(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The GPUs `nvidia-smi -L` lists (`GPU 0: NVIDIA H200 (UUID: ...)`, one per line).
 fn count_gpus(listing: &str) -> usize {
-    listing.lines().filter(|l| l.trim_start().starts_with("GPU ")).count()
+    listing
+        .lines()
+        .filter(|l| l.trim_start().starts_with("GPU "))
+        .count()
 }
 
 /// `[data]`: where the clips are and how they are preprocessed.
@@ -125,7 +136,11 @@ pub struct DataConfig {
 }
 
 /// The resolution when neither the config nor `--resolution` gives one (the finetune's).
-pub const DEFAULT_RESOLUTION: Resolution = Resolution { frames: 49, height: 480, width: 720 };
+pub const DEFAULT_RESOLUTION: Resolution = Resolution {
+    frames: 49,
+    height: 480,
+    width: 720,
+};
 fn default_reader() -> String {
     "finetune-layout".into()
 }
@@ -227,7 +242,9 @@ impl WasmConfig {
     pub fn limits(&self) -> cogvx_plugin_host::WasmLimits {
         cogvx_plugin_host::WasmLimits {
             max_memory_bytes: (self.memory_limit_mib.clamp(1, MAX_WASM_MEMORY_MIB) as usize) << 20,
-            call_timeout: std::time::Duration::from_secs_f64(self.call_timeout_secs.clamp(1e-3, MAX_WASM_CALL_SECS)),
+            call_timeout: std::time::Duration::from_secs_f64(
+                self.call_timeout_secs.clamp(1e-3, MAX_WASM_CALL_SECS),
+            ),
         }
     }
 }
@@ -241,7 +258,10 @@ fn default_timeout() -> f64 {
 
 impl Default for WasmConfig {
     fn default() -> Self {
-        WasmConfig { memory_limit_mib: default_memory(), call_timeout_secs: default_timeout() }
+        WasmConfig {
+            memory_limit_mib: default_memory(),
+            call_timeout_secs: default_timeout(),
+        }
     }
 }
 
@@ -274,9 +294,14 @@ pub struct Config {
 impl Config {
     /// Reads `path`; relative paths inside are resolved against the file's folder.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
-        config.wasm.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        config
+            .wasm
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -305,7 +330,8 @@ impl Config {
     pub fn plugin_params_json(&self, name: &str) -> Result<String> {
         match self.plugin.get(name) {
             None => Ok("{}".into()),
-            Some(table) => serde_json::to_string(table).with_context(|| format!("[plugin.{name}] cannot be converted to JSON")),
+            Some(table) => serde_json::to_string(table)
+                .with_context(|| format!("[plugin.{name}] cannot be converted to JSON")),
         }
     }
 
@@ -313,7 +339,10 @@ impl Config {
     pub fn check_plugin_tables(&self, known: &[String]) -> Result<()> {
         for name in self.plugin.keys() {
             if !known.iter().any(|k| k == name) {
-                bail!("config: [plugin.{name}] names no loaded plugin (known: {})", known.join(", "));
+                bail!(
+                    "config: [plugin.{name}] names no loaded plugin (known: {})",
+                    known.join(", ")
+                );
             }
         }
         Ok(())
@@ -347,10 +376,26 @@ mod tests {
 
     #[test]
     fn resolution_rules() {
-        assert_eq!("49x480x720".parse::<Resolution>().unwrap(), Resolution { frames: 49, height: 480, width: 720 });
-        assert!("48x480x720".parse::<Resolution>().unwrap_err().contains("8N+1"));
-        assert!("49x470x720".parse::<Resolution>().unwrap_err().contains("multiples of 16"));
-        assert!("49x480".parse::<Resolution>().unwrap_err().contains("FRAMESxHEIGHTxWIDTH"));
+        assert_eq!(
+            "49x480x720".parse::<Resolution>().unwrap(),
+            Resolution {
+                frames: 49,
+                height: 480,
+                width: 720
+            }
+        );
+        assert!("48x480x720"
+            .parse::<Resolution>()
+            .unwrap_err()
+            .contains("8N+1"));
+        assert!("49x470x720"
+            .parse::<Resolution>()
+            .unwrap_err()
+            .contains("multiples of 16"));
+        assert!("49x480"
+            .parse::<Resolution>()
+            .unwrap_err()
+            .contains("FRAMESxHEIGHTxWIDTH"));
     }
 
     #[test]
@@ -359,10 +404,16 @@ mod tests {
         assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda(0));
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
         assert!("cuda:x".parse::<Device>().unwrap_err().contains("cuda:N"));
-        assert!("tpu".parse::<Device>().unwrap_err().contains("`tpu` is not a device"));
+        assert!("tpu"
+            .parse::<Device>()
+            .unwrap_err()
+            .contains("`tpu` is not a device"));
         let c: Config = toml::from_str("device = \"cuda:1\"\n").unwrap();
         assert_eq!(c.device, Some(Device::Cuda(1)));
-        assert!(toml::from_str::<Config>("device = \"gpu7\"\n").unwrap_err().to_string().contains("not a device"));
+        assert!(toml::from_str::<Config>("device = \"gpu7\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("not a device"));
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
         let cpu = Device::Cpu.check_available("--device");
         assert!(cpu.is_ok());
@@ -371,7 +422,10 @@ mod tests {
             assert!(gpu.is_ok());
         } else {
             let e = gpu.unwrap_err().to_string();
-            assert!(e.contains("--features cuda") && e.contains("--device"), "{e}");
+            assert!(
+                e.contains("--features cuda") && e.contains("--device"),
+                "{e}"
+            );
         }
     }
 
@@ -384,9 +438,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = toml::from_str::<Config>("[data]\nroot = \"x\"\nresolutoin = \"49x480x720\"\n").unwrap_err().to_string();
+        let err = toml::from_str::<Config>("[data]\nroot = \"x\"\nresolutoin = \"49x480x720\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("resolutoin"), "{err}");
-        let err = toml::from_str::<Config>("pluginz = []\n").unwrap_err().to_string();
+        let err = toml::from_str::<Config>("pluginz = []\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pluginz"), "{err}");
     }
 
@@ -402,26 +460,45 @@ mod tests {
                 continue;
             }
             let c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            c.train.validate().unwrap_or_else(|e| panic!("{} [train]: {e}", path.display()));
-            c.validation.validate().unwrap_or_else(|e| panic!("{} [validation]: {e}", path.display()));
-            assert!(c.data.resolution.is_some(), "{}: set [data] resolution explicitly", path.display());
+            c.train
+                .validate()
+                .unwrap_or_else(|e| panic!("{} [train]: {e}", path.display()));
+            c.validation
+                .validate()
+                .unwrap_or_else(|e| panic!("{} [validation]: {e}", path.display()));
+            assert!(
+                c.data.resolution.is_some(),
+                "{}: set [data] resolution explicitly",
+                path.display()
+            );
             n += 1;
         }
-        assert!(n >= 12, "expected the 10 presets, quickstart and mini in configs/, found {n}");
+        assert!(
+            n >= 12,
+            "expected the 10 presets, quickstart and mini in configs/, found {n}"
+        );
     }
 
     #[test]
     fn relative_paths_are_normalized() {
-        assert_eq!(normalize(Path::new("configs/../out/x")), PathBuf::from("out/x"));
+        assert_eq!(
+            normalize(Path::new("configs/../out/x")),
+            PathBuf::from("out/x")
+        );
         assert_eq!(normalize(Path::new("./a/./b")), PathBuf::from("a/b"));
-        assert_eq!(normalize(Path::new("../../shared/x")), PathBuf::from("../../shared/x"));
+        assert_eq!(
+            normalize(Path::new("../../shared/x")),
+            PathBuf::from("../../shared/x")
+        );
         assert_eq!(normalize(Path::new("configs/..")), PathBuf::from("."));
     }
 
     #[test]
     fn plugin_params_become_json() {
-        let c: Config = toml::from_str("[plugin.id_token]\ntoken = \"BW\"\nposition = \"prefix\"\n").unwrap();
-        let json: serde_json::Value = serde_json::from_str(&c.plugin_params_json("id_token").unwrap()).unwrap();
+        let c: Config =
+            toml::from_str("[plugin.id_token]\ntoken = \"BW\"\nposition = \"prefix\"\n").unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&c.plugin_params_json("id_token").unwrap()).unwrap();
         assert_eq!(json["token"], "BW");
         assert_eq!(c.plugin_params_json("other").unwrap(), "{}");
     }

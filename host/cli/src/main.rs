@@ -299,9 +299,24 @@ pub enum BenchCommand {
 
 /// The tracing targets of cogvx's own crates (`-v` raises these, not wasmtime's or cranelift's).
 const COGVX_TARGETS: &[&str] = &[
-    "cogvx", "cogvx_adapters", "cogvx_bench", "cogvx_cache", "cogvx_data", "cogvx_engine", "cogvx_io", "cogvx_metrics",
-    "cogvx_model_core", "cogvx_plan", "cogvx_plugin_host", "cogvx_scheduler", "cogvx_text", "cogvx_train", "cogvx_trainer",
-    "cogvx_transformer", "cogvx_vae", "cogvx_video",
+    "cogvx",
+    "cogvx_adapters",
+    "cogvx_bench",
+    "cogvx_cache",
+    "cogvx_data",
+    "cogvx_engine",
+    "cogvx_io",
+    "cogvx_metrics",
+    "cogvx_model_core",
+    "cogvx_plan",
+    "cogvx_plugin_host",
+    "cogvx_scheduler",
+    "cogvx_text",
+    "cogvx_train",
+    "cogvx_trainer",
+    "cogvx_transformer",
+    "cogvx_vae",
+    "cogvx_video",
 ];
 
 /// The log filter of `-v` count `verbose`: info everywhere; `-v` debug and `-vv` trace for
@@ -325,9 +340,15 @@ fn log_filter(verbose: u8) -> String {
 
 fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_filter(verbose)));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_filter(verbose)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| cogvx_metrics::console::SuspendingStderr).with_ansi(ansi).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| cogvx_metrics::console::SuspendingStderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -346,33 +367,109 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let settings = commands::Settings::from_cli(&cli)?;
     match cli.command {
         Command::Plugins => commands::plugins::run(&settings),
-        Command::Dataset { command: DatasetCommand::Check { dir } } => commands::dataset::check(&settings, dir),
-        Command::Dataset { command: DatasetCommand::Preview { dir, out } } => commands::dataset::preview(&settings, dir, &out),
+        Command::Dataset {
+            command: DatasetCommand::Check { dir },
+        } => commands::dataset::check(&settings, dir),
+        Command::Dataset {
+            command: DatasetCommand::Preview { dir, out },
+        } => commands::dataset::preview(&settings, dir, &out),
         Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
         Command::Train(args) => commands::train::run(&settings, args),
         Command::Sample(args) => commands::sample::run(&settings, args),
-        Command::Plan { gpu_memory, json, model_name } => commands::plan::run(&settings, gpu_memory, json, model_name.as_deref()),
-        Command::Parity { dir, filter } => commands::parity::run(&dir, filter.as_deref(), settings.device),
-        Command::Bench { command: BenchCommand::Preprocess { plugins_dir, seconds, repeat } } => {
-            commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat)
+        Command::Plan {
+            gpu_memory,
+            json,
+            model_name,
+        } => commands::plan::run(&settings, gpu_memory, json, model_name.as_deref()),
+        Command::Parity { dir, filter } => {
+            commands::parity::run(&dir, filter.as_deref(), settings.device)
         }
-        Command::Bench { command: BenchCommand::Attention { batch, heads, len, head_dim, naive, threads, block_q, block_k } } => {
-            let blocks = block_q.zip(block_k).map(|(q, k)| cogvx_model_core::attention::BlockSizes { q, k });
-            let options = cogvx_bench::attention::AttentionOptions { batch, heads, len, head_dim, naive, threads, blocks };
+        Command::Bench {
+            command:
+                BenchCommand::Preprocess {
+                    plugins_dir,
+                    seconds,
+                    repeat,
+                },
+        } => commands::bench::preprocess(&settings, &plugins_dir, seconds, repeat),
+        Command::Bench {
+            command:
+                BenchCommand::Attention {
+                    batch,
+                    heads,
+                    len,
+                    head_dim,
+                    naive,
+                    threads,
+                    block_q,
+                    block_k,
+                },
+        } => {
+            let blocks = block_q
+                .zip(block_k)
+                .map(|(q, k)| cogvx_model_core::attention::BlockSizes { q, k });
+            let options = cogvx_bench::attention::AttentionOptions {
+                batch,
+                heads,
+                len,
+                head_dim,
+                naive,
+                threads,
+                blocks,
+            };
             commands::bench::attention(&settings, options)
         }
-        Command::Bench { command: BenchCommand::Gemm { m, k, n, repeat, dtype, threads } } => {
-            commands::bench::gemm(&settings, cogvx_bench::gemm::GemmOptions { m, k, n, repeat, dtype: dtype.dtype(), threads })
-        }
-        Command::Bench { command: BenchCommand::TrainStep { preset, threads, steps, warmup, gradient_checkpointing, checkpoint_offload, mixed_precision } } => {
-            commands::bench::train_step(&settings, &preset, cogvx_bench::StepOptions { threads, steps, warmup, gradient_checkpointing, checkpoint_offload, mixed_precision })
-        }
+        Command::Bench {
+            command:
+                BenchCommand::Gemm {
+                    m,
+                    k,
+                    n,
+                    repeat,
+                    dtype,
+                    threads,
+                },
+        } => commands::bench::gemm(
+            &settings,
+            cogvx_bench::gemm::GemmOptions {
+                m,
+                k,
+                n,
+                repeat,
+                dtype: dtype.dtype(),
+                threads,
+            },
+        ),
+        Command::Bench {
+            command:
+                BenchCommand::TrainStep {
+                    preset,
+                    threads,
+                    steps,
+                    warmup,
+                    gradient_checkpointing,
+                    checkpoint_offload,
+                    mixed_precision,
+                },
+        } => commands::bench::train_step(
+            &settings,
+            &preset,
+            cogvx_bench::StepOptions {
+                threads,
+                steps,
+                warmup,
+                gradient_checkpointing,
+                checkpoint_offload,
+                mixed_precision,
+            },
+        ),
     }
 }
 
 fn parse_mixed_precision(s: &str) -> Result<cogvx_model_core::precision::MixedPrecision, String> {
     use cogvx_model_core::precision::MixedPrecision;
-    MixedPrecision::parse(s).ok_or_else(|| format!("`{s}`: expected one of {}", MixedPrecision::NAMES))
+    MixedPrecision::parse(s)
+        .ok_or_else(|| format!("`{s}`: expected one of {}", MixedPrecision::NAMES))
 }
 
 #[cfg(test)]
@@ -382,7 +479,9 @@ mod tests {
     #[test]
     fn verbose_raises_every_cogvx_crate_and_no_dependency() {
         // Every cogvx crate of the workspace is in COGVX_TARGETS.
-        let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml")).unwrap();
+        let manifest =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml"))
+                .unwrap();
         let crates: Vec<String> = manifest
             .lines()
             .filter_map(|l| l.trim().strip_prefix("cogvx-"))
@@ -391,10 +490,16 @@ mod tests {
             .collect();
         assert!(crates.len() >= 15, "{crates:?}");
         for c in crates.iter().filter(|c| *c != "cogvx_fixtures") {
-            assert!(COGVX_TARGETS.contains(&c.as_str()), "{c} is missing from COGVX_TARGETS");
+            assert!(
+                COGVX_TARGETS.contains(&c.as_str()),
+                "{c} is missing from COGVX_TARGETS"
+            );
         }
         let v = log_filter(1);
-        assert!(v.starts_with("info,") && v.contains(",cogvx_trainer=debug") && !v.contains("wasmtime"), "{v}");
+        assert!(
+            v.starts_with("info,") && v.contains(",cogvx_trainer=debug") && !v.contains("wasmtime"),
+            "{v}"
+        );
         assert_eq!(log_filter(0), "info");
         assert!(log_filter(2).contains(",cogvx_cache=trace"));
         assert_eq!(log_filter(3), "trace");

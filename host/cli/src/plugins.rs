@@ -33,7 +33,9 @@ pub fn build_registry(config: &Config, cli_plugins: &[std::path::PathBuf]) -> Re
     // the others get `{}` when a command puts them in its chain (see `take_chain`).
     for name in config.plugin.keys() {
         let params = config.plugin_params_json(name)?;
-        let plugin = registry.get_mut(name).expect("checked by check_plugin_tables");
+        let plugin = registry
+            .get_mut(name)
+            .expect("checked by check_plugin_tables");
         configure(plugin, &params)?;
     }
     Ok(registry)
@@ -42,7 +44,9 @@ pub fn build_registry(config: &Config, cli_plugins: &[std::path::PathBuf]) -> Re
 fn configure(plugin: &mut LoadedPlugin, params: &str) -> Result<()> {
     use cogvx_plugin_api::Plugin;
     let name = plugin.name().to_string();
-    plugin.configure(params).map_err(|e| anyhow!("config [plugin.{name}]: {e}"))
+    plugin
+        .configure(params)
+        .map_err(|e| anyhow!("config [plugin.{name}]: {e}"))
 }
 
 /// Takes the named plugins out of the registry, in order, checking that each has `kind`.
@@ -58,12 +62,21 @@ pub fn take_chain(
     let mut out = Vec::new();
     for name in names {
         let plugin = registry.take(name).ok_or_else(|| {
-            let known: Vec<String> = registry.by_kind(kind).map(|p| p.name().to_string()).collect();
-            anyhow!("config `{key}`: no plugin named `{name}` (known {kind} plugins: {})", known.join(", "))
+            let known: Vec<String> = registry
+                .by_kind(kind)
+                .map(|p| p.name().to_string())
+                .collect();
+            anyhow!(
+                "config `{key}`: no plugin named `{name}` (known {kind} plugins: {})",
+                known.join(", ")
+            )
         })?;
         if !plugin.has_kind(kind) {
             let kinds: Vec<&str> = plugin.kinds().iter().map(|k| k.as_str()).collect();
-            anyhow::bail!("config `{key}`: plugin `{name}` is not a {kind} plugin (it is: {})", kinds.join(", "));
+            anyhow::bail!(
+                "config `{key}`: plugin `{name}` is not a {kind} plugin (it is: {})",
+                kinds.join(", ")
+            );
         }
         let mut plugin = plugin;
         if !config.plugin.contains_key(name) {

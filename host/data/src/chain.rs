@@ -63,9 +63,19 @@ fn rewrite(plugins: &mut [&mut dyn Plugin], caption: &str) -> Result<String, Str
     let mut caption = bounded_caption(caption, "the dataset")?;
     for p in plugins.iter_mut() {
         match p.rewrite_prompt(&caption) {
-            Ok(c) => caption = bounded_caption(&c, &format!("plugin `{}` (`rewrite-prompt`)", p.info().name))?,
+            Ok(c) => {
+                caption = bounded_caption(
+                    &c,
+                    &format!("plugin `{}` (`rewrite-prompt`)", p.info().name),
+                )?
+            }
             Err(PluginError::Unsupported(_)) => {}
-            Err(e) => return Err(format!("plugin `{}` failed in `rewrite-prompt`: {e}", p.info().name)),
+            Err(e) => {
+                return Err(format!(
+                    "plugin `{}` failed in `rewrite-prompt`: {e}",
+                    p.info().name
+                ))
+            }
         }
     }
     Ok(caption)
@@ -85,7 +95,9 @@ pub fn is_blank_caption(caption: &str) -> bool {
 /// caption.
 pub fn bounded_caption(caption: &str, from: &str) -> Result<String, String> {
     if is_blank_caption(&caption[..floor_char_boundary(caption, MAX_CAPTION_BYTES)]) {
-        return Err(format!("{from} gave an empty caption (only whitespace or control characters)"));
+        return Err(format!(
+            "{from} gave an empty caption (only whitespace or control characters)"
+        ));
     }
     if caption.len() <= MAX_CAPTION_BYTES {
         return Ok(caption.to_string());
@@ -99,7 +111,10 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
     if s.len() <= max {
         return s.len();
     }
-    (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
+    (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
 }
 
 /// The seed of sample `index` under base seed `base`: SplitMix64 of `base` and `index`, so

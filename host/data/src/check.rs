@@ -31,7 +31,12 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
         if n == 0 {
-            return write!(f, "{}: {} samples, no problems", self.root.display(), self.samples);
+            return write!(
+                f,
+                "{}: {} samples, no problems",
+                self.root.display(),
+                self.samples
+            );
         }
         write!(
             f,
@@ -83,7 +88,11 @@ pub(crate) fn list(root: &Path, chain: &mut Chain<'_>) -> (Vec<Sample>, Vec<Prob
                 }
                 Err(e) => (
                     vec![],
-                    vec![Problem::new(root, None, format!("dataset reader `{name}` failed: {e}"))],
+                    vec![Problem::new(
+                        root,
+                        None,
+                        format!("dataset reader `{name}` failed: {e}"),
+                    )],
                 ),
             }
         }
@@ -113,9 +122,16 @@ pub fn check(root: &Path, target: Resolution, chain: &mut Chain<'_>) -> Report {
     for (i, sample) in samples.iter().enumerate() {
         let (file, line) = origin_location(root, sample);
         problems.extend(
-            check_sample(root, target, &mut rewriters, &mut transforms, sample, i as u64)
-                .into_iter()
-                .map(|m| Problem::new(&file, line, m)),
+            check_sample(
+                root,
+                target,
+                &mut rewriters,
+                &mut transforms,
+                sample,
+                i as u64,
+            )
+            .into_iter()
+            .map(|m| Problem::new(&file, line, m)),
         );
     }
     Report {
@@ -135,20 +151,27 @@ fn check_sample(
 ) -> Vec<String> {
     let mut out = Vec::new();
     match rewriters.rewrite(&sample.caption) {
-        Ok(c) if crate::chain::is_blank_caption(&c) => out.push("the prompt rewriters left an empty caption".to_string()),
+        Ok(c) if crate::chain::is_blank_caption(&c) => {
+            out.push("the prompt rewriters left an empty caption".to_string())
+        }
         Ok(_) => {}
         Err(e) => out.push(e),
     }
     if let Some(image) = &sample.image {
         match resolve_in_root(root, image) {
             Ok(p) => match std::fs::metadata(&p) {
-                Ok(m) if !m.is_file() => out.push(format!("{}: image is not a regular file", p.display())),
-                Ok(m) if m.len() == 0 => out.push(format!("{}: image file is empty (0 bytes)", p.display())),
+                Ok(m) if !m.is_file() => {
+                    out.push(format!("{}: image is not a regular file", p.display()))
+                }
+                Ok(m) if m.len() == 0 => {
+                    out.push(format!("{}: image file is empty (0 bytes)", p.display()))
+                }
                 Ok(_) => {
                     // FFmpeg reads still images (PNG, JPEG, WebP, ...) as one-frame videos.
                     if let Err(e) = cogvx_video::probe(&p) {
                         let why = match e {
-                            VideoError::NotVideo { detail, .. } | VideoError::Truncated { detail, .. } => detail,
+                            VideoError::NotVideo { detail, .. }
+                            | VideoError::Truncated { detail, .. } => detail,
                             other => other.to_string(),
                         };
                         out.push(format!("{}: not a readable image ({why})", p.display()));

@@ -85,7 +85,11 @@ fn read_list(path: &Path, required: bool, problems: &mut Vec<Problem>) -> Option
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
         Err(e) => {
-            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             problems.push(Problem::new(
                 path,
                 Some(line),
@@ -136,7 +140,9 @@ pub fn resolve_in_root(root: &Path, rel: &str) -> Result<PathBuf, String> {
         }
     }
     if normal.as_os_str().is_empty() {
-        return Err(format!("path `{rel}` names the dataset root itself, not a file"));
+        return Err(format!(
+            "path `{rel}` names the dataset root itself, not a file"
+        ));
     }
     let joined = root.join(&normal);
     if std::fs::symlink_metadata(&joined).is_ok() {
@@ -242,7 +248,11 @@ pub fn read_layout(root: &Path) -> Layout {
     let mut samples = Vec::new();
     for i in 0..np.min(nv) {
         let image = images.as_ref().and_then(|im| im.lines.get(i).cloned());
-        if prompts.lines[i].is_empty() || !video_ok[i] || !image_ok[i] || (images.is_some() && image.is_none()) {
+        if prompts.lines[i].is_empty()
+            || !video_ok[i]
+            || !image_ok[i]
+            || (images.is_some() && image.is_none())
+        {
             continue;
         }
         samples.push(Sample {
@@ -285,7 +295,8 @@ impl Plugin for FinetuneLayout {
             name: READER_NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             kinds: vec![PluginKind::DatasetReader],
-            description: "CogVideoX finetune layout: prompts.txt, videos.txt, optional images.txt".into(),
+            description: "CogVideoX finetune layout: prompts.txt, videos.txt, optional images.txt"
+                .into(),
         }
     }
 
@@ -313,7 +324,10 @@ mod tests {
             resolve_in_root(root, "videos/a.mp4").unwrap(),
             root.join("videos/a.mp4")
         );
-        assert_eq!(resolve_in_root(root, "./videos/../b.mp4").unwrap(), root.join("b.mp4"));
+        assert_eq!(
+            resolve_in_root(root, "./videos/../b.mp4").unwrap(),
+            root.join("b.mp4")
+        );
         assert!(resolve_in_root(root, "../x.mp4")
             .unwrap_err()
             .contains("path `../x.mp4` leaves the dataset root"));
@@ -331,10 +345,12 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let d = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret.mp4"), b"x").unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret.mp4"), d.path().join("link.mp4")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret.mp4"), d.path().join("link.mp4"))
+            .unwrap();
         let err = resolve_in_root(d.path(), "link.mp4").unwrap_err();
         assert!(
-            err.contains("resolves (through a symlink) to") && err.contains("outside the dataset root"),
+            err.contains("resolves (through a symlink) to")
+                && err.contains("outside the dataset root"),
             "{err}"
         );
         // A symlink that stays inside is fine.
@@ -359,10 +375,14 @@ mod tests {
             )),
             "{msgs:#?}"
         );
-        assert!(msgs.contains(&format!("{pp}:2: empty caption")), "{msgs:#?}");
         assert!(
-            msgs.iter()
-                .any(|m| m.starts_with(&format!("{vp}:2: path `../escape.mp4` leaves the dataset root"))),
+            msgs.contains(&format!("{pp}:2: empty caption")),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.starts_with(&format!(
+                "{vp}:2: path `../escape.mp4` leaves the dataset root"
+            ))),
             "{msgs:#?}"
         );
         assert_eq!(msgs.len(), 3, "{msgs:#?}");
@@ -371,7 +391,9 @@ mod tests {
         assert_eq!(videos, vec!["v/1.mp4", "v/3.mp4"]);
         assert_eq!(layout.samples[1].origin, "videos.txt:3");
         // Through the plugin trait, all problems come back in one error.
-        let err = FinetuneLayout.list_samples(root.to_str().unwrap()).unwrap_err();
+        let err = FinetuneLayout
+            .list_samples(root.to_str().unwrap())
+            .unwrap_err();
         assert!(
             matches!(&err, PluginError::Invalid(m) if m.lines().count() == 3),
             "{err}"
@@ -384,7 +406,13 @@ mod tests {
         let layout = read_layout(d.path());
         let msgs: Vec<String> = layout.problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(msgs.len(), 2);
-        assert!(msgs[0].starts_with(&format!("{}: file not found", d.path().join(PROMPTS).display())));
-        assert!(msgs[1].starts_with(&format!("{}: file not found", d.path().join(VIDEOS).display())));
+        assert!(msgs[0].starts_with(&format!(
+            "{}: file not found",
+            d.path().join(PROMPTS).display()
+        )));
+        assert!(msgs[1].starts_with(&format!(
+            "{}: file not found",
+            d.path().join(VIDEOS).display()
+        )));
     }
 }

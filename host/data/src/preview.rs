@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use cogvx_plugin_api::{Frames, ResizeFilter, Resolution, Size, TransformPlan};
-use cogvx_video::{encode_mp4, evenly_spaced, preprocess_clip, write_contact_sheet, EncodeOptions, FrameProcessor, VideoError};
+use cogvx_video::{
+    encode_mp4, evenly_spaced, preprocess_clip, write_contact_sheet, EncodeOptions, FrameProcessor,
+    VideoError,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::chain::{sample_seed, Chain};
@@ -76,7 +79,10 @@ pub enum PreviewError {
     Output(#[from] VideoError),
     /// Creating the output folder failed.
     #[error("{path}: cannot create the output folder: {source}", path = .path.display())]
-    OutDir { path: PathBuf, source: std::io::Error },
+    OutDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Checks the dataset (every problem, see [`check`]; nothing is written if there is one),
@@ -119,9 +125,11 @@ pub fn preview(
     };
     cogvx_metrics::console::track(&bar);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} preview [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} preview [{bar:30}] {pos}/{len} {elapsed_precise} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let digits = samples.len().saturating_sub(1).to_string().len();
     let mut sheet_rows: Vec<Frames> = Vec::new();
@@ -186,7 +194,11 @@ pub fn preview(
             started.elapsed().as_secs_f64()
         );
         if sheet_rows.len() < options.sheet_rows {
-            sheet_rows.push(pick_frames(&pre.frames, options.sheet_frames, options.sheet_cell_width));
+            sheet_rows.push(pick_frames(
+                &pre.frames,
+                options.sheet_frames,
+                options.sheet_cell_width,
+            ));
         }
         summary.clips.push(dest);
         summary.captions.push(caption);
@@ -202,9 +214,11 @@ pub fn preview(
     let captions_file = out.join("captions.txt");
     let mut text = summary.captions.join("\n");
     text.push('\n');
-    cogvx_io::write_atomically(&captions_file, text.as_bytes()).map_err(|source| VideoError::Io {
-        path: captions_file.clone(),
-        source,
+    cogvx_io::write_atomically(&captions_file, text.as_bytes()).map_err(|source| {
+        VideoError::Io {
+            path: captions_file.clone(),
+            source,
+        }
     })?;
     summary.captions_file = Some(captions_file);
     Ok(summary)
@@ -216,7 +230,10 @@ fn pick_frames(frames: &Frames, n: usize, max_width: u32) -> Frames {
     let idx = evenly_spaced(frames.count, n);
     let size = (frames.width * frames.height * 3) as usize;
     let (width, height) = if frames.width > max_width && max_width > 0 {
-        (max_width, ((frames.height as u64 * max_width as u64) / frames.width as u64).max(1) as u32)
+        (
+            max_width,
+            ((frames.height as u64 * max_width as u64) / frames.width as u64).max(1) as u32,
+        )
     } else {
         (frames.width, frames.height)
     };
@@ -233,9 +250,16 @@ fn pick_frames(frames: &Frames, n: usize, max_width: u32) -> Frames {
         if (width, height) == (frames.width, frames.height) {
             rgb.extend_from_slice(src);
         } else {
-            let (thumb, _) = thumbs.process(src, frames.width, frames.height).expect("a downscale of a valid frame");
+            let (thumb, _) = thumbs
+                .process(src, frames.width, frames.height)
+                .expect("a downscale of a valid frame");
             rgb.extend_from_slice(&thumb);
         }
     }
-    Frames { width, height, count: idx.len() as u32, rgb }
+    Frames {
+        width,
+        height,
+        count: idx.len() as u32,
+        rgb,
+    }
 }

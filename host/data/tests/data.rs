@@ -6,8 +6,8 @@ use std::process::Command;
 
 use cogvx_data::{check, preview, Chain, PreviewError, PreviewOptions, Report};
 use cogvx_plugin_api::{
-    CropBox, Frames, Plugin, PluginError, PluginInfo, PluginKind, PluginResult, Resolution, Sample, Size,
-    TransformPlan, TransformRequest,
+    CropBox, Frames, Plugin, PluginError, PluginInfo, PluginKind, PluginResult, Resolution, Sample,
+    Size, TransformPlan, TransformRequest,
 };
 
 fn ff(args: &[&str]) {
@@ -167,7 +167,13 @@ fn messages(r: &Report) -> Vec<String> {
 
 /// Asserts that check reports `expected` (a substring) at videos.txt:`line` (or at `file`
 /// when given), and that preview refuses with the same report and writes nothing.
-fn assert_refused(root: &Path, chain: &mut Chain<'_>, file: &str, line: Option<usize>, expected: &str) {
+fn assert_refused(
+    root: &Path,
+    chain: &mut Chain<'_>,
+    file: &str,
+    line: Option<usize>,
+    expected: &str,
+) {
     let report = check(root, TARGET, chain);
     let loc = match line {
         Some(l) => format!("{}:{l}: ", root.join(file).display()),
@@ -175,7 +181,8 @@ fn assert_refused(root: &Path, chain: &mut Chain<'_>, file: &str, line: Option<u
     };
     let msgs = messages(&report);
     assert!(
-        msgs.iter().any(|m| m.starts_with(&loc) && m.contains(expected)),
+        msgs.iter()
+            .any(|m| m.starts_with(&loc) && m.contains(expected)),
         "expected a problem at `{loc}` containing `{expected}`, got {msgs:#?}"
     );
     assert!(report.to_string().contains(expected));
@@ -189,7 +196,11 @@ fn assert_refused(root: &Path, chain: &mut Chain<'_>, file: &str, line: Option<u
         Err(e) => panic!("unexpected preview error {e}"),
         Ok(s) => panic!("preview of a bad dataset succeeded: {s:?}"),
     }
-    assert!(!out.exists(), "preview wrote {} for a bad dataset", out.display());
+    assert!(
+        !out.exists(),
+        "preview wrote {} for a bad dataset",
+        out.display()
+    );
 }
 
 #[test]
@@ -225,7 +236,13 @@ fn zero_byte_clip_and_empty_caption() {
     clip(&d.path().join("videos/a.mp4"), 12);
     std::fs::write(d.path().join("videos/empty.mp4"), b"").unwrap();
     // The caption of line 1 is empty (a blank line at the end would just be ignored).
-    assert_refused(d.path(), &mut Chain::new(), "prompts.txt", Some(1), "empty caption");
+    assert_refused(
+        d.path(),
+        &mut Chain::new(),
+        "prompts.txt",
+        Some(1),
+        "empty caption",
+    );
     std::fs::write(d.path().join("prompts.txt"), "a\nb\n").unwrap();
     let empty = d.path().join("videos/empty.mp4");
     assert_refused(
@@ -240,7 +257,13 @@ fn zero_byte_clip_and_empty_caption() {
 #[test]
 fn empty_list_file() {
     let d = dataset("", "");
-    assert_refused(d.path(), &mut Chain::new(), "videos.txt", None, "file is empty");
+    assert_refused(
+        d.path(),
+        &mut Chain::new(),
+        "videos.txt",
+        None,
+        "file is empty",
+    );
 }
 
 #[test]
@@ -329,7 +352,11 @@ fn paths_escaping_the_root() {
     let d = dataset("a\nb\nc\n", "../x.mp4\n/etc/hosts\nvideos/link.mp4\n");
     std::fs::create_dir_all(d.path().join("videos")).unwrap();
     #[cfg(unix)]
-    std::os::unix::fs::symlink(outside.path().join("x.mp4"), d.path().join("videos/link.mp4")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("x.mp4"),
+        d.path().join("videos/link.mp4"),
+    )
+    .unwrap();
     let mut chain = Chain::new();
     assert_refused(
         d.path(),
@@ -346,7 +373,13 @@ fn paths_escaping_the_root() {
         "path `/etc/hosts` is absolute",
     );
     #[cfg(unix)]
-    assert_refused(d.path(), &mut chain, "videos.txt", Some(3), "outside the dataset root");
+    assert_refused(
+        d.path(),
+        &mut chain,
+        "videos.txt",
+        Some(3),
+        "outside the dataset root",
+    );
 }
 
 #[test]
@@ -374,7 +407,10 @@ fn check_reports_every_problem_at_once() {
         .any(|m| m.starts_with(&format!("{v}:4: ")) && m.contains("not a video file")));
     let shown = report.to_string();
     assert!(
-        shown.starts_with(&format!("{}: 3 samples, 4 problems\n  ", d.path().display())),
+        shown.starts_with(&format!(
+            "{}: 3 samples, 4 problems\n  ",
+            d.path().display()
+        )),
         "{shown}"
     );
 }
@@ -551,7 +587,12 @@ fn mini_dataset_check_and_preview_end_to_end() {
         .collect();
     assert_eq!(
         names,
-        vec!["0_carphone.mp4", "1_bikes.mp4", "2_testsrc.mp4", "3_mandelbrot.mp4"]
+        vec![
+            "0_carphone.mp4",
+            "1_bikes.mp4",
+            "2_testsrc.mp4",
+            "3_mandelbrot.mp4"
+        ]
     );
     for clip in &s.clips {
         let info = cogvx_video::probe(clip).unwrap();
@@ -588,7 +629,12 @@ struct Returns(String);
 
 impl Plugin for Returns {
     fn info(&self) -> PluginInfo {
-        PluginInfo { name: "returns".into(), version: "0.0.1".into(), kinds: vec![PluginKind::PromptRewriter], description: String::new() }
+        PluginInfo {
+            name: "returns".into(),
+            version: "0.0.1".into(),
+            kinds: vec![PluginKind::PromptRewriter],
+            description: String::new(),
+        }
     }
     fn rewrite_prompt(&mut self, _: &str) -> PluginResult<String> {
         Ok(self.0.clone())
@@ -602,13 +648,23 @@ impl Plugin for Returns {
 fn huge_and_blank_captions_are_bounded() {
     let d = dataset("\0\0\0\n", "videos/a.mp4\n");
     clip(&d.path().join("videos/a.mp4"), 12);
-    assert_refused(d.path(), &mut Chain::new(), "prompts.txt", Some(1), "empty caption");
+    assert_refused(
+        d.path(),
+        &mut Chain::new(),
+        "prompts.txt",
+        Some(1),
+        "empty caption",
+    );
 
     let max = cogvx_data::chain::MAX_CAPTION_BYTES;
     let huge = "é".repeat(10 << 20); // 20 MB of two-byte characters
     let mut chain = Chain::new();
     let cut = chain.rewrite_prompt(&huge).unwrap();
-    assert!(cut.len() <= max && cut.len() >= max - 1 && cut.chars().all(|c| c == 'é'), "{}", cut.len());
+    assert!(
+        cut.len() <= max && cut.len() >= max - 1 && cut.chars().all(|c| c == 'é'),
+        "{}",
+        cut.len()
+    );
     let mut rewriter = Returns("a".repeat(50 << 20));
     let mut chain = Chain::new();
     chain.prompt_rewriters.push(&mut rewriter);
@@ -617,5 +673,8 @@ fn huge_and_blank_captions_are_bounded() {
     let mut chain = Chain::new();
     chain.prompt_rewriters.push(&mut blank);
     let e = chain.rewrite_prompt("a cat").unwrap_err();
-    assert!(e.contains("plugin `returns`") && e.contains("empty caption"), "{e}");
+    assert!(
+        e.contains("plugin `returns`") && e.contains("empty caption"),
+        "{e}"
+    );
 }

@@ -82,12 +82,17 @@ fn circle_clip(path: &Path, w: u32, h: u32) {
     );
     let out = Command::new("ffmpeg")
         .args([
-            "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", &src, "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", &src, "-c:v", "libx264",
+            "-pix_fmt", "yuv420p",
         ])
         .arg(path)
         .output()
         .expect("these tests need the `ffmpeg` command-line tool (apt-get install ffmpeg)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -105,8 +110,14 @@ fn a_circle_stays_a_circle_through_crop_resize() {
             width: 720,
         };
         let p = preprocess_clip(&path, None, &mut t, target, 0).unwrap();
-        assert_eq!((p.frames.count, p.frames.height, p.frames.width), (9, 480, 720));
+        assert_eq!(
+            (p.frames.count, p.frames.height, p.frames.width),
+            (9, 480, 720)
+        );
         let (bw, bh) = blob(&p.frames);
-        assert!((bw / bh - 1.0).abs() < 0.04, "{w}x{h}: the circle came out {bw}x{bh}");
+        assert!(
+            (bw / bh - 1.0).abs() < 0.04,
+            "{w}x{h}: the circle came out {bw}x{bh}"
+        );
     }
 }

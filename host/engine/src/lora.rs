@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use cogvx_model_core::adapter::{LinearAdapter, LoraAdapter};
 use cogvx_adapters::{linear_layers_mut, LoadedLora};
+use cogvx_model_core::adapter::{LinearAdapter, LoraAdapter};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 
 use crate::EngineError;

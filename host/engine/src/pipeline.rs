@@ -128,6 +128,8 @@ pub fn dynamic_guidance_scale(guidance_scale: f64, num_inference_steps: usize, t
 
 /// Where a pipeline's prompt embeddings come from.
 #[derive(Debug)]
+// One value per pipeline: boxing the encoder would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum PromptSource<B: Backend> {
     /// The tokenizer and T5, loaded: each prompt is encoded when it is sampled.
     Encoder(PromptEncoder<B>),
@@ -377,7 +379,8 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
 
         // encode_prompt: [negative; positive] on the batch when guiding.
         let enc = &self.prompts;
-        let mut prompt_embeds = enc.encode(&request.prompts, request.max_sequence_length, device)?;
+        let mut prompt_embeds =
+            enc.encode(&request.prompts, request.max_sequence_length, device)?;
         if do_cfg {
             let negative = request.negative_prompt.clone().unwrap_or_default();
             let negatives = vec![negative; batch_size];

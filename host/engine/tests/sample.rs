@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Distribution, Tensor};
+use cogvx_adapters::{linear_layers_mut, load_lora, save_lora, LoadedLora, LoraMetadata};
 use cogvx_engine::{
     apply_lora, default_alpha, frames_to_u8, sample, CogVideoXPipeline, SampleJob, SampleRequest,
 };
 use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::{CpuBackend, CpuDevice};
-use cogvx_adapters::{linear_layers_mut, load_lora, save_lora, LoadedLora, LoraMetadata};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 
 type B = CpuBackend;

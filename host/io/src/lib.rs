@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub fn temp_path(dest: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp = format!(".{name}.tmp-{}-{n}", std::process::id());
     match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.join(tmp),
@@ -64,7 +67,11 @@ pub type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// atomically, creating the parent folder. Tensors are laid out in name order, the header is
 /// padded to 8 bytes as the safetensors writer does. A tensor whose shape does not hold its
 /// values is an [`io::ErrorKind::InvalidInput`] error and nothing is written.
-pub fn write_safetensors_f32(path: &Path, tensors: &F32Tensors, metadata: &BTreeMap<String, String>) -> io::Result<()> {
+pub fn write_safetensors_f32(
+    path: &Path,
+    tensors: &F32Tensors,
+    metadata: &BTreeMap<String, String>,
+) -> io::Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(metadata));
     let mut offset = 0usize;
@@ -72,14 +79,21 @@ pub fn write_safetensors_f32(path: &Path, tensors: &F32Tensors, metadata: &BTree
         if shape.iter().product::<usize>() != data.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("tensor `{name}`: shape {shape:?} does not hold {} values", data.len()),
+                format!(
+                    "tensor `{name}`: shape {shape:?} does not hold {} values",
+                    data.len()
+                ),
             ));
         }
         let end = offset + 4 * data.len();
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}));
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
         offset = end;
     }
-    let mut header = serde_json::to_string(&Value::Object(header)).expect("JSON of strings and numbers");
+    let mut header =
+        serde_json::to_string(&Value::Object(header)).expect("JSON of strings and numbers");
     header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -111,7 +125,10 @@ mod tests {
         let path = dir.path().join("sub/t.safetensors");
         let tensors = F32Tensors::from([
             ("b".to_string(), (vec![2, 2], vec![1.0, -2.0, 3.5, 4.0])),
-            ("a".to_string(), (vec![3], vec![0.25, 0.5, f32::MIN_POSITIVE])),
+            (
+                "a".to_string(),
+                (vec![3], vec![0.25, 0.5, f32::MIN_POSITIVE]),
+            ),
         ]);
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors_f32(&path, &tensors, &meta).unwrap();
@@ -119,12 +136,22 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let b = st.tensor("b").unwrap();
         assert_eq!(b.shape(), &[2, 2]);
-        let vals: Vec<f32> = b.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let vals: Vec<f32> = b
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(vals, vec![1.0, -2.0, 3.5, 4.0]);
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        assert_eq!(header.metadata().as_ref().unwrap().get("format").unwrap(), "pt");
+        assert_eq!(
+            header.metadata().as_ref().unwrap().get("format").unwrap(),
+            "pt"
+        );
         // Only the file itself is left in the folder.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]

@@ -61,7 +61,11 @@ mod tests {
         track(&hidden); // hidden bars are not tracked
         let bars = [ProgressBar::hidden(), ProgressBar::hidden()];
         assert_eq!(suspend_all(&bars, || 8), 8);
-        assert!(BARS.lock().unwrap().iter().all(|b| b.upgrade().is_none_or(|b| !b.is_hidden())));
+        assert!(BARS
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b.upgrade().is_none_or(|b| !b.is_hidden())));
         SuspendingStderr.write_all(b"").unwrap();
     }
 }

@@ -9,7 +9,10 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::{activation::sigmoid, backend::Backend, ops::FloatTensor, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{
+    activation::sigmoid, backend::Backend, ops::FloatTensor, Tensor, TensorMetadata,
+    TensorPrimitive,
+};
 
 /// `2 sqrt(2/pi)`.
 const C1: f64 = 2.0 * 0.797_884_560_802_865_4;
@@ -19,7 +22,9 @@ const C3: f64 = C1 * 0.044715;
 /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (torch's `gelu(approximate="tanh")`), as
 /// one operation ([`ModelBackend::gelu_tanh`]).
 pub fn gelu_tanh<B: ModelBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::gelu_tanh(x.into_primitive().tensor())))
+    Tensor::from_primitive(TensorPrimitive::Float(B::gelu_tanh(
+        x.into_primitive().tensor(),
+    )))
 }
 
 /// The formula, evaluated as the identical `x * sigmoid(2 sqrt(2/pi) x (1 + 0.044715 x^2))`
@@ -32,7 +37,10 @@ pub fn gelu_tanh_formula<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<
 
 /// `d gelu_tanh(x) / dx * grad`: with `s = sigmoid(z2)`, `z2 = C1 x + C3 x^3`,
 /// `d/dx [x s] = s + x s (1 - s) (C1 + 3 C3 x^2)`.
-pub fn gelu_tanh_backward_formula<B: Backend, const D: usize>(x: Tensor<B, D>, grad: Tensor<B, D>) -> Tensor<B, D> {
+pub fn gelu_tanh_backward_formula<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    grad: Tensor<B, D>,
+) -> Tensor<B, D> {
     let x2 = x.clone() * x.clone();
     let s = sigmoid((x2.clone() * C3 + C1) * x.clone());
     let dz = x2 * (3.0 * C3) + C1;
@@ -47,20 +55,36 @@ pub const CHUNK: usize = 1 << 22;
 
 /// Applies an element-wise `f` to a primitive of any rank, as flat rank-1 chunks of [`CHUNK`]
 /// elements joined again, so that `f`'s intermediates stay chunk-sized.
-pub(crate) fn elementwise<B: Backend>(x: FloatTensor<B>, f: impl Fn(Tensor<B, 1>) -> Tensor<B, 1>) -> FloatTensor<B> {
+pub(crate) fn elementwise<B: Backend>(
+    x: FloatTensor<B>,
+    f: impl Fn(Tensor<B, 1>) -> Tensor<B, 1>,
+) -> FloatTensor<B> {
     elementwise2::<B>(x.clone(), x, |x, _| f(x))
 }
 
 /// [`elementwise`] for a function of two same-shape primitives.
-pub(crate) fn elementwise2<B: Backend>(x: FloatTensor<B>, y: FloatTensor<B>, f: impl Fn(Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 1>) -> FloatTensor<B> {
+// `slice_assign` takes one range per dimension: `[s..s + len]` is the one of a 1-D tensor.
+#[allow(clippy::single_range_in_vec_init)]
+pub(crate) fn elementwise2<B: Backend>(
+    x: FloatTensor<B>,
+    y: FloatTensor<B>,
+    f: impl Fn(Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 1>,
+) -> FloatTensor<B> {
     let shape = x.shape();
     let n = shape.num_elements();
-    let flat = |t: FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(t, [n].into())));
+    let flat = |t: FloatTensor<B>| {
+        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(t, [n].into())))
+    };
     let (x, y) = (flat(x), flat(y));
     // Half-precision inputs are computed in f32 chunk by chunk (as torch's half kernels do)
     // and the result given back in x's dtype.
     let dtype = crate::precision::float_dtype(&x);
-    let f = |x: Tensor<B, 1>, y: Tensor<B, 1>| crate::precision::to_dtype(f(crate::precision::to_f32(x), crate::precision::to_f32(y)), dtype);
+    let f = |x: Tensor<B, 1>, y: Tensor<B, 1>| {
+        crate::precision::to_dtype(
+            f(crate::precision::to_f32(x), crate::precision::to_f32(y)),
+            dtype,
+        )
+    };
     let out = if n <= CHUNK {
         f(x, y)
     } else {
@@ -71,7 +95,11 @@ pub(crate) fn elementwise2<B: Backend>(x: FloatTensor<B>, y: FloatTensor<B>, f: 
         // incoming gradient) no third buffer beside x and y is allocated (546 MiB at the peak of
         // a 2B block's backward); when y is shared (the forward passes x twice) the first write
         // copies it, as a fresh output would.
-        let mut out = if y.dtype() == x.dtype() { y } else { crate::precision::like(y, &x) };
+        let mut out = if y.dtype() == x.dtype() {
+            y
+        } else {
+            crate::precision::like(y, &x)
+        };
         for s in (0..n).step_by(CHUNK) {
             let len = CHUNK.min(n - s);
             let part = f(x.clone().narrow(0, s, len), out.clone().narrow(0, s, len));
@@ -88,7 +116,12 @@ struct GeluTanhBackward;
 impl<B: ModelBackend> Backward<B, 1> for GeluTanhBackward {
     type State = FloatTensor<B>;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let grad = grads.consume::<B>(&ops.node);
         if let Some(node) = &ops.parents[0] {
             grads.register::<B>(node.id, B::gelu_tanh_backward(ops.state, grad));
@@ -97,8 +130,14 @@ impl<B: ModelBackend> Backward<B, 1> for GeluTanhBackward {
 }
 
 /// The autodiff operation: saves `x` only.
-pub(crate) fn autodiff_gelu_tanh<B: ModelBackend, C: CheckpointStrategy>(x: FloatTensor<Autodiff<B, C>>) -> FloatTensor<Autodiff<B, C>> {
-    match GeluTanhBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+pub(crate) fn autodiff_gelu_tanh<B: ModelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match GeluTanhBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => {
             let out = B::gelu_tanh(x.primitive.clone());
             prep.finish(x.primitive, out)
@@ -115,32 +154,84 @@ mod tests {
 
     #[test]
     fn the_operation_equals_the_formula_forward_and_backward() {
-        let values: Vec<f32> = (-60..=60).map(|i| i as f32 * 0.25).chain([-40.0, 40.0, 1e-4, -1e-4]).collect();
+        let values: Vec<f32> = (-60..=60)
+            .map(|i| i as f32 * 0.25)
+            .chain([-40.0, 40.0, 1e-4, -1e-4])
+            .collect();
         let n = values.len();
-        let x = Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, [1, n]), &Default::default());
-        let w = Tensor::<CpuBackend, 2>::from_data(TensorData::new((0..n).map(|i| 1.0 + (i % 7) as f32 * 0.1).collect::<Vec<_>>(), [1, n]), &Default::default());
+        let x = Tensor::<CpuBackend, 2>::from_data(
+            TensorData::new(values, [1, n]),
+            &Default::default(),
+        );
+        let w = Tensor::<CpuBackend, 2>::from_data(
+            TensorData::new(
+                (0..n)
+                    .map(|i| 1.0 + (i % 7) as f32 * 0.1)
+                    .collect::<Vec<_>>(),
+                [1, n],
+            ),
+            &Default::default(),
+        );
         let run = |fused: bool| {
             let xa = Tensor::<CpuAutodiffBackend, 2>::from_inner(x.clone()).require_grad();
-            let y = if fused { gelu_tanh(xa.clone()) } else { gelu_tanh_formula(xa.clone()) };
+            let y = if fused {
+                gelu_tanh(xa.clone())
+            } else {
+                gelu_tanh_formula(xa.clone())
+            };
             let g = (y.clone() * Tensor::from_inner(w.clone())).sum().backward();
-            (y.inner().into_data().to_vec::<f32>().unwrap(), xa.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap())
+            (
+                y.inner().into_data().to_vec::<f32>().unwrap(),
+                xa.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap(),
+            )
         };
         let (y1, g1) = run(true);
         let (y0, g0) = run(false);
         assert_eq!(y1, y0, "forward");
         for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
-            assert!(a.is_finite() && (a - b).abs() <= 2e-6 * (1.0 + b.abs()), "x[{i}]: {a} vs {b}");
+            assert!(
+                a.is_finite() && (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                "x[{i}]: {a} vs {b}"
+            );
         }
         // Larger than one chunk: the same values as the formula on the whole tensor.
-        let big = Tensor::<CpuBackend, 2>::random([3, CHUNK / 2 + 5], burn::tensor::Distribution::Normal(0.0, 3.0), &Default::default());
-        let whole = gelu_tanh_formula(big.clone()).into_data().to_vec::<f32>().unwrap();
-        assert_eq!(gelu_tanh(big.clone()).into_data().to_vec::<f32>().unwrap(), whole);
+        let big = Tensor::<CpuBackend, 2>::random(
+            [3, CHUNK / 2 + 5],
+            burn::tensor::Distribution::Normal(0.0, 3.0),
+            &Default::default(),
+        );
+        let whole = gelu_tanh_formula(big.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(
+            gelu_tanh(big.clone()).into_data().to_vec::<f32>().unwrap(),
+            whole
+        );
         let dy = Tensor::<CpuBackend, 2>::ones([3, CHUNK / 2 + 5], &Default::default());
-        let chunked = CpuBackend::gelu_tanh_backward(big.clone().into_primitive().tensor(), dy.clone().into_primitive().tensor());
-        let chunked = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(chunked)).into_data().to_vec::<f32>().unwrap();
-        assert_eq!(chunked, gelu_tanh_backward_formula(big, dy).into_data().to_vec::<f32>().unwrap());
+        let chunked = CpuBackend::gelu_tanh_backward(
+            big.clone().into_primitive().tensor(),
+            dy.clone().into_primitive().tensor(),
+        );
+        let chunked = Tensor::<CpuBackend, 2>::from_primitive(TensorPrimitive::Float(chunked))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(
+            chunked,
+            gelu_tanh_backward_formula(big, dy)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        );
         // torch's values at a few points (gelu(approximate="tanh")).
-        let at = |v: f32| gelu_tanh(Tensor::<CpuBackend, 1>::from_data(TensorData::new(vec![v], [1]), &Default::default())).into_scalar();
+        let at = |v: f32| {
+            gelu_tanh(Tensor::<CpuBackend, 1>::from_data(
+                TensorData::new(vec![v], [1]),
+                &Default::default(),
+            ))
+            .into_scalar()
+        };
         for (v, want) in [(1.0f32, 0.841_192), (-1.0, -0.158_808), (3.0, 2.996_363)] {
             assert!((at(v) - want).abs() < 1e-5, "{v}: {}", at(v));
         }

@@ -20,7 +20,9 @@ use cogvx_plugin_api::{AdapterOutput, AdapterRecipe, AdapterRequest, Dim, Init, 
 /// PEFT's rule for a list of `target_modules`: the module name equals a target or ends with
 /// `.<target>`.
 pub fn matches_target(name: &str, targets: &[String]) -> bool {
-    targets.iter().any(|t| name == t || name.ends_with(&format!(".{t}")))
+    targets
+        .iter()
+        .any(|t| name == t || name.ends_with(&format!(".{t}")))
 }
 
 /// Why an adapter could not be built or updated.
@@ -33,7 +35,10 @@ pub struct AdapterError {
 }
 
 fn err<T>(layer: &str, message: impl Into<String>) -> Result<T, AdapterError> {
-    Err(AdapterError { layer: layer.to_string(), message: message.into() })
+    Err(AdapterError {
+        layer: layer.to_string(),
+        message: message.into(),
+    })
 }
 
 /// A rank-1 or rank-2 adapter tensor (parameters, gradients, optimizer state).
@@ -43,21 +48,28 @@ pub enum AdapterTensor<B: Backend> {
     Matrix(Tensor<B, 2>),
 }
 
+impl<B: Backend> std::ops::Add for AdapterTensor<B> {
+    type Output = Self;
+    /// The element-wise sum of two tensors of one shape (gradient accumulation).
+    fn add(self, other: Self) -> Self {
+        match (self, other) {
+            (AdapterTensor::Vector(a), AdapterTensor::Vector(b)) => AdapterTensor::Vector(a + b),
+            (AdapterTensor::Matrix(a), AdapterTensor::Matrix(b)) => AdapterTensor::Matrix(a + b),
+            (a, b) => panic!(
+                "adding tensors of different ranks: {:?} + {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        }
+    }
+}
+
 impl<B: Backend> AdapterTensor<B> {
     /// Every element times `s`.
     pub fn mul_scalar(self, s: f64) -> Self {
         match self {
             AdapterTensor::Vector(a) => AdapterTensor::Vector(a.mul_scalar(s)),
             AdapterTensor::Matrix(a) => AdapterTensor::Matrix(a.mul_scalar(s)),
-        }
-    }
-
-    /// The element-wise sum of two tensors of one shape (gradient accumulation).
-    pub fn add(self, other: Self) -> Self {
-        match (self, other) {
-            (AdapterTensor::Vector(a), AdapterTensor::Vector(b)) => AdapterTensor::Vector(a + b),
-            (AdapterTensor::Matrix(a), AdapterTensor::Matrix(b)) => AdapterTensor::Matrix(a + b),
-            (a, b) => panic!("adding tensors of different ranks: {:?} + {:?}", a.shape(), b.shape()),
         }
     }
 
@@ -75,7 +87,9 @@ impl<B: Backend> AdapterTensor<B> {
             AdapterTensor::Vector(t) => t.to_data(),
             AdapterTensor::Matrix(t) => t.to_data(),
         };
-        data.convert::<f32>().to_vec::<f32>().expect("converted to f32")
+        data.convert::<f32>()
+            .to_vec::<f32>()
+            .expect("converted to f32")
     }
 
     /// Builds a tensor of `shape` (rank 1 or 2) from row-major values.
@@ -84,8 +98,14 @@ impl<B: Backend> AdapterTensor<B> {
             return None;
         }
         match *shape {
-            [n] => Some(AdapterTensor::Vector(Tensor::from_data(TensorData::new(values, [n]), device))),
-            [r, c] => Some(AdapterTensor::Matrix(Tensor::from_data(TensorData::new(values, [r, c]), device))),
+            [n] => Some(AdapterTensor::Vector(Tensor::from_data(
+                TensorData::new(values, [n]),
+                device,
+            ))),
+            [r, c] => Some(AdapterTensor::Matrix(Tensor::from_data(
+                TensorData::new(values, [r, c]),
+                device,
+            ))),
             _ => None,
         }
     }
@@ -102,7 +122,12 @@ pub enum LinearAdapter<B: Backend> {
 
 impl<B: Backend> LinearAdapter<B> {
     /// The adapted output for `x [rows, in]`, given the frozen base `weight [out, in]` and `bias`.
-    pub fn forward(&self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
         match self {
             LinearAdapter::Lora(lora) => lora.forward_with_base(x, weight, bias),
             LinearAdapter::Recipe(recipe) => recipe.forward_with_base(x, weight, bias),
@@ -114,8 +139,16 @@ impl<B: Backend> LinearAdapter<B> {
     pub fn tensors(&self) -> Vec<(String, AdapterTensor<B>, bool)> {
         match self {
             LinearAdapter::Lora(lora) => vec![
-                ("lora_A.weight".into(), AdapterTensor::Matrix(lora.lora_a.val()), true),
-                ("lora_B.weight".into(), AdapterTensor::Matrix(lora.lora_b.val()), true),
+                (
+                    "lora_A.weight".into(),
+                    AdapterTensor::Matrix(lora.lora_a.val()),
+                    true,
+                ),
+                (
+                    "lora_B.weight".into(),
+                    AdapterTensor::Matrix(lora.lora_b.val()),
+                    true,
+                ),
             ],
             LinearAdapter::Recipe(recipe) => recipe.tensors(),
         }
@@ -123,7 +156,12 @@ impl<B: Backend> LinearAdapter<B> {
 
     /// Replaces the parameter exported as `suffix` with `value` (same shape), keeping its
     /// parameter id and trainability.
-    pub fn set_tensor(&mut self, layer: &str, suffix: &str, value: AdapterTensor<B>) -> Result<(), AdapterError> {
+    pub fn set_tensor(
+        &mut self,
+        layer: &str,
+        suffix: &str,
+        value: AdapterTensor<B>,
+    ) -> Result<(), AdapterError> {
         match self {
             LinearAdapter::Lora(lora) => {
                 let AdapterTensor::Matrix(m) = value else {
@@ -157,7 +195,14 @@ fn replace_param<B: Backend, const D: usize>(
 ) -> Result<(), AdapterError> {
     let old = slot.val();
     if old.dims() != value.dims() {
-        return err(layer, format!("`{name}` has shape {:?}, the new value {:?}", old.dims(), value.dims()));
+        return err(
+            layer,
+            format!(
+                "`{name}` has shape {:?}, the new value {:?}",
+                old.dims(),
+                value.dims()
+            ),
+        );
     }
     let require_grad = old.is_require_grad();
     let value = value.detach().set_require_grad(require_grad);
@@ -181,22 +226,49 @@ pub struct LoraAdapter<B: Backend> {
 impl<B: Backend> LoraAdapter<B> {
     /// PEFT's default initialisation: `lora_A` kaiming-uniform with `a = sqrt(5)` (uniform in
     /// `±1/sqrt(in)`, from the backend's RNG; seed it with `B::seed`), `lora_B` zeros.
-    pub fn new(in_features: usize, out_features: usize, rank: usize, alpha: f64, device: &B::Device) -> Result<Self, AdapterError> {
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        alpha: f64,
+        device: &B::Device,
+    ) -> Result<Self, AdapterError> {
         if rank == 0 || in_features == 0 || out_features == 0 {
-            return err("<lora>", format!("rank {rank} on a {in_features} -> {out_features} layer: all must be positive"));
+            return err(
+                "<lora>",
+                format!(
+                    "rank {rank} on a {in_features} -> {out_features} layer: all must be positive"
+                ),
+            );
         }
         let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::random([rank, in_features], Distribution::Uniform(-bound, bound), device);
+        let a = Tensor::random(
+            [rank, in_features],
+            Distribution::Uniform(-bound, bound),
+            device,
+        );
         let b = Tensor::zeros([out_features, rank], device);
         Self::from_tensors("<lora>", a, b, alpha)
     }
 
     /// A LoRA with given `lora_A [r, in]` and `lora_B [out, r]`; `layer` names the target in errors.
-    pub fn from_tensors(layer: &str, lora_a: Tensor<B, 2>, lora_b: Tensor<B, 2>, alpha: f64) -> Result<Self, AdapterError> {
+    pub fn from_tensors(
+        layer: &str,
+        lora_a: Tensor<B, 2>,
+        lora_b: Tensor<B, 2>,
+        alpha: f64,
+    ) -> Result<Self, AdapterError> {
         let [r, _] = lora_a.dims();
         let [_, rb] = lora_b.dims();
         if r == 0 || r != rb {
-            return err(layer, format!("lora_A {:?} and lora_B {:?} disagree on the rank", lora_a.dims(), lora_b.dims()));
+            return err(
+                layer,
+                format!(
+                    "lora_A {:?} and lora_B {:?} disagree on the rank",
+                    lora_a.dims(),
+                    lora_b.dims()
+                ),
+            );
         }
         if !alpha.is_finite() {
             return err(layer, format!("lora_alpha {alpha} is not finite"));
@@ -225,16 +297,27 @@ impl<B: Backend> LoraAdapter<B> {
         // brings the gradients back to the f32 parameters.
         let a = crate::precision::like(self.lora_a.val(), &x);
         let b = crate::precision::like(self.lora_b.val(), &x);
-        x.matmul(a.transpose()).matmul(b.transpose()).mul_scalar(self.scale)
+        x.matmul(a.transpose())
+            .matmul(b.transpose())
+            .mul_scalar(self.scale)
     }
 
-    fn forward_with_base(&self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    fn forward_with_base(
+        &self,
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
         base_linear(x.clone(), weight, bias) + self.delta(x)
     }
 }
 
 /// `x W^T + b` for `x [rows, in]`.
-pub fn base_linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+pub fn base_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
     let y = x.matmul(weight.transpose());
     match bias {
         Some(b) => y + b.unsqueeze::<2>(),
@@ -256,7 +339,11 @@ pub struct RecipeLimits {
 
 impl Default for RecipeLimits {
     fn default() -> Self {
-        RecipeLimits { max_nodes: 256, max_params: 16, max_param_elements: None }
+        RecipeLimits {
+            max_nodes: 256,
+            max_params: 16,
+            max_param_elements: None,
+        }
     }
 }
 
@@ -291,16 +378,30 @@ pub struct RecipeAdapter<B: Backend> {
     pub program: RecipeProgram,
 }
 
-fn resolve_dim(layer: &str, pname: &str, dim: &Dim, req: &AdapterRequest) -> Result<usize, AdapterError> {
+fn resolve_dim(
+    layer: &str,
+    pname: &str,
+    dim: &Dim,
+    req: &AdapterRequest,
+) -> Result<usize, AdapterError> {
     let v = match dim {
         Dim::In => req.in_features as usize,
         Dim::Out => req.out_features as usize,
         Dim::Rank => req.rank as usize,
         Dim::Fixed(n) => *n as usize,
-        Dim::Factor { of_out, limit, cofactor } => {
-            let n = if *of_out { req.out_features } else { req.in_features } as usize;
+        Dim::Factor {
+            of_out,
+            limit,
+            cofactor,
+        } => {
+            let n = if *of_out {
+                req.out_features
+            } else {
+                req.in_features
+            } as usize;
             let limit = (*limit as usize).max(1);
-            #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace allows 1.85.
+            #[allow(clippy::manual_is_multiple_of)]
+            // `is_multiple_of` needs Rust 1.87; the workspace allows 1.85.
             let f = (1..=n.min(limit)).rev().find(|d| n % d == 0).unwrap_or(1);
             if *cofactor {
                 n / f
@@ -310,7 +411,10 @@ fn resolve_dim(layer: &str, pname: &str, dim: &Dim, req: &AdapterRequest) -> Res
         }
     };
     if v == 0 {
-        return err(layer, format!("parameter `{pname}`: dimension {dim:?} resolves to 0"));
+        return err(
+            layer,
+            format!("parameter `{pname}`: dimension {dim:?} resolves to 0"),
+        );
     }
     Ok(v)
 }
@@ -320,7 +424,12 @@ fn rank_of(shape: &[usize]) -> usize {
 }
 
 /// Infers the shape of every node, refusing bad operands and mismatched shapes.
-fn infer_shapes(layer: &str, recipe: &AdapterRecipe, param_shapes: &[(String, Vec<usize>)], req: &AdapterRequest) -> Result<Vec<Vec<usize>>, AdapterError> {
+fn infer_shapes(
+    layer: &str,
+    recipe: &AdapterRecipe,
+    param_shapes: &[(String, Vec<usize>)],
+    req: &AdapterRequest,
+) -> Result<Vec<Vec<usize>>, AdapterError> {
     let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(recipe.graph.len());
     for (i, op) in recipe.graph.iter().enumerate() {
         let operand = |j: u32| -> Result<Vec<usize>, AdapterError> {
@@ -371,7 +480,10 @@ fn infer_shapes(layer: &str, recipe: &AdapterRecipe, param_shapes: &[(String, Ve
             }
             Op::Scale(a, f) => {
                 if !f.is_finite() {
-                    return err(layer, format!("graph node {i}: scale factor {f} is not finite"));
+                    return err(
+                        layer,
+                        format!("graph node {i}: scale factor {f} is not finite"),
+                    );
                 }
                 operand(*a)?
             }
@@ -379,14 +491,23 @@ fn infer_shapes(layer: &str, recipe: &AdapterRecipe, param_shapes: &[(String, Ve
             Op::Transpose(a) => {
                 let s = operand(*a)?;
                 if rank_of(&s) != 2 {
-                    return err(layer, format!("graph node {i}: transpose of a rank-{} value {s:?}", s.len()));
+                    return err(
+                        layer,
+                        format!(
+                            "graph node {i}: transpose of a rank-{} value {s:?}",
+                            s.len()
+                        ),
+                    );
                 }
                 vec![s[1], s[0]]
             }
             Op::RowNorm(a) => {
                 let s = operand(*a)?;
                 if rank_of(&s) != 2 {
-                    return err(layer, format!("graph node {i}: row norm of a rank-{} value {s:?}", s.len()));
+                    return err(
+                        layer,
+                        format!("graph node {i}: row norm of a rank-{} value {s:?}", s.len()),
+                    );
                 }
                 vec![s[0]]
             }
@@ -427,7 +548,12 @@ impl<B: Backend> Value<B> {
     }
 }
 
-fn binary<B: Backend>(a: Value<B>, b: Value<B>, f: impl Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>, fv: impl Fn(Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 1>) -> Value<B> {
+fn binary<B: Backend>(
+    a: Value<B>,
+    b: Value<B>,
+    f: impl Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+    fv: impl Fn(Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 1>,
+) -> Value<B> {
     match (a, b) {
         (Value::V(a), Value::V(b)) => Value::V(fv(a, b)),
         (Value::M(a), Value::M(b)) => Value::M(f(a, b)),
@@ -445,17 +571,43 @@ fn binary<B: Backend>(a: Value<B>, b: Value<B>, f: impl Fn(Tensor<B, 2>, Tensor<
 impl<B: Backend> RecipeAdapter<B> {
     /// Validates `recipe` for the layer in `request` and initialises its parameters (`base_weight`
     /// `[out, in]` is the frozen weight, for `BaseRowNorm` inits and for the check of its shape).
-    pub fn new(recipe: AdapterRecipe, request: AdapterRequest, base_weight: &Tensor<B, 2>, limits: RecipeLimits, device: &B::Device) -> Result<Self, AdapterError> {
+    pub fn new(
+        recipe: AdapterRecipe,
+        request: AdapterRequest,
+        base_weight: &Tensor<B, 2>,
+        limits: RecipeLimits,
+        device: &B::Device,
+    ) -> Result<Self, AdapterError> {
         let layer = request.layer.clone();
         let (inf, outf) = (request.in_features as usize, request.out_features as usize);
         if base_weight.dims() != [outf, inf] {
-            return err(&layer, format!("the request says {inf} -> {outf} features but the weight is {:?}", base_weight.dims()));
+            return err(
+                &layer,
+                format!(
+                    "the request says {inf} -> {outf} features but the weight is {:?}",
+                    base_weight.dims()
+                ),
+            );
         }
         if recipe.graph.len() > limits.max_nodes {
-            return err(&layer, format!("the recipe has {} graph nodes, more than the limit of {}", recipe.graph.len(), limits.max_nodes));
+            return err(
+                &layer,
+                format!(
+                    "the recipe has {} graph nodes, more than the limit of {}",
+                    recipe.graph.len(),
+                    limits.max_nodes
+                ),
+            );
         }
         if recipe.params.len() > limits.max_params {
-            return err(&layer, format!("the recipe has {} parameters, more than the limit of {}", recipe.params.len(), limits.max_params));
+            return err(
+                &layer,
+                format!(
+                    "the recipe has {} parameters, more than the limit of {}",
+                    recipe.params.len(),
+                    limits.max_params
+                ),
+            );
         }
         let mut param_shapes: Vec<(String, Vec<usize>)> = Vec::new();
         let mut total = 0usize;
@@ -464,23 +616,44 @@ impl<B: Backend> RecipeAdapter<B> {
                 return err(&layer, format!("parameter `{}` is declared twice", p.name));
             }
             if p.shape.is_empty() || p.shape.len() > 2 {
-                return err(&layer, format!("parameter `{}` has rank {}; adapter parameters are vectors or matrices", p.name, p.shape.len()));
+                return err(
+                    &layer,
+                    format!(
+                        "parameter `{}` has rank {}; adapter parameters are vectors or matrices",
+                        p.name,
+                        p.shape.len()
+                    ),
+                );
             }
-            let shape = p.shape.iter().map(|d| resolve_dim(&layer, &p.name, d, &request)).collect::<Result<Vec<_>, _>>()?;
+            let shape = p
+                .shape
+                .iter()
+                .map(|d| resolve_dim(&layer, &p.name, d, &request))
+                .collect::<Result<Vec<_>, _>>()?;
             if p.init == Init::BaseRowNorm && shape != [outf] {
                 return err(&layer, format!("parameter `{}` is initialised from the base weight's row norms, so its shape must be [{outf}], not {shape:?}", p.name));
             }
             total = total.saturating_add(shape.iter().product());
             param_shapes.push((p.name.clone(), shape));
         }
-        let max_elements = limits.max_param_elements.unwrap_or(2 * outf * inf + outf + inf);
+        let max_elements = limits
+            .max_param_elements
+            .unwrap_or(2 * outf * inf + outf + inf);
         if total > max_elements {
             return err(&layer, format!("the recipe's parameters have {total} elements, more than the limit of {max_elements} for a {inf} -> {outf} layer (lower the rank)"));
         }
         let node_shapes = infer_shapes(&layer, &recipe, &param_shapes, &request)?;
         let out_idx = recipe.output as usize;
         match node_shapes.get(out_idx) {
-            None => return err(&layer, format!("output node {out_idx} does not exist (the graph has {} nodes)", node_shapes.len())),
+            None => {
+                return err(
+                    &layer,
+                    format!(
+                        "output node {out_idx} does not exist (the graph has {} nodes)",
+                        node_shapes.len()
+                    ),
+                )
+            }
             Some(s) if s != &[outf, inf] => {
                 return err(&layer, format!("output node {out_idx} has shape {s:?}, but a weight (delta) of this layer is [{outf}, {inf}]"));
             }
@@ -489,10 +662,19 @@ impl<B: Backend> RecipeAdapter<B> {
         let mut seen = Vec::new();
         for key in &recipe.export {
             if !param_shapes.iter().any(|(n, _)| n == &key.param) {
-                return err(&layer, format!("export key `{}` names parameter `{}`, which the recipe does not declare", key.suffix, key.param));
+                return err(
+                    &layer,
+                    format!(
+                        "export key `{}` names parameter `{}`, which the recipe does not declare",
+                        key.suffix, key.param
+                    ),
+                );
             }
             if key.suffix.is_empty() || seen.contains(&key.suffix) {
-                return err(&layer, format!("export suffix `{}` is empty or used twice", key.suffix));
+                return err(
+                    &layer,
+                    format!("export suffix `{}` is empty or used twice", key.suffix),
+                );
             }
             seen.push(key.suffix.clone());
         }
@@ -529,15 +711,30 @@ impl<B: Backend> RecipeAdapter<B> {
                 Value::V(t) => {
                     slots.push((ParamSlot::Vector(vectors.len()), shape.clone()));
                     // `Param::from_tensor` would mark a frozen parameter as requiring grad again.
-                    vectors.push(Param::initialized(ParamId::new(), t.detach().set_require_grad(spec.trainable)));
+                    vectors.push(Param::initialized(
+                        ParamId::new(),
+                        t.detach().set_require_grad(spec.trainable),
+                    ));
                 }
                 Value::M(t) => {
                     slots.push((ParamSlot::Matrix(matrices.len()), shape.clone()));
-                    matrices.push(Param::initialized(ParamId::new(), t.detach().set_require_grad(spec.trainable)));
+                    matrices.push(Param::initialized(
+                        ParamId::new(),
+                        t.detach().set_require_grad(spec.trainable),
+                    ));
                 }
             }
         }
-        Ok(RecipeAdapter { vectors, matrices, program: RecipeProgram { recipe, request, slots, node_shapes } })
+        Ok(RecipeAdapter {
+            vectors,
+            matrices,
+            program: RecipeProgram {
+                recipe,
+                request,
+                slots,
+                node_shapes,
+            },
+        })
     }
 
     fn param_value(&self, i: usize) -> Value<B> {
@@ -550,14 +747,19 @@ impl<B: Backend> RecipeAdapter<B> {
     /// Evaluates the graph: `ΔW` or `W'` (`[out, in]`) for the frozen `weight`.
     pub fn evaluate(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
         let recipe = &self.program.recipe;
-        let alpha_over_rank = self.program.request.alpha as f64 / self.program.request.rank.max(1) as f64;
+        let alpha_over_rank =
+            self.program.request.alpha as f64 / self.program.request.rank.max(1) as f64;
         let mut values: Vec<Value<B>> = Vec::with_capacity(recipe.graph.len());
         for op in &recipe.graph {
             let get = |j: &u32| values[*j as usize].clone();
             let v = match op {
                 Op::BaseWeight => Value::M(weight.clone()),
                 Op::Param(name) => {
-                    let i = recipe.params.iter().position(|p| &p.name == name).expect("validated");
+                    let i = recipe
+                        .params
+                        .iter()
+                        .position(|p| &p.name == name)
+                        .expect("validated");
                     self.param_value(i)
                 }
                 Op::Matmul(a, b) => Value::M(get(a).m().matmul(get(b).m())),
@@ -582,12 +784,19 @@ impl<B: Backend> RecipeAdapter<B> {
         values.swap_remove(recipe.output as usize).m()
     }
 
-    fn forward_with_base(&self, x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    fn forward_with_base(
+        &self,
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
         // A recipe is evaluated in f32 (its parameters are f32; norms of a half weight would
         // lose precision), then used in x's dtype.
         let w = crate::precision::like(self.evaluate(crate::precision::to_f32(weight.clone())), &x);
         match self.program.recipe.output_kind {
-            AdapterOutput::WeightDelta => base_linear(x.clone(), weight, bias) + x.matmul(w.transpose()),
+            AdapterOutput::WeightDelta => {
+                base_linear(x.clone(), weight, bias) + x.matmul(w.transpose())
+            }
             AdapterOutput::Weight => base_linear(x, w, bias),
         }
     }
@@ -600,7 +809,12 @@ impl<B: Backend> RecipeAdapter<B> {
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                let name = recipe.export.iter().find(|k| k.param == spec.name).map(|k| k.suffix.clone()).unwrap_or_else(|| spec.name.clone());
+                let name = recipe
+                    .export
+                    .iter()
+                    .find(|k| k.param == spec.name)
+                    .map(|k| k.suffix.clone())
+                    .unwrap_or_else(|| spec.name.clone());
                 let t = match self.param_value(i) {
                     Value::V(t) => AdapterTensor::Vector(t),
                     Value::M(t) => AdapterTensor::Matrix(t),
@@ -610,16 +824,37 @@ impl<B: Backend> RecipeAdapter<B> {
             .collect()
     }
 
-    fn set_tensor(&mut self, layer: &str, suffix: &str, value: AdapterTensor<B>) -> Result<(), AdapterError> {
+    fn set_tensor(
+        &mut self,
+        layer: &str,
+        suffix: &str,
+        value: AdapterTensor<B>,
+    ) -> Result<(), AdapterError> {
         let recipe = &self.program.recipe;
-        let pname = recipe.export.iter().find(|k| k.suffix == suffix).map(|k| k.param.clone()).unwrap_or_else(|| suffix.to_string());
+        let pname = recipe
+            .export
+            .iter()
+            .find(|k| k.suffix == suffix)
+            .map(|k| k.param.clone())
+            .unwrap_or_else(|| suffix.to_string());
         let Some(i) = recipe.params.iter().position(|p| p.name == pname) else {
             return err(layer, format!("the adapter has no parameter `{suffix}`"));
         };
         match (self.program.slots[i].0, value) {
-            (ParamSlot::Vector(k), AdapterTensor::Vector(t)) => replace_param(layer, suffix, &mut self.vectors[k], t),
-            (ParamSlot::Matrix(k), AdapterTensor::Matrix(t)) => replace_param(layer, suffix, &mut self.matrices[k], t),
-            (_, v) => err(layer, format!("`{suffix}` has shape {:?}, the new value {:?}", self.program.slots[i].1, v.shape())),
+            (ParamSlot::Vector(k), AdapterTensor::Vector(t)) => {
+                replace_param(layer, suffix, &mut self.vectors[k], t)
+            }
+            (ParamSlot::Matrix(k), AdapterTensor::Matrix(t)) => {
+                replace_param(layer, suffix, &mut self.matrices[k], t)
+            }
+            (_, v) => err(
+                layer,
+                format!(
+                    "`{suffix}` has shape {:?}, the new value {:?}",
+                    self.program.slots[i].1,
+                    v.shape()
+                ),
+            ),
         }
     }
 }
@@ -667,24 +902,60 @@ mod tests {
     }
 
     fn lin() -> Linear<B> {
-        Linear::new(t2(vec![1., 2., 3., 4., 5., 6.], [2, 3]), Some(Tensor::from_data(TensorData::new(vec![10f32, 20.], [2]), &CpuDevice::default())))
+        Linear::new(
+            t2(vec![1., 2., 3., 4., 5., 6.], [2, 3]),
+            Some(Tensor::from_data(
+                TensorData::new(vec![10f32, 20.], [2]),
+                &CpuDevice::default(),
+            )),
+        )
     }
 
     fn request(rank: u32) -> AdapterRequest {
-        AdapterRequest { layer: "blocks.0.to_q".into(), in_features: 3, out_features: 2, rank, alpha: 2.0 }
+        AdapterRequest {
+            layer: "blocks.0.to_q".into(),
+            in_features: 3,
+            out_features: 2,
+            rank,
+            alpha: 2.0,
+        }
     }
 
     /// LoRA as a recipe: ΔW = B A * alpha / r.
     fn lora_recipe() -> AdapterRecipe {
         AdapterRecipe {
             params: vec![
-                ParamSpec { name: "A".into(), shape: vec![Dim::Rank, Dim::In], init: Init::KaimingUniform { a: 5f32.sqrt() }, trainable: true },
-                ParamSpec { name: "B".into(), shape: vec![Dim::Out, Dim::Rank], init: Init::Zeros, trainable: true },
+                ParamSpec {
+                    name: "A".into(),
+                    shape: vec![Dim::Rank, Dim::In],
+                    init: Init::KaimingUniform { a: 5f32.sqrt() },
+                    trainable: true,
+                },
+                ParamSpec {
+                    name: "B".into(),
+                    shape: vec![Dim::Out, Dim::Rank],
+                    init: Init::Zeros,
+                    trainable: true,
+                },
             ],
-            graph: vec![Op::Param("B".into()), Op::Param("A".into()), Op::Matmul(0, 1), Op::AlphaOverRank(2)],
+            graph: vec![
+                Op::Param("B".into()),
+                Op::Param("A".into()),
+                Op::Matmul(0, 1),
+                Op::AlphaOverRank(2),
+            ],
             output: 3,
             output_kind: AdapterOutput::WeightDelta,
-            export: vec![ExportKey { param: "A".into(), suffix: "lora_A.weight".into() }, ExportKey { param: "B".into(), suffix: "lora_B.weight".into() }],
+            export: vec![
+                ExportKey {
+                    param: "A".into(),
+                    suffix: "lora_A.weight".into(),
+                },
+                ExportKey {
+                    param: "B".into(),
+                    suffix: "lora_B.weight".into(),
+                },
+            ],
             peft_type: "LORA".into(),
         }
     }
@@ -694,10 +965,18 @@ mod tests {
         let mut l = lin();
         let a = t2(vec![1., 0., 1., 0., 1., 0.], [2, 3]);
         let b = t2(vec![1., 0., 0., 2.], [2, 2]);
-        l.adapter = Some(LinearAdapter::Lora(LoraAdapter::from_tensors("x", a, b, 1.0).unwrap()));
-        let x = Tensor::<B, 3>::from_data(TensorData::new(vec![1f32, 0., 1.], [1, 1, 3]), &CpuDevice::default());
+        l.adapter = Some(LinearAdapter::Lora(
+            LoraAdapter::from_tensors("x", a, b, 1.0).unwrap(),
+        ));
+        let x = Tensor::<B, 3>::from_data(
+            TensorData::new(vec![1f32, 0., 1.], [1, 1, 3]),
+            &CpuDevice::default(),
+        );
         // base: [14, 30]; A x = [2, 0]; B (A x) = [2, 0]; scale 1/2 -> [1, 0]
-        close(&l.forward(x).into_data().to_vec::<f32>().unwrap(), &[15.0, 30.0]);
+        close(
+            &l.forward(x).into_data().to_vec::<f32>().unwrap(),
+            &[15.0, 30.0],
+        );
     }
 
     #[test]
@@ -706,28 +985,64 @@ mod tests {
         assert_eq!(l.scale, 2.0);
         let a = l.lora_a.val().into_data().to_vec::<f32>().unwrap();
         assert!(a.iter().all(|v| v.abs() <= 1.0 / 8.0) && a.iter().any(|v| *v != 0.0));
-        assert!(l.lora_b.val().into_data().to_vec::<f32>().unwrap().iter().all(|v| *v == 0.0));
+        assert!(l
+            .lora_b
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| *v == 0.0));
     }
 
     #[test]
     fn recipe_lora_matches_builtin_lora_and_its_gradients() {
         type AD = CpuAutodiffBackend;
         let dev = CpuDevice::default();
-        let w = Tensor::<AD, 2>::from_data(TensorData::new(vec![1f32, 2., 3., 4., 5., 6.], [2, 3]), &dev);
-        let mut rec = RecipeAdapter::<AD>::new(lora_recipe(), request(2), &w, RecipeLimits::default(), &dev).unwrap();
-        let a = Tensor::<AD, 2>::from_data(TensorData::new(vec![0.5f32, -1., 2., 1., 0.25, -0.5], [2, 3]), &dev);
+        let w = Tensor::<AD, 2>::from_data(
+            TensorData::new(vec![1f32, 2., 3., 4., 5., 6.], [2, 3]),
+            &dev,
+        );
+        let mut rec =
+            RecipeAdapter::<AD>::new(lora_recipe(), request(2), &w, RecipeLimits::default(), &dev)
+                .unwrap();
+        let a = Tensor::<AD, 2>::from_data(
+            TensorData::new(vec![0.5f32, -1., 2., 1., 0.25, -0.5], [2, 3]),
+            &dev,
+        );
         let b = Tensor::<AD, 2>::from_data(TensorData::new(vec![1f32, -2., 0.5, 3.], [2, 2]), &dev);
-        rec.set_tensor("l", "lora_A.weight", AdapterTensor::Matrix(a.clone())).unwrap();
-        rec.set_tensor("l", "lora_B.weight", AdapterTensor::Matrix(b.clone())).unwrap();
+        rec.set_tensor("l", "lora_A.weight", AdapterTensor::Matrix(a.clone()))
+            .unwrap();
+        rec.set_tensor("l", "lora_B.weight", AdapterTensor::Matrix(b.clone()))
+            .unwrap();
         let lora = LoraAdapter::<AD>::from_tensors("l", a, b, 2.0).unwrap();
-        let x = Tensor::<AD, 2>::from_data(TensorData::new(vec![1f32, -1., 2., 0.5, 0.5, 0.5], [2, 3]), &dev);
+        let x = Tensor::<AD, 2>::from_data(
+            TensorData::new(vec![1f32, -1., 2., 0.5, 0.5, 0.5], [2, 3]),
+            &dev,
+        );
         let y1 = LinearAdapter::Recipe(rec.clone()).forward(x.clone(), w.clone(), None);
         let y2 = LinearAdapter::Lora(lora.clone()).forward(x, w, None);
-        close(&y1.clone().into_data().to_vec::<f32>().unwrap(), &y2.clone().into_data().to_vec::<f32>().unwrap());
+        close(
+            &y1.clone().into_data().to_vec::<f32>().unwrap(),
+            &y2.clone().into_data().to_vec::<f32>().unwrap(),
+        );
         let g1 = y1.powi_scalar(2).sum().backward();
         let g2 = y2.powi_scalar(2).sum().backward();
-        let ga1 = rec.matrices[0].val().grad(&g1).unwrap().into_data().to_vec::<f32>().unwrap();
-        let ga2 = lora.lora_a.val().grad(&g2).unwrap().into_data().to_vec::<f32>().unwrap();
+        let ga1 = rec.matrices[0]
+            .val()
+            .grad(&g1)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let ga2 = lora
+            .lora_a
+            .val()
+            .grad(&g2)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         close(&ga1, &ga2);
     }
 
@@ -738,9 +1053,24 @@ mod tests {
         // DoRA at init (B = 0): W' = m * (W + BA) / rownorm(W + BA) = W.
         let recipe = AdapterRecipe {
             params: vec![
-                ParamSpec { name: "A".into(), shape: vec![Dim::Rank, Dim::In], init: Init::Normal { std: 1.0 }, trainable: true },
-                ParamSpec { name: "B".into(), shape: vec![Dim::Out, Dim::Rank], init: Init::Zeros, trainable: true },
-                ParamSpec { name: "m".into(), shape: vec![Dim::Out], init: Init::BaseRowNorm, trainable: true },
+                ParamSpec {
+                    name: "A".into(),
+                    shape: vec![Dim::Rank, Dim::In],
+                    init: Init::Normal { std: 1.0 },
+                    trainable: true,
+                },
+                ParamSpec {
+                    name: "B".into(),
+                    shape: vec![Dim::Out, Dim::Rank],
+                    init: Init::Zeros,
+                    trainable: true,
+                },
+                ParamSpec {
+                    name: "m".into(),
+                    shape: vec![Dim::Out],
+                    init: Init::BaseRowNorm,
+                    trainable: true,
+                },
             ],
             graph: vec![
                 Op::BaseWeight,
@@ -759,37 +1089,92 @@ mod tests {
             export: vec![],
             peft_type: "LORA".into(),
         };
-        let rec = RecipeAdapter::<B>::new(recipe, request(1), &w, RecipeLimits::default(), &dev).unwrap();
-        close(&rec.evaluate(w.clone()).into_data().to_vec::<f32>().unwrap(), &w.clone().into_data().to_vec::<f32>().unwrap());
-        close(&rec.vectors[0].val().into_data().to_vec::<f32>().unwrap(), &[5.0, 5.0]);
+        let rec =
+            RecipeAdapter::<B>::new(recipe, request(1), &w, RecipeLimits::default(), &dev).unwrap();
+        close(
+            &rec.evaluate(w.clone()).into_data().to_vec::<f32>().unwrap(),
+            &w.clone().into_data().to_vec::<f32>().unwrap(),
+        );
+        close(
+            &rec.vectors[0].val().into_data().to_vec::<f32>().unwrap(),
+            &[5.0, 5.0],
+        );
 
         // Kron of [2,1] and [1,3] ones-scaled factors: LoKr-like ΔW [2,3].
         let recipe = AdapterRecipe {
             params: vec![
-                ParamSpec { name: "w1".into(), shape: vec![Dim::Factor { of_out: true, limit: 2, cofactor: false }, Dim::Factor { of_out: false, limit: 1, cofactor: false }], init: Init::Ones, trainable: true },
-                ParamSpec { name: "w2".into(), shape: vec![Dim::Factor { of_out: true, limit: 2, cofactor: true }, Dim::Factor { of_out: false, limit: 1, cofactor: true }], init: Init::Ones, trainable: true },
+                ParamSpec {
+                    name: "w1".into(),
+                    shape: vec![
+                        Dim::Factor {
+                            of_out: true,
+                            limit: 2,
+                            cofactor: false,
+                        },
+                        Dim::Factor {
+                            of_out: false,
+                            limit: 1,
+                            cofactor: false,
+                        },
+                    ],
+                    init: Init::Ones,
+                    trainable: true,
+                },
+                ParamSpec {
+                    name: "w2".into(),
+                    shape: vec![
+                        Dim::Factor {
+                            of_out: true,
+                            limit: 2,
+                            cofactor: true,
+                        },
+                        Dim::Factor {
+                            of_out: false,
+                            limit: 1,
+                            cofactor: true,
+                        },
+                    ],
+                    init: Init::Ones,
+                    trainable: true,
+                },
             ],
-            graph: vec![Op::Param("w1".into()), Op::Param("w2".into()), Op::Kron(0, 1), Op::Scale(2, 0.5)],
+            graph: vec![
+                Op::Param("w1".into()),
+                Op::Param("w2".into()),
+                Op::Kron(0, 1),
+                Op::Scale(2, 0.5),
+            ],
             output: 3,
             output_kind: AdapterOutput::WeightDelta,
             export: vec![],
             peft_type: "LOKR".into(),
         };
-        let rec = RecipeAdapter::<B>::new(recipe, request(1), &w, RecipeLimits::default(), &dev).unwrap();
+        let rec =
+            RecipeAdapter::<B>::new(recipe, request(1), &w, RecipeLimits::default(), &dev).unwrap();
         assert_eq!(rec.program.slots[0].1, vec![2, 1]);
         assert_eq!(rec.program.slots[1].1, vec![1, 3]);
-        close(&rec.evaluate(w).into_data().to_vec::<f32>().unwrap(), &[0.5; 6]);
+        close(
+            &rec.evaluate(w).into_data().to_vec::<f32>().unwrap(),
+            &[0.5; 6],
+        );
     }
 
     #[test]
     fn bad_recipes_are_refused_with_a_clear_error() {
         let dev = CpuDevice::default();
         let w = t2(vec![0.; 6], [2, 3]);
-        let build = |r: AdapterRecipe, limits: RecipeLimits| RecipeAdapter::<B>::new(r, request(2), &w, limits, &dev).map(|_| ()).unwrap_err().message;
+        let build = |r: AdapterRecipe, limits: RecipeLimits| {
+            RecipeAdapter::<B>::new(r, request(2), &w, limits, &dev)
+                .map(|_| ())
+                .unwrap_err()
+                .message
+        };
 
         let mut r = lora_recipe();
         r.graph[2] = Op::Matmul(0, 7);
-        assert!(build(r, RecipeLimits::default()).contains("uses node 7, which is not an earlier node"));
+        assert!(
+            build(r, RecipeLimits::default()).contains("uses node 7, which is not an earlier node")
+        );
 
         let mut r = lora_recipe();
         r.graph[2] = Op::Matmul(1, 0); // [r, in] x [out, r]
@@ -797,18 +1182,40 @@ mod tests {
 
         let mut r = lora_recipe();
         r.graph[0] = Op::Param("C".into());
-        assert!(build(r, RecipeLimits::default()).contains("parameter `C`, which the recipe does not declare"));
+        assert!(build(r, RecipeLimits::default())
+            .contains("parameter `C`, which the recipe does not declare"));
 
         let mut r = lora_recipe();
         r.output = 0;
         assert!(build(r, RecipeLimits::default()).contains("output node 0 has shape [2, 2]"));
 
         let r = lora_recipe();
-        assert!(build(r, RecipeLimits { max_param_elements: Some(5), ..Default::default() }).contains("more than the limit of 5"));
+        assert!(build(
+            r,
+            RecipeLimits {
+                max_param_elements: Some(5),
+                ..Default::default()
+            }
+        )
+        .contains("more than the limit of 5"));
         let r = lora_recipe();
-        assert!(build(r, RecipeLimits { max_params: 1, ..Default::default() }).contains("2 parameters, more than the limit of 1"));
+        assert!(build(
+            r,
+            RecipeLimits {
+                max_params: 1,
+                ..Default::default()
+            }
+        )
+        .contains("2 parameters, more than the limit of 1"));
         let r = lora_recipe();
-        assert!(build(r, RecipeLimits { max_nodes: 3, ..Default::default() }).contains("4 graph nodes"));
+        assert!(build(
+            r,
+            RecipeLimits {
+                max_nodes: 3,
+                ..Default::default()
+            }
+        )
+        .contains("4 graph nodes"));
 
         let mut r = lora_recipe();
         r.export[0].param = "Z".into();
@@ -818,15 +1225,41 @@ mod tests {
     /// `ΔW = (m / sg(‖P‖_row)) ⊙ P + sg(P) ⊙ P`: a detached vector and a detached matrix; with
     /// `identity = true` the detaches are replaced by `Scale(·, 1)` (same values, gradients flow).
     fn detach_recipe(identity: bool) -> AdapterRecipe {
-        let cut = |j: u32| if identity { Op::Scale(j, 1.0) } else { Op::Detach(j) };
+        let cut = |j: u32| {
+            if identity {
+                Op::Scale(j, 1.0)
+            } else {
+                Op::Detach(j)
+            }
+        };
         AdapterRecipe {
             params: vec![
-                ParamSpec { name: "P".into(), shape: vec![Dim::Out, Dim::In], init: Init::Zeros, trainable: true },
-                ParamSpec { name: "m".into(), shape: vec![Dim::Out], init: Init::Ones, trainable: true },
+                ParamSpec {
+                    name: "P".into(),
+                    shape: vec![Dim::Out, Dim::In],
+                    init: Init::Zeros,
+                    trainable: true,
+                },
+                ParamSpec {
+                    name: "m".into(),
+                    shape: vec![Dim::Out],
+                    init: Init::Ones,
+                    trainable: true,
+                },
             ],
             // 0 P, 1 ‖P‖_row, 2 sg(‖P‖_row), 3 m, 4 m / sg(‖P‖_row), 5 (m / sg(‖P‖_row)) ⊙ P,
             // 6 sg(P), 7 sg(P) ⊙ P, 8 the sum.
-            graph: vec![Op::Param("P".into()), Op::RowNorm(0), cut(1), Op::Param("m".into()), Op::Div(3, 2), Op::Mul(4, 0), cut(0), Op::Mul(6, 0), Op::Add(5, 7)],
+            graph: vec![
+                Op::Param("P".into()),
+                Op::RowNorm(0),
+                cut(1),
+                Op::Param("m".into()),
+                Op::Div(3, 2),
+                Op::Mul(4, 0),
+                cut(0),
+                Op::Mul(6, 0),
+                Op::Add(5, 7),
+            ],
             output: 8,
             output_kind: AdapterOutput::WeightDelta,
             export: vec![],
@@ -842,18 +1275,50 @@ mod tests {
         // P rows [3, 4, 0] and [1, 2, 2] (norms 5 and 3), m = [2, 6], L = Σ G ⊙ ΔW.
         let p = vec![3f32, 4., 0., 1., 2., 2.];
         let m = vec![2f32, 6.];
-        let g = Tensor::<AD, 2>::from_data(TensorData::new(vec![1f32, -1., 2., 0.5, 1., -2.], [2, 3]), &dev);
+        let g = Tensor::<AD, 2>::from_data(
+            TensorData::new(vec![1f32, -1., 2., 0.5, 1., -2.], [2, 3]),
+            &dev,
+        );
         let run = |identity: bool| {
-            let mut rec = RecipeAdapter::<AD>::new(detach_recipe(identity), request(1), &w, RecipeLimits::default(), &dev).unwrap();
-            rec.set_tensor("l", "P", AdapterTensor::from_vec(&[2, 3], p.clone(), &dev).unwrap()).unwrap();
-            rec.set_tensor("l", "m", AdapterTensor::from_vec(&[2], m.clone(), &dev).unwrap()).unwrap();
+            let mut rec = RecipeAdapter::<AD>::new(
+                detach_recipe(identity),
+                request(1),
+                &w,
+                RecipeLimits::default(),
+                &dev,
+            )
+            .unwrap();
+            rec.set_tensor(
+                "l",
+                "P",
+                AdapterTensor::from_vec(&[2, 3], p.clone(), &dev).unwrap(),
+            )
+            .unwrap();
+            rec.set_tensor(
+                "l",
+                "m",
+                AdapterTensor::from_vec(&[2], m.clone(), &dev).unwrap(),
+            )
+            .unwrap();
             assert_eq!(rec.program.node_shapes[2], vec![2]);
             assert_eq!(rec.program.node_shapes[6], vec![2, 3]);
             let dw = rec.evaluate(w.clone());
             let value = dw.clone().into_data().to_vec::<f32>().unwrap();
             let grads = (dw * g.clone()).sum().backward();
-            let dp = rec.matrices[0].val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
-            let dm = rec.vectors[0].val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            let dp = rec.matrices[0]
+                .val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let dm = rec.vectors[0]
+                .val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
             (value, dp, dm)
         };
         let (value, dp, dm) = run(false);
@@ -870,10 +1335,12 @@ mod tests {
         let want_id: Vec<f32> = {
             let (pv, gv) = (&p, [1f32, -1., 2., 0.5, 1., -2.]);
             let (c, gp) = ([5f32, 3.], [-1f32, -1.5]);
-            (0..6).map(|k| {
-                let i = k / 3;
-                m[i] / c[i] * gv[k] - m[i] * gp[i] / c[i].powi(3) * pv[k] + 2.0 * pv[k] * gv[k]
-            }).collect()
+            (0..6)
+                .map(|k| {
+                    let i = k / 3;
+                    m[i] / c[i] * gv[k] - m[i] * gp[i] / c[i].powi(3) * pv[k] + 2.0 * pv[k] * gv[k]
+                })
+                .collect()
         };
         close(&dp_id, &want_id);
         close(&dm_id, &dm);
@@ -881,17 +1348,40 @@ mod tests {
         // A detach of a later node is refused like any other operand.
         let mut r = detach_recipe(false);
         r.graph[2] = Op::Detach(5);
-        let e = RecipeAdapter::<AD>::new(r, request(1), &w, RecipeLimits::default(), &dev).map(|_| ()).unwrap_err().message;
-        assert!(e.contains("graph node 2 (Detach(5)) uses node 5, which is not an earlier node"), "{e}");
+        let e = RecipeAdapter::<AD>::new(r, request(1), &w, RecipeLimits::default(), &dev)
+            .map(|_| ())
+            .unwrap_err()
+            .message;
+        assert!(
+            e.contains("graph node 2 (Detach(5)) uses node 5, which is not an earlier node"),
+            "{e}"
+        );
     }
 
     #[test]
     fn set_tensor_checks_shape_and_name() {
         let dev = CpuDevice::default();
         let mut a = LinearAdapter::Lora(LoraAdapter::<B>::new(3, 2, 2, 2.0, &dev).unwrap());
-        assert!(a.set_tensor("l", "lora_A.weight", AdapterTensor::Matrix(t2(vec![0.; 6], [3, 2]))).is_err());
-        assert!(a.set_tensor("l", "lora_C.weight", AdapterTensor::Matrix(t2(vec![0.; 6], [2, 3]))).is_err());
-        a.set_tensor("l", "lora_A.weight", AdapterTensor::Matrix(t2(vec![1.; 6], [2, 3]))).unwrap();
+        assert!(a
+            .set_tensor(
+                "l",
+                "lora_A.weight",
+                AdapterTensor::Matrix(t2(vec![0.; 6], [3, 2]))
+            )
+            .is_err());
+        assert!(a
+            .set_tensor(
+                "l",
+                "lora_C.weight",
+                AdapterTensor::Matrix(t2(vec![0.; 6], [2, 3]))
+            )
+            .is_err());
+        a.set_tensor(
+            "l",
+            "lora_A.weight",
+            AdapterTensor::Matrix(t2(vec![1.; 6], [2, 3])),
+        )
+        .unwrap();
         assert_eq!(a.tensors()[0].1.to_vec(), vec![1.0; 6]);
     }
 }

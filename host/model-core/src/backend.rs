@@ -10,7 +10,9 @@ use crate::attention::flash::{self, BlockSizes};
 use crate::feed_forward::{FeedForwardGrads, FeedForwardInputs};
 use crate::precision::{float_dtype, to_dtype, to_f32};
 use burn::tensor::FloatDType;
-use burn::tensor::{backend::AutodiffBackend, backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
+use burn::tensor::{
+    backend::AutodiffBackend, backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive,
+};
 
 /// The attention operands and options, as primitives: q `[B, H, Lq, D]`, k `[B, H, Lk, D]`,
 /// v `[B, H, Lk, Dv]`, an additive `bias` broadcastable to `[B, H, Lq, Lk]`, the score `scale`
@@ -67,7 +69,10 @@ pub trait ModelBackend: Backend {
             inputs.scale,
             inputs.sizes,
         );
-        AttentionSaved { out: prim(to_dtype(out, dtype)), lse: prim(lse) }
+        AttentionSaved {
+            out: prim(to_dtype(out, dtype)),
+            lse: prim(lse),
+        }
     }
 
     /// Memory-efficient attention backward from the saved output and log-sum-exp
@@ -78,10 +83,19 @@ pub trait ModelBackend: Backend {
         grad_out: FloatTensor<Self>,
         bias_grad: bool,
     ) -> AttentionGrads<Self> {
-        let (q, k, v) = (tensor::<Self>(inputs.q), tensor::<Self>(inputs.k), tensor::<Self>(inputs.v));
+        let (q, k, v) = (
+            tensor::<Self>(inputs.q),
+            tensor::<Self>(inputs.k),
+            tensor::<Self>(inputs.v),
+        );
         let bias = inputs.bias.map(tensor::<Self>);
         // Each gradient in its input's dtype, computed in f32.
-        let dtypes = (float_dtype(&q), float_dtype(&k), float_dtype(&v), bias.as_ref().map(float_dtype));
+        let dtypes = (
+            float_dtype(&q),
+            float_dtype(&k),
+            float_dtype(&v),
+            bias.as_ref().map(float_dtype),
+        );
         let g = flash::backward(
             to_f32(q),
             to_f32(k),
@@ -98,7 +112,9 @@ pub trait ModelBackend: Backend {
             q: prim(to_dtype(g.q, dtypes.0)),
             k: prim(to_dtype(g.k, dtypes.1)),
             v: prim(to_dtype(g.v, dtypes.2)),
-            bias: g.bias.map(|b| prim(to_dtype(b, dtypes.3.unwrap_or(FloatDType::F32)))),
+            bias: g
+                .bias
+                .map(|b| prim(to_dtype(b, dtypes.3.unwrap_or(FloatDType::F32)))),
         }
     }
 
@@ -116,7 +132,11 @@ pub trait ModelBackend: Backend {
 
     /// The gradient of [`ModelBackend::gelu_tanh`] at `x` times `grad`.
     fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        crate::activation::elementwise2::<Self>(x, grad, crate::activation::gelu_tanh_backward_formula::<Self, 1>)
+        crate::activation::elementwise2::<Self>(
+            x,
+            grad,
+            crate::activation::gelu_tanh_backward_formula::<Self, 1>,
+        )
     }
 
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
@@ -128,7 +148,11 @@ pub trait ModelBackend: Backend {
 
     /// The gradients of [`ModelBackend::feed_forward`] for `[x, w1, b1, w2, b2]` where `wanted`,
     /// recomputing the hidden layer chunk by chunk.
-    fn feed_forward_backward(inputs: FeedForwardInputs<Self>, grad: FloatTensor<Self>, wanted: [bool; 5]) -> FeedForwardGrads<Self> {
+    fn feed_forward_backward(
+        inputs: FeedForwardInputs<Self>,
+        grad: FloatTensor<Self>,
+        wanted: [bool; 5],
+    ) -> FeedForwardGrads<Self> {
         crate::feed_forward::backward::<Self>(inputs, grad, wanted)
     }
 }
@@ -142,8 +166,8 @@ pub trait ModelAutodiffBackend: AutodiffBackend<InnerBackend: ModelBackend> + Mo
     fn is_tracked(tensor: &FloatTensor<Self>) -> bool;
 }
 
-impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> ModelAutodiffBackend
-    for burn::backend::Autodiff<B, C>
+impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
+    ModelAutodiffBackend for burn::backend::Autodiff<B, C>
 {
     fn is_tracked(tensor: &FloatTensor<Self>) -> bool {
         !tensor.node.requirement.is_none()
@@ -155,7 +179,8 @@ where
     E: burn_ndarray::FloatNdArrayElement,
     I: burn_ndarray::IntNdArrayElement,
     Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
+    burn_ndarray::NdArrayTensor:
+        From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
 {
 }
 

@@ -23,10 +23,17 @@ pub enum LoadError {
     Safetensors { path: PathBuf, message: String },
     /// The shard index names files that are not there.
     #[error("{index}: missing shard file(s): {}. Download the complete checkpoint folder.", missing.join(", "))]
-    MissingShards { index: PathBuf, missing: Vec<String> },
+    MissingShards {
+        index: PathBuf,
+        missing: Vec<String>,
+    },
     /// A tensor is stored in a dtype we do not convert.
     #[error("{path}: tensor `{key}` has unsupported dtype {dtype}")]
-    Dtype { path: PathBuf, key: String, dtype: String },
+    Dtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
     /// Keys missing, unexpected, or of the wrong shape, all listed at once.
     #[error("{dir}: the weights do not match the model config:\n{}", problems.join("\n"))]
     Mismatch { dir: PathBuf, problems: Vec<String> },

@@ -22,7 +22,9 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorCreationOptions, TensorPrimitive};
+use burn::tensor::{
+    backend::Backend, ops::FloatTensor, Tensor, TensorCreationOptions, TensorPrimitive,
+};
 
 /// The operands as primitives, in PyTorch layout: `x [rows, D]`, `w1 [F, D]`, `b1 [F]`,
 /// `w2 [D, F]`, `b2 [D]` (one dtype, the compute dtype).
@@ -80,16 +82,27 @@ pub fn forward<B: ModelBackend>(inputs: FeedForwardInputs<B>) -> FloatTensor<B> 
 /// The gradients of [`forward`] given the output's gradient `grad [rows, D]`; `wanted` says
 /// which of `[x, w1, b1, w2, b2]` are asked for. The hidden layer is recomputed per chunk; the
 /// weight and bias gradients are summed over the chunks in f32.
-pub fn backward<B: ModelBackend>(inputs: FeedForwardInputs<B>, grad: FloatTensor<B>, wanted: [bool; 5]) -> FeedForwardGrads<B> {
+pub fn backward<B: ModelBackend>(
+    inputs: FeedForwardInputs<B>,
+    grad: FloatTensor<B>,
+    wanted: [bool; 5],
+) -> FeedForwardGrads<B> {
     let x: Tensor<B, 2> = t(inputs.x);
-    let (w1, b1, w2, b2) = (t::<B, 2>(inputs.w1), t::<B, 1>(inputs.b1), t::<B, 2>(inputs.w2), t::<B, 1>(inputs.b2));
+    let (w1, b1, w2, b2) = (
+        t::<B, 2>(inputs.w1),
+        t::<B, 1>(inputs.b1),
+        t::<B, 2>(inputs.w2),
+        t::<B, 1>(inputs.b2),
+    );
     let g: Tensor<B, 2> = like(t(grad), &x);
     let [rows, d] = x.dims();
     let f = w1.dims()[0];
     let step = chunk_rows(f);
     let options = TensorCreationOptions::new(x.device()).with_dtype(x.dtype());
     let mut gx = wanted[0].then(|| Tensor::<B, 2>::zeros([rows, d], options));
-    let (mut gw1, mut gb1, mut gw2): (Option<Tensor<B, 2>>, Option<Tensor<B, 1>>, Option<Tensor<B, 2>>) = (None, None, None);
+    let mut gw1: Option<Tensor<B, 2>> = None;
+    let mut gb1: Option<Tensor<B, 1>> = None;
+    let mut gw2: Option<Tensor<B, 2>> = None;
     for s in (0..rows).step_by(step) {
         let len = step.min(rows - s);
         let xr = x.clone().narrow(0, s, len);
@@ -111,7 +124,12 @@ pub fn backward<B: ModelBackend>(inputs: FeedForwardInputs<B>, grad: FloatTensor
             gx = Some(out.slice_assign([s..s + len, 0..d], ga.matmul(w1.clone())));
         }
     }
-    let gb2 = wanted[4].then(|| p(to_dtype(to_f32(g).sum_dim(0).squeeze_dim::<1>(0), float_dtype(&b2))));
+    let gb2 = wanted[4].then(|| {
+        p(to_dtype(
+            to_f32(g).sum_dim(0).squeeze_dim::<1>(0),
+            float_dtype(&b2),
+        ))
+    });
     [
         gx.map(p),
         gw1.map(|gw| p(to_dtype(gw, float_dtype(&w1)))),
@@ -122,7 +140,10 @@ pub fn backward<B: ModelBackend>(inputs: FeedForwardInputs<B>, grad: FloatTensor
 }
 
 /// `acc + part` in f32 (the first `part` starts the sum).
-fn accumulate<B: Backend, const D: usize>(acc: Option<Tensor<B, D>>, part: Tensor<B, D>) -> Option<Tensor<B, D>> {
+fn accumulate<B: Backend, const D: usize>(
+    acc: Option<Tensor<B, D>>,
+    part: Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
     Some(match acc {
         Some(acc) => acc + to_f32(part),
         None => to_f32(part),
@@ -135,7 +156,12 @@ struct FeedForwardBackward;
 impl<B: ModelBackend> Backward<B, 5> for FeedForwardBackward {
     type State = FeedForwardInputs<B>;
 
-    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 5>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let grad = grads.consume::<B>(&ops.node);
         let wanted = ops.parents.each_ref().map(|n| n.is_some());
         let values = B::feed_forward_backward(ops.state, grad, wanted);
@@ -149,11 +175,29 @@ impl<B: ModelBackend> Backward<B, 5> for FeedForwardBackward {
 
 /// The autodiff operation: keeps the operands (the input `x` and references to the weights),
 /// never the hidden layer.
-pub(crate) fn autodiff_feed_forward<B: ModelBackend, C: CheckpointStrategy>(inputs: FeedForwardInputs<Autodiff<B, C>>) -> FloatTensor<Autodiff<B, C>> {
+pub(crate) fn autodiff_feed_forward<B: ModelBackend, C: CheckpointStrategy>(
+    inputs: FeedForwardInputs<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
     let FeedForwardInputs { x, w1, b1, w2, b2 } = inputs;
-    let nodes = [x.node.clone(), w1.node.clone(), b1.node.clone(), w2.node.clone(), b2.node.clone()];
-    let inner = FeedForwardInputs::<B> { x: x.primitive, w1: w1.primitive, b1: b1.primitive, w2: w2.primitive, b2: b2.primitive };
-    match FeedForwardBackward.prepare::<C>(nodes).compute_bound().stateful() {
+    let nodes = [
+        x.node.clone(),
+        w1.node.clone(),
+        b1.node.clone(),
+        w2.node.clone(),
+        b2.node.clone(),
+    ];
+    let inner = FeedForwardInputs::<B> {
+        x: x.primitive,
+        w1: w1.primitive,
+        b1: b1.primitive,
+        w2: w2.primitive,
+        b2: b2.primitive,
+    };
+    match FeedForwardBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => {
             let out = B::feed_forward(inner.clone());
             prep.finish(inner, out)
@@ -164,8 +208,20 @@ pub(crate) fn autodiff_feed_forward<B: ModelBackend, C: CheckpointStrategy>(inpu
 
 /// The feed-forward of a `[rows, D]` input through `net.0.proj` (`w1 [F, D]`, `b1 [F]`), the
 /// tanh GELU and `net.2` (`w2 [D, F]`, `b2 [D]`), as one operation ([`ModelBackend::feed_forward`]).
-pub fn feed_forward<B: ModelBackend>(x: Tensor<B, 2>, w1: Tensor<B, 2>, b1: Tensor<B, 1>, w2: Tensor<B, 2>, b2: Tensor<B, 1>) -> Tensor<B, 2> {
-    t(B::feed_forward(FeedForwardInputs { x: p(x), w1: p(w1), b1: p(b1), w2: p(w2), b2: p(b2) }))
+pub fn feed_forward<B: ModelBackend>(
+    x: Tensor<B, 2>,
+    w1: Tensor<B, 2>,
+    b1: Tensor<B, 1>,
+    w2: Tensor<B, 2>,
+    b2: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    t(B::feed_forward(FeedForwardInputs {
+        x: p(x),
+        w1: p(w1),
+        b1: p(b1),
+        w2: p(w2),
+        b2: p(b2),
+    }))
 }
 
 #[cfg(test)]
@@ -191,30 +247,69 @@ mod tests {
         // chunk_rows(f) = 64 rows: 40 is one chunk, 150 is two full chunks and 22 rows.
         assert_eq!(chunk_rows(f), 64);
         for rows in [40, 150] {
-            let r = |s: [usize; 2], std: f64| Tensor::<CpuBackend, 2>::random(s, Distribution::Normal(0.0, std), &dev);
-            let (x, w1, w2, gy) = (r([rows, d], 1.0), r([f, d], 0.2), r([d, f], 0.01), r([rows, d], 1.0));
+            let r = |s: [usize; 2], std: f64| {
+                Tensor::<CpuBackend, 2>::random(s, Distribution::Normal(0.0, std), &dev)
+            };
+            let (x, w1, w2, gy) = (
+                r([rows, d], 1.0),
+                r([f, d], 0.2),
+                r([d, f], 0.01),
+                r([rows, d], 1.0),
+            );
             let b1 = Tensor::<CpuBackend, 1>::random([f], Distribution::Normal(0.0, 0.5), &dev);
             let b2 = Tensor::<CpuBackend, 1>::random([d], Distribution::Normal(0.0, 0.5), &dev);
             let run = |fused: bool| {
-                let leaf2 = |t: &Tensor<CpuBackend, 2>| Tensor::<A, 2>::from_inner(t.clone()).require_grad();
-                let leaf1 = |t: &Tensor<CpuBackend, 1>| Tensor::<A, 1>::from_inner(t.clone()).require_grad();
-                let (xa, w1a, b1a, w2a, b2a) = (leaf2(&x), leaf2(&w1), leaf1(&b1), leaf2(&w2), leaf1(&b2));
+                let leaf2 = |t: &Tensor<CpuBackend, 2>| {
+                    Tensor::<A, 2>::from_inner(t.clone()).require_grad()
+                };
+                let leaf1 = |t: &Tensor<CpuBackend, 1>| {
+                    Tensor::<A, 1>::from_inner(t.clone()).require_grad()
+                };
+                let (xa, w1a, b1a, w2a, b2a) =
+                    (leaf2(&x), leaf2(&w1), leaf1(&b1), leaf2(&w2), leaf1(&b2));
                 let y = if fused {
-                    feed_forward(xa.clone(), w1a.clone(), b1a.clone(), w2a.clone(), b2a.clone())
+                    feed_forward(
+                        xa.clone(),
+                        w1a.clone(),
+                        b1a.clone(),
+                        w2a.clone(),
+                        b2a.clone(),
+                    )
                 } else {
-                    let h = gelu_tanh_formula(xa.clone().matmul(w1a.clone().transpose()) + b1a.clone().unsqueeze());
+                    let h = gelu_tanh_formula(
+                        xa.clone().matmul(w1a.clone().transpose()) + b1a.clone().unsqueeze(),
+                    );
                     h.matmul(w2a.clone().transpose()) + b2a.clone().unsqueeze()
                 };
-                let grads = (y.clone() * Tensor::from_inner(gy.clone())).sum().backward();
+                let grads = (y.clone() * Tensor::from_inner(gy.clone()))
+                    .sum()
+                    .backward();
                 let g1 = |t: Tensor<A, 1>| t.grad(&grads).unwrap().unsqueeze::<2>();
-                (y.inner(), [xa.grad(&grads).unwrap(), w1a.grad(&grads).unwrap(), g1(b1a), w2a.grad(&grads).unwrap(), g1(b2a)])
+                (
+                    y.inner(),
+                    [
+                        xa.grad(&grads).unwrap(),
+                        w1a.grad(&grads).unwrap(),
+                        g1(b1a),
+                        w2a.grad(&grads).unwrap(),
+                        g1(b2a),
+                    ],
+                )
             };
             let (y1, g1) = run(true);
             let (y0, g0) = run(false);
-            assert!(rel_l2(&y1, &y0) <= 1e-6, "rows {rows}: forward {}", rel_l2(&y1, &y0));
+            assert!(
+                rel_l2(&y1, &y0) <= 1e-6,
+                "rows {rows}: forward {}",
+                rel_l2(&y1, &y0)
+            );
             for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
                 let e = rel_l2(a, b);
-                assert!(e <= 1e-5, "rows {rows}: gradient {} off by {e}", ["x", "w1", "b1", "w2", "b2"][i]);
+                assert!(
+                    e <= 1e-5,
+                    "rows {rows}: gradient {} off by {e}",
+                    ["x", "w1", "b1", "w2", "b2"][i]
+                );
             }
         }
     }
@@ -225,14 +320,28 @@ mod tests {
     fn frozen_weights_give_only_the_input_gradient() {
         let dev = Default::default();
         let (rows, d, f) = (70, 8, 1 << 17);
-        let r = |s: [usize; 2]| Tensor::<CpuBackend, 2>::random(s, Distribution::Normal(0.0, 0.3), &dev);
+        let r = |s: [usize; 2]| {
+            Tensor::<CpuBackend, 2>::random(s, Distribution::Normal(0.0, 0.3), &dev)
+        };
         let (x, w1, w2) = (r([rows, d]), r([f, d]), r([d, f]));
-        let (b1, b2) = (Tensor::<CpuBackend, 1>::zeros([f], &dev), Tensor::<CpuBackend, 1>::ones([d], &dev));
-        let composed = gelu_tanh_formula(x.clone().matmul(w1.clone().transpose()) + b1.clone().unsqueeze()).matmul(w2.clone().transpose()) + b2.clone().unsqueeze();
+        let (b1, b2) = (
+            Tensor::<CpuBackend, 1>::zeros([f], &dev),
+            Tensor::<CpuBackend, 1>::ones([d], &dev),
+        );
+        let composed =
+            gelu_tanh_formula(x.clone().matmul(w1.clone().transpose()) + b1.clone().unsqueeze())
+                .matmul(w2.clone().transpose())
+                + b2.clone().unsqueeze();
         let fused = feed_forward(x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone());
         assert!(rel_l2(&fused, &composed) <= 1e-6);
         let xa = Tensor::<A, 2>::from_inner(x).require_grad();
-        let y = feed_forward(xa.clone(), Tensor::from_inner(w1), Tensor::from_inner(b1), Tensor::from_inner(w2), Tensor::from_inner(b2));
+        let y = feed_forward(
+            xa.clone(),
+            Tensor::from_inner(w1),
+            Tensor::from_inner(b1),
+            Tensor::from_inner(w2),
+            Tensor::from_inner(b2),
+        );
         let grads = y.sum().backward();
         assert_eq!(xa.grad(&grads).unwrap().dims(), [rows, d]);
     }

@@ -12,10 +12,10 @@
 //!
 //! What gets recomputed must be deterministic (dropout with p > 0 would draw other masks).
 
+use crate::backend::ModelAutodiffBackend;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
-use crate::backend::ModelAutodiffBackend;
 
 /// `t` cut from its graph as a new leaf that requires a gradient.
 pub fn leaf<B: AutodiffBackend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, D> {
@@ -23,7 +23,11 @@ pub fn leaf<B: AutodiffBackend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, D
 }
 
 /// Adds `value` to the gradient that `grads` holds for `t`.
-pub fn accumulate<B: AutodiffBackend, const D: usize>(t: &Tensor<B, D>, grads: &mut B::Gradients, value: Tensor<B::InnerBackend, D>) {
+pub fn accumulate<B: AutodiffBackend, const D: usize>(
+    t: &Tensor<B, D>,
+    grads: &mut B::Gradients,
+    value: Tensor<B::InnerBackend, D>,
+) {
     let sum = match t.grad_remove(grads) {
         Some(old) => old + value,
         None => value,
@@ -31,7 +35,8 @@ pub fn accumulate<B: AutodiffBackend, const D: usize>(t: &Tensor<B, D>, grads: &
     t.grad_replace(grads, sum);
 }
 
-type Transfer<B> = Box<dyn FnOnce(&<B as AutodiffBackend>::Gradients, &mut <B as AutodiffBackend>::Gradients)>;
+type Transfer<B> =
+    Box<dyn FnOnce(&<B as AutodiffBackend>::Gradients, &mut <B as AutodiffBackend>::Gradients)>;
 
 /// A copy of a module whose trainable parameters are fresh leaves, for one recomputation;
 /// [`Recompute::transfer`] moves their gradients to the original parameters.
@@ -68,9 +73,14 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Fresh<B> {
 impl<B: AutodiffBackend, M: Module<B>> Recompute<B, M> {
     /// Copies `module` (cheap: tensors are shared) with fresh leaves for its trainable parameters.
     pub fn new(module: &M) -> Self {
-        let mut fresh = Fresh { transfers: Vec::new() };
+        let mut fresh = Fresh {
+            transfers: Vec::new(),
+        };
         let module = module.clone().map(&mut fresh);
-        Recompute { module, transfers: fresh.transfers }
+        Recompute {
+            module,
+            transfers: fresh.transfers,
+        }
     }
 
     /// Adds the copy's parameter gradients in `from` to the original parameters' in `to`.
@@ -94,7 +104,11 @@ pub fn detached<B: AutodiffBackend, M: Module<B>>(module: &M) -> M {
 }
 
 /// Adds every gradient `from` holds for a trainable parameter of `module` to `to`.
-pub fn merge_param_grads<B: AutodiffBackend, M: Module<B>>(module: &M, from: &B::Gradients, to: &mut B::Gradients) {
+pub fn merge_param_grads<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    from: &B::Gradients,
+    to: &mut B::Gradients,
+) {
     struct Merge<'a, B: AutodiffBackend> {
         from: &'a B::Gradients,
         to: &'a mut B::Gradients,
@@ -114,12 +128,21 @@ pub fn merge_param_grads<B: AutodiffBackend, M: Module<B>>(module: &M, from: &B:
 
 /// `sum(out * grad)`: a scalar whose gradient with respect to `out` is `grad`, to backpropagate
 /// a known output gradient ([`backward_sum`]); `None` when `out` requires no gradient.
-pub fn dot<B: ModelAutodiffBackend, const D: usize>(out: Tensor<B, D>, grad: Tensor<B::InnerBackend, D>) -> Option<Tensor<B, 1>> {
+pub fn dot<B: ModelAutodiffBackend, const D: usize>(
+    out: Tensor<B, D>,
+    grad: Tensor<B::InnerBackend, D>,
+) -> Option<Tensor<B, 1>> {
     let tracked = B::is_tracked(&out.clone().into_primitive().tensor());
     tracked.then(|| (out * Tensor::from_inner(grad)).sum())
 }
 
 /// One backward through the sum of `terms` (from [`dot`]); `None` when there is none.
-pub fn backward_sum<B: AutodiffBackend>(terms: impl IntoIterator<Item = Option<Tensor<B, 1>>>) -> Option<B::Gradients> {
-    terms.into_iter().flatten().reduce(|a, b| a + b).map(|t| t.backward())
+pub fn backward_sum<B: AutodiffBackend>(
+    terms: impl IntoIterator<Item = Option<Tensor<B, 1>>>,
+) -> Option<B::Gradients> {
+    terms
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| a + b)
+        .map(|t| t.backward())
 }

@@ -51,7 +51,8 @@ pub type FlexAutodiffBackend = burn::backend::Autodiff<FlexBackend>;
 /// burn's wgpu backend (f32; Vulkan, or Mesa's lavapipe on the CPU), with the `wgpu` feature:
 /// the cubecl backend itself, without burn's op fusion (see the `cuda` feature).
 #[cfg(feature = "wgpu")]
-pub type WgpuBackend = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+pub type WgpuBackend =
+    burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
 
 /// The CUDA backend (f32), with the `cuda` feature.
 #[cfg(feature = "cuda")]

@@ -19,15 +19,37 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// Loads `weight` `[out, in]` and, if `bias`, `bias` `[out]` under `vb`.
-    pub fn load(vb: &VarBuilder, in_features: usize, out_features: usize, bias: bool, device: &B::Device) -> Result<Self, LoadError> {
+    pub fn load(
+        vb: &VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         let weight = vb.tensor::<B, 2>("weight", [out_features, in_features], device)?;
-        let bias = if bias { Some(Param::from_tensor(vb.tensor::<B, 1>("bias", [out_features], device)?)) } else { None };
-        Ok(Linear { weight: Param::from_tensor(weight), bias, adapter: None })
+        let bias = if bias {
+            Some(Param::from_tensor(vb.tensor::<B, 1>(
+                "bias",
+                [out_features],
+                device,
+            )?))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+            adapter: None,
+        })
     }
 
     /// A layer from a `weight` `[out, in]` and an optional `bias` `[out]`, without adapter.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), adapter: None }
+        Linear {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            adapter: None,
+        }
     }
 
     /// `[in]`-last input of any rank to `[out]`-last output, computed in the input's dtype (the
@@ -67,15 +89,42 @@ pub struct LayerNorm<B: Backend> {
 
 impl<B: Backend> LayerNorm<B> {
     /// Loads a LayerNorm of width `dim`; `affine` loads `weight`, `bias` additionally `bias`.
-    pub fn load(vb: &VarBuilder, dim: usize, eps: f64, affine: bool, bias: bool, device: &B::Device) -> Result<Self, LoadError> {
-        let weight = if affine { Some(Param::from_tensor(vb.tensor::<B, 1>("weight", [dim], device)?)) } else { None };
-        let bias = if affine && bias { Some(Param::from_tensor(vb.tensor::<B, 1>("bias", [dim], device)?)) } else { None };
+    pub fn load(
+        vb: &VarBuilder,
+        dim: usize,
+        eps: f64,
+        affine: bool,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let weight = if affine {
+            Some(Param::from_tensor(vb.tensor::<B, 1>(
+                "weight",
+                [dim],
+                device,
+            )?))
+        } else {
+            None
+        };
+        let bias = if affine && bias {
+            Some(Param::from_tensor(vb.tensor::<B, 1>(
+                "bias",
+                [dim],
+                device,
+            )?))
+        } else {
+            None
+        };
         Ok(LayerNorm { weight, bias, eps })
     }
 
     /// A LayerNorm without parameters (`elementwise_affine=False`).
     pub fn plain(eps: f64) -> Self {
-        LayerNorm { weight: None, bias: None, eps }
+        LayerNorm {
+            weight: None,
+            bias: None,
+            eps,
+        }
     }
 
     /// Normalises in f32 (as autocast) and returns the input's dtype.
@@ -132,7 +181,13 @@ pub struct GroupNorm<B: Backend> {
 
 impl<B: Backend> GroupNorm<B> {
     /// Loads `weight`/`bias` `[channels]` under `vb`.
-    pub fn load(vb: &VarBuilder, num_groups: usize, channels: usize, eps: f64, device: &B::Device) -> Result<Self, LoadError> {
+    pub fn load(
+        vb: &VarBuilder,
+        num_groups: usize,
+        channels: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         Ok(GroupNorm {
             weight: Param::from_tensor(vb.tensor::<B, 1>("weight", [channels], device)?),
             bias: Param::from_tensor(vb.tensor::<B, 1>("bias", [channels], device)?),
@@ -149,7 +204,8 @@ impl<B: Backend> GroupNorm<B> {
         let rest: usize = dims[1..].iter().product();
         let grouped = to_f32(x).reshape([n, self.num_groups, rest / self.num_groups]);
         let normed = layer_norm(grouped, self.eps).reshape(dims);
-        let out = normed * broadcast_channels(to_f32(self.weight.val())) + broadcast_channels(to_f32(self.bias.val()));
+        let out = normed * broadcast_channels(to_f32(self.weight.val()))
+            + broadcast_channels(to_f32(self.bias.val()));
         to_dtype(out, dtype)
     }
 }
@@ -164,11 +220,23 @@ mod tests {
     fn linear_matches_pytorch_layout() {
         let dev = CpuDevice::default();
         let lin = Linear::<CpuBackend>::new(
-            Tensor::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]), &dev),
-            Some(Tensor::from_data(TensorData::new(vec![10.0f32, 20.0], [2]), &dev)),
+            Tensor::from_data(
+                TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]),
+                &dev,
+            ),
+            Some(Tensor::from_data(
+                TensorData::new(vec![10.0f32, 20.0], [2]),
+                &dev,
+            )),
         );
-        let x = Tensor::<CpuBackend, 3>::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0], [1, 1, 3]), &dev);
-        assert_eq!(lin.forward(x).into_data().to_vec::<f32>().unwrap(), vec![14.0, 30.0]);
+        let x = Tensor::<CpuBackend, 3>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 1.0], [1, 1, 3]),
+            &dev,
+        );
+        assert_eq!(
+            lin.forward(x).into_data().to_vec::<f32>().unwrap(),
+            vec![14.0, 30.0]
+        );
     }
 
     #[test]
@@ -180,9 +248,21 @@ mod tests {
             num_groups: 2,
             eps: 0.0,
         };
-        let x = Tensor::<CpuBackend, 3>::from_data(TensorData::new(vec![1.0f32, 3.0, 5.0, 7.0, 0.0, 0.0, 2.0, 2.0], [1, 4, 2]), &dev);
+        let x = Tensor::<CpuBackend, 3>::from_data(
+            TensorData::new(vec![1.0f32, 3.0, 5.0, 7.0, 0.0, 0.0, 2.0, 2.0], [1, 4, 2]),
+            &dev,
+        );
         let y = gn.forward(x).into_data().to_vec::<f32>().unwrap();
-        let want = [-1.3416408f32, -0.4472136, 0.4472136, 1.3416408, -1.0, -1.0, 1.0, 1.0];
+        let want = [
+            -1.3416408f32,
+            -0.4472136,
+            0.4472136,
+            1.3416408,
+            -1.0,
+            -1.0,
+            1.0,
+            1.0,
+        ];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{y:?}");
         }

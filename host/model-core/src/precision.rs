@@ -94,7 +94,10 @@ pub fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) 
 }
 
 /// `t` in the dtype of `like`.
-pub fn like<B: Backend, const D: usize, const E: usize>(t: Tensor<B, D>, like: &Tensor<B, E>) -> Tensor<B, D> {
+pub fn like<B: Backend, const D: usize, const E: usize>(
+    t: Tensor<B, D>,
+    like: &Tensor<B, E>,
+) -> Tensor<B, D> {
     to_dtype(t, float_dtype(like))
 }
 
@@ -122,7 +125,12 @@ pub struct LossScaler {
 impl Default for LossScaler {
     /// torch's defaults: initial scale 2^16, growth interval 2000.
     fn default() -> Self {
-        LossScaler { scale: 65536.0, good_steps: 0, skipped: 0, growth_interval: 2000 }
+        LossScaler {
+            scale: 65536.0,
+            good_steps: 0,
+            skipped: 0,
+            growth_interval: 2000,
+        }
     }
 }
 
@@ -152,7 +160,10 @@ mod tests {
 
     #[test]
     fn the_scaler_backs_off_on_overflow_and_grows_after_the_interval() {
-        let mut s = LossScaler { growth_interval: 3, ..LossScaler::default() };
+        let mut s = LossScaler {
+            growth_interval: 3,
+            ..LossScaler::default()
+        };
         assert!(!s.update(false));
         assert_eq!((s.scale, s.skipped), (32768.0, 1));
         for _ in 0..2 {
@@ -169,7 +180,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for p in [MixedPrecision::No, MixedPrecision::Bf16, MixedPrecision::Fp16] {
+        for p in [
+            MixedPrecision::No,
+            MixedPrecision::Bf16,
+            MixedPrecision::Fp16,
+        ] {
             assert_eq!(MixedPrecision::parse(p.name()), Some(p));
         }
         assert_eq!(MixedPrecision::parse("fp32"), None);

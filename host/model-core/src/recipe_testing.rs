@@ -2,10 +2,10 @@
 //! `tests/recipe.rs`: small f64 matrix helpers for hand-written PEFT references, and the host's
 //! recipe interpreter ([`crate::adapter`]) driven with given parameter values.
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use crate::adapter::{AdapterTensor, LinearAdapter, RecipeAdapter, RecipeLimits};
 use crate::{CpuAutodiffBackend, CpuDevice};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use cogvx_plugin_api::{AdapterRecipe, AdapterRequest};
 use std::collections::BTreeMap;
 
@@ -111,7 +111,8 @@ impl Mat {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> f64 {
+    /// The next value.
+    pub fn value(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -124,11 +125,11 @@ impl Rng {
         Mat {
             rows,
             cols,
-            v: (0..rows * cols).map(|_| self.next()).collect(),
+            v: (0..rows * cols).map(|_| self.value()).collect(),
         }
     }
     pub fn vec(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| self.next()).collect()
+        (0..n).map(|_| self.value()).collect()
     }
 }
 

@@ -38,23 +38,36 @@ impl Weights {
     /// Opens the weights in `dir`: a `*.safetensors.index.json` (sharded) if present, else
     /// the single `*.safetensors` file (`diffusion_pytorch_model.safetensors`, `model.safetensors`).
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io { path: dir.to_path_buf(), source })?;
+        let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        let index_file = names.iter().find(|n| n.ends_with(".safetensors.index.json"));
+        let index_file = names
+            .iter()
+            .find(|n| n.ends_with(".safetensors.index.json"));
         let files: Vec<PathBuf> = if let Some(index_name) = index_file {
             let index_path = dir.join(index_name);
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| LoadError::Io { path: index_path.clone(), source })?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| LoadError::Config { path: index_path.clone(), message: e.to_string() })?;
-            let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Config {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
                 path: index_path.clone(),
-                message: "missing object `weight_map`".into(),
+                source,
             })?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::Config {
+                    path: index_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LoadError::Config {
+                    path: index_path.clone(),
+                    message: "missing object `weight_map`".into(),
+                })?;
             let mut shard_names: BTreeSet<String> = BTreeSet::new();
             for (key, file) in map {
                 let file = file.as_str().ok_or_else(|| LoadError::Config {
@@ -69,16 +82,30 @@ impl Weights {
                 }
                 shard_names.insert(file.to_string());
             }
-            let missing: Vec<String> = shard_names.iter().filter(|f| !dir.join(f).is_file()).cloned().collect();
+            let missing: Vec<String> = shard_names
+                .iter()
+                .filter(|f| !dir.join(f).is_file())
+                .cloned()
+                .collect();
             if !missing.is_empty() {
-                return Err(LoadError::MissingShards { index: index_path, missing });
+                return Err(LoadError::MissingShards {
+                    index: index_path,
+                    missing,
+                });
             }
             shard_names.iter().map(|f| dir.join(f)).collect()
         } else {
-            let singles: Vec<PathBuf> =
-                names.iter().filter(|n| n.ends_with(".safetensors")).map(|n| dir.join(n)).collect();
+            let singles: Vec<PathBuf> = names
+                .iter()
+                .filter(|n| n.ends_with(".safetensors"))
+                .map(|n| dir.join(n))
+                .collect();
             match singles.len() {
-                0 => return Err(LoadError::NoWeights { dir: dir.to_path_buf() }),
+                0 => {
+                    return Err(LoadError::NoWeights {
+                        dir: dir.to_path_buf(),
+                    })
+                }
                 _ => singles,
             }
         };
@@ -91,7 +118,11 @@ impl Weights {
             }
             shards.push(shard);
         }
-        Ok(Weights { dir: dir.to_path_buf(), shards, index })
+        Ok(Weights {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
     }
 
     /// The folder the weights came from.
@@ -117,40 +148,75 @@ impl Weights {
 
     /// Reads a tensor converted to f32 (from f16, bf16, f32 or f64).
     pub fn get_f32(&self, key: &str) -> Result<Option<HostWeight>, LoadError> {
-        let Some(&si) = self.index.get(key) else { return Ok(None) };
+        let Some(&si) = self.index.get(key) else {
+            return Ok(None);
+        };
         let shard = &self.shards[si];
         let info = &shard.tensors[key];
         let (a, b) = info.data_offsets;
-        let bytes = shard.mmap.get(shard.data_start + a..shard.data_start + b).ok_or_else(|| {
-            LoadError::Safetensors { path: shard.path.clone(), message: format!("tensor `{key}` lies outside the file") }
-        })?;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + a..shard.data_start + b)
+            .ok_or_else(|| LoadError::Safetensors {
+                path: shard.path.clone(),
+                message: format!("tensor `{key}` lies outside the file"),
+            })?;
         let data = bytes_to_f32(bytes, info.dtype).ok_or_else(|| LoadError::Dtype {
             path: shard.path.clone(),
             key: key.to_string(),
             dtype: format!("{:?}", info.dtype),
         })?;
-        Ok(Some(HostWeight { shape: info.shape.clone(), data }))
+        Ok(Some(HostWeight {
+            shape: info.shape.clone(),
+            data,
+        }))
     }
 }
 
 fn open_shard(path: PathBuf) -> Result<Shard, LoadError> {
-    let file = std::fs::File::open(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+    let file = std::fs::File::open(&path).map_err(|source| LoadError::Io {
+        path: path.clone(),
+        source,
+    })?;
     // SAFETY: the file is opened read-only; a concurrent writer could change the bytes under us,
     // which at worst yields wrong numbers, never unsoundness in safe code reading a byte slice.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.clone(), source })?;
-    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| LoadError::Safetensors { path: path.clone(), message: e.to_string() })?;
-    let tensors: HashMap<String, TensorInfo> =
-        meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-    Ok(Shard { path, mmap, data_start: 8 + header_len, tensors })
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let (header_len, meta) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let tensors: HashMap<String, TensorInfo> = meta
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
+    Ok(Shard {
+        path,
+        mmap,
+        data_start: 8 + header_len,
+        tensors,
+    })
 }
 
 /// Converts little-endian stored values to f32; `None` for dtypes that are not floats.
 pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -182,7 +248,12 @@ pub struct VarBuilder {
 impl VarBuilder {
     /// A builder at the root of `weights`.
     pub fn new(weights: Weights) -> Self {
-        VarBuilder { weights: Arc::new(weights), prefix: String::new(), tracker: Arc::default(), dtype: None }
+        VarBuilder {
+            weights: Arc::new(weights),
+            prefix: String::new(),
+            tracker: Arc::default(),
+            dtype: None,
+        }
     }
 
     /// Opens `dir` and returns a root builder.
@@ -192,8 +263,17 @@ impl VarBuilder {
 
     /// A builder one level down: `pp("attn1")`, `pp(3)`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        VarBuilder { weights: self.weights.clone(), prefix, tracker: self.tracker.clone(), dtype: self.dtype }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        VarBuilder {
+            weights: self.weights.clone(),
+            prefix,
+            tracker: self.tracker.clone(),
+            dtype: self.dtype,
+        }
     }
 
     /// This builder creating its tensors in `dtype` (mixed precision keeps frozen weights in
@@ -250,9 +330,16 @@ impl VarBuilder {
                 Ok(self.create(TensorData::zeros::<f32, _>(shape), device))
             }
             Some(w) => {
-                self.tracker.lock().unwrap_or_else(|p| p.into_inner()).used.insert(key.clone());
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .used
+                    .insert(key.clone());
                 if w.shape != shape {
-                    self.record(format!("  wrong shape for `{key}`: file has {:?}, model expects {shape:?}", w.shape));
+                    self.record(format!(
+                        "  wrong shape for `{key}`: file has {:?}, model expects {shape:?}",
+                        w.shape
+                    ));
                     return Ok(self.create(TensorData::zeros::<f32, _>(shape), device));
                 }
                 Ok(self.create(TensorData::new(w.data, shape), device))
@@ -262,7 +349,11 @@ impl VarBuilder {
 
     /// f32 host data as a tensor in the builder's dtype (converted on the host, so the device
     /// never holds the f32 copy).
-    fn create<B: Backend, const D: usize>(&self, data: TensorData, device: &B::Device) -> Tensor<B, D> {
+    fn create<B: Backend, const D: usize>(
+        &self,
+        data: TensorData,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         match self.dtype {
             None => Tensor::from_data(data, device),
             Some(dtype) => {
@@ -290,11 +381,19 @@ impl VarBuilder {
     /// report them as unexpected.
     pub fn ignore(&self, name: &str) {
         let key = self.key(name);
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner()).used.insert(key);
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .used
+            .insert(key);
     }
 
     fn record(&self, problem: String) {
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner()).problems.push(problem);
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .problems
+            .push(problem);
     }
 
     /// Reports every missing, wrong-shape and unexpected key at once. Call after the whole model
@@ -302,14 +401,21 @@ impl VarBuilder {
     pub fn finish(&self) -> Result<(), LoadError> {
         let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let mut problems = tracker.problems.clone();
-        let unexpected: Vec<&str> = self.weights.keys().filter(|k| !tracker.used.contains(*k)).collect();
+        let unexpected: Vec<&str> = self
+            .weights
+            .keys()
+            .filter(|k| !tracker.used.contains(*k))
+            .collect();
         for key in unexpected {
             problems.push(format!("  unexpected key `{key}` (not used by the model)"));
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(LoadError::Mismatch { dir: self.weights.dir().to_path_buf(), problems })
+            Err(LoadError::Mismatch {
+                dir: self.weights.dir().to_path_buf(),
+                problems,
+            })
         }
     }
 }
@@ -321,12 +427,23 @@ mod tests {
     use safetensors::tensor::TensorView;
 
     fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-        let bytes: Vec<Vec<u8>> =
-            tensors.iter().map(|(_, _, d)| d.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, d)| {
+                d.iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect()
+            })
+            .collect();
         let views: Vec<(String, TensorView)> = tensors
             .iter()
             .zip(&bytes)
-            .map(|((n, s, _), b)| (n.to_string(), TensorView::new(Dtype::F16, s.clone(), b).unwrap()))
+            .map(|((n, s, _), b)| {
+                (
+                    n.to_string(),
+                    TensorView::new(Dtype::F16, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         safetensors::serialize_to_file(views, None, path).unwrap();
     }
@@ -336,16 +453,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(
             &dir.path().join("model.safetensors"),
-            &[("a.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]), ("b.weight", vec![3], vec![0.5; 3]), ("extra", vec![1], vec![0.0])],
+            &[
+                ("a.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+                ("b.weight", vec![3], vec![0.5; 3]),
+                ("extra", vec![1], vec![0.0]),
+            ],
         );
         let vb = VarBuilder::from_dir(dir.path()).unwrap();
         let dev = CpuDevice::default();
-        let a = vb.pp("a").tensor::<CpuBackend, 2>("weight", [2, 2], &dev).unwrap();
-        assert_eq!(a.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
-        let _ = vb.pp("b").tensor::<CpuBackend, 1>("weight", [4], &dev).unwrap();
+        let a = vb
+            .pp("a")
+            .tensor::<CpuBackend, 2>("weight", [2, 2], &dev)
+            .unwrap();
+        assert_eq!(
+            a.into_data().to_vec::<f32>().unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+        let _ = vb
+            .pp("b")
+            .tensor::<CpuBackend, 1>("weight", [4], &dev)
+            .unwrap();
         let _ = vb.tensor::<CpuBackend, 1>("c.bias", [4], &dev).unwrap();
         let err = vb.finish().unwrap_err().to_string();
-        assert!(err.contains("wrong shape for `b.weight`: file has [3], model expects [4]"), "{err}");
+        assert!(
+            err.contains("wrong shape for `b.weight`: file has [3], model expects [4]"),
+            "{err}"
+        );
         assert!(err.contains("missing key `c.bias`"), "{err}");
         assert!(err.contains("unexpected key `extra`"), "{err}");
     }
@@ -353,14 +486,20 @@ mod tests {
     #[test]
     fn sharded_with_missing_shard_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        write(&dir.path().join("m-00001-of-00002.safetensors"), &[("a", vec![1], vec![1.0])]);
+        write(
+            &dir.path().join("m-00001-of-00002.safetensors"),
+            &[("a", vec![1], vec![1.0])],
+        );
         std::fs::write(
             dir.path().join("m.safetensors.index.json"),
             r#"{"metadata":{},"weight_map":{"a":"m-00001-of-00002.safetensors","b":"m-00002-of-00002.safetensors"}}"#,
         )
         .unwrap();
         let err = Weights::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("missing shard file(s): m-00002-of-00002.safetensors"), "{err}");
+        assert!(
+            err.contains("missing shard file(s): m-00002-of-00002.safetensors"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -368,7 +507,11 @@ mod tests {
         let dir = cogvx_fixtures::reference("models/cogvideox-5b-tiny/transformer");
         let w = Weights::open(&dir).unwrap();
         assert!(w.keys().count() > 20);
-        let key = w.keys().find(|k| k.ends_with("to_q.weight")).unwrap().to_string();
+        let key = w
+            .keys()
+            .find(|k| k.ends_with("to_q.weight"))
+            .unwrap()
+            .to_string();
         let t = w.get_f32(&key).unwrap().unwrap();
         assert_eq!(t.data.len(), t.shape.iter().product::<usize>());
         assert!(t.data.iter().any(|x| *x != 0.0));

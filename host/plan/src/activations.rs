@@ -48,18 +48,90 @@ pub enum Kind {
 
 /// What one `CogVideoXBlock` keeps for its backward: `(what, LD tensors, LF tensors, when, dtype)`.
 pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 12] = [
-    ("norm1, norm2: the LayerNorm's centred input", 2, 0, Kept::Always, Kind::F32),
-    ("norm_q, norm_k: the LayerNorm's centred input", 2, 0, Kept::Always, Kind::F32),
-    ("attention: q, k, v and the output (FlashAttention keeps no scores)", 4, 0, Kept::Always, Kind::Compute),
-    ("ff input, joined: all the one-operation feed-forward keeps", 1, 0, Kept::FfFused, Kind::Compute),
-    ("ff.net.0.proj output (the GELU's input)", 0, 1, Kept::FfLora(FF_LAYERS), Kind::Compute),
-    ("attn1 input, text and video joined (to_q, to_k, to_v)", 1, 0, Kept::Trained(&["attn1.to_q", "attn1.to_k", "attn1.to_v"]), Kind::Compute),
-    ("attention output as [L, D] (to_out.0)", 1, 0, Kept::Trained(&["attn1.to_out.0"]), Kind::Compute),
-    ("ff input, joined (ff.net.0.proj's LoRA)", 1, 0, Kept::FfLora(&["ff.net.0.proj"]), Kind::Compute),
-    ("GELU output (ff.net.2's LoRA)", 0, 1, Kept::FfLora(&["ff.net.2"]), Kind::Compute),
-    ("norm1, norm2, norm_q, norm_k: normalised input of the affine weight", 4, 0, Kept::Sft, Kind::F32),
-    ("norm1, norm2: affine output, for the AdaLN scale's gradient", 2, 0, Kept::Sft, Kind::Compute),
-    ("attention and ff outputs, for the gates' gradients", 2, 0, Kept::Sft, Kind::Compute),
+    (
+        "norm1, norm2: the LayerNorm's centred input",
+        2,
+        0,
+        Kept::Always,
+        Kind::F32,
+    ),
+    (
+        "norm_q, norm_k: the LayerNorm's centred input",
+        2,
+        0,
+        Kept::Always,
+        Kind::F32,
+    ),
+    (
+        "attention: q, k, v and the output (FlashAttention keeps no scores)",
+        4,
+        0,
+        Kept::Always,
+        Kind::Compute,
+    ),
+    (
+        "ff input, joined: all the one-operation feed-forward keeps",
+        1,
+        0,
+        Kept::FfFused,
+        Kind::Compute,
+    ),
+    (
+        "ff.net.0.proj output (the GELU's input)",
+        0,
+        1,
+        Kept::FfLora(FF_LAYERS),
+        Kind::Compute,
+    ),
+    (
+        "attn1 input, text and video joined (to_q, to_k, to_v)",
+        1,
+        0,
+        Kept::Trained(&["attn1.to_q", "attn1.to_k", "attn1.to_v"]),
+        Kind::Compute,
+    ),
+    (
+        "attention output as [L, D] (to_out.0)",
+        1,
+        0,
+        Kept::Trained(&["attn1.to_out.0"]),
+        Kind::Compute,
+    ),
+    (
+        "ff input, joined (ff.net.0.proj's LoRA)",
+        1,
+        0,
+        Kept::FfLora(&["ff.net.0.proj"]),
+        Kind::Compute,
+    ),
+    (
+        "GELU output (ff.net.2's LoRA)",
+        0,
+        1,
+        Kept::FfLora(&["ff.net.2"]),
+        Kind::Compute,
+    ),
+    (
+        "norm1, norm2, norm_q, norm_k: normalised input of the affine weight",
+        4,
+        0,
+        Kept::Sft,
+        Kind::F32,
+    ),
+    (
+        "norm1, norm2: affine output, for the AdaLN scale's gradient",
+        2,
+        0,
+        Kept::Sft,
+        Kind::Compute,
+    ),
+    (
+        "attention and ff outputs, for the gates' gradients",
+        2,
+        0,
+        Kept::Sft,
+        Kind::Compute,
+    ),
 ];
 
 /// The feed-forward's two layers.
@@ -69,7 +141,9 @@ const FF_LAYERS: &[&str] = &["ff.net.0.proj", "ff.net.2"];
 fn has_lora(trainable: &Trainable, layer: &str) -> bool {
     match trainable {
         Trainable::Full => false,
-        Trainable::Lora { targets, .. } => matches_target(&format!("transformer_blocks.0.{layer}"), targets),
+        Trainable::Lora { targets, .. } => {
+            matches_target(&format!("transformer_blocks.0.{layer}"), targets)
+        }
     }
 }
 
@@ -102,7 +176,11 @@ pub fn linear_layers(c: &TransformerConfig) -> Vec<(String, usize, usize)> {
     let p = c.patch_size;
     let mut out = Vec::new();
     if let Some(pt) = c.patch_size_t {
-        out.push(("patch_embed.proj".to_string(), c.in_channels * p * p * pt, d));
+        out.push((
+            "patch_embed.proj".to_string(),
+            c.in_channels * p * p * pt,
+            d,
+        ));
     }
     out.push(("patch_embed.text_proj".into(), c.text_embed_dim, d));
     out.push(("time_embedding.linear_1".into(), d, e));
@@ -122,7 +200,11 @@ pub fn linear_layers(c: &TransformerConfig) -> Vec<(String, usize, usize)> {
         out.push((format!("{b}.ff.net.2"), 4 * d, d));
     }
     out.push(("norm_out.linear".into(), e, 2 * d));
-    out.push(("proj_out".into(), d, p * p * c.patch_size_t.unwrap_or(1) * c.out_channels()));
+    out.push((
+        "proj_out".into(),
+        d,
+        p * p * c.patch_size_t.unwrap_or(1) * c.out_channels(),
+    ));
     out
 }
 
@@ -139,7 +221,9 @@ pub fn lora_parameters(c: &TransformerConfig, rank: usize, targets: &[String]) -
 fn lora_layers_per_block(c: &TransformerConfig, targets: &[String]) -> u64 {
     linear_layers(c)
         .iter()
-        .filter(|(name, _, _)| name.starts_with("transformer_blocks.0.") && matches_target(name, targets))
+        .filter(|(name, _, _)| {
+            name.starts_with("transformer_blocks.0.") && matches_target(name, targets)
+        })
         .count() as u64
 }
 
@@ -187,7 +271,9 @@ pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable
     let lse = c.num_attention_heads as u64 * rows * F32;
     // LoRA: each targeted layer keeps `x A` ([rows, rank]) for B's gradient.
     let lora = match trainable {
-        Trainable::Lora { rank, targets } => lora_layers_per_block(c, targets) * *rank as u64 * rows * act,
+        Trainable::Lora { rank, targets } => {
+            lora_layers_per_block(c, targets) * *rank as u64 * rows * act
+        }
         Trainable::Full => 0,
     };
     rows * per_row + lse + lora
@@ -195,7 +281,14 @@ pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable
 
 /// The activations of one training step at `tokens` x `batch`, activations of `act` bytes per
 /// element (4, or 2 in mixed precision).
-pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, checkpointing: Checkpointing, act: u64) -> TrainingActivations {
+pub fn training(
+    c: &TransformerConfig,
+    tokens: Tokens,
+    batch: usize,
+    trainable: &Trainable,
+    checkpointing: Checkpointing,
+    act: u64,
+) -> TrainingActivations {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
     let f = 4 * d;
@@ -220,30 +313,66 @@ pub fn training(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: 
     // layer by layer, the gradients of the GELU output and input whole (LF each). The attention
     // backward needs dq, dk, dv, dout and the residual (6 LD). In half precision the attention
     // computes in f32: q, k, v, the output and its gradient upcast, and dq, dk, dv in f32 (8 LD of f32).
-    let ff = if ff_fused(trainable) { rows * 3 * d * act + 6 * ff_chunk_elements(c, rows) * F32 } else { rows * (2 * f + 3 * d) * act };
-    let attention = if act < F32 { rows * 8 * d * F32 } else { rows * 6 * d * F32 };
+    let ff = if ff_fused(trainable) {
+        rows * 3 * d * act + 6 * ff_chunk_elements(c, rows) * F32
+    } else {
+        rows * (2 * f + 3 * d) * act
+    };
+    let attention = if act < F32 {
+        rows * 8 * d * F32
+    } else {
+        rows * 6 * d * F32
+    };
     let tiles = 4 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
     // The two peaks of a block's backward: the feed-forward's (first), and the attention's with
     // its tiles, by which time the block no longer keeps what the feed-forward and norm2 kept
     // (the ff input, or the hidden layer, and norm2's centred input). The workspace item is
     // what the larger one adds beside the tiles (counted in their own item).
-    let ff_kept = if ff_fused(trainable) { rows * d * act } else { rows * f * act };
+    let ff_kept = if ff_fused(trainable) {
+        rows * d * act
+    } else {
+        rows * f * act
+    };
     let released = ff_kept + rows * d * F32;
-    let workspace = ff.saturating_sub(tiles).max(attention.saturating_sub(released));
-    let latent = (batch * tokens.video * c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels()) as u64;
+    let workspace = ff
+        .saturating_sub(tiles)
+        .max(attention.saturating_sub(released));
+    let latent = (batch
+        * tokens.video
+        * c.patch_size
+        * c.patch_size
+        * c.patch_size_t.unwrap_or(1)
+        * c.out_channels()) as u64;
     let inputs = 5 * latent + (batch * tokens.text * c.text_embed_dim) as u64;
-    TrainingActivations { saved, offloaded, workspace, attention: tiles, inputs: inputs * F32 }
+    TrainingActivations {
+        saved,
+        offloaded,
+        workspace,
+        attention: tiles,
+        inputs: inputs * F32,
+    }
 }
 
 /// Peak activation bytes of one transformer forward without autodiff (sampling) at `tokens` x
 /// `batch`: the feed-forward's input, hidden and output, or the attention's q, k, v, output and
 /// tiles, whichever is larger (the hidden layer whole when a LoRA sits on a feed-forward layer,
 /// else its chunks). Activations are `act` bytes per element (the attention's tiles are f32).
-pub fn inference_bytes(c: &TransformerConfig, tokens: Tokens, batch: usize, trainable: &Trainable, act: u64) -> u64 {
+pub fn inference_bytes(
+    c: &TransformerConfig,
+    tokens: Tokens,
+    batch: usize,
+    trainable: &Trainable,
+    act: u64,
+) -> u64 {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
-    let ff = if ff_fused(trainable) { rows * 3 * d * act + 3 * ff_chunk_elements(c, rows) * F32 } else { rows * (3 * d + 2 * 4 * d) * act };
-    let attention = rows * 10 * d * F32 + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
+    let ff = if ff_fused(trainable) {
+        rows * 3 * d * act + 3 * ff_chunk_elements(c, rows) * F32
+    } else {
+        rows * (3 * d + 2 * 4 * d) * act
+    };
+    let attention = rows * 10 * d * F32
+        + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
     ff.max(attention)
 }
 

@@ -23,8 +23,8 @@ pub mod activations;
 pub mod models;
 pub mod params;
 
-use cogvx_transformer::TransformerConfig;
 use cogvx_model_core::precision::MixedPrecision;
+use cogvx_transformer::TransformerConfig;
 use serde::Serialize;
 
 pub use models::{released_names, ModelConfigs};
@@ -197,12 +197,23 @@ fn gib(bytes: u64) -> f64 {
 }
 
 fn item(name: impl Into<String>, bytes: u64) -> Item {
-    Item { name: name.into(), bytes, gib: gib(bytes) }
+    Item {
+        name: name.into(),
+        bytes,
+        gib: gib(bytes),
+    }
 }
 
 fn phase(name: &str, what: impl Into<String>, items: Vec<Item>) -> Phase {
     let peak_bytes = items.iter().map(|i| i.bytes).sum();
-    Phase { name: name.into(), what: what.into(), items, peak_bytes, peak_gib: gib(peak_bytes), fits: None }
+    Phase {
+        name: name.into(),
+        what: what.into(),
+        items,
+        peak_bytes,
+        peak_gib: gib(peak_bytes),
+        fits: None,
+    }
 }
 
 #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace allows 1.85.
@@ -218,7 +229,11 @@ pub fn tokens(models: &ModelConfigs, shape: Shape) -> Result<Tokens, PlanError> 
             "resolution {shape}: frames must be {tc}k + 1 for a temporal compression of {tc}"
         )));
     }
-    if shape.height % (scale * p) != 0 || shape.width % (scale * p) != 0 || shape.height == 0 || shape.width == 0 {
+    if shape.height % (scale * p) != 0
+        || shape.width % (scale * p) != 0
+        || shape.height == 0
+        || shape.width == 0
+    {
         return Err(PlanError::Input(format!(
             "resolution {shape}: height and width must be positive multiples of {} (VAE scale {scale} x patch size {p})",
             scale * p
@@ -228,7 +243,11 @@ pub fn tokens(models: &ModelConfigs, shape: Shape) -> Result<Tokens, PlanError> 
     let pt = t.patch_size_t.unwrap_or(1).max(1);
     let video = latent_frames.div_ceil(pt) * (shape.height / scale / p) * (shape.width / scale / p);
     let text = t.max_text_seq_length;
-    Ok(Tokens { text, video, total: text + video })
+    Ok(Tokens {
+        text,
+        video,
+        total: text + video,
+    })
 }
 
 /// Runtime memory of the process or device context that no tensor accounts for: the binary, its
@@ -244,17 +263,28 @@ pub fn runtime_bytes(device: DeviceKind) -> u64 {
 pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let m = &input.models;
     let t = &m.transformer;
-    t.validate().map_err(|e| PlanError::Model(format!("{}: transformer config: {e}", m.source)))?;
+    t.validate()
+        .map_err(|e| PlanError::Model(format!("{}: transformer config: {e}", m.source)))?;
     if input.batch_size == 0 {
-        return Err(PlanError::Input("`[train] batch_size` must be at least 1".into()));
+        return Err(PlanError::Input(
+            "`[train] batch_size` must be at least 1".into(),
+        ));
     }
     let tokens = tokens(m, input.shape)?;
     let weights = params::transformer_parameters(t);
     let vae_params = params::vae_parameters(&m.vae);
     let t5_params = params::t5_encoder_parameters(&m.text_encoder);
     let (trainable, training) = trainable_parameters(t, &input.trainable)?;
-    let runtime = item("runtime (process, libraries, device context)", runtime_bytes(input.device));
-    let weights_item = |name: &str, n: u64| item(format!("{name} weights ({} parameters, f32)", human(n)), n * F32);
+    let runtime = item(
+        "runtime (process, libraries, device context)",
+        runtime_bytes(input.device),
+    );
+    let weights_item = |name: &str, n: u64| {
+        item(
+            format!("{name} weights ({} parameters, f32)", human(n)),
+            n * F32,
+        )
+    };
     let mut phases = Vec::new();
 
     // prepare, in two passes with one model each: every clip decoded and VAE-encoded (tiled
@@ -268,7 +298,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         vec![
             weights_item("VAE", vae_params),
             item(format!("video frames ({}, f32)", input.shape), video),
-            item("VAE encode activations (largest tile and frame batch)", encode),
+            item(
+                "VAE encode activations (largest tile and frame batch)",
+                encode,
+            ),
             runtime.clone(),
         ],
     ));
@@ -278,7 +311,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         vec![
             // bf16 under mixed precision (`MixedPrecision::text_encoder_dtype`), else f32.
             match input.mixed_precision.text_encoder_dtype() {
-                Some(_) => item(format!("T5 encoder weights ({} parameters, bf16)", human(t5_params)), t5_params * 2),
+                Some(_) => item(
+                    format!("T5 encoder weights ({} parameters, bf16)", human(t5_params)),
+                    t5_params * 2,
+                ),
                 None => weights_item("T5 encoder", t5_params),
             },
             item("T5 activations", t5_act),
@@ -287,10 +323,21 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     ));
 
     // train.
-    let checkpointing = Checkpointing::from_flags(input.gradient_checkpointing, input.checkpoint_offload);
-    let mut train = train_phase(t, tokens, input.batch_size, &input.trainable, checkpointing, input.mixed_precision, input.device)?;
+    let checkpointing =
+        Checkpointing::from_flags(input.gradient_checkpointing, input.checkpoint_offload);
+    let mut train = train_phase(
+        t,
+        tokens,
+        input.batch_size,
+        &input.trainable,
+        checkpointing,
+        input.mixed_precision,
+        input.device,
+    )?;
     if m.is_i2v() {
-        train.items.insert(1, weights_item("VAE (I2V image latents)", vae_params));
+        train
+            .items
+            .insert(1, weights_item("VAE (I2V image latents)", vae_params));
         train = phase(&train.name, train.what, train.items);
     }
     phases.push(train);
@@ -300,28 +347,46 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if let Some(v) = input.validation {
         let vt = self::tokens(m, v.shape)?;
         let batch = if v.guidance { 2 } else { 1 };
-        let sample = activations::inference_bytes(t, vt, batch, &input.trainable, input.mixed_precision.bytes());
+        let sample = activations::inference_bytes(
+            t,
+            vt,
+            batch,
+            &input.trainable,
+            input.mixed_precision.bytes(),
+        );
         let decode = activations::vae_decode_bytes(&m.vae, v.shape);
         let frames = 3 * (v.shape.frames * v.shape.height * v.shape.width) as u64 * F32;
         phases.push(phase(
             "validation",
-            format!("sampling {} ({} tokens, batch {batch}) and the VAE decode", v.shape, vt.total),
+            format!(
+                "sampling {} ({} tokens, batch {batch}) and the VAE decode",
+                v.shape, vt.total
+            ),
             vec![
                 transformer_weights_item(weights, &input.trainable, input.mixed_precision),
                 weights_item("VAE", vae_params),
                 match input.trainable {
                     // SFT: the weights are the trainables (counted above); AdamW's two states stay.
                     Trainable::Full => item("AdamW states kept (f32)", 2 * trainable * F32),
-                    Trainable::Lora { .. } => item("adapter weights and AdamW states kept (f32)", 3 * trainable * F32),
+                    Trainable::Lora { .. } => item(
+                        "adapter weights and AdamW states kept (f32)",
+                        3 * trainable * F32,
+                    ),
                 },
-                item("largest activation (transformer step or tiled VAE decode)", sample.max(decode)),
+                item(
+                    "largest activation (transformer step or tiled VAE decode)",
+                    sample.max(decode),
+                ),
                 item("decoded frames (f32)", frames),
                 runtime,
             ],
         ));
     }
 
-    let top = phases.iter().max_by_key(|p| p.peak_bytes).expect("at least two phases");
+    let top = phases
+        .iter()
+        .max_by_key(|p| p.peak_bytes)
+        .expect("at least two phases");
     Ok(Plan {
         model: m.source.clone(),
         device: input.device,
@@ -345,16 +410,36 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
 
 /// The transformer's weights as they are resident: frozen weights in the compute dtype, SFT's
 /// trained (master) weights in f32.
-fn transformer_weights_item(weights: u64, trainable: &Trainable, precision: MixedPrecision) -> Item {
+fn transformer_weights_item(
+    weights: u64,
+    trainable: &Trainable,
+    precision: MixedPrecision,
+) -> Item {
     let (bytes, dtype) = match trainable {
         Trainable::Full => (F32, "f32"),
-        Trainable::Lora { .. } => (precision.bytes(), if precision.is_half() { precision.name() } else { "f32" }),
+        Trainable::Lora { .. } => (
+            precision.bytes(),
+            if precision.is_half() {
+                precision.name()
+            } else {
+                "f32"
+            },
+        ),
     };
-    item(format!("transformer weights ({} parameters, {dtype})", human(weights)), weights * bytes)
+    item(
+        format!(
+            "transformer weights ({} parameters, {dtype})",
+            human(weights)
+        ),
+        weights * bytes,
+    )
 }
 
 /// Trainable parameter count and a description of what is trained.
-pub fn trainable_parameters(t: &TransformerConfig, trainable: &Trainable) -> Result<(u64, String), PlanError> {
+pub fn trainable_parameters(
+    t: &TransformerConfig,
+    trainable: &Trainable,
+) -> Result<(u64, String), PlanError> {
     match trainable {
         Trainable::Lora { rank, targets } => {
             if *rank == 0 {
@@ -368,7 +453,10 @@ pub fn trainable_parameters(t: &TransformerConfig, trainable: &Trainable) -> Res
             }
             Ok((n, format!("LoRA rank {rank} on {}", targets.join(", "))))
         }
-        Trainable::Full => Ok((params::transformer_parameters(t) - params::learned_positional_parameters(t), "full fine-tuning (SFT)".to_string())),
+        Trainable::Full => Ok((
+            params::transformer_parameters(t) - params::learned_positional_parameters(t),
+            "full fine-tuning (SFT)".to_string(),
+        )),
     }
 }
 
@@ -391,15 +479,28 @@ pub fn train_phase(
         (Checkpointing::Offloaded, DeviceKind::Cpu) => Checkpointing::Blocks,
         (c, _) => c,
     };
-    let act = activations::training(t, tokens, batch, trainable, checkpointing, precision.bytes());
+    let act = activations::training(
+        t,
+        tokens,
+        batch,
+        trainable,
+        checkpointing,
+        precision.bytes(),
+    );
     let mut items = vec![transformer_weights_item(weights, trainable, precision)];
     if *trainable == Trainable::Full && precision.is_half() {
         // autocast: each f32 master weight is cast to half at use, and the copy is kept for the
         // backward of its layer.
-        items.push(item(format!("half copies of the weights ({})", precision.name()), weights * precision.bytes()));
+        items.push(item(
+            format!("half copies of the weights ({})", precision.name()),
+            weights * precision.bytes(),
+        ));
     }
     if let Trainable::Lora { .. } = trainable {
-        items.push(item(format!("trainable parameters ({}, f32)", human(n)), n * F32));
+        items.push(item(
+            format!("trainable parameters ({}, f32)", human(n)),
+            n * F32,
+        ));
     }
     items.push(item("gradients (f32)", n * F32));
     items.push(item("AdamW states (2 per parameter, f32)", 2 * n * F32));
@@ -414,10 +515,22 @@ pub fn train_phase(
         },
         act.saved,
     ));
-    items.push(item("backward workspace (gradients at the backward's peak, beside the tiles)", act.workspace));
-    items.push(item("attention workspace (FlashAttention tiles)", act.attention));
-    items.push(item("inputs (latents, noise, prompt embeddings)", act.inputs));
-    items.push(item("runtime (process, libraries, device context)", runtime_bytes(device)));
+    items.push(item(
+        "backward workspace (gradients at the backward's peak, beside the tiles)",
+        act.workspace,
+    ));
+    items.push(item(
+        "attention workspace (FlashAttention tiles)",
+        act.attention,
+    ));
+    items.push(item(
+        "inputs (latents, noise, prompt embeddings)",
+        act.inputs,
+    ));
+    items.push(item(
+        "runtime (process, libraries, device context)",
+        runtime_bytes(device),
+    ));
     let what = format!(
         "{} tokens ({} text + {} video) x batch {batch}, {}",
         tokens.total,
@@ -426,7 +539,8 @@ pub fn train_phase(
         match checkpointing {
             Checkpointing::Off => "no checkpointing",
             Checkpointing::Blocks => "gradient checkpointing",
-            Checkpointing::Offloaded => "gradient checkpointing, block inputs offloaded to host memory",
+            Checkpointing::Offloaded =>
+                "gradient checkpointing, block inputs offloaded to host memory",
         }
     );
     Ok(phase("train", what, items))
@@ -448,8 +562,16 @@ impl Plan {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let precision = if self.mixed_precision.is_half() { format!(", mixed precision {}", self.mixed_precision.name()) } else { String::new() };
-        let _ = writeln!(s, "model {} on {}, {} x batch {}, {}{precision}", self.model, self.device, self.shape, self.batch_size, self.training);
+        let precision = if self.mixed_precision.is_half() {
+            format!(", mixed precision {}", self.mixed_precision.name())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "model {} on {}, {} x batch {}, {}{precision}",
+            self.model, self.device, self.shape, self.batch_size, self.training
+        );
         let _ = writeln!(
             s,
             "transformer {} parameters, {} trainable",
@@ -466,7 +588,12 @@ impl Plan {
             for i in &p.items {
                 let _ = writeln!(s, "  {:<70} {:>8.2} GiB", i.name, i.gib);
             }
-            let _ = writeln!(s, "  {:<70} {:>8.2} GiB{verdict}", format!("peak of {}", p.name), p.peak_gib);
+            let _ = writeln!(
+                s,
+                "  {:<70} {:>8.2} GiB{verdict}",
+                format!("peak of {}", p.name),
+                p.peak_gib
+            );
         }
         let _ = write!(s, "\npeak {:.2} GiB ({})", self.peak_gib, self.peak_phase);
         match (self.budget_gib, self.fits) {
@@ -474,7 +601,12 @@ impl Plan {
                 let _ = write!(s, ": fits in {b} GiB");
             }
             (Some(b), Some(false)) => {
-                let over: Vec<_> = self.phases.iter().filter(|p| p.fits == Some(false)).map(|p| p.name.as_str()).collect();
+                let over: Vec<_> = self
+                    .phases
+                    .iter()
+                    .filter(|p| p.fits == Some(false))
+                    .map(|p| p.name.as_str())
+                    .collect();
                 let _ = write!(s, ": does not fit in {b} GiB ({} over)", over.join(", "));
             }
             _ => {}

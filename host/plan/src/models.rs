@@ -31,9 +31,21 @@ macro_rules! released {
     ($name:literal) => {
         Released {
             name: $name,
-            transformer: include_str!(concat!("../../../configs/models/", $name, "/transformer/config.json")),
-            vae: include_str!(concat!("../../../configs/models/", $name, "/vae/config.json")),
-            text_encoder: include_str!(concat!("../../../configs/models/", $name, "/text_encoder/config.json")),
+            transformer: include_str!(concat!(
+                "../../../configs/models/",
+                $name,
+                "/transformer/config.json"
+            )),
+            vae: include_str!(concat!(
+                "../../../configs/models/",
+                $name,
+                "/vae/config.json"
+            )),
+            text_encoder: include_str!(concat!(
+                "../../../configs/models/",
+                $name,
+                "/text_encoder/config.json"
+            )),
         }
     };
 }
@@ -64,13 +76,19 @@ impl ModelConfigs {
         let key = name.trim().to_ascii_lowercase();
         let key = key.strip_prefix("thudm/").unwrap_or(&key);
         let r = RELEASED.iter().find(|r| r.name == key).ok_or_else(|| {
-            PlanError::Model(format!("unknown model `{name}` (known: {})", released_names().join(", ")))
+            PlanError::Model(format!(
+                "unknown model `{name}` (known: {})",
+                released_names().join(", ")
+            ))
         })?;
         let source = format!("released:{}", r.name);
         Ok(ModelConfigs {
             transformer: parse(&format!("{source} transformer/config.json"), r.transformer)?,
             vae: parse(&format!("{source} vae/config.json"), r.vae)?,
-            text_encoder: parse(&format!("{source} text_encoder/config.json"), r.text_encoder)?,
+            text_encoder: parse(
+                &format!("{source} text_encoder/config.json"),
+                r.text_encoder,
+            )?,
             source,
         })
     }
@@ -79,9 +97,15 @@ impl ModelConfigs {
     pub fn from_dir(dir: &Path) -> Result<Self, PlanError> {
         let read = |component: &str| -> Result<String, PlanError> {
             let path = dir.join(component).join("config.json");
-            std::fs::read_to_string(&path).map_err(|e| PlanError::Model(format!("{}: {e}", path.display())))
+            std::fs::read_to_string(&path)
+                .map_err(|e| PlanError::Model(format!("{}: {e}", path.display())))
         };
-        let path = |component: &str| dir.join(component).join("config.json").display().to_string();
+        let path = |component: &str| {
+            dir.join(component)
+                .join("config.json")
+                .display()
+                .to_string()
+        };
         Ok(ModelConfigs {
             transformer: parse(&path("transformer"), &read("transformer")?)?,
             vae: parse(&path("vae"), &read("vae")?)?,

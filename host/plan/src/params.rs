@@ -66,7 +66,8 @@ fn timestep_embedding(i: u64, e: u64) -> u64 {
 /// `CogVideoXLayerNormZero`: `linear` (`E -> 6 D`) and the shared LayerNorm.
 fn layer_norm_zero(c: &TransformerConfig) -> u64 {
     let d = inner_dim(c);
-    linear(n(c.time_embed_dim), mul(6, d), true).saturating_add(layer_norm(d, c.norm_elementwise_affine))
+    linear(n(c.time_embed_dim), mul(6, d), true)
+        .saturating_add(layer_norm(d, c.norm_elementwise_affine))
 }
 
 /// Parameters of one `CogVideoXBlock`: `norm1` and `norm2` (adaLN-zero linear and LayerNorm),
@@ -93,8 +94,14 @@ pub fn learned_positional_parameters(c: &TransformerConfig) -> u64 {
     }
     let ps = c.patch_size.max(1);
     let frames = (c.sample_frames.max(1) - 1) / c.temporal_compression_ratio.max(1) + 1;
-    let patches = mul(mul(n(c.sample_height / ps), n(c.sample_width / ps)), n(frames));
-    mul(n(c.max_text_seq_length).saturating_add(patches), inner_dim(c))
+    let patches = mul(
+        mul(n(c.sample_height / ps), n(c.sample_width / ps)),
+        n(frames),
+    );
+    mul(
+        n(c.max_text_seq_length).saturating_add(patches),
+        inner_dim(c),
+    )
 }
 
 /// Parameters of `CogVideoXTransformer3DModel` (every tensor of its checkpoint): patch embedding
@@ -107,13 +114,19 @@ pub fn transformer_parameters(c: &TransformerConfig) -> u64 {
     let e = n(c.time_embed_dim);
     let proj = match c.patch_size_t {
         // Conv2d(in, D, kernel = stride = p), bias per `patch_bias`.
-        None => mul(mul(d, n(c.in_channels)), mul(p, p)).saturating_add(if c.patch_bias { d } else { 0 }),
+        None => mul(mul(d, n(c.in_channels)), mul(p, p)).saturating_add(if c.patch_bias {
+            d
+        } else {
+            0
+        }),
         // Linear(in * p_t * p * p, D), always with bias.
         Some(_) => linear(mul(n(c.in_channels), mul(pt, mul(p, p))), d, true),
     };
     let pos_embedding = learned_positional_parameters(c);
     let patch_embed = sum([proj, linear(n(c.text_embed_dim), d, true), pos_embedding]);
-    let ofs = c.ofs_embed_dim.map_or(0, |o| timestep_embedding(n(o), n(o)));
+    let ofs = c
+        .ofs_embed_dim
+        .map_or(0, |o| timestep_embedding(n(o), n(o)));
     let output_dim = mul(mul(p, p), mul(pt, n(c.out_channels())));
     sum([
         patch_embed,
@@ -163,7 +176,11 @@ pub fn vae_encoder_parameters(c: &VaeConfig) -> u64 {
         output = oc;
         // `layers_per_block` resnets: the first maps the previous block's channels.
         if layers > 0 {
-            total = sum([total, resnet(ic, oc, None), mul(layers - 1, resnet(oc, oc, None))]);
+            total = sum([
+                total,
+                resnet(ic, oc, None),
+                mul(layers - 1, resnet(oc, oc, None)),
+            ]);
         }
         if i + 1 < ch.len() {
             total = total.saturating_add(conv2d(oc, oc, 3));
@@ -212,7 +229,12 @@ pub fn vae_decoder_parameters(c: &VaeConfig) -> u64 {
     } else {
         0
     };
-    sum([total, vae_norm(last, z), conv3d(last, n(c.out_channels), 3), post_quant])
+    sum([
+        total,
+        vae_norm(last, z),
+        conv3d(last, n(c.out_channels), 3),
+        post_quant,
+    ])
 }
 
 /// Parameters of `AutoencoderKLCogVideoX`: encoder, decoder and the optional quant convs
@@ -238,6 +260,15 @@ pub fn t5_encoder_parameters(c: &T5Config) -> u64 {
     let attention = mul(4, mul(d, inner));
     let dense = mul(if gated { 3 } else { 2 }, mul(d, ff));
     let block = sum([attention, d, dense, d]);
-    let relative_bias = if c.num_layers > 0 { mul(n(c.relative_attention_num_buckets), n(c.num_heads)) } else { 0 };
-    sum([mul(n(c.vocab_size), d), mul(n(c.num_layers), block), relative_bias, d])
+    let relative_bias = if c.num_layers > 0 {
+        mul(n(c.relative_attention_num_buckets), n(c.num_heads))
+    } else {
+        0
+    };
+    sum([
+        mul(n(c.vocab_size), d),
+        mul(n(c.num_layers), block),
+        relative_bias,
+        d,
+    ])
 }

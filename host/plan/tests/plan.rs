@@ -5,7 +5,12 @@ use cogvx_model_core::precision::MixedPrecision;
 use cogvx_plan::{plan, DeviceKind, ModelConfigs, PlanInput, Shape, Trainable, ValidationInput};
 
 fn lora() -> Trainable {
-    Trainable::Lora { rank: 128, targets: ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec() }
+    Trainable::Lora {
+        rank: 128,
+        targets: ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec(),
+    }
 }
 
 fn input(model: &str, shape: Shape) -> PlanInput {
@@ -22,21 +27,39 @@ fn input(model: &str, shape: Shape) -> PlanInput {
     }
 }
 
-const S480: Shape = Shape { frames: 49, height: 480, width: 720 };
-const S768: Shape = Shape { frames: 81, height: 768, width: 1360 };
+const S480: Shape = Shape {
+    frames: 49,
+    height: 480,
+    width: 720,
+};
+const S768: Shape = Shape {
+    frames: 81,
+    height: 768,
+    width: 1360,
+};
 
 fn phase<'a>(p: &'a cogvx_plan::Plan, name: &str) -> &'a cogvx_plan::Phase {
-    p.phases.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no phase {name}"))
+    p.phases
+        .iter()
+        .find(|x| x.name == name)
+        .unwrap_or_else(|| panic!("no phase {name}"))
 }
 
 fn item(p: &cogvx_plan::Phase, starts: &str) -> u64 {
-    p.items.iter().find(|i| i.name.starts_with(starts)).unwrap_or_else(|| panic!("no item {starts}: {:?}", p.items)).bytes
+    p.items
+        .iter()
+        .find(|i| i.name.starts_with(starts))
+        .unwrap_or_else(|| panic!("no item {starts}: {:?}", p.items))
+        .bytes
 }
 
 #[test]
 fn token_counts_are_the_real_sequence_lengths() {
     let p = plan(&input("cogvideox-2b", S480)).unwrap();
-    assert_eq!((p.tokens.text, p.tokens.video, p.tokens.total), (226, 13 * 30 * 45, 17_776));
+    assert_eq!(
+        (p.tokens.text, p.tokens.video, p.tokens.total),
+        (226, 13 * 30 * 45, 17_776)
+    );
     // CogVideoX 1.5: 21 latent frames in pairs (patch_size_t = 2) -> 11 x 48 x 85.
     let p = plan(&input("THUDM/CogVideoX1.5-5B", S768)).unwrap();
     assert_eq!(p.tokens.total, 45_106);
@@ -46,21 +69,41 @@ fn token_counts_are_the_real_sequence_lengths() {
 fn weights_are_the_parameter_count_in_f32_and_lora_sizes_follow_the_rank() {
     let p = plan(&input("cogvideox-2b", S480)).unwrap();
     let train = phase(&p, "train");
-    assert_eq!(item(train, "transformer weights"), p.transformer_parameters * 4);
+    assert_eq!(
+        item(train, "transformer weights"),
+        p.transformer_parameters * 4
+    );
     // rank 128 x (1920 + 1920) x 4 layers x 30 blocks.
     assert_eq!(p.trainable_parameters, 128 * 3840 * 4 * 30);
     assert_eq!(item(train, "AdamW states"), 2 * 4 * p.trainable_parameters);
     let mut half = input("cogvideox-2b", S480);
-    half.trainable = Trainable::Lora { rank: 64, targets: vec!["to_q".into(), "to_k".into(), "to_v".into(), "to_out.0".into()] };
-    assert_eq!(plan(&half).unwrap().trainable_parameters * 2, p.trainable_parameters);
+    half.trainable = Trainable::Lora {
+        rank: 64,
+        targets: vec![
+            "to_q".into(),
+            "to_k".into(),
+            "to_v".into(),
+            "to_out.0".into(),
+        ],
+    };
+    assert_eq!(
+        plan(&half).unwrap().trainable_parameters * 2,
+        p.trainable_parameters
+    );
     // SFT trains every weight but the 5B-I2V's learned positional table (a buffer, as in diffusers).
     let mut sft = input("cogvideox-5b-i2v", S480);
     sft.trainable = Trainable::Full;
     let s = plan(&sft).unwrap();
     assert!(s.trainable_parameters < s.transformer_parameters);
-    assert_eq!(s.transformer_parameters - s.trainable_parameters, (226 + 13 * 30 * 45) * 3072);
+    assert_eq!(
+        s.transformer_parameters - s.trainable_parameters,
+        (226 + 13 * 30 * 45) * 3072
+    );
     // The I2V model keeps the VAE for the image latents while it trains.
-    assert!(phase(&s, "train").items.iter().any(|i| i.name.starts_with("VAE (I2V")));
+    assert!(phase(&s, "train")
+        .items
+        .iter()
+        .any(|i| i.name.starts_with("VAE (I2V")));
 }
 
 #[test]
@@ -83,53 +126,108 @@ fn checkpointing_and_batch_change_the_activations_as_they_should() {
 #[test]
 fn validation_loads_the_vae_not_t5_and_the_verdict_follows_the_budget() {
     let mut i = input("cogvideox-2b", S480);
-    i.validation = Some(ValidationInput { shape: S480, guidance: true });
+    i.validation = Some(ValidationInput {
+        shape: S480,
+        guidance: true,
+    });
     let p = plan(&i).unwrap();
     let v = phase(&p, "validation");
     // The validation prompts are T5-encoded before training: T5 is counted in prepare only.
-    assert!(v.items.iter().all(|i| !i.name.contains("T5")), "{:?}", v.items);
+    assert!(
+        v.items.iter().all(|i| !i.name.contains("T5")),
+        "{:?}",
+        v.items
+    );
     assert!(item(phase(&p, "prepare-prompts"), "T5 encoder weights") > 4_700_000_000 * 4);
     // Under mixed precision T5 keeps bf16 weights (either half dtype: fp16 overflows in T5).
     for precision in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
         let mut half = i.clone();
         half.mixed_precision = precision;
         let half = plan(&half).unwrap();
-        assert_eq!(item(phase(&half, "prepare-prompts"), "T5 encoder weights") * 2, item(phase(&p, "prepare-prompts"), "T5 encoder weights"));
+        assert_eq!(
+            item(phase(&half, "prepare-prompts"), "T5 encoder weights") * 2,
+            item(phase(&p, "prepare-prompts"), "T5 encoder weights")
+        );
     }
     assert!(item(v, "VAE weights") > 200_000_000 * 4);
     // The decode is tiled (240x360 tiles for 480x720): a whole-frame decode would keep 4x one tile.
     let vae = &ModelConfigs::released("cogvideox-2b").unwrap().vae;
     let tiled = cogvx_plan::activations::vae_decode_bytes(vae, S480);
-    let small = cogvx_plan::activations::vae_decode_bytes(vae, Shape { frames: 49, height: 240, width: 352 });
-    assert!(tiled < 3 * small, "tiled decode {tiled} vs one tile {small}");
-    assert_eq!(p.peak_bytes, p.phases.iter().map(|p| p.peak_bytes).max().unwrap());
+    let small = cogvx_plan::activations::vae_decode_bytes(
+        vae,
+        Shape {
+            frames: 49,
+            height: 240,
+            width: 352,
+        },
+    );
+    assert!(
+        tiled < 3 * small,
+        "tiled decode {tiled} vs one tile {small}"
+    );
+    assert_eq!(
+        p.peak_bytes,
+        p.phases.iter().map(|p| p.peak_bytes).max().unwrap()
+    );
     let fits = p.clone().with_budget(p.peak_gib + 0.01);
     assert_eq!(fits.fits, Some(true));
     let tight = p.with_budget(phase(&fits, "train").peak_gib + 0.01);
     assert_eq!(tight.fits, Some(false));
     assert_eq!(phase(&tight, "train").fits, Some(true));
     let text = tight.render();
-    assert!(text.contains("does not fit in") && text.contains("DOES NOT FIT"), "{text}");
+    assert!(
+        text.contains("does not fit in") && text.contains("DOES NOT FIT"),
+        "{text}"
+    );
     let json: serde_json::Value = serde_json::to_value(&tight).unwrap();
     for p in json["phases"].as_array().unwrap() {
-        assert!(p["peak_gib"].as_f64().unwrap() > 0.0 && p["fits"].is_boolean(), "{p}");
+        assert!(
+            p["peak_gib"].as_f64().unwrap() > 0.0 && p["fits"].is_boolean(),
+            "{p}"
+        );
     }
 }
 
 #[test]
 fn bad_input_is_an_error_naming_the_key() {
-    let e = plan(&input("cogvideox-2b", Shape { frames: 50, height: 480, width: 720 })).unwrap_err().to_string();
+    let e = plan(&input(
+        "cogvideox-2b",
+        Shape {
+            frames: 50,
+            height: 480,
+            width: 720,
+        },
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("frames must be 4k + 1"), "{e}");
-    let e = plan(&input("cogvideox-2b", Shape { frames: 49, height: 488, width: 720 })).unwrap_err().to_string();
+    let e = plan(&input(
+        "cogvideox-2b",
+        Shape {
+            frames: 49,
+            height: 488,
+            width: 720,
+        },
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("multiples of 16"), "{e}");
     let mut i = input("cogvideox-2b", S480);
-    i.trainable = Trainable::Lora { rank: 16, targets: vec!["to_qq".into()] };
+    i.trainable = Trainable::Lora {
+        rank: 16,
+        targets: vec!["to_qq".into()],
+    };
     let e = plan(&i).unwrap_err().to_string();
     assert!(e.contains("target_modules") && e.contains("to_qq"), "{e}");
     i.batch_size = 0;
     assert!(plan(&i).unwrap_err().to_string().contains("batch_size"));
-    let e = ModelConfigs::released("cogvideox-7b").unwrap_err().to_string();
-    assert!(e.contains("cogvideox-7b") && e.contains("cogvideox1.5-5b-i2v"), "{e}");
+    let e = ModelConfigs::released("cogvideox-7b")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cogvideox-7b") && e.contains("cogvideox1.5-5b-i2v"),
+        "{e}"
+    );
 }
 
 /// Mixed precision: frozen weights in half (LoRA), f32 masters plus half copies cast at use
@@ -137,20 +235,44 @@ fn bad_input_is_an_error_naming_the_key() {
 #[test]
 fn mixed_precision_halves_the_frozen_weights_and_most_activations() {
     let f32_run = plan(&input("cogvideox-2b", S480)).unwrap();
-    let bf16 = plan(&PlanInput { mixed_precision: MixedPrecision::Bf16, ..input("cogvideox-2b", S480) }).unwrap();
+    let bf16 = plan(&PlanInput {
+        mixed_precision: MixedPrecision::Bf16,
+        ..input("cogvideox-2b", S480)
+    })
+    .unwrap();
     let (a, b) = (phase(&f32_run, "train"), phase(&bf16, "train"));
-    assert_eq!(item(b, "transformer weights") * 2, item(a, "transformer weights"));
-    assert!(b.items.iter().any(|i| i.name.contains("bf16")), "{:?}", b.items);
+    assert_eq!(
+        item(b, "transformer weights") * 2,
+        item(a, "transformer weights")
+    );
+    assert!(
+        b.items.iter().any(|i| i.name.contains("bf16")),
+        "{:?}",
+        b.items
+    );
     // Trainable parameters and AdamW states stay f32.
     assert_eq!(item(b, "AdamW states"), item(a, "AdamW states"));
     let (sa, sb) = (item(a, "activations"), item(b, "activations"));
     assert!(sb < sa && sb > sa / 2, "activations {sa} -> {sb}");
     // SFT keeps f32 masters and adds their half copies.
-    let sft = |mp| plan(&PlanInput { trainable: Trainable::Full, mixed_precision: mp, ..input("cogvideox-2b", S480) }).unwrap();
+    let sft = |mp| {
+        plan(&PlanInput {
+            trainable: Trainable::Full,
+            mixed_precision: mp,
+            ..input("cogvideox-2b", S480)
+        })
+        .unwrap()
+    };
     let (fa, fb) = (sft(MixedPrecision::No), sft(MixedPrecision::Fp16));
     let (ta, tb) = (phase(&fa, "train"), phase(&fb, "train"));
-    assert_eq!(item(tb, "transformer weights"), item(ta, "transformer weights"));
-    assert_eq!(item(tb, "half copies of the weights") * 2, item(ta, "transformer weights"));
+    assert_eq!(
+        item(tb, "transformer weights"),
+        item(ta, "transformer weights")
+    );
+    assert_eq!(
+        item(tb, "half copies of the weights") * 2,
+        item(ta, "transformer weights")
+    );
     assert!(fb.render().contains("mixed precision fp16"));
 }
 
@@ -159,7 +281,10 @@ fn a_lora_on_the_feed_forward_keeps_its_hidden_layer() {
     let act = |targets: &[&str]| {
         let mut i = input("cogvideox-2b", S480);
         i.gradient_checkpointing = false;
-        i.trainable = Trainable::Lora { rank: 128, targets: targets.iter().map(|t| t.to_string()).collect() };
+        i.trainable = Trainable::Lora {
+            rank: 128,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+        };
         item(phase(&plan(&i).unwrap(), "train"), "activations")
     };
     let attention = ["to_q", "to_k", "to_v", "to_out.0"];
@@ -173,12 +298,20 @@ fn a_lora_on_the_feed_forward_keeps_its_hidden_layer() {
 #[test]
 fn offloaded_block_inputs_leave_the_gpu_but_not_the_cpu() {
     let act = |offload: bool, device: DeviceKind| {
-        let i = PlanInput { checkpoint_offload: offload, mixed_precision: MixedPrecision::Bf16, device, ..input("cogvideox-5b", S480) };
+        let i = PlanInput {
+            checkpoint_offload: offload,
+            mixed_precision: MixedPrecision::Bf16,
+            device,
+            ..input("cogvideox-5b", S480)
+        };
         item(phase(&plan(&i).unwrap(), "train"), "activations")
     };
     // 42 blocks: 41 of the bf16 [17776, 3072] inputs wait in host memory, the one being
     // recomputed is on the GPU.
-    assert_eq!(act(false, DeviceKind::Cuda) - act(true, DeviceKind::Cuda), 41 * 17_776 * 3072 * 2);
+    assert_eq!(
+        act(false, DeviceKind::Cuda) - act(true, DeviceKind::Cuda),
+        41 * 17_776 * 3072 * 2
+    );
     // On the CPU host memory is the device's.
     assert_eq!(act(false, DeviceKind::Cpu), act(true, DeviceKind::Cpu));
 }

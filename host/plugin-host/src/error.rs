@@ -20,11 +20,19 @@ pub enum LoadError {
          rebuild the plugin against cogvx-plugin-api {expected}",
         path.display()
     )]
-    ApiVersion { path: PathBuf, found: String, expected: String },
+    ApiVersion {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     /// The plugin was recognised but failed to start (instantiate, `info`, `configure`).
     #[error("cannot start plugin {}: {reason}", path.display())]
     Start { path: PathBuf, reason: String },
     /// Two loaded files declare the same plugin name.
     #[error("plugin `{name}` is loaded twice: from {first} and from {}; pass only one of them", second.display())]
-    Duplicate { name: String, first: String, second: PathBuf },
+    Duplicate {
+        name: String,
+        first: String,
+        second: PathBuf,
+    },
 }

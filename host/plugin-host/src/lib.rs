@@ -29,7 +29,9 @@ pub use registry::{PluginRow, Registry};
 pub use validate::validate_samples;
 pub use wasm::{WasmLimits, GUEST_DATASET_ROOT};
 
-pub use cogvx_plugin_api::{Plugin, PluginError, PluginInfo, PluginKind, PluginResult, API_VERSION};
+pub use cogvx_plugin_api::{
+    Plugin, PluginError, PluginInfo, PluginKind, PluginResult, API_VERSION,
+};
 
 /// The plugin API versions this host can load (one WIT binding / native layout per version).
 pub const SUPPORTED_API_VERSIONS: &[&str] = &[API_VERSION];

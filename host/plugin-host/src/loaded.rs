@@ -16,7 +16,10 @@ pub const MAX_MESSAGE_BYTES: usize = 2048;
 /// description are printed without control characters and cut to 64 and 256 bytes.
 fn checked_info(mut info: PluginInfo, path: &Path) -> Result<PluginInfo, LoadError> {
     let name_ok = (1..=64).contains(&info.name.len())
-        && info.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && info
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !name_ok {
         return Err(LoadError::Start {
             path: path.to_path_buf(),
@@ -76,8 +79,14 @@ pub struct LoadedPlugin {
 /// The sha256 of a plugin file, hex.
 fn file_digest(path: &Path) -> Result<String, LoadError> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).map_err(|e| LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() })?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    let bytes = std::fs::read(path).map_err(|e| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -109,7 +118,9 @@ impl LoadedPlugin {
         match path.extension().and_then(|e| e.to_str()) {
             Some("wasm") => Self::load_wasm(path, limits),
             Some("so") | Some("dylib") | Some("dll") => Self::load_native(path),
-            _ => Err(LoadError::UnknownExtension { path: path.to_path_buf() }),
+            _ => Err(LoadError::UnknownExtension {
+                path: path.to_path_buf(),
+            }),
         }
     }
 
@@ -186,8 +197,17 @@ impl LoadedPlugin {
     /// `plugin `name` version (transport[, file])`, the prefix of every error.
     pub fn label(&self) -> String {
         match &self.source {
-            Some(p) => format!("plugin `{}` {} ({}, {})", self.info.name, self.info.version, self.transport, p.display()),
-            None => format!("plugin `{}` {} ({})", self.info.name, self.info.version, self.transport),
+            Some(p) => format!(
+                "plugin `{}` {} ({}, {})",
+                self.info.name,
+                self.info.version,
+                self.transport,
+                p.display()
+            ),
+            None => format!(
+                "plugin `{}` {} ({})",
+                self.info.name, self.info.version, self.transport
+            ),
         }
     }
 
@@ -195,14 +215,22 @@ impl LoadedPlugin {
         r.map_err(|e| {
             let label = self.label();
             let e = match e {
-                PluginError::Unsupported(m) => PluginError::Unsupported(display_safe(&m, MAX_MESSAGE_BYTES)),
-                PluginError::Invalid(m) => PluginError::Invalid(display_safe(&m, MAX_MESSAGE_BYTES)),
+                PluginError::Unsupported(m) => {
+                    PluginError::Unsupported(display_safe(&m, MAX_MESSAGE_BYTES))
+                }
+                PluginError::Invalid(m) => {
+                    PluginError::Invalid(display_safe(&m, MAX_MESSAGE_BYTES))
+                }
                 PluginError::Failed(m) => PluginError::Failed(display_safe(&m, MAX_MESSAGE_BYTES)),
             };
             match e {
-                PluginError::Unsupported(m) => PluginError::Unsupported(format!("{label}: `{call}`: {m}")),
+                PluginError::Unsupported(m) => {
+                    PluginError::Unsupported(format!("{label}: `{call}`: {m}"))
+                }
                 PluginError::Invalid(m) => PluginError::Invalid(format!("{label}: `{call}`: {m}")),
-                PluginError::Failed(m) => PluginError::Failed(format!("{label}: `{call}` failed: {m}")),
+                PluginError::Failed(m) => {
+                    PluginError::Failed(format!("{label}: `{call}` failed: {m}"))
+                }
             }
         })
     }
@@ -230,7 +258,11 @@ impl Plugin for LoadedPlugin {
         // Paths inside the root become relative to it; anything else is checked below.
         let relative = |p: &mut String| {
             if let Ok(rel) = Path::new(p.as_str()).strip_prefix(root) {
-                *p = if rel.as_os_str().is_empty() { ".".into() } else { rel.to_string_lossy().into_owned() };
+                *p = if rel.as_os_str().is_empty() {
+                    ".".into()
+                } else {
+                    rel.to_string_lossy().into_owned()
+                };
             }
         };
         for s in &mut samples {
@@ -239,21 +271,24 @@ impl Plugin for LoadedPlugin {
                 relative(image);
             }
         }
-        validate_samples(&samples).map_err(|why| self.bad_output("list-samples", "a bad sample", why))?;
+        validate_samples(&samples)
+            .map_err(|why| self.bad_output("list-samples", "a bad sample", why))?;
         Ok(samples)
     }
 
     fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
         let r = self.inner.plan_transform(request);
         let plan = self.wrap("plan-transform", r)?;
-        plan.check(&request.clip).map_err(|why| self.bad_output("plan-transform", "a bad plan", why))?;
+        plan.check(&request.clip)
+            .map_err(|why| self.bad_output("plan-transform", "a bad plan", why))?;
         Ok(plan)
     }
 
     fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
         let r = self.inner.transform_frames(frames);
         let out = self.wrap("transform-frames", r)?;
-        out.check().map_err(|why| self.bad_output("transform-frames", "bad frames", why))?;
+        out.check()
+            .map_err(|why| self.bad_output("transform-frames", "bad frames", why))?;
         Ok(out)
     }
 
@@ -288,7 +323,12 @@ mod tests {
     use super::*;
 
     fn info(name: &str, version: &str, description: &str) -> PluginInfo {
-        PluginInfo { name: name.into(), version: version.into(), kinds: vec![PluginKind::PromptRewriter], description: description.into() }
+        PluginInfo {
+            name: name.into(),
+            version: version.into(),
+            kinds: vec![PluginKind::PromptRewriter],
+            description: description.into(),
+        }
     }
 
     /// A 50 MB name made `cogvx plugins` panic (format width); names with escapes reached the
@@ -298,12 +338,21 @@ mod tests {
         let p = Path::new("x.wasm");
         for bad in ["", "a b", "caption\u{1b}[2J", "../x", "é"] {
             let e = checked_info(info(bad, "1", ""), p).unwrap_err().to_string();
-            assert!(e.contains("not a plugin name") && !e.contains('\u{1b}'), "{e}");
+            assert!(
+                e.contains("not a plugin name") && !e.contains('\u{1b}'),
+                "{e}"
+            );
         }
         let huge = "n".repeat(50 << 20);
-        let e = checked_info(info(&huge, "1", ""), p).unwrap_err().to_string();
+        let e = checked_info(info(&huge, "1", ""), p)
+            .unwrap_err()
+            .to_string();
         assert!(e.len() < 1024, "{}", e.len());
-        let ok = checked_info(info("crop_resize-2.v1", "1.0\u{1b}[31m", &"d".repeat(10_000)), p).unwrap();
+        let ok = checked_info(
+            info("crop_resize-2.v1", "1.0\u{1b}[31m", &"d".repeat(10_000)),
+            p,
+        )
+        .unwrap();
         assert_eq!(ok.version, "1.0\\u{1b}[31m");
         assert!(ok.description.len() < 300 && ok.description.ends_with("more bytes)"));
     }

@@ -41,7 +41,12 @@ pub(crate) fn api_compatible(found: &str, ours: &str) -> bool {
 
 fn first_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut out = lines.iter().take(n).copied().collect::<Vec<_>>().join("\n  ");
+    let mut out = lines
+        .iter()
+        .take(n)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n  ");
     if lines.len() > n {
         out.push_str(&format!("\n  ... ({} more lines)", lines.len() - n));
     }
@@ -89,15 +94,22 @@ fn check_elf_extent(path: &Path) -> Result<(), String> {
         return Ok(());
     }
     let len = bytes.len() as u64;
-    let short = |what: String| format!("the file is truncated or damaged: {what}, but the file has {len} bytes (copy or build it again)");
+    let short = |what: String| {
+        format!("the file is truncated or damaged: {what}, but the file has {len} bytes (copy or build it again)")
+    };
     if bytes.len() < 64 || bytes[4] != 2 || bytes[5] != 1 {
-        return Err(if bytes.len() < 64 { short("its ELF header needs 64 bytes".into()) } else { "it is not a 64-bit little-endian ELF library".into() });
+        return Err(if bytes.len() < 64 {
+            short("its ELF header needs 64 bytes".into())
+        } else {
+            "it is not a 64-bit little-endian ELF library".into()
+        });
     }
     let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as u64;
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes")) as u64;
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
     let (phoff, shoff) = (u64_at(0x20), u64_at(0x28));
-    let (phentsize, phnum, shentsize, shnum) = (u16_at(0x36), u16_at(0x38), u16_at(0x3a), u16_at(0x3c));
+    let (phentsize, phnum, shentsize, shnum) =
+        (u16_at(0x36), u16_at(0x38), u16_at(0x3a), u16_at(0x3c));
     let ph_end = phoff.saturating_add(phentsize.saturating_mul(phnum));
     if ph_end > len || phentsize < 56 {
         return Err(short(format!("its program headers end at byte {ph_end}")));
@@ -113,7 +125,9 @@ fn check_elf_extent(path: &Path) -> Result<(), String> {
             let (offset, filesz) = (u64_at(h + 8), u64_at(h + 32));
             let end = offset.saturating_add(filesz);
             if end > len {
-                return Err(short(format!("its loadable segment {i} ends at byte {end}")));
+                return Err(short(format!(
+                    "its loadable segment {i} ends at byte {end}"
+                )));
             }
         }
     }
@@ -140,43 +154,70 @@ impl NativePlugin {
     /// Loads, checks and instantiates; returns the instance, its info and its API version.
     pub(crate) fn load(path: &Path) -> Result<(Self, PluginInfo, String), LoadError> {
         if let Err(e) = std::fs::metadata(path) {
-            return Err(LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() });
+            return Err(LoadError::Unreadable {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            });
         }
         // A truncated library maps pages past the end of the file: the loader dies of SIGBUS
         // touching them, with no message. Its segments must lie inside the file.
-        check_elf_extent(path).map_err(|reason| LoadError::NotAPlugin { path: path.to_path_buf(), reason })?;
+        check_elf_extent(path).map_err(|reason| LoadError::NotAPlugin {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         warn_native_once(path);
         let header = lib_header_from_path(path).map_err(|e| library_error(path, e))?;
         let found = header.version_strings().version.as_str().to_string();
         if !api_compatible(&found, API_VERSION) {
-            return Err(LoadError::ApiVersion { path: path.to_path_buf(), found, expected: API_VERSION.into() });
+            return Err(LoadError::ApiVersion {
+                path: path.to_path_buf(),
+                found,
+                expected: API_VERSION.into(),
+            });
         }
-        header.ensure_layout::<PluginModuleRef>().map_err(|e| library_error(path, e))?;
+        header
+            .ensure_layout::<PluginModuleRef>()
+            .map_err(|e| library_error(path, e))?;
         // SAFETY: the layout was checked just above.
         let module = unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }
             .map_err(|e| library_error(path, e))?;
         let declared = module.api_version().as_str().to_string();
         if !api_compatible(&declared, API_VERSION) {
-            return Err(LoadError::ApiVersion { path: path.to_path_buf(), found: declared, expected: API_VERSION.into() });
+            return Err(LoadError::ApiVersion {
+                path: path.to_path_buf(),
+                found: declared,
+                expected: API_VERSION.into(),
+            });
         }
         let handle = match (module.new_instance())() {
             RResult::ROk(h) => h,
             RResult::RErr(e) => {
-                return Err(LoadError::Start { path: path.to_path_buf(), reason: format!("creating the instance: {}", e.message) })
+                return Err(LoadError::Start {
+                    path: path.to_path_buf(),
+                    reason: format!("creating the instance: {}", e.message),
+                })
             }
         };
-        let mut plugin = NativePlugin { module, handle, params: None, path: path.to_path_buf(), info: None };
-        let info = plugin
-            .info_checked()
-            .map_err(|e| LoadError::Start { path: path.to_path_buf(), reason: format!("`info`: {e}") })?;
+        let mut plugin = NativePlugin {
+            module,
+            handle,
+            params: None,
+            path: path.to_path_buf(),
+            info: None,
+        };
+        let info = plugin.info_checked().map_err(|e| LoadError::Start {
+            path: path.to_path_buf(),
+            reason: format!("`info`: {e}"),
+        })?;
         plugin.info = Some(info.clone());
         Ok((plugin, info, declared))
     }
 
     fn info_checked(&mut self) -> PluginResult<PluginInfo> {
         let (json, _) = self.raw_call("info", String::new(), Vec::new())?;
-        let info: PluginInfo = serde_json::from_str(&json)
-            .map_err(|e| PluginError::Failed(format!("the plugin answered `info` with bad JSON: {e}")))?;
+        let info: PluginInfo = serde_json::from_str(&json).map_err(|e| {
+            PluginError::Failed(format!("the plugin answered `info` with bad JSON: {e}"))
+        })?;
         if info.name.trim().is_empty() {
             return Err(PluginError::Failed("the plugin's name is empty".into()));
         }
@@ -192,13 +233,18 @@ impl NativePlugin {
         self.drop_instance();
         match (self.module.new_instance())() {
             RResult::ROk(h) => self.handle = h,
-            RResult::RErr(e) => return Err(format!("recreating the instance failed: {}", e.message)),
+            RResult::RErr(e) => {
+                return Err(format!("recreating the instance failed: {}", e.message))
+            }
         }
         if let Some(params) = self.params.clone() {
             let json = serde_json::to_string(&params).expect("a string serialises");
             if let Err(e) = self.call_once("configure", json, Vec::new()) {
                 self.drop_instance();
-                return Err(format!("re-configuring the recreated instance failed: {}", e.message));
+                return Err(format!(
+                    "re-configuring the recreated instance failed: {}",
+                    e.message
+                ));
             }
         }
         Ok(())
@@ -212,14 +258,29 @@ impl NativePlugin {
     }
 
     /// One call on the current instance, without recovery.
-    fn call_once(&mut self, method: &str, json: String, bytes: Vec<u8>) -> Result<(String, Vec<u8>), NativeError> {
-        match (self.module.call())(self.handle, RStr::from_str(method), RStr::from_str(&json), RVec::from(bytes)) {
+    fn call_once(
+        &mut self,
+        method: &str,
+        json: String,
+        bytes: Vec<u8>,
+    ) -> Result<(String, Vec<u8>), NativeError> {
+        match (self.module.call())(
+            self.handle,
+            RStr::from_str(method),
+            RStr::from_str(&json),
+            RVec::from(bytes),
+        ) {
             RResult::ROk(r) => Ok((r.json.into_string(), r.bytes.into_vec())),
             RResult::RErr(e) => Err(e),
         }
     }
 
-    fn raw_call(&mut self, method: &str, json: String, bytes: Vec<u8>) -> PluginResult<(String, Vec<u8>)> {
+    fn raw_call(
+        &mut self,
+        method: &str,
+        json: String,
+        bytes: Vec<u8>,
+    ) -> PluginResult<(String, Vec<u8>)> {
         if self.handle.0.is_null() {
             self.recreate().map_err(PluginError::Failed)?;
         }
@@ -246,7 +307,11 @@ impl NativePlugin {
         }
     }
 
-    fn call<A: serde::Serialize, R: serde::de::DeserializeOwned>(&mut self, method: &str, arg: &A) -> PluginResult<R> {
+    fn call<A: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &mut self,
+        method: &str,
+        arg: &A,
+    ) -> PluginResult<R> {
         self.call_bytes(method, arg, Vec::new()).map(|(r, _)| r)
     }
 
@@ -259,8 +324,11 @@ impl NativePlugin {
         let json = serde_json::to_string(arg)
             .map_err(|e| PluginError::Failed(format!("cannot encode the arguments: {e}")))?;
         let (out, bytes) = self.raw_call(method, json, bytes)?;
-        let value = serde_json::from_str(&out)
-            .map_err(|e| PluginError::Failed(format!("the plugin's answer is not a valid {method} result: {e}")))?;
+        let value = serde_json::from_str(&out).map_err(|e| {
+            PluginError::Failed(format!(
+                "the plugin's answer is not a valid {method} result: {e}"
+            ))
+        })?;
         Ok((value, bytes))
     }
 }
@@ -292,7 +360,8 @@ impl Plugin for NativePlugin {
 
     fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
         let (header, rgb) = native::split_frames(frames);
-        let (mut out, rgb): (Frames, Vec<u8>) = self.call_bytes("transform-frames", &header, rgb)?;
+        let (mut out, rgb): (Frames, Vec<u8>) =
+            self.call_bytes("transform-frames", &header, rgb)?;
         out.rgb = rgb;
         Ok(out)
     }
@@ -331,10 +400,16 @@ impl Plugin for NativePlugin {
         let f = &request.frames;
         let head = Head {
             prompt: &request.prompt,
-            frames: FramesHead { width: f.width, height: f.height, count: f.count, rgb: [] },
+            frames: FramesHead {
+                width: f.width,
+                height: f.height,
+                count: f.count,
+                rgb: [],
+            },
             fps: request.fps,
         };
-        self.call_bytes("validate", &head, f.rgb.clone()).map(|(m, _)| m)
+        self.call_bytes("validate", &head, f.rgb.clone())
+            .map(|(m, _)| m)
     }
 }
 

@@ -21,8 +21,17 @@ pub struct PluginRow {
 impl std::fmt::Display for PluginRow {
     /// `name version  kinds  transport  api  source`, tab-separated.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kinds = self.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(",");
-        write!(f, "{}\t{}\t{}\t{}\t{}\t{}", self.name, self.version, kinds, self.transport, self.api_version, self.source)
+        let kinds = self
+            .kinds
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        write!(
+            f,
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            self.name, self.version, kinds, self.transport, self.api_version, self.source
+        )
     }
 }
 
@@ -42,7 +51,10 @@ impl Registry {
 
     /// An empty registry whose WASM plugins get `limits`.
     pub fn with_wasm_limits(limits: WasmLimits) -> Self {
-        Registry { plugins: Vec::new(), limits }
+        Registry {
+            plugins: Vec::new(),
+            limits,
+        }
     }
 
     /// The limits given to WASM plugins loaded from now on.
@@ -56,7 +68,10 @@ impl Registry {
         let loaded = LoadedPlugin::builtin(plugin);
         let i = match self.plugins.iter().position(|p| p.name() == loaded.name()) {
             Some(i) if self.plugins[i].transport() != Transport::BuiltIn => {
-                tracing::debug!(plugin = loaded.name(), "built-in shadowed by a loaded plugin");
+                tracing::debug!(
+                    plugin = loaded.name(),
+                    "built-in shadowed by a loaded plugin"
+                );
                 i
             }
             Some(i) => {
@@ -83,7 +98,10 @@ impl Registry {
             Some(i) => {
                 return Err(LoadError::Duplicate {
                     name: loaded.name().to_string(),
-                    first: self.plugins[i].source().map(|p| p.display().to_string()).unwrap_or_default(),
+                    first: self.plugins[i]
+                        .source()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     second: path.to_path_buf(),
                 })
             }
@@ -136,7 +154,10 @@ impl Registry {
                 kinds: p.kinds().to_vec(),
                 transport: p.transport(),
                 api_version: p.api_version().to_string(),
-                source: p.source().map(|s| s.display().to_string()).unwrap_or_else(|| "built-in".into()),
+                source: p
+                    .source()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_else(|| "built-in".into()),
             })
             .collect()
     }

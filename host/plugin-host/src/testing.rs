@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cogvx_plugin_api::{Plugin, PluginError, PluginResult};
 use crate::{LoadedPlugin, WasmLimits};
+use cogvx_plugin_api::{Plugin, PluginError, PluginResult};
 
 /// The cargo profile `plugins/build.sh` builds with, so CI reuses its artifacts.
 const PROFILE: &str = "dev";
@@ -26,11 +26,16 @@ fn profile_dir() -> &'static str {
 
 /// The workspace root (this crate sits two folders below it, as the plugin crates do).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
 }
 
 /// Runs `cargo build -p <package> --profile PROFILE <extra>`; `Err(stderr)` if it fails.
@@ -69,14 +74,23 @@ pub fn build(package: &str, lib: &str) -> Artifacts {
     let root = workspace_root();
     cargo_build(&root, package, &["--features", "native-export"])
         .unwrap_or_else(|e| panic!("building the .so of {package} failed:\n{e}"));
-    let built = target_dir(&root).join(profile_dir()).join(format!("lib{lib}.so"));
+    let built = target_dir(&root)
+        .join(profile_dir())
+        .join(format!("lib{lib}.so"));
     let dir = target_dir(&root).join("transport-test");
     std::fs::create_dir_all(&dir).unwrap();
     let so = dir.join(format!("lib{lib}-{}.so", std::process::id()));
     std::fs::copy(&built, &so).unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
     let wasm = match cargo_build(&root, package, &["--target", "wasm32-wasip2"]) {
-        Ok(()) => target_dir(&root).join("wasm32-wasip2").join(profile_dir()).join(format!("{lib}.wasm")),
-        Err(e) if e.contains("target may not be installed") || e.contains("can't find crate for `std`") || e.contains("can't find crate for `core`") => {
+        Ok(()) => target_dir(&root)
+            .join("wasm32-wasip2")
+            .join(profile_dir())
+            .join(format!("{lib}.wasm")),
+        Err(e)
+            if e.contains("target may not be installed")
+                || e.contains("can't find crate for `std`")
+                || e.contains("can't find crate for `core`") =>
+        {
             panic!("building the .wasm of {package} needs the wasm32-wasip2 target: run `rustup target add wasm32-wasip2` (scripts/setup.sh does)\n{e}")
         }
         Err(e) => panic!("building the .wasm of {package} failed:\n{e}"),
@@ -89,12 +103,17 @@ pub fn load_all(builtin: fn() -> Box<dyn Plugin>, artifacts: &Artifacts) -> Vec<
     vec![
         LoadedPlugin::builtin(builtin()),
         LoadedPlugin::load_native(&artifacts.so).unwrap_or_else(|e| panic!("load the .so: {e}")),
-        LoadedPlugin::load_wasm(&artifacts.wasm, &WasmLimits::default()).unwrap_or_else(|e| panic!("load the .wasm: {e}")),
+        LoadedPlugin::load_wasm(&artifacts.wasm, &WasmLimits::default())
+            .unwrap_or_else(|e| panic!("load the .wasm: {e}")),
     ]
 }
 
 /// The plugin through every transport, each configured with `params` (which must be accepted).
-pub fn configured_all(builtin: fn() -> Box<dyn Plugin>, artifacts: &Artifacts, params: &str) -> Vec<LoadedPlugin> {
+pub fn configured_all(
+    builtin: fn() -> Box<dyn Plugin>,
+    artifacts: &Artifacts,
+    params: &str,
+) -> Vec<LoadedPlugin> {
     let mut all = load_all(builtin, artifacts);
     for p in &mut all {
         let r = p.configure(params);
@@ -126,13 +145,23 @@ pub fn assert_same<T: PartialEq + std::fmt::Debug>(
     let want = normalised(call(&mut plugins[0]));
     for p in &mut plugins[1..] {
         let got = normalised(call(p));
-        assert_eq!(got, want, "{} differs from the built-in for {what}", p.label());
+        assert_eq!(
+            got,
+            want,
+            "{} differs from the built-in for {what}",
+            p.label()
+        );
     }
     want
 }
 
 /// Asserts that `params` is refused with the same message on every transport; returns it.
-pub fn assert_same_config_error(builtin: fn() -> Box<dyn Plugin>, artifacts: &Artifacts, params: &str) -> String {
+pub fn assert_same_config_error(
+    builtin: fn() -> Box<dyn Plugin>,
+    artifacts: &Artifacts,
+    params: &str,
+) -> String {
     let mut all = load_all(builtin, artifacts);
-    assert_same(&mut all, params, |p| p.configure(params)).expect_err("the config should be refused")
+    assert_same(&mut all, params, |p| p.configure(params))
+        .expect_err("the config should be refused")
 }

@@ -7,7 +7,9 @@ use cogvx_plugin_api::Sample;
 /// Checks that every sample's paths are relative and stay inside the dataset root.
 pub fn validate_samples(samples: &[Sample]) -> Result<(), String> {
     for s in samples {
-        for (what, p) in std::iter::once(("video", &s.video)).chain(s.image.as_ref().map(|i| ("image", i))) {
+        for (what, p) in
+            std::iter::once(("video", &s.video)).chain(s.image.as_ref().map(|i| ("image", i)))
+        {
             if p.is_empty() {
                 return Err(format!("sample {}: the {what} path is empty", s.origin));
             }
@@ -20,7 +22,10 @@ pub fn validate_samples(samples: &[Sample]) -> Result<(), String> {
         }
         if let Some(r) = s.frames {
             if r.start >= r.end {
-                return Err(format!("sample {}: the frame range {}..{} is empty", s.origin, r.start, r.end));
+                return Err(format!(
+                    "sample {}: the frame range {}..{} is empty",
+                    s.origin, r.start, r.end
+                ));
             }
         }
     }
@@ -61,7 +66,10 @@ mod tests {
         };
         validate_samples(&[s("videos/a.mp4"), s("./a/../b.mp4")]).unwrap();
         let e = validate_samples(&[s("../x.mp4")]).unwrap_err();
-        assert!(e.contains("sample videos.txt:1: the video path `../x.mp4` leaves the dataset root"), "{e}");
+        assert!(
+            e.contains("sample videos.txt:1: the video path `../x.mp4` leaves the dataset root"),
+            "{e}"
+        );
         assert!(validate_samples(&[s("/etc/passwd")]).is_err());
         assert!(validate_samples(&[s("a/../../x")]).is_err());
     }

@@ -59,7 +59,10 @@ pub struct WasmLimits {
 
 impl Default for WasmLimits {
     fn default() -> Self {
-        WasmLimits { max_memory_bytes: 512 << 20, call_timeout: Duration::from_secs(30) }
+        WasmLimits {
+            max_memory_bytes: 512 << 20,
+            call_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -93,7 +96,8 @@ fn runtime() -> Result<&'static Runtime, String> {
         .get_or_init(|| {
             let mut config = Config::new();
             config.wasm_component_model(true).epoch_interruption(true);
-            let engine = Engine::new(&config).map_err(|e| format!("cannot start the WASM engine: {e}"))?;
+            let engine =
+                Engine::new(&config).map_err(|e| format!("cannot start the WASM engine: {e}"))?;
             let mut linker = Linker::new(&engine);
             wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
                 .map_err(|e| format!("cannot link WASI into the WASM engine: {e}"))?;
@@ -116,7 +120,11 @@ fn runtime() -> Result<&'static Runtime, String> {
                     }
                 })
                 .map_err(|e| format!("cannot start the WASM epoch thread: {e}"))?;
-            Ok(Runtime { engine, linker, compiled: Mutex::new(HashMap::new()) })
+            Ok(Runtime {
+                engine,
+                linker,
+                compiled: Mutex::new(HashMap::new()),
+            })
         })
         .as_ref()
         .map_err(Clone::clone)
@@ -124,16 +132,30 @@ fn runtime() -> Result<&'static Runtime, String> {
 
 /// Compiles (once per process) and pre-links a component; returns it with its API version.
 fn compile(path: &Path) -> Result<(v0_1_0::PluginPre<WasmState>, String), LoadError> {
-    let unreadable = |e: std::io::Error| LoadError::Unreadable { path: path.to_path_buf(), reason: e.to_string() };
+    let unreadable = |e: std::io::Error| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
     let meta = std::fs::metadata(path).map_err(unreadable)?;
     let canonical = std::fs::canonicalize(path).map_err(unreadable)?;
     let key = (canonical, meta.len(), meta.modified().ok());
-    let rt = runtime().map_err(|reason| LoadError::Start { path: path.to_path_buf(), reason })?;
-    if let Some(hit) = rt.compiled.lock().expect("compile cache poisoned").get(&key) {
+    let rt = runtime().map_err(|reason| LoadError::Start {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    if let Some(hit) = rt
+        .compiled
+        .lock()
+        .expect("compile cache poisoned")
+        .get(&key)
+    {
         return Ok(hit.clone());
     }
     let bytes = std::fs::read(path).map_err(unreadable)?;
-    let not_a_plugin = |reason: String| LoadError::NotAPlugin { path: path.to_path_buf(), reason };
+    let not_a_plugin = |reason: String| LoadError::NotAPlugin {
+        path: path.to_path_buf(),
+        reason,
+    };
     if !bytes.starts_with(b"\0asm") {
         return Err(not_a_plugin("not a WASM file (no `\\0asm` header)".into()));
     }
@@ -157,15 +179,29 @@ fn compile(path: &Path) -> Result<(v0_1_0::PluginPre<WasmState>, String), LoadEr
             ))
         })?;
     if version != API_VERSION {
-        return Err(LoadError::ApiVersion { path: path.to_path_buf(), found: version, expected: API_VERSION.into() });
+        return Err(LoadError::ApiVersion {
+            path: path.to_path_buf(),
+            found: version,
+            expected: API_VERSION.into(),
+        });
     }
-    let pre = rt.linker.instantiate_pre(&component).map_err(|e| LoadError::Start {
-        path: path.to_path_buf(),
-        reason: format!("it needs imports the sandbox does not provide: {e}"),
+    let pre = rt
+        .linker
+        .instantiate_pre(&component)
+        .map_err(|e| LoadError::Start {
+            path: path.to_path_buf(),
+            reason: format!("it needs imports the sandbox does not provide: {e}"),
+        })?;
+    let pre = v0_1_0::PluginPre::new(pre).map_err(|e| {
+        not_a_plugin(format!(
+            "its exports do not match cogvx:plugin@{API_VERSION}: {e}"
+        ))
     })?;
-    let pre = v0_1_0::PluginPre::new(pre).map_err(|e| not_a_plugin(format!("its exports do not match cogvx:plugin@{API_VERSION}: {e}")))?;
     let entry = (pre, version);
-    rt.compiled.lock().expect("compile cache poisoned").insert(key, entry.clone());
+    rt.compiled
+        .lock()
+        .expect("compile cache poisoned")
+        .insert(key, entry.clone());
     Ok(entry)
 }
 
@@ -179,7 +215,10 @@ struct WasmState {
 
 impl WasiView for WasmState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -195,7 +234,11 @@ struct MemoryCap {
 
 impl MemoryCap {
     fn new(max_bytes: usize) -> Self {
-        MemoryCap { max_bytes, used: 0, refused: None }
+        MemoryCap {
+            max_bytes,
+            used: 0,
+            refused: None,
+        }
     }
 
     /// Grows the total by `desired - current`, or refuses (the total is left as it was).
@@ -211,14 +254,28 @@ impl MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if !self.grow(current, desired) {
-            wasmtime::bail!("memory cap of {} exceeded (all memories together would take {})", mib(self.max_bytes), mib(self.refused.unwrap_or(desired)));
+            wasmtime::bail!(
+                "memory cap of {} exceeded (all memories together would take {})",
+                mib(self.max_bytes),
+                mib(self.refused.unwrap_or(desired))
+            );
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         // Tables cost a pointer per element; counted against the same cap.
         let size = std::mem::size_of::<usize>();
         Ok(self.grow(current.saturating_mul(size), desired.saturating_mul(size)))
@@ -390,7 +447,11 @@ impl wasmtime_wasi::p2::OutputStream for GuestStream {
 }
 
 impl tokio::io::AsyncWrite for GuestStream {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.log.write(self.stderr, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -432,8 +493,13 @@ const HOSTCALL_FUEL_MIN: usize = 128 << 20;
 const MAX_ABANDONMENTS: u32 = 3;
 
 /// A guest call, run on the worker thread that owns the instance.
-type GuestCall<R> =
-    Box<dyn FnOnce(&v0_1_0::Plugin, &mut Store<WasmState>) -> wasmtime::Result<Result<R, w::PluginError>> + Send>;
+type GuestCall<R> = Box<
+    dyn FnOnce(
+            &v0_1_0::Plugin,
+            &mut Store<WasmState>,
+        ) -> wasmtime::Result<Result<R, w::PluginError>>
+        + Send,
+>;
 
 /// A job for a worker; returns `false` when the instance must be discarded.
 type Job = Box<dyn FnOnce(&mut Instance) -> bool + Send>;
@@ -474,14 +540,25 @@ impl Factory {
     /// at [`GUEST_DATASET_ROOT`]. Re-applies the stored `configure` parameters.
     fn instantiate(&self, dataset_root: Option<&Path>) -> Result<Instance, String> {
         let mut b = WasiCtxBuilder::new();
-        b.stdout(GuestStream { log: self.log.clone(), stderr: false })
-            .stderr(GuestStream { log: self.log.clone(), stderr: true })
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
+        b.stdout(GuestStream {
+            log: self.log.clone(),
+            stderr: false,
+        })
+        .stderr(GuestStream {
+            log: self.log.clone(),
+            stderr: true,
+        })
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
         if let Some(root) = dataset_root {
             b.preopened_dir(root, GUEST_DATASET_ROOT, FsPerms::ReadOnly)
-                .map_err(|e| format!("cannot open the dataset root {} for the plugin: {e}", root.display()))?;
+                .map_err(|e| {
+                    format!(
+                        "cannot open the dataset root {} for the plugin: {e}",
+                        root.display()
+                    )
+                })?;
         }
         let state = WasmState {
             wasi: b.build(),
@@ -495,13 +572,24 @@ impl Factory {
         self.log.begin_call();
         let bindings = self.pre.instantiate(&mut store);
         self.log.flush();
-        let bindings = bindings.map_err(|e| format!("instantiation {}", describe_trap(&self.limits, &self.log, &store, e)))?;
+        let bindings = bindings.map_err(|e| {
+            format!(
+                "instantiation {}",
+                describe_trap(&self.limits, &self.log, &store, e)
+            )
+        })?;
         let mut instance = Instance { store, bindings };
         if let Some(params) = &self.params {
-            match run(&self.limits, &self.log, &mut instance, |b, s| b.cogvx_plugin_guest().call_configure(s, params)) {
+            match run(&self.limits, &self.log, &mut instance, |b, s| {
+                b.cogvx_plugin_guest().call_configure(s, params)
+            }) {
                 Ok(()) => {}
-                Err(Failure::Guest(e)) => return Err(format!("re-applying `configure` failed: {e}")),
-                Err(Failure::Trap(m) | Failure::Abandoned(m)) => return Err(format!("re-applying `configure` failed: {m}")),
+                Err(Failure::Guest(e)) => {
+                    return Err(format!("re-applying `configure` failed: {e}"))
+                }
+                Err(Failure::Trap(m) | Failure::Abandoned(m)) => {
+                    return Err(format!("re-applying `configure` failed: {m}"))
+                }
             }
         }
         Ok(instance)
@@ -522,7 +610,10 @@ impl Factory {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let factory = self.clone();
-        let (dispatch, span) = (tracing::dispatcher::get_default(Clone::clone), tracing::Span::current());
+        let (dispatch, span) = (
+            tracing::dispatcher::get_default(Clone::clone),
+            tracing::Span::current(),
+        );
         std::thread::Builder::new()
             .name("cogvx-wasm-plugin".into())
             .spawn(move || {
@@ -555,7 +646,9 @@ impl Factory {
                 "instantiation timed out: it ran longer than the time cap of {:?}",
                 self.limits.call_timeout
             )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the instance's thread ended unexpectedly".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err("the instance's thread ended unexpectedly".into())
+            }
         }
     }
 }
@@ -563,11 +656,19 @@ impl Factory {
 impl Worker {
     /// Runs one call on the worker's instance and waits for it (at most the time cap plus
     /// [`BLOCKED_GRACE`]).
-    fn exec<R: Send + 'static>(&self, limits: &WasmLimits, log: &GuestLog, f: GuestCall<R>) -> Result<R, Failure> {
+    fn exec<R: Send + 'static>(
+        &self,
+        limits: &WasmLimits,
+        log: &GuestLog,
+        f: GuestCall<R>,
+    ) -> Result<R, Failure> {
         let (tx, rx) = mpsc::sync_channel(1);
         let (job_limits, job_log) = (limits.clone(), log.clone());
         // The guest's output is logged with the caller's subscriber and inside its span.
-        let (dispatch, span) = (tracing::dispatcher::get_default(Clone::clone), tracing::Span::current());
+        let (dispatch, span) = (
+            tracing::dispatcher::get_default(Clone::clone),
+            tracing::Span::current(),
+        );
         let job: Job = Box::new(move |instance| {
             let result = tracing::dispatcher::with_default(&dispatch, || {
                 span.in_scope(|| run(&job_limits, &job_log, instance, f))
@@ -577,7 +678,9 @@ impl Worker {
             keep
         });
         if self.jobs.send(job).is_err() {
-            return Err(Failure::Trap("the instance's thread ended unexpectedly".into()));
+            return Err(Failure::Trap(
+                "the instance's thread ended unexpectedly".into(),
+            ));
         }
         match rx.recv_timeout(limits.call_timeout + BLOCKED_GRACE) {
             Ok(result) => result,
@@ -605,18 +708,36 @@ pub(crate) struct WasmPlugin {
 
 impl WasmPlugin {
     /// Compiles (or reuses) the component, instantiates it and asks for its info.
-    pub(crate) fn load(path: &Path, limits: &WasmLimits) -> Result<(Self, PluginInfo, String), LoadError> {
+    pub(crate) fn load(
+        path: &Path,
+        limits: &WasmLimits,
+    ) -> Result<(Self, PluginInfo, String), LoadError> {
         let (pre, api_version) = compile(path)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut plugin = WasmPlugin {
-            factory: Factory { pre, limits: limits.clone(), log: GuestLog::new(&name), params: None, live: Default::default() },
+            factory: Factory {
+                pre,
+                limits: limits.clone(),
+                log: GuestLog::new(&name),
+                params: None,
+                live: Default::default(),
+            },
             worker: None,
             info: None,
             abandoned: 0,
         };
-        let start = |reason: String| LoadError::Start { path: path.to_path_buf(), reason };
+        let start = |reason: String| LoadError::Start {
+            path: path.to_path_buf(),
+            reason,
+        };
         let info = plugin
-            .call("info", Box::new(|b, s| b.cogvx_plugin_guest().call_info(s).map(Ok)))
+            .call(
+                "info",
+                Box::new(|b, s| b.cogvx_plugin_guest().call_info(s).map(Ok)),
+            )
             .map_err(|e| start(format!("`info` failed: {e}")))?;
         let info: PluginInfo = info.into();
         if info.name.trim().is_empty() {
@@ -636,10 +757,11 @@ impl WasmPlugin {
             )));
         }
         if self.worker.is_none() {
-            let worker = self
-                .factory
-                .spawn(None)
-                .map_err(|e| PluginError::Failed(format!("could not (re)create the instance for `{what}`: {e}")))?;
+            let worker = self.factory.spawn(None).map_err(|e| {
+                PluginError::Failed(format!(
+                    "could not (re)create the instance for `{what}`: {e}"
+                ))
+            })?;
             self.worker = Some(worker);
         }
         let worker = self.worker.as_ref().expect("just created");
@@ -653,7 +775,10 @@ impl WasmPlugin {
                 if m.starts_with("timed out") {
                     self.abandoned += 1;
                     if self.abandoned >= MAX_ABANDONMENTS {
-                        return Err(PluginError::Failed(format!("{m} (after {} timed-out calls the plugin is disabled for this run)", self.abandoned)));
+                        return Err(PluginError::Failed(format!(
+                            "{m} (after {} timed-out calls the plugin is disabled for this run)",
+                            self.abandoned
+                        )));
                     }
                 }
                 Err(PluginError::Failed(format!(
@@ -664,7 +789,10 @@ impl WasmPlugin {
                 self.worker = None;
                 self.abandoned += 1;
                 let next = if self.abandoned >= MAX_ABANDONMENTS {
-                    format!("after {} abandoned calls the plugin is disabled for this run", self.abandoned)
+                    format!(
+                        "after {} abandoned calls the plugin is disabled for this run",
+                        self.abandoned
+                    )
                 } else {
                     "the next call gets a fresh instance, re-configured".to_string()
                 };
@@ -678,7 +806,10 @@ fn run<R>(
     limits: &WasmLimits,
     log: &GuestLog,
     instance: &mut Instance,
-    f: impl FnOnce(&v0_1_0::Plugin, &mut Store<WasmState>) -> wasmtime::Result<Result<R, w::PluginError>>,
+    f: impl FnOnce(
+        &v0_1_0::Plugin,
+        &mut Store<WasmState>,
+    ) -> wasmtime::Result<Result<R, w::PluginError>>,
 ) -> Result<R, Failure> {
     instance.store.set_epoch_deadline(deadline_ticks(limits));
     instance.store.data_mut().limiter.refused = None;
@@ -688,12 +819,22 @@ fn run<R>(
     match result {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Failure::Guest(e.into())),
-        Err(e) => Err(Failure::Trap(describe_trap(limits, log, &instance.store, e))),
+        Err(e) => Err(Failure::Trap(describe_trap(
+            limits,
+            log,
+            &instance.store,
+            e,
+        ))),
     }
 }
 
 /// Turns a trap into a sentence: out of memory, timeout, panic (with its message) or trap.
-fn describe_trap(limits: &WasmLimits, log: &GuestLog, store: &Store<WasmState>, e: wasmtime::Error) -> String {
+fn describe_trap(
+    limits: &WasmLimits,
+    log: &GuestLog,
+    store: &Store<WasmState>,
+    e: wasmtime::Error,
+) -> String {
     let tail = log.stderr_tail();
     let mut msg = if let Some(wanted) = store.data().limiter.refused {
         format!(
@@ -703,7 +844,10 @@ fn describe_trap(limits: &WasmLimits, log: &GuestLog, store: &Store<WasmState>, 
             mib(limits.max_memory_bytes)
         )
     } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-        format!("timed out: the call ran longer than its time cap of {:?} and was interrupted", limits.call_timeout)
+        format!(
+            "timed out: the call ran longer than its time cap of {:?} and was interrupted",
+            limits.call_timeout
+        )
     } else if tail.as_deref().is_some_and(|t| t.contains("panicked")) {
         "panicked".to_string()
     } else if let Some(trap) = e.downcast_ref::<Trap>() {
@@ -738,7 +882,10 @@ impl Plugin for WasmPlugin {
 
     fn configure(&mut self, params_json: &str) -> PluginResult<()> {
         let params = params_json.to_string();
-        self.call("configure", Box::new(move |b, s| b.cogvx_plugin_guest().call_configure(s, &params)))?;
+        self.call(
+            "configure",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_configure(s, &params)),
+        )?;
         self.factory.params = Some(params_json.to_string());
         Ok(())
     }
@@ -746,17 +893,27 @@ impl Plugin for WasmPlugin {
     fn list_samples(&mut self, root: &str) -> PluginResult<Vec<Sample>> {
         let host_root = Path::new(root);
         if !host_root.is_dir() {
-            return Err(PluginError::Invalid(format!("the dataset root {root} is not a directory")));
+            return Err(PluginError::Invalid(format!(
+                "the dataset root {root} is not a directory"
+            )));
         }
         // A separate instance that sees the dataset root (and nothing else), read-only.
         let worker = self
             .factory
             .spawn(Some(host_root.to_path_buf()))
-            .map_err(|e| PluginError::Failed(to_host_text(&format!("could not create the dataset-reader instance: {e}"), host_root)))?;
+            .map_err(|e| {
+                PluginError::Failed(to_host_text(
+                    &format!("could not create the dataset-reader instance: {e}"),
+                    host_root,
+                ))
+            })?;
         let result = worker.exec(
             &self.factory.limits,
             &self.factory.log,
-            Box::new(|b, s| b.cogvx_plugin_guest().call_list_samples(s, GUEST_DATASET_ROOT)),
+            Box::new(|b, s| {
+                b.cogvx_plugin_guest()
+                    .call_list_samples(s, GUEST_DATASET_ROOT)
+            }),
         );
         drop(worker);
         match result {
@@ -766,12 +923,17 @@ impl Plugin for WasmPlugin {
                     caption: s.caption,
                     video: to_relative(s.video),
                     image: s.image.map(to_relative),
-                    frames: s.frames.map(|r| FrameRange { start: r.start, end: r.end }),
+                    frames: s.frames.map(|r| FrameRange {
+                        start: r.start,
+                        end: r.end,
+                    }),
                     origin: to_host_text(&s.origin, host_root),
                 })
                 .collect()),
             Err(Failure::Guest(e)) => Err(match e {
-                PluginError::Unsupported(m) => PluginError::Unsupported(to_host_text(&m, host_root)),
+                PluginError::Unsupported(m) => {
+                    PluginError::Unsupported(to_host_text(&m, host_root))
+                }
                 PluginError::Invalid(m) => PluginError::Invalid(to_host_text(&m, host_root)),
                 PluginError::Failed(m) => PluginError::Failed(to_host_text(&m, host_root)),
             }),
@@ -785,20 +947,27 @@ impl Plugin for WasmPlugin {
 
     fn plan_transform(&mut self, request: &TransformRequest) -> PluginResult<TransformPlan> {
         let request: w::TransformRequest = request.clone().into();
-        self.call("plan-transform", Box::new(move |b, s| b.cogvx_plugin_guest().call_plan_transform(s, &request)))
-            .map(Into::into)
+        self.call(
+            "plan-transform",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_plan_transform(s, &request)),
+        )
+        .map(Into::into)
     }
 
     fn transform_frames(&mut self, frames: Frames) -> PluginResult<Frames> {
         // The frames cross into the guest and back: wasmtime's default allowance for data
         // copied in one call (128 MiB) is below CogVideoX1.5's 81x768x1360 (254 MB each way).
-        let fuel = (frames.rgb.len().saturating_mul(2)).max(HOSTCALL_FUEL_MIN).saturating_add(HOSTCALL_FUEL_MIN);
+        let fuel = (frames.rgb.len().saturating_mul(2))
+            .max(HOSTCALL_FUEL_MIN)
+            .saturating_add(HOSTCALL_FUEL_MIN);
         let frames: w::Frames = frames.into();
         self.call(
             "transform-frames",
             Box::new(move |b, s| {
                 s.set_hostcall_fuel(fuel);
-                let r = b.cogvx_plugin_guest().call_transform_frames(&mut *s, &frames);
+                let r = b
+                    .cogvx_plugin_guest()
+                    .call_transform_frames(&mut *s, &frames);
                 s.set_hostcall_fuel(HOSTCALL_FUEL_MIN);
                 r
             }),
@@ -808,19 +977,33 @@ impl Plugin for WasmPlugin {
 
     fn rewrite_prompt(&mut self, caption: &str) -> PluginResult<String> {
         let caption = caption.to_string();
-        self.call("rewrite-prompt", Box::new(move |b, s| b.cogvx_plugin_guest().call_rewrite_prompt(s, &caption)))
+        self.call(
+            "rewrite-prompt",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_rewrite_prompt(s, &caption)),
+        )
     }
 
     fn adapter_recipe(&mut self, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
-        let json = serde_json::to_string(request).map_err(|e| PluginError::Failed(format!("cannot encode the request: {e}")))?;
-        let out = self.call("adapter-recipe", Box::new(move |b, s| b.cogvx_plugin_guest().call_adapter_recipe(s, &json)))?;
-        serde_json::from_str(&out).map_err(|e| PluginError::Failed(format!("the plugin returned an invalid AdapterRecipe JSON: {e}")))
+        let json = serde_json::to_string(request)
+            .map_err(|e| PluginError::Failed(format!("cannot encode the request: {e}")))?;
+        let out = self.call(
+            "adapter-recipe",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_adapter_recipe(s, &json)),
+        )?;
+        serde_json::from_str(&out).map_err(|e| {
+            PluginError::Failed(format!(
+                "the plugin returned an invalid AdapterRecipe JSON: {e}"
+            ))
+        })
     }
 
     fn scheduler_tables(&mut self, config_json: &str) -> PluginResult<SchedulerTables> {
         let config = config_json.to_string();
-        self.call("scheduler-tables", Box::new(move |b, s| b.cogvx_plugin_guest().call_scheduler_tables(s, &config)))
-            .map(Into::into)
+        self.call(
+            "scheduler-tables",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_scheduler_tables(s, &config)),
+        )
+        .map(Into::into)
     }
 
     fn scheduler_plan(&mut self, request: &SchedulerPlanRequest) -> PluginResult<InferencePlan> {
@@ -828,8 +1011,11 @@ impl Plugin for WasmPlugin {
             config_json: request.config_json.clone(),
             num_inference_steps: request.num_inference_steps,
         };
-        self.call("scheduler-plan", Box::new(move |b, s| b.cogvx_plugin_guest().call_scheduler_plan(s, &request)))
-            .map(Into::into)
+        self.call(
+            "scheduler-plan",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_scheduler_plan(s, &request)),
+        )
+        .map(Into::into)
     }
 
     fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
@@ -838,8 +1024,18 @@ impl Plugin for WasmPlugin {
             frames: request.frames.clone().into(),
             fps: request.fps,
         };
-        self.call("validate", Box::new(move |b, s| b.cogvx_plugin_guest().call_validate(s, &request)))
-            .map(|v| v.into_iter().map(|m| Metric { name: m.name, value: m.value }).collect())
+        self.call(
+            "validate",
+            Box::new(move |b, s| b.cogvx_plugin_guest().call_validate(s, &request)),
+        )
+        .map(|v| {
+            v.into_iter()
+                .map(|m| Metric {
+                    name: m.name,
+                    value: m.value,
+                })
+                .collect()
+        })
     }
 }
 
@@ -880,8 +1076,17 @@ impl From<w::PluginInfo> for PluginInfo {
 impl From<TransformRequest> for w::TransformRequest {
     fn from(r: TransformRequest) -> Self {
         w::TransformRequest {
-            clip: w::ClipInfo { width: r.clip.width, height: r.clip.height, frame_count: r.clip.frame_count, fps: r.clip.fps },
-            target: w::Resolution { frames: r.target.frames, height: r.target.height, width: r.target.width },
+            clip: w::ClipInfo {
+                width: r.clip.width,
+                height: r.clip.height,
+                frame_count: r.clip.frame_count,
+                fps: r.clip.fps,
+            },
+            target: w::Resolution {
+                frames: r.target.frames,
+                height: r.target.height,
+                width: r.target.width,
+            },
             plan: r.plan.into(),
             seed: r.seed,
         }
@@ -892,8 +1097,16 @@ impl From<TransformPlan> for w::TransformPlan {
     fn from(p: TransformPlan) -> Self {
         w::TransformPlan {
             frames: p.frames,
-            crop: p.crop.map(|c| w::CropBox { x: c.x, y: c.y, width: c.width, height: c.height }),
-            resize: p.resize.map(|s| w::Size { width: s.width, height: s.height }),
+            crop: p.crop.map(|c| w::CropBox {
+                x: c.x,
+                y: c.y,
+                width: c.width,
+                height: c.height,
+            }),
+            resize: p.resize.map(|s| w::Size {
+                width: s.width,
+                height: s.height,
+            }),
             filter: match p.filter {
                 ResizeFilter::Nearest => w::ResizeFilter::Nearest,
                 ResizeFilter::Bilinear => w::ResizeFilter::Bilinear,
@@ -908,8 +1121,16 @@ impl From<w::TransformPlan> for TransformPlan {
     fn from(p: w::TransformPlan) -> Self {
         TransformPlan {
             frames: p.frames,
-            crop: p.crop.map(|c| CropBox { x: c.x, y: c.y, width: c.width, height: c.height }),
-            resize: p.resize.map(|s| Size { width: s.width, height: s.height }),
+            crop: p.crop.map(|c| CropBox {
+                x: c.x,
+                y: c.y,
+                width: c.width,
+                height: c.height,
+            }),
+            resize: p.resize.map(|s| Size {
+                width: s.width,
+                height: s.height,
+            }),
             filter: match p.filter {
                 w::ResizeFilter::Nearest => ResizeFilter::Nearest,
                 w::ResizeFilter::Bilinear => ResizeFilter::Bilinear,
@@ -922,19 +1143,33 @@ impl From<w::TransformPlan> for TransformPlan {
 
 impl From<Frames> for w::Frames {
     fn from(f: Frames) -> Self {
-        w::Frames { width: f.width, height: f.height, count: f.count, rgb: f.rgb }
+        w::Frames {
+            width: f.width,
+            height: f.height,
+            count: f.count,
+            rgb: f.rgb,
+        }
     }
 }
 
 impl From<w::Frames> for Frames {
     fn from(f: w::Frames) -> Self {
-        Frames { width: f.width, height: f.height, count: f.count, rgb: f.rgb }
+        Frames {
+            width: f.width,
+            height: f.height,
+            count: f.count,
+            rgb: f.rgb,
+        }
     }
 }
 
 impl From<w::SchedulerTables> for SchedulerTables {
     fn from(t: w::SchedulerTables) -> Self {
-        SchedulerTables { alphas_cumprod: t.alphas_cumprod, timestep_weights: t.timestep_weights, loss_weights: t.loss_weights }
+        SchedulerTables {
+            alphas_cumprod: t.alphas_cumprod,
+            timestep_weights: t.timestep_weights,
+            loss_weights: t.loss_weights,
+        }
     }
 }
 
@@ -985,14 +1220,23 @@ mod tests {
         assert_eq!(to_relative("/dataset".into()), ".");
         assert_eq!(to_relative("videos/a.mp4".into()), "videos/a.mp4");
         assert_eq!(to_relative("/datasetx/a".into()), "/datasetx/a");
-        assert_eq!(to_host_text("/dataset/prompts.txt:3", Path::new("/data/mini")), "/data/mini/prompts.txt:3");
+        assert_eq!(
+            to_host_text("/dataset/prompts.txt:3", Path::new("/data/mini")),
+            "/data/mini/prompts.txt:3"
+        );
     }
 
     #[test]
     fn ticks_round_up() {
-        let l = WasmLimits { call_timeout: Duration::from_millis(12), ..Default::default() };
+        let l = WasmLimits {
+            call_timeout: Duration::from_millis(12),
+            ..Default::default()
+        };
         assert_eq!(deadline_ticks(&l), 3);
-        let l = WasmLimits { call_timeout: Duration::ZERO, ..Default::default() };
+        let l = WasmLimits {
+            call_timeout: Duration::ZERO,
+            ..Default::default()
+        };
         assert_eq!(deadline_ticks(&l), 1);
     }
 }

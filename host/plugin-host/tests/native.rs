@@ -10,7 +10,10 @@ use cogvx_plugin_api::{Plugin, PluginError};
 use cogvx_plugin_host::{LoadedPlugin, Registry, Transport};
 
 fn prefix() -> String {
-    format!("plugin `misbehave` 0.3.1 (native, {})", common::misbehave_so().display())
+    format!(
+        "plugin `misbehave` 0.3.1 (native, {})",
+        common::misbehave_so().display()
+    )
 }
 
 #[test]
@@ -20,7 +23,10 @@ fn native_plugin_answers_and_survives_a_panic() {
     assert_eq!(p.transport(), Transport::Native);
     assert_eq!(p.api_version(), "0.1.0");
     p.configure(r#"{"prefix": "[cfg] "}"#).unwrap();
-    assert_eq!(p.plan_transform(&common::request(0)).unwrap(), common::good_plan());
+    assert_eq!(
+        p.plan_transform(&common::request(0)).unwrap(),
+        common::good_plan()
+    );
 
     let e = p.plan_transform(&common::request(4)).unwrap_err();
     assert_eq!(
@@ -32,7 +38,10 @@ fn native_plugin_answers_and_survives_a_panic() {
     );
     // Still usable, and re-configured.
     assert_eq!(p.rewrite_prompt("a cat").unwrap(), "[cfg] a cat");
-    assert_eq!(p.plan_transform(&common::request(0)).unwrap(), common::good_plan());
+    assert_eq!(
+        p.plan_transform(&common::request(0)).unwrap(),
+        common::good_plan()
+    );
 
     let e = p.plan_transform(&common::request(6)).unwrap_err();
     assert_eq!(
@@ -76,7 +85,10 @@ fn a_text_file_named_so_is_refused() {
     std::fs::write(&path, "this is not a library\n").unwrap();
     let e = Registry::new().load(&path).unwrap_err().to_string();
     assert!(
-        e.starts_with(&format!("{} is not a cogvx plugin: not a loadable shared library (", path.display())),
+        e.starts_with(&format!(
+            "{} is not a cogvx plugin: not a loadable shared library (",
+            path.display()
+        )),
         "{e}"
     );
 }
@@ -112,9 +124,18 @@ fn a_real_library_that_is_not_a_plugin_is_refused() {
 
 #[test]
 fn a_missing_file_is_reported() {
-    let e = Registry::new().load(std::path::Path::new("/nonexistent/x.so")).unwrap_err().to_string();
-    assert!(e.starts_with("cannot load plugin /nonexistent/x.so: "), "{e}");
-    let e = Registry::new().load(std::path::Path::new("plugins/x.dat")).unwrap_err().to_string();
+    let e = Registry::new()
+        .load(std::path::Path::new("/nonexistent/x.so"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("cannot load plugin /nonexistent/x.so: "),
+        "{e}"
+    );
+    let e = Registry::new()
+        .load(std::path::Path::new("plugins/x.dat"))
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         "cannot load plugin plugins/x.dat: unknown file type; expected a `.wasm` component or a native `.so`"
@@ -127,7 +148,11 @@ fn a_missing_file_is_reported() {
 fn a_panic_in_configure_is_one_error_and_the_plugin_recovers_with_good_parameters() {
     let mut p = LoadedPlugin::load_native(common::misbehave_so()).unwrap();
     let e = p.configure(r#"{"panic": true}"#).unwrap_err().to_string();
-    assert!(e.contains("deliberate panic in configure") && e.contains("re-configuring the recreated instance failed"), "{e}");
+    assert!(
+        e.contains("deliberate panic in configure")
+            && e.contains("re-configuring the recreated instance failed"),
+        "{e}"
+    );
     // Every later call fails once (the stored parameters still panic), without recursing.
     for _ in 0..3 {
         let e = p.rewrite_prompt("a cat").unwrap_err().to_string();
@@ -142,8 +167,18 @@ fn a_panic_in_configure_is_one_error_and_the_plugin_recovers_with_good_parameter
 #[test]
 fn a_huge_error_message_is_cut_and_escaped() {
     let mut p = LoadedPlugin::load_native(common::misbehave_so()).unwrap();
-    let e = p.plan_transform(&common::request(9)).unwrap_err().to_string();
-    assert!(e.len() < 4096 && !e.contains('\u{1b}') && e.contains("\\u{1b}[2J") && e.contains("more bytes)"), "{}", &e[..e.len().min(300)]);
+    let e = p
+        .plan_transform(&common::request(9))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.len() < 4096
+            && !e.contains('\u{1b}')
+            && e.contains("\\u{1b}[2J")
+            && e.contains("more bytes)"),
+        "{}",
+        &e[..e.len().min(300)]
+    );
 }
 
 /// A truncated `.so` killed the host with SIGBUS (the loader touched pages past the end of the
@@ -156,6 +191,9 @@ fn a_truncated_library_is_refused_before_it_is_opened() {
         let path = dir.path().join(format!("cut-{keep}.so"));
         std::fs::write(&path, &bytes[..keep]).unwrap();
         let e = Registry::new().load(&path).unwrap_err().to_string();
-        assert!(e.contains("truncated or damaged") && e.contains(&format!("the file has {keep} bytes")), "{e}");
+        assert!(
+            e.contains("truncated or damaged") && e.contains(&format!("the file has {keep} bytes")),
+            "{e}"
+        );
     }
 }

@@ -26,7 +26,12 @@ struct Other;
 
 impl Plugin for Other {
     fn info(&self) -> PluginInfo {
-        PluginInfo { name: "other".into(), version: "1.0.0".into(), kinds: vec![PluginKind::Validator], description: String::new() }
+        PluginInfo {
+            name: "other".into(),
+            version: "1.0.0".into(),
+            kinds: vec![PluginKind::Validator],
+            description: String::new(),
+        }
     }
 }
 
@@ -35,7 +40,13 @@ fn loaded_plugins_replace_built_ins_and_are_listed() {
     let mut reg = Registry::new();
     reg.register_builtin(Box::new(BuiltinMisbehave));
     reg.register_builtin(Box::new(Other));
-    assert_eq!(reg.get_mut("misbehave").unwrap().rewrite_prompt("x").unwrap(), "builtin:x");
+    assert_eq!(
+        reg.get_mut("misbehave")
+            .unwrap()
+            .rewrite_prompt("x")
+            .unwrap(),
+        "builtin:x"
+    );
     assert_eq!(reg.by_kind(PluginKind::PromptRewriter).count(), 1);
 
     let wasm = common::misbehave_wasm();
@@ -54,7 +65,11 @@ fn loaded_plugins_replace_built_ins_and_are_listed() {
             PluginRow {
                 name: "misbehave".into(),
                 version: "0.3.1".into(),
-                kinds: vec![PluginKind::DatasetReader, PluginKind::VideoTransform, PluginKind::PromptRewriter],
+                kinds: vec![
+                    PluginKind::DatasetReader,
+                    PluginKind::VideoTransform,
+                    PluginKind::PromptRewriter
+                ],
                 transport: Transport::Wasm,
                 api_version: "0.1.0".into(),
                 source: wasm.display().to_string(),
@@ -69,9 +84,14 @@ fn loaded_plugins_replace_built_ins_and_are_listed() {
             },
         ]
     );
-    assert_eq!(rows[1].to_string(), "other\t1.0.0\tvalidator\tbuilt-in\t0.1.0\tbuilt-in");
     assert_eq!(
-        reg.by_kind(PluginKind::VideoTransform).map(|p| p.name().to_string()).collect::<Vec<_>>(),
+        rows[1].to_string(),
+        "other\t1.0.0\tvalidator\tbuilt-in\t0.1.0\tbuilt-in"
+    );
+    assert_eq!(
+        reg.by_kind(PluginKind::VideoTransform)
+            .map(|p| p.name().to_string())
+            .collect::<Vec<_>>(),
         ["misbehave"]
     );
 

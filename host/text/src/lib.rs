@@ -14,9 +14,9 @@ pub mod tokenizer;
 pub use t5::{T5Config, T5Encoder};
 pub use tokenizer::{T5Tokenizer, TokenizerConfig, TokenizerSource};
 
-use cogvx_model_core::ModelBackend;
 use burn::tensor::{backend::Backend, Tensor};
 use cogvx_model_core::case::{Case, HostTensor};
+use cogvx_model_core::ModelBackend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -58,7 +58,9 @@ pub fn encode_prompts<B: ModelBackend, S: AsRef<str>>(
     device: &B::Device,
 ) -> Result<Tensor<B, 3>, TextError> {
     if num_videos_per_prompt == 0 {
-        return Err(TextError::InvalidInput("num_videos_per_prompt must be at least 1".into()));
+        return Err(TextError::InvalidInput(
+            "num_videos_per_prompt must be at least 1".into(),
+        ));
     }
     let ids = tokenizer.encode_batch(prompts, max_sequence_length)?;
     let embeds = encoder.forward_ids(&ids, device)?;
@@ -66,7 +68,10 @@ pub fn encode_prompts<B: ModelBackend, S: AsRef<str>>(
         return Ok(embeds);
     }
     let [n, l, d] = embeds.dims();
-    Ok(embeds.unsqueeze_dim::<4>(1).repeat_dim(1, num_videos_per_prompt).reshape([n * num_videos_per_prompt, l, d]))
+    Ok(embeds
+        .unsqueeze_dim::<4>(1)
+        .repeat_dim(1, num_videos_per_prompt)
+        .reshape([n * num_videos_per_prompt, l, d]))
 }
 
 /// A tokenizer and text encoder loaded together from a diffusers model folder.
@@ -83,14 +88,17 @@ impl<B: Backend> PromptEncoder<B> {
     }
 
     /// [`PromptEncoder::load`] with the encoder's weights kept in `dtype` ([`T5Encoder::load_in`]).
-    pub fn load_in(model_dir: impl AsRef<Path>, dtype: Option<burn::tensor::FloatDType>, device: &B::Device) -> Result<Self, TextError> {
+    pub fn load_in(
+        model_dir: impl AsRef<Path>,
+        dtype: Option<burn::tensor::FloatDType>,
+        device: &B::Device,
+    ) -> Result<Self, TextError> {
         let dir = model_dir.as_ref();
         Ok(PromptEncoder {
             tokenizer: T5Tokenizer::from_dir(dir.join("tokenizer"))?,
             encoder: T5Encoder::load_in(dir.join("text_encoder"), dtype, device)?,
         })
     }
-
 }
 
 impl<B: ModelBackend> PromptEncoder<B> {
@@ -102,7 +110,14 @@ impl<B: ModelBackend> PromptEncoder<B> {
         num_videos_per_prompt: usize,
         device: &B::Device,
     ) -> Result<Tensor<B, 3>, TextError> {
-        encode_prompts(&self.tokenizer, &self.encoder, prompts, max_sequence_length, num_videos_per_prompt, device)
+        encode_prompts(
+            &self.tokenizer,
+            &self.encoder,
+            prompts,
+            max_sequence_length,
+            num_videos_per_prompt,
+            device,
+        )
     }
 }
 
@@ -112,7 +127,10 @@ impl<B: ModelBackend> PromptEncoder<B> {
 /// (`max_length` from `params.max_length`, else the width of `in.input_ids`) and those ids feed
 /// the encoder; otherwise `in.input_ids` do. Returns `last_hidden_state` (compare with
 /// `out.last_hidden_state`) and `input_ids`, the ids used (compare exactly with `in.input_ids`).
-pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TextError> {
+pub fn run_case<B: ModelBackend>(
+    case: &Case,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, TextError> {
     if case.component != "text_encoder" {
         return Err(TextError::InvalidInput(format!(
             "case {}: component {:?} is not run by cogvx-text (it runs `text_encoder`)",
@@ -121,16 +139,31 @@ pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTre
     }
     let given = case.input("input_ids")?;
     let [n, l] = given.shape[..] else {
-        return Err(TextError::InvalidInput(format!("case {}: `in.input_ids` has shape {:?}, expected [N, L]", case.name, given.shape)));
+        return Err(TextError::InvalidInput(format!(
+            "case {}: `in.input_ids` has shape {:?}, expected [N, L]",
+            case.name, given.shape
+        )));
     };
     let ids: Vec<Vec<u32>> = match case.params.get("prompts").and_then(|p| p.as_array()) {
         Some(prompts) => {
             let prompts: Vec<&str> = prompts
                 .iter()
-                .map(|p| p.as_str().ok_or_else(|| TextError::InvalidInput(format!("case {}: `params.prompts` must be strings", case.name))))
+                .map(|p| {
+                    p.as_str().ok_or_else(|| {
+                        TextError::InvalidInput(format!(
+                            "case {}: `params.prompts` must be strings",
+                            case.name
+                        ))
+                    })
+                })
                 .collect::<Result<_, _>>()?;
-            let max_length = case.params.get("max_length").and_then(|m| m.as_u64()).map_or(l, |m| m as usize);
-            T5Tokenizer::from_dir(case.model_dir.join("tokenizer"))?.encode_batch(&prompts, max_length)?
+            let max_length = case
+                .params
+                .get("max_length")
+                .and_then(|m| m.as_u64())
+                .map_or(l, |m| m as usize);
+            T5Tokenizer::from_dir(case.model_dir.join("tokenizer"))?
+                .encode_batch(&prompts, max_length)?
         }
         None => {
             let flat = given.to_i64();
@@ -138,7 +171,14 @@ pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTre
             for r in 0..n {
                 let row = flat[r * l..(r + 1) * l]
                     .iter()
-                    .map(|&x| u32::try_from(x).map_err(|_| TextError::InvalidInput(format!("case {}: negative or huge token id {x}", case.name))))
+                    .map(|&x| {
+                        u32::try_from(x).map_err(|_| {
+                            TextError::InvalidInput(format!(
+                                "case {}: negative or huge token id {x}",
+                                case.name
+                            ))
+                        })
+                    })
                     .collect::<Result<Vec<u32>, _>>()?;
                 rows.push(row);
             }
@@ -149,7 +189,16 @@ pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTre
     let hidden = encoder.forward_ids(&ids, device)?;
     let (rows, width) = (ids.len(), ids.first().map_or(0, Vec::len));
     let mut out = BTreeMap::new();
-    out.insert("input_ids".to_string(), HostTensor::i64(vec![rows, width], ids.into_iter().flatten().map(i64::from).collect()));
-    out.insert("last_hidden_state".to_string(), HostTensor::from_tensor(hidden));
+    out.insert(
+        "input_ids".to_string(),
+        HostTensor::i64(
+            vec![rows, width],
+            ids.into_iter().flatten().map(i64::from).collect(),
+        ),
+    );
+    out.insert(
+        "last_hidden_state".to_string(),
+        HostTensor::from_tensor(hidden),
+    );
     Ok(out)
 }

@@ -69,18 +69,29 @@ impl ModelProto {
     pub fn vocab_scores(&self) -> Vec<(String, f64)> {
         self.pieces
             .iter()
-            .map(|p| (p.piece.clone().unwrap_or_default(), f64::from(p.score.unwrap_or(0.0))))
+            .map(|p| {
+                (
+                    p.piece.clone().unwrap_or_default(),
+                    f64::from(p.score.unwrap_or(0.0)),
+                )
+            })
             .collect()
     }
 
     /// The model type (UNIGRAM when unset, the proto default).
     pub fn model_type(&self) -> i32 {
-        self.trainer_spec.as_ref().and_then(|t| t.model_type).unwrap_or(MODEL_TYPE_UNIGRAM)
+        self.trainer_spec
+            .as_ref()
+            .and_then(|t| t.model_type)
+            .unwrap_or(MODEL_TYPE_UNIGRAM)
     }
 
     /// The unknown piece's id (0 when unset, the proto default).
     pub fn unk_id(&self) -> i32 {
-        self.trainer_spec.as_ref().and_then(|t| t.unk_id).unwrap_or(0)
+        self.trainer_spec
+            .as_ref()
+            .and_then(|t| t.unk_id)
+            .unwrap_or(0)
     }
 
     /// The precompiled normalization map, if the model has a non-empty one.

@@ -11,17 +11,17 @@
 //! (transformers clamps it; bf16 has f32's range).
 
 use crate::TextError;
-use cogvx_model_core::ModelBackend;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, relu, silu};
+use burn::tensor::FloatDType;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use cogvx_model_core::attention::attention;
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::nn::{broadcast_last, Linear};
 use cogvx_model_core::precision::{float_dtype, like, to_dtype, to_f32};
 use cogvx_model_core::weights::VarBuilder;
-use burn::tensor::FloatDType;
 use cogvx_model_core::LoadError;
+use cogvx_model_core::ModelBackend;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -112,7 +112,10 @@ impl Activation {
 
 /// `NewGELUActivation`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let inner = x.clone().add(x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    let inner = x
+        .clone()
+        .add(x.clone().powi_scalar(3).mul_scalar(0.044715))
+        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
     x.clone().mul_scalar(0.5).mul(inner.tanh().add_scalar(1.0))
 }
 
@@ -120,10 +123,17 @@ impl T5Config {
     /// Reads `config.json` of a `text_encoder/` folder and checks it describes a T5 encoder.
     pub fn from_file(path: &Path) -> Result<Self, TextError> {
         let cfg: T5Config = read_config(path)?;
-        let bad = |message: String| TextError::Load(LoadError::Config { path: path.to_path_buf(), message });
+        let bad = |message: String| {
+            TextError::Load(LoadError::Config {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
         if let Some(t) = cfg.model_type.as_deref() {
             if t != "t5" {
-                return Err(bad(format!("`model_type` is {t:?}; cogvx's text encoder is T5 (`\"t5\"`)")));
+                return Err(bad(format!(
+                    "`model_type` is {t:?}; cogvx's text encoder is T5 (`\"t5\"`)"
+                )));
             }
         }
         cfg.activation().map_err(bad)?;
@@ -138,7 +148,9 @@ impl T5Config {
                 return Err(bad(format!("`{key}` must be positive")));
             }
         }
-        if cfg.relative_attention_num_buckets < 4 || cfg.relative_attention_max_distance < cfg.relative_attention_num_buckets / 4 {
+        if cfg.relative_attention_num_buckets < 4
+            || cfg.relative_attention_max_distance < cfg.relative_attention_num_buckets / 4
+        {
             return Err(bad(format!(
                 "`relative_attention_num_buckets` ({}) must be at least 4 and `relative_attention_max_distance` ({}) \
                  at least a quarter of it",
@@ -155,7 +167,11 @@ impl T5Config {
         let (gated, name) = match parts[..] {
             [name] => (false, name),
             ["gated", name] => (true, name),
-            _ => return Err(format!("`feed_forward_proj` {proj:?} is not `ACT` or `gated-ACT`")),
+            _ => {
+                return Err(format!(
+                    "`feed_forward_proj` {proj:?} is not `ACT` or `gated-ACT`"
+                ))
+            }
         };
         // T5Config: "gated-gelu" means the tanh approximation (backwards compatibility).
         let act = match (proj, name) {
@@ -164,7 +180,11 @@ impl T5Config {
             (_, "gelu") => Activation::Gelu,
             (_, "gelu_new") => Activation::GeluNew,
             (_, "silu" | "swish") => Activation::Silu,
-            _ => return Err(format!("`feed_forward_proj` {proj:?}: unsupported activation {name:?}")),
+            _ => {
+                return Err(format!(
+                    "`feed_forward_proj` {proj:?}: unsupported activation {name:?}"
+                ))
+            }
         };
         Ok((gated, act))
     }
@@ -179,7 +199,10 @@ pub struct T5LayerNorm<B: Backend> {
 
 impl<B: Backend> T5LayerNorm<B> {
     fn load(vb: &VarBuilder, dim: usize, eps: f64, device: &B::Device) -> Result<Self, LoadError> {
-        Ok(T5LayerNorm { weight: Param::from_tensor(vb.tensor("weight", [dim], device)?), variance_epsilon: eps })
+        Ok(T5LayerNorm {
+            weight: Param::from_tensor(vb.tensor("weight", [dim], device)?),
+            variance_epsilon: eps,
+        })
     }
 
     /// Normalises in f32 and returns the weight's dtype (the dtype the next linear layer
@@ -210,10 +233,19 @@ pub struct T5Attention<B: Backend> {
 }
 
 impl<B: Backend> T5Attention<B> {
-    fn load(vb: &VarBuilder, cfg: &T5Config, has_relative_attention_bias: bool, device: &B::Device) -> Result<Self, LoadError> {
+    fn load(
+        vb: &VarBuilder,
+        cfg: &T5Config,
+        has_relative_attention_bias: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_relative_attention_bias {
-            let w = vb.pp("relative_attention_bias").tensor("weight", [cfg.relative_attention_num_buckets, cfg.num_heads], device)?;
+            let w = vb.pp("relative_attention_bias").tensor(
+                "weight",
+                [cfg.relative_attention_num_buckets, cfg.num_heads],
+                device,
+            )?;
             Some(Param::from_tensor(w))
         } else {
             None
@@ -232,7 +264,12 @@ impl<B: Backend> T5Attention<B> {
     }
 
     /// `compute_bias(query_length, key_length)`: `[1, n_heads, q, k]`, or `None` without weights.
-    pub fn compute_bias(&self, query_length: usize, key_length: usize, device: &B::Device) -> Option<Tensor<B, 4>> {
+    pub fn compute_bias(
+        &self,
+        query_length: usize,
+        key_length: usize,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 4>> {
         let table = self.relative_attention_bias.as_ref()?.val();
         let mut buckets = Vec::with_capacity(query_length * key_length);
         for context in 0..query_length as i64 {
@@ -245,16 +282,24 @@ impl<B: Backend> T5Attention<B> {
                 ));
             }
         }
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(buckets, [query_length * key_length]), device);
-        let values = table.select(0, idx).reshape([query_length, key_length, self.n_heads]);
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(buckets, [query_length * key_length]),
+            device,
+        );
+        let values = table
+            .select(0, idx)
+            .reshape([query_length, key_length, self.n_heads]);
         Some(values.permute([2, 0, 1]).unsqueeze::<4>())
     }
-
 }
 
 impl<B: ModelBackend> T5Attention<B> {
     /// `[B, L, d_model]` with `position_bias` `[1 or B, H, L, L]` to `[B, L, d_model]`.
-    pub fn forward(&self, hidden_states: Tensor<B, 3>, position_bias: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        hidden_states: Tensor<B, 3>,
+        position_bias: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
         let [b, l, _] = hidden_states.dims();
         let (h, d) = (self.n_heads, self.key_value_proj_dim);
         let shape = |x: Tensor<B, 3>| x.reshape([b, l, h, d]).swap_dims(1, 2);
@@ -268,7 +313,12 @@ impl<B: ModelBackend> T5Attention<B> {
 }
 
 /// T5's `_relative_position_bucket`, with the large-distance branch in f32 as PyTorch computes it.
-pub fn relative_position_bucket(relative_position: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> i64 {
+pub fn relative_position_bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> i64 {
     let mut num_buckets = num_buckets as i64;
     let mut bucket = 0i64;
     let mut rp = relative_position;
@@ -285,7 +335,8 @@ pub fn relative_position_bucket(relative_position: i64, bidirectional: bool, num
     if rp < max_exact {
         return bucket + rp;
     }
-    let scaled = ((rp as f32) / (max_exact as f32)).ln() / ((max_distance as f64 / max_exact as f64).ln() as f32)
+    let scaled = ((rp as f32) / (max_exact as f32)).ln()
+        / ((max_distance as f64 / max_exact as f64).ln() as f32)
         * ((num_buckets - max_exact) as f32);
     let large = (max_exact + scaled as i64).min(num_buckets - 1);
     bucket + large
@@ -303,21 +354,39 @@ pub struct T5DenseActDense<B: Backend> {
 }
 
 impl<B: Backend> T5DenseActDense<B> {
-    fn load(vb: &VarBuilder, cfg: &T5Config, gated: bool, act: Activation, device: &B::Device) -> Result<Self, LoadError> {
+    fn load(
+        vb: &VarBuilder,
+        cfg: &T5Config,
+        gated: bool,
+        act: Activation,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         let lin = |name: &str, i, o| Linear::load(&vb.pp(name), i, o, false, device);
         let (wi, wi_0, wi_1) = if gated {
-            (None, Some(lin("wi_0", cfg.d_model, cfg.d_ff)?), Some(lin("wi_1", cfg.d_model, cfg.d_ff)?))
+            (
+                None,
+                Some(lin("wi_0", cfg.d_model, cfg.d_ff)?),
+                Some(lin("wi_1", cfg.d_model, cfg.d_ff)?),
+            )
         } else {
             (Some(lin("wi", cfg.d_model, cfg.d_ff)?), None, None)
         };
-        Ok(T5DenseActDense { wi, wi_0, wi_1, wo: lin("wo", cfg.d_ff, cfg.d_model)?, act })
+        Ok(T5DenseActDense {
+            wi,
+            wi_0,
+            wi_1,
+            wo: lin("wo", cfg.d_ff, cfg.d_model)?,
+            act,
+        })
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // The activation and the gate's product in f32; `wo` in its weights' dtype.
         let hidden = match (&self.wi, &self.wi_0, &self.wi_1) {
             (Some(wi), _, _) => self.act.apply(to_f32(wi.forward(x))),
-            (None, Some(wi_0), Some(wi_1)) => self.act.apply(to_f32(wi_0.forward(x.clone()))) * to_f32(wi_1.forward(x)),
+            (None, Some(wi_0), Some(wi_1)) => {
+                self.act.apply(to_f32(wi_0.forward(x.clone()))) * to_f32(wi_1.forward(x))
+            }
             _ => unreachable!("T5DenseActDense is built with `wi` or with `wi_0` and `wi_1`"),
         };
         self.wo.forward(like(hidden, &self.wo.weight.val()))
@@ -346,25 +415,50 @@ pub struct T5Block<B: Backend> {
 }
 
 impl<B: Backend> T5Block<B> {
-    fn load(vb: &VarBuilder, cfg: &T5Config, first: bool, device: &B::Device) -> Result<Self, LoadError> {
+    fn load(
+        vb: &VarBuilder,
+        cfg: &T5Config,
+        first: bool,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
         let (gated, act) = cfg.activation().map_err(LoadError::Other)?;
         let l0 = vb.pp("layer").pp(0);
         let l1 = vb.pp("layer").pp(1);
         Ok(T5Block {
             attention_layer: T5LayerSelfAttention {
                 self_attention: T5Attention::load(&l0.pp("SelfAttention"), cfg, first, device)?,
-                layer_norm: T5LayerNorm::load(&l0.pp("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon, device)?,
+                layer_norm: T5LayerNorm::load(
+                    &l0.pp("layer_norm"),
+                    cfg.d_model,
+                    cfg.layer_norm_epsilon,
+                    device,
+                )?,
             },
             ff_layer: T5LayerFF {
-                dense_relu_dense: T5DenseActDense::load(&l1.pp("DenseReluDense"), cfg, gated, act, device)?,
-                layer_norm: T5LayerNorm::load(&l1.pp("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon, device)?,
+                dense_relu_dense: T5DenseActDense::load(
+                    &l1.pp("DenseReluDense"),
+                    cfg,
+                    gated,
+                    act,
+                    device,
+                )?,
+                layer_norm: T5LayerNorm::load(
+                    &l1.pp("layer_norm"),
+                    cfg.d_model,
+                    cfg.layer_norm_epsilon,
+                    device,
+                )?,
             },
         })
     }
 }
 
 impl<B: ModelBackend> T5Block<B> {
-    pub fn forward(&self, hidden_states: Tensor<B, 3>, position_bias: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        hidden_states: Tensor<B, 3>,
+        position_bias: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
         let a = &self.attention_layer;
         let normed = a.layer_norm.forward(hidden_states.clone());
         // The residual stream stays f32 whatever dtype the layers compute in.
@@ -402,7 +496,11 @@ impl<B: Backend> T5Encoder<B> {
 
     /// [`T5Encoder::load`] with the weights kept in `dtype` (`None` or f32: f32; bf16: computed as
     /// the module doc says). fp16 is refused (T5 v1.1 overflows in it).
-    pub fn load_in(dir: impl AsRef<Path>, dtype: Option<FloatDType>, device: &B::Device) -> Result<Self, TextError> {
+    pub fn load_in(
+        dir: impl AsRef<Path>,
+        dtype: Option<FloatDType>,
+        device: &B::Device,
+    ) -> Result<Self, TextError> {
         if matches!(dtype, Some(FloatDType::F16)) {
             return Err(TextError::InvalidInput(
                 "the T5 text encoder does not run in fp16 (T5 v1.1 overflows in it); use bf16 or f32".into(),
@@ -417,7 +515,11 @@ impl<B: Backend> T5Encoder<B> {
     }
 
     /// Builds the model from `vb` (rooted at the checkpoint's top level); call `vb.finish()` after.
-    pub fn load_with(vb: &VarBuilder, config: T5Config, device: &B::Device) -> Result<Self, TextError> {
+    pub fn load_with(
+        vb: &VarBuilder,
+        config: T5Config,
+        device: &B::Device,
+    ) -> Result<Self, TextError> {
         // `encoder.embed_tokens` is tied to `shared`: checkpoints hold one or both.
         let shape = [config.vocab_size, config.d_model];
         let embed_tokens = vb.pp("encoder").pp("embed_tokens");
@@ -431,15 +533,26 @@ impl<B: Backend> T5Encoder<B> {
         let block = (0..config.num_layers)
             .map(|i| T5Block::load(&enc.pp("block").pp(i), &config, i == 0, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let final_layer_norm = T5LayerNorm::load(&enc.pp("final_layer_norm"), config.d_model, config.layer_norm_epsilon, device)?;
-        Ok(T5Encoder { shared: Param::from_tensor(shared), encoder: T5Stack { block, final_layer_norm }, config })
+        let final_layer_norm = T5LayerNorm::load(
+            &enc.pp("final_layer_norm"),
+            config.d_model,
+            config.layer_norm_epsilon,
+            device,
+        )?;
+        Ok(T5Encoder {
+            shared: Param::from_tensor(shared),
+            encoder: T5Stack {
+                block,
+                final_layer_norm,
+            },
+            config,
+        })
     }
 
     /// The configuration the model was built from.
     pub fn config(&self) -> &T5Config {
         &self.config
     }
-
 }
 
 impl<B: ModelBackend> T5Encoder<B> {
@@ -450,7 +563,12 @@ impl<B: ModelBackend> T5Encoder<B> {
         let [n, l] = input_ids.dims();
         let device = input_ids.device();
         let d = self.config.d_model;
-        let mut hidden = to_f32(self.shared.val().select(0, input_ids.reshape([n * l])).reshape([n, l, d]));
+        let mut hidden = to_f32(
+            self.shared
+                .val()
+                .select(0, input_ids.reshape([n * l]))
+                .reshape([n, l, d]),
+        );
         let Some(first) = self.encoder.block.first() else {
             return to_f32(self.encoder.final_layer_norm.forward(hidden));
         };
@@ -466,17 +584,26 @@ impl<B: ModelBackend> T5Encoder<B> {
     }
 
     /// [`T5Encoder::forward`] on host ids (rows of equal length), checked against the vocabulary.
-    pub fn forward_ids(&self, ids: &[Vec<u32>], device: &B::Device) -> Result<Tensor<B, 3>, TextError> {
+    pub fn forward_ids(
+        &self,
+        ids: &[Vec<u32>],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>, TextError> {
         let n = ids.len();
         let l = ids.first().map_or(0, Vec::len);
         if n == 0 || l == 0 {
-            return Err(TextError::InvalidInput("the text encoder needs at least one non-empty row of ids".into()));
+            return Err(TextError::InvalidInput(
+                "the text encoder needs at least one non-empty row of ids".into(),
+            ));
         }
         let vocab = self.config.vocab_size;
         let mut flat = Vec::with_capacity(n * l);
         for (i, row) in ids.iter().enumerate() {
             if row.len() != l {
-                return Err(TextError::InvalidInput(format!("row {i} has {} ids, row 0 has {l}: pad to one length", row.len())));
+                return Err(TextError::InvalidInput(format!(
+                    "row {i} has {} ids, row 0 has {l}: pad to one length",
+                    row.len()
+                )));
             }
             if let Some(bad) = row.iter().find(|&&t| t as usize >= vocab) {
                 return Err(TextError::InvalidInput(format!(

@@ -52,7 +52,10 @@ pub struct TokenizerConfig {
 
 impl Default for TokenizerConfig {
     fn default() -> Self {
-        TokenizerConfig { extra_ids: 100, model_max_length: None }
+        TokenizerConfig {
+            extra_ids: 100,
+            model_max_length: None,
+        }
     }
 }
 
@@ -73,11 +76,15 @@ impl TokenizerConfig {
         };
         let mut cfg = TokenizerConfig::default();
         if let Some(v) = value.get("extra_ids").filter(|v| !v.is_null()) {
-            cfg.extra_ids = v.as_u64().ok_or_else(|| bad("extra_ids", "a non-negative integer"))? as usize;
+            cfg.extra_ids = v
+                .as_u64()
+                .ok_or_else(|| bad("extra_ids", "a non-negative integer"))?
+                as usize;
         }
         for (key, expected) in [("eos_token", EOS), ("pad_token", PAD), ("unk_token", UNK)] {
             if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
-                let content = token_content(v).ok_or_else(|| bad(key, "a string or an object with `content`"))?;
+                let content = token_content(v)
+                    .ok_or_else(|| bad(key, "a string or an object with `content`"))?;
                 if content != expected {
                     return Err(TextError::Tokenizer {
                         path: path.to_path_buf(),
@@ -89,7 +96,9 @@ impl TokenizerConfig {
             }
         }
         if let Some(v) = value.get("model_max_length").filter(|v| !v.is_null()) {
-            let n = v.as_f64().ok_or_else(|| bad("model_max_length", "a number"))?;
+            let n = v
+                .as_f64()
+                .ok_or_else(|| bad("model_max_length", "a number"))?;
             if n < 0.0 {
                 return Err(bad("model_max_length", "non-negative"));
             }
@@ -145,12 +154,18 @@ impl T5Tokenizer {
 
     /// Builds the tokenizer from a SentencePiece `spiece.model`.
     pub fn from_sentencepiece(path: &Path, config: TokenizerConfig) -> Result<Self, TextError> {
-        let bytes = std::fs::read(path).map_err(|source| TextError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| TextError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let proto = ModelProto::decode_bytes(&bytes).map_err(|e| TextError::Tokenizer {
             path: path.to_path_buf(),
             message: format!("not a SentencePiece model: {e}"),
         })?;
-        let err = |message: String| TextError::Tokenizer { path: path.to_path_buf(), message };
+        let err = |message: String| TextError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
         if proto.model_type() != MODEL_TYPE_UNIGRAM {
             return Err(err(format!(
                 "SentencePiece model type {} is not Unigram; T5 tokenizers are Unigram models",
@@ -168,17 +183,32 @@ impl T5Tokenizer {
         }
         let mut vocab = proto.vocab_scores();
         // T5Converter.convert_from_spm: sentinels after the pieces, <extra_id_{n-1}> first.
-        vocab.extend((0..config.extra_ids).rev().map(|i| (format!("<extra_id_{i}>"), 0.0)));
+        vocab.extend(
+            (0..config.extra_ids)
+                .rev()
+                .map(|i| (format!("<extra_id_{i}>"), 0.0)),
+        );
         let charsmap = proto.precompiled_charsmap().map(|m| m.to_vec());
-        Self::build(vocab, charsmap, Vec::new(), config, TokenizerSource::SentencePiece(path.to_path_buf()))
+        Self::build(
+            vocab,
+            charsmap,
+            Vec::new(),
+            config,
+            TokenizerSource::SentencePiece(path.to_path_buf()),
+        )
     }
 
     /// Builds the tokenizer from a `tokenizer.json`: its Unigram vocabulary, its precompiled
     /// character map if its normalizer has one, and its added tokens.
     pub fn from_tokenizer_json(path: &Path, config: TokenizerConfig) -> Result<Self, TextError> {
         let value = read_json(path)?;
-        let err = |message: String| TextError::Tokenizer { path: path.to_path_buf(), message };
-        let model = value.get("model").ok_or_else(|| err("no `model` section".into()))?;
+        let err = |message: String| TextError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
+        let model = value
+            .get("model")
+            .ok_or_else(|| err("no `model` section".into()))?;
         let model_type = model.get("type").and_then(Value::as_str).unwrap_or("");
         if model_type != "Unigram" {
             return Err(err(format!(
@@ -196,7 +226,11 @@ impl T5Tokenizer {
             let score = pair.and_then(|p| p[1].as_f64());
             match (piece, score) {
                 (Some(piece), Some(score)) => vocab.push((piece.to_string(), score)),
-                _ => return Err(err(format!("`model.vocab[{i}]` is not a [piece, score] pair: {entry}"))),
+                _ => {
+                    return Err(err(format!(
+                        "`model.vocab[{i}]` is not a [piece, score] pair: {entry}"
+                    )))
+                }
             }
         }
         let charsmap = match value.get("normalizer") {
@@ -206,11 +240,11 @@ impl T5Tokenizer {
         let mut added = Vec::new();
         if let Some(tokens) = value.get("added_tokens").and_then(Value::as_array) {
             for t in tokens {
-                let content = t
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| err(format!("an entry of `added_tokens` has no `content`: {t}")))?;
-                let flag = |k: &str, default: bool| t.get(k).and_then(Value::as_bool).unwrap_or(default);
+                let content = t.get("content").and_then(Value::as_str).ok_or_else(|| {
+                    err(format!("an entry of `added_tokens` has no `content`: {t}"))
+                })?;
+                let flag =
+                    |k: &str, default: bool| t.get(k).and_then(Value::as_bool).unwrap_or(default);
                 let special = flag("special", false);
                 added.push(
                     AddedToken::from(content.to_string(), special)
@@ -221,7 +255,13 @@ impl T5Tokenizer {
                 );
             }
         }
-        Self::build(vocab, charsmap, added, config, TokenizerSource::TokenizerJson(path.to_path_buf()))
+        Self::build(
+            vocab,
+            charsmap,
+            added,
+            config,
+            TokenizerSource::TokenizerJson(path.to_path_buf()),
+        )
     }
 
     fn build(
@@ -234,7 +274,10 @@ impl T5Tokenizer {
         let path = match &source {
             TokenizerSource::TokenizerJson(p) | TokenizerSource::SentencePiece(p) => p.clone(),
         };
-        let err = |message: String| TextError::Tokenizer { path: path.clone(), message };
+        let err = |message: String| TextError::Tokenizer {
+            path: path.clone(),
+            message,
+        };
         let id_of = |token: &str| vocab.iter().position(|(p, _)| p == token);
         let (pad_id, eos_id) = match (id_of(PAD), id_of(EOS), id_of(UNK)) {
             (Some(pad), Some(eos), Some(UNK_ID)) => (pad as u32, eos as u32),
@@ -244,11 +287,12 @@ impl T5Tokenizer {
                 )))
             }
         };
-        let model = Unigram::from(vocab, Some(UNK_ID), false).map_err(|e| err(format!("bad Unigram vocabulary: {e}")))?;
+        let model = Unigram::from(vocab, Some(UNK_ID), false)
+            .map_err(|e| err(format!("bad Unigram vocabulary: {e}")))?;
         let mut tokenizer = Tokenizer::new(model);
         if let Some(map) = charsmap {
-            let normalizer =
-                Precompiled::from(&map).map_err(|e| err(format!("bad precompiled character map: {e}")))?;
+            let normalizer = Precompiled::from(&map)
+                .map_err(|e| err(format!("bad precompiled character map: {e}")))?;
             tokenizer.with_normalizer(Some(normalizer));
         }
         let pre: Vec<PreTokenizerWrapper> = vec![
@@ -256,7 +300,11 @@ impl T5Tokenizer {
             Metaspace::new(METASPACE, PrependScheme::Always, true).into(),
         ];
         tokenizer.with_pre_tokenizer(Some(Sequence::new(pre)));
-        tokenizer.with_decoder(Some(MetaspaceDecoder::new(METASPACE, PrependScheme::Always, true)));
+        tokenizer.with_decoder(Some(MetaspaceDecoder::new(
+            METASPACE,
+            PrependScheme::Always,
+            true,
+        )));
         let template = TemplateProcessing::builder()
             .try_single(format!("$A {EOS}"))
             .and_then(|b| b.try_pair(format!("$A {EOS} $B {EOS}")))
@@ -267,22 +315,39 @@ impl T5Tokenizer {
         tokenizer.with_post_processor(Some(template));
 
         // The special tokens transformers registers: eos, unk, pad, then the sentinels.
-        let mut specials: Vec<AddedToken> =
-            [EOS, UNK, PAD].iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
-        specials.extend((0..config.extra_ids).map(|i| AddedToken::from(format!("<extra_id_{i}>"), true)));
+        let mut specials: Vec<AddedToken> = [EOS, UNK, PAD]
+            .iter()
+            .map(|t| AddedToken::from(t.to_string(), true))
+            .collect();
+        specials.extend(
+            (0..config.extra_ids).map(|i| AddedToken::from(format!("<extra_id_{i}>"), true)),
+        );
         tokenizer.add_special_tokens(&specials);
-        let (special_extra, normal_extra): (Vec<_>, Vec<_>) = extra_added.into_iter().partition(|t| t.special);
+        let (special_extra, normal_extra): (Vec<_>, Vec<_>) =
+            extra_added.into_iter().partition(|t| t.special);
         tokenizer.add_special_tokens(&special_extra);
         tokenizer.add_tokens(&normal_extra);
-        Ok(T5Tokenizer { tokenizer, pad_id, eos_id, config, source })
+        Ok(T5Tokenizer {
+            tokenizer,
+            pad_id,
+            eos_id,
+            config,
+            source,
+        })
     }
 
     /// Tokenizes `prompts` like `tokenizer(prompts, padding="max_length", max_length=max_length,
     /// truncation=True, add_special_tokens=True).input_ids`: each row ends with `</s>` (kept
     /// when truncating) and is right-padded with `<pad>` (id 0) to exactly `max_length`.
-    pub fn encode_batch<S: AsRef<str>>(&self, prompts: &[S], max_length: usize) -> Result<Vec<Vec<u32>>, TextError> {
+    pub fn encode_batch<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        max_length: usize,
+    ) -> Result<Vec<Vec<u32>>, TextError> {
         if max_length == 0 {
-            return Err(TextError::InvalidInput("max_length must be at least 1 (room for `</s>`)".into()));
+            return Err(TextError::InvalidInput(
+                "max_length must be at least 1 (room for `</s>`)".into(),
+            ));
         }
         let mut tokenizer = self.tokenizer.clone();
         tokenizer
@@ -303,7 +368,10 @@ impl T5Tokenizer {
         }));
         // Only a prefix that surely holds the first `max_length` tokens is tokenized: a 20 MB
         // caption took 2.9 GB to encode in full before being truncated to 226 tokens.
-        let cut: Vec<(&str, bool)> = prompts.iter().map(|p| token_prefix(p.as_ref(), max_length)).collect();
+        let cut: Vec<(&str, bool)> = prompts
+            .iter()
+            .map(|p| token_prefix(p.as_ref(), max_length))
+            .collect();
         let inputs: Vec<&str> = cut.iter().map(|(p, _)| *p).collect();
         let encodings = tokenizer
             .encode_batch(inputs, true)
@@ -316,7 +384,10 @@ impl T5Tokenizer {
                 );
             }
         }
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 
     /// Tokenizes one text without special tokens, padding or truncation (for inspection).
@@ -367,14 +438,20 @@ impl T5Tokenizer {
 }
 
 fn read_json(path: &Path) -> Result<Value, TextError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TextError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text)
-        .map_err(|e| TextError::Tokenizer { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+    let text = std::fs::read_to_string(path).map_err(|source| TextError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| TextError::Tokenizer {
+        path: path.to_path_buf(),
+        message: format!("invalid JSON: {e}"),
+    })
 }
 
 /// A special token entry of `tokenizer_config.json`: a string or `{"content": ...}`.
 fn token_content(v: &Value) -> Option<&str> {
-    v.as_str().or_else(|| v.get("content").and_then(Value::as_str))
+    v.as_str()
+        .or_else(|| v.get("content").and_then(Value::as_str))
 }
 
 /// The `precompiled_charsmap` of a `Precompiled` normalizer, alone or inside a `Sequence`
@@ -391,9 +468,9 @@ fn find_precompiled_charsmap(normalizer: &Value) -> Result<Option<Vec<u8>>, Stri
     for n in list {
         if n.get("type").and_then(Value::as_str) == Some("Precompiled") {
             if let Some(b64) = n.get("precompiled_charsmap").and_then(Value::as_str) {
-                return base64_decode(b64)
-                    .map(Some)
-                    .map_err(|e| format!("`normalizer.precompiled_charsmap` is not valid base64: {e}"));
+                return base64_decode(b64).map(Some).map_err(|e| {
+                    format!("`normalizer.precompiled_charsmap` is not valid base64: {e}")
+                });
             }
         }
     }
@@ -476,11 +553,24 @@ mod tests {
         )
         .unwrap();
         let cfg = TokenizerConfig::from_value(&v, Path::new("x.json")).unwrap();
-        assert_eq!(cfg, TokenizerConfig { extra_ids: 7, model_max_length: None });
+        assert_eq!(
+            cfg,
+            TokenizerConfig {
+                extra_ids: 7,
+                model_max_length: None
+            }
+        );
         let v: Value = serde_json::from_str(r#"{"model_max_length": 226}"#).unwrap();
-        assert_eq!(TokenizerConfig::from_value(&v, Path::new("x.json")).unwrap().model_max_length, Some(226));
+        assert_eq!(
+            TokenizerConfig::from_value(&v, Path::new("x.json"))
+                .unwrap()
+                .model_max_length,
+            Some(226)
+        );
         let v: Value = serde_json::from_str(r#"{"eos_token": "<|endoftext|>"}"#).unwrap();
-        let e = TokenizerConfig::from_value(&v, Path::new("x.json")).unwrap_err().to_string();
+        let e = TokenizerConfig::from_value(&v, Path::new("x.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("eos_token") && e.contains("x.json"), "{e}");
     }
 }

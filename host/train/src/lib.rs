@@ -21,22 +21,33 @@ pub mod sft;
 pub mod sft_export;
 
 pub use cogvx_adapters::{
-    adapter_grads, adapter_tensors, all_adapter_values, freeze, inject_lora, inject_recipe, linear_layers_mut, matches_target,
-    set_adapter_values, trainable_values, AdapterSpec, DEFAULT_TARGETS,
+    adapter_grads, adapter_tensors, all_adapter_values, freeze, inject_lora, inject_recipe,
+    linear_layers_mut, matches_target, set_adapter_values, trainable_values, AdapterSpec,
+    DEFAULT_TARGETS,
 };
-pub use cogvx_adapters::{adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata, LoadedAdapter};
-pub use error::TrainError;
-pub use sft_export::{save_transformer_folder, state_dict_keys, ExportDtype, ExportedFolder, DEFAULT_MAX_SHARD_BYTES};
+pub use cogvx_adapters::{
+    adapter_metadata, load_adapter, peft_config_dict, peft_settings, save_adapter, AdapterMetadata,
+    LoadedAdapter,
+};
 pub use cogvx_adapters::{load_lora, save_lora, LoadedLora, LoraMetadata, LORA_WEIGHTS_NAME};
-pub use loss::{compute_loss, compute_loss_taped, model_latents, noise_shape, NoiseDraw, TrainBatch};
+pub use error::TrainError;
+pub use loss::{
+    compute_loss, compute_loss_taped, model_latents, noise_shape, NoiseDraw, TrainBatch,
+};
 pub use optim::{clip_grad_norm, total_grad_norm, AdamState, AdamW, AdamWConfig, HostAdamState};
-pub use sft::{checkpoint_shapes, enable_full_training, first_adapter_layer, full_grads, full_host_values, full_param_shapes, full_values, set_full_values, TrainMode};
+pub use sft::{
+    checkpoint_shapes, enable_full_training, first_adapter_layer, full_grads, full_host_values,
+    full_param_shapes, full_values, set_full_values, TrainMode,
+};
+pub use sft_export::{
+    save_transformer_folder, state_dict_keys, ExportDtype, ExportedFolder, DEFAULT_MAX_SHARD_BYTES,
+};
 
 use burn::tensor::backend::AutodiffBackend;
-use cogvx_model_core::ModelAutodiffBackend;
 use burn::tensor::ElementConversion;
 use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::case::{Case, HostTensor};
+use cogvx_model_core::ModelAutodiffBackend;
 use cogvx_scheduler::NoiseSchedule;
 use cogvx_transformer::CogVideoXTransformer3DModel;
 use std::collections::BTreeMap;
@@ -88,7 +99,11 @@ pub fn loss_and_grads_scaled<B: ModelAutodiffBackend>(
         return Ok((value, mode.grads(model, &grads)));
     }
     let grads = tape.backward(loss.mul_scalar(loss_scale));
-    let grads = mode.grads(model, &grads).into_iter().map(|(n, g)| (n, g.mul_scalar(1.0 / loss_scale))).collect();
+    let grads = mode
+        .grads(model, &grads)
+        .into_iter()
+        .map(|(n, g)| (n, g.mul_scalar(1.0 / loss_scale)))
+        .collect();
     Ok((value, grads))
 }
 
@@ -102,7 +117,14 @@ pub fn apply_update<B: AutodiffBackend>(
     lr: f64,
     max_grad_norm: Option<f64>,
 ) -> Result<f64, TrainError> {
-    apply_update_for(TrainMode::Adapter, model, grads, optimizer, lr, max_grad_norm)
+    apply_update_for(
+        TrainMode::Adapter,
+        model,
+        grads,
+        optimizer,
+        lr,
+        max_grad_norm,
+    )
 }
 
 /// [`apply_update`] for the parameters `mode` trains.
@@ -146,7 +168,16 @@ pub fn train_step<B: ModelAutodiffBackend>(
     lr: f64,
     max_grad_norm: Option<f64>,
 ) -> Result<StepOutput<B>, TrainError> {
-    train_step_for(TrainMode::Adapter, model, schedule, batch, draw, optimizer, lr, max_grad_norm)
+    train_step_for(
+        TrainMode::Adapter,
+        model,
+        schedule,
+        batch,
+        draw,
+        optimizer,
+        lr,
+        max_grad_norm,
+    )
 }
 
 /// [`train_step`] for the parameters `mode` trains.
@@ -163,14 +194,24 @@ pub fn train_step_for<B: ModelAutodiffBackend>(
 ) -> Result<StepOutput<B>, TrainError> {
     let (loss, grads) = loss_and_grads_for(mode, model, schedule, batch, draw)?;
     let grad_norm = apply_update_for(mode, model, grads.clone(), optimizer, lr, max_grad_norm)?;
-    Ok(StepOutput { loss, grad_norm, grads })
+    Ok(StepOutput {
+        loss,
+        grad_norm,
+        grads,
+    })
 }
 
 /// Reads a model folder's `scheduler/scheduler_config.json`.
 pub fn load_schedule(model_dir: &Path) -> Result<NoiseSchedule, TrainError> {
     let path = model_dir.join("scheduler").join("scheduler_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io { path: path.clone(), message: e.to_string() })?;
-    Ok(NoiseSchedule::from_json(&text, &path.display().to_string())?)
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(NoiseSchedule::from_json(
+        &text,
+        &path.display().to_string(),
+    )?)
 }
 
 fn host<B: burn::tensor::backend::Backend>(t: &AdapterTensor<B>) -> HostTensor {
@@ -178,9 +219,12 @@ fn host<B: burn::tensor::backend::Backend>(t: &AdapterTensor<B>) -> HostTensor {
 }
 
 fn param_f64(case: &Case, name: &str) -> Result<f64, TrainError> {
-    case.param(name)?
-        .as_f64()
-        .ok_or_else(|| TrainError::Invalid(format!("case {}: param `{name}` is not a number", case.name)))
+    case.param(name)?.as_f64().ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "case {}: param `{name}` is not a number",
+            case.name
+        ))
+    })
 }
 
 /// The LoRA spec of a `train_step_lora` case (`lora_rank`, `lora_alpha`, `lora_targets`).
@@ -191,15 +235,31 @@ pub fn case_lora_spec(case: &Case) -> Result<AdapterSpec, TrainError> {
         None => DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
         Some(v) => v
             .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| TrainError::Invalid(format!("case {}: `lora_targets` is not a list of strings", case.name)))?,
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "case {}: `lora_targets` is not a list of strings",
+                    case.name
+                ))
+            })?,
     };
-    Ok(AdapterSpec { rank, alpha, targets })
+    Ok(AdapterSpec {
+        rank,
+        alpha,
+        targets,
+    })
 }
 
 /// The batch (`in.encoded_videos`, `in.prompt_embedding`, `in.image_latents` for I2V) and the
 /// draw (`in.timesteps`, `in.noise`) of a `train_step_lora` case.
-pub fn case_batch<B: burn::tensor::backend::Backend>(case: &Case, device: &B::Device) -> Result<(TrainBatch<B>, NoiseDraw<B>), TrainError> {
+pub fn case_batch<B: burn::tensor::backend::Backend>(
+    case: &Case,
+    device: &B::Device,
+) -> Result<(TrainBatch<B>, NoiseDraw<B>), TrainError> {
     let batch = TrainBatch {
         latents: case.input("encoded_videos")?.to_tensor::<B, 5>(device)?,
         prompt_embeds: case.input("prompt_embedding")?.to_tensor::<B, 3>(device)?,
@@ -212,9 +272,16 @@ pub fn case_batch<B: burn::tensor::backend::Backend>(case: &Case, device: &B::De
         .input("timesteps")?
         .to_i64()
         .into_iter()
-        .map(|t| usize::try_from(t).map_err(|_| TrainError::Invalid(format!("case {}: negative timestep {t}", case.name))))
+        .map(|t| {
+            usize::try_from(t).map_err(|_| {
+                TrainError::Invalid(format!("case {}: negative timestep {t}", case.name))
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let draw = NoiseDraw { timesteps, noise: case.input("noise")?.to_tensor::<B, 5>(device)? };
+    let draw = NoiseDraw {
+        timesteps,
+        noise: case.input("noise")?.to_tensor::<B, 5>(device)?,
+    };
     Ok((batch, draw))
 }
 
@@ -223,7 +290,10 @@ pub fn case_batch<B: burn::tensor::backend::Backend>(case: &Case, device: &B::De
 /// given timesteps and noise, global-norm clipping at `max_grad_norm` and one AdamW step with
 /// `params.optimizer`. Returns `loss`, `grad_norm` (before clipping), `grad.<param>` and
 /// `lora_after_step.<param>`.
-pub fn run_case<B: ModelAutodiffBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+pub fn run_case<B: ModelAutodiffBackend>(
+    case: &Case,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, TrainError> {
     run_case_with::<B>(case, false, device)
 }
 
@@ -242,7 +312,8 @@ pub fn run_case_with<B: ModelAutodiffBackend>(
         )));
     }
     let spec = case_lora_spec(case)?;
-    let model = CogVideoXTransformer3DModel::<B>::from_dir(&case.model_dir.join("transformer"), device)?;
+    let model =
+        CogVideoXTransformer3DModel::<B>::from_dir(&case.model_dir.join("transformer"), device)?;
     let mut model = freeze(model);
     model.set_gradient_checkpointing(gradient_checkpointing);
     inject_lora(&mut model, &spec, device)?;
@@ -251,8 +322,13 @@ pub fn run_case_with<B: ModelAutodiffBackend>(
     let mut init: InnerTensors<B> = BTreeMap::new();
     for (name, t) in &case.inputs {
         if let Some(key) = name.strip_prefix("lora_init.") {
-            let v = AdapterTensor::<B>::from_vec(&t.shape, t.to_f32(), device)
-                .ok_or_else(|| TrainError::Invalid(format!("case {}: `in.{name}` has shape {:?}", case.name, t.shape)))?;
+            let v =
+                AdapterTensor::<B>::from_vec(&t.shape, t.to_f32(), device).ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "case {}: `in.{name}` has shape {:?}",
+                        case.name, t.shape
+                    ))
+                })?;
             let v = match v {
                 AdapterTensor::Vector(x) => AdapterTensor::Vector(x.inner()),
                 AdapterTensor::Matrix(x) => AdapterTensor::Matrix(x.inner()),
@@ -260,9 +336,16 @@ pub fn run_case_with<B: ModelAutodiffBackend>(
             init.insert(key.to_string(), v);
         }
     }
-    let missing: Vec<String> = trainable_values(&mut model).into_keys().filter(|k| !init.contains_key(k)).collect();
+    let missing: Vec<String> = trainable_values(&mut model)
+        .into_keys()
+        .filter(|k| !init.contains_key(k))
+        .collect();
     if !missing.is_empty() {
-        return Err(TrainError::Invalid(format!("case {}: no `in.lora_init.*` for {}", case.name, missing.join(", "))));
+        return Err(TrainError::Invalid(format!(
+            "case {}: no `in.lora_init.*` for {}",
+            case.name,
+            missing.join(", ")
+        )));
     }
     set_adapter_values(&mut model, &init)?;
 
@@ -270,15 +353,34 @@ pub fn run_case_with<B: ModelAutodiffBackend>(
     let (batch, draw) = case_batch::<B>(case, device)?;
     let opt_config = AdamWConfig::from_json(case.param("optimizer")?)?;
     let max_grad_norm = match case.params.get("max_grad_norm") {
-        Some(v) => Some(v.as_f64().ok_or_else(|| TrainError::Invalid(format!("case {}: `max_grad_norm` is not a number", case.name)))?),
+        Some(v) => Some(v.as_f64().ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "case {}: `max_grad_norm` is not a number",
+                case.name
+            ))
+        })?),
         None => None,
     };
     let mut optimizer = AdamW::new(opt_config);
-    let step = train_step(&mut model, &schedule, &batch, &draw, &mut optimizer, opt_config.lr, max_grad_norm)?;
+    let step = train_step(
+        &mut model,
+        &schedule,
+        &batch,
+        &draw,
+        &mut optimizer,
+        opt_config.lr,
+        max_grad_norm,
+    )?;
 
     let mut out = BTreeMap::new();
-    out.insert("loss".to_string(), HostTensor::f32(vec![1], vec![step.loss as f32]));
-    out.insert("grad_norm".to_string(), HostTensor::f32(vec![1], vec![step.grad_norm as f32]));
+    out.insert(
+        "loss".to_string(),
+        HostTensor::f32(vec![1], vec![step.loss as f32]),
+    );
+    out.insert(
+        "grad_norm".to_string(),
+        HostTensor::f32(vec![1], vec![step.grad_norm as f32]),
+    );
     for (name, g) in &step.grads {
         out.insert(format!("grad.{name}"), host(g));
     }

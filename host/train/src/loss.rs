@@ -34,7 +34,10 @@ pub struct NoiseDraw<B: Backend> {
 
 /// The latents as the model sees them: CogVideoX 1.5 (`patch_size_t`) prepends the first frame
 /// `F % patch_size_t` times, then `[B, C, F, H, W]` is permuted to `[B, F, C, H, W]`.
-pub fn model_latents<B: Backend>(config: &TransformerConfig, latents: Tensor<B, 5>) -> Tensor<B, 5> {
+pub fn model_latents<B: Backend>(
+    config: &TransformerConfig,
+    latents: Tensor<B, 5>,
+) -> Tensor<B, 5> {
     let latents = match config.patch_size_t {
         Some(pt) => {
             let ncopy = latents.dims()[2] % pt;
@@ -78,7 +81,13 @@ pub fn compute_loss<B: ModelBackend>(
     draw: &NoiseDraw<B>,
 ) -> Result<Tensor<B, 1>, TrainError> {
     let x = loss_inputs(model, schedule, batch, draw)?;
-    let pred = model.forward(x.model_in.clone(), batch.prompt_embeds.clone(), x.timestep.clone(), x.ofs.clone(), x.rotary.as_ref())?;
+    let pred = model.forward(
+        x.model_in.clone(),
+        batch.prompt_embeds.clone(),
+        x.timestep.clone(),
+        x.ofs.clone(),
+        x.rotary.as_ref(),
+    )?;
     x.loss(&schedule.alphas_cumprod, pred, &draw.timesteps)
 }
 
@@ -91,9 +100,17 @@ pub fn compute_loss_taped<B: ModelAutodiffBackend>(
     draw: &NoiseDraw<B>,
 ) -> Result<(Tensor<B, 1>, BlockTape<B>), TrainError> {
     let x = loss_inputs(model, schedule, batch, draw)?;
-    let (pred, tape) =
-        model.forward_taped(x.model_in.clone(), batch.prompt_embeds.clone(), x.timestep.clone(), x.ofs.clone(), x.rotary.as_ref())?;
-    Ok((x.loss(&schedule.alphas_cumprod, pred, &draw.timesteps)?, tape))
+    let (pred, tape) = model.forward_taped(
+        x.model_in.clone(),
+        batch.prompt_embeds.clone(),
+        x.timestep.clone(),
+        x.ofs.clone(),
+        x.rotary.as_ref(),
+    )?;
+    Ok((
+        x.loss(&schedule.alphas_cumprod, pred, &draw.timesteps)?,
+        tape,
+    ))
 }
 
 /// What the transformer is called with, and the targets of the loss.
@@ -126,14 +143,20 @@ fn loss_inputs<B: Backend>(
         ));
     }
     if draw.timesteps.len() != b {
-        return invalid(format!("{} timesteps for a batch of {b}", draw.timesteps.len()));
+        return invalid(format!(
+            "{} timesteps for a batch of {b}",
+            draw.timesteps.len()
+        ));
     }
     let ac = &schedule.alphas_cumprod;
     if let Some(t) = draw.timesteps.iter().find(|t| **t >= ac.len()) {
         return invalid(format!("timestep {t} is outside 0..{}", ac.len()));
     }
     if batch.prompt_embeds.dims()[0] != b {
-        return invalid(format!("prompt embeddings for {} samples, latents for {b}", batch.prompt_embeds.dims()[0]));
+        return invalid(format!(
+            "prompt embeddings for {} samples, latents for {b}",
+            batch.prompt_embeds.dims()[0]
+        ));
     }
     let noisy = add_noise(ac, latent.clone(), draw.noise.clone(), &draw.timesteps)?;
     let model_in = match (&batch.image_latents, config.in_channels) {
@@ -158,19 +181,36 @@ fn loss_inputs<B: Backend>(
         }
     };
     let rotary = model.image_rotary_emb(f, h, w, &device)?;
-    let ofs = config.ofs_embed_dim.map(|_| Tensor::<B, 1>::from_data(TensorData::new(vec![OFS_VALUE], [1]), &device));
+    let ofs = config
+        .ofs_embed_dim
+        .map(|_| Tensor::<B, 1>::from_data(TensorData::new(vec![OFS_VALUE], [1]), &device));
     let t: Vec<f32> = draw.timesteps.iter().map(|t| *t as f32).collect();
     let timestep = Tensor::<B, 1>::from_data(TensorData::new(t, [b]), &device);
-    Ok(LossInputs { latent, noisy, model_in, rotary, ofs, timestep })
+    Ok(LossInputs {
+        latent,
+        noisy,
+        model_in,
+        rotary,
+        ofs,
+        timestep,
+    })
 }
 
 impl<B: Backend> LossInputs<B> {
     /// `mean_b(mean((get_velocity(pred, noisy, t) - latents)^2 / (1 - ᾱ_t)))`.
-    fn loss(self, ac: &[f64], pred: Tensor<B, 5>, timesteps: &[usize]) -> Result<Tensor<B, 1>, TrainError> {
+    fn loss(
+        self,
+        ac: &[f64],
+        pred: Tensor<B, 5>,
+        timesteps: &[usize],
+    ) -> Result<Tensor<B, 1>, TrainError> {
         let b = timesteps.len();
         let device = pred.device();
         let latent_pred = get_velocity(ac, pred, self.noisy, timesteps)?;
-        let weights: Vec<f32> = timesteps.iter().map(|t| (1.0 / (1.0 - ac[*t])) as f32).collect();
+        let weights: Vec<f32> = timesteps
+            .iter()
+            .map(|t| (1.0 / (1.0 - ac[*t])) as f32)
+            .collect();
         let err = (latent_pred - self.latent).powi_scalar(2) * per_sample::<B>(weights, &device);
         let per_sample_loss = err.reshape([b as i32, -1]).mean_dim(1); // [B, 1]
         Ok(per_sample_loss.mean())

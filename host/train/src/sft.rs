@@ -11,18 +11,20 @@
 //! checkpoint) is held by the model as the equivalent `[D, C*p*p]` matrix and handed out as such;
 //! [`checkpoint_shapes`] gives the stored shapes for export.
 
-use cogvx_adapters::{adapter_grads, set_adapter_values, trainable_values};
 use crate::error::{invalid, TrainError};
 use crate::InnerTensors;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use cogvx_adapters::{adapter_grads, set_adapter_values, trainable_values};
 use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_transformer::CogVideoXTransformer3DModel;
 use std::collections::BTreeMap;
 
 /// What a training run optimises.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TrainMode {
     /// The adapter parameters (built-in LoRA or a plugin recipe); the base weights are frozen.
@@ -36,7 +38,10 @@ pub enum TrainMode {
 
 impl TrainMode {
     /// The trainable parameters by name, on the inner backend ([`trainable_values`] or [`full_values`]).
-    pub fn values<B: AutodiffBackend>(self, model: &mut CogVideoXTransformer3DModel<B>) -> InnerTensors<B> {
+    pub fn values<B: AutodiffBackend>(
+        self,
+        model: &mut CogVideoXTransformer3DModel<B>,
+    ) -> InnerTensors<B> {
         match self {
             TrainMode::Adapter => trainable_values(model),
             TrainMode::Full => full_values(model),
@@ -44,7 +49,11 @@ impl TrainMode {
     }
 
     /// The gradients of the trainable parameters the loss reached ([`adapter_grads`] or [`full_grads`]).
-    pub fn grads<B: AutodiffBackend>(self, model: &mut CogVideoXTransformer3DModel<B>, grads: &B::Gradients) -> InnerTensors<B> {
+    pub fn grads<B: AutodiffBackend>(
+        self,
+        model: &mut CogVideoXTransformer3DModel<B>,
+        grads: &B::Gradients,
+    ) -> InnerTensors<B> {
         match self {
             TrainMode::Adapter => adapter_grads(model, grads),
             TrainMode::Full => full_grads(model, grads),
@@ -52,7 +61,11 @@ impl TrainMode {
     }
 
     /// Writes parameters by name ([`set_adapter_values`] or [`set_full_values`]).
-    pub fn set_values<B: AutodiffBackend>(self, model: &mut CogVideoXTransformer3DModel<B>, values: &InnerTensors<B>) -> Result<(), TrainError> {
+    pub fn set_values<B: AutodiffBackend>(
+        self,
+        model: &mut CogVideoXTransformer3DModel<B>,
+        values: &InnerTensors<B>,
+    ) -> Result<(), TrainError> {
         match self {
             TrainMode::Adapter => Ok(set_adapter_values(model, values)?),
             TrainMode::Full => set_full_values(model, values),
@@ -105,27 +118,38 @@ impl<B: Backend> ModuleVisitor<B> for Shapes {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !self.path.in_adapter() {
-            self.out.push((self.path.name(), param.val().dims().to_vec()));
+            self.out
+                .push((self.path.name(), param.val().dims().to_vec()));
         }
     }
 }
 
 /// Every base parameter as `(diffusers name, shape as the model holds it)`, in module order.
-pub fn full_param_shapes<B: Backend>(model: &CogVideoXTransformer3DModel<B>) -> Vec<(String, Vec<usize>)> {
-    let mut v = Shapes { path: PathTracker::default(), out: Vec::new() };
+pub fn full_param_shapes<B: Backend>(
+    model: &CogVideoXTransformer3DModel<B>,
+) -> Vec<(String, Vec<usize>)> {
+    let mut v = Shapes {
+        path: PathTracker::default(),
+        out: Vec::new(),
+    };
     model.visit(&mut v);
     v.out
 }
 
 /// The shape each base parameter has in a diffusers checkpoint (differs from
 /// [`full_param_shapes`] only for CogVideoX 1.0's `Conv2d` `patch_embed.proj.weight`, `[D, C, p, p]`).
-pub fn checkpoint_shapes<B: Backend>(model: &CogVideoXTransformer3DModel<B>) -> BTreeMap<String, Vec<usize>> {
+pub fn checkpoint_shapes<B: Backend>(
+    model: &CogVideoXTransformer3DModel<B>,
+) -> BTreeMap<String, Vec<usize>> {
     let c = &model.config;
     full_param_shapes(model)
         .into_iter()
         .map(|(name, shape)| {
             if name == "patch_embed.proj.weight" && c.patch_size_t.is_none() {
-                (name, vec![shape[0], c.in_channels, c.patch_size, c.patch_size])
+                (
+                    name,
+                    vec![shape[0], c.in_channels, c.patch_size, c.patch_size],
+                )
             } else {
                 (name, shape)
             }
@@ -147,7 +171,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Values<B> {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !self.path.in_adapter() {
-            self.out.insert(self.path.name(), to_adapter(param.val().inner()));
+            self.out
+                .insert(self.path.name(), to_adapter(param.val().inner()));
         }
     }
 }
@@ -169,7 +194,11 @@ impl<B: Backend> ModuleVisitor<B> for HostValues {
         if !self.path.in_adapter() {
             let t = param.val();
             let shape = t.dims().to_vec();
-            let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32");
+            let data = t
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32");
             self.out.push((self.path.name(), shape, data));
         }
     }
@@ -177,8 +206,13 @@ impl<B: Backend> ModuleVisitor<B> for HostValues {
 
 /// Every base parameter as `(diffusers name, model shape, f32 values)`, in module order, on any
 /// backend (the export reads the model through this).
-pub fn full_host_values<B: Backend>(model: &CogVideoXTransformer3DModel<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut v = HostValues { path: PathTracker::default(), out: Vec::new() };
+pub fn full_host_values<B: Backend>(
+    model: &CogVideoXTransformer3DModel<B>,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut v = HostValues {
+        path: PathTracker::default(),
+        out: Vec::new(),
+    };
     model.visit(&mut v);
     v.out
 }
@@ -204,14 +238,19 @@ pub fn first_adapter_layer<B: Backend>(model: &CogVideoXTransformer3DModel<B>) -
             }
         }
     }
-    let mut v = Find { path: PathTracker::default(), found: None };
+    let mut v = Find {
+        path: PathTracker::default(),
+        found: None,
+    };
     model.visit(&mut v);
     v.found
 }
 
 /// Makes every base weight of the transformer trainable (`requires_grad_(True)`), undoing a
 /// [`crate::freeze`]. Adapter parameters keep their own trainability.
-pub fn enable_full_training<B: Backend>(model: CogVideoXTransformer3DModel<B>) -> CogVideoXTransformer3DModel<B> {
+pub fn enable_full_training<B: Backend>(
+    model: CogVideoXTransformer3DModel<B>,
+) -> CogVideoXTransformer3DModel<B> {
     struct RequireGrad {
         path: PathTracker,
     }
@@ -230,19 +269,27 @@ pub fn enable_full_training<B: Backend>(model: CogVideoXTransformer3DModel<B>) -
             Param::from_mapped_value(id, tensor.detach().require_grad(), mapper)
         }
     }
-    model.map(&mut RequireGrad { path: PathTracker::default() })
+    model.map(&mut RequireGrad {
+        path: PathTracker::default(),
+    })
 }
 
 /// Every base parameter by diffusers name, on the inner (non-autodiff) backend.
 pub fn full_values<B: AutodiffBackend>(model: &CogVideoXTransformer3DModel<B>) -> InnerTensors<B> {
-    let mut v = Values { path: PathTracker::default(), out: BTreeMap::new() };
+    let mut v = Values {
+        path: PathTracker::default(),
+        out: BTreeMap::new(),
+    };
     model.visit(&mut v);
     v.out
 }
 
 /// The gradient of every base parameter the loss reached (parameters without one, e.g. frozen
 /// ones, are absent, as `p.grad is None` in torch).
-pub fn full_grads<B: AutodiffBackend>(model: &CogVideoXTransformer3DModel<B>, grads: &B::Gradients) -> InnerTensors<B> {
+pub fn full_grads<B: AutodiffBackend>(
+    model: &CogVideoXTransformer3DModel<B>,
+    grads: &B::Gradients,
+) -> InnerTensors<B> {
     struct Grads<'a, B: AutodiffBackend> {
         path: PathTracker,
         grads: &'a B::Gradients,
@@ -264,7 +311,11 @@ pub fn full_grads<B: AutodiffBackend>(model: &CogVideoXTransformer3DModel<B>, gr
             }
         }
     }
-    let mut v = Grads { path: PathTracker::default(), grads, out: BTreeMap::new() };
+    let mut v = Grads {
+        path: PathTracker::default(),
+        grads,
+        out: BTreeMap::new(),
+    };
     model.visit(&mut v);
     v.out
 }
@@ -272,7 +323,10 @@ pub fn full_grads<B: AutodiffBackend>(model: &CogVideoXTransformer3DModel<B>, gr
 /// Sets base parameters by diffusers name. Each value must have the parameter's shape as
 /// [`full_values`] hands it out, or be its flattened vector. Parameter ids and trainability are
 /// kept. Unknown names or wrong shapes are refused before anything is changed.
-pub fn set_full_values<B: AutodiffBackend>(model: &mut CogVideoXTransformer3DModel<B>, values: &InnerTensors<B>) -> Result<(), TrainError> {
+pub fn set_full_values<B: AutodiffBackend>(
+    model: &mut CogVideoXTransformer3DModel<B>,
+    values: &InnerTensors<B>,
+) -> Result<(), TrainError> {
     let shapes: BTreeMap<String, Vec<usize>> = full_param_shapes(model).into_iter().collect();
     let mut unknown = Vec::new();
     for (name, v) in values {
@@ -282,7 +336,9 @@ pub fn set_full_values<B: AutodiffBackend>(model: &mut CogVideoXTransformer3DMod
                 let vs = v.shape();
                 let numel: usize = shape.iter().product();
                 if vs != *shape && vs != [numel] {
-                    return invalid(format!("`{name}`: the model's parameter has shape {shape:?}, the new value {vs:?}"));
+                    return invalid(format!(
+                        "`{name}`: the model's parameter has shape {shape:?}, the new value {vs:?}"
+                    ));
                 }
             }
         }
@@ -311,7 +367,9 @@ pub fn set_full_values<B: AutodiffBackend>(model: &mut CogVideoXTransformer3DMod
             if self.path.in_adapter() {
                 return param;
             }
-            let Some(v) = self.values.get(&self.path.name()) else { return param };
+            let Some(v) = self.values.get(&self.path.name()) else {
+                return param;
+            };
             let (id, old, mapper) = param.consume();
             let dims = old.dims();
             let require_grad = old.is_require_grad();
@@ -323,7 +381,10 @@ pub fn set_full_values<B: AutodiffBackend>(model: &mut CogVideoXTransformer3DMod
         }
     }
     let taken = model.clone();
-    *model = taken.map(&mut Set { path: PathTracker::default(), values });
+    *model = taken.map(&mut Set {
+        path: PathTracker::default(),
+        values,
+    });
     Ok(())
 }
 
@@ -344,10 +405,22 @@ mod tests {
 
     #[test]
     fn train_mode_reads_from_config_names() {
-        assert_eq!(serde_json::from_str::<TrainMode>("\"full\"").unwrap(), TrainMode::Full);
-        assert_eq!(serde_json::from_str::<TrainMode>("\"adapter\"").unwrap(), TrainMode::Adapter);
+        assert_eq!(
+            serde_json::from_str::<TrainMode>("\"full\"").unwrap(),
+            TrainMode::Full
+        );
+        assert_eq!(
+            serde_json::from_str::<TrainMode>("\"adapter\"").unwrap(),
+            TrainMode::Adapter
+        );
         // The official finetune's `training_type` names.
-        assert_eq!(serde_json::from_str::<TrainMode>("\"sft\"").unwrap(), TrainMode::Full);
-        assert_eq!(serde_json::from_str::<TrainMode>("\"lora\"").unwrap(), TrainMode::Adapter);
+        assert_eq!(
+            serde_json::from_str::<TrainMode>("\"sft\"").unwrap(),
+            TrainMode::Full
+        );
+        assert_eq!(
+            serde_json::from_str::<TrainMode>("\"lora\"").unwrap(),
+            TrainMode::Adapter
+        );
     }
 }

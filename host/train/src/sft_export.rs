@@ -17,10 +17,10 @@
 //! reader sees the old folder or the new one, never a half-written one.
 
 use crate::error::{invalid, TrainError};
-use cogvx_adapters::python_json_dumps;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use cogvx_adapters::python_json_dumps;
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
@@ -35,7 +35,9 @@ pub const SAFETENSORS_INDEX_NAME: &str = "diffusion_pytorch_model.safetensors.in
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 10_000_000_000;
 
 /// The floating-point type the exported weights are stored in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum ExportDtype {
     #[serde(rename = "fp32", alias = "f32", alias = "float32")]
     F32,
@@ -69,8 +71,14 @@ impl ExportDtype {
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             ExportDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ExportDtype::Bf16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-            ExportDtype::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            ExportDtype::Bf16 => values
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            ExportDtype::F16 => values
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
         }
     }
 }
@@ -84,7 +92,9 @@ impl std::str::FromStr for ExportDtype {
             "fp32" | "f32" | "float32" => Ok(ExportDtype::F32),
             "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
             "fp16" | "f16" | "float16" => Ok(ExportDtype::F16),
-            _ => invalid(format!("unknown export dtype `{s}` (use fp32, bf16 or fp16)")),
+            _ => invalid(format!(
+                "unknown export dtype `{s}` (use fp32, bf16 or fp16)"
+            )),
         }
     }
 }
@@ -109,7 +119,11 @@ pub fn state_dict_keys(c: &TransformerConfig) -> Vec<String> {
     if c.use_learned_positional_embeddings {
         keys.push("patch_embed.pos_embedding".into());
     }
-    linear(&mut keys, "patch_embed.proj", c.patch_size_t.is_some() || c.patch_bias);
+    linear(
+        &mut keys,
+        "patch_embed.proj",
+        c.patch_size_t.is_some() || c.patch_bias,
+    );
     linear(&mut keys, "patch_embed.text_proj", true);
     linear(&mut keys, "time_embedding.linear_1", true);
     linear(&mut keys, "time_embedding.linear_2", true);
@@ -172,7 +186,9 @@ pub fn shard_file_names(n: usize) -> Vec<String> {
     if n == 1 {
         return vec![SAFETENSORS_WEIGHTS_NAME.to_string()];
     }
-    (1..=n).map(|i| format!("diffusion_pytorch_model-{i:05}-of-{n:05}.safetensors")).collect()
+    (1..=n)
+        .map(|i| format!("diffusion_pytorch_model-{i:05}-of-{n:05}.safetensors"))
+        .collect()
 }
 
 /// What [`save_transformer_folder`] wrote.
@@ -220,13 +236,20 @@ impl<B: Backend> ModuleVisitor<B> for ReadParams<'_> {
                 shape = s.clone();
             }
         }
-        let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32");
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("converted to f32");
         self.out.insert(name, (shape, self.dtype.encode(&data)));
     }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::Io { path: path.to_path_buf(), message: e.to_string() }
+    move |e| TrainError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Whether every entry of an existing `dir` is something a diffusers transformer folder holds
@@ -236,7 +259,9 @@ fn is_replaceable_folder(dir: &Path) -> Result<bool, TrainError> {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let ok = entry.file_type().map(|t| t.is_file()).unwrap_or(false)
-            && (name == "config.json" || (name.starts_with("diffusion_pytorch_model") && (name.ends_with(".safetensors") || name.ends_with(".index.json"))));
+            && (name == "config.json"
+                || (name.starts_with("diffusion_pytorch_model")
+                    && (name.ends_with(".safetensors") || name.ends_with(".index.json"))));
         if !ok {
             return Ok(false);
         }
@@ -279,7 +304,11 @@ pub fn save_transformer_folder<B: Backend>(
         ));
     }
     let keys = state_dict_keys(c);
-    let pos_embedding = if c.use_learned_positional_embeddings { model.patch_embed.pos_embedding.clone() } else { None };
+    let pos_embedding = if c.use_learned_positional_embeddings {
+        model.patch_embed.pos_embedding.clone()
+    } else {
+        None
+    };
     let mut sizes = Vec::with_capacity(keys.len());
     for key in &keys {
         let shape = if key == "patch_embed.pos_embedding" {
@@ -290,14 +319,23 @@ pub fn save_transformer_folder<B: Backend>(
         } else {
             match shapes.get(key) {
                 Some(s) => s.clone(),
-                None => return invalid(format!("the model has no parameter `{key}` that diffusers' state_dict lists")),
+                None => {
+                    return invalid(format!(
+                        "the model has no parameter `{key}` that diffusers' state_dict lists"
+                    ))
+                }
             }
         };
-        sizes.push((key.clone(), (shape.iter().product::<usize>() * dtype.size()) as u64));
+        sizes.push((
+            key.clone(),
+            (shape.iter().product::<usize>() * dtype.size()) as u64,
+        ));
     }
     let listed: BTreeSet<&String> = keys.iter().collect();
     if let Some(extra) = shapes.keys().find(|k| !listed.contains(k)) {
-        return invalid(format!("the model's parameter `{extra}` has no place in diffusers' state_dict"));
+        return invalid(format!(
+            "the model's parameter `{extra}` has no place in diffusers' state_dict"
+        ));
     }
     let total_size: u64 = sizes.iter().map(|(_, s)| s).sum();
     let shards = split_into_shards(&sizes, max_shard_bytes);
@@ -309,7 +347,10 @@ pub fn save_transformer_folder<B: Backend>(
         .ok_or_else(|| TrainError::Invalid(format!("{}: not a folder path", out_dir.display())))?
         .to_string_lossy()
         .into_owned();
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if out_dir.exists() && (!out_dir.is_dir() || !is_replaceable_folder(out_dir)?) {
         return invalid(format!(
             "{}: exists and holds other files than a diffusers transformer folder; choose an empty or new folder",
@@ -317,25 +358,43 @@ pub fn save_transformer_folder<B: Backend>(
         ));
     }
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let tmp = parent.join(format!(".{out_name}.tmp-{}-{stamp}", std::process::id()));
     let result = (|| -> Result<(), TrainError> {
         std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         let write_config = tmp.join("config.json");
         std::fs::write(&write_config, &config_bytes).map_err(io_err(&write_config))?;
-        let metadata: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let metadata: HashMap<String, String> =
+            HashMap::from([("format".to_string(), "pt".to_string())]);
         let conv_shape = shapes.get("patch_embed.proj.weight").cloned();
         let mut weight_map = serde_json::Map::new();
         for (shard, file) in shards.iter().zip(&files) {
             let wanted: BTreeSet<String> = shard.iter().cloned().collect();
-            let mut reader = ReadParams { path: Vec::new(), wanted: &wanted, conv_shape: conv_shape.clone(), dtype, out: BTreeMap::new(), in_adapter: false };
+            let mut reader = ReadParams {
+                path: Vec::new(),
+                wanted: &wanted,
+                conv_shape: conv_shape.clone(),
+                dtype,
+                out: BTreeMap::new(),
+                in_adapter: false,
+            };
             model.visit(&mut reader);
             let mut tensors = reader.out;
             if wanted.contains("patch_embed.pos_embedding") {
                 let t = pos_embedding.clone().expect("checked above");
                 let shape = t.dims().to_vec();
-                let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("converted to f32");
-                tensors.insert("patch_embed.pos_embedding".into(), (shape, dtype.encode(&data)));
+                let data = t
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .expect("converted to f32");
+                tensors.insert(
+                    "patch_embed.pos_embedding".into(),
+                    (shape, dtype.encode(&data)),
+                );
             }
             if let Some(missing) = shard.iter().find(|k| !tensors.contains_key(*k)) {
                 return invalid(format!("could not read the model's parameter `{missing}`"));
@@ -349,9 +408,15 @@ pub fn save_transformer_folder<B: Backend>(
                         .map_err(|e| TrainError::Invalid(format!("tensor `{k}`: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            safetensors::serialize_to_file(views, Some(metadata.clone()), &path)
-                .map_err(|e| TrainError::Io { path: path.clone(), message: e.to_string() })?;
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+            safetensors::serialize_to_file(views, Some(metadata.clone()), &path).map_err(|e| {
+                TrainError::Io {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
             for key in shard {
                 weight_map.insert(key.clone(), json!(file));
             }
@@ -390,7 +455,11 @@ pub fn save_transformer_folder<B: Backend>(
     if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
     }
-    Ok(ExportedFolder { dir: out_dir.to_path_buf(), files, total_size })
+    Ok(ExportedFolder {
+        dir: out_dir.to_path_buf(),
+        files,
+        total_size,
+    })
 }
 
 #[cfg(test)]
@@ -398,30 +467,52 @@ mod tests {
     use super::*;
 
     fn sizes(v: &[u64]) -> Vec<(String, u64)> {
-        v.iter().enumerate().map(|(i, s)| (format!("t{i}"), *s)).collect()
+        v.iter()
+            .enumerate()
+            .map(|(i, s)| (format!("t{i}"), *s))
+            .collect()
     }
 
     #[test]
     fn shards_split_as_huggingface_hub() {
         // The docstring's example: [6, 6, 2, 6, 2, 2] at 10 -> [6], [6+2], [6+2+2].
         let s = split_into_shards(&sizes(&[6, 6, 2, 6, 2, 2]), 10);
-        assert_eq!(s, vec![vec!["t0"], vec!["t1", "t2"], vec!["t3", "t4", "t5"]]);
+        assert_eq!(
+            s,
+            vec![vec!["t0"], vec!["t1", "t2"], vec!["t3", "t4", "t5"]]
+        );
         // A tensor over the limit gets its own shard, ahead of the shard being filled.
         let s = split_into_shards(&sizes(&[3, 12, 4, 5]), 10);
         assert_eq!(s, vec![vec!["t1"], vec!["t0", "t2"], vec!["t3"]]);
         assert_eq!(split_into_shards(&sizes(&[1, 2]), 10).len(), 1);
-        assert_eq!(shard_file_names(1), vec!["diffusion_pytorch_model.safetensors"]);
-        assert_eq!(shard_file_names(3)[1], "diffusion_pytorch_model-00002-of-00003.safetensors");
+        assert_eq!(
+            shard_file_names(1),
+            vec!["diffusion_pytorch_model.safetensors"]
+        );
+        assert_eq!(
+            shard_file_names(3)[1],
+            "diffusion_pytorch_model-00002-of-00003.safetensors"
+        );
     }
 
     #[test]
     fn dtypes_round_to_nearest_even() {
         assert_eq!("BF16".parse::<ExportDtype>().unwrap(), ExportDtype::Bf16);
-        assert!("int8".parse::<ExportDtype>().unwrap_err().to_string().contains("fp32, bf16 or fp16"));
+        assert!("int8"
+            .parse::<ExportDtype>()
+            .unwrap_err()
+            .to_string()
+            .contains("fp32, bf16 or fp16"));
         // 1 + 2^-8 is halfway between two bf16 values: ties to even (1.0).
         let x = 1.0f32 + 2f32.powi(-8);
-        assert_eq!(ExportDtype::Bf16.encode(&[x]), half::bf16::from_f32(1.0).to_le_bytes().to_vec());
+        assert_eq!(
+            ExportDtype::Bf16.encode(&[x]),
+            half::bf16::from_f32(1.0).to_le_bytes().to_vec()
+        );
         assert_eq!(ExportDtype::F32.encode(&[x]), x.to_le_bytes().to_vec());
-        assert_eq!(serde_json::from_str::<ExportDtype>("\"float16\"").unwrap(), ExportDtype::F16);
+        assert_eq!(
+            serde_json::from_str::<ExportDtype>("\"float16\"").unwrap(),
+            ExportDtype::F16
+        );
     }
 }

@@ -23,12 +23,21 @@ fn read_safetensors(path: &Path) -> (BTreeMap<String, String>, Tensors) {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let header: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let header: BTreeMap<String, String> = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let tensors = st
         .tensors()
         .into_iter()
         .map(|(k, v)| {
-            let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             (k, (format!("{:?}", v.dtype()), v.shape().to_vec(), data))
         })
         .collect();
@@ -39,27 +48,51 @@ fn read_safetensors(path: &Path) -> (BTreeMap<String, String>, Tensors) {
 fn export_reproduces_the_reference_lora_files() {
     let root = reference();
     let out = tempfile::tempdir().unwrap();
-    for variant in ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"] {
-        let case = Case::load(&root.join(format!("cases/{variant}.train_step_lora.safetensors"))).unwrap();
+    for variant in [
+        "cogvideox-2b",
+        "cogvideox-5b",
+        "cogvideox-5b-i2v",
+        "cogvideox1.5-5b",
+        "cogvideox1.5-5b-i2v",
+    ] {
+        let case =
+            Case::load(&root.join(format!("cases/{variant}.train_step_lora.safetensors"))).unwrap();
         let got = run_case::<AD>(&case, &CpuDevice::default()).unwrap();
         let params: BTreeMap<String, AdapterTensor<cogvx_model_core::CpuBackend>> = got
             .iter()
             .filter_map(|(k, v)| {
                 let name = k.strip_prefix("lora_after_step.")?;
-                let HostData::F32(d) = &v.data else { return None };
-                Some((name.to_string(), AdapterTensor::from_vec(&v.shape, d.clone(), &CpuDevice::default()).unwrap()))
+                let HostData::F32(d) = &v.data else {
+                    return None;
+                };
+                Some((
+                    name.to_string(),
+                    AdapterTensor::from_vec(&v.shape, d.clone(), &CpuDevice::default()).unwrap(),
+                ))
             })
             .collect();
         let spec = case_lora_spec(&case).unwrap();
-        let meta = LoraMetadata { rank: spec.rank, alpha: spec.alpha, target_modules: spec.targets.clone() };
+        let meta = LoraMetadata {
+            rank: spec.rank,
+            alpha: spec.alpha,
+            target_modules: spec.targets.clone(),
+        };
         let dir = out.path().join(variant);
         let path = save_lora(&dir, &params, &meta).unwrap();
         assert_eq!(path, dir.join("pytorch_lora_weights.safetensors"));
         let (got_meta, got_t) = read_safetensors(&path);
-        let (want_meta, want_t) = read_safetensors(&root.join(format!("cases/{variant}.lora/pytorch_lora_weights.safetensors")));
+        let (want_meta, want_t) = read_safetensors(&root.join(format!(
+            "cases/{variant}.lora/pytorch_lora_weights.safetensors"
+        )));
         assert_eq!(got_meta, want_meta, "{variant}: header metadata");
-        assert_eq!(got_t.keys().collect::<Vec<_>>(), want_t.keys().collect::<Vec<_>>(), "{variant}: keys");
-        let Tolerance::RelL2(tol) = case.tolerance else { panic!() };
+        assert_eq!(
+            got_t.keys().collect::<Vec<_>>(),
+            want_t.keys().collect::<Vec<_>>(),
+            "{variant}: keys"
+        );
+        let Tolerance::RelL2(tol) = case.tolerance else {
+            panic!()
+        };
         for (k, (dtype, shape, data)) in &want_t {
             let (gd, gs, gv) = &got_t[k];
             assert_eq!((gd, gs), (dtype, shape), "{variant}: {k}");
@@ -67,10 +100,20 @@ fn export_reproduces_the_reference_lora_files() {
             assert!(err <= tol, "{variant}: {k} rel L2 {err:.2e}");
         }
         // Reading the reference file back gives its rank, alpha and targets.
-        let reread = load_lora(&root.join(format!("cases/{variant}.lora/pytorch_lora_weights.safetensors"))).unwrap();
+        let reread = load_lora(&root.join(format!(
+            "cases/{variant}.lora/pytorch_lora_weights.safetensors"
+        )))
+        .unwrap();
         let mut want_targets = spec.targets.clone();
         want_targets.sort();
-        assert_eq!(reread.metadata, Some(LoraMetadata { rank: 4, alpha: 2.0, target_modules: want_targets }));
+        assert_eq!(
+            reread.metadata,
+            Some(LoraMetadata {
+                rank: 4,
+                alpha: 2.0,
+                target_modules: want_targets
+            })
+        );
         assert_eq!(reread.tensors.len(), params.len());
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
@@ -82,16 +125,41 @@ fn export_reproduces_the_reference_lora_files() {
 /// came out equal).
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn tiny_batch(model: &CogVideoXTransformer3DModel<AD>, seed: u64) -> (TrainBatch<AD>, NoiseDraw<AD>) {
+fn tiny_batch(
+    model: &CogVideoXTransformer3DModel<AD>,
+    seed: u64,
+) -> (TrainBatch<AD>, NoiseDraw<AD>) {
     use burn::tensor::backend::Backend;
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dev = CpuDevice::default();
     AD::seed(&dev, seed);
     let c = &model.config;
-    let latents = Tensor::<AD, 5>::random([2, c.out_channels(), 3, 8, 12], Distribution::Normal(0.0, 1.0), &dev);
-    let noise = Tensor::random(noise_shape(c, latents.dims()), Distribution::Normal(0.0, 1.0), &dev);
-    let prompt_embeds = Tensor::random([2, 16, c.text_embed_dim], Distribution::Normal(0.0, 1.0), &dev);
-    (TrainBatch { latents, prompt_embeds, image_latents: None }, NoiseDraw { timesteps: vec![100, 700], noise })
+    let latents = Tensor::<AD, 5>::random(
+        [2, c.out_channels(), 3, 8, 12],
+        Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let noise = Tensor::random(
+        noise_shape(c, latents.dims()),
+        Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let prompt_embeds = Tensor::random(
+        [2, 16, c.text_embed_dim],
+        Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    (
+        TrainBatch {
+            latents,
+            prompt_embeds,
+            image_latents: None,
+        },
+        NoiseDraw {
+            timesteps: vec![100, 700],
+            noise,
+        },
+    )
 }
 
 #[test]
@@ -99,24 +167,54 @@ fn lora_training_lowers_the_loss_and_only_moves_the_adapter() {
     let root = reference();
     let model_dir = root.join("models/cogvideox-2b-tiny");
     let dev = CpuDevice::default();
-    let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
-    let base_before = model.transformer_blocks[0].attn1.to_q.weight.val().into_data();
+    let mut model = freeze(
+        CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap(),
+    );
+    let base_before = model.transformer_blocks[0]
+        .attn1
+        .to_q
+        .weight
+        .val()
+        .into_data();
     let names = inject_lora(&mut model, &AdapterSpec::lora(4, 4.0), &dev).unwrap();
     assert_eq!(names.len(), 8);
     assert_eq!(names[3], "transformer_blocks.0.attn1.to_out.0");
     let schedule = load_schedule(&model_dir).unwrap();
     let (batch, draw) = tiny_batch(&model, 7);
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 });
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 1e-4,
+    });
     let mut losses = Vec::new();
     for _ in 0..8 {
-        let s = train_step(&mut model, &schedule, &batch, &draw, &mut opt, 1e-2, Some(1.0)).unwrap();
+        let s = train_step(
+            &mut model,
+            &schedule,
+            &batch,
+            &draw,
+            &mut opt,
+            1e-2,
+            Some(1.0),
+        )
+        .unwrap();
         assert!(s.grad_norm.is_finite() && s.grad_norm > 0.0);
         // Only the adapter gets gradients: 8 layers x (A, B).
         assert_eq!(s.grads.len(), 16);
         losses.push(s.loss);
     }
     assert!(losses[7] < 0.9 * losses[0], "loss did not fall: {losses:?}");
-    assert_eq!(model.transformer_blocks[0].attn1.to_q.weight.val().into_data(), base_before);
+    assert_eq!(
+        model.transformer_blocks[0]
+            .attn1
+            .to_q
+            .weight
+            .val()
+            .into_data(),
+        base_before
+    );
     assert_eq!(opt.state.values().next().unwrap().step, 8);
 }
 
@@ -126,8 +224,17 @@ fn recipe_lora_gives_the_builtin_lora_loss_and_gradients() {
     let root = reference();
     let model_dir = root.join("models/cogvideox-5b-tiny");
     let dev = CpuDevice::default();
-    let load = || freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
-    let spec = AdapterSpec { rank: 2, alpha: 3.0, targets: vec!["to_q".into(), "attn1.to_v".into()] };
+    let load = || {
+        freeze(
+            CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev)
+                .unwrap(),
+        )
+    };
+    let spec = AdapterSpec {
+        rank: 2,
+        alpha: 3.0,
+        targets: vec!["to_q".into(), "attn1.to_v".into()],
+    };
     let mut builtin = load();
     inject_lora(&mut builtin, &spec, &dev).unwrap();
     // Non-zero B so that every gradient is exercised.
@@ -135,24 +242,67 @@ fn recipe_lora_gives_the_builtin_lora_loss_and_gradients() {
     for (k, v) in values.iter_mut() {
         if k.ends_with("lora_B.weight") {
             let shape = v.shape();
-            *v = AdapterTensor::Matrix(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, 0.1), &dev));
+            *v = AdapterTensor::Matrix(Tensor::random(
+                [shape[0], shape[1]],
+                Distribution::Normal(0.0, 0.1),
+                &dev,
+            ));
         }
     }
     set_adapter_values(&mut builtin, &values).unwrap();
     let recipe = AdapterRecipe {
         params: vec![
-            ParamSpec { name: "A".into(), shape: vec![Dim::Rank, Dim::In], init: Init::KaimingUniform { a: 5f32.sqrt() }, trainable: true },
-            ParamSpec { name: "B".into(), shape: vec![Dim::Out, Dim::Rank], init: Init::Zeros, trainable: true },
+            ParamSpec {
+                name: "A".into(),
+                shape: vec![Dim::Rank, Dim::In],
+                init: Init::KaimingUniform { a: 5f32.sqrt() },
+                trainable: true,
+            },
+            ParamSpec {
+                name: "B".into(),
+                shape: vec![Dim::Out, Dim::Rank],
+                init: Init::Zeros,
+                trainable: true,
+            },
         ],
-        graph: vec![Op::Param("B".into()), Op::Param("A".into()), Op::Matmul(0, 1), Op::AlphaOverRank(2)],
+        graph: vec![
+            Op::Param("B".into()),
+            Op::Param("A".into()),
+            Op::Matmul(0, 1),
+            Op::AlphaOverRank(2),
+        ],
         output: 3,
         output_kind: AdapterOutput::WeightDelta,
-        export: vec![ExportKey { param: "A".into(), suffix: "lora_A.weight".into() }, ExportKey { param: "B".into(), suffix: "lora_B.weight".into() }],
+        export: vec![
+            ExportKey {
+                param: "A".into(),
+                suffix: "lora_A.weight".into(),
+            },
+            ExportKey {
+                param: "B".into(),
+                suffix: "lora_B.weight".into(),
+            },
+        ],
         peft_type: "LORA".into(),
     };
     let mut plugin = load();
-    let layers = inject_recipe(&mut plugin, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
-    assert_eq!(layers, vec!["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_v", "transformer_blocks.1.attn1.to_q", "transformer_blocks.1.attn1.to_v"]);
+    let layers = inject_recipe(
+        &mut plugin,
+        &spec,
+        RecipeLimits::default(),
+        |_| Ok::<_, String>(recipe.clone()),
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(
+        layers,
+        vec![
+            "transformer_blocks.0.attn1.to_q",
+            "transformer_blocks.0.attn1.to_v",
+            "transformer_blocks.1.attn1.to_q",
+            "transformer_blocks.1.attn1.to_v"
+        ]
+    );
     set_adapter_values(&mut plugin, &values).unwrap();
     let schedule = load_schedule(&model_dir).unwrap();
     let (batch, draw) = tiny_batch(&builtin, 3);
@@ -167,8 +317,19 @@ fn recipe_lora_gives_the_builtin_lora_loss_and_gradients() {
     // A recipe that refers to a later node is refused, naming the layer.
     let mut bad = recipe.clone();
     bad.graph[2] = Op::Matmul(0, 9);
-    let e = inject_recipe(&mut load(), &spec, RecipeLimits::default(), |_| Ok::<_, String>(bad.clone()), &dev).unwrap_err().to_string();
-    assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("not an earlier node"), "{e}");
+    let e = inject_recipe(
+        &mut load(),
+        &spec,
+        RecipeLimits::default(),
+        |_| Ok::<_, String>(bad.clone()),
+        &dev,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("transformer_blocks.0.attn1.to_q") && e.contains("not an earlier node"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -176,36 +337,73 @@ fn bad_targets_and_batches_are_clear_errors() {
     let root = reference();
     let dev = CpuDevice::default();
     let dir = root.join("models/cogvideox-2b-tiny");
-    let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&dir.join("transformer"), &dev).unwrap());
-    let e = inject_lora(&mut model, &AdapterSpec { rank: 4, alpha: 4.0, targets: vec!["to_x".into()] }, &dev).unwrap_err().to_string();
+    let mut model = freeze(
+        CogVideoXTransformer3DModel::<AD>::from_dir(&dir.join("transformer"), &dev).unwrap(),
+    );
+    let e = inject_lora(
+        &mut model,
+        &AdapterSpec {
+            rank: 4,
+            alpha: 4.0,
+            targets: vec!["to_x".into()],
+        },
+        &dev,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("`to_x` matches no linear layer"), "{e}");
-    let e = inject_lora(&mut model, &AdapterSpec { rank: 4, alpha: 4.0, targets: vec!["proj".into()] }, &dev).unwrap_err().to_string();
+    let e = inject_lora(
+        &mut model,
+        &AdapterSpec {
+            rank: 4,
+            alpha: 4.0,
+            targets: vec!["proj".into()],
+        },
+        &dev,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("Conv2d"), "{e}");
     inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev).unwrap();
-    let e = inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev).unwrap_err().to_string();
+    let e = inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("already has an adapter"), "{e}");
 
     let schedule = load_schedule(&dir).unwrap();
     let (mut batch, draw) = tiny_batch(&model, 1);
     batch.image_latents = Some(batch.latents.clone().narrow(2, 0, 1));
-    let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
+    let e = compute_loss(&model, &schedule, &batch, &draw)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not an image-to-video model"), "{e}");
     let (batch, mut draw) = tiny_batch(&model, 1);
     draw.timesteps = vec![5, 1000];
-    let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
+    let e = compute_loss(&model, &schedule, &batch, &draw)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("timestep 1000 is outside 0..1000"), "{e}");
 
     let i2v = root.join("models/cogvideox-5b-i2v-tiny");
-    let model = CogVideoXTransformer3DModel::<AD>::from_dir(&i2v.join("transformer"), &dev).unwrap();
+    let model =
+        CogVideoXTransformer3DModel::<AD>::from_dir(&i2v.join("transformer"), &dev).unwrap();
     let (batch, draw) = tiny_batch(&model, 1);
-    let e = compute_loss(&model, &schedule, &batch, &draw).unwrap_err().to_string();
+    let e = compute_loss(&model, &schedule, &batch, &draw)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("needs image latents"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
 // SFT (full fine-tuning)
 
-const VARIANTS: [&str; 5] = ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"];
+const VARIANTS: [&str; 5] = [
+    "cogvideox-2b",
+    "cogvideox-5b",
+    "cogvideox-5b-i2v",
+    "cogvideox1.5-5b",
+    "cogvideox1.5-5b-i2v",
+];
 
 /// The SFT parameter names are the checkpoint's keys (all but the persistent buffer
 /// `patch_embed.pos_embedding` of 5B-I2V, which diffusers does not train), with the stored shapes.
@@ -214,16 +412,35 @@ fn full_parameter_names_are_the_checkpoint_keys() {
     let root = reference();
     for variant in VARIANTS {
         let dir = root.join(format!("models/{variant}-tiny/transformer"));
-        let model = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &CpuDevice::default()).unwrap();
+        let model =
+            CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &CpuDevice::default()).unwrap();
         let weights = cogvx_model_core::weights::Weights::open(&dir).unwrap();
-        let mut want: BTreeMap<String, Vec<usize>> = weights.keys().map(|k| (k.to_string(), weights.shape(k).unwrap())).collect();
+        let mut want: BTreeMap<String, Vec<usize>> = weights
+            .keys()
+            .map(|k| (k.to_string(), weights.shape(k).unwrap()))
+            .collect();
         let buffer = want.remove("patch_embed.pos_embedding");
-        assert_eq!(buffer.is_some(), model.config.use_learned_positional_embeddings, "{variant}");
+        assert_eq!(
+            buffer.is_some(),
+            model.config.use_learned_positional_embeddings,
+            "{variant}"
+        );
         assert_eq!(checkpoint_shapes(&model), want, "{variant}");
         let values = full_values(&model);
-        assert_eq!(values.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{variant}");
-        let host: usize = full_host_values(&model).iter().map(|(_, _, d)| d.len()).sum();
-        assert_eq!(host, burn::module::Module::num_params(&model), "{variant}: every parameter is listed");
+        assert_eq!(
+            values.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{variant}"
+        );
+        let host: usize = full_host_values(&model)
+            .iter()
+            .map(|(_, _, d)| d.len())
+            .sum();
+        assert_eq!(
+            host,
+            burn::module::Module::num_params(&model),
+            "{variant}: every parameter is listed"
+        );
     }
 }
 
@@ -233,26 +450,73 @@ fn one_sft_step_changes_every_weight() {
     let model_dir = root.join("models/cogvideox-2b-tiny");
     let dev = CpuDevice::default();
     // Frozen first, as after an adapter run: enable_full_training makes everything trainable.
-    let model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+    let model = freeze(
+        CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap(),
+    );
     let mut model = enable_full_training(model);
     let schedule = load_schedule(&model_dir).unwrap();
     let (batch, draw) = tiny_batch(&model, 11);
     let before = TrainMode::Full.values(&mut model);
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 });
-    let s = train_step_for(TrainMode::Full, &mut model, &schedule, &batch, &draw, &mut opt, 1e-3, Some(1.0)).unwrap();
-    assert!(s.loss.is_finite() && s.grad_norm.is_finite() && s.grad_norm > 0.0, "{} {}", s.loss, s.grad_norm);
-    assert_eq!(s.grads.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>(), "every weight gets a gradient");
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 1e-4,
+    });
+    let s = train_step_for(
+        TrainMode::Full,
+        &mut model,
+        &schedule,
+        &batch,
+        &draw,
+        &mut opt,
+        1e-3,
+        Some(1.0),
+    )
+    .unwrap();
+    assert!(
+        s.loss.is_finite() && s.grad_norm.is_finite() && s.grad_norm > 0.0,
+        "{} {}",
+        s.loss,
+        s.grad_norm
+    );
+    assert_eq!(
+        s.grads.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "every weight gets a gradient"
+    );
     let after = full_values(&model);
     for (name, b) in &before {
         let (b, a) = (b.to_vec(), after[name].to_vec());
-        assert!(b.iter().zip(&a).any(|(x, y)| x != y), "{name} did not change");
+        assert!(
+            b.iter().zip(&a).any(|(x, y)| x != y),
+            "{name} did not change"
+        );
         // One AdamW step moves each element by at most lr (plus decay).
-        let max = b.iter().zip(&a).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(max <= 1.01e-3 + 1e-4 * b.iter().fold(0f32, |m, x| m.max(x.abs())), "{name}: moved {max}");
+        let max = b
+            .iter()
+            .zip(&a)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max <= 1.01e-3 + 1e-4 * b.iter().fold(0f32, |m, x| m.max(x.abs())),
+            "{name}: moved {max}"
+        );
     }
     assert_eq!(opt.state.len(), before.len());
     // A second step lowers the loss on the same batch.
-    let s2 = train_step_for(TrainMode::Full, &mut model, &schedule, &batch, &draw, &mut opt, 1e-3, Some(1.0)).unwrap();
+    let s2 = train_step_for(
+        TrainMode::Full,
+        &mut model,
+        &schedule,
+        &batch,
+        &draw,
+        &mut opt,
+        1e-3,
+        Some(1.0),
+    )
+    .unwrap();
     assert!(s2.loss < s.loss, "{} -> {}", s.loss, s2.loss);
 }
 
@@ -263,8 +527,18 @@ fn full_gradients_agree_with_lora_gradients() {
     let root = reference();
     let model_dir = root.join("models/cogvideox-5b-tiny");
     let dev = CpuDevice::default();
-    let mut model = CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap();
-    inject_lora(&mut model, &AdapterSpec { rank: 2, alpha: 3.0, targets: vec!["to_v".into(), "ff.net.2".into()] }, &dev).unwrap();
+    let mut model =
+        CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap();
+    inject_lora(
+        &mut model,
+        &AdapterSpec {
+            rank: 2,
+            alpha: 3.0,
+            targets: vec!["to_v".into(), "ff.net.2".into()],
+        },
+        &dev,
+    )
+    .unwrap();
     let mut model = enable_full_training(model);
     let schedule = load_schedule(&model_dir).unwrap();
     let (batch, draw) = tiny_batch(&model, 5);
@@ -274,7 +548,10 @@ fn full_gradients_agree_with_lora_gradients() {
     let lora = adapter_grads(&mut model, &grads);
     let values = trainable_values(&mut model);
     assert!(full.keys().all(|k| !k.contains("lora")));
-    for layer in ["transformer_blocks.1.attn1.to_v", "transformer_blocks.0.ff.net.2"] {
+    for layer in [
+        "transformer_blocks.1.attn1.to_v",
+        "transformer_blocks.0.ff.net.2",
+    ] {
         let g = match &full[&format!("{layer}.weight")] {
             AdapterTensor::Matrix(m) => m.clone(),
             _ => panic!(),
@@ -283,7 +560,12 @@ fn full_gradients_agree_with_lora_gradients() {
             AdapterTensor::Matrix(m) => m.clone(),
             _ => panic!(),
         };
-        let want = g.matmul(a.transpose()).mul_scalar(1.5).into_data().to_vec::<f32>().unwrap();
+        let want = g
+            .matmul(a.transpose())
+            .mul_scalar(1.5)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let got = lora[&format!("{layer}.lora_B.weight")].to_vec();
         let err = rel_l2(&got, &want);
         assert!(err < 1e-4, "{layer}: {err:.2e}");
@@ -299,21 +581,44 @@ fn set_full_values_round_trips_and_refuses_bad_input() {
     let mut values = full_values(&model);
     let key = "transformer_blocks.1.attn1.to_k.weight".to_string();
     let shape = values[&key].shape();
-    let new: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| i as f32 * 0.01).collect();
+    let new: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| i as f32 * 0.01)
+        .collect();
     // A flattened vector is accepted as well as the matrix.
-    values.insert(key.clone(), AdapterTensor::from_vec(&[new.len()], new.clone(), &dev).unwrap());
+    values.insert(
+        key.clone(),
+        AdapterTensor::from_vec(&[new.len()], new.clone(), &dev).unwrap(),
+    );
     set_full_values(&mut model, &values).unwrap();
     assert_eq!(full_values(&model)[&key].to_vec(), new);
     assert_eq!(full_values(&model)[&key].shape(), shape);
-    assert!(model.transformer_blocks[1].attn1.to_k.weight.val().is_require_grad());
+    assert!(model.transformer_blocks[1]
+        .attn1
+        .to_k
+        .weight
+        .val()
+        .is_require_grad());
 
-    let bad = BTreeMap::from([("transformer_blocks.9.attn1.to_k.weight".to_string(), values[&key].clone())]);
+    let bad = BTreeMap::from([(
+        "transformer_blocks.9.attn1.to_k.weight".to_string(),
+        values[&key].clone(),
+    )]);
     let e = set_full_values(&mut model, &bad).unwrap_err().to_string();
-    assert!(e.contains("no transformer parameter named transformer_blocks.9.attn1.to_k.weight"), "{e}");
-    let bad = BTreeMap::from([(key.clone(), AdapterTensor::from_vec(&[2, 2], vec![0.0; 4], &dev).unwrap())]);
+    assert!(
+        e.contains("no transformer parameter named transformer_blocks.9.attn1.to_k.weight"),
+        "{e}"
+    );
+    let bad = BTreeMap::from([(
+        key.clone(),
+        AdapterTensor::from_vec(&[2, 2], vec![0.0; 4], &dev).unwrap(),
+    )]);
     let e = set_full_values(&mut model, &bad).unwrap_err().to_string();
     assert!(e.contains(&key) && e.contains("[2, 2]"), "{e}");
-    assert_eq!(full_values(&model)[&key].to_vec(), new, "a refused update changes nothing");
+    assert_eq!(
+        full_values(&model)[&key].to_vec(),
+        new,
+        "a refused update changes nothing"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,16 +638,26 @@ fn transformer_export_reproduces_the_reference_folders() {
         ("cogvideox1.5-5b-i2v", ExportDtype::Bf16, 40_000),
     ] {
         let src = root.join(format!("models/{variant}-tiny/transformer"));
-        let model = CogVideoXTransformer3DModel::<AD>::from_dir(&src, &CpuDevice::default()).unwrap();
+        let model =
+            CogVideoXTransformer3DModel::<AD>::from_dir(&src, &CpuDevice::default()).unwrap();
         let dir = out.path().join(variant).join("transformer");
         let exported = save_transformer_folder(&model, &src, &dir, shard, dtype).unwrap();
-        let mut want: Vec<String> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        let mut got: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut want: Vec<String> = std::fs::read_dir(&src)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut got: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         want.sort();
         got.sort();
         assert_eq!(got, want, "{variant}: files");
         for f in &want {
-            assert!(std::fs::read(dir.join(f)).unwrap() == std::fs::read(src.join(f)).unwrap(), "{variant}: {f} differs");
+            assert!(
+                std::fs::read(dir.join(f)).unwrap() == std::fs::read(src.join(f)).unwrap(),
+                "{variant}: {f} differs"
+            );
         }
         assert_eq!(exported.files.len(), if shard == 40_000 { 4 } else { 1 });
         // No temporary folder is left next to it.
@@ -358,12 +673,29 @@ fn exported_sft_model_loads_back_with_the_same_output() {
     let model_dir = root.join("models/cogvideox-5b-i2v-tiny");
     let src = model_dir.join("transformer");
     let dev = CpuDevice::default();
-    let mut model = enable_full_training(CogVideoXTransformer3DModel::<AD>::from_dir(&src, &dev).unwrap());
+    let mut model =
+        enable_full_training(CogVideoXTransformer3DModel::<AD>::from_dir(&src, &dev).unwrap());
     let schedule = load_schedule(&model_dir).unwrap();
     let (mut batch, draw) = tiny_batch(&model, 2);
     batch.image_latents = Some(batch.latents.clone().narrow(2, 0, 1));
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 1e-4 });
-    train_step_for(TrainMode::Full, &mut model, &schedule, &batch, &draw, &mut opt, 1e-3, Some(1.0)).unwrap();
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 1e-4,
+    });
+    train_step_for(
+        TrainMode::Full,
+        &mut model,
+        &schedule,
+        &batch,
+        &draw,
+        &mut opt,
+        1e-3,
+        Some(1.0),
+    )
+    .unwrap();
 
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("transformer");
@@ -371,10 +703,22 @@ fn exported_sft_model_loads_back_with_the_same_output() {
     std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), b"stale").unwrap();
     let exported = save_transformer_folder(&model, &src, &dir, 20_000, ExportDtype::F32).unwrap();
     assert!(exported.files.len() > 4, "{:?}", exported.files);
-    assert!(!dir.join("diffusion_pytorch_model.safetensors").exists(), "the stale file is gone with the old folder");
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("diffusion_pytorch_model.safetensors.index.json")).unwrap()).unwrap();
-    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(exported.total_size));
-    assert_eq!(index["weight_map"].as_object().unwrap().len(), state_dict_keys(&model.config).len());
+    assert!(
+        !dir.join("diffusion_pytorch_model.safetensors").exists(),
+        "the stale file is gone with the old folder"
+    );
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("diffusion_pytorch_model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64(),
+        Some(exported.total_size)
+    );
+    assert_eq!(
+        index["weight_map"].as_object().unwrap().len(),
+        state_dict_keys(&model.config).len()
+    );
 
     let loaded = CogVideoXTransformer3DModel::<AD>::from_dir(&dir, &dev).unwrap();
     for (k, v) in full_values(&model) {
@@ -385,7 +729,11 @@ fn exported_sft_model_loads_back_with_the_same_output() {
     let t = Tensor::<AD, 1>::from_floats([500.0], &dev);
     let run = |m: &CogVideoXTransformer3DModel<AD>| {
         let rot = m.image_rotary_emb(3, 8, 12, &dev).unwrap();
-        m.forward(x.clone(), text.clone(), t.clone(), None, rot.as_ref()).unwrap().into_data().to_vec::<f32>().unwrap()
+        m.forward(x.clone(), text.clone(), t.clone(), None, rot.as_ref())
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
     };
     assert_eq!(run(&loaded), run(&model));
 
@@ -393,16 +741,38 @@ fn exported_sft_model_loads_back_with_the_same_output() {
     let busy = out.path().join("busy");
     std::fs::create_dir(&busy).unwrap();
     std::fs::write(busy.join("notes.txt"), b"mine").unwrap();
-    let e = save_transformer_folder(&model, &src, &busy, 20_000, ExportDtype::F32).unwrap_err().to_string();
-    assert!(e.contains("busy") && e.contains("other files"), "{e}");
-    assert!(busy.join("notes.txt").exists());
-    let e = save_transformer_folder(&model, &root.join("models/cogvideox-5b-tiny/transformer"), &out.path().join("x"), 20_000, ExportDtype::F32)
+    let e = save_transformer_folder(&model, &src, &busy, 20_000, ExportDtype::F32)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("config.json") && e.contains("differs from the model's"), "{e}");
+    assert!(e.contains("busy") && e.contains("other files"), "{e}");
+    assert!(busy.join("notes.txt").exists());
+    let e = save_transformer_folder(
+        &model,
+        &root.join("models/cogvideox-5b-tiny/transformer"),
+        &out.path().join("x"),
+        20_000,
+        ExportDtype::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("differs from the model's"),
+        "{e}"
+    );
     inject_lora(&mut model, &AdapterSpec::lora(2, 2.0), &dev).unwrap();
-    let e = save_transformer_folder(&model, &src, &out.path().join("y"), 20_000, ExportDtype::F32).unwrap_err().to_string();
-    assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("adapter"), "{e}");
+    let e = save_transformer_folder(
+        &model,
+        &src,
+        &out.path().join("y"),
+        20_000,
+        ExportDtype::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("transformer_blocks.0.attn1.to_q") && e.contains("adapter"),
+        "{e}"
+    );
     assert!(!out.path().join("x").exists() && !out.path().join("y").exists());
 }
 
@@ -412,9 +782,24 @@ fn exported_sft_model_loads_back_with_the_same_output() {
 fn dora_recipe() -> AdapterRecipe {
     AdapterRecipe {
         params: vec![
-            ParamSpec { name: "A".into(), shape: vec![Dim::Rank, Dim::In], init: Init::KaimingUniform { a: 5f32.sqrt() }, trainable: true },
-            ParamSpec { name: "B".into(), shape: vec![Dim::Out, Dim::Rank], init: Init::Normal { std: 0.1 }, trainable: true },
-            ParamSpec { name: "m".into(), shape: vec![Dim::Out], init: Init::BaseRowNorm, trainable: true },
+            ParamSpec {
+                name: "A".into(),
+                shape: vec![Dim::Rank, Dim::In],
+                init: Init::KaimingUniform { a: 5f32.sqrt() },
+                trainable: true,
+            },
+            ParamSpec {
+                name: "B".into(),
+                shape: vec![Dim::Out, Dim::Rank],
+                init: Init::Normal { std: 0.1 },
+                trainable: true,
+            },
+            ParamSpec {
+                name: "m".into(),
+                shape: vec![Dim::Out],
+                init: Init::BaseRowNorm,
+                trainable: true,
+            },
         ],
         graph: vec![
             Op::BaseWeight,
@@ -432,18 +817,37 @@ fn dora_recipe() -> AdapterRecipe {
         output: 10,
         output_kind: AdapterOutput::Weight,
         export: vec![
-            ExportKey { param: "A".into(), suffix: "lora_A.weight".into() },
-            ExportKey { param: "B".into(), suffix: "lora_B.weight".into() },
-            ExportKey { param: "m".into(), suffix: "lora_magnitude_vector".into() },
+            ExportKey {
+                param: "A".into(),
+                suffix: "lora_A.weight".into(),
+            },
+            ExportKey {
+                param: "B".into(),
+                suffix: "lora_B.weight".into(),
+            },
+            ExportKey {
+                param: "m".into(),
+                suffix: "lora_magnitude_vector".into(),
+            },
         ],
         peft_type: "LORA".into(),
     }
 }
 
 fn loha_recipe() -> AdapterRecipe {
-    let p = |n: &str, shape: Vec<Dim>| ParamSpec { name: n.into(), shape, init: Init::Normal { std: 0.1 }, trainable: true };
+    let p = |n: &str, shape: Vec<Dim>| ParamSpec {
+        name: n.into(),
+        shape,
+        init: Init::Normal { std: 0.1 },
+        trainable: true,
+    };
     AdapterRecipe {
-        params: vec![p("hada_w1_a", vec![Dim::Out, Dim::Rank]), p("hada_w1_b", vec![Dim::Rank, Dim::In]), p("hada_w2_a", vec![Dim::Out, Dim::Rank]), p("hada_w2_b", vec![Dim::Rank, Dim::In])],
+        params: vec![
+            p("hada_w1_a", vec![Dim::Out, Dim::Rank]),
+            p("hada_w1_b", vec![Dim::Rank, Dim::In]),
+            p("hada_w2_a", vec![Dim::Out, Dim::Rank]),
+            p("hada_w2_b", vec![Dim::Rank, Dim::In]),
+        ],
         graph: vec![
             Op::Param("hada_w1_a".into()),
             Op::Param("hada_w1_b".into()),
@@ -456,7 +860,13 @@ fn loha_recipe() -> AdapterRecipe {
         ],
         output: 7,
         output_kind: AdapterOutput::WeightDelta,
-        export: ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].iter().map(|n| ExportKey { param: n.to_string(), suffix: n.to_string() }).collect(),
+        export: ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+            .iter()
+            .map(|n| ExportKey {
+                param: n.to_string(),
+                suffix: n.to_string(),
+            })
+            .collect(),
         peft_type: "LOHA".into(),
     }
 }
@@ -466,14 +876,24 @@ fn loha_recipe() -> AdapterRecipe {
 fn save_adapter_writes_a_builtin_lora_as_save_lora_does() {
     let root = reference();
     let dev = CpuDevice::default();
-    let mut model = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&root.join("models/cogvideox-2b-tiny/transformer"), &dev).unwrap());
+    let mut model = freeze(
+        CogVideoXTransformer3DModel::<AD>::from_dir(
+            &root.join("models/cogvideox-2b-tiny/transformer"),
+            &dev,
+        )
+        .unwrap(),
+    );
     let spec = AdapterSpec::lora(2, 3.0);
     inject_lora(&mut model, &spec, &dev).unwrap();
     let out = tempfile::tempdir().unwrap();
     let meta = adapter_metadata(&mut model, &spec, BTreeMap::new()).unwrap();
     assert_eq!((meta.peft_type.as_str(), meta.use_dora), ("LORA", false));
     let a = save_adapter(&mut model, &out.path().join("a"), &meta).unwrap();
-    let lm = LoraMetadata { rank: 2, alpha: 3.0, target_modules: spec.targets.clone() };
+    let lm = LoraMetadata {
+        rank: 2,
+        alpha: 3.0,
+        target_modules: spec.targets.clone(),
+    };
     let b = save_lora(&out.path().join("b"), &trainable_values(&mut model), &lm).unwrap();
     assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
     let loaded = load_adapter(&a).unwrap();
@@ -492,30 +912,61 @@ fn recipe_adapters_export_under_peft_names_and_load_back() {
     let root = reference();
     let model_dir = root.join("models/cogvideox-5b-tiny");
     let dev = CpuDevice::default();
-    let load = || freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
+    let load = || {
+        freeze(
+            CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev)
+                .unwrap(),
+        )
+    };
     let schedule = load_schedule(&model_dir).unwrap();
-    let spec = AdapterSpec { rank: 2, alpha: 4.0, targets: vec!["to_q".into(), "to_out.0".into()] };
+    let spec = AdapterSpec {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["to_q".into(), "to_out.0".into()],
+    };
     let out = tempfile::tempdir().unwrap();
     for (name, recipe, settings) in [
-        ("dora", dora_recipe(), serde_json::json!({"use_rslora": false, "init_lora_weights": "gaussian"})),
-        ("loha", loha_recipe(), serde_json::json!({"init_weights": false})),
+        (
+            "dora",
+            dora_recipe(),
+            serde_json::json!({"use_rslora": false, "init_lora_weights": "gaussian"}),
+        ),
+        (
+            "loha",
+            loha_recipe(),
+            serde_json::json!({"init_weights": false}),
+        ),
     ] {
         let mut model = load();
-        inject_recipe(&mut model, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
+        inject_recipe(
+            &mut model,
+            &spec,
+            RecipeLimits::default(),
+            |_| Ok::<_, String>(recipe.clone()),
+            &dev,
+        )
+        .unwrap();
         let settings = peft_settings(&recipe.peft_type, &settings);
         let meta = adapter_metadata(&mut model, &spec, settings).unwrap();
         let path = save_adapter(&mut model, &out.path().join(name), &meta).unwrap();
         let (header, tensors) = read_safetensors(&path);
-        let dict: serde_json::Value = serde_json::from_str(&header["lora_adapter_metadata"]).unwrap();
+        let dict: serde_json::Value =
+            serde_json::from_str(&header["lora_adapter_metadata"]).unwrap();
         assert_eq!(header["format"], "pt");
         let layer = "transformer.transformer_blocks.1.attn1.to_out.0";
         match name {
             "dora" => {
                 assert_eq!(tensors.len(), 4 * 3);
-                assert_eq!(tensors[&format!("{layer}.lora_magnitude_vector")].1, vec![32]);
+                assert_eq!(
+                    tensors[&format!("{layer}.lora_magnitude_vector")].1,
+                    vec![32]
+                );
                 assert_eq!(tensors[&format!("{layer}.lora_A.weight")].1, vec![2, 32]);
                 assert_eq!(dict["transformer.use_dora"], serde_json::json!(true));
-                assert_eq!(dict["transformer.init_lora_weights"], serde_json::json!("gaussian"));
+                assert_eq!(
+                    dict["transformer.init_lora_weights"],
+                    serde_json::json!("gaussian")
+                );
                 assert_eq!(dict["transformer.lora_alpha"], serde_json::json!(4));
                 assert_eq!(dict["transformer.peft_type"], serde_json::json!("LORA"));
             }
@@ -532,31 +983,69 @@ fn recipe_adapters_export_under_peft_names_and_load_back() {
 
         // Load into a freshly injected model: same adapter values, same loss.
         let loaded = load_adapter(&path).unwrap();
-        assert_eq!(loaded.metadata.as_ref().unwrap(), &meta_sorted(meta.clone()));
+        assert_eq!(
+            loaded.metadata.as_ref().unwrap(),
+            &meta_sorted(meta.clone())
+        );
         let mut fresh = load();
-        inject_recipe(&mut fresh, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
-        let values: BTreeMap<String, AdapterTensor<cogvx_model_core::CpuBackend>> = loaded.values(&dev).unwrap();
+        inject_recipe(
+            &mut fresh,
+            &spec,
+            RecipeLimits::default(),
+            |_| Ok::<_, String>(recipe.clone()),
+            &dev,
+        )
+        .unwrap();
+        let values: BTreeMap<String, AdapterTensor<cogvx_model_core::CpuBackend>> =
+            loaded.values(&dev).unwrap();
         set_adapter_values(&mut fresh, &values).unwrap();
         let (batch, draw) = tiny_batch(&model, 4);
-        let l1 = compute_loss(&model, &schedule, &batch, &draw).unwrap().into_scalar();
-        let l2 = compute_loss(&fresh, &schedule, &batch, &draw).unwrap().into_scalar();
+        let l1 = compute_loss(&model, &schedule, &batch, &draw)
+            .unwrap()
+            .into_scalar();
+        let l2 = compute_loss(&fresh, &schedule, &batch, &draw)
+            .unwrap()
+            .into_scalar();
         assert_eq!(l1, l2, "{name}");
     }
 
     // Refusals: metadata that disagrees with the model, an unexported trainable parameter, no adapter.
     let mut model = load();
-    inject_recipe(&mut model, &spec, RecipeLimits::default(), |_| Ok::<_, String>(dora_recipe()), &dev).unwrap();
+    inject_recipe(
+        &mut model,
+        &spec,
+        RecipeLimits::default(),
+        |_| Ok::<_, String>(dora_recipe()),
+        &dev,
+    )
+    .unwrap();
     let mut meta = adapter_metadata(&mut model, &spec, BTreeMap::new()).unwrap();
     meta.use_dora = false;
-    let e = save_adapter(&mut model, out.path(), &meta).unwrap_err().to_string();
+    let e = save_adapter(&mut model, out.path(), &meta)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("use_dora = false"), "{e}");
     let mut bad = dora_recipe();
     bad.export.pop();
     let mut model = load();
-    inject_recipe(&mut model, &spec, RecipeLimits::default(), |_| Ok::<_, String>(bad.clone()), &dev).unwrap();
-    let e = adapter_metadata(&mut model, &spec, BTreeMap::new()).unwrap_err().to_string();
-    assert!(e.contains("transformer_blocks.0.attn1.to_q") && e.contains("`m` has no export key"), "{e}");
-    let e = adapter_metadata(&mut load(), &spec, BTreeMap::new()).unwrap_err().to_string();
+    inject_recipe(
+        &mut model,
+        &spec,
+        RecipeLimits::default(),
+        |_| Ok::<_, String>(bad.clone()),
+        &dev,
+    )
+    .unwrap();
+    let e = adapter_metadata(&mut model, &spec, BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("transformer_blocks.0.attn1.to_q") && e.contains("`m` has no export key"),
+        "{e}"
+    );
+    let e = adapter_metadata(&mut load(), &spec, BTreeMap::new())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no adapter"), "{e}");
 }
 
@@ -571,12 +1060,26 @@ fn all_adapter_values_restore_frozen_recipe_parameters() {
     let mut recipe = loha_recipe();
     recipe.params[0].trainable = false;
     recipe.export.remove(0);
-    let spec = AdapterSpec { rank: 2, alpha: 2.0, targets: vec!["to_k".into()] };
+    let spec = AdapterSpec {
+        rank: 2,
+        alpha: 2.0,
+        targets: vec!["to_k".into()],
+    };
     let build = |seed: u64| {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         AD::seed(&dev, seed);
-        let mut m = freeze(CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev).unwrap());
-        inject_recipe(&mut m, &spec, RecipeLimits::default(), |_| Ok::<_, String>(recipe.clone()), &dev).unwrap();
+        let mut m = freeze(
+            CogVideoXTransformer3DModel::<AD>::from_dir(&model_dir.join("transformer"), &dev)
+                .unwrap(),
+        );
+        inject_recipe(
+            &mut m,
+            &spec,
+            RecipeLimits::default(),
+            |_| Ok::<_, String>(recipe.clone()),
+            &dev,
+        )
+        .unwrap();
         m
     };
     let mut a = build(1);
@@ -587,10 +1090,22 @@ fn all_adapter_values_restore_frozen_recipe_parameters() {
     assert!(all.contains_key("transformer_blocks.0.attn1.to_k.hada_w1_a"));
     let schedule = load_schedule(&model_dir).unwrap();
     let (batch, draw) = tiny_batch(&a, 9);
-    let la = compute_loss(&a, &schedule, &batch, &draw).unwrap().into_scalar();
-    assert_ne!(la, compute_loss(&b, &schedule, &batch, &draw).unwrap().into_scalar());
+    let la = compute_loss(&a, &schedule, &batch, &draw)
+        .unwrap()
+        .into_scalar();
+    assert_ne!(
+        la,
+        compute_loss(&b, &schedule, &batch, &draw)
+            .unwrap()
+            .into_scalar()
+    );
     set_adapter_values(&mut b, &all).unwrap();
-    assert_eq!(la, compute_loss(&b, &schedule, &batch, &draw).unwrap().into_scalar());
+    assert_eq!(
+        la,
+        compute_loss(&b, &schedule, &batch, &draw)
+            .unwrap()
+            .into_scalar()
+    );
     // The frozen parameter has no export key: the export skips it, the trainable ones are saved.
     let out = tempfile::tempdir().unwrap();
     let meta = adapter_metadata(&mut a, &spec, BTreeMap::new()).unwrap();

@@ -15,13 +15,16 @@ use cogvx_model_core::attention::{attention_naive, attention_with_blocks, BlockS
 use cogvx_model_core::case::{rel_l2, Case, Tolerance};
 use cogvx_model_core::{CpuAutodiffBackend, WgpuBackend};
 
-
 type W = Autodiff<WgpuBackend>;
 
 /// The wgpu device, or a failure that says how to get a Vulkan driver.
 fn device() -> burn::backend::wgpu::WgpuDevice {
     let device = burn::backend::wgpu::WgpuDevice::default();
-    let probe = std::panic::catch_unwind(|| Tensor::<WgpuBackend, 1>::ones([4], &device).sum().into_scalar());
+    let probe = std::panic::catch_unwind(|| {
+        Tensor::<WgpuBackend, 1>::ones([4], &device)
+            .sum()
+            .into_scalar()
+    });
     assert!(
         probe.is_ok(),
         "no Vulkan adapter for burn's wgpu backend: install Mesa's lavapipe (`bash scripts/setup.sh`, Debian mesa-vulkan-drivers)"
@@ -30,10 +33,14 @@ fn device() -> burn::backend::wgpu::WgpuDevice {
 }
 
 fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
         })
         .collect()
@@ -57,18 +64,64 @@ fn attention_forward_and_backward_on_wgpu_equal_the_naive_path_on_the_cpu() {
     let dout = values(b * h * lq * d, 5, 1.0);
     // The reference: naive attention under autodiff on the CPU.
     let cpu = Default::default();
-    let t = |x: &Vec<f32>, dims: [usize; 4]| Tensor::<CpuAutodiffBackend, 4>::from_data(TensorData::new(x.clone(), dims), &cpu).require_grad();
-    let (cq, ck, cv, cb) = (t(&q, [b, h, lq, d]), t(&k, [b, h, lk, d]), t(&v, [b, h, lk, d]), t(&bias, [1, h, lq, lk]));
+    let t = |x: &Vec<f32>, dims: [usize; 4]| {
+        Tensor::<CpuAutodiffBackend, 4>::from_data(TensorData::new(x.clone(), dims), &cpu)
+            .require_grad()
+    };
+    let (cq, ck, cv, cb) = (
+        t(&q, [b, h, lq, d]),
+        t(&k, [b, h, lk, d]),
+        t(&v, [b, h, lk, d]),
+        t(&bias, [1, h, lq, lk]),
+    );
     let out = attention_naive(cq.clone(), ck.clone(), cv.clone(), Some(cb.clone()), None);
-    let g = (out.clone() * Tensor::from_data(TensorData::new(dout.clone(), [b, h, lq, d]), &cpu)).sum().backward();
-    let want = [data(out.inner()), data(cq.grad(&g).unwrap()), data(ck.grad(&g).unwrap()), data(cv.grad(&g).unwrap()), data(cb.grad(&g).unwrap())];
-    for sizes in [BlockSizes { q: 8, k: 8 }, BlockSizes { q: 16, k: 32 }, BlockSizes { q: 64, k: 64 }] {
-        let w = |x: &Vec<f32>, dims: [usize; 4]| Tensor::<W, 4>::from_data(TensorData::new(x.clone(), dims), &dev).require_grad();
-        let (wq, wk, wv, wb) = (w(&q, [b, h, lq, d]), w(&k, [b, h, lk, d]), w(&v, [b, h, lk, d]), w(&bias, [1, h, lq, lk]));
-        let out = attention_with_blocks(wq.clone(), wk.clone(), wv.clone(), Some(wb.clone()), None, sizes);
-        let g = (out.clone() * Tensor::from_data(TensorData::new(dout.clone(), [b, h, lq, d]), &dev)).sum().backward();
-        let got = [data(out.inner()), data(wq.grad(&g).unwrap()), data(wk.grad(&g).unwrap()), data(wv.grad(&g).unwrap()), data(wb.grad(&g).unwrap())];
-        for (name, (a, e)) in ["out", "dq", "dk", "dv", "dbias"].iter().zip(got.iter().zip(&want)) {
+    let g = (out.clone() * Tensor::from_data(TensorData::new(dout.clone(), [b, h, lq, d]), &cpu))
+        .sum()
+        .backward();
+    let want = [
+        data(out.inner()),
+        data(cq.grad(&g).unwrap()),
+        data(ck.grad(&g).unwrap()),
+        data(cv.grad(&g).unwrap()),
+        data(cb.grad(&g).unwrap()),
+    ];
+    for sizes in [
+        BlockSizes { q: 8, k: 8 },
+        BlockSizes { q: 16, k: 32 },
+        BlockSizes { q: 64, k: 64 },
+    ] {
+        let w = |x: &Vec<f32>, dims: [usize; 4]| {
+            Tensor::<W, 4>::from_data(TensorData::new(x.clone(), dims), &dev).require_grad()
+        };
+        let (wq, wk, wv, wb) = (
+            w(&q, [b, h, lq, d]),
+            w(&k, [b, h, lk, d]),
+            w(&v, [b, h, lk, d]),
+            w(&bias, [1, h, lq, lk]),
+        );
+        let out = attention_with_blocks(
+            wq.clone(),
+            wk.clone(),
+            wv.clone(),
+            Some(wb.clone()),
+            None,
+            sizes,
+        );
+        let g = (out.clone()
+            * Tensor::from_data(TensorData::new(dout.clone(), [b, h, lq, d]), &dev))
+        .sum()
+        .backward();
+        let got = [
+            data(out.inner()),
+            data(wq.grad(&g).unwrap()),
+            data(wk.grad(&g).unwrap()),
+            data(wv.grad(&g).unwrap()),
+            data(wb.grad(&g).unwrap()),
+        ];
+        for (name, (a, e)) in ["out", "dq", "dk", "dv", "dbias"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
             let err = rel_l2(a, e);
             assert!(err <= 1e-5, "{name} with tiles {sizes:?}: rel L2 {err:e}");
         }
@@ -83,14 +136,20 @@ fn a_lora_training_step_on_wgpu_matches_diffusers() {
     let dev = device();
     let p = cogvx_fixtures::case("cogvideox-2b.train_step_lora.safetensors");
     let case = Case::load(&p).unwrap();
-    let Tolerance::RelL2(tol) = case.tolerance else { panic!("tolerance") };
+    let Tolerance::RelL2(tol) = case.tolerance else {
+        panic!("tolerance")
+    };
     for checkpointing in [false, true] {
         let got = cogvx_train::run_case_with::<W>(&case, checkpointing, &dev).unwrap();
         for (name, want) in &case.outputs {
             let err = rel_l2(&got[name].to_f32(), &want.to_f32());
-            eprintln!("wgpu checkpointing={checkpointing} {name}: rel L2 {err:.2e} (tolerance {tol:.0e})");
-            assert!(err <= tol, "{name}: rel L2 {err:.2e} > {tol:.0e} (checkpointing {checkpointing})");
+            eprintln!(
+                "wgpu checkpointing={checkpointing} {name}: rel L2 {err:.2e} (tolerance {tol:.0e})"
+            );
+            assert!(
+                err <= tol,
+                "{name}: rel L2 {err:.2e} > {tol:.0e} (checkpointing {checkpointing})"
+            );
         }
     }
 }
-

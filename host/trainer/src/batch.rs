@@ -30,23 +30,54 @@ impl TrainSchedule {
     }
 }
 
-pub(crate) fn train_schedule<'p>(model_dir: &Path, plugin: Option<&mut (dyn Plugin + 'p)>) -> Result<TrainSchedule, TrainerError> {
+pub(crate) fn train_schedule<'p>(
+    model_dir: &Path,
+    plugin: Option<&mut (dyn Plugin + 'p)>,
+) -> Result<TrainSchedule, TrainerError> {
     let mut schedule = cogvx_train::load_schedule(model_dir)?;
-    let Some(plugin) = plugin else { return Ok(TrainSchedule { schedule, cumulative: None }) };
+    let Some(plugin) = plugin else {
+        return Ok(TrainSchedule {
+            schedule,
+            cumulative: None,
+        });
+    };
     let name = plugin.info().name;
-    let perr = |m: String| TrainerError::Plugin { plugin: name.clone(), message: m };
+    let perr = |m: String| TrainerError::Plugin {
+        plugin: name.clone(),
+        message: m,
+    };
     let path = model_dir.join("scheduler").join("scheduler_config.json");
-    let json = std::fs::read_to_string(&path).map_err(|e| TrainerError::Io { path: path.clone(), message: e.to_string() })?;
-    let tables = plugin.scheduler_tables(&json).map_err(|e| perr(e.to_string()))?;
+    let json = std::fs::read_to_string(&path).map_err(|e| TrainerError::Io {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let tables = plugin
+        .scheduler_tables(&json)
+        .map_err(|e| perr(e.to_string()))?;
     let n = tables.alphas_cumprod.len();
-    if n == 0 || tables.alphas_cumprod.iter().any(|a| !(a.is_finite() && *a > 0.0 && *a < 1.0)) {
-        return Err(perr(format!("scheduler_tables: alphas_cumprod must be {n} > 0 values in (0, 1)")));
+    if n == 0
+        || tables
+            .alphas_cumprod
+            .iter()
+            .any(|a| !(a.is_finite() && *a > 0.0 && *a < 1.0))
+    {
+        return Err(perr(format!(
+            "scheduler_tables: alphas_cumprod must be {n} > 0 values in (0, 1)"
+        )));
     }
     // compute_loss weights the loss by 1 / (1 - alphas_cumprod), as the official trainer.
     if tables.loss_weights.len() != n {
-        return Err(perr(format!("scheduler_tables: {} loss weights for {n} timesteps", tables.loss_weights.len())));
+        return Err(perr(format!(
+            "scheduler_tables: {} loss weights for {n} timesteps",
+            tables.loss_weights.len()
+        )));
     }
-    for (t, (w, a)) in tables.loss_weights.iter().zip(&tables.alphas_cumprod).enumerate() {
+    for (t, (w, a)) in tables
+        .loss_weights
+        .iter()
+        .zip(&tables.alphas_cumprod)
+        .enumerate()
+    {
         let want = 1.0 / (1.0 - a);
         if (w - want).abs() > 1e-6 * want.abs().max(1.0) {
             return Err(perr(format!(
@@ -57,7 +88,10 @@ pub(crate) fn train_schedule<'p>(model_dir: &Path, plugin: Option<&mut (dyn Plug
     let cumulative = match &tables.timestep_weights {
         None => None,
         Some(w) => {
-            if w.len() != n || w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+            if w.len() != n
+                || w.iter().any(|x| !x.is_finite() || *x < 0.0)
+                || w.iter().sum::<f64>() <= 0.0
+            {
                 return Err(perr(format!("scheduler_tables: timestep_weights must be {n} finite non-negative values, not all zero")));
             }
             let mut acc = 0.0;
@@ -72,7 +106,10 @@ pub(crate) fn train_schedule<'p>(model_dir: &Path, plugin: Option<&mut (dyn Plug
         }
     };
     schedule.alphas_cumprod = tables.alphas_cumprod;
-    Ok(TrainSchedule { schedule, cumulative })
+    Ok(TrainSchedule {
+        schedule,
+        cumulative,
+    })
 }
 
 /// The VAE for the I2V image latents, with the options the official trainer encodes with
@@ -84,12 +121,22 @@ pub(crate) struct ImageEncoder<B: Backend> {
 
 impl<B: Backend> ImageEncoder<B> {
     pub(crate) fn load(model_dir: &Path, device: &B::Device) -> Result<Self, TrainerError> {
-        let (vae, config): (AutoencoderKLCogVideoX<B>, VaeConfig) = AutoencoderKLCogVideoX::from_dir(&model_dir.join("vae"), device)?;
-        Ok(ImageEncoder { vae, options: VaeOptions { tiling: Some(Tiling::for_config(&config)), slicing: true } })
+        let (vae, config): (AutoencoderKLCogVideoX<B>, VaeConfig) =
+            AutoencoderKLCogVideoX::from_dir(&model_dir.join("vae"), device)?;
+        Ok(ImageEncoder {
+            vae,
+            options: VaeOptions {
+                tiling: Some(Tiling::for_config(&config)),
+                slicing: true,
+            },
+        })
     }
 }
 
-fn stack<B: Backend, const D1: usize>(items: Vec<&cogvx_cache::HostTensor>, device: &B::Device) -> Tensor<B, D1> {
+fn stack<B: Backend, const D1: usize>(
+    items: Vec<&cogvx_cache::HostTensor>,
+    device: &B::Device,
+) -> Tensor<B, D1> {
     let n = items.len();
     let mut shape = vec![n];
     shape.extend_from_slice(&items[0].shape);
@@ -112,10 +159,15 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
     rng: &mut TrainRng,
     device: &B::Device,
 ) -> Result<(TrainBatch<B>, NoiseDraw<B>), TrainerError> {
-    let entries = indices.iter().map(|&i| cache.get(i)).collect::<Result<Vec<_>, _>>()?;
+    let entries = indices
+        .iter()
+        .map(|&i| cache.get(i))
+        .collect::<Result<Vec<_>, _>>()?;
     let first = &entries[0];
     for e in &entries[1..] {
-        if e.latent.shape != first.latent.shape || e.prompt_embedding.shape != first.prompt_embedding.shape {
+        if e.latent.shape != first.latent.shape
+            || e.prompt_embedding.shape != first.prompt_embedding.shape
+        {
             return input(format!(
                 "samples {} and {} of the cache have latents {:?} / {:?} and prompts {:?} / {:?}: a batch needs equal shapes; use batch_size = 1",
                 first.sample.origin, e.sample.origin, first.latent.shape, e.latent.shape, first.prompt_embedding.shape, e.prompt_embedding.shape
@@ -124,7 +176,10 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
     }
     let b = entries.len();
     let latents: Tensor<B, 5> = stack::<B, 5>(entries.iter().map(|e| &e.latent).collect(), device);
-    let prompt_embeds: Tensor<B, 3> = stack::<B, 3>(entries.iter().map(|e| &e.prompt_embedding).collect(), device);
+    let prompt_embeds: Tensor<B, 3> = stack::<B, 3>(
+        entries.iter().map(|e| &e.prompt_embedding).collect(),
+        device,
+    );
     let image_latents = match images {
         None => None,
         Some(enc) => {
@@ -141,9 +196,15 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
             let dims = img.dims();
             // torch.normal(mean=-3.0, std=0.5, size=(1,)): one noise level for the whole batch.
             let log_sigma = rng.normal(1)[0] * 0.5 - 3.0;
-            let log_sigma = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(vec![log_sigma; b], [b]), &inner_device);
+            let log_sigma = Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(vec![log_sigma; b], [b]),
+                &inner_device,
+            );
             let n: usize = dims.iter().product();
-            let noise = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(rng.normal(n), dims), &inner_device);
+            let noise = Tensor::<B::InnerBackend, 4>::from_data(
+                TensorData::new(rng.normal(n), dims),
+                &inner_device,
+            );
             let latents = noisy_image_latents(
                 &enc.vae,
                 img,
@@ -162,7 +223,14 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
     let shape = cogvx_train::noise_shape(model_config, latents.dims());
     let n: usize = shape.iter().product();
     let noise = Tensor::<B, 5>::from_data(TensorData::new(rng.normal(n), shape), device);
-    Ok((TrainBatch { latents, prompt_embeds, image_latents }, NoiseDraw { timesteps, noise }))
+    Ok((
+        TrainBatch {
+            latents,
+            prompt_embeds,
+            image_latents,
+        },
+        NoiseDraw { timesteps, noise },
+    ))
 }
 
 /// The I2V train-time image path of the official trainer: `images [B, 3, H, W]` in [-1, 1]
@@ -208,12 +276,21 @@ mod tests {
             cogvx_vae::AutoencoderKLCogVideoX::<CpuBackend>::from_dir(&model.join("vae"), &device)
                 .unwrap();
         let opts = cogvx_vae::VaeOptions::default();
-        let images =
-            Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Uniform(-1.0, 1.0), &device);
-        let noise =
-            Tensor::<CpuBackend, 4>::random([2, 3, 32, 48], Distribution::Normal(0.0, 1.0), &device);
-        let eps =
-            Tensor::<CpuBackend, 5>::random([2, 4, 1, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+        let images = Tensor::<CpuBackend, 4>::random(
+            [2, 3, 32, 48],
+            Distribution::Uniform(-1.0, 1.0),
+            &device,
+        );
+        let noise = Tensor::<CpuBackend, 4>::random(
+            [2, 3, 32, 48],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let eps = Tensor::<CpuBackend, 5>::random(
+            [2, 4, 1, 4, 6],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         let log_sigma = Tensor::<CpuBackend, 1>::from_floats([-3.0, -2.5], &device);
         let got = noisy_image_latents(
             &vae,
@@ -225,8 +302,9 @@ mod tests {
         )
         .unwrap();
         // By hand: images + noise * exp(log_sigma), as one-frame videos, posterior sample, * scaling_factor.
-        let sigma = Tensor::<CpuBackend, 1>::from_floats([(-3.0f32).exp(), (-2.5f32).exp()], &device)
-            .reshape([2, 1, 1, 1]);
+        let sigma =
+            Tensor::<CpuBackend, 1>::from_floats([(-3.0f32).exp(), (-2.5f32).exp()], &device)
+                .reshape([2, 1, 1, 1]);
         let dist = vae
             .encode((images + noise * sigma).unsqueeze_dim::<5>(2), &opts)
             .unwrap();

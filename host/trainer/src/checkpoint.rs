@@ -78,16 +78,33 @@ impl Checkpoint {
     /// learning rates, and one optimizer state of the weight's shape per trained tensor. A
     /// hand-edited or corrupted `trainer_state.json` is an error naming the field, not a panic
     /// or a silently different run.
-    pub fn check_resumable(&self, dir: &Path, batches_per_epoch: u64, accumulation: u64) -> Result<(), TrainerError> {
+    pub fn check_resumable(
+        &self,
+        dir: &Path,
+        batches_per_epoch: u64,
+        accumulation: u64,
+    ) -> Result<(), TrainerError> {
         let s = &self.state;
         let state = dir.join(STATE_FILE);
-        let bad = |message: String| Err(TrainerError::Io { path: state.clone(), message: format!("{message}; resume from another checkpoint or start a new run") });
+        let bad = |message: String| {
+            Err(TrainerError::Io {
+                path: state.clone(),
+                message: format!("{message}; resume from another checkpoint or start a new run"),
+            })
+        };
         let accumulation = accumulation.max(1);
         if s.data.batch >= batches_per_epoch {
-            return bad(format!("`data.batch` = {} but an epoch has {batches_per_epoch} batches", s.data.batch));
+            return bad(format!(
+                "`data.batch` = {} but an epoch has {batches_per_epoch} batches",
+                s.data.batch
+            ));
         }
         let updates_per_epoch = batches_per_epoch.div_ceil(accumulation);
-        let expected = s.data.epoch.checked_mul(updates_per_epoch).and_then(|e| e.checked_add(s.data.batch.div_ceil(accumulation)));
+        let expected = s
+            .data
+            .epoch
+            .checked_mul(updates_per_epoch)
+            .and_then(|e| e.checked_add(s.data.batch.div_ceil(accumulation)));
         if s.data.batch % accumulation != 0 || expected != Some(s.step) {
             return bad(format!(
                 "`step` = {} does not match `data` (epoch {}, batch {}) at {updates_per_epoch} updates per epoch",
@@ -96,24 +113,38 @@ impl Checkpoint {
         }
         for (key, v) in [("elapsed_s", s.elapsed_s), ("last_lr", s.last_lr)] {
             if !v.is_finite() || v < 0.0 {
-                return bad(format!("`{key}` = {v} is not a finite, non-negative number"));
+                return bad(format!(
+                    "`{key}` = {v} is not a finite, non-negative number"
+                ));
             }
         }
         for (name, st) in &self.optimizer {
             let Some((shape, _)) = self.weights.get(name) else {
-                return bad(format!("optimizer state for `{name}`, which the checkpoint's weights do not hold"));
+                return bad(format!(
+                    "optimizer state for `{name}`, which the checkpoint's weights do not hold"
+                ));
             };
             let n: usize = shape.iter().product();
             if &st.shape != shape || st.exp_avg.len() != n || st.exp_avg_sq.len() != n {
-                return bad(format!("optimizer state of `{name}` has shape {:?} ({} values), its weight {shape:?}", st.shape, st.exp_avg.len()));
+                return bad(format!(
+                    "optimizer state of `{name}` has shape {:?} ({} values), its weight {shape:?}",
+                    st.shape,
+                    st.exp_avg.len()
+                ));
             }
             if st.step > s.step {
-                return bad(format!("optimizer state of `{name}` counts {} updates, the run {}", st.step, s.step));
+                return bad(format!(
+                    "optimizer state of `{name}` counts {} updates, the run {}",
+                    st.step, s.step
+                ));
             }
         }
         for (name, (shape, values)) in &self.weights {
             if shape.iter().product::<usize>() != values.len() {
-                return bad(format!("weight `{name}` has shape {shape:?} but {} values", values.len()));
+                return bad(format!(
+                    "weight `{name}` has shape {shape:?} but {} values",
+                    values.len()
+                ));
             }
         }
         Ok(())
@@ -129,7 +160,10 @@ pub struct Checkpoint {
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainerError {
-    TrainerError::Io { path: path.to_path_buf(), message: e.to_string() }
+    TrainerError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// `checkpoint-<step>` → `step`.
@@ -143,7 +177,9 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), TrainerError> {
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io(dir, e))
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(dir, e))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
@@ -156,7 +192,11 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
 /// Writes `checkpoint` to `output_dir/checkpoint-<step>/` atomically (see the module docs);
 /// `on_file(path)` is called after each file is written and synced (fault-injection tests use
 /// it). An existing checkpoint of the same step is replaced. Returns the folder.
-pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Option<&dyn Fn(&Path)>) -> Result<PathBuf, TrainerError> {
+pub fn write_checkpoint(
+    output_dir: &Path,
+    checkpoint: &Checkpoint,
+    on_file: Option<&dyn Fn(&Path)>,
+) -> Result<PathBuf, TrainerError> {
     let step = checkpoint.state.step;
     let dest = checkpoint_dir(output_dir, step);
     let tmp = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
@@ -172,20 +212,30 @@ pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Opt
 
     let weights = tmp.join(WEIGHTS_FILE);
     let meta = BTreeMap::from([("format".to_string(), CHECKPOINT_FORMAT.to_string())]);
-    cogvx_io::write_safetensors_f32(&weights, &checkpoint.weights, &meta).map_err(|e| io(&weights, e))?;
+    cogvx_io::write_safetensors_f32(&weights, &checkpoint.weights, &meta)
+        .map_err(|e| io(&weights, e))?;
     notify(&weights);
 
     let optimizer = tmp.join(OPTIMIZER_FILE);
     let mut tensors = HostTensors::new();
     let mut steps = BTreeMap::new();
     for (name, s) in &checkpoint.optimizer {
-        tensors.insert(format!("exp_avg.{name}"), (s.shape.clone(), s.exp_avg.clone()));
-        tensors.insert(format!("exp_avg_sq.{name}"), (s.shape.clone(), s.exp_avg_sq.clone()));
+        tensors.insert(
+            format!("exp_avg.{name}"),
+            (s.shape.clone(), s.exp_avg.clone()),
+        );
+        tensors.insert(
+            format!("exp_avg_sq.{name}"),
+            (s.shape.clone(), s.exp_avg_sq.clone()),
+        );
         steps.insert(name.clone(), s.step);
     }
     let meta = BTreeMap::from([
         ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
-        ("steps".to_string(), serde_json::to_string(&steps).expect("map of numbers")),
+        (
+            "steps".to_string(),
+            serde_json::to_string(&steps).expect("map of numbers"),
+        ),
     ]);
     cogvx_io::write_safetensors_f32(&optimizer, &tensors, &meta).map_err(|e| io(&optimizer, e))?;
     notify(&optimizer);
@@ -202,7 +252,10 @@ pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Opt
         sums.insert(name.to_string(), file_sha256(&tmp.join(name))?);
     }
     let checksums = tmp.join(CHECKSUMS_FILE);
-    write_file(&checksums, &serde_json::to_vec_pretty(&sums).expect("a map of strings"))?;
+    write_file(
+        &checksums,
+        &serde_json::to_vec_pretty(&sums).expect("a map of strings"),
+    )?;
     notify(&checksums);
     fsync_dir(&tmp)?;
 
@@ -216,18 +269,35 @@ pub fn write_checkpoint(output_dir: &Path, checkpoint: &Checkpoint, on_file: Opt
 
 fn read_tensors(path: &Path) -> Result<(HostTensors, BTreeMap<String, String>), TrainerError> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| io(path, format!("not a valid safetensors file: {e}")))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| io(path, format!("unreadable header: {e}")))?;
-    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| io(path, format!("not a valid safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| io(path, format!("unreadable header: {e}")))?;
+    let meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
-        return Err(io(path, format!("not a cogvx checkpoint file (header `format` is not `{CHECKPOINT_FORMAT}`)")));
+        return Err(io(
+            path,
+            format!("not a cogvx checkpoint file (header `format` is not `{CHECKPOINT_FORMAT}`)"),
+        ));
     }
     let mut out = HostTensors::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(io(path, format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+            return Err(io(
+                path,
+                format!("tensor `{name}` is {:?}, expected F32", view.dtype()),
+            ));
         }
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         out.insert(name, (view.shape().to_vec(), data));
     }
     Ok((out, meta))
@@ -237,9 +307,16 @@ fn read_tensors(path: &Path) -> Result<(HostTensors, BTreeMap<String, String>), 
 pub fn read_state(dir: &Path) -> Result<TrainerState, TrainerError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-    let state: TrainerState = serde_json::from_slice(&bytes).map_err(|e| io(&path, format!("not a trainer state: {e}")))?;
+    let state: TrainerState = serde_json::from_slice(&bytes)
+        .map_err(|e| io(&path, format!("not a trainer state: {e}")))?;
     if state.format != CHECKPOINT_FORMAT {
-        return Err(io(&path, format!("format {:?}, this build reads {CHECKPOINT_FORMAT:?}", state.format)));
+        return Err(io(
+            &path,
+            format!(
+                "format {:?}, this build reads {CHECKPOINT_FORMAT:?}",
+                state.format
+            ),
+        ));
     }
     Ok(state)
 }
@@ -248,18 +325,27 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainerError> {
 fn file_sha256(path: &Path) -> Result<String, TrainerError> {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Checks every file listed in the folder's `checksums.json` (checkpoints written before
 /// checksums existed have none and are read as they are).
 fn verify_checksums(dir: &Path) -> Result<(), TrainerError> {
     let path = dir.join(CHECKSUMS_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| io(&path, format!("not a checksum list: {e}")))?;
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let sums: BTreeMap<String, String> =
+        serde_json::from_str(&text).map_err(|e| io(&path, format!("not a checksum list: {e}")))?;
     for (name, want) in sums {
         if name.contains('/') || name.contains("..") {
-            return Err(io(&path, format!("lists `{name}`, which is not a file of the checkpoint")));
+            return Err(io(
+                &path,
+                format!("lists `{name}`, which is not a file of the checkpoint"),
+            ));
         }
         let file = dir.join(&name);
         if file_sha256(&file)? != want {
@@ -279,20 +365,46 @@ pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint, TrainerError> {
     let steps: BTreeMap<String, u64> = meta
         .get("steps")
         .ok_or_else(|| io(&opt_path, "no `steps` in the header"))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| io(&opt_path, format!("header `steps`: {e}"))))?;
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| io(&opt_path, format!("header `steps`: {e}")))
+        })?;
     let mut optimizer = BTreeMap::new();
     for (name, step) in steps {
-        let (shape, exp_avg) = tensors.remove(&format!("exp_avg.{name}")).ok_or_else(|| io(&opt_path, format!("no exp_avg.{name}")))?;
-        let (shape2, exp_avg_sq) = tensors.remove(&format!("exp_avg_sq.{name}")).ok_or_else(|| io(&opt_path, format!("no exp_avg_sq.{name}")))?;
+        let (shape, exp_avg) = tensors
+            .remove(&format!("exp_avg.{name}"))
+            .ok_or_else(|| io(&opt_path, format!("no exp_avg.{name}")))?;
+        let (shape2, exp_avg_sq) = tensors
+            .remove(&format!("exp_avg_sq.{name}"))
+            .ok_or_else(|| io(&opt_path, format!("no exp_avg_sq.{name}")))?;
         if shape != shape2 {
-            return Err(io(&opt_path, format!("exp_avg.{name} {shape:?} and exp_avg_sq.{name} {shape2:?} differ in shape")));
+            return Err(io(
+                &opt_path,
+                format!(
+                    "exp_avg.{name} {shape:?} and exp_avg_sq.{name} {shape2:?} differ in shape"
+                ),
+            ));
         }
-        optimizer.insert(name, HostAdamState { step, shape, exp_avg, exp_avg_sq });
+        optimizer.insert(
+            name,
+            HostAdamState {
+                step,
+                shape,
+                exp_avg,
+                exp_avg_sq,
+            },
+        );
     }
     if let Some(extra) = tensors.keys().next() {
-        return Err(io(&opt_path, format!("tensor `{extra}` has no step count in the header")));
+        return Err(io(
+            &opt_path,
+            format!("tensor `{extra}` has no step count in the header"),
+        ));
     }
-    Ok(Checkpoint { state, weights, optimizer })
+    Ok(Checkpoint {
+        state,
+        weights,
+        optimizer,
+    })
 }
 
 /// The complete checkpoints under `output_dir` (a `checkpoint-<step>` folder whose state file
@@ -306,11 +418,17 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Traine
     let mut out = Vec::new();
     for entry in rd.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(step) = checkpoint_step(&name) else { continue };
+        let Some(step) = checkpoint_step(&name) else {
+            continue;
+        };
         let dir = entry.path();
         match read_state(&dir) {
             Ok(s) if s.step == step => out.push((step, dir)),
-            Ok(s) => tracing::warn!("{}: holds step {}, not {step}; ignored", dir.display(), s.step),
+            Ok(s) => tracing::warn!(
+                "{}: holds step {}, not {step}; ignored",
+                dir.display(),
+                s.step
+            ),
             Err(e) => tracing::warn!("ignoring incomplete checkpoint: {e}"),
         }
     }
@@ -343,10 +461,15 @@ pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<Vec<PathBuf>,
 /// Removes temporary checkpoint folders left by an interrupted write or prune.
 pub fn remove_stale_temp_dirs(output_dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
     let mut removed = Vec::new();
-    let Ok(rd) = std::fs::read_dir(output_dir) else { return Ok(removed) };
+    let Ok(rd) = std::fs::read_dir(output_dir) else {
+        return Ok(removed);
+    };
     for entry in rd.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".checkpoint-") && (name.contains(".tmp-") || name.contains(".pruning-")) && entry.path().is_dir() {
+        if name.starts_with(".checkpoint-")
+            && (name.contains(".tmp-") || name.contains(".pruning-"))
+            && entry.path().is_dir()
+        {
             std::fs::remove_dir_all(entry.path()).map_err(|e| io(&entry.path(), e))?;
             removed.push(entry.path());
         }
@@ -367,7 +490,12 @@ mod tests {
                 total_steps: 10,
                 num_samples: 5,
                 data: DataPosition { epoch: 1, batch: 2 },
-                lr_schedule: LrSchedule { kind: LrScheduler::Linear, num_warmup_steps: 2, num_training_steps: 10, num_cycles: 1 },
+                lr_schedule: LrSchedule {
+                    kind: LrScheduler::Linear,
+                    num_warmup_steps: 2,
+                    num_training_steps: 10,
+                    num_cycles: 1,
+                },
                 last_lr: 1e-5,
                 rng: crate::rng::TrainRng::new(3).state(),
                 elapsed_s: 1.5,
@@ -376,10 +504,18 @@ mod tests {
                 loss_scaler: None,
                 run_config: Some(serde_json::json!({"data": {"resolution": "9x64x96"}})),
             },
-            weights: BTreeMap::from([("a.lora_A.weight".to_string(), (vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]))]),
+            weights: BTreeMap::from([(
+                "a.lora_A.weight".to_string(),
+                (vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]),
+            )]),
             optimizer: BTreeMap::from([(
                 "a.lora_A.weight".to_string(),
-                HostAdamState { step: 4, shape: vec![2, 3], exp_avg: vec![0.1; 6], exp_avg_sq: vec![0.2; 6] },
+                HostAdamState {
+                    step: 4,
+                    shape: vec![2, 3],
+                    exp_avg: vec![0.1; 6],
+                    exp_avg_sq: vec![0.2; 6],
+                },
             )]),
         }
     }
@@ -397,9 +533,16 @@ mod tests {
         // A temp folder and a folder without a state file are not checkpoints.
         std::fs::create_dir_all(dir.path().join(".checkpoint-8.tmp-1")).unwrap();
         std::fs::create_dir_all(dir.path().join("checkpoint-9")).unwrap();
-        let steps: Vec<u64> = list_checkpoints(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        let steps: Vec<u64> = list_checkpoints(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         assert_eq!(steps, [2, 4, 6]);
-        assert_eq!(latest_checkpoint(dir.path()).unwrap().unwrap(), checkpoint_dir(dir.path(), 6));
+        assert_eq!(
+            latest_checkpoint(dir.path()).unwrap().unwrap(),
+            checkpoint_dir(dir.path(), 6)
+        );
         let removed = prune_checkpoints(dir.path(), 2).unwrap();
         assert_eq!(removed, [checkpoint_dir(dir.path(), 2)]);
         assert!(!checkpoint_dir(dir.path(), 2).exists());
@@ -411,7 +554,9 @@ mod tests {
         assert!(!pruning.exists());
         // A corrupt optimizer file is an error naming it.
         std::fs::write(checkpoint_dir(dir.path(), 6).join(OPTIMIZER_FILE), b"junk").unwrap();
-        let e = read_checkpoint(&checkpoint_dir(dir.path(), 6)).unwrap_err().to_string();
+        let e = read_checkpoint(&checkpoint_dir(dir.path(), 6))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(OPTIMIZER_FILE), "{e}");
     }
 }

@@ -17,7 +17,10 @@ fn default_alpha() -> f64 {
     64.0
 }
 fn default_targets() -> Vec<String> {
-    cogvx_train::DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect()
+    cogvx_train::DEFAULT_TARGETS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 fn default_lr() -> f64 {
     2e-5
@@ -207,47 +210,84 @@ impl TrainConfig {
     /// Checks every value; the error names the key and what is allowed.
     pub fn validate(&self) -> Result<(), TrainerError> {
         if self.adapter.trim().is_empty() {
-            return bad("adapter", "empty; use \"lora\", \"sft\" or an adapter plugin's name");
+            return bad(
+                "adapter",
+                "empty; use \"lora\", \"sft\" or an adapter plugin's name",
+            );
         }
         if self.gradient_checkpointing_offload && !self.gradient_checkpointing {
             return bad("gradient_checkpointing_offload", "offloads what gradient checkpointing keeps; set `gradient_checkpointing = true` too");
         }
-        if !self.fp16_init_scale.is_finite() || self.fp16_init_scale < 1.0 || self.fp16_init_scale > 1e30 {
-            return bad("fp16_init_scale", format!("{} must be a number from 1 to 1e30 (torch's default is 65536)", self.fp16_init_scale));
+        if !self.fp16_init_scale.is_finite()
+            || self.fp16_init_scale < 1.0
+            || self.fp16_init_scale > 1e30
+        {
+            return bad(
+                "fp16_init_scale",
+                format!(
+                    "{} must be a number from 1 to 1e30 (torch's default is 65536)",
+                    self.fp16_init_scale
+                ),
+            );
         }
         if !self.is_sft() {
             if self.rank == 0 {
                 return bad("rank", "must be at least 1");
             }
             if !self.alpha.is_finite() || self.alpha <= 0.0 {
-                return bad("alpha", format!("{} must be a finite number > 0", self.alpha));
+                return bad(
+                    "alpha",
+                    format!("{} must be a finite number > 0", self.alpha),
+                );
             }
             if self.target_modules.is_empty() {
-                return bad("target_modules", "empty; diffusers' default is [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]");
+                return bad(
+                    "target_modules",
+                    "empty; diffusers' default is [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]",
+                );
             }
             if let Some(t) = self.target_modules.iter().find(|t| t.trim().is_empty()) {
                 return bad("target_modules", format!("{t:?} is not a module name"));
             }
         }
         if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
-            return bad("learning_rate", format!("{} must be a finite number > 0", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("{} must be a finite number > 0", self.learning_rate),
+            );
         }
         for (i, b) in self.adam_betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
-                return bad("adam_betas", format!("beta{} = {b} must be in [0, 1)", i + 1));
+                return bad(
+                    "adam_betas",
+                    format!("beta{} = {b} must be in [0, 1)", i + 1),
+                );
             }
         }
         finite_nonneg("adam_epsilon", self.adam_epsilon)?;
         finite_nonneg("weight_decay", self.weight_decay)?;
         if !self.max_grad_norm.is_finite() || self.max_grad_norm <= 0.0 {
-            return bad("max_grad_norm", format!("{} must be a finite number > 0", self.max_grad_norm));
+            return bad(
+                "max_grad_norm",
+                format!("{} must be a finite number > 0", self.max_grad_norm),
+            );
         }
         if self.lr_scheduler == LrScheduler::CosineWithRestarts && self.lr_num_cycles == 0 {
-            return bad("lr_num_cycles", "must be at least 1 for cosine_with_restarts");
+            return bad(
+                "lr_num_cycles",
+                "must be at least 1 for cosine_with_restarts",
+            );
         }
         match self.max_steps {
-            Some(0) => return bad("max_steps", "must be at least 1 (or leave it out to train `epochs` epochs)"),
-            None if self.epochs == 0 => return bad("epochs", "must be at least 1 when `max_steps` is not set"),
+            Some(0) => {
+                return bad(
+                    "max_steps",
+                    "must be at least 1 (or leave it out to train `epochs` epochs)",
+                )
+            }
+            None if self.epochs == 0 => {
+                return bad("epochs", "must be at least 1 when `max_steps` is not set")
+            }
             _ => {}
         }
         if self.batch_size == 0 {
@@ -260,7 +300,10 @@ impl TrainConfig {
             return bad("checkpointing_steps", "must be at least 1");
         }
         if self.checkpoints_total_limit == Some(0) {
-            return bad("checkpoints_total_limit", "must be at least 1 (leave it out to keep every checkpoint)");
+            return bad(
+                "checkpoints_total_limit",
+                "must be at least 1 (leave it out to keep every checkpoint)",
+            );
         }
         if self.output_dir.as_os_str().is_empty() {
             return bad("output_dir", "empty");
@@ -374,16 +417,29 @@ impl ValidationConfig {
             return Ok(());
         }
         if self.prompts.is_empty() {
-            return bad(&key("prompts"), "validation is on (`steps` > 0) but there are no prompts");
+            return bad(
+                &key("prompts"),
+                "validation is on (`steps` > 0) but there are no prompts",
+            );
         }
         if !self.images.is_empty() && self.images.len() != self.prompts.len() {
-            return bad(&key("images"), format!("{} images for {} prompts; give one per prompt", self.images.len(), self.prompts.len()));
+            return bad(
+                &key("images"),
+                format!(
+                    "{} images for {} prompts; give one per prompt",
+                    self.images.len(),
+                    self.prompts.len()
+                ),
+            );
         }
         if self.num_inference_steps == 0 {
             return bad(&key("num_inference_steps"), "must be at least 1");
         }
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
-            return bad(&key("guidance_scale"), format!("{} must be a finite number >= 0", self.guidance_scale));
+            return bad(
+                &key("guidance_scale"),
+                format!("{} must be a finite number >= 0", self.guidance_scale),
+            );
         }
         if let Some(fps) = self.fps {
             if !fps.is_finite() || fps <= 0.0 {
@@ -416,24 +472,42 @@ mod tests {
         assert_eq!(c, TrainConfig::default());
         assert_eq!((c.rank, c.alpha, c.learning_rate), (128, 64.0, 2e-5));
         assert_eq!(c.adam_betas, [0.9, 0.95]);
-        assert_eq!((c.adam_epsilon, c.weight_decay, c.max_grad_norm), (1e-8, 1e-4, 1.0));
-        assert_eq!((c.lr_scheduler, c.lr_warmup_steps, c.lr_num_cycles), (LrScheduler::ConstantWithWarmup, 100, 1));
-        assert_eq!((c.batch_size, c.gradient_accumulation_steps, c.seed), (1, 1, 42));
+        assert_eq!(
+            (c.adam_epsilon, c.weight_decay, c.max_grad_norm),
+            (1e-8, 1e-4, 1.0)
+        );
+        assert_eq!(
+            (c.lr_scheduler, c.lr_warmup_steps, c.lr_num_cycles),
+            (LrScheduler::ConstantWithWarmup, 100, 1)
+        );
+        assert_eq!(
+            (c.batch_size, c.gradient_accumulation_steps, c.seed),
+            (1, 1, 42)
+        );
         assert_eq!(c.target_modules, ["to_q", "to_k", "to_v", "to_out.0"]);
         c.validate().unwrap();
         let v: ValidationConfig = toml::from_str("").unwrap();
         assert_eq!(v, ValidationConfig::default());
-        assert_eq!((v.num_inference_steps, v.guidance_scale, v.use_dynamic_cfg), (50, 6.0, false));
+        assert_eq!(
+            (v.num_inference_steps, v.guidance_scale, v.use_dynamic_cfg),
+            (50, 6.0, false)
+        );
         v.validate().unwrap();
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let e = toml::from_str::<TrainConfig>("learnin_rate = 1e-4").unwrap_err().to_string();
+        let e = toml::from_str::<TrainConfig>("learnin_rate = 1e-4")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("learnin_rate"), "{e}");
-        let e = toml::from_str::<TrainConfig>("lr_scheduler = \"cosine_forever\"").unwrap_err().to_string();
+        let e = toml::from_str::<TrainConfig>("lr_scheduler = \"cosine_forever\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cosine_forever"), "{e}");
-        let e = toml::from_str::<ValidationConfig>("prompt = [\"x\"]").unwrap_err().to_string();
+        let e = toml::from_str::<ValidationConfig>("prompt = [\"x\"]")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prompt"), "{e}");
         let cases: Vec<(&str, &str)> = vec![
             ("rank = 0", "`rank`"),
@@ -446,10 +520,16 @@ mod tests {
             ("max_steps = 0", "`max_steps`"),
             ("epochs = 0", "`epochs`"),
             ("batch_size = 0", "`batch_size`"),
-            ("gradient_accumulation_steps = 0", "`gradient_accumulation_steps`"),
+            (
+                "gradient_accumulation_steps = 0",
+                "`gradient_accumulation_steps`",
+            ),
             ("checkpointing_steps = 0", "`checkpointing_steps`"),
             ("checkpoints_total_limit = 0", "`checkpoints_total_limit`"),
-            ("lr_scheduler = \"cosine_with_restarts\"\nlr_num_cycles = 0", "`lr_num_cycles`"),
+            (
+                "lr_scheduler = \"cosine_with_restarts\"\nlr_num_cycles = 0",
+                "`lr_num_cycles`",
+            ),
         ];
         for (text, key) in cases {
             let c: TrainConfig = toml::from_str(text).unwrap();
@@ -461,10 +541,22 @@ mod tests {
         c.validate().unwrap();
         let vcases: Vec<(&str, &str)> = vec![
             ("steps = 10", "validation.prompts"),
-            ("steps = 10\nprompts = [\"a\"]\nimages = [\"a.png\", \"b.png\"]", "validation.images"),
-            ("steps = 10\nprompts = [\"a\"]\nnum_inference_steps = 0", "validation.num_inference_steps"),
-            ("steps = 10\nprompts = [\"a\"]\nnum_frames = 48", "validation.num_frames"),
-            ("steps = 10\nprompts = [\"a\"]\nheight = 100", "validation.height"),
+            (
+                "steps = 10\nprompts = [\"a\"]\nimages = [\"a.png\", \"b.png\"]",
+                "validation.images",
+            ),
+            (
+                "steps = 10\nprompts = [\"a\"]\nnum_inference_steps = 0",
+                "validation.num_inference_steps",
+            ),
+            (
+                "steps = 10\nprompts = [\"a\"]\nnum_frames = 48",
+                "validation.num_frames",
+            ),
+            (
+                "steps = 10\nprompts = [\"a\"]\nheight = 100",
+                "validation.height",
+            ),
             ("steps = 10\nprompts = [\"a\"]\nfps = 0.0", "validation.fps"),
         ];
         for (text, key) in vcases {

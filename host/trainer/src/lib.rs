@@ -27,17 +27,18 @@
 // `is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
 
-pub mod checkpoint;
-pub mod lock;
-pub mod config;
 mod batch;
-mod run;
+pub mod checkpoint;
+pub mod config;
+pub mod lock;
 pub mod rng;
+mod run;
 pub mod schedule;
 mod validation;
 
 pub use checkpoint::{
-    latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint, Checkpoint, DataPosition, TrainerState,
+    latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint, Checkpoint,
+    DataPosition, TrainerState,
 };
 pub use config::{TrainConfig, ValidationConfig};
 pub use rng::{epoch_order, RngState, TrainRng};
@@ -101,7 +102,11 @@ impl std::str::FromStr for Resume {
     type Err = std::convert::Infallible;
     /// `latest` or a path.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(if s == "latest" { Resume::Latest } else { Resume::Path(PathBuf::from(s)) })
+        Ok(if s == "latest" {
+            Resume::Latest
+        } else {
+            Resume::Path(PathBuf::from(s))
+        })
     }
 }
 
@@ -210,9 +215,11 @@ pub fn check_output_dir(dir: &Path, protected: &[(&str, &Path)]) -> Result<(), T
             ));
         }
     }
-    let io = |e: std::io::Error| TrainerError::Io {
+    let io = |e: std::io::Error| {
+        TrainerError::Io {
         path: dir.to_path_buf(),
         message: format!("the output folder is not writable: {e}; choose another `[train] output_dir` (--output-dir DIR)"),
+    }
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let probe = dir.join(format!(".cogvx-write-test-{}", std::process::id()));
@@ -227,7 +234,9 @@ fn resolved(path: &Path) -> PathBuf {
     let absolute = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
     };
     let mut existing = absolute.as_path();
     let mut rest = Vec::new();
@@ -259,7 +268,10 @@ fn resolved(path: &Path) -> PathBuf {
 pub const SFT_EXPORT_DIR: &str = "transformer";
 
 /// Runs (or resumes) a training job on `device` and exports the result; see the crate docs.
-pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(mut job: TrainJob<'_>, device: &B::Device) -> Result<TrainSummary, TrainerError> {
+pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(
+    mut job: TrainJob<'_>,
+    device: &B::Device,
+) -> Result<TrainSummary, TrainerError> {
     let mut on_step = job.on_step.take();
     let mut run = run::Run::<B>::set_up(job, device)?;
     while run.step < run.total_steps {
@@ -290,7 +302,12 @@ mod tests {
 
     impl Plugin for Tables {
         fn info(&self) -> PluginInfo {
-            PluginInfo { name: "tables".into(), version: "0.1.0".into(), kinds: vec![PluginKind::Scheduler], description: "test".into() }
+            PluginInfo {
+                name: "tables".into(),
+                version: "0.1.0".into(),
+                kinds: vec![PluginKind::Scheduler],
+                description: "test".into(),
+            }
         }
         fn scheduler_tables(&mut self, _config_json: &str) -> PluginResult<SchedulerTables> {
             Ok(self.0.clone())
@@ -339,8 +356,14 @@ mod tests {
         // Loss weights other than CogVideoX's 1 / (1 - alphas_cumprod) are refused, as are bad tables.
         let mut bad = tables.clone();
         bad.loss_weights[5] = 1.0;
-        let e = train_schedule(&dir, Some(&mut Tables(bad))).err().unwrap().to_string();
-        assert!(e.contains("plugin `tables`") && e.contains("timestep 5"), "{e}");
+        let e = train_schedule(&dir, Some(&mut Tables(bad)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("plugin `tables`") && e.contains("timestep 5"),
+            "{e}"
+        );
         let mut bad = tables.clone();
         bad.timestep_weights = Some(vec![0.0; n]);
         assert!(train_schedule(&dir, Some(&mut Tables(bad))).is_err());

@@ -23,9 +23,18 @@ impl OutputLock {
     /// Takes the lock of `dir` (created if needed) or says who holds it.
     pub fn acquire(dir: &Path) -> Result<Self, TrainerError> {
         let path = dir.join(LOCK_FILE);
-        let io = |e: std::io::Error| TrainerError::Io { path: path.clone(), message: format!("cannot lock the output folder: {e}") };
+        let io = |e: std::io::Error| TrainerError::Io {
+            path: path.clone(),
+            message: format!("cannot lock the output folder: {e}"),
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
         if !try_lock(&file).map_err(io)? {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             return Err(TrainerError::Input(format!(
@@ -37,7 +46,10 @@ impl OutputLock {
         let holder = format!(
             "pid {}, started {} s after the epoch",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
         );
         file.set_len(0).map_err(io)?;
         file.write_all(holder.as_bytes()).map_err(io)?;

@@ -28,7 +28,9 @@ fn hex(bytes: &[u8]) -> String {
 impl TrainRng {
     /// The stream of `seed`.
     pub fn new(seed: u64) -> Self {
-        TrainRng { rng: ChaCha8Rng::seed_from_u64(seed) }
+        TrainRng {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// Saves the exact position.
@@ -47,9 +49,13 @@ impl TrainRng {
         }
         let mut seed = [0u8; 32];
         for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&state.seed[2 * i..2 * i + 2], 16).map_err(|e| format!("rng seed {:?}: {e}", state.seed))?;
+            *b = u8::from_str_radix(&state.seed[2 * i..2 * i + 2], 16)
+                .map_err(|e| format!("rng seed {:?}: {e}", state.seed))?;
         }
-        let pos: u128 = state.word_pos.parse().map_err(|e| format!("rng word_pos {:?}: {e}", state.word_pos))?;
+        let pos: u128 = state
+            .word_pos
+            .parse()
+            .map_err(|e| format!("rng word_pos {:?}: {e}", state.word_pos))?;
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(state.stream);
         rng.set_word_pos(pos);
@@ -108,7 +114,12 @@ mod tests {
         assert_eq!(a.normal(9), b.normal(9));
         assert_eq!(a.below(1000), b.below(1000));
         assert_eq!(a.uniform().to_bits(), b.uniform().to_bits());
-        assert!(TrainRng::from_state(&RngState { seed: "zz".into(), stream: 0, word_pos: "0".into() }).is_err());
+        assert!(TrainRng::from_state(&RngState {
+            seed: "zz".into(),
+            stream: 0,
+            word_pos: "0".into()
+        })
+        .is_err());
     }
 
     #[test]
@@ -117,7 +128,10 @@ mod tests {
         let v = r.normal(20000);
         let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
         let mut counts = [0usize; 4];
         for _ in 0..4000 {
             counts[r.below(4)] += 1;

@@ -22,8 +22,10 @@ use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
 use crate::batch::{make_micro_batch, train_schedule, ImageEncoder, TrainSchedule};
 use crate::validation::Validation;
 use crate::{
-    check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint, write_checkpoint, Checkpoint, DataPosition, LrSchedule,
-    Resume, TrainConfig, TrainJob, TrainRng, TrainSummary, TrainerError, TrainerState, ValidationConfig, LOSS_PLOT_FILE, METRICS_FILE, SFT_EXPORT_DIR,
+    check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint,
+    write_checkpoint, Checkpoint, DataPosition, LrSchedule, Resume, TrainConfig, TrainJob,
+    TrainRng, TrainSummary, TrainerError, TrainerState, ValidationConfig, LOSS_PLOT_FILE,
+    METRICS_FILE, SFT_EXPORT_DIR,
 };
 
 /// One training run: the job's checks, the model with its adapter, the plan (steps, schedule)
@@ -101,7 +103,10 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         check_output_dir(&out, &[("[model] path", &model_dir)])?;
         let lock = lock::OutputLock::acquire(&out)?;
         if cache.is_empty() {
-            return input(format!("the cache {} holds no samples; run `cogvx prepare` on a dataset with videos", cache.dir.display()));
+            return input(format!(
+                "the cache {} holds no samples; run `cogvx prepare` on a dataset with videos",
+                cache.dir.display()
+            ));
         }
         let folder = cogvx_engine::ModelFolder::open(&model_dir)?;
         let i2v = folder.variant.is_i2v();
@@ -119,13 +124,20 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             return Err(TrainerError::Config("`validation.images`: an image-to-video model needs one conditioning image per validation prompt".into()));
         }
         if vconfig.enabled() && !i2v && !vconfig.images.is_empty() {
-            return Err(TrainerError::Config("`validation.images`: given for a text-to-video model; remove them".into()));
+            return Err(TrainerError::Config(
+                "`validation.images`: given for a text-to-video model; remove them".into(),
+            ));
         }
         let mut validator_refs: Vec<(String, &'a mut dyn Plugin)> = Vec::new();
         for name in &vconfig.validators {
-            let pos = validators.iter().position(|p| &p.info().name == name).ok_or_else(|| {
-                TrainerError::Config(format!("`validation.validators`: no validator plugin named `{name}` was loaded"))
-            })?;
+            let pos = validators
+                .iter()
+                .position(|p| &p.info().name == name)
+                .ok_or_else(|| {
+                    TrainerError::Config(format!(
+                        "`validation.validators`: no validator plugin named `{name}` was loaded"
+                    ))
+                })?;
             validator_refs.push((name.clone(), validators.remove(pos)));
         }
         let tc = folder.transformer_config.clone();
@@ -162,19 +174,42 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
 
         // Validation's prompt embeddings, T5-encoded now (or read from the cache) so that T5 is
         // never resident beside the model being trained.
-        let validation = Validation::<B::InnerBackend>::new(folder.clone(), &out, &cache, &vconfig, text_dtype, device)?;
+        let validation = Validation::<B::InnerBackend>::new(
+            folder.clone(),
+            &out,
+            &cache,
+            &vconfig,
+            text_dtype,
+            device,
+        )?;
 
         // ---- model and adapter
         // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
         // weights and computes in half (autocast).
         let precision = config.mixed_precision;
-        let load_dtype = if config.is_sft() { FloatDType::F32 } else { precision.dtype() };
-        let mut model = CogVideoXTransformer3DModel::<B>::from_dir_in(&folder.component_dir("transformer"), load_dtype, device)?;
+        let load_dtype = if config.is_sft() {
+            FloatDType::F32
+        } else {
+            precision.dtype()
+        };
+        let mut model = CogVideoXTransformer3DModel::<B>::from_dir_in(
+            &folder.component_dir("transformer"),
+            load_dtype,
+            device,
+        )?;
         model.set_compute_dtype(precision.dtype());
         // The adapter initialisation draws from the backend RNG.
         B::seed(device, config.seed);
-        let spec = AdapterSpec { rank: config.rank, alpha: config.alpha, targets: config.target_modules.clone() };
-        let mode = if config.is_sft() { TrainMode::Full } else { TrainMode::Adapter };
+        let spec = AdapterSpec {
+            rank: config.rank,
+            alpha: config.alpha,
+            targets: config.target_modules.clone(),
+        };
+        let mode = if config.is_sft() {
+            TrainMode::Full
+        } else {
+            TrainMode::Adapter
+        };
         let layers = if config.is_lora() {
             model = cogvx_train::freeze(model);
             cogvx_train::inject_lora(&mut model, &spec, device)?
@@ -187,22 +222,43 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             })?;
             let pname = plugin.info().name;
             if pname != config.adapter {
-                return Err(TrainerError::Config(format!("`adapter` = {:?}, but the adapter plugin given is `{pname}`", config.adapter)));
+                return Err(TrainerError::Config(format!(
+                    "`adapter` = {:?}, but the adapter plugin given is `{pname}`",
+                    config.adapter
+                )));
             }
             model = cogvx_train::freeze(model);
-            cogvx_train::inject_recipe(&mut model, &spec, recipe_limits, |req| plugin.adapter_recipe(req), device)?
+            cogvx_train::inject_recipe(
+                &mut model,
+                &spec,
+                recipe_limits,
+                |req| plugin.adapter_recipe(req),
+                device,
+            )?
         };
         model.set_gradient_checkpointing(config.gradient_checkpointing);
         model.set_checkpoint_offload(config.gradient_checkpointing_offload);
-        let n_params: usize = mode.values(&mut model).values().map(|t| t.shape().iter().product::<usize>()).sum();
+        let n_params: usize = mode
+            .values(&mut model)
+            .values()
+            .map(|t| t.shape().iter().product::<usize>())
+            .sum();
         if config.is_sft() {
             tracing::info!("full fine-tuning: {n_params} trainable parameters");
         } else {
-            tracing::info!("{} adapter on {} layers, {n_params} trainable parameters", config.adapter, layers.len());
+            tracing::info!(
+                "{} adapter on {} layers, {n_params} trainable parameters",
+                config.adapter,
+                layers.len()
+            );
         }
 
         let tschedule = train_schedule(&model_dir, scheduler_plugin.as_deref_mut())?;
-        let image_encoder = if i2v { Some(ImageEncoder::<B::InnerBackend>::load(&model_dir, device)?) } else { None };
+        let image_encoder = if i2v {
+            Some(ImageEncoder::<B::InnerBackend>::load(&model_dir, device)?)
+        } else {
+            None
+        };
 
         // ---- the plan of the run
         let n = cache.len();
@@ -210,7 +266,9 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let k = config.gradient_accumulation_steps as u64;
         let batches_per_epoch = n.div_ceil(bs) as u64;
         let updates_per_epoch = batches_per_epoch.div_ceil(k);
-        let total_steps = config.max_steps.unwrap_or(config.epochs * updates_per_epoch);
+        let total_steps = config
+            .max_steps
+            .unwrap_or(config.epochs * updates_per_epoch);
         let lr_schedule = LrSchedule {
             kind: config.lr_scheduler,
             num_warmup_steps: config.lr_warmup_steps,
@@ -223,7 +281,10 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let mut pos = DataPosition { epoch: 0, batch: 0 };
         let mut elapsed_s = 0.0;
         let mut last_lr = 0.0;
-        let mut scaler = (precision == MixedPrecision::Fp16).then(|| LossScaler { scale: config.fp16_init_scale, ..LossScaler::default() });
+        let mut scaler = (precision == MixedPrecision::Fp16).then(|| LossScaler {
+            scale: config.fp16_init_scale,
+            ..LossScaler::default()
+        });
 
         // ---- resume
         checkpoint::remove_stale_temp_dirs(&out)?;
@@ -241,10 +302,17 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 ));
             }
             ck.check_resumable(dir, batches_per_epoch, k)?;
-            let values = from_host::<B::InnerBackend>(&ck.weights, device, &dir.join(checkpoint::WEIGHTS_FILE))?;
+            let values = from_host::<B::InnerBackend>(
+                &ck.weights,
+                device,
+                &dir.join(checkpoint::WEIGHTS_FILE),
+            )?;
             mode.set_values(&mut model, &values)?;
             optimizer.load_state(&ck.optimizer, device)?;
-            rng = TrainRng::from_state(&ck.state.rng).map_err(|m| TrainerError::Io { path: dir.join(checkpoint::STATE_FILE), message: m })?;
+            rng = TrainRng::from_state(&ck.state.rng).map_err(|m| TrainerError::Io {
+                path: dir.join(checkpoint::STATE_FILE),
+                message: m,
+            })?;
             step = ck.state.step;
             pos = ck.state.data;
             elapsed_s = ck.state.elapsed_s;
@@ -252,7 +320,12 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             if scaler.is_some() {
                 scaler = Some(ck.state.loss_scaler.clone().unwrap_or_default());
             }
-            tracing::info!("resumed from {} at step {step} (epoch {}, batch {})", dir.display(), pos.epoch, pos.batch);
+            tracing::info!(
+                "resumed from {} at step {step} (epoch {}, batch {})",
+                dir.display(),
+                pos.epoch,
+                pos.batch
+            );
         }
         if step >= total_steps {
             tracing::info!("the run already reached step {step} of {total_steps}");
@@ -337,19 +410,40 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             }
             let start = self.pos.batch as usize * bs;
             let idx = &self.order[start..(start + bs).min(n)];
-            let (batch, draw) =
-                make_micro_batch::<B>(&self.cache, idx, &self.tc, &self.tschedule, self.image_encoder.as_ref(), &mut self.rng, &self.device)?;
+            let (batch, draw) = make_micro_batch::<B>(
+                &self.cache,
+                idx,
+                &self.tc,
+                &self.tschedule,
+                self.image_encoder.as_ref(),
+                &mut self.rng,
+                &self.device,
+            )?;
             let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-            let (loss, grads) = cogvx_train::loss_and_grads_scaled(self.mode, &mut self.model, &self.tschedule.schedule, &batch, &draw, loss_scale)?;
+            let (loss, grads) = cogvx_train::loss_and_grads_scaled(
+                self.mode,
+                &mut self.model,
+                &self.tschedule.schedule,
+                &batch,
+                &draw,
+                loss_scale,
+            )?;
             losses.push(loss);
             samples += idx.len();
-            let grads: InnerTensors<B> = if k == 1 { grads } else { grads.into_iter().map(|(n, g)| (n, g.mul_scalar(1.0 / k as f64))).collect() };
+            let grads: InnerTensors<B> = if k == 1 {
+                grads
+            } else {
+                grads
+                    .into_iter()
+                    .map(|(n, g)| (n, g.mul_scalar(1.0 / k as f64)))
+                    .collect()
+            };
             acc = Some(match acc {
                 None => grads,
                 Some(mut a) => {
                     for (name, g) in grads {
                         let v = match a.remove(&name) {
-                            Some(prev) => prev.add(g),
+                            Some(prev) => prev + g,
                             None => g,
                         };
                         a.insert(name, v);
@@ -359,7 +453,10 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             });
             self.pos.batch += 1;
             if self.pos.batch == self.batches_per_epoch {
-                self.pos = DataPosition { epoch: self.pos.epoch + 1, batch: 0 };
+                self.pos = DataPosition {
+                    epoch: self.pos.epoch + 1,
+                    batch: 0,
+                };
                 break;
             }
         }
@@ -368,12 +465,25 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let grads = acc.unwrap_or_default();
         // fp16: the scaler records whether the gradients are finite; a step whose gradients
         // overflowed is skipped (the scale is halved).
-        let taken = self.scaler.as_mut().is_none_or(|s| s.update(cogvx_train::total_grad_norm(&grads).is_finite()));
+        let taken = self
+            .scaler
+            .as_mut()
+            .is_none_or(|s| s.update(cogvx_train::total_grad_norm(&grads).is_finite()));
         let grad_norm = if taken {
-            cogvx_train::apply_update_for(self.mode, &mut self.model, grads, &mut self.optimizer, lr, Some(self.config.max_grad_norm))?
+            cogvx_train::apply_update_for(
+                self.mode,
+                &mut self.model,
+                grads,
+                &mut self.optimizer,
+                lr,
+                Some(self.config.max_grad_norm),
+            )?
         } else {
             let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-            tracing::warn!("step {}: fp16 gradients overflowed; step skipped, loss scale now {scale}", step + 1);
+            tracing::warn!(
+                "step {}: fp16 gradients overflowed; step skipped, loss scale now {scale}",
+                step + 1
+            );
             self.summary.skipped_steps.push(step + 1);
             f64::INFINITY
         };
@@ -383,7 +493,15 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
         let dt = t0.elapsed().as_secs_f64();
         self.elapsed_s += dt;
-        let record = StepRecord { step, epoch: step_epoch, loss, lr, grad_norm, step_time_s: dt, samples_per_s: samples as f64 / dt.max(1e-9) };
+        let record = StepRecord {
+            step,
+            epoch: step_epoch,
+            loss,
+            lr,
+            grad_norm,
+            step_time_s: dt,
+            samples_per_s: samples as f64 / dt.max(1e-9),
+        };
         self.metrics.log(&record)?;
         self.bar.update(step, loss, lr);
         tracing::debug!("step {step}: loss {loss:.6} lr {lr:.3e} grad_norm {grad_norm:.4}");
@@ -429,7 +547,10 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
 
     /// Redraws `loss.png` from the metrics (a failure is a warning: the run goes on).
     fn plot(&self) {
-        if let Err(e) = cogvx_metrics::plot_loss_curve(&self.out.join(METRICS_FILE), &self.out.join(LOSS_PLOT_FILE)) {
+        if let Err(e) = cogvx_metrics::plot_loss_curve(
+            &self.out.join(METRICS_FILE),
+            &self.out.join(LOSS_PLOT_FILE),
+        ) {
             tracing::warn!("loss curve not drawn: {e}");
         }
     }
@@ -467,13 +588,23 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         self.plot();
         self.bar.finish();
         if self.summary.stopped_early {
-            tracing::info!("stopped at step {step} of {}; resume with `Resume::Latest`", self.total_steps);
+            tracing::info!(
+                "stopped at step {step} of {}; resume with `Resume::Latest`",
+                self.total_steps
+            );
             return Ok(self.summary);
         }
         if self.vconfig.enabled() && self.last_validated != Some(step) {
             self.validate()?;
         }
-        let path = export(&mut self.model, &self.config, &self.spec, &self.adapter_params, &self.folder_transformer, &self.out)?;
+        let path = export(
+            &mut self.model,
+            &self.config,
+            &self.spec,
+            &self.adapter_params,
+            &self.folder_transformer,
+            &self.out,
+        )?;
         tracing::info!("wrote {}", path.display());
         self.summary.exported = Some(path);
         Ok(self.summary)
@@ -483,12 +614,19 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
 /// The checkpoint `resume` names: a given folder, or the newest one under `out` that reads back
 /// whole (damaged ones are skipped with a warning; a run whose every checkpoint is damaged is an
 /// error, not a fresh start).
-fn find_resume_checkpoint(resume: Option<Resume>, out: &Path) -> Result<Option<(PathBuf, Checkpoint)>, TrainerError> {
+fn find_resume_checkpoint(
+    resume: Option<Resume>,
+    out: &Path,
+) -> Result<Option<(PathBuf, Checkpoint)>, TrainerError> {
     match resume {
         None => Ok(None),
         Some(Resume::Path(p)) => {
             if !p.join(checkpoint::STATE_FILE).is_file() {
-                return input(format!("--resume {}: not a checkpoint folder (no {})", p.display(), checkpoint::STATE_FILE));
+                return input(format!(
+                    "--resume {}: not a checkpoint folder (no {})",
+                    p.display(),
+                    checkpoint::STATE_FILE
+                ));
             }
             let ck = read_checkpoint(&p)?;
             Ok(Some((p, ck)))
@@ -522,22 +660,34 @@ fn find_resume_checkpoint(resume: Option<Resume>, out: &Path) -> Result<Option<(
 
 /// The trainable tensors of the model by name, on the host.
 fn host_tensors<B: Backend>(t: &BTreeMap<String, AdapterTensor<B>>) -> checkpoint::HostTensors {
-    t.iter().map(|(k, v)| (k.clone(), (v.shape(), v.to_vec()))).collect()
+    t.iter()
+        .map(|(k, v)| (k.clone(), (v.shape(), v.to_vec())))
+        .collect()
 }
 
-fn from_host<B: Backend>(t: &checkpoint::HostTensors, device: &B::Device, path: &Path) -> Result<BTreeMap<String, AdapterTensor<B>>, TrainerError> {
+fn from_host<B: Backend>(
+    t: &checkpoint::HostTensors,
+    device: &B::Device,
+    path: &Path,
+) -> Result<BTreeMap<String, AdapterTensor<B>>, TrainerError> {
     t.iter()
         .map(|(k, (shape, data))| {
             AdapterTensor::from_vec(shape, data.clone(), device)
                 .map(|v| (k.clone(), v))
-                .ok_or_else(|| TrainerError::Io { path: path.to_path_buf(), message: format!("tensor `{k}` has shape {shape:?}, not a vector or matrix") })
+                .ok_or_else(|| TrainerError::Io {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{k}` has shape {shape:?}, not a vector or matrix"),
+                })
         })
         .collect()
 }
 
 /// What a checkpoint stores of the model: every adapter parameter (trainable or not: a recipe
 /// may have frozen, randomly initialised ones), or every transformer weight for SFT.
-fn checkpoint_values<B: AutodiffBackend>(mode: TrainMode, model: &mut CogVideoXTransformer3DModel<B>) -> InnerTensors<B> {
+fn checkpoint_values<B: AutodiffBackend>(
+    mode: TrainMode,
+    model: &mut CogVideoXTransformer3DModel<B>,
+) -> InnerTensors<B> {
     match mode {
         TrainMode::Adapter => cogvx_train::all_adapter_values(model),
         TrainMode::Full => cogvx_train::full_values(model),
@@ -558,12 +708,26 @@ fn export<B: AutodiffBackend>(
 ) -> Result<PathBuf, TrainerError> {
     if config.is_sft() {
         let dir = out.join(SFT_EXPORT_DIR);
-        let f = cogvx_train::save_transformer_folder(model, source_transformer, &dir, cogvx_train::DEFAULT_MAX_SHARD_BYTES, config.export_dtype)?;
+        let f = cogvx_train::save_transformer_folder(
+            model,
+            source_transformer,
+            &dir,
+            cogvx_train::DEFAULT_MAX_SHARD_BYTES,
+            config.export_dtype,
+        )?;
         return Ok(f.dir);
     }
     if config.is_lora() {
-        let meta = cogvx_train::LoraMetadata { rank: config.rank, alpha: config.alpha, target_modules: config.target_modules.clone() };
-        return Ok(cogvx_train::save_lora(out, &cogvx_train::trainable_values(model), &meta)?);
+        let meta = cogvx_train::LoraMetadata {
+            rank: config.rank,
+            alpha: config.alpha,
+            target_modules: config.target_modules.clone(),
+        };
+        return Ok(cogvx_train::save_lora(
+            out,
+            &cogvx_train::trainable_values(model),
+            &meta,
+        )?);
     }
     let mut meta = cogvx_train::adapter_metadata(model, spec, BTreeMap::new())?;
     meta.config = cogvx_train::peft_settings(&meta.peft_type, adapter_params);
@@ -576,7 +740,12 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result
     macro_rules! same {
         ($k:ident) => {
             if saved.$k != now.$k {
-                diffs.push(format!("`{}` = {:?} there, {:?} now", stringify!($k), saved.$k, now.$k));
+                diffs.push(format!(
+                    "`{}` = {:?} there, {:?} now",
+                    stringify!($k),
+                    saved.$k,
+                    now.$k
+                ));
             }
         };
     }
@@ -605,22 +774,35 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result
         }
     }
     if saved.lr_scheduler != now.lr_scheduler || saved.lr_warmup_steps != now.lr_warmup_steps {
-        tracing::warn!("resuming {} with another learning-rate schedule", dir.display());
+        tracing::warn!(
+            "resuming {} with another learning-rate schedule",
+            dir.display()
+        );
     }
     Ok(())
 }
 
-
 /// Keys of the run config that name where something is, not what it is: a resume with another
 /// value (a moved dataset or model folder) is logged, not refused.
-const LOCATION_KEYS: &[&str] = &["model.path", "data.root", "data.validation_root", "data.cache_dir", "plugins", "device"];
+const LOCATION_KEYS: &[&str] = &[
+    "model.path",
+    "data.root",
+    "data.validation_root",
+    "data.cache_dir",
+    "plugins",
+    "device",
+];
 
 /// `value` as `dotted.key -> JSON text` leaves (objects are descended into, arrays are leaves).
 fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, String>) {
     match value {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, v, out);
             }
         }
@@ -632,8 +814,14 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
 
 /// The rest of the config a resumed run must share with its checkpoint: every key outside
 /// `[train]` and `[validation]` (which [`check_resumable`] compares), locations excepted.
-fn check_same_run_config(saved: Option<&serde_json::Value>, now: Option<&serde_json::Value>, dir: &Path) -> Result<(), TrainerError> {
-    let (Some(saved), Some(now)) = (saved, now) else { return Ok(()) };
+fn check_same_run_config(
+    saved: Option<&serde_json::Value>,
+    now: Option<&serde_json::Value>,
+    dir: &Path,
+) -> Result<(), TrainerError> {
+    let (Some(saved), Some(now)) = (saved, now) else {
+        return Ok(());
+    };
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten("", saved, &mut a);
     flatten("", now, &mut b);
@@ -648,9 +836,16 @@ fn check_same_run_config(saved: Option<&serde_json::Value>, now: Option<&serde_j
             continue;
         }
         let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
-        let location = LOCATION_KEYS.iter().any(|l| key == l || key.starts_with(&format!("{l}.")));
+        let location = LOCATION_KEYS
+            .iter()
+            .any(|l| key == l || key.starts_with(&format!("{l}.")));
         if location {
-            tracing::warn!("resuming {} with `{key}` = {} (the checkpoint's run had {})", dir.display(), show(y), show(x));
+            tracing::warn!(
+                "resuming {} with `{key}` = {} (the checkpoint's run had {})",
+                dir.display(),
+                show(y),
+                show(x)
+            );
         } else {
             diffs.push(format!("`{key}` = {} there, {} now", show(x), show(y)));
         }

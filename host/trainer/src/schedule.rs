@@ -55,7 +55,9 @@ impl LrSchedule {
         let current = step as f64;
         let warmup = self.num_warmup_steps;
         let warm = || current / (warmup as f64).max(1.0);
-        let progress = || (current - warmup as f64) / ((self.num_training_steps as f64 - warmup as f64).max(1.0));
+        let progress = || {
+            (current - warmup as f64) / ((self.num_training_steps as f64 - warmup as f64).max(1.0))
+        };
         match self.kind {
             LrScheduler::Constant => 1.0,
             LrScheduler::ConstantWithWarmup => {
@@ -69,7 +71,8 @@ impl LrSchedule {
                 if step < warmup {
                     return warm();
                 }
-                let p = (self.num_training_steps as f64 - current) / ((self.num_training_steps as f64 - warmup as f64).max(1.0));
+                let p = (self.num_training_steps as f64 - current)
+                    / ((self.num_training_steps as f64 - warmup as f64).max(1.0));
                 p.max(0.0)
             }
             LrScheduler::Cosine => {
@@ -77,7 +80,8 @@ impl LrSchedule {
                     return warm();
                 }
                 let num_cycles = 0.5;
-                (0.5 * (1.0 + (std::f64::consts::PI * num_cycles * 2.0 * progress()).cos())).max(0.0)
+                (0.5 * (1.0 + (std::f64::consts::PI * num_cycles * 2.0 * progress()).cos()))
+                    .max(0.0)
             }
             LrScheduler::CosineWithRestarts => {
                 if step < warmup {
@@ -87,7 +91,8 @@ impl LrSchedule {
                 if p >= 1.0 {
                     return 0.0;
                 }
-                (0.5 * (1.0 + (std::f64::consts::PI * ((self.num_cycles as f64 * p) % 1.0)).cos())).max(0.0)
+                (0.5 * (1.0 + (std::f64::consts::PI * ((self.num_cycles as f64 * p) % 1.0)).cos()))
+                    .max(0.0)
             }
         }
     }
@@ -103,7 +108,12 @@ mod tests {
     use super::*;
 
     fn s(kind: LrScheduler, warmup: u64, total: u64, cycles: u64) -> LrSchedule {
-        LrSchedule { kind, num_warmup_steps: warmup, num_training_steps: total, num_cycles: cycles }
+        LrSchedule {
+            kind,
+            num_warmup_steps: warmup,
+            num_training_steps: total,
+            num_cycles: cycles,
+        }
     }
 
     fn close(a: f64, b: f64) {
@@ -147,10 +157,16 @@ mod tests {
         // progress 0.5: 0.5 * (1 + cos(pi * 0.5 * 2 * 0.5)) = 0.5 * (1 + cos(pi/2)) = 0.5
         close(c.lambda(60), 0.5);
         // progress 0.25: 0.5 * (1 + cos(pi/4))
-        close(c.lambda(35), 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()));
+        close(
+            c.lambda(35),
+            0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()),
+        );
         close(c.lambda(110), 0.0);
         // Past the end the cosine rises again in diffusers (progress > 1), clamped at 0 only below.
-        close(c.lambda(160), 0.5 * (1.0 + (std::f64::consts::PI * 1.5).cos()));
+        close(
+            c.lambda(160),
+            0.5 * (1.0 + (std::f64::consts::PI * 1.5).cos()),
+        );
     }
 
     #[test]
@@ -162,7 +178,10 @@ mod tests {
         // progress 0.5: (1.0) % 1 = 0 -> restart at 1.0
         close(c.lambda(50), 1.0);
         // progress 0.6: 1.2 % 1 = 0.2 -> 0.5 * (1 + cos(0.2 pi))
-        close(c.lambda(60), 0.5 * (1.0 + (0.2 * std::f64::consts::PI).cos()));
+        close(
+            c.lambda(60),
+            0.5 * (1.0 + (0.2 * std::f64::consts::PI).cos()),
+        );
         close(c.lambda(100), 0.0);
         close(c.lambda(150), 0.0);
         let w = s(LrScheduler::CosineWithRestarts, 4, 104, 1);

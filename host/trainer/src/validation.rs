@@ -6,13 +6,16 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use cogvx_cache::{Cache, HostTensor};
-use cogvx_engine::{frames_to_u8, plan_from_plugin, CogVideoXPipeline, ConditionImage, ModelFolder, PromptSource, SampleRequest, SeededNoise};
+use cogvx_engine::{
+    frames_to_u8, plan_from_plugin, CogVideoXPipeline, ConditionImage, ModelFolder, PromptSource,
+    SampleRequest, SeededNoise,
+};
 use cogvx_metrics::MetricsLog;
 use cogvx_plugin_api::{Plugin, ValidateRequest};
 use cogvx_transformer::CogVideoXTransformer3DModel;
 use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeOptions};
 
-use crate::{ValidationConfig, TrainerError};
+use crate::{TrainerError, ValidationConfig};
 
 pub(crate) struct Validation<B: Backend> {
     folder: ModelFolder,
@@ -46,7 +49,9 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
         let mut embeddings = BTreeMap::new();
         if config.enabled() {
             for p in &config.images {
-                images.push(ConditionImage::open(p).map_err(|e| TrainerError::Config(format!("`validation.images`: {}: {e}", p.display())))?);
+                images.push(ConditionImage::open(p).map_err(|e| {
+                    TrainerError::Config(format!("`validation.images`: {}: {e}", p.display()))
+                })?);
             }
             let mut prompts = config.prompts.clone();
             if config.guidance_scale > 1.0 {
@@ -94,10 +99,22 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
         let prompts = self
             .embeddings
             .iter()
-            .map(|(p, e)| (p.clone(), Tensor::from_data(TensorData::new(e.data.clone(), e.shape.clone()), device)))
+            .map(|(p, e)| {
+                (
+                    p.clone(),
+                    Tensor::from_data(TensorData::new(e.data.clone(), e.shape.clone()), device),
+                )
+            })
             .collect();
-        let (vae, vae_config) = AutoencoderKLCogVideoX::from_dir(&self.folder.component_dir("vae"), device)?;
-        let pipe = CogVideoXPipeline::from_parts(self.folder.clone(), PromptSource::Precomputed(prompts), transformer, vae, vae_config)?;
+        let (vae, vae_config) =
+            AutoencoderKLCogVideoX::from_dir(&self.folder.component_dir("vae"), device)?;
+        let pipe = CogVideoXPipeline::from_parts(
+            self.folder.clone(),
+            PromptSource::Precomputed(prompts),
+            transformer,
+            vae,
+            vae_config,
+        )?;
         let result = self.sample_all(step, &pipe, scheduler, validators, metrics, device);
         drop(pipe);
         result
@@ -114,12 +131,18 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
     ) -> Result<Vec<PathBuf>, TrainerError> {
         let c = &self.config;
         let dir = self.out.join("validation").join(format!("step-{step}"));
-        std::fs::create_dir_all(&dir).map_err(|e| TrainerError::Io { path: dir.clone(), message: e.to_string() })?;
+        std::fs::create_dir_all(&dir).map_err(|e| TrainerError::Io {
+            path: dir.clone(),
+            message: e.to_string(),
+        })?;
         let t0 = std::time::Instant::now();
         let fps = c.fps.unwrap_or_else(|| pipe.default_fps());
         // Tiled and sliced decode, as the official finetune's validation (`enable_tiling`,
         // `enable_slicing`): a whole-frame decode of 49x480x720 would need ~8 GB more.
-        let vae_options = VaeOptions { tiling: Some(Tiling::for_config(&pipe.vae_config)), slicing: true };
+        let vae_options = VaeOptions {
+            tiling: Some(Tiling::for_config(&pipe.vae_config)),
+            slicing: true,
+        };
         let mut written = Vec::new();
         for (i, prompt) in c.prompts.iter().enumerate() {
             let request = SampleRequest {
@@ -141,7 +164,8 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
                 None => pipe.default_plan(c.num_inference_steps)?,
             };
             let mut noise = SeededNoise::new(c.seed);
-            let frames = pipe.generate_with(&request, plan, None, &mut noise, &mut |_, _| {}, device)?;
+            let frames =
+                pipe.generate_with(&request, plan, None, &mut noise, &mut |_, _| {}, device)?;
             let clip = frames_to_u8(frames)?.remove(0);
             let path = dir.join(format!("{i}.mp4"));
             cogvx_video::encode_mp4(&path, &clip, fps, &cogvx_video::EncodeOptions::default())?;
@@ -149,7 +173,11 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
             fields.insert("prompt".into(), prompt.clone().into());
             fields.insert("video".into(), path.display().to_string().into());
             for (name, plugin) in validators.iter_mut() {
-                let request = ValidateRequest { prompt: prompt.clone(), frames: clip.clone(), fps };
+                let request = ValidateRequest {
+                    prompt: prompt.clone(),
+                    frames: clip.clone(),
+                    fps,
+                };
                 // A validator that fails marks this video's validation failed; training goes on.
                 let scores = match plugin.validate(&request) {
                     Ok(scores) => scores,
@@ -163,7 +191,11 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
                     if !m.value.is_finite() {
                         tracing::warn!("validation step {step}, video {i}: {name}.{} = {} (not a finite number; logged as null)", m.name, m.value);
                     } else {
-                        tracing::info!("validation step {step}, video {i}: {name}.{} = {}", m.name, m.value);
+                        tracing::info!(
+                            "validation step {step}, video {i}: {name}.{} = {}",
+                            m.name,
+                            m.value
+                        );
                     }
                     fields.insert(format!("{name}.{}", m.name), serde_json::json!(m.value));
                 }
@@ -171,7 +203,12 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
             metrics.log_event("validation", step, serde_json::Value::Object(fields))?;
             written.push(path);
         }
-        tracing::info!("validation at step {step}: {} videos in {} ({:.1}s)", written.len(), dir.display(), t0.elapsed().as_secs_f64());
+        tracing::info!(
+            "validation at step {step}: {} videos in {} ({:.1}s)",
+            written.len(),
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
         Ok(written)
     }
 }

@@ -6,12 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use burn::backend::Autodiff;
-use cogvx_cache::{store, Cache, HostTensor, Index, IndexSample, ModelIdentity, INDEX, INDEX_FORMAT};
+use cogvx_cache::{
+    store, Cache, HostTensor, Index, IndexSample, ModelIdentity, INDEX, INDEX_FORMAT,
+};
 use cogvx_metrics::read_steps;
 use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_plugin_api::{Metric, Plugin, PluginInfo, PluginKind, PluginResult, ValidateRequest};
 use cogvx_trainer::checkpoint::{checkpoint_dir, list_checkpoints, OPTIMIZER_FILE};
-use cogvx_trainer::{train, LrScheduler, Resume, TrainConfig, TrainJob, TrainSummary, TrainerError, ValidationConfig};
+use cogvx_trainer::{
+    train, LrScheduler, Resume, TrainConfig, TrainJob, TrainSummary, TrainerError, ValidationConfig,
+};
 
 type B = Autodiff<CpuBackend>;
 
@@ -40,13 +44,29 @@ fn make_cache(dir: &Path, n: usize, i2v: bool) -> Cache {
         let pkey = format!("{:064x}", 2000 + i);
         let latent = HostTensor::new(vec![4, 3, 4, 6], values(4 * 3 * 4 * 6, 10 + i as u64));
         let prompt = HostTensor::new(vec![16, 32], values(16 * 32, 20 + i as u64));
-        let image = HostTensor::new(vec![3, 32, 48], values(3 * 32 * 48, 30 + i as u64).into_iter().map(|v| (v * 0.3).clamp(-1.0, 1.0)).collect());
+        let image = HostTensor::new(
+            vec![3, 32, 48],
+            values(3 * 32 * 48, 30 + i as u64)
+                .into_iter()
+                .map(|v| (v * 0.3).clamp(-1.0, 1.0))
+                .collect(),
+        );
         let mut tensors: Vec<(&str, &HostTensor)> = vec![("latent", &latent)];
         if i2v {
             tensors.push(("image", &image));
         }
-        store::write_entry(&dir.join("latents").join(format!("{lkey}.safetensors")), &lkey, &tensors).unwrap();
-        store::write_entry(&dir.join("prompts").join(format!("{pkey}.safetensors")), &pkey, &[("prompt_embedding", &prompt)]).unwrap();
+        store::write_entry(
+            &dir.join("latents").join(format!("{lkey}.safetensors")),
+            &lkey,
+            &tensors,
+        )
+        .unwrap();
+        store::write_entry(
+            &dir.join("prompts").join(format!("{pkey}.safetensors")),
+            &pkey,
+            &[("prompt_embedding", &prompt)],
+        )
+        .unwrap();
         samples.push(IndexSample {
             origin: format!("videos.txt:{}", i + 1),
             video: format!("videos/{i}.mp4"),
@@ -59,7 +79,10 @@ fn make_cache(dir: &Path, n: usize, i2v: bool) -> Cache {
     }
     let index = Index {
         format: INDEX_FORMAT.into(),
-        model: ModelIdentity { vae: "test".into(), text: "test".into() },
+        model: ModelIdentity {
+            vae: "test".into(),
+            text: "test".into(),
+        },
         transforms: Vec::new(),
         resolution: [9, 32, 48],
         seed: 0,
@@ -137,7 +160,12 @@ fn resume_continues_the_same_loss_curve() {
 
     let mut joined = a.losses.clone();
     joined.extend(b.losses.clone());
-    assert_eq!(bits(&joined), bits(&full.losses), "resumed {joined:?}\nuninterrupted {:?}", full.losses);
+    assert_eq!(
+        bits(&joined),
+        bits(&full.losses),
+        "resumed {joined:?}\nuninterrupted {:?}",
+        full.losses
+    );
 
     // The same final weights, byte for byte.
     let lora = |dir: &Path| std::fs::read(dir.join(cogvx_train::LORA_WEIGHTS_NAME)).unwrap();
@@ -145,23 +173,44 @@ fn resume_continues_the_same_loss_curve() {
 
     // metrics.jsonl holds one continuous curve; 2 steps per epoch (3 samples, accumulation 2).
     let steps = read_steps(&out.join(cogvx_trainer::METRICS_FILE)).unwrap();
-    assert_eq!(steps.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
-    assert_eq!(steps.iter().map(|r| r.epoch).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2]);
-    assert_eq!(steps.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>(), bits(&full.losses).iter().map(|x| x.1).collect::<Vec<_>>());
+    assert_eq!(
+        steps.iter().map(|r| r.step).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(
+        steps.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        [0, 0, 1, 1, 2, 2]
+    );
+    assert_eq!(
+        steps.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>(),
+        bits(&full.losses).iter().map(|x| x.1).collect::<Vec<_>>()
+    );
     // Linear schedule, 1 warmup step: lr 0 at the first update, then (6 - s) / 5 * 1e-3.
     assert_eq!(steps[0].lr, 0.0);
-    assert!((steps[1].lr - 1e-3).abs() < 1e-15 && (steps[5].lr - 0.2e-3).abs() < 1e-15, "{steps:?}");
-    assert!(steps.iter().all(|r| r.grad_norm.is_finite() && r.grad_norm > 0.0));
+    assert!(
+        (steps[1].lr - 1e-3).abs() < 1e-15 && (steps[5].lr - 0.2e-3).abs() < 1e-15,
+        "{steps:?}"
+    );
+    assert!(steps
+        .iter()
+        .all(|r| r.grad_norm.is_finite() && r.grad_norm > 0.0));
     assert!(out.join(cogvx_trainer::LOSS_PLOT_FILE).is_file());
     // keep-last-2: checkpoints 3 and 6.
-    let kept: Vec<u64> = list_checkpoints(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    let kept: Vec<u64> = list_checkpoints(&out)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(kept, [3, 6]);
 }
 
 const KILL_ENV: &str = "COGVX_TRAINER_KILL_TEST_OUT";
 
 fn kill_config(out: &Path) -> TrainConfig {
-    TrainConfig { checkpoints_total_limit: None, ..config(out, 4, 1) }
+    TrainConfig {
+        checkpoints_total_limit: None,
+        ..config(out, 4, 1)
+    }
 }
 
 #[test]
@@ -173,7 +222,11 @@ fn killed_checkpoint_write_leaves_previous_usable() {
         let out = PathBuf::from(out);
         let cache = Cache::open(out.parent().unwrap().join("cache")).unwrap();
         let abort = |p: &Path| {
-            let in_tmp = p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().starts_with(".checkpoint-2.tmp-")).unwrap_or(false);
+            let in_tmp = p
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().starts_with(".checkpoint-2.tmp-"))
+                .unwrap_or(false);
             if in_tmp && p.file_name().unwrap() != OPTIMIZER_FILE {
                 std::process::abort();
             }
@@ -188,7 +241,12 @@ fn killed_checkpoint_write_leaves_previous_usable() {
     let cache = make_cache(&tmp.path().join("cache"), 3, false);
     let out = tmp.path().join("out");
     let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "killed_checkpoint_write_leaves_previous_usable", "--test-threads=1", "--nocapture"])
+        .args([
+            "--exact",
+            "killed_checkpoint_write_leaves_previous_usable",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(KILL_ENV, &out)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -196,10 +254,20 @@ fn killed_checkpoint_write_leaves_previous_usable() {
         .unwrap();
     assert!(!status.success(), "the child run was not killed");
     // The partial write is a hidden temp folder; checkpoint-1 is intact and the only one listed.
-    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(names.iter().any(|n| n.starts_with(".checkpoint-2.tmp-")), "{names:?}");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with(".checkpoint-2.tmp-")),
+        "{names:?}"
+    );
     assert!(!out.join("checkpoint-2").exists(), "{names:?}");
-    let listed: Vec<u64> = list_checkpoints(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    let listed: Vec<u64> = list_checkpoints(&out)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(listed, [1]);
 
     let mut resumed = job(&model, &cache, kill_config(&out));
@@ -208,7 +276,11 @@ fn killed_checkpoint_write_leaves_previous_usable() {
     assert_eq!(r.resumed_from, Some(checkpoint_dir(&out, 1)));
     assert_eq!(r.losses.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 3, 4]);
     // The temp folder was cleaned up and the resumed run matches an uninterrupted one.
-    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp-")));
     let full = run(job(&model, &cache, kill_config(&tmp.path().join("full")))).unwrap();
     assert_eq!(bits(&r.losses), bits(&full.losses[1..]));
 }
@@ -218,12 +290,26 @@ struct Brightness;
 
 impl Plugin for Brightness {
     fn info(&self) -> PluginInfo {
-        PluginInfo { name: "brightness".into(), version: "0.1.0".into(), kinds: vec![PluginKind::Validator], description: "test".into() }
+        PluginInfo {
+            name: "brightness".into(),
+            version: "0.1.0".into(),
+            kinds: vec![PluginKind::Validator],
+            description: "test".into(),
+        }
     }
     fn validate(&mut self, request: &ValidateRequest) -> PluginResult<Vec<Metric>> {
         let f = &request.frames;
         let mean = f.rgb.iter().map(|v| *v as f64).sum::<f64>() / f.rgb.len() as f64;
-        Ok(vec![Metric { name: "mean".into(), value: mean }, Metric { name: "frames".into(), value: f.count as f64 }])
+        Ok(vec![
+            Metric {
+                name: "mean".into(),
+                value: mean,
+            },
+            Metric {
+                name: "frames".into(),
+                value: f.count as f64,
+            },
+        ])
     }
 }
 
@@ -232,13 +318,23 @@ struct Flaky(u32);
 
 impl Plugin for Flaky {
     fn info(&self) -> PluginInfo {
-        PluginInfo { name: "flaky".into(), version: "0.1.0".into(), kinds: vec![PluginKind::Validator], description: "test".into() }
+        PluginInfo {
+            name: "flaky".into(),
+            version: "0.1.0".into(),
+            kinds: vec![PluginKind::Validator],
+            description: "test".into(),
+        }
     }
     fn validate(&mut self, _: &ValidateRequest) -> PluginResult<Vec<Metric>> {
         self.0 += 1;
         match self.0 {
-            1 => Err(cogvx_plugin_api::PluginError::Failed("flaky: no score this time".into())),
-            _ => Ok(vec![Metric { name: "score".into(), value: f64::NAN }]),
+            1 => Err(cogvx_plugin_api::PluginError::Failed(
+                "flaky: no score this time".into(),
+            )),
+            _ => Ok(vec![Metric {
+                name: "score".into(),
+                value: f64::NAN,
+            }]),
         }
     }
 }
@@ -255,16 +351,36 @@ fn a_failing_validator_does_not_stop_training() {
     cfg.gradient_accumulation_steps = 1;
     let mut flaky = Flaky(0);
     let mut j = job(&model, &cache, cfg);
-    j.validation = ValidationConfig { steps: 2, prompts: vec!["a red cube".into()], num_inference_steps: 1, validators: vec!["flaky".into()], ..ValidationConfig::default() };
+    j.validation = ValidationConfig {
+        steps: 2,
+        prompts: vec!["a red cube".into()],
+        num_inference_steps: 1,
+        validators: vec!["flaky".into()],
+        ..ValidationConfig::default()
+    };
     j.validators = vec![&mut flaky];
     let s = run(j).unwrap();
     assert_eq!(s.step, 4);
     let log = std::fs::read_to_string(out.join(cogvx_trainer::METRICS_FILE)).unwrap();
-    let events: Vec<serde_json::Value> =
-        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["type"] == "validation").collect();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "validation")
+        .collect();
     assert_eq!(events.len(), 2, "{log}");
-    assert!(events[0]["flaky.error"].as_str().unwrap().contains("no score this time"), "{}", events[0]);
-    assert!(events[1]["flaky.score"].is_null() && events[1].get("flaky.error").is_none(), "{}", events[1]);
+    assert!(
+        events[0]["flaky.error"]
+            .as_str()
+            .unwrap()
+            .contains("no score this time"),
+        "{}",
+        events[0]
+    );
+    assert!(
+        events[1]["flaky.score"].is_null() && events[1].get("flaky.error").is_none(),
+        "{}",
+        events[1]
+    );
 }
 
 #[test]
@@ -289,28 +405,60 @@ fn lora_export_validation_videos_and_validator_metrics() {
     j.validators = vec![&mut video_metrics, &mut brightness];
     let s = run(j).unwrap();
     // Validation at steps 2 and 4 (the end), one video each.
-    assert_eq!(s.validation_videos, [out.join("validation/step-2/0.mp4"), out.join("validation/step-4/0.mp4")]);
+    assert_eq!(
+        s.validation_videos,
+        [
+            out.join("validation/step-2/0.mp4"),
+            out.join("validation/step-4/0.mp4")
+        ]
+    );
     for v in &s.validation_videos {
         let info = cogvx_video::probe(v).unwrap();
-        assert_eq!((info.width, info.height, info.frame_count), (48, 32, 9), "{info:?}");
-        assert!((info.fps - 8.0).abs() < 1e-6, "CogVideoX 1.0 videos are 8 fps: {}", info.fps);
+        assert_eq!(
+            (info.width, info.height, info.frame_count),
+            (48, 32, 9),
+            "{info:?}"
+        );
+        assert!(
+            (info.fps - 8.0).abs() < 1e-6,
+            "CogVideoX 1.0 videos are 8 fps: {}",
+            info.fps
+        );
     }
     let log = std::fs::read_to_string(out.join(cogvx_trainer::METRICS_FILE)).unwrap();
-    let events: Vec<serde_json::Value> =
-        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["type"] == "validation").collect();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "validation")
+        .collect();
     assert_eq!(events.len(), 2);
     assert_eq!(events[0]["step"], 2);
     assert_eq!(events[0]["brightness.frames"], 9.0);
     assert!(events[0]["brightness.mean"].as_f64().unwrap() > 0.0);
     // The shipped validator's metrics, under `video_metrics.<name>`.
-    for m in ["brightness", "flicker_mean_luma", "flicker_pixel", "sharpness"] {
-        assert!(events[1][format!("video_metrics.{m}")].as_f64().is_some_and(f64::is_finite), "{m}: {}", events[1]);
+    for m in [
+        "brightness",
+        "flicker_mean_luma",
+        "flicker_pixel",
+        "sharpness",
+    ] {
+        assert!(
+            events[1][format!("video_metrics.{m}")]
+                .as_f64()
+                .is_some_and(f64::is_finite),
+            "{m}: {}",
+            events[1]
+        );
     }
     // The LoRA export loads back with the configured rank, alpha and targets.
     let lora = cogvx_train::load_lora(s.exported.as_ref().unwrap()).unwrap();
     let meta = lora.metadata.expect("adapter metadata");
     assert_eq!((meta.rank, meta.alpha), (4, 2.0));
-    assert_eq!(lora.tensors.len(), 2 * 4 * 2, "2 blocks x 4 targets x (A, B)");
+    assert_eq!(
+        lora.tensors.len(),
+        2 * 4 * 2,
+        "2 blocks x 4 targets x (A, B)"
+    );
     // The final checkpoint (step 4) is written even though 4 is not a multiple of 100.
     assert_eq!(s.last_checkpoint, Some(checkpoint_dir(&out, 4)));
 }
@@ -337,17 +485,29 @@ fn validation_samples_from_prompt_embeddings_computed_before_training() {
     let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
-    let prompts_before = std::fs::read_dir(cache.dir.join("prompts")).unwrap().count();
+    let prompts_before = std::fs::read_dir(cache.dir.join("prompts"))
+        .unwrap()
+        .count();
     let validated = |model: &Path, out: &Path| {
         let mut cfg = config(out, 1, 100);
         cfg.gradient_accumulation_steps = 1;
         let mut j = job(model, &cache, cfg);
-        j.validation = ValidationConfig { steps: 1, prompts: vec!["a red cube".into()], num_inference_steps: 2, ..ValidationConfig::default() };
+        j.validation = ValidationConfig {
+            steps: 1,
+            prompts: vec!["a red cube".into()],
+            num_inference_steps: 2,
+            ..ValidationConfig::default()
+        };
         run(j)
     };
     let first = validated(&model, &tmp.path().join("out-1")).unwrap();
     // The validation prompt and the negative prompt "" (guidance 6 > 1) joined the cache.
-    assert_eq!(std::fs::read_dir(cache.dir.join("prompts")).unwrap().count(), prompts_before + 2);
+    assert_eq!(
+        std::fs::read_dir(cache.dir.join("prompts"))
+            .unwrap()
+            .count(),
+        prompts_before + 2
+    );
 
     let copy = tmp.path().join("model");
     copy_dir(&model, &copy);
@@ -365,13 +525,24 @@ fn validation_samples_from_prompt_embeddings_computed_before_training() {
     // unreadable T5 weights (before any training step).
     for e in std::fs::read_dir(cache.dir.join("prompts")).unwrap() {
         let p = e.unwrap().path();
-        if !cache.index.samples.iter().any(|s| p.file_stem().is_some_and(|n| n == s.prompt.as_str())) {
+        if !cache
+            .index
+            .samples
+            .iter()
+            .any(|s| p.file_stem().is_some_and(|n| n == s.prompt.as_str()))
+        {
             std::fs::remove_file(p).unwrap();
         }
     }
-    let e = validated(&copy, &tmp.path().join("out-3")).unwrap_err().to_string();
+    let e = validated(&copy, &tmp.path().join("out-3"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("text_encoder"), "{e}");
-    assert!(!tmp.path().join("out-3").join(cogvx_trainer::METRICS_FILE).exists());
+    assert!(!tmp
+        .path()
+        .join("out-3")
+        .join(cogvx_trainer::METRICS_FILE)
+        .exists());
 }
 
 #[test]
@@ -388,26 +559,55 @@ fn bad_inputs_fail_before_any_work() {
     assert!(e.contains("a-file"), "{e}");
 
     // An output folder inside the model folder: refused before anything is written there.
-    let e = err(job(&model, &cache, config(&model.join("transformer").join("run"), 1, 1)));
+    let e = err(job(
+        &model,
+        &cache,
+        config(&model.join("transformer").join("run"), 1, 1),
+    ));
     assert!(e.contains("inside [model] path"), "{e}");
     assert!(!model.join("transformer").join("run").exists());
 
     let out = tmp.path().join("out");
     // An adapter plugin that was not loaded.
-    let e = err(job(&model, &cache, TrainConfig { adapter: "dora".into(), ..config(&out, 1, 1) }));
+    let e = err(job(
+        &model,
+        &cache,
+        TrainConfig {
+            adapter: "dora".into(),
+            ..config(&out, 1, 1)
+        },
+    ));
     assert!(e.contains("`adapter`") && e.contains("dora"), "{e}");
     // A validator that was not loaded.
     let mut j = job(&model, &cache, config(&out, 1, 1));
-    j.validation = ValidationConfig { steps: 1, prompts: vec!["x".into()], validators: vec!["flicker".into()], ..ValidationConfig::default() };
+    j.validation = ValidationConfig {
+        steps: 1,
+        prompts: vec!["x".into()],
+        validators: vec!["flicker".into()],
+        ..ValidationConfig::default()
+    };
     let e = err(j);
-    assert!(e.contains("validation.validators") && e.contains("flicker"), "{e}");
+    assert!(
+        e.contains("validation.validators") && e.contains("flicker"),
+        "{e}"
+    );
     // A bad value.
-    let e = err(job(&model, &cache, TrainConfig { batch_size: 0, ..config(&out, 1, 1) }));
+    let e = err(job(
+        &model,
+        &cache,
+        TrainConfig {
+            batch_size: 0,
+            ..config(&out, 1, 1)
+        },
+    ));
     assert!(e.contains("`batch_size`"), "{e}");
     // An I2V cache for a T2V model.
     let i2v_cache = make_cache(&tmp.path().join("cache-i2v"), 1, true);
     let e = err(job(&model, &i2v_cache, config(&out, 1, 1)));
-    assert!(e.contains("image-to-video") && e.contains("text-to-video"), "{e}");
+    assert!(
+        e.contains("image-to-video") && e.contains("text-to-video"),
+        "{e}"
+    );
     // A resume path that is not a checkpoint.
     let mut j = job(&model, &cache, config(&out, 1, 1));
     j.resume = Some(Resume::Path(tmp.path().join("nope")));
@@ -425,7 +625,14 @@ fn resume_refuses_other_adapter_settings() {
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
     let out = tmp.path().join("out");
     run(job(&model, &cache, config(&out, 1, 1))).unwrap();
-    let mut j = job(&model, &cache, TrainConfig { rank: 8, ..config(&out, 2, 1) });
+    let mut j = job(
+        &model,
+        &cache,
+        TrainConfig {
+            rank: 8,
+            ..config(&out, 2, 1)
+        },
+    );
     j.resume = Some(Resume::Latest);
     let e = run(j).unwrap_err().to_string();
     assert!(e.contains("`rank` = 4 there, 8 now"), "{e}");
@@ -454,15 +661,24 @@ fn resume_refuses_another_data_model_or_plugin_config_and_logs_moved_folders() {
     j.run_config = Some(run_config("9x32x48", "/data/a", "center"));
     run(j).unwrap();
     let saved = cogvx_trainer::read_checkpoint(&out.join("checkpoint-1")).unwrap();
-    assert_eq!(saved.state.run_config, Some(run_config("9x32x48", "/data/a", "center")));
+    assert_eq!(
+        saved.state.run_config,
+        Some(run_config("9x32x48", "/data/a", "center"))
+    );
 
     // Another resolution and another plugin table: refused, naming both keys.
     let mut j = job(&model, &cache, config(&out, 2, 1));
     j.resume = Some(Resume::Latest);
     j.run_config = Some(run_config("9x64x96", "/data/a", "random"));
     let e = run(j).unwrap_err().to_string();
-    assert!(e.contains("`data.resolution` = \"9x32x48\" there, \"9x64x96\" now"), "{e}");
-    assert!(e.contains("`plugin.crop_resize.mode`") && e.contains("another output_dir"), "{e}");
+    assert!(
+        e.contains("`data.resolution` = \"9x32x48\" there, \"9x64x96\" now"),
+        "{e}"
+    );
+    assert!(
+        e.contains("`plugin.crop_resize.mode`") && e.contains("another output_dir"),
+        "{e}"
+    );
     // A moved dataset folder is not another run.
     let mut j = job(&model, &cache, config(&out, 2, 1));
     j.resume = Some(Resume::Latest);
@@ -479,28 +695,61 @@ fn damaged_checkpoints_are_found_and_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 4, false);
     let out = tmp.path().join("out");
-    run(job(&model, &cache, TrainConfig { checkpoints_total_limit: None, ..config(&out, 2, 1) })).unwrap();
+    run(job(
+        &model,
+        &cache,
+        TrainConfig {
+            checkpoints_total_limit: None,
+            ..config(&out, 2, 1)
+        },
+    ))
+    .unwrap();
     let flip = |step: u64| {
-        let path = out.join(format!("checkpoint-{step}")).join(cogvx_trainer::checkpoint::WEIGHTS_FILE);
+        let path = out
+            .join(format!("checkpoint-{step}"))
+            .join(cogvx_trainer::checkpoint::WEIGHTS_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
         let at = bytes.len() - 3;
         bytes[at] ^= 0x10;
         std::fs::write(&path, bytes).unwrap();
     };
     flip(2);
-    let e = cogvx_trainer::checkpoint::read_checkpoint(&out.join("checkpoint-2")).unwrap_err().to_string();
+    let e = cogvx_trainer::checkpoint::read_checkpoint(&out.join("checkpoint-2"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("checksum does not match"), "{e}");
-    let mut j = job(&model, &cache, TrainConfig { checkpoints_total_limit: None, ..config(&out, 2, 1) });
+    let mut j = job(
+        &model,
+        &cache,
+        TrainConfig {
+            checkpoints_total_limit: None,
+            ..config(&out, 2, 1)
+        },
+    );
     j.resume = Some(Resume::Latest);
     let s = run(j).unwrap();
-    assert_eq!((s.start_step, s.step), (1, 2), "resumed from the previous checkpoint");
+    assert_eq!(
+        (s.start_step, s.step),
+        (1, 2),
+        "resumed from the previous checkpoint"
+    );
     // checkpoint-2 was written again by that run; damage both.
     flip(1);
     flip(2);
-    let mut j = job(&model, &cache, TrainConfig { checkpoints_total_limit: None, ..config(&out, 3, 1) });
+    let mut j = job(
+        &model,
+        &cache,
+        TrainConfig {
+            checkpoints_total_limit: None,
+            ..config(&out, 3, 1)
+        },
+    );
     j.resume = Some(Resume::Latest);
     let e = run(j).unwrap_err().to_string();
-    assert!(e.contains("every checkpoint under") && e.contains("damaged"), "{e}");
+    assert!(
+        e.contains("every checkpoint under") && e.contains("damaged"),
+        "{e}"
+    );
 }
 
 /// Two runs in one output folder: the second is refused naming the first (it deleted the
@@ -512,8 +761,14 @@ fn a_second_run_in_the_same_output_folder_is_refused() {
     let cache = make_cache(&tmp.path().join("cache"), 1, false);
     let out = tmp.path().join("out");
     let held = cogvx_trainer::lock::OutputLock::acquire(&out).unwrap();
-    let e = run(job(&model, &cache, config(&out, 1, 1))).unwrap_err().to_string();
-    assert!(e.contains("in use by another cogvx run") && e.contains(&format!("pid {}", std::process::id())), "{e}");
+    let e = run(job(&model, &cache, config(&out, 1, 1)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("in use by another cogvx run")
+            && e.contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
     assert!(list_checkpoints(&out).unwrap().is_empty());
     drop(held);
     run(job(&model, &cache, config(&out, 1, 1))).unwrap();
@@ -529,24 +784,61 @@ fn resume_checks_every_field_it_reads_from_the_checkpoint() {
     let cache = make_cache(&tmp.path().join("cache"), 4, false);
     let out = tmp.path().join("out");
     run(job(&model, &cache, config(&out, 1, 1))).unwrap();
-    let state_path = out.join("checkpoint-1").join(cogvx_trainer::checkpoint::STATE_FILE);
-    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let state_path = out
+        .join("checkpoint-1")
+        .join(cogvx_trainer::checkpoint::STATE_FILE);
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
     // An edit is first caught by the checksum; without checksums (older checkpoints, or a
     // state written by another tool) every field is still checked.
     let mut v = good.clone();
     v["data"]["batch"] = 1000.into();
     std::fs::write(&state_path, serde_json::to_string(&v).unwrap()).unwrap();
-    let e = cogvx_trainer::checkpoint::read_checkpoint(&out.join("checkpoint-1")).unwrap_err().to_string();
+    let e = cogvx_trainer::checkpoint::read_checkpoint(&out.join("checkpoint-1"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("checksum does not match"), "{e}");
-    std::fs::remove_file(out.join("checkpoint-1").join(cogvx_trainer::checkpoint::CHECKSUMS_FILE)).unwrap();
-    assert_eq!((good["step"].as_u64(), good["data"]["batch"].as_u64()), (Some(1), Some(2)));
-    let edits: [(&str, fn(&mut serde_json::Value), &str); 6] = [
-        ("batch past the epoch", |v| v["data"]["batch"] = 1000.into(), "`data.batch` = 1000"),
-        ("batch inside an accumulation window", |v| v["data"]["batch"] = 1.into(), "`step` = 1 does not match"),
-        ("step of another position", |v| v["step"] = 7.into(), "`step` = 7 does not match"),
-        ("epoch overflowing the step", |v| v["data"]["epoch"] = u64::MAX.into(), "does not match"),
-        ("negative time", |v| v["elapsed_s"] = (-1.0).into(), "`elapsed_s`"),
-        ("negative learning rate", |v| v["last_lr"] = (-0.5).into(), "`last_lr`"),
+    std::fs::remove_file(
+        out.join("checkpoint-1")
+            .join(cogvx_trainer::checkpoint::CHECKSUMS_FILE),
+    )
+    .unwrap();
+    assert_eq!(
+        (good["step"].as_u64(), good["data"]["batch"].as_u64()),
+        (Some(1), Some(2))
+    );
+    type Edit = (&'static str, fn(&mut serde_json::Value), &'static str);
+    let edits: [Edit; 6] = [
+        (
+            "batch past the epoch",
+            |v| v["data"]["batch"] = 1000.into(),
+            "`data.batch` = 1000",
+        ),
+        (
+            "batch inside an accumulation window",
+            |v| v["data"]["batch"] = 1.into(),
+            "`step` = 1 does not match",
+        ),
+        (
+            "step of another position",
+            |v| v["step"] = 7.into(),
+            "`step` = 7 does not match",
+        ),
+        (
+            "epoch overflowing the step",
+            |v| v["data"]["epoch"] = u64::MAX.into(),
+            "does not match",
+        ),
+        (
+            "negative time",
+            |v| v["elapsed_s"] = (-1.0).into(),
+            "`elapsed_s`",
+        ),
+        (
+            "negative learning rate",
+            |v| v["last_lr"] = (-0.5).into(),
+            "`last_lr`",
+        ),
     ];
     for (what, edit, expect) in edits {
         let mut v = good.clone();
@@ -554,8 +846,13 @@ fn resume_checks_every_field_it_reads_from_the_checkpoint() {
         std::fs::write(&state_path, serde_json::to_string(&v).unwrap()).unwrap();
         let mut j = job(&model, &cache, config(&out, 2, 1));
         j.resume = Some(Resume::Path(out.join("checkpoint-1")));
-        let e = run(j).map(|s| format!("{s:?}")).unwrap_or_else(|e| e.to_string());
-        assert!(e.contains(expect) && e.contains("trainer_state.json"), "{what}: {e}");
+        let e = run(j)
+            .map(|s| format!("{s:?}"))
+            .unwrap_or_else(|e| e.to_string());
+        assert!(
+            e.contains(expect) && e.contains("trainer_state.json"),
+            "{what}: {e}"
+        );
         assert!(!out.join("checkpoint-2").exists(), "{what}: trained on");
     }
     // The untouched state resumes.
@@ -595,7 +892,12 @@ fn split_run_matches(
     assert_eq!(b.start_step, 2);
     let mut joined = a.losses;
     joined.extend(b.losses);
-    assert_eq!(bits(&joined), bits(&full.losses), "resumed {joined:?}\nuninterrupted {:?}", full.losses);
+    assert_eq!(
+        bits(&joined),
+        bits(&full.losses),
+        "resumed {joined:?}\nuninterrupted {:?}",
+        full.losses
+    );
     assert!(full.losses.iter().all(|(_, l)| l.is_finite()));
     (full, full_out)
 }
@@ -605,8 +907,12 @@ fn i2v_15_trains_with_noisy_image_latents_and_resumes_exactly() {
     let model = tiny("cogvideox1.5-5b-i2v-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, true);
-    let (full, out) = split_run_matches(&model, &cache, tmp.path(), |out| config(out, 4, 2), || None);
-    assert_eq!(full.exported, Some(out.join(cogvx_train::LORA_WEIGHTS_NAME)));
+    let (full, out) =
+        split_run_matches(&model, &cache, tmp.path(), |out| config(out, 4, 2), || None);
+    assert_eq!(
+        full.exported,
+        Some(out.join(cogvx_train::LORA_WEIGHTS_NAME))
+    );
 }
 
 #[test]
@@ -614,16 +920,38 @@ fn dora_plugin_adapter_trains_resumes_and_exports_peft_names() {
     let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
-    let cfg = |out: &Path| TrainConfig { adapter: "dora".into(), ..config(out, 4, 2) };
-    let (full, _) = split_run_matches(&model, &cache, tmp.path(), cfg, || Some(Box::new(cogvx_plugin_dora::Dora::default())));
+    let cfg = |out: &Path| TrainConfig {
+        adapter: "dora".into(),
+        ..config(out, 4, 2)
+    };
+    let (full, _) = split_run_matches(&model, &cache, tmp.path(), cfg, || {
+        Some(Box::new(cogvx_plugin_dora::Dora::default()))
+    });
     let loaded = cogvx_train::load_adapter(full.exported.as_ref().unwrap()).unwrap();
     let names: Vec<&String> = loaded.tensors.keys().collect();
-    assert!(names.iter().any(|n| n.ends_with("attn1.to_q.lora_magnitude_vector")), "{names:?}");
-    assert!(names.iter().any(|n| n.ends_with("attn1.to_out.0.lora_B.weight")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with("attn1.to_q.lora_magnitude_vector")),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with("attn1.to_out.0.lora_B.weight")),
+        "{names:?}"
+    );
     assert!(loaded.metadata.expect("PEFT metadata").use_dora);
     // A plugin of another name than `adapter` is refused.
     let mut dora = cogvx_plugin_dora::Dora::default();
-    let mut j = job(&model, &cache, TrainConfig { adapter: "loha".into(), ..config(&tmp.path().join("x"), 1, 1) });
+    let mut j = job(
+        &model,
+        &cache,
+        TrainConfig {
+            adapter: "loha".into(),
+            ..config(&tmp.path().join("x"), 1, 1)
+        },
+    );
     j.adapter_plugin = Some(&mut dora);
     let e = run(j).unwrap_err().to_string();
     assert!(e.contains("loha") && e.contains("dora"), "{e}");
@@ -634,18 +962,40 @@ fn sft_trains_every_weight_resumes_and_exports_a_transformer_folder() {
     let model = model_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 2, false);
-    let cfg = |out: &Path| TrainConfig { adapter: "sft".into(), learning_rate: 1e-4, ..config(out, 4, 2) };
+    let cfg = |out: &Path| TrainConfig {
+        adapter: "sft".into(),
+        learning_rate: 1e-4,
+        ..config(out, 4, 2)
+    };
     let (full, out) = split_run_matches(&model, &cache, tmp.path(), cfg, || None);
     let dir = full.exported.clone().unwrap();
     assert_eq!(dir, out.join(cogvx_trainer::SFT_EXPORT_DIR));
     // The folder loads as a transformer, and its weights moved away from the base model's.
     let device = CpuDevice::default();
-    let trained = cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(&dir, &device).unwrap();
-    let base = cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(&model.join("transformer"), &device).unwrap();
-    let w = |m: &cogvx_transformer::CogVideoXTransformer3DModel<CpuBackend>| m.transformer_blocks[0].attn1.to_q.weight.val().into_data().to_vec::<f32>().unwrap();
+    let trained =
+        cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(&dir, &device)
+            .unwrap();
+    let base = cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(
+        &model.join("transformer"),
+        &device,
+    )
+    .unwrap();
+    let w = |m: &cogvx_transformer::CogVideoXTransformer3DModel<CpuBackend>| {
+        m.transformer_blocks[0]
+            .attn1
+            .to_q
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
     let (a, b) = (w(&trained), w(&base));
     assert_eq!(a.len(), b.len());
-    assert!(a.iter().zip(&b).any(|(x, y)| x != y), "SFT left to_q unchanged");
+    assert!(
+        a.iter().zip(&b).any(|(x, y)| x != y),
+        "SFT left to_q unchanged"
+    );
 }
 
 #[test]
@@ -657,18 +1007,43 @@ fn i2v_validation_samples_from_the_conditioning_image() {
     let (w, h) = (64u32, 40u32);
     let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
     let image = tmp.path().join("cond.mp4");
-    cogvx_video::encode_mp4(&image, &cogvx_plugin_api::Frames { width: w, height: h, count: 1, rgb }, 8.0, &Default::default()).unwrap();
+    cogvx_video::encode_mp4(
+        &image,
+        &cogvx_plugin_api::Frames {
+            width: w,
+            height: h,
+            count: 1,
+            rgb,
+        },
+        8.0,
+        &Default::default(),
+    )
+    .unwrap();
     let out = tmp.path().join("out");
     let mut j = job(&model, &cache, config(&out, 1, 1));
-    j.validation = ValidationConfig { steps: 1, prompts: vec!["a cat".into()], images: vec![image], num_inference_steps: 2, ..ValidationConfig::default() };
+    j.validation = ValidationConfig {
+        steps: 1,
+        prompts: vec!["a cat".into()],
+        images: vec![image],
+        num_inference_steps: 2,
+        ..ValidationConfig::default()
+    };
     let s = run(j).unwrap();
     assert_eq!(s.validation_videos, [out.join("validation/step-1/0.mp4")]);
     let info = cogvx_video::probe(&s.validation_videos[0]).unwrap();
     assert_eq!((info.width, info.height), (48, 32));
-    assert!((info.fps - 16.0).abs() < 1e-6, "CogVideoX 1.5 videos are 16 fps: {}", info.fps);
+    assert!(
+        (info.fps - 16.0).abs() < 1e-6,
+        "CogVideoX 1.5 videos are 16 fps: {}",
+        info.fps
+    );
     // Without images an I2V model's validation is refused before training.
     let mut j = job(&model, &cache, config(&tmp.path().join("out2"), 1, 1));
-    j.validation = ValidationConfig { steps: 1, prompts: vec!["a cat".into()], ..ValidationConfig::default() };
+    j.validation = ValidationConfig {
+        steps: 1,
+        prompts: vec!["a cat".into()],
+        ..ValidationConfig::default()
+    };
     let e = run(j).unwrap_err().to_string();
     assert!(e.contains("validation.images"), "{e}");
     assert!(!tmp.path().join("out2").join("checkpoint-1").exists());
@@ -687,11 +1062,19 @@ fn mixed_precision_loss_curves_follow_the_f32_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 3, false);
     let run_flex = |name: &str, mixed_precision: MixedPrecision| {
-        let cfg = TrainConfig { mixed_precision, gradient_accumulation_steps: 1, ..config(&tmp.path().join(name), 8, 8) };
+        let cfg = TrainConfig {
+            mixed_precision,
+            gradient_accumulation_steps: 1,
+            ..config(&tmp.path().join(name), 8, 8)
+        };
         if mixed_precision == MixedPrecision::No {
             // f32 on flex too: the comparison is of precisions, not backends.
             let _guard = RUN.lock().unwrap_or_else(|e| e.into_inner());
-            train::<Autodiff<cogvx_model_core::FlexBackend>>(job(&model, &cache, cfg), &Default::default()).unwrap()
+            train::<Autodiff<cogvx_model_core::FlexBackend>>(
+                job(&model, &cache, cfg),
+                &Default::default(),
+            )
+            .unwrap()
         } else {
             run(job(&model, &cache, cfg)).unwrap()
         }
@@ -700,14 +1083,42 @@ fn mixed_precision_loss_curves_follow_the_f32_curve() {
     for (mp, tol) in [(MixedPrecision::Bf16, 1e-2), (MixedPrecision::Fp16, 3e-3)] {
         let half = run_flex(mp.name(), mp);
         assert_eq!(half.losses.len(), f32_run.losses.len());
-        let worst = half.losses.iter().zip(&f32_run.losses).map(|((_, a), (_, b))| ((a - b) / b).abs()).fold(0f64, f64::max);
-        eprintln!("{}: worst relative loss difference {worst:.3e}, skipped steps {:?}", mp.name(), half.skipped_steps);
-        assert!(worst <= tol, "{}: {:?}\nf32: {:?}", mp.name(), half.losses, f32_run.losses);
+        let worst = half
+            .losses
+            .iter()
+            .zip(&f32_run.losses)
+            .map(|((_, a), (_, b))| ((a - b) / b).abs())
+            .fold(0f64, f64::max);
+        eprintln!(
+            "{}: worst relative loss difference {worst:.3e}, skipped steps {:?}",
+            mp.name(),
+            half.skipped_steps
+        );
+        assert!(
+            worst <= tol,
+            "{}: {:?}\nf32: {:?}",
+            mp.name(),
+            half.losses,
+            f32_run.losses
+        );
         // The trained LoRA moved (a skipped or broken update would leave lora_B at zero).
-        let lora = std::fs::read(tmp.path().join(mp.name()).join(cogvx_train::LORA_WEIGHTS_NAME)).unwrap();
+        let lora = std::fs::read(
+            tmp.path()
+                .join(mp.name())
+                .join(cogvx_train::LORA_WEIGHTS_NAME),
+        )
+        .unwrap();
         let st = safetensors::SafeTensors::deserialize(&lora).unwrap();
-        let (_, b) = st.tensors().into_iter().find(|(n, _)| n.ends_with("lora_B.weight")).unwrap();
-        assert!(b.data().iter().any(|x| *x != 0), "{}: lora_B is still zero", mp.name());
+        let (_, b) = st
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| n.ends_with("lora_B.weight"))
+            .unwrap();
+        assert!(
+            b.data().iter().any(|x| *x != 0),
+            "{}: lora_B is still zero",
+            mp.name()
+        );
     }
 }
 
@@ -732,9 +1143,16 @@ fn offloaded_checkpoints_train_as_the_device_ones() {
     let (device, host) = (go("device", false), go("host", true));
     assert_eq!(device.losses.len(), 3);
     assert_eq!(device.losses, host.losses);
-    let cfg = TrainConfig { gradient_checkpointing_offload: true, ..config(&tmp.path().join("bad"), 1, 1) };
+    let cfg = TrainConfig {
+        gradient_checkpointing_offload: true,
+        ..config(&tmp.path().join("bad"), 1, 1)
+    };
     let err = cfg.validate().unwrap_err().to_string();
-    assert!(err.contains("gradient_checkpointing_offload") && err.contains("gradient_checkpointing = true"), "{err}");
+    assert!(
+        err.contains("gradient_checkpointing_offload")
+            && err.contains("gradient_checkpointing = true"),
+        "{err}"
+    );
 }
 
 /// fp16's dynamic loss scaling: a first scale of 2^20 overflows the tiny model's half-precision
@@ -755,17 +1173,39 @@ fn fp16_skips_overflowing_steps_and_resumes_its_loss_scale() {
     };
     let (full, out) = split_run_matches(&model, &cache, tmp.path(), cfg, || None);
     eprintln!("skipped steps {:?}", full.skipped_steps);
-    assert!(full.skipped_steps.first() == Some(&1), "skipped {:?}", full.skipped_steps);
-    assert!(full.skipped_steps.len() < 6, "every step overflowed: {:?}", full.skipped_steps);
+    assert!(
+        full.skipped_steps.first() == Some(&1),
+        "skipped {:?}",
+        full.skipped_steps
+    );
+    assert!(
+        full.skipped_steps.len() < 6,
+        "every step overflowed: {:?}",
+        full.skipped_steps
+    );
     let steps = read_steps(&out.join(cogvx_trainer::METRICS_FILE)).unwrap();
     for r in &steps {
-        assert_eq!(r.grad_norm.is_nan(), full.skipped_steps.contains(&r.step), "{r:?}");
+        assert_eq!(
+            r.grad_norm.is_nan(),
+            full.skipped_steps.contains(&r.step),
+            "{r:?}"
+        );
     }
     // The scale halved once per skipped step, and the checkpoint holds it.
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(checkpoint_dir(&out, 6).join("trainer_state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(checkpoint_dir(&out, 6).join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     let scale = state["loss_scaler"]["scale"].as_f64().unwrap();
-    assert_eq!(scale, 1_048_576.0 / 2f64.powi(full.skipped_steps.len() as i32), "{state}");
-    assert_eq!(state["loss_scaler"]["skipped"].as_u64(), Some(full.skipped_steps.len() as u64));
+    assert_eq!(
+        scale,
+        1_048_576.0 / 2f64.powi(full.skipped_steps.len() as i32),
+        "{state}"
+    );
+    assert_eq!(
+        state["loss_scaler"]["skipped"].as_u64(),
+        Some(full.skipped_steps.len() as u64)
+    );
 }
 
 /// Half precision on a backend without half types (burn-ndarray) is a configuration error
@@ -777,9 +1217,17 @@ fn mixed_precision_on_a_backend_without_half_types_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = make_cache(&tmp.path().join("cache"), 1, false);
     let out = tmp.path().join("out");
-    let cfg = TrainConfig { mixed_precision: MixedPrecision::Bf16, ..config(&out, 1, 1) };
+    let cfg = TrainConfig {
+        mixed_precision: MixedPrecision::Bf16,
+        ..config(&out, 1, 1)
+    };
     let _guard = RUN.lock().unwrap_or_else(|e| e.into_inner());
-    let err = train::<B>(job(&model, &cache, cfg), &CpuDevice::default()).unwrap_err().to_string();
-    assert!(err.contains("`mixed_precision` = \"bf16\"") && err.contains("ndarray"), "{err}");
+    let err = train::<B>(job(&model, &cache, cfg), &CpuDevice::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`mixed_precision` = \"bf16\"") && err.contains("ndarray"),
+        "{err}"
+    );
     assert!(!out.join("checkpoint-1").exists());
 }

@@ -14,8 +14,8 @@
 mod common;
 
 use cogvx_model_core::ModelBackend;
-use common::{random_inputs_on, write_random_transformer};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
+use common::{random_inputs_on, write_random_transformer};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,9 @@ fn time_forward<Bk: ModelBackend>(
     let (x, ctx, t, ofs) = random_inputs_on::<Bk>(&model.config, batch, f, h, w, text, 0, device);
     let rot = model.image_rotary_emb(f, h, w, device).unwrap();
     let once = || {
-        let out = model.forward(x.clone(), ctx.clone(), t.clone(), ofs.clone(), rot.as_ref()).unwrap();
+        let out = model
+            .forward(x.clone(), ctx.clone(), t.clone(), ofs.clone(), rot.as_ref())
+            .unwrap();
         // Reading the values back forces the computation.
         out.into_data();
     };
@@ -95,7 +97,10 @@ fn run_all<Bk: ModelBackend>(backend: &str, random_dir: &Path, iters: usize) {
 }
 
 fn main() {
-    let iters: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let iters: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let tmp = tempfile::tempdir().unwrap();
     write_random_transformer(tmp.path(), &bench_config(), 0, 1.0);
     println!("| backend | model | input (B x F x C x H x W, text) | tokens | mean | min |");

@@ -5,13 +5,13 @@
 
 use crate::embeddings::{apply_rotary_emb, RotaryEmb};
 use crate::error::TransformerError;
-use cogvx_model_core::ModelBackend;
 use burn::module::Module;
 use burn::nn::Dropout;
 use burn::tensor::{backend::Backend, Tensor};
 use cogvx_model_core::attention::attention;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
+use cogvx_model_core::ModelBackend;
 
 /// `attn1` of a CogVideoX block. Burn module paths equal the checkpoint keys (`to_q`, `norm_q`,
 /// `to_out.0`, ...), so adapters can target them by their diffusers/PEFT names.
@@ -53,7 +53,6 @@ impl<B: Backend> Attention<B> {
             heads,
         })
     }
-
 }
 
 impl<B: ModelBackend> Attention<B> {
@@ -70,7 +69,8 @@ impl<B: ModelBackend> Attention<B> {
         let [b, len, _] = x.dims();
         let split_heads = |t: Tensor<B, 3>| {
             let inner = t.dims()[2];
-            t.reshape([b, len, self.heads, inner / self.heads]).swap_dims(1, 2) // [B, H, L, hd]
+            t.reshape([b, len, self.heads, inner / self.heads])
+                .swap_dims(1, 2) // [B, H, L, hd]
         };
         let query = split_heads(self.to_q.forward(x.clone()));
         let key = split_heads(self.to_k.forward(x.clone()));
@@ -100,7 +100,11 @@ impl<B: ModelBackend> Attention<B> {
 }
 
 /// Prepends `text_len` identity rows (cos 1, sin 0) to the video RoPE tables `[Lv, hd]`.
-fn pad_text_rows<B: Backend>(cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, text_len: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+fn pad_text_rows<B: Backend>(
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+    text_len: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let d = cos.dims()[1];
     let device = cos.device();
     (

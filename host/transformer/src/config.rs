@@ -109,7 +109,9 @@ impl TransformerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(c) = &self.class_name {
             if c != "CogVideoXTransformer3DModel" {
-                return Err(format!("_class_name is `{c}`, expected `CogVideoXTransformer3DModel`"));
+                return Err(format!(
+                    "_class_name is `{c}`, expected `CogVideoXTransformer3DModel`"
+                ));
             }
         }
         let positive = [
@@ -119,7 +121,10 @@ impl TransformerConfig {
             ("time_embed_dim", self.time_embed_dim),
             ("text_embed_dim", self.text_embed_dim),
             ("patch_size", self.patch_size),
-            ("temporal_compression_ratio", self.temporal_compression_ratio),
+            (
+                "temporal_compression_ratio",
+                self.temporal_compression_ratio,
+            ),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -153,9 +158,11 @@ impl TransformerConfig {
         }
         if !self.use_rotary_positional_embeddings && self.use_learned_positional_embeddings {
             // diffusers raises the same error in `__init__`.
-            return Err("`use_learned_positional_embeddings` requires `use_rotary_positional_embeddings` \
+            return Err(
+                "`use_learned_positional_embeddings` requires `use_rotary_positional_embeddings` \
                         (no CogVideoX checkpoint has learned embeddings without RoPE)"
-                .into());
+                    .into(),
+            );
         }
         if self.uses_positional_table() && self.inner_dim() % 16 != 0 {
             return Err(format!(
@@ -171,7 +178,10 @@ impl TransformerConfig {
             ));
         }
         if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
-            return Err(format!("`norm_eps` must be positive, got {}", self.norm_eps));
+            return Err(format!(
+                "`norm_eps` must be positive, got {}",
+                self.norm_eps
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("`dropout` must be in [0, 1), got {}", self.dropout));
@@ -189,7 +199,8 @@ mod tests {
 
     #[test]
     fn absent_keys_take_diffusers_defaults() {
-        let c: TransformerConfig = serde_json::from_str(r#"{"num_layers": 3, "_diffusers_version": "0.42.1"}"#).unwrap();
+        let c: TransformerConfig =
+            serde_json::from_str(r#"{"num_layers": 3, "_diffusers_version": "0.42.1"}"#).unwrap();
         assert_eq!(c.num_layers, 3);
         assert_eq!(c.num_attention_heads, 30);
         assert_eq!(c.out_channels, Some(16));
@@ -201,14 +212,26 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_named() {
-        let mut c = TransformerConfig { activation_fn: "geglu".into(), ..Default::default() };
+        let mut c = TransformerConfig {
+            activation_fn: "geglu".into(),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().contains("activation_fn"));
         c.activation_fn = "gelu-approximate".into();
         c.use_learned_positional_embeddings = true;
-        assert!(c.validate().unwrap_err().contains("use_learned_positional_embeddings"));
-        let c = TransformerConfig { class_name: Some("UNet2DConditionModel".into()), ..Default::default() };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("use_learned_positional_embeddings"));
+        let c = TransformerConfig {
+            class_name: Some("UNet2DConditionModel".into()),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().contains("_class_name"));
-        let c = TransformerConfig { out_channels: None, ..Default::default() };
+        let c = TransformerConfig {
+            out_channels: None,
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().contains("out_channels"));
     }
 }

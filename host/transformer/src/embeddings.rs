@@ -31,10 +31,16 @@ pub fn get_timestep_embedding<B: Backend>(
     // torch: exponent = -ln(10000) * arange(half, f32) / (half - shift), all in f32.
     let neg_log = -(10000f64.ln()) as f32;
     let denom = (half as f64 - downscale_freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| ((neg_log * i as f32) / denom).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((neg_log * i as f32) / denom).exp())
+        .collect();
     let freqs = Tensor::<B, 2>::from_data(TensorData::new(freqs, [1, half]), &device);
     let args = timesteps.reshape([n, 1]) * freqs; // [N, half]
-    let (first, second) = if flip_sin_to_cos { (args.clone().cos(), args.sin()) } else { (args.clone().sin(), args.cos()) };
+    let (first, second) = if flip_sin_to_cos {
+        (args.clone().cos(), args.sin())
+    } else {
+        (args.clone().sin(), args.cos())
+    };
     let emb = Tensor::cat(vec![first, second], 1);
     if embedding_dim % 2 == 1 {
         Tensor::cat(vec![emb, Tensor::zeros([n, 1], &device)], 1)
@@ -44,7 +50,10 @@ pub fn get_timestep_embedding<B: Backend>(
 }
 
 /// The activations diffusers' `get_activation` offers (`silu`/`swish`, `mish`, `gelu`, `relu`).
-pub(crate) fn apply_activation<B: Backend, const D: usize>(name: &str, x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn apply_activation<B: Backend, const D: usize>(
+    name: &str,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
     match name {
         "silu" | "swish" => activation::silu(x),
         "mish" => activation::mish(x),
@@ -75,12 +84,27 @@ impl<B: Backend> TimestepEmbedding<B> {
         if !crate::config::TIMESTEP_ACTIVATIONS.contains(&act_fn) {
             return Err(TransformerError::Config {
                 path: vb.key("linear_1"),
-                message: format!("activation `{act_fn}` is not supported (supported: {})", crate::config::TIMESTEP_ACTIVATIONS.join(", ")),
+                message: format!(
+                    "activation `{act_fn}` is not supported (supported: {})",
+                    crate::config::TIMESTEP_ACTIVATIONS.join(", ")
+                ),
             });
         }
         Ok(TimestepEmbedding {
-            linear_1: Linear::load(&vb.pp("linear_1"), in_channels, time_embed_dim, true, device)?,
-            linear_2: Linear::load(&vb.pp("linear_2"), time_embed_dim, time_embed_dim, true, device)?,
+            linear_1: Linear::load(
+                &vb.pp("linear_1"),
+                in_channels,
+                time_embed_dim,
+                true,
+                device,
+            )?,
+            linear_2: Linear::load(
+                &vb.pp("linear_2"),
+                time_embed_dim,
+                time_embed_dim,
+                true,
+                device,
+            )?,
             act_fn: act_fn.to_string(),
         })
     }
@@ -98,7 +122,9 @@ impl<B: Backend> TimestepEmbedding<B> {
 /// diffusers `get_1d_sincos_pos_embed_from_grid` (float64, no flip): `[M, D]` row-major, `[sin | cos]`.
 fn sincos_1d(embed_dim: usize, pos: &[f64]) -> Vec<f64> {
     let half = embed_dim / 2;
-    let omega: Vec<f64> = (0..half).map(|i| 1.0 / 10000f64.powf(i as f64 / (embed_dim as f64 / 2.0))).collect();
+    let omega: Vec<f64> = (0..half)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / (embed_dim as f64 / 2.0)))
+        .collect();
     let mut out = Vec::with_capacity(pos.len() * embed_dim);
     for &p in pos {
         out.extend(omega.iter().map(|w| (p * w).sin()));
@@ -136,13 +162,19 @@ pub fn get_3d_sincos_pos_embed(
     }
     let emb_a = sincos_1d(dim_spatial / 2, &pos_w); // [H*W, 3D/8]
     let emb_b = sincos_1d(dim_spatial / 2, &pos_h); // [H*W, 3D/8]
-    let pos_t: Vec<f64> = (0..temporal_size).map(|t| (t as f32 / t_scale) as f64).collect();
+    let pos_t: Vec<f64> = (0..temporal_size)
+        .map(|t| (t as f32 / t_scale) as f64)
+        .collect();
     let emb_t = sincos_1d(dim_temporal, &pos_t); // [T, D/4]
     let q = dim_spatial / 2;
     let mut out = Vec::with_capacity(temporal_size * h * w * embed_dim);
     for t in 0..temporal_size {
         for s in 0..h * w {
-            out.extend(emb_t[t * dim_temporal..(t + 1) * dim_temporal].iter().map(|x| *x as f32));
+            out.extend(
+                emb_t[t * dim_temporal..(t + 1) * dim_temporal]
+                    .iter()
+                    .map(|x| *x as f32),
+            );
             out.extend(emb_a[s * q..(s + 1) * q].iter().map(|x| *x as f32));
             out.extend(emb_b[s * q..(s + 1) * q].iter().map(|x| *x as f32));
         }
@@ -192,14 +224,22 @@ pub type SincosCache = Arc<Mutex<Option<((usize, usize, usize), TensorData)>>>;
 
 impl<B: Backend> CogVideoXPatchEmbed<B> {
     /// Loads `proj`, `text_proj` and (learned) `pos_embedding` under `vb` (`patch_embed`).
-    pub fn load(vb: &VarBuilder, c: &TransformerConfig, device: &B::Device) -> Result<Self, TransformerError> {
+    pub fn load(
+        vb: &VarBuilder,
+        c: &TransformerConfig,
+        device: &B::Device,
+    ) -> Result<Self, TransformerError> {
         let d = c.inner_dim();
         let p = c.patch_size;
         let proj = match c.patch_size_t {
             None => {
                 let pvb = vb.pp("proj");
                 let w = pvb.tensor::<B, 4>("weight", [d, c.in_channels, p, p], device)?;
-                let bias = if c.patch_bias { Some(pvb.tensor::<B, 1>("bias", [d], device)?) } else { None };
+                let bias = if c.patch_bias {
+                    Some(pvb.tensor::<B, 1>("bias", [d], device)?)
+                } else {
+                    None
+                };
                 Linear::new(w.reshape([d, c.in_channels * p * p]), bias)
             }
             Some(pt) => Linear::load(&vb.pp("proj"), c.in_channels * p * p * pt, d, true, device)?,
@@ -224,7 +264,8 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
             recomputed: Arc::default(),
         };
         if embed.use_positional_embeddings || embed.use_learned_positional_embeddings {
-            let table = embed.sincos_table(c.sample_height, c.sample_width, c.sample_frames, device);
+            let table =
+                embed.sincos_table(c.sample_height, c.sample_width, c.sample_frames, device);
             embed.pos_embedding = Some(if embed.use_learned_positional_embeddings {
                 // Persistent buffer: the checkpoint's values replace the sincos init.
                 vb.tensor::<B, 3>("pos_embedding", table.dims(), device)?
@@ -238,7 +279,13 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
     /// diffusers `_get_positional_embeddings(height, width, frames)`: the joint table
     /// `[1, max_text_seq_length + patches, D]` (zeros on the text positions) for latent
     /// `height x width` and pixel `frames`.
-    pub fn sincos_table(&self, height: usize, width: usize, frames: usize, device: &B::Device) -> Tensor<B, 3> {
+    pub fn sincos_table(
+        &self,
+        height: usize,
+        width: usize,
+        frames: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
         Tensor::from_data(self.sincos_data(height, width, frames), device)
     }
 
@@ -257,11 +304,20 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
         );
         let mut joint = vec![0f32; self.max_text_seq_length * self.embed_dim];
         joint.extend(table);
-        TensorData::new(joint, [1, self.max_text_seq_length + patches, self.embed_dim])
+        TensorData::new(
+            joint,
+            [1, self.max_text_seq_length + patches, self.embed_dim],
+        )
     }
 
     /// [`Self::sincos_table`], reusing the last recomputed table when the size matches.
-    fn cached_sincos_table(&self, height: usize, width: usize, frames: usize, device: &B::Device) -> Tensor<B, 3> {
+    fn cached_sincos_table(
+        &self,
+        height: usize,
+        width: usize,
+        frames: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
         let key = (height, width, frames);
         let mut cache = self.recomputed.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((k, data)) = cache.as_ref() {
@@ -275,7 +331,11 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
     }
 
     /// `text_embeds [B, S, Dt]`, `image_embeds [B, F, C, H, W]` to `[B, S + patches, D]`.
-    pub fn forward(&self, text_embeds: Tensor<B, 3>, image_embeds: Tensor<B, 5>) -> Result<Tensor<B, 3>, TransformerError> {
+    pub fn forward(
+        &self,
+        text_embeds: Tensor<B, 3>,
+        image_embeds: Tensor<B, 5>,
+    ) -> Result<Tensor<B, 3>, TransformerError> {
         let text_embeds = self.text_proj.forward(text_embeds);
         let [b, f, c, h, w] = image_embeds.dims();
         let p = self.patch_size;
@@ -305,7 +365,9 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
         if !(self.use_positional_embeddings || self.use_learned_positional_embeddings) {
             return Ok(embeds);
         }
-        if self.use_learned_positional_embeddings && (self.sample_width != w || self.sample_height != h) {
+        if self.use_learned_positional_embeddings
+            && (self.sample_width != w || self.sample_height != h)
+        {
             return input_err(format!(
                 "this model has learned positional embeddings (CogVideoX-5b-I2V) for latent size {}x{}; \
                  it cannot run at {h}x{w}",
@@ -313,10 +375,15 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
             ));
         }
         let pre_time_compression_frames = (f - 1) * self.temporal_compression_ratio + 1;
-        let pos = if self.sample_height != h || self.sample_width != w || self.sample_frames != pre_time_compression_frames {
+        let pos = if self.sample_height != h
+            || self.sample_width != w
+            || self.sample_frames != pre_time_compression_frames
+        {
             self.cached_sincos_table(h, w, pre_time_compression_frames, &embeds.device())
         } else {
-            self.pos_embedding.clone().expect("set in load when positional embeddings are used")
+            self.pos_embedding
+                .clone()
+                .expect("set in load when positional embeddings are used")
         };
         let [_, len, _] = embeds.dims();
         let [_, pos_len, _] = pos.dims();
@@ -343,14 +410,20 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RopeGrid {
     /// CogVideoX 1.0: positions spread over the crop region `((top, left), (bottom, right))`.
-    Linspace { crops_coords: ((i64, i64), (i64, i64)) },
+    Linspace {
+        crops_coords: ((i64, i64), (i64, i64)),
+    },
     /// CogVideoX 1.5: integer positions, at most `max_size = (max_h, max_w)`.
     Slice { max_size: (usize, usize) },
 }
 
 /// The pipelines' `get_resize_crop_region_for_grid((h, w), tgt_width, tgt_height)` (Python's
 /// `round`, i.e. half to even).
-pub fn get_resize_crop_region_for_grid(src: (usize, usize), tgt_width: usize, tgt_height: usize) -> ((i64, i64), (i64, i64)) {
+pub fn get_resize_crop_region_for_grid(
+    src: (usize, usize),
+    tgt_width: usize,
+    tgt_height: usize,
+) -> ((i64, i64), (i64, i64)) {
     let (tw, th) = (tgt_width as f64, tgt_height as f64);
     let (h, w) = (src.0 as f64, src.1 as f64);
     let r = h / w;
@@ -363,7 +436,10 @@ pub fn get_resize_crop_region_for_grid(src: (usize, usize), tgt_width: usize, tg
     let crop_left = ((tw - resize_width) / 2.0).round_ties_even();
     (
         (crop_top as i64, crop_left as i64),
-        ((crop_top + resize_height) as i64, (crop_left + resize_width) as i64),
+        (
+            (crop_top + resize_height) as i64,
+            (crop_left + resize_width) as i64,
+        ),
     )
 }
 
@@ -376,14 +452,22 @@ fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
         .collect()
 }
 
 /// diffusers `get_1d_rotary_pos_embed(dim, pos, theta, use_real=True, repeat_interleave_real=True)`:
 /// `(cos, sin)`, each `[len(pos), dim]` row-major, every frequency repeated twice.
 fn rotary_1d(dim: usize, pos: &[f32], theta: f32) -> (Vec<f32>, Vec<f32>) {
-    let freqs: Vec<f32> = (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32)).collect();
+    let freqs: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
+        .collect();
     let mut cos = Vec::with_capacity(pos.len() * dim);
     let mut sin = Vec::with_capacity(pos.len() * dim);
     for &p in pos {
@@ -409,14 +493,26 @@ pub fn get_3d_rotary_pos_embed(
     let theta = 10000f32;
     let (gh, gw) = grid_size;
     let (grid_h, grid_w, grid_t) = match grid {
-        RopeGrid::Linspace { crops_coords: (start, stop) } => {
-            let grid_h = linspace_f32(start.0 as f64, stop.0 as f64 * (gh as f64 - 1.0) / gh as f64, gh);
-            let grid_w = linspace_f32(start.1 as f64, stop.1 as f64 * (gw as f64 - 1.0) / gw as f64, gw);
+        RopeGrid::Linspace {
+            crops_coords: (start, stop),
+        } => {
+            let grid_h = linspace_f32(
+                start.0 as f64,
+                stop.0 as f64 * (gh as f64 - 1.0) / gh as f64,
+                gh,
+            );
+            let grid_w = linspace_f32(
+                start.1 as f64,
+                stop.1 as f64 * (gw as f64 - 1.0) / gw as f64,
+                gw,
+            );
             let t = temporal_size as f64;
             let grid_t = linspace_f32(0.0, t * (t - 1.0) / t, temporal_size);
             (grid_h, grid_w, grid_t)
         }
-        RopeGrid::Slice { max_size: (max_h, max_w) } => {
+        RopeGrid::Slice {
+            max_size: (max_h, max_w),
+        } => {
             if gh > max_h || gw > max_w {
                 return input_err(format!(
                     "RoPE (slice grid): the patch grid {gh}x{gw} exceeds the model's maximum {max_h}x{max_w} \
@@ -451,7 +547,10 @@ pub fn get_3d_rotary_pos_embed(
         }
         out
     };
-    Ok((combine(&t_cos, &h_cos, &w_cos), combine(&t_sin, &h_sin, &w_sin)))
+    Ok((
+        combine(&t_cos, &h_cos, &w_cos),
+        combine(&t_sin, &h_sin, &w_sin),
+    ))
 }
 
 /// The RoPE tables the CogVideoX pipelines pass to the transformer (`_prepare_rotary_positional_embeddings`)
@@ -470,20 +569,31 @@ pub fn rotary_tables_host(
     let p = config.patch_size;
     let (gh, gw) = (height / p, width / p);
     if gh == 0 || gw == 0 || frames == 0 {
-        return input_err(format!("RoPE: latent size {frames}x{height}x{width} has no patches (patch_size {p})"));
+        return input_err(format!(
+            "RoPE: latent size {frames}x{height}x{width} has no patches (patch_size {p})"
+        ));
     }
     let base_w = config.sample_width / p;
     let base_h = config.sample_height / p;
     match config.patch_size_t {
         None => {
             let crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h);
-            get_3d_rotary_pos_embed(config.attention_head_dim, RopeGrid::Linspace { crops_coords: crops }, (gh, gw), frames)
+            get_3d_rotary_pos_embed(
+                config.attention_head_dim,
+                RopeGrid::Linspace {
+                    crops_coords: crops,
+                },
+                (gh, gw),
+                frames,
+            )
         }
         Some(pt) => {
             let base_frames = frames.div_ceil(pt);
             get_3d_rotary_pos_embed(
                 config.attention_head_dim,
-                RopeGrid::Slice { max_size: (base_h, base_w) },
+                RopeGrid::Slice {
+                    max_size: (base_h, base_w),
+                },
                 (gh, gw),
                 base_frames,
             )
@@ -529,14 +639,22 @@ pub fn rotate_pairs_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor
 /// `x * cos + rotate_pairs(x) * sin`.
 ///
 /// Computed in f32 and returned in x's dtype, as diffusers (`x.float()`, `.to(x.dtype)`).
-pub fn apply_rotary_emb<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+pub fn apply_rotary_emb<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
     use cogvx_model_core::precision::{float_dtype, to_dtype, to_f32};
     let dtype = float_dtype(&x);
     let (x, cos, sin) = (to_f32(x), to_f32(cos), to_f32(sin));
     let [b, h, s, d] = x.dims();
     // The pair swap as one small matmul: much faster than narrow/cat on the last axis.
     let r = rotate_pairs_matrix::<B>(d, &x.device());
-    let x_rotated = x.clone().reshape([b * h * s, d]).matmul(r).reshape([b, h, s, d]);
+    let x_rotated = x
+        .clone()
+        .reshape([b * h * s, d])
+        .matmul(r)
+        .reshape([b, h, s, d]);
     let cos = cos.reshape([1, 1, s, d]);
     let sin = sin.reshape([1, 1, s, d]);
     to_dtype(x * cos + x_rotated * sin, dtype)
@@ -550,13 +668,25 @@ mod tests {
     fn crop_region_rounds_half_to_even() {
         // r = 3/4 < 5/6: resize_width = 6, resize_height = round(6/4*3) = round(4.5) = 4,
         // crop_top = round(0.5) = 0.
-        assert_eq!(get_resize_crop_region_for_grid((3, 4), 6, 5), ((0, 0), (4, 6)));
+        assert_eq!(
+            get_resize_crop_region_for_grid((3, 4), 6, 5),
+            ((0, 0), (4, 6))
+        );
         // r = 3/4 > 4/6: resize_height = 4, resize_width = round(5.33) = 5, crop_left = round(0.5) = 0.
-        assert_eq!(get_resize_crop_region_for_grid((3, 4), 6, 4), ((0, 0), (4, 5)));
+        assert_eq!(
+            get_resize_crop_region_for_grid((3, 4), 6, 4),
+            ((0, 0), (4, 5))
+        );
         // r = 1 > 4/6: resize_height = 4, resize_width = 4, crop_left = 1.
-        assert_eq!(get_resize_crop_region_for_grid((2, 2), 6, 4), ((0, 1), (4, 5)));
+        assert_eq!(
+            get_resize_crop_region_for_grid((2, 2), 6, 4),
+            ((0, 1), (4, 5))
+        );
         // crop_top = round(0.5) = 0 (half to even).
-        assert_eq!(get_resize_crop_region_for_grid((3, 6), 6, 4), ((0, 0), (3, 6)));
+        assert_eq!(
+            get_resize_crop_region_for_grid((3, 6), 6, 4),
+            ((0, 0), (3, 6))
+        );
     }
 
     #[test]
@@ -579,7 +709,10 @@ mod tests {
         let x = Tensor::<B, 4>::from_data(TensorData::new(xs.clone(), [1, 2, s, d]), &dev);
         let cos = Tensor::<B, 2>::from_data(TensorData::new(cs.clone(), [s, d]), &dev);
         let sin = Tensor::<B, 2>::from_data(TensorData::new(sn.clone(), [s, d]), &dev);
-        let got = apply_rotary_emb(x, cos, sin).into_data().to_vec::<f32>().unwrap();
+        let got = apply_rotary_emb(x, cos, sin)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         for h in 0..2 {
             for t in 0..s {
                 for j in 0..d {
@@ -598,7 +731,10 @@ mod tests {
         // Position (0, 0, 0): every sin is 0, every cos 1.
         let t = get_3d_sincos_pos_embed(16, (2, 3), 2, 1.875, 1.0);
         assert_eq!(t.len(), 2 * 6 * 16);
-        assert_eq!(&t[..16], &[0., 0., 1., 1., 0., 0., 0., 1., 1., 1., 0., 0., 0., 1., 1., 1.]);
+        assert_eq!(
+            &t[..16],
+            &[0., 0., 1., 1., 0., 0., 0., 1., 1., 1., 0., 0., 0., 1., 1., 1.]
+        );
         // Token 1 is (t=0, h=0, w=1): the w part moves, the h part does not.
         let row = &t[16..32];
         assert!((row[4] - (1.0f64 / 1.875).sin() as f32).abs() < 1e-7);

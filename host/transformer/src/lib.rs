@@ -22,8 +22,8 @@ pub use embeddings::{rotary_tables, rotary_tables_host, RotaryEmb};
 pub use error::TransformerError;
 pub use model::{BlockTape, CogVideoXBlock, CogVideoXTransformer3DModel};
 
-use cogvx_model_core::ModelBackend;
 use cogvx_model_core::case::{Case, HostTensor};
+use cogvx_model_core::ModelBackend;
 use std::collections::BTreeMap;
 
 /// The case components this crate runs.
@@ -31,7 +31,10 @@ pub const COMPONENTS: &[&str] = &["transformer"];
 
 /// Runs a `transformer` case: loads `<model>/transformer`, computes the RoPE tables itself (the
 /// case's `rotary_cos/sin` are not used) and returns `{"sample": ...}`.
-pub fn run_case<B: ModelBackend>(case: &Case, device: &B::Device) -> Result<BTreeMap<String, HostTensor>, TransformerError> {
+pub fn run_case<B: ModelBackend>(
+    case: &Case,
+    device: &B::Device,
+) -> Result<BTreeMap<String, HostTensor>, TransformerError> {
     run_case_in::<B>(case, burn::tensor::FloatDType::F32, device)
 }
 
@@ -48,9 +51,15 @@ pub fn run_case_in<B: ModelBackend>(
             case.name, case.component
         )));
     }
-    let model = CogVideoXTransformer3DModel::<B>::from_dir_in(&case.model_dir.join("transformer"), dtype, device)?;
+    let model = CogVideoXTransformer3DModel::<B>::from_dir_in(
+        &case.model_dir.join("transformer"),
+        dtype,
+        device,
+    )?;
     let hidden_states = case.input("hidden_states")?.to_tensor::<B, 5>(device)?;
-    let encoder_hidden_states = case.input("encoder_hidden_states")?.to_tensor::<B, 3>(device)?;
+    let encoder_hidden_states = case
+        .input("encoder_hidden_states")?
+        .to_tensor::<B, 3>(device)?;
     let timestep = case.input("timestep")?.to_tensor::<B, 1>(device)?;
     let ofs = match case.inputs.get("ofs") {
         Some(t) => Some(t.to_tensor::<B, 1>(device)?),
@@ -58,6 +67,15 @@ pub fn run_case_in<B: ModelBackend>(
     };
     let [_, f, _, h, w] = hidden_states.dims();
     let rotary = model.image_rotary_emb(f, h, w, device)?;
-    let sample = model.forward(hidden_states, encoder_hidden_states, timestep, ofs, rotary.as_ref())?;
-    Ok(BTreeMap::from([("sample".to_string(), HostTensor::from_tensor(sample))]))
+    let sample = model.forward(
+        hidden_states,
+        encoder_hidden_states,
+        timestep,
+        ofs,
+        rotary.as_ref(),
+    )?;
+    Ok(BTreeMap::from([(
+        "sample".to_string(),
+        HostTensor::from_tensor(sample),
+    )]))
 }

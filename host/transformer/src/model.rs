@@ -4,18 +4,22 @@
 
 use crate::attention::{check_rotary, Attention};
 use crate::config::TransformerConfig;
-use crate::embeddings::{get_timestep_embedding, CogVideoXPatchEmbed, RotaryEmb, TimestepEmbedding};
+use crate::embeddings::{
+    get_timestep_embedding, CogVideoXPatchEmbed, RotaryEmb, TimestepEmbedding,
+};
 use crate::error::{input_err, TransformerError};
 use crate::normalization::{AdaLayerNorm, CogVideoXLayerNormZero};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{activation, backend::Backend, FloatDType, Tensor, TensorCreationOptions, TensorData};
-use cogvx_model_core::feed_forward::feed_forward;
-use cogvx_model_core::precision::{float_dtype, to_dtype};
+use burn::tensor::{
+    activation, backend::Backend, FloatDType, Tensor, TensorCreationOptions, TensorData,
+};
 use cogvx_model_core::config::read_config;
-use cogvx_model_core::nn::{LayerNorm, Linear};
-use cogvx_model_core::weights::VarBuilder;
+use cogvx_model_core::feed_forward::feed_forward;
 use cogvx_model_core::grad_checkpoint;
+use cogvx_model_core::nn::{LayerNorm, Linear};
+use cogvx_model_core::precision::{float_dtype, to_dtype};
+use cogvx_model_core::weights::VarBuilder;
 use cogvx_model_core::{ModelAutodiffBackend, ModelBackend};
 use std::path::Path;
 
@@ -54,18 +58,30 @@ pub struct FeedForward<B: Backend> {
 
 impl<B: Backend> FeedForward<B> {
     /// Loads `net.0.proj` (`dim -> 4 dim`) and `net.2` (`4 dim -> dim`), both with bias.
-    pub fn load(vb: &VarBuilder, dim: usize, activation_fn: &str, dropout: f64, device: &B::Device) -> Result<Self, TransformerError> {
+    pub fn load(
+        vb: &VarBuilder,
+        dim: usize,
+        activation_fn: &str,
+        dropout: f64,
+        device: &B::Device,
+    ) -> Result<Self, TransformerError> {
         if !crate::config::FF_ACTIVATIONS.contains(&activation_fn) {
             return Err(TransformerError::Config {
                 path: vb.key("net"),
-                message: format!("activation_fn `{activation_fn}` is not supported (supported: {})", crate::config::FF_ACTIVATIONS.join(", ")),
+                message: format!(
+                    "activation_fn `{activation_fn}` is not supported (supported: {})",
+                    crate::config::FF_ACTIVATIONS.join(", ")
+                ),
             });
         }
         let inner = 4 * dim;
         let net = vb.pp("net");
         Ok(FeedForward {
             net: (
-                Gelu { proj: Linear::load(&net.pp(0).pp("proj"), dim, inner, true, device)?, approximate: activation_fn == "gelu-approximate" },
+                Gelu {
+                    proj: Linear::load(&net.pp(0).pp("proj"), dim, inner, true, device)?,
+                    approximate: activation_fn == "gelu-approximate",
+                },
                 DropoutConfig::new(dropout).init(),
                 Linear::load(&net.pp(2), inner, dim, true, device)?,
                 DropoutConfig::new(dropout).init(),
@@ -84,11 +100,24 @@ impl<B: ModelBackend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gelu, drop1, out, drop2) = &self.net;
         let no_dropout = !B::ad_enabled(&x.device()) || (drop1.prob == 0.0 && drop2.prob == 0.0);
-        if let (true, true, None, Some(b1), None, Some(b2)) = (gelu.approximate, no_dropout, &gelu.proj.adapter, &gelu.proj.bias, &out.adapter, &out.bias) {
+        if let (true, true, None, Some(b1), None, Some(b2)) = (
+            gelu.approximate,
+            no_dropout,
+            &gelu.proj.adapter,
+            &gelu.proj.bias,
+            &out.adapter,
+            &out.bias,
+        ) {
             let [batch, len, dim] = x.dims();
             let dtype = float_dtype(&x);
             let cast = |w: &Param<Tensor<B, 2>>| to_dtype(w.val(), dtype);
-            let y = feed_forward(x.reshape([batch * len, dim]), cast(&gelu.proj.weight), to_dtype(b1.val(), dtype), cast(&out.weight), to_dtype(b2.val(), dtype));
+            let y = feed_forward(
+                x.reshape([batch * len, dim]),
+                cast(&gelu.proj.weight),
+                to_dtype(b1.val(), dtype),
+                cast(&out.weight),
+                to_dtype(b2.val(), dtype),
+            );
             let out_dim = y.dims()[1];
             return y.reshape([batch, len, out_dim]);
         }
@@ -110,16 +139,41 @@ pub struct CogVideoXBlock<B: Backend> {
 }
 
 impl<B: Backend> CogVideoXBlock<B> {
-    pub fn load(vb: &VarBuilder, c: &TransformerConfig, device: &B::Device) -> Result<Self, TransformerError> {
+    pub fn load(
+        vb: &VarBuilder,
+        c: &TransformerConfig,
+        device: &B::Device,
+    ) -> Result<Self, TransformerError> {
         let dim = c.inner_dim();
         Ok(CogVideoXBlock {
-            norm1: CogVideoXLayerNormZero::load(&vb.pp("norm1"), c.time_embed_dim, dim, c.norm_elementwise_affine, c.norm_eps, device)?,
-            attn1: Attention::load(&vb.pp("attn1"), dim, c.num_attention_heads, c.attention_head_dim, c.attention_bias, c.dropout, device)?,
-            norm2: CogVideoXLayerNormZero::load(&vb.pp("norm2"), c.time_embed_dim, dim, c.norm_elementwise_affine, c.norm_eps, device)?,
+            norm1: CogVideoXLayerNormZero::load(
+                &vb.pp("norm1"),
+                c.time_embed_dim,
+                dim,
+                c.norm_elementwise_affine,
+                c.norm_eps,
+                device,
+            )?,
+            attn1: Attention::load(
+                &vb.pp("attn1"),
+                dim,
+                c.num_attention_heads,
+                c.attention_head_dim,
+                c.attention_bias,
+                c.dropout,
+                device,
+            )?,
+            norm2: CogVideoXLayerNormZero::load(
+                &vb.pp("norm2"),
+                c.time_embed_dim,
+                dim,
+                c.norm_elementwise_affine,
+                c.norm_eps,
+                device,
+            )?,
             ff: FeedForward::load(&vb.pp("ff"), dim, &c.activation_fn, c.dropout, device)?,
         })
     }
-
 }
 
 impl<B: ModelBackend> CogVideoXBlock<B> {
@@ -133,17 +187,27 @@ impl<B: ModelBackend> CogVideoXBlock<B> {
         image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [_, text_len, _] = encoder_hidden_states.dims();
-        let n = self.norm1.forward(hidden_states.clone(), encoder_hidden_states.clone(), temb.clone());
-        let (attn_hidden, attn_encoder) = self.attn1.forward(n.hidden_states, n.encoder_hidden_states, image_rotary_emb);
+        let n = self.norm1.forward(
+            hidden_states.clone(),
+            encoder_hidden_states.clone(),
+            temb.clone(),
+        );
+        let (attn_hidden, attn_encoder) =
+            self.attn1
+                .forward(n.hidden_states, n.encoder_hidden_states, image_rotary_emb);
         let hidden_states = hidden_states + n.gate * attn_hidden;
         let encoder_hidden_states = encoder_hidden_states + n.enc_gate * attn_encoder;
 
-        let n = self.norm2.forward(hidden_states.clone(), encoder_hidden_states.clone(), temb);
+        let n = self
+            .norm2
+            .forward(hidden_states.clone(), encoder_hidden_states.clone(), temb);
         let joint = Tensor::cat(vec![n.encoder_hidden_states, n.hidden_states], 1);
         let ff_output = self.ff.forward(joint);
         let len = ff_output.dims()[1];
-        let hidden_states = hidden_states + n.gate * ff_output.clone().narrow(1, text_len, len - text_len);
-        let encoder_hidden_states = encoder_hidden_states + n.enc_gate * ff_output.narrow(1, 0, text_len);
+        let hidden_states =
+            hidden_states + n.gate * ff_output.clone().narrow(1, text_len, len - text_len);
+        let encoder_hidden_states =
+            encoder_hidden_states + n.enc_gate * ff_output.narrow(1, 0, text_len);
         (hidden_states, encoder_hidden_states)
     }
 }
@@ -182,28 +246,62 @@ pub struct CogVideoXTransformer3DModel<B: Backend> {
 impl<B: Backend> CogVideoXTransformer3DModel<B> {
     /// Builds the model from `vb` (the root of a `transformer/` folder's weights). Problems with
     /// keys or shapes are collected in `vb`; call `vb.finish()` afterwards (as [`Self::from_dir`] does).
-    pub fn load(vb: &VarBuilder, config: &TransformerConfig, device: &B::Device) -> Result<Self, TransformerError> {
+    pub fn load(
+        vb: &VarBuilder,
+        config: &TransformerConfig,
+        device: &B::Device,
+    ) -> Result<Self, TransformerError> {
         config
             .validate()
-            .map_err(|message| TransformerError::Config { path: "<config>".into(), message })?;
+            .map_err(|message| TransformerError::Config {
+                path: "<config>".into(),
+                message,
+            })?;
         let c = config;
         let inner = c.inner_dim();
         let ofs_embedding = match c.ofs_embed_dim {
-            Some(d) => Some(TimestepEmbedding::load(&vb.pp("ofs_embedding"), d, d, &c.timestep_activation_fn, device)?),
+            Some(d) => Some(TimestepEmbedding::load(
+                &vb.pp("ofs_embedding"),
+                d,
+                d,
+                &c.timestep_activation_fn,
+                device,
+            )?),
             None => None,
         };
         let transformer_blocks = (0..c.num_layers)
             .map(|i| CogVideoXBlock::load(&vb.pp("transformer_blocks").pp(i), c, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let output_dim = c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels();
+        let output_dim =
+            c.patch_size * c.patch_size * c.patch_size_t.unwrap_or(1) * c.out_channels();
         Ok(CogVideoXTransformer3DModel {
             patch_embed: CogVideoXPatchEmbed::load(&vb.pp("patch_embed"), c, device)?,
             embedding_dropout: DropoutConfig::new(c.dropout).init(),
-            time_embedding: TimestepEmbedding::load(&vb.pp("time_embedding"), inner, c.time_embed_dim, &c.timestep_activation_fn, device)?,
+            time_embedding: TimestepEmbedding::load(
+                &vb.pp("time_embedding"),
+                inner,
+                c.time_embed_dim,
+                &c.timestep_activation_fn,
+                device,
+            )?,
             ofs_embedding,
             transformer_blocks,
-            norm_final: LayerNorm::load(&vb.pp("norm_final"), inner, c.norm_eps, c.norm_elementwise_affine, true, device)?,
-            norm_out: AdaLayerNorm::load(&vb.pp("norm_out"), c.time_embed_dim, 2 * inner, c.norm_elementwise_affine, c.norm_eps, device)?,
+            norm_final: LayerNorm::load(
+                &vb.pp("norm_final"),
+                inner,
+                c.norm_eps,
+                c.norm_elementwise_affine,
+                true,
+                device,
+            )?,
+            norm_out: AdaLayerNorm::load(
+                &vb.pp("norm_out"),
+                c.time_embed_dim,
+                2 * inner,
+                c.norm_elementwise_affine,
+                c.norm_eps,
+                device,
+            )?,
             proj_out: Linear::load(&vb.pp("proj_out"), inner, output_dim, true, device)?,
             config: c.clone(),
             gradient_checkpointing: false,
@@ -220,12 +318,19 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
 
     /// [`Self::from_dir`] with the weights created in `dtype` (mixed precision keeps frozen
     /// weights in bf16/f16) and the model computing in it.
-    pub fn from_dir_in(dir: &Path, dtype: FloatDType, device: &B::Device) -> Result<Self, TransformerError> {
+    pub fn from_dir_in(
+        dir: &Path,
+        dtype: FloatDType,
+        device: &B::Device,
+    ) -> Result<Self, TransformerError> {
         let config_path = dir.join("config.json");
         let config: TransformerConfig = read_config(&config_path)?;
         config
             .validate()
-            .map_err(|message| TransformerError::Config { path: config_path.display().to_string(), message })?;
+            .map_err(|message| TransformerError::Config {
+                path: config_path.display().to_string(),
+                message,
+            })?;
         let vb = VarBuilder::from_dir(dir)?.with_dtype(Some(dtype));
         let model = Self::load(&vb, &config, device)?;
         vb.finish()?;
@@ -267,7 +372,6 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
         }
         crate::embeddings::rotary_tables(&self.config, frames, height, width, device).map(Some)
     }
-
 }
 
 impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
@@ -290,11 +394,23 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
         ofs: Option<Tensor<B, 1>>,
         image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> Result<Tensor<B, 5>, TransformerError> {
-        let e = self.embed(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
+        let e = self.embed(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            ofs,
+            image_rotary_emb,
+        )?;
         // 3. Transformer blocks
-        let (mut hidden_states, mut encoder_hidden_states) = (e.hidden_states, e.encoder_hidden_states);
+        let (mut hidden_states, mut encoder_hidden_states) =
+            (e.hidden_states, e.encoder_hidden_states);
         for block in &self.transformer_blocks {
-            (hidden_states, encoder_hidden_states) = block.forward(hidden_states, encoder_hidden_states, e.emb.clone(), image_rotary_emb);
+            (hidden_states, encoder_hidden_states) = block.forward(
+                hidden_states,
+                encoder_hidden_states,
+                e.emb.clone(),
+                image_rotary_emb,
+            );
         }
         Ok(self.head(hidden_states, e.emb, e.shape))
     }
@@ -314,9 +430,18 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
         let p = c.patch_size;
         let p_t = c.patch_size_t.unwrap_or(1);
         if channels != c.in_channels {
-            return input_err(format!("hidden_states has {channels} channels, the model takes in_channels = {}", c.in_channels));
+            return input_err(format!(
+                "hidden_states has {channels} channels, the model takes in_channels = {}",
+                c.in_channels
+            ));
         }
-        if batch_size == 0 || num_frames == 0 || height % p != 0 || width % p != 0 || height == 0 || width == 0 {
+        if batch_size == 0
+            || num_frames == 0
+            || height % p != 0
+            || width % p != 0
+            || height == 0
+            || width == 0
+        {
             return input_err(format!(
                 "hidden_states [B, F, C, H, W] = {:?}: H and W must be positive multiples of patch_size {p}",
                 hidden_states.dims()
@@ -343,7 +468,10 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
         let timestep = broadcast_batch(timestep, batch_size, "timestep")?;
         // As diffusers: the sinusoids in f32, then `t_emb.to(dtype=hidden_states.dtype)`.
         let dtype = self.compute_dtype;
-        let t_emb = to_dtype(get_timestep_embedding(timestep, c.inner_dim(), c.flip_sin_to_cos, c.freq_shift), dtype);
+        let t_emb = to_dtype(
+            get_timestep_embedding(timestep, c.inner_dim(), c.flip_sin_to_cos, c.freq_shift),
+            dtype,
+        );
         let mut emb = self.time_embedding.forward(t_emb); // [B, E]
         match (&self.ofs_embedding, ofs) {
             (Some(ofs_embedding), Some(ofs)) => {
@@ -359,23 +487,39 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
                 }
                 emb = emb + ofs_emb;
             }
-            (Some(_), None) => return input_err("this model (CogVideoX1.5-I2V) needs `ofs` (the pipeline passes 2.0)"),
+            (Some(_), None) => {
+                return input_err(
+                    "this model (CogVideoX1.5-I2V) needs `ofs` (the pipeline passes 2.0)",
+                )
+            }
             (None, _) => {}
         }
 
         // 2. Patch embedding
-        let hidden = self.patch_embed.forward(to_dtype(encoder_hidden_states, dtype), to_dtype(hidden_states, dtype))?;
+        let hidden = self.patch_embed.forward(
+            to_dtype(encoder_hidden_states, dtype),
+            to_dtype(hidden_states, dtype),
+        )?;
         let hidden = self.embedding_dropout.forward(hidden);
         let len = hidden.dims()[1];
         let encoder_hidden_states = hidden.clone().narrow(1, 0, text_len);
         let hidden_states = hidden.narrow(1, text_len, len - text_len);
-        Ok(Embedded { emb, hidden_states, encoder_hidden_states, shape: [batch_size, num_frames, height, width] })
+        Ok(Embedded {
+            emb,
+            hidden_states,
+            encoder_hidden_states,
+            shape: [batch_size, num_frames, height, width],
+        })
     }
-
 
     /// Steps 4 and 5: the final norms and projection, and unpatchify to `[B, F, C_out, H, W]`
     /// (`shape` = the input's `[B, F, H, W]`).
-    fn head(&self, hidden_states: Tensor<B, 3>, emb: Tensor<B, 2>, shape: [usize; 4]) -> Tensor<B, 5> {
+    fn head(
+        &self,
+        hidden_states: Tensor<B, 3>,
+        emb: Tensor<B, 2>,
+        shape: [usize; 4],
+    ) -> Tensor<B, 5> {
         let c = &self.config;
         let [batch_size, num_frames, height, width] = shape;
         let p = c.patch_size;
@@ -434,20 +578,40 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
         image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> Result<(Tensor<B, 5>, BlockTape<B>), TransformerError> {
         if !self.gradient_checkpointing || self.transformer_blocks.is_empty() {
-            let out = self.forward(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
+            let out = self.forward(
+                hidden_states,
+                encoder_hidden_states,
+                timestep,
+                ofs,
+                image_rotary_emb,
+            )?;
             return Ok((out, BlockTape { segments: None }));
         }
-        let e = self.embed(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)?;
+        let e = self.embed(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            ofs,
+            image_rotary_emb,
+        )?;
         // The blocks see the embedding step's outputs as leaves, so the loss's backward stops
         // there and the embedding graph is backpropagated once, at the end.
         let emb = grad_checkpoint::leaf(&e.emb);
         let mut h = grad_checkpoint::leaf(&e.hidden_states);
         let mut t = grad_checkpoint::leaf(&e.encoder_hidden_states);
-        let rope = image_rotary_emb.map(|(c, s)| (Tensor::<B, 2>::from_inner(c.clone().inner()), Tensor::from_inner(s.clone().inner())));
+        let rope = image_rotary_emb.map(|(c, s)| {
+            (
+                Tensor::<B, 2>::from_inner(c.clone().inner()),
+                Tensor::from_inner(s.clone().inner()),
+            )
+        });
         let mut inputs = Vec::with_capacity(self.transformer_blocks.len());
         let offload = self.checkpoint_offload;
         for block in &self.transformer_blocks {
-            inputs.push((Stashed::new(h.clone().inner(), offload), Stashed::new(t.clone().inner(), offload)));
+            inputs.push((
+                Stashed::new(h.clone().inner(), offload),
+                Stashed::new(t.clone().inner(), offload),
+            ));
             let frozen = grad_checkpoint::detached(block);
             let (hn, tn) = frozen.forward(
                 Tensor::from_inner(h.inner()),
@@ -467,7 +631,12 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
             emb_leaf: emb,
             h_out,
         };
-        Ok((out, BlockTape { segments: Some(Box::new(segments)) }))
+        Ok((
+            out,
+            BlockTape {
+                segments: Some(Box::new(segments)),
+            },
+        ))
     }
 }
 
@@ -476,11 +645,14 @@ pub struct BlockTape<B: ModelAutodiffBackend> {
     segments: Option<Box<Segments<B>>>,
 }
 
+/// A block's `(hidden_states, encoder_hidden_states)` input, kept for its recomputation.
+type BlockInput<B> = (Stashed<B>, Stashed<B>);
+
 struct Segments<B: ModelAutodiffBackend> {
     /// The model (a cheap copy: tensors are shared), for its blocks and embedding parameters.
     model: CogVideoXTransformer3DModel<B>,
     /// Each block's `(hidden_states, encoder_hidden_states)` input.
-    inputs: Vec<(Stashed<B::InnerBackend>, Stashed<B::InnerBackend>)>,
+    inputs: Vec<BlockInput<B::InnerBackend>>,
     rope: Option<RotaryEmb<B>>,
     /// The embedding step's outputs (graph tensors): `emb`, `hidden_states`, `encoder_hidden_states`.
     pre: (Tensor<B, 2>, Tensor<B, 3>, Tensor<B, 3>),
@@ -496,19 +668,34 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
         let mut grads = loss.backward();
         let Some(s) = self.segments else { return grads };
         let zeros_like = |t: &Tensor<B::InnerBackend, 3>| t.zeros_like();
-        let (_, last_t) = s.inputs.last().expect("forward_taped records a tape only for a model with blocks");
-        let mut d_h = s.h_out.grad_remove(&mut grads).unwrap_or_else(|| s.h_out.zeros_like().inner());
+        let (_, last_t) = s
+            .inputs
+            .last()
+            .expect("forward_taped records a tape only for a model with blocks");
+        let mut d_h = s
+            .h_out
+            .grad_remove(&mut grads)
+            .unwrap_or_else(|| s.h_out.zeros_like().inner());
         // The text stream's output of the last block is not used by the head.
         let mut d_t = last_t.zeros();
-        let mut d_emb = s.emb_leaf.grad_remove(&mut grads).unwrap_or_else(|| s.emb_leaf.zeros_like().inner());
+        let mut d_emb = s
+            .emb_leaf
+            .grad_remove(&mut grads)
+            .unwrap_or_else(|| s.emb_leaf.zeros_like().inner());
         for (block, (h, t)) in s.model.transformer_blocks.iter().zip(s.inputs).rev() {
             let copy = grad_checkpoint::Recompute::new(block);
             let h = Tensor::<B, 3>::from_inner(h.restore()).require_grad();
             let t = Tensor::<B, 3>::from_inner(t.restore()).require_grad();
             let emb = grad_checkpoint::leaf(&s.emb_leaf);
-            let (ho, to) = copy.module.forward(h.clone(), t.clone(), emb.clone(), s.rope.as_ref());
-            let terms = [grad_checkpoint::dot(ho, d_h.clone()), grad_checkpoint::dot(to, d_t.clone())];
-            let g = grad_checkpoint::backward_sum(terms).expect("the block inputs require gradients");
+            let (ho, to) = copy
+                .module
+                .forward(h.clone(), t.clone(), emb.clone(), s.rope.as_ref());
+            let terms = [
+                grad_checkpoint::dot(ho, d_h.clone()),
+                grad_checkpoint::dot(to, d_t.clone()),
+            ];
+            let g =
+                grad_checkpoint::backward_sum(terms).expect("the block inputs require gradients");
             d_h = h.grad(&g).unwrap_or_else(|| zeros_like(&d_h));
             d_t = t.grad(&g).unwrap_or_else(|| zeros_like(&d_t));
             if let Some(ge) = emb.grad(&g) {
@@ -518,7 +705,11 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
         }
         // The embedding step, once, with the gradients of all its outputs.
         let (emb, h0, t0) = s.pre;
-        let terms = [grad_checkpoint::dot(h0, d_h), grad_checkpoint::dot(t0, d_t), grad_checkpoint::dot(emb, d_emb)];
+        let terms = [
+            grad_checkpoint::dot(h0, d_h),
+            grad_checkpoint::dot(t0, d_t),
+            grad_checkpoint::dot(emb, d_emb),
+        ];
         if let Some(g) = grad_checkpoint::backward_sum(terms) {
             grad_checkpoint::merge_param_grads(&s.model, &g, &mut grads);
         }
@@ -535,7 +726,10 @@ enum Stashed<B: Backend> {
 impl<B: Backend> Stashed<B> {
     fn new(t: Tensor<B, 3>, offload: bool) -> Self {
         if offload {
-            Stashed::Host { device: t.device(), data: t.into_data() }
+            Stashed::Host {
+                device: t.device(),
+                data: t.into_data(),
+            }
         } else {
             Stashed::Device(t)
         }
@@ -547,7 +741,10 @@ impl<B: Backend> Stashed<B> {
             Stashed::Device(t) => t.zeros_like(),
             Stashed::Host { data, device } => {
                 let dims: [usize; 3] = data.shape.dims();
-                Tensor::zeros(dims, TensorCreationOptions::new(device.clone()).with_dtype(data.dtype))
+                Tensor::zeros(
+                    dims,
+                    TensorCreationOptions::new(device.clone()).with_dtype(data.dtype),
+                )
             }
         }
     }
@@ -565,7 +762,11 @@ impl<B: Backend> Stashed<B> {
 }
 
 /// `[1]` or `[B]` to `[B]`.
-fn broadcast_batch<B: Backend>(t: Tensor<B, 1>, batch: usize, name: &str) -> Result<Tensor<B, 1>, TransformerError> {
+fn broadcast_batch<B: Backend>(
+    t: Tensor<B, 1>,
+    batch: usize,
+    name: &str,
+) -> Result<Tensor<B, 1>, TransformerError> {
     match t.dims()[0] {
         n if n == batch => Ok(t),
         1 => Ok(t.expand([batch])),
@@ -582,12 +783,18 @@ mod tests {
     fn gelu_tanh_matches_the_formula() {
         type B = cogvx_model_core::CpuBackend;
         let xs: Vec<f32> = (-40..40).map(|i| i as f32 * 0.15).collect();
-        let x = Tensor::<B, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default());
+        let x =
+            Tensor::<B, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default());
         let got = gelu_tanh(x.clone()).into_data().to_vec::<f32>().unwrap();
-        let burn = activation::gelu_approximate(x).into_data().to_vec::<f32>().unwrap();
+        let burn = activation::gelu_approximate(x)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         for ((x, g), b) in xs.iter().zip(&got).zip(&burn) {
             let x = *x as f64;
-            let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            let want = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
             assert!((*g as f64 - want).abs() < 1e-6, "x {x}: {g} vs {want}");
             assert!((g - b).abs() < 1e-6, "x {x}: {g} vs burn {b}");
         }
@@ -597,7 +804,9 @@ mod tests {
     fn gelu_tanh_is_finite_with_finite_gradients_far_out() {
         type A = burn::backend::Autodiff<cogvx_model_core::CpuBackend>;
         let xs = vec![-1e4f32, -60.0, -20.0, 20.0, 60.0, 1e4];
-        let x = Tensor::<A, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default()).require_grad();
+        let x =
+            Tensor::<A, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default())
+                .require_grad();
         let y = gelu_tanh(x.clone());
         let grads = y.clone().sum().backward();
         let y = y.into_data().to_vec::<f32>().unwrap();

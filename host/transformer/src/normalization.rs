@@ -38,18 +38,46 @@ impl<B: Backend> CogVideoXLayerNormZero<B> {
         device: &B::Device,
     ) -> Result<Self, TransformerError> {
         Ok(CogVideoXLayerNormZero {
-            linear: Linear::load(&vb.pp("linear"), conditioning_dim, 6 * embedding_dim, true, device)?,
-            norm: LayerNorm::load(&vb.pp("norm"), embedding_dim, eps, elementwise_affine, true, device)?,
+            linear: Linear::load(
+                &vb.pp("linear"),
+                conditioning_dim,
+                6 * embedding_dim,
+                true,
+                device,
+            )?,
+            norm: LayerNorm::load(
+                &vb.pp("norm"),
+                embedding_dim,
+                eps,
+                elementwise_affine,
+                true,
+                device,
+            )?,
         })
     }
 
-    pub fn forward(&self, hidden_states: Tensor<B, 3>, encoder_hidden_states: Tensor<B, 3>, temb: Tensor<B, 2>) -> NormZeroOut<B> {
-        let mods = self.linear.forward(silu(temb)).unsqueeze_dim::<3>(1).chunk(6, 2); // 6 x [B, 1, D]
+    pub fn forward(
+        &self,
+        hidden_states: Tensor<B, 3>,
+        encoder_hidden_states: Tensor<B, 3>,
+        temb: Tensor<B, 2>,
+    ) -> NormZeroOut<B> {
+        let mods = self
+            .linear
+            .forward(silu(temb))
+            .unsqueeze_dim::<3>(1)
+            .chunk(6, 2); // 6 x [B, 1, D]
         let [shift, scale, gate, enc_shift, enc_scale, enc_gate]: [Tensor<B, 3>; 6] =
             mods.try_into().expect("chunk of 6 * D into 6");
         let hidden_states = self.norm.forward(hidden_states) * (scale + 1.0) + shift;
-        let encoder_hidden_states = self.norm.forward(encoder_hidden_states) * (enc_scale + 1.0) + enc_shift;
-        NormZeroOut { hidden_states, encoder_hidden_states, gate, enc_gate }
+        let encoder_hidden_states =
+            self.norm.forward(encoder_hidden_states) * (enc_scale + 1.0) + enc_shift;
+        NormZeroOut {
+            hidden_states,
+            encoder_hidden_states,
+            gate,
+            enc_gate,
+        }
     }
 }
 
@@ -72,13 +100,24 @@ impl<B: Backend> AdaLayerNorm<B> {
     ) -> Result<Self, TransformerError> {
         Ok(AdaLayerNorm {
             linear: Linear::load(&vb.pp("linear"), embedding_dim, output_dim, true, device)?,
-            norm: LayerNorm::load(&vb.pp("norm"), output_dim / 2, eps, elementwise_affine, true, device)?,
+            norm: LayerNorm::load(
+                &vb.pp("norm"),
+                output_dim / 2,
+                eps,
+                elementwise_affine,
+                true,
+                device,
+            )?,
         })
     }
 
     /// `x [B, L, D]`, `temb [B, E]`.
     pub fn forward(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
-        let mods = self.linear.forward(silu(temb)).unsqueeze_dim::<3>(1).chunk(2, 2);
+        let mods = self
+            .linear
+            .forward(silu(temb))
+            .unsqueeze_dim::<3>(1)
+            .chunk(2, 2);
         let [shift, scale]: [Tensor<B, 3>; 2] = mods.try_into().expect("chunk of 2 * D into 2");
         self.norm.forward(x) * (scale + 1.0) + shift
     }

@@ -4,8 +4,8 @@
 mod common;
 
 use burn::tensor::Tensor;
-use common::{random_inputs, write_random_transformer, B};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig, TransformerError};
+use common::{random_inputs, write_random_transformer, B};
 use std::path::Path;
 
 fn base_config() -> TransformerConfig {
@@ -48,7 +48,11 @@ fn values(t: Tensor<B, 5>) -> Vec<f32> {
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len());
-    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(max <= tol, "max |diff| {max} > {tol}");
 }
 
@@ -75,24 +79,55 @@ fn sincos_table_is_recomputed_for_other_sizes() {
     // Same weights, sample size = the input size: the stored table is used.
     let b_dir = tmp.path().join("b");
     std::fs::create_dir_all(&b_dir).unwrap();
-    std::fs::copy(a_dir.join("diffusion_pytorch_model.safetensors"), b_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
-    let b_config = TransformerConfig { sample_height: 6, sample_width: 8, sample_frames: 5, ..config.clone() };
-    std::fs::write(b_dir.join("config.json"), serde_json::to_string(&b_config).unwrap()).unwrap();
+    std::fs::copy(
+        a_dir.join("diffusion_pytorch_model.safetensors"),
+        b_dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let b_config = TransformerConfig {
+        sample_height: 6,
+        sample_width: 8,
+        sample_frames: 5,
+        ..config.clone()
+    };
+    std::fs::write(
+        b_dir.join("config.json"),
+        serde_json::to_string(&b_config).unwrap(),
+    )
+    .unwrap();
     let b = load(&b_dir);
-    assert_eq!(b.patch_embed.pos_embedding.as_ref().unwrap().dims(), [1, 7 + 2 * 3 * 4, 48]);
+    assert_eq!(
+        b.patch_embed.pos_embedding.as_ref().unwrap().dims(),
+        [1, 7 + 2 * 3 * 4, 48]
+    );
     let out_b = values(run(&b, 2, 2, 6, 8, 7).unwrap());
     assert_close(&out_a, &out_b, 1e-6);
 
     // The table matters: a model without it (RoPE config, no tables passed) differs.
     let c_dir = tmp.path().join("c");
     std::fs::create_dir_all(&c_dir).unwrap();
-    std::fs::copy(a_dir.join("diffusion_pytorch_model.safetensors"), c_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
-    let c_config = TransformerConfig { use_rotary_positional_embeddings: true, ..config };
-    std::fs::write(c_dir.join("config.json"), serde_json::to_string(&c_config).unwrap()).unwrap();
+    std::fs::copy(
+        a_dir.join("diffusion_pytorch_model.safetensors"),
+        c_dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let c_config = TransformerConfig {
+        use_rotary_positional_embeddings: true,
+        ..config
+    };
+    std::fs::write(
+        c_dir.join("config.json"),
+        serde_json::to_string(&c_config).unwrap(),
+    )
+    .unwrap();
     let c = load(&c_dir);
     let (x, ctx, t, _) = random_inputs(&c.config, 2, 2, 6, 8, 7, 7);
     let out_c = values(c.forward(x, ctx, t, None, None).unwrap());
-    let diff = out_a.iter().zip(&out_c).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let diff = out_a
+        .iter()
+        .zip(&out_c)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(diff > 1e-3, "the positional table had no effect");
 }
 
@@ -100,7 +135,11 @@ fn sincos_table_is_recomputed_for_other_sizes() {
 #[test]
 fn rope_linspace_config_runs_at_other_sizes() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = TransformerConfig { use_rotary_positional_embeddings: true, num_layers: 1, ..base_config() };
+    let config = TransformerConfig {
+        use_rotary_positional_embeddings: true,
+        num_layers: 1,
+        ..base_config()
+    };
     write_random_transformer(tmp.path(), &config, 2, 1.0);
     let model = load(tmp.path());
     let out = run(&model, 1, 5, 6, 10, 11).unwrap();
@@ -133,10 +172,32 @@ fn patch_size_t_and_ofs_config() {
     assert!(values(out).iter().all(|v| v.is_finite()));
     // ofs enters the conditioning.
     let (x, ctx, t, _) = random_inputs(&model.config, 1, 2, 4, 4, 5, 9);
-    let rot = model.image_rotary_emb(2, 4, 4, &Default::default()).unwrap();
+    let rot = model
+        .image_rotary_emb(2, 4, 4, &Default::default())
+        .unwrap();
     let dev = Default::default();
-    let o1 = values(model.forward(x.clone(), ctx.clone(), t.clone(), Some(Tensor::from_floats([2.0], &dev)), rot.as_ref()).unwrap());
-    let o2 = values(model.forward(x, ctx, t, Some(Tensor::from_floats([5.0], &dev)), rot.as_ref()).unwrap());
+    let o1 = values(
+        model
+            .forward(
+                x.clone(),
+                ctx.clone(),
+                t.clone(),
+                Some(Tensor::from_floats([2.0], &dev)),
+                rot.as_ref(),
+            )
+            .unwrap(),
+    );
+    let o2 = values(
+        model
+            .forward(
+                x,
+                ctx,
+                t,
+                Some(Tensor::from_floats([5.0], &dev)),
+                rot.as_ref(),
+            )
+            .unwrap(),
+    );
     assert!(o1.iter().zip(&o2).any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
@@ -152,7 +213,10 @@ fn learned_positional_embedding_config() {
     };
     write_random_transformer(tmp.path(), &config, 4, 1.0);
     let model = load(tmp.path());
-    assert_eq!(run(&model, 1, 4, 10, 14, 7).unwrap().dims(), [1, 4, 5, 10, 14]);
+    assert_eq!(
+        run(&model, 1, 4, 10, 14, 7).unwrap().dims(),
+        [1, 4, 5, 10, 14]
+    );
     let err = run(&model, 1, 4, 6, 8, 7).unwrap_err().to_string();
     assert!(err.contains("learned positional embeddings"), "{err}");
 }
@@ -171,7 +235,10 @@ fn bad_inputs_are_errors_not_panics() {
     let model = load(tmp.path());
     let dev = Default::default();
     let expect_err = |r: Result<Tensor<B, 5>, TransformerError>, what: &str| {
-        let e = r.err().unwrap_or_else(|| panic!("expected an error about {what}")).to_string();
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("expected an error about {what}"))
+            .to_string();
         assert!(e.contains(what), "{e}");
     };
     // Odd frame count for patch_size_t = 2.
@@ -188,16 +255,25 @@ fn bad_inputs_are_errors_not_panics() {
     expect_err(run(&model, 1, 2, 12, 4, 5), "exceeds");
     // Odd height.
     let (x, ctx, t, ofs) = random_inputs(&model.config, 1, 2, 5, 4, 5, 1);
-    expect_err(model.forward(x, ctx, t, ofs, None), "multiples of patch_size");
+    expect_err(
+        model.forward(x, ctx, t, ofs, None),
+        "multiples of patch_size",
+    );
     // Wrong channel count / text width.
     let (x, ctx, t, ofs) = random_inputs(&model.config, 1, 2, 4, 4, 5, 1);
     let x = x.narrow(2, 0, 4);
     expect_err(model.forward(x, ctx, t, ofs, None), "in_channels");
     let (x, ctx, t, ofs) = random_inputs(&model.config, 1, 2, 4, 4, 5, 1);
-    expect_err(model.forward(x, ctx.narrow(2, 0, 10), t, ofs, None), "encoder_hidden_states");
+    expect_err(
+        model.forward(x, ctx.narrow(2, 0, 10), t, ofs, None),
+        "encoder_hidden_states",
+    );
     // Sincos model with a text length other than max_text_seq_length.
     let tmp2 = tempfile::tempdir().unwrap();
-    let sincos = TransformerConfig { num_layers: 1, ..base_config() };
+    let sincos = TransformerConfig {
+        num_layers: 1,
+        ..base_config()
+    };
     write_random_transformer(tmp2.path(), &sincos, 6, 1.0);
     let model = load(tmp2.path());
     expect_err(run(&model, 1, 2, 4, 4, 9), "max_text_seq_length");
@@ -206,28 +282,79 @@ fn bad_inputs_are_errors_not_panics() {
 #[test]
 fn loading_errors_name_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = TransformerConfig { num_layers: 2, ..base_config() };
+    let config = TransformerConfig {
+        num_layers: 2,
+        ..base_config()
+    };
     write_random_transformer(tmp.path(), &config, 7, 1.0);
     // A config with more layers than the weights: every missing key is listed.
-    let more = TransformerConfig { num_layers: 3, ..config.clone() };
-    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&more).unwrap()).unwrap();
-    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("missing key `transformer_blocks.2.attn1.to_q.weight`"), "{err}");
-    assert!(err.contains("missing key `transformer_blocks.2.ff.net.2.bias`"), "{err}");
+    let more = TransformerConfig {
+        num_layers: 3,
+        ..config.clone()
+    };
+    std::fs::write(
+        tmp.path().join("config.json"),
+        serde_json::to_string(&more).unwrap(),
+    )
+    .unwrap();
+    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing key `transformer_blocks.2.attn1.to_q.weight`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("missing key `transformer_blocks.2.ff.net.2.bias`"),
+        "{err}"
+    );
     // Fewer layers: the extra keys are unexpected.
-    let fewer = TransformerConfig { num_layers: 1, ..config.clone() };
-    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&fewer).unwrap()).unwrap();
-    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("unexpected key `transformer_blocks.1.norm1.linear.weight`"), "{err}");
+    let fewer = TransformerConfig {
+        num_layers: 1,
+        ..config.clone()
+    };
+    std::fs::write(
+        tmp.path().join("config.json"),
+        serde_json::to_string(&fewer).unwrap(),
+    )
+    .unwrap();
+    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unexpected key `transformer_blocks.1.norm1.linear.weight`"),
+        "{err}"
+    );
     // A different width: wrong shapes.
-    let wider = TransformerConfig { text_embed_dim: 21, ..config };
-    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&wider).unwrap()).unwrap();
-    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("wrong shape for `patch_embed.text_proj.weight`"), "{err}");
+    let wider = TransformerConfig {
+        text_embed_dim: 21,
+        ..config
+    };
+    std::fs::write(
+        tmp.path().join("config.json"),
+        serde_json::to_string(&wider).unwrap(),
+    )
+    .unwrap();
+    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("wrong shape for `patch_embed.text_proj.weight`"),
+        "{err}"
+    );
     // An unsupported config value names the file and key.
-    std::fs::write(tmp.path().join("config.json"), r#"{"activation_fn": "geglu"}"#).unwrap();
-    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("activation_fn"), "{err}");
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"activation_fn": "geglu"}"#,
+    )
+    .unwrap();
+    let err = CogVideoXTransformer3DModel::<B>::from_dir(tmp.path(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("activation_fn"),
+        "{err}"
+    );
 }
 
 /// The model is generic over the backend: on the autodiff backend, gradients reach the attention
@@ -270,7 +397,10 @@ fn gradients_flow_on_the_autodiff_backend() {
         ("norm1.linear", &block.norm1.linear.weight),
         ("ff.net.2", &block.ff.net.2.weight),
         ("patch_embed.proj", &model.patch_embed.proj.weight),
-        ("ofs_embedding.linear_1", &model.ofs_embedding.as_ref().unwrap().linear_1.weight),
+        (
+            "ofs_embedding.linear_1",
+            &model.ofs_embedding.as_ref().unwrap().linear_1.weight,
+        ),
     ] {
         let n = norm(p);
         assert!(n.is_finite() && n > 0.0, "{name}: grad norm^2 {n}");

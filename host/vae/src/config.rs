@@ -193,7 +193,9 @@ impl VaeConfig {
         if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
             return Err("in_channels, out_channels and latent_channels must be positive".into());
         }
-        if !(self.temporal_compression_ratio >= 1.0) || !self.temporal_compression_ratio.is_finite()
+        if self.temporal_compression_ratio.is_nan()
+            || self.temporal_compression_ratio < 1.0
+            || !self.temporal_compression_ratio.is_finite()
         {
             return Err(format!(
                 "temporal_compression_ratio must be >= 1, got {}",

@@ -386,6 +386,8 @@ impl<B: Backend> SpatialNorm3D<B> {
 /// The norm of a ResNet block: GroupNorm in the encoder, SpatialNorm3D (conditioned on the
 /// latent) in the decoder.
 #[derive(Module, Debug)]
+// A module field: burn's Module derive needs the layers inline, and there are few blocks.
+#[allow(clippy::large_enum_variant)]
 pub enum ResnetNorm<B: Backend> {
     /// `nn.GroupNorm` (encoder).
     Group(GroupNorm<B>),

@@ -316,7 +316,7 @@ pub struct AutoencoderKLCogVideoX<B: Backend> {
 }
 
 fn check_input(what: &str, dims: [usize; 5], channels: usize) -> Result<(), VaeError> {
-    if dims[1] != channels || dims.iter().any(|d| *d == 0) {
+    if dims[1] != channels || dims.contains(&0) {
         return Err(VaeError::Input(format!(
             "{what}: expected a non-empty [B, {channels}, T, H, W] tensor, got {dims:?}"
         )));
@@ -417,7 +417,11 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     /// total: for frames not much larger than a tile (the tiny test models) that gives more
     /// rows or columns, a latent no transformer can use. Such an input is encoded again without
     /// tiling (logged as a warning); every other input is [`Self::encode`]'s.
-    pub fn encode_exact(&self, video: Tensor<B, 5>, options: &VaeOptions) -> Result<LatentDist<B>, VaeError> {
+    pub fn encode_exact(
+        &self,
+        video: Tensor<B, 5>,
+        options: &VaeOptions,
+    ) -> Result<LatentDist<B>, VaeError> {
         let [_, _, _, h, w] = video.dims();
         let want = [h / self.spatial_scale, w / self.spatial_scale];
         if options.tiling.is_none() {
@@ -427,8 +431,17 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         if dist.mean.dims()[3..] == want {
             return Ok(dist);
         }
-        tracing::warn!("tiled VAE encode gives latent {:?} for {h}x{w} frames; encoding without tiling", dist.mean.dims());
-        self.encode(video, &VaeOptions { tiling: None, ..*options })
+        tracing::warn!(
+            "tiled VAE encode gives latent {:?} for {h}x{w} frames; encoding without tiling",
+            dist.mean.dims()
+        );
+        self.encode(
+            video,
+            &VaeOptions {
+                tiling: None,
+                ..*options
+            },
+        )
     }
 
     /// Diffusers' `_encode`: tiled if enabled and the frame is larger than a tile, else frame batches.
@@ -498,7 +511,11 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
     /// [`Self::encode_exact`], diffusers' tiled decode of latents barely larger than a tile (the
     /// tiny models) gives too many rows or columns; such latents are decoded again without
     /// tiling (logged as a warning).
-    pub fn decode_exact(&self, latents: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {
+    pub fn decode_exact(
+        &self,
+        latents: Tensor<B, 5>,
+        options: &VaeOptions,
+    ) -> Result<Tensor<B, 5>, VaeError> {
         let [_, _, _, h, w] = latents.dims();
         let want = [h * self.spatial_scale, w * self.spatial_scale];
         if options.tiling.is_none() {
@@ -508,8 +525,17 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         if video.dims()[3..] == want {
             return Ok(video);
         }
-        tracing::warn!("tiled VAE decode gives {:?} for {h}x{w} latents; decoding without tiling", video.dims());
-        self.decode(latents, &VaeOptions { tiling: None, ..*options })
+        tracing::warn!(
+            "tiled VAE decode gives {:?} for {h}x{w} latents; decoding without tiling",
+            video.dims()
+        );
+        self.decode(
+            latents,
+            &VaeOptions {
+                tiling: None,
+                ..*options
+            },
+        )
     }
 
     fn decode_one(&self, z: Tensor<B, 5>, options: &VaeOptions) -> Result<Tensor<B, 5>, VaeError> {

@@ -7,7 +7,8 @@
 //! first-party plugins.
 
 use cogvx_plugin_api::{
-    CropBox, Plugin, PluginInfo, PluginKind, PluginResult, Resolution, Size, TransformPlan, TransformRequest,
+    CropBox, Plugin, PluginInfo, PluginKind, PluginResult, Resolution, Size, TransformPlan,
+    TransformRequest,
 };
 use cogvx_video::bench::{make_bench_clip, preprocess_throughput};
 
@@ -24,7 +25,13 @@ impl Plugin for Uniform {
     fn plan_transform(&mut self, r: &TransformRequest) -> PluginResult<TransformPlan> {
         let (n, f) = (r.clip.frame_count as u64, r.target.frames as u64);
         let frames = (0..f)
-            .map(|j| if f == 1 { 0 } else { (j * (n - 1) / (f - 1)) as u32 })
+            .map(|j| {
+                if f == 1 {
+                    0
+                } else {
+                    (j * (n - 1) / (f - 1)) as u32
+                }
+            })
             .collect();
         Ok(TransformPlan {
             frames,
@@ -84,7 +91,10 @@ fn main() {
     let (mut a, mut b) = (Uniform, CenterCrop);
     let chain: Vec<&mut dyn Plugin> = vec![&mut a, &mut b];
     match preprocess_throughput(&clip, target, chain, 3) {
-        Ok(t) => println!("preprocess {} -> 49x480x720 (in-process plugins): {t}", clip.display()),
+        Ok(t) => println!(
+            "preprocess {} -> 49x480x720 (in-process plugins): {t}",
+            clip.display()
+        ),
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);

@@ -75,7 +75,13 @@ pub fn preprocess_throughput(
 /// Makes a benchmark clip `dir/bench_<w>x<h>_<frames>.mp4` (H.264): FFmpeg's `testsrc2`
 /// through the `ffmpeg` tool when it is installed, otherwise a moving synthetic pattern
 /// streamed to [`Mp4Writer`]. Reuses an existing file.
-pub fn make_bench_clip(dir: &Path, width: u32, height: u32, frames: u32, fps: u32) -> Result<PathBuf, PreprocessError> {
+pub fn make_bench_clip(
+    dir: &Path,
+    width: u32,
+    height: u32,
+    frames: u32,
+    fps: u32,
+) -> Result<PathBuf, PreprocessError> {
     let path = dir.join(format!("bench_{width}x{height}_{frames}.mp4"));
     if path.is_file() {
         return Ok(path);

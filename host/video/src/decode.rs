@@ -226,7 +226,10 @@ fn open_input(path: &Path) -> Result<format::context::Input> {
     init();
     check_file(path)?;
     if let Some(name) = probe_container(path) {
-        if !name.split(',').any(|n| ACCEPTED_CONTAINERS.split(',').any(|a| a == n)) {
+        if !name
+            .split(',')
+            .any(|n| ACCEPTED_CONTAINERS.split(',').any(|a| a == n))
+        {
             return Err(VideoError::NotVideo {
                 path: path.to_path_buf(),
                 detail: format!(
@@ -298,9 +301,11 @@ fn stream_rotation(stream: &format::stream::Stream, path: &Path) -> u32 {
 }
 
 fn open_decoder(path: &Path, stream: &format::stream::Stream) -> Result<ffmpeg::decoder::Video> {
-    let mut ctx = codec::context::Context::from_parameters(stream.parameters()).map_err(|e| VideoError::Decode {
-        path: path.to_path_buf(),
-        detail: format!("cannot read codec parameters: {e}"),
+    let mut ctx = codec::context::Context::from_parameters(stream.parameters()).map_err(|e| {
+        VideoError::Decode {
+            path: path.to_path_buf(),
+            detail: format!("cannot read codec parameters: {e}"),
+        }
     })?;
     ctx.set_threading(codec::threading::Config {
         kind: codec::threading::Type::Frame,
@@ -310,7 +315,10 @@ fn open_decoder(path: &Path, stream: &format::stream::Stream) -> Result<ffmpeg::
     let id = ctx.id();
     ctx.decoder().video().map_err(|e| VideoError::Decode {
         path: path.to_path_buf(),
-        detail: format!("no usable decoder for codec {} in this FFmpeg build: {e}", id.name()),
+        detail: format!(
+            "no usable decoder for codec {} in this FFmpeg build: {e}",
+            id.name()
+        ),
     })
 }
 
@@ -322,10 +330,14 @@ impl VideoReader {
         let mut input = open_input(path)?;
         let video = input.streams().find(|s| {
             s.parameters().medium() == media::Type::Video
-                && !s.disposition().contains(format::stream::Disposition::ATTACHED_PIC)
+                && !s
+                    .disposition()
+                    .contains(format::stream::Disposition::ATTACHED_PIC)
         });
         let Some(stream) = video else {
-            let has_audio = input.streams().any(|s| s.parameters().medium() == media::Type::Audio);
+            let has_audio = input
+                .streams()
+                .any(|s| s.parameters().medium() == media::Type::Audio);
             return Err(if has_audio {
                 VideoError::AudioOnly {
                     path: path.to_path_buf(),
@@ -397,13 +409,16 @@ impl VideoReader {
             }
         }
         let counted = pkts.len() as u64;
-        if bad_packets > 0 || (declared_frames > 0 && counted + discarded < declared_frames as u64) {
+        if bad_packets > 0 || (declared_frames > 0 && counted + discarded < declared_frames as u64)
+        {
             let detail = if declared_frames > 0 {
                 format!("only {counted} of the {declared_frames} frames the container lists could be read")
             } else {
                 format!("{counted} frames read before the data ended")
             };
-            let why = first_error.map(|e| format!(" (ffmpeg: {e})")).unwrap_or_default();
+            let why = first_error
+                .map(|e| format!(" (ffmpeg: {e})"))
+                .unwrap_or_default();
             return Err(VideoError::Truncated {
                 path: path.to_path_buf(),
                 detail: format!("{detail}{why}"),
@@ -439,7 +454,10 @@ impl VideoReader {
                     let i = index.lookup(pts).unwrap();
                     // Seek by presentation time, as `ffmpeg -ss` does: demuxers index a keyframe
                     // at or before its pts, so the seek lands on it or on an earlier keyframe.
-                    index.keys.push(KeyFrame { index: i, seek_ts: pts });
+                    index.keys.push(KeyFrame {
+                        index: i,
+                        seek_ts: pts,
+                    });
                 }
                 index.keys.sort_by_key(|k| k.index);
                 if index.keys.is_empty() {
@@ -526,7 +544,11 @@ impl VideoReader {
 
     /// Like [`VideoReader::read`], with the plan's indices relative to `range` (a sample's
     /// frame range) instead of the whole clip.
-    pub fn read_range(&mut self, plan: &TransformPlan, range: Option<FrameRange>) -> Result<Frames> {
+    pub fn read_range(
+        &mut self,
+        plan: &TransformPlan,
+        range: Option<FrameRange>,
+    ) -> Result<Frames> {
         let path = self.info.path.clone();
         let clip = self.clip_info(range)?;
         plan.check(&clip).map_err(|reason| VideoError::BadPlan {
@@ -651,7 +673,10 @@ impl VideoReader {
                 r >= 0
             };
             if allow_seek {
-                if let Some(k) = remaining.first().and_then(|&first| self.index.key_for(first)) {
+                if let Some(k) = remaining
+                    .first()
+                    .and_then(|&first| self.index.key_for(first))
+                {
                     if self.index.keys[k].index > 0 {
                         if !seek_to(&mut input, &mut decoder, &self.index.keys[k], stats) {
                             allow_seek = false;
@@ -735,7 +760,11 @@ impl VideoReader {
                     decoded += 1;
                     stats.frames_decoded += 1;
                     let idx = if use_pts {
-                        match frame.timestamp().or(frame.pts()).and_then(|t| self.index.lookup(t)) {
+                        match frame
+                            .timestamp()
+                            .or(frame.pts())
+                            .and_then(|t| self.index.lookup(t))
+                        {
                             Some(i) => {
                                 matched += 1;
                                 i
@@ -821,7 +850,11 @@ impl VideoReader {
                 stats.restarts += 1;
                 continue 'restart;
             }
-            if !remaining.is_empty() && remaining.first().is_some_and(|&r| max_seen.is_none_or(|m| r > m)) {
+            if !remaining.is_empty()
+                && remaining
+                    .first()
+                    .is_some_and(|&r| max_seen.is_none_or(|m| r > m))
+            {
                 // The stream ended before the needed frames: fewer frames than indexed.
                 return Err(VideoError::TooFewFrames {
                     path: path.clone(),
@@ -832,7 +865,9 @@ impl VideoReader {
             if !remaining.is_empty() {
                 let list: Vec<String> = remaining.iter().take(8).map(|i| i.to_string()).collect();
                 let more = if remaining.len() > 8 { ", ..." } else { "" };
-                let why = last_error.map(|e| format!(" (ffmpeg: {e})")).unwrap_or_default();
+                let why = last_error
+                    .map(|e| format!(" (ffmpeg: {e})"))
+                    .unwrap_or_default();
                 return Err(dec_err(format!(
                     "frame(s) {}{more} could not be decoded{why}",
                     list.join(", ")
@@ -855,15 +890,29 @@ impl RgbConverter {
     fn convert(&mut self, src: &frame::Video) -> std::result::Result<(Vec<u8>, u32, u32), String> {
         let (w, h, fmt) = (src.width(), src.height(), src.format());
         // SAFETY: reading plain fields of a valid decoded AVFrame.
-        let (space, range) = unsafe { ((*src.as_ptr()).colorspace as i32, (*src.as_ptr()).color_range as i32) };
+        let (space, range) = unsafe {
+            (
+                (*src.as_ptr()).colorspace as i32,
+                (*src.as_ptr()).color_range as i32,
+            )
+        };
         let stale = match &self.scaler {
-            Some((_, f, sw, sh, sp, rg)) => *f != fmt || *sw != w || *sh != h || *sp != space || *rg != range,
+            Some((_, f, sw, sh, sp, rg)) => {
+                *f != fmt || *sw != w || *sh != h || *sp != space || *rg != range
+            }
             None => true,
         };
         if stale {
-            let mut ctx =
-                scaling::Context::get(fmt, w, h, ffmpeg::format::Pixel::RGB24, w, h, scaling::Flags::BILINEAR)
-                    .map_err(|e| format!("cannot convert pixel format {fmt:?} to RGB: {e}"))?;
+            let mut ctx = scaling::Context::get(
+                fmt,
+                w,
+                h,
+                ffmpeg::format::Pixel::RGB24,
+                w,
+                h,
+                scaling::Flags::BILINEAR,
+            )
+            .map_err(|e| format!("cannot convert pixel format {fmt:?} to RGB: {e}"))?;
             let full_range = range == ffi::AVColorRange::AVCOL_RANGE_JPEG as i32;
             // SAFETY: valid swscale context; coefficient tables are static.
             unsafe {
@@ -885,7 +934,8 @@ impl RgbConverter {
         }
         let (ctx, ..) = self.scaler.as_mut().unwrap();
         let out = self.out.get_or_insert_with(frame::Video::empty);
-        ctx.run(src, out).map_err(|e| format!("pixel conversion failed: {e}"))?;
+        ctx.run(src, out)
+            .map_err(|e| format!("pixel conversion failed: {e}"))?;
         let stride = out.stride(0);
         let data = out.data(0);
         let row = w as usize * 3;
@@ -906,13 +956,25 @@ mod tests {
         // The matrix FFmpeg 5.1 writes for `-metadata:s:v rotate=90` (ffprobe: rotation=90);
         // the ffmpeg tool turns it with `transpose=cclock`, i.e. 270 degrees clockwise.
         let m = [0, -65536, 0, 65536, 0, 0, 0, 0, 1 << 30];
-        assert_eq!(snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")), 270);
+        assert_eq!(
+            snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")),
+            270
+        );
         let m = [0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30];
-        assert_eq!(snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")), 90);
+        assert_eq!(
+            snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")),
+            90
+        );
         let m = [-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30];
-        assert_eq!(snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")), 180);
+        assert_eq!(
+            snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")),
+            180
+        );
         let m = [65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30];
-        assert_eq!(snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")), 0);
+        assert_eq!(
+            snap_rotation(rotation_from_matrix(&m).unwrap(), Path::new("x")),
+            0
+        );
         assert_eq!(snap_rotation(90.0, Path::new("x")), 90);
         assert_eq!(snap_rotation(-90.0, Path::new("x")), 270);
     }

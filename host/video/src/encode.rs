@@ -6,9 +6,9 @@ use cogvx_plugin_api::Frames;
 use ffmpeg::{codec, encoder, format, frame, software::scaling, Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
-use cogvx_io::temp_path;
 use crate::decode::init;
 use crate::error::{Result, VideoError};
+use cogvx_io::temp_path;
 
 /// Encoder settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,12 +28,16 @@ impl Default for EncodeOptions {
     }
 }
 
-
 /// Writes `frames` as an H.264 (libx264, yuv420p, BT.601 limited range) `.mp4` at `fps`.
 /// yuv420p needs even sizes: an odd width or height is padded by repeating the last
 /// column or row. The file is written to a temporary name and renamed, so `path` is
 /// either absent/old or complete.
-pub fn encode_mp4(path: impl AsRef<Path>, frames: &Frames, fps: f64, options: &EncodeOptions) -> Result<()> {
+pub fn encode_mp4(
+    path: impl AsRef<Path>,
+    frames: &Frames,
+    fps: f64,
+    options: &EncodeOptions,
+) -> Result<()> {
     let path = path.as_ref();
     frames.check().map_err(|reason| VideoError::BadFrames {
         path: path.to_path_buf(),
@@ -67,7 +71,13 @@ pub struct Mp4Writer {
 
 impl Mp4Writer {
     /// Starts a `width` x `height` clip at `fps` frames per second.
-    pub fn create(path: impl AsRef<Path>, width: u32, height: u32, fps: f64, options: &EncodeOptions) -> Result<Self> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        width: u32,
+        height: u32,
+        fps: f64,
+        options: &EncodeOptions,
+    ) -> Result<Self> {
         let path = path.as_ref();
         init();
         let bad = |reason: String| VideoError::BadFrames {
@@ -105,7 +115,8 @@ impl Mp4Writer {
         let codec = encoder::find_by_name("libx264")
             .or_else(|| encoder::find(codec::Id::H264))
             .ok_or("this FFmpeg build has no H.264 encoder (install FFmpeg with libx264)")?;
-        let mut octx = format::output_as(&tmp, "mp4").map_err(|e| format!("cannot create the output file: {e}"))?;
+        let mut octx = format::output_as(&tmp, "mp4")
+            .map_err(|e| format!("cannot create the output file: {e}"))?;
         let global_header = octx.format().flags().contains(format::Flags::GLOBAL_HEADER);
         let rate = Rational::from(fps).reduce();
         let time_base = rate.invert();
@@ -137,7 +148,10 @@ impl Mp4Writer {
         }
         octx.write_header()
             .map_err(|e| format!("cannot write the mp4 header: {e}"))?;
-        let ost_tb = octx.stream(0).ok_or("the output stream is missing")?.time_base();
+        let ost_tb = octx
+            .stream(0)
+            .ok_or("the output stream is missing")?
+            .time_base();
         let scaler = scaling::Context::get(
             format::Pixel::RGB24,
             ew,
@@ -194,7 +208,11 @@ impl Mp4Writer {
         if rgb.len() != row * h {
             return Err(VideoError::BadFrames {
                 path: self.path.clone(),
-                reason: format!("a frame of {} bytes is not {w}x{h} RGB ({} bytes)", rgb.len(), row * h),
+                reason: format!(
+                    "a frame of {} bytes is not {w}x{h} RGB ({} bytes)",
+                    rgb.len(),
+                    row * h
+                ),
             });
         }
         let stride = self.rgb.stride(0);

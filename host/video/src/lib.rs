@@ -26,6 +26,8 @@ pub mod sheet;
 pub use decode::{decode, init, probe, ReadStats, VideoInfo, VideoReader};
 pub use encode::{encode_mp4, EncodeOptions, Mp4Writer};
 pub use error::{Result, VideoError};
-pub use pipeline::{preprocess_clip, PreprocessError, Preprocessed, TransformError, VideoTransforms};
+pub use pipeline::{
+    preprocess_clip, PreprocessError, Preprocessed, TransformError, VideoTransforms,
+};
 pub use plan::{output_size, FrameProcessor};
 pub use sheet::{contact_sheet, evenly_spaced, write_contact_sheet, write_png};

@@ -33,7 +33,13 @@ pub enum TransformError {
         "the chain gives {frames}x{height}x{width} (frames x height x width), more than the resolution {target}: \
          add or configure frame selection / crop_resize so that clips match it (plan from: {planned_by})"
     )]
-    PlanExceedsTarget { frames: usize, height: u32, width: u32, target: String, planned_by: String },
+    PlanExceedsTarget {
+        frames: usize,
+        height: u32,
+        width: u32,
+        target: String,
+        planned_by: String,
+    },
 }
 
 /// The video-transform plugins of a chain, in order. Each takes part in the plan phase
@@ -67,7 +73,12 @@ impl<'a> VideoTransforms<'a> {
 
     /// Builds the plan for a clip: starts from the identity plan and lets each plugin
     /// update it, validating every returned plan against `clip`.
-    pub fn plan(&mut self, clip: &ClipInfo, target: Resolution, seed: u64) -> Result<TransformPlan, TransformError> {
+    pub fn plan(
+        &mut self,
+        clip: &ClipInfo,
+        target: Resolution,
+        seed: u64,
+    ) -> Result<TransformPlan, TransformError> {
         let mut plan = TransformPlan::identity(clip);
         for i in 0..self.plugins.len() {
             if self.plans[i] == Some(false) {
@@ -103,17 +114,34 @@ impl<'a> VideoTransforms<'a> {
 
     /// Checks a plan against the target before anything is decoded: at most its frames, each
     /// at most its size (a plan of 100,000 copies of a 16384x16384 frame asked for 80 TB).
-    pub fn check_within(&self, plan: &TransformPlan, clip: &ClipInfo, target: Resolution) -> Result<(), TransformError> {
+    pub fn check_within(
+        &self,
+        plan: &TransformPlan,
+        clip: &ClipInfo,
+        target: Resolution,
+    ) -> Result<(), TransformError> {
         let out = crate::plan::output_size(plan, clip.width, clip.height);
-        if plan.frames.len() > target.frames as usize || out.width > target.width || out.height > target.height {
-            let planned_by: Vec<&str> =
-                self.names.iter().zip(&self.plans).filter(|(_, p)| **p == Some(true)).map(|(n, _)| n.as_str()).collect();
+        if plan.frames.len() > target.frames as usize
+            || out.width > target.width
+            || out.height > target.height
+        {
+            let planned_by: Vec<&str> = self
+                .names
+                .iter()
+                .zip(&self.plans)
+                .filter(|(_, p)| **p == Some(true))
+                .map(|(n, _)| n.as_str())
+                .collect();
             return Err(TransformError::PlanExceedsTarget {
                 frames: plan.frames.len(),
                 height: out.height,
                 width: out.width,
                 target: format!("{}x{}x{}", target.frames, target.height, target.width),
-                planned_by: if planned_by.is_empty() { "no plugin: the whole clip".into() } else { planned_by.join(", ") },
+                planned_by: if planned_by.is_empty() {
+                    "no plugin: the whole clip".into()
+                } else {
+                    planned_by.join(", ")
+                },
             });
         }
         Ok(())
@@ -201,7 +229,9 @@ pub fn preprocess_clip(
         source,
     };
     let plan = transforms.plan(&clip, target, seed).map_err(wrap)?;
-    transforms.check_within(&plan, &clip, target).map_err(wrap)?;
+    transforms
+        .check_within(&plan, &clip, target)
+        .map_err(wrap)?;
     let frames = reader.read_range(&plan, range)?;
     let frames = transforms.transform_frames(frames).map_err(wrap)?;
     Ok(Preprocessed {

@@ -5,7 +5,6 @@
 use cogvx_plugin_api::{CropBox, ResizeFilter, Size, TransformPlan};
 use fast_image_resize as fir;
 
-
 /// The size of each output frame of a (valid) plan on a clip of `width` x `height`.
 pub fn output_size(plan: &TransformPlan, width: u32, height: u32) -> Size {
     if let Some(s) = plan.resize {
@@ -51,7 +50,12 @@ impl FrameProcessor {
 
     /// Crops then resizes one packed RGB8 frame of `width` x `height`; returns the output
     /// frame (packed RGB8) and its size. The crop must lie inside the frame.
-    pub fn process(&mut self, rgb: &[u8], width: u32, height: u32) -> Result<(Vec<u8>, Size), String> {
+    pub fn process(
+        &mut self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<(Vec<u8>, Size), String> {
         let crop = self.crop.unwrap_or(CropBox {
             x: 0,
             y: 0,
@@ -82,14 +86,17 @@ impl FrameProcessor {
             }
             return Ok((dst, out));
         }
-        let src = fir::images::ImageRef::new(width, height, rgb, fir::PixelType::U8x3).map_err(|e| e.to_string())?;
+        let src = fir::images::ImageRef::new(width, height, rgb, fir::PixelType::U8x3)
+            .map_err(|e| e.to_string())?;
         let mut dst = fir::images::Image::new(out.width, out.height, fir::PixelType::U8x3);
-        let options = fir::ResizeOptions::new().resize_alg(resize_alg(self.filter)).crop(
-            crop.x as f64,
-            crop.y as f64,
-            crop.width as f64,
-            crop.height as f64,
-        );
+        let options = fir::ResizeOptions::new()
+            .resize_alg(resize_alg(self.filter))
+            .crop(
+                crop.x as f64,
+                crop.y as f64,
+                crop.width as f64,
+                crop.height as f64,
+            );
         self.resizer
             .resize(&src, &mut dst, &options)
             .map_err(|e| e.to_string())?;
@@ -182,14 +189,26 @@ mod tests {
         let plan = TransformPlan {
             frames: vec![0],
             crop: None,
-            resize: Some(Size { width: 16, height: 16 }),
+            resize: Some(Size {
+                width: 16,
+                height: 16,
+            }),
             filter: ResizeFilter::Lanczos3,
         };
         let (out, size) = FrameProcessor::new(&plan).process(&src, w, h).unwrap();
-        assert_eq!(size, Size { width: 16, height: 16 });
+        assert_eq!(
+            size,
+            Size {
+                width: 16,
+                height: 16
+            }
+        );
         let mean = out.iter().map(|&v| v as f64).sum::<f64>() / out.len() as f64;
         assert!((mean - 127.5).abs() < 3.0, "mean {mean}");
-        assert!(out.iter().all(|&v| (100..=155).contains(&v)), "a pixel far from grey");
+        assert!(
+            out.iter().all(|&v| (100..=155).contains(&v)),
+            "a pixel far from grey"
+        );
     }
 
     #[test]
@@ -208,7 +227,13 @@ mod tests {
             filter: ResizeFilter::Lanczos3,
         };
         let (out, size) = FrameProcessor::new(&plan).process(&src, w, h).unwrap();
-        assert_eq!(size, Size { width: 2, height: 2 });
+        assert_eq!(
+            size,
+            Size {
+                width: 2,
+                height: 2
+            }
+        );
         let r: Vec<u8> = out.chunks(3).map(|p| p[0]).collect();
         assert_eq!(r, vec![5, 6, 9, 10]);
     }

@@ -14,7 +14,9 @@ pub const MAX_SHEET_PIXELS: u64 = 1 << 28;
 /// them if `count <= n`.
 pub fn evenly_spaced(count: u32, n: usize) -> Vec<u32> {
     if count as usize <= n || n == 0 {
-        return (0..count).take(if n == 0 { 0 } else { count as usize }).collect();
+        return (0..count)
+            .take(if n == 0 { 0 } else { count as usize })
+            .collect();
     }
     if n == 1 {
         return vec![0];
@@ -27,7 +29,11 @@ pub fn evenly_spaced(count: u32, n: usize) -> Vec<u32> {
 /// Lays out `per_row` evenly spaced frames of each clip in a row, on a dark grey
 /// background with `gap` pixels between cells. Cells are as large as the largest frame;
 /// smaller frames are centred.
-pub fn contact_sheet(rows: &[&Frames], per_row: usize, gap: u32) -> std::result::Result<RgbImage, String> {
+pub fn contact_sheet(
+    rows: &[&Frames],
+    per_row: usize,
+    gap: u32,
+) -> std::result::Result<RgbImage, String> {
     if rows.is_empty() || per_row == 0 {
         return Err("a contact sheet needs at least one clip and one frame per row".into());
     }
@@ -36,7 +42,11 @@ pub fn contact_sheet(rows: &[&Frames], per_row: usize, gap: u32) -> std::result:
     }
     let cw = rows.iter().map(|f| f.width).max().unwrap();
     let ch = rows.iter().map(|f| f.height).max().unwrap();
-    let cols = rows.iter().map(|f| (f.count as usize).min(per_row)).max().unwrap() as u32;
+    let cols = rows
+        .iter()
+        .map(|f| (f.count as usize).min(per_row))
+        .max()
+        .unwrap() as u32;
     let width = gap as u64 + cols as u64 * (cw as u64 + gap as u64);
     let height = gap as u64 + rows.len() as u64 * (ch as u64 + gap as u64);
     if width * height > MAX_SHEET_PIXELS {
@@ -82,7 +92,12 @@ pub fn write_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
 }
 
 /// [`contact_sheet`] then [`write_png`].
-pub fn write_contact_sheet(path: impl AsRef<Path>, rows: &[&Frames], per_row: usize, gap: u32) -> Result<()> {
+pub fn write_contact_sheet(
+    path: impl AsRef<Path>,
+    rows: &[&Frames],
+    per_row: usize,
+    gap: u32,
+) -> Result<()> {
     let path = path.as_ref();
     let img = contact_sheet(rows, per_row, gap).map_err(|reason| VideoError::BadFrames {
         path: path.to_path_buf(),

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cogvx_plugin_api::{CropBox, Frames, ResizeFilter, Size, TransformPlan};
-use cogvx_video::{decode, encode_mp4, probe, write_contact_sheet, EncodeOptions, Mp4Writer, VideoError, VideoReader};
+use cogvx_video::{
+    decode, encode_mp4, probe, write_contact_sheet, EncodeOptions, Mp4Writer, VideoError,
+    VideoReader,
+};
 
 /// Runs the `ffmpeg` tool (CI installs it; see the README's set-up).
 fn ff(args: &[&str]) {
@@ -59,7 +62,11 @@ fn grey_ramp(dir: &Path, extra: &[&str]) -> PathBuf {
 
 fn frame_mean(f: &Frames, i: usize) -> f64 {
     let n = (f.width * f.height * 3) as usize;
-    f.rgb[i * n..(i + 1) * n].iter().map(|&v| v as f64).sum::<f64>() / n as f64
+    f.rgb[i * n..(i + 1) * n]
+        .iter()
+        .map(|&v| v as f64)
+        .sum::<f64>()
+        / n as f64
 }
 
 fn plan(frames: Vec<u32>) -> TransformPlan {
@@ -78,7 +85,11 @@ fn frame_selection_returns_the_requested_frames() {
     let info = probe(&clip).unwrap();
     assert_eq!((info.width, info.height, info.frame_count), (64, 48, 30));
     assert!((info.fps - 25.0).abs() < 1e-6, "fps {}", info.fps);
-    assert!((info.duration - 1.2).abs() < 0.05, "duration {}", info.duration);
+    assert!(
+        (info.duration - 1.2).abs() < 0.05,
+        "duration {}",
+        info.duration
+    );
     assert_eq!(info.codec, "h264");
     assert_eq!(info.pixel_format, "yuv420p");
     assert!(info.seekable);
@@ -132,7 +143,10 @@ fn decoding_seeks_and_skips_unneeded_frames() {
     let check = |f: &Frames, wanted: &[u32]| {
         for (k, &i) in wanted.iter().enumerate() {
             let m = frame_mean(f, k);
-            assert!((m - 2.0 * i as f64).abs() < 3.0, "wanted frame {i}, got mean {m:.1}");
+            assert!(
+                (m - 2.0 * i as f64).abs() < 3.0,
+                "wanted frame {i}, got mean {m:.1}"
+            );
         }
     };
     // One late frame: a seek to its keyframe (90), then at most one GOP decoded.
@@ -154,7 +168,11 @@ fn decoding_seeks_and_skips_unneeded_frames() {
     let f = r.read(&plan(all.clone())).unwrap();
     check(&f, &all);
     let st = r.last_read_stats();
-    assert_eq!((st.seeks, st.frames_decoded, st.frames_kept), (0, 100, 100), "{st:?}");
+    assert_eq!(
+        (st.seeks, st.frames_decoded, st.frames_kept),
+        (0, 100, 100),
+        "{st:?}"
+    );
 }
 
 #[test]
@@ -171,9 +189,15 @@ fn other_codecs_and_containers_select_frames() {
             ],
         ),
         ("mpeg4.avi", &["-c:v", "mpeg4", "-q:v", "2", "-g", "10"]),
-        ("mjpeg.avi", &["-c:v", "mjpeg", "-q:v", "2", "-pix_fmt", "yuvj420p"]),
+        (
+            "mjpeg.avi",
+            &["-c:v", "mjpeg", "-q:v", "2", "-pix_fmt", "yuvj420p"],
+        ),
         ("ffv1.mkv", &["-c:v", "ffv1", "-g", "10"]),
-        ("mpeg2.ts", &["-c:v", "mpeg2video", "-q:v", "2", "-g", "10", "-bf", "2"]),
+        (
+            "mpeg2.ts",
+            &["-c:v", "mpeg2video", "-q:v", "2", "-g", "10", "-bf", "2"],
+        ),
     ];
     for (name, args) in cases {
         let clip = p(d.path(), name);
@@ -182,7 +206,11 @@ fn other_codecs_and_containers_select_frames() {
         a.push(s(&clip));
         ff(&a);
         let info = probe(&clip).unwrap();
-        assert_eq!((info.width, info.height, info.frame_count), (64, 48, 30), "{name}");
+        assert_eq!(
+            (info.width, info.height, info.frame_count),
+            (64, 48, 30),
+            "{name}"
+        );
         let wanted = vec![29u32, 0, 14, 14, 7];
         let f = decode(&clip, &plan(wanted.clone())).unwrap();
         for (k, &i) in wanted.iter().enumerate() {
@@ -200,9 +228,24 @@ fn a_clip_with_an_audio_track_decodes_its_video() {
     let d = tmp();
     let clip = p(d.path(), "av.mp4");
     ff(&[
-        "-f", "lavfi", "-i", "color=black:s=64x48:r=25:d=1.2,format=rgb24,geq=r='N*8':g='N*8':b='N*8'",
-        "-f", "lavfi", "-i", "sine=frequency=440:duration=1.2",
-        "-c:v", "libx264", "-g", "10", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", s(&clip),
+        "-f",
+        "lavfi",
+        "-i",
+        "color=black:s=64x48:r=25:d=1.2,format=rgb24,geq=r='N*8':g='N*8':b='N*8'",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=1.2",
+        "-c:v",
+        "libx264",
+        "-g",
+        "10",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-shortest",
+        s(&clip),
     ]);
     let info = probe(&clip).unwrap();
     assert_eq!(info.frame_count, 30);
@@ -234,12 +277,19 @@ fn variable_frame_rate_maps_indices_by_timestamp() {
     let info = probe(&clip).unwrap();
     assert_eq!(info.frame_count, 30);
     // 10 frames over 0.4 s then 20 frames over 2.4 s.
-    assert!((info.duration - 2.8).abs() < 0.15, "duration {}", info.duration);
+    assert!(
+        (info.duration - 2.8).abs() < 0.15,
+        "duration {}",
+        info.duration
+    );
     let wanted = vec![29u32, 11, 9, 20, 0];
     let frames = decode(&clip, &plan(wanted.clone())).unwrap();
     for (k, &i) in wanted.iter().enumerate() {
         let m = frame_mean(&frames, k);
-        assert!((m - 8.0 * i as f64).abs() < 3.0, "wanted frame {i}, got mean {m:.1}");
+        assert!(
+            (m - 8.0 * i as f64).abs() < 3.0,
+            "wanted frame {i}, got mean {m:.1}"
+        );
     }
 }
 
@@ -260,7 +310,15 @@ fn rotation_metadata_is_applied_like_the_ffmpeg_tool() {
         "yuv420p",
         s(&base),
     ]);
-    ff(&["-i", s(&base), "-c", "copy", "-metadata:s:v", "rotate=90", s(&rotated)]);
+    ff(&[
+        "-i",
+        s(&base),
+        "-c",
+        "copy",
+        "-metadata:s:v",
+        "rotate=90",
+        s(&rotated),
+    ]);
     let info = probe(&rotated).unwrap();
     assert_eq!((info.coded_width, info.coded_height), (320, 240));
     assert_eq!(
@@ -299,7 +357,10 @@ fn rotation_metadata_is_applied_like_the_ffmpeg_tool() {
     );
     // And the square moved out of the top-left corner (it was not simply transposed).
     let at = |x: u32, y: u32| ours.rgb[((y * ours.width + x) * 3) as usize];
-    assert!(at(5, 5) < 50, "the top-left corner should be black after rotation");
+    assert!(
+        at(5, 5) < 50,
+        "the top-left corner should be black after rotation"
+    );
 }
 
 #[test]
@@ -359,7 +420,8 @@ fn ten_bit_and_odd_sizes_convert_to_rgb() {
         let f = decode(clip, &plan(vec![0, 9])).unwrap();
         assert_eq!((f.width, f.height, f.count), (w, h, 2));
         let px = (w * h) as usize;
-        let mean = |c: usize| f.rgb.chunks(3).take(px).map(|p| p[c] as f64).sum::<f64>() / px as f64;
+        let mean =
+            |c: usize| f.rgb.chunks(3).take(px).map(|p| p[c] as f64).sum::<f64>() / px as f64;
         for (c, want) in [(0, 192.0), (1, 128.0), (2, 64.0)] {
             assert!(
                 (mean(c) - want).abs() < 6.0,
@@ -422,12 +484,18 @@ fn a_circle_stays_a_circle_after_crop_and_resize() {
     let f = decode(&clip, &keep).unwrap();
     assert_eq!((f.width, f.height, f.count), (720, 480, 2));
     let (w, h) = blob_aspect(&f);
-    assert!((w / h - 1.0).abs() < 0.03, "disc is {w}x{h} after crop+resize");
+    assert!(
+        (w / h - 1.0).abs() < 0.03,
+        "disc is {w}x{h} after crop+resize"
+    );
     assert!((h - 200.0 * 480.0 / 360.0).abs() < 4.0, "disc height {h}");
     // The measurement does catch a stretch: resizing without the crop distorts the disc.
     let stretch = TransformPlan { crop: None, ..keep };
     let (w, h) = blob_aspect(&decode(&clip, &stretch).unwrap());
-    assert!((w / h - 1.0).abs() > 0.1, "a stretched disc measured {w}x{h}");
+    assert!(
+        (w / h - 1.0).abs() > 0.1,
+        "a stretched disc measured {w}x{h}"
+    );
 }
 
 #[test]
@@ -436,7 +504,10 @@ fn bad_files_are_named_and_explained() {
     let missing = p(d.path(), "missing.mp4");
     let err = probe(&missing).unwrap_err();
     assert!(matches!(err, VideoError::NotFound { .. }));
-    assert_eq!(err.to_string(), format!("{}: file not found", missing.display()));
+    assert_eq!(
+        err.to_string(),
+        format!("{}: file not found", missing.display())
+    );
 
     let empty = p(d.path(), "empty.mp4");
     std::fs::write(&empty, b"").unwrap();
@@ -459,7 +530,13 @@ fn bad_files_are_named_and_explained() {
     );
 
     let audio = p(d.path(), "tone.mp4");
-    ff(&["-f", "lavfi", "-i", "sine=frequency=440:duration=0.5", s(&audio)]);
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=0.5",
+        s(&audio),
+    ]);
     let err = probe(&audio).unwrap_err();
     assert!(matches!(err, VideoError::AudioOnly { .. }), "{err:?}");
     assert_eq!(
@@ -469,7 +546,10 @@ fn bad_files_are_named_and_explained() {
 
     let dir = d.path().join("adir.mp4");
     std::fs::create_dir(&dir).unwrap();
-    assert!(matches!(probe(&dir).unwrap_err(), VideoError::NotAFile { .. }));
+    assert!(matches!(
+        probe(&dir).unwrap_err(),
+        VideoError::NotAFile { .. }
+    ));
 }
 
 #[test]
@@ -489,7 +569,15 @@ fn truncated_files_are_reported() {
     );
     // moov first (faststart): the index lists frames whose data is missing.
     let fast = p(d.path(), "fast.mp4");
-    ff(&["-i", s(&whole), "-c", "copy", "-movflags", "+faststart", s(&fast)]);
+    ff(&[
+        "-i",
+        s(&whole),
+        "-c",
+        "copy",
+        "-movflags",
+        "+faststart",
+        s(&fast),
+    ]);
     let bytes = std::fs::read(&fast).unwrap();
     let cut = p(d.path(), "cut.mp4");
     std::fs::write(&cut, &bytes[..bytes.len() * 6 / 10]).unwrap();
@@ -510,7 +598,10 @@ impl cogvx_plugin_api::Plugin for FixedPlan {
         }
     }
 
-    fn plan_transform(&mut self, _: &cogvx_plugin_api::TransformRequest) -> cogvx_plugin_api::PluginResult<TransformPlan> {
+    fn plan_transform(
+        &mut self,
+        _: &cogvx_plugin_api::TransformRequest,
+    ) -> cogvx_plugin_api::PluginResult<TransformPlan> {
         Ok(self.0.clone())
     }
 }
@@ -523,30 +614,75 @@ fn a_plan_larger_than_the_target_is_refused_before_decoding() {
     let d = tmp();
     let clip = grey_ramp(d.path(), &[]);
     let mut bomb = plan(vec![0; cogvx_plugin_api::MAX_PLAN_FRAMES]);
-    bomb.resize = Some(Size { width: 16_384, height: 16_384 });
-    let target = cogvx_plugin_api::Resolution { frames: 9, height: 32, width: 48 };
+    bomb.resize = Some(Size {
+        width: 16_384,
+        height: 16_384,
+    });
+    let target = cogvx_plugin_api::Resolution {
+        frames: 9,
+        height: 32,
+        width: 48,
+    };
     let mut fixed = FixedPlan(bomb.clone());
-    let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
-    let e = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0).unwrap_err().to_string();
-    assert!(e.contains("the chain gives 100000x16384x16384") && e.contains("9x32x48") && e.contains("fixed-plan"), "{e}");
+    let mut transforms =
+        cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
+    let e = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the chain gives 100000x16384x16384")
+            && e.contains("9x32x48")
+            && e.contains("fixed-plan"),
+        "{e}"
+    );
     // More frames than the target, each within it; and a frame larger than the target.
-    for (frames, size) in [(vec![0; 10], Size { width: 48, height: 32 }), (vec![0; 9], Size { width: 48, height: 48 })] {
+    for (frames, size) in [
+        (
+            vec![0; 10],
+            Size {
+                width: 48,
+                height: 32,
+            },
+        ),
+        (
+            vec![0; 9],
+            Size {
+                width: 48,
+                height: 48,
+            },
+        ),
+    ] {
         let mut p = plan(frames);
         p.resize = Some(size);
         let mut fixed = FixedPlan(p);
-        let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
-        let e = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0).unwrap_err().to_string();
+        let mut transforms = cogvx_video::VideoTransforms::new(vec![
+            &mut fixed as &mut dyn cogvx_plugin_api::Plugin,
+        ]);
+        let e = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than the resolution 9x32x48"), "{e}");
     }
     // The plan at the target decodes.
     let mut ok = plan(vec![0, 3, 6, 9, 12, 15, 18, 21, 24]);
-    ok.resize = Some(Size { width: 48, height: 32 });
+    ok.resize = Some(Size {
+        width: 48,
+        height: 32,
+    });
     let mut fixed = FixedPlan(ok);
-    let mut transforms = cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
+    let mut transforms =
+        cogvx_video::VideoTransforms::new(vec![&mut fixed as &mut dyn cogvx_plugin_api::Plugin]);
     let pre = cogvx_video::preprocess_clip(&clip, None, &mut transforms, target, 0).unwrap();
-    assert_eq!((pre.frames.count, pre.frames.height, pre.frames.width), (9, 32, 48));
+    assert_eq!(
+        (pre.frames.count, pre.frames.height, pre.frames.width),
+        (9, 32, 48)
+    );
     // The reader alone, asked for the bomb: an error, not an abort.
-    let e = VideoReader::open(&clip).unwrap().read(&bomb).unwrap_err().to_string();
+    let e = VideoReader::open(&clip)
+        .unwrap()
+        .read(&bomb)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("cannot be allocated"), "{e}");
 }
 
@@ -575,7 +711,10 @@ fn bad_plans_are_refused_before_decoding() {
         .to_string()
         .contains("crop box 60x48 at (10, 0) lies outside the 64x48 frame"));
     p2.crop = None;
-    p2.resize = Some(Size { width: 0, height: 10 });
+    p2.resize = Some(Size {
+        width: 0,
+        height: 10,
+    });
     assert!(r
         .read(&p2)
         .unwrap_err()
@@ -618,7 +757,10 @@ fn encode_round_trips_and_writes_atomically() {
     assert!((info.fps - 12.5).abs() < 1e-6, "fps {}", info.fps);
     let back = decode(&out, &plan((0..n).collect())).unwrap();
     for i in 0..n as usize {
-        assert!((frame_mean(&back, i) - 10.0 * i as f64).abs() < 3.0, "frame {i}");
+        assert!(
+            (frame_mean(&back, i) - 10.0 * i as f64).abs() < 3.0,
+            "frame {i}"
+        );
     }
     // Only the finished file is left in the folder.
     let names: Vec<_> = std::fs::read_dir(d.path())
@@ -633,7 +775,13 @@ fn encode_round_trips_and_writes_atomically() {
         count: 2,
         rgb: vec![0; 10],
     };
-    let err = encode_mp4(p(d.path(), "bad.mp4"), &bad, 25.0, &EncodeOptions::default()).unwrap_err();
+    let err = encode_mp4(
+        p(d.path(), "bad.mp4"),
+        &bad,
+        25.0,
+        &EncodeOptions::default(),
+    )
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("bad.mp4: invalid frames: 2 frames of 4x4 RGB need 96 bytes, got 10"),
@@ -723,12 +871,19 @@ fn mini_dataset_clips_probe_and_decode() {
     for (name, w, h, n, fps) in expected {
         let path = root.join("videos").join(name);
         let info = probe(&path).unwrap();
-        assert_eq!((info.width, info.height, info.frame_count), (w, h, n), "{name}");
+        assert_eq!(
+            (info.width, info.height, info.frame_count),
+            (w, h, n),
+            "{name}"
+        );
         assert!((info.fps - fps).abs() < 0.01, "{name}: fps {}", info.fps);
         let p = TransformPlan {
             frames: vec![n - 1, 0, n / 2],
             crop: None,
-            resize: Some(Size { width: 96, height: 64 }),
+            resize: Some(Size {
+                width: 96,
+                height: 64,
+            }),
             filter: ResizeFilter::Lanczos3,
         };
         let f = decode(&path, &p).unwrap();
@@ -751,14 +906,34 @@ fn playlists_and_concat_lists_are_refused() {
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::create_dir_all(&root).unwrap();
     let secret = p(&outside, "secret.ts");
-    ff(&["-f", "lavfi", "-i", "testsrc=s=64x48:r=25:d=1", "-c:v", "libx264", "-f", "mpegts", s(&secret)]);
+    ff(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=25:d=1",
+        "-c:v",
+        "libx264",
+        "-f",
+        "mpegts",
+        s(&secret),
+    ]);
     let playlist = "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n../../outside/secret.ts\n#EXT-X-ENDLIST\n";
     let concat = format!("ffconcat version 1.0\nfile '{}'\n", secret.display());
-    for (name, text) in [("x.m3u8", playlist.to_string()), ("looks-like.mp4", playlist.to_string()), ("list.mp4", concat)] {
+    for (name, text) in [
+        ("x.m3u8", playlist.to_string()),
+        ("looks-like.mp4", playlist.to_string()),
+        ("list.mp4", concat),
+    ] {
         let path = p(&root, name);
         std::fs::write(&path, text).unwrap();
-        let e = VideoReader::open(&path).map(|_| ()).unwrap_err().to_string();
-        assert!(e.contains("is not accepted") && e.contains(name), "{name}: {e}");
+        let e = VideoReader::open(&path)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is not accepted") && e.contains(name),
+            "{name}: {e}"
+        );
     }
     // The segment itself, as a file in the dataset, is a video.
     assert!(VideoReader::open(&secret).is_ok());

@@ -41,8 +41,8 @@
 //! Unknown keys are rejected by name.
 
 use cogvx_plugin_api::{
-    CropBox, Plugin, PluginError, PluginInfo, PluginKind, PluginResult, ResizeFilter, Size, TransformPlan,
-    TransformRequest,
+    CropBox, Plugin, PluginError, PluginInfo, PluginKind, PluginResult, ResizeFilter, Size,
+    TransformPlan, TransformRequest,
 };
 use serde::Deserialize;
 
@@ -96,7 +96,9 @@ pub fn parse_config(params_json: &str) -> PluginResult<Config> {
     let config: Config = cogvx_plugin_api::parse_params(NAME, params_json)?;
     match (config.width, config.height) {
         (Some(0), _) | (_, Some(0)) => {
-            return Err(invalid(format!("[plugin.{NAME}] width and height must be positive")));
+            return Err(invalid(format!(
+                "[plugin.{NAME}] width and height must be positive"
+            )));
         }
         (Some(_), None) | (None, Some(_)) => {
             return Err(invalid(format!(
@@ -150,10 +152,18 @@ impl CropResize {
             CropMode::Random => {
                 // Two independent streams mixed into one seed: the sample's and the config's.
                 let mut state = seed ^ splitmix64(&mut { self.config.seed });
-                (below_or_equal(&mut state, sx), below_or_equal(&mut state, sy))
+                (
+                    below_or_equal(&mut state, sx),
+                    below_or_equal(&mut state, sy),
+                )
             }
         };
-        CropBox { x: region.x + dx, y: region.y + dy, width: cw, height: ch }
+        CropBox {
+            x: region.x + dx,
+            y: region.y + dy,
+            width: cw,
+            height: ch,
+        }
     }
 }
 
@@ -176,15 +186,29 @@ impl Plugin for CropResize {
         let clip = &request.clip;
         let out = match (self.config.width, self.config.height) {
             (Some(width), Some(height)) => Size { width, height },
-            _ => Size { width: request.target.width, height: request.target.height },
+            _ => Size {
+                width: request.target.width,
+                height: request.target.height,
+            },
         };
         if out.width == 0 || out.height == 0 {
-            return Err(invalid(format!("the target size {}x{} (HxW) is empty", out.height, out.width)));
+            return Err(invalid(format!(
+                "the target size {}x{} (HxW) is empty",
+                out.height, out.width
+            )));
         }
         if clip.width == 0 || clip.height == 0 {
-            return Err(invalid(format!("the clip's frames are {}x{} (WxH), nothing to crop", clip.width, clip.height)));
+            return Err(invalid(format!(
+                "the clip's frames are {}x{} (WxH), nothing to crop",
+                clip.width, clip.height
+            )));
         }
-        let region = request.plan.crop.unwrap_or(CropBox { x: 0, y: 0, width: clip.width, height: clip.height });
+        let region = request.plan.crop.unwrap_or(CropBox {
+            x: 0,
+            y: 0,
+            width: clip.width,
+            height: clip.height,
+        });
         let inside = region.width > 0
             && region.height > 0
             && u64::from(region.x) + u64::from(region.width) <= u64::from(clip.width)
@@ -211,10 +235,19 @@ mod tests {
     use cogvx_plugin_api::{ClipInfo, Resolution};
 
     fn request(width: u32, height: u32, seed: u64) -> TransformRequest {
-        let clip = ClipInfo { width, height, frame_count: 5, fps: 24.0 };
+        let clip = ClipInfo {
+            width,
+            height,
+            frame_count: 5,
+            fps: 24.0,
+        };
         TransformRequest {
             clip,
-            target: Resolution { frames: 49, height: 480, width: 720 },
+            target: Resolution {
+                frames: 49,
+                height: 480,
+                width: 720,
+            },
             plan: TransformPlan::identity(&clip),
             seed,
         }
@@ -229,12 +262,16 @@ mod tests {
     /// The crop has the 720:480 aspect within one pixel and lies inside the frame.
     fn assert_good_crop(c: CropBox, fw: u32, fh: u32) {
         assert!(c.width > 0 && c.height > 0, "{c:?}");
-        assert!(c.x + c.width <= fw && c.y + c.height <= fh, "{c:?} outside {fw}x{fh}");
+        assert!(
+            c.x + c.width <= fw && c.y + c.height <= fh,
+            "{c:?} outside {fw}x{fh}"
+        );
         // Ideal height for this width is width * 480 / 720; allow 1 px (and likewise width).
         let ideal_h = f64::from(c.width) * 480.0 / 720.0;
         let ideal_w = f64::from(c.height) * 720.0 / 480.0;
         assert!(
-            (f64::from(c.height) - ideal_h).abs() <= 1.0 || (f64::from(c.width) - ideal_w).abs() <= 1.0,
+            (f64::from(c.height) - ideal_h).abs() <= 1.0
+                || (f64::from(c.width) - ideal_w).abs() <= 1.0,
             "{c:?} is not 3:2"
         );
     }
@@ -252,17 +289,55 @@ mod tests {
         let mut p = plugin("{}");
         // (frame w, h) -> expected centred crop (x, y, w, h).
         let cases = [
-            ((176, 144), CropBox { x: 0, y: 13, width: 176, height: 117 }), // 11:9, 176*2/3 = 117.3
-            ((640, 272), CropBox { x: 116, y: 0, width: 408, height: 272 }), // 2.35:1, 272*3/2 = 408
-            ((320, 240), CropBox { x: 0, y: 13, width: 320, height: 213 }), // 4:3, 320*2/3 = 213.3
-            ((256, 256), CropBox { x: 0, y: 42, width: 256, height: 171 }), // 1:1, 256*2/3 = 170.7
+            (
+                (176, 144),
+                CropBox {
+                    x: 0,
+                    y: 13,
+                    width: 176,
+                    height: 117,
+                },
+            ), // 11:9, 176*2/3 = 117.3
+            (
+                (640, 272),
+                CropBox {
+                    x: 116,
+                    y: 0,
+                    width: 408,
+                    height: 272,
+                },
+            ), // 2.35:1, 272*3/2 = 408
+            (
+                (320, 240),
+                CropBox {
+                    x: 0,
+                    y: 13,
+                    width: 320,
+                    height: 213,
+                },
+            ), // 4:3, 320*2/3 = 213.3
+            (
+                (256, 256),
+                CropBox {
+                    x: 0,
+                    y: 42,
+                    width: 256,
+                    height: 171,
+                },
+            ), // 1:1, 256*2/3 = 170.7
         ];
         for ((w, h), want) in cases {
             let plan = p.plan_transform(&request(w, h, 0)).unwrap();
             let crop = plan.crop.unwrap();
             assert_eq!(crop, want, "{w}x{h}");
             assert_good_crop(crop, w, h);
-            assert_eq!(plan.resize, Some(Size { width: 720, height: 480 }));
+            assert_eq!(
+                plan.resize,
+                Some(Size {
+                    width: 720,
+                    height: 480
+                })
+            );
             assert_eq!(plan.filter, ResizeFilter::Lanczos3);
             assert_eq!(plan.frames, vec![0, 1, 2, 3, 4]);
         }
@@ -271,9 +346,27 @@ mod tests {
     #[test]
     fn exact_aspect_keeps_whole_frame() {
         let plan = plugin("{}").plan_transform(&request(1440, 960, 3)).unwrap();
-        assert_eq!(plan.crop, Some(CropBox { x: 0, y: 0, width: 1440, height: 960 }));
-        let plan = plugin(r#"{"crop":"random"}"#).plan_transform(&request(720, 480, 3)).unwrap();
-        assert_eq!(plan.crop, Some(CropBox { x: 0, y: 0, width: 720, height: 480 }));
+        assert_eq!(
+            plan.crop,
+            Some(CropBox {
+                x: 0,
+                y: 0,
+                width: 1440,
+                height: 960
+            })
+        );
+        let plan = plugin(r#"{"crop":"random"}"#)
+            .plan_transform(&request(720, 480, 3))
+            .unwrap();
+        assert_eq!(
+            plan.crop,
+            Some(CropBox {
+                x: 0,
+                y: 0,
+                width: 720,
+                height: 480
+            })
+        );
     }
 
     #[test]
@@ -282,8 +375,18 @@ mod tests {
         let mut xs = std::collections::BTreeSet::new();
         for (w, h) in [(176, 144), (640, 272), (320, 240), (256, 256), (1920, 1080)] {
             for seed in 0..50u64 {
-                let a = p.clone().plan_transform(&request(w, h, seed)).unwrap().crop.unwrap();
-                let b = p.clone().plan_transform(&request(w, h, seed)).unwrap().crop.unwrap();
+                let a = p
+                    .clone()
+                    .plan_transform(&request(w, h, seed))
+                    .unwrap()
+                    .crop
+                    .unwrap();
+                let b = p
+                    .clone()
+                    .plan_transform(&request(w, h, seed))
+                    .unwrap()
+                    .crop
+                    .unwrap();
                 assert_eq!(a, b, "same seed, same crop");
                 assert_good_crop(a, w, h);
                 if (w, h) == (640, 272) {
@@ -298,11 +401,20 @@ mod tests {
         let q = plugin(r#"{"crop":"random","seed":12}"#);
         let differ = (0..20u64)
             .filter(|&s| {
-                p.clone().plan_transform(&request(640, 272, s)).unwrap().crop
-                    != q.clone().plan_transform(&request(640, 272, s)).unwrap().crop
+                p.clone()
+                    .plan_transform(&request(640, 272, s))
+                    .unwrap()
+                    .crop
+                    != q.clone()
+                        .plan_transform(&request(640, 272, s))
+                        .unwrap()
+                        .crop
             })
             .count();
-        assert!(differ >= 15, "config seed barely matters: {differ}/20 differ");
+        assert!(
+            differ >= 15,
+            "config seed barely matters: {differ}/20 differ"
+        );
     }
 
     #[test]
@@ -316,17 +428,42 @@ mod tests {
     #[test]
     fn composes_inside_existing_crop() {
         let mut req = request(1920, 1080, 5);
-        req.plan.crop = Some(CropBox { x: 100, y: 50, width: 800, height: 800 });
-        req.plan.resize = Some(Size { width: 64, height: 64 });
+        req.plan.crop = Some(CropBox {
+            x: 100,
+            y: 50,
+            width: 800,
+            height: 800,
+        });
+        req.plan.resize = Some(Size {
+            width: 64,
+            height: 64,
+        });
         req.plan.frames = vec![3, 1];
         let plan = plugin("{}").plan_transform(&req).unwrap();
         // 800x800 -> full width, height round(800 * 2/3) = 533, centred: y = 50 + 133.
-        assert_eq!(plan.crop, Some(CropBox { x: 100, y: 183, width: 800, height: 533 }));
-        assert_eq!(plan.resize, Some(Size { width: 720, height: 480 }));
+        assert_eq!(
+            plan.crop,
+            Some(CropBox {
+                x: 100,
+                y: 183,
+                width: 800,
+                height: 533
+            })
+        );
+        assert_eq!(
+            plan.resize,
+            Some(Size {
+                width: 720,
+                height: 480
+            })
+        );
         assert_eq!(plan.frames, vec![3, 1]);
         let plan = plugin(r#"{"crop":"random"}"#).plan_transform(&req).unwrap();
         let c = plan.crop.unwrap();
-        assert!(c.x == 100 && c.y >= 50 && c.y + c.height <= 850 && c.height == 533, "{c:?}");
+        assert!(
+            c.x == 100 && c.y >= 50 && c.y + c.height <= 850 && c.height == 533,
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -334,31 +471,65 @@ mod tests {
         let plan = plugin(r#"{"width":256,"height":256,"filter":"bicubic"}"#)
             .plan_transform(&request(640, 272, 0))
             .unwrap();
-        assert_eq!(plan.crop, Some(CropBox { x: 184, y: 0, width: 272, height: 272 }));
-        assert_eq!(plan.resize, Some(Size { width: 256, height: 256 }));
+        assert_eq!(
+            plan.crop,
+            Some(CropBox {
+                x: 184,
+                y: 0,
+                width: 272,
+                height: 272
+            })
+        );
+        assert_eq!(
+            plan.resize,
+            Some(Size {
+                width: 256,
+                height: 256
+            })
+        );
         assert_eq!(plan.filter, ResizeFilter::Bicubic);
     }
 
     #[test]
     fn rejects_bad_config_by_name() {
         let mut p = CropResize::default();
-        let e = p.configure(r#"{"crop":"center","mode":"x"}"#).unwrap_err().to_string();
-        assert!(e.contains("unknown field `mode`") && e.contains("[plugin.crop_resize]"), "{e}");
-        let e = p.configure(r#"{"filter":"lanczos5"}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"crop":"center","mode":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `mode`") && e.contains("[plugin.crop_resize]"),
+            "{e}"
+        );
+        let e = p
+            .configure(r#"{"filter":"lanczos5"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown variant `lanczos5`"), "{e}");
         let e = p.configure(r#"{"width":720}"#).unwrap_err().to_string();
         assert!(e.contains("only one of width and height"), "{e}");
-        let e = p.configure(r#"{"width":0,"height":4}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"width":0,"height":4}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must be positive"), "{e}");
     }
 
     #[test]
     fn rejects_bad_requests() {
         let mut p = plugin("{}");
-        let e = p.plan_transform(&request(0, 10, 0)).unwrap_err().to_string();
+        let e = p
+            .plan_transform(&request(0, 10, 0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("crop_resize") && e.contains("0x10"), "{e}");
         let mut req = request(100, 100, 0);
-        req.plan.crop = Some(CropBox { x: 50, y: 0, width: 60, height: 10 });
+        req.plan.crop = Some(CropBox {
+            x: 50,
+            y: 0,
+            width: 60,
+            height: 10,
+        });
         let e = p.plan_transform(&req).unwrap_err().to_string();
         assert!(e.contains("not inside the 100x100 frame"), "{e}");
         let mut req = request(100, 100, 0);
@@ -372,7 +543,10 @@ mod tests {
         let mut p = plugin(r#"{"crop":"random"}"#);
         for (w, h) in [(1, 1), (1, 5000), (5000, 1), (u32::MAX, 1), (3, 2)] {
             let c = p.plan_transform(&request(w, h, 9)).unwrap().crop.unwrap();
-            assert!(c.width >= 1 && c.height >= 1 && c.x as u64 + c.width as u64 <= w as u64, "{c:?}");
+            assert!(
+                c.width >= 1 && c.height >= 1 && c.x as u64 + c.width as u64 <= w as u64,
+                "{c:?}"
+            );
             assert!(c.y as u64 + c.height as u64 <= h as u64, "{c:?}");
         }
     }

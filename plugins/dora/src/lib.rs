@@ -137,7 +137,9 @@ pub struct Dora {
 
 /// The DoRA recipe for one layer under `config` (see the crate docs for the formula).
 pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
-    request.check().map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
+    request
+        .check()
+        .map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
     let a_init = match config.init_lora_weights {
         LoraInit::Kaiming => Init::KaimingUniform { a: 5f32.sqrt() },
         LoraInit::Gaussian => Init::Normal {

@@ -47,7 +47,9 @@
 //! which leaves up to `n // F + n % F - 1` frames at the end of the clip unused. `uniform`
 //! covers the whole clip instead; `stride` gives a stride tied to the frame rate, not the length.
 
-use cogvx_plugin_api::{Plugin, PluginError, PluginInfo, PluginKind, PluginResult, TransformPlan, TransformRequest};
+use cogvx_plugin_api::{
+    Plugin, PluginError, PluginInfo, PluginKind, PluginResult, TransformPlan, TransformRequest,
+};
 use serde::Deserialize;
 
 /// The plugin's name (its crate folder); a loaded plugin of this name replaces the built-in.
@@ -87,7 +89,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { mode: Mode::Uniform, fps: 8.0, short_clip: ShortClip::RepeatLast }
+        Config {
+            mode: Mode::Uniform,
+            fps: 8.0,
+            short_clip: ShortClip::RepeatLast,
+        }
     }
 }
 
@@ -112,7 +118,10 @@ fn invalid(msg: String) -> PluginError {
 pub fn parse_config(params_json: &str) -> PluginResult<Config> {
     let config: Config = cogvx_plugin_api::parse_params(NAME, params_json)?;
     if !(config.fps.is_finite() && config.fps > 0.0) {
-        return Err(invalid(format!("[plugin.{NAME}] fps = {} must be a positive number of frames per second", config.fps)));
+        return Err(invalid(format!(
+            "[plugin.{NAME}] fps = {} must be a positive number of frames per second",
+            config.fps
+        )));
     }
     Ok(config)
 }
@@ -124,7 +133,9 @@ pub fn uniform_positions(n: u32, f: u32) -> Vec<u32> {
         return vec![0];
     }
     let (n1, f1) = (u64::from(n) - 1, u64::from(f) - 1);
-    (0..u64::from(f)).map(|i| ((2 * i * n1 + f1) / (2 * f1)) as u32).collect()
+    (0..u64::from(f))
+        .map(|i| ((2 * i * n1 + f1) / (2 * f1)) as u32)
+        .collect()
 }
 
 /// The stride for `mode = "stride"`: `max(1, round(src_fps / target_fps))`.
@@ -135,7 +146,13 @@ pub fn stride(src_fps: f64, target_fps: f64) -> PluginResult<u32> {
         )));
     }
     let s = (src_fps / target_fps).round();
-    Ok(if s < 1.0 { 1 } else if s > f64::from(u32::MAX) { u32::MAX } else { s as u32 })
+    Ok(if s < 1.0 {
+        1
+    } else if s > f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        s as u32
+    })
 }
 
 impl FrameSkip {
@@ -155,7 +172,14 @@ impl FrameSkip {
                     return Ok((0..f).map(|i| i * s).collect());
                 }
                 let needed = u64::from(f - 1) * u64::from(s) + 1;
-                (available, s, format!(" ({needed} at stride {s} for {fps} fps -> {} fps)", self.config.fps))
+                (
+                    available,
+                    s,
+                    format!(
+                        " ({needed} at stride {s} for {fps} fps -> {} fps)",
+                        self.config.fps
+                    ),
+                )
             }
         };
         match self.config.short_clip {
@@ -165,7 +189,9 @@ impl FrameSkip {
             ))),
             ShortClip::RepeatLast => {
                 let last = (available - 1) * step;
-                Ok((0..f).map(|i| if i < available { i * step } else { last }).collect())
+                Ok((0..f)
+                    .map(|i| if i < available { i * step } else { last })
+                    .collect())
             }
         }
     }
@@ -207,7 +233,8 @@ impl Plugin for FrameSkip {
                 request.clip.frame_count
             )));
         }
-        let n = u32::try_from(source.len()).map_err(|_| invalid("the plan has more than 2^32 frames".to_string()))?;
+        let n = u32::try_from(source.len())
+            .map_err(|_| invalid("the plan has more than 2^32 frames".to_string()))?;
         let positions = self.positions(n, f, request.clip.fps)?;
         let mut plan = request.plan.clone();
         plan.frames = positions.into_iter().map(|p| source[p as usize]).collect();
@@ -220,13 +247,22 @@ cogvx_plugin_api::export_plugin!(FrameSkip);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cogvx_plugin_api::{ClipInfo, CropBox, Resolution, ResizeFilter, Size};
+    use cogvx_plugin_api::{ClipInfo, CropBox, ResizeFilter, Resolution, Size};
 
     fn request(frame_count: u32, fps: f64, frames: u32) -> TransformRequest {
-        let clip = ClipInfo { width: 720, height: 480, frame_count, fps };
+        let clip = ClipInfo {
+            width: 720,
+            height: 480,
+            frame_count,
+            fps,
+        };
         TransformRequest {
             clip,
-            target: Resolution { frames, height: 480, width: 720 },
+            target: Resolution {
+                frames,
+                height: 480,
+                width: 720,
+            },
             plan: TransformPlan::identity(&clip),
             seed: 7,
         }
@@ -255,7 +291,9 @@ mod tests {
 
     #[test]
     fn uniform_spans_whole_clip_with_documented_rounding() {
-        let plan = plugin("{}").plan_transform(&request(100, 30.0, 49)).unwrap();
+        let plan = plugin("{}")
+            .plan_transform(&request(100, 30.0, 49))
+            .unwrap();
         assert_eq!(plan.frames.len(), 49);
         assert_eq!(plan.frames[0], 0);
         assert_eq!(plan.frames[48], 99);
@@ -264,17 +302,26 @@ mod tests {
         assert_eq!(plan.frames[2], 4);
         assert_eq!(plan.frames[8], 17);
         assert_eq!(plan.frames[24], 50);
-        assert!(plan.frames.windows(2).all(|w| w[0] < w[1]), "{:?}", plan.frames);
+        assert!(
+            plan.frames.windows(2).all(|w| w[0] < w[1]),
+            "{:?}",
+            plan.frames
+        );
     }
 
     #[test]
     fn uniform_exact_length_is_identity_and_one_frame_is_first() {
         let plan = plugin("").plan_transform(&request(49, 24.0, 49)).unwrap();
         assert_eq!(plan.frames, (0..49).collect::<Vec<_>>());
-        let plan = plugin("null").plan_transform(&request(10, 24.0, 1)).unwrap();
+        let plan = plugin("null")
+            .plan_transform(&request(10, 24.0, 1))
+            .unwrap();
         assert_eq!(plan.frames, vec![0]);
         assert_eq!(uniform_positions(9, 9), (0..9).collect::<Vec<_>>());
-        assert_eq!(uniform_positions(17, 9), vec![0, 2, 4, 6, 8, 10, 12, 14, 16]);
+        assert_eq!(
+            uniform_positions(17, 9),
+            vec![0, 2, 4, 6, 8, 10, 12, 14, 16]
+        );
     }
 
     #[test]
@@ -287,7 +334,8 @@ mod tests {
 
     #[test]
     fn short_clip_reject_names_counts() {
-        let msg = err_text(plugin(r#"{"short_clip":"reject"}"#).plan_transform(&request(30, 30.0, 49)));
+        let msg =
+            err_text(plugin(r#"{"short_clip":"reject"}"#).plan_transform(&request(30, 30.0, 49)));
         assert!(msg.contains("frame_skip"), "{msg}");
         assert!(msg.contains("has 30 frames but 49 are needed"), "{msg}");
     }
@@ -311,14 +359,20 @@ mod tests {
     #[test]
     fn stride_short_clip_pads_or_rejects() {
         // 100 frames at stride 4: positions 0..=96 (25 frames), then 96 repeated.
-        let plan = plugin(r#"{"mode":"stride"}"#).plan_transform(&request(100, 30.0, 49)).unwrap();
+        let plan = plugin(r#"{"mode":"stride"}"#)
+            .plan_transform(&request(100, 30.0, 49))
+            .unwrap();
         let mut want: Vec<u32> = (0..25).map(|i| i * 4).collect();
         want.extend(std::iter::repeat_n(96, 24));
         assert_eq!(plan.frames, want);
         let msg = err_text(
-            plugin(r#"{"mode":"stride","short_clip":"reject"}"#).plan_transform(&request(100, 30.0, 49)),
+            plugin(r#"{"mode":"stride","short_clip":"reject"}"#)
+                .plan_transform(&request(100, 30.0, 49)),
         );
-        assert!(msg.contains("has 100 frames but 49 are needed (193 at stride 4"), "{msg}");
+        assert!(
+            msg.contains("has 100 frames but 49 are needed (193 at stride 4"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -331,8 +385,16 @@ mod tests {
     fn chooses_within_narrowed_plan_and_keeps_crop() {
         let mut req = request(200, 30.0, 9);
         req.plan.frames = (50..150).collect();
-        req.plan.crop = Some(CropBox { x: 1, y: 2, width: 30, height: 20 });
-        req.plan.resize = Some(Size { width: 720, height: 480 });
+        req.plan.crop = Some(CropBox {
+            x: 1,
+            y: 2,
+            width: 30,
+            height: 20,
+        });
+        req.plan.resize = Some(Size {
+            width: 720,
+            height: 480,
+        });
         req.plan.filter = ResizeFilter::Bilinear;
         let plan = plugin("{}").plan_transform(&req).unwrap();
         // 99 / 8 = 12.375 per step: 0, 12.4->12, 24.75->25, 37.1->37, 49.5->50, 61.9->62, 74.25->74, 86.6->87, 99.
@@ -346,7 +408,10 @@ mod tests {
     fn rejects_non_8n_plus_1_targets() {
         for f in [0, 48, 50, 2] {
             let msg = err_text(plugin("{}").plan_transform(&request(100, 30.0, f)));
-            assert!(msg.contains(&format!("target frame count {f} is not 8N+1")), "{msg}");
+            assert!(
+                msg.contains(&format!("target frame count {f} is not 8N+1")),
+                "{msg}"
+            );
         }
     }
 
@@ -357,24 +422,43 @@ mod tests {
         let mut req = request(10, 30.0, 9);
         req.plan.frames = vec![0, 5, 12];
         let msg = err_text(plugin("{}").plan_transform(&req));
-        assert!(msg.contains("names frame 12, but the clip has 10 frames"), "{msg}");
+        assert!(
+            msg.contains("names frame 12, but the clip has 10 frames"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn config_rejects_unknown_keys_and_bad_values() {
         let mut p = FrameSkip::default();
-        let e = p.configure(r#"{"mode":"uniform","frames":49}"#).unwrap_err().to_string();
-        assert!(e.contains("unknown field `frames`") && e.contains("[plugin.frame_skip]"), "{e}");
-        assert!(!e.contains("at line"), "JSON positions mean nothing to the user: {e}");
+        let e = p
+            .configure(r#"{"mode":"uniform","frames":49}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `frames`") && e.contains("[plugin.frame_skip]"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("at line"),
+            "JSON positions mean nothing to the user: {e}"
+        );
         let e = p.configure(r#"{"mode":"random"}"#).unwrap_err().to_string();
         assert!(e.contains("unknown variant `random`"), "{e}");
         let e = p.configure(r#"{"fps":0}"#).unwrap_err().to_string();
         assert!(e.contains("fps = 0"), "{e}");
-        let e = p.configure(r#"{"short_clip":"pad"}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"short_clip":"pad"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown variant `pad`"), "{e}");
         assert_eq!(
             parse_config(r#"{"mode":"stride","fps":12.5,"short_clip":"reject"}"#).unwrap(),
-            Config { mode: Mode::Stride, fps: 12.5, short_clip: ShortClip::Reject }
+            Config {
+                mode: Mode::Stride,
+                fps: 12.5,
+                short_clip: ShortClip::Reject
+            }
         );
     }
 }

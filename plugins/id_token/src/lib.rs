@@ -61,7 +61,9 @@ pub struct IdToken {
 impl IdToken {
     /// A configured plugin (the config is validated as [`Plugin::configure`] would).
     pub fn new(config: Config) -> PluginResult<Self> {
-        Ok(IdToken { config: Some(validate(config)?) })
+        Ok(IdToken {
+            config: Some(validate(config)?),
+        })
     }
 }
 
@@ -76,12 +78,22 @@ fn is_word_char(c: char) -> bool {
 fn validate(mut config: Config) -> PluginResult<Config> {
     config.token = config.token.trim().to_string();
     if config.token.is_empty() {
-        return Err(invalid(format!("[plugin.{NAME}] token is empty; set it to your identifier, e.g. token = \"BW_STYLE\"")));
+        return Err(invalid(format!(
+            "[plugin.{NAME}] token is empty; set it to your identifier, e.g. token = \"BW_STYLE\""
+        )));
     }
     if config.token.chars().any(char::is_control) {
-        return Err(invalid(format!("[plugin.{NAME}] token {:?} contains a control character", config.token)));
+        return Err(invalid(format!(
+            "[plugin.{NAME}] token {:?} contains a control character",
+            config.token
+        )));
     }
-    if config.separator.is_empty() || config.separator.chars().any(|c| is_word_char(c) || c.is_control()) {
+    if config.separator.is_empty()
+        || config
+            .separator
+            .chars()
+            .any(|c| is_word_char(c) || c.is_control())
+    {
         return Err(invalid(format!(
             "[plugin.{NAME}] separator {:?} must be non-empty and contain no letter, digit, '_' or control \
              character (else the token would not stay a separate word), e.g. \" \" or \", \"",
@@ -102,7 +114,11 @@ pub fn contains_word(text: &str, token: &str) -> bool {
     let last_is_word = token.chars().next_back().is_some_and(is_word_char);
     text.match_indices(token).any(|(at, _)| {
         let before_ok = !first_is_word || !text[..at].chars().next_back().is_some_and(is_word_char);
-        let after_ok = !last_is_word || !text[at + token.len()..].chars().next().is_some_and(is_word_char);
+        let after_ok = !last_is_word
+            || !text[at + token.len()..]
+                .chars()
+                .next()
+                .is_some_and(is_word_char);
         before_ok && after_ok
     })
 }
@@ -128,7 +144,9 @@ impl Plugin for IdToken {
             name: NAME.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             kinds: vec![PluginKind::PromptRewriter],
-            description: "puts an identifier token into every caption (prefix or suffix), idempotently".to_string(),
+            description:
+                "puts an identifier token into every caption (prefix or suffix), idempotently"
+                    .to_string(),
         }
     }
 
@@ -168,7 +186,10 @@ mod tests {
     #[test]
     fn prefix_by_default_with_trimmed_caption() {
         let mut p = plugin(r#"{"token":"BW_STYLE"}"#);
-        assert_eq!(p.rewrite_prompt("  a man walks a dog.\n").unwrap(), "BW_STYLE a man walks a dog.");
+        assert_eq!(
+            p.rewrite_prompt("  a man walks a dog.\n").unwrap(),
+            "BW_STYLE a man walks a dog."
+        );
         assert_eq!(p.rewrite_prompt("").unwrap(), "BW_STYLE");
         assert_eq!(p.rewrite_prompt(" \t ").unwrap(), "BW_STYLE");
     }
@@ -176,30 +197,62 @@ mod tests {
     #[test]
     fn suffix_and_separator() {
         let mut p = plugin(r#"{"token":" BW_STYLE ","position":"suffix","separator":", "}"#);
-        assert_eq!(p.rewrite_prompt("a man walks a dog. ").unwrap(), "a man walks a dog., BW_STYLE");
+        assert_eq!(
+            p.rewrite_prompt("a man walks a dog. ").unwrap(),
+            "a man walks a dog., BW_STYLE"
+        );
         let mut p = plugin(r#"{"token":"sks","separator":", "}"#);
         assert_eq!(p.rewrite_prompt("a sketch").unwrap(), "sks, a sketch");
     }
 
     #[test]
     fn idempotent_on_whole_words_only() {
-        for json in [r#"{"token":"BW_STYLE"}"#, r#"{"token":"BW_STYLE","position":"suffix","separator":" - "}"#] {
+        for json in [
+            r#"{"token":"BW_STYLE"}"#,
+            r#"{"token":"BW_STYLE","position":"suffix","separator":" - "}"#,
+        ] {
             let mut p = plugin(json);
-            for caption in ["a cat", "  two  cats  ", "", "BW_STYLEd photo", "xBW_STYLE", "a BW_STYLE_2 b"] {
+            for caption in [
+                "a cat",
+                "  two  cats  ",
+                "",
+                "BW_STYLEd photo",
+                "xBW_STYLE",
+                "a BW_STYLE_2 b",
+            ] {
                 let once = p.rewrite_prompt(caption).unwrap();
                 assert!(contains_word(&once, "BW_STYLE"), "{once:?}");
-                assert_eq!(p.rewrite_prompt(&once).unwrap(), once, "not idempotent for {caption:?}");
+                assert_eq!(
+                    p.rewrite_prompt(&once).unwrap(),
+                    once,
+                    "not idempotent for {caption:?}"
+                );
             }
         }
         let mut p = plugin(r#"{"token":"BW_STYLE"}"#);
         // Already present as a whole word: unchanged, even untrimmed and mid-caption.
-        assert_eq!(p.rewrite_prompt(" a BW_STYLE photo, ").unwrap(), " a BW_STYLE photo, ");
-        assert_eq!(p.rewrite_prompt("photo (BW_STYLE)").unwrap(), "photo (BW_STYLE)");
+        assert_eq!(
+            p.rewrite_prompt(" a BW_STYLE photo, ").unwrap(),
+            " a BW_STYLE photo, "
+        );
+        assert_eq!(
+            p.rewrite_prompt("photo (BW_STYLE)").unwrap(),
+            "photo (BW_STYLE)"
+        );
         // Only part of another word: the token is added.
-        assert_eq!(p.rewrite_prompt("BW_STYLEd photo").unwrap(), "BW_STYLE BW_STYLEd photo");
-        assert_eq!(p.rewrite_prompt("a BW_STYLE_2 b").unwrap(), "BW_STYLE a BW_STYLE_2 b");
+        assert_eq!(
+            p.rewrite_prompt("BW_STYLEd photo").unwrap(),
+            "BW_STYLE BW_STYLEd photo"
+        );
+        assert_eq!(
+            p.rewrite_prompt("a BW_STYLE_2 b").unwrap(),
+            "BW_STYLE a BW_STYLE_2 b"
+        );
         // Case-sensitive.
-        assert_eq!(p.rewrite_prompt("bw_style photo").unwrap(), "BW_STYLE bw_style photo");
+        assert_eq!(
+            p.rewrite_prompt("bw_style photo").unwrap(),
+            "BW_STYLE bw_style photo"
+        );
     }
 
     #[test]
@@ -215,23 +268,49 @@ mod tests {
     fn token_is_required_and_validated() {
         let mut p = IdToken::default();
         let e = p.rewrite_prompt("a cat").unwrap_err().to_string();
-        assert!(e.contains("no token configured") && e.contains("[plugin.id_token]"), "{e}");
+        assert!(
+            e.contains("no token configured") && e.contains("[plugin.id_token]"),
+            "{e}"
+        );
         let e = p.configure("{}").unwrap_err().to_string();
-        assert!(e.contains("missing field `token`") && e.contains("[plugin.id_token]"), "{e}");
+        assert!(
+            e.contains("missing field `token`") && e.contains("[plugin.id_token]"),
+            "{e}"
+        );
         let e = p.configure("").unwrap_err().to_string();
         assert!(e.contains("missing field `token`"), "{e}");
         let e = p.configure(r#"{"token":"  "}"#).unwrap_err().to_string();
         assert!(e.contains("token is empty"), "{e}");
-        let e = p.configure(r#"{"token":"a\u0007"}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"token":"a\u0007"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("control character"), "{e}");
-        let e = p.configure(r#"{"token":"X","separator":""}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"token":"X","separator":""}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("separator \"\" must be non-empty"), "{e}");
-        let e = p.configure(r#"{"token":"X","separator":"_"}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"token":"X","separator":"_"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("separator \"_\""), "{e}");
-        let e = p.configure(r#"{"token":"X","place":"prefix"}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"token":"X","place":"prefix"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `place`"), "{e}");
-        let e = p.configure(r#"{"token":"X","position":"middle"}"#).unwrap_err().to_string();
+        let e = p
+            .configure(r#"{"token":"X","position":"middle"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown variant `middle`"), "{e}");
-        assert!(IdToken::new(Config { token: "T".into(), position: Position::Suffix, separator: " ".into() }).is_ok());
+        assert!(IdToken::new(Config {
+            token: "T".into(),
+            position: Position::Suffix,
+            separator: " ".into()
+        })
+        .is_ok());
     }
 }

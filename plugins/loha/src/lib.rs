@@ -78,7 +78,9 @@ pub struct Loha {
 
 /// The LoHa recipe for one layer under `config` (see the crate docs for the formula).
 pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
-    request.check().map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
+    request
+        .check()
+        .map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
     let kaiming = Init::KaimingUniform { a: 5f32.sqrt() };
     let w2_b_init = if config.init_weights {
         Init::Zeros

@@ -202,7 +202,9 @@ pub fn layout(config: &Config, in_features: u32, out_features: u32, rank: u32) -
 
 /// The LoKr recipe for one layer under `config` (see the crate docs for the formula).
 pub fn recipe(config: &Config, request: &AdapterRequest) -> PluginResult<AdapterRecipe> {
-    request.check().map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
+    request
+        .check()
+        .map_err(|e| PluginError::Invalid(format!("{NAME}: {e}")))?;
     let lay = layout(
         config,
         request.in_features,

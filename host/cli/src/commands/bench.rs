@@ -10,25 +10,44 @@ use super::Settings;
 
 /// Decode + preprocess of a generated 1080p clip to the target resolution with frame_skip and
 /// crop_resize, crop_resize running built-in, as a native `.so` and as a `.wasm` component.
-pub fn preprocess(settings: &Settings, plugins_dir: &Path, seconds: u32, repeat: u32) -> Result<ExitCode> {
-    let target = settings.resolution.into();
+pub fn preprocess(
+    settings: &Settings,
+    plugins_dir: &Path,
+    seconds: u32,
+    repeat: u32,
+) -> Result<ExitCode> {
+    let target = settings.resolution;
     let work = std::env::temp_dir().join("cogvx-bench");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let fps = 30;
-    let clip = cogvx_video::bench::make_bench_clip(&work, 1920, 1080, seconds * fps, fps).map_err(|e| anyhow!("{e}"))?;
-    println!("clip: {} (1920x1080, {} frames at {fps} fps) -> {}", clip.display(), seconds * fps, settings.resolution);
+    let clip = cogvx_video::bench::make_bench_clip(&work, 1920, 1080, seconds * fps, fps)
+        .map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "clip: {} (1920x1080, {} frames at {fps} fps) -> {}",
+        clip.display(),
+        seconds * fps,
+        settings.resolution
+    );
     let registry = settings.registry()?;
     let limits = registry.wasm_limits().clone();
-    let transports: [(&str, Box<dyn Fn() -> Result<LoadedPlugin>>); 3] = [
-        ("built-in", Box::new(|| Ok(LoadedPlugin::builtin(cogvx_plugin_crop_resize::builtin())))),
+    type Load<'a> = Box<dyn Fn() -> Result<LoadedPlugin> + 'a>;
+    let transports: [(&str, Load<'_>); 3] = [
+        (
+            "built-in",
+            Box::new(|| Ok(LoadedPlugin::builtin(cogvx_plugin_crop_resize::builtin()))),
+        ),
         (
             "native .so",
-            Box::new(|| LoadedPlugin::load_native(&plugins_dir.join("crop_resize.so")).map_err(|e| anyhow!("{e} (run `bash plugins/build.sh`)"))),
+            Box::new(|| {
+                LoadedPlugin::load_native(&plugins_dir.join("crop_resize.so"))
+                    .map_err(|e| anyhow!("{e} (run `bash plugins/build.sh`)"))
+            }),
         ),
         (
             "wasm",
             Box::new(|| {
-                LoadedPlugin::load_wasm(&plugins_dir.join("crop_resize.wasm"), &limits).map_err(|e| anyhow!("{e} (run `bash plugins/build.sh`)"))
+                LoadedPlugin::load_wasm(&plugins_dir.join("crop_resize.wasm"), &limits)
+                    .map_err(|e| anyhow!("{e} (run `bash plugins/build.sh`)"))
             }),
         ),
     ];
@@ -39,7 +58,8 @@ pub fn preprocess(settings: &Settings, plugins_dir: &Path, seconds: u32, repeat:
         frame_skip.configure("{}").map_err(|e| anyhow!("{e}"))?;
         crop_resize.configure("{}").map_err(|e| anyhow!("{e}"))?;
         let chain: Vec<&mut dyn Plugin> = vec![&mut frame_skip, &mut crop_resize];
-        let t = cogvx_video::bench::preprocess_throughput(&clip, target, chain, repeat).map_err(|e| anyhow!("{e}"))?;
+        let t = cogvx_video::bench::preprocess_throughput(&clip, target, chain, repeat)
+            .map_err(|e| anyhow!("{e}"))?;
         println!("{name:<11} {t}");
         rows.push(serde_json::json!({
             "transport": name,
@@ -54,13 +74,19 @@ pub fn preprocess(settings: &Settings, plugins_dir: &Path, seconds: u32, repeat:
 }
 
 /// `cogvx bench train-step`: one JSON line, as `torch_train_step.py` prints.
-pub fn train_step(settings: &Settings, preset: &str, options: cogvx_bench::StepOptions) -> Result<ExitCode> {
+pub fn train_step(
+    settings: &Settings,
+    preset: &str,
+    options: cogvx_bench::StepOptions,
+) -> Result<ExitCode> {
     let report = match settings.device {
         #[cfg(feature = "cuda")]
         crate::config::Device::Cuda(index) => {
             let preset = cogvx_bench::preset(preset).map_err(|e| anyhow!("{e}"))?;
             let device = cogvx_model_core::CudaDevice { index };
-            cogvx_bench::train_step_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(&preset, options, &device)
+            cogvx_bench::train_step_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(
+                &preset, options, &device,
+            )
         }
         _ => cogvx_bench::train_step(preset, options),
     }
@@ -70,13 +96,17 @@ pub fn train_step(settings: &Settings, preset: &str, options: cogvx_bench::StepO
 }
 
 /// `cogvx bench attention`: one JSON line.
-pub fn attention(settings: &Settings, options: cogvx_bench::attention::AttentionOptions) -> Result<ExitCode> {
+pub fn attention(
+    settings: &Settings,
+    options: cogvx_bench::attention::AttentionOptions,
+) -> Result<ExitCode> {
     let report = match settings.device {
         #[cfg(feature = "cuda")]
-        crate::config::Device::Cuda(index) => cogvx_bench::attention::attention_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(
-            options,
-            &cogvx_model_core::CudaDevice { index },
-        ),
+        crate::config::Device::Cuda(index) => {
+            cogvx_bench::attention::attention_on::<
+                burn::backend::Autodiff<cogvx_model_core::CudaBackend>,
+            >(options, &cogvx_model_core::CudaDevice { index })
+        }
         _ => cogvx_bench::attention::attention_cpu(options).map_err(|e| anyhow!("{e}"))?,
     };
     println!("{}", report.to_json_line());
@@ -87,7 +117,11 @@ pub fn attention(settings: &Settings, options: cogvx_bench::attention::Attention
 pub fn gemm(settings: &Settings, options: cogvx_bench::gemm::GemmOptions) -> Result<ExitCode> {
     let report = match settings.device {
         #[cfg(feature = "cuda")]
-        crate::config::Device::Cuda(index) => cogvx_bench::gemm::gemm_on::<cogvx_model_core::CudaBackend>(options, &cogvx_model_core::CudaDevice { index }),
+        crate::config::Device::Cuda(index) => cogvx_bench::gemm::gemm_on::<
+            cogvx_model_core::CudaBackend,
+        >(
+            options, &cogvx_model_core::CudaDevice { index }
+        ),
         _ => cogvx_bench::gemm::gemm_cpu(options),
     }
     .map_err(|e| anyhow!("{e}"))?;

@@ -9,9 +9,13 @@ use super::{ChainPlugins, Settings};
 pub fn check(settings: &Settings, dir: Option<PathBuf>) -> Result<ExitCode> {
     let root = settings.data_root(dir)?;
     let mut plugins = ChainPlugins::from_settings(settings)?;
-    let report = cogvx_data::check::check(&root, settings.resolution.into(), &mut plugins.chain());
+    let report = cogvx_data::check::check(&root, settings.resolution, &mut plugins.chain());
     println!("{report}");
-    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<ExitCode> {
@@ -22,7 +26,13 @@ pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ..Default::default()
     };
-    let summary = match cogvx_data::preview::preview(&root, out, settings.resolution.into(), &mut plugins.chain(), &options) {
+    let summary = match cogvx_data::preview::preview(
+        &root,
+        out,
+        settings.resolution,
+        &mut plugins.chain(),
+        &options,
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -31,7 +41,11 @@ pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<
     };
     for (clip, caption) in summary.clips.iter().zip(&summary.captions) {
         // Captions come from the dataset or a rewriter: printed without control characters.
-        println!("{}\t{}", clip.display(), cogvx_plugin_api::text::display_safe(caption, 2048));
+        println!(
+            "{}\t{}",
+            clip.display(),
+            cogvx_plugin_api::text::display_safe(caption, 2048)
+        );
     }
     if let Some(sheet) = &summary.contact_sheet {
         println!("contact sheet: {}", sheet.display());
@@ -39,5 +53,9 @@ pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<
     for p in &summary.failed {
         eprintln!("failed: {p}");
     }
-    Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -43,22 +43,36 @@ impl Settings {
             config.model.path = Some(model.clone());
         }
         let resolution_given = cli.resolution.is_some() || config.data.resolution.is_some();
-        let resolution = cli.resolution.or(config.data.resolution).unwrap_or(crate::config::DEFAULT_RESOLUTION);
+        let resolution = cli
+            .resolution
+            .or(config.data.resolution)
+            .unwrap_or(crate::config::DEFAULT_RESOLUTION);
         config.data.resolution = Some(resolution);
         let device = match (cli.device, config.device, std::env::var("COGVX_DEVICE")) {
             (Some(d), _, _) => d.check_available("--device")?,
             (None, Some(d), _) => d.check_available("`device` in the config")?,
-            (None, None, Ok(v)) => v.parse::<Device>().map_err(|e| anyhow::anyhow!("COGVX_DEVICE: {e}"))?.check_available("COGVX_DEVICE")?,
+            (None, None, Ok(v)) => v
+                .parse::<Device>()
+                .map_err(|e| anyhow::anyhow!("COGVX_DEVICE: {e}"))?
+                .check_available("COGVX_DEVICE")?,
             (None, None, Err(_)) => Device::Cpu,
         };
-        Ok(Settings { config, cli_plugins: cli.plugins.clone(), resolution, resolution_given, device })
+        Ok(Settings {
+            config,
+            cli_plugins: cli.plugins.clone(),
+            resolution,
+            resolution_given,
+            device,
+        })
     }
 
     /// The dataset root: the positional DIR, else --data-root, else `[data] root`.
     pub fn data_root(&self, positional: Option<PathBuf>) -> Result<PathBuf> {
         match positional.or_else(|| self.config.data.root.clone()) {
             Some(p) => Ok(p),
-            None => bail!("no dataset root: pass DIR, --data-root DIR, or set `[data] root` in the config"),
+            None => bail!(
+                "no dataset root: pass DIR, --data-root DIR, or set `[data] root` in the config"
+            ),
         }
     }
 
@@ -73,7 +87,12 @@ impl Settings {
     /// The `[plugin.<name>]` JSON of each `[data] transforms` plugin, in chain order (what the
     /// cache keys on).
     pub fn transform_params(&self) -> Result<Vec<String>> {
-        self.config.data.transforms.iter().map(|name| self.config.plugin_params_json(name)).collect()
+        self.config
+            .data
+            .transforms
+            .iter()
+            .map(|name| self.config.plugin_params_json(name))
+            .collect()
     }
 
     pub fn registry(&self) -> Result<cogvx_plugin_host::Registry> {
@@ -98,21 +117,53 @@ impl ChainPlugins {
     /// needs other plugins too loads the files once).
     pub fn take(registry: &mut cogvx_plugin_host::Registry, settings: &Settings) -> Result<Self> {
         let data = &settings.config.data;
-        let mut readers = take_chain(registry, &settings.config, std::slice::from_ref(&data.reader), PluginKind::DatasetReader, "[data] reader")?;
+        let mut readers = take_chain(
+            registry,
+            &settings.config,
+            std::slice::from_ref(&data.reader),
+            PluginKind::DatasetReader,
+            "[data] reader",
+        )?;
         let reader = readers.pop().expect("one reader taken");
         // The built-in finetune-layout reader is called directly, so its problems keep file and line.
-        let reader = (reader.transport() != Transport::BuiltIn || reader.name() != "finetune-layout").then_some(reader);
-        let rewriters = take_chain(registry, &settings.config, &data.rewriters, PluginKind::PromptRewriter, "[data] rewriters")?;
-        let transforms = take_chain(registry, &settings.config, &data.transforms, PluginKind::VideoTransform, "[data] transforms")?;
-        Ok(ChainPlugins { reader, rewriters, transforms })
+        let reader = (reader.transport() != Transport::BuiltIn
+            || reader.name() != "finetune-layout")
+            .then_some(reader);
+        let rewriters = take_chain(
+            registry,
+            &settings.config,
+            &data.rewriters,
+            PluginKind::PromptRewriter,
+            "[data] rewriters",
+        )?;
+        let transforms = take_chain(
+            registry,
+            &settings.config,
+            &data.transforms,
+            PluginKind::VideoTransform,
+            "[data] transforms",
+        )?;
+        Ok(ChainPlugins {
+            reader,
+            rewriters,
+            transforms,
+        })
     }
 
     /// The chain over the taken plugins.
     pub fn chain(&mut self) -> Chain<'_> {
         Chain {
             reader: self.reader.as_mut().map(|p| p as &mut dyn Plugin),
-            prompt_rewriters: self.rewriters.iter_mut().map(|p| p as &mut dyn Plugin).collect(),
-            video_transforms: self.transforms.iter_mut().map(|p| p as &mut dyn Plugin).collect(),
+            prompt_rewriters: self
+                .rewriters
+                .iter_mut()
+                .map(|p| p as &mut dyn Plugin)
+                .collect(),
+            video_transforms: self
+                .transforms
+                .iter_mut()
+                .map(|p| p as &mut dyn Plugin)
+                .collect(),
         }
     }
 }

@@ -29,14 +29,26 @@ pub fn model_configs(settings: &Settings, name: Option<&str>) -> Result<ModelCon
 }
 
 /// The plan's input from the config (`train` and `validation` with the CLI's overrides applied).
-pub fn plan_input(settings: &Settings, models: ModelConfigs, train: &TrainConfig, validation: &ValidationConfig) -> PlanInput {
+pub fn plan_input(
+    settings: &Settings,
+    models: ModelConfigs,
+    train: &TrainConfig,
+    validation: &ValidationConfig,
+) -> PlanInput {
     let r = settings.resolution;
-    let shape = Shape { frames: r.frames as usize, height: r.height as usize, width: r.width as usize };
+    let shape = Shape {
+        frames: r.frames as usize,
+        height: r.height as usize,
+        width: r.width as usize,
+    };
     let trainable = if train.adapter == "sft" {
         Trainable::Full
     } else {
         // "lora", or an adapter plugin: planned as a LoRA of its rank on the same targets.
-        Trainable::Lora { rank: train.rank, targets: train.target_modules.clone() }
+        Trainable::Lora {
+            rank: train.rank,
+            targets: train.target_modules.clone(),
+        }
     };
     let validation = validation.enabled().then(|| ValidationInput {
         shape: Shape {
@@ -64,16 +76,28 @@ pub fn plan_input(settings: &Settings, models: ModelConfigs, train: &TrainConfig
 
 /// `cogvx plan`: prints the plan (a table, or JSON); exits 1 when a `--gpu-memory` budget is
 /// given and a phase does not fit it.
-pub fn run(settings: &Settings, gpu_memory: Option<f64>, json: bool, model_name: Option<&str>) -> Result<ExitCode> {
+pub fn run(
+    settings: &Settings,
+    gpu_memory: Option<f64>,
+    json: bool,
+    model_name: Option<&str>,
+) -> Result<ExitCode> {
     if let Some(g) = gpu_memory {
         if !(g.is_finite() && g > 0.0) {
             bail!("--gpu-memory {g}: give the memory in GiB, a positive number (e.g. 24)");
         }
     }
     let train = settings.config.train.clone();
-    train.validate().map_err(|e| anyhow!("config [train]: {e}"))?;
+    train
+        .validate()
+        .map_err(|e| anyhow!("config [train]: {e}"))?;
     let validation = settings.config.validation.clone();
-    let mut input = plan_input(settings, model_configs(settings, model_name)?, &train, &validation);
+    let mut input = plan_input(
+        settings,
+        model_configs(settings, model_name)?,
+        &train,
+        &validation,
+    );
     if gpu_memory.is_some() {
         // A GPU budget plans for a GPU (its runtime), whatever this build can run on.
         input.device = DeviceKind::Cuda;
@@ -87,7 +111,11 @@ pub fn run(settings: &Settings, gpu_memory: Option<f64>, json: bool, model_name:
     } else {
         print!("{}", plan.render());
     }
-    Ok(if plan.fits == Some(false) { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if plan.fits == Some(false) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Memory the device can give this run, in GiB: the GPU's total memory (from `nvidia-smi`), or
@@ -96,12 +124,23 @@ pub fn device_memory_gib(device: Device) -> Option<f64> {
     match device {
         Device::Cpu => {
             let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let kib: f64 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+            let kib: f64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
             Some(kib / (1024.0 * 1024.0))
         }
         Device::Cuda(index) => {
             let out = std::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={index}")])
+                .args([
+                    "--query-gpu=memory.total",
+                    "--format=csv,noheader,nounits",
+                    &format!("--id={index}"),
+                ])
                 .output()
                 .ok()?;
             let mib: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
@@ -112,22 +151,45 @@ pub fn device_memory_gib(device: Device) -> Option<f64> {
 
 /// Before `cogvx train` does any work: the training and validation phases of the plan must fit
 /// the device's memory, else an error with the plan's numbers (a warning with `force`).
-pub fn check_fits(settings: &Settings, models: ModelConfigs, train: &TrainConfig, validation: &ValidationConfig, force: bool) -> Result<()> {
+pub fn check_fits(
+    settings: &Settings,
+    models: ModelConfigs,
+    train: &TrainConfig,
+    validation: &ValidationConfig,
+    force: bool,
+) -> Result<()> {
     let input = plan_input(settings, models, train, validation);
     let plan = cogvx_plan::plan(&input).map_err(|e| anyhow!("{e}"))?;
     let Some(available) = device_memory_gib(settings.device) else {
-        tracing::warn!("could not read the memory of {:?}; the plan's peak is {:.2} GiB", settings.device, plan.peak_gib);
+        tracing::warn!(
+            "could not read the memory of {:?}; the plan's peak is {:.2} GiB",
+            settings.device,
+            plan.peak_gib
+        );
         return Ok(());
     };
     let plan: Plan = plan.with_budget(available);
-    let over: Vec<_> = plan.phases.iter().filter(|p| !p.name.starts_with("prepare") && p.fits == Some(false)).collect();
+    let over: Vec<_> = plan
+        .phases
+        .iter()
+        .filter(|p| !p.name.starts_with("prepare") && p.fits == Some(false))
+        .collect();
     for p in &plan.phases {
-        tracing::info!("memory plan: {} peaks at {:.2} GiB ({:.2} GiB available)", p.name, p.peak_gib, available);
+        tracing::info!(
+            "memory plan: {} peaks at {:.2} GiB ({:.2} GiB available)",
+            p.name,
+            p.peak_gib,
+            available
+        );
     }
     if over.is_empty() {
         return Ok(());
     }
-    let what = over.iter().map(|p| format!("{} {:.2} GiB", p.name, p.peak_gib)).collect::<Vec<_>>().join(", ");
+    let what = over
+        .iter()
+        .map(|p| format!("{} {:.2} GiB", p.name, p.peak_gib))
+        .collect::<Vec<_>>()
+        .join(", ");
     let message = format!(
         "this config needs more memory than {:?} has ({what}; {available:.2} GiB available):\n{}\n\
          lower `[data] resolution` or `[train] batch_size` / `rank`, set `[train] gradient_checkpointing = true` \
@@ -149,7 +211,11 @@ pub fn check_fits(settings: &Settings, models: ModelConfigs, train: &TrainConfig
 /// transformer used to be noticed only after the whole dataset was encoded.
 pub fn check_model_files(dir: &std::path::Path, models: &ModelConfigs) -> Result<()> {
     let components: [(&str, u64, u64); 3] = [
-        ("transformer", cogvx_plan::params::transformer_parameters(&models.transformer), 0),
+        (
+            "transformer",
+            cogvx_plan::params::transformer_parameters(&models.transformer),
+            0,
+        ),
         ("vae", cogvx_plan::params::vae_parameters(&models.vae), 0),
         // A T5 checkpoint may store its tied embedding twice (`shared` and `encoder.embed_tokens`).
         (
@@ -160,8 +226,13 @@ pub fn check_model_files(dir: &std::path::Path, models: &ModelConfigs) -> Result
     ];
     for (component, expected, tied) in components {
         let folder = dir.join(component);
-        let weights = cogvx_model_core::weights::Weights::open(&folder).map_err(|e| anyhow!("model folder {}: {e}", folder.display()))?;
-        let stored: u64 = weights.keys().filter_map(|k| weights.shape(k)).map(|s| s.iter().product::<usize>() as u64).sum();
+        let weights = cogvx_model_core::weights::Weights::open(&folder)
+            .map_err(|e| anyhow!("model folder {}: {e}", folder.display()))?;
+        let stored: u64 = weights
+            .keys()
+            .filter_map(|k| weights.shape(k))
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum();
         if stored != expected && stored != expected + tied {
             bail!(
                 "model folder {}: the weights hold {stored} parameters, but its config.json describes a model of {expected}: \

@@ -15,7 +15,11 @@ pub fn run(settings: &Settings) -> Result<ExitCode> {
             [
                 r.name.clone(),
                 r.version.clone(),
-                r.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(","),
+                r.kinds
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 r.transport.to_string(),
                 r.api_version.clone(),
                 r.source.clone(),
@@ -29,7 +33,13 @@ pub fn run(settings: &Settings) -> Result<ExitCode> {
         }
     }
     let line = |cols: &[String]| {
-        cols.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cols.iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     println!("{}", line(&header.map(String::from)));
     for row in &cells {

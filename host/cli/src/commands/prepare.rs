@@ -15,8 +15,10 @@ pub fn open_model(settings: &Settings) -> Result<ModelFolder> {
     let folder = ModelFolder::open(&dir).map_err(|e| anyhow!("{e}"))?;
     if let Some(name) = &settings.config.model.name {
         // `cogvideox-5b-i2v` names the variant `5b-i2v`.
-        let named = cogvx_plan::ModelConfigs::released(name).map_err(|e| anyhow!("config `[model] name`: {e}"))?;
-        let variant = cogvx_engine::Variant::detect(&named.transformer).map_err(|e| anyhow!("{e}"))?;
+        let named = cogvx_plan::ModelConfigs::released(name)
+            .map_err(|e| anyhow!("config `[model] name`: {e}"))?;
+        let variant =
+            cogvx_engine::Variant::detect(&named.transformer).map_err(|e| anyhow!("{e}"))?;
         if variant != folder.variant {
             bail!(
                 "config `[model] name = \"{name}\"` is a {variant} model, but {} holds a {} model: fix the name or the folder",
@@ -26,7 +28,11 @@ pub fn open_model(settings: &Settings) -> Result<ModelFolder> {
         }
     }
     if let Some(task) = settings.config.model.task {
-        let is = if folder.variant.is_i2v() { Task::I2v } else { Task::T2v };
+        let is = if folder.variant.is_i2v() {
+            Task::I2v
+        } else {
+            Task::T2v
+        };
         if task != is {
             bail!(
                 "config `[model] task = \"{task}\"`, but {} is a{} model ({}): use a{} model folder or set task = \"{is}\"",
@@ -41,7 +47,11 @@ pub fn open_model(settings: &Settings) -> Result<ModelFolder> {
 }
 
 /// The cache folder: the flag, else `[data] cache_dir`, else `fallback`.
-pub fn cache_dir(settings: &Settings, flag: Option<PathBuf>, fallback: Option<PathBuf>) -> Result<PathBuf> {
+pub fn cache_dir(
+    settings: &Settings,
+    flag: Option<PathBuf>,
+    fallback: Option<PathBuf>,
+) -> Result<PathBuf> {
     flag.or_else(|| settings.config.data.cache_dir.clone())
         .or(fallback)
         .ok_or_else(|| anyhow!("no cache folder: pass --cache-dir DIR or set `[data] cache_dir` (or `[train] output_dir`) in the config"))
@@ -50,7 +60,13 @@ pub fn cache_dir(settings: &Settings, flag: Option<PathBuf>, fallback: Option<Pa
 /// Prepares `cache` for the dataset at `root` with the model folder, the config's plugin chain
 /// (taken into `plugins`) and resolution. Problems with single samples are in the summary;
 /// structural ones are errors.
-pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Path, folder: &ModelFolder, cache: &Path) -> Result<Summary> {
+pub fn prepare_cache(
+    settings: &Settings,
+    plugins: &mut ChainPlugins,
+    root: &Path,
+    folder: &ModelFolder,
+    cache: &Path,
+) -> Result<Summary> {
     // What the cache keys on per transform: its parameters, and for a plugin loaded from a
     // file, the file's digest (a `.wasm` named `crop_resize` must not reuse the built-in's entries).
     let params = settings
@@ -65,7 +81,7 @@ pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Pat
             }
         })
         .collect::<Result<Vec<String>>>()?;
-    let mut options = PrepareOptions::new(settings.resolution.into());
+    let mut options = PrepareOptions::new(settings.resolution);
     options.seed = settings.config.data.seed;
     options.i2v = folder.variant.is_i2v();
     // Prompts are tokenized to the length the transformer's positional table covers (226 for
@@ -78,7 +94,15 @@ pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Pat
         #[cfg(feature = "cuda")]
         crate::config::Device::Cuda(index) => {
             let device = cogvx_model_core::CudaDevice { index };
-            cogvx_cache::prepare::<cogvx_model_core::CudaBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
+            cogvx_cache::prepare::<cogvx_model_core::CudaBackend>(
+                cache,
+                root,
+                &folder.root,
+                &mut plugins.chain(),
+                &params,
+                &options,
+                &device,
+            )
         }
         // ndarray has no bf16: the prompts pass of a mixed-precision run uses burn's flex backend.
         _ if options.text_dtype.is_some() => {
@@ -96,7 +120,15 @@ pub fn prepare_cache(settings: &Settings, plugins: &mut ChainPlugins, root: &Pat
         }
         _ => {
             let device = cogvx_model_core::CpuDevice::default();
-            cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(cache, root, &folder.root, &mut plugins.chain(), &params, &options, &device)
+            cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(
+                cache,
+                root,
+                &folder.root,
+                &mut plugins.chain(),
+                &params,
+                &options,
+                &device,
+            )
         }
     };
     summary.map_err(|e| anyhow!("{e}"))
@@ -118,12 +150,20 @@ pub fn print_summary(summary: &Summary) {
     }
 }
 
-pub fn run(settings: &Settings, dir: Option<PathBuf>, cache_flag: Option<PathBuf>) -> Result<ExitCode> {
+pub fn run(
+    settings: &Settings,
+    dir: Option<PathBuf>,
+    cache_flag: Option<PathBuf>,
+) -> Result<ExitCode> {
     let root = settings.data_root(dir)?;
     let folder = open_model(settings)?;
     let cache = cache_dir(settings, cache_flag, None)?;
     let mut plugins = ChainPlugins::from_settings(settings)?;
     let summary = prepare_cache(settings, &mut plugins, &root, &folder, &cache)?;
     print_summary(&summary);
-    Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -19,9 +19,15 @@ pub fn run(settings: &Settings, args: SampleArgs) -> Result<ExitCode> {
         prompts: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         // Sizes: --resolution or `[data] resolution` when given, else the model's own.
-        num_frames: settings.resolution_given.then_some(resolution.frames as usize),
-        height: settings.resolution_given.then_some(resolution.height as usize),
-        width: settings.resolution_given.then_some(resolution.width as usize),
+        num_frames: settings
+            .resolution_given
+            .then_some(resolution.frames as usize),
+        height: settings
+            .resolution_given
+            .then_some(resolution.height as usize),
+        width: settings
+            .resolution_given
+            .then_some(resolution.width as usize),
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
         use_dynamic_cfg: args.dynamic_cfg,
@@ -35,11 +41,21 @@ pub fn run(settings: &Settings, args: SampleArgs) -> Result<ExitCode> {
     job.image = args.image.clone();
     job.fps = args.fps;
 
-    let scheduler_name = args.scheduler.clone().or_else(|| settings.config.model.scheduler.clone());
+    let scheduler_name = args
+        .scheduler
+        .clone()
+        .or_else(|| settings.config.model.scheduler.clone());
     let mut scheduler = match &scheduler_name {
         Some(name) => {
             let mut registry = settings.registry()?;
-            take_chain(&mut registry, &settings.config, std::slice::from_ref(name), PluginKind::Scheduler, "--scheduler")?.pop()
+            take_chain(
+                &mut registry,
+                &settings.config,
+                std::slice::from_ref(name),
+                PluginKind::Scheduler,
+                "--scheduler",
+            )?
+            .pop()
         }
         None => None,
     };
@@ -47,22 +63,38 @@ pub fn run(settings: &Settings, args: SampleArgs) -> Result<ExitCode> {
     let scheduler = scheduler.as_mut().map(|p| p as &mut dyn Plugin);
     match settings.device {
         #[cfg(feature = "cuda")]
-        crate::config::Device::Cuda(index) => run_on::<cogvx_model_core::CudaBackend>(&job, scheduler, &cogvx_model_core::CudaDevice { index }),
+        crate::config::Device::Cuda(index) => run_on::<cogvx_model_core::CudaBackend>(
+            &job,
+            scheduler,
+            &cogvx_model_core::CudaDevice { index },
+        ),
         _ => run_on::<cogvx_model_core::CpuBackend>(&job, scheduler, &Default::default()),
     }
 }
 
-fn run_on<B: cogvx_model_core::ModelBackend>(job: &SampleJob, scheduler: Option<&mut dyn Plugin>, device: &B::Device) -> Result<ExitCode> {
+fn run_on<B: cogvx_model_core::ModelBackend>(
+    job: &SampleJob,
+    scheduler: Option<&mut dyn Plugin>,
+    device: &B::Device,
+) -> Result<ExitCode> {
     let bar = ProgressBar::new(job.request.num_inference_steps as u64);
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_style(ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps, ETA {eta}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps, ETA {eta}")
+                .expect("valid template"),
+        );
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let written = cogvx_engine::sample::<B>(job, scheduler, &mut |i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    }, device)
+    let written = cogvx_engine::sample::<B>(
+        job,
+        scheduler,
+        &mut |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        },
+        device,
+    )
     .map_err(|e| anyhow!("{e}"))?;
     bar.finish_and_clear();
     for path in written {

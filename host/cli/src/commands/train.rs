@@ -16,7 +16,10 @@ use crate::TrainArgs;
 
 /// `[train]` with the flags applied, and `[validation]` with prompts from `[data]
 /// validation_root` when it lists none itself.
-fn effective_configs(settings: &Settings, args: &TrainArgs) -> Result<(TrainConfig, ValidationConfig)> {
+fn effective_configs(
+    settings: &Settings,
+    args: &TrainArgs,
+) -> Result<(TrainConfig, ValidationConfig)> {
     let mut train = settings.config.train.clone();
     if let Some(a) = &args.adapter {
         train.adapter = a.clone();
@@ -33,7 +36,9 @@ fn effective_configs(settings: &Settings, args: &TrainArgs) -> Result<(TrainConf
     if let Some(dir) = &args.output_dir {
         train.output_dir = dir.clone();
     }
-    train.validate().map_err(|e| anyhow!("config [train]: {e}"))?;
+    train
+        .validate()
+        .map_err(|e| anyhow!("config [train]: {e}"))?;
     let mut validation = settings.config.validation.clone();
     if validation.prompts.is_empty() {
         if let Some(root) = &settings.config.data.validation_root {
@@ -44,7 +49,9 @@ fn effective_configs(settings: &Settings, args: &TrainArgs) -> Result<(TrainConf
             }
         }
     }
-    validation.validate().map_err(|e| anyhow!("config [validation]: {e}"))?;
+    validation
+        .validate()
+        .map_err(|e| anyhow!("config [validation]: {e}"))?;
     Ok((train, validation))
 }
 
@@ -55,12 +62,27 @@ fn read_validation_set(root: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("[data] validation_root: cannot read {}", path.display()))?;
-        Ok(Some(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()))
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("[data] validation_root: cannot read {}", path.display()))?;
+        Ok(Some(
+            text.lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ))
     };
-    let prompts = read(cogvx_data::layout::PROMPTS)?
-        .ok_or_else(|| anyhow!("[data] validation_root: {} has no {}", root.display(), cogvx_data::layout::PROMPTS))?;
-    let images: Vec<PathBuf> = read(cogvx_data::layout::IMAGES)?.unwrap_or_default().iter().map(|p| root.join(p)).collect();
+    let prompts = read(cogvx_data::layout::PROMPTS)?.ok_or_else(|| {
+        anyhow!(
+            "[data] validation_root: {} has no {}",
+            root.display(),
+            cogvx_data::layout::PROMPTS
+        )
+    })?;
+    let images: Vec<PathBuf> = read(cogvx_data::layout::IMAGES)?
+        .unwrap_or_default()
+        .iter()
+        .map(|p| root.join(p))
+        .collect();
     if !images.is_empty() && images.len() != prompts.len() {
         bail!(
             "[data] validation_root: {} lists {} images for {} prompts in {}; give one image per prompt",
@@ -81,7 +103,12 @@ struct RunPlugins {
     validators: Vec<LoadedPlugin>,
 }
 
-fn take_plugins(registry: &mut Registry, settings: &Settings, train: &TrainConfig, validation: &ValidationConfig) -> Result<RunPlugins> {
+fn take_plugins(
+    registry: &mut Registry,
+    settings: &Settings,
+    train: &TrainConfig,
+    validation: &ValidationConfig,
+) -> Result<RunPlugins> {
     let config = &settings.config;
     let adapter = if train.is_lora() || train.is_sft() {
         None
@@ -92,20 +119,48 @@ fn take_plugins(registry: &mut Registry, settings: &Settings, train: &TrainConfi
             train.adapter
         );
     } else {
-        take_chain(registry, config, std::slice::from_ref(&train.adapter), PluginKind::Adapter, "[train] adapter")?.pop()
+        take_chain(
+            registry,
+            config,
+            std::slice::from_ref(&train.adapter),
+            PluginKind::Adapter,
+            "[train] adapter",
+        )?
+        .pop()
     };
     let scheduler = match &config.model.scheduler {
-        Some(name) => take_chain(registry, config, std::slice::from_ref(name), PluginKind::Scheduler, "[model] scheduler")?.pop(),
+        Some(name) => take_chain(
+            registry,
+            config,
+            std::slice::from_ref(name),
+            PluginKind::Scheduler,
+            "[model] scheduler",
+        )?
+        .pop(),
         None => None,
     };
-    let validators = take_chain(registry, config, &validation.validators, PluginKind::Validator, "[validation] validators")?;
-    Ok(RunPlugins { adapter, scheduler, validators })
+    let validators = take_chain(
+        registry,
+        config,
+        &validation.validators,
+        PluginKind::Validator,
+        "[validation] validators",
+    )?;
+    Ok(RunPlugins {
+        adapter,
+        scheduler,
+        validators,
+    })
 }
 
 /// The run's whole resolved config (the config file with the command line's overrides, paths
 /// resolved), stored in its checkpoints: a resume under another one is refused naming the keys
 /// that differ ([`TrainJob::run_config`]).
-fn run_config(settings: &Settings, train: &TrainConfig, validation: &ValidationConfig) -> Result<serde_json::Value> {
+fn run_config(
+    settings: &Settings,
+    train: &TrainConfig,
+    validation: &ValidationConfig,
+) -> Result<serde_json::Value> {
     let c = &settings.config;
     let plugin_files: Vec<&PathBuf> = c.plugins.iter().chain(&settings.cli_plugins).collect();
     Ok(serde_json::json!({
@@ -155,13 +210,20 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     }
     let root = settings.data_root(None)?;
     if !root.is_dir() {
-        bail!("dataset root {} is not a folder (set --data-root DIR or `[data] root`)", root.display());
+        bail!(
+            "dataset root {} is not a folder (set --data-root DIR or `[data] root`)",
+            root.display()
+        );
     }
     // One registry (each plugin file loaded once) for the data chain and the run's plugins.
     let mut registry = settings.registry()?;
     let mut chain = ChainPlugins::take(&mut registry, settings)?;
     let mut plugins = take_plugins(&mut registry, settings, &train, &validation)?;
-    cogvx_trainer::check_output_dir(&train.output_dir, &[("[model] path", &folder.root), ("[data] root", &root)]).map_err(|e| anyhow!("{e}"))?;
+    cogvx_trainer::check_output_dir(
+        &train.output_dir,
+        &[("[model] path", &folder.root), ("[data] root", &root)],
+    )
+    .map_err(|e| anyhow!("{e}"))?;
     let resume = match args.resume.as_deref() {
         None => None,
         Some(r) => {
@@ -176,12 +238,19 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     };
 
     // The cache: prepared (only what changed is recomputed), then opened.
-    let cache = cache_dir(settings, args.cache_dir.clone(), Some(train.output_dir.join("cache")))?;
+    let cache = cache_dir(
+        settings,
+        args.cache_dir.clone(),
+        Some(train.output_dir.join("cache")),
+    )?;
     let summary = prepare_cache(settings, &mut chain, &root, &folder, &cache)?;
     print_summary(&summary);
     let cache = cogvx_cache::Cache::open(&cache).map_err(|e| anyhow!("{e}"))?;
     if cache.is_empty() {
-        bail!("no usable samples in {} (see the problems above)", root.display());
+        bail!(
+            "no usable samples in {} (see the problems above)",
+            root.display()
+        );
     }
 
     // The adapter plugin's table goes into the export metadata (PEFT settings such as use_rslora).
@@ -198,7 +267,9 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!("\nstopping after this step and writing a checkpoint (Ctrl-C again quits at once)");
+            eprintln!(
+                "\nstopping after this step and writing a checkpoint (Ctrl-C again quits at once)"
+            );
         });
     }
     let mut on_step = |_: &cogvx_metrics::StepRecord| stop.load(Ordering::SeqCst);
@@ -210,26 +281,43 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     job.validation = validation;
     job.adapter_plugin = plugins.adapter.as_mut().map(|p| p as &mut dyn Plugin);
     job.scheduler_plugin = plugins.scheduler.as_mut().map(|p| p as &mut dyn Plugin);
-    job.validators = plugins.validators.iter_mut().map(|p| p as &mut dyn Plugin).collect();
+    job.validators = plugins
+        .validators
+        .iter_mut()
+        .map(|p| p as &mut dyn Plugin)
+        .collect();
     job.resume = resume;
     job.run_config = Some(run_config(settings, &job.config, &job.validation)?);
     job.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
 
     match settings.device {
         #[cfg(feature = "cuda")]
-        crate::config::Device::Cuda(index) => run_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(job, &cogvx_model_core::CudaDevice { index }),
+        crate::config::Device::Cuda(index) => run_on::<
+            burn::backend::Autodiff<cogvx_model_core::CudaBackend>,
+        >(
+            job, &cogvx_model_core::CudaDevice { index }
+        ),
         // ndarray has no half types: mixed precision on the CPU runs on burn's flex backend.
         _ if half => run_on::<cogvx_model_core::FlexAutodiffBackend>(job, &Default::default()),
-        _ => run_on::<cogvx_model_core::CpuAutodiffBackend>(job, &cogvx_model_core::CpuDevice::default()),
+        _ => run_on::<cogvx_model_core::CpuAutodiffBackend>(
+            job,
+            &cogvx_model_core::CpuDevice::default(),
+        ),
     }
 }
 
-fn run_on<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, device: &B::Device) -> Result<ExitCode> {
+fn run_on<B: cogvx_model_core::ModelAutodiffBackend>(
+    job: TrainJob<'_>,
+    device: &B::Device,
+) -> Result<ExitCode> {
     let summary = cogvx_trainer::train::<B>(job, device).map_err(|e| anyhow!("{e}"))?;
     if let Some(from) = &summary.resumed_from {
         println!("resumed from {}", from.display());
     }
-    println!("trained steps {}..{} of {}", summary.start_step, summary.step, summary.total_steps);
+    println!(
+        "trained steps {}..{} of {}",
+        summary.start_step, summary.step, summary.total_steps
+    );
     if let Some((step, loss)) = summary.losses.last() {
         println!("last loss {loss:.6} (step {step})");
     }
@@ -243,7 +331,10 @@ fn run_on<B: cogvx_model_core::ModelAutodiffBackend>(job: TrainJob<'_>, device: 
         println!("exported: {}", e.display());
     }
     if summary.stopped_early {
-        println!("stopped at step {}: continue with --resume latest", summary.step);
+        println!(
+            "stopped at step {}: continue with --resume latest",
+            summary.step
+        );
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::SUCCESS)

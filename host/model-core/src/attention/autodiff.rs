@@ -25,7 +25,12 @@ struct State<B: ModelBackend> {
 impl<B: ModelBackend, const N: usize> Backward<B, N> for AttentionBackward<N> {
     type State = State<B>;
 
-    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, N>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let grad_out = grads.consume::<B>(&ops.node);
         let parents = ops.parents;
         let bias_grad = N == 4 && parents[N - 1].is_some();
@@ -42,7 +47,14 @@ impl<B: ModelBackend, const N: usize> Backward<B, N> for AttentionBackward<N> {
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     fn flash_attention(inputs: AttentionInputs<Self>) -> FloatTensor<Self> {
-        let AttentionInputs { q, k, v, bias, scale, sizes } = inputs;
+        let AttentionInputs {
+            q,
+            k,
+            v,
+            bias,
+            scale,
+            sizes,
+        } = inputs;
         let inner = AttentionInputs::<B> {
             q: q.primitive.clone(),
             k: k.primitive.clone(),
@@ -53,11 +65,21 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         };
         macro_rules! op {
             ($n:literal, $nodes:expr) => {
-                match AttentionBackward::<$n>.prepare::<C>($nodes).compute_bound().stateful() {
+                match AttentionBackward::<$n>
+                    .prepare::<C>($nodes)
+                    .compute_bound()
+                    .stateful()
+                {
                     OpsKind::Tracked(prep) => {
                         let saved = B::flash_attention_forward(inner.clone());
                         let out = saved.out.clone();
-                        prep.finish(State { inputs: inner, saved }, out)
+                        prep.finish(
+                            State {
+                                inputs: inner,
+                                saved,
+                            },
+                            out,
+                        )
                     }
                     OpsKind::UnTracked(prep) => prep.finish(B::flash_attention(inner)),
                 }
@@ -65,7 +87,15 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         }
         match &bias {
             None => op!(3, [q.node.clone(), k.node.clone(), v.node.clone()]),
-            Some(b) => op!(4, [q.node.clone(), k.node.clone(), v.node.clone(), b.node.clone()]),
+            Some(b) => op!(
+                4,
+                [
+                    q.node.clone(),
+                    k.node.clone(),
+                    v.node.clone(),
+                    b.node.clone()
+                ]
+            ),
         }
     }
 

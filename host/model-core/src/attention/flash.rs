@@ -30,19 +30,30 @@ impl BlockSizes {
     pub fn for_shape(batch_heads: usize, len_q: usize, len_k: usize) -> Self {
         let k = len_k.clamp(1, MAX_BLOCK_K);
         let rows = TILE_ELEMENTS / (batch_heads.max(1) * k);
-        let q = if rows >= len_q { len_q.max(1) } else { (rows / 16 * 16).max(16) };
+        let q = if rows >= len_q {
+            len_q.max(1)
+        } else {
+            (rows / 16 * 16).max(16)
+        };
         BlockSizes { q, k }
     }
 }
 
 /// `(start, len)` of consecutive blocks of `block` covering `0..len` (the last may be shorter).
 fn blocks(len: usize, block: usize) -> Vec<(usize, usize)> {
-    (0..len).step_by(block.max(1)).map(|s| (s, block.min(len - s))).collect()
+    (0..len)
+        .step_by(block.max(1))
+        .map(|s| (s, block.min(len - s)))
+        .collect()
 }
 
 /// The additive bias's tile for query block `q` and key block `k`: a bias dim of size 1
 /// broadcasts over that axis and is not sliced.
-fn bias_tile<B: Backend>(bias: &Tensor<B, 4>, q: (usize, usize), k: (usize, usize)) -> Tensor<B, 4> {
+fn bias_tile<B: Backend>(
+    bias: &Tensor<B, 4>,
+    q: (usize, usize),
+    k: (usize, usize),
+) -> Tensor<B, 4> {
     let [_, _, bq, bk] = bias.dims();
     let mut t = bias.clone();
     if bq != 1 {
@@ -56,7 +67,12 @@ fn bias_tile<B: Backend>(bias: &Tensor<B, 4>, q: (usize, usize), k: (usize, usiz
 
 /// Checks the operand shapes: q `[B, H, Lq, D]`, k `[B, H, Lk, D]`, v `[B, H, Lk, Dv]`, bias
 /// broadcastable to `[B, H, Lq, Lk]` (each dim 1 or full).
-fn check_shapes<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, bias: Option<&Tensor<B, 4>>) {
+fn check_shapes<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) {
     let ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, _]) = (q.dims(), k.dims(), v.dims());
     assert!(
         kb == b && vb == b && kh == h && vh == h && kd == d && vl == lk,
@@ -94,8 +110,14 @@ pub fn forward<B: Backend>(
     let finfo = q.dtype().finfo().expect("attention on a float tensor");
     let q = q.mul_scalar(scale);
     let k_blocks = blocks(lk, sizes.k);
-    let kt: Vec<Tensor<B, 4>> = k_blocks.iter().map(|&(s, n)| k.clone().narrow(2, s, n).swap_dims(2, 3)).collect();
-    let vs: Vec<Tensor<B, 4>> = k_blocks.iter().map(|&(s, n)| v.clone().narrow(2, s, n)).collect();
+    let kt: Vec<Tensor<B, 4>> = k_blocks
+        .iter()
+        .map(|&(s, n)| k.clone().narrow(2, s, n).swap_dims(2, 3))
+        .collect();
+    let vs: Vec<Tensor<B, 4>> = k_blocks
+        .iter()
+        .map(|&(s, n)| v.clone().narrow(2, s, n))
+        .collect();
 
     let mut outs = Vec::new();
     let mut lses = Vec::new();
@@ -165,8 +187,14 @@ pub fn backward<B: Backend>(
     let delta = (grad_out.clone() * out).sum_dim(3);
     let q_blocks = blocks(lq, sizes.q);
     let k_blocks = blocks(lk, sizes.k);
-    let ks: Vec<Tensor<B, 4>> = k_blocks.iter().map(|&(s, n)| k.clone().narrow(2, s, n)).collect();
-    let vs: Vec<Tensor<B, 4>> = k_blocks.iter().map(|&(s, n)| v.clone().narrow(2, s, n)).collect();
+    let ks: Vec<Tensor<B, 4>> = k_blocks
+        .iter()
+        .map(|&(s, n)| k.clone().narrow(2, s, n))
+        .collect();
+    let vs: Vec<Tensor<B, 4>> = k_blocks
+        .iter()
+        .map(|&(s, n)| v.clone().narrow(2, s, n))
+        .collect();
     let mut dk: Vec<Option<Tensor<B, 4>>> = vec![None; k_blocks.len()];
     let mut dv: Vec<Option<Tensor<B, 4>>> = vec![None; k_blocks.len()];
     let mut dq = Vec::with_capacity(q_blocks.len());
@@ -174,7 +202,10 @@ pub fn backward<B: Backend>(
     // broadcast axis (where the tiles' gradients are summed).
     let bias_dims = bias.as_ref().map(|b| b.dims());
     let (grid_q, grid_k) = match bias_dims {
-        Some([_, _, bq, bk]) if bias_grad => (if bq == 1 { 1 } else { q_blocks.len() }, if bk == 1 { 1 } else { k_blocks.len() }),
+        Some([_, _, bq, bk]) if bias_grad => (
+            if bq == 1 { 1 } else { q_blocks.len() },
+            if bk == 1 { 1 } else { k_blocks.len() },
+        ),
         _ => (0, 0),
     };
     let mut dbias: Vec<Vec<Option<Tensor<B, 4>>>> = vec![vec![None; grid_k]; grid_q];
@@ -210,14 +241,27 @@ pub fn backward<B: Backend>(
         }
         dq.push(dqi.expect("attention over zero keys").mul_scalar(scale));
     }
-    let collect = |parts: Vec<Option<Tensor<B, 4>>>| cat(parts.into_iter().map(|t| t.expect("one tile per block")).collect());
+    let collect = |parts: Vec<Option<Tensor<B, 4>>>| {
+        cat(parts
+            .into_iter()
+            .map(|t| t.expect("one tile per block"))
+            .collect())
+    };
     let bias = if grid_q > 0 {
-        let rows: Vec<Tensor<B, 4>> = dbias.into_iter().map(|row| Tensor::cat(row.into_iter().map(|t| t.expect("bias tile")).collect(), 3)).collect();
+        let rows: Vec<Tensor<B, 4>> = dbias
+            .into_iter()
+            .map(|row| Tensor::cat(row.into_iter().map(|t| t.expect("bias tile")).collect(), 3))
+            .collect();
         Some(cat(rows))
     } else {
         None
     };
-    Grads { q: cat(dq), k: collect(dk), v: collect(dv), bias }
+    Grads {
+        q: cat(dq),
+        k: collect(dk),
+        v: collect(dv),
+        bias,
+    }
 }
 
 /// `acc += x` (the first `x` starts the sum).

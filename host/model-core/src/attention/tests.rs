@@ -7,10 +7,14 @@ type A = CpuAutodiffBackend;
 /// Deterministic values in [-amp, amp) (a 64-bit LCG), so failures reproduce.
 fn rand_tensor<B: Backend>(dims: [usize; 4], seed: u64, amp: f32) -> Tensor<B, 4> {
     let n: usize = dims.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let data: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
         })
         .collect();
@@ -34,10 +38,19 @@ fn uniform_scores_average_values() {
     let dev = CpuDevice::default();
     let q = Tensor::<CpuBackend, 4>::zeros([1, 1, 2, 4], &dev);
     let k = Tensor::<CpuBackend, 4>::ones([1, 1, 3, 4], &dev);
-    let v = Tensor::<CpuBackend, 4>::from_data(TensorData::new((0..12).map(|x| x as f32).collect::<Vec<_>>(), [1, 1, 3, 4]), &dev);
-    let out = attention(q, k, v, None, None).into_data().to_vec::<f32>().unwrap();
+    let v = Tensor::<CpuBackend, 4>::from_data(
+        TensorData::new((0..12).map(|x| x as f32).collect::<Vec<_>>(), [1, 1, 3, 4]),
+        &dev,
+    );
+    let out = attention(q, k, v, None, None)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     let want = [4.0f32, 5.0, 6.0, 7.0, 4.0, 5.0, 6.0, 7.0];
-    assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5), "{out:?}");
+    assert!(
+        out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -45,9 +58,16 @@ fn bias_masks_keys() {
     let dev = CpuDevice::default();
     let q = Tensor::<CpuBackend, 4>::zeros([1, 1, 1, 2], &dev);
     let k = Tensor::<CpuBackend, 4>::zeros([1, 1, 2, 2], &dev);
-    let v = Tensor::<CpuBackend, 4>::from_data(TensorData::new(vec![1.0f32, 1.0, 3.0, 3.0], [1, 1, 2, 2]), &dev);
-    let bias = Tensor::<CpuBackend, 4>::from_data(TensorData::new(vec![0.0f32, -1e9], [1, 1, 1, 2]), &dev);
-    let out = attention(q, k, v, Some(bias), Some(1.0)).into_data().to_vec::<f32>().unwrap();
+    let v = Tensor::<CpuBackend, 4>::from_data(
+        TensorData::new(vec![1.0f32, 1.0, 3.0, 3.0], [1, 1, 2, 2]),
+        &dev,
+    );
+    let bias =
+        Tensor::<CpuBackend, 4>::from_data(TensorData::new(vec![0.0f32, -1e9], [1, 1, 1, 2]), &dev);
+    let out = attention(q, k, v, Some(bias), Some(1.0))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     assert_eq!(out, vec![1.0, 1.0]);
 }
 
@@ -81,11 +101,28 @@ fn blocked_forward_equals_naive_for_every_tiling() {
         biases.extend(bias_shapes(qd, lk).into_iter().map(Some));
         for bias in biases {
             let bias = bias.map(|dims| rand_tensor::<CpuBackend>(dims, 31 + si as u64, 3.0));
-            let want = values(attention_naive(q.clone(), k.clone(), v.clone(), bias.clone(), None));
+            let want = values(attention_naive(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                bias.clone(),
+                None,
+            ));
             for sizes in TILINGS {
-                let got = values(attention_with_blocks(q.clone(), k.clone(), v.clone(), bias.clone(), None, sizes));
+                let got = values(attention_with_blocks(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    bias.clone(),
+                    None,
+                    sizes,
+                ));
                 let err = rel_l2(&got, &want);
-                assert!(err <= 1e-6, "shape {qd:?} lk {lk} tiling {sizes:?} bias {:?}: rel L2 {err:e}", bias.as_ref().map(|b| b.dims()));
+                assert!(
+                    err <= 1e-6,
+                    "shape {qd:?} lk {lk} tiling {sizes:?} bias {:?}: rel L2 {err:e}",
+                    bias.as_ref().map(|b| b.dims())
+                );
             }
         }
     }
@@ -112,7 +149,11 @@ fn grads(
     };
     let loss = (out * Tensor::from_inner(w.clone())).sum();
     let g = loss.backward();
-    let mut all = vec![values(q.grad(&g).unwrap()), values(k.grad(&g).unwrap()), values(v.grad(&g).unwrap())];
+    let mut all = vec![
+        values(q.grad(&g).unwrap()),
+        values(k.grad(&g).unwrap()),
+        values(v.grad(&g).unwrap()),
+    ];
     if let Some(bias) = bias {
         all.push(values(bias.grad(&g).unwrap()));
     }
@@ -136,7 +177,10 @@ fn blocked_gradients_equal_naive_ones() {
                 let got = grads(false, &q, &k, &v, bias.as_ref(), &w, sizes);
                 for (name, (g, n)) in ["q", "k", "v", "bias"].iter().zip(got.iter().zip(&want)) {
                     let err = rel_l2(g, n);
-                    assert!(err <= 1e-5, "d{name}: shape {qd:?} lk {lk} tiling {sizes:?}: rel L2 {err:e}");
+                    assert!(
+                        err <= 1e-5,
+                        "d{name}: shape {qd:?} lk {lk} tiling {sizes:?}: rel L2 {err:e}"
+                    );
                 }
             }
         }
@@ -152,13 +196,41 @@ fn frozen_inputs_get_no_gradient_and_untracked_calls_work() {
     let qa = Tensor::<A, 4>::from_inner(q.clone());
     let ka = Tensor::<A, 4>::from_inner(k.clone());
     let va = Tensor::<A, 4>::from_inner(v.clone()).require_grad();
-    let g = attention_with_blocks(qa.clone(), ka.clone(), va.clone(), None, None, BlockSizes { q: 4, k: 4 }).sum().backward();
+    let g = attention_with_blocks(
+        qa.clone(),
+        ka.clone(),
+        va.clone(),
+        None,
+        None,
+        BlockSizes { q: 4, k: 4 },
+    )
+    .sum()
+    .backward();
     assert!(qa.grad(&g).is_none() && ka.grad(&g).is_none());
     let want = Tensor::<A, 4>::from_inner(v.clone()).require_grad();
-    let gw = attention_naive(Tensor::from_inner(q.clone()), Tensor::from_inner(k.clone()), want.clone(), None, None).sum().backward();
-    assert!(rel_l2(&values(va.grad(&g).unwrap()), &values(want.grad(&gw).unwrap())) <= 1e-5);
+    let gw = attention_naive(
+        Tensor::from_inner(q.clone()),
+        Tensor::from_inner(k.clone()),
+        want.clone(),
+        None,
+        None,
+    )
+    .sum()
+    .backward();
+    assert!(
+        rel_l2(
+            &values(va.grad(&g).unwrap()),
+            &values(want.grad(&gw).unwrap())
+        ) <= 1e-5
+    );
     // Nothing requires a gradient: the untracked path gives the same output.
-    let out = attention(Tensor::<A, 4>::from_inner(q.clone()), Tensor::from_inner(k.clone()), Tensor::from_inner(v.clone()), None, None);
+    let out = attention(
+        Tensor::<A, 4>::from_inner(q.clone()),
+        Tensor::from_inner(k.clone()),
+        Tensor::from_inner(v.clone()),
+        None,
+        None,
+    );
     assert!(rel_l2(&values(out), &values(attention_naive(q, k, v, None, None))) <= 1e-6);
 }
 
@@ -170,8 +242,18 @@ fn fully_masked_rows_give_zeros_not_nan() {
     // Row 2 sees no key at all.
     let mut mask = vec![0.0f32; 24];
     mask[12..18].fill(f32::NEG_INFINITY);
-    let bias = Tensor::<CpuBackend, 4>::from_data(TensorData::new(mask, [1, 1, 4, 6]), &Default::default());
-    let out = values(attention_with_blocks(q, k, v, Some(bias), None, BlockSizes { q: 3, k: 4 }));
+    let bias = Tensor::<CpuBackend, 4>::from_data(
+        TensorData::new(mask, [1, 1, 4, 6]),
+        &Default::default(),
+    );
+    let out = values(attention_with_blocks(
+        q,
+        k,
+        v,
+        Some(bias),
+        None,
+        BlockSizes { q: 3, k: 4 },
+    ));
     assert!(out.iter().all(|x| x.is_finite()), "{out:?}");
     assert!(out[16..24].iter().all(|&x| x == 0.0), "{:?}", &out[16..24]);
 }
@@ -181,7 +263,13 @@ fn default_tiles_stay_within_the_budget() {
     // CogVideoX-2B at 49x480x720: 30 heads, 17,776 tokens.
     let s = BlockSizes::for_shape(30, 17_776, 17_776);
     assert_eq!(s.k, flash::MAX_BLOCK_K);
-    assert!(30 * s.q * s.k <= flash::TILE_ELEMENTS && s.q % 16 == 0 && s.q >= 16, "{s:?}");
+    assert!(
+        30 * s.q * s.k <= flash::TILE_ELEMENTS && s.q % 16 == 0 && s.q >= 16,
+        "{s:?}"
+    );
     // The tiny models' sequences are one tile (plain softmax attention).
-    assert_eq!(BlockSizes::for_shape(4, 300, 300), BlockSizes { q: 300, k: 300 });
+    assert_eq!(
+        BlockSizes::for_shape(4, 300, 300),
+        BlockSizes { q: 300, k: 300 }
+    );
 }

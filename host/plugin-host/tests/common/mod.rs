@@ -13,7 +13,10 @@ pub fn fixtures_dir() -> PathBuf {
 
 /// `target/plugin-fixtures` (a target dir apart from the one `cargo test` holds locked).
 pub fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target/tmp has a parent").join("plugin-fixtures")
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target/tmp has a parent")
+        .join("plugin-fixtures")
 }
 
 fn cargo_build(fixture: &str, extra: &[&str]) {
@@ -66,10 +69,19 @@ pub fn old_api_so() -> &'static Path {
 
 /// A transform request for a 320x240 clip of 10 frames; `seed` picks the fixture's behaviour.
 pub fn request(seed: u64) -> cogvx_plugin_api::TransformRequest {
-    let clip = cogvx_plugin_api::ClipInfo { width: 320, height: 240, frame_count: 10, fps: 8.0 };
+    let clip = cogvx_plugin_api::ClipInfo {
+        width: 320,
+        height: 240,
+        frame_count: 10,
+        fps: 8.0,
+    };
     cogvx_plugin_api::TransformRequest {
         clip,
-        target: cogvx_plugin_api::Resolution { frames: 1, height: 32, width: 64 },
+        target: cogvx_plugin_api::Resolution {
+            frames: 1,
+            height: 32,
+            width: 64,
+        },
         plan: cogvx_plugin_api::TransformPlan::identity(&clip),
         seed,
     }
@@ -79,8 +91,16 @@ pub fn request(seed: u64) -> cogvx_plugin_api::TransformRequest {
 pub fn good_plan() -> cogvx_plugin_api::TransformPlan {
     cogvx_plugin_api::TransformPlan {
         frames: vec![0],
-        crop: Some(cogvx_plugin_api::CropBox { x: 80, y: 60, width: 160, height: 120 }),
-        resize: Some(cogvx_plugin_api::Size { width: 64, height: 32 }),
+        crop: Some(cogvx_plugin_api::CropBox {
+            x: 80,
+            y: 60,
+            width: 160,
+            height: 120,
+        }),
+        resize: Some(cogvx_plugin_api::Size {
+            width: 64,
+            height: 32,
+        }),
         filter: cogvx_plugin_api::ResizeFilter::Bilinear,
     }
 }

@@ -32,7 +32,8 @@ impl<Bk: Backend> ModuleVisitor<Bk> for ParamPaths {
         self.stack.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
-        self.params.push((self.stack.join("."), param.val().dims().to_vec()));
+        self.params
+            .push((self.stack.join("."), param.val().dims().to_vec()));
     }
 }
 
@@ -50,18 +51,30 @@ pub fn checkpoint_keys(model: &CogVideoXTransformer3DModel<B>) -> Vec<(String, V
         }
     }
     if c.use_learned_positional_embeddings {
-        let pos = model.patch_embed.pos_embedding.as_ref().expect("learned table");
+        let pos = model
+            .patch_embed
+            .pos_embedding
+            .as_ref()
+            .expect("learned table");
         keys.push(("patch_embed.pos_embedding".into(), pos.dims().to_vec()));
     }
     keys
 }
 
 fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((n, s, _), b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -70,7 +83,11 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
 /// folder). Norm weights are near 1, everything else uniform with std about `scale / sqrt(fan_in)`.
 pub fn write_random_transformer(dir: &Path, config: &TransformerConfig, seed: u64, scale: f32) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
     let file = dir.join("diffusion_pytorch_model.safetensors");
     // 1. An empty file gives a zero model whose module paths name every key.
     write_safetensors(&file, &[]);
@@ -85,12 +102,20 @@ pub fn write_random_transformer(dir: &Path, config: &TransformerConfig, seed: u6
         .map(|(k, shape)| {
             let n: usize = shape.iter().product();
             let is_norm_weight = shape.len() == 1 && k.contains("norm") && k.ends_with("weight");
-            let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
+            let fan_in: usize = if shape.len() > 1 {
+                shape[1..].iter().product()
+            } else {
+                shape[0]
+            };
             let a = scale * (3.0f32 / fan_in.max(1) as f32).sqrt();
             let data = (0..n)
                 .map(|_| {
                     let u: f32 = rng.random_range(-1.0..1.0);
-                    if is_norm_weight { 1.0 + 0.1 * u } else { a * u }
+                    if is_norm_weight {
+                        1.0 + 0.1 * u
+                    } else {
+                        a * u
+                    }
                 })
                 .collect();
             (k, shape, data)
@@ -108,8 +133,22 @@ pub fn random_inputs(
     width: usize,
     text_len: usize,
     seed: u64,
-) -> (Tensor<B, 5>, Tensor<B, 3>, Tensor<B, 1>, Option<Tensor<B, 1>>) {
-    random_inputs_on::<B>(config, batch, frames, height, width, text_len, seed, &Default::default())
+) -> (
+    Tensor<B, 5>,
+    Tensor<B, 3>,
+    Tensor<B, 1>,
+    Option<Tensor<B, 1>>,
+) {
+    random_inputs_on::<B>(
+        config,
+        batch,
+        frames,
+        height,
+        width,
+        text_len,
+        seed,
+        &Default::default(),
+    )
 }
 
 /// [`random_inputs`] on any backend.
@@ -123,15 +162,37 @@ pub fn random_inputs_on<Bk: Backend>(
     text_len: usize,
     seed: u64,
     device: &Bk::Device,
-) -> (Tensor<Bk, 5>, Tensor<Bk, 3>, Tensor<Bk, 1>, Option<Tensor<Bk, 1>>) {
+) -> (
+    Tensor<Bk, 5>,
+    Tensor<Bk, 3>,
+    Tensor<Bk, 1>,
+    Option<Tensor<Bk, 1>>,
+) {
     use burn::tensor::TensorData;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.7f32..1.7)).collect() };
+    let mut rand_vec =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.7f32..1.7)).collect() };
     let x_shape = [batch, frames, config.in_channels, height, width];
-    let x = Tensor::from_data(TensorData::new(rand_vec(x_shape.iter().product()), x_shape), device);
+    let x = Tensor::from_data(
+        TensorData::new(rand_vec(x_shape.iter().product()), x_shape),
+        device,
+    );
     let ctx_shape = [batch, text_len, config.text_embed_dim];
-    let ctx = Tensor::from_data(TensorData::new(rand_vec(ctx_shape.iter().product()), ctx_shape), device);
-    let t = Tensor::from_data(TensorData::new((0..batch).map(|i| (137 + 401 * i) as f32).collect::<Vec<_>>(), [batch]), device);
-    let ofs = config.ofs_embed_dim.map(|_| Tensor::from_data(TensorData::new(vec![2.0f32], [1]), device));
+    let ctx = Tensor::from_data(
+        TensorData::new(rand_vec(ctx_shape.iter().product()), ctx_shape),
+        device,
+    );
+    let t = Tensor::from_data(
+        TensorData::new(
+            (0..batch)
+                .map(|i| (137 + 401 * i) as f32)
+                .collect::<Vec<_>>(),
+            [batch],
+        ),
+        device,
+    );
+    let ofs = config
+        .ofs_embed_dim
+        .map(|_| Tensor::from_data(TensorData::new(vec![2.0f32], [1]), device));
     (x, ctx, t, ofs)
 }
