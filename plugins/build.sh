@@ -2,7 +2,8 @@
 # Builds every first-party plugin (each crate under plugins/ and examples/caption_cleanup) as
 #   plugins/<name>.wasm   WASM component (cargo build --target wasm32-wasip2)
 #   plugins/<name>.so     native library (cargo build --features native-export)
-# where <name> is the crate's folder name (crop_resize, frame_skip, id_token, caption_cleanup).
+# where <name> is the crate's folder name (crop_resize, frame_skip, id_token, dora, loha, lokr,
+# video_metrics, caption_cleanup).
 #
 # Usage (from anywhere):  bash plugins/build.sh
 # Environment:

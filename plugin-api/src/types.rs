@@ -1,6 +1,6 @@
 //! The data types exchanged between the cogvx host and its plugins.
 //!
-//! Every type here has a twin in the WIT package (`wit/v0.1.0/cogvx.wit`) and is
+//! Every type here has a twin in the WIT package (`wit/v0.1.0/cogvx-plugin.wit`) and is
 //! serde-serialisable, so the same values cross the static, native (`.so`) and WASM
 //! transports unchanged.
 
