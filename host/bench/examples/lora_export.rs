@@ -18,7 +18,6 @@ use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::{CpuAutodiffBackend, CpuDevice};
 use cogvx_train::{AdapterSpec, LoraMetadata};
 use cogvx_transformer::CogVideoXTransformer3DModel;
-use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -66,17 +65,11 @@ fn parse() -> Result<Args, String> {
 }
 
 fn write_tensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<(), String> {
-    let bytes: Vec<Vec<u8>> = tensors
+    let map: cogvx_io::F32Tensors = tensors
         .iter()
-        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(n, s, d)| (n.to_string(), (s.clone(), d.clone())))
         .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.to_string(), v)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    safetensors::serialize_to_file(views, None, path)
+    cogvx_io::write_safetensors_f32(path, &map, &Default::default())
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 

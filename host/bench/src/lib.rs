@@ -18,7 +18,6 @@
 
 pub mod attention;
 pub mod gemm;
-pub mod random;
 
 use burn::tensor::{Distribution, Tensor};
 use cogvx_model_core::precision::MixedPrecision;
@@ -33,7 +32,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub use random::write_random_transformer;
+pub use cogvx_transformer::random::write_random_transformer;
 
 /// The `impl` field of the report.
 pub const IMPL_NAME: &str = "cogvx-burn-ndarray";
@@ -457,7 +456,7 @@ fn run<AD: ModelAutodiffBackend>(
         path: std::env::temp_dir(),
         message: e.to_string(),
     })?;
-    write_random_transformer(tmp.path(), &config, 0)?;
+    write_random_transformer(tmp.path(), &config, 0, 1.0)?;
     let model = CogVideoXTransformer3DModel::<AD>::from_dir_in(
         tmp.path(),
         mixed_precision.dtype(),
@@ -675,7 +674,7 @@ mod tests {
             ),
         ] {
             let tmp = tempfile::tempdir().unwrap();
-            write_random_transformer(tmp.path(), &config, 0).unwrap();
+            write_random_transformer(tmp.path(), &config, 0, 1.0).unwrap();
             let mut model =
                 CogVideoXTransformer3DModel::<CpuAutodiffBackend>::from_dir(tmp.path(), &device)
                     .unwrap();

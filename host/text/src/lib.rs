@@ -2,7 +2,7 @@
 //!
 //! * [`T5Tokenizer`]: reads a diffusers `tokenizer/` folder (`tokenizer.json` or `spiece.model`)
 //!   and gives transformers' `T5Tokenizer` ids.
-//! * [`T5Encoder`]: transformers' `T5EncoderModel`, loaded from a `text_encoder/` folder with the
+//! * [`T5EncoderModel`]: transformers' model of that name, loaded from a `text_encoder/` folder with the
 //!   checkpoint's key names.
 //! * [`encode_prompts`] / [`PromptEncoder`]: the CogVideoX pipeline's `_get_t5_prompt_embeds`.
 //! * [`run_case`]: the `text_encoder` parity component.
@@ -11,7 +11,7 @@ pub mod spm;
 pub mod t5;
 pub mod tokenizer;
 
-pub use t5::{T5Config, T5Encoder};
+pub use t5::{T5Config, T5EncoderModel};
 pub use tokenizer::{T5Tokenizer, TokenizerConfig, TokenizerSource};
 
 use burn::tensor::{backend::Backend, Tensor};
@@ -51,7 +51,7 @@ pub enum TextError {
 /// max_sequence_length, d_model]`.
 pub fn encode_prompts<B: ModelBackend, S: AsRef<str>>(
     tokenizer: &T5Tokenizer,
-    encoder: &T5Encoder<B>,
+    encoder: &T5EncoderModel<B>,
     prompts: &[S],
     max_sequence_length: usize,
     num_videos_per_prompt: usize,
@@ -78,7 +78,7 @@ pub fn encode_prompts<B: ModelBackend, S: AsRef<str>>(
 #[derive(Debug)]
 pub struct PromptEncoder<B: Backend> {
     pub tokenizer: T5Tokenizer,
-    pub encoder: T5Encoder<B>,
+    pub encoder: T5EncoderModel<B>,
 }
 
 impl<B: Backend> PromptEncoder<B> {
@@ -87,7 +87,7 @@ impl<B: Backend> PromptEncoder<B> {
         Self::load_in(model_dir, None, device)
     }
 
-    /// [`PromptEncoder::load`] with the encoder's weights kept in `dtype` ([`T5Encoder::load_in`]).
+    /// [`PromptEncoder::load`] with the encoder's weights kept in `dtype` ([`T5EncoderModel::load_in`]).
     pub fn load_in(
         model_dir: impl AsRef<Path>,
         dtype: Option<burn::tensor::FloatDType>,
@@ -96,7 +96,7 @@ impl<B: Backend> PromptEncoder<B> {
         let dir = model_dir.as_ref();
         Ok(PromptEncoder {
             tokenizer: T5Tokenizer::from_dir(dir.join("tokenizer"))?,
-            encoder: T5Encoder::load_in(dir.join("text_encoder"), dtype, device)?,
+            encoder: T5EncoderModel::load_in(dir.join("text_encoder"), dtype, device)?,
         })
     }
 }
@@ -185,7 +185,7 @@ pub fn run_case<B: ModelBackend>(
             rows
         }
     };
-    let encoder = T5Encoder::<B>::load(case.model_dir.join("text_encoder"), device)?;
+    let encoder = T5EncoderModel::<B>::load(case.model_dir.join("text_encoder"), device)?;
     let hidden = encoder.forward_ids(&ids, device)?;
     let (rows, width) = (ids.len(), ids.first().map_or(0, Vec::len));
     let mut out = BTreeMap::new();

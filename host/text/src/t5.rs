@@ -2,9 +2,9 @@
 //! T5 v1.1 (gated-gelu feed-forward) or v1.0 (plain relu), with module and parameter names as in
 //! the checkpoint (`shared`, `encoder.block.{i}.layer.{0,1}...`, `encoder.final_layer_norm`).
 //!
-//! Loaded in f32 by default ([`T5Encoder::load`]), like
+//! Loaded in f32 by default ([`T5EncoderModel::load`]), like
 //! `T5EncoderModel.from_pretrained(..., torch_dtype=torch.float32)`, which the parity cases use.
-//! [`T5Encoder::load_in`] keeps the weights in bf16 (half the memory: 9 GB instead of 19 for
+//! [`T5EncoderModel::load_in`] keeps the weights in bf16 (half the memory: 9 GB instead of 19 for
 //! T5-XXL), as the official finetune's mixed precision does; the linear layers and attention then
 //! compute in bf16 while the residual stream, the norms' statistics and the activation stay in
 //! f32 (autocast's split), and the output is f32. fp16 is not offered: T5 v1.1 overflows in it
@@ -478,7 +478,7 @@ pub struct T5Stack<B: Backend> {
 
 /// `T5EncoderModel`: `shared` token embedding and the encoder stack.
 #[derive(Module, Debug)]
-pub struct T5Encoder<B: Backend> {
+pub struct T5EncoderModel<B: Backend> {
     /// `[vocab_size, d_model]`.
     pub shared: Param<Tensor<B, 2>>,
     pub encoder: T5Stack<B>,
@@ -486,7 +486,7 @@ pub struct T5Encoder<B: Backend> {
     pub config: T5Config,
 }
 
-impl<B: Backend> T5Encoder<B> {
+impl<B: Backend> T5EncoderModel<B> {
     /// Loads a diffusers `text_encoder/` folder (`config.json` and single-file or sharded
     /// safetensors, any float storage dtype). Every missing, unexpected or wrongly shaped
     /// weight is reported at once.
@@ -494,7 +494,7 @@ impl<B: Backend> T5Encoder<B> {
         Self::load_in(dir, None, device)
     }
 
-    /// [`T5Encoder::load`] with the weights kept in `dtype` (`None` or f32: f32; bf16: computed as
+    /// [`T5EncoderModel::load`] with the weights kept in `dtype` (`None` or f32: f32; bf16: computed as
     /// the module doc says). fp16 is refused (T5 v1.1 overflows in it).
     pub fn load_in(
         dir: impl AsRef<Path>,
@@ -539,7 +539,7 @@ impl<B: Backend> T5Encoder<B> {
             config.layer_norm_epsilon,
             device,
         )?;
-        Ok(T5Encoder {
+        Ok(T5EncoderModel {
             shared: Param::from_tensor(shared),
             encoder: T5Stack {
                 block,
@@ -555,9 +555,9 @@ impl<B: Backend> T5Encoder<B> {
     }
 }
 
-impl<B: ModelBackend> T5Encoder<B> {
+impl<B: ModelBackend> T5EncoderModel<B> {
     /// `last_hidden_state` `[N, L, d_model]` for token ids `[N, L]` (no attention mask, as the
-    /// CogVideoX pipeline calls it). Ids must be below `vocab_size`; see [`T5Encoder::forward_ids`]
+    /// CogVideoX pipeline calls it). Ids must be below `vocab_size`; see [`T5EncoderModel::forward_ids`]
     /// for a checked entry point.
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [n, l] = input_ids.dims();
@@ -583,7 +583,7 @@ impl<B: ModelBackend> T5Encoder<B> {
         to_f32(self.encoder.final_layer_norm.forward(hidden))
     }
 
-    /// [`T5Encoder::forward`] on host ids (rows of equal length), checked against the vocabulary.
+    /// [`T5EncoderModel::forward`] on host ids (rows of equal length), checked against the vocabulary.
     pub fn forward_ids(
         &self,
         ids: &[Vec<u32>],

@@ -4,7 +4,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use cogvx_model_core::case::{rel_l2, Case, Tolerance};
 use cogvx_model_core::{CpuBackend, CpuDevice, FlexBackend};
 use cogvx_text::t5::relative_position_bucket;
-use cogvx_text::{encode_prompts, run_case, PromptEncoder, T5Encoder};
+use cogvx_text::{encode_prompts, run_case, PromptEncoder, T5EncoderModel};
 use std::path::PathBuf;
 
 fn reference() -> PathBuf {
@@ -120,7 +120,7 @@ fn encode_prompts_repeats_per_video_and_matches_forward() {
 fn out_of_vocabulary_ids_are_an_error() {
     let reference = reference();
     let dev = CpuDevice::default();
-    let enc = T5Encoder::<CpuBackend>::load(
+    let enc = T5EncoderModel::<CpuBackend>::load(
         reference.join("models/cogvideox-2b-tiny/text_encoder"),
         &dev,
     )
@@ -163,7 +163,7 @@ fn loading_reports_every_weight_problem() {
         safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![16], &short).unwrap(),
     ));
     safetensors::serialize_to_file(tensors, None, &tmp.path().join("model.safetensors")).unwrap();
-    let e = T5Encoder::<CpuBackend>::load(tmp.path(), &CpuDevice::default())
+    let e = T5EncoderModel::<CpuBackend>::load(tmp.path(), &CpuDevice::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -180,7 +180,7 @@ fn loading_reports_every_weight_problem() {
     );
 
     std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "umt5"}"#).unwrap();
-    let e = T5Encoder::<CpuBackend>::load(tmp.path(), &CpuDevice::default())
+    let e = T5EncoderModel::<CpuBackend>::load(tmp.path(), &CpuDevice::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("config.json") && e.contains("umt5"), "{e}");
@@ -189,7 +189,7 @@ fn loading_reports_every_weight_problem() {
         r#"{"feed_forward_proj": "gated-tanhshrink"}"#,
     )
     .unwrap();
-    let e = T5Encoder::<CpuBackend>::load(tmp.path(), &CpuDevice::default())
+    let e = T5EncoderModel::<CpuBackend>::load(tmp.path(), &CpuDevice::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -224,9 +224,12 @@ fn bf16_weights_follow_the_f32_output_and_fp16_is_refused() {
         assert_eq!(ids.len(), n);
         let dir = reference.join("models").join(model).join("text_encoder");
         // ndarray has no bf16: burn's flex backend, as prepare uses for it on the CPU.
-        let enc =
-            T5Encoder::<FlexBackend>::load_in(&dir, Some(FloatDType::BF16), &Default::default())
-                .unwrap();
+        let enc = T5EncoderModel::<FlexBackend>::load_in(
+            &dir,
+            Some(FloatDType::BF16),
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(
             enc.shared.val().dtype(),
             DType::BF16,
@@ -241,7 +244,7 @@ fn bf16_weights_follow_the_f32_output_and_fp16_is_refused() {
         assert!(err > 0.0 && err < 2e-2, "{name}: rel L2 {err}");
     }
     let dir = reference.join("models/cogvideox-2b-tiny/text_encoder");
-    let e = T5Encoder::<CpuBackend>::load_in(&dir, Some(FloatDType::F16), &dev)
+    let e = T5EncoderModel::<CpuBackend>::load_in(&dir, Some(FloatDType::F16), &dev)
         .unwrap_err()
         .to_string();
     assert!(e.contains("fp16") && e.contains("bf16"), "{e}");

@@ -14,6 +14,12 @@ pub enum TransformerError {
     /// An input tensor has a shape the model cannot take.
     #[error("transformer input: {0}")]
     Input(String),
+    /// Writing a file failed ([`crate::random`]).
+    #[error("{path}: {message}")]
+    Io {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 pub(crate) fn input_err<T>(message: impl Into<String>) -> Result<T, TransformerError> {

@@ -16,6 +16,7 @@ pub mod embeddings;
 pub mod error;
 pub mod model;
 pub mod normalization;
+pub mod random;
 
 pub use config::TransformerConfig;
 pub use embeddings::{rotary_tables, rotary_tables_host, RotaryEmb};

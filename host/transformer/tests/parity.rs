@@ -4,10 +4,11 @@ mod common;
 
 use cogvx_model_core::case::{rel_l2, Case, Tolerance};
 use cogvx_model_core::weights::Weights;
+use cogvx_transformer::random::checkpoint_keys;
 use cogvx_transformer::{
     rotary_tables_host, run_case, CogVideoXTransformer3DModel, TransformerConfig,
 };
-use common::{checkpoint_keys, reference_dir, B};
+use common::{reference_dir, B};
 use std::path::PathBuf;
 
 fn transformer_cases() -> Vec<PathBuf> {

@@ -2,7 +2,7 @@
 //! diffusers' `autoencoder_kl_cogvideox.py` (with `CogVideoXDownsample3D` / `CogVideoXUpsample3D`),
 //! loading a diffusers `vae/` folder by checkpoint names.
 //!
-//! * [`AutoencoderKLCogVideoX::encode`]: video `[B, 3, T, H, W]` in [-1, 1] to [`LatentDist`]
+//! * [`AutoencoderKLCogVideoX::encode`]: video `[B, 3, T, H, W]` in [-1, 1] to [`DiagonalGaussianDistribution`]
 //!   (unscaled mean / clamped logvar), with diffusers' frame batching (8 frames, the first batch
 //!   takes the remainder) and causal-conv caching across batches.
 //! * [`AutoencoderKLCogVideoX::decode`]: unscaled latents to video (2 latent frames a batch).
@@ -22,8 +22,8 @@ pub use case::{run_case, tiling_from_params};
 pub use config::VaeConfig;
 pub use layers::{conv3d_algo, set_conv3d_algo, Conv3dAlgo};
 pub use model::{
-    frame_batches, AutoencoderKLCogVideoX, Decoder3D, DecoderCache, Encoder3D, EncoderCache,
-    LatentDist, Tiling, VaeOptions,
+    frame_batches, AutoencoderKLCogVideoX, CogVideoXDecoder3D, CogVideoXEncoder3D, DecoderCache,
+    DiagonalGaussianDistribution, EncoderCache, Tiling, VaeOptions,
 };
 
 use cogvx_model_core::LoadError;

@@ -60,7 +60,7 @@ impl<B: Backend> Default for DecoderCache<B> {
 /// `CogVideoXEncoder3D`: video `[B, 3, T, H, W]` to the distribution parameters
 /// `[B, 2 * latent_channels, 1 + (T - 1) / 4, H / 8, W / 8]` (mean and log-variance).
 #[derive(Module, Debug)]
-pub struct Encoder3D<B: Backend> {
+pub struct CogVideoXEncoder3D<B: Backend> {
     pub conv_in: CausalConv3d<B>,
     pub down_blocks: Vec<DownBlock3D<B>>,
     pub mid_block: MidBlock3D<B>,
@@ -68,7 +68,7 @@ pub struct Encoder3D<B: Backend> {
     pub conv_out: CausalConv3d<B>,
 }
 
-impl<B: Backend> Encoder3D<B> {
+impl<B: Backend> CogVideoXEncoder3D<B> {
     /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(vb: &VarBuilder, c: &VaeConfig, device: &B::Device) -> Result<Self, LoadError> {
         let ch = &c.block_out_channels;
@@ -105,7 +105,7 @@ impl<B: Backend> Encoder3D<B> {
         let norm_out = GroupNorm::load(&vb.pp("norm_out"), c.norm_num_groups, last, 1e-6, device)?;
         let conv_out =
             CausalConv3d::load(&vb.pp("conv_out"), last, 2 * c.latent_channels, 3, device)?;
-        Ok(Encoder3D {
+        Ok(CogVideoXEncoder3D {
             conv_in,
             down_blocks,
             mid_block,
@@ -131,7 +131,7 @@ impl<B: Backend> Encoder3D<B> {
 
 /// `CogVideoXDecoder3D`: latents `[B, C, F, h, w]` to video, every norm conditioned on the latents.
 #[derive(Module, Debug)]
-pub struct Decoder3D<B: Backend> {
+pub struct CogVideoXDecoder3D<B: Backend> {
     pub conv_in: CausalConv3d<B>,
     pub mid_block: MidBlock3D<B>,
     pub up_blocks: Vec<UpBlock3D<B>>,
@@ -139,7 +139,7 @@ pub struct Decoder3D<B: Backend> {
     pub conv_out: CausalConv3d<B>,
 }
 
-impl<B: Backend> Decoder3D<B> {
+impl<B: Backend> CogVideoXDecoder3D<B> {
     /// Builds the module from the checkpoint tensors under `vb`.
     pub fn load(vb: &VarBuilder, c: &VaeConfig, device: &B::Device) -> Result<Self, LoadError> {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
@@ -178,7 +178,7 @@ impl<B: Backend> Decoder3D<B> {
         let last = rev[rev.len() - 1];
         let norm_out = SpatialNorm3D::load(&vb.pp("norm_out"), last, zc, g, device)?;
         let conv_out = CausalConv3d::load(&vb.pp("conv_out"), last, c.out_channels, 3, device)?;
-        Ok(Decoder3D {
+        Ok(CogVideoXDecoder3D {
             conv_in,
             mid_block,
             up_blocks,
@@ -252,20 +252,20 @@ pub struct VaeOptions {
 
 /// `DiagonalGaussianDistribution` of the encoder: `mean` and `logvar` clamped to [-30, 20].
 #[derive(Debug, Clone)]
-pub struct LatentDist<B: Backend> {
+pub struct DiagonalGaussianDistribution<B: Backend> {
     /// Mean `[B, C, F, h, w]` (unscaled latents).
     pub mean: Tensor<B, 5>,
     /// Log-variance, clamped to [-30, 20].
     pub logvar: Tensor<B, 5>,
 }
 
-impl<B: Backend> LatentDist<B> {
+impl<B: Backend> DiagonalGaussianDistribution<B> {
     /// Splits the encoder output on channels into mean and (clamped) logvar.
     pub fn from_parameters(parameters: Tensor<B, 5>) -> Self {
         let c = parameters.dims()[1] / 2;
         let mean = parameters.clone().narrow(1, 0, c);
         let logvar = parameters.narrow(1, c, c).clamp(-30.0, 20.0);
-        LatentDist { mean, logvar }
+        DiagonalGaussianDistribution { mean, logvar }
     }
 
     /// `exp(0.5 * logvar)`.
@@ -297,8 +297,8 @@ impl<B: Backend> LatentDist<B> {
 /// `AutoencoderKLCogVideoX`: the 3D causal VAE of CogVideoX (8x spatial, 4x temporal compression).
 #[derive(Module, Debug)]
 pub struct AutoencoderKLCogVideoX<B: Backend> {
-    pub encoder: Encoder3D<B>,
-    pub decoder: Decoder3D<B>,
+    pub encoder: CogVideoXEncoder3D<B>,
+    pub decoder: CogVideoXDecoder3D<B>,
     pub quant_conv: Option<SafeConv3d<B>>,
     pub post_quant_conv: Option<SafeConv3d<B>>,
     /// Number of video frames encoded per batch (diffusers' `num_sample_frames_batch_size`, 8).
@@ -335,8 +335,8 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         config
             .validate()
             .map_err(|m| LoadError::Other(format!("vae config: {m}")))?;
-        let encoder = Encoder3D::load(&vb.pp("encoder"), config, device)?;
-        let decoder = Decoder3D::load(&vb.pp("decoder"), config, device)?;
+        let encoder = CogVideoXEncoder3D::load(&vb.pp("encoder"), config, device)?;
+        let decoder = CogVideoXDecoder3D::load(&vb.pp("decoder"), config, device)?;
         let oc = config.out_channels;
         let quant_conv = if config.use_quant_conv {
             Some(SafeConv3d::load(
@@ -394,7 +394,7 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         &self,
         video: Tensor<B, 5>,
         options: &VaeOptions,
-    ) -> Result<LatentDist<B>, VaeError> {
+    ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
         check_input(
             "vae encode",
             video.dims(),
@@ -409,7 +409,7 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         } else {
             self.encode_one(video, options)?
         };
-        Ok(LatentDist::from_parameters(h))
+        Ok(DiagonalGaussianDistribution::from_parameters(h))
     }
 
     /// [`Self::encode`] with latents of exactly `H / spatial_scale x W / spatial_scale`.
@@ -421,7 +421,7 @@ impl<B: Backend> AutoencoderKLCogVideoX<B> {
         &self,
         video: Tensor<B, 5>,
         options: &VaeOptions,
-    ) -> Result<LatentDist<B>, VaeError> {
+    ) -> Result<DiagonalGaussianDistribution<B>, VaeError> {
         let [_, _, _, h, w] = video.dims();
         let want = [h / self.spatial_scale, w / self.spatial_scale];
         if options.tiling.is_none() {
