@@ -577,6 +577,34 @@ impl<B: Backend> Upsample3D<B> {
     }
 }
 
+/// The constructor arguments of `CogVideoXDownBlock3D` that shape its weights, under diffusers'
+/// keyword names.
+#[derive(Clone, Copy, Debug)]
+pub struct DownBlockConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub add_downsample: bool,
+    pub compress_time: bool,
+}
+
+/// The constructor arguments of `CogVideoXUpBlock3D` that shape its weights, under diffusers'
+/// keyword names.
+#[derive(Clone, Copy, Debug)]
+pub struct UpBlockConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    /// The latent channels the blocks' `SpatialNorm3D` is conditioned on.
+    pub spatial_norm_dim: usize,
+    pub add_upsample: bool,
+    pub compress_time: bool,
+}
+
 /// `CogVideoXDownBlock3D` (also used for the encoder's blocks without a downsampler).
 #[derive(Module, Debug)]
 pub struct DownBlock3D<B: Backend> {
@@ -586,18 +614,20 @@ pub struct DownBlock3D<B: Backend> {
 
 impl<B: Backend> DownBlock3D<B> {
     /// Builds the module from the checkpoint tensors under `vb`.
-    #[allow(clippy::too_many_arguments)]
     pub fn load(
         vb: &VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        num_layers: usize,
-        eps: f64,
-        groups: usize,
-        add_downsample: bool,
-        compress_time: bool,
+        c: &DownBlockConfig,
         device: &B::Device,
     ) -> Result<Self, LoadError> {
+        let DownBlockConfig {
+            in_channels,
+            out_channels,
+            num_layers,
+            resnet_eps: eps,
+            resnet_groups: groups,
+            add_downsample,
+            compress_time,
+        } = *c;
         let resnets = (0..num_layers)
             .map(|i| {
                 let ic = if i == 0 { in_channels } else { out_channels };
@@ -700,19 +730,17 @@ pub struct UpBlock3D<B: Backend> {
 
 impl<B: Backend> UpBlock3D<B> {
     /// Builds the module from the checkpoint tensors under `vb`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        vb: &VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        num_layers: usize,
-        eps: f64,
-        groups: usize,
-        spatial_norm_dim: usize,
-        add_upsample: bool,
-        compress_time: bool,
-        device: &B::Device,
-    ) -> Result<Self, LoadError> {
+    pub fn load(vb: &VarBuilder, c: &UpBlockConfig, device: &B::Device) -> Result<Self, LoadError> {
+        let UpBlockConfig {
+            in_channels,
+            out_channels,
+            num_layers,
+            resnet_eps: eps,
+            resnet_groups: groups,
+            spatial_norm_dim,
+            add_upsample,
+            compress_time,
+        } = *c;
         let resnets = (0..num_layers)
             .map(|i| {
                 let ic = if i == 0 { in_channels } else { out_channels };

@@ -11,7 +11,8 @@ use std::path::Path;
 
 use crate::config::VaeConfig;
 use crate::layers::{
-    CausalConv3d, DownBlock3D, MidBlock3D, ResnetCache, SafeConv3d, SpatialNorm3D, UpBlock3D,
+    CausalConv3d, DownBlock3D, DownBlockConfig, MidBlock3D, ResnetCache, SafeConv3d, SpatialNorm3D,
+    UpBlock3D, UpBlockConfig,
 };
 use crate::VaeError;
 
@@ -80,15 +81,18 @@ impl<B: Backend> CogVideoXEncoder3D<B> {
             let input_channel = output_channel;
             output_channel = ch[i];
             let is_final = i == ch.len() - 1;
+            let block = DownBlockConfig {
+                in_channels: input_channel,
+                out_channels: output_channel,
+                num_layers: c.layers_per_block,
+                resnet_eps: c.norm_eps,
+                resnet_groups: c.norm_num_groups,
+                add_downsample: !is_final,
+                compress_time: i < level,
+            };
             down_blocks.push(DownBlock3D::load(
                 &vb.pp("down_blocks").pp(i),
-                input_channel,
-                output_channel,
-                c.layers_per_block,
-                c.norm_eps,
-                c.norm_num_groups,
-                !is_final,
-                i < level,
+                &block,
                 device,
             )?);
         }
@@ -162,18 +166,17 @@ impl<B: Backend> CogVideoXDecoder3D<B> {
             let prev_output_channel = output_channel;
             output_channel = rev[i];
             let is_final = i == rev.len() - 1;
-            up_blocks.push(UpBlock3D::load(
-                &vb.pp("up_blocks").pp(i),
-                prev_output_channel,
-                output_channel,
-                c.layers_per_block + 1,
-                c.norm_eps,
-                g,
-                zc,
-                !is_final,
-                i < level,
-                device,
-            )?);
+            let block = UpBlockConfig {
+                in_channels: prev_output_channel,
+                out_channels: output_channel,
+                num_layers: c.layers_per_block + 1,
+                resnet_eps: c.norm_eps,
+                resnet_groups: g,
+                spatial_norm_dim: zc,
+                add_upsample: !is_final,
+                compress_time: i < level,
+            };
+            up_blocks.push(UpBlock3D::load(&vb.pp("up_blocks").pp(i), &block, device)?);
         }
         let last = rev[rev.len() - 1];
         let norm_out = SpatialNorm3D::load(&vb.pp("norm_out"), last, zc, g, device)?;
