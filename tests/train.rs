@@ -272,18 +272,6 @@ fn dora_from_the_wasm_plugin_trains_and_exports_peft_keys() {
         .all(|(_, l)| l.is_finite()));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// Every file under `dir` with its size and modification time.
 fn dir_listing(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
     let mut out = Vec::new();
@@ -398,7 +386,7 @@ fn bad_input_is_refused_before_any_work() {
     // An output folder inside the model folder (an SFT export would overwrite its transformer)
     // or inside the dataset: refused, and nothing in them written (a copy of the model, in case).
     let copy = dir.path().join("model-copy");
-    copy_dir(&model, &copy);
+    cogvx_fixtures::copy_dir(&model, &copy);
     let before = dir_listing(&copy);
     let with_copy = base("", "resolution = \"9x64x96\"", "adapter = \"sft\"")
         .replace(&model.display().to_string(), &copy.display().to_string());

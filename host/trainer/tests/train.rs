@@ -464,18 +464,6 @@ fn lora_export_validation_videos_and_validator_metrics() {
 }
 
 /// A copy of a model folder (files copied, so they can be replaced).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::write(to.join(e.file_name()), std::fs::read(e.path()).unwrap()).unwrap();
-        }
-    }
-}
-
 /// Validation samples from prompt embeddings computed before the transformer is loaded and kept
 /// in the prompt cache: once they are cached, training validates with a model folder whose T5
 /// weights are unreadable (same name and size, so the same identity), and the video is the one
@@ -510,7 +498,7 @@ fn validation_samples_from_prompt_embeddings_computed_before_training() {
     );
 
     let copy = tmp.path().join("model");
-    copy_dir(&model, &copy);
+    cogvx_fixtures::copy_dir(&model, &copy);
     let weights = copy.join("text_encoder").join("model.safetensors");
     let size = std::fs::metadata(&weights).unwrap().len() as usize;
     std::fs::write(&weights, vec![0u8; size]).unwrap();
