@@ -322,33 +322,191 @@ fn open_decoder(path: &Path, stream: &format::stream::Stream) -> Result<ffmpeg::
     })
 }
 
+/// The clip's video stream (not a cover picture); the error says whether the file holds only
+/// audio or no stream at all.
+fn video_stream<'a>(
+    input: &'a format::context::Input,
+    path: &Path,
+) -> Result<format::stream::Stream<'a>> {
+    let video = input.streams().find(|s| {
+        s.parameters().medium() == media::Type::Video
+            && !s
+                .disposition()
+                .contains(format::stream::Disposition::ATTACHED_PIC)
+    });
+    video.ok_or_else(|| {
+        let has_audio = input
+            .streams()
+            .any(|s| s.parameters().medium() == media::Type::Audio);
+        if has_audio {
+            VideoError::AudioOnly {
+                path: path.to_path_buf(),
+            }
+        } else {
+            VideoError::NotVideo {
+                path: path.to_path_buf(),
+                detail: "the file has no video stream".into(),
+            }
+        }
+    })
+}
+
+/// One demuxed packet of the video stream.
+struct Pkt {
+    pts: Option<i64>,
+    key: bool,
+    duration: i64,
+}
+
+/// Demuxes the whole file once (no decoding) to list every frame's packet; a truncated or
+/// corrupt file (fewer packets than the container lists, unreadable data) is an error.
+fn index_packets(
+    input: &mut format::context::Input,
+    stream_index: usize,
+    declared_frames: i64,
+    path: &Path,
+) -> Result<Vec<Pkt>> {
+    let mut pkts: Vec<Pkt> = Vec::new();
+    let mut discarded = 0u64;
+    let mut bad_packets = 0u64;
+    let mut first_error: Option<String> = None;
+    let mut packet = Packet::empty();
+    loop {
+        match packet.read(input) {
+            Ok(()) => {
+                if packet.stream() != stream_index {
+                    continue;
+                }
+                if packet.flags().bits() & ffi::AV_PKT_FLAG_DISCARD as i32 != 0 {
+                    discarded += 1;
+                    continue;
+                }
+                pkts.push(Pkt {
+                    pts: packet.pts(),
+                    key: packet.is_key(),
+                    duration: packet.duration(),
+                });
+            }
+            Err(ffmpeg::Error::Eof) => break,
+            Err(ffmpeg::Error::InvalidData) => {
+                bad_packets += 1;
+                first_error.get_or_insert_with(|| "invalid data".into());
+                if bad_packets > 100_000 {
+                    break;
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+                bad_packets += 1;
+                break;
+            }
+        }
+    }
+    let counted = pkts.len() as u64;
+    if bad_packets > 0 || (declared_frames > 0 && counted + discarded < declared_frames as u64) {
+        let detail = if declared_frames > 0 {
+            format!(
+                "only {counted} of the {declared_frames} frames the container lists could be read"
+            )
+        } else {
+            format!("{counted} frames read before the data ended")
+        };
+        let why = first_error
+            .map(|e| format!(" (ffmpeg: {e})"))
+            .unwrap_or_default();
+        return Err(VideoError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("{detail}{why}"),
+        });
+    }
+    if pkts.is_empty() {
+        return Err(VideoError::NoFrames {
+            path: path.to_path_buf(),
+        });
+    }
+    if pkts.len() > u32::MAX as usize {
+        return Err(VideoError::Decode {
+            path: path.to_path_buf(),
+            detail: "more than 2^32 frames".into(),
+        });
+    }
+    Ok(pkts)
+}
+
+/// The presentation timestamps and keyframes of `pkts` for seeking, and whether seeking is
+/// possible (every packet has a distinct timestamp and there is a keyframe); otherwise frames
+/// are counted from the start.
+fn frame_index(pkts: &[Pkt], path: &Path) -> (FrameIndex, bool) {
+    let mut index = FrameIndex::default();
+    let mut seekable = pkts.iter().all(|p| p.pts.is_some());
+    if seekable {
+        let mut pts: Vec<i64> = pkts.iter().map(|p| p.pts.unwrap()).collect();
+        pts.sort_unstable();
+        if pts.windows(2).any(|w| w[0] == w[1]) {
+            tracing::debug!(
+                "{}: repeated timestamps; frames are counted from the start",
+                path.display()
+            );
+            seekable = false;
+        } else {
+            index.pts = pts;
+            for p in pkts.iter().filter(|p| p.key) {
+                let pts = p.pts.unwrap();
+                let i = index.lookup(pts).unwrap();
+                // Seek by presentation time, as `ffmpeg -ss` does: demuxers index a keyframe
+                // at or before its pts, so the seek lands on it or on an earlier keyframe.
+                index.keys.push(KeyFrame {
+                    index: i,
+                    seek_ts: pts,
+                });
+            }
+            index.keys.sort_by_key(|k| k.index);
+            if index.keys.is_empty() {
+                seekable = false;
+            }
+        }
+    }
+    (index, seekable)
+}
+
+/// The clip's duration in seconds: from the timestamps when seekable, else the container's.
+fn clip_duration(
+    pkts: &[Pkt],
+    index: &FrameIndex,
+    seekable: bool,
+    tb: f64,
+    container_duration: i64,
+) -> f64 {
+    if seekable && !index.pts.is_empty() {
+        let last = pkts
+            .iter()
+            .filter(|p| p.pts == index.pts.last().copied())
+            .map(|p| p.duration)
+            .next()
+            .unwrap_or(0);
+        let span = (index.pts.last().unwrap() - index.pts[0] + last.max(0)) as f64 * tb;
+        if span > 0.0 {
+            span
+        } else {
+            0.0
+        }
+    } else {
+        let d = container_duration;
+        if d > 0 {
+            d as f64 / ffi::AV_TIME_BASE as f64
+        } else {
+            0.0
+        }
+    }
+}
+
 impl VideoReader {
     /// Opens and indexes a clip. Fails, naming the file, if it is missing, empty, not a
     /// video, truncated, audio-only or has no frames.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let mut input = open_input(path)?;
-        let video = input.streams().find(|s| {
-            s.parameters().medium() == media::Type::Video
-                && !s
-                    .disposition()
-                    .contains(format::stream::Disposition::ATTACHED_PIC)
-        });
-        let Some(stream) = video else {
-            let has_audio = input
-                .streams()
-                .any(|s| s.parameters().medium() == media::Type::Audio);
-            return Err(if has_audio {
-                VideoError::AudioOnly {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                VideoError::NotVideo {
-                    path: path.to_path_buf(),
-                    detail: "the file has no video stream".into(),
-                }
-            });
-        };
+        let stream = video_stream(&input, path)?;
         let stream_index = stream.index();
         let time_base = stream.time_base();
         let declared_frames = stream.frames();
@@ -366,128 +524,17 @@ impl VideoReader {
             });
         }
 
-        // Demux once (no decoding) to index every frame's presentation timestamp.
-        struct Pkt {
-            pts: Option<i64>,
-            key: bool,
-            duration: i64,
-        }
-        let mut pkts: Vec<Pkt> = Vec::new();
-        let mut discarded = 0u64;
-        let mut bad_packets = 0u64;
-        let mut first_error: Option<String> = None;
-        let mut packet = Packet::empty();
-        loop {
-            match packet.read(&mut input) {
-                Ok(()) => {
-                    if packet.stream() != stream_index {
-                        continue;
-                    }
-                    if packet.flags().bits() & ffi::AV_PKT_FLAG_DISCARD as i32 != 0 {
-                        discarded += 1;
-                        continue;
-                    }
-                    pkts.push(Pkt {
-                        pts: packet.pts(),
-                        key: packet.is_key(),
-                        duration: packet.duration(),
-                    });
-                }
-                Err(ffmpeg::Error::Eof) => break,
-                Err(ffmpeg::Error::InvalidData) => {
-                    bad_packets += 1;
-                    first_error.get_or_insert_with(|| "invalid data".into());
-                    if bad_packets > 100_000 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    first_error.get_or_insert_with(|| e.to_string());
-                    bad_packets += 1;
-                    break;
-                }
-            }
-        }
-        let counted = pkts.len() as u64;
-        if bad_packets > 0 || (declared_frames > 0 && counted + discarded < declared_frames as u64)
-        {
-            let detail = if declared_frames > 0 {
-                format!("only {counted} of the {declared_frames} frames the container lists could be read")
-            } else {
-                format!("{counted} frames read before the data ended")
-            };
-            let why = first_error
-                .map(|e| format!(" (ffmpeg: {e})"))
-                .unwrap_or_default();
-            return Err(VideoError::Truncated {
-                path: path.to_path_buf(),
-                detail: format!("{detail}{why}"),
-            });
-        }
-        if pkts.is_empty() {
-            return Err(VideoError::NoFrames {
-                path: path.to_path_buf(),
-            });
-        }
-        if pkts.len() > u32::MAX as usize {
-            return Err(VideoError::Decode {
-                path: path.to_path_buf(),
-                detail: "more than 2^32 frames".into(),
-            });
-        }
+        let pkts = index_packets(&mut input, stream_index, declared_frames, path)?;
 
-        let mut index = FrameIndex::default();
-        let mut seekable = pkts.iter().all(|p| p.pts.is_some());
-        if seekable {
-            let mut pts: Vec<i64> = pkts.iter().map(|p| p.pts.unwrap()).collect();
-            pts.sort_unstable();
-            if pts.windows(2).any(|w| w[0] == w[1]) {
-                tracing::debug!(
-                    "{}: repeated timestamps; frames are counted from the start",
-                    path.display()
-                );
-                seekable = false;
-            } else {
-                index.pts = pts;
-                for p in pkts.iter().filter(|p| p.key) {
-                    let pts = p.pts.unwrap();
-                    let i = index.lookup(pts).unwrap();
-                    // Seek by presentation time, as `ffmpeg -ss` does: demuxers index a keyframe
-                    // at or before its pts, so the seek lands on it or on an earlier keyframe.
-                    index.keys.push(KeyFrame {
-                        index: i,
-                        seek_ts: pts,
-                    });
-                }
-                index.keys.sort_by_key(|k| k.index);
-                if index.keys.is_empty() {
-                    seekable = false;
-                }
-            }
-        }
+        let (index, seekable) = frame_index(&pkts, path);
         let frame_count = pkts.len() as u32;
-        let tb = f64::from(time_base);
-        let duration = if seekable && !index.pts.is_empty() {
-            let last = pkts
-                .iter()
-                .filter(|p| p.pts == index.pts.last().copied())
-                .map(|p| p.duration)
-                .next()
-                .unwrap_or(0);
-            let span = (index.pts.last().unwrap() - index.pts[0] + last.max(0)) as f64 * tb;
-            if span > 0.0 {
-                span
-            } else {
-                0.0
-            }
-        } else {
-            let d = input.duration();
-            if d > 0 {
-                d as f64 / ffi::AV_TIME_BASE as f64
-            } else {
-                0.0
-            }
-        };
+        let duration = clip_duration(
+            &pkts,
+            &index,
+            seekable,
+            f64::from(time_base),
+            input.duration(),
+        );
         let avg = f64::from(avg_rate);
         let fps = if avg.is_finite() && avg > 0.0 {
             avg
