@@ -147,18 +147,27 @@ fn stack<B: Backend, const D1: usize>(
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
-/// One micro-batch on the device, with its random draws taken from `rng` in the official
-/// trainer's order (I2V: image noise level, image noise, posterior sample; then timesteps and
-/// latent noise).
+/// One micro-batch on the device, with each sample's random draws taken from its own stream
+/// (`rngs[i]` for `indices[i]`), in the official trainer's order (I2V: image noise level, image
+/// noise, posterior sample; then timestep and latent noise). Per-sample streams make a batch of
+/// 4 draw what 4 accumulated batches of 1 draw; the I2V noise level is therefore drawn per
+/// sample (the official trainer draws one for its whole batch: the same with batch size 1).
 pub(crate) fn make_micro_batch<B: AutodiffBackend>(
     cache: &Cache,
     indices: &[usize],
     model_config: &cogvx_transformer::TransformerConfig,
     schedule: &TrainSchedule,
     images: Option<&ImageEncoder<B::InnerBackend>>,
-    rng: &mut TrainRng,
+    rngs: &mut [TrainRng],
     device: &B::Device,
 ) -> Result<(TrainBatch<B>, NoiseDraw<B>), TrainerError> {
+    if rngs.len() != indices.len() {
+        return input(format!(
+            "{} random streams for a micro-batch of {} samples",
+            rngs.len(),
+            indices.len()
+        ));
+    }
     let entries = indices
         .iter()
         .map(|&i| cache.get(i))
@@ -194,15 +203,17 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
                 .collect::<Result<_, _>>()?;
             let img: Tensor<B::InnerBackend, 4> = stack::<B::InnerBackend, 4>(imgs, &inner_device);
             let dims = img.dims();
-            // torch.normal(mean=-3.0, std=0.5, size=(1,)): one noise level for the whole batch.
-            let log_sigma = rng.normal(1)[0] * 0.5 - 3.0;
+            // torch.normal(mean=-3.0, std=0.5, size=(1,)), here per sample.
+            let log_sigma: Vec<f32> = rngs
+                .iter_mut()
+                .map(|r| r.normal(1)[0] * 0.5 - 3.0)
+                .collect();
             let log_sigma = Tensor::<B::InnerBackend, 1>::from_data(
-                TensorData::new(vec![log_sigma; b], [b]),
+                TensorData::new(log_sigma, [b]),
                 &inner_device,
             );
-            let n: usize = dims.iter().product();
             let noise = Tensor::<B::InnerBackend, 4>::from_data(
-                TensorData::new(rng.normal(n), dims),
+                TensorData::new(per_sample_normal(rngs, dims.iter().product()), dims),
                 &inner_device,
             );
             let latents = noisy_image_latents(
@@ -212,17 +223,22 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
                 noise,
                 |shape| {
                     let n: usize = shape.iter().product();
-                    Tensor::from_data(TensorData::new(rng.normal(n), shape), &inner_device)
+                    Tensor::from_data(
+                        TensorData::new(per_sample_normal(rngs, n), shape),
+                        &inner_device,
+                    )
                 },
                 &enc.options,
             )?;
             Some(Tensor::<B, 5>::from_inner(latents))
         }
     };
-    let timesteps: Vec<usize> = (0..b).map(|_| schedule.draw_timestep(rng)).collect();
+    let timesteps: Vec<usize> = rngs.iter_mut().map(|r| schedule.draw_timestep(r)).collect();
     let shape = cogvx_train::noise_shape(model_config, latents.dims());
-    let n: usize = shape.iter().product();
-    let noise = Tensor::<B, 5>::from_data(TensorData::new(rng.normal(n), shape), device);
+    let noise = Tensor::<B, 5>::from_data(
+        TensorData::new(per_sample_normal(rngs, shape.iter().product()), shape),
+        device,
+    );
     Ok((
         TrainBatch {
             latents,
@@ -231,6 +247,17 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
         },
         NoiseDraw { timesteps, noise },
     ))
+}
+
+/// `n` standard-normal values for a batch-major tensor: sample `i`'s slice of `n / rngs.len()`
+/// values from `rngs[i]`.
+fn per_sample_normal(rngs: &mut [TrainRng], n: usize) -> Vec<f32> {
+    let per = n / rngs.len();
+    let mut out = Vec::with_capacity(n);
+    for r in rngs.iter_mut() {
+        out.extend(r.normal(per));
+    }
+    out
 }
 
 /// The I2V train-time image path of the official trainer: `images [B, 3, H, W]` in [-1, 1]

@@ -14,7 +14,6 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{TrainConfig, ValidationConfig};
-use crate::rng::RngState;
 use crate::schedule::LrSchedule;
 use crate::TrainerError;
 use cogvx_train::HostAdamState;
@@ -56,8 +55,6 @@ pub struct TrainerState {
     pub lr_schedule: LrSchedule,
     /// The learning rate of the last update.
     pub last_lr: f64,
-    /// The training RNG after the last update.
-    pub rng: RngState,
     /// Seconds spent training so far (for step timing across resumes).
     pub elapsed_s: f64,
     pub config: TrainConfig,
@@ -497,7 +494,6 @@ mod tests {
                     num_cycles: 1,
                 },
                 last_lr: 1e-5,
-                rng: crate::rng::TrainRng::new(3).state(),
                 elapsed_s: 1.5,
                 config: TrainConfig::default(),
                 validation: ValidationConfig::default(),

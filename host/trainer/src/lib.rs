@@ -6,13 +6,14 @@
 //!
 //! * [`config`]: [`TrainConfig`] / [`ValidationConfig`] with the official defaults.
 //! * [`schedule`]: diffusers' `get_scheduler` learning-rate schedules as pure functions.
-//! * [`checkpoint`]: atomic `checkpoint-<step>/` folders (weights, AdamW state, RNG position,
-//!   data position, LR schedule, configs), keep-last-K.
+//! * [`checkpoint`]: atomic `checkpoint-<step>/` folders (weights, AdamW state, data position,
+//!   LR schedule, configs), keep-last-K.
 //! * [`train`]: the loop. Per epoch the cached samples are shuffled (seeded by `seed` and the
 //!   epoch), cut into micro-batches of `batch_size` (the last one smaller when the sample count
 //!   is not a multiple, as torch's `DataLoader(drop_last=False)`); each micro-batch draws its
 //!   timesteps (uniform over `[0, num_train_timesteps)` or a scheduler plugin's distribution) and
-//!   its gaussian noise from the saved RNG, I2V builds its noisy image latents as the official
+//!   its gaussian noise per sample, from streams keyed by the seed and the sample's position in
+//!   the run ([`TrainRng::for_sample`]), I2V builds its noisy image latents as the official
 //!   I2V trainer; gradients accumulate as accelerate's (`loss / k`, an update every `k`
 //!   micro-batches and at the end of each epoch), then global-norm clipping, AdamW at the
 //!   schedule's learning rate. One step is one optimizer update.
@@ -41,7 +42,7 @@ pub use checkpoint::{
     DataPosition, TrainerState,
 };
 pub use config::{TrainConfig, ValidationConfig};
-pub use rng::{epoch_order, RngState, TrainRng};
+pub use rng::{epoch_order, TrainRng};
 pub use schedule::{LrSchedule, LrScheduler};
 
 use std::path::{Path, PathBuf};

@@ -1,28 +1,20 @@
-//! The trainer's random numbers: a ChaCha8 stream whose exact position is saved in checkpoints,
-//! and the per-epoch data order derived from the seed and the epoch alone.
+//! The trainer's random numbers: each sample's draws (timestep, latent noise, I2V image noise)
+//! come from a ChaCha8 stream keyed by the seed and the sample's position in the run's sample
+//! sequence, and the per-epoch data order from the seed and the epoch alone. Nothing depends
+//! on how samples are grouped into micro-batches, accumulation windows or (later) processes,
+//! and a resumed run needs no saved generator state.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-/// A seeded random stream (ChaCha8) for timesteps, noise and the I2V image noise.
+/// Key offset of the per-sample draw streams, so that they never share a key with the data
+/// order's ([`epoch_order`]) for the same seed.
+const SAMPLE_DRAWS_KEY: u64 = 0x636f_6776_782d_6477; // "cogvx-dw"
+
+/// A seeded random stream (ChaCha8).
 #[derive(Clone, Debug)]
 pub struct TrainRng {
     rng: ChaCha8Rng,
-}
-
-/// The exact position of a [`TrainRng`] (what a checkpoint stores).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RngState {
-    /// The 32-byte ChaCha key, hex.
-    pub seed: String,
-    pub stream: u64,
-    /// The 32-bit word position in the stream (a `u128`, as a decimal string).
-    pub word_pos: String,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl TrainRng {
@@ -33,33 +25,13 @@ impl TrainRng {
         }
     }
 
-    /// Saves the exact position.
-    pub fn state(&self) -> RngState {
-        RngState {
-            seed: hex(&self.rng.get_seed()),
-            stream: self.rng.get_stream(),
-            word_pos: self.rng.get_word_pos().to_string(),
-        }
-    }
-
-    /// Restores a position saved by [`Self::state`].
-    pub fn from_state(state: &RngState) -> Result<Self, String> {
-        if state.seed.len() != 64 {
-            return Err(format!("rng seed {:?} is not 64 hex digits", state.seed));
-        }
-        let mut seed = [0u8; 32];
-        for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&state.seed[2 * i..2 * i + 2], 16)
-                .map_err(|e| format!("rng seed {:?}: {e}", state.seed))?;
-        }
-        let pos: u128 = state
-            .word_pos
-            .parse()
-            .map_err(|e| format!("rng word_pos {:?}: {e}", state.word_pos))?;
-        let mut rng = ChaCha8Rng::from_seed(seed);
-        rng.set_stream(state.stream);
-        rng.set_word_pos(pos);
-        Ok(TrainRng { rng })
+    /// The draws of the sample at position `draw` of the run's sample sequence (`epoch *
+    /// samples + index in the epoch's order`): the same values whatever the batch size, the
+    /// gradient accumulation or the step the run resumed at.
+    pub fn for_sample(seed: u64, draw: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SAMPLE_DRAWS_KEY);
+        rng.set_stream(draw);
+        TrainRng { rng }
     }
 
     /// A uniform integer in `0..n` (`torch.randint(0, n)`'s distribution).
@@ -104,22 +76,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_round_trip_continues_the_stream() {
-        let mut a = TrainRng::new(7);
-        let _ = a.normal(13);
-        let _ = a.below(1000);
-        let saved = a.state();
-        let json = serde_json::to_string(&saved).unwrap();
-        let mut b = TrainRng::from_state(&serde_json::from_str(&json).unwrap()).unwrap();
-        assert_eq!(a.normal(9), b.normal(9));
-        assert_eq!(a.below(1000), b.below(1000));
-        assert_eq!(a.uniform().to_bits(), b.uniform().to_bits());
-        assert!(TrainRng::from_state(&RngState {
-            seed: "zz".into(),
-            stream: 0,
-            word_pos: "0".into()
-        })
-        .is_err());
+    fn sample_streams_depend_on_seed_and_position_only() {
+        let a = TrainRng::for_sample(7, 3).normal(16);
+        assert_eq!(a, TrainRng::for_sample(7, 3).normal(16));
+        assert_ne!(a, TrainRng::for_sample(7, 4).normal(16));
+        assert_ne!(a, TrainRng::for_sample(8, 3).normal(16));
+        // Not the data order's stream of the same seed.
+        let mut order = ChaCha8Rng::seed_from_u64(7);
+        order.set_stream(3);
+        assert_ne!(a, cogvx_scheduler::noise::standard_normal(&mut order, 16));
     }
 
     #[test]

@@ -59,7 +59,6 @@ pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     lr_schedule: LrSchedule,
     // The state a checkpoint saves.
     optimizer: AdamW<B::InnerBackend>,
-    rng: TrainRng,
     pub(crate) step: u64,
     pos: DataPosition,
     elapsed_s: f64,
@@ -276,7 +275,6 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             num_cycles: config.lr_num_cycles,
         };
         let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw());
-        let mut rng = TrainRng::new(config.seed);
         let mut step = 0u64;
         let mut pos = DataPosition { epoch: 0, batch: 0 };
         let mut elapsed_s = 0.0;
@@ -309,10 +307,6 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             )?;
             mode.set_values(&mut model, &values)?;
             optimizer.load_state(&ck.optimizer, device)?;
-            rng = TrainRng::from_state(&ck.state.rng).map_err(|m| TrainerError::Io {
-                path: dir.join(checkpoint::STATE_FILE),
-                message: m,
-            })?;
             step = ck.state.step;
             pos = ck.state.data;
             elapsed_s = ck.state.elapsed_s;
@@ -381,7 +375,6 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             total_steps,
             lr_schedule,
             optimizer,
-            rng,
             step,
             pos,
             elapsed_s,
@@ -410,13 +403,18 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             }
             let start = self.pos.batch as usize * bs;
             let idx = &self.order[start..(start + bs).min(n)];
+            // Each sample's draws from its position in the run's sample sequence.
+            let first_draw = self.pos.epoch * n as u64 + start as u64;
+            let mut rngs: Vec<TrainRng> = (0..idx.len() as u64)
+                .map(|j| TrainRng::for_sample(self.config.seed, first_draw + j))
+                .collect();
             let (batch, draw) = make_micro_batch::<B>(
                 &self.cache,
                 idx,
                 &self.tc,
                 &self.tschedule,
                 self.image_encoder.as_ref(),
-                &mut self.rng,
+                &mut rngs,
                 &self.device,
             )?;
             let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
@@ -523,7 +521,6 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 data: self.pos,
                 lr_schedule: self.lr_schedule,
                 last_lr: self.last_lr,
-                rng: self.rng.state(),
                 elapsed_s: self.elapsed_s,
                 config: self.config.clone(),
                 validation: self.vconfig.clone(),
