@@ -640,3 +640,113 @@ fn parity_passes_all_shared_cases_including_the_training_steps() {
         "loss, grad norm, gradients and weights of 5 variants:\n{stdout}"
     );
 }
+
+/// The captions `index.json` of a cache holds, in dataset order.
+fn cached_captions(cache: &Path) -> Vec<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json")).unwrap()).unwrap();
+    let mut samples: Vec<(String, String)> = index["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["origin"].as_str().unwrap().to_string(),
+                s["caption"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    samples.sort();
+    samples.into_iter().map(|(_, c)| c).collect()
+}
+
+/// The third-party path: `examples/caption_cleanup`, built by plugins/build.sh to a `.wasm`
+/// component and a native `.so`, is loaded by `cogvx train` from each file and rewrites the
+/// captions that reach the cache (and so the T5 embeddings the run trains on).
+#[test]
+fn the_third_party_caption_cleanup_plugin_rewrites_cached_captions_from_wasm_and_so() {
+    let data = tempfile::tempdir().unwrap();
+    cogvx_fixtures::copy_dir(&repo().join("examples/datasets/mini"), data.path());
+    std::fs::write(
+        data.path().join("prompts.txt"),
+        "  \"BW_STYLE A man talks on a car phone\"  \n\
+         BW_STYLE\tCyclists   ride bikes along a street, the camera follows them\n\
+         «BW_STYLE A colorful test pattern»\n\
+         BW_STYLE a zoom into a mandelbrot fractal with glowing edges\n",
+    )
+    .unwrap();
+    // Whitespace normalised, wrapping quotes stripped, lowercased, cut at 8 words.
+    let want = [
+        "bw_style a man talks on a car phone",
+        "bw_style cyclists ride bikes along a street, the",
+        "bw_style a colorful test pattern",
+        "bw_style a zoom into a mandelbrot fractal with",
+    ];
+    for file in ["caption_cleanup.wasm", "caption_cleanup.so"] {
+        let plugin = plugin_file(file);
+        let dir = tempfile::tempdir().unwrap();
+        let config = small_config(dir.path(), "max_steps = 2");
+        let base = std::fs::read_to_string(&config).unwrap();
+        let toml_text = format!(
+            "plugins = [\"{}\"]\n{}\n[plugin.caption_cleanup]\nlowercase = true\nmax_words = 8\n",
+            plugin.display(),
+            base.replace("[data]", "[data]\nrewriters = [\"caption_cleanup\"]"),
+        );
+        std::fs::write(&config, toml_text).unwrap();
+        let out = cogvx(&[
+            "--config",
+            s(&config),
+            "train",
+            "--data-root",
+            s(data.path()),
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert!(
+            out.status.success(),
+            "{file}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        assert_eq!(cached_captions(&dir.path().join("cache")), want, "{file}");
+        assert_eq!(losses(&dir.path().join("out")).len(), 2, "{file}");
+    }
+}
+
+/// The README's headline command, `cogvx --plugin plugins/crop_resize.wasm train --config ...`:
+/// the sandboxed crop_resize component replaces the built-in one for the cache the run trains on.
+#[test]
+fn the_headline_command_trains_with_the_wasm_crop_resize() {
+    let wasm = plugin_file("crop_resize.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), "max_steps = 2");
+    let text_before = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text_before.replace(
+            "[data]",
+            "[data]\ntransforms = [\"frame_skip\", \"crop_resize\"]",
+        ),
+    )
+    .unwrap();
+    let out = cogvx(&["--plugin", s(&wasm), "train", "--config", s(&config)]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cache/index.json")).unwrap())
+            .unwrap();
+    let crop = index["transforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "crop_resize")
+        .unwrap_or_else(|| panic!("no crop_resize in {index}"));
+    // A plugin loaded from a file is keyed by the file's hash (a built-in by its parameters).
+    assert!(
+        crop["params"].as_str().unwrap().contains("file_sha256"),
+        "{crop}"
+    );
+    assert_eq!(losses(&dir.path().join("out")).len(), 2);
+    assert!(dir
+        .path()
+        .join("out")
+        .join("pytorch_lora_weights.safetensors")
+        .exists());
+}
