@@ -750,3 +750,82 @@ fn the_headline_command_trains_with_the_wasm_crop_resize() {
         .join("pytorch_lora_weights.safetensors")
         .exists());
 }
+
+/// The first-party `timestep_sampling` scheduler plugin, built in and loaded from its `.so` and
+/// `.wasm` (which replace the built-in of the same name): `[model] scheduler` makes the run
+/// draw its timesteps from the plugin's logit-normal distribution. The timesteps metrics.jsonl
+/// logs (60 per run) pass a Kolmogorov-Smirnov test against the plugin's CDF at the 0.1% level
+/// (critical distance 1.95 / sqrt(60) = 0.25) and fail it against the official uniform draw.
+#[test]
+fn the_timestep_sampling_plugin_shapes_the_trained_timesteps_from_each_file() {
+    use cogvx_plugin_timestep_sampling::Sampling;
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(small_config(dir.path(), "max_steps = 15\nbatch_size = 4"))
+        .unwrap();
+    let (mean, std) = (2.0, 0.4);
+    let sampling = Sampling::LogitNormal { mean, std };
+    let n = 1000usize;
+    // The CDF of the distribution over timesteps 0..n (P(timestep <= t)).
+    let plugin_cdf = |t: usize| sampling.cdf((t + 1) as f64 / n as f64);
+    let uniform_cdf = |t: usize| (t + 1) as f64 / n as f64;
+    let ks = |drawn: &[u32], cdf: &dyn Fn(usize) -> f64| {
+        let mut sorted = drawn.to_vec();
+        sorted.sort();
+        let m = sorted.len() as f64;
+        (0..n)
+            .map(|t| {
+                let below = sorted.partition_point(|&x| x as usize <= t) as f64 / m;
+                (below - cdf(t)).abs()
+            })
+            .fold(0.0, f64::max)
+    };
+    for file in [
+        None,
+        Some("timestep_sampling.so"),
+        Some("timestep_sampling.wasm"),
+    ] {
+        let name = file.unwrap_or("built-in");
+        let out = dir.path().join(format!("out-{name}"));
+        let mut toml_text = base
+            .replace(
+                &dir.path().join("out").display().to_string(),
+                &out.display().to_string(),
+            )
+            .replace(
+                "[data]",
+                "[plugin.timestep_sampling]\ndistribution = \"logit_normal\"\nmean = 2.0\nstd = 0.4\n\n[data]",
+            )
+            .replace("[model]", "[model]\nscheduler = \"timestep_sampling\"");
+        if let Some(f) = file {
+            toml_text = format!("plugins = [\"{}\"]\n{toml_text}", plugin_file(f).display());
+        }
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, toml_text).unwrap();
+        let out_run = cogvx(&["--config", s(&config), "train"]);
+        let (stdout, stderr) = text(&out_run);
+        assert!(
+            out_run.status.success(),
+            "{name}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let drawn: Vec<u32> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["type"] == "step")
+            .flat_map(|v| {
+                v["timesteps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_u64().unwrap() as u32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(drawn.len(), 60, "{name}");
+        let (d_plugin, d_uniform) = (ks(&drawn, &plugin_cdf), ks(&drawn, &uniform_cdf));
+        assert!(
+            d_plugin < 0.25 && d_uniform > 0.5,
+            "{name}: KS distance {d_plugin} to logit-normal({mean}, {std}), {d_uniform} to uniform; timesteps {drawn:?}"
+        );
+    }
+}

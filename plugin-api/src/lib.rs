@@ -254,13 +254,15 @@ pub trait Plugin: Send {
         unsupported("adapter-recipe")
     }
 
-    /// Scheduler: training tables from the model's `scheduler_config.json`.
+    /// Scheduler: training tables from the model's `scheduler_config.json` (see
+    /// [`SchedulerTables`] for a plugin that only shapes the timestep distribution).
     fn scheduler_tables(&mut self, config_json: &str) -> PluginResult<SchedulerTables> {
         let _ = config_json;
         unsupported("scheduler-tables")
     }
 
-    /// Scheduler: the inference steps' coefficients.
+    /// Scheduler: the inference steps' coefficients. A plugin without them (the default
+    /// answer, unsupported) leaves validation to the model folder's own scheduler.
     fn scheduler_plan(&mut self, request: &SchedulerPlanRequest) -> PluginResult<InferencePlan> {
         let _ = request;
         unsupported("scheduler-plan")

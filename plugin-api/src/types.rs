@@ -515,13 +515,18 @@ pub struct AdapterRecipe {
 // ---------------------------------------------------------------- scheduler
 
 /// Training-side tables of a noise schedule.
+///
+/// A plugin that only changes which timesteps training samples (logit-normal, shifted, ...)
+/// leaves `alphas_cumprod` and `loss_weights` empty: the host then keeps the model folder's own
+/// schedule and its loss weights, and `timestep_weights` must have `num_train_timesteps` values.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SchedulerTables {
-    /// `alphas_cumprod[t]` for `t in 0..num_train_timesteps`.
+    /// `alphas_cumprod[t]` for `t in 0..num_train_timesteps`; empty: the model's own.
     pub alphas_cumprod: Vec<f64>,
     /// Unnormalised probability of sampling each training timestep; `None` is uniform.
     pub timestep_weights: Option<Vec<f64>>,
-    /// Loss weight per timestep (CogVideoX: `1 / (1 - alphas_cumprod)`).
+    /// Loss weight per timestep (CogVideoX: `1 / (1 - alphas_cumprod)`); empty with an empty
+    /// `alphas_cumprod`.
     pub loss_weights: Vec<f64>,
 }
 

@@ -196,9 +196,10 @@ pub struct ModelConfig {
     /// `cogvideox-5b-i2v`, `cogvideox1.5-5b`, `cogvideox1.5-5b-i2v`): `cogvx plan` sizes it
     /// without the weights; checked against the folder's architecture when both are given.
     pub name: Option<String>,
-    /// A scheduler plugin by name (e.g. `cogvideox-dpm`): its tables give the training
-    /// timestep distribution and loss weights, its plans the validation sampler. Default: the
-    /// folder's own scheduler with uniform timesteps, as the official finetune.
+    /// A scheduler plugin by name (e.g. `cogvideox-dpm`, or `timestep_sampling` for a
+    /// logit-normal or shifted timestep distribution): its tables give the training timestep
+    /// distribution and loss weights, its plans (if it has any) the validation sampler. Default:
+    /// the folder's own scheduler with uniform timesteps, as the official finetune.
     pub scheduler: Option<String>,
 }
 

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use cogvx_model_core::case::{Case, HostTensor};
-use cogvx_plugin_api::{InferencePlan, Plugin, SchedulerPlanRequest};
+use cogvx_plugin_api::{InferencePlan, Plugin, PluginError, SchedulerPlanRequest};
 use cogvx_scheduler::{CogVideoXDdim, CogVideoXDpm, PlanExecutor, SchedulerKind};
 use cogvx_text::PromptEncoder;
 use cogvx_transformer::CogVideoXTransformer3DModel;
@@ -277,6 +277,38 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
             SchedulerKind::Dpm => Box::new(CogVideoXDpm),
         };
         plan_from_plugin(plugin.as_mut(), &self.folder, num_inference_steps)
+    }
+
+    /// The plan of a scheduler plugin, or the folder's own ([`Self::default_plan`]) when there
+    /// is none or the plugin has no inference side (a training-only timestep distribution
+    /// answers `scheduler_plan` with [`PluginError::Unsupported`]).
+    pub fn plan_with<'p>(
+        &self,
+        plugin: Option<&mut (dyn Plugin + 'p)>,
+        num_inference_steps: usize,
+    ) -> Result<InferencePlan, EngineError> {
+        let Some(plugin) = plugin else {
+            return self.default_plan(num_inference_steps);
+        };
+        let request = SchedulerPlanRequest {
+            config_json: self.folder.scheduler_config_json.clone(),
+            num_inference_steps: num_inference_steps as u32,
+        };
+        match plugin.scheduler_plan(&request) {
+            Ok(plan) => Ok(plan),
+            Err(PluginError::Unsupported(_)) => {
+                tracing::info!(
+                    "scheduler plugin `{}` has no inference plan; sampling with the model's {}",
+                    plugin.info().name,
+                    self.folder.scheduler_kind.class_name()
+                );
+                self.default_plan(num_inference_steps)
+            }
+            Err(e) => Err(EngineError::Plugin {
+                plugin: plugin.info().name,
+                message: e.to_string(),
+            }),
+        }
     }
 
     /// Generates videos with the folder's scheduler and [`SeededNoise`] from `request.seed`.

@@ -13,8 +13,7 @@ use crate::image::ConditionImage;
 use crate::lora::apply_lora;
 use crate::model::ModelFolder;
 use crate::pipeline::{
-    check_conditioning, check_request, plan_from_plugin, CogVideoXPipeline, SampleRequest,
-    SeededNoise,
+    check_conditioning, check_request, CogVideoXPipeline, SampleRequest, SeededNoise,
 };
 use crate::EngineError;
 
@@ -215,10 +214,7 @@ pub fn sample<B: cogvx_model_core::ModelBackend>(
         tracing::info!("{}: LoRA on {} layers", path.display(), names.len());
     }
     let pipe = CogVideoXPipeline::load_with_transformer(folder, transformer, device)?;
-    let plan = match scheduler {
-        Some(plugin) => plan_from_plugin(plugin, &pipe.folder, request.num_inference_steps)?,
-        None => pipe.default_plan(request.num_inference_steps)?,
-    };
+    let plan = pipe.plan_with(scheduler, request.num_inference_steps)?;
     let mut noise = SeededNoise::new(request.seed);
     let frames = pipe.generate_with(&request, plan, None, &mut noise, on_step, device)?;
     let fps = job.fps.unwrap_or_else(|| pipe.default_fps());

@@ -20,7 +20,7 @@
 //! let bar = TrainProgress::new(100, 0, true);
 //! for step in 1..=3 {
 //!     let loss = 0.2 / step as f64;
-//!     log.log(&StepRecord { step, epoch: 0, loss, lr: 2e-5, grad_norm: 0.8, step_time_s: 1.4, samples_per_s: 0.7 })?;
+//!     log.log(&StepRecord { step, epoch: 0, loss, lr: 2e-5, grad_norm: 0.8, step_time_s: 1.4, samples_per_s: 0.7, timesteps: vec![], dropped_captions: 0 })?;
 //!     bar.update(step, loss, 2e-5);
 //! }
 //! log.log_event("validation", 3, serde_json::json!({"video_metrics.flicker_luma": 0.01}))?;

@@ -32,6 +32,17 @@ pub struct StepRecord {
     /// Training samples per second over the step.
     #[serde(deserialize_with = "nan_if_null")]
     pub samples_per_s: f64,
+    /// The timestep each sample of the step was trained at, in the order the samples were
+    /// drawn (a histogram of these shows the timestep distribution the run follows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timesteps: Vec<u32>,
+    /// How many of the step's samples trained on the empty prompt (`caption_dropout`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_captions: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// serde_json writes non-finite floats as `null`; read them back as NaN.
@@ -298,6 +309,8 @@ mod tests {
             grad_norm: 0.5 + step as f64,
             step_time_s: 1.25,
             samples_per_s: 3.2,
+            timesteps: vec![999, 0],
+            dropped_captions: 1,
         }
     }
 

@@ -223,6 +223,8 @@ mod tests {
                 grad_norm: 1.0,
                 step_time_s: 0.5,
                 samples_per_s: 2.0,
+                timesteps: Vec::new(),
+                dropped_captions: 0,
             })
             .unwrap();
         }

@@ -1,12 +1,13 @@
 //! What one step trains on: micro-batches read from the cache, with their random draws
-//! (timesteps from the model's schedule or a scheduler plugin's distribution, latent noise, and
-//! for I2V the official trainer's noisy image latents) taken from the run's RNG.
+//! (timesteps from the model's schedule or a scheduler plugin's distribution, latent noise,
+//! for I2V the official trainer's noisy image latents, and caption dropout) taken from each
+//! sample's stream.
 
 use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use cogvx_cache::Cache;
+use cogvx_cache::{Cache, HostTensor};
 use cogvx_plugin_api::Plugin;
 use cogvx_scheduler::NoiseSchedule;
 use cogvx_train::{NoiseDraw, TrainBatch};
@@ -54,36 +55,16 @@ pub(crate) fn train_schedule<'p>(
     let tables = plugin
         .scheduler_tables(&json)
         .map_err(|e| perr(e.to_string()))?;
-    let n = tables.alphas_cumprod.len();
-    if n == 0
-        || tables
-            .alphas_cumprod
-            .iter()
-            .any(|a| !(a.is_finite() && *a > 0.0 && *a < 1.0))
-    {
-        return Err(perr(format!(
-            "scheduler_tables: alphas_cumprod must be {n} > 0 values in (0, 1)"
-        )));
-    }
-    // compute_loss weights the loss by 1 / (1 - alphas_cumprod), as the official trainer.
-    if tables.loss_weights.len() != n {
-        return Err(perr(format!(
-            "scheduler_tables: {} loss weights for {n} timesteps",
-            tables.loss_weights.len()
-        )));
-    }
-    for (t, (w, a)) in tables
-        .loss_weights
-        .iter()
-        .zip(&tables.alphas_cumprod)
-        .enumerate()
-    {
-        let want = 1.0 / (1.0 - a);
-        if (w - want).abs() > 1e-6 * want.abs().max(1.0) {
-            return Err(perr(format!(
-                "scheduler_tables: loss weight {w} at timestep {t}; the CogVideoX loss uses 1 / (1 - alphas_cumprod) = {want}"
-            )));
-        }
+    // Empty tables: the plugin only shapes the timestep distribution (the model's own schedule
+    // and loss weights stay).
+    let own_schedule = tables.alphas_cumprod.is_empty() && tables.loss_weights.is_empty();
+    let n = if own_schedule {
+        schedule.alphas_cumprod.len()
+    } else {
+        tables.alphas_cumprod.len()
+    };
+    if !own_schedule {
+        check_tables(&tables, n).map_err(perr)?;
     }
     let cumulative = match &tables.timestep_weights {
         None => None,
@@ -105,11 +86,49 @@ pub(crate) fn train_schedule<'p>(
             )
         }
     };
-    schedule.alphas_cumprod = tables.alphas_cumprod;
+    if !own_schedule {
+        schedule.alphas_cumprod = tables.alphas_cumprod;
+    }
     Ok(TrainSchedule {
         schedule,
         cumulative,
     })
+}
+
+/// A plugin's own `alphas_cumprod` (`n` values in (0, 1)) and the loss weights the CogVideoX
+/// loss uses with them, `1 / (1 - alphas_cumprod)`.
+fn check_tables(tables: &cogvx_plugin_api::SchedulerTables, n: usize) -> Result<(), String> {
+    if n == 0
+        || tables
+            .alphas_cumprod
+            .iter()
+            .any(|a| !(a.is_finite() && *a > 0.0 && *a < 1.0))
+    {
+        return Err(format!(
+            "scheduler_tables: alphas_cumprod must be {n} > 0 values in (0, 1) (or empty, with empty loss_weights, to keep the model's schedule)"
+        ));
+    }
+    // compute_loss weights the loss by 1 / (1 - alphas_cumprod), as the official trainer.
+    if tables.loss_weights.len() != n {
+        return Err(format!(
+            "scheduler_tables: {} loss weights for {n} timesteps",
+            tables.loss_weights.len()
+        ));
+    }
+    for (t, (w, a)) in tables
+        .loss_weights
+        .iter()
+        .zip(&tables.alphas_cumprod)
+        .enumerate()
+    {
+        let want = 1.0 / (1.0 - a);
+        if (w - want).abs() > 1e-6 * want.abs().max(1.0) {
+            return Err(format!(
+                "scheduler_tables: loss weight {w} at timestep {t}; the CogVideoX loss uses 1 / (1 - alphas_cumprod) = {want}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The VAE for the I2V image latents, with the options the official trainer encodes with
@@ -134,7 +153,7 @@ impl<B: Backend> ImageEncoder<B> {
 }
 
 fn stack<B: Backend, const D1: usize>(
-    items: Vec<&cogvx_cache::HostTensor>,
+    items: Vec<&HostTensor>,
     device: &B::Device,
 ) -> Tensor<B, D1> {
     let n = items.len();
@@ -147,20 +166,46 @@ fn stack<B: Backend, const D1: usize>(
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
+/// What a run's micro-batches are made from.
+pub(crate) struct BatchSource<'a, B: AutodiffBackend> {
+    pub(crate) cache: &'a Cache,
+    pub(crate) model_config: &'a cogvx_transformer::TransformerConfig,
+    pub(crate) schedule: &'a TrainSchedule,
+    /// The VAE of the I2V image latents (`None` for T2V).
+    pub(crate) images: Option<&'a ImageEncoder<B::InnerBackend>>,
+    /// `[train] caption_dropout` when it is above 0.
+    pub(crate) caption_dropout: Option<&'a CaptionDropout>,
+}
+
+/// Caption dropout for classifier-free guidance: each sample's prompt embedding is replaced by
+/// the empty prompt's with probability `p`.
+pub(crate) struct CaptionDropout {
+    pub(crate) p: f64,
+    /// The T5 embedding of `""`, `[L, D]` like the cached captions'.
+    pub(crate) empty: HostTensor,
+}
+
+/// A micro-batch and its draws.
+pub(crate) struct MicroBatch<B: AutodiffBackend> {
+    pub(crate) batch: TrainBatch<B>,
+    pub(crate) draw: NoiseDraw<B>,
+    /// How many samples trained on the empty prompt (caption dropout).
+    pub(crate) dropped_captions: usize,
+}
+
 /// One micro-batch on the device, with each sample's random draws taken from its own stream
 /// (`rngs[i]` for `indices[i]`), in the official trainer's order (I2V: image noise level, image
-/// noise, posterior sample; then timestep and latent noise). Per-sample streams make a batch of
-/// 4 draw what 4 accumulated batches of 1 draw; the I2V noise level is therefore drawn per
-/// sample (the official trainer draws one for its whole batch: the same with batch size 1).
+/// noise, posterior sample; then timestep and latent noise), then, with caption dropout only,
+/// one uniform draw that decides whether the sample's caption is dropped (last, so that the
+/// other draws do not depend on it). Per-sample streams make a batch of 4 draw what 4
+/// accumulated batches of 1 draw; the I2V noise level is therefore drawn per sample (the
+/// official trainer draws one for its whole batch: the same with batch size 1).
 pub(crate) fn make_micro_batch<B: AutodiffBackend>(
-    cache: &Cache,
+    source: &BatchSource<'_, B>,
     indices: &[usize],
-    model_config: &cogvx_transformer::TransformerConfig,
-    schedule: &TrainSchedule,
-    images: Option<&ImageEncoder<B::InnerBackend>>,
     rngs: &mut [TrainRng],
     device: &B::Device,
-) -> Result<(TrainBatch<B>, NoiseDraw<B>), TrainerError> {
+) -> Result<MicroBatch<B>, TrainerError> {
     if rngs.len() != indices.len() {
         return input(format!(
             "{} random streams for a micro-batch of {} samples",
@@ -170,7 +215,7 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
     }
     let entries = indices
         .iter()
-        .map(|&i| cache.get(i))
+        .map(|&i| source.cache.get(i))
         .collect::<Result<Vec<_>, _>>()?;
     let first = &entries[0];
     for e in &entries[1..] {
@@ -185,15 +230,11 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
     }
     let b = entries.len();
     let latents: Tensor<B, 5> = stack::<B, 5>(entries.iter().map(|e| &e.latent).collect(), device);
-    let prompt_embeds: Tensor<B, 3> = stack::<B, 3>(
-        entries.iter().map(|e| &e.prompt_embedding).collect(),
-        device,
-    );
-    let image_latents = match images {
+    let image_latents = match source.images {
         None => None,
         Some(enc) => {
             let inner_device = device.clone();
-            let imgs: Vec<&cogvx_cache::HostTensor> = entries
+            let imgs: Vec<&HostTensor> = entries
                 .iter()
                 .map(|e| {
                     e.image.as_ref().ok_or_else(|| {
@@ -233,20 +274,37 @@ pub(crate) fn make_micro_batch<B: AutodiffBackend>(
             Some(Tensor::<B, 5>::from_inner(latents))
         }
     };
-    let timesteps: Vec<usize> = rngs.iter_mut().map(|r| schedule.draw_timestep(r)).collect();
-    let shape = cogvx_train::noise_shape(model_config, latents.dims());
+    let timesteps: Vec<usize> = rngs
+        .iter_mut()
+        .map(|r| source.schedule.draw_timestep(r))
+        .collect();
+    let shape = cogvx_train::noise_shape(source.model_config, latents.dims());
     let noise = Tensor::<B, 5>::from_data(
         TensorData::new(per_sample_normal(rngs, shape.iter().product()), shape),
         device,
     );
-    Ok((
-        TrainBatch {
+    let dropped: Vec<bool> = match source.caption_dropout {
+        None => vec![false; b],
+        Some(d) => rngs.iter_mut().map(|r| r.uniform() < d.p).collect(),
+    };
+    let prompts: Vec<&HostTensor> = entries
+        .iter()
+        .zip(&dropped)
+        .map(|(e, &drop)| match source.caption_dropout {
+            Some(d) if drop => &d.empty,
+            _ => &e.prompt_embedding,
+        })
+        .collect();
+    let prompt_embeds: Tensor<B, 3> = stack::<B, 3>(prompts, device);
+    Ok(MicroBatch {
+        batch: TrainBatch {
             latents,
             prompt_embeds,
             image_latents,
         },
-        NoiseDraw { timesteps, noise },
-    ))
+        draw: NoiseDraw { timesteps, noise },
+        dropped_captions: dropped.iter().filter(|d| **d).count(),
+    })
 }
 
 /// `n` standard-normal values for a batch-major tensor: sample `i`'s slice of `n / rngs.len()`

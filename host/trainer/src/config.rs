@@ -120,6 +120,11 @@ pub struct TrainConfig {
     /// Seed of the data order, the noise and timestep draws and the adapter initialisation.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Probability that a sample trains on the empty prompt's embedding instead of its
+    /// caption's (classifier-free guidance dropout, as finetrainers and SimpleTuner offer; the
+    /// official finetune has none). The empty prompt is T5-encoded once and cached.
+    #[serde(default)]
+    pub caption_dropout: f64,
     /// A checkpoint every this many optimizer steps (and one at the end).
     #[serde(default = "default_ckpt_steps")]
     pub checkpointing_steps: u64,
@@ -183,6 +188,7 @@ impl Default for TrainConfig {
             batch_size: default_one_usize(),
             gradient_accumulation_steps: default_one_usize(),
             seed: default_seed(),
+            caption_dropout: 0.0,
             checkpointing_steps: default_ckpt_steps(),
             checkpoints_total_limit: default_ckpt_limit(),
             output_dir: default_output_dir(),
@@ -292,6 +298,15 @@ impl TrainConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return bad(
+                "caption_dropout",
+                format!(
+                    "{} must be a probability in [0, 1] (0.1 is common; 0 turns it off)",
+                    self.caption_dropout
+                ),
+            );
         }
         if self.gradient_accumulation_steps == 0 {
             return bad("gradient_accumulation_steps", "must be at least 1");
@@ -520,6 +535,9 @@ mod tests {
             ("max_steps = 0", "`max_steps`"),
             ("epochs = 0", "`epochs`"),
             ("batch_size = 0", "`batch_size`"),
+            ("caption_dropout = 1.5", "`caption_dropout`"),
+            ("caption_dropout = -0.1", "`caption_dropout`"),
+            ("caption_dropout = nan", "`caption_dropout`"),
             (
                 "gradient_accumulation_steps = 0",
                 "`gradient_accumulation_steps`",

@@ -368,8 +368,30 @@ mod tests {
         let mut bad = tables.clone();
         bad.timestep_weights = Some(vec![0.0; n]);
         assert!(train_schedule(&dir, Some(&mut Tables(bad))).is_err());
-        let mut bad = tables;
+        let mut bad = tables.clone();
         bad.alphas_cumprod[0] = 1.5;
         assert!(train_schedule(&dir, Some(&mut Tables(bad))).is_err());
+
+        // Empty alphas_cumprod and loss weights keep the model's schedule: only the timestep
+        // distribution changes (a timestep-sampling plugin); the weights must cover its steps.
+        let only_weights = SchedulerTables {
+            alphas_cumprod: Vec::new(),
+            loss_weights: Vec::new(),
+            ..tables.clone()
+        };
+        let s = train_schedule(&dir, Some(&mut Tables(only_weights.clone()))).unwrap();
+        assert_eq!(s.schedule.alphas_cumprod, own.schedule.alphas_cumprod);
+        assert!([10, 20].contains(&s.draw_timestep(&mut rng)));
+        let mut bad = only_weights.clone();
+        bad.timestep_weights = Some(vec![1.0; n - 1]);
+        assert!(train_schedule(&dir, Some(&mut Tables(bad))).is_err());
+        // Loss weights without their alphas_cumprod are refused.
+        let mut bad = only_weights;
+        bad.loss_weights = tables.loss_weights;
+        let e = train_schedule(&dir, Some(&mut Tables(bad)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("alphas_cumprod"), "{e}");
     }
 }

@@ -19,7 +19,9 @@ use cogvx_plugin_api::Plugin;
 use cogvx_train::{AdamW, AdapterSpec, InnerTensors, TrainMode};
 use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
 
-use crate::batch::{make_micro_batch, train_schedule, ImageEncoder, TrainSchedule};
+use crate::batch::{
+    make_micro_batch, train_schedule, BatchSource, CaptionDropout, ImageEncoder, TrainSchedule,
+};
 use crate::validation::Validation;
 use crate::{
     check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint,
@@ -45,6 +47,7 @@ pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     adapter_params: serde_json::Value,
     tschedule: TrainSchedule,
     image_encoder: Option<ImageEncoder<B::InnerBackend>>,
+    caption_dropout: Option<CaptionDropout>,
     validation: Validation<B::InnerBackend>,
     validators: Vec<(String, &'a mut dyn Plugin)>,
     scheduler_plugin: Option<&'a mut dyn Plugin>,
@@ -181,6 +184,30 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             text_dtype,
             device,
         )?;
+        // Caption dropout's empty prompt, cached like the validation prompts.
+        let caption_dropout = if config.caption_dropout > 0.0 {
+            let empty = cogvx_cache::prompt_embeddings::<B::InnerBackend>(
+                &cache.dir,
+                &model_dir,
+                &[String::new()],
+                cache.index.max_sequence_length,
+                text_dtype,
+                device,
+            )?
+            .remove(0);
+            if empty.shape != first.prompt_embedding.shape {
+                return input(format!(
+                    "caption_dropout: the empty prompt encodes to {:?}, the cache's captions are {:?}; prepare the cache with this model's text encoder",
+                    empty.shape, first.prompt_embedding.shape
+                ));
+            }
+            Some(CaptionDropout {
+                p: config.caption_dropout,
+                empty,
+            })
+        } else {
+            None
+        };
 
         // ---- model and adapter
         // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
@@ -363,6 +390,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             adapter_params,
             tschedule,
             image_encoder,
+            caption_dropout,
             validation,
             validators: validator_refs,
             scheduler_plugin,
@@ -396,6 +424,8 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let mut acc: Option<InnerTensors<B>> = None;
         let mut losses = Vec::new();
         let mut samples = 0usize;
+        let mut timesteps = Vec::new();
+        let mut dropped_captions = 0u32;
         for _ in 0..k {
             if self.order_epoch != self.pos.epoch {
                 self.order = epoch_order(self.config.seed, self.pos.epoch, n);
@@ -408,15 +438,17 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             let mut rngs: Vec<TrainRng> = (0..idx.len() as u64)
                 .map(|j| TrainRng::for_sample(self.config.seed, first_draw + j))
                 .collect();
-            let (batch, draw) = make_micro_batch::<B>(
-                &self.cache,
-                idx,
-                &self.tc,
-                &self.tschedule,
-                self.image_encoder.as_ref(),
-                &mut rngs,
-                &self.device,
-            )?;
+            let source = BatchSource {
+                cache: &self.cache,
+                model_config: &self.tc,
+                schedule: &self.tschedule,
+                images: self.image_encoder.as_ref(),
+                caption_dropout: self.caption_dropout.as_ref(),
+            };
+            let micro = make_micro_batch::<B>(&source, idx, &mut rngs, &self.device)?;
+            let (batch, draw) = (micro.batch, micro.draw);
+            timesteps.extend(draw.timesteps.iter().map(|&t| t as u32));
+            dropped_captions += micro.dropped_captions as u32;
             let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
             let (loss, grads) = cogvx_train::loss_and_grads_scaled(
                 self.mode,
@@ -499,6 +531,8 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             grad_norm,
             step_time_s: dt,
             samples_per_s: samples as f64 / dt.max(1e-9),
+            timesteps,
+            dropped_captions,
         };
         self.metrics.log(&record)?;
         self.bar.update(step, loss, lr);
@@ -765,6 +799,11 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, dir: &Path) -> Result
         ("learning_rate", saved.learning_rate, now.learning_rate),
         ("weight_decay", saved.weight_decay, now.weight_decay),
         ("max_grad_norm", saved.max_grad_norm, now.max_grad_norm),
+        (
+            "caption_dropout",
+            saved.caption_dropout,
+            now.caption_dropout,
+        ),
     ] {
         if a != b {
             tracing::warn!("resuming {} with `{k}` = {b} (the checkpoint used {a}): the loss curve will differ from an uninterrupted run", dir.display());

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use cogvx_cache::{Cache, HostTensor};
 use cogvx_engine::{
-    frames_to_u8, plan_from_plugin, CogVideoXPipeline, ConditionImage, ModelFolder, PromptSource,
-    SampleRequest, SeededNoise,
+    frames_to_u8, CogVideoXPipeline, ConditionImage, ModelFolder, PromptSource, SampleRequest,
+    SeededNoise,
 };
 use cogvx_metrics::MetricsLog;
 use cogvx_plugin_api::{Plugin, ValidateRequest};
@@ -159,10 +159,7 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
                 seed: c.seed,
                 vae_options,
             };
-            let plan = match scheduler.as_deref_mut() {
-                Some(p) => plan_from_plugin(p, &pipe.folder, c.num_inference_steps)?,
-                None => pipe.default_plan(c.num_inference_steps)?,
-            };
+            let plan = pipe.plan_with(scheduler.as_deref_mut(), c.num_inference_steps)?;
             let mut noise = SeededNoise::new(c.seed);
             let frames =
                 pipe.generate_with(&request, plan, None, &mut noise, &mut |_, _| {}, device)?;

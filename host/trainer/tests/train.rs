@@ -1281,3 +1281,74 @@ fn accumulating_batches_of_one_trains_as_one_larger_batch() {
         assert!(moved, "lora_B never moved: the runs did not train");
     }
 }
+
+/// `[train] caption_dropout`: a dropped sample trains on the empty prompt's embedding (T5-encoded
+/// once into the cache), decided by one draw after the sample's other draws. With p = 1 a run is
+/// the run on a cache whose every caption is the empty prompt, bit for bit; with p = 0.5 some
+/// captions drop (logged per step) and the timesteps are those of the run without dropout.
+#[test]
+fn caption_dropout_trains_on_the_cached_empty_prompt() {
+    let model = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache(&tmp.path().join("cache"), 4, false);
+    let go = |name: &str, cache: &Cache, p: f64| {
+        let out = tmp.path().join(name);
+        let c = TrainConfig {
+            caption_dropout: p,
+            batch_size: 2,
+            gradient_accumulation_steps: 1,
+            ..config(&out, 6, 100)
+        };
+        let s = run(job(&model, cache, c)).unwrap();
+        (s.losses, read_steps(&out.join("metrics.jsonl")).unwrap())
+    };
+    let (base_losses, base) = go("p0", &cache, 0.0);
+    let (all_losses, all) = go("p1", &cache, 1.0);
+    assert!(base.iter().all(|s| s.dropped_captions == 0));
+    assert!(all.iter().all(|s| s.dropped_captions == 2), "{all:?}");
+    assert_ne!(bits(&base_losses), bits(&all_losses));
+
+    // The empty prompt's embedding is in the cache (read back, not encoded again).
+    let prompts_before = std::fs::read_dir(cache.dir.join("prompts"))
+        .unwrap()
+        .count();
+    assert_eq!(prompts_before, 5, "4 captions and the empty prompt");
+    let empty = cogvx_cache::prompt_embeddings::<CpuBackend>(
+        &cache.dir,
+        &model,
+        &[String::new()],
+        16,
+        None,
+        &CpuDevice::default(),
+    )
+    .unwrap()
+    .remove(0);
+    assert_eq!(empty.shape, vec![16, 32]);
+    let emptied = make_cache(&tmp.path().join("emptied"), 4, false);
+    for s in &emptied.index.samples {
+        store::write_entry(
+            &emptied
+                .dir
+                .join("prompts")
+                .join(format!("{}.safetensors", s.prompt)),
+            &s.prompt,
+            &[("prompt_embedding", &empty)],
+        )
+        .unwrap();
+    }
+    let emptied = Cache::open(&emptied.dir).unwrap();
+    let (emptied_losses, emptied_steps) = go("emptied", &emptied, 0.0);
+    assert_eq!(bits(&emptied_losses), bits(&all_losses));
+
+    let (_, half) = go("half", &cache, 0.5);
+    let dropped: u32 = half.iter().map(|s| s.dropped_captions).sum();
+    assert!(
+        (1..12).contains(&dropped),
+        "{dropped} of 12 captions dropped"
+    );
+    for ((h, b), e) in half.iter().zip(&base).zip(&emptied_steps) {
+        assert_eq!(h.timesteps.len(), 2);
+        assert_eq!(h.timesteps, b.timesteps, "step {}", h.step);
+        assert_eq!(e.timesteps, b.timesteps, "step {}", h.step);
+    }
+}
