@@ -402,6 +402,29 @@ pub(crate) fn target_modules_of(dict: &BTreeMap<String, Value>) -> Vec<String> {
     }
 }
 
+/// Reads a LoRA file in either layout cogvx writes: diffusers' (`transformer.` keys,
+/// [`load_lora`]) or ComfyUI's (`diffusion_model.` keys, [`crate::load_lora_comfyui`]), told
+/// apart by the first key.
+pub fn load_lora_any(path: &Path) -> Result<LoadedLora, AdaptersError> {
+    let bytes = std::fs::read(path).map_err(|e| AdaptersError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let comfyui = safetensors::SafeTensors::deserialize(&bytes)
+        .ok()
+        .and_then(|st| {
+            st.names()
+                .first()
+                .map(|n| n.starts_with("diffusion_model."))
+        })
+        .unwrap_or(false);
+    if comfyui {
+        crate::load_lora_comfyui(path)
+    } else {
+        load_lora(path)
+    }
+}
+
 /// Reads a diffusers LoRA file (F32/F16/BF16): the `transformer.` LoRA tensors and the adapter
 /// metadata of the header. Errors name the file and the key.
 pub fn load_lora(path: &Path) -> Result<LoadedLora, AdaptersError> {

@@ -133,13 +133,13 @@ pub fn apply_lora<B: Backend>(
     Ok(names)
 }
 
-/// Reads a LoRA file ([`cogvx_adapters::load_lora`]) and applies it ([`apply_lora`]).
+/// Reads a LoRA file in diffusers' or ComfyUI's layout ([`cogvx_adapters::load_lora_any`]) and applies it ([`apply_lora`]).
 pub fn load_and_apply_lora<B: Backend>(
     transformer: &mut CogVideoXTransformer3DModel<B>,
     path: &Path,
     strength: f64,
     device: &B::Device,
 ) -> Result<Vec<String>, EngineError> {
-    let lora = cogvx_adapters::load_lora(path)?;
+    let lora = cogvx_adapters::load_lora_any(path)?;
     apply_lora(transformer, &lora, path, strength, device)
 }

@@ -203,7 +203,7 @@ pub fn sample<B: cogvx_model_core::ModelBackend>(
     }
     check_request(&folder, spatial, &request)?;
     let lora = match &job.lora {
-        Some(path) => Some((cogvx_adapters::load_lora(path)?, path)),
+        Some(path) => Some((cogvx_adapters::load_lora_any(path)?, path)),
         None => None,
     };
 

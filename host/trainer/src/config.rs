@@ -138,6 +138,12 @@ pub struct TrainConfig {
     /// `"bf16"` as the 5B and 1.5 checkpoints are stored; `"fp16"` as the 2B one).
     #[serde(default = "default_export_dtype")]
     pub export_dtype: cogvx_train::ExportDtype,
+    /// The layouts the built-in LoRA is exported in: `"diffusers"`
+    /// (`pytorch_lora_weights.safetensors`, the default) and `"comfyui"`
+    /// (`lora_comfyui.safetensors`, ComfyUI's native CogVideoX names). Each export is read back
+    /// and checked (`export_report.json`).
+    #[serde(default = "default_export_formats")]
+    pub export_formats: Vec<crate::ExportFormat>,
     /// Recompute each transformer block in the backward instead of keeping its activations
     /// (diffusers' `enable_gradient_checkpointing`; the official finetune always turns it on):
     /// the same gradients, in far less memory, for about one more forward pass of time.
@@ -162,6 +168,10 @@ pub struct TrainConfig {
 
 fn default_fp16_init_scale() -> f64 {
     cogvx_model_core::precision::LossScaler::default().scale
+}
+
+fn default_export_formats() -> Vec<crate::ExportFormat> {
+    vec![crate::ExportFormat::Diffusers]
 }
 
 fn default_export_dtype() -> cogvx_train::ExportDtype {
@@ -193,6 +203,7 @@ impl Default for TrainConfig {
             checkpoints_total_limit: default_ckpt_limit(),
             output_dir: default_output_dir(),
             export_dtype: default_export_dtype(),
+            export_formats: default_export_formats(),
             gradient_checkpointing: false,
             gradient_checkpointing_offload: false,
             mixed_precision: Default::default(),
@@ -322,6 +333,33 @@ impl TrainConfig {
         }
         if self.output_dir.as_os_str().is_empty() {
             return bad("output_dir", "empty");
+        }
+        if self.export_formats.is_empty() {
+            return bad(
+                "export_formats",
+                "empty; name at least one of \"diffusers\", \"comfyui\"",
+            );
+        }
+        let mut formats = self.export_formats.clone();
+        formats.sort();
+        formats.dedup();
+        if formats.len() != self.export_formats.len() {
+            return bad("export_formats", "names a format twice");
+        }
+        if !self.is_lora() && self.export_formats != [crate::ExportFormat::Diffusers] {
+            return bad(
+                "export_formats",
+                format!(
+                    "{:?} is for the built-in LoRA; `adapter = {:?}` exports {} (leave `export_formats` out)",
+                    self.export_formats.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+                    self.adapter,
+                    if self.is_sft() {
+                        "a diffusers transformer folder"
+                    } else {
+                        "PEFT's layout"
+                    }
+                ),
+            );
         }
         Ok(())
     }
@@ -538,6 +576,19 @@ mod tests {
             ("caption_dropout = 1.5", "`caption_dropout`"),
             ("caption_dropout = -0.1", "`caption_dropout`"),
             ("caption_dropout = nan", "`caption_dropout`"),
+            ("export_formats = []", "`export_formats`"),
+            (
+                "export_formats = [\"comfyui\", \"comfyui\"]",
+                "`export_formats`",
+            ),
+            (
+                "adapter = \"sft\"\nexport_formats = [\"comfyui\"]",
+                "`export_formats`",
+            ),
+            (
+                "adapter = \"dora\"\nexport_formats = [\"diffusers\", \"comfyui\"]",
+                "`export_formats`",
+            ),
             (
                 "gradient_accumulation_steps = 0",
                 "`gradient_accumulation_steps`",

@@ -31,6 +31,7 @@
 mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod lock;
 pub mod rng;
 mod run;
@@ -42,6 +43,7 @@ pub use checkpoint::{
     DataPosition, TrainerState,
 };
 pub use config::{TrainConfig, ValidationConfig};
+pub use export::{ExportFormat, ExportReport, EXPORT_REPORT_FILE};
 pub use rng::{epoch_order, TrainRng};
 pub use schedule::{LrSchedule, LrScheduler};
 
@@ -185,8 +187,11 @@ pub struct TrainSummary {
     pub losses: Vec<(u64, f64)>,
     /// The last checkpoint written.
     pub last_checkpoint: Option<PathBuf>,
-    /// The exported weights (`None` when the run was stopped early).
+    /// The exported weights (`None` when the run was stopped early): the first of
+    /// `export_formats` for a LoRA.
     pub exported: Option<PathBuf>,
+    /// What each exported LoRA file holds and does (also in `output_dir/export_report.json`).
+    pub export_reports: Vec<ExportReport>,
     /// Validation videos written.
     pub validation_videos: Vec<PathBuf>,
     /// The run stopped early through [`TrainJob::on_step`].

@@ -27,7 +27,7 @@ use crate::{
     check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint,
     write_checkpoint, Checkpoint, DataPosition, LrSchedule, Resume, TrainConfig, TrainJob,
     TrainRng, TrainSummary, TrainerError, TrainerState, ValidationConfig, LOSS_PLOT_FILE,
-    METRICS_FILE, SFT_EXPORT_DIR,
+    METRICS_FILE,
 };
 
 /// One training run: the job's checks, the model with its adapter, the plan (steps, schedule)
@@ -367,6 +367,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             losses: Vec::new(),
             last_checkpoint: None,
             exported: None,
+            export_reports: Vec::new(),
             validation_videos: Vec::new(),
             stopped_early: false,
             skipped_steps: Vec::new(),
@@ -628,16 +629,18 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         if self.vconfig.enabled() && self.last_validated != Some(step) {
             self.validate()?;
         }
-        let path = export(
+        let (path, reports) = crate::export::export(
             &mut self.model,
             &self.config,
             &self.spec,
             &self.adapter_params,
             &self.folder_transformer,
             &self.out,
+            &self.device,
         )?;
         tracing::info!("wrote {}", path.display());
         self.summary.exported = Some(path);
+        self.summary.export_reports = reports;
         Ok(self.summary)
     }
 }
@@ -723,46 +726,6 @@ fn checkpoint_values<B: AutodiffBackend>(
         TrainMode::Adapter => cogvx_train::all_adapter_values(model),
         TrainMode::Full => cogvx_train::full_values(model),
     }
-}
-
-/// The final export: the built-in LoRA as diffusers' `pytorch_lora_weights.safetensors`
-/// (`save_lora`), a plugin adapter under PEFT's names in the same file (`save_adapter`, PEFT
-/// config in the header), SFT as a diffusers transformer folder `output_dir/transformer/`
-/// (in `config.export_dtype`, sharded as diffusers does, with the source `config.json`).
-fn export<B: AutodiffBackend>(
-    model: &mut CogVideoXTransformer3DModel<B>,
-    config: &TrainConfig,
-    spec: &AdapterSpec,
-    adapter_params: &serde_json::Value,
-    source_transformer: &Path,
-    out: &Path,
-) -> Result<PathBuf, TrainerError> {
-    if config.is_sft() {
-        let dir = out.join(SFT_EXPORT_DIR);
-        let f = cogvx_train::save_transformer_folder(
-            model,
-            source_transformer,
-            &dir,
-            cogvx_train::DEFAULT_MAX_SHARD_BYTES,
-            config.export_dtype,
-        )?;
-        return Ok(f.dir);
-    }
-    if config.is_lora() {
-        let meta = cogvx_train::LoraMetadata {
-            rank: config.rank,
-            alpha: config.alpha,
-            target_modules: config.target_modules.clone(),
-        };
-        return Ok(cogvx_train::save_lora(
-            out,
-            &cogvx_train::trainable_values(model),
-            &meta,
-        )?);
-    }
-    let mut meta = cogvx_train::adapter_metadata(model, spec, BTreeMap::new())?;
-    meta.config = cogvx_train::peft_settings(&meta.peft_type, adapter_params);
-    Ok(cogvx_train::save_adapter(model, out, &meta)?)
 }
 
 /// Shape-defining keys a resumed run must share with its checkpoint.

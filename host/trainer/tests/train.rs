@@ -14,7 +14,8 @@ use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_plugin_api::{Metric, Plugin, PluginInfo, PluginKind, PluginResult, ValidateRequest};
 use cogvx_trainer::checkpoint::{checkpoint_dir, list_checkpoints, OPTIMIZER_FILE};
 use cogvx_trainer::{
-    train, LrScheduler, Resume, TrainConfig, TrainJob, TrainSummary, TrainerError, ValidationConfig,
+    train, ExportFormat, ExportReport, LrScheduler, Resume, TrainConfig, TrainJob, TrainSummary,
+    TrainerError, ValidationConfig,
 };
 
 type B = Autodiff<CpuBackend>;
@@ -1350,5 +1351,78 @@ fn caption_dropout_trains_on_the_cached_empty_prompt() {
         assert_eq!(h.timesteps.len(), 2);
         assert_eq!(h.timesteps, b.timesteps, "step {}", h.step);
         assert_eq!(e.timesteps, b.timesteps, "step {}", h.step);
+    }
+}
+
+/// `[train] export_formats = ["diffusers", "comfyui"]`: both files hold the same trained pair per
+/// layer (ComfyUI's under `diffusion_model.blocks.{i}.q` with `alpha`), `cogvx sample --lora`
+/// applies either, and the report read back from each file shows every expected key, a LoRA that
+/// changes the transformer's output, and an output equal to the trained model's.
+#[test]
+fn comfyui_export_holds_the_trained_lora_and_its_report_checks_it() {
+    for (model, i2v) in [
+        (model_dir(), false),
+        (tiny("cogvideox1.5-5b-i2v-tiny"), true),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = make_cache(&tmp.path().join("cache"), 2, i2v);
+        let out = tmp.path().join("out");
+        let c = TrainConfig {
+            export_formats: vec![ExportFormat::Diffusers, ExportFormat::Comfyui],
+            target_modules: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
+                .map(String::from)
+                .to_vec(),
+            ..config(&out, 2, 100)
+        };
+        let s = run(job(&model, &cache, c)).unwrap();
+        assert_eq!(s.exported, Some(out.join(cogvx_train::LORA_WEIGHTS_NAME)));
+        let comfy = out.join(cogvx_adapters::COMFYUI_LORA_NAME);
+        let diffusers = cogvx_train::load_lora(s.exported.as_ref().unwrap()).unwrap();
+        let back = cogvx_adapters::load_lora_any(&comfy).unwrap();
+        assert_eq!(back.tensors, diffusers.tensors);
+        let (m, d) = (back.metadata.unwrap(), diffusers.metadata.unwrap());
+        assert_eq!((m.rank, m.alpha), (d.rank, d.alpha));
+
+        // The ComfyUI names, as comfy/ldm/cogvideo/model.py has them.
+        let bytes = std::fs::read(&comfy).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for key in [
+            "diffusion_model.blocks.0.q.lora_A.weight",
+            "diffusion_model.blocks.1.attn_out.lora_B.weight",
+            "diffusion_model.blocks.1.ff_proj.lora_A.weight",
+            "diffusion_model.blocks.0.k.alpha",
+        ] {
+            assert!(st.tensor(key).is_ok(), "{}: no {key}", model.display());
+        }
+
+        // The report, returned and written: 2 blocks x 5 targets, A and B (+ alpha for ComfyUI).
+        let written: Vec<ExportReport> = serde_json::from_slice(
+            &std::fs::read(out.join(cogvx_trainer::EXPORT_REPORT_FILE)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written, s.export_reports);
+        assert_eq!(written.len(), 2);
+        for (r, keys) in written.iter().zip([2 * 5 * 2, 2 * 5 * 3]) {
+            assert_eq!((r.keys_written, r.keys_expected), (keys, keys), "{r:?}");
+            assert!(r.missing.is_empty() && r.unexpected.is_empty(), "{r:?}");
+            assert_eq!(r.scale, 2.0 / 4.0);
+            assert!(r.output_change > 1e-7, "{}: {r:?}", model.display());
+            assert!(
+                r.difference_from_trained < 1e-5,
+                "{}: {r:?}",
+                model.display()
+            );
+        }
+        assert_eq!(written[1].file, comfy);
+
+        // `cogvx sample --lora` takes the ComfyUI file too.
+        let mut t = cogvx_transformer::CogVideoXTransformer3DModel::<CpuBackend>::from_dir(
+            &model.join("transformer"),
+            &CpuDevice::default(),
+        )
+        .unwrap();
+        let applied =
+            cogvx_engine::load_and_apply_lora(&mut t, &comfy, 1.0, &CpuDevice::default()).unwrap();
+        assert_eq!(applied.len(), 2 * 5);
     }
 }

@@ -330,6 +330,23 @@ fn run_on<B: cogvx_model_core::ModelAutodiffBackend>(
     if let Some(e) = &summary.exported {
         println!("exported: {}", e.display());
     }
+    for r in &summary.export_reports {
+        println!(
+            "export {}: {} ({} of {} keys{}), scale {}, output change with the LoRA {:.3e}, difference from the trained model {:.1e}",
+            r.format,
+            r.file.display(),
+            r.keys_written,
+            r.keys_expected,
+            if r.missing.is_empty() && r.unexpected.is_empty() {
+                String::new()
+            } else {
+                format!("; missing {:?}, not loadable {:?}", r.missing, r.unexpected)
+            },
+            r.scale,
+            r.output_change,
+            r.difference_from_trained
+        );
+    }
     if summary.stopped_early {
         println!(
             "stopped at step {}: continue with --resume latest",
