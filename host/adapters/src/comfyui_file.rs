@@ -8,8 +8,10 @@
 //! it cannot place, which is how a LoRA "loads but does nothing"). This file writes every pair
 //! under those names with its `alpha`, so ComfyUI applies it at the strength diffusers does.
 
-use crate::error::{invalid, AdaptersError};
-use crate::lora_file::{write_safetensors_f32, LoadedLora, LoraMetadata};
+use crate::error::AdaptersError;
+use crate::lora_file::{
+    lora_export_pairs, split_lora_key, write_safetensors_f32, LoadedLora, LoraMetadata,
+};
 use burn::tensor::backend::Backend;
 use cogvx_model_core::adapter::AdapterTensor;
 use std::collections::BTreeMap;
@@ -72,13 +74,14 @@ pub fn diffusers_module(comfyui: &str) -> Option<String> {
     Some(diffusers.to_string())
 }
 
-/// Splits a PEFT LoRA key into its module and `lora_A` / `lora_B`.
-fn split_lora_key(key: &str) -> Option<(&str, &'static str)> {
-    if let Some(m) = key.strip_suffix(".lora_A.weight") {
-        Some((m, "lora_A"))
-    } else {
-        key.strip_suffix(".lora_B.weight").map(|m| (m, "lora_B"))
-    }
+/// [`comfyui_module`], or an error naming the module ComfyUI has no layer for.
+fn comfyui_module_for_export(module: &str) -> Result<String, AdaptersError> {
+    comfyui_module(module).ok_or_else(|| {
+        AdaptersError::Invalid(format!(
+            "`{module}` has no counterpart in ComfyUI's CogVideoX model; \
+             leave it out of `target_modules` to export for ComfyUI"
+        ))
+    })
 }
 
 /// The keys a ComfyUI LoRA file holds for the diffusers `modules`: `lora_A.weight`,
@@ -88,12 +91,7 @@ pub fn comfyui_keys<'a>(
 ) -> Result<Vec<String>, AdaptersError> {
     let mut keys = Vec::new();
     for module in modules {
-        let Some(c) = comfyui_module(module) else {
-            return invalid(format!(
-                "`{module}` has no counterpart in ComfyUI's CogVideoX model; \
-                 leave it out of `target_modules` to export for ComfyUI"
-            ));
-        };
+        let c = comfyui_module_for_export(module)?;
         keys.extend(["lora_A.weight", "lora_B.weight", "alpha"].map(|s| format!("{c}.{s}")));
     }
     keys.sort();
@@ -109,25 +107,9 @@ pub fn save_lora_comfyui<B: Backend>(
     params: &BTreeMap<String, AdapterTensor<B>>,
     meta: &LoraMetadata,
 ) -> Result<PathBuf, AdaptersError> {
-    if params.is_empty() {
-        return invalid("no LoRA parameters to save");
-    }
-    if meta.rank == 0 {
-        return invalid("LoRA rank 0 in the export metadata");
-    }
     let mut tensors = BTreeMap::new();
-    for (name, t) in params {
-        let Some((module, half)) = split_lora_key(name) else {
-            return invalid(format!(
-                "`{name}` is not a LoRA parameter (lora_A.weight / lora_B.weight)"
-            ));
-        };
-        let Some(c) = comfyui_module(module) else {
-            return invalid(format!(
-                "`{module}` has no counterpart in ComfyUI's CogVideoX model; \
-                 leave it out of `target_modules` to export for ComfyUI"
-            ));
-        };
+    for (module, half, t) in lora_export_pairs(params, meta)? {
+        let c = comfyui_module_for_export(module)?;
         tensors.insert(format!("{c}.{half}.weight"), (t.shape(), t.to_vec()));
         tensors.insert(format!("{c}.alpha"), (vec![], vec![meta.alpha as f32]));
     }

@@ -203,6 +203,42 @@ pub(crate) fn write_safetensors_f32(
     })
 }
 
+/// Splits a PEFT LoRA key `<module>.lora_A.weight` / `.lora_B.weight` into the module and
+/// `lora_A` / `lora_B`.
+pub(crate) fn split_lora_key(key: &str) -> Option<(&str, &'static str)> {
+    if let Some(m) = key.strip_suffix(".lora_A.weight") {
+        Some((m, "lora_A"))
+    } else {
+        key.strip_suffix(".lora_B.weight").map(|m| (m, "lora_B"))
+    }
+}
+
+/// One exported LoRA parameter: `(module, "lora_A" | "lora_B", tensor)`.
+pub(crate) type LoraPair<'p, B> = (&'p str, &'static str, &'p AdapterTensor<B>);
+
+/// The LoRA parameters an export writes, as `(module, "lora_A" | "lora_B", tensor)`, after the
+/// checks every layout shares: some parameters, a rank above 0, only LoRA names.
+pub(crate) fn lora_export_pairs<'p, B: Backend>(
+    params: &'p BTreeMap<String, AdapterTensor<B>>,
+    meta: &LoraMetadata,
+) -> Result<Vec<LoraPair<'p, B>>, AdaptersError> {
+    if params.is_empty() {
+        return invalid("no LoRA parameters to save");
+    }
+    if meta.rank == 0 {
+        return invalid("LoRA rank 0 in the export metadata");
+    }
+    params
+        .iter()
+        .map(|(name, t)| match split_lora_key(name) {
+            Some((module, half)) => Ok((module, half, t)),
+            None => invalid(format!(
+                "`{name}` is not a LoRA parameter (lora_A.weight / lora_B.weight)"
+            )),
+        })
+        .collect()
+}
+
 /// Saves LoRA parameters (`<layer>.lora_A.weight` / `.lora_B.weight`, PEFT names without the
 /// `transformer.` prefix) to `dir/pytorch_lora_weights.safetensors` in diffusers' layout, with
 /// the adapter metadata. Returns the file's path.
@@ -211,21 +247,15 @@ pub fn save_lora<B: Backend>(
     params: &BTreeMap<String, AdapterTensor<B>>,
     meta: &LoraMetadata,
 ) -> Result<std::path::PathBuf, AdaptersError> {
-    if params.is_empty() {
-        return invalid("no LoRA parameters to save");
-    }
-    if meta.rank == 0 {
-        return invalid("LoRA rank 0 in the export metadata");
-    }
-    let mut tensors = BTreeMap::new();
-    for (name, t) in params {
-        if !(name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) {
-            return invalid(format!(
-                "`{name}` is not a LoRA parameter (lora_A.weight / lora_B.weight)"
-            ));
-        }
-        tensors.insert(format!("transformer.{name}"), (t.shape(), t.to_vec()));
-    }
+    let tensors = lora_export_pairs(params, meta)?
+        .into_iter()
+        .map(|(module, half, t)| {
+            (
+                format!("transformer.{module}.{half}.weight"),
+                (t.shape(), t.to_vec()),
+            )
+        })
+        .collect();
     let path = dir.join(LORA_WEIGHTS_NAME);
     write_safetensors_f32(&path, &tensors, &lora_file_metadata(meta))?;
     Ok(path)

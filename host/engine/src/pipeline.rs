@@ -290,12 +290,7 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
         let Some(plugin) = plugin else {
             return self.default_plan(num_inference_steps);
         };
-        let request = SchedulerPlanRequest {
-            config_json: self.folder.scheduler_config_json.clone(),
-            num_inference_steps: num_inference_steps as u32,
-        };
-        match plugin.scheduler_plan(&request) {
-            Ok(plan) => Ok(plan),
+        match request_plan(plugin, &self.folder, num_inference_steps) {
             Err(PluginError::Unsupported(_)) => {
                 tracing::info!(
                     "scheduler plugin `{}` has no inference plan; sampling with the model's {}",
@@ -304,10 +299,7 @@ impl<B: cogvx_model_core::ModelBackend> CogVideoXPipeline<B> {
                 );
                 self.default_plan(num_inference_steps)
             }
-            Err(e) => Err(EngineError::Plugin {
-                plugin: plugin.info().name,
-                message: e.to_string(),
-            }),
+            result => result.map_err(|e| plugin_error(plugin, e)),
         }
     }
 
@@ -620,16 +612,26 @@ pub fn plan_from_plugin(
     folder: &ModelFolder,
     num_inference_steps: usize,
 ) -> Result<InferencePlan, EngineError> {
-    let request = SchedulerPlanRequest {
+    request_plan(plugin, folder, num_inference_steps).map_err(|e| plugin_error(plugin, e))
+}
+
+/// The plugin's `scheduler_plan` for the folder's scheduler config.
+fn request_plan(
+    plugin: &mut dyn Plugin,
+    folder: &ModelFolder,
+    num_inference_steps: usize,
+) -> Result<InferencePlan, PluginError> {
+    plugin.scheduler_plan(&SchedulerPlanRequest {
         config_json: folder.scheduler_config_json.clone(),
         num_inference_steps: num_inference_steps as u32,
-    };
-    plugin
-        .scheduler_plan(&request)
-        .map_err(|e| EngineError::Plugin {
-            plugin: plugin.info().name,
-            message: e.to_string(),
-        })
+    })
+}
+
+fn plugin_error(plugin: &dyn Plugin, e: PluginError) -> EngineError {
+    EngineError::Plugin {
+        plugin: plugin.info().name,
+        message: e.to_string(),
+    }
 }
 
 fn param<'a>(case: &'a Case, key: &str) -> Result<&'a serde_json::Value, EngineError> {

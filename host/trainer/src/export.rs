@@ -101,7 +101,7 @@ pub(crate) fn export<B: ModelAutodiffBackend>(
         target_modules: config.target_modules.clone(),
     };
     let values = cogvx_train::trainable_values(model);
-    let trained = model.valid();
+    let probe = Probe::new(model.valid(), device)?;
     let mut reports = Vec::new();
     for &format in &config.export_formats {
         let (path, loaded) = match format {
@@ -116,7 +116,7 @@ pub(crate) fn export<B: ModelAutodiffBackend>(
                 (p, l)
             }
         };
-        let report = lora_report(&trained, format, &path, &loaded, device)?;
+        let report = probe.report(format, &path, &loaded, device)?;
         tracing::info!(
             "export {format}: {} ({} of {} keys{}{}), scale {:.4}, output change with the LoRA {:.3e}, \
              difference from the trained model {:.1e}",
@@ -147,62 +147,83 @@ pub(crate) fn export<B: ModelAutodiffBackend>(
     Ok((reports[0].file.clone(), reports))
 }
 
-/// The report of one LoRA file (see [`ExportReport`]), with `loaded` read back from `path`.
-fn lora_report<B: ModelBackend>(
-    trained: &CogVideoXTransformer3DModel<B>,
-    format: ExportFormat,
-    path: &Path,
-    loaded: &LoadedLora,
-    device: &B::Device,
-) -> Result<ExportReport, TrainerError> {
-    // The keys the format needs for every layer the trained model adapts.
-    let mut probe = trained.clone();
-    let adapted: Vec<String> = cogvx_adapters::linear_layers_mut(&mut probe)
-        .into_iter()
-        .filter(|(_, l)| l.adapter.is_some())
-        .map(|(n, _)| n)
-        .collect();
-    let expected: Vec<String> = match format {
-        ExportFormat::Diffusers => adapted
-            .iter()
-            .flat_map(|m| ["lora_A", "lora_B"].map(|h| format!("transformer.{m}.{h}.weight")))
-            .collect(),
-        ExportFormat::Comfyui => cogvx_adapters::comfyui_keys(adapted.iter().map(String::as_str))?,
-    };
-    let written = file_keys(path)?;
-    let missing: Vec<String> = expected
-        .iter()
-        .filter(|k| !written.contains(*k))
-        .cloned()
-        .collect();
-    let unexpected: Vec<String> = written
-        .iter()
-        .filter(|k| !expected.contains(*k))
-        .cloned()
-        .collect();
+/// What every LoRA file of one export is checked against, computed once: the trained model's
+/// adapted layers, the base model (the trained one without its adapters; weights are shared, not
+/// copied) and the outputs of both on the probe input ([`probe_forward`]).
+struct Probe<B: ModelBackend> {
+    adapted: Vec<String>,
+    base: CogVideoXTransformer3DModel<B>,
+    y_base: Vec<f32>,
+    y_trained: Vec<f32>,
+}
 
-    // The base model: the trained one without its adapters (weights are shared, not copied).
-    let mut base = trained.clone();
-    for (_, layer) in cogvx_adapters::linear_layers_mut(&mut base) {
-        layer.adapter = None;
+impl<B: ModelBackend> Probe<B> {
+    fn new(
+        mut trained: CogVideoXTransformer3DModel<B>,
+        device: &B::Device,
+    ) -> Result<Self, TrainerError> {
+        let y_trained = probe_forward(&trained, device)?;
+        let mut adapted = Vec::new();
+        for (name, layer) in cogvx_adapters::linear_layers_mut(&mut trained) {
+            if layer.adapter.take().is_some() {
+                adapted.push(name);
+            }
+        }
+        let y_base = probe_forward(&trained, device)?;
+        Ok(Probe {
+            adapted,
+            base: trained,
+            y_base,
+            y_trained,
+        })
     }
-    let mut with_file = base.clone();
-    cogvx_engine::apply_lora(&mut with_file, loaded, path, 1.0, device)?;
-    let y_base = probe_forward(&base, device)?;
-    let y_file = probe_forward(&with_file, device)?;
-    let y_trained = probe_forward(trained, device)?;
-    let meta = loaded.metadata.as_ref();
-    Ok(ExportReport {
-        format,
-        file: path.to_path_buf(),
-        keys_written: written.len(),
-        keys_expected: expected.len(),
-        missing,
-        unexpected,
-        scale: meta.map_or(1.0, |m| m.alpha / m.rank as f64),
-        output_change: relative_l2(&y_file, &y_base),
-        difference_from_trained: relative_l2(&y_file, &y_trained),
-    })
+
+    /// The report of one LoRA file (see [`ExportReport`]), with `loaded` read back from `path`.
+    fn report(
+        &self,
+        format: ExportFormat,
+        path: &Path,
+        loaded: &LoadedLora,
+        device: &B::Device,
+    ) -> Result<ExportReport, TrainerError> {
+        // The keys the format needs for every layer the trained model adapts.
+        let expected: Vec<String> = match format {
+            ExportFormat::Diffusers => self
+                .adapted
+                .iter()
+                .flat_map(|m| ["lora_A", "lora_B"].map(|h| format!("transformer.{m}.{h}.weight")))
+                .collect(),
+            ExportFormat::Comfyui => {
+                cogvx_adapters::comfyui_keys(self.adapted.iter().map(String::as_str))?
+            }
+        };
+        let written = file_keys(path)?;
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|k| !written.contains(*k))
+            .cloned()
+            .collect();
+        let unexpected: Vec<String> = written
+            .iter()
+            .filter(|k| !expected.contains(*k))
+            .cloned()
+            .collect();
+        let mut with_file = self.base.clone();
+        cogvx_engine::apply_lora(&mut with_file, loaded, path, 1.0, device)?;
+        let y_file = probe_forward(&with_file, device)?;
+        let meta = loaded.metadata.as_ref();
+        Ok(ExportReport {
+            format,
+            file: path.to_path_buf(),
+            keys_written: written.len(),
+            keys_expected: expected.len(),
+            missing,
+            unexpected,
+            scale: meta.map_or(1.0, |m| m.alpha / m.rank as f64),
+            output_change: relative_l2(&y_file, &self.y_base),
+            difference_from_trained: relative_l2(&y_file, &self.y_trained),
+        })
+    }
 }
 
 /// The tensor names of a safetensors file, sorted.
