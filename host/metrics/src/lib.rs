@@ -9,6 +9,9 @@
 //!   step, so the file holds one clean loss curve.
 //! * [`plot_loss_curve`]: the loss curve as a PNG (raw loss, faint, and its EMA), rendered
 //!   with `plotters` and an embedded font, so it works on a machine with no system fonts.
+//! * [`TensorBoardLog`]: the same steps, validation scores and validation frames as
+//!   TensorBoard event files (`tensorboard --logdir <output_dir>`); [`read_events`] reads them
+//!   back.
 //! * [`TrainProgress`]: a progress bar with step/total, ETA, loss and learning rate.
 //!
 //! ```
@@ -34,12 +37,14 @@ pub mod console;
 mod log;
 mod plot;
 mod progress;
+mod tensorboard;
 
 use std::path::PathBuf;
 
 pub use log::{read_steps, MetricsLog, StepRecord};
 pub use plot::{plot_loss_curve, PLOT_HEIGHT, PLOT_WIDTH};
 pub use progress::TrainProgress;
+pub use tensorboard::{event_files, read_events, scalar_series, TensorBoardLog, TensorBoardRecord};
 
 /// What went wrong with a metrics file; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,9 @@ pub enum MetricsError {
     /// The metrics file holds no step with a finite loss, so there is no curve to draw.
     #[error("{path} has no step record with a finite loss; nothing to plot")]
     NoSteps { path: PathBuf },
+    /// Writing or reading a TensorBoard event file failed.
+    #[error("TensorBoard event file {path}: {message}")]
+    TensorBoard { path: PathBuf, message: String },
     /// Rendering or encoding the plot failed.
     #[error("cannot draw the loss curve {path}: {message}")]
     Plot { path: PathBuf, message: String },

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::MetricsError;
+use crate::{MetricsError, TensorBoardLog};
 
 /// One optimizer step, as logged by the trainer (one line `{"type":"step", ...}`).
 ///
@@ -72,10 +72,14 @@ struct Event<'a> {
 /// An append-only JSONL metrics file (one JSON object per line, each with a `"type"` and a
 /// `"step"`). Each line is written with a single `write` and flushed, so a killed run leaves at
 /// most its last line torn, which [`read_steps`] skips. Lines are not fsynced one by one.
+///
+/// With a [`TensorBoardLog`] attached ([`MetricsLog::with_tensorboard`]), every step record is
+/// written to it as well.
 #[derive(Debug)]
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    tensorboard: Option<TensorBoardLog>,
 }
 
 impl MetricsLog {
@@ -117,7 +121,19 @@ impl MetricsLog {
         Ok(MetricsLog {
             path: path.to_path_buf(),
             file,
+            tensorboard: None,
         })
+    }
+
+    /// Mirrors every step record to `tensorboard` from now on.
+    pub fn with_tensorboard(mut self, tensorboard: TensorBoardLog) -> Self {
+        self.tensorboard = Some(tensorboard);
+        self
+    }
+
+    /// The attached TensorBoard log, for what only it shows (validation frames).
+    pub fn tensorboard(&mut self) -> Option<&mut TensorBoardLog> {
+        self.tensorboard.as_mut()
     }
 
     /// The file this log writes.
@@ -125,14 +141,19 @@ impl MetricsLog {
         &self.path
     }
 
-    /// Appends one step record as `{"type":"step","step":..,"epoch":..,"loss":..,...}`.
+    /// Appends one step record as `{"type":"step","step":..,"epoch":..,"loss":..,...}` (and
+    /// writes it to the attached TensorBoard log).
     pub fn log(&mut self, r: &StepRecord) -> Result<(), MetricsError> {
         let line = serde_json::to_string(&Tagged {
             kind: "step",
             body: r,
         })
         .expect("a StepRecord always serialises");
-        self.append(line)
+        self.append(line)?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.log_step(r)?;
+        }
+        Ok(())
     }
 
     /// Appends one event `{"type": kind, "step": step, ...fields}`, e.g. validation metrics

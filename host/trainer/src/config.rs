@@ -144,6 +144,11 @@ pub struct TrainConfig {
     /// and checked (`export_report.json`).
     #[serde(default = "default_export_formats")]
     pub export_formats: Vec<crate::ExportFormat>,
+    /// Also write TensorBoard event files (`<output_dir>/tensorboard/`): the step metrics,
+    /// the timesteps' histogram, validation scores and frames (`tensorboard --logdir
+    /// <output_dir>`). On by default; metrics.jsonl is written either way.
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
     /// Recompute each transformer block in the backward instead of keeping its activations
     /// (diffusers' `enable_gradient_checkpointing`; the official finetune always turns it on):
     /// the same gradients, in far less memory, for about one more forward pass of time.
@@ -168,6 +173,10 @@ pub struct TrainConfig {
 
 fn default_fp16_init_scale() -> f64 {
     cogvx_model_core::precision::LossScaler::default().scale
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_export_formats() -> Vec<crate::ExportFormat> {
@@ -204,6 +213,7 @@ impl Default for TrainConfig {
             output_dir: default_output_dir(),
             export_dtype: default_export_dtype(),
             export_formats: default_export_formats(),
+            tensorboard: true,
             gradient_checkpointing: false,
             gradient_checkpointing_offload: false,
             mixed_precision: Default::default(),

@@ -58,6 +58,8 @@ use cogvx_plugin_api::Plugin;
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Loss-curve file name under `output_dir`.
 pub const LOSS_PLOT_FILE: &str = "loss.png";
+/// Folder of the TensorBoard event files under `output_dir` (`[train] tensorboard`).
+pub const TENSORBOARD_DIR: &str = "tensorboard";
 
 /// Why training could not start or stopped.
 #[derive(Debug, thiserror::Error)]

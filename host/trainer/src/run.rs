@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::FloatDType;
 use cogvx_cache::Cache;
-use cogvx_metrics::{MetricsLog, StepRecord, TrainProgress};
+use cogvx_metrics::{MetricsLog, StepRecord, TensorBoardLog, TrainProgress};
 use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::precision::{LossScaler, MixedPrecision};
 use cogvx_model_core::ModelAutodiffBackend;
@@ -27,7 +27,7 @@ use crate::{
     check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint,
     write_checkpoint, Checkpoint, DataPosition, LrSchedule, Resume, TrainConfig, TrainJob,
     TrainRng, TrainSummary, TrainerError, TrainerState, ValidationConfig, LOSS_PLOT_FILE,
-    METRICS_FILE,
+    METRICS_FILE, TENSORBOARD_DIR,
 };
 
 /// One training run: the job's checks, the model with its adapter, the plan (steps, schedule)
@@ -352,7 +352,14 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             tracing::info!("the run already reached step {step} of {total_steps}");
         }
 
-        let metrics = MetricsLog::open(&out.join(METRICS_FILE), resume_dir.as_ref().map(|_| step))?;
+        let resume_step = resume_dir.as_ref().map(|_| step);
+        let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume_step)?;
+        if config.tensorboard {
+            metrics = metrics.with_tensorboard(TensorBoardLog::open(
+                &out.join(TENSORBOARD_DIR),
+                resume_step,
+            )?);
+        }
         let bar = TrainProgress::new(total_steps, step, progress);
         tracing::info!(
             "training {total_steps} steps: {n} samples, batch {bs}, accumulation {k}, {updates_per_epoch} steps per epoch, lr {} ({})",

@@ -17,6 +17,11 @@ use cogvx_vae::{AutoencoderKLCogVideoX, Tiling, VaeOptions};
 
 use crate::{TrainerError, ValidationConfig};
 
+/// Frames in each validation video's strip (`validation/step-<n>/<i>.png`, TensorBoard).
+const STRIP_FRAMES: usize = 8;
+/// The strip's largest height in pixels (a 480x720 video's frames are shown at 256x384).
+const STRIP_HEIGHT: u32 = 256;
+
 pub(crate) struct Validation<B: Backend> {
     folder: ModelFolder,
     out: PathBuf,
@@ -166,6 +171,16 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
             let clip = frames_to_u8(frames)?.remove(0);
             let path = dir.join(format!("{i}.mp4"));
             cogvx_video::encode_mp4(&path, &clip, fps, &cogvx_video::EncodeOptions::default())?;
+            // The video at a glance: evenly spaced frames side by side, as a PNG beside it and
+            // in TensorBoard's Images tab.
+            let strip =
+                cogvx_video::frame_strip(&clip, STRIP_FRAMES, STRIP_HEIGHT).map_err(|reason| {
+                    cogvx_video::VideoError::BadFrames {
+                        path: path.clone(),
+                        reason,
+                    }
+                })?;
+            cogvx_video::write_png(dir.join(format!("{i}.png")), &strip)?;
             let mut fields = serde_json::Map::new();
             fields.insert("prompt".into(), prompt.clone().into());
             fields.insert("video".into(), path.display().to_string().into());
@@ -196,6 +211,11 @@ impl<B: cogvx_model_core::ModelBackend> Validation<B> {
                     }
                     fields.insert(format!("{name}.{}", m.name), serde_json::json!(m.value));
                 }
+            }
+            if let Some(tb) = metrics.tensorboard() {
+                let tag = format!("validation/{i}");
+                tb.log_image(&tag, step, &strip)?;
+                tb.log_numbers(&tag, step, &fields)?;
             }
             metrics.log_event("validation", step, serde_json::Value::Object(fields))?;
             written.push(path);

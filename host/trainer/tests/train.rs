@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use cogvx_cache::{
     store, Cache, HostTensor, Index, IndexSample, ModelIdentity, INDEX, INDEX_FORMAT,
 };
-use cogvx_metrics::read_steps;
+use cogvx_metrics::{read_steps, TensorBoardRecord};
 use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_plugin_api::{Metric, Plugin, PluginInfo, PluginKind, PluginResult, ValidateRequest};
 use cogvx_trainer::checkpoint::{checkpoint_dir, list_checkpoints, OPTIMIZER_FILE};
@@ -196,6 +196,53 @@ fn resume_continues_the_same_loss_curve() {
         .iter()
         .all(|r| r.grad_norm.is_finite() && r.grad_norm > 0.0));
     assert!(out.join(cogvx_trainer::LOSS_PLOT_FILE).is_file());
+    // TensorBoard: one event file per segment, the second starting at step 4; read in order,
+    // they show the uninterrupted run's curve (as f32) and one timestep histogram per step.
+    let tb = out.join(cogvx_trainer::TENSORBOARD_DIR);
+    assert_eq!(cogvx_metrics::event_files(&tb).unwrap().len(), 2);
+    let records = cogvx_metrics::read_events(&tb).unwrap();
+    assert!(records.contains(&TensorBoardRecord::Start { step: 4 }));
+    let f32_curve = |losses: &[(u64, f64)]| -> Vec<(i64, f32)> {
+        losses.iter().map(|&(s, l)| (s as i64, l as f32)).collect()
+    };
+    assert_eq!(
+        cogvx_metrics::scalar_series(&records, "train/loss"),
+        f32_curve(&full.losses)
+    );
+    assert_eq!(
+        cogvx_metrics::scalar_series(&records, "train/lr")[1],
+        (2, 1e-3f32)
+    );
+    // The histograms hold each step's timesteps (as metrics.jsonl lists them).
+    let histograms: Vec<(i64, f64, f64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            TensorBoardRecord::Histogram {
+                tag,
+                step,
+                count,
+                sum,
+            } if tag == "train/timesteps" => Some((*step, *count, *sum)),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<(i64, f64, f64)> = steps
+        .iter()
+        .map(|r| {
+            let t = &r.timesteps;
+            (
+                r.step as i64,
+                t.len() as f64,
+                t.iter().map(|&x| x as f64).sum(),
+            )
+        })
+        .collect();
+    // 3 samples, accumulation 2: each epoch's steps train 2 samples, then the last one.
+    assert_eq!(
+        expected.iter().map(|e| e.1).collect::<Vec<_>>(),
+        [2.0, 1.0, 2.0, 1.0, 2.0, 1.0]
+    );
+    assert_eq!(histograms, expected);
     // keep-last-2: checkpoints 3 and 6.
     let kept: Vec<u64> = list_checkpoints(&out)
         .unwrap()
@@ -449,6 +496,26 @@ fn lora_export_validation_videos_and_validator_metrics() {
                 .is_some_and(f64::is_finite),
             "{m}: {}",
             events[1]
+        );
+    }
+    // Each video's frame strip: a PNG beside it, and in TensorBoard with the scores.
+    let records = cogvx_metrics::read_events(&out.join(cogvx_trainer::TENSORBOARD_DIR)).unwrap();
+    for (k, step) in [2i64, 4].into_iter().enumerate() {
+        let png = std::fs::read(out.join(format!("validation/step-{step}/0.png"))).unwrap();
+        let strip = image::load_from_memory(&png).unwrap();
+        // 8 of the 9 frames of 48x32, 2-pixel gaps.
+        assert_eq!((strip.width(), strip.height()), (2 + 8 * 50, 36));
+        assert!(records.contains(&TensorBoardRecord::Image {
+            tag: "validation/0".into(),
+            step,
+            width: 402,
+            height: 36,
+            png,
+        }));
+        let mean = cogvx_metrics::scalar_series(&records, "validation/0/brightness.mean")[k];
+        assert_eq!(
+            mean,
+            (step, events[k]["brightness.mean"].as_f64().unwrap() as f32)
         );
     }
     // The LoRA export loads back with the configured rank, alpha and targets.
@@ -1240,9 +1307,11 @@ fn accumulating_batches_of_one_trains_as_one_larger_batch() {
                 batch_size,
                 gradient_accumulation_steps: k,
                 lr_scheduler: LrScheduler::Constant,
+                tensorboard: false,
                 ..config(&out, 3, 100)
             };
             let s = run(job(&model, &cache, c)).unwrap();
+            assert!(!out.join(cogvx_trainer::TENSORBOARD_DIR).exists());
             let lora = cogvx_train::load_lora(s.exported.as_ref().unwrap()).unwrap();
             (s.losses, lora.tensors)
         };

@@ -30,4 +30,4 @@ pub use pipeline::{
     preprocess_clip, PreprocessError, Preprocessed, TransformError, VideoTransforms,
 };
 pub use plan::{output_size, FrameProcessor};
-pub use sheet::{contact_sheet, evenly_spaced, write_contact_sheet, write_png};
+pub use sheet::{contact_sheet, evenly_spaced, frame_strip, write_contact_sheet, write_png};

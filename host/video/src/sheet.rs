@@ -72,6 +72,27 @@ pub fn contact_sheet(
     Ok(img)
 }
 
+/// `n` evenly spaced frames of one clip side by side (a one-row [`contact_sheet`] with a
+/// 2-pixel gap), scaled down (never up) to at most `max_height` pixels high: a glance at a
+/// whole video in one image, as the validation logs show it.
+pub fn frame_strip(
+    clip: &Frames,
+    n: usize,
+    max_height: u32,
+) -> std::result::Result<RgbImage, String> {
+    let sheet = contact_sheet(&[clip], n, 2)?;
+    if sheet.height() <= max_height || max_height == 0 {
+        return Ok(sheet);
+    }
+    let width = (sheet.width() as u64 * max_height as u64 / sheet.height() as u64).max(1) as u32;
+    Ok(image::imageops::resize(
+        &sheet,
+        width,
+        max_height,
+        image::imageops::FilterType::Triangle,
+    ))
+}
+
 /// Writes an image as PNG, atomically (temporary file, then rename).
 pub fn write_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
     let path = path.as_ref();
@@ -109,6 +130,28 @@ pub fn write_contact_sheet(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strip_is_one_row_scaled_down_only() {
+        let clip = Frames {
+            width: 40,
+            height: 20,
+            count: 9,
+            rgb: (0..9 * 20 * 40 * 3)
+                .map(|i| (i / (20 * 40 * 3)) as u8 * 20)
+                .collect(),
+        };
+        // 4 frames of 40x20 with 2-pixel gaps: 2 + 4 * 42 = 170 wide, 24 high.
+        let full = frame_strip(&clip, 4, 100).unwrap();
+        assert_eq!(full.dimensions(), (170, 24));
+        // Frames 0, 3, 5, 8 (evenly spaced), each filled with its index * 20.
+        for (c, idx) in [0u8, 3, 5, 8].into_iter().enumerate() {
+            assert_eq!(full.get_pixel(2 + c as u32 * 42 + 20, 12).0, [idx * 20; 3]);
+        }
+        let small = frame_strip(&clip, 4, 12).unwrap();
+        assert_eq!(small.dimensions(), (85, 12));
+        assert!(frame_strip(&clip, 0, 12).is_err());
+    }
 
     #[test]
     fn spacing() {
