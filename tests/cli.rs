@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 mod common;
-use common::{cogvx, plugin_file, repo, text};
+use common::{cogvx, plugin_file, repo, s, text};
 
 fn mini() -> PathBuf {
     repo().join("examples/datasets/mini")
@@ -438,5 +438,68 @@ fn captions_reach_the_terminal_escaped() {
     assert!(
         !stdout.contains('\u{1b}') && stdout.contains("a test \\u{1b}[2J"),
         "{stdout}"
+    );
+}
+
+/// `[data] caption_column` / `video_column` (the official finetune's flags) name the list files
+/// the built-in reader reads; the same key set differently in `[plugin.finetune-layout]` is
+/// refused naming both, and a list file outside the root is refused naming the key.
+#[test]
+fn data_columns_name_the_list_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(root.join("videos")).unwrap();
+    let src = mini();
+    for entry in std::fs::read_dir(src.join("videos")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, root.join("videos").join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(src.join("prompts.txt"), root.join("captions.txt")).unwrap();
+    std::fs::copy(src.join("videos.txt"), root.join("clips.txt")).unwrap();
+    let config = |extra: &str| {
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[data]\nroot = \"{}\"\ncaption_column = \"captions.txt\"\nvideo_column = \"clips.txt\"\n{extra}",
+                root.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let out = cogvx(&["--config", s(&config("")), "dataset", "check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("4 samples, no problems"), "{stdout}");
+
+    let out = cogvx(&[
+        "--config",
+        s(&config(
+            "[plugin.finetune-layout]\ncaption_column = \"prompts.txt\"\n",
+        )),
+        "dataset",
+        "check",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("[data] caption_column = \"captions.txt\"")
+            && stderr.contains("[plugin.finetune-layout] caption_column = \"prompts.txt\""),
+        "{stderr}"
+    );
+
+    let out = cogvx(&[
+        "--config",
+        s(&config("image_column = \"../images.txt\"\n")),
+        "dataset",
+        "check",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}")
+            .contains("`image_column`: path `../images.txt` leaves the dataset root"),
+        "{stdout}{stderr}"
     );
 }

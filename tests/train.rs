@@ -5,11 +5,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{cogvx, plugin_file, repo, text};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{cogvx, plugin_file, repo, s, text};
 
 /// The step records of a run's metrics.jsonl: (step, loss).
 fn losses(out_dir: &Path) -> Vec<(u64, f64)> {

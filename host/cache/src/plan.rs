@@ -110,7 +110,7 @@ pub(crate) fn list_samples(root: &Path, chain: &mut Chain<'_>) -> Result<Vec<Sam
             )])
         }),
         None => {
-            let layout = read_layout(root);
+            let layout = read_layout(root, &chain.columns);
             if layout.problems.is_empty() {
                 Ok(layout.samples)
             } else {

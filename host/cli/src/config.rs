@@ -133,6 +133,13 @@ pub struct DataConfig {
     /// Where `prepare` keeps the latent/prompt cache (default `<[train] output_dir>/cache`).
     /// Entries are keyed by content, so one cache can serve several runs.
     pub cache_dir: Option<PathBuf>,
+    /// The official finetune's `--caption_column`, `--video_column`, `--image_column`: which
+    /// file of the dataset root holds the captions, the clip paths, the image paths (defaults
+    /// prompts.txt, videos.txt, images.txt when present). Handed to the reader as its
+    /// parameters of the same names.
+    pub caption_column: Option<String>,
+    pub video_column: Option<String>,
+    pub image_column: Option<String>,
 }
 
 /// The resolution when neither the config nor `--resolution` gives one (the finetune's).
@@ -162,6 +169,9 @@ impl Default for DataConfig {
             rewriters: Vec::new(),
             seed: default_seed(),
             cache_dir: None,
+            caption_column: None,
+            video_column: None,
+            image_column: None,
         }
     }
 }
@@ -334,6 +344,34 @@ impl Config {
             Some(table) => serde_json::to_string(table)
                 .with_context(|| format!("[plugin.{name}] cannot be converted to JSON")),
         }
+    }
+
+    /// The dataset reader's parameters: its `[plugin.<reader>]` table with the `[data]`
+    /// column keys that are set added (a key set in both places to different values is an
+    /// error naming both).
+    pub fn reader_params_json(&self) -> Result<String> {
+        let reader = &self.data.reader;
+        let mut params = match serde_json::from_str(&self.plugin_params_json(reader)?)? {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        for (key, value) in [
+            ("caption_column", &self.data.caption_column),
+            ("video_column", &self.data.video_column),
+            ("image_column", &self.data.image_column),
+        ] {
+            let Some(value) = value else { continue };
+            match params.get(key) {
+                Some(serde_json::Value::String(v)) if v == value => {}
+                Some(other) => bail!(
+                    "config: [data] {key} = {value:?} but [plugin.{reader}] {key} = {other}; set it in one place"
+                ),
+                None => {
+                    params.insert(key.into(), value.clone().into());
+                }
+            }
+        }
+        Ok(serde_json::Value::Object(params).to_string())
     }
 
     /// Checks that every `[plugin.<name>]` table names a known plugin.

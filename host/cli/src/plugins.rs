@@ -8,7 +8,7 @@ use crate::config::Config;
 
 /// Registers every built-in plugin.
 pub fn register_builtins(registry: &mut Registry) {
-    registry.register_builtin(Box::new(cogvx_data::layout::FinetuneLayout));
+    registry.register_builtin(Box::new(cogvx_data::layout::FinetuneLayout::default()));
     registry.register_builtin(cogvx_plugin_frame_skip::builtin());
     registry.register_builtin(cogvx_plugin_crop_resize::builtin());
     registry.register_builtin(cogvx_plugin_id_token::builtin());

@@ -10,6 +10,8 @@ pub struct Chain<'a> {
     /// The dataset reader; `None` uses the built-in `finetune-layout` reader directly
     /// (which reports each problem with its file and line).
     pub reader: Option<&'a mut dyn Plugin>,
+    /// The list files the built-in reader reads (with `reader: None`).
+    pub columns: crate::Columns,
     /// Caption rewriters, applied in order.
     pub prompt_rewriters: Vec<&'a mut dyn Plugin>,
     /// Video transforms, in order: their plans first (each validated), then, after the plan

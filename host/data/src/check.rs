@@ -57,7 +57,7 @@ impl fmt::Display for Report {
 pub(crate) fn list(root: &Path, chain: &mut Chain<'_>) -> (Vec<Sample>, Vec<Problem>) {
     match chain.reader.as_mut() {
         None => {
-            let layout = read_layout(root);
+            let layout = read_layout(root, &chain.columns);
             (layout.samples, layout.problems)
         }
         Some(reader) => {

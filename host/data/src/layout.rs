@@ -11,6 +11,9 @@
 //! captions with the wrong clips). A path that leaves the root (`..`, absolute, or a
 //! symlink resolving outside) is an error. A validation set uses the same layout in its
 //! own root.
+//!
+//! The three file names are the official finetune's `--caption_column`, `--video_column` and
+//! `--image_column` ([`Columns`]; `[data] caption_column` etc. in a cogvx config).
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -25,6 +28,66 @@ pub const PROMPTS: &str = "prompts.txt";
 pub const VIDEOS: &str = "videos.txt";
 /// Optional image list file name.
 pub const IMAGES: &str = "images.txt";
+
+/// Which files of the dataset root hold the captions, the clip paths and the image paths: the
+/// official finetune's `--caption_column`, `--video_column` and `--image_column`, as the
+/// reader's parameters (`{"caption_column": "captions.txt", ...}`). Each is a path relative to
+/// the root that must stay inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Columns {
+    /// The captions file (default `prompts.txt`).
+    pub caption: String,
+    /// The clip list (default `videos.txt`).
+    pub video: String,
+    /// The image list; `None`: `images.txt` when it exists. Named, the file is required.
+    pub image: Option<String>,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            caption: PROMPTS.into(),
+            video: VIDEOS.into(),
+            image: None,
+        }
+    }
+}
+
+impl Columns {
+    /// Reads `{"caption_column": .., "video_column": .., "image_column": ..}` (each optional,
+    /// no other key); an empty value is an error naming the key.
+    pub fn from_params(params_json: &str) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_str(params_json)
+            .map_err(|e| format!("the parameters are not JSON: {e}"))?;
+        let map = match value {
+            serde_json::Value::Object(map) => map,
+            serde_json::Value::Null => Default::default(),
+            other => return Err(format!("the parameters must be a table, got {other}")),
+        };
+        let mut columns = Columns::default();
+        for (key, v) in map {
+            let name = match v {
+                serde_json::Value::String(n) if !n.trim().is_empty() => n.trim().to_string(),
+                other => {
+                    return Err(format!(
+                        "`{key}` must name a file of the dataset root (a non-empty string), got {other}"
+                    ))
+                }
+            };
+            match key.as_str() {
+                "caption_column" => columns.caption = name,
+                "video_column" => columns.video = name,
+                "image_column" => columns.image = Some(name),
+                _ => {
+                    return Err(format!(
+                    "unknown parameter `{key}` (known: caption_column, video_column, image_column)"
+                ))
+                }
+            }
+        }
+        Ok(columns)
+    }
+}
 
 /// One problem with a dataset: the file (and line, 1-based) it is about and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,16 +127,13 @@ struct ListFile {
     lines: Vec<String>,
 }
 
-fn read_list(path: &Path, required: bool, problems: &mut Vec<Problem>) -> Option<ListFile> {
+/// Reads one list file; `required`: the message when it is missing (`None`: optional).
+fn read_list(path: &Path, required: Option<&str>, problems: &mut Vec<Problem>) -> Option<ListFile> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if required {
-                problems.push(Problem::new(
-                    path,
-                    None,
-                    "file not found; the finetune layout needs prompts.txt and videos.txt in the dataset root",
-                ));
+            if let Some(message) = required {
+                problems.push(Problem::new(path, None, message));
             }
             return None;
         }
@@ -169,8 +229,9 @@ pub struct Layout {
     pub problems: Vec<Problem>,
 }
 
-/// Reads a dataset root in the finetune layout, collecting every problem.
-pub fn read_layout(root: &Path) -> Layout {
+/// Reads a dataset root in the finetune layout with the list files `columns` names,
+/// collecting every problem.
+pub fn read_layout(root: &Path, columns: &Columns) -> Layout {
     let mut problems = Vec::new();
     if !root.is_dir() {
         problems.push(Problem::new(
@@ -184,12 +245,37 @@ pub fn read_layout(root: &Path) -> Layout {
             problems,
         };
     }
-    let prompts_path = root.join(PROMPTS);
-    let videos_path = root.join(VIDEOS);
-    let images_path = root.join(IMAGES);
-    let prompts = read_list(&prompts_path, true, &mut problems);
-    let videos = read_list(&videos_path, true, &mut problems);
-    let images = read_list(&images_path, false, &mut problems);
+    // The list files themselves must stay inside the root, as the paths they list.
+    let mut list_path = |key: &str, name: &str| match resolve_in_root(root, name) {
+        Ok(p) => Some(p),
+        Err(m) => {
+            problems.push(Problem::new(root, None, format!("`{key}`: {m}")));
+            None
+        }
+    };
+    let prompts_path = list_path("caption_column", &columns.caption);
+    let videos_path = list_path("video_column", &columns.video);
+    let images_path = list_path("image_column", columns.image.as_deref().unwrap_or(IMAGES));
+    let (Some(prompts_path), Some(videos_path), Some(images_path)) =
+        (prompts_path, videos_path, images_path)
+    else {
+        return Layout {
+            root: root.to_path_buf(),
+            samples: vec![],
+            problems,
+        };
+    };
+    let needed = "file not found; the finetune layout needs a captions file and a clip list in the dataset root (prompts.txt and videos.txt unless `[data] caption_column`/`video_column` name others)";
+    let prompts = read_list(&prompts_path, Some(needed), &mut problems);
+    let videos = read_list(&videos_path, Some(needed), &mut problems);
+    let images = read_list(
+        &images_path,
+        columns
+            .image
+            .is_some()
+            .then_some("file not found; `[data] image_column` names it as the image list"),
+        &mut problems,
+    );
     let (Some(prompts), Some(videos)) = (prompts, videos) else {
         return Layout {
             root: root.to_path_buf(),
@@ -202,7 +288,11 @@ pub fn read_layout(root: &Path) -> Layout {
         problems.push(Problem::new(
             &videos_path,
             None,
-            format!("has {nv} lines but {PROMPTS} has {np}; line i of {PROMPTS} must caption line i of {VIDEOS}"),
+            format!(
+                "has {nv} lines but {p} has {np}; line i of {p} must caption line i of {v}",
+                p = columns.caption,
+                v = columns.video
+            ),
         ));
     }
     if let Some(im) = &images {
@@ -210,7 +300,11 @@ pub fn read_layout(root: &Path) -> Layout {
             problems.push(Problem::new(
                 &images_path,
                 None,
-                format!("has {} lines but {VIDEOS} has {nv}", im.lines.len()),
+                format!(
+                    "has {} lines but {} has {nv}",
+                    im.lines.len(),
+                    columns.video
+                ),
             ));
         }
     }
@@ -260,7 +354,7 @@ pub fn read_layout(root: &Path) -> Layout {
             video: videos.lines[i].clone(),
             image,
             frames: None,
-            origin: format!("{VIDEOS}:{}", i + 1),
+            origin: format!("{}:{}", columns.video, i + 1),
         });
     }
     Layout {
@@ -285,9 +379,12 @@ pub fn origin_location(root: &Path, sample: &Sample) -> (PathBuf, Option<usize>)
     }
 }
 
-/// The built-in `finetune-layout` dataset reader as a [`Plugin`].
+/// The built-in `finetune-layout` dataset reader as a [`Plugin`]; its parameters are the
+/// [`Columns`].
 #[derive(Clone, Debug, Default)]
-pub struct FinetuneLayout;
+pub struct FinetuneLayout {
+    columns: Columns,
+}
 
 impl Plugin for FinetuneLayout {
     fn info(&self) -> PluginInfo {
@@ -300,9 +397,16 @@ impl Plugin for FinetuneLayout {
         }
     }
 
+    /// Takes the [`Columns`] (`caption_column`, `video_column`, `image_column`).
+    fn configure(&mut self, params_json: &str) -> PluginResult<()> {
+        self.columns = Columns::from_params(params_json)
+            .map_err(|e| PluginError::Invalid(format!("{READER_NAME}: {e}")))?;
+        Ok(())
+    }
+
     /// Lists the samples; if the layout has problems, fails with all of them, one per line.
     fn list_samples(&mut self, root: &str) -> PluginResult<Vec<Sample>> {
-        let layout = read_layout(Path::new(root));
+        let layout = read_layout(Path::new(root), &self.columns);
         if layout.problems.is_empty() {
             Ok(layout.samples)
         } else {
@@ -365,7 +469,7 @@ mod tests {
         let root = d.path();
         std::fs::write(root.join(PROMPTS), "a cat\n\nthird caption\nfourth\n").unwrap();
         std::fs::write(root.join(VIDEOS), "v/1.mp4\n../escape.mp4\nv/3.mp4\n\n\n").unwrap();
-        let layout = read_layout(root);
+        let layout = read_layout(root, &Columns::default());
         let msgs: Vec<String> = layout.problems.iter().map(|p| p.to_string()).collect();
         let vp = root.join(VIDEOS).display().to_string();
         let pp = root.join(PROMPTS).display().to_string();
@@ -391,7 +495,7 @@ mod tests {
         assert_eq!(videos, vec!["v/1.mp4", "v/3.mp4"]);
         assert_eq!(layout.samples[1].origin, "videos.txt:3");
         // Through the plugin trait, all problems come back in one error.
-        let err = FinetuneLayout
+        let err = FinetuneLayout::default()
             .list_samples(root.to_str().unwrap())
             .unwrap_err();
         assert!(
@@ -403,7 +507,7 @@ mod tests {
     #[test]
     fn missing_list_files_are_named() {
         let d = tempfile::tempdir().unwrap();
-        let layout = read_layout(d.path());
+        let layout = read_layout(d.path(), &Columns::default());
         let msgs: Vec<String> = layout.problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(msgs.len(), 2);
         assert!(msgs[0].starts_with(&format!(
@@ -414,5 +518,98 @@ mod tests {
             "{}: file not found",
             d.path().join(VIDEOS).display()
         )));
+    }
+
+    /// `[data] caption_column`, `video_column`, `image_column` (the official finetune's flags)
+    /// name the list files; they stay inside the root, a named image list is required, and a
+    /// bad parameter is refused naming the key.
+    #[test]
+    fn columns_name_the_list_files() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("meta")).unwrap();
+        std::fs::write(root.join("meta/captions.txt"), "a cat\na dog\n").unwrap();
+        std::fs::write(root.join("clips.txt"), "c/1.mp4\nc/2.mp4\n").unwrap();
+        std::fs::write(root.join("firsts.txt"), "i/1.png\ni/2.png\n").unwrap();
+        let mut reader = FinetuneLayout::default();
+        reader
+            .configure(
+                r#"{"caption_column": "meta/captions.txt", "video_column": "clips.txt", "image_column": "firsts.txt"}"#,
+            )
+            .unwrap();
+        let samples = reader.list_samples(root.to_str().unwrap()).unwrap();
+        let got: Vec<_> = samples
+            .iter()
+            .map(|s| {
+                (
+                    s.caption.as_str(),
+                    s.video.as_str(),
+                    s.image.as_deref(),
+                    s.origin.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a cat", "c/1.mp4", Some("i/1.png"), "clips.txt:1"),
+                ("a dog", "c/2.mp4", Some("i/2.png"), "clips.txt:2")
+            ]
+        );
+
+        // Without image_column, no images.txt: text-to-video samples.
+        let columns = Columns::from_params(
+            r#"{"caption_column": "meta/captions.txt", "video_column": "clips.txt"}"#,
+        )
+        .unwrap();
+        let layout = read_layout(root, &columns);
+        assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+        assert!(layout.samples.iter().all(|s| s.image.is_none()));
+
+        // A named image list that is missing, a list file outside the root.
+        let columns = Columns {
+            image: Some("missing.txt".into()),
+            caption: "../captions.txt".into(),
+            ..Columns::default()
+        };
+        let msgs: Vec<String> = read_layout(root, &columns)
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(msgs.len(), 1, "{msgs:#?}");
+        assert!(
+            msgs[0].contains("`caption_column`: path `../captions.txt` leaves the dataset root"),
+            "{msgs:#?}"
+        );
+        let columns = Columns {
+            image: Some("missing.txt".into()),
+            caption: "meta/captions.txt".into(),
+            video: "clips.txt".into(),
+        };
+        let msgs: Vec<String> = read_layout(root, &columns)
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            msgs,
+            [format!(
+                "{}: file not found; `[data] image_column` names it as the image list",
+                root.join("missing.txt").display()
+            )]
+        );
+
+        for (params, expected) in [
+            (
+                r#"{"caption_colum": "x"}"#,
+                "unknown parameter `caption_colum`",
+            ),
+            (r#"{"video_column": ""}"#, "`video_column` must name a file"),
+            (r#"{"image_column": 3}"#, "`image_column` must name a file"),
+        ] {
+            let err = FinetuneLayout::default().configure(params).unwrap_err();
+            assert!(err.to_string().contains(expected), "{params}: {err}");
+        }
     }
 }

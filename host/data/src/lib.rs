@@ -13,5 +13,7 @@ pub mod preview;
 
 pub use chain::{sample_seed, Chain};
 pub use check::{check, check_structure, Report};
-pub use layout::{read_layout, resolve_in_root, FinetuneLayout, Layout, Problem, READER_NAME};
+pub use layout::{
+    read_layout, resolve_in_root, Columns, FinetuneLayout, Layout, Problem, READER_NAME,
+};
 pub use preview::{preview, PreviewError, PreviewOptions, Summary};

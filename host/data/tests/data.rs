@@ -509,6 +509,7 @@ fn preview_runs_pixel_transforms_and_rewriters() {
     let (mut u, mut c, mut w, mut t) = (Uniform { reject: true }, CenterCrop, White, Tag);
     let mut chain = Chain {
         reader: None,
+        columns: Default::default(),
         prompt_rewriters: vec![&mut t],
         video_transforms: vec![&mut u, &mut c, &mut w],
     };
@@ -558,6 +559,7 @@ fn mini_dataset_check_and_preview_end_to_end() {
     let (mut u, mut c, mut t) = (Uniform { reject: true }, CenterCrop, Tag);
     let mut chain = Chain {
         reader: None,
+        columns: Default::default(),
         prompt_rewriters: vec![&mut t],
         video_transforms: vec![&mut u, &mut c],
     };

@@ -103,6 +103,8 @@ impl Settings {
 /// The plugins of the data chain, taken out of the registry for the duration of a command.
 pub struct ChainPlugins {
     pub reader: Option<LoadedPlugin>,
+    /// The built-in reader's list files (`[data] caption_column` etc.).
+    pub columns: cogvx_data::Columns,
     pub rewriters: Vec<LoadedPlugin>,
     pub transforms: Vec<LoadedPlugin>,
 }
@@ -124,11 +126,19 @@ impl ChainPlugins {
             PluginKind::DatasetReader,
             "[data] reader",
         )?;
-        let reader = readers.pop().expect("one reader taken");
-        // The built-in finetune-layout reader is called directly, so its problems keep file and line.
-        let reader = (reader.transport() != Transport::BuiltIn
-            || reader.name() != "finetune-layout")
-            .then_some(reader);
+        let mut reader = readers.pop().expect("one reader taken");
+        // The `[data]` column keys reach the reader as parameters.
+        let params = settings.config.reader_params_json()?;
+        reader
+            .configure(&params)
+            .map_err(|e| anyhow::anyhow!("config [data] reader `{}`: {e}", data.reader))?;
+        // The built-in finetune-layout reader is called directly, so its problems keep file and
+        // line; it reads the same parameters.
+        let columns = cogvx_data::Columns::from_params(&params)
+            .map_err(|e| anyhow::anyhow!("config [data]: {e}"))?;
+        let builtin =
+            reader.transport() == Transport::BuiltIn && reader.name() == "finetune-layout";
+        let reader = (!builtin).then_some(reader);
         let rewriters = take_chain(
             registry,
             &settings.config,
@@ -145,6 +155,7 @@ impl ChainPlugins {
         )?;
         Ok(ChainPlugins {
             reader,
+            columns: if builtin { columns } else { Default::default() },
             rewriters,
             transforms,
         })
@@ -154,6 +165,7 @@ impl ChainPlugins {
     pub fn chain(&mut self) -> Chain<'_> {
         Chain {
             reader: self.reader.as_mut().map(|p| p as &mut dyn Plugin),
+            columns: self.columns.clone(),
             prompt_rewriters: self
                 .rewriters
                 .iter_mut()

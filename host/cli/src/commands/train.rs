@@ -42,7 +42,16 @@ fn effective_configs(
     let mut validation = settings.config.validation.clone();
     if validation.prompts.is_empty() {
         if let Some(root) = &settings.config.data.validation_root {
-            let (prompts, images) = read_validation_set(root)?;
+            let data = &settings.config.data;
+            let columns = cogvx_data::Columns {
+                caption: data
+                    .caption_column
+                    .clone()
+                    .unwrap_or(cogvx_data::layout::PROMPTS.into()),
+                image: data.image_column.clone(),
+                ..Default::default()
+            };
+            let (prompts, images) = read_validation_set(root, &columns)?;
             validation.prompts = prompts;
             if validation.images.is_empty() {
                 validation.images = images;
@@ -55,10 +64,15 @@ fn effective_configs(
     Ok((train, validation))
 }
 
-/// The prompts (and images, when `images.txt` exists) of a validation set in the finetune layout.
-fn read_validation_set(root: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
+/// The prompts (and images, when the image list exists) of a validation set in the finetune
+/// layout, with the `[data]` column files.
+fn read_validation_set(
+    root: &Path,
+    columns: &cogvx_data::Columns,
+) -> Result<(Vec<String>, Vec<PathBuf>)> {
     let read = |name: &str| -> Result<Option<Vec<String>>> {
-        let path = root.join(name);
+        let path = cogvx_data::resolve_in_root(root, name)
+            .map_err(|e| anyhow!("[data] validation_root: {e}"))?;
         if !path.exists() {
             return Ok(None);
         }
@@ -71,14 +85,25 @@ fn read_validation_set(root: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
                 .collect(),
         ))
     };
-    let prompts = read(cogvx_data::layout::PROMPTS)?.ok_or_else(|| {
+    let prompts = read(&columns.caption)?.ok_or_else(|| {
         anyhow!(
             "[data] validation_root: {} has no {}",
             root.display(),
-            cogvx_data::layout::PROMPTS
+            columns.caption
         )
     })?;
-    let images: Vec<PathBuf> = read(cogvx_data::layout::IMAGES)?
+    let image_list = columns
+        .image
+        .as_deref()
+        .unwrap_or(cogvx_data::layout::IMAGES);
+    let images = read(image_list)?;
+    if images.is_none() && columns.image.is_some() {
+        bail!(
+            "[data] validation_root: {} has no {image_list} (`[data] image_column`)",
+            root.display()
+        );
+    }
+    let images: Vec<PathBuf> = images
         .unwrap_or_default()
         .iter()
         .map(|p| root.join(p))
@@ -86,10 +111,10 @@ fn read_validation_set(root: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
     if !images.is_empty() && images.len() != prompts.len() {
         bail!(
             "[data] validation_root: {} lists {} images for {} prompts in {}; give one image per prompt",
-            root.join(cogvx_data::layout::IMAGES).display(),
+            root.join(image_list).display(),
             images.len(),
             prompts.len(),
-            cogvx_data::layout::PROMPTS
+            columns.caption
         );
     }
     Ok((prompts, images))
