@@ -503,3 +503,52 @@ fn data_columns_name_the_list_files() {
         "{stdout}{stderr}"
     );
 }
+
+/// `[data] reader = "folder_reader"`: the example clips, each with a same-name caption file,
+/// pass `dataset check`; a clip without its caption is named.
+#[test]
+fn folder_reader_checks_a_folder_of_captioned_clips() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("clips");
+    std::fs::create_dir_all(&root).unwrap();
+    let src = mini();
+    let prompts = std::fs::read_to_string(src.join("prompts.txt")).unwrap();
+    let videos = std::fs::read_to_string(src.join("videos.txt")).unwrap();
+    for (caption, video) in prompts.lines().zip(videos.lines()) {
+        let name = std::path::Path::new(video).file_name().unwrap();
+        std::fs::copy(src.join(video), root.join(name)).unwrap();
+        std::fs::write(root.join(name).with_extension("txt"), caption).unwrap();
+    }
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[data]\nroot = \"{}\"\nreader = \"folder_reader\"\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let out = cogvx(&["--config", s(&config), "dataset", "check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("4 samples, no problems"), "{stdout}");
+
+    std::fs::copy(
+        root.join(
+            videos
+                .lines()
+                .next()
+                .map(|v| std::path::Path::new(v).file_name().unwrap())
+                .unwrap(),
+        ),
+        root.join("extra.mp4"),
+    )
+    .unwrap();
+    let out = cogvx(&["--config", s(&config), "dataset", "check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("extra.mp4: no caption file extra.txt"),
+        "{stdout}{stderr}"
+    );
+}
