@@ -3,7 +3,8 @@
 #   plugins/<name>.wasm   WASM component (cargo build --target wasm32-wasip2)
 #   plugins/<name>.so     native library (cargo build --features native-export)
 # where <name> is the crate's folder name (crop_resize, frame_skip, id_token, dora, loha, lokr,
-# timestep_sampling, video_metrics, folder_reader, caption_cleanup).
+# timestep_sampling, video_metrics, folder_reader, metadata_reader,
+# caption_cleanup).
 #
 # Usage (from anywhere):  bash plugins/build.sh
 # Environment:

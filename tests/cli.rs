@@ -552,3 +552,46 @@ fn folder_reader_checks_a_folder_of_captioned_clips() {
         "{stdout}{stderr}"
     );
 }
+
+/// `[data] reader = "metadata_reader"` with the `[data]` column keys: a CSV listing the example
+/// clips passes `dataset check`; a row whose clip leaves the root is named with its line.
+#[test]
+fn metadata_reader_checks_a_csv_with_named_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("set");
+    std::fs::create_dir_all(root.join("videos")).unwrap();
+    let src = mini();
+    let prompts = std::fs::read_to_string(src.join("prompts.txt")).unwrap();
+    let videos = std::fs::read_to_string(src.join("videos.txt")).unwrap();
+    let mut csv = String::from("clip,description\n");
+    for (caption, video) in prompts.lines().zip(videos.lines()) {
+        std::fs::copy(src.join(video), root.join(video)).unwrap();
+        csv.push_str(&format!("{video},\"{}\"\n", caption.replace('"', "\"\"")));
+    }
+    std::fs::write(root.join("metadata.csv"), &csv).unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[data]\nroot = \"{}\"\nreader = \"metadata_reader\"\ncaption_column = \"description\"\nvideo_column = \"clip\"\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let out = cogvx(&["--config", s(&config), "dataset", "check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("4 samples, no problems"), "{stdout}");
+
+    csv.push_str("../outside.mp4,a caption\n");
+    std::fs::write(root.join("metadata.csv"), &csv).unwrap();
+    let out = cogvx(&["--config", s(&config), "dataset", "check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains(
+            "metadata.csv:6: column `clip`: path `../outside.mp4` leaves the dataset root"
+        ),
+        "{stdout}{stderr}"
+    );
+}

@@ -13,6 +13,7 @@ pub fn register_builtins(registry: &mut Registry) {
     registry.register_builtin(cogvx_plugin_crop_resize::builtin());
     registry.register_builtin(cogvx_plugin_id_token::builtin());
     registry.register_builtin(cogvx_plugin_folder_reader::builtin());
+    registry.register_builtin(cogvx_plugin_metadata_reader::builtin());
     registry.register_builtin(cogvx_plugin_video_metrics::builtin());
     registry.register_builtin(cogvx_plugin_timestep_sampling::builtin());
     for scheduler in cogvx_scheduler::builtin_plugins() {
