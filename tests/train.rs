@@ -30,6 +30,11 @@ fn safetensors_metadata(path: &Path) -> serde_json::Map<String, serde_json::Valu
 
 /// A config like the quickstart's, with absolute paths and `extra` appended to `[train]`.
 fn small_config(dir: &Path, train_extra: &str) -> PathBuf {
+    small_config_with(dir, "", train_extra)
+}
+
+/// [`small_config`] with `data_extra` appended to `[data]` too.
+fn small_config_with(dir: &Path, data_extra: &str, train_extra: &str) -> PathBuf {
     let repo = repo();
     let text = format!(
         r#"
@@ -40,6 +45,7 @@ path = "{model}"
 root = "{data}"
 resolution = "9x64x96"
 cache_dir = "{cache}"
+{data_extra}
 
 [train]
 output_dir = "{out}"
@@ -58,6 +64,99 @@ checkpointing_steps = 3
     let path = dir.join("run.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// `[data] buckets` from the CLI: `dataset check` prints the histogram, the cache places the
+/// mini clips by aspect ratio (the 11:9 and 1:1 clips in the square bucket, the 4:3 and 2.35:1
+/// ones in the 3:2 bucket), every batch of 2 holds one bucket, and validation samples at the
+/// largest bucket.
+#[test]
+fn buckets_place_clips_by_aspect_and_batch_them_per_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config_with(
+        dir.path(),
+        r#"buckets = ["9x64x64", "9x64x96"]"#,
+        "max_steps = 4\nbatch_size = 2\n\n[validation]\nsteps = 4\nprompts = [\"a test\"]\nnum_inference_steps = 2",
+    );
+    let out = cogvx(&["--config", s(&config), "dataset", "check"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("buckets (4 of 4 clips placed):"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("9x64x64      2 clips"), "{stdout}");
+    assert!(stdout.contains("9x64x96      2 clips"), "{stdout}");
+    assert!(stdout.contains("crops 2: videos/bikes.mp4"), "{stdout}");
+
+    let out = cogvx(&["--config", s(&config), "train"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cache/index.json")).unwrap())
+            .unwrap();
+    let placed: Vec<(String, String)> = index["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["video"].as_str().unwrap().into(),
+                s["resolution"].to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("videos/carphone.mp4", "[9,64,64]"),
+        ("videos/bikes.mp4", "[9,64,96]"),
+        ("videos/testsrc.mp4", "[9,64,96]"),
+        ("videos/mandelbrot.mp4", "[9,64,64]"),
+    ];
+    assert_eq!(placed, want.map(|(v, r)| (v.to_string(), r.to_string())));
+    assert_eq!(index["resolution"].to_string(), "[9,64,96]");
+    // Two batches of two an epoch.
+    let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    let sizes: Vec<usize> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "step")
+        .map(|v| v["timesteps"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [2, 2, 2, 2]);
+    let video = dir.path().join("out/validation/step-4/0.mp4");
+    let info = cogvx_video::probe(&video).unwrap_or_else(|e| panic!("{}: {e}", video.display()));
+    assert_eq!((info.width, info.height, info.frame_count), (96, 64, 9));
+
+    // A bucket list no clip fits: named, before any training.
+    let config = small_config_with(dir.path(), r#"buckets = ["9x480x720"]"#, "max_steps = 1");
+    let out = cogvx(&["--config", s(&config), "train"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no clip fits any bucket of [data] buckets (9x480x720)"),
+        "{stderr}"
+    );
+
+    // CogVideoX-5B-I2V's learned positional table has one frame size: other buckets are refused.
+    let config = small_config_with(
+        dir.path(),
+        r#"buckets = ["9x64x96", "9x64x64"]"#,
+        "max_steps = 1",
+    );
+    let out = cogvx(&[
+        "--config",
+        s(&config),
+        "--model",
+        s(&shared_model("cogvideox-5b-i2v-tiny")),
+        "train",
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("has learned positional embeddings for")
+            && stderr.contains("buckets 9x64x64 cannot train on it"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -95,6 +95,10 @@ pub struct IndexSample {
     pub prompt: String,
     /// Whether the latent entry holds an `image` tensor (I2V).
     pub image: bool,
+    /// `[frames, height, width]` of the sample's bucket (`[data] buckets`); absent: the
+    /// index's resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<[u32; 3]>,
 }
 
 /// `index.json`.
@@ -103,12 +107,22 @@ pub struct Index {
     pub format: String,
     pub model: ModelIdentity,
     pub transforms: Vec<PluginId>,
-    /// `[frames, height, width]`.
+    /// `[frames, height, width]`; with buckets, the largest (validation's default size).
     pub resolution: [u32; 3],
+    /// `[data] buckets`, `[frames, height, width]` each (empty: one resolution).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<[u32; 3]>,
     pub seed: u64,
     pub max_sequence_length: usize,
     pub i2v: bool,
     pub samples: Vec<IndexSample>,
+}
+
+impl Index {
+    /// `[frames, height, width]` of a sample: its bucket, else the index's resolution.
+    pub fn resolution_of(&self, sample: &IndexSample) -> [u32; 3] {
+        sample.resolution.unwrap_or(self.resolution)
+    }
 }
 
 pub(crate) fn latent_path(cache: &Path, key: &str) -> PathBuf {

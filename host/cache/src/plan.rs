@@ -13,8 +13,12 @@ use crate::*;
 /// What [`prepare`] / [`plan`] need besides the dataset and model.
 #[derive(Clone, Debug)]
 pub struct PrepareOptions {
-    /// Target `frames x height x width` (frames `8N+1`, sides multiples of 16).
+    /// Target `frames x height x width` (frames `8N+1`, sides multiples of 16); with
+    /// `buckets`, the largest bucket.
     pub resolution: Resolution,
+    /// `[data] buckets` (or an upscale limit): each clip at its bucket, part of its latent key.
+    /// Set with [`PrepareOptions::with_buckets`]; `None`: every clip at `resolution`.
+    pub buckets: Option<cogvx_data::Buckets>,
     /// Base seed; each sample's seed derives from it and the sample's content.
     pub seed: u64,
     /// T5 `max_sequence_length` (226 for CogVideoX).
@@ -42,7 +46,16 @@ impl PrepareOptions {
             vae_options: None,
             text_dtype: None,
             progress: true,
+            buckets: None,
         }
+    }
+
+    /// Places each clip in its bucket of `buckets` (nothing changes for a single resolution
+    /// without an upscale limit); `resolution` becomes the largest bucket.
+    pub fn with_buckets(mut self, buckets: cogvx_data::Buckets) -> Self {
+        self.resolution = buckets.largest();
+        self.buckets = buckets.needs_assignment().then_some(buckets);
+        self
     }
 }
 
@@ -186,6 +199,9 @@ pub fn plan(
     options: &PrepareOptions,
 ) -> Result<Plan, CacheError> {
     check_resolution(options.resolution)?;
+    for b in options.buckets.iter().flat_map(|b| b.list()) {
+        check_resolution(*b)?;
+    }
     let transforms = transform_ids(chain, transform_params)?;
     let model = ModelIdentity::of(model_dir)?;
     let vae_opts = vae_options_string(options, model_dir)?;
@@ -200,11 +216,12 @@ pub fn plan(
     };
     let mut planned = Vec::new();
     let mut failed = Vec::new();
+    let (mut rewriters, mut video_transforms) = chain.stages();
     for sample in &samples {
         let (file, line) = origin_location(data_root, sample);
         let keyed = (|| -> Result<IndexSample, String> {
-            let caption = chain
-                .rewrite_prompt(&sample.caption)?
+            let caption = rewriters
+                .rewrite(&sample.caption)?
                 .replace(['\n', '\r'], " ");
             if caption.trim().is_empty() {
                 return Err("the prompt rewriters left an empty caption".into());
@@ -218,10 +235,23 @@ pub fn plan(
                 }
                 _ => None,
             };
+            let seed = keys::sample_seed(options.seed, &video_sha, sample.frames);
+            // With buckets: the clip's bucket, planned as prepare will plan it.
+            let bucket = match &options.buckets {
+                Some(b) => Some(
+                    b.assign_file(&video, sample.frames, &mut video_transforms, seed)?
+                        .bucket,
+                ),
+                None => None,
+            };
+            let ctx = keys::LatentContext {
+                resolution: bucket.unwrap_or(options.resolution),
+                ..ctx.clone()
+            };
             Ok(IndexSample {
                 origin: sample.origin.clone(),
                 video: sample.video.clone(),
-                seed: keys::sample_seed(options.seed, &video_sha, sample.frames),
+                seed,
                 latent: keys::latent_key(&ctx, &video_sha, image_sha.as_deref(), sample.frames),
                 prompt: keys::prompt_key(
                     &caption,
@@ -231,6 +261,7 @@ pub fn plan(
                 ),
                 caption,
                 image: options.i2v,
+                resolution: bucket.map(|r| [r.frames, r.height, r.width]),
             })
         })();
         match keyed {
@@ -248,12 +279,35 @@ pub fn plan(
             Err(m) => failed.push(Problem::new(file, line, m)),
         }
     }
+    if let Some(b) = &options.buckets {
+        if planned.is_empty() && !failed.is_empty() {
+            return Err(CacheError::Input(format!(
+                "no clip fits any bucket of [data] buckets ({}):\n{}",
+                b.list()
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                failed
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )));
+        }
+    }
     let r = options.resolution;
     let index = Index {
         format: INDEX_FORMAT.into(),
         model,
         transforms,
         resolution: [r.frames, r.height, r.width],
+        buckets: options
+            .buckets
+            .iter()
+            .flat_map(|b| b.list())
+            .map(|r| [r.frames, r.height, r.width])
+            .collect(),
         seed: options.seed,
         max_sequence_length: options.max_sequence_length,
         i2v: options.i2v,

@@ -344,15 +344,20 @@ pub fn prepare_on<B: cogvx_model_core::ModelBackend, T: cogvx_model_core::ModelB
                 } else {
                     let started = std::time::Instant::now();
                     let video = resolve_in_root(data_root, &sample.video)?;
+                    let [frames, height, width] = planned.index.resolution_of(s);
+                    let r = cogvx_plugin_api::Resolution {
+                        frames,
+                        height,
+                        width,
+                    };
                     let pre = cogvx_video::preprocess_clip(
                         &video,
                         sample.frames,
                         &mut transforms,
-                        options.resolution,
+                        r,
                         s.seed,
                     )
                     .map_err(|e| e.to_string())?;
-                    let r = options.resolution;
                     let f = &pre.frames;
                     if (f.count, f.height, f.width) != (r.frames, r.height, r.width) {
                         return Err(format!(

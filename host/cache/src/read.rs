@@ -135,7 +135,7 @@ impl Cache {
         let lp = latent_path(&self.dir, &s.latent);
         let mut t = validate_latent(&lp, &s.latent, s.image)?;
         let latent = t.remove("latent").expect("validated");
-        let [f, h, w] = self.index.resolution;
+        let [f, h, w] = self.index.resolution_of(s);
         let want = [(f as usize - 1) / 4 + 1, h as usize / 8, w as usize / 8];
         if latent.shape[1..] != want {
             return Err(CacheError::Entry {

@@ -455,3 +455,118 @@ fn bad_samples_are_reported_and_left_out_of_the_index() {
         .to_string()
         .contains("index.json"));
 }
+
+fn res(s: &str) -> Resolution {
+    s.parse().unwrap()
+}
+
+/// A wide, a tall and a square clip, each in its bucket: the entries have the bucket's latent
+/// size, the keys follow the bucket (only the clip whose bucket changes is encoded again), a
+/// list no clip fits is an error naming the list.
+#[test]
+fn buckets_place_each_clip_and_key_its_entry() {
+    let model = model_dir();
+    let d = tempfile::tempdir().unwrap();
+    let (root, cache) = (d.path().join("data"), d.path().join("cache"));
+    std::fs::create_dir_all(root.join("videos")).unwrap();
+    let enc = cogvx_video::EncodeOptions {
+        crf: 0,
+        preset: "ultrafast".into(),
+    };
+    for (i, (name, w, h)) in [("wide", 160, 96), ("tall", 96, 160), ("square", 96, 96)]
+        .into_iter()
+        .enumerate()
+    {
+        cogvx_video::encode_mp4(
+            root.join("videos").join(format!("{name}.mp4")),
+            &clip(w, h, i as u32),
+            8.0,
+            &enc,
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        root.join("videos.txt"),
+        "videos/wide.mp4\nvideos/tall.mp4\nvideos/square.mp4\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("prompts.txt"), "wide\ntall\nsquare\n").unwrap();
+    let three =
+        cogvx_data::Buckets::new(vec![res("9x64x96"), res("9x96x64"), res("9x64x64")], None)
+            .unwrap();
+    let opts = options().with_buckets(three);
+    let s = run(&cache, &root, &model, "{}", &opts);
+    assert!(s.failed.is_empty(), "{:?}", s.failed);
+    assert_eq!(s.encoded_latents, 3);
+    let c = Cache::open(&cache).unwrap();
+    assert_eq!(c.index.resolution, [9, 64, 96]);
+    assert_eq!(c.index.buckets, vec![[9, 64, 96], [9, 96, 64], [9, 64, 64]]);
+    let got: Vec<(String, Option<[u32; 3]>, Vec<usize>)> = c
+        .entries()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.sample.video, e.sample.resolution, e.latent.shape)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "videos/wide.mp4".into(),
+                Some([9, 64, 96]),
+                vec![4, 3, 8, 12]
+            ),
+            (
+                "videos/tall.mp4".into(),
+                Some([9, 96, 64]),
+                vec![4, 3, 12, 8]
+            ),
+            (
+                "videos/square.mp4".into(),
+                Some([9, 64, 64]),
+                vec![4, 3, 8, 8]
+            ),
+        ]
+    );
+    let keys: Vec<String> = c.index.samples.iter().map(|s| s.latent.clone()).collect();
+
+    // Without the portrait bucket the tall clip goes to the square one: only its entry changes.
+    let two = cogvx_data::Buckets::new(vec![res("9x64x96"), res("9x64x64")], None).unwrap();
+    let opts2 = options().with_buckets(two);
+    let p = planned(&cache, &root, &model, "{}", &opts2);
+    let keys2: Vec<String> = p.samples.iter().map(|s| s.sample.latent.clone()).collect();
+    assert_eq!(
+        (
+            keys2[0] == keys[0],
+            keys2[1] == keys[1],
+            keys2[2] == keys[2]
+        ),
+        (true, false, true)
+    );
+    assert_eq!(p.samples[1].sample.resolution, Some([9, 64, 64]));
+    assert_eq!(p.latents_to_encode(), 1);
+
+    // A list no clip fits (never upscaled past 1x): an error naming the buckets; nothing written.
+    let before = std::fs::read(cache.join("index.json")).unwrap();
+    let big = cogvx_data::Buckets::new(vec![res("9x480x720")], None).unwrap();
+    let mut cr = CropResize::default();
+    let mut chain = Chain::new();
+    chain.video_transforms.push(&mut cr);
+    let e = prepare::<CpuBackend>(
+        &cache,
+        &root,
+        &model,
+        &mut chain,
+        &["{}".to_string()],
+        &options().with_buckets(big),
+        &CpuDevice::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("no clip fits any bucket of [data] buckets (9x480x720)")
+            && e.contains("more than [data] max_upscale = 1"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(cache.join("index.json")).unwrap(), before);
+}

@@ -140,6 +140,60 @@ pub struct DataConfig {
     pub caption_column: Option<String>,
     pub video_column: Option<String>,
     pub image_column: Option<String>,
+    /// Aspect-ratio / length buckets: a list of `FxHxW` (each clip trains at the one nearest
+    /// its aspect ratio, then the longest and largest it fills; each batch holds one bucket),
+    /// or `"auto"` (sizes of several aspect ratios within `resolution`'s pixels, at its frame
+    /// count and each halving of it). Unset: every clip at `resolution`.
+    #[serde(default)]
+    pub buckets: Option<BucketsSpec>,
+    /// How far a clip may be upscaled to reach its bucket (1 = never); a clip that would need
+    /// more is dropped. Default 1 with `buckets`, no limit without.
+    pub max_upscale: Option<f64>,
+}
+
+/// `[data] buckets` as written: `"auto"` or a list of `FxHxW` strings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BucketsSpec {
+    Auto,
+    List(Vec<Resolution>),
+}
+
+impl<'de> Deserialize<'de> for BucketsSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let what = "[data] buckets: write \"auto\" or a list of FRAMESxHEIGHTxWIDTH, e.g. [\"49x480x720\", \"49x720x480\"]";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(what))? {
+            Raw::One(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(BucketsSpec::Auto),
+            Raw::One(s) => Err(serde::de::Error::custom(format!("{what} (got {s:?})"))),
+            Raw::Many(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    s.parse::<Resolution>()
+                        .map_err(|e| serde::de::Error::custom(format!("[data] buckets[{i}]: {e}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(BucketsSpec::List),
+        }
+    }
+}
+
+impl DataConfig {
+    /// The training resolutions: `buckets` (with `resolution` as the budget of `"auto"`), or
+    /// `resolution` alone; `max_upscale` applied. The message names the key.
+    pub fn buckets(&self, resolution: Resolution) -> Result<cogvx_data::Buckets, String> {
+        use cogvx_data::Buckets;
+        match &self.buckets {
+            None => Buckets::single(resolution).with_max_upscale(self.max_upscale),
+            Some(BucketsSpec::Auto) => Buckets::auto(resolution, self.max_upscale),
+            Some(BucketsSpec::List(list)) => Buckets::new(list.clone(), self.max_upscale),
+        }
+    }
 }
 
 /// The resolution when neither the config nor `--resolution` gives one (the finetune's).
@@ -172,6 +226,8 @@ impl Default for DataConfig {
             caption_column: None,
             video_column: None,
             image_column: None,
+            buckets: None,
+            max_upscale: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use cogvx_plugin_api::{Resolution, Sample};
 use cogvx_video::{VideoError, VideoReader, VideoTransforms};
 
+use crate::buckets::{Assignment, Buckets};
 use crate::chain::{sample_seed, Chain, PromptRewriters};
 use crate::layout::{origin_location, read_layout, resolve_in_root, Problem};
 
@@ -18,6 +19,19 @@ pub struct Report {
     pub samples: usize,
     /// Every problem found, in file order.
     pub problems: Vec<Problem>,
+    /// With `[data] buckets`: each bucket's clips, in list order (empty otherwise, and from
+    /// [`check_structure`]).
+    pub buckets: Vec<BucketStats>,
+}
+
+/// The clips [`check`] placed in one bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BucketStats {
+    pub bucket: Resolution,
+    /// Clips placed in it.
+    pub clips: usize,
+    /// The clips it crops by more than 1% of their frame area: path and share cropped.
+    pub cropped: Vec<(String, f64)>,
 }
 
 impl Report {
@@ -31,12 +45,13 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
         if n == 0 {
-            return write!(
+            write!(
                 f,
                 "{}: {} samples, no problems",
                 self.root.display(),
                 self.samples
-            );
+            )?;
+            return self.fmt_buckets(f);
         }
         write!(
             f,
@@ -47,6 +62,71 @@ impl fmt::Display for Report {
         )?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
+        }
+        self.fmt_buckets(f)
+    }
+}
+
+impl Report {
+    /// The bucket histogram: clips per bucket, a bar, and the clips each crops (at most 5
+    /// named per bucket), then the clips no bucket took.
+    fn fmt_buckets(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.buckets.is_empty() {
+            return Ok(());
+        }
+        let placed: usize = self.buckets.iter().map(|b| b.clips).sum();
+        let most = self
+            .buckets
+            .iter()
+            .map(|b| b.clips)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let width = self
+            .buckets
+            .iter()
+            .map(|b| b.bucket.to_string().len())
+            .max()
+            .unwrap_or(0);
+        write!(f, "\nbuckets ({placed} of {} clips placed):", self.samples)?;
+        for b in &self.buckets {
+            let bar = "#".repeat((b.clips * 30).div_ceil(most));
+            write!(
+                f,
+                "\n  {:<width$}  {:>5} clip{}  {bar}",
+                b.bucket.to_string(),
+                b.clips,
+                if b.clips == 1 { " " } else { "s" },
+            )?;
+            if !b.cropped.is_empty() {
+                let named: Vec<String> = b
+                    .cropped
+                    .iter()
+                    .take(5)
+                    .map(|(v, c)| format!("{v} ({:.0}%)", c * 100.0))
+                    .collect();
+                let more = b.cropped.len().saturating_sub(5);
+                write!(
+                    f,
+                    "  crops {}: {}{}",
+                    b.cropped.len(),
+                    named.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                )?;
+            }
+        }
+        let dropped = self.samples.saturating_sub(placed);
+        if dropped > 0 {
+            write!(
+                f,
+                "\n  {:<width$}  {dropped:>5} clip{}  (dropped: see the problems above)",
+                "no bucket",
+                if dropped == 1 { " " } else { "s" }
+            )?;
         }
         Ok(())
     }
@@ -107,49 +187,74 @@ pub fn check_structure(root: &Path, chain: &mut Chain<'_>) -> Report {
         root: root.to_path_buf(),
         samples: samples.len(),
         problems,
+        buckets: Vec::new(),
     }
 }
 
 /// Checks a dataset and reports every problem: the structure (see [`check_structure`]),
 /// then for each sample its caption through the prompt rewriters, its image (exists, not
 /// empty), its clip (missing, empty, not a video, truncated, audio only, no frames, frame
-/// range), the video-transform plans for `target` (a plugin error, e.g. a frame-selection
-/// policy rejecting a short clip, or a bad plan), and finally a clip with fewer frames than
-/// `target.frames` after planning (with no frame-selection plugin: its raw frame count).
-pub fn check(root: &Path, target: Resolution, chain: &mut Chain<'_>) -> Report {
+/// range), and its place among `buckets` (a [`Resolution`] is the one training resolution):
+/// the video-transform plans (a plugin error, e.g. a frame-selection policy rejecting a short
+/// clip, or a bad plan), a clip with fewer frames than the resolution after planning (with no
+/// frame-selection plugin: its raw frame count), and with a bucket list a clip no bucket fits
+/// or a plan of a size outside the list. With a bucket list the report holds each bucket's
+/// clips ([`Report::buckets`]).
+pub fn check(root: &Path, buckets: impl Into<Buckets>, chain: &mut Chain<'_>) -> Report {
+    let buckets = buckets.into();
     let (samples, mut problems) = list(root, chain);
     let (mut rewriters, mut transforms) = chain.stages();
+    let mut stats: Vec<BucketStats> = buckets
+        .list()
+        .iter()
+        .map(|&bucket| BucketStats {
+            bucket,
+            clips: 0,
+            cropped: Vec::new(),
+        })
+        .collect();
     for (i, sample) in samples.iter().enumerate() {
         let (file, line) = origin_location(root, sample);
-        problems.extend(
-            check_sample(
-                root,
-                target,
-                &mut rewriters,
-                &mut transforms,
-                sample,
-                i as u64,
-            )
-            .into_iter()
-            .map(|m| Problem::new(&file, line, m)),
+        let (found, assigned) = check_sample(
+            root,
+            &buckets,
+            &mut rewriters,
+            &mut transforms,
+            sample,
+            i as u64,
         );
+        problems.extend(found.into_iter().map(|m| Problem::new(&file, line, m)));
+        if let Some(a) = assigned {
+            if let Some(s) = stats.iter_mut().find(|s| s.bucket == a.bucket) {
+                s.clips += 1;
+                if a.cropped > 0.01 {
+                    s.cropped.push((sample.video.clone(), a.cropped));
+                }
+            }
+        }
     }
     Report {
         root: root.to_path_buf(),
         samples: samples.len(),
         problems,
+        buckets: if buckets.is_bucketed() {
+            stats
+        } else {
+            Vec::new()
+        },
     }
 }
 
 fn check_sample(
     root: &Path,
-    target: Resolution,
+    buckets: &Buckets,
     rewriters: &mut PromptRewriters<'_, '_>,
     transforms: &mut VideoTransforms<'_>,
     sample: &Sample,
     index: u64,
-) -> Vec<String> {
+) -> (Vec<String>, Option<Assignment>) {
     let mut out = Vec::new();
+    let mut assigned = None;
     match rewriters.rewrite(&sample.caption) {
         Ok(c) if crate::chain::is_blank_caption(&c) => {
             out.push("the prompt rewriters left an empty caption".to_string())
@@ -186,44 +291,27 @@ fn check_sample(
         Ok(p) => p,
         Err(m) => {
             out.push(m);
-            return out;
+            return (out, None);
         }
     };
     let reader = match VideoReader::open(&path) {
         Ok(r) => r,
         Err(e) => {
             out.push(e.to_string());
-            return out;
+            return (out, None);
         }
     };
     let clip = match reader.clip_info(sample.frames) {
         Ok(c) => c,
         Err(e) => {
             out.push(e.to_string());
-            return out;
+            return (out, None);
         }
     };
     let seed = sample_seed(0, index);
-    match transforms.plan(&clip, target, seed) {
-        Ok(plan) if (plan.frames.len() as u64) < target.frames as u64 => {
-            let untouched = plan.frames.iter().copied().eq(0..clip.frame_count);
-            let how = if untouched {
-                " (no plugin in the chain selects frames, so the raw frame count applies)"
-            } else {
-                " after frame selection"
-            };
-            out.push(format!(
-                "{}: clip too short: {} frames{how}, the target resolution {}x{}x{} needs {}",
-                path.display(),
-                plan.frames.len(),
-                target.frames,
-                target.height,
-                target.width,
-                target.frames
-            ));
-        }
-        Ok(_) => {}
+    match buckets.assign(&clip, transforms, seed) {
+        Ok(a) => assigned = Some(a),
         Err(e) => out.push(format!("{}: {e}", path.display())),
     }
-    out
+    (out, assigned)
 }

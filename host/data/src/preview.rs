@@ -11,6 +11,7 @@ use cogvx_video::{
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::buckets::Buckets;
 use crate::chain::{sample_seed, Chain};
 use crate::check::{check, Report};
 use crate::layout::{origin_location, resolve_in_root, Problem};
@@ -58,6 +59,8 @@ pub struct Summary {
     pub samples: usize,
     /// The clips written, in sample order.
     pub clips: Vec<PathBuf>,
+    /// The resolution (bucket) of each written clip.
+    pub buckets: Vec<Resolution>,
     /// The rewritten caption of each written clip.
     pub captions: Vec<String>,
     /// `<out>/captions.txt`.
@@ -89,16 +92,19 @@ pub enum PreviewError {
 /// then for each sample: rewrites its caption, plans its clip through the video transforms
 /// (each plan validated), decodes the plan, runs the pixel transforms, and writes
 /// `<out>/<index>_<stem>.mp4`; finally `<out>/captions.txt` (one caption per written clip,
-/// in order) and `<out>/contact_sheet.png` (one row per clip). A sample that fails later
+/// in order) and `<out>/contact_sheet.png` (one row per clip; with a bucket list, one row per
+/// bucket: the middle frame of each of its first clips). Each clip is processed at its bucket
+/// of `buckets` (a [`Resolution`] is the one training resolution). A sample that fails later
 /// is listed in [`Summary::failed`] and has no file.
 pub fn preview(
     root: &Path,
     out: &Path,
-    target: Resolution,
+    buckets: impl Into<Buckets>,
     chain: &mut Chain<'_>,
     options: &PreviewOptions,
 ) -> Result<Summary, PreviewError> {
-    let report = check(root, target, chain);
+    let buckets = buckets.into();
+    let report = check(root, &buckets, chain);
     if !report.is_ok() {
         return Err(PreviewError::Dataset(report));
     }
@@ -108,6 +114,7 @@ pub fn preview(
             root: root.to_path_buf(),
             samples: samples.len(),
             problems,
+            buckets: Vec::new(),
         }));
     }
     std::fs::create_dir_all(out).map_err(|source| PreviewError::OutDir {
@@ -133,6 +140,7 @@ pub fn preview(
     );
     let digits = samples.len().saturating_sub(1).to_string().len();
     let mut sheet_rows: Vec<Frames> = Vec::new();
+    let mut bucket_cells: Vec<Vec<Frames>> = vec![Vec::new(); buckets.list().len()];
     let (mut rewriters, mut transforms) = chain.stages();
     for (i, sample) in samples.iter().enumerate() {
         let (file, line) = origin_location(root, sample);
@@ -163,6 +171,18 @@ pub fn preview(
         };
         let seed = sample_seed(options.seed, i as u64);
         let started = std::time::Instant::now();
+        let target = if buckets.needs_assignment() {
+            match buckets.assign_file(&path, sample.frames, &mut transforms, seed) {
+                Ok(a) => a.bucket,
+                Err(e) => {
+                    fail(&mut summary, e);
+                    bar.inc(1);
+                    continue;
+                }
+            }
+        } else {
+            buckets.list()[0]
+        };
         let pre = match preprocess_clip(&path, sample.frames, &mut transforms, target, seed) {
             Ok(p) => p,
             Err(e) => {
@@ -193,7 +213,26 @@ pub fn preview(
             pre.frames.height,
             started.elapsed().as_secs_f64()
         );
-        if sheet_rows.len() < options.sheet_rows {
+        if buckets.is_bucketed() {
+            // One row per bucket: the middle frame of each of its first clips.
+            let row = buckets
+                .list()
+                .iter()
+                .position(|b| *b == target)
+                .unwrap_or(0);
+            let cells = &mut bucket_cells[row];
+            if cells.len() < options.sheet_frames {
+                let mid = pre.frames.count / 2;
+                let size = (pre.frames.width * pre.frames.height * 3) as usize;
+                let one = Frames {
+                    count: 1,
+                    width: pre.frames.width,
+                    height: pre.frames.height,
+                    rgb: pre.frames.rgb[mid as usize * size..(mid as usize + 1) * size].to_vec(),
+                };
+                cells.push(pick_frames(&one, 1, options.sheet_cell_width));
+            }
+        } else if sheet_rows.len() < options.sheet_rows {
             sheet_rows.push(pick_frames(
                 &pre.frames,
                 options.sheet_frames,
@@ -201,10 +240,19 @@ pub fn preview(
             ));
         }
         summary.clips.push(dest);
+        summary.buckets.push(target);
         summary.captions.push(caption);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    for cells in bucket_cells.into_iter().filter(|c| !c.is_empty()) {
+        sheet_rows.push(Frames {
+            count: cells.len() as u32,
+            width: cells[0].width,
+            height: cells[0].height,
+            rgb: cells.into_iter().flat_map(|c| c.rgb).collect(),
+        });
+    }
     if !summary.clips.is_empty() {
         let sheet = out.join("contact_sheet.png");
         let rows: Vec<&Frames> = sheet_rows.iter().collect();

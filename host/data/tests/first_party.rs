@@ -121,3 +121,130 @@ fn a_circle_stays_a_circle_through_crop_resize() {
         );
     }
 }
+
+fn r(s: &str) -> Resolution {
+    s.parse().unwrap()
+}
+
+/// The mini clips are 176x144 (carphone), 640x272 (bikes), 320x240 (testsrc) and 256x256
+/// (mandelbrot): two land in the landscape bucket, two in the square one, none in the portrait.
+#[test]
+fn mini_clips_go_to_the_bucket_of_their_aspect_and_preview_shows_a_row_per_bucket() {
+    let root = mini();
+    let buckets = cogvx_data::Buckets::new(
+        vec![r("9x64x96"), r("9x64x64"), r("9x96x64"), r("17x64x96")],
+        None,
+    )
+    .unwrap();
+    let (mut fs, mut cr) = (FrameSkip::default(), CropResize::default());
+    let mut chain = Chain {
+        video_transforms: vec![&mut fs, &mut cr],
+        ..Chain::new()
+    };
+    let report = check(&root, &buckets, &mut chain);
+    assert!(report.is_ok(), "{report}");
+    let clips: Vec<(String, usize)> = report
+        .buckets
+        .iter()
+        .map(|b| (b.bucket.to_string(), b.clips))
+        .collect();
+    // Landscape clips take the longest landscape bucket.
+    assert_eq!(
+        clips,
+        [
+            ("9x64x96", 0),
+            ("9x64x64", 2),
+            ("9x96x64", 0),
+            ("17x64x96", 2)
+        ]
+        .map(|(b, n)| (b.to_string(), n))
+    );
+    // bikes (2.35:1) loses a third of its frame to the 3:2 crop; carphone (11:9) a little.
+    let landscape = &report.buckets[3];
+    assert!(
+        landscape
+            .cropped
+            .iter()
+            .any(|(v, c)| v.ends_with("bikes.mp4") && (*c - (1.0 - 1.5 / 2.353)).abs() < 0.02),
+        "{:?}",
+        landscape.cropped
+    );
+    let text = report.to_string();
+    assert!(text.contains("buckets (4 of 4 clips placed):"), "{text}");
+    assert!(text.contains("17x64x96      2 clips"), "{text}");
+
+    let out = tempfile::tempdir().unwrap();
+    let opts = PreviewOptions {
+        progress: false,
+        ..Default::default()
+    };
+    let s = preview(&root, out.path(), &buckets, &mut chain, &opts).unwrap();
+    assert!(s.failed.is_empty(), "{:?}", s.failed);
+    for (clip, bucket) in s.clips.iter().zip(&s.buckets) {
+        let info = cogvx_video::probe(clip).unwrap();
+        assert_eq!(
+            (info.frame_count, info.height, info.width),
+            (bucket.frames, bucket.height, bucket.width),
+            "{}",
+            clip.display()
+        );
+    }
+    // Two buckets hold clips: two rows of two cells (4-pixel gaps around 96x64 cells).
+    let sheet = image::open(out.path().join("contact_sheet.png")).unwrap();
+    assert_eq!(
+        (sheet.width(), sheet.height()),
+        (4 + 2 * (96 + 4), 4 + 2 * (64 + 4))
+    );
+}
+
+#[test]
+fn buckets_no_clip_fits_and_plans_outside_the_list_are_named() {
+    let root = mini();
+    let (mut fs, mut cr) = (FrameSkip::default(), CropResize::default());
+    let mut chain = Chain {
+        video_transforms: vec![&mut fs, &mut cr],
+        ..Chain::new()
+    };
+    // Never upscaled: no mini clip (at most 640x272) reaches 480x720 or 720x480.
+    let big = cogvx_data::Buckets::new(vec![r("9x480x720"), r("9x720x480")], Some(1.0)).unwrap();
+    let report = check(&root, &big, &mut chain);
+    assert_eq!(report.problems.len(), 4, "{report}");
+    for p in &report.problems {
+        let m = p.to_string();
+        assert!(
+            m.contains("fits no bucket") && m.contains("more than [data] max_upscale = 1"),
+            "{m}"
+        );
+    }
+    assert!(
+        report.to_string().contains("no bucket      4 clips"),
+        "{report}"
+    );
+    // At most twice: only carphone's 176-pixel-wide crop (176x117) falls short of 288x432 (2.46x).
+    let twice = cogvx_data::Buckets::new(vec![r("9x288x432")], Some(2.0)).unwrap();
+    let report = check(&root, &twice, &mut chain);
+    let failed: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].contains("carphone.mp4") && failed[0].contains("upscaled 2.46x"),
+        "{failed:?}"
+    );
+
+    // crop_resize told to make 112x208 makes a size no bucket has.
+    let mut fixed = CropResize::default();
+    fixed.configure(r#"{"width": 208, "height": 112}"#).unwrap();
+    let mut fs = FrameSkip::default();
+    let mut chain = Chain {
+        video_transforms: vec![&mut fs, &mut fixed],
+        ..Chain::new()
+    };
+    let buckets = cogvx_data::Buckets::new(vec![r("9x64x96"), r("9x64x64")], None).unwrap();
+    let report = check(&root, &buckets, &mut chain);
+    assert_eq!(report.problems.len(), 4, "{report}");
+    let m = report.problems[0].to_string();
+    assert!(
+        m.contains("planned 112x208 (height x width)")
+            && m.contains("no bucket of [data] buckets has"),
+        "{m}"
+    );
+}

@@ -44,7 +44,7 @@ pub use checkpoint::{
 };
 pub use config::{TrainConfig, ValidationConfig};
 pub use export::{ExportFormat, ExportReport, EXPORT_REPORT_FILE};
-pub use rng::{epoch_order, TrainRng};
+pub use rng::{batches_per_epoch, epoch_batches, epoch_order, TrainRng};
 pub use schedule::{LrSchedule, LrScheduler};
 
 use std::path::{Path, PathBuf};

@@ -71,6 +71,39 @@ pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     order
 }
 
+/// The micro-batches of an epoch as positions in its `order` ([`epoch_order`]): each bucket's
+/// samples (`bucket_of[sample]`), in the order's sequence, cut into batches of `batch_size`
+/// (a bucket's last batch may be smaller), every batch one bucket, the batches sorted by their
+/// first position. With one bucket this is the order cut into consecutive batches.
+pub fn epoch_batches(order: &[usize], bucket_of: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let mut open: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    let mut batches = Vec::new();
+    for (pos, &sample) in order.iter().enumerate() {
+        let bucket = bucket_of.get(sample).copied().unwrap_or(0);
+        let batch = open.entry(bucket).or_default();
+        batch.push(pos);
+        if batch.len() == batch_size {
+            batches.push(open.remove(&bucket).expect("present"));
+        }
+    }
+    batches.extend(open.into_values());
+    batches.sort_by_key(|b| b[0]);
+    batches
+}
+
+/// The number of batches [`epoch_batches`] makes of these buckets (the same every epoch).
+pub fn batches_per_epoch(bucket_of: &[usize], batch_size: usize) -> u64 {
+    let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
+    for &b in bucket_of {
+        *counts.entry(b).or_default() += 1;
+    }
+    counts
+        .values()
+        .map(|&c| c.div_ceil(batch_size.max(1)) as u64)
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +155,48 @@ mod tests {
         assert_ne!(a, epoch_order(42, 1, 10));
         assert_ne!(a, epoch_order(43, 0, 10));
         assert!(epoch_order(1, 0, 0).is_empty());
+    }
+
+    #[test]
+    fn epoch_batches_hold_one_bucket_each_and_every_sample_once() {
+        let n = 11;
+        let order = epoch_order(7, 0, n);
+        // One bucket: the order cut into consecutive batches, as without buckets.
+        let one = epoch_batches(&order, &[0; 11], 3);
+        let want: Vec<Vec<usize>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(3)
+            .map(|c| c.to_vec())
+            .collect();
+        assert_eq!(one, want);
+        assert_eq!(batches_per_epoch(&[0; 11], 3), 4);
+        // Three buckets of 5, 4 and 2 samples.
+        let bucket_of = [0, 1, 0, 2, 1, 0, 1, 0, 2, 1, 0];
+        let batches = epoch_batches(&order, &bucket_of, 2);
+        assert_eq!(batches.len() as u64, batches_per_epoch(&bucket_of, 2));
+        assert_eq!(batches.len(), 3 + 2 + 1);
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+        for b in &batches {
+            assert!(
+                b.iter()
+                    .all(|&p| bucket_of[order[p]] == bucket_of[order[b[0]]]),
+                "{b:?}"
+            );
+            assert!(b.windows(2).all(|w| w[0] < w[1]));
+        }
+        assert!(batches.windows(2).all(|w| w[0][0] < w[1][0]));
+        // Deterministic per seed and epoch; another epoch, another grouping.
+        assert_eq!(batches, epoch_batches(&epoch_order(7, 0, n), &bucket_of, 2));
+        let other: Vec<Vec<usize>> = epoch_batches(&epoch_order(7, 1, n), &bucket_of, 2)
+            .iter()
+            .map(|b| b.iter().map(|&p| epoch_order(7, 1, n)[p]).collect())
+            .collect();
+        let this: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| b.iter().map(|&p| order[p]).collect())
+            .collect();
+        assert_ne!(this, other);
     }
 }

@@ -24,10 +24,10 @@ use crate::batch::{
 };
 use crate::validation::Validation;
 use crate::{
-    check_output_dir, checkpoint, epoch_order, input, list_checkpoints, lock, read_checkpoint,
-    write_checkpoint, Checkpoint, DataPosition, LrSchedule, Resume, TrainConfig, TrainJob,
-    TrainRng, TrainSummary, TrainerError, TrainerState, ValidationConfig, LOSS_PLOT_FILE,
-    METRICS_FILE, TENSORBOARD_DIR,
+    batches_per_epoch, check_output_dir, checkpoint, epoch_batches, epoch_order, input,
+    list_checkpoints, lock, read_checkpoint, write_checkpoint, Checkpoint, DataPosition,
+    LrSchedule, Resume, TrainConfig, TrainJob, TrainRng, TrainSummary, TrainerError, TrainerState,
+    ValidationConfig, LOSS_PLOT_FILE, METRICS_FILE, TENSORBOARD_DIR,
 };
 
 /// One training run: the job's checks, the model with its adapter, the plan (steps, schedule)
@@ -68,7 +68,11 @@ pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     last_lr: f64,
     scaler: Option<LossScaler>,
     // Bookkeeping.
+    /// Each cache sample's bucket (an index into the distinct resolutions of the cache).
+    bucket_of: Vec<usize>,
+    /// The epoch's sample order and its micro-batches (positions in the order).
     order: Vec<usize>,
+    batches: Vec<Vec<usize>>,
     order_epoch: u64,
     metrics: MetricsLog,
     bar: TrainProgress,
@@ -290,7 +294,23 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let n = cache.len();
         let bs = config.batch_size;
         let k = config.gradient_accumulation_steps as u64;
-        let batches_per_epoch = n.div_ceil(bs) as u64;
+        let bucket_of = bucket_ids(&cache.index);
+        if bucket_of.iter().any(|&b| b > 0) {
+            let mut counts: BTreeMap<[u32; 3], usize> = BTreeMap::new();
+            for s in &cache.index.samples {
+                *counts.entry(cache.index.resolution_of(s)).or_default() += 1;
+            }
+            tracing::info!(
+                "{} buckets, one per batch: {}",
+                counts.len(),
+                counts
+                    .iter()
+                    .map(|([f, h, w], c)| format!("{f}x{h}x{w}: {c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let batches_per_epoch = batches_per_epoch(&bucket_of, bs);
         let updates_per_epoch = batches_per_epoch.div_ceil(k);
         let total_steps = config
             .max_steps
@@ -382,6 +402,8 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         Ok(Run {
             device: device.clone(),
             order: epoch_order(config.seed, pos.epoch, n),
+            batches: epoch_batches(&epoch_order(config.seed, pos.epoch, n), &bucket_of, bs),
+            bucket_of,
             order_epoch: pos.epoch,
             last_saved: resume_dir.as_ref().map(|_| step),
             last_validated: None,
@@ -437,14 +459,18 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         for _ in 0..k {
             if self.order_epoch != self.pos.epoch {
                 self.order = epoch_order(self.config.seed, self.pos.epoch, n);
+                self.batches = epoch_batches(&self.order, &self.bucket_of, bs);
                 self.order_epoch = self.pos.epoch;
             }
-            let start = self.pos.batch as usize * bs;
-            let idx = &self.order[start..(start + bs).min(n)];
+            let positions = &self.batches[self.pos.batch as usize];
+            let idx: Vec<usize> = positions.iter().map(|&p| self.order[p]).collect();
+            let idx = &idx[..];
             // Each sample's draws from its position in the run's sample sequence.
-            let first_draw = self.pos.epoch * n as u64 + start as u64;
-            let mut rngs: Vec<TrainRng> = (0..idx.len() as u64)
-                .map(|j| TrainRng::for_sample(self.config.seed, first_draw + j))
+            let mut rngs: Vec<TrainRng> = positions
+                .iter()
+                .map(|&p| {
+                    TrainRng::for_sample(self.config.seed, self.pos.epoch * n as u64 + p as u64)
+                })
                 .collect();
             let source = BatchSource {
                 cache: &self.cache,
@@ -812,6 +838,8 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
                 flatten(&key, v, out);
             }
         }
+        // `null` is an unset key (a key a newer build adds reads as unset in older checkpoints).
+        serde_json::Value::Null => {}
         v => {
             out.insert(prefix.to_string(), v.to_string());
         }
@@ -864,4 +892,23 @@ fn check_same_run_config(
         ));
     }
     Ok(())
+}
+
+/// Each cache sample's bucket: the index of its resolution among the cache's distinct ones.
+fn bucket_ids(index: &cogvx_cache::Index) -> Vec<usize> {
+    let mut seen: Vec<[u32; 3]> = Vec::new();
+    index
+        .samples
+        .iter()
+        .map(|s| {
+            let r = index.resolution_of(s);
+            match seen.iter().position(|x| *x == r) {
+                Some(i) => i,
+                None => {
+                    seen.push(r);
+                    seen.len() - 1
+                }
+            }
+        })
+        .collect()
 }

@@ -37,17 +37,33 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// A cache of `n` samples with the given latent channel count.
 fn make_cache(dir: &Path, n: usize, i2v: bool) -> Cache {
+    make_cache_in(dir, n, i2v, |_| None)
+}
+
+/// [`make_cache`] with sample `i` in bucket `bucket(i)` (`[frames, height, width]`; `None`: the
+/// index's 9x32x48).
+fn make_cache_in(
+    dir: &Path,
+    n: usize,
+    i2v: bool,
+    bucket: impl Fn(usize) -> Option<[u32; 3]>,
+) -> Cache {
     std::fs::create_dir_all(dir.join("latents")).unwrap();
     std::fs::create_dir_all(dir.join("prompts")).unwrap();
     let mut samples = Vec::new();
     for i in 0..n {
         let lkey = format!("{:064x}", 1000 + i);
         let pkey = format!("{:064x}", 2000 + i);
-        let latent = HostTensor::new(vec![4, 3, 4, 6], values(4 * 3 * 4 * 6, 10 + i as u64));
+        let [f, h, w] = bucket(i).unwrap_or([9, 32, 48]).map(|x| x as usize);
+        let lshape = vec![4, (f - 1) / 4 + 1, h / 8, w / 8];
+        let latent = HostTensor::new(
+            lshape.clone(),
+            values(lshape.iter().product(), 10 + i as u64),
+        );
         let prompt = HostTensor::new(vec![16, 32], values(16 * 32, 20 + i as u64));
         let image = HostTensor::new(
-            vec![3, 32, 48],
-            values(3 * 32 * 48, 30 + i as u64)
+            vec![3, h, w],
+            values(3 * h * w, 30 + i as u64)
                 .into_iter()
                 .map(|v| (v * 0.3).clamp(-1.0, 1.0))
                 .collect(),
@@ -76,6 +92,7 @@ fn make_cache(dir: &Path, n: usize, i2v: bool) -> Cache {
             latent: lkey,
             prompt: pkey,
             image: i2v,
+            resolution: bucket(i),
         });
     }
     let index = Index {
@@ -86,6 +103,7 @@ fn make_cache(dir: &Path, n: usize, i2v: bool) -> Cache {
         },
         transforms: Vec::new(),
         resolution: [9, 32, 48],
+        buckets: (0..n).filter_map(&bucket).collect(),
         seed: 0,
         max_sequence_length: 16,
         i2v,
@@ -956,6 +974,36 @@ fn split_run_matches(
     );
     assert!(full.losses.iter().all(|(_, l)| l.is_finite()));
     (full, full_out)
+}
+
+/// `[data] buckets`: five samples in two buckets (9x32x48 and 9x48x32) with batch size 2 train
+/// in batches of one bucket each (a mixed batch is refused by the batcher), 2 + 1 batches per
+/// epoch, every sample once per epoch, and resume exactly.
+#[test]
+fn bucketed_batches_hold_one_bucket_and_resume_exactly() {
+    let model = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = make_cache_in(&tmp.path().join("cache"), 5, false, |i| {
+        Some(if i % 2 == 0 { [9, 32, 48] } else { [9, 48, 32] })
+    });
+    let cfg = |out: &Path| TrainConfig {
+        batch_size: 2,
+        gradient_accumulation_steps: 1,
+        ..config(out, 6, 3)
+    };
+    let (full, out) = split_run_matches(&model, &cache, tmp.path(), cfg, || None);
+    assert_eq!(full.losses.len(), 6);
+    let steps = read_steps(&out.join(cogvx_trainer::METRICS_FILE)).unwrap();
+    // Three batches an epoch (two of 9x32x48 samples 0, 2, 4; one of 1, 3), two epochs.
+    assert_eq!(
+        steps.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        [0, 0, 0, 1, 1, 1]
+    );
+    for epoch in steps.chunks(3) {
+        let mut sizes: Vec<usize> = epoch.iter().map(|r| r.timesteps.len()).collect();
+        sizes.sort();
+        assert_eq!(sizes, [1, 2, 2], "{steps:?}");
+    }
 }
 
 #[test]

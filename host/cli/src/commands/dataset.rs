@@ -9,7 +9,7 @@ use super::{ChainPlugins, Settings};
 pub fn check(settings: &Settings, dir: Option<PathBuf>) -> Result<ExitCode> {
     let root = settings.data_root(dir)?;
     let mut plugins = ChainPlugins::from_settings(settings)?;
-    let report = cogvx_data::check::check(&root, settings.resolution, &mut plugins.chain());
+    let report = cogvx_data::check::check(&root, &settings.buckets, &mut plugins.chain());
     println!("{report}");
     Ok(if report.is_ok() {
         ExitCode::SUCCESS
@@ -29,7 +29,7 @@ pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<
     let summary = match cogvx_data::preview::preview(
         &root,
         out,
-        settings.resolution,
+        &settings.buckets,
         &mut plugins.chain(),
         &options,
     ) {
@@ -48,7 +48,23 @@ pub fn preview(settings: &Settings, dir: Option<PathBuf>, out: &Path) -> Result<
         );
     }
     if let Some(sheet) = &summary.contact_sheet {
-        println!("contact sheet: {}", sheet.display());
+        if settings.buckets.is_bucketed() {
+            // One row per bucket that holds a clip, in the list's order.
+            let rows: Vec<String> = settings
+                .buckets
+                .list()
+                .iter()
+                .filter(|b| summary.buckets.contains(b))
+                .map(|b| b.to_string())
+                .collect();
+            println!(
+                "contact sheet: {} (rows: {})",
+                sheet.display(),
+                rows.join(", ")
+            );
+        } else {
+            println!("contact sheet: {}", sheet.display());
+        }
     }
     for p in &summary.failed {
         eprintln!("failed: {p}");

@@ -24,6 +24,8 @@ pub struct Settings {
     pub config: Config,
     pub cli_plugins: Vec<PathBuf>,
     pub resolution: Resolution,
+    /// The resolutions clips train at: `[data] buckets`, or `resolution` alone.
+    pub buckets: cogvx_data::Buckets,
     /// The resolution came from --resolution or the config file (not the built-in default).
     pub resolution_given: bool,
     /// Where the models run (checked to exist in this build).
@@ -48,6 +50,13 @@ impl Settings {
             .or(config.data.resolution)
             .unwrap_or(crate::config::DEFAULT_RESOLUTION);
         config.data.resolution = Some(resolution);
+        let buckets = config
+            .data
+            .buckets(resolution)
+            .map_err(|e| match &cli.config {
+                Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+                None => anyhow::anyhow!("{e}"),
+            })?;
         let device = match (cli.device, config.device, std::env::var("COGVX_DEVICE")) {
             (Some(d), _, _) => d.check_available("--device")?,
             (None, Some(d), _) => d.check_available("`device` in the config")?,
@@ -61,6 +70,7 @@ impl Settings {
             config,
             cli_plugins: cli.plugins.clone(),
             resolution,
+            buckets,
             resolution_given,
             device,
         })

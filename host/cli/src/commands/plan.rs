@@ -35,7 +35,8 @@ pub fn plan_input(
     train: &TrainConfig,
     validation: &ValidationConfig,
 ) -> PlanInput {
-    let r = settings.resolution;
+    // With buckets, the largest: the peak of the run.
+    let r = settings.buckets.largest();
     let shape = Shape {
         frames: r.frames as usize,
         height: r.height as usize,

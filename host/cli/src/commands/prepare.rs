@@ -81,7 +81,8 @@ pub fn prepare_cache(
             }
         })
         .collect::<Result<Vec<String>>>()?;
-    let mut options = PrepareOptions::new(settings.resolution);
+    let mut options =
+        PrepareOptions::new(settings.resolution).with_buckets(settings.buckets.clone());
     options.seed = settings.config.data.seed;
     options.i2v = folder.variant.is_i2v();
     // Prompts are tokenized to the length the transformer's positional table covers (226 for

@@ -120,7 +120,32 @@ fn read_validation_set(
     Ok((prompts, images))
 }
 
-/// Creates the output folder and proves it writable with a probe file, before any work.
+/// A model with learned positional embeddings (CogVideoX-5B-I2V) runs at its one frame size
+/// only (as diffusers refuses another): every bucket must have it.
+fn check_buckets_fit_model(settings: &Settings, folder: &cogvx_engine::ModelFolder) -> Result<()> {
+    let tc = &folder.transformer_config;
+    if !settings.buckets.is_bucketed() || !tc.use_learned_positional_embeddings {
+        return Ok(());
+    }
+    let (h, w) = (tc.sample_height as u32 * 8, tc.sample_width as u32 * 8);
+    let other: Vec<String> = settings
+        .buckets
+        .list()
+        .iter()
+        .filter(|b| (b.height, b.width) != (h, w))
+        .map(|b| b.to_string())
+        .collect();
+    if !other.is_empty() {
+        bail!(
+            "config [data] buckets: {} ({}) has learned positional embeddings for {h}x{w} pixels (height x width) only, so buckets {} cannot train on it; list buckets of {h}x{w} (their lengths may differ) or remove `buckets`",
+            folder.root.display(),
+            folder.variant,
+            other.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The plugins a run takes out of the registry.
 struct RunPlugins {
     adapter: Option<LoadedPlugin>,
@@ -199,6 +224,8 @@ fn run_config(
             "root": c.data.root,
             "validation_root": c.data.validation_root,
             "resolution": settings.resolution.to_string(),
+            "buckets": settings.buckets.is_bucketed().then(|| settings.buckets.list().iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+            "max_upscale": settings.buckets.max_upscale(),
             "reader": c.data.reader,
             "transforms": c.data.transforms,
             "rewriters": c.data.rewriters,
@@ -233,6 +260,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
             folder.variant
         );
     }
+    check_buckets_fit_model(settings, &folder)?;
     let root = settings.data_root(None)?;
     if !root.is_dir() {
         bail!(
