@@ -279,6 +279,53 @@ fn builtin_native_and_wasm_crop_resize_produce_identical_frames() {
 
 /// `cogvx plan` on a shipped preset: the released model's configs, the three phases, JSON with a
 /// verdict per phase, exit 1 when a phase does not fit the budget.
+/// With `[data] buckets` the plan is for the largest bucket (the run's peak), and a bad bucket
+/// list is named before any work.
+#[test]
+fn plan_sizes_the_largest_bucket_and_bad_buckets_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |buckets: &str| {
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[model]\npath = \"{}\"\n[data]\nresolution = \"9x64x64\"\nbuckets = {buckets}\n",
+                repo().join("examples/models/cogvideox-2b-tiny").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let out = cogvx(&[
+        "--config",
+        s(&config(r#"["9x64x64", "17x64x96"]"#)),
+        "plan",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // 16 text tokens + 5 latent frames x (64/16) x (96/16) video tokens.
+    assert_eq!(plan["tokens"]["total"], 16 + 5 * 4 * 6, "{plan}");
+    for (buckets, want) in [
+        (
+            r#"["9x64x64", "10x64x64"]"#,
+            "[data] buckets[1]: resolution `10x64x64`: the frame count must be 8N+1",
+        ),
+        (r#""big""#, "[data] buckets: write \"auto\" or a list"),
+        (
+            r#"["9x64x64", "9x64x64"]"#,
+            "[data] buckets lists 9x64x64 twice",
+        ),
+        (r#"[]"#, "[data] buckets is empty"),
+    ] {
+        let out = cogvx(&["--config", s(&config(buckets)), "plan"]);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success());
+        assert!(stderr.contains(want), "{buckets}: {stderr}");
+    }
+}
+
 #[test]
 fn plan_prints_every_phase_and_the_verdict_for_a_budget() {
     let out = cogvx(&[

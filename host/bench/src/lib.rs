@@ -347,6 +347,29 @@ pub fn run_with_threads<R: Send>(
     Ok(pool.install(f))
 }
 
+/// The CPU backend of an f32 benchmark step (half precision always runs on flex).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuBackendKind {
+    /// burn-ndarray (`CpuBackend`, the library tests' backend).
+    Ndarray,
+    /// burn's flex (threads, SIMD, gemm, half types): what `cogvx` runs on the CPU.
+    #[default]
+    Flex,
+}
+
+impl std::str::FromStr for CpuBackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ndarray" => Ok(CpuBackendKind::Ndarray),
+            "flex" => Ok(CpuBackendKind::Flex),
+            _ => Err(format!(
+                "`{s}` is not a CPU backend: write `ndarray` or `flex`"
+            )),
+        }
+    }
+}
+
 /// How a benchmark step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepOptions {
@@ -364,6 +387,8 @@ pub struct StepOptions {
     /// `"no"`, `"bf16"` or `"fp16"`: frozen weights and compute in half precision (on the
     /// CPU through burn's flex backend).
     pub mixed_precision: MixedPrecision,
+    /// The CPU backend of an f32 step.
+    pub cpu_backend: CpuBackendKind,
 }
 
 /// One LoRA training step of preset `preset` (`"S"`, `"M"` or `"XL"`): `warmup` untimed steps,
@@ -376,7 +401,7 @@ pub fn train_step(preset: &str, options: StepOptions) -> Result<BenchReport, Ben
 pub fn train_step_with(preset: &Preset, options: StepOptions) -> Result<BenchReport, BenchError> {
     check_step(preset, options)?;
     run_with_threads(options.threads, || {
-        if options.mixed_precision.is_half() {
+        if options.mixed_precision.is_half() || options.cpu_backend == CpuBackendKind::Flex {
             // ndarray has no half types.
             run::<FlexAutodiffBackend>(
                 preset,
@@ -443,6 +468,7 @@ fn run<AD: ModelAutodiffBackend>(
         gradient_checkpointing,
         checkpoint_offload,
         mixed_precision,
+        cpu_backend: _,
     } = options;
     let checkpointing =
         cogvx_plan::Checkpointing::from_flags(gradient_checkpointing, checkpoint_offload);
@@ -624,6 +650,7 @@ mod tests {
             gradient_checkpointing: false,
             checkpoint_offload: false,
             mixed_precision: MixedPrecision::No,
+            cpu_backend: CpuBackendKind::Ndarray,
         }
     }
 
@@ -882,6 +909,40 @@ mod tests {
                 f32_run.losses
             );
         }
+    }
+
+    /// `--backend flex` runs the f32 step on flex: the same losses as ndarray's up to f32
+    /// rounding (other GEMM and reduction orders).
+    #[test]
+    fn an_f32_step_on_flex_gives_the_ndarray_losses() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let nd = train_step_with(&TINY, opts(1, 2, 0)).unwrap();
+        let flex = train_step_with(
+            &TINY,
+            StepOptions {
+                cpu_backend: CpuBackendKind::Flex,
+                ..opts(1, 2, 0)
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (flex.implementation.as_str(), flex.mixed_precision.as_str()),
+            ("cogvx-burn-flex", "no")
+        );
+        assert_eq!(flex.weights_mib, nd.weights_mib);
+        for (a, b) in flex.losses.iter().zip(&nd.losses) {
+            assert!(
+                ((a - b) / b).abs() < 1e-4,
+                "{:?} vs {:?}",
+                flex.losses,
+                nd.losses
+            );
+        }
+        assert_eq!("Flex".parse::<CpuBackendKind>(), Ok(CpuBackendKind::Flex));
+        assert!("cuda"
+            .parse::<CpuBackendKind>()
+            .unwrap_err()
+            .contains("ndarray` or `flex"));
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub enum Command {
         /// Only run cases whose name contains this text.
         #[arg(long)]
         filter: Option<String>,
+        /// The CPU backend: `flex` (burn's threaded SIMD backend, which every CPU run uses) or
+        /// `ndarray`.
+        #[arg(long, default_value = "flex")]
+        backend: cogvx_bench::CpuBackendKind,
     },
     /// Print the peak memory of prepare, training and validation for the config, per
     /// component (weights, trainable parameters and AdamW states, activations, workspaces, VAE,
@@ -250,6 +254,10 @@ pub enum BenchCommand {
         /// `[train] mixed_precision` (on the CPU through burn's flex backend).
         #[arg(long, default_value = "no", value_parser = parse_mixed_precision)]
         mixed_precision: cogvx_model_core::precision::MixedPrecision,
+        /// The CPU backend of an f32 step: `flex` (burn's threaded SIMD backend, which every CPU
+        /// run uses) or `ndarray`; half precision always runs on flex.
+        #[arg(long, default_value = "flex")]
+        backend: cogvx_bench::CpuBackendKind,
     },
     /// Forward and backward of the attention operation alone at one shape (default:
     /// CogVideoX-2B at 49x480x720, [1, 30, 17776, 64]); prints time, GFLOP/s and peak RSS.
@@ -381,9 +389,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             model_name,
         } => commands::plan::run(&settings, gpu_memory, json, model_name.as_deref()),
-        Command::Parity { dir, filter } => {
-            commands::parity::run(&dir, filter.as_deref(), settings.device)
-        }
+        Command::Parity {
+            dir,
+            filter,
+            backend,
+        } => commands::parity::run(&dir, filter.as_deref(), settings.device, backend),
         Command::Bench {
             command:
                 BenchCommand::Preprocess {
@@ -450,6 +460,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     gradient_checkpointing,
                     checkpoint_offload,
                     mixed_precision,
+                    backend,
                 },
         } => commands::bench::train_step(
             &settings,
@@ -461,6 +472,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gradient_checkpointing,
                 checkpoint_offload,
                 mixed_precision,
+                cpu_backend: backend,
             },
         ),
     }

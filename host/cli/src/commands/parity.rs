@@ -8,13 +8,23 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Runs the cases of `dir` (optionally only those whose name contains `filter`) on `device`.
-pub fn run(dir: &Path, filter: Option<&str>, device: Device) -> Result<ExitCode> {
+/// Runs the cases of `dir` (optionally only those whose name contains `filter`) on `device`
+/// (on the CPU, with `backend`).
+pub fn run(
+    dir: &Path,
+    filter: Option<&str>,
+    device: Device,
+    backend: cogvx_bench::CpuBackendKind,
+) -> Result<ExitCode> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(index) => {
             let runner =
                 runner::<cogvx_model_core::CudaBackend>(cogvx_model_core::CudaDevice { index });
+            report(dir, filter, |p| runner.run_file(p))
+        }
+        _ if backend == cogvx_bench::CpuBackendKind::Flex => {
+            let runner = runner::<cogvx_model_core::FlexBackend>(Default::default());
             report(dir, filter, |p| runner.run_file(p))
         }
         _ => {

@@ -105,32 +105,17 @@ pub fn prepare_cache(
                 &device,
             )
         }
-        // ndarray has no bf16: the prompts pass of a mixed-precision run uses burn's flex backend.
-        _ if options.text_dtype.is_some() => {
-            let device = cogvx_model_core::CpuDevice::default();
-            cogvx_cache::prepare_on::<cogvx_model_core::CpuBackend, cogvx_model_core::FlexBackend>(
-                cache,
-                root,
-                &folder.root,
-                &mut plugins.chain(),
-                &params,
-                &options,
-                &device,
-                &Default::default(),
-            )
-        }
-        _ => {
-            let device = cogvx_model_core::CpuDevice::default();
-            cogvx_cache::prepare::<cogvx_model_core::CpuBackend>(
-                cache,
-                root,
-                &folder.root,
-                &mut plugins.chain(),
-                &params,
-                &options,
-                &device,
-            )
-        }
+        // The CPU runs on burn's flex backend, as training (faster VAE passes than ndarray's,
+        // and bf16 T5 weights with mixed precision).
+        _ => cogvx_cache::prepare::<cogvx_model_core::FlexBackend>(
+            cache,
+            root,
+            &folder.root,
+            &mut plugins.chain(),
+            &params,
+            &options,
+            &Default::default(),
+        ),
     };
     summary.map_err(|e| anyhow!("{e}"))
 }

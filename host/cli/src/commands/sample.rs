@@ -68,7 +68,8 @@ pub fn run(settings: &Settings, args: SampleArgs) -> Result<ExitCode> {
             scheduler,
             &cogvx_model_core::CudaDevice { index },
         ),
-        _ => run_on::<cogvx_model_core::CpuBackend>(&job, scheduler, &Default::default()),
+        // The CPU runs on burn's flex backend, as training (docs/benchmarks.md).
+        _ => run_on::<cogvx_model_core::FlexBackend>(&job, scheduler, &Default::default()),
     }
 }
 

@@ -327,7 +327,6 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     }
     let mut on_step = |_: &cogvx_metrics::StepRecord| stop.load(Ordering::SeqCst);
 
-    let half = train.mixed_precision.is_half();
     let mut job = TrainJob::new(folder.root.clone(), cache, train);
     job.adapter_params = adapter_params;
     job.on_step = Some(&mut on_step);
@@ -350,12 +349,10 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
         >(
             job, &cogvx_model_core::CudaDevice { index }
         ),
-        // ndarray has no half types: mixed precision on the CPU runs on burn's flex backend.
-        _ if half => run_on::<cogvx_model_core::FlexAutodiffBackend>(job, &Default::default()),
-        _ => run_on::<cogvx_model_core::CpuAutodiffBackend>(
-            job,
-            &cogvx_model_core::CpuDevice::default(),
-        ),
+        // On the CPU every precision runs on burn's flex backend: faster than ndarray for the
+        // whole training step and the VAE, with the same parity (docs/benchmarks.md), and it has
+        // the half types mixed precision needs.
+        _ => run_on::<cogvx_model_core::FlexAutodiffBackend>(job, &Default::default()),
     }
 }
 
