@@ -5,7 +5,7 @@
 use crate::{peak_rss_mib, round_to, run_with_threads, BenchError};
 use burn::tensor::{backend::AutodiffBackend, Distribution, ElementConversion, Tensor};
 use cogvx_model_core::attention::{attention_naive, attention_with_blocks, BlockSizes};
-use cogvx_model_core::{CpuAutodiffBackend, ModelAutodiffBackend};
+use cogvx_model_core::{FlexAutodiffBackend, ModelAutodiffBackend};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -54,7 +54,7 @@ pub fn attention_cpu(options: AttentionOptions) -> Result<AttentionReport, Bench
         return Err(BenchError::Invalid("tile sizes must be positive".into()));
     }
     run_with_threads(options.threads, || {
-        attention_on::<CpuAutodiffBackend>(options, &Default::default())
+        attention_on::<FlexAutodiffBackend>(options, &Default::default())
     })
 }
 
