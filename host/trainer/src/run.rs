@@ -294,18 +294,18 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let n = cache.len();
         let bs = config.batch_size;
         let k = config.gradient_accumulation_steps as u64;
-        let bucket_of = bucket_ids(&cache.index);
-        if bucket_of.iter().any(|&b| b > 0) {
-            let mut counts: BTreeMap<[u32; 3], usize> = BTreeMap::new();
-            for s in &cache.index.samples {
-                *counts.entry(cache.index.resolution_of(s)).or_default() += 1;
-            }
+        let (buckets, bucket_of) = bucket_ids(&cache.index);
+        if buckets.len() > 1 {
             tracing::info!(
                 "{} buckets, one per batch: {}",
-                counts.len(),
-                counts
+                buckets.len(),
+                buckets
                     .iter()
-                    .map(|([f, h, w], c)| format!("{f}x{h}x{w}: {c}"))
+                    .enumerate()
+                    .map(|(i, [f, h, w])| {
+                        let c = bucket_of.iter().filter(|&&b| b == i).count();
+                        format!("{f}x{h}x{w}: {c}")
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -399,10 +399,11 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             stopped_early: false,
             skipped_steps: Vec::new(),
         };
+        let order = epoch_order(config.seed, pos.epoch, n);
         Ok(Run {
             device: device.clone(),
-            order: epoch_order(config.seed, pos.epoch, n),
-            batches: epoch_batches(&epoch_order(config.seed, pos.epoch, n), &bucket_of, bs),
+            batches: epoch_batches(&order, &bucket_of, bs),
+            order,
             bucket_of,
             order_epoch: pos.epoch,
             last_saved: resume_dir.as_ref().map(|_| step),
@@ -894,10 +895,11 @@ fn check_same_run_config(
     Ok(())
 }
 
-/// Each cache sample's bucket: the index of its resolution among the cache's distinct ones.
-fn bucket_ids(index: &cogvx_cache::Index) -> Vec<usize> {
+/// The cache's distinct resolutions (buckets), in order of first use, and each sample's bucket
+/// as an index into them.
+fn bucket_ids(index: &cogvx_cache::Index) -> (Vec<[u32; 3]>, Vec<usize>) {
     let mut seen: Vec<[u32; 3]> = Vec::new();
-    index
+    let ids = index
         .samples
         .iter()
         .map(|s| {
@@ -910,5 +912,6 @@ fn bucket_ids(index: &cogvx_cache::Index) -> Vec<usize> {
                 }
             }
         })
-        .collect()
+        .collect();
+    (seen, ids)
 }
