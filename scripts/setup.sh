@@ -2,7 +2,8 @@
 # Installs the system packages and the Rust target cogvx needs (Debian/Ubuntu, as root or via sudo).
 set -euo pipefail
 # mesa-vulkan-drivers: Vulkan on the CPU (lavapipe) for the tests of the GPU code path (burn-wgpu).
-pkgs="libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev clang pkg-config ffmpeg mesa-vulkan-drivers"
+# libopenmpi-dev, openmpi-bin: data-parallel training over several processes (`cogvx launch`, feature mpi).
+pkgs="libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev clang pkg-config ffmpeg mesa-vulkan-drivers libopenmpi-dev openmpi-bin"
 missing=""
 for p in $pkgs; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -110,6 +110,12 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         model_name: Option<String>,
     },
+    /// Data-parallel training: start N processes of cogvx on this machine through Open MPI's
+    /// `mpirun`, each with the arguments after `--` (e.g. `cogvx launch --nproc-per-node 2 --
+    /// --config configs/quickstart.toml train`). Each process trains its share of every step; the
+    /// gradients are summed before each update; rank 0 writes the output folder. Across machines,
+    /// start `cogvx train` with `mpirun` or Slurm's `srun --mpi=pmix` directly.
+    Launch(commands::launch::LaunchArgs),
     /// Benchmarks (throughput numbers for the docs; not tests).
     Bench {
         #[command(subcommand)]
@@ -312,6 +318,7 @@ const COGVX_TARGETS: &[&str] = &[
     "cogvx_bench",
     "cogvx_cache",
     "cogvx_data",
+    "cogvx_dist",
     "cogvx_engine",
     "cogvx_io",
     "cogvx_metrics",
@@ -348,8 +355,15 @@ fn log_filter(verbose: u8) -> String {
 
 fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_filter(verbose)));
+    // In a data-parallel run, ranks other than 0 log warnings and errors only (unless -v).
+    let quiet_rank = verbose == 0 && cogvx_dist::launcher_rank().is_some_and(|r| r > 0);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(if quiet_rank {
+            "warn".into()
+        } else {
+            log_filter(verbose)
+        })
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -365,13 +379,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match cogvx_dist::launcher_rank() {
+                Some(r) => eprintln!("error (rank {r}): {e:#}"),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(2)
         }
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Launch(args) = cli.command {
+        if cli.config.is_some()
+            || !cli.plugins.is_empty()
+            || cli.data_root.is_some()
+            || cli.model.is_some()
+            || cli.resolution.is_some()
+            || cli.device.is_some()
+        {
+            anyhow::bail!("`launch` passes the arguments after `--` to each process: put --config, --plugin and the other options there (`cogvx launch --nproc-per-node N -- --config FILE train`)");
+        }
+        return commands::launch::run(args, cli.verbose);
+    }
     let settings = commands::Settings::from_cli(&cli)?;
     match cli.command {
         Command::Plugins => commands::plugins::run(&settings),
@@ -383,6 +412,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => commands::dataset::preview(&settings, dir, &out),
         Command::Prepare { dir, cache_dir } => commands::prepare::run(&settings, dir, cache_dir),
         Command::Train(args) => commands::train::run(&settings, args),
+        Command::Launch(_) => unreachable!("handled above"),
         Command::Sample(args) => commands::sample::run(&settings, args),
         Command::Plan {
             gpu_memory,

@@ -33,7 +33,8 @@ pub const CHECKSUMS_FILE: &str = "checksums.json";
 pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Where the data loader stands: the next micro-batch is batch `batch` (0-based) of `epoch`'s
-/// order ([`crate::rng::epoch_order`]).
+/// micro-batches ([`crate::rng::epoch_batches`] of its [`crate::rng::epoch_order`]), counted the
+/// same way whatever the number of processes (each takes one micro-batch per micro-step).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataPosition {
     pub epoch: u64,
@@ -67,6 +68,17 @@ pub struct TrainerState {
     /// data, the model or a plugin changed. Absent in checkpoints of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_config: Option<serde_json::Value>,
+    /// The number of processes that trained up to this step (1 in checkpoints of older versions).
+    #[serde(default = "one")]
+    pub world_size: u64,
+    /// The run was resumed with another world size at some point: its steps are no longer one
+    /// world size's function of the data position (that check is skipped).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resized: bool,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl Checkpoint {
@@ -96,17 +108,39 @@ impl Checkpoint {
                 s.data.batch
             ));
         }
-        let updates_per_epoch = batches_per_epoch.div_ceil(accumulation);
-        let expected = s
-            .data
-            .epoch
-            .checked_mul(updates_per_epoch)
-            .and_then(|e| e.checked_add(s.data.batch.div_ceil(accumulation)));
-        if s.data.batch % accumulation != 0 || expected != Some(s.step) {
-            return bad(format!(
-                "`step` = {} does not match `data` (epoch {}, batch {}) at {updates_per_epoch} updates per epoch",
-                s.step, s.data.epoch, s.data.batch
-            ));
+        if s.world_size == 0 {
+            return bad("`world_size` = 0".into());
+        }
+        // Each update takes `accumulation` micro-steps of `world_size` batches (the last of an
+        // epoch fewer).
+        let window = accumulation.saturating_mul(s.world_size);
+        let updates_per_epoch = batches_per_epoch.div_ceil(window);
+        if s.resized {
+            // Resumed with another world size: the steps were made at several window sizes,
+            // between one update per epoch and one per batch.
+            let most = s
+                .data
+                .epoch
+                .saturating_add(1)
+                .saturating_mul(batches_per_epoch);
+            if s.step < s.data.epoch || s.step > most {
+                return bad(format!(
+                    "`step` = {} does not fit `data` (epoch {}, batch {})",
+                    s.step, s.data.epoch, s.data.batch
+                ));
+            }
+        } else {
+            let expected = s
+                .data
+                .epoch
+                .checked_mul(updates_per_epoch)
+                .and_then(|e| e.checked_add(s.data.batch.div_ceil(window)));
+            if s.data.batch % window != 0 || expected != Some(s.step) {
+                return bad(format!(
+                    "`step` = {} does not match `data` (epoch {}, batch {}) at {updates_per_epoch} updates per epoch",
+                    s.step, s.data.epoch, s.data.batch
+                ));
+            }
         }
         for (key, v) in [("elapsed_s", s.elapsed_s), ("last_lr", s.last_lr)] {
             if !v.is_finite() || v < 0.0 {
@@ -499,6 +533,8 @@ mod tests {
                 validation: ValidationConfig::default(),
                 loss_scaler: None,
                 run_config: Some(serde_json::json!({"data": {"resolution": "9x64x96"}})),
+                world_size: 1,
+                resized: false,
             },
             weights: BTreeMap::from([(
                 "a.lora_A.weight".to_string(),

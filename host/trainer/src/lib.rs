@@ -31,6 +31,7 @@
 mod batch;
 pub mod checkpoint;
 pub mod config;
+mod dist;
 pub mod export;
 pub mod lock;
 pub mod rng;
@@ -150,6 +151,10 @@ pub struct TrainJob<'a> {
     pub on_step: Option<&'a mut dyn FnMut(&StepRecord) -> bool>,
     /// Called after each checkpoint file is written and synced (fault-injection tests).
     pub on_checkpoint_file: Option<&'a dyn Fn(&Path)>,
+    /// The processes of a data-parallel run ([`cogvx_dist::Solo`]: one). Every rank trains its
+    /// share of each step's micro-batches, the gradients are summed before the update; rank 0
+    /// alone writes the output folder (checkpoints, metrics, validation, export).
+    pub collective: &'a dyn cogvx_dist::Collective,
 }
 
 impl<'a> TrainJob<'a> {
@@ -170,6 +175,7 @@ impl<'a> TrainJob<'a> {
             progress: true,
             on_step: None,
             on_checkpoint_file: None,
+            collective: &cogvx_dist::Solo,
         }
     }
 }
@@ -290,11 +296,15 @@ pub fn train<B: cogvx_model_core::ModelAutodiffBackend>(
         if run.vconfig.enabled() && record.step % run.vconfig.steps == 0 {
             run.validate()?;
         }
+        let mut stop = [0f32];
         if let Some(cb) = on_step.as_deref_mut() {
-            if cb(&record) {
-                run.summary.stopped_early = run.step < run.total_steps;
-                break;
-            }
+            stop[0] = cb(&record) as u8 as f32;
+        }
+        // Every rank stops when one is asked to (Ctrl-C reaches each process).
+        run.world.all_reduce_sum(&mut stop);
+        if stop[0] > 0.0 {
+            run.summary.stopped_early = run.step < run.total_steps;
+            break;
         }
     }
     run.finish()

@@ -22,6 +22,7 @@ use cogvx_transformer::{CogVideoXTransformer3DModel, TransformerConfig};
 use crate::batch::{
     make_micro_batch, train_schedule, BatchSource, CaptionDropout, ImageEncoder, TrainSchedule,
 };
+use crate::dist::{all_reduce_step, check_same_job, GradLayout};
 use crate::validation::Validation;
 use crate::{
     batches_per_epoch, check_output_dir, checkpoint, epoch_batches, epoch_order, input,
@@ -34,10 +35,15 @@ use crate::{
 /// and the state a checkpoint saves (optimizer, RNG, data position).
 pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     device: B::Device,
+    /// The processes of the run; rank 0 writes the output folder.
+    pub(crate) world: &'a dyn cogvx_dist::Collective,
+    rank: usize,
+    ws: usize,
     pub(crate) config: TrainConfig,
     pub(crate) vconfig: ValidationConfig,
     out: PathBuf,
-    _lock: lock::OutputLock,
+    /// Rank 0's lock of the output folder.
+    _lock: Option<lock::OutputLock>,
     cache: Cache,
     folder_transformer: PathBuf,
     tc: TransformerConfig,
@@ -48,7 +54,8 @@ pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     tschedule: TrainSchedule,
     image_encoder: Option<ImageEncoder<B::InnerBackend>>,
     caption_dropout: Option<CaptionDropout>,
-    validation: Validation<B::InnerBackend>,
+    /// Rank 0's validation.
+    validation: Option<Validation<B::InnerBackend>>,
     validators: Vec<(String, &'a mut dyn Plugin)>,
     scheduler_plugin: Option<&'a mut dyn Plugin>,
     on_checkpoint_file: Option<&'a dyn Fn(&Path)>,
@@ -67,14 +74,19 @@ pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     elapsed_s: f64,
     last_lr: f64,
     scaler: Option<LossScaler>,
+    /// Resumed with another world size at some point (see [`TrainerState::resized`]).
+    resized: bool,
     // Bookkeeping.
+    /// The trainable tensors as the gradient all-reduce lays them out.
+    grad_layout: GradLayout,
     /// Each cache sample's bucket (an index into the distinct resolutions of the cache).
     bucket_of: Vec<usize>,
     /// The epoch's sample order and its micro-batches (positions in the order).
     order: Vec<usize>,
     batches: Vec<Vec<usize>>,
     order_epoch: u64,
-    metrics: MetricsLog,
+    /// Rank 0's metrics.
+    metrics: Option<MetricsLog>,
     bar: TrainProgress,
     pub(crate) summary: TrainSummary,
     last_saved: Option<u64>,
@@ -100,14 +112,32 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             progress,
             on_step: _,
             on_checkpoint_file,
+            collective: world,
         } = job;
+        let (rank, ws) = (world.rank(), world.world_size());
 
         // ---- checks before any work
         config.validate()?;
         vconfig.validate()?;
+        // Every rank must run the same job (a rank with another config would train something else).
+        let job_json = serde_json::to_vec(&(
+            &config,
+            &vconfig,
+            &run_config,
+            &model_dir,
+            cache.len(),
+            &cache.index.buckets,
+        ))
+        .map_err(|e| TrainerError::Input(format!("the job does not serialise: {e}")))?;
+        check_same_job(world, &job_json)?;
         let out = config.output_dir.clone();
-        check_output_dir(&out, &[("[model] path", &model_dir)])?;
-        let lock = lock::OutputLock::acquire(&out)?;
+        // Rank 0 owns the output folder.
+        let lock = if rank == 0 {
+            check_output_dir(&out, &[("[model] path", &model_dir)])?;
+            Some(lock::OutputLock::acquire(&out)?)
+        } else {
+            None
+        };
         if cache.is_empty() {
             return input(format!(
                 "the cache {} holds no samples; run `cogvx prepare` on a dataset with videos",
@@ -179,16 +209,24 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         }
 
         // Validation's prompt embeddings, T5-encoded now (or read from the cache) so that T5 is
-        // never resident beside the model being trained.
-        let validation = Validation::<B::InnerBackend>::new(
-            folder.clone(),
-            &out,
-            &cache,
-            &vconfig,
-            text_dtype,
-            device,
-        )?;
-        // Caption dropout's empty prompt, cached like the validation prompts.
+        // never resident beside the model being trained. Rank 0 validates.
+        let validation = if rank == 0 {
+            Some(Validation::<B::InnerBackend>::new(
+                folder.clone(),
+                &out,
+                &cache,
+                &vconfig,
+                text_dtype,
+                device,
+            )?)
+        } else {
+            None
+        };
+        // Caption dropout's empty prompt, cached like the validation prompts: rank 0 encodes and
+        // caches it, then the others read it.
+        if config.caption_dropout > 0.0 && rank != 0 {
+            world.barrier();
+        }
         let caption_dropout = if config.caption_dropout > 0.0 {
             let empty = cogvx_cache::prompt_embeddings::<B::InnerBackend>(
                 &cache.dir,
@@ -212,6 +250,9 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         } else {
             None
         };
+        if config.caption_dropout > 0.0 && rank == 0 {
+            world.barrier();
+        }
 
         // ---- model and adapter
         // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
@@ -268,6 +309,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         };
         model.set_gradient_checkpointing(config.gradient_checkpointing);
         model.set_checkpoint_offload(config.gradient_checkpointing_offload);
+        let grad_layout = GradLayout::new(&mode.values(&mut model));
         let n_params: usize = mode
             .values(&mut model)
             .values()
@@ -311,16 +353,15 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             );
         }
         let batches_per_epoch = batches_per_epoch(&bucket_of, bs);
-        let updates_per_epoch = batches_per_epoch.div_ceil(k);
-        let total_steps = config
-            .max_steps
-            .unwrap_or(config.epochs * updates_per_epoch);
-        let lr_schedule = LrSchedule {
-            kind: config.lr_scheduler,
-            num_warmup_steps: config.lr_warmup_steps,
-            num_training_steps: total_steps,
-            num_cycles: config.lr_num_cycles,
-        };
+        if ws as u64 > batches_per_epoch {
+            return input(format!(
+                "the run has {ws} processes, but an epoch of the cache {} has {batches_per_epoch} micro-batches ({n} samples, batch_size {bs}): \
+                 each process needs one per step; use at most {batches_per_epoch} processes or a smaller batch_size",
+                cache.dir.display()
+            ));
+        }
+        // A micro-step takes one micro-batch per process; an update `k` micro-steps.
+        let updates_per_epoch = batches_per_epoch.div_ceil(ws as u64).div_ceil(k);
         let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw());
         let mut step = 0u64;
         let mut pos = DataPosition { epoch: 0, batch: 0 };
@@ -331,8 +372,12 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             ..LossScaler::default()
         });
 
-        // ---- resume
-        checkpoint::remove_stale_temp_dirs(&out)?;
+        // ---- resume (rank 0 clears what an interrupted save left before any rank looks)
+        if rank == 0 {
+            checkpoint::remove_stale_temp_dirs(&out)?;
+        }
+        world.barrier();
+        let mut resized = false;
         let resumed = find_resume_checkpoint(resume, &out)?;
         let resume_dir = resumed.as_ref().map(|(d, _)| d.clone());
         if let Some((dir, ck)) = &resumed {
@@ -361,26 +406,63 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             if scaler.is_some() {
                 scaler = Some(ck.state.loss_scaler.clone().unwrap_or_default());
             }
+            resized = ck.state.resized || ck.state.world_size != ws as u64;
             tracing::info!(
                 "resumed from {} at step {step} (epoch {}, batch {})",
                 dir.display(),
                 pos.epoch,
                 pos.batch
             );
+            if ck.state.world_size != ws as u64 {
+                tracing::info!(
+                    "the checkpoint was trained by {} process(es), this run has {ws}: the data continues at the same sample; a step now takes {} micro-batches",
+                    ck.state.world_size,
+                    ws as u64 * k
+                );
+            }
         }
+        // The steps: `max_steps`, or those that finish `epochs` from where the run stands (the
+        // same as epochs x updates per epoch, unless the world size changed at a resume).
+        let updates_left = if pos.epoch >= config.epochs {
+            0
+        } else {
+            (batches_per_epoch - pos.batch)
+                .div_ceil(ws as u64)
+                .div_ceil(k)
+                + (config.epochs - pos.epoch - 1) * updates_per_epoch
+        };
+        let total_steps = config.max_steps.unwrap_or(step + updates_left);
+        let lr_schedule = LrSchedule {
+            kind: config.lr_scheduler,
+            num_warmup_steps: config.lr_warmup_steps,
+            num_training_steps: total_steps,
+            num_cycles: config.lr_num_cycles,
+        };
         if step >= total_steps {
             tracing::info!("the run already reached step {step} of {total_steps}");
         }
 
         let resume_step = resume_dir.as_ref().map(|_| step);
-        let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume_step)?;
-        if config.tensorboard {
-            metrics = metrics.with_tensorboard(TensorBoardLog::open(
-                &out.join(TENSORBOARD_DIR),
-                resume_step,
-            )?);
+        let metrics = if rank == 0 {
+            let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume_step)?;
+            if config.tensorboard {
+                metrics = metrics.with_tensorboard(TensorBoardLog::open(
+                    &out.join(TENSORBOARD_DIR),
+                    resume_step,
+                )?);
+            }
+            Some(metrics)
+        } else {
+            None
+        };
+        let bar = TrainProgress::new(total_steps, step, progress && rank == 0);
+        if ws > 1 {
+            tracing::info!(
+                "data parallel: {ws} processes ({}), {} samples per micro-step",
+                world.describe(),
+                ws * bs
+            );
         }
-        let bar = TrainProgress::new(total_steps, step, progress);
         tracing::info!(
             "training {total_steps} steps: {n} samples, batch {bs}, accumulation {k}, {updates_per_epoch} steps per epoch, lr {} ({})",
             config.learning_rate,
@@ -402,6 +484,9 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let order = epoch_order(config.seed, pos.epoch, n);
         Ok(Run {
             device: device.clone(),
+            world,
+            rank,
+            ws,
             batches: epoch_batches(&order, &bucket_of, bs),
             order,
             bucket_of,
@@ -439,6 +524,8 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             elapsed_s,
             last_lr,
             scaler,
+            resized,
+            grad_layout,
             metrics,
             bar,
             summary,
@@ -451,72 +538,95 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
     pub(crate) fn train_step(&mut self) -> Result<StepRecord, TrainerError> {
         let t0 = Instant::now();
         let step_epoch = self.pos.epoch;
-        let (n, bs, k) = (self.n, self.bs, self.k);
+        let (n, bs, k, ws, rank) = (self.n, self.bs, self.k, self.ws, self.rank);
         let mut acc: Option<InnerTensors<B>> = None;
+        // Per micro-step: this rank's loss weighted by its share of the micro-step's samples.
         let mut losses = Vec::new();
         let mut samples = 0usize;
         let mut timesteps = Vec::new();
+        // Several processes: each rank's timesteps (t + 1) in its slots of every micro-step,
+        // summed over the ranks with the gradients.
+        let mut timestep_slots = vec![0f32; if ws > 1 { k as usize * ws * bs } else { 0 }];
         let mut dropped_captions = 0u32;
-        for _ in 0..k {
+        for micro in 0..k as usize {
             if self.order_epoch != self.pos.epoch {
                 self.order = epoch_order(self.config.seed, self.pos.epoch, n);
                 self.batches = epoch_batches(&self.order, &self.bucket_of, bs);
                 self.order_epoch = self.pos.epoch;
             }
-            let positions = &self.batches[self.pos.batch as usize];
-            let idx: Vec<usize> = positions.iter().map(|&p| self.order[p]).collect();
-            let idx = &idx[..];
-            // Each sample's draws from its position in the run's sample sequence.
-            let mut rngs: Vec<TrainRng> = positions
-                .iter()
-                .map(|&p| {
-                    TrainRng::for_sample(self.config.seed, self.pos.epoch * n as u64 + p as u64)
-                })
-                .collect();
-            let source = BatchSource {
-                cache: &self.cache,
-                model_config: &self.tc,
-                schedule: &self.tschedule,
-                images: self.image_encoder.as_ref(),
-                caption_dropout: self.caption_dropout.as_ref(),
-            };
-            let micro = make_micro_batch::<B>(&source, idx, &mut rngs, &self.device)?;
-            let (batch, draw) = (micro.batch, micro.draw);
-            timesteps.extend(draw.timesteps.iter().map(|&t| t as u32));
-            dropped_captions += micro.dropped_captions as u32;
-            let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-            let (loss, grads) = cogvx_train::loss_and_grads_scaled(
-                self.mode,
-                &mut self.model,
-                &self.tschedule.schedule,
-                &batch,
-                &draw,
-                loss_scale,
-            )?;
-            losses.push(loss);
-            samples += idx.len();
-            let grads: InnerTensors<B> = if k == 1 {
-                grads
-            } else {
-                grads
-                    .into_iter()
-                    .map(|(n, g)| (n, g.mul_scalar(1.0 / k as f64)))
-                    .collect()
-            };
-            acc = Some(match acc {
-                None => grads,
-                Some(mut a) => {
-                    for (name, g) in grads {
-                        let v = match a.remove(&name) {
-                            Some(prev) => prev + g,
-                            None => g,
-                        };
-                        a.insert(name, v);
+            // The micro-step's batches, one per rank (fewer at the end of the epoch).
+            let first = self.pos.batch as usize;
+            let end = (first + ws).min(self.batches.len());
+            let step_samples: usize = self.batches[first..end].iter().map(Vec::len).sum();
+            samples += step_samples;
+            let mut micro_loss = 0.0;
+            if first + rank < end {
+                let positions = &self.batches[first + rank];
+                let idx: Vec<usize> = positions.iter().map(|&p| self.order[p]).collect();
+                let idx = &idx[..];
+                // Each sample's draws from its position in the run's sample sequence.
+                let mut rngs: Vec<TrainRng> = positions
+                    .iter()
+                    .map(|&p| {
+                        TrainRng::for_sample(self.config.seed, self.pos.epoch * n as u64 + p as u64)
+                    })
+                    .collect();
+                let source = BatchSource {
+                    cache: &self.cache,
+                    model_config: &self.tc,
+                    schedule: &self.tschedule,
+                    images: self.image_encoder.as_ref(),
+                    caption_dropout: self.caption_dropout.as_ref(),
+                };
+                let micro_batch = make_micro_batch::<B>(&source, idx, &mut rngs, &self.device)?;
+                let (batch, draw) = (micro_batch.batch, micro_batch.draw);
+                if ws > 1 {
+                    let at = (micro * ws + rank) * bs;
+                    for (slot, &t) in timestep_slots[at..].iter_mut().zip(&draw.timesteps) {
+                        *slot = t as f32 + 1.0;
                     }
-                    a
+                } else {
+                    timesteps.extend(draw.timesteps.iter().map(|&t| t as u32));
                 }
-            });
-            self.pos.batch += 1;
+                dropped_captions += micro_batch.dropped_captions as u32;
+                let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+                let (loss, grads) = cogvx_train::loss_and_grads_scaled(
+                    self.mode,
+                    &mut self.model,
+                    &self.tschedule.schedule,
+                    &batch,
+                    &draw,
+                    loss_scale,
+                )?;
+                // The micro-step's gradient is the mean over its samples on every rank, and an
+                // update the mean of its `k` micro-steps (accelerate's `loss / k`).
+                let share = idx.len() as f64 / step_samples as f64;
+                micro_loss = loss * share;
+                let weight = share / k as f64;
+                let grads: InnerTensors<B> = if weight == 1.0 {
+                    grads
+                } else {
+                    grads
+                        .into_iter()
+                        .map(|(n, g)| (n, g.mul_scalar(weight)))
+                        .collect()
+                };
+                acc = Some(match acc {
+                    None => grads,
+                    Some(mut a) => {
+                        for (name, g) in grads {
+                            let v = match a.remove(&name) {
+                                Some(prev) => prev + g,
+                                None => g,
+                            };
+                            a.insert(name, v);
+                        }
+                        a
+                    }
+                });
+            }
+            losses.push(micro_loss);
+            self.pos.batch = end as u64;
             if self.pos.batch == self.batches_per_epoch {
                 self.pos = DataPosition {
                     epoch: self.pos.epoch + 1,
@@ -525,9 +635,31 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 break;
             }
         }
+        let mut grads = acc.unwrap_or_default();
+        if ws > 1 {
+            // One all-reduce per update: the gradients, each micro-step's loss, the dropped
+            // captions and the timesteps.
+            let mut extras: Vec<f32> = losses.iter().map(|&l| l as f32).collect();
+            extras.push(dropped_captions as f32);
+            extras.extend_from_slice(&timestep_slots);
+            grads = all_reduce_step(
+                self.world,
+                &self.grad_layout,
+                grads,
+                &mut extras,
+                &self.device,
+            )?;
+            let m = losses.len();
+            losses = extras[..m].iter().map(|&l| l as f64).collect();
+            dropped_captions = extras[m].round() as u32;
+            timesteps = extras[m + 1..]
+                .iter()
+                .filter(|&&t| t > 0.0)
+                .map(|&t| t.round() as u32 - 1)
+                .collect();
+        }
         let step = self.step;
         let lr = self.lr_schedule.lr_at(self.config.learning_rate, step);
-        let grads = acc.unwrap_or_default();
         // fp16: the scaler records whether the gradients are finite; a step whose gradients
         // overflowed is skipped (the scale is halved).
         let taken = self
@@ -569,7 +701,9 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             timesteps,
             dropped_captions,
         };
-        self.metrics.log(&record)?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.log(&record)?;
+        }
         self.bar.update(step, loss, lr);
         tracing::debug!("step {step}: loss {loss:.6} lr {lr:.3e} grad_norm {grad_norm:.4}");
         self.summary.losses.push((step, loss));
@@ -581,6 +715,10 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
 
     /// Writes `checkpoint-<step>/` (pruning old ones to `checkpoints_total_limit`).
     fn save_checkpoint(&mut self) -> Result<(), TrainerError> {
+        self.last_saved = Some(self.step);
+        if self.rank != 0 {
+            return Ok(());
+        }
         let ck = Checkpoint {
             state: TrainerState {
                 format: checkpoint::CHECKPOINT_FORMAT.into(),
@@ -595,6 +733,8 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 validation: self.vconfig.clone(),
                 loss_scaler: self.scaler.clone(),
                 run_config: self.run_config.clone(),
+                world_size: self.ws as u64,
+                resized: self.resized,
             },
             weights: host_tensors(&checkpoint_values(self.mode, &mut self.model)),
             optimizer: self.optimizer.state_to_host(),
@@ -607,12 +747,14 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         }
         tracing::info!("saved {}", dir.display());
         self.summary.last_checkpoint = Some(dir);
-        self.last_saved = Some(self.step);
         Ok(())
     }
 
-    /// Redraws `loss.png` from the metrics (a failure is a warning: the run goes on).
+    /// Redraws `loss.png` from the metrics (a failure is a warning: the run goes on). Rank 0.
     fn plot(&self) {
+        if self.rank != 0 {
+            return;
+        }
         if let Err(e) = cogvx_metrics::plot_loss_curve(
             &self.out.join(METRICS_FILE),
             &self.out.join(LOSS_PLOT_FILE),
@@ -629,17 +771,21 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
     }
 
     /// Samples the validation prompts with the current weights, runs the validators.
+    /// Rank 0 alone (the others go on to the next step and wait for it there).
     pub(crate) fn validate(&mut self) -> Result<(), TrainerError> {
-        let videos = self.validation.run(
+        self.last_validated = Some(self.step);
+        let (Some(validation), Some(metrics)) = (&mut self.validation, &mut self.metrics) else {
+            return Ok(());
+        };
+        let videos = validation.run(
             self.step,
             self.model.valid(),
             self.scheduler_plugin.as_deref_mut(),
             &mut self.validators,
-            &mut self.metrics,
+            metrics,
             &self.device,
         )?;
         self.summary.validation_videos.extend(videos);
-        self.last_validated = Some(self.step);
         Ok(())
     }
 
@@ -662,6 +808,9 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         }
         if self.vconfig.enabled() && self.last_validated != Some(step) {
             self.validate()?;
+        }
+        if self.rank != 0 {
+            return Ok(self.summary);
         }
         let (path, reports) = crate::export::export(
             &mut self.model,

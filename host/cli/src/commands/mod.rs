@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod dataset;
+pub mod launch;
 pub mod parity;
 pub mod plan;
 pub mod plugins;

@@ -240,6 +240,9 @@ fn run_config(
 }
 
 pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
+    // The processes of the run: several when an MPI launcher (`cogvx launch`) started this one.
+    let world = cogvx_dist::from_env().map_err(|e| anyhow!("{e}"))?;
+    let rank = world.rank();
     // Every check before any work: config values, model kind, data root, plugins, output folder.
     let (train, validation) = effective_configs(settings, &args)?;
     let folder = open_model(settings)?;
@@ -296,8 +299,12 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
         args.cache_dir.clone(),
         Some(train.output_dir.join("cache")),
     )?;
-    let summary = prepare_cache(settings, &mut chain, &root, &folder, &cache)?;
-    print_summary(&summary);
+    // Rank 0 prepares it while the others wait, then every rank opens it.
+    if rank == 0 {
+        let summary = prepare_cache(settings, &mut chain, &root, &folder, &cache)?;
+        print_summary(&summary);
+    }
+    world.barrier();
     let cache = cogvx_cache::Cache::open(&cache).map_err(|e| anyhow!("{e}"))?;
     if cache.is_empty() {
         bail!(
@@ -341,6 +348,7 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     job.resume = resume;
     job.run_config = Some(run_config(settings, &job.config, &job.validation)?);
     job.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    job.collective = world.as_ref();
 
     match settings.device {
         #[cfg(feature = "cuda")]
@@ -360,7 +368,16 @@ fn run_on<B: cogvx_model_core::ModelAutodiffBackend>(
     job: TrainJob<'_>,
     device: &B::Device,
 ) -> Result<ExitCode> {
+    let rank = job.collective.rank();
     let summary = cogvx_trainer::train::<B>(job, device).map_err(|e| anyhow!("{e}"))?;
+    if rank != 0 {
+        // Rank 0 reports the run.
+        return Ok(if summary.stopped_early {
+            ExitCode::from(130)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     if let Some(from) = &summary.resumed_from {
         println!("resumed from {}", from.display());
     }

@@ -1,0 +1,216 @@
+//! # cogvx-dist
+//!
+//! The processes of a data-parallel run and the collective operations between them.
+//! [`Collective`] is what the trainer sees: its rank, the world size, an element-wise sum over
+//! every rank, a gather and a barrier. [`Solo`] is the one-process run; [`Mpi`] (feature `mpi`)
+//! is MPI's world communicator, for processes started by `mpirun` (`cogvx launch` runs it) or by a
+//! scheduler with an MPI launcher (Slurm's `srun --mpi=pmix`). The engine is MPI's: nothing here
+//! moves bytes between processes itself.
+//!
+//! [`from_env`] picks the implementation from the environment the process was started in.
+
+use std::fmt;
+
+/// Why the processes of a run could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// The environment asks for several processes, but they cannot be joined.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The processes of a run as seen from one of them. Every rank calls the same operations in the
+/// same order (a rank that skips one blocks the others: MPI's launcher ends the job when a rank
+/// dies or exits with an error).
+pub trait Collective {
+    /// This process's rank, `0..world_size()`; rank 0 writes the run's files.
+    fn rank(&self) -> usize;
+    /// The number of processes.
+    fn world_size(&self) -> usize;
+    /// Replaces `values` by their element-wise sum over the ranks (the same on every rank;
+    /// every rank passes the same length).
+    fn all_reduce_sum(&self, values: &mut [f32]);
+    /// Every rank's `values` (the same length on each), concatenated in rank order.
+    fn all_gather_u64(&self, values: &[u64]) -> Vec<u64>;
+    /// Returns when every rank has called it.
+    fn barrier(&self);
+    /// What joins the processes, for logs ("one process", "MPI (Open MPI v4.1.4)").
+    fn describe(&self) -> String;
+}
+
+impl fmt::Debug for dyn Collective + '_ {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rank {} of {} ({})",
+            self.rank(),
+            self.world_size(),
+            self.describe()
+        )
+    }
+}
+
+/// A run of one process: rank 0 of 1, every collective a no-op.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _values: &mut [f32]) {}
+    fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
+        values.to_vec()
+    }
+    fn barrier(&self) {}
+    fn describe(&self) -> String {
+        "one process".into()
+    }
+}
+
+/// Environment variables an MPI launcher sets in each process it starts (Open MPI's `mpirun`,
+/// PMI-1/2 and PMIx launchers such as Slurm's `srun --mpi=pmix`, MPICH's Hydra).
+pub const MPI_LAUNCHER_VARS: &[&str] =
+    &["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK"];
+
+/// Whether this process was started by an MPI launcher (one of [`MPI_LAUNCHER_VARS`] is set).
+pub fn launched_by_mpi() -> bool {
+    MPI_LAUNCHER_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// This process's rank as its MPI launcher set it (before MPI is initialised: for log lines).
+pub fn launcher_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// The processes this one belongs to: MPI's world when an MPI launcher started it (this build
+/// must have the `mpi` feature), else one process. `WORLD_SIZE` > 1 without an MPI launcher (a
+/// torchrun-style start) is an error naming the launchers that work: the rendezvous is MPI's.
+pub fn from_env() -> Result<Box<dyn Collective>, DistError> {
+    if launched_by_mpi() {
+        return mpi_world();
+    }
+    if let Some(n) = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        if n > 1 {
+            return Err(DistError::Setup(format!(
+                "WORLD_SIZE={n} is set, but this process was not started by an MPI launcher: cogvx joins its processes through MPI; \
+                 start them with `cogvx launch --nproc-per-node {n} -- <arguments>` on one machine, `cogvx launch --hosts a:N,b:N` \
+                 or `mpirun` across machines, or `srun --mpi=pmix` under Slurm"
+            )));
+        }
+    }
+    Ok(Box::new(Solo))
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_world() -> Result<Box<dyn Collective>, DistError> {
+    Ok(Box::new(Mpi::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world() -> Result<Box<dyn Collective>, DistError> {
+    Err(DistError::Setup(
+        "this process was started by an MPI launcher, but this cogvx was built without the `mpi` feature; \
+         build it with `cargo build --release --features mpi` (needs libopenmpi-dev)"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "mpi")]
+pub use self::mpi_impl::Mpi;
+
+#[cfg(feature = "mpi")]
+mod mpi_impl {
+    use super::{Collective, DistError};
+    use mpi::collective::SystemOperation;
+    use mpi::traits::*;
+
+    /// MPI counts are C `int`s: buffers go in pieces of at most this many elements.
+    const CHUNK: usize = 1 << 28;
+
+    /// MPI's world communicator (initialised once per process; finalised when dropped).
+    pub struct Mpi {
+        world: mpi::topology::SimpleCommunicator,
+        version: String,
+        // Dropped last: MPI_Finalize.
+        _universe: mpi::environment::Universe,
+    }
+
+    impl Mpi {
+        /// Initialises MPI (`MPI_Init`; the launcher's rendezvous) and joins its world.
+        pub fn init() -> Result<Self, DistError> {
+            let universe = mpi::initialize().ok_or_else(|| {
+                DistError::Setup("MPI was already initialised in this process".into())
+            })?;
+            let world = universe.world();
+            let version = mpi::environment::library_version()
+                .map(|v| {
+                    v.split([',', '\n'])
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_else(|_| "MPI".into());
+            Ok(Mpi {
+                world,
+                version,
+                _universe: universe,
+            })
+        }
+    }
+
+    impl Collective for Mpi {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+        fn world_size(&self) -> usize {
+            self.world.size() as usize
+        }
+        fn all_reduce_sum(&self, values: &mut [f32]) {
+            for chunk in values.chunks_mut(CHUNK) {
+                let send = chunk.to_vec();
+                self.world
+                    .all_reduce_into(&send[..], chunk, SystemOperation::sum());
+            }
+        }
+        fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
+            let mut out = vec![0u64; values.len() * self.world_size()];
+            self.world.all_gather_into(values, &mut out[..]);
+            out
+        }
+        fn barrier(&self) {
+            self.world.barrier();
+        }
+        fn describe(&self) -> String {
+            format!("MPI ({})", self.version)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_is_rank_zero_of_one_and_its_collectives_keep_the_values() {
+        let c: Box<dyn Collective> = Box::new(Solo);
+        assert_eq!((c.rank(), c.world_size()), (0, 1));
+        let mut v = [1.0f32, -2.5];
+        c.all_reduce_sum(&mut v);
+        assert_eq!(v, [1.0, -2.5]);
+        assert_eq!(c.all_gather_u64(&[7, 8]), vec![7, 8]);
+        c.barrier();
+        assert_eq!(format!("{c:?}"), "rank 0 of 1 (one process)");
+    }
+}
