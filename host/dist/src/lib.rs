@@ -32,6 +32,15 @@ pub trait Collective {
     fn all_reduce_sum(&self, values: &mut [f32]);
     /// Every rank's `values` (the same length on each), concatenated in rank order.
     fn all_gather_u64(&self, values: &[u64]) -> Vec<u64>;
+    /// `values` is `world_size()` blocks of equal length; returns this rank's block summed
+    /// over the ranks (ZeRO's gradient reduce-scatter).
+    fn reduce_scatter_sum(&self, values: &[f32]) -> Vec<f32>;
+    /// Every rank's `values` (the same length on each), concatenated in rank order (ZeRO's
+    /// parameter all-gather).
+    fn all_gather_f32(&self, values: &[f32]) -> Vec<f32>;
+    /// Every rank's `values` (the same length on each) concatenated in rank order at rank 0,
+    /// `None` on the others.
+    fn gather_f32(&self, values: &[f32]) -> Option<Vec<f32>>;
     /// Returns when every rank has called it.
     fn barrier(&self);
     /// What joins the processes, for logs ("one process", "MPI (Open MPI v4.1.4)").
@@ -65,6 +74,15 @@ impl Collective for Solo {
     fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
         values.to_vec()
     }
+    fn reduce_scatter_sum(&self, values: &[f32]) -> Vec<f32> {
+        values.to_vec()
+    }
+    fn all_gather_f32(&self, values: &[f32]) -> Vec<f32> {
+        values.to_vec()
+    }
+    fn gather_f32(&self, values: &[f32]) -> Option<Vec<f32>> {
+        Some(values.to_vec())
+    }
     fn barrier(&self) {}
     fn describe(&self) -> String {
         "one process".into()
@@ -88,6 +106,19 @@ pub fn launcher_rank() -> Option<usize> {
     ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]
         .iter()
         .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// This process's index among the run's processes on its machine, as the launcher set it
+/// (each takes the GPU of that index).
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
 
 /// The processes this one belongs to: MPI's world when an MPI launcher started it (this build
@@ -187,6 +218,81 @@ mod mpi_impl {
         fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
             let mut out = vec![0u64; values.len() * self.world_size()];
             self.world.all_gather_into(values, &mut out[..]);
+            out
+        }
+        fn reduce_scatter_sum(&self, values: &[f32]) -> Vec<f32> {
+            let n = self.world_size();
+            assert_eq!(
+                values.len() % n,
+                0,
+                "reduce_scatter_sum: blocks of unequal length"
+            );
+            let block = values.len() / n;
+            let mut out = vec![0f32; block];
+            // In pieces of at most CHUNK elements per block: each piece's send buffer is the
+            // piece of every block, in rank order.
+            for start in (0..block.max(1)).step_by(CHUNK) {
+                let len = CHUNK.min(block - start.min(block));
+                if len == 0 {
+                    break;
+                }
+                let send: Vec<f32> = (0..n)
+                    .flat_map(|r| {
+                        values[r * block + start..r * block + start + len]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                self.world.reduce_scatter_block_into(
+                    &send[..],
+                    &mut out[start..start + len],
+                    SystemOperation::sum(),
+                );
+            }
+            out
+        }
+        fn all_gather_f32(&self, values: &[f32]) -> Vec<f32> {
+            let n = self.world_size();
+            let block = values.len();
+            let mut out = vec![0f32; block * n];
+            for start in (0..block.max(1)).step_by(CHUNK) {
+                let len = CHUNK.min(block - start.min(block));
+                if len == 0 {
+                    break;
+                }
+                let mut piece = vec![0f32; len * n];
+                self.world
+                    .all_gather_into(&values[start..start + len], &mut piece[..]);
+                for r in 0..n {
+                    out[r * block + start..r * block + start + len]
+                        .copy_from_slice(&piece[r * len..(r + 1) * len]);
+                }
+            }
+            out
+        }
+        fn gather_f32(&self, values: &[f32]) -> Option<Vec<f32>> {
+            let n = self.world_size();
+            let block = values.len();
+            let root = self.world.process_at_rank(0);
+            let mut out = (self.rank() == 0).then(|| vec![0f32; block * n]);
+            for start in (0..block.max(1)).step_by(CHUNK) {
+                let len = CHUNK.min(block - start.min(block));
+                if len == 0 {
+                    break;
+                }
+                let send = &values[start..start + len];
+                match &mut out {
+                    Some(out) => {
+                        let mut piece = vec![0f32; len * n];
+                        root.gather_into_root(send, &mut piece[..]);
+                        for r in 0..n {
+                            out[r * block + start..r * block + start + len]
+                                .copy_from_slice(&piece[r * len..(r + 1) * len]);
+                        }
+                    }
+                    None => root.gather_into(send),
+                }
+            }
             out
         }
         fn barrier(&self) {

@@ -159,6 +159,17 @@ pub struct TrainConfig {
     /// at 49x480x720, for one copy of each block input to the host and back per step.
     #[serde(default)]
     pub gradient_checkpointing_offload: bool,
+    /// DeepSpeed's ZeRO stage: `0` (each process keeps the whole AdamW state) or `2` (each
+    /// process keeps the AdamW states of its share of the trainable tensors, about 1/N: the
+    /// gradients are reduce-scattered to their owners, each steps its share, the updated
+    /// parameters are all-gathered). Checkpoints hold the whole state either way, so a run
+    /// resumes with any world size and stage.
+    #[serde(default)]
+    pub zero_stage: u8,
+    /// Keep the AdamW states in host memory and step them on the CPU (DeepSpeed's
+    /// `offload_optimizer`); with one process or several, with or without `zero_stage = 2`.
+    #[serde(default)]
+    pub optimizer_offload: bool,
     /// `"no"` (f32), `"bf16"` or `"fp16"`, as accelerate's `mixed_precision`: the transformer
     /// computes in half precision and keeps its frozen weights in it (half the memory);
     /// trainable parameters and AdamW states stay f32. fp16 scales the loss dynamically and
@@ -216,6 +227,8 @@ impl Default for TrainConfig {
             tensorboard: true,
             gradient_checkpointing: false,
             gradient_checkpointing_offload: false,
+            zero_stage: 0,
+            optimizer_offload: false,
             mixed_precision: Default::default(),
             fp16_init_scale: default_fp16_init_scale(),
         }
@@ -240,6 +253,15 @@ impl TrainConfig {
             return bad(
                 "adapter",
                 "empty; use \"lora\", \"sft\" or an adapter plugin's name",
+            );
+        }
+        if !matches!(self.zero_stage, 0 | 2) {
+            return bad(
+                "zero_stage",
+                format!(
+                    "{}: use 0 (replicated optimizer) or 2 (sharded optimizer states and gradients); parameters are not sharded (stage 3)",
+                    self.zero_stage
+                ),
             );
         }
         if self.gradient_checkpointing_offload && !self.gradient_checkpointing {

@@ -20,7 +20,7 @@ use crate::{input, TrainerError};
 
 /// The trainable tensors' names and shapes, in the order the gradient buffer lays them out.
 pub(crate) struct GradLayout {
-    tensors: Vec<(String, Vec<usize>)>,
+    pub(crate) tensors: Vec<(String, Vec<usize>)>,
 }
 
 impl GradLayout {
@@ -145,6 +145,18 @@ mod tests {
             let mut v = values.to_vec();
             v.push(values[0] ^ 1);
             v
+        }
+        fn reduce_scatter_sum(&self, values: &[f32]) -> Vec<f32> {
+            let block = values.len() / 2;
+            (0..block).map(|i| values[i] + self.other[i]).collect()
+        }
+        fn all_gather_f32(&self, values: &[f32]) -> Vec<f32> {
+            let mut v = values.to_vec();
+            v.extend_from_slice(&self.other[..values.len()]);
+            v
+        }
+        fn gather_f32(&self, values: &[f32]) -> Option<Vec<f32>> {
+            Some(self.all_gather_f32(values))
         }
         fn barrier(&self) {}
         fn describe(&self) -> String {

@@ -38,6 +38,7 @@ pub mod rng;
 mod run;
 pub mod schedule;
 mod validation;
+mod zero;
 
 pub use checkpoint::{
     latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint, Checkpoint,

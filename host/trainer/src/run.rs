@@ -24,6 +24,7 @@ use crate::batch::{
 };
 use crate::dist::{all_reduce_step, check_same_job, GradLayout};
 use crate::validation::Validation;
+use crate::zero::{self, ShardOptimizer, Sharding, Zero};
 use crate::{
     batches_per_epoch, check_output_dir, checkpoint, epoch_batches, epoch_order, input,
     list_checkpoints, lock, read_checkpoint, write_checkpoint, Checkpoint, DataPosition,
@@ -69,6 +70,8 @@ pub(crate) struct Run<'a, B: ModelAutodiffBackend> {
     lr_schedule: LrSchedule,
     // The state a checkpoint saves.
     optimizer: AdamW<B::InnerBackend>,
+    /// ZeRO-2 or optimizer offload: this rank's optimizer (then `optimizer` stays empty).
+    zero: Option<Zero<B::InnerBackend>>,
     pub(crate) step: u64,
     pos: DataPosition,
     elapsed_s: f64,
@@ -363,6 +366,28 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         // A micro-step takes one micro-batch per process; an update `k` micro-steps.
         let updates_per_epoch = batches_per_epoch.div_ceil(ws as u64).div_ceil(k);
         let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw());
+        let mut zero = (config.zero_stage == 2 || config.optimizer_offload).then(|| {
+            let across = config.zero_stage == 2;
+            let sharding = if across {
+                Sharding::new(&grad_layout, ws, rank)
+            } else {
+                Sharding::new(&grad_layout, 1, 0)
+            };
+            if across {
+                tracing::info!(
+                    "ZeRO-2: this process keeps the optimizer states of {} of the {n_params} trainable values{}",
+                    sharding.owned_values(),
+                    if config.optimizer_offload { ", in host memory" } else { "" }
+                );
+            } else {
+                tracing::info!("optimizer offload: the AdamW states live in host memory and step on the CPU");
+            }
+            Zero {
+                sharding,
+                optimizer: ShardOptimizer::new(config.adamw(), config.optimizer_offload, device),
+                across,
+            }
+        });
         let mut step = 0u64;
         let mut pos = DataPosition { epoch: 0, batch: 0 };
         let mut elapsed_s = 0.0;
@@ -398,7 +423,10 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 &dir.join(checkpoint::WEIGHTS_FILE),
             )?;
             mode.set_values(&mut model, &values)?;
-            optimizer.load_state(&ck.optimizer, device)?;
+            match &mut zero {
+                Some(z) => z.optimizer.load_owned(&ck.optimizer, &z.sharding)?,
+                None => optimizer.load_state(&ck.optimizer, device)?,
+            }
             step = ck.state.step;
             pos = ck.state.data;
             elapsed_s = ck.state.elapsed_s;
@@ -519,6 +547,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             total_steps,
             lr_schedule,
             optimizer,
+            zero,
             step,
             pos,
             elapsed_s,
@@ -636,19 +665,50 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             }
         }
         let mut grads = acc.unwrap_or_default();
+        // Several processes: the step's extras (each micro-step's loss, the dropped captions,
+        // the timesteps) are summed over the ranks with the gradients.
+        let mut extras: Vec<f32> = Vec::new();
         if ws > 1 {
-            // One all-reduce per update: the gradients, each micro-step's loss, the dropped
-            // captions and the timesteps.
-            let mut extras: Vec<f32> = losses.iter().map(|&l| l as f32).collect();
+            extras.extend(losses.iter().map(|&l| l as f32));
             extras.push(dropped_captions as f32);
             extras.extend_from_slice(&timestep_slots);
-            grads = all_reduce_step(
-                self.world,
-                &self.grad_layout,
-                grads,
-                &mut extras,
-                &self.device,
-            )?;
+        }
+        let mut reduced = None;
+        match &self.zero {
+            // ZeRO-2: the gradients go to their owners (one reduce-scatter).
+            Some(z) if z.across => {
+                reduced = Some(zero::reduce_scatter(
+                    self.world,
+                    &z.sharding,
+                    grads,
+                    &mut extras,
+                )?);
+                grads = Default::default();
+            }
+            _ => {
+                if ws > 1 {
+                    // One all-reduce per update.
+                    grads = all_reduce_step(
+                        self.world,
+                        &self.grad_layout,
+                        grads,
+                        &mut extras,
+                        &self.device,
+                    )?;
+                }
+                if let Some(z) = &self.zero {
+                    // Offload alone: this process owns every tensor.
+                    let all = std::mem::take(&mut grads);
+                    reduced = Some(zero::reduce_scatter(
+                        z.world(self.world),
+                        &z.sharding,
+                        all,
+                        &mut Vec::new(),
+                    )?);
+                }
+            }
+        }
+        if ws > 1 {
             let m = losses.len();
             losses = extras[..m].iter().map(|&l| l as f64).collect();
             dropped_captions = extras[m].round() as u32;
@@ -662,11 +722,50 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         let lr = self.lr_schedule.lr_at(self.config.learning_rate, step);
         // fp16: the scaler records whether the gradients are finite; a step whose gradients
         // overflowed is skipped (the scale is halved).
-        let taken = self
-            .scaler
-            .as_mut()
-            .is_none_or(|s| s.update(cogvx_train::total_grad_norm(&grads).is_finite()));
-        let grad_norm = if taken {
+        let finite = match &reduced {
+            Some(r) => r.norm.is_finite(),
+            None => cogvx_train::total_grad_norm(&grads).is_finite(),
+        };
+        let taken = self.scaler.as_mut().is_none_or(|s| s.update(finite));
+        let grad_norm = if !taken {
+            let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+            tracing::warn!(
+                "step {}: fp16 gradients overflowed; step skipped, loss scale now {scale}",
+                step + 1
+            );
+            self.summary.skipped_steps.push(step + 1);
+            f64::INFINITY
+        } else if let (Some(r), Some(z)) = (reduced, &mut self.zero) {
+            // Each rank clips and steps its tensors; every rank gets every updated tensor.
+            let norm = r.norm;
+            let params: BTreeMap<String, Vec<f32>> = self
+                .mode
+                .values(&mut self.model)
+                .into_iter()
+                .filter(|(k, _)| z.sharding.owns(k))
+                .map(|(k, v)| (k, v.to_vec()))
+                .collect();
+            let world = z.world(self.world);
+            let updated = zero::step_and_gather(
+                world,
+                &z.sharding,
+                &mut z.optimizer,
+                r,
+                &params,
+                lr,
+                self.config.max_grad_norm,
+            )?;
+            let values = updated
+                .into_iter()
+                .map(|(k, (shape, v))| {
+                    AdapterTensor::from_vec(&shape, v, &self.device)
+                        .map(|t| (k.clone(), t))
+                        .ok_or_else(|| TrainerError::Input(format!("`{k}`: shape {shape:?}")))
+                })
+                .collect::<Result<InnerTensors<B>, TrainerError>>()?;
+            self.mode.set_values(&mut self.model, &values)?;
+            norm
+        } else {
             cogvx_train::apply_update_for(
                 self.mode,
                 &mut self.model,
@@ -675,14 +774,6 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 lr,
                 Some(self.config.max_grad_norm),
             )?
-        } else {
-            let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-            tracing::warn!(
-                "step {}: fp16 gradients overflowed; step skipped, loss scale now {scale}",
-                step + 1
-            );
-            self.summary.skipped_steps.push(step + 1);
-            f64::INFINITY
         };
         let step = step + 1;
         self.step = step;
@@ -716,9 +807,18 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
     /// Writes `checkpoint-<step>/` (pruning old ones to `checkpoints_total_limit`).
     fn save_checkpoint(&mut self) -> Result<(), TrainerError> {
         self.last_saved = Some(self.step);
+        // A sharded optimizer's states, gathered at rank 0 (every rank takes part).
+        let gathered = self
+            .zero
+            .as_ref()
+            .map(|z| zero::gather_states(z.world(self.world), &z.sharding, &z.optimizer));
         if self.rank != 0 {
             return Ok(());
         }
+        let optimizer = match gathered {
+            Some(states) => states.expect("rank 0 gathers"),
+            None => self.optimizer.state_to_host(),
+        };
         let ck = Checkpoint {
             state: TrainerState {
                 format: checkpoint::CHECKPOINT_FORMAT.into(),
@@ -737,7 +837,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 resized: self.resized,
             },
             weights: host_tensors(&checkpoint_values(self.mode, &mut self.model)),
-            optimizer: self.optimizer.state_to_host(),
+            optimizer,
         };
         let dir = write_checkpoint(&self.out, &ck, self.on_checkpoint_file)?;
         if let Some(keep) = self.config.checkpoints_total_limit {

@@ -352,11 +352,19 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
 
     match settings.device {
         #[cfg(feature = "cuda")]
-        crate::config::Device::Cuda(index) => run_on::<
-            burn::backend::Autodiff<cogvx_model_core::CudaBackend>,
-        >(
-            job, &cogvx_model_core::CudaDevice { index }
-        ),
+        crate::config::Device::Cuda(index) => {
+            // Several processes on a machine: each takes the GPU of its local rank, counted from
+            // the one named (`cuda:N`).
+            let index = if job.collective.world_size() > 1 {
+                index + cogvx_dist::local_rank().unwrap_or(0)
+            } else {
+                index
+            };
+            run_on::<burn::backend::Autodiff<cogvx_model_core::CudaBackend>>(
+                job,
+                &cogvx_model_core::CudaDevice { index },
+            )
+        }
         // On the CPU every precision runs on burn's flex backend: faster than ndarray for the
         // whole training step and the VAE, with the same parity (docs/benchmarks.md), and it has
         // the half types mixed precision needs.
