@@ -615,6 +615,7 @@ pub fn planned_peak_mib(
         checkpointing,
         precision,
         device,
+        &cogvx_plan::Distribution::default(),
     )
     .ok()?;
     Some(round_to(phase.peak_bytes as f64 / (1u64 << 20) as f64, 1))

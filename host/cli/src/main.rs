@@ -109,6 +109,10 @@ pub enum Command {
         /// cogvideox1.5-5b-i2v (overrides `[model] name`; a model folder takes precedence).
         #[arg(long, value_name = "NAME")]
         model_name: Option<String>,
+        /// Plan one process of a run of N (`cogvx launch --nproc-per-node N`): with
+        /// `[train] zero_stage = 2` each keeps 1/N of the AdamW states.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        nproc: usize,
     },
     /// Data-parallel training: start N processes of cogvx on this machine through Open MPI's
     /// `mpirun`, each with the arguments after `--` (e.g. `cogvx launch --nproc-per-node 2 --
@@ -418,7 +422,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             gpu_memory,
             json,
             model_name,
-        } => commands::plan::run(&settings, gpu_memory, json, model_name.as_deref()),
+            nproc,
+        } => commands::plan::run(&settings, gpu_memory, json, model_name.as_deref(), nproc),
         Command::Parity {
             dir,
             filter,

@@ -116,6 +116,83 @@ impl Checkpointing {
     }
 }
 
+/// How the run is spread over processes and where its optimizer lives (`cogvx launch`,
+/// `[train] zero_stage`, `[train] optimizer_offload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Distribution {
+    /// Processes (one per GPU); the plan is of one of them.
+    pub world_size: usize,
+    /// 0: every process keeps the whole AdamW state; 2: its 1/N share of it (ZeRO-2).
+    pub zero_stage: u8,
+    /// The AdamW states live in host memory.
+    pub optimizer_offload: bool,
+}
+
+impl Default for Distribution {
+    fn default() -> Self {
+        Distribution {
+            world_size: 1,
+            zero_stage: 0,
+            optimizer_offload: false,
+        }
+    }
+}
+
+impl Distribution {
+    /// The AdamW states one process keeps for `n` trainable values (f32, two per value): the
+    /// whole, or with ZeRO-2 its share (cogvx gives whole tensors to processes, balanced by
+    /// size: about 1/N).
+    pub fn adam_state_bytes(&self, n: u64) -> u64 {
+        let all = 2 * n * F32;
+        if self.zero_stage == 2 {
+            all.div_ceil(self.world_size.max(1) as u64)
+        } else {
+            all
+        }
+    }
+
+    /// The AdamW states item (`what` and the share), on the device unless offloaded to a GPU's
+    /// host.
+    fn adam_item(&self, n: u64, device: DeviceKind, what: &str) -> Item {
+        let bytes = self.adam_state_bytes(n);
+        let share = if self.zero_stage == 2 && self.world_size > 1 {
+            format!(", 1/{} (ZeRO-2)", self.world_size)
+        } else {
+            String::new()
+        };
+        if self.optimizer_offload && device == DeviceKind::Cuda {
+            item(
+                format!(
+                    "{what}{share}: offloaded, {:.2} GiB of host memory",
+                    bytes as f64 / GIB
+                ),
+                0,
+            )
+        } else {
+            item(format!("{what}{share}"), bytes)
+        }
+    }
+
+    /// "2 processes, ZeRO-2, optimizer offload"-style description; empty for one process
+    /// without either.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.world_size > 1 {
+            parts.push(format!(
+                "{} processes (the plan is per process)",
+                self.world_size
+            ));
+        }
+        if self.zero_stage == 2 {
+            parts.push("ZeRO-2".to_string());
+        }
+        if self.optimizer_offload {
+            parts.push("optimizer offload".to_string());
+        }
+        parts.join(", ")
+    }
+}
+
 /// Everything a plan is computed from.
 #[derive(Clone, Debug)]
 pub struct PlanInput {
@@ -134,6 +211,8 @@ pub struct PlanInput {
     /// `None` when `[validation] steps = 0`.
     pub validation: Option<ValidationInput>,
     pub device: DeviceKind,
+    /// Processes, ZeRO stage, optimizer offload.
+    pub distribution: Distribution,
 }
 
 /// One line of a phase: a component and its bytes.
@@ -179,6 +258,8 @@ pub struct Plan {
     pub checkpoint_offload: bool,
     pub mixed_precision: MixedPrecision,
     pub tokens: Tokens,
+    /// Processes, ZeRO stage and optimizer offload (the plan is one process's).
+    pub distribution: Distribution,
     pub transformer_parameters: u64,
     pub trainable_parameters: u64,
     pub phases: Vec<Phase>,
@@ -333,6 +414,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         checkpointing,
         input.mixed_precision,
         input.device,
+        &input.distribution,
     )?;
     if m.is_i2v() {
         train
@@ -356,6 +438,16 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         );
         let decode = activations::vae_decode_bytes(&m.vae, v.shape);
         let frames = 3 * (v.shape.frames * v.shape.height * v.shape.width) as u64 * F32;
+        let mut kept = Vec::new();
+        if let Trainable::Lora { .. } = input.trainable {
+            kept.push(item("adapter weights kept (f32)", trainable * F32));
+        }
+        // SFT: the weights are the trainables (counted above); AdamW's two states stay.
+        kept.push(
+            input
+                .distribution
+                .adam_item(trainable, input.device, "AdamW states kept (f32)"),
+        );
         phases.push(phase(
             "validation",
             format!(
@@ -365,21 +457,18 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             vec![
                 transformer_weights_item(weights, &input.trainable, input.mixed_precision),
                 weights_item("VAE", vae_params),
-                match input.trainable {
-                    // SFT: the weights are the trainables (counted above); AdamW's two states stay.
-                    Trainable::Full => item("AdamW states kept (f32)", 2 * trainable * F32),
-                    Trainable::Lora { .. } => item(
-                        "adapter weights and AdamW states kept (f32)",
-                        3 * trainable * F32,
-                    ),
-                },
+            ]
+            .into_iter()
+            .chain(kept)
+            .chain([
                 item(
                     "largest activation (transformer step or tiled VAE decode)",
                     sample.max(decode),
                 ),
                 item("decoded frames (f32)", frames),
                 runtime,
-            ],
+            ])
+            .collect(),
         ));
     }
 
@@ -397,6 +486,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         checkpoint_offload: checkpointing == Checkpointing::Offloaded,
         mixed_precision: input.mixed_precision,
         tokens,
+        distribution: input.distribution,
         transformer_parameters: weights,
         trainable_parameters: trainable,
         peak_bytes: top.peak_bytes,
@@ -463,6 +553,7 @@ pub fn trainable_parameters(
 /// The training phase alone: transformer weights, trainable parameters, gradients, AdamW
 /// states, activations and workspaces of one step at `tokens` x `batch` (what `cogvx bench
 /// train-step` runs, and what it compares its measured peak with).
+#[allow(clippy::too_many_arguments)]
 pub fn train_phase(
     t: &TransformerConfig,
     tokens: Tokens,
@@ -471,6 +562,7 @@ pub fn train_phase(
     checkpointing: Checkpointing,
     precision: MixedPrecision,
     device: DeviceKind,
+    distribution: &Distribution,
 ) -> Result<Phase, PlanError> {
     let (n, _) = trainable_parameters(t, trainable)?;
     let weights = params::transformer_parameters(t);
@@ -503,7 +595,7 @@ pub fn train_phase(
         ));
     }
     items.push(item("gradients (f32)", n * F32));
-    items.push(item("AdamW states (2 per parameter, f32)", 2 * n * F32));
+    items.push(distribution.adam_item(n, device, "AdamW states (2 per parameter, f32)"));
     items.push(item(
         match checkpointing {
             Checkpointing::Off => "activations kept for the backward (every block)".to_string(),
@@ -578,6 +670,10 @@ impl Plan {
             human(self.transformer_parameters),
             human(self.trainable_parameters)
         );
+        let spread = self.distribution.describe();
+        if !spread.is_empty() {
+            let _ = writeln!(s, "{spread}");
+        }
         for p in &self.phases {
             let verdict = match p.fits {
                 Some(true) => "  fits",

@@ -2,7 +2,9 @@
 //! errors a config can hit.
 
 use cogvx_model_core::precision::MixedPrecision;
-use cogvx_plan::{plan, DeviceKind, ModelConfigs, PlanInput, Shape, Trainable, ValidationInput};
+use cogvx_plan::{
+    plan, DeviceKind, Distribution, ModelConfigs, PlanInput, Shape, Trainable, ValidationInput,
+};
 
 fn lora() -> Trainable {
     Trainable::Lora {
@@ -24,6 +26,7 @@ fn input(model: &str, shape: Shape) -> PlanInput {
         mixed_precision: MixedPrecision::No,
         validation: None,
         device: DeviceKind::Cuda,
+        distribution: Distribution::default(),
     }
 }
 
@@ -314,4 +317,64 @@ fn offloaded_block_inputs_leave_the_gpu_but_not_the_cpu() {
     );
     // On the CPU host memory is the device's.
     assert_eq!(act(false, DeviceKind::Cpu), act(true, DeviceKind::Cpu));
+}
+
+/// ZeRO-2 over N processes keeps 1/N of the AdamW states per process; optimizer offload takes
+/// them out of a GPU's budget (into host memory) but not out of the CPU's; the rest of the
+/// train phase (weights, gradients, activations) is unchanged.
+#[test]
+fn zero_2_divides_the_adamw_states_and_offload_moves_them_to_the_host() {
+    let sft = |distribution: Distribution, device: DeviceKind| {
+        plan(&PlanInput {
+            trainable: Trainable::Full,
+            mixed_precision: MixedPrecision::Fp16,
+            distribution,
+            device,
+            ..input("cogvideox-2b", S480)
+        })
+        .unwrap()
+    };
+    let one = sft(Distribution::default(), DeviceKind::Cuda);
+    let zero4 = sft(
+        Distribution {
+            world_size: 4,
+            zero_stage: 2,
+            optimizer_offload: false,
+        },
+        DeviceKind::Cuda,
+    );
+    let (a, b) = (phase(&one, "train"), phase(&zero4, "train"));
+    let states = item(a, "AdamW states");
+    assert_eq!(states, 2 * 4 * one.trainable_parameters);
+    assert_eq!(item(b, "AdamW states"), states.div_ceil(4));
+    assert_eq!(a.peak_bytes - b.peak_bytes, states - states.div_ceil(4));
+    assert_eq!(item(b, "gradients"), item(a, "gradients"));
+    assert!(zero4
+        .render()
+        .contains("4 processes (the plan is per process), ZeRO-2"));
+    // Four processes without ZeRO each keep the whole state.
+    let dp4 = sft(
+        Distribution {
+            world_size: 4,
+            ..Distribution::default()
+        },
+        DeviceKind::Cuda,
+    );
+    assert_eq!(phase(&dp4, "train").peak_bytes, a.peak_bytes);
+
+    let offload = Distribution {
+        optimizer_offload: true,
+        ..Distribution::default()
+    };
+    let off = sft(offload, DeviceKind::Cuda);
+    let t = phase(&off, "train");
+    assert_eq!(item(t, "AdamW states"), 0);
+    assert_eq!(a.peak_bytes - t.peak_bytes, states);
+    assert!(t
+        .items
+        .iter()
+        .any(|i| i.name.contains("offloaded, 12.62 GiB of host memory")));
+    // The validation phase keeps them where training does.
+    let cpu = sft(offload, DeviceKind::Cpu);
+    assert_eq!(item(phase(&cpu, "train"), "AdamW states"), states);
 }

@@ -2,7 +2,9 @@
 //! anything runs; and the check `cogvx train` makes with it against the device's memory.
 
 use anyhow::{anyhow, bail, Result};
-use cogvx_plan::{DeviceKind, ModelConfigs, Plan, PlanInput, Shape, Trainable, ValidationInput};
+use cogvx_plan::{
+    DeviceKind, Distribution, ModelConfigs, Plan, PlanInput, Shape, Trainable, ValidationInput,
+};
 use cogvx_trainer::{TrainConfig, ValidationConfig};
 use std::process::ExitCode;
 
@@ -34,6 +36,7 @@ pub fn plan_input(
     models: ModelConfigs,
     train: &TrainConfig,
     validation: &ValidationConfig,
+    world_size: usize,
 ) -> PlanInput {
     // With buckets, the largest: the peak of the run.
     let r = settings.buckets.largest();
@@ -72,6 +75,11 @@ pub fn plan_input(
             Device::Cpu => DeviceKind::Cpu,
             Device::Cuda(_) => DeviceKind::Cuda,
         },
+        distribution: Distribution {
+            world_size,
+            zero_stage: train.zero_stage,
+            optimizer_offload: train.optimizer_offload,
+        },
     }
 }
 
@@ -82,7 +90,11 @@ pub fn run(
     gpu_memory: Option<f64>,
     json: bool,
     model_name: Option<&str>,
+    nproc: usize,
 ) -> Result<ExitCode> {
+    if nproc == 0 {
+        bail!("--nproc 0: give the number of processes, at least 1");
+    }
     if let Some(g) = gpu_memory {
         if !(g.is_finite() && g > 0.0) {
             bail!("--gpu-memory {g}: give the memory in GiB, a positive number (e.g. 24)");
@@ -98,6 +110,7 @@ pub fn run(
         model_configs(settings, model_name)?,
         &train,
         &validation,
+        nproc,
     );
     if gpu_memory.is_some() {
         // A GPU budget plans for a GPU (its runtime), whatever this build can run on.
@@ -157,9 +170,10 @@ pub fn check_fits(
     models: ModelConfigs,
     train: &TrainConfig,
     validation: &ValidationConfig,
+    world_size: usize,
     force: bool,
 ) -> Result<()> {
-    let input = plan_input(settings, models, train, validation);
+    let input = plan_input(settings, models, train, validation, world_size);
     let plan = cogvx_plan::plan(&input).map_err(|e| anyhow!("{e}"))?;
     let Some(available) = device_memory_gib(settings.device) else {
         tracing::warn!(

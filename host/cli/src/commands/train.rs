@@ -248,7 +248,14 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     let folder = open_model(settings)?;
     let models = cogvx_plan::ModelConfigs::from_dir(&folder.root).map_err(|e| anyhow!("{e}"))?;
     super::plan::check_model_files(&folder.root, &models)?;
-    super::plan::check_fits(settings, models, &train, &validation, args.force)?;
+    super::plan::check_fits(
+        settings,
+        models,
+        &train,
+        &validation,
+        world.world_size(),
+        args.force,
+    )?;
     if !folder.variant.is_i2v() && !validation.images.is_empty() {
         bail!(
             "config [validation] images: {} is a text-to-video model ({}); conditioning images need an image-to-video (…-I2V) model",
