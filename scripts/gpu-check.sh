@@ -2,10 +2,16 @@
 # The GPU check of the real-resolution work, for a machine with one NVIDIA GPU (H100/H200) and
 # no network: only a cogvx binary built with CUDA, this script and the tiny reference data.
 #
-#   here:   cargo build --release -p cogvx --features cuda
+#   here:   cargo build --release -p cogvx --no-default-features --features cuda
+#           (without the `mpi` feature the binary needs no libmpi on the GPU machine)
 #           copy target/release/cogvx, scripts/gpu-check.sh and ../shared/reference (cases/ and
 #           models/, 19 MiB) to the GPU machine
 #   there:  bash gpu-check.sh ./cogvx ./reference/cases out/
+#
+# With two GPUs and Open MPI there (`mpirun` on the PATH), DP_BIN (a cogvx built with
+# `--features cuda,mpi`) and DP_EXAMPLES (a copy of the repository's examples/ folder) add
+#   dp-2gpu    `cogvx launch --nproc-per-node 2` of 4 LoRA steps of the tiny 2B model at batch 1
+#              against one process at batch 2 on one GPU: the last losses must agree to 1e-4.
 #
 # Runs, each with its wall time and the GPU's peak memory (nvidia-smi sampled every 100 ms):
 #   parity     the 35 diffusers parity cases of the tiny models on the GPU (exit 0 = all pass)
@@ -52,4 +58,38 @@ LIMIT=30 check gemm-f32 "$BIN" --device cuda bench gemm --repeat 10
 LIMIT=30 check gemm-bf16 "$BIN" --device cuda bench gemm --repeat 10 --dtype bf16
 check step-xl "$BIN" --device cuda bench train-step --preset XL --steps 2 --warmup 1
 check step-xl30 "$BIN" --device cuda bench train-step --preset XL30 --steps 1 --warmup 0 --gradient-checkpointing --mixed-precision bf16
+# The two-GPU part (data parallel through MPI; each process takes the GPU of its local rank).
+gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ] && [ -n "${DP_BIN:-}" ] && [ -n "${DP_EXAMPLES:-}" ] && command -v mpirun >/dev/null; then
+  dp_config() { # NAME BATCH
+    cat > "$OUT/$1.toml" <<TOML
+[model]
+path = "$DP_EXAMPLES/models/cogvideox-2b-tiny"
+[data]
+root = "$DP_EXAMPLES/datasets/mini"
+resolution = "9x64x96"
+cache_dir = "$OUT/dp-cache"
+[train]
+output_dir = "$OUT/$1"
+max_steps = 4
+batch_size = $2
+learning_rate = 1e-3
+tensorboard = false
+TOML
+  }
+  dp_config dp-two 1
+  dp_config dp-one 2
+  "$DP_BIN" --device cuda --config "$OUT/dp-one.toml" prepare > "$OUT/dp-prepare.out" 2>&1
+  check dp-one "$DP_BIN" --device cuda --config "$OUT/dp-one.toml" train
+  check dp-2gpu "$DP_BIN" launch --nproc-per-node 2 -- --device cuda --config "$OUT/dp-two.toml" train
+  a=$(grep -o 'last loss [0-9.e+-]*' "$OUT/dp-one.out" | awk '{print $3}')
+  b=$(grep -o 'last loss [0-9.e+-]*' "$OUT/dp-2gpu.out" | awk '{print $3}')
+  if [ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-4 * (a < 0 ? -a : a)) }'; then
+    echo "{\"check\":\"dp-2gpu-vs-batch-2\",\"exit\":0,\"one\":$a,\"two\":$b}" >> "$OUT/summary.jsonl"
+  else
+    echo "{\"check\":\"dp-2gpu-vs-batch-2\",\"exit\":1,\"one\":\"$a\",\"two\":\"$b\"}" >> "$OUT/summary.jsonl"
+  fi
+else
+  echo "dp-2gpu: skipped ($gpus GPU(s); needs 2, DP_BIN, DP_EXAMPLES and mpirun)"
+fi
 cat "$OUT/summary.jsonl"
