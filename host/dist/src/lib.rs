@@ -160,6 +160,25 @@ fn mpi_world() -> Result<Box<dyn Collective>, DistError> {
 #[cfg(feature = "mpi")]
 pub use self::mpi_impl::Mpi;
 
+#[cfg(all(feature = "mpi", feature = "nccl"))]
+pub use self::nccl_impl::Nccl;
+
+/// The processes of a CUDA run whose process uses GPU `device_index`: with an MPI launcher, NCCL
+/// between the GPUs (MPI starts them and hands out NCCL's id; builds with `mpi` and `nccl`),
+/// else as [`from_env`].
+pub fn from_env_for_gpu(device_index: usize) -> Result<Box<dyn Collective>, DistError> {
+    #[cfg(all(feature = "mpi", feature = "nccl"))]
+    if launched_by_mpi() {
+        let mpi = Mpi::init()?;
+        if mpi.world_size() > 1 {
+            return Ok(Box::new(Nccl::init(mpi, device_index)?));
+        }
+        return Ok(Box::new(mpi));
+    }
+    let _ = device_index;
+    from_env()
+}
+
 #[cfg(feature = "mpi")]
 mod mpi_impl {
     use super::{Collective, DistError};
@@ -300,6 +319,148 @@ mod mpi_impl {
         }
         fn describe(&self) -> String {
             format!("MPI ({})", self.version)
+        }
+    }
+}
+
+#[cfg(all(feature = "mpi", feature = "nccl"))]
+mod nccl_impl {
+    use super::{Collective, DistError, Mpi};
+    use cudarc::driver::{CudaContext, CudaStream};
+    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use std::sync::Arc;
+
+    /// NCCL between the GPUs of the run's processes (one GPU each), bootstrapped through MPI;
+    /// the bulk collectives (gradients, parameters) run on the GPUs, the rest on MPI. Each call
+    /// copies its host values to the GPU and back: a failure of the device is fatal (the
+    /// process panics naming the call, and MPI's launcher ends the others).
+    pub struct Nccl {
+        comm: Comm,
+        stream: Arc<CudaStream>,
+        mpi: Mpi,
+    }
+
+    impl Nccl {
+        /// Joins NCCL's communicator of every rank on GPU `device_index` (rank 0 makes the id,
+        /// MPI gives it to the others).
+        pub fn init(mpi: Mpi, device_index: usize) -> Result<Self, DistError> {
+            let setup = |what: &str, e: &dyn std::fmt::Debug| {
+                DistError::Setup(format!(
+                    "NCCL on cuda:{device_index}: {what}: {e:?} (is libnccl installed, and does each process have its own GPU?)"
+                ))
+            };
+            let ctx = CudaContext::new(device_index).map_err(|e| setup("no CUDA context", &e))?;
+            let stream = ctx.default_stream();
+            let mine = if mpi.rank() == 0 {
+                Id::new().map_err(|e| setup("no unique id", &e))?
+            } else {
+                Id::uninit([0; 128])
+            };
+            // The id's 128 bytes as 16 words; rank 0's are everyone's.
+            let words: Vec<u64> = mine
+                .internal()
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(std::array::from_fn(|i| c[i] as u8)))
+                .collect();
+            let all = mpi.all_gather_u64(&words);
+            let mut internal = [0 as std::ffi::c_char; 128];
+            for (i, w) in all[..16].iter().enumerate() {
+                for (j, b) in w.to_le_bytes().iter().enumerate() {
+                    internal[i * 8 + j] = *b as std::ffi::c_char;
+                }
+            }
+            let comm = Comm::from_rank(
+                stream.clone(),
+                mpi.rank(),
+                mpi.world_size(),
+                Id::uninit(internal),
+            )
+            .map_err(|e| setup("communicator", &e))?;
+            Ok(Nccl { comm, stream, mpi })
+        }
+
+        fn fail(&self, what: &str, e: impl std::fmt::Debug) -> ! {
+            panic!("NCCL {what} failed on rank {}: {e:?}", self.mpi.rank())
+        }
+
+        fn to_device(&self, values: &[f32]) -> cudarc::driver::CudaSlice<f32> {
+            self.stream
+                .clone_htod(values)
+                .unwrap_or_else(|e| self.fail("copy to the GPU", e))
+        }
+
+        fn to_host(&self, buf: &cudarc::driver::CudaSlice<f32>, out: &mut [f32]) {
+            self.stream
+                .memcpy_dtoh(buf, out)
+                .unwrap_or_else(|e| self.fail("copy to the host", e));
+            self.stream
+                .synchronize()
+                .unwrap_or_else(|e| self.fail("synchronize", e));
+        }
+    }
+
+    impl Collective for Nccl {
+        fn rank(&self) -> usize {
+            self.mpi.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.mpi.world_size()
+        }
+        fn all_reduce_sum(&self, values: &mut [f32]) {
+            if values.is_empty() {
+                return;
+            }
+            let mut buf = self.to_device(values);
+            self.comm
+                .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+                .unwrap_or_else(|e| self.fail("all-reduce", e));
+            self.to_host(&buf, values);
+        }
+        fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
+            self.mpi.all_gather_u64(values)
+        }
+        fn reduce_scatter_sum(&self, values: &[f32]) -> Vec<f32> {
+            let block = values.len() / self.world_size();
+            let mut out = vec![0f32; block];
+            if block == 0 {
+                return out;
+            }
+            let send = self.to_device(values);
+            let mut recv = self
+                .stream
+                .alloc_zeros::<f32>(block)
+                .unwrap_or_else(|e| self.fail("allocation", e));
+            self.comm
+                .reduce_scatter(&send, &mut recv, &ReduceOp::Sum)
+                .unwrap_or_else(|e| self.fail("reduce-scatter", e));
+            self.to_host(&recv, &mut out);
+            out
+        }
+        fn all_gather_f32(&self, values: &[f32]) -> Vec<f32> {
+            let mut out = vec![0f32; values.len() * self.world_size()];
+            if values.is_empty() {
+                return out;
+            }
+            let send = self.to_device(values);
+            let mut recv = self
+                .stream
+                .alloc_zeros::<f32>(out.len())
+                .unwrap_or_else(|e| self.fail("allocation", e));
+            self.comm
+                .all_gather(&send, &mut recv)
+                .unwrap_or_else(|e| self.fail("all-gather", e));
+            self.to_host(&recv, &mut out);
+            out
+        }
+        fn gather_f32(&self, values: &[f32]) -> Option<Vec<f32>> {
+            // Checkpoints only: MPI.
+            self.mpi.gather_f32(values)
+        }
+        fn barrier(&self) {
+            self.mpi.barrier();
+        }
+        fn describe(&self) -> String {
+            format!("NCCL, bootstrapped by {}", self.mpi.describe())
         }
     }
 }

@@ -240,8 +240,15 @@ fn run_config(
 }
 
 pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
-    // The processes of the run: several when an MPI launcher (`cogvx launch`) started this one.
-    let world = cogvx_dist::from_env().map_err(|e| anyhow!("{e}"))?;
+    // The processes of the run: several when an MPI launcher (`cogvx launch`) started this one
+    // (on GPUs joined by NCCL, each on the GPU of its local rank).
+    let world = match settings.device {
+        crate::config::Device::Cuda(index) => {
+            cogvx_dist::from_env_for_gpu(index + cogvx_dist::local_rank().unwrap_or(0))
+        }
+        crate::config::Device::Cpu => cogvx_dist::from_env(),
+    }
+    .map_err(|e| anyhow!("{e}"))?;
     let rank = world.rank();
     // Every check before any work: config values, model kind, data root, plugins, output folder.
     let (train, validation) = effective_configs(settings, &args)?;
