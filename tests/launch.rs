@@ -382,8 +382,8 @@ fn a_killed_rank_ends_the_run_and_its_last_checkpoint_resumes() {
 }
 
 /// Bad starts, each refused by name before training: more processes than micro-batches,
-/// processes started with different configs, `WORLD_SIZE` without an MPI launcher, cogvx's
-/// options before `launch`.
+/// processes started with different configs, a rank that never joins (within the rendezvous
+/// timeout), `WORLD_SIZE` without an MPI launcher, cogvx's options before `launch`.
 #[test]
 fn bad_data_parallel_starts_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -425,6 +425,23 @@ fn bad_data_parallel_starts_are_refused_by_name() {
         !dir.path().join("run/metrics.jsonl").exists(),
         "a refused run wrote its output"
     );
+
+    // A rank that never joins (here not a cogvx at all): the others give up after the
+    // rendezvous timeout, naming it, and mpirun ends the job.
+    let t0 = Instant::now();
+    let out = mpirun()
+        .env("COGVX_RENDEZVOUS_TIMEOUT", "3")
+        .args(["-n", "1", exe, "--config", s(&cfg), "train", ":"])
+        .args(["-n", "1", "sleep", "60"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("did not all start and agree on the job within 3 s"),
+        "{stderr}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
 
     let out = Command::new(exe)
         .args(["--config", s(&cfg), "train"])

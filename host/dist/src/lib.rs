@@ -10,6 +10,9 @@
 //! [`from_env`] picks the implementation from the environment the process was started in.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Why the processes of a run could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +20,79 @@ pub enum DistError {
     /// The environment asks for several processes, but they cannot be joined.
     #[error("{0}")]
     Setup(String),
+    /// The processes run different jobs.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Refuses to go on unless every rank runs the same job: `job` (e.g. the resolved config)
+/// hashed on each rank and compared with rank 0's, naming the ranks that differ.
+pub fn check_same_job(world: &dyn Collective, job: &[u8]) -> Result<(), DistError> {
+    // FNV-1a, 64 bits: equal inputs give equal hashes on every rank.
+    let mine = job.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let all = world.all_gather_u64(&[mine]);
+    let differ: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| **h != all[0])
+        .map(|(r, _)| r.to_string())
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(DistError::Mismatch(format!(
+        "the processes of this run were started with different jobs: rank(s) {} differ from rank 0 in their config, cache or checkpoint \
+         (hashes {all:016x?}); start every process with the same arguments, config file and output folder",
+        differ.join(", ")
+    )))
+}
+
+/// Seconds the processes of a run have to find each other at start-up
+/// (`COGVX_RENDEZVOUS_TIMEOUT`, default 300).
+pub fn rendezvous_timeout() -> Duration {
+    let s = std::env::var("COGVX_RENDEZVOUS_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(300.0);
+    Duration::from_secs_f64(s)
+}
+
+/// Ends the process with an error unless disarmed within its time: a rendezvous that never
+/// completes (a rank that was not started, or cannot reach the others) is an error naming the
+/// wait, not a hang. MPI's launcher then ends the other processes.
+pub struct Watchdog {
+    done: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    /// Starts the timer; after `timeout`, prints `error (rank r): {what}` and exits with status 3.
+    pub fn arm(what: String, timeout: Duration) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let t0 = Instant::now();
+        std::thread::spawn(move || {
+            while t0.elapsed() < timeout {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50).min(timeout));
+            }
+            if !flag.load(Ordering::SeqCst) {
+                let rank = launcher_rank().map_or("?".to_string(), |r| r.to_string());
+                eprintln!("error (rank {rank}): {what}");
+                std::process::exit(3);
+            }
+        });
+        Watchdog { done }
+    }
+
+    /// Stops the timer.
+    pub fn disarm(self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The processes of a run as seen from one of them. Every rank calls the same operations in the
@@ -479,5 +555,49 @@ mod tests {
         assert_eq!(c.all_gather_u64(&[7, 8]), vec![7, 8]);
         c.barrier();
         assert_eq!(format!("{c:?}"), "rank 0 of 1 (one process)");
+    }
+
+    /// Rank 0 and a rank whose gathered hash is another: named.
+    struct OtherRank;
+
+    impl Collective for OtherRank {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _values: &mut [f32]) {}
+        fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
+            vec![values[0], values[0] ^ 1]
+        }
+        fn reduce_scatter_sum(&self, values: &[f32]) -> Vec<f32> {
+            values[..values.len() / 2].to_vec()
+        }
+        fn all_gather_f32(&self, values: &[f32]) -> Vec<f32> {
+            [values, values].concat()
+        }
+        fn gather_f32(&self, values: &[f32]) -> Option<Vec<f32>> {
+            Some(self.all_gather_f32(values))
+        }
+        fn barrier(&self) {}
+        fn describe(&self) -> String {
+            "two".into()
+        }
+    }
+
+    #[test]
+    fn a_rank_with_another_job_is_named() {
+        check_same_job(&Solo, b"job").unwrap();
+        let e = check_same_job(&OtherRank, b"job").unwrap_err().to_string();
+        assert!(e.contains("rank(s) 1 differ from rank 0"), "{e}");
+    }
+
+    #[test]
+    fn a_disarmed_watchdog_does_not_fire() {
+        let w = Watchdog::arm("never".into(), Duration::from_millis(200));
+        w.disarm();
+        std::thread::sleep(Duration::from_millis(400));
+        // Still running: the process did not exit.
     }
 }

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 
 use cogvx_dist::Collective;
 use cogvx_model_core::adapter::AdapterTensor;
-use sha2::{Digest, Sha256};
 
 use crate::{input, TrainerError};
 
@@ -96,23 +95,7 @@ pub(crate) fn all_reduce_step<B: burn::tensor::backend::Backend>(
 /// Refuses to start unless every rank runs the same job: `job` (the configs, the cache's
 /// samples, the checkpoint resumed) hashed on each rank and compared with rank 0's.
 pub(crate) fn check_same_job(world: &dyn Collective, job: &[u8]) -> Result<(), TrainerError> {
-    let digest = Sha256::digest(job);
-    let mine = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-    let all = world.all_gather_u64(&[mine]);
-    let differ: Vec<String> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, h)| **h != all[0])
-        .map(|(r, _)| r.to_string())
-        .collect();
-    if !differ.is_empty() {
-        return input(format!(
-            "the processes of this run were started with different jobs: rank(s) {} differ from rank 0 in their config, cache or checkpoint \
-             (hashes {all:016x?}); start every process with the same arguments, config file and output folder",
-            differ.join(", ")
-        ));
-    }
-    Ok(())
+    cogvx_dist::check_same_job(world, job).map_err(|e| TrainerError::Input(e.to_string()))
 }
 
 #[cfg(test)]
@@ -213,14 +196,5 @@ mod tests {
         // A gradient outside the layout is an error, not a silent drop.
         let stray = tensors(&[("z", vec![1], vec![3.0])]);
         assert!(all_reduce_step(&Solo, &layout, stray, &mut [], &Default::default()).is_err());
-    }
-
-    #[test]
-    fn a_rank_with_another_job_is_named() {
-        check_same_job(&Solo, b"job").unwrap();
-        let e = check_same_job(&Pair { other: vec![] }, b"job")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("rank(s) 1 differ from rank 0"), "{e}");
     }
 }

@@ -241,7 +241,19 @@ fn run_config(
 
 pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     // The processes of the run: several when an MPI launcher (`cogvx launch`) started this one
-    // (on GPUs joined by NCCL, each on the GPU of its local rank).
+    // (on GPUs joined by NCCL, each on the GPU of its local rank). They must find each other
+    // and agree on the job within the rendezvous timeout.
+    let timeout = cogvx_dist::rendezvous_timeout();
+    let watchdog = cogvx_dist::launched_by_mpi().then(|| {
+        cogvx_dist::Watchdog::arm(
+            format!(
+                "the processes of the run did not all start and agree on the job within {:.0} s (COGVX_RENDEZVOUS_TIMEOUT): \
+                 check that every rank was launched, runs this cogvx and can reach the others",
+                timeout.as_secs_f64()
+            ),
+            timeout,
+        )
+    });
     let world = match settings.device {
         crate::config::Device::Cuda(index) => {
             cogvx_dist::from_env_for_gpu(index + cogvx_dist::local_rank().unwrap_or(0))
@@ -252,6 +264,16 @@ pub fn run(settings: &Settings, args: TrainArgs) -> Result<ExitCode> {
     let rank = world.rank();
     // Every check before any work: config values, model kind, data root, plugins, output folder.
     let (train, validation) = effective_configs(settings, &args)?;
+    // Every process runs the same job (compared before rank 0 prepares the cache).
+    let job = serde_json::json!({
+        "config": run_config(settings, &train, &validation)?,
+        "resume": args.resume,
+    });
+    cogvx_dist::check_same_job(world.as_ref(), job.to_string().as_bytes())
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(w) = watchdog {
+        w.disarm();
+    }
     let folder = open_model(settings)?;
     let models = cogvx_plan::ModelConfigs::from_dir(&folder.root).map_err(|e| anyhow!("{e}"))?;
     super::plan::check_model_files(&folder.root, &models)?;
