@@ -173,6 +173,34 @@ impl Distribution {
         }
     }
 
+    /// SFT in half precision with ZeRO-2 or optimizer offload: the model holds half weights (and
+    /// half gradients), the optimizer's shards the f32 master weights, in host memory.
+    pub fn half_masters(&self, trainable: &Trainable, precision: MixedPrecision) -> bool {
+        *trainable == Trainable::Full
+            && precision.is_half()
+            && (self.zero_stage == 2 || self.optimizer_offload)
+    }
+
+    /// The f32 master weights of this process's share (host memory: out of a GPU's budget).
+    fn masters_item(&self, n: u64, device: DeviceKind) -> Item {
+        let bytes = self.adam_state_bytes(n) / 2;
+        let share = if self.zero_stage == 2 && self.world_size > 1 {
+            format!(", 1/{} (ZeRO-2)", self.world_size)
+        } else {
+            String::new()
+        };
+        match device {
+            DeviceKind::Cuda => item(
+                format!(
+                    "f32 master weights{share}: {:.2} GiB of host memory",
+                    bytes as f64 / GIB
+                ),
+                0,
+            ),
+            DeviceKind::Cpu => item(format!("f32 master weights{share}"), bytes),
+        }
+    }
+
     /// "2 processes, ZeRO-2, optimizer offload"-style description; empty for one process
     /// without either.
     fn describe(&self) -> String {
@@ -442,6 +470,12 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         if let Trainable::Lora { .. } = input.trainable {
             kept.push(item("adapter weights kept (f32)", trainable * F32));
         }
+        if input
+            .distribution
+            .half_masters(&input.trainable, input.mixed_precision)
+        {
+            kept.push(input.distribution.masters_item(trainable, input.device));
+        }
         // SFT: the weights are the trainables (counted above); AdamW's two states stay.
         kept.push(
             input
@@ -455,7 +489,14 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                 v.shape, vt.total
             ),
             vec![
-                transformer_weights_item(weights, &input.trainable, input.mixed_precision),
+                transformer_weights_item(
+                    weights,
+                    &input.trainable,
+                    input.mixed_precision,
+                    input
+                        .distribution
+                        .half_masters(&input.trainable, input.mixed_precision),
+                ),
                 weights_item("VAE", vae_params),
             ]
             .into_iter()
@@ -504,8 +545,10 @@ fn transformer_weights_item(
     weights: u64,
     trainable: &Trainable,
     precision: MixedPrecision,
+    half_masters: bool,
 ) -> Item {
     let (bytes, dtype) = match trainable {
+        Trainable::Full if half_masters => (precision.bytes(), precision.name()),
         Trainable::Full => (F32, "f32"),
         Trainable::Lora { .. } => (
             precision.bytes(),
@@ -579,8 +622,16 @@ pub fn train_phase(
         checkpointing,
         precision.bytes(),
     );
-    let mut items = vec![transformer_weights_item(weights, trainable, precision)];
-    if *trainable == Trainable::Full && precision.is_half() {
+    let half_masters = distribution.half_masters(trainable, precision);
+    let mut items = vec![transformer_weights_item(
+        weights,
+        trainable,
+        precision,
+        half_masters,
+    )];
+    if half_masters {
+        items.push(distribution.masters_item(n, device));
+    } else if *trainable == Trainable::Full && precision.is_half() {
         // autocast: each f32 master weight is cast to half at use, and the copy is kept for the
         // backward of its layer.
         items.push(item(
@@ -594,7 +645,14 @@ pub fn train_phase(
             n * F32,
         ));
     }
-    items.push(item("gradients (f32)", n * F32));
+    if half_masters {
+        items.push(item(
+            format!("gradients ({})", precision.name()),
+            n * precision.bytes(),
+        ));
+    } else {
+        items.push(item("gradients (f32)", n * F32));
+    }
     items.push(distribution.adam_item(n, device, "AdamW states (2 per parameter, f32)"));
     items.push(item(
         match checkpointing {

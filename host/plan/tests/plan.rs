@@ -324,10 +324,10 @@ fn offloaded_block_inputs_leave_the_gpu_but_not_the_cpu() {
 /// train phase (weights, gradients, activations) is unchanged.
 #[test]
 fn zero_2_divides_the_adamw_states_and_offload_moves_them_to_the_host() {
+    // f32 SFT: only the AdamW states move.
     let sft = |distribution: Distribution, device: DeviceKind| {
         plan(&PlanInput {
             trainable: Trainable::Full,
-            mixed_precision: MixedPrecision::Fp16,
             distribution,
             device,
             ..input("cogvideox-2b", S480)
@@ -377,4 +377,41 @@ fn zero_2_divides_the_adamw_states_and_offload_moves_them_to_the_host() {
     // The validation phase keeps them where training does.
     let cpu = sft(offload, DeviceKind::Cpu);
     assert_eq!(item(phase(&cpu, "train"), "AdamW states"), states);
+    // In f32 there are no masters apart from the weights.
+    assert!(!t.items.iter().any(|i| i.name.contains("master")));
+
+    // fp16 SFT with offload (DeepSpeed's layout): fp16 weights and gradients on the GPU, no
+    // separate half copies, the f32 masters beside the AdamW states in host memory.
+    let fp16 = |distribution: Distribution, device: DeviceKind| {
+        plan(&PlanInput {
+            trainable: Trainable::Full,
+            mixed_precision: MixedPrecision::Fp16,
+            distribution,
+            device,
+            ..input("cogvideox-2b", S480)
+        })
+        .unwrap()
+    };
+    let autocast = fp16(Distribution::default(), DeviceKind::Cuda);
+    let off = fp16(offload, DeviceKind::Cuda);
+    let (c, h) = (phase(&autocast, "train"), phase(&off, "train"));
+    assert_eq!(
+        item(h, "transformer weights"),
+        item(c, "transformer weights") / 2
+    );
+    assert_eq!(item(h, "gradients"), item(c, "gradients") / 2);
+    assert_eq!(item(h, "f32 master weights"), 0);
+    assert!(!h.items.iter().any(|i| i.name.contains("half copies")));
+    assert!(
+        h.items.iter().any(|i| i
+            .name
+            .contains("f32 master weights: 6.31 GiB of host memory")),
+        "{:?}",
+        h.items
+    );
+    let cpu = fp16(offload, DeviceKind::Cpu);
+    assert_eq!(
+        item(phase(&cpu, "train"), "f32 master weights"),
+        item(c, "transformer weights")
+    );
 }

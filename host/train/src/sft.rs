@@ -373,10 +373,13 @@ pub fn set_full_values<B: AutodiffBackend>(
             let (id, old, mapper) = param.consume();
             let dims = old.dims();
             let require_grad = old.is_require_grad();
+            // The parameter keeps its dtype (half weights take f32 masters' values rounded).
+            let dtype = old.dtype();
             let new: Tensor<B, D> = match v.clone() {
                 AdapterTensor::Vector(t) => Tensor::<B, 1>::from_inner(t).reshape(dims),
                 AdapterTensor::Matrix(t) => Tensor::<B, 2>::from_inner(t).reshape(dims),
-            };
+            }
+            .cast(dtype);
             Param::from_mapped_value(id, new.detach().set_require_grad(require_grad), mapper)
         }
     }

@@ -261,7 +261,12 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         // Mixed precision: frozen weights are loaded in the half dtype; SFT keeps f32 master
         // weights and computes in half (autocast).
         let precision = config.mixed_precision;
-        let load_dtype = if config.is_sft() {
+        // SFT in half precision with ZeRO-2 or optimizer offload (DeepSpeed's layout): the model
+        // holds half weights, the optimizer shards keep the f32 masters in host memory.
+        let half_masters = config.is_sft()
+            && precision.is_half()
+            && (config.zero_stage == 2 || config.optimizer_offload);
+        let load_dtype = if config.is_sft() && !half_masters {
             FloatDType::F32
         } else {
             precision.dtype()
@@ -386,6 +391,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 sharding,
                 optimizer: ShardOptimizer::new(config.adamw(), config.optimizer_offload, device),
                 across,
+                masters: None,
             }
         });
         let mut step = 0u64;
@@ -448,6 +454,30 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                     ws as u64 * k
                 );
             }
+        }
+        // Half-precision SFT: this rank's f32 masters, from the checkpoint (which holds them) or
+        // from the weights as loaded.
+        if let (true, Some(z)) = (half_masters, &mut zero) {
+            let masters: BTreeMap<String, Vec<f32>> = match &resumed {
+                Some((_, ck)) => ck
+                    .weights
+                    .iter()
+                    .filter(|(k, _)| z.sharding.owns(k))
+                    .map(|(k, (_, v))| (k.clone(), v.clone()))
+                    .collect(),
+                None => mode
+                    .values(&mut model)
+                    .into_iter()
+                    .filter(|(k, _)| z.sharding.owns(k))
+                    .map(|(k, v)| (k, v.to_vec()))
+                    .collect(),
+            };
+            tracing::info!(
+                "{} weights on the device, f32 master weights of this process's {} values in host memory",
+                precision.name(),
+                masters.values().map(Vec::len).sum::<usize>()
+            );
+            z.masters = Some(masters);
         }
         // The steps: `max_steps`, or those that finish `epochs` from where the run stands (the
         // same as epochs x updates per epoch, unless the world size changed at a resume).
@@ -738,13 +768,16 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         } else if let (Some(r), Some(z)) = (reduced, &mut self.zero) {
             // Each rank clips and steps its tensors; every rank gets every updated tensor.
             let norm = r.norm;
-            let params: BTreeMap<String, Vec<f32>> = self
-                .mode
-                .values(&mut self.model)
-                .into_iter()
-                .filter(|(k, _)| z.sharding.owns(k))
-                .map(|(k, v)| (k, v.to_vec()))
-                .collect();
+            let params: BTreeMap<String, Vec<f32>> = match &z.masters {
+                Some(m) => m.clone(),
+                None => self
+                    .mode
+                    .values(&mut self.model)
+                    .into_iter()
+                    .filter(|(k, _)| z.sharding.owns(k))
+                    .map(|(k, v)| (k, v.to_vec()))
+                    .collect(),
+            };
             let world = z.world(self.world);
             let updated = zero::step_and_gather(
                 world,
@@ -755,6 +788,13 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 lr,
                 self.config.max_grad_norm,
             )?;
+            if let Some(m) = &mut z.masters {
+                for (k, (_, v)) in &updated {
+                    if let Some(master) = m.get_mut(k) {
+                        master.clone_from(v);
+                    }
+                }
+            }
             let values = updated
                 .into_iter()
                 .map(|(k, (shape, v))| {
@@ -812,8 +852,17 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
             .zero
             .as_ref()
             .map(|z| zero::gather_states(z.world(self.world), &z.sharding, &z.optimizer));
+        // Half-precision SFT: the checkpoint holds the f32 masters, not the model's half copies.
+        let masters = self.zero.as_ref().and_then(|z| {
+            let m = z.masters.as_ref()?;
+            zero::gather_values(z.world(self.world), &z.sharding, m)
+        });
         if self.rank != 0 {
             return Ok(());
+        }
+        let mut weights = host_tensors(&checkpoint_values(self.mode, &mut self.model));
+        if let Some(m) = masters {
+            weights.extend(m);
         }
         let optimizer = match gathered {
             Some(states) => states.expect("rank 0 gathers"),
@@ -836,7 +885,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                 world_size: self.ws as u64,
                 resized: self.resized,
             },
-            weights: host_tensors(&checkpoint_values(self.mode, &mut self.model)),
+            weights,
             optimizer,
         };
         let dir = write_checkpoint(&self.out, &ck, self.on_checkpoint_file)?;

@@ -27,6 +27,9 @@ pub(crate) struct Zero<B: Backend> {
     /// Sharded across the ranks (`zero_stage = 2`); else every rank owns every tensor and the
     /// gradients are all-reduced first (offload alone).
     pub(crate) across: bool,
+    /// SFT in half precision: the f32 master weights of this rank's tensors, in host memory
+    /// (the model holds their half-precision copies, rounded after every update).
+    pub(crate) masters: Option<BTreeMap<String, Vec<f32>>>,
 }
 
 impl<B: Backend> Zero<B> {
@@ -315,6 +318,40 @@ pub(crate) fn step_and_gather(
         }
     }
     Ok(out)
+}
+
+/// Every rank's `values` of the tensors it owns (the f32 master weights) gathered at rank 0
+/// (`None` on the others).
+pub(crate) fn gather_values(
+    world: &dyn Collective,
+    sharding: &Sharding,
+    values: &BTreeMap<String, Vec<f32>>,
+) -> Option<HostTensors> {
+    let block = sharding.grad_block;
+    let mut buf = vec![0f32; block];
+    for (name, shape, owner, at, _) in &sharding.tensors {
+        if *owner != sharding.rank {
+            continue;
+        }
+        if let Some(v) = values.get(name) {
+            let n = shape.iter().product::<usize>();
+            buf[*at] = 1.0;
+            buf[at + 1..at + 1 + n].copy_from_slice(v);
+        }
+    }
+    let all = world.gather_f32(&buf)?;
+    let mut out = BTreeMap::new();
+    for (name, shape, owner, at, _) in &sharding.tensors {
+        let at = owner * block + at;
+        if all[at] > 0.0 {
+            let n = shape.iter().product::<usize>();
+            out.insert(
+                name.clone(),
+                (shape.clone(), all[at + 1..at + 1 + n].to_vec()),
+            );
+        }
+    }
+    Some(out)
 }
 
 /// Every rank's optimizer states gathered at rank 0 (`None` on the others), in the layout of a
