@@ -462,10 +462,37 @@ fn bad_data_parallel_starts_are_refused_by_name() {
     assert!(stderr.contains("put --config"), "{stderr}");
 }
 
-/// The largest difference between two checkpoints' files (`weights.safetensors`,
-/// `optimizer.safetensors`), and the largest magnitude.
-fn checkpoint_diff(a: &Path, b: &Path, file: &str) -> (f32, f32) {
-    max_diff(&a.join(file), &b.join(file))
+/// Runs `a` and `b` (output folders under `dir`) agree over `n` steps: the same steps and
+/// timesteps, losses within `loss` relative, their `checkpoint-<n>` weights within `weights`
+/// and AdamW states within `states` (absolute, each file's values non-zero).
+fn assert_runs_agree(
+    dir: &Path,
+    (a, b): (&str, &str),
+    n: usize,
+    loss: f64,
+    weights: f32,
+    states: f32,
+) {
+    let (x, y) = (steps(&dir.join(a)), steps(&dir.join(b)));
+    assert_eq!(x.len(), n);
+    for (p, q) in x.iter().zip(&y) {
+        assert_eq!((p.0, &p.2), (q.0, &q.2));
+        assert!((p.1 - q.1).abs() <= loss * q.1.abs(), "{p:?} {q:?}");
+    }
+    let (xc, yc) = (
+        dir.join(a).join(format!("checkpoint-{n}")),
+        dir.join(b).join(format!("checkpoint-{n}")),
+    );
+    for (file, tolerance) in [
+        ("weights.safetensors", weights),
+        ("optimizer.safetensors", states),
+    ] {
+        let (d, m) = max_diff(&xc.join(file), &yc.join(file));
+        assert!(
+            d <= tolerance && m > 0.0,
+            "{file}: max difference {d}, magnitude {m}"
+        );
+    }
 }
 
 /// SFT (every transformer weight trained) with ZeRO-2 over two processes of batch 1 makes the
@@ -510,33 +537,12 @@ fn sft_with_zero_2_over_two_processes_trains_as_one_process() {
 
     let plain = config(dir.path(), "plain", &format!("{sft}\nbatch_size = 2"));
     ok(&cogvx(&["--config", s(&plain), "train"]));
-    let (z, p) = (
-        steps(&dir.path().join("zero")),
-        steps(&dir.path().join("plain")),
-    );
-    assert_eq!(z.len(), 3);
-    for (a, b) in z.iter().zip(&p) {
-        assert_eq!((a.0, &a.2), (b.0, &b.2));
-        assert!((a.1 - b.1).abs() <= 1e-5 * b.1.abs(), "{a:?} {b:?}");
-    }
-    let (zc, pc) = (
-        dir.path().join("zero/checkpoint-3"),
-        dir.path().join("plain/checkpoint-3"),
-    );
     // The AdamW states agree to 1e-8; the weights within 1e-4 = 0.1 x lr: AdamW divides each
     // moment by its root mean square, so a near-zero gradient element whose sum differs in the
     // last bits between one batch of 2 and two summed batches of 1 moves its weight by up to lr
     // either way (measured: 4.2e-5 for two processes without ZeRO, 4.4e-5 with it).
-    for (file, tolerance) in [
-        ("weights.safetensors", 1e-4),
-        ("optimizer.safetensors", 1e-6),
-    ] {
-        let (d, m) = checkpoint_diff(&zc, &pc, file);
-        assert!(
-            d <= tolerance && m > 0.0,
-            "{file}: max difference {d}, magnitude {m}"
-        );
-    }
+    assert_runs_agree(dir.path(), ("zero", "plain"), 3, 1e-5, 1e-4, 1e-6);
+    let zc = dir.path().join("zero/checkpoint-3");
 
     // The ZeRO checkpoint resumes with one process (replicated) and with three (ZeRO-2).
     for (n, stage) in [(1usize, 0u8), (3, 2)] {
@@ -622,29 +628,11 @@ fn bf16_sft_with_zero_2_keeps_f32_masters_beside_bf16_weights() {
         &format!("{sft}\nbatch_size = 2\noptimizer_offload = true"),
     );
     ok(&cogvx(&["--config", s(&offload), "train"]));
-    let (z, o) = (
-        steps(&dir.path().join("zero")),
-        steps(&dir.path().join("offload")),
-    );
-    assert_eq!(z.len(), 3);
-    for (a, b) in z.iter().zip(&o) {
-        assert_eq!((a.0, &a.2), (b.0, &b.2));
-        assert!((a.1 - b.1).abs() <= 2e-3 * b.1.abs(), "{a:?} {b:?}");
-    }
+    assert_runs_agree(dir.path(), ("zero", "offload"), 3, 2e-3, 5e-3, 1e-3);
     let (zc, oc) = (
         dir.path().join("zero/checkpoint-3"),
         dir.path().join("offload/checkpoint-3"),
     );
-    for (file, tolerance) in [
-        ("weights.safetensors", 5e-3),
-        ("optimizer.safetensors", 1e-3),
-    ] {
-        let (d, m) = checkpoint_diff(&zc, &oc, file);
-        assert!(
-            d <= tolerance && m > 0.0,
-            "{file}: max difference {d}, magnitude {m}"
-        );
-    }
     for c in [&zc, &oc] {
         let share = share_beyond_bf16(c);
         assert!(

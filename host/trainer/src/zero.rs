@@ -111,6 +111,60 @@ impl Sharding {
     }
 }
 
+/// Which blocks a buffer of tensors spans: this rank's only, or every rank's in rank order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Blocks {
+    Mine,
+    All,
+}
+
+impl Sharding {
+    /// A buffer of the gradient layout: for each tensor `get` has a value for (in `Mine`, only
+    /// this rank's tensors), a set flag and the values at the tensor's place in its owner's block.
+    fn pack<'v>(&self, blocks: Blocks, get: impl Fn(&str) -> Option<&'v [f32]>) -> Vec<f32> {
+        let block = self.grad_block;
+        let ranks = if blocks == Blocks::All { self.ws } else { 1 };
+        let mut buf = vec![0f32; block * ranks];
+        for (name, shape, owner, at, _) in &self.tensors {
+            if blocks == Blocks::Mine && *owner != self.rank {
+                continue;
+            }
+            if let Some(v) = get(name) {
+                let n = shape.iter().product::<usize>();
+                let at = if blocks == Blocks::All {
+                    owner * block + at
+                } else {
+                    *at
+                };
+                buf[at] = 1.0;
+                buf[at + 1..at + 1 + n].copy_from_slice(&v[..n]);
+            }
+        }
+        buf
+    }
+
+    /// The flagged tensors of a buffer laid out by [`Sharding::pack`].
+    fn unpack(&self, blocks: Blocks, buf: &[f32]) -> HostTensors {
+        let block = self.grad_block;
+        let mut out = BTreeMap::new();
+        for (name, shape, owner, at, _) in &self.tensors {
+            let at = match blocks {
+                Blocks::All => owner * block + at,
+                Blocks::Mine if *owner == self.rank => *at,
+                Blocks::Mine => continue,
+            };
+            if buf[at] > 0.0 {
+                let n = shape.iter().product::<usize>();
+                out.insert(
+                    name.clone(),
+                    (shape.clone(), buf[at + 1..at + 1 + n].to_vec()),
+                );
+            }
+        }
+        out
+    }
+}
+
 /// The AdamW of a rank's tensors: on the training device, or in host memory (offload).
 pub(crate) enum ShardOptimizer<B: Backend> {
     Device(AdamW<B>, B::Device),
@@ -209,9 +263,8 @@ pub(crate) fn reduce_scatter<B: Backend>(
     mut grads: BTreeMap<String, AdapterTensor<B>>,
     extras: &mut Vec<f32>,
 ) -> Result<Reduced, TrainerError> {
-    let block = sharding.grad_block;
-    let mut buf = vec![0f32; block * sharding.ws];
-    for (name, shape, owner, at, _) in &sharding.tensors {
+    let mut host = BTreeMap::new();
+    for (name, shape, _, _, _) in &sharding.tensors {
         if let Some(g) = grads.remove(name) {
             let v = g.to_vec();
             let n = shape.iter().product::<usize>();
@@ -221,9 +274,7 @@ pub(crate) fn reduce_scatter<B: Backend>(
                     v.len()
                 ));
             }
-            let at = owner * block + at;
-            buf[at] = 1.0;
-            buf[at + 1..at + 1 + n].copy_from_slice(&v);
+            host.insert(name.clone(), v);
         }
     }
     if let Some(name) = grads.keys().next() {
@@ -231,24 +282,22 @@ pub(crate) fn reduce_scatter<B: Backend>(
             "a gradient for `{name}`, which is not a trainable parameter"
         ));
     }
+    let buf = sharding.pack(Blocks::All, |n| host.get(n).map(Vec::as_slice));
+    drop(host);
     let mine = world.reduce_scatter_sum(&buf);
-    let mut out = BTreeMap::new();
-    let mut sum_sq = 0f64;
-    for (name, shape, owner, at, _) in &sharding.tensors {
-        if *owner != sharding.rank || mine[*at] <= 0.0 {
-            continue;
-        }
-        let n = shape.iter().product::<usize>();
-        let v = mine[at + 1..at + 1 + n].to_vec();
-        // As `total_grad_norm`: each tensor's norm in f32, squared and summed.
-        let norm = (v
-            .iter()
-            .map(|x| (*x as f64) * (*x as f64))
-            .sum::<f64>()
-            .sqrt()) as f32 as f64;
-        sum_sq += norm * norm;
-        out.insert(name.clone(), (shape.clone(), v));
-    }
+    let out = sharding.unpack(Blocks::Mine, &mine);
+    // As `total_grad_norm`: each tensor's norm in f32, squared and summed.
+    let sum_sq: f64 = out
+        .values()
+        .map(|(_, v)| {
+            let norm = (v
+                .iter()
+                .map(|x| (*x as f64) * (*x as f64))
+                .sum::<f64>()
+                .sqrt()) as f32 as f64;
+            norm * norm
+        })
+        .sum();
     extras.push(sum_sq as f32);
     world.all_reduce_sum(extras);
     let total = extras.pop().expect("pushed") as f64;
@@ -293,31 +342,9 @@ pub(crate) fn step_and_gather(
         })
         .collect::<Result<_, TrainerError>>()?;
     let updated = optimizer.step(lr, mine, &reduced.grads)?;
-    let block = sharding.grad_block;
-    let mut buf = vec![0f32; block];
-    for (name, shape, owner, at, _) in &sharding.tensors {
-        if *owner != sharding.rank {
-            continue;
-        }
-        if let Some(v) = updated.get(name) {
-            let n = shape.iter().product::<usize>();
-            buf[*at] = 1.0;
-            buf[at + 1..at + 1 + n].copy_from_slice(v);
-        }
-    }
+    let buf = sharding.pack(Blocks::Mine, |n| updated.get(n).map(Vec::as_slice));
     let all = world.all_gather_f32(&buf);
-    let mut out = BTreeMap::new();
-    for (name, shape, owner, at, _) in &sharding.tensors {
-        let at = owner * block + at;
-        if all[at] > 0.0 {
-            let n = shape.iter().product::<usize>();
-            out.insert(
-                name.clone(),
-                (shape.clone(), all[at + 1..at + 1 + n].to_vec()),
-            );
-        }
-    }
-    Ok(out)
+    Ok(sharding.unpack(Blocks::All, &all))
 }
 
 /// Every rank's `values` of the tensors it owns (the f32 master weights) gathered at rank 0
@@ -327,31 +354,9 @@ pub(crate) fn gather_values(
     sharding: &Sharding,
     values: &BTreeMap<String, Vec<f32>>,
 ) -> Option<HostTensors> {
-    let block = sharding.grad_block;
-    let mut buf = vec![0f32; block];
-    for (name, shape, owner, at, _) in &sharding.tensors {
-        if *owner != sharding.rank {
-            continue;
-        }
-        if let Some(v) = values.get(name) {
-            let n = shape.iter().product::<usize>();
-            buf[*at] = 1.0;
-            buf[at + 1..at + 1 + n].copy_from_slice(v);
-        }
-    }
+    let buf = sharding.pack(Blocks::Mine, |n| values.get(n).map(Vec::as_slice));
     let all = world.gather_f32(&buf)?;
-    let mut out = BTreeMap::new();
-    for (name, shape, owner, at, _) in &sharding.tensors {
-        let at = owner * block + at;
-        if all[at] > 0.0 {
-            let n = shape.iter().product::<usize>();
-            out.insert(
-                name.clone(),
-                (shape.clone(), all[at + 1..at + 1 + n].to_vec()),
-            );
-        }
-    }
-    Some(out)
+    Some(sharding.unpack(Blocks::All, &all))
 }
 
 /// Every rank's optimizer states gathered at rank 0 (`None` on the others), in the layout of a
