@@ -32,6 +32,21 @@ pub const CHECKSUMS_FILE: &str = "checksums.json";
 /// Host tensors by name: `(shape, values)`.
 pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// Host tensors as backend tensors on `device`; the error names a tensor that is not a vector or
+/// a matrix.
+pub fn tensors_from_host<B: burn::tensor::backend::Backend>(
+    t: &HostTensors,
+    device: &B::Device,
+) -> Result<BTreeMap<String, cogvx_model_core::adapter::AdapterTensor<B>>, String> {
+    t.iter()
+        .map(|(k, (shape, data))| {
+            cogvx_model_core::adapter::AdapterTensor::from_vec(shape, data.clone(), device)
+                .map(|v| (k.clone(), v))
+                .ok_or_else(|| format!("tensor `{k}` has shape {shape:?}, not a vector or matrix"))
+        })
+        .collect()
+}
+
 /// Where the data loader stands: the next micro-batch is batch `batch` (0-based) of `epoch`'s
 /// micro-batches ([`crate::rng::epoch_batches`] of its [`crate::rng::epoch_order`]), counted the
 /// same way whatever the number of processes (each takes one micro-batch per micro-step).

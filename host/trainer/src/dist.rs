@@ -31,13 +31,16 @@ impl GradLayout {
         }
     }
 
+    /// The number of trainable values.
+    pub(crate) fn values(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
     fn len(&self) -> usize {
-        self.tensors.len()
-            + self
-                .tensors
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum::<usize>()
+        self.tensors.len() + self.values()
     }
 }
 

@@ -318,11 +318,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         model.set_gradient_checkpointing(config.gradient_checkpointing);
         model.set_checkpoint_offload(config.gradient_checkpointing_offload);
         let grad_layout = GradLayout::new(&mode.values(&mut model));
-        let n_params: usize = mode
-            .values(&mut model)
-            .values()
-            .map(|t| t.shape().iter().product::<usize>())
-            .sum();
+        let n_params = grad_layout.values();
         if config.is_sft() {
             tracing::info!("full fine-tuning: {n_params} trainable parameters");
         } else {
@@ -465,12 +461,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                     .filter(|(k, _)| z.sharding.owns(k))
                     .map(|(k, (_, v))| (k.clone(), v.clone()))
                     .collect(),
-                None => mode
-                    .values(&mut model)
-                    .into_iter()
-                    .filter(|(k, _)| z.sharding.owns(k))
-                    .map(|(k, v)| (k, v.to_vec()))
-                    .collect(),
+                None => z.sharding.owned_on_host(mode.values(&mut model)),
             };
             tracing::info!(
                 "{} weights on the device, f32 master weights of this process's {} values in host memory",
@@ -768,23 +759,20 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         } else if let (Some(r), Some(z)) = (reduced, &mut self.zero) {
             // Each rank clips and steps its tensors; every rank gets every updated tensor.
             let norm = r.norm;
-            let params: BTreeMap<String, Vec<f32>> = match &z.masters {
-                Some(m) => m.clone(),
-                None => self
-                    .mode
-                    .values(&mut self.model)
-                    .into_iter()
-                    .filter(|(k, _)| z.sharding.owns(k))
-                    .map(|(k, v)| (k, v.to_vec()))
-                    .collect(),
+            let model_values;
+            let params = match &z.masters {
+                Some(m) => m,
+                None => {
+                    model_values = z.sharding.owned_on_host(self.mode.values(&mut self.model));
+                    &model_values
+                }
             };
-            let world = z.world(self.world);
             let updated = zero::step_and_gather(
-                world,
+                z.world(self.world),
                 &z.sharding,
                 &mut z.optimizer,
                 r,
-                &params,
+                params,
                 lr,
                 self.config.max_grad_norm,
             )?;
@@ -795,14 +783,8 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
                     }
                 }
             }
-            let values = updated
-                .into_iter()
-                .map(|(k, (shape, v))| {
-                    AdapterTensor::from_vec(&shape, v, &self.device)
-                        .map(|t| (k.clone(), t))
-                        .ok_or_else(|| TrainerError::Input(format!("`{k}`: shape {shape:?}")))
-                })
-                .collect::<Result<InnerTensors<B>, TrainerError>>()?;
+            let values: InnerTensors<B> = checkpoint::tensors_from_host(&updated, &self.device)
+                .map_err(TrainerError::Input)?;
             self.mode.set_values(&mut self.model, &values)?;
             norm
         } else {
@@ -1036,16 +1018,10 @@ fn from_host<B: Backend>(
     device: &B::Device,
     path: &Path,
 ) -> Result<BTreeMap<String, AdapterTensor<B>>, TrainerError> {
-    t.iter()
-        .map(|(k, (shape, data))| {
-            AdapterTensor::from_vec(shape, data.clone(), device)
-                .map(|v| (k.clone(), v))
-                .ok_or_else(|| TrainerError::Io {
-                    path: path.to_path_buf(),
-                    message: format!("tensor `{k}` has shape {shape:?}, not a vector or matrix"),
-                })
-        })
-        .collect()
+    checkpoint::tensors_from_host(t, device).map_err(|message| TrainerError::Io {
+        path: path.to_path_buf(),
+        message,
+    })
 }
 
 /// What a checkpoint stores of the model: every adapter parameter (trainable or not: a recipe

@@ -16,7 +16,7 @@ use cogvx_model_core::adapter::AdapterTensor;
 use cogvx_model_core::{CpuBackend, CpuDevice};
 use cogvx_train::{AdamW, AdamWConfig, HostAdamState};
 
-use crate::checkpoint::HostTensors;
+use crate::checkpoint::{tensors_from_host, HostTensors};
 use crate::dist::GradLayout;
 use crate::{input, TrainerError};
 
@@ -99,6 +99,18 @@ impl Sharding {
     /// Whether this rank owns `name`.
     pub(crate) fn owns(&self, name: &str) -> bool {
         self.tensors.iter().any(|t| t.0 == name && t.2 == self.rank)
+    }
+
+    /// This rank's tensors of `values` (the model's trainable tensors), as f32 host values.
+    pub(crate) fn owned_on_host<B: Backend>(
+        &self,
+        values: BTreeMap<String, AdapterTensor<B>>,
+    ) -> BTreeMap<String, Vec<f32>> {
+        values
+            .into_iter()
+            .filter(|(k, _)| self.owns(k))
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect()
     }
 
     /// The share of the trainable values this rank owns.
@@ -219,22 +231,6 @@ impl<B: Backend> ShardOptimizer<B> {
     }
 }
 
-fn tensors_on<O: Backend>(
-    values: &HostTensors,
-    device: &O::Device,
-) -> Result<BTreeMap<String, AdapterTensor<O>>, TrainerError> {
-    values
-        .iter()
-        .map(|(k, (shape, v))| {
-            AdapterTensor::from_vec(shape, v.clone(), device)
-                .map(|t| (k.clone(), t))
-                .ok_or_else(|| {
-                    TrainerError::Input(format!("`{k}`: shape {shape:?}, not rank 1 or 2"))
-                })
-        })
-        .collect()
-}
-
 fn step_on<O: Backend>(
     opt: &mut AdamW<O>,
     lr: f64,
@@ -242,8 +238,8 @@ fn step_on<O: Backend>(
     grads: &HostTensors,
     device: &O::Device,
 ) -> Result<BTreeMap<String, Vec<f32>>, TrainerError> {
-    let mut p = tensors_on::<O>(&params, device)?;
-    let g = tensors_on::<O>(grads, device)?;
+    let mut p = tensors_from_host::<O>(&params, device).map_err(TrainerError::Input)?;
+    let g = tensors_from_host::<O>(grads, device).map_err(TrainerError::Input)?;
     opt.step(lr, &mut p, &g)?;
     Ok(p.into_iter().map(|(k, t)| (k, t.to_vec())).collect())
 }
