@@ -31,7 +31,8 @@ pub struct AttentionReport {
     pub op: String,
     pub shape: [usize; 4],
     pub threads: usize,
-    /// Query rows x key columns per tile (`null` for the naive formula).
+    /// Query rows x key columns per tile, as the backend runs them (`null` for the naive
+    /// formula).
     pub tile: Option<[usize; 2]>,
     /// Seconds of the forward (values read back, so the work is done).
     pub forward_s: f64,
@@ -99,7 +100,10 @@ pub fn attention_on<B: ModelAutodiffBackend>(
         },
         shape,
         threads,
-        tile: (!naive).then_some([blocks.q, blocks.k]),
+        tile: (!naive).then(|| {
+            let t = B::attention_tiles(blocks);
+            [t.q, t.k]
+        }),
         forward_s: round_to(forward_s, 4),
         backward_s: round_to(backward_s, 4),
         gflops: round_to(flops / (forward_s + backward_s) / 1e9, 1),

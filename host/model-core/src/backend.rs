@@ -59,20 +59,13 @@ pub trait ModelBackend: Backend {
     /// Half-precision operands are computed in f32 block by block (FlashAttention's f32
     /// accumulators); the output has q's dtype, the log-sum-exp is f32.
     fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
-        let q = tensor::<Self>(inputs.q);
-        let dtype = float_dtype(&q);
-        let (out, lse) = flash::forward(
-            to_f32(q),
-            to_f32(tensor::<Self>(inputs.k)),
-            to_f32(tensor::<Self>(inputs.v)),
-            inputs.bias.map(|b| to_f32(tensor(b))),
-            inputs.scale,
-            inputs.sizes,
-        );
-        AttentionSaved {
-            out: prim(to_dtype(out, dtype)),
-            lse: prim(lse),
-        }
+        generic_flash_attention_forward(inputs)
+    }
+
+    /// The tile this backend's attention runs for the requested one (the CPU kernel caps it,
+    /// see [`crate::attention::cpu`]); what benchmarks report.
+    fn attention_tiles(requested: BlockSizes) -> BlockSizes {
+        requested
     }
 
     /// Memory-efficient attention backward from the saved output and log-sum-exp
@@ -83,39 +76,7 @@ pub trait ModelBackend: Backend {
         grad_out: FloatTensor<Self>,
         bias_grad: bool,
     ) -> AttentionGrads<Self> {
-        let (q, k, v) = (
-            tensor::<Self>(inputs.q),
-            tensor::<Self>(inputs.k),
-            tensor::<Self>(inputs.v),
-        );
-        let bias = inputs.bias.map(tensor::<Self>);
-        // Each gradient in its input's dtype, computed in f32.
-        let dtypes = (
-            float_dtype(&q),
-            float_dtype(&k),
-            float_dtype(&v),
-            bias.as_ref().map(float_dtype),
-        );
-        let g = flash::backward(
-            to_f32(q),
-            to_f32(k),
-            to_f32(v),
-            bias.map(to_f32),
-            inputs.scale,
-            to_f32(tensor(saved.out)),
-            to_f32(tensor(saved.lse)),
-            to_f32(tensor(grad_out)),
-            bias_grad,
-            inputs.sizes,
-        );
-        AttentionGrads {
-            q: prim(to_dtype(g.q, dtypes.0)),
-            k: prim(to_dtype(g.k, dtypes.1)),
-            v: prim(to_dtype(g.v, dtypes.2)),
-            bias: g
-                .bias
-                .map(|b| prim(to_dtype(b, dtypes.3.unwrap_or(FloatDType::F32)))),
-        }
+        generic_flash_attention_backward(inputs, saved, grad_out, bias_grad)
     }
 
     /// Attention as one operation: under autodiff it saves only q, k, v, the output and the
@@ -157,6 +118,70 @@ pub trait ModelBackend: Backend {
     }
 }
 
+/// [`ModelBackend::flash_attention_forward`] written with burn operations ([`flash::forward`]):
+/// what a backend without its own kernel runs.
+pub fn generic_flash_attention_forward<B: Backend>(
+    inputs: AttentionInputs<B>,
+) -> AttentionSaved<B> {
+    let q = tensor::<B>(inputs.q);
+    let dtype = float_dtype(&q);
+    let (out, lse) = flash::forward(
+        to_f32(q),
+        to_f32(tensor::<B>(inputs.k)),
+        to_f32(tensor::<B>(inputs.v)),
+        inputs.bias.map(|b| to_f32(tensor(b))),
+        inputs.scale,
+        inputs.sizes,
+    );
+    AttentionSaved {
+        out: prim(to_dtype(out, dtype)),
+        lse: prim(lse),
+    }
+}
+
+/// [`ModelBackend::flash_attention_backward`] written with burn operations
+/// ([`flash::backward`]).
+pub fn generic_flash_attention_backward<B: Backend>(
+    inputs: AttentionInputs<B>,
+    saved: AttentionSaved<B>,
+    grad_out: FloatTensor<B>,
+    bias_grad: bool,
+) -> AttentionGrads<B> {
+    let (q, k, v) = (
+        tensor::<B>(inputs.q),
+        tensor::<B>(inputs.k),
+        tensor::<B>(inputs.v),
+    );
+    let bias = inputs.bias.map(tensor::<B>);
+    // Each gradient in its input's dtype, computed in f32.
+    let dtypes = (
+        float_dtype(&q),
+        float_dtype(&k),
+        float_dtype(&v),
+        bias.as_ref().map(float_dtype),
+    );
+    let g = flash::backward(
+        to_f32(q),
+        to_f32(k),
+        to_f32(v),
+        bias.map(to_f32),
+        inputs.scale,
+        to_f32(tensor(saved.out)),
+        to_f32(tensor(saved.lse)),
+        to_f32(tensor(grad_out)),
+        bias_grad,
+        inputs.sizes,
+    );
+    AttentionGrads {
+        q: prim(to_dtype(g.q, dtypes.0)),
+        k: prim(to_dtype(g.k, dtypes.1)),
+        v: prim(to_dtype(g.v, dtypes.2)),
+        bias: g
+            .bias
+            .map(|b| prim(to_dtype(b, dtypes.3.unwrap_or(FloatDType::F32)))),
+    }
+}
+
 /// An autodiff backend whose inner backend is a [`ModelBackend`] too: what training code
 /// needs (the model runs on `Self`, validation and the optimizer on `Self::InnerBackend`).
 pub trait ModelAutodiffBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {
@@ -182,13 +207,46 @@ where
     burn_ndarray::NdArrayTensor:
         From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
 {
+    fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
+        crate::attention::cpu::forward(inputs)
+    }
+
+    fn attention_tiles(requested: BlockSizes) -> BlockSizes {
+        crate::attention::cpu::tiles(requested)
+    }
+
+    fn flash_attention_backward(
+        inputs: AttentionInputs<Self>,
+        saved: AttentionSaved<Self>,
+        grad_out: FloatTensor<Self>,
+        bias_grad: bool,
+    ) -> AttentionGrads<Self> {
+        crate::attention::cpu::backward(inputs, saved, grad_out, bias_grad)
+    }
 }
 
 #[cfg(feature = "cuda")]
 impl ModelBackend for crate::CudaBackend {}
 
 #[cfg(feature = "flex")]
-impl ModelBackend for burn::backend::Flex {}
+impl ModelBackend for burn::backend::Flex {
+    fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
+        crate::attention::cpu::forward(inputs)
+    }
+
+    fn attention_tiles(requested: BlockSizes) -> BlockSizes {
+        crate::attention::cpu::tiles(requested)
+    }
+
+    fn flash_attention_backward(
+        inputs: AttentionInputs<Self>,
+        saved: AttentionSaved<Self>,
+        grad_out: FloatTensor<Self>,
+        bias_grad: bool,
+    ) -> AttentionGrads<Self> {
+        crate::attention::cpu::backward(inputs, saved, grad_out, bias_grad)
+    }
+}
 
 #[cfg(feature = "wgpu")]
 impl ModelBackend for crate::WgpuBackend {}

@@ -46,6 +46,10 @@ impl<B: ModelBackend, const N: usize> Backward<B, N> for AttentionBackward<N> {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn attention_tiles(requested: crate::attention::BlockSizes) -> crate::attention::BlockSizes {
+        B::attention_tiles(requested)
+    }
+
     fn flash_attention(inputs: AttentionInputs<Self>) -> FloatTensor<Self> {
         let AttentionInputs {
             q,

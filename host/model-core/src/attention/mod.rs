@@ -3,9 +3,12 @@
 //! Every model (transformer, T5) calls [`attention`]. It is memory-efficient attention
 //! (FlashAttention-2, [`flash`]) as one operation of [`ModelBackend`]: under autodiff it keeps
 //! q, k, v, the output and one log-sum-exp per row for the backward, O(L x head_dim) instead of
-//! the O(L^2) score matrix. [`attention_naive`] is the textbook formula, kept as the oracle.
+//! the O(L^2) score matrix. The CPU backends run it as one kernel over host buffers
+//! (`cpu`, [`cogvx_kernels::attention`]); other backends as burn operations tile by tile
+//! ([`flash`]). [`attention_naive`] is the textbook formula, kept as the oracle.
 
 mod autodiff;
+pub(crate) mod cpu;
 pub mod flash;
 
 pub use flash::BlockSizes;

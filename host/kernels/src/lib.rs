@@ -1,0 +1,15 @@
+//! CPU kernels of cogvx, on plain `f32` slices (no burn types), so they build fast, test
+//! against naive loops, and sit behind one `ModelBackend` method each in `cogvx-model-core`.
+//!
+//! - [`attention`]: memory-efficient attention (FlashAttention-2 tiling) forward and backward,
+//!   its tiles multiplied by `gemm`, its row-wise softmax maths vectorised, heads on rayon's
+//!   threads.
+//! - [`simd`]: the row-wise loops those kernels use (a vectorisable `exp`, max, dot), compiled
+//!   for AVX2+FMA when the CPU has it.
+//!
+//! The dev profile builds this crate at opt-level 3 (workspace `Cargo.toml`): its loops are the
+//! training step's hot path, also in tests and benchmarks.
+
+pub mod attention;
+pub mod simd;
+mod tile;

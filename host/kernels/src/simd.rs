@@ -1,0 +1,245 @@
+//! Row-wise loops of the kernels, written so LLVM vectorises them (sixteen independent lanes, no
+//! branches in the body), each compiled three times: for the baseline target and, picked at run
+//! time, for AVX2 + FMA and for AVX-512. The two versions compute the same values (no fused multiply-adds are written,
+//! and Rust never contracts `a * b + c` on its own).
+
+/// Lanes of the accumulators (one AVX-512 register of f32, two AVX ones).
+const LANES: usize = 16;
+
+/// Below this `exp` is flushed to zero (`exp(-87.33) ~ f32::MIN_POSITIVE`).
+const EXP_LOW: f32 = -87.336_55;
+/// Inputs are clamped to this (`exp(88) ~ 1.65e38`, below `f32::MAX`, and `2^n` stays a
+/// normal exponent).
+const EXP_HIGH: f32 = 88.0;
+
+/// `exp(x)` in f32 to about 1 ulp (Cephes' `expf`: `x = n ln2 + r` with a two-part `ln2`, a
+/// degree-6 polynomial for `exp(r)`, `2^n` put into the exponent bits), branch-free so loops
+/// over it vectorise. Values below [`EXP_LOW`] (and `-inf`) give 0, values above [`EXP_HIGH`]
+/// give `exp(88)`, NaN gives NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let xc = x.clamp(EXP_LOW, EXP_HIGH);
+    // Round to nearest without `round` or a float-to-int cast (neither vectorises everywhere):
+    // adding 1.5 * 2^23 leaves the integer `n` in the low mantissa bits of `t`.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // `2^n`: `n + 127` into the exponent bits, integer arithmetic on `t`'s bits (|n| <= 127).
+    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let pow2 = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    let e = y * pow2;
+    // Selects, not branches: they vectorise.
+    if x < EXP_LOW {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        e
+    }
+}
+
+/// Defines `pub fn $name` that runs `$body` compiled for AVX-512 or AVX2 + FMA when the CPU has
+/// them, and for the baseline target otherwise.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                        $body($($arg),*)
+                    }
+                    // SAFETY: the CPU has the features `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
+                        $body($($arg),*)
+                    }
+                    // SAFETY: the CPU has the features `fast` was compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+dispatch! {
+    /// The largest value of `row`, at least `floor` (NaN-free input assumed).
+    pub fn max(row: &[f32], floor: f32) -> f32 = max_body;
+}
+#[inline(always)]
+fn max_body(row: &[f32], floor: f32) -> f32 {
+    let mut acc = [floor; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = floor;
+    for &x in acc.iter().chain(tail) {
+        m = if x > m { x } else { m };
+    }
+    m
+}
+
+dispatch! {
+    /// `row[i] = exp(row[i] - shift)`; returns the sum of the new values.
+    pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 = exp_shifted_sum_body;
+}
+#[inline(always)]
+fn exp_shifted_sum_body(row: &mut [f32], shift: f32) -> f32 {
+    // Two passes over the (cache-resident) row: the exp loop vectorises on its own, fused with
+    // the lane sums it does not.
+    exp_shifted_body(row, shift);
+    sum_body(row)
+}
+
+#[inline(always)]
+fn sum_body(row: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatch! {
+    /// `row[i] = exp(row[i] - shift)`.
+    pub fn exp_shifted(row: &mut [f32], shift: f32) = exp_shifted_body;
+}
+#[inline(always)]
+fn exp_shifted_body(row: &mut [f32], shift: f32) {
+    for x in row.iter_mut() {
+        *x = exp(*x - shift);
+    }
+}
+
+dispatch! {
+    /// `dp[i] = p[i] * (dp[i] - delta)`: the softmax backward of one row.
+    pub fn softmax_grad(p: &[f32], dp: &mut [f32], delta: f32) = softmax_grad_body;
+}
+#[inline(always)]
+fn softmax_grad_body(p: &[f32], dp: &mut [f32], delta: f32) {
+    for (d, &p) in dp.iter_mut().zip(p) {
+        *d = p * (*d - delta);
+    }
+}
+
+dispatch! {
+    /// `sum_i a[i] * b[i]`, sixteen partial sums.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_body;
+}
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatch! {
+    /// `row[i] *= factor`.
+    pub fn scale(row: &mut [f32], factor: f32) = scale_body;
+}
+#[inline(always)]
+fn scale_body(row: &mut [f32], factor: f32) {
+    for x in row.iter_mut() {
+        *x *= factor;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_over_the_softmax_range() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_731;
+        }
+        // f32's epsilon is 1.19e-7: two ulp at most.
+        assert!(worst < 2.4e-7, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn exp_edges() {
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-1000.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(88.0).is_finite() && exp(88.0) > 1e38);
+    }
+
+    #[test]
+    fn row_loops_equal_plain_ones() {
+        // Lengths around the lane count, so the remainders are exercised.
+        for n in [0usize, 1, 7, 8, 9, 31, 100] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.21)
+                .collect();
+            let plain_max = a.iter().fold(-5.0f32, |m, &x| m.max(x));
+            assert_eq!(max(&a, -5.0), plain_max);
+            let plain_dot: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (*x as f64) * (*y as f64))
+                .sum();
+            assert!((dot(&a, &b) as f64 - plain_dot).abs() < 1e-4);
+            let mut e = a.clone();
+            let sum = exp_shifted_sum(&mut e, 1.5);
+            let want: Vec<f64> = a.iter().map(|&x| ((x - 1.5) as f64).exp()).collect();
+            for (g, w) in e.iter().zip(&want) {
+                assert!(((*g as f64) - w).abs() <= 3e-7 * w.abs());
+            }
+            assert!((sum as f64 - want.iter().sum::<f64>()).abs() <= 1e-5 * (1.0 + sum as f64));
+            let mut e2 = a.clone();
+            exp_shifted(&mut e2, 1.5);
+            assert_eq!(e, e2);
+            let mut d = b.clone();
+            softmax_grad(&a, &mut d, 0.25);
+            for i in 0..n {
+                assert_eq!(d[i], a[i] * (b[i] - 0.25));
+            }
+            let mut s = a.clone();
+            scale(&mut s, 0.5);
+            for i in 0..n {
+                assert_eq!(s[i], a[i] * 0.5);
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The attention operation of the CPU backends (ndarray, flex): the operands as host `f32`
+//! buffers, [`cogvx_kernels::attention`] (gemm tiles, vectorised softmax, heads on rayon's
+//! threads), the results back as tensors. Other backends run [`super::flash`], burn operations
+//! tile by tile.
+//!
+//! Half-precision operands are computed in f32 (as FlashAttention's accumulators are); the
+//! output and the gradients come back in their operands' dtypes. A bias gradient (which no
+//! training in cogvx asks for: T5's position bias is frozen) takes the generic path.
+
+use super::BlockSizes;
+use crate::backend::{self, AttentionGrads, AttentionInputs, AttentionSaved};
+use crate::precision::{float_dtype, to_dtype, to_f32};
+use burn::tensor::{
+    backend::Backend, ops::FloatTensor, FloatDType, Tensor, TensorData, TensorPrimitive,
+};
+use cogvx_kernels::attention as kernel;
+
+/// A tensor's values as f32, row-major, with its dims and dtype.
+struct Host {
+    values: Vec<f32>,
+    dims: [usize; 4],
+    dtype: FloatDType,
+}
+
+fn host<B: Backend>(t: FloatTensor<B>) -> Host {
+    let t = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    let (dims, dtype) = (t.dims(), float_dtype(&t));
+    let values = to_f32(t)
+        .into_data()
+        .into_vec::<f32>()
+        .expect("an f32 tensor's data holds f32 values");
+    Host {
+        values,
+        dims,
+        dtype,
+    }
+}
+
+fn tensor<B: Backend>(
+    values: Vec<f32>,
+    dims: [usize; 4],
+    dtype: FloatDType,
+    device: &B::Device,
+) -> FloatTensor<B> {
+    let t = Tensor::<B, 4>::from_data(TensorData::new(values, dims), device);
+    to_dtype(t, dtype).into_primitive().tensor()
+}
+
+/// The kernel's shape from q `[B, H, Lq, D]`, k `[B, H, Lk, D]`, v `[B, H, Lk, Dv]`.
+fn dims(q: &Host, k: &Host, v: &Host) -> kernel::Dims {
+    let ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, dv]) = (q.dims, k.dims, v.dims);
+    assert!(
+        kb == b && vb == b && kh == h && vh == h && kd == d && vl == lk,
+        "attention: q {:?}, k {:?}, v {:?} do not fit [B, H, Lq, D], [B, H, Lk, D], [B, H, Lk, Dv]",
+        q.dims,
+        k.dims,
+        v.dims
+    );
+    kernel::Dims {
+        batch: b,
+        heads: h,
+        len_q: lq,
+        len_k: lk,
+        head_dim: d,
+        head_dim_v: dv,
+    }
+}
+
+/// The bias's strides over `[B, H, Lq, Lk]`: its own contiguous strides, 0 along an axis of
+/// size 1 (broadcast).
+fn bias_strides(bias: &Host, d: &kernel::Dims) -> [usize; 4] {
+    let full = [d.batch, d.heads, d.len_q, d.len_k];
+    assert!(
+        bias.dims.iter().zip(full).all(|(&x, f)| x == 1 || x == f),
+        "attention: bias {:?} does not broadcast to [B, H, Lq, Lk] = {full:?}",
+        bias.dims
+    );
+    let mut strides = [0usize; 4];
+    let mut step = 1;
+    for axis in (0..4).rev() {
+        strides[axis] = if bias.dims[axis] == 1 { 0 } else { step };
+        step *= bias.dims[axis];
+    }
+    strides
+}
+
+/// The kernel's tiles for the requested ones: [`kernel::Tiles::DEFAULT`] (64 query rows x 512
+/// keys, which keep a tile's scores in L2) or smaller where asked.
+pub fn tiles(requested: BlockSizes) -> BlockSizes {
+    let t = kernel_tiles(requested);
+    BlockSizes { q: t.q, k: t.k }
+}
+
+fn kernel_tiles(requested: BlockSizes) -> kernel::Tiles {
+    kernel::Tiles::at_most(requested.q, requested.k)
+}
+
+/// [`crate::backend::ModelBackend::flash_attention_forward`] for a CPU backend.
+pub fn forward<B: Backend>(inputs: AttentionInputs<B>) -> AttentionSaved<B> {
+    let device = B::float_device(&inputs.q);
+    let (q, k, v) = (
+        host::<B>(inputs.q),
+        host::<B>(inputs.k),
+        host::<B>(inputs.v),
+    );
+    let dims = dims(&q, &k, &v);
+    let bias = inputs.bias.map(host::<B>);
+    let strides = bias.as_ref().map(|b| bias_strides(b, &dims));
+    let f = kernel::forward(
+        &q.values,
+        &k.values,
+        &v.values,
+        bias.as_ref().zip(strides).map(|(b, strides)| kernel::Bias {
+            values: &b.values,
+            strides,
+        }),
+        dims,
+        inputs.scale as f32,
+        kernel_tiles(inputs.sizes),
+    );
+    let [b, h, lq, _] = q.dims;
+    AttentionSaved {
+        out: tensor::<B>(f.out, [b, h, lq, dims.head_dim_v], q.dtype, &device),
+        lse: tensor::<B>(f.lse, [b, h, lq, 1], FloatDType::F32, &device),
+    }
+}
+
+/// [`crate::backend::ModelBackend::flash_attention_backward`] for a CPU backend.
+pub fn backward<B: Backend>(
+    inputs: AttentionInputs<B>,
+    saved: AttentionSaved<B>,
+    grad_out: FloatTensor<B>,
+    bias_grad: bool,
+) -> AttentionGrads<B> {
+    if bias_grad && inputs.bias.is_some() {
+        return backend::generic_flash_attention_backward(inputs, saved, grad_out, bias_grad);
+    }
+    let device = B::float_device(&inputs.q);
+    let (q, k, v) = (
+        host::<B>(inputs.q),
+        host::<B>(inputs.k),
+        host::<B>(inputs.v),
+    );
+    let dims = dims(&q, &k, &v);
+    let bias = inputs.bias.map(host::<B>);
+    let strides = bias.as_ref().map(|b| bias_strides(b, &dims));
+    let (out, lse, grad_out) = (
+        host::<B>(saved.out),
+        host::<B>(saved.lse),
+        host::<B>(grad_out),
+    );
+    let g = kernel::backward(
+        &q.values,
+        &k.values,
+        &v.values,
+        bias.as_ref().zip(strides).map(|(b, strides)| kernel::Bias {
+            values: &b.values,
+            strides,
+        }),
+        dims,
+        inputs.scale as f32,
+        &out.values,
+        &lse.values,
+        &grad_out.values,
+        kernel_tiles(inputs.sizes),
+    );
+    AttentionGrads {
+        q: tensor::<B>(g.q, q.dims, q.dtype, &device),
+        k: tensor::<B>(g.k, k.dims, k.dtype, &device),
+        v: tensor::<B>(g.v, v.dims, v.dtype, &device),
+        bias: None,
+    }
+}
