@@ -326,6 +326,7 @@ const COGVX_TARGETS: &[&str] = &[
     "cogvx_dist",
     "cogvx_engine",
     "cogvx_io",
+    "cogvx_kernels",
     "cogvx_metrics",
     "cogvx_model_core",
     "cogvx_plan",
