@@ -30,7 +30,11 @@ impl Dims {
         self.batch * self.heads
     }
 
-    fn check(&self, q: &[f32], k: &[f32], v: &[f32]) {
+    /// Panics unless q, k, v (and the bias, if any) have this shape's lengths.
+    fn check_operands(&self, q: &[f32], k: &[f32], v: &[f32], bias: Option<&Bias<'_>>) {
+        if let Some(b) = bias {
+            b.check(self);
+        }
         let bh = self.batch_heads();
         assert_eq!(
             q.len(),
@@ -147,10 +151,7 @@ pub fn forward(
     scale: f32,
     tiles: Tiles,
 ) -> Forward {
-    dims.check(q, k, v);
-    if let Some(b) = &bias {
-        b.check(&dims);
-    }
+    dims.check_operands(q, k, v, bias.as_ref());
     let Dims {
         heads,
         len_q: lq,
@@ -274,10 +275,7 @@ pub fn backward(
     grad_out: &[f32],
     tiles: Tiles,
 ) -> Grads {
-    dims.check(q, k, v);
-    if let Some(b) = &bias {
-        b.check(&dims);
-    }
+    dims.check_operands(q, k, v, bias.as_ref());
     let Dims {
         heads,
         len_q: lq,

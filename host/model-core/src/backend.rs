@@ -199,6 +199,28 @@ impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoi
     }
 }
 
+/// The attention methods of a CPU backend: [`crate::attention::cpu`]'s kernel.
+macro_rules! cpu_attention {
+    () => {
+        fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
+            crate::attention::cpu::forward(inputs)
+        }
+
+        fn attention_tiles(requested: BlockSizes) -> BlockSizes {
+            crate::attention::cpu::tiles(requested)
+        }
+
+        fn flash_attention_backward(
+            inputs: AttentionInputs<Self>,
+            saved: AttentionSaved<Self>,
+            grad_out: FloatTensor<Self>,
+            bias_grad: bool,
+        ) -> AttentionGrads<Self> {
+            crate::attention::cpu::backward(inputs, saved, grad_out, bias_grad)
+        }
+    };
+}
+
 impl<E, I, Q> ModelBackend for burn::backend::NdArray<E, I, Q>
 where
     E: burn_ndarray::FloatNdArrayElement,
@@ -207,22 +229,7 @@ where
     burn_ndarray::NdArrayTensor:
         From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
 {
-    fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
-        crate::attention::cpu::forward(inputs)
-    }
-
-    fn attention_tiles(requested: BlockSizes) -> BlockSizes {
-        crate::attention::cpu::tiles(requested)
-    }
-
-    fn flash_attention_backward(
-        inputs: AttentionInputs<Self>,
-        saved: AttentionSaved<Self>,
-        grad_out: FloatTensor<Self>,
-        bias_grad: bool,
-    ) -> AttentionGrads<Self> {
-        crate::attention::cpu::backward(inputs, saved, grad_out, bias_grad)
-    }
+    cpu_attention!();
 }
 
 #[cfg(feature = "cuda")]
@@ -230,22 +237,7 @@ impl ModelBackend for crate::CudaBackend {}
 
 #[cfg(feature = "flex")]
 impl ModelBackend for burn::backend::Flex {
-    fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
-        crate::attention::cpu::forward(inputs)
-    }
-
-    fn attention_tiles(requested: BlockSizes) -> BlockSizes {
-        crate::attention::cpu::tiles(requested)
-    }
-
-    fn flash_attention_backward(
-        inputs: AttentionInputs<Self>,
-        saved: AttentionSaved<Self>,
-        grad_out: FloatTensor<Self>,
-        bias_grad: bool,
-    ) -> AttentionGrads<Self> {
-        crate::attention::cpu::backward(inputs, saved, grad_out, bias_grad)
-    }
+    cpu_attention!();
 }
 
 #[cfg(feature = "wgpu")]

@@ -95,32 +95,66 @@ fn kernel_tiles(requested: BlockSizes) -> kernel::Tiles {
     kernel::Tiles::at_most(requested.q, requested.k)
 }
 
+/// An attention call's operands as host buffers: q, k, v, the bias with its broadcast strides,
+/// the kernel's shape, scale and tiles.
+struct Operands {
+    q: Host,
+    k: Host,
+    v: Host,
+    bias: Option<(Host, [usize; 4])>,
+    dims: kernel::Dims,
+    scale: f32,
+    tiles: kernel::Tiles,
+}
+
+impl Operands {
+    fn from_inputs<B: Backend>(inputs: AttentionInputs<B>) -> Self {
+        let (q, k, v) = (
+            host::<B>(inputs.q),
+            host::<B>(inputs.k),
+            host::<B>(inputs.v),
+        );
+        let dims = dims(&q, &k, &v);
+        let bias = inputs.bias.map(|b| {
+            let b = host::<B>(b);
+            let strides = bias_strides(&b, &dims);
+            (b, strides)
+        });
+        Self {
+            q,
+            k,
+            v,
+            bias,
+            dims,
+            scale: inputs.scale as f32,
+            tiles: kernel_tiles(inputs.sizes),
+        }
+    }
+
+    fn bias(&self) -> Option<kernel::Bias<'_>> {
+        self.bias.as_ref().map(|(b, strides)| kernel::Bias {
+            values: &b.values,
+            strides: *strides,
+        })
+    }
+}
+
 /// [`crate::backend::ModelBackend::flash_attention_forward`] for a CPU backend.
 pub fn forward<B: Backend>(inputs: AttentionInputs<B>) -> AttentionSaved<B> {
     let device = B::float_device(&inputs.q);
-    let (q, k, v) = (
-        host::<B>(inputs.q),
-        host::<B>(inputs.k),
-        host::<B>(inputs.v),
-    );
-    let dims = dims(&q, &k, &v);
-    let bias = inputs.bias.map(host::<B>);
-    let strides = bias.as_ref().map(|b| bias_strides(b, &dims));
+    let ops = Operands::from_inputs(inputs);
     let f = kernel::forward(
-        &q.values,
-        &k.values,
-        &v.values,
-        bias.as_ref().zip(strides).map(|(b, strides)| kernel::Bias {
-            values: &b.values,
-            strides,
-        }),
-        dims,
-        inputs.scale as f32,
-        kernel_tiles(inputs.sizes),
+        &ops.q.values,
+        &ops.k.values,
+        &ops.v.values,
+        ops.bias(),
+        ops.dims,
+        ops.scale,
+        ops.tiles,
     );
-    let [b, h, lq, _] = q.dims;
+    let [b, h, lq, _] = ops.q.dims;
     AttentionSaved {
-        out: tensor::<B>(f.out, [b, h, lq, dims.head_dim_v], q.dtype, &device),
+        out: tensor::<B>(f.out, [b, h, lq, ops.dims.head_dim_v], ops.q.dtype, &device),
         lse: tensor::<B>(f.lse, [b, h, lq, 1], FloatDType::F32, &device),
     }
 }
@@ -136,34 +170,25 @@ pub fn backward<B: Backend>(
         return backend::generic_flash_attention_backward(inputs, saved, grad_out, bias_grad);
     }
     let device = B::float_device(&inputs.q);
-    let (q, k, v) = (
-        host::<B>(inputs.q),
-        host::<B>(inputs.k),
-        host::<B>(inputs.v),
-    );
-    let dims = dims(&q, &k, &v);
-    let bias = inputs.bias.map(host::<B>);
-    let strides = bias.as_ref().map(|b| bias_strides(b, &dims));
+    let ops = Operands::from_inputs(inputs);
     let (out, lse, grad_out) = (
         host::<B>(saved.out),
         host::<B>(saved.lse),
         host::<B>(grad_out),
     );
     let g = kernel::backward(
-        &q.values,
-        &k.values,
-        &v.values,
-        bias.as_ref().zip(strides).map(|(b, strides)| kernel::Bias {
-            values: &b.values,
-            strides,
-        }),
-        dims,
-        inputs.scale as f32,
+        &ops.q.values,
+        &ops.k.values,
+        &ops.v.values,
+        ops.bias(),
+        ops.dims,
+        ops.scale,
         &out.values,
         &lse.values,
         &grad_out.values,
-        kernel_tiles(inputs.sizes),
+        ops.tiles,
     );
+    let (q, k, v) = (&ops.q, &ops.k, &ops.v);
     AttentionGrads {
         q: tensor::<B>(g.q, q.dims, q.dtype, &device),
         k: tensor::<B>(g.k, k.dims, k.dtype, &device),
