@@ -4,6 +4,8 @@
 //! - [`attention`]: memory-efficient attention (FlashAttention-2 tiling) forward and backward,
 //!   its tiles multiplied by `gemm`, its row-wise softmax maths vectorised, heads on rayon's
 //!   threads.
+//! - [`layout`]: a strided view copied into a contiguous buffer row by row (the swap of a
+//!   tensor's token and head axes).
 //! - [`simd`]: the row-wise loops those kernels use (a vectorisable `exp`, max, dot), compiled
 //!   for AVX2+FMA when the CPU has it.
 //!
@@ -11,5 +13,6 @@
 //! training step's hot path, also in tests and benchmarks.
 
 pub mod attention;
+pub mod layout;
 pub mod simd;
 mod tile;

@@ -100,6 +100,18 @@ pub trait ModelBackend: Backend {
         )
     }
 
+    /// `x` laid out contiguously, row-major (a copy where it is a strided view). By default
+    /// unchanged: a backend whose operations take any layout at full speed has nothing to gain.
+    fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        x
+    }
+
+    /// `x.swap_dims(dim1, dim2)`, laid out contiguously ([`ModelBackend::contiguous`]); under
+    /// autodiff one operation whose backward swaps the gradient the same way ([`crate::layout`]).
+    fn swap_dims_contiguous(x: FloatTensor<Self>, dim1: usize, dim2: usize) -> FloatTensor<Self> {
+        Self::contiguous(Self::float_swap_dims(x, dim1, dim2))
+    }
+
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
     /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
     /// the hidden layer.
@@ -238,6 +250,10 @@ impl ModelBackend for crate::CudaBackend {}
 #[cfg(feature = "flex")]
 impl ModelBackend for burn::backend::Flex {
     cpu_attention!();
+
+    fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::layout::flex_contiguous(x)
+    }
 }
 
 #[cfg(feature = "wgpu")]

@@ -11,6 +11,7 @@
 //! * [`feed_forward`]: the transformer feed-forward as one operation that recomputes its hidden
 //!   layer in the backward, chunk by chunk.
 //! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
+//! * [`layout`]: the swap of token and head axes as a contiguous copy (CPU backends' fast paths).
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`precision`]: mixed precision (half compute and frozen weights, f32 where autocast keeps it).
 //! * [`case`]: the parity case format of `shared/reference/cases`.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod feed_forward;
 pub mod grad_checkpoint;
+pub mod layout;
 pub mod nn;
 pub mod precision;
 #[cfg(feature = "testing")]

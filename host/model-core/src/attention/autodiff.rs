@@ -110,4 +110,8 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     fn feed_forward(inputs: crate::feed_forward::FeedForwardInputs<Self>) -> FloatTensor<Self> {
         crate::feed_forward::autodiff_feed_forward::<B, C>(inputs)
     }
+
+    fn swap_dims_contiguous(x: FloatTensor<Self>, dim1: usize, dim2: usize) -> FloatTensor<Self> {
+        crate::layout::autodiff_swap_dims_contiguous::<B, C>(x, dim1, dim2)
+    }
 }
