@@ -9,6 +9,7 @@ use burn::module::Module;
 use burn::nn::Dropout;
 use burn::tensor::{backend::Backend, Tensor};
 use cogvx_model_core::attention::attention;
+use cogvx_model_core::layout::swap_dims_contiguous;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
 use cogvx_model_core::ModelBackend;
@@ -67,10 +68,12 @@ impl<B: ModelBackend> Attention<B> {
         let [_, text_len, _] = encoder_hidden_states.dims();
         let x = Tensor::cat(vec![encoder_hidden_states, hidden_states], 1);
         let [b, len, _] = x.dims();
+        // The heads' axis swapped with the tokens' as a contiguous copy: the norms, the rotary
+        // embedding and their backward then run on burn-flex's fast paths (cogvx_model_core::layout).
         let split_heads = |t: Tensor<B, 3>| {
             let inner = t.dims()[2];
-            t.reshape([b, len, self.heads, inner / self.heads])
-                .swap_dims(1, 2) // [B, H, L, hd]
+            swap_dims_contiguous(t.reshape([b, len, self.heads, inner / self.heads]), 1, 2)
+            // [B, H, L, hd]
         };
         let query = split_heads(self.to_q.forward(x.clone()));
         let key = split_heads(self.to_k.forward(x.clone()));
@@ -91,7 +94,7 @@ impl<B: ModelBackend> Attention<B> {
         };
         let out = attention(query, key, value, None, None); // [B, H, L, hd]
         let [_, h, _, hd] = out.dims();
-        let out = out.swap_dims(1, 2).reshape([b, len, h * hd]);
+        let out = swap_dims_contiguous(out, 1, 2).reshape([b, len, h * hd]);
         let out = self.to_out.1.forward(self.to_out.0.forward(out));
         let text = out.clone().narrow(1, 0, text_len);
         let video = out.narrow(1, text_len, len - text_len);

@@ -650,14 +650,14 @@ pub fn apply_rotary_emb<B: Backend>(
     let [b, h, s, d] = x.dims();
     // The pair swap as one small matmul: much faster than narrow/cat on the last axis.
     let r = rotate_pairs_matrix::<B>(d, &x.device());
-    let x_rotated = x
-        .clone()
-        .reshape([b * h * s, d])
-        .matmul(r)
-        .reshape([b, h, s, d]);
-    let cos = cos.reshape([1, 1, s, d]);
-    let sin = sin.reshape([1, 1, s, d]);
-    to_dtype(x * cos + x_rotated * sin, dtype)
+    let rows = x.reshape([b * h * s, d]);
+    let x_rotated = rows.clone().matmul(r).reshape([b * h, s * d]);
+    // Each head's [s * d] values times one shared [s * d] row: the broadcast CPU backends
+    // vectorise (a [1, 1, s, d] table broadcast over [b, h, s, d] takes a strided walk).
+    let cos = cos.reshape([1, s * d]);
+    let sin = sin.reshape([1, s * d]);
+    let out = rows.reshape([b * h, s * d]) * cos + x_rotated * sin;
+    to_dtype(out.reshape([b, h, s, d]), dtype)
 }
 
 #[cfg(test)]
