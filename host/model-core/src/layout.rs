@@ -18,6 +18,13 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::{ops::FloatTensor, Tensor, TensorPrimitive};
 
+/// [`ModelBackend::contiguous`] on a tensor.
+pub fn contiguous<B: ModelBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::contiguous(
+        x.into_primitive().tensor(),
+    )))
+}
+
 /// [`ModelBackend::swap_dims_contiguous`] on a tensor.
 pub fn swap_dims_contiguous<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
@@ -49,6 +56,40 @@ impl<B: ModelBackend> Backward<B, 1> for SwapDimsBackward {
         if let Some(node) = &ops.parents[0] {
             grads.register::<B>(node.id, B::swap_dims_contiguous(grad, dim1, dim2));
         }
+    }
+}
+
+/// The backward of [`ModelBackend::contiguous`]: the gradient, laid out contiguously.
+#[derive(Debug)]
+struct ContiguousBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for ContiguousBackward {
+    type State = ();
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<B>(node.id, B::contiguous(grad));
+        }
+    }
+}
+
+/// [`ModelBackend::contiguous`] under autodiff: one operation, nothing saved.
+pub(crate) fn autodiff_contiguous<B: ModelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match ContiguousBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((), B::contiguous(x.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(B::contiguous(x.primitive)),
     }
 }
 
@@ -146,8 +187,40 @@ mod tests {
         assert_eq!(ours.1, reference.1);
     }
 
+    /// `contiguous` of a narrowed view: the same values, and the gradient lands in the view's
+    /// rows of its source.
+    fn contiguous_keeps_values_and_gradients<B: ModelBackend>()
+    where
+        Autodiff<B>: ModelBackend,
+    {
+        let device = Default::default();
+        let x = Tensor::<B, 3>::from_data(
+            TensorData::new(
+                (0..2 * 6 * 16).map(|i| i as f32).collect::<Vec<_>>(),
+                [2, 6, 16],
+            ),
+            &device,
+        );
+        let run = |ours: bool| {
+            let xa = Tensor::<Autodiff<B>, 3>::from_inner(x.clone()).require_grad();
+            let view = xa.clone().narrow(1, 2, 3);
+            let y = if ours { contiguous(view) } else { view };
+            let w = Tensor::<Autodiff<B>, 3>::from_inner(Tensor::<B, 3>::ones([1, 3, 16], &device))
+                .mul_scalar(3.0);
+            let grads = (y.clone() * w).sum().backward();
+            (
+                y.inner().into_data(),
+                xa.grad(&grads).expect("x's gradient").into_data(),
+            )
+        };
+        let (ours, reference) = (run(true), run(false));
+        assert_eq!(ours.0, reference.0);
+        assert_eq!(ours.1, reference.1);
+    }
+
     #[test]
     fn the_contiguous_swap_equals_swap_dims_on_ndarray() {
+        contiguous_keeps_values_and_gradients::<crate::CpuBackend>();
         equals_swap_dims::<crate::CpuBackend>();
     }
 
@@ -155,6 +228,7 @@ mod tests {
     #[test]
     fn the_contiguous_swap_equals_swap_dims_on_flex() {
         equals_swap_dims::<crate::FlexBackend>();
+        contiguous_keeps_values_and_gradients::<crate::FlexBackend>();
         // The copy is contiguous, and a view of a view (narrowed, then swapped) copies right.
         let t = Tensor::<crate::FlexBackend, 3>::from_data(
             TensorData::new(

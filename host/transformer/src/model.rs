@@ -17,6 +17,7 @@ use burn::tensor::{
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::feed_forward::feed_forward;
 use cogvx_model_core::grad_checkpoint;
+use cogvx_model_core::layout::contiguous;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::precision::{float_dtype, to_dtype};
 use cogvx_model_core::weights::VarBuilder;
@@ -195,8 +196,11 @@ impl<B: ModelBackend> CogVideoXBlock<B> {
         let (attn_hidden, attn_encoder) =
             self.attn1
                 .forward(n.hidden_states, n.encoder_hidden_states, image_rotary_emb);
-        let hidden_states = hidden_states + n.gate * attn_hidden;
-        let encoder_hidden_states = encoder_hidden_states + n.enc_gate * attn_encoder;
+        // Each stream's rows (a view into the joint sequence) copied contiguous before the
+        // gate's broadcast product, which CPU backends then vectorise (`x * gate`, the same
+        // values as diffusers' `gate * x`).
+        let hidden_states = hidden_states + contiguous(attn_hidden) * n.gate;
+        let encoder_hidden_states = encoder_hidden_states + contiguous(attn_encoder) * n.enc_gate;
 
         let n = self
             .norm2
@@ -204,10 +208,10 @@ impl<B: ModelBackend> CogVideoXBlock<B> {
         let joint = Tensor::cat(vec![n.encoder_hidden_states, n.hidden_states], 1);
         let ff_output = self.ff.forward(joint);
         let len = ff_output.dims()[1];
-        let hidden_states =
-            hidden_states + n.gate * ff_output.clone().narrow(1, text_len, len - text_len);
+        let hidden_states = hidden_states
+            + contiguous(ff_output.clone().narrow(1, text_len, len - text_len)) * n.gate;
         let encoder_hidden_states =
-            encoder_hidden_states + n.enc_gate * ff_output.narrow(1, 0, text_len);
+            encoder_hidden_states + contiguous(ff_output.narrow(1, 0, text_len)) * n.enc_gate;
         (hidden_states, encoder_hidden_states)
     }
 }

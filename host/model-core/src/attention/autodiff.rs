@@ -111,6 +111,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         crate::feed_forward::autodiff_feed_forward::<B, C>(inputs)
     }
 
+    fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::layout::autodiff_contiguous::<B, C>(x)
+    }
+
     fn swap_dims_contiguous(x: FloatTensor<Self>, dim1: usize, dim2: usize) -> FloatTensor<Self> {
         crate::layout::autodiff_swap_dims_contiguous::<B, C>(x, dim1, dim2)
     }
