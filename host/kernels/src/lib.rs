@@ -1,6 +1,8 @@
 //! CPU kernels of cogvx, on plain `f32` slices (no burn types), so they build fast, test
 //! against naive loops, and sit behind one `ModelBackend` method each in `cogvx-model-core`.
 //!
+//! - [`activation`]: the tanh-approximated GELU and its gradient, vectorised, on rayon's
+//!   threads.
 //! - [`attention`]: memory-efficient attention (FlashAttention-2 tiling) forward and backward,
 //!   its tiles multiplied by `gemm`, its row-wise softmax maths vectorised, heads on rayon's
 //!   threads.
@@ -12,6 +14,7 @@
 //! The dev profile builds this crate at opt-level 3 (workspace `Cargo.toml`): its loops are the
 //! training step's hot path, also in tests and benchmarks.
 
+pub mod activation;
 pub mod attention;
 pub mod layout;
 pub mod simd;

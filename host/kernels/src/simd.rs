@@ -46,12 +46,12 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// Defines `pub fn $name` that runs `$body` compiled for AVX-512 or AVX2 + FMA when the CPU has
-/// them, and for the baseline target otherwise.
+/// Defines `fn $name` (with its visibility) that runs `$body` compiled for AVX-512 or AVX2 + FMA
+/// when the CPU has them, and for the baseline target otherwise.
 macro_rules! dispatch {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -77,6 +77,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 dispatch! {
     /// The largest value of `row`, at least `floor` (NaN-free input assumed).

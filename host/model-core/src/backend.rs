@@ -211,8 +211,9 @@ impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoi
     }
 }
 
-/// The attention methods of a CPU backend: [`crate::attention::cpu`]'s kernel.
-macro_rules! cpu_attention {
+/// The methods a CPU backend runs as [`cogvx_kernels`]: the attention
+/// ([`crate::attention::cpu`]) and the GELU ([`crate::activation`]).
+macro_rules! cpu_kernels {
     () => {
         fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
             crate::attention::cpu::forward(inputs)
@@ -230,6 +231,14 @@ macro_rules! cpu_attention {
         ) -> AttentionGrads<Self> {
             crate::attention::cpu::backward(inputs, saved, grad_out, bias_grad)
         }
+
+        fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            crate::activation::cpu_gelu_tanh::<Self>(x)
+        }
+
+        fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+            crate::activation::cpu_gelu_tanh_backward::<Self>(x, grad)
+        }
     };
 }
 
@@ -241,7 +250,7 @@ where
     burn_ndarray::NdArrayTensor:
         From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
 {
-    cpu_attention!();
+    cpu_kernels!();
 }
 
 #[cfg(feature = "cuda")]
@@ -249,7 +258,7 @@ impl ModelBackend for crate::CudaBackend {}
 
 #[cfg(feature = "flex")]
 impl ModelBackend for burn::backend::Flex {
-    cpu_attention!();
+    cpu_kernels!();
 
     fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::layout::flex_contiguous(x)

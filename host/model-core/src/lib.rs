@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod feed_forward;
 pub mod grad_checkpoint;
+mod host;
 pub mod layout;
 pub mod nn;
 pub mod precision;

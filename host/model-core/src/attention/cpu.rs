@@ -9,52 +9,19 @@
 
 use super::BlockSizes;
 use crate::backend::{self, AttentionGrads, AttentionInputs, AttentionSaved};
-use crate::precision::{float_dtype, to_dtype, to_f32};
-use burn::tensor::{
-    backend::Backend, ops::FloatTensor, FloatDType, Tensor, TensorData, TensorPrimitive,
-};
+use crate::host::{tensor, Host};
+use burn::tensor::{backend::Backend, ops::FloatTensor, FloatDType};
 use cogvx_kernels::attention as kernel;
-
-/// A tensor's values as f32, row-major, with its dims and dtype.
-struct Host {
-    values: Vec<f32>,
-    dims: [usize; 4],
-    dtype: FloatDType,
-}
-
-fn host<B: Backend>(t: FloatTensor<B>) -> Host {
-    let t = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-    let (dims, dtype) = (t.dims(), float_dtype(&t));
-    let values = to_f32(t)
-        .into_data()
-        .into_vec::<f32>()
-        .expect("an f32 tensor's data holds f32 values");
-    Host {
-        values,
-        dims,
-        dtype,
-    }
-}
-
-fn tensor<B: Backend>(
-    values: Vec<f32>,
-    dims: [usize; 4],
-    dtype: FloatDType,
-    device: &B::Device,
-) -> FloatTensor<B> {
-    let t = Tensor::<B, 4>::from_data(TensorData::new(values, dims), device);
-    to_dtype(t, dtype).into_primitive().tensor()
-}
 
 /// The kernel's shape from q `[B, H, Lq, D]`, k `[B, H, Lk, D]`, v `[B, H, Lk, Dv]`.
 fn dims(q: &Host, k: &Host, v: &Host) -> kernel::Dims {
-    let ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, dv]) = (q.dims, k.dims, v.dims);
+    let ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, dv]) = (q.dims4(), k.dims4(), v.dims4());
     assert!(
         kb == b && vb == b && kh == h && vh == h && kd == d && vl == lk,
         "attention: q {:?}, k {:?}, v {:?} do not fit [B, H, Lq, D], [B, H, Lk, D], [B, H, Lk, Dv]",
-        q.dims,
-        k.dims,
-        v.dims
+        q.shape,
+        k.shape,
+        v.shape
     );
     kernel::Dims {
         batch: b,
@@ -71,15 +38,19 @@ fn dims(q: &Host, k: &Host, v: &Host) -> kernel::Dims {
 fn bias_strides(bias: &Host, d: &kernel::Dims) -> [usize; 4] {
     let full = [d.batch, d.heads, d.len_q, d.len_k];
     assert!(
-        bias.dims.iter().zip(full).all(|(&x, f)| x == 1 || x == f),
+        bias.dims4()
+            .iter()
+            .zip(full)
+            .all(|(&x, f)| x == 1 || x == f),
         "attention: bias {:?} does not broadcast to [B, H, Lq, Lk] = {full:?}",
-        bias.dims
+        bias.shape
     );
+    let dims = bias.dims4();
     let mut strides = [0usize; 4];
     let mut step = 1;
     for axis in (0..4).rev() {
-        strides[axis] = if bias.dims[axis] == 1 { 0 } else { step };
-        step *= bias.dims[axis];
+        strides[axis] = if dims[axis] == 1 { 0 } else { step };
+        step *= dims[axis];
     }
     strides
 }
@@ -110,13 +81,13 @@ struct Operands {
 impl Operands {
     fn from_inputs<B: Backend>(inputs: AttentionInputs<B>) -> Self {
         let (q, k, v) = (
-            host::<B>(inputs.q),
-            host::<B>(inputs.k),
-            host::<B>(inputs.v),
+            Host::new::<B>(inputs.q),
+            Host::new::<B>(inputs.k),
+            Host::new::<B>(inputs.v),
         );
         let dims = dims(&q, &k, &v);
         let bias = inputs.bias.map(|b| {
-            let b = host::<B>(b);
+            let b = Host::new::<B>(b);
             let strides = bias_strides(&b, &dims);
             (b, strides)
         });
@@ -152,10 +123,15 @@ pub fn forward<B: Backend>(inputs: AttentionInputs<B>) -> AttentionSaved<B> {
         ops.scale,
         ops.tiles,
     );
-    let [b, h, lq, _] = ops.q.dims;
+    let [b, h, lq, _] = ops.q.dims4();
     AttentionSaved {
-        out: tensor::<B>(f.out, [b, h, lq, ops.dims.head_dim_v], ops.q.dtype, &device),
-        lse: tensor::<B>(f.lse, [b, h, lq, 1], FloatDType::F32, &device),
+        out: tensor::<B>(
+            f.out,
+            [b, h, lq, ops.dims.head_dim_v].into(),
+            ops.q.dtype,
+            &device,
+        ),
+        lse: tensor::<B>(f.lse, [b, h, lq, 1].into(), FloatDType::F32, &device),
     }
 }
 
@@ -172,9 +148,9 @@ pub fn backward<B: Backend>(
     let device = B::float_device(&inputs.q);
     let ops = Operands::from_inputs(inputs);
     let (out, lse, grad_out) = (
-        host::<B>(saved.out),
-        host::<B>(saved.lse),
-        host::<B>(grad_out),
+        Host::new::<B>(saved.out),
+        Host::new::<B>(saved.lse),
+        Host::new::<B>(grad_out),
     );
     let g = kernel::backward(
         &ops.q.values,
@@ -190,9 +166,9 @@ pub fn backward<B: Backend>(
     );
     let (q, k, v) = (&ops.q, &ops.k, &ops.v);
     AttentionGrads {
-        q: tensor::<B>(g.q, q.dims, q.dtype, &device),
-        k: tensor::<B>(g.k, k.dims, k.dtype, &device),
-        v: tensor::<B>(g.v, v.dims, v.dtype, &device),
+        q: tensor::<B>(g.q, q.shape.clone(), q.dtype, &device),
+        k: tensor::<B>(g.k, k.shape.clone(), k.dtype, &device),
+        v: tensor::<B>(g.v, v.shape.clone(), v.dtype, &device),
         bias: None,
     }
 }
