@@ -93,15 +93,11 @@ pub fn gemm_on<B: Backend>(
     })
 }
 
-/// On the CPU: f32 on ndarray, half precision on flex (ndarray has no half types).
+/// On the CPU: burn-flex, the backend every CPU run trains on.
 pub fn gemm_cpu(options: GemmOptions) -> Result<GemmReport, BenchError> {
     check(&options)?;
     run_with_threads(options.threads, || {
-        if options.dtype == FloatDType::F32 {
-            gemm_on::<cogvx_model_core::CpuBackend>(options, &Default::default())
-        } else {
-            gemm_on::<cogvx_model_core::FlexBackend>(options, &Default::default())
-        }
+        gemm_on::<cogvx_model_core::FlexBackend>(options, &Default::default())
     })?
 }
 
