@@ -141,16 +141,30 @@ fn blocks(len: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |s| (s, block.min(len - s)))
 }
 
+/// One attention call: the operands (laid out as the module doc says), their shape, the score
+/// scale and the tiles.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub bias: Option<Bias<'a>>,
+    pub dims: Dims,
+    pub scale: f32,
+    pub tiles: Tiles,
+}
+
 /// Attention forward: `softmax(scale * q k^T + bias) v` and the rows' log-sum-exp.
-pub fn forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bias: Option<Bias<'_>>,
-    dims: Dims,
-    scale: f32,
-    tiles: Tiles,
-) -> Forward {
+pub fn forward(x: Inputs<'_>) -> Forward {
+    let Inputs {
+        q,
+        k,
+        v,
+        bias,
+        dims,
+        scale,
+        tiles,
+    } = x;
     dims.check_operands(q, k, v, bias.as_ref());
     let Dims {
         heads,
@@ -262,19 +276,16 @@ fn forward_block(
 /// Attention backward from [`forward`]'s output and log-sum-exp: the gradients of q, k and v for
 /// the output's gradient `grad_out`. Heads run in parallel; within a head, key blocks outside
 /// and query blocks inside (FlashAttention-2), so each key block's dK and dV stay in cache.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bias: Option<Bias<'_>>,
-    dims: Dims,
-    scale: f32,
-    out: &[f32],
-    lse: &[f32],
-    grad_out: &[f32],
-    tiles: Tiles,
-) -> Grads {
+pub fn backward(x: Inputs<'_>, out: &[f32], lse: &[f32], grad_out: &[f32]) -> Grads {
+    let Inputs {
+        q,
+        k,
+        v,
+        bias,
+        dims,
+        scale,
+        tiles,
+    } = x;
     dims.check_operands(q, k, v, bias.as_ref());
     let Dims {
         heads,
@@ -472,6 +483,32 @@ mod tests {
             .collect()
     }
 
+    /// The kernel's forward and backward for one call.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        bias: Option<Bias<'_>>,
+        dims: Dims,
+        scale: f32,
+        grad_out: &[f32],
+        tiles: Tiles,
+    ) -> (Forward, Grads) {
+        let x = Inputs {
+            q,
+            k,
+            v,
+            bias,
+            dims,
+            scale,
+            tiles,
+        };
+        let f = forward(x);
+        let b = backward(x, &f.out, &f.lse, grad_out);
+        (f, b)
+    }
+
     fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
         let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
@@ -599,8 +636,7 @@ mod tests {
             for bias in biases {
                 let (out_w, dq_w, dk_w, dv_w) = naive(&q, &k, &v, bias.as_ref(), &g, dims, scale);
                 for tiles in tilings {
-                    let f = forward(&q, &k, &v, bias, dims, scale, tiles);
-                    let b = backward(&q, &k, &v, bias, dims, scale, &f.out, &f.lse, &g, tiles);
+                    let (f, b) = run(&q, &k, &v, bias, dims, scale, &g, tiles);
                     let what = format!(
                         "shape {si} tiles {tiles:?} bias {:?}",
                         bias.map(|b| b.strides)
@@ -638,26 +674,14 @@ mod tests {
             values: &mask,
             strides: [0, 0, 6, 1],
         });
-        let f = forward(&q, &k, &v, bias, dims, 0.3, Tiles { q: 3, k: 4 });
+        let g = values(32, 4, 1.0);
+        let (f, b) = run(&q, &k, &v, bias, dims, 0.3, &g, Tiles { q: 3, k: 4 });
         assert!(
             f.out.iter().chain(&f.lse).all(|x| x.is_finite()),
             "{:?}",
             f.out
         );
         assert!(f.out[16..24].iter().all(|&x| x == 0.0));
-        let g = values(32, 4, 1.0);
-        let b = backward(
-            &q,
-            &k,
-            &v,
-            bias,
-            dims,
-            0.3,
-            &f.out,
-            &f.lse,
-            &g,
-            Tiles { q: 3, k: 4 },
-        );
         assert!(b.q.iter().chain(&b.k).chain(&b.v).all(|x| x.is_finite()));
         assert!(b.q[16..24].iter().all(|&x| x == 0.0));
     }
@@ -684,19 +708,7 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
-                let f = forward(&q, &k, &v, None, dims, 0.25, Tiles::DEFAULT);
-                let b = backward(
-                    &q,
-                    &k,
-                    &v,
-                    None,
-                    dims,
-                    0.25,
-                    &f.out,
-                    &f.lse,
-                    &g,
-                    Tiles::DEFAULT,
-                );
+                let (f, b) = run(&q, &k, &v, None, dims, 0.25, &g, Tiles::DEFAULT);
                 (f.out, f.lse, b.q, b.k, b.v)
             })
         };

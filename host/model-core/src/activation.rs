@@ -143,10 +143,7 @@ impl<B: ModelBackend> Backward<B, 1> for GeluTanhBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::gelu_tanh_backward(ops.state, grad));
-        }
+        crate::backend::unary_backward::<B, _>(ops, grads, B::gelu_tanh_backward);
     }
 }
 

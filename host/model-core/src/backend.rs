@@ -51,6 +51,19 @@ fn prim<B: Backend>(t: Tensor<B, 4>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
+/// The body of a one-input autodiff operation's backward: the gradient of its output, mapped
+/// by `f` with the saved state, registered for its input (when that is tracked).
+pub(crate) fn unary_backward<B: Backend, S>(
+    ops: burn::backend::autodiff::ops::Ops<S, 1>,
+    grads: &mut burn::backend::autodiff::grads::Gradients,
+    f: impl FnOnce(S, FloatTensor<B>) -> FloatTensor<B>,
+) {
+    let grad = grads.consume::<B>(&ops.node);
+    if let Some(node) = &ops.parents[0] {
+        grads.register::<B>(node.id, f(ops.state, grad));
+    }
+}
+
 /// A burn backend with cogvx's own operations.
 pub trait ModelBackend: Backend {
     /// Memory-efficient attention forward: the output and the per-row log-sum-exp

@@ -9,7 +9,7 @@
 //! paths. Under autodiff the swap is one operation whose backward is the same swap of the
 //! gradient, so the gradients come back contiguous too.
 
-use crate::backend::ModelBackend;
+use crate::backend::{unary_backward, ModelBackend};
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
     grads::Gradients,
@@ -51,11 +51,9 @@ impl<B: ModelBackend> Backward<B, 1> for SwapDimsBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let (dim1, dim2) = ops.state;
-        if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::swap_dims_contiguous(grad, dim1, dim2));
-        }
+        unary_backward::<B, _>(ops, grads, |(dim1, dim2), grad| {
+            B::swap_dims_contiguous(grad, dim1, dim2)
+        });
     }
 }
 
@@ -72,10 +70,7 @@ impl<B: ModelBackend> Backward<B, 1> for ContiguousBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::contiguous(grad));
-        }
+        unary_backward::<B, _>(ops, grads, |(), grad| B::contiguous(grad));
     }
 }
 

@@ -102,11 +102,19 @@ impl Operands {
         }
     }
 
-    fn bias(&self) -> Option<kernel::Bias<'_>> {
-        self.bias.as_ref().map(|(b, strides)| kernel::Bias {
-            values: &b.values,
-            strides: *strides,
-        })
+    fn inputs(&self) -> kernel::Inputs<'_> {
+        kernel::Inputs {
+            q: &self.q.values,
+            k: &self.k.values,
+            v: &self.v.values,
+            bias: self.bias.as_ref().map(|(b, strides)| kernel::Bias {
+                values: &b.values,
+                strides: *strides,
+            }),
+            dims: self.dims,
+            scale: self.scale,
+            tiles: self.tiles,
+        }
     }
 }
 
@@ -114,15 +122,7 @@ impl Operands {
 pub fn forward<B: Backend>(inputs: AttentionInputs<B>) -> AttentionSaved<B> {
     let device = B::float_device(&inputs.q);
     let ops = Operands::from_inputs(inputs);
-    let f = kernel::forward(
-        &ops.q.values,
-        &ops.k.values,
-        &ops.v.values,
-        ops.bias(),
-        ops.dims,
-        ops.scale,
-        ops.tiles,
-    );
+    let f = kernel::forward(ops.inputs());
     let [b, h, lq, _] = ops.q.dims4();
     AttentionSaved {
         out: tensor::<B>(
@@ -152,18 +152,7 @@ pub fn backward<B: Backend>(
         Host::new::<B>(saved.lse),
         Host::new::<B>(grad_out),
     );
-    let g = kernel::backward(
-        &ops.q.values,
-        &ops.k.values,
-        &ops.v.values,
-        ops.bias(),
-        ops.dims,
-        ops.scale,
-        &out.values,
-        &lse.values,
-        &grad_out.values,
-        ops.tiles,
-    );
+    let g = kernel::backward(ops.inputs(), &out.values, &lse.values, &grad_out.values);
     let (q, k, v) = (&ops.q, &ops.k, &ops.v);
     AttentionGrads {
         q: tensor::<B>(g.q, q.shape.clone(), q.dtype, &device),
