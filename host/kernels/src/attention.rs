@@ -107,9 +107,11 @@ pub struct Tiles {
 }
 
 impl Tiles {
-    /// Tiles of 64 query rows by 512 keys: a score tile is 128 KiB, so the backward's two tiles
-    /// and the blocks they multiply stay in a core's L2 cache.
-    pub const DEFAULT: Tiles = Tiles { q: 64, k: 512 };
+    /// Tiles of 128 query rows by 256 keys: a score tile is 128 KiB, so the backward's two tiles
+    /// and the blocks they multiply stay in a core's L2 cache. Measured against 64 x 512 (the
+    /// same tile size): the same forward, a 5-7% faster backward at M's and a 2B block's shapes
+    /// (twice the rows per product halve the packing of each key block).
+    pub const DEFAULT: Tiles = Tiles { q: 128, k: 256 };
 
     /// [`Tiles::DEFAULT`], each side at most the given one (tests ask for small tiles).
     pub fn at_most(q: usize, k: usize) -> Tiles {

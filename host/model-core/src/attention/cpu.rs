@@ -55,7 +55,7 @@ fn bias_strides(bias: &Host, d: &kernel::Dims) -> [usize; 4] {
     strides
 }
 
-/// The kernel's tiles for the requested ones: [`kernel::Tiles::DEFAULT`] (64 query rows x 512
+/// The kernel's tiles for the requested ones: [`kernel::Tiles::DEFAULT`] (128 query rows x 256
 /// keys, which keep a tile's scores in L2) or smaller where asked.
 pub fn tiles(requested: BlockSizes) -> BlockSizes {
     let t = kernel_tiles(requested);
