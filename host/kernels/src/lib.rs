@@ -8,6 +8,8 @@
 //!   threads.
 //! - [`layout`]: a strided view copied into a contiguous buffer row by row (the swap of a
 //!   tensor's token and head axes).
+//! - [`norm`]: layer normalisation over the last axis and its gradient, rows on rayon's
+//!   threads.
 //! - [`simd`]: the row-wise loops those kernels use (a vectorisable `exp`, max, dot), compiled
 //!   for AVX2+FMA when the CPU has it.
 //!
@@ -17,5 +19,6 @@
 pub mod activation;
 pub mod attention;
 pub mod layout;
+pub mod norm;
 pub mod simd;
 mod tile;

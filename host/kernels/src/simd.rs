@@ -176,6 +176,79 @@ fn scale_body(row: &mut [f32], factor: f32) {
     }
 }
 
+dispatch! {
+    /// `sum_i row[i]`, sixteen partial sums.
+    pub fn sum(row: &[f32]) -> f32 = sum_body;
+}
+
+dispatch! {
+    /// `sum_i (row[i] - mean)^2`, sixteen partial sums.
+    pub fn centred_sq_sum(row: &[f32], mean: f32) -> f32 = centred_sq_sum_body;
+}
+#[inline(always)]
+fn centred_sq_sum_body(row: &[f32], mean: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| (x - mean) * (x - mean))
+        .sum();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] - mean;
+            acc[l] += d * d;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatch! {
+    /// `out[i] = (x[i] - shift) * scale`.
+    pub fn shift_scale(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) = shift_scale_body;
+}
+#[inline(always)]
+fn shift_scale_body(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = (x - shift) * scale;
+    }
+}
+
+dispatch! {
+    /// `(sum_i g[i], sum_i g[i] * (x[i] - mean) * rstd)`: the two row sums of the layer-norm
+    /// gradient.
+    pub fn grad_sums(g: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f32, f32) = grad_sums_body;
+}
+#[inline(always)]
+fn grad_sums_body(g: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f32, f32) {
+    let (mut a, mut b) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let (cg, cx) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (mut ta, mut tb) = (0.0f32, 0.0f32);
+    for (&g, &x) in cg.remainder().iter().zip(cx.remainder()) {
+        ta += g;
+        tb += g * ((x - mean) * rstd);
+    }
+    for (g, x) in cg.zip(cx) {
+        for l in 0..LANES {
+            a[l] += g[l];
+            b[l] += g[l] * ((x[l] - mean) * rstd);
+        }
+    }
+    (a.iter().sum::<f32>() + ta, b.iter().sum::<f32>() + tb)
+}
+
+dispatch! {
+    /// `g[i] = rstd * (g[i] - g_mean - (x[i] - mean) * rstd * gx_mean)`: the layer-norm
+    /// gradient of one row, in place.
+    pub fn norm_grad(g: &mut [f32], x: &[f32], mean: f32, rstd: f32, g_mean: f32, gx_mean: f32) = norm_grad_body;
+}
+#[inline(always)]
+fn norm_grad_body(g: &mut [f32], x: &[f32], mean: f32, rstd: f32, g_mean: f32, gx_mean: f32) {
+    for (g, &x) in g.iter_mut().zip(x) {
+        *g = rstd * (*g - g_mean - ((x - mean) * rstd) * gx_mean);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,6 +113,22 @@ pub trait ModelBackend: Backend {
         )
     }
 
+    /// Layer normalisation over the last dimension, without the affine part
+    /// ([`crate::nn::layer_norm`]); under autodiff one operation that keeps only its input.
+    fn layer_norm_rows(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        crate::nn::generic_layer_norm::<Self>(x, eps)
+    }
+
+    /// The gradient of [`ModelBackend::layer_norm_rows`] at `x` times `grad`
+    /// ([`crate::nn::layer_norm_backward`]).
+    fn layer_norm_rows_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        crate::nn::generic_layer_norm_backward::<Self>(x, grad, eps)
+    }
+
     /// `x` laid out contiguously, row-major (a copy where it is a strided view). By default
     /// unchanged: a backend whose operations take any layout at full speed has nothing to gain.
     fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -225,7 +241,8 @@ impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoi
 }
 
 /// The methods a CPU backend runs as [`cogvx_kernels`]: the attention
-/// ([`crate::attention::cpu`]) and the GELU ([`crate::activation`]).
+/// ([`crate::attention::cpu`]), the GELU ([`crate::activation`]) and the layer norm
+/// ([`crate::nn`]).
 macro_rules! cpu_kernels {
     () => {
         fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
@@ -251,6 +268,18 @@ macro_rules! cpu_kernels {
 
         fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
             crate::activation::cpu_gelu_tanh_backward::<Self>(x, grad)
+        }
+
+        fn layer_norm_rows(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+            crate::nn::cpu_layer_norm::<Self>(x, eps)
+        }
+
+        fn layer_norm_rows_backward(
+            x: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            eps: f64,
+        ) -> FloatTensor<Self> {
+            crate::nn::cpu_layer_norm_backward::<Self>(x, grad, eps)
         }
     };
 }

@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
+use cogvx_model_core::ModelBackend;
 
 /// diffusers `CogVideoXLayerNormZero`: one LayerNorm shared by the video and text streams, each
 /// modulated by its own shift/scale from `linear(silu(temb))`, plus the two gates.
@@ -55,7 +56,9 @@ impl<B: Backend> CogVideoXLayerNormZero<B> {
             )?,
         })
     }
+}
 
+impl<B: ModelBackend> CogVideoXLayerNormZero<B> {
     pub fn forward(
         &self,
         hidden_states: Tensor<B, 3>,
@@ -110,7 +113,9 @@ impl<B: Backend> AdaLayerNorm<B> {
             )?,
         })
     }
+}
 
+impl<B: ModelBackend> AdaLayerNorm<B> {
     /// `x [B, L, D]`, `temb [B, E]`.
     pub fn forward(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
         let mods = self

@@ -111,6 +111,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         crate::feed_forward::autodiff_feed_forward::<B, C>(inputs)
     }
 
+    fn layer_norm_rows(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        crate::nn::autodiff_layer_norm::<B, C>(x, eps)
+    }
+
     fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::layout::autodiff_contiguous::<B, C>(x)
     }
