@@ -8,6 +8,8 @@
 //!   threads.
 //! - [`layout`]: a strided view copied into a contiguous buffer row by row (the swap of a
 //!   tensor's token and head axes).
+//! - [`matmul`]: matrix products of any strides, the output in one band per rayon thread
+//!   (each band a single-threaded `gemm`), a bias fused into the output.
 //! - [`norm`]: layer normalisation over the last axis and its gradient, rows on rayon's
 //!   threads.
 //! - [`simd`]: the row-wise loops those kernels use (a vectorisable `exp`, max, dot), compiled
@@ -19,6 +21,7 @@
 pub mod activation;
 pub mod attention;
 pub mod layout;
+pub mod matmul;
 pub mod norm;
 pub mod simd;
 mod tile;
