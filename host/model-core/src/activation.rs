@@ -115,7 +115,7 @@ pub(crate) fn elementwise2<B: Backend>(
 pub(crate) fn cpu_gelu_tanh<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     let device = B::float_device(&x);
     let x = crate::host::Host::new::<B>(x);
-    let y = cogvx_kernels::activation::gelu_tanh(&x.values);
+    let y = cogvx_kernels::activation::gelu_tanh(x.values());
     crate::host::tensor::<B>(y, x.shape, x.dtype, &device)
 }
 
@@ -126,9 +126,11 @@ pub(crate) fn cpu_gelu_tanh_backward<B: Backend>(
 ) -> FloatTensor<B> {
     let device = B::float_device(&x);
     let x = crate::host::Host::new::<B>(x);
-    let mut g = crate::host::Host::new::<B>(grad);
-    cogvx_kernels::activation::gelu_tanh_backward(&x.values, &mut g.values);
-    crate::host::tensor::<B>(g.values, g.shape, x.dtype, &device)
+    let g = crate::host::Host::new::<B>(grad);
+    let shape = g.shape.clone();
+    let mut g = g.into_vec();
+    cogvx_kernels::activation::gelu_tanh_backward(x.values(), &mut g);
+    crate::host::tensor::<B>(g, shape, x.dtype, &device)
 }
 
 #[derive(Debug)]

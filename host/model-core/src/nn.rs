@@ -59,6 +59,14 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [o, i] = self.weight.val().dims();
+        (i, o)
+    }
+}
+
+impl<B: ModelBackend> Linear<B> {
     /// `[in]`-last input of any rank to `[out]`-last output, computed in the input's dtype (the
     /// parameters are cast to it, [`crate::precision`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -77,12 +85,6 @@ impl<B: Backend> Linear<B> {
         let mut out_dims = dims;
         out_dims[D - 1] = out_features;
         y.reshape(out_dims)
-    }
-
-    /// `(in_features, out_features)`.
-    pub fn dims(&self) -> (usize, usize) {
-        let [o, i] = self.weight.val().dims();
-        (i, o)
     }
 }
 
@@ -226,7 +228,7 @@ pub(crate) fn cpu_layer_norm<B: Backend>(x: FloatTensor<B>, eps: f64) -> FloatTe
     let device = B::float_device(&x);
     let x = crate::host::Host::new::<B>(x);
     let row = x.shape.last().copied().unwrap_or(1);
-    let y = cogvx_kernels::norm::layer_norm(&x.values, row, eps as f32);
+    let y = cogvx_kernels::norm::layer_norm(x.values(), row, eps as f32);
     crate::host::tensor::<B>(y, x.shape, x.dtype, &device)
 }
 
@@ -238,10 +240,12 @@ pub(crate) fn cpu_layer_norm_backward<B: Backend>(
 ) -> FloatTensor<B> {
     let device = B::float_device(&x);
     let x = crate::host::Host::new::<B>(x);
-    let mut g = crate::host::Host::new::<B>(grad);
+    let g = crate::host::Host::new::<B>(grad);
+    let shape = g.shape.clone();
+    let mut g = g.into_vec();
     let row = x.shape.last().copied().unwrap_or(1);
-    cogvx_kernels::norm::layer_norm_backward(&x.values, &mut g.values, row, eps as f32);
-    crate::host::tensor::<B>(g.values, g.shape, x.dtype, &device)
+    cogvx_kernels::norm::layer_norm_backward(x.values(), &mut g, row, eps as f32);
+    crate::host::tensor::<B>(g, shape, x.dtype, &device)
 }
 
 /// The backward of [`ModelBackend::layer_norm_rows`] under autodiff: saves `x` only.

@@ -104,11 +104,11 @@ impl Operands {
 
     fn inputs(&self) -> kernel::Inputs<'_> {
         kernel::Inputs {
-            q: &self.q.values,
-            k: &self.k.values,
-            v: &self.v.values,
+            q: self.q.values(),
+            k: self.k.values(),
+            v: self.v.values(),
             bias: self.bias.as_ref().map(|(b, strides)| kernel::Bias {
-                values: &b.values,
+                values: b.values(),
                 strides: *strides,
             }),
             dims: self.dims,
@@ -152,7 +152,7 @@ pub fn backward<B: Backend>(
         Host::new::<B>(saved.lse),
         Host::new::<B>(grad_out),
     );
-    let g = kernel::backward(ops.inputs(), &out.values, &lse.values, &grad_out.values);
+    let g = kernel::backward(ops.inputs(), out.values(), lse.values(), grad_out.values());
     let (q, k, v) = (&ops.q, &ops.k, &ops.v);
     AttentionGrads {
         q: tensor::<B>(g.q, q.shape.clone(), q.dtype, &device),
