@@ -141,6 +141,23 @@ pub trait ModelBackend: Backend {
         Self::contiguous(Self::float_swap_dims(x, dim1, dim2))
     }
 
+    /// `x W^T + b` for `x [rows, in]`, `weight [out, in]` and an optional `bias [out]`
+    /// (torch's `F.linear`); under autodiff one operation that saves `x` and `W`
+    /// ([`crate::linear`]).
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        crate::linear::generic_linear::<Self>(x, weight, bias)
+    }
+
+    /// The product of two 2-D tensors of any layout (transposed views included), as the
+    /// linear's and the feed-forward's backward take them.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
     /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
     /// the hidden layer.
@@ -304,6 +321,18 @@ impl ModelBackend for burn::backend::Flex {
 
     fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::layout::flex_contiguous(x)
+    }
+
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        crate::linear::flex::linear(x, weight, bias)
+    }
+
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::linear::flex::matmul(lhs, rhs)
     }
 }
 

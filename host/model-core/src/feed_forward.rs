@@ -15,6 +15,7 @@
 
 use crate::activation::CHUNK;
 use crate::backend::ModelBackend;
+use crate::linear::{linear, matmul};
 use crate::precision::{float_dtype, like, to_dtype, to_f32};
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -58,14 +59,14 @@ pub fn chunk_rows(f: usize) -> usize {
 /// formula in f32), one chunk of rows at a time.
 pub fn forward<B: ModelBackend>(inputs: FeedForwardInputs<B>) -> FloatTensor<B> {
     let x: Tensor<B, 2> = t(inputs.x);
-    let (w1, b1) = (t::<B, 2>(inputs.w1), t::<B, 1>(inputs.b1).unsqueeze::<2>());
-    let (w2, b2) = (t::<B, 2>(inputs.w2), t::<B, 1>(inputs.b2).unsqueeze::<2>());
+    let (w1, b1) = (t::<B, 2>(inputs.w1), t::<B, 1>(inputs.b1));
+    let (w2, b2) = (t::<B, 2>(inputs.w2), t::<B, 1>(inputs.b2));
     let [rows, d] = x.dims();
     let step = chunk_rows(w1.dims()[0]);
     let chunk = |xr: Tensor<B, 2>| {
-        let a = xr.matmul(w1.clone().transpose()) + b1.clone();
+        let a = linear(xr, w1.clone(), Some(b1.clone()));
         let h: Tensor<B, 2> = t(B::gelu_tanh(p(a)));
-        h.matmul(w2.clone().transpose()) + b2.clone()
+        linear(h, w2.clone(), Some(b2.clone()))
     };
     if rows <= step {
         return p(chunk(x));
@@ -107,21 +108,21 @@ pub fn backward<B: ModelBackend>(
         let len = step.min(rows - s);
         let xr = x.clone().narrow(0, s, len);
         let gr = g.clone().narrow(0, s, len);
-        let a = xr.clone().matmul(w1.clone().transpose()) + b1.clone().unsqueeze::<2>();
+        let a = linear(xr.clone(), w1.clone(), Some(b1.clone()));
         if wanted[3] {
             let h: Tensor<B, 2> = t(B::gelu_tanh(p(a.clone())));
-            gw2 = accumulate(gw2, gr.clone().transpose().matmul(h));
+            gw2 = accumulate(gw2, matmul(gr.clone().transpose(), h));
         }
-        let gh = gr.matmul(w2.clone());
+        let gh = matmul(gr, w2.clone());
         let ga: Tensor<B, 2> = t(B::gelu_tanh_backward(p(a), p(gh)));
         if wanted[1] {
-            gw1 = accumulate(gw1, ga.clone().transpose().matmul(xr));
+            gw1 = accumulate(gw1, matmul(ga.clone().transpose(), xr));
         }
         if wanted[2] {
             gb1 = accumulate(gb1, to_f32(ga.clone()).sum_dim(0).squeeze_dim::<1>(0));
         }
         if let Some(out) = gx.take() {
-            gx = Some(out.slice_assign([s..s + len, 0..d], ga.matmul(w1.clone())));
+            gx = Some(out.slice_assign([s..s + len, 0..d], matmul(ga, w1.clone())));
         }
     }
     let gb2 = wanted[4].then(|| {

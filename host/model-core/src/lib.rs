@@ -11,6 +11,7 @@
 //! * [`feed_forward`]: the transformer feed-forward as one operation that recomputes its hidden
 //!   layer in the backward, chunk by chunk.
 //! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
+//! * [`linear`]: `x W^T + b` as one operation (threaded products on the CPU, fused bias).
 //! * [`layout`]: the swap of token and head axes as a contiguous copy (CPU backends' fast paths).
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`precision`]: mixed precision (half compute and frozen weights, f32 where autocast keeps it).
@@ -27,6 +28,7 @@ pub mod feed_forward;
 pub mod grad_checkpoint;
 mod host;
 pub mod layout;
+pub mod linear;
 pub mod nn;
 pub mod precision;
 #[cfg(feature = "testing")]

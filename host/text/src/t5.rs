@@ -379,7 +379,9 @@ impl<B: Backend> T5DenseActDense<B> {
             act,
         })
     }
+}
 
+impl<B: ModelBackend> T5DenseActDense<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // The activation and the gate's product in f32; `wo` in its weights' dtype.
         let hidden = match (&self.wi, &self.wi_0, &self.wi_1) {

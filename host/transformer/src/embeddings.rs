@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 use cogvx_model_core::nn::Linear;
 use cogvx_model_core::weights::VarBuilder;
+use cogvx_model_core::ModelBackend;
 use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ impl<B: Backend> TimestepEmbedding<B> {
             act_fn: act_fn.to_string(),
         })
     }
+}
 
+impl<B: ModelBackend> TimestepEmbedding<B> {
     pub fn forward(&self, sample: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = self.linear_1.forward(sample);
         let x = apply_activation(&self.act_fn, x);
@@ -329,7 +332,9 @@ impl<B: Backend> CogVideoXPatchEmbed<B> {
         *cache = Some((key, data.clone()));
         Tensor::from_data(data, device)
     }
+}
 
+impl<B: ModelBackend> CogVideoXPatchEmbed<B> {
     /// `text_embeds [B, S, Dt]`, `image_embeds [B, F, C, H, W]` to `[B, S + patches, D]`.
     pub fn forward(
         &self,

@@ -1,5 +1,6 @@
 //! PEFT's LoRA: `lora_A [r, in]`, `lora_B [out, r]`, output `lora_B(lora_A(x)) * alpha / r`.
 
+use crate::linear::linear;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 
@@ -85,16 +86,22 @@ impl<B: Backend> LoraAdapter<B> {
     pub fn dims(&self) -> (usize, usize) {
         (self.lora_a.val().dims()[1], self.lora_b.val().dims()[0])
     }
+}
 
+impl<B: ModelBackend> LoraAdapter<B> {
     /// The adapter's own output `(x A^T) B^T * scale` for `x [rows, in]`.
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // In x's dtype (autocast runs the LoRA matmuls in half too); the cast's backward
         // brings the gradients back to the f32 parameters.
         let a = crate::precision::like(self.lora_a.val(), &x);
         let b = crate::precision::like(self.lora_b.val(), &x);
-        x.matmul(a.transpose())
-            .matmul(b.transpose())
-            .mul_scalar(self.scale)
+        let y = linear(linear(x, a, None), b, None);
+        // Exactly the product when alpha equals the rank (the common choice): no pass for it.
+        if self.scale == 1.0 {
+            y
+        } else {
+            y.mul_scalar(self.scale)
+        }
     }
 
     pub(super) fn forward_with_base(

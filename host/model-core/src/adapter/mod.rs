@@ -13,6 +13,7 @@
 //!   stop-gradient (burn's `Tensor::detach`): its node keeps the operand's value and shape, and
 //!   no gradient flows back through it (PEFT's detached DoRA weight norm).
 
+use crate::ModelBackend;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
@@ -125,19 +126,6 @@ pub enum LinearAdapter<B: Backend> {
 }
 
 impl<B: Backend> LinearAdapter<B> {
-    /// The adapted output for `x [rows, in]`, given the frozen base `weight [out, in]` and `bias`.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 2>,
-        weight: Tensor<B, 2>,
-        bias: Option<Tensor<B, 1>>,
-    ) -> Tensor<B, 2> {
-        match self {
-            LinearAdapter::Lora(lora) => lora.forward_with_base(x, weight, bias),
-            LinearAdapter::Recipe(recipe) => recipe.forward_with_base(x, weight, bias),
-        }
-    }
-
     /// The adapter's parameters by export suffix (PEFT naming: `lora_A.weight`, ...), with
     /// whether each is trainable.
     pub fn tensors(&self) -> Vec<(String, AdapterTensor<B>, bool)> {
@@ -191,6 +179,21 @@ impl<B: Backend> LinearAdapter<B> {
     }
 }
 
+impl<B: ModelBackend> LinearAdapter<B> {
+    /// The adapted output for `x [rows, in]`, given the frozen base `weight [out, in]` and `bias`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        match self {
+            LinearAdapter::Lora(lora) => lora.forward_with_base(x, weight, bias),
+            LinearAdapter::Recipe(recipe) => recipe.forward_with_base(x, weight, bias),
+        }
+    }
+}
+
 pub(crate) fn replace_param<B: Backend, const D: usize>(
     layer: &str,
     name: &str,
@@ -214,17 +217,13 @@ pub(crate) fn replace_param<B: Backend, const D: usize>(
     Ok(())
 }
 
-/// `x W^T + b` for `x [rows, in]`.
-pub fn base_linear<B: Backend>(
+/// `x W^T + b` for `x [rows, in]` ([`crate::linear`]: one operation, the bias fused).
+pub fn base_linear<B: ModelBackend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, 2> {
-    let y = x.matmul(weight.transpose());
-    match bias {
-        Some(b) => y + b.unsqueeze::<2>(),
-        None => y,
-    }
+    crate::linear::linear(x, weight, bias)
 }
 
 #[cfg(test)]

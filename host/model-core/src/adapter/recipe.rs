@@ -467,23 +467,6 @@ impl<B: Backend> RecipeAdapter<B> {
         values.swap_remove(recipe.output as usize).m()
     }
 
-    pub(super) fn forward_with_base(
-        &self,
-        x: Tensor<B, 2>,
-        weight: Tensor<B, 2>,
-        bias: Option<Tensor<B, 1>>,
-    ) -> Tensor<B, 2> {
-        // A recipe is evaluated in f32 (its parameters are f32; norms of a half weight would
-        // lose precision), then used in x's dtype.
-        let w = crate::precision::like(self.evaluate(crate::precision::to_f32(weight.clone())), &x);
-        match self.program.recipe.output_kind {
-            AdapterOutput::WeightDelta => {
-                base_linear(x.clone(), weight, bias) + x.matmul(w.transpose())
-            }
-            AdapterOutput::Weight => base_linear(x, w, bias),
-        }
-    }
-
     /// Parameters by export suffix (unexported parameters under their recipe name), with trainability.
     pub fn tensors(&self) -> Vec<(String, AdapterTensor<B>, bool)> {
         let recipe = &self.program.recipe;
@@ -538,6 +521,25 @@ impl<B: Backend> RecipeAdapter<B> {
                     v.shape()
                 ),
             ),
+        }
+    }
+}
+
+impl<B: ModelBackend> RecipeAdapter<B> {
+    pub(super) fn forward_with_base(
+        &self,
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        // A recipe is evaluated in f32 (its parameters are f32; norms of a half weight would
+        // lose precision), then used in x's dtype.
+        let w = crate::precision::like(self.evaluate(crate::precision::to_f32(weight.clone())), &x);
+        match self.program.recipe.output_kind {
+            AdapterOutput::WeightDelta => {
+                base_linear(x.clone(), weight, bias) + x.matmul(w.transpose())
+            }
+            AdapterOutput::Weight => base_linear(x, w, bias),
         }
     }
 }

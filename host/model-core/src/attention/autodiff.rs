@@ -115,6 +115,14 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         crate::nn::autodiff_layer_norm::<B, C>(x, eps)
     }
 
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        crate::linear::autodiff_linear::<B, C>(x, weight, bias)
+    }
+
     fn contiguous(x: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::layout::autodiff_contiguous::<B, C>(x)
     }
