@@ -54,11 +54,9 @@ crate::simd::dispatch! {
 
 /// `gelu_tanh(x)` element by element (torch's `gelu(approximate="tanh")`).
 pub fn gelu_tanh(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| forward_chunk(x, o));
-    out
+    crate::buffer::par_new(x.len(), CHUNK, 0.0, |i, out| {
+        forward_chunk(&x[i * CHUNK..i * CHUNK + out.len()], out)
+    })
 }
 
 /// The gradient of [`gelu_tanh`] at `x` times `grad`, written over `grad`.

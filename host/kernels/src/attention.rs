@@ -177,7 +177,7 @@ pub fn forward(x: Inputs<'_>) -> Forward {
         ..
     } = dims;
     let bh = dims.batch_heads();
-    let mut out = vec![0.0f32; bh * lq * dv];
+    let mut out = crate::buffer::par_filled(bh * lq * dv, 0.0);
     let mut lse = vec![f32::NEG_INFINITY; bh * lq];
     if dims.is_degenerate() {
         return Forward { out, lse };
@@ -314,9 +314,9 @@ pub fn backward(x: Inputs<'_>, out: &[f32], lse: &[f32], grad_out: &[f32]) -> Gr
         "attention backward: the log-sum-exp's length"
     );
     let mut grads = Grads {
-        q: vec![0.0f32; bh * lq * d],
-        k: vec![0.0f32; bh * lk * d],
-        v: vec![0.0f32; bh * lk * dv],
+        q: crate::buffer::par_filled(bh * lq * d, 0.0),
+        k: crate::buffer::par_filled(bh * lk * d, 0.0),
+        v: crate::buffer::par_filled(bh * lk * dv, 0.0),
     };
     if dims.is_degenerate() || d == 0 {
         return grads;

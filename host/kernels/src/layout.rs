@@ -45,16 +45,12 @@ pub fn gather_rows(src: &[f32], offset: usize, shape: &[usize], strides: &[usize
         }
         at
     };
-    let mut dst = vec![0.0f32; n];
-    dst.par_chunks_mut(row * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (i, out) in chunk.chunks_exact_mut(row).enumerate() {
-                let at = row_start(t * ROWS_PER_TASK + i);
-                out.copy_from_slice(&src[at..at + row]);
-            }
-        });
-    dst
+    crate::buffer::par_new(n, row * ROWS_PER_TASK, 0.0, |t, chunk| {
+        for (i, out) in chunk.chunks_exact_mut(row).enumerate() {
+            let at = row_start(t * ROWS_PER_TASK + i);
+            out.copy_from_slice(&src[at..at + row]);
+        }
+    })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - [`attention`]: memory-efficient attention (FlashAttention-2 tiling) forward and backward,
 //!   its tiles multiplied by `gemm`, its row-wise softmax maths vectorised, heads on rayon's
 //!   threads.
+//! - [`buffer`]: new output buffers initialised chunk by chunk on rayon's threads.
 //! - [`layout`]: a strided view copied into a contiguous buffer row by row (the swap of a
 //!   tensor's token and head axes).
 //! - [`matmul`]: matrix products of any strides, the output in one band per rayon thread
@@ -20,6 +21,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod buffer;
 pub mod layout;
 pub mod matmul;
 pub mod norm;

@@ -26,17 +26,14 @@ pub fn layer_norm(x: &[f32], row: usize, eps: f32) -> Vec<f32> {
         "layer_norm: {} values in rows of {row}",
         x.len()
     );
-    let mut y = vec![0.0f32; x.len()];
     let chunk = rows_per_task(row) * row;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
-                let (mean, rstd) = moments(x, eps);
-                crate::simd::shift_scale(x, mean, rstd, y);
-            }
-        });
-    y
+    crate::buffer::par_new(x.len(), chunk, 0.0, |i, y| {
+        let x = &x[i * chunk..i * chunk + y.len()];
+        for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
+            let (mean, rstd) = moments(x, eps);
+            crate::simd::shift_scale(x, mean, rstd, y);
+        }
+    })
 }
 
 /// The gradient of [`layer_norm`] at `x` for the output's gradient `grad`, written over `grad`:
