@@ -2,7 +2,6 @@
 //! transpose of a tensor's outer axes (heads and tokens) costs when its last axis stays in
 //! place.
 
-
 /// Rows copied per rayon task.
 const ROWS_PER_TASK: usize = 256;
 

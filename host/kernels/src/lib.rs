@@ -11,6 +11,8 @@
 //!   tensor's token and head axes).
 //! - [`matmul`]: matrix products of any strides, the output in one band per rayon thread
 //!   (each band a single-threaded `gemm`), a bias fused into the output.
+//! - [`modulate`]: a block's per-stream scale-and-shift and gated residual over its joint
+//!   text + video sequence, one vectorised pass on rayon's threads.
 //! - [`norm`]: layer normalisation over the last axis and its gradient, rows on rayon's
 //!   threads.
 //! - [`simd`]: the row-wise loops those kernels use (a vectorisable `exp`, max, dot), compiled
@@ -24,6 +26,7 @@ pub mod attention;
 pub mod buffer;
 pub mod layout;
 pub mod matmul;
+pub mod modulate;
 pub mod norm;
 pub mod simd;
 mod tile;
