@@ -158,6 +158,12 @@ pub trait ModelBackend: Backend {
         Self::float_matmul(lhs, rhs)
     }
 
+    /// `[residual +] y * a[s] [+ c[s]]` over a block's joint text + video sequence, `a` and `c`
+    /// holding one row per stream ([`crate::modulate`]); under autodiff one operation.
+    fn modulate(inputs: crate::modulate::ModulateInputs<Self>) -> FloatTensor<Self> {
+        crate::modulate::generic_modulate(inputs)
+    }
+
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
     /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
     /// the hidden layer.
@@ -289,6 +295,10 @@ macro_rules! cpu_kernels {
 
         fn layer_norm_rows(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
             crate::nn::cpu_layer_norm::<Self>(x, eps)
+        }
+
+        fn modulate(inputs: crate::modulate::ModulateInputs<Self>) -> FloatTensor<Self> {
+            crate::modulate::cpu_modulate::<Self>(inputs)
         }
 
         fn layer_norm_rows_backward(

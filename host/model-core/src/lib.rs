@@ -12,6 +12,7 @@
 //!   layer in the backward, chunk by chunk.
 //! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
 //! * [`linear`]: `x W^T + b` as one operation (threaded products on the CPU, fused bias).
+//! * [`modulate`]: a block's per-stream scale-and-shift and gated residual on its joint sequence.
 //! * [`layout`]: the swap of token and head axes as a contiguous copy (CPU backends' fast paths).
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`precision`]: mixed precision (half compute and frozen weights, f32 where autocast keeps it).
@@ -29,6 +30,7 @@ pub mod grad_checkpoint;
 mod host;
 pub mod layout;
 pub mod linear;
+pub mod modulate;
 pub mod nn;
 pub mod precision;
 #[cfg(feature = "testing")]

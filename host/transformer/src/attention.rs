@@ -67,6 +67,21 @@ impl<B: ModelBackend> Attention<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [_, text_len, _] = encoder_hidden_states.dims();
         let x = Tensor::cat(vec![encoder_hidden_states, hidden_states], 1);
+        let len = x.dims()[1];
+        let out = self.forward_joint(x, text_len, image_rotary_emb);
+        let text = out.clone().narrow(1, 0, text_len);
+        let video = out.narrow(1, text_len, len - text_len);
+        (video, text)
+    }
+
+    /// [`Self::forward`] on the joint sequence `[B, Lt + Lv, D]` (text rows first, `text_len`
+    /// of them), returning the joint output.
+    pub fn forward_joint(
+        &self,
+        x: Tensor<B, 3>,
+        text_len: usize,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
+    ) -> Tensor<B, 3> {
         let [b, len, _] = x.dims();
         // The heads' axis swapped with the tokens' as a contiguous copy: the norms, the rotary
         // embedding and their backward then run on burn-flex's fast paths (cogvx_model_core::layout).
@@ -95,10 +110,7 @@ impl<B: ModelBackend> Attention<B> {
         let out = attention(query, key, value, None, None); // [B, H, L, hd]
         let [_, h, _, hd] = out.dims();
         let out = swap_dims_contiguous(out, 1, 2).reshape([b, len, h * hd]);
-        let out = self.to_out.1.forward(self.to_out.0.forward(out));
-        let text = out.clone().narrow(1, 0, text_len);
-        let video = out.narrow(1, text_len, len - text_len);
-        (video, text)
+        self.to_out.1.forward(self.to_out.0.forward(out))
     }
 }
 

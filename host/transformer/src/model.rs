@@ -17,7 +17,7 @@ use burn::tensor::{
 use cogvx_model_core::config::read_config;
 use cogvx_model_core::feed_forward::feed_forward;
 use cogvx_model_core::grad_checkpoint;
-use cogvx_model_core::layout::contiguous;
+use cogvx_model_core::modulate::modulate;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::precision::{float_dtype, to_dtype};
 use cogvx_model_core::weights::VarBuilder;
@@ -188,31 +188,33 @@ impl<B: ModelBackend> CogVideoXBlock<B> {
         image_rotary_emb: Option<&RotaryEmb<B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [_, text_len, _] = encoder_hidden_states.dims();
-        let n = self.norm1.forward(
-            hidden_states.clone(),
-            encoder_hidden_states.clone(),
-            temb.clone(),
-        );
-        let (attn_hidden, attn_encoder) =
-            self.attn1
-                .forward(n.hidden_states, n.encoder_hidden_states, image_rotary_emb);
-        // Each stream's rows (a view into the joint sequence) copied contiguous before the
-        // gate's broadcast product, which CPU backends then vectorise (`x * gate`, the same
-        // values as diffusers' `gate * x`).
-        let hidden_states = hidden_states + contiguous(attn_hidden) * n.gate;
-        let encoder_hidden_states = encoder_hidden_states + contiguous(attn_encoder) * n.enc_gate;
+        let x = Tensor::cat(vec![encoder_hidden_states, hidden_states], 1);
+        let x = self.forward_joint(x, text_len, temb, image_rotary_emb);
+        let len = x.dims()[1];
+        (
+            x.clone().narrow(1, text_len, len - text_len),
+            x.narrow(1, 0, text_len),
+        )
+    }
 
-        let n = self
-            .norm2
-            .forward(hidden_states.clone(), encoder_hidden_states.clone(), temb);
-        let joint = Tensor::cat(vec![n.encoder_hidden_states, n.hidden_states], 1);
-        let ff_output = self.ff.forward(joint);
-        let len = ff_output.dims()[1];
-        let hidden_states = hidden_states
-            + contiguous(ff_output.clone().narrow(1, text_len, len - text_len)) * n.gate;
-        let encoder_hidden_states =
-            encoder_hidden_states + contiguous(ff_output.narrow(1, 0, text_len)) * n.enc_gate;
-        (hidden_states, encoder_hidden_states)
+    /// [`Self::forward`] on the joint sequence `[B, Lt + Lv, D]` (text rows first, `text_len`
+    /// of them), as the attention and the feed-forward see it: the model keeps its blocks'
+    /// state joint, so no block splits and re-concatenates its streams, and each norm's
+    /// modulation and each gated residual is one operation over both
+    /// ([`cogvx_model_core::modulate`]).
+    pub fn forward_joint(
+        &self,
+        x: Tensor<B, 3>,
+        text_len: usize,
+        temb: Tensor<B, 2>,
+        image_rotary_emb: Option<&RotaryEmb<B>>,
+    ) -> Tensor<B, 3> {
+        let (normed, gates) = self.norm1.forward_joint(x.clone(), text_len, temb.clone());
+        let attn = self.attn1.forward_joint(normed, text_len, image_rotary_emb);
+        let x = modulate(attn, gates, None, Some(x), text_len);
+        let (normed, gates) = self.norm2.forward_joint(x.clone(), text_len, temb);
+        let ff_output = self.ff.forward(normed);
+        modulate(ff_output, gates, None, Some(x), text_len)
     }
 }
 
@@ -405,18 +407,15 @@ impl<B: ModelBackend> CogVideoXTransformer3DModel<B> {
             ofs,
             image_rotary_emb,
         )?;
-        // 3. Transformer blocks
-        let (mut hidden_states, mut encoder_hidden_states) =
-            (e.hidden_states, e.encoder_hidden_states);
+        // 3. Transformer blocks, on the joint sequence (text rows first, as each block's
+        // attention and feed-forward concatenate them).
+        let text_len = e.encoder_hidden_states.dims()[1];
+        let mut x = Tensor::cat(vec![e.encoder_hidden_states, e.hidden_states], 1);
         for block in &self.transformer_blocks {
-            (hidden_states, encoder_hidden_states) = block.forward(
-                hidden_states,
-                encoder_hidden_states,
-                e.emb.clone(),
-                image_rotary_emb,
-            );
+            x = block.forward_joint(x, text_len, e.emb.clone(), image_rotary_emb);
         }
-        Ok(self.head(hidden_states, e.emb, e.shape))
+        let len = x.dims()[1];
+        Ok(self.head(x.narrow(1, text_len, len - text_len), e.emb, e.shape))
     }
 
     /// Steps 1 and 2 of the forward: input checks, time (and ofs) embedding, patch embedding.
@@ -601,8 +600,9 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
         // The blocks see the embedding step's outputs as leaves, so the loss's backward stops
         // there and the embedding graph is backpropagated once, at the end.
         let emb = grad_checkpoint::leaf(&e.emb);
-        let mut h = grad_checkpoint::leaf(&e.hidden_states);
-        let mut t = grad_checkpoint::leaf(&e.encoder_hidden_states);
+        let text_len = e.encoder_hidden_states.dims()[1];
+        let x0 = Tensor::cat(vec![e.encoder_hidden_states, e.hidden_states], 1);
+        let mut x = grad_checkpoint::leaf(&x0);
         let rope = image_rotary_emb.map(|(c, s)| {
             (
                 Tensor::<B, 2>::from_inner(c.clone().inner()),
@@ -612,26 +612,24 @@ impl<B: ModelAutodiffBackend> CogVideoXTransformer3DModel<B> {
         let mut inputs = Vec::with_capacity(self.transformer_blocks.len());
         let offload = self.checkpoint_offload;
         for block in &self.transformer_blocks {
-            inputs.push((
-                Stashed::new(h.clone().inner(), offload),
-                Stashed::new(t.clone().inner(), offload),
-            ));
+            inputs.push(Stashed::new(x.clone().inner(), offload));
             let frozen = grad_checkpoint::detached(block);
-            let (hn, tn) = frozen.forward(
-                Tensor::from_inner(h.inner()),
-                Tensor::from_inner(t.inner()),
+            x = frozen.forward_joint(
+                Tensor::from_inner(x.inner()),
+                text_len,
                 Tensor::from_inner(emb.clone().inner()),
                 rope.as_ref(),
             );
-            (h, t) = (hn, tn);
         }
-        let h_out = grad_checkpoint::leaf(&h);
+        let len = x.dims()[1];
+        let h_out = grad_checkpoint::leaf(&x.narrow(1, text_len, len - text_len));
         let out = self.head(h_out.clone(), emb.clone(), e.shape);
         let segments = Segments {
             model: self.clone(),
             inputs,
             rope,
-            pre: (e.emb, e.hidden_states, e.encoder_hidden_states),
+            text_len,
+            pre: (e.emb, x0),
             emb_leaf: emb,
             h_out,
         };
@@ -649,17 +647,17 @@ pub struct BlockTape<B: ModelAutodiffBackend> {
     segments: Option<Box<Segments<B>>>,
 }
 
-/// A block's `(hidden_states, encoder_hidden_states)` input, kept for its recomputation.
-type BlockInput<B> = (Stashed<B>, Stashed<B>);
-
 struct Segments<B: ModelAutodiffBackend> {
     /// The model (a cheap copy: tensors are shared), for its blocks and embedding parameters.
     model: CogVideoXTransformer3DModel<B>,
-    /// Each block's `(hidden_states, encoder_hidden_states)` input.
-    inputs: Vec<BlockInput<B::InnerBackend>>,
+    /// Each block's input, the joint sequence (text rows, then video rows), kept for its
+    /// recomputation.
+    inputs: Vec<Stashed<B::InnerBackend>>,
     rope: Option<RotaryEmb<B>>,
-    /// The embedding step's outputs (graph tensors): `emb`, `hidden_states`, `encoder_hidden_states`.
-    pre: (Tensor<B, 2>, Tensor<B, 3>, Tensor<B, 3>),
+    /// The text rows at the start of the joint sequence.
+    text_len: usize,
+    /// The embedding step's outputs (graph tensors): `emb` and the joint sequence.
+    pre: (Tensor<B, 2>, Tensor<B, 3>),
     emb_leaf: Tensor<B, 2>,
     /// The last block's video output as the head's leaf.
     h_out: Tensor<B, 3>,
@@ -671,47 +669,40 @@ impl<B: ModelAutodiffBackend> BlockTape<B> {
     pub fn backward(self, loss: Tensor<B, 1>) -> B::Gradients {
         let mut grads = loss.backward();
         let Some(s) = self.segments else { return grads };
-        let zeros_like = |t: &Tensor<B::InnerBackend, 3>| t.zeros_like();
-        let (_, last_t) = s
-            .inputs
-            .last()
-            .expect("forward_taped records a tape only for a model with blocks");
-        let mut d_h = s
+        let d_h = s
             .h_out
             .grad_remove(&mut grads)
             .unwrap_or_else(|| s.h_out.zeros_like().inner());
-        // The text stream's output of the last block is not used by the head.
-        let mut d_t = last_t.zeros();
+        // The text rows of the last block's output are not used by the head.
+        let [b, _, d] = d_h.dims();
+        let text_zeros = Tensor::zeros(
+            [b, s.text_len, d],
+            TensorCreationOptions::new(d_h.device()).with_dtype(d_h.dtype()),
+        );
+        let mut d_x = Tensor::cat(vec![text_zeros, d_h], 1);
         let mut d_emb = s
             .emb_leaf
             .grad_remove(&mut grads)
             .unwrap_or_else(|| s.emb_leaf.zeros_like().inner());
-        for (block, (h, t)) in s.model.transformer_blocks.iter().zip(s.inputs).rev() {
+        for (block, x) in s.model.transformer_blocks.iter().zip(s.inputs).rev() {
             let copy = grad_checkpoint::Recompute::new(block);
-            let h = Tensor::<B, 3>::from_inner(h.restore()).require_grad();
-            let t = Tensor::<B, 3>::from_inner(t.restore()).require_grad();
+            let x = Tensor::<B, 3>::from_inner(x.restore()).require_grad();
             let emb = grad_checkpoint::leaf(&s.emb_leaf);
-            let (ho, to) = copy
-                .module
-                .forward(h.clone(), t.clone(), emb.clone(), s.rope.as_ref());
-            let terms = [
-                grad_checkpoint::dot(ho, d_h.clone()),
-                grad_checkpoint::dot(to, d_t.clone()),
-            ];
-            let g =
-                grad_checkpoint::backward_sum(terms).expect("the block inputs require gradients");
-            d_h = h.grad(&g).unwrap_or_else(|| zeros_like(&d_h));
-            d_t = t.grad(&g).unwrap_or_else(|| zeros_like(&d_t));
+            let out =
+                copy.module
+                    .forward_joint(x.clone(), s.text_len, emb.clone(), s.rope.as_ref());
+            let g = grad_checkpoint::backward_sum([grad_checkpoint::dot(out, d_x.clone())])
+                .expect("the block input requires gradients");
+            d_x = x.grad(&g).unwrap_or_else(|| d_x.zeros_like());
             if let Some(ge) = emb.grad(&g) {
                 d_emb = d_emb + ge;
             }
             copy.transfer(&g, &mut grads);
         }
         // The embedding step, once, with the gradients of all its outputs.
-        let (emb, h0, t0) = s.pre;
+        let (emb, x0) = s.pre;
         let terms = [
-            grad_checkpoint::dot(h0, d_h),
-            grad_checkpoint::dot(t0, d_t),
+            grad_checkpoint::dot(x0, d_x),
             grad_checkpoint::dot(emb, d_emb),
         ];
         if let Some(g) = grad_checkpoint::backward_sum(terms) {
@@ -736,20 +727,6 @@ impl<B: Backend> Stashed<B> {
             }
         } else {
             Stashed::Device(t)
-        }
-    }
-
-    /// Zeros of this input's shape and dtype on its device.
-    fn zeros(&self) -> Tensor<B, 3> {
-        match self {
-            Stashed::Device(t) => t.zeros_like(),
-            Stashed::Host { data, device } => {
-                let dims: [usize; 3] = data.shape.dims();
-                Tensor::zeros(
-                    dims,
-                    TensorCreationOptions::new(device.clone()).with_dtype(data.dtype),
-                )
-            }
         }
     }
 

@@ -4,6 +4,7 @@
 use crate::error::TransformerError;
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
+use cogvx_model_core::modulate::modulate;
 use cogvx_model_core::nn::{LayerNorm, Linear};
 use cogvx_model_core::weights::VarBuilder;
 use cogvx_model_core::ModelBackend;
@@ -59,19 +60,24 @@ impl<B: Backend> CogVideoXLayerNormZero<B> {
 }
 
 impl<B: ModelBackend> CogVideoXLayerNormZero<B> {
+    /// The six modulation rows `linear(silu(temb))` as `[B, 1, D]` each: shift, scale, gate,
+    /// enc_shift, enc_scale, enc_gate.
+    fn modulations(&self, temb: Tensor<B, 2>) -> [Tensor<B, 3>; 6] {
+        self.linear
+            .forward(silu(temb))
+            .unsqueeze_dim::<3>(1)
+            .chunk(6, 2)
+            .try_into()
+            .expect("chunk of 6 * D into 6")
+    }
+
     pub fn forward(
         &self,
         hidden_states: Tensor<B, 3>,
         encoder_hidden_states: Tensor<B, 3>,
         temb: Tensor<B, 2>,
     ) -> NormZeroOut<B> {
-        let mods = self
-            .linear
-            .forward(silu(temb))
-            .unsqueeze_dim::<3>(1)
-            .chunk(6, 2); // 6 x [B, 1, D]
-        let [shift, scale, gate, enc_shift, enc_scale, enc_gate]: [Tensor<B, 3>; 6] =
-            mods.try_into().expect("chunk of 6 * D into 6");
+        let [shift, scale, gate, enc_shift, enc_scale, enc_gate] = self.modulations(temb);
         let hidden_states = self.norm.forward(hidden_states) * (scale + 1.0) + shift;
         let encoder_hidden_states =
             self.norm.forward(encoder_hidden_states) * (enc_scale + 1.0) + enc_shift;
@@ -81,6 +87,22 @@ impl<B: ModelBackend> CogVideoXLayerNormZero<B> {
             gate,
             enc_gate,
         }
+    }
+
+    /// [`Self::forward`] on the joint sequence `[B, Lt + Lv, D]` (text rows first, `text_len`
+    /// of them): the modulated sequence, and the gates as `[B, 2, D]` (text's, then video's).
+    /// One norm over all rows and one modulation pass ([`cogvx_model_core::modulate`]).
+    pub fn forward_joint(
+        &self,
+        x: Tensor<B, 3>,
+        text_len: usize,
+        temb: Tensor<B, 2>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [shift, scale, gate, enc_shift, enc_scale, enc_gate] = self.modulations(temb);
+        let a = Tensor::cat(vec![enc_scale + 1.0, scale + 1.0], 1);
+        let c = Tensor::cat(vec![enc_shift, shift], 1);
+        let x = modulate(self.norm.forward(x), a, Some(c), None, text_len);
+        (x, Tensor::cat(vec![enc_gate, gate], 1))
     }
 }
 

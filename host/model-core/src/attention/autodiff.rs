@@ -127,6 +127,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         crate::layout::autodiff_contiguous::<B, C>(x)
     }
 
+    fn modulate(inputs: crate::modulate::ModulateInputs<Self>) -> FloatTensor<Self> {
+        crate::modulate::autodiff_modulate::<B, C>(inputs)
+    }
+
     fn swap_dims_contiguous(x: FloatTensor<Self>, dim1: usize, dim2: usize) -> FloatTensor<Self> {
         crate::layout::autodiff_swap_dims_contiguous::<B, C>(x, dim1, dim2)
     }
