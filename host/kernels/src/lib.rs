@@ -15,6 +15,7 @@
 //!   text + video sequence, one vectorised pass on rayon's threads.
 //! - [`norm`]: layer normalisation over the last axis and its gradient, rows on rayon's
 //!   threads.
+//! - [`rotary`]: the rotary position embedding of each head and its gradient, one pass.
 //! - [`simd`]: the row-wise loops those kernels use (a vectorisable `exp`, max, dot), compiled
 //!   for AVX2+FMA when the CPU has it.
 //!
@@ -28,5 +29,6 @@ pub mod layout;
 pub mod matmul;
 pub mod modulate;
 pub mod norm;
+pub mod rotary;
 pub mod simd;
 mod tile;
