@@ -164,6 +164,26 @@ pub trait ModelBackend: Backend {
         crate::modulate::generic_modulate(inputs)
     }
 
+    /// `x * cos + rot(x) * sin` for `x [B, H, S, D]` and tables `[S, D]`, `rot` turning each
+    /// pair `(x[2i], x[2i+1])` into `(-x[2i+1], x[2i])` ([`crate::rotary`]); under autodiff one
+    /// operation keeping only the tables.
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        crate::rotary::generic_rotary::<Self>(x, cos, sin)
+    }
+
+    /// The gradient of [`ModelBackend::rotary`] with respect to `x`.
+    fn rotary_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        crate::rotary::generic_rotary_backward::<Self>(grad, cos, sin)
+    }
+
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
     /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
     /// the hidden layer.
@@ -299,6 +319,22 @@ macro_rules! cpu_kernels {
 
         fn modulate(inputs: crate::modulate::ModulateInputs<Self>) -> FloatTensor<Self> {
             crate::modulate::cpu_modulate::<Self>(inputs)
+        }
+
+        fn rotary(
+            x: FloatTensor<Self>,
+            cos: FloatTensor<Self>,
+            sin: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            crate::rotary::cpu_rotary::<Self>(x, cos, sin)
+        }
+
+        fn rotary_backward(
+            grad: FloatTensor<Self>,
+            cos: FloatTensor<Self>,
+            sin: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            crate::rotary::cpu_rotary_backward::<Self>(grad, cos, sin)
         }
 
         fn layer_norm_rows_backward(

@@ -13,6 +13,7 @@
 //! * [`backend`]: [`backend::ModelBackend`], burn's `Backend` plus cogvx's own operations.
 //! * [`linear`]: `x W^T + b` as one operation (threaded products on the CPU, fused bias).
 //! * [`modulate`]: a block's per-stream scale-and-shift and gated residual on its joint sequence.
+//! * [`rotary`]: the rotary position embedding as one operation (one pass each way on the CPU).
 //! * [`layout`]: the swap of token and head axes as a contiguous copy (CPU backends' fast paths).
 //! * [`grad_checkpoint`]: gradient checkpointing as a segmented backward (recompute per module).
 //! * [`precision`]: mixed precision (half compute and frozen weights, f32 where autocast keeps it).
@@ -35,6 +36,7 @@ pub mod nn;
 pub mod precision;
 #[cfg(feature = "testing")]
 pub mod recipe_testing;
+pub mod rotary;
 pub mod weights;
 
 pub use backend::{ModelAutodiffBackend, ModelBackend};

@@ -9,7 +9,7 @@
 use crate::config::TransformerConfig;
 use crate::error::{input_err, TransformerError};
 use burn::module::Module;
-use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
+use burn::tensor::{activation, backend::Backend, Tensor, TensorData, TensorPrimitive};
 use cogvx_model_core::nn::Linear;
 use cogvx_model_core::weights::VarBuilder;
 use cogvx_model_core::ModelBackend;
@@ -627,42 +627,21 @@ pub fn rotary_tables<B: Backend>(
     ))
 }
 
-/// The `[D, D]` matrix `R` with `x R = stack([-x_imag, x_real], -1).flatten()` for interleaved
-/// pairs `(x_real, x_imag) = (x[2i], x[2i+1])`: `R[2i+1][2i] = -1`, `R[2i][2i+1] = 1`.
-/// Every output is a single signed input, so the product is exact.
-pub fn rotate_pairs_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor<B, 2> {
-    let mut r = vec![0f32; dim * dim];
-    for i in 0..dim / 2 {
-        r[(2 * i + 1) * dim + 2 * i] = -1.0;
-        r[(2 * i) * dim + 2 * i + 1] = 1.0;
-    }
-    Tensor::from_data(TensorData::new(r, [dim, dim]), device)
-}
-
 /// diffusers `apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)` on
 /// `x [B, H, S, D]` with `cos`, `sin` `[S, D]`: pairs `(x[2i], x[2i+1])` are rotated,
 /// `x * cos + rotate_pairs(x) * sin`.
 ///
 /// Computed in f32 and returned in x's dtype, as diffusers (`x.float()`, `.to(x.dtype)`).
-pub fn apply_rotary_emb<B: Backend>(
+pub fn apply_rotary_emb<B: ModelBackend>(
     x: Tensor<B, 4>,
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
 ) -> Tensor<B, 4> {
     use cogvx_model_core::precision::{float_dtype, to_dtype, to_f32};
     let dtype = float_dtype(&x);
-    let (x, cos, sin) = (to_f32(x), to_f32(cos), to_f32(sin));
-    let [b, h, s, d] = x.dims();
-    // The pair swap as one small matmul: much faster than narrow/cat on the last axis.
-    let r = rotate_pairs_matrix::<B>(d, &x.device());
-    let rows = x.reshape([b * h * s, d]);
-    let x_rotated = rows.clone().matmul(r).reshape([b * h, s * d]);
-    // Each head's [s * d] values times one shared [s * d] row: the broadcast CPU backends
-    // vectorise (a [1, 1, s, d] table broadcast over [b, h, s, d] takes a strided walk).
-    let cos = cos.reshape([1, s * d]);
-    let sin = sin.reshape([1, s * d]);
-    let out = rows.reshape([b * h, s * d]) * cos + x_rotated * sin;
-    to_dtype(out.reshape([b, h, s, d]), dtype)
+    let prim = |t: Tensor<B, 2>| to_f32(t).into_primitive().tensor();
+    let out = B::rotary(to_f32(x).into_primitive().tensor(), prim(cos), prim(sin));
+    to_dtype(Tensor::from_primitive(TensorPrimitive::Float(out)), dtype)
 }
 
 #[cfg(test)]

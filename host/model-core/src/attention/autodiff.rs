@@ -131,6 +131,14 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         crate::modulate::autodiff_modulate::<B, C>(inputs)
     }
 
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        crate::rotary::autodiff_rotary::<B, C>(x, cos, sin)
+    }
+
     fn swap_dims_contiguous(x: FloatTensor<Self>, dim1: usize, dim2: usize) -> FloatTensor<Self> {
         crate::layout::autodiff_swap_dims_contiguous::<B, C>(x, dim1, dim2)
     }
