@@ -92,7 +92,7 @@ pub fn matmul(a: Matrix<'_>, b: Matrix<'_>, bias: Option<&[f32]>) -> Vec<f32> {
     // SAFETY: `product` writes each of the `len` elements (overwriting, or onto the bias it
     // first copies there) before `set_len` exposes them.
     unsafe {
-        product(a, b, bias, Out(out.as_mut_ptr()), n, false);
+        product(a, b, bias, 1.0, Out(out.as_mut_ptr()), n, false);
         out.set_len(len);
     }
     out
@@ -100,6 +100,18 @@ pub fn matmul(a: Matrix<'_>, b: Matrix<'_>, bias: Option<&[f32]>) -> Vec<f32> {
 
 /// `out = a b` (`accumulate`: `out += a b`) into a row-major `a.rows x b.cols` buffer.
 pub fn matmul_into(a: Matrix<'_>, b: Matrix<'_>, out: &mut [f32], accumulate: bool) {
+    matmul_scaled_into(a, b, 1.0, out, accumulate)
+}
+
+/// `out = alpha a b` (`accumulate`: `out += alpha a b`) into a row-major `a.rows x b.cols`
+/// buffer.
+pub fn matmul_scaled_into(
+    a: Matrix<'_>,
+    b: Matrix<'_>,
+    alpha: f32,
+    out: &mut [f32],
+    accumulate: bool,
+) {
     assert_eq!(
         out.len(),
         a.rows * b.cols,
@@ -108,11 +120,11 @@ pub fn matmul_into(a: Matrix<'_>, b: Matrix<'_>, out: &mut [f32], accumulate: bo
         b.cols
     );
     // SAFETY: `out` is a live, exclusively borrowed buffer of the output's size.
-    unsafe { product(a, b, None, Out(out.as_mut_ptr()), b.cols, accumulate) }
+    unsafe { product(a, b, None, alpha, Out(out.as_mut_ptr()), b.cols, accumulate) }
 }
 
-/// The product into `out` (row-major, rows `out_rs` apart), split into bands on rayon's
-/// threads.
+/// `alpha` times the product into `out` (row-major, rows `out_rs` apart), split into bands on
+/// rayon's threads.
 ///
 /// # Safety
 /// `out` must be valid for writes of the `a.rows x b.cols` output (and for reads where
@@ -121,6 +133,7 @@ unsafe fn product(
     a: Matrix<'_>,
     b: Matrix<'_>,
     bias: Option<&[f32]>,
+    alpha: f32,
     out: Out,
     out_rs: usize,
     accumulate: bool,
@@ -163,7 +176,7 @@ unsafe fn product(
                     ..a
                 };
                 let out = out.add(start * out_rs);
-                band_product(a, b, bias, out, out_rs, accumulate);
+                band_product(a, b, bias, alpha, out, out_rs, accumulate);
             } else {
                 let b = Matrix {
                     data: &b.data[start * b.cs..],
@@ -171,7 +184,7 @@ unsafe fn product(
                     ..b
                 };
                 let bias = bias.map(|x| &x[start..start + len]);
-                band_product(a, b, bias, out.add(start), out_rs, accumulate);
+                band_product(a, b, bias, alpha, out.add(start), out_rs, accumulate);
             }
         }
     };
@@ -194,6 +207,7 @@ unsafe fn band_product(
     a: Matrix<'_>,
     b: Matrix<'_>,
     bias: Option<&[f32]>,
+    alpha: f32,
     out: Out,
     out_rs: usize,
     accumulate: bool,
@@ -236,7 +250,7 @@ unsafe fn band_product(
         b.cs as isize,
         b.rs as isize,
         1.0,
-        1.0,
+        alpha,
         false,
         false,
         false,
@@ -330,6 +344,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_scaled_product_accumulates_onto_the_buffer() {
+        let (m, n, k) = (150, 40, 70);
+        let (a, b) = (values(m * k, 1), values(k * n, 2));
+        let (a, b) = (Matrix::row_major(&a, m, k), Matrix::row_major(&b, k, n));
+        let want: Vec<f64> = naive(a, b, None).iter().map(|x| 1.0 - 0.5 * x).collect();
+        let mut out = vec![1.0f32; m * n];
+        matmul_scaled_into(a, b, -0.5, &mut out, true);
+        assert_close(&out, &want, "1 - 0.5 a b");
     }
 
     #[test]
