@@ -184,6 +184,24 @@ pub trait ModelBackend: Backend {
         crate::rotary::generic_rotary_backward::<Self>(grad, cos, sin)
     }
 
+    /// `c + alpha (lhs rhs)` for 2-D tensors; on flex the product accumulates into `c`'s
+    /// buffer (no separate sum pass).
+    fn matmul_add(
+        c: FloatTensor<Self>,
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        alpha: f64,
+    ) -> FloatTensor<Self> {
+        crate::linear::generic_matmul_add::<Self>(c, lhs, rhs, alpha)
+    }
+
+    /// A LoRA layer `x W^T + b + scale (x A^T) B^T` for `x [rows, in]`, `W [out, in]`,
+    /// `A [r, in]`, `B [out, r]` ([`crate::linear`]); under autodiff one operation (with `W` and
+    /// `b` frozen) that keeps `x` and `x A^T`.
+    fn lora_linear(inputs: crate::linear::LoraInputs<Self>) -> FloatTensor<Self> {
+        crate::linear::generic_lora_linear::<Self>(inputs)
+    }
+
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
     /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
     /// the hidden layer.
@@ -379,6 +397,15 @@ impl ModelBackend for burn::backend::Flex {
 
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::linear::flex::matmul(lhs, rhs)
+    }
+
+    fn matmul_add(
+        c: FloatTensor<Self>,
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        alpha: f64,
+    ) -> FloatTensor<Self> {
+        crate::linear::flex::matmul_add(c, lhs, rhs, alpha)
     }
 }
 

@@ -16,7 +16,7 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::{ops::FloatTensor, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorMetadata, TensorPrimitive};
 
 /// `x W^T + b` for `x [rows, in]`, `weight [out, in]`, `bias [out]` ([`ModelBackend::torch_linear`]).
 pub fn linear<B: ModelBackend>(
@@ -144,6 +144,151 @@ pub(crate) fn autodiff_linear<B: ModelBackend, C: CheckpointStrategy>(
     }
 }
 
+/// [`ModelBackend::matmul_add`] in burn operations.
+pub(crate) fn generic_matmul_add<B: ModelBackend>(
+    c: FloatTensor<B>,
+    lhs: FloatTensor<B>,
+    rhs: FloatTensor<B>,
+    alpha: f64,
+) -> FloatTensor<B> {
+    let product = B::matmul(lhs, rhs);
+    let product = if alpha == 1.0 {
+        product
+    } else {
+        B::float_mul_scalar(product, alpha.into())
+    };
+    B::float_add(c, product)
+}
+
+/// The operands of [`ModelBackend::lora_linear`]: `x [rows, in]`, the frozen `weight [out, in]`
+/// and `bias [out]`, `lora_a [r, in]`, `lora_b [out, r]` and the scale `alpha / r`.
+#[derive(Debug, Clone)]
+pub struct LoraInputs<B: Backend> {
+    pub x: FloatTensor<B>,
+    pub weight: FloatTensor<B>,
+    pub bias: Option<FloatTensor<B>>,
+    pub lora_a: FloatTensor<B>,
+    pub lora_b: FloatTensor<B>,
+    pub scale: f64,
+}
+
+/// `x W^T + b + scale (x A^T) B^T`: the base product with its bias, then the adapter's
+/// product accumulated onto it ([`ModelBackend::matmul_add`]), and `x A^T`.
+fn lora_forward<B: ModelBackend>(inputs: LoraInputs<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let LoraInputs {
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+    } = inputs;
+    let base = B::torch_linear(x.clone(), weight, bias);
+    let u = B::torch_linear(x, lora_a, None);
+    let out = B::matmul_add(base, u.clone(), B::float_transpose(lora_b), scale);
+    (out, u)
+}
+
+/// [`ModelBackend::lora_linear`] through [`ModelBackend::torch_linear`] and
+/// [`ModelBackend::matmul_add`].
+pub(crate) fn generic_lora_linear<B: ModelBackend>(inputs: LoraInputs<B>) -> FloatTensor<B> {
+    lora_forward::<B>(inputs).0
+}
+
+/// What the LoRA backward keeps: `x`, `W`, `A`, `B`, `u = x A^T` and the scale.
+#[derive(Debug, Clone)]
+struct LoraState<B: Backend> {
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    u: FloatTensor<B>,
+    scale: f64,
+}
+
+/// The backward of [`ModelBackend::lora_linear`] under autodiff, parents `[x, A, B]`.
+#[derive(Debug)]
+struct LoraBackward;
+
+impl<B: ModelBackend> Backward<B, 3> for LoraBackward {
+    type State = LoraState<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let g = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let [px, pa, pb] = ops.parents;
+        let scale = |t: FloatTensor<B>| {
+            if s.scale == 1.0 {
+                t
+            } else {
+                B::float_mul_scalar(t, s.scale.into())
+            }
+        };
+        // d/du = scale g B ([rows, r]).
+        let gu = (px.is_some() || pa.is_some()).then(|| scale(B::matmul(g.clone(), s.lora_b)));
+        if let Some(node) = pb {
+            let gb = scale(B::matmul(B::float_transpose(g.clone()), s.u));
+            grads.register::<B>(node.id, gb);
+        }
+        if let Some(node) = pa {
+            let gu = gu.clone().expect("computed when A is tracked");
+            grads.register::<B>(node.id, B::matmul(B::float_transpose(gu), s.x));
+        }
+        if let Some(node) = px {
+            let gu = gu.expect("computed when x is tracked");
+            let gx = B::matmul_add(B::matmul(g, s.weight), gu, s.lora_a, 1.0);
+            grads.register::<B>(node.id, gx);
+        }
+    }
+}
+
+/// [`ModelBackend::lora_linear`] under autodiff: one operation over `[x, A, B]` when the base
+/// weight and bias are frozen (LoRA training), the composed linears otherwise.
+pub(crate) fn autodiff_lora_linear<B: ModelBackend, C: CheckpointStrategy>(
+    inputs: LoraInputs<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let base_trained = [Some(&inputs.weight), inputs.bias.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|t| !t.node.requirement.is_none());
+    if base_trained {
+        return generic_lora_linear::<Autodiff<B, C>>(inputs);
+    }
+    let inner = LoraInputs::<B> {
+        x: inputs.x.primitive.clone(),
+        weight: inputs.weight.primitive.clone(),
+        bias: inputs.bias.as_ref().map(|b| b.primitive.clone()),
+        lora_a: inputs.lora_a.primitive.clone(),
+        lora_b: inputs.lora_b.primitive.clone(),
+        scale: inputs.scale,
+    };
+    let nodes = [
+        inputs.x.node.clone(),
+        inputs.lora_a.node.clone(),
+        inputs.lora_b.node.clone(),
+    ];
+    match LoraBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let state = LoraState {
+                x: inner.x.clone(),
+                weight: inner.weight.clone(),
+                lora_a: inner.lora_a.clone(),
+                lora_b: inner.lora_b.clone(),
+                u: inner.x.clone(),
+                scale: inner.scale,
+            };
+            let (out, u) = lora_forward::<B>(inner);
+            prep.finish(LoraState { u, ..state }, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(inner)),
+    }
+}
+
 /// burn-flex's side: f32 operands through [`cogvx_kernels::matmul`], anything else (half
 /// precision, negative strides) through burn-flex's own operations.
 #[cfg(feature = "flex")]
@@ -198,6 +343,34 @@ pub(crate) mod flex {
         }
     }
 
+    /// [`crate::ModelBackend::matmul_add`] on flex: the product accumulated into `c`'s buffer
+    /// (its own when no other tensor holds it, else a copy).
+    pub fn matmul_add(c: FlexTensor, lhs: FlexTensor, rhs: FlexTensor, alpha: f64) -> FlexTensor {
+        let fits = matches!(
+            (matrix(&c), matrix(&lhs), matrix(&rhs)),
+            (Some(c), Some(a), Some(b)) if c.rs == c.cols && c.cs == 1
+                && a.cols == b.rows && c.rows == a.rows && c.cols == b.cols
+        ) && c.layout().contiguous_offsets() == Some((0, c.layout().num_elements()));
+        if !fits {
+            return super::generic_matmul_add::<Flex>(c, lhs, rhs, alpha);
+        }
+        let shape = c.layout().shape().to_vec();
+        let n = c.layout().num_elements();
+        let mut out = if c.is_unique() {
+            c.into_data()
+                .into_vec::<f32>()
+                .expect("an f32 tensor's data holds f32 values")
+        } else {
+            c.storage::<f32>()[..n].to_vec()
+        };
+        let (a, b) = (
+            matrix(&lhs).expect("checked above"),
+            matrix(&rhs).expect("checked above"),
+        );
+        cogvx_kernels::matmul::matmul_scaled_into(a, b, alpha as f32, &mut out, true);
+        FlexTensor::from_data(TensorData::new(out, shape))
+    }
+
     /// [`crate::ModelBackend::torch_linear`] on flex.
     pub fn linear(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
         let fused = match (matrix(&x), matrix(&weight), bias.as_ref().map(vector)) {
@@ -214,7 +387,7 @@ pub(crate) mod flex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{backend::Backend, TensorData};
+    use burn::tensor::TensorData;
 
     /// Deterministic values in about [-1, 1].
     fn values<B: Backend, const D: usize>(dims: [usize; D], seed: usize) -> Tensor<B, D> {
@@ -308,6 +481,86 @@ mod tests {
     #[test]
     fn linear_equals_the_formula_on_flex() {
         equals_the_formula::<crate::FlexBackend>(1e-5);
+    }
+
+    /// The LoRA operation equals `x W^T + b + scale (x A^T) B^T` in burn operations under
+    /// autodiff: output and the gradients of x, A and B (and of W and b when they are trained,
+    /// which takes the composed path).
+    fn lora_equals_the_formula<B: ModelBackend>(tol: f32)
+    where
+        Autodiff<B>: ModelBackend,
+    {
+        let (rows, inp, out, r) = (130, 70, 90, 8);
+        let x = values::<B, 2>([rows, inp], 1);
+        let w = values::<B, 2>([out, inp], 2);
+        let b = values::<B, 1>([out], 3);
+        let la = values::<B, 2>([r, inp], 4);
+        let lb = values::<B, 2>([out, r], 5);
+        let g = values::<B, 2>([rows, out], 6);
+        for (scale, base_trained) in [(1.0, false), (2.0, false), (0.5, true)] {
+            let run = |ours: bool| {
+                let ad = |t: &Tensor<B, 2>, grad: bool| {
+                    let t = Tensor::<Autodiff<B>, 2>::from_inner(t.clone());
+                    if grad {
+                        t.require_grad()
+                    } else {
+                        t
+                    }
+                };
+                let (xa, wa) = (ad(&x, true), ad(&w, base_trained));
+                let ba = Tensor::<Autodiff<B>, 1>::from_inner(b.clone());
+                let ba = if base_trained { ba.require_grad() } else { ba };
+                let (aa, bb) = (ad(&la, true), ad(&lb, true));
+                let y: Tensor<Autodiff<B>, 2> = if ours {
+                    let prim = |t: &Tensor<Autodiff<B>, 2>| t.clone().into_primitive().tensor();
+                    Tensor::from_primitive(TensorPrimitive::Float(
+                        <Autodiff<B> as ModelBackend>::lora_linear(LoraInputs {
+                            x: prim(&xa),
+                            weight: prim(&wa),
+                            bias: Some(ba.clone().into_primitive().tensor()),
+                            lora_a: prim(&aa),
+                            lora_b: prim(&bb),
+                            scale,
+                        }),
+                    ))
+                } else {
+                    xa.clone().matmul(wa.clone().transpose())
+                        + ba.clone().unsqueeze::<2>()
+                        + xa.clone()
+                            .matmul(aa.clone().transpose())
+                            .matmul(bb.clone().transpose())
+                            .mul_scalar(scale)
+                };
+                let grads = (y.clone() * Tensor::from_inner(g.clone())).sum().backward();
+                let gd = |t: &Tensor<Autodiff<B>, 2>| t.grad(&grads).map(|t| t.into_data());
+                (
+                    y.inner().into_data(),
+                    [gd(&xa), gd(&aa), gd(&bb), gd(&wa)],
+                    ba.grad(&grads).map(|t| t.into_data()),
+                )
+            };
+            let (ours, reference) = (run(true), run(false));
+            let t = burn::tensor::Tolerance::<f32>::relative(tol);
+            ours.0.assert_approx_eq::<f32>(&reference.0, t);
+            for (i, (o, r)) in ours.1.iter().zip(&reference.1).enumerate() {
+                assert_eq!(o.is_some(), r.is_some(), "gradient {i} (scale {scale})");
+                if let (Some(o), Some(r)) = (o, r) {
+                    o.assert_approx_eq::<f32>(r, t);
+                }
+            }
+            assert_eq!(ours.2.is_some(), reference.2.is_some());
+        }
+    }
+
+    #[test]
+    fn lora_equals_the_formula_on_ndarray() {
+        lora_equals_the_formula::<crate::CpuBackend>(1e-4);
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn lora_equals_the_formula_on_flex() {
+        lora_equals_the_formula::<crate::FlexBackend>(1e-4);
     }
 
     /// Transposed and narrowed (strided) operands give burn's product.

@@ -110,6 +110,18 @@ impl<B: ModelBackend> LoraAdapter<B> {
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
-        base_linear(x.clone(), weight, bias) + self.delta(x)
+        let a = crate::precision::like(self.lora_a.val(), &x);
+        let b = crate::precision::like(self.lora_b.val(), &x);
+        let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(B::lora_linear(
+            crate::linear::LoraInputs {
+                x: prim(x),
+                weight: prim(weight),
+                bias: bias.map(|b| b.into_primitive().tensor()),
+                lora_a: prim(a),
+                lora_b: prim(b),
+                scale: self.scale,
+            },
+        )))
     }
 }

@@ -127,6 +127,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         crate::layout::autodiff_contiguous::<B, C>(x)
     }
 
+    fn lora_linear(inputs: crate::linear::LoraInputs<Self>) -> FloatTensor<Self> {
+        crate::linear::autodiff_lora_linear::<B, C>(inputs)
+    }
+
     fn modulate(inputs: crate::modulate::ModulateInputs<Self>) -> FloatTensor<Self> {
         crate::modulate::autodiff_modulate::<B, C>(inputs)
     }
