@@ -32,3 +32,11 @@ pub mod norm;
 pub mod rotary;
 pub mod simd;
 mod tile;
+
+/// Deterministic test values in about [-1, 1] (the kernels' tests draw their operands here).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
+        .collect()
+}

@@ -69,7 +69,7 @@ const BAND_ALIGN: usize = 16;
 
 /// A raw output pointer handed to the band tasks; each task writes a disjoint band.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub(crate) *mut f32);
 // SAFETY: the tasks write disjoint elements (see `product`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
@@ -199,11 +199,11 @@ unsafe fn product(
     }
 }
 
-/// One band on this thread.
+/// One band (or one attention tile, [`crate::tile`]) on this thread.
 ///
 /// # Safety
 /// As [`product`], for this band's output.
-unsafe fn band_product(
+pub(crate) unsafe fn band_product(
     a: Matrix<'_>,
     b: Matrix<'_>,
     bias: Option<&[f32]>,
@@ -262,11 +262,7 @@ unsafe fn band_product(
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// The triple loop in f64.
     fn naive(a: Matrix<'_>, b: Matrix<'_>, bias: Option<&[f32]>) -> Vec<f64> {

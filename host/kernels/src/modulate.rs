@@ -128,11 +128,7 @@ pub fn gated_residual(x: &[f32], y: &[f32], a: &[f32], seg: Segments) -> Vec<f32
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
-            .collect()
-    }
+    use crate::test_values as values;
 
     #[test]
     fn rows_take_their_stream_s_parameters_and_the_composed_values() {

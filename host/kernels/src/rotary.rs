@@ -90,11 +90,7 @@ pub fn rotary_backward(grad: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
-            .collect()
-    }
+    use crate::test_values as values;
 
     #[test]
     fn rotary_and_its_gradient_equal_the_pair_formula() {

@@ -1,5 +1,7 @@
 //! One matrix product of the kernels' tiles, through `gemm` on one thread (the kernels run
-//! their own threads over heads and blocks).
+//! their own threads over heads and blocks), as one band of [`crate::matmul`].
+
+use crate::matmul::{band_product, Matrix, Out};
 
 /// A read-only matrix view: element `(r, c)` is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
@@ -54,39 +56,25 @@ pub(crate) fn matmul(
         (m - 1) * dst_rs + n <= dst.len() && n <= dst_rs && a.fits(m, k) && b.fits(k, n),
         "matmul operands out of bounds"
     );
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
+    let (a, b) = (
+        Matrix {
+            data: a.data,
+            rows: m,
+            cols: k,
+            rs: a.rs,
+            cs: a.cs,
+        },
+        Matrix {
+            data: b.data,
+            rows: k,
+            cols: n,
+            rs: b.rs,
+            cs: b.cs,
+        },
+    );
     // SAFETY: every element the product reads or writes is inside its slice (checked above);
     // `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    unsafe { band_product(a, b, None, alpha, Out(dst.as_mut_ptr()), dst_rs, accumulate) }
 }
 
 #[cfg(test)]

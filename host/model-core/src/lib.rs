@@ -69,3 +69,17 @@ pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 /// The device of [`CudaBackend`].
 #[cfg(feature = "cuda")]
 pub type CudaDevice = burn::backend::cuda::CudaDevice;
+
+/// A deterministic test tensor with values in about [-1, 1] (the operations' tests draw their
+/// operands here).
+#[cfg(test)]
+pub(crate) fn test_tensor<B: burn::tensor::backend::Backend, const D: usize>(
+    dims: [usize; D],
+    seed: usize,
+) -> burn::tensor::Tensor<B, D> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
+        .collect();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, dims), &Default::default())
+}

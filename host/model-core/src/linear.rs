@@ -389,14 +389,7 @@ mod tests {
     use super::*;
     use burn::tensor::TensorData;
 
-    /// Deterministic values in about [-1, 1].
-    fn values<B: Backend, const D: usize>(dims: [usize; D], seed: usize) -> Tensor<B, D> {
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
-            .collect();
-        Tensor::from_data(TensorData::new(v, dims), &Default::default())
-    }
+    use crate::test_tensor as values;
 
     /// Forward and the three gradients equal burn's `x.matmul(w^T) + b` under autodiff, for
     /// every combination of tracked operands.

@@ -251,15 +251,8 @@ pub(crate) fn autodiff_modulate<B: ModelBackend, C: CheckpointStrategy>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
 
-    fn values<B: Backend>(dims: [usize; 3], seed: usize) -> Tensor<B, 3> {
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
-            .collect();
-        Tensor::from_data(TensorData::new(v, dims), &Default::default())
-    }
+    use crate::test_tensor as values;
 
     /// Forward and gradients equal the composed formula under autodiff (every operand
     /// tracked), for the shift form and the residual form, and splits at both ends.
@@ -272,7 +265,8 @@ mod tests {
             for form in ["shift", "residual", "plain"] {
                 let run = |ours: bool| {
                     let leaf = |dims, seed| {
-                        Tensor::<Autodiff<B>, 3>::from_inner(values::<B>(dims, seed)).require_grad()
+                        Tensor::<Autodiff<B>, 3>::from_inner(values::<B, 3>(dims, seed))
+                            .require_grad()
                     };
                     let (y, a) = (leaf([b, len, d], 1), leaf([b, 2, d], 2));
                     let c = (form == "shift").then(|| leaf([b, 2, d], 3));
@@ -289,7 +283,7 @@ mod tests {
                     } else {
                         generic_modulate(inputs)
                     });
-                    let w = Tensor::from_inner(values::<B>([b, len, d], 5));
+                    let w = Tensor::from_inner(values::<B, 3>([b, len, d], 5));
                     let grads = (out.clone() * w).sum().backward();
                     let g = |t: &Option<Tensor<Autodiff<B>, 3>>| {
                         t.as_ref()

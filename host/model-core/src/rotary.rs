@@ -173,13 +173,7 @@ pub(crate) fn autodiff_rotary<B: ModelBackend, C: CheckpointStrategy>(
 mod tests {
     use super::*;
 
-    fn values<B: Backend, const D: usize>(dims: [usize; D], seed: usize) -> Tensor<B, D> {
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 498.5 - 1.0)
-            .collect();
-        Tensor::from_data(TensorData::new(v, dims), &Default::default())
-    }
+    use crate::test_tensor as values;
 
     /// Forward and gradient equal the composed formula under burn's autodiff, bit for bit.
     fn equals_the_formula<B: ModelBackend>()
