@@ -274,16 +274,23 @@ pub(crate) fn autodiff_lora_linear<B: ModelBackend, C: CheckpointStrategy>(
     ];
     match LoraBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let state = LoraState {
-                x: inner.x.clone(),
-                weight: inner.weight.clone(),
-                lora_a: inner.lora_a.clone(),
-                lora_b: inner.lora_b.clone(),
-                u: inner.x.clone(),
-                scale: inner.scale,
-            };
+            let (x, weight, lora_a, lora_b, scale) = (
+                inner.x.clone(),
+                inner.weight.clone(),
+                inner.lora_a.clone(),
+                inner.lora_b.clone(),
+                inner.scale,
+            );
             let (out, u) = lora_forward::<B>(inner);
-            prep.finish(LoraState { u, ..state }, out)
+            let state = LoraState {
+                x,
+                weight,
+                lora_a,
+                lora_b,
+                u,
+                scale,
+            };
+            prep.finish(state, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(inner)),
     }
