@@ -47,6 +47,20 @@ crate::simd::dispatch! {
     fn forward_chunk(x: &[f32], out: &mut [f32]) = forward_body;
 }
 
+#[inline(always)]
+fn in_place_body(v: &mut [f32]) {
+    for o in v.iter_mut() {
+        let x = *o;
+        let z = (x * x * C3 + C1) * x;
+        *o = x * sigmoid(z).0;
+    }
+}
+
+crate::simd::dispatch! {
+    /// `v[i] = gelu_tanh(v[i])` for one chunk.
+    fn in_place_chunk(v: &mut [f32]) = in_place_body;
+}
+
 crate::simd::dispatch! {
     /// `grad[i] *= gelu_tanh'(x[i])` for one chunk.
     fn backward_chunk(x: &[f32], grad: &mut [f32]) = backward_body;
@@ -57,6 +71,19 @@ pub fn gelu_tanh(x: &[f32]) -> Vec<f32> {
     crate::buffer::par_new(x.len(), CHUNK, 0.0, |i, out| {
         forward_chunk(&x[i * CHUNK..i * CHUNK + out.len()], out)
     })
+}
+
+/// `gelu_tanh(x)` written over `out` (of `x`'s length).
+pub fn gelu_tanh_into(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "gelu_tanh_into: x and out lengths");
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| forward_chunk(x, o));
+}
+
+/// `gelu_tanh` of each value, in place.
+pub fn gelu_tanh_in_place(v: &mut [f32]) {
+    v.par_chunks_mut(CHUNK).for_each(in_place_chunk);
 }
 
 /// The gradient of [`gelu_tanh`] at `x` times `grad`, written over `grad`.
@@ -95,6 +122,12 @@ mod tests {
             .chain([-120.0, -30.0, -9.0, 0.0, 1e-6, 9.0, 30.0, 120.0])
             .collect();
         let y = gelu_tanh(&x);
+        let mut into = vec![f32::NAN; x.len()];
+        gelu_tanh_into(&x, &mut into);
+        let mut in_place = x.clone();
+        gelu_tanh_in_place(&mut in_place);
+        assert_eq!(into, y, "gelu_tanh_into");
+        assert_eq!(in_place, y, "gelu_tanh_in_place");
         let mut g: Vec<f32> = (0..x.len()).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
         let scale = g.clone();
         gelu_tanh_backward(&x, &mut g);

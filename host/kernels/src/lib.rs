@@ -7,6 +7,8 @@
 //!   its tiles multiplied by `gemm`, its row-wise softmax maths vectorised, heads on rayon's
 //!   threads.
 //! - [`buffer`]: new output buffers initialised chunk by chunk on rayon's threads.
+//! - [`feed_forward`]: the transformer feed-forward and its gradients chunk by chunk of rows,
+//!   the hidden layer never whole, each chunk's output written once in place.
 //! - [`layout`]: a strided view copied into a contiguous buffer row by row (the swap of a
 //!   tensor's token and head axes).
 //! - [`matmul`]: matrix products of any strides, the output in one band per rayon thread
@@ -25,6 +27,7 @@
 pub mod activation;
 pub mod attention;
 pub mod buffer;
+pub mod feed_forward;
 pub mod layout;
 pub mod matmul;
 pub mod modulate;

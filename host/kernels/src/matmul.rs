@@ -86,16 +86,31 @@ impl Out {
 
 /// `a b`, plus `bias[c]` on every row when given: a new row-major `a.rows x b.cols` buffer.
 pub fn matmul(a: Matrix<'_>, b: Matrix<'_>, bias: Option<&[f32]>) -> Vec<f32> {
-    let (m, n) = (a.rows, b.cols);
-    let len = m * n;
-    let mut out = Vec::<f32>::with_capacity(len);
-    // SAFETY: `product` writes each of the `len` elements (overwriting, or onto the bias it
-    // first copies there) before `set_len` exposes them.
-    unsafe {
-        product(a, b, bias, 1.0, Out(out.as_mut_ptr()), n, false);
-        out.set_len(len);
-    }
+    let mut out = Vec::new();
+    matmul_append(&mut out, a, b, bias);
     out
+}
+
+/// `a b` (plus `bias[c]` on every row when given) appended to `buf` as `a.rows` more rows of
+/// `b.cols` values: chunks of an output written in turn, or a scratch buffer refilled (after
+/// `clear`) without a new allocation.
+pub fn matmul_append(buf: &mut Vec<f32>, a: Matrix<'_>, b: Matrix<'_>, bias: Option<&[f32]>) {
+    let (start, len) = (buf.len(), a.rows * b.cols);
+    buf.reserve(len);
+    // SAFETY: `product` writes each of the `len` elements past `start` (overwriting, or onto
+    // the bias it first copies there) before `set_len` exposes them.
+    unsafe {
+        product(
+            a,
+            b,
+            bias,
+            1.0,
+            Out(buf.as_mut_ptr().add(start)),
+            b.cols,
+            false,
+        );
+        buf.set_len(start + len);
+    }
 }
 
 /// `out = a b` (`accumulate`: `out += a b`) into a row-major `a.rows x b.cols` buffer.

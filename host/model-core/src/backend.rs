@@ -203,20 +203,29 @@ pub trait ModelBackend: Backend {
     }
 
     /// The feed-forward `gelu_tanh(x W1^T + b1) W2^T + b2` over chunks of rows
-    /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands, never
-    /// the hidden layer.
+    /// ([`crate::feed_forward`]); under autodiff one operation that keeps its operands and,
+    /// unless `inputs.recompute`, the pre-activation; never the hidden layer.
     fn feed_forward(inputs: FeedForwardInputs<Self>) -> FloatTensor<Self> {
         crate::feed_forward::forward::<Self>(inputs)
     }
 
+    /// [`ModelBackend::feed_forward`] and the pre-activation `x W1^T + b1` it computed, which
+    /// [`ModelBackend::feed_forward_backward`] then takes instead of recomputing it.
+    fn feed_forward_keeping(
+        inputs: FeedForwardInputs<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::feed_forward::forward_keeping::<Self>(inputs)
+    }
+
     /// The gradients of [`ModelBackend::feed_forward`] for `[x, w1, b1, w2, b2]` where `wanted`,
-    /// recomputing the hidden layer chunk by chunk.
+    /// from the kept pre-activation or recomputing it chunk by chunk.
     fn feed_forward_backward(
         inputs: FeedForwardInputs<Self>,
+        kept: Option<FloatTensor<Self>>,
         grad: FloatTensor<Self>,
         wanted: [bool; 5],
     ) -> FeedForwardGrads<Self> {
-        crate::feed_forward::backward::<Self>(inputs, grad, wanted)
+        crate::feed_forward::backward::<Self>(inputs, kept, grad, wanted)
     }
 }
 
@@ -302,8 +311,8 @@ impl<B: ModelBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoi
 }
 
 /// The methods a CPU backend runs as [`cogvx_kernels`]: the attention
-/// ([`crate::attention::cpu`]), the GELU ([`crate::activation`]) and the layer norm
-/// ([`crate::nn`]).
+/// ([`crate::attention::cpu`]), the GELU ([`crate::activation`]), the layer norm
+/// ([`crate::nn`]), the modulation, RoPE and the feed-forward ([`crate::feed_forward`]).
 macro_rules! cpu_kernels {
     () => {
         fn flash_attention_forward(inputs: AttentionInputs<Self>) -> AttentionSaved<Self> {
@@ -361,6 +370,25 @@ macro_rules! cpu_kernels {
             eps: f64,
         ) -> FloatTensor<Self> {
             crate::nn::cpu_layer_norm_backward::<Self>(x, grad, eps)
+        }
+
+        fn feed_forward(inputs: FeedForwardInputs<Self>) -> FloatTensor<Self> {
+            crate::feed_forward::cpu_forward::<Self>(inputs)
+        }
+
+        fn feed_forward_keeping(
+            inputs: FeedForwardInputs<Self>,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            crate::feed_forward::cpu_forward_keeping::<Self>(inputs)
+        }
+
+        fn feed_forward_backward(
+            inputs: FeedForwardInputs<Self>,
+            kept: Option<FloatTensor<Self>>,
+            grad: FloatTensor<Self>,
+            wanted: [bool; 5],
+        ) -> FeedForwardGrads<Self> {
+            crate::feed_forward::cpu_backward::<Self>(inputs, kept, grad, wanted)
         }
     };
 }

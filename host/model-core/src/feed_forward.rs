@@ -4,17 +4,21 @@
 //! Composed of burn ops, the feed-forward keeps its hidden layer (`[tokens, 4 x inner_dim]`, 546
 //! MiB per block at CogVideoX-2B's 17,776 tokens in f32) for the GELU's backward, and its
 //! backward holds two more of that size (the gradients of the GELU's output and input). As one
-//! operation it keeps only its input `x` (a quarter of that) and recomputes the hidden layer
-//! in the backward, chunk by chunk: no `[tokens, 4 x inner_dim]` buffer exists, forward or
-//! backward, only chunks of [`crate::activation::CHUNK`] elements. The price is one more
-//! `net.0.proj` matmul in the backward (about 4% of a 2B block's step at 17,776 tokens). This
-//! is the "selective activation recomputation" of Megatron-LM applied to the MLP.
+//! operation it keeps one `[tokens, 4 x inner_dim]` tensor, the pre-activation
+//! `net.0.proj(x)`, and its backward goes chunk by chunk: no other buffer of that size exists,
+//! forward or backward, only chunks of [`crate::activation::CHUNK`] elements.
+//!
+//! With [`FeedForwardInputs::recompute`] it keeps only its input `x` (a quarter of that) and
+//! recomputes the pre-activation in the backward, chunk by chunk: the "selective activation
+//! recomputation" of Megatron-LM applied to the MLP, for one more `net.0.proj` matmul (about 7%
+//! of a block's step).
 //!
 //! The operation applies to a feed-forward without adapters on its two layers (their weights
 //! may be trained, as in SFT); one with a LoRA on `net.0.proj` or `net.2` runs composed.
 
 use crate::activation::CHUNK;
 use crate::backend::ModelBackend;
+use crate::host::Host;
 use crate::linear::{linear, matmul};
 use crate::precision::{float_dtype, like, to_dtype, to_f32};
 use burn::backend::autodiff::{
@@ -24,7 +28,8 @@ use burn::backend::autodiff::{
     Autodiff,
 };
 use burn::tensor::{
-    backend::Backend, ops::FloatTensor, Tensor, TensorCreationOptions, TensorPrimitive,
+    backend::Backend, ops::FloatTensor, DType, FloatDType, Tensor, TensorCreationOptions,
+    TensorMetadata, TensorPrimitive,
 };
 
 /// The operands as primitives, in PyTorch layout: `x [rows, D]`, `w1 [F, D]`, `b1 [F]`,
@@ -36,6 +41,10 @@ pub struct FeedForwardInputs<B: Backend> {
     pub b1: FloatTensor<B>,
     pub w2: FloatTensor<B>,
     pub b2: FloatTensor<B>,
+    /// Whether the autodiff operation recomputes the pre-activation `x W1^T + b1` in the
+    /// backward (keeping only `x`) rather than keeping it from the forward; the values are the
+    /// same either way.
+    pub recompute: bool,
 }
 
 /// Gradients with respect to `[x, w1, b1, w2, b2]`, each when asked, in its operand's dtype.
@@ -80,14 +89,28 @@ pub fn forward<B: ModelBackend>(inputs: FeedForwardInputs<B>) -> FloatTensor<B> 
     p(out)
 }
 
+/// [`forward`], also returning the pre-activation `x W1^T + b1` (`[rows, F]`, in `x`'s dtype)
+/// for [`backward`]. The hidden layer exists whole for the second product (a backend's own
+/// kernel may do better: the CPU one goes chunk by chunk).
+pub fn forward_keeping<B: ModelBackend>(
+    inputs: FeedForwardInputs<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let pre = linear(t::<B, 2>(inputs.x), t(inputs.w1), Some(t(inputs.b1)));
+    let h: Tensor<B, 2> = t(B::gelu_tanh(p(pre.clone())));
+    (p(linear(h, t(inputs.w2), Some(t(inputs.b2)))), p(pre))
+}
+
 /// The gradients of [`forward`] given the output's gradient `grad [rows, D]`; `wanted` says
-/// which of `[x, w1, b1, w2, b2]` are asked for. The hidden layer is recomputed per chunk; the
-/// weight and bias gradients are summed over the chunks in f32.
+/// which of `[x, w1, b1, w2, b2]` are asked for; `kept` is [`forward_keeping`]'s
+/// pre-activation, recomputed per chunk when `None`. The weight and bias gradients are summed
+/// over the chunks in f32.
 pub fn backward<B: ModelBackend>(
     inputs: FeedForwardInputs<B>,
+    kept: Option<FloatTensor<B>>,
     grad: FloatTensor<B>,
     wanted: [bool; 5],
 ) -> FeedForwardGrads<B> {
+    let kept = kept.map(t::<B, 2>);
     let x: Tensor<B, 2> = t(inputs.x);
     let (w1, b1, w2, b2) = (
         t::<B, 2>(inputs.w1),
@@ -108,7 +131,10 @@ pub fn backward<B: ModelBackend>(
         let len = step.min(rows - s);
         let xr = x.clone().narrow(0, s, len);
         let gr = g.clone().narrow(0, s, len);
-        let a = linear(xr.clone(), w1.clone(), Some(b1.clone()));
+        let a = match &kept {
+            Some(pre) => pre.clone().narrow(0, s, len),
+            None => linear(xr.clone(), w1.clone(), Some(b1.clone())),
+        };
         if wanted[3] {
             let h: Tensor<B, 2> = t(B::gelu_tanh(p(a.clone())));
             gw2 = accumulate(gw2, matmul(gr.clone().transpose(), h));
@@ -151,11 +177,119 @@ fn accumulate<B: Backend, const D: usize>(
     })
 }
 
+/// Whether every operand is f32 (the CPU kernel's case; half precision runs composed, its
+/// products rounded as the reference's are).
+fn all_f32<B: Backend>(inputs: &FeedForwardInputs<B>) -> bool {
+    [&inputs.x, &inputs.w1, &inputs.b1, &inputs.w2, &inputs.b2]
+        .iter()
+        .all(|t| t.dtype() == DType::F32)
+}
+
+/// The operands on the host, with the kernel's view of the layers.
+struct HostInputs {
+    x: Host,
+    w1: Host,
+    b1: Host,
+    w2: Host,
+    b2: Host,
+}
+
+impl HostInputs {
+    fn new<B: Backend>(inputs: FeedForwardInputs<B>) -> Self {
+        HostInputs {
+            x: Host::new::<B>(inputs.x),
+            w1: Host::new::<B>(inputs.w1),
+            b1: Host::new::<B>(inputs.b1),
+            w2: Host::new::<B>(inputs.w2),
+            b2: Host::new::<B>(inputs.b2),
+        }
+    }
+
+    fn layers(&self) -> cogvx_kernels::feed_forward::Layers<'_> {
+        let [f, d] = self.w1.shape.dims::<2>();
+        cogvx_kernels::feed_forward::Layers {
+            w1: self.w1.values(),
+            b1: self.b1.values(),
+            w2: self.w2.values(),
+            b2: self.b2.values(),
+            d,
+            f,
+        }
+    }
+}
+
+/// [`ModelBackend::feed_forward`] for a CPU backend: [`cogvx_kernels::feed_forward`] on the
+/// operands' buffers when they are f32, [`forward`] otherwise.
+pub(crate) fn cpu_forward<B: ModelBackend>(inputs: FeedForwardInputs<B>) -> FloatTensor<B> {
+    if !all_f32(&inputs) {
+        return forward::<B>(inputs);
+    }
+    let device = B::float_device(&inputs.x);
+    let host = HostInputs::new::<B>(inputs);
+    let layers = host.layers();
+    let y = cogvx_kernels::feed_forward::forward(host.x.values(), layers, chunk_rows(layers.f));
+    crate::host::tensor::<B>(y, host.x.shape.clone(), FloatDType::F32, &device)
+}
+
+/// [`ModelBackend::feed_forward_keeping`] for a CPU backend, as [`cpu_forward`].
+pub(crate) fn cpu_forward_keeping<B: ModelBackend>(
+    inputs: FeedForwardInputs<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    if !all_f32(&inputs) {
+        return forward_keeping::<B>(inputs);
+    }
+    let device = B::float_device(&inputs.x);
+    let host = HostInputs::new::<B>(inputs);
+    let layers = host.layers();
+    let (y, pre) =
+        cogvx_kernels::feed_forward::forward_keeping(host.x.values(), layers, chunk_rows(layers.f));
+    let rows = host.x.shape.dims::<2>()[0];
+    (
+        crate::host::tensor::<B>(y, host.x.shape.clone(), FloatDType::F32, &device),
+        crate::host::tensor::<B>(pre, [rows, layers.f].into(), FloatDType::F32, &device),
+    )
+}
+
+/// [`ModelBackend::feed_forward_backward`] for a CPU backend, as [`cpu_forward`].
+pub(crate) fn cpu_backward<B: ModelBackend>(
+    inputs: FeedForwardInputs<B>,
+    kept: Option<FloatTensor<B>>,
+    grad: FloatTensor<B>,
+    wanted: [bool; 5],
+) -> FeedForwardGrads<B> {
+    let f32_kept = kept.as_ref().is_none_or(|k| k.dtype() == DType::F32);
+    if !all_f32(&inputs) || grad.dtype() != DType::F32 || !f32_kept {
+        return backward::<B>(inputs, kept, grad, wanted);
+    }
+    let device = B::float_device(&inputs.x);
+    let host = HostInputs::new::<B>(inputs);
+    let kept = kept.map(Host::new::<B>);
+    let grad = Host::new::<B>(grad);
+    let layers = host.layers();
+    let g = cogvx_kernels::feed_forward::backward(
+        host.x.values(),
+        kept.as_ref().map(Host::values),
+        grad.values(),
+        layers,
+        wanted,
+        chunk_rows(layers.f),
+    );
+    let shapes = [&host.x, &host.w1, &host.b1, &host.w2, &host.b2].map(|h| h.shape.clone());
+    [g.x, g.w1, g.b1, g.w2, g.b2]
+        .into_iter()
+        .zip(shapes)
+        .map(|(v, shape)| v.map(|v| crate::host::tensor::<B>(v, shape, FloatDType::F32, &device)))
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("five gradients"))
+}
+
 #[derive(Debug)]
 struct FeedForwardBackward;
 
 impl<B: ModelBackend> Backward<B, 5> for FeedForwardBackward {
-    type State = FeedForwardInputs<B>;
+    /// The operands and, unless they say recompute, the pre-activation.
+    type State = (FeedForwardInputs<B>, Option<FloatTensor<B>>);
 
     fn backward(
         self,
@@ -165,7 +299,8 @@ impl<B: ModelBackend> Backward<B, 5> for FeedForwardBackward {
     ) {
         let grad = grads.consume::<B>(&ops.node);
         let wanted = ops.parents.each_ref().map(|n| n.is_some());
-        let values = B::feed_forward_backward(ops.state, grad, wanted);
+        let (inputs, kept) = ops.state;
+        let values = B::feed_forward_backward(inputs, kept, grad, wanted);
         for (parent, value) in ops.parents.into_iter().zip(values) {
             if let (Some(node), Some(value)) = (parent, value) {
                 grads.register::<B>(node.id, value);
@@ -174,12 +309,19 @@ impl<B: ModelBackend> Backward<B, 5> for FeedForwardBackward {
     }
 }
 
-/// The autodiff operation: keeps the operands (the input `x` and references to the weights),
-/// never the hidden layer.
+/// The autodiff operation: keeps the operands (the input `x` and references to the weights)
+/// and, unless [`FeedForwardInputs::recompute`], the pre-activation; never the hidden layer.
 pub(crate) fn autodiff_feed_forward<B: ModelBackend, C: CheckpointStrategy>(
     inputs: FeedForwardInputs<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let FeedForwardInputs { x, w1, b1, w2, b2 } = inputs;
+    let FeedForwardInputs {
+        x,
+        w1,
+        b1,
+        w2,
+        b2,
+        recompute,
+    } = inputs;
     let nodes = [
         x.node.clone(),
         w1.node.clone(),
@@ -193,28 +335,35 @@ pub(crate) fn autodiff_feed_forward<B: ModelBackend, C: CheckpointStrategy>(
         b1: b1.primitive,
         w2: w2.primitive,
         b2: b2.primitive,
+        recompute,
     };
     match FeedForwardBackward
         .prepare::<C>(nodes)
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
+        OpsKind::Tracked(prep) if recompute => {
             let out = B::feed_forward(inner.clone());
-            prep.finish(inner, out)
+            prep.finish((inner, None), out)
+        }
+        OpsKind::Tracked(prep) => {
+            let (out, pre) = B::feed_forward_keeping(inner.clone());
+            prep.finish((inner, Some(pre)), out)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::feed_forward(inner)),
     }
 }
 
 /// The feed-forward of a `[rows, D]` input through `net.0.proj` (`w1 [F, D]`, `b1 [F]`), the
-/// tanh GELU and `net.2` (`w2 [D, F]`, `b2 [D]`), as one operation ([`ModelBackend::feed_forward`]).
+/// tanh GELU and `net.2` (`w2 [D, F]`, `b2 [D]`), as one operation ([`ModelBackend::feed_forward`]);
+/// `recompute` as [`FeedForwardInputs::recompute`].
 pub fn feed_forward<B: ModelBackend>(
     x: Tensor<B, 2>,
     w1: Tensor<B, 2>,
     b1: Tensor<B, 1>,
     w2: Tensor<B, 2>,
     b2: Tensor<B, 1>,
+    recompute: bool,
 ) -> Tensor<B, 2> {
     t(B::feed_forward(FeedForwardInputs {
         x: p(x),
@@ -222,6 +371,7 @@ pub fn feed_forward<B: ModelBackend>(
         b1: p(b1),
         w2: p(w2),
         b2: p(b2),
+        recompute,
     }))
 }
 
@@ -229,52 +379,56 @@ pub fn feed_forward<B: ModelBackend>(
 mod tests {
     use super::*;
     use crate::activation::gelu_tanh_formula;
-    use crate::{CpuAutodiffBackend, CpuBackend};
+    use crate::{test_tensor, CpuAutodiffBackend, CpuBackend};
     use burn::tensor::Distribution;
+    use burn::tensor::ElementConversion;
 
     type A = CpuAutodiffBackend;
 
-    fn rel_l2(a: &Tensor<CpuBackend, 2>, b: &Tensor<CpuBackend, 2>) -> f32 {
-        let num = (a.clone() - b.clone()).square().sum().into_scalar().sqrt();
-        num / b.clone().square().sum().into_scalar().sqrt().max(1e-30)
+    fn rel_l2<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> f32 {
+        let num: f32 = (a.clone() - b.clone()).square().sum().into_scalar().elem();
+        let den: f32 = b.clone().square().sum().into_scalar().elem();
+        num.sqrt() / den.sqrt().max(1e-30)
     }
 
     /// The operation against the composed burn ops, forward and every gradient, for a row count
-    /// that is one chunk and one that is several chunks with a remainder.
-    #[test]
-    fn the_operation_equals_the_composed_layers() {
-        let dev = Default::default();
+    /// that is one chunk and one that is several chunks with a remainder, keeping the
+    /// pre-activation and recomputing it.
+    fn the_operation_equals_the_composed_layers<B: ModelBackend>()
+    where
+        Autodiff<B>: ModelBackend,
+    {
         let (d, f) = (24, 1 << 16);
         // chunk_rows(f) = 64 rows: 40 is one chunk, 150 is two full chunks and 22 rows.
         assert_eq!(chunk_rows(f), 64);
         for rows in [40, 150] {
-            let r = |s: [usize; 2], std: f64| {
-                Tensor::<CpuBackend, 2>::random(s, Distribution::Normal(0.0, std), &dev)
-            };
+            let r =
+                |s: [usize; 2], scale: f32, seed| test_tensor::<B, 2>(s, seed).mul_scalar(scale);
             let (x, w1, w2, gy) = (
-                r([rows, d], 1.0),
-                r([f, d], 0.2),
-                r([d, f], 0.01),
-                r([rows, d], 1.0),
+                r([rows, d], 1.0, 1),
+                r([f, d], 0.3, 2),
+                r([d, f], 0.02, 3),
+                r([rows, d], 1.0, 4),
             );
-            let b1 = Tensor::<CpuBackend, 1>::random([f], Distribution::Normal(0.0, 0.5), &dev);
-            let b2 = Tensor::<CpuBackend, 1>::random([d], Distribution::Normal(0.0, 0.5), &dev);
-            let run = |fused: bool| {
-                let leaf2 = |t: &Tensor<CpuBackend, 2>| {
-                    Tensor::<A, 2>::from_inner(t.clone()).require_grad()
+            let b1 = test_tensor::<B, 1>([f], 5).mul_scalar(0.5);
+            let b2 = test_tensor::<B, 1>([d], 6).mul_scalar(0.5);
+            let run = |fused: Option<bool>| {
+                let leaf2 = |t: &Tensor<B, 2>| {
+                    Tensor::<Autodiff<B>, 2>::from_inner(t.clone()).require_grad()
                 };
-                let leaf1 = |t: &Tensor<CpuBackend, 1>| {
-                    Tensor::<A, 1>::from_inner(t.clone()).require_grad()
+                let leaf1 = |t: &Tensor<B, 1>| {
+                    Tensor::<Autodiff<B>, 1>::from_inner(t.clone()).require_grad()
                 };
                 let (xa, w1a, b1a, w2a, b2a) =
                     (leaf2(&x), leaf2(&w1), leaf1(&b1), leaf2(&w2), leaf1(&b2));
-                let y = if fused {
+                let y = if let Some(recompute) = fused {
                     feed_forward(
                         xa.clone(),
                         w1a.clone(),
                         b1a.clone(),
                         w2a.clone(),
                         b2a.clone(),
+                        recompute,
                     )
                 } else {
                     let h = gelu_tanh_formula(
@@ -285,7 +439,7 @@ mod tests {
                 let grads = (y.clone() * Tensor::from_inner(gy.clone()))
                     .sum()
                     .backward();
-                let g1 = |t: Tensor<A, 1>| t.grad(&grads).unwrap().unsqueeze::<2>();
+                let g1 = |t: Tensor<Autodiff<B>, 1>| t.grad(&grads).unwrap().unsqueeze::<2>();
                 (
                     y.inner(),
                     [
@@ -297,20 +451,65 @@ mod tests {
                     ],
                 )
             };
-            let (y1, g1) = run(true);
-            let (y0, g0) = run(false);
-            assert!(
-                rel_l2(&y1, &y0) <= 1e-6,
-                "rows {rows}: forward {}",
-                rel_l2(&y1, &y0)
-            );
-            for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
-                let e = rel_l2(a, b);
-                assert!(
-                    e <= 1e-5,
-                    "rows {rows}: gradient {} off by {e}",
-                    ["x", "w1", "b1", "w2", "b2"][i]
-                );
+            let (y0, g0) = run(None);
+            for recompute in [false, true] {
+                let (y1, g1) = run(Some(recompute));
+                let e = rel_l2(&y1, &y0);
+                assert!(e <= 1e-6, "rows {rows}, recompute {recompute}: forward {e}");
+                for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
+                    let e = rel_l2(a, b);
+                    assert!(
+                        e <= 1e-5,
+                        "rows {rows}, recompute {recompute}: gradient {} off by {e}",
+                        ["x", "w1", "b1", "w2", "b2"][i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_operation_equals_the_composed_layers_on_ndarray() {
+        the_operation_equals_the_composed_layers::<CpuBackend>();
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn the_operation_equals_the_composed_layers_on_flex() {
+        the_operation_equals_the_composed_layers::<crate::FlexBackend>();
+    }
+
+    /// The burn-op path (other backends, half precision) gives the CPU kernel's values,
+    /// forward and every gradient.
+    #[test]
+    fn the_composed_path_equals_the_kernel() {
+        let (rows, d, f) = (150, 24, 1 << 16);
+        let inputs = FeedForwardInputs::<CpuBackend> {
+            x: p(test_tensor::<CpuBackend, 2>([rows, d], 1)),
+            w1: p(test_tensor::<CpuBackend, 2>([f, d], 2).mul_scalar(0.3)),
+            b1: p(test_tensor::<CpuBackend, 1>([f], 3)),
+            w2: p(test_tensor::<CpuBackend, 2>([d, f], 4).mul_scalar(0.02)),
+            b2: p(test_tensor::<CpuBackend, 1>([d], 5)),
+            recompute: true,
+        };
+        let g = || p(test_tensor::<CpuBackend, 2>([rows, d], 6));
+        let flat = |x: FloatTensor<CpuBackend>| {
+            let n = x.shape().num_elements();
+            t::<CpuBackend, 1>(x).reshape([1, n])
+        };
+        let y = (forward(inputs.clone()), cpu_forward(inputs.clone()));
+        assert!(rel_l2(&flat(y.0), &flat(y.1)) <= 1e-6);
+        let (y, pre) = forward_keeping(inputs.clone());
+        let (y_kernel, pre_kernel) = cpu_forward_keeping(inputs.clone());
+        assert!(rel_l2(&flat(y), &flat(y_kernel)) <= 1e-6);
+        assert!(rel_l2(&flat(pre.clone()), &flat(pre_kernel.clone())) <= 1e-6);
+        for kept in [None, Some((pre, pre_kernel))] {
+            let (a, b) = kept.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+            let composed = backward(inputs.clone(), a, g(), [true; 5]);
+            let kernel = cpu_backward(inputs.clone(), b, g(), [true; 5]);
+            for (i, (a, b)) in composed.into_iter().zip(kernel).enumerate() {
+                let e = rel_l2(&flat(a.unwrap()), &flat(b.unwrap()));
+                assert!(e <= 1e-5, "gradient {i} off by {e}");
             }
         }
     }
@@ -333,17 +532,30 @@ mod tests {
             gelu_tanh_formula(x.clone().matmul(w1.clone().transpose()) + b1.clone().unsqueeze())
                 .matmul(w2.clone().transpose())
                 + b2.clone().unsqueeze();
-        let fused = feed_forward(x.clone(), w1.clone(), b1.clone(), w2.clone(), b2.clone());
-        assert!(rel_l2(&fused, &composed) <= 1e-6);
-        let xa = Tensor::<A, 2>::from_inner(x).require_grad();
-        let y = feed_forward(
-            xa.clone(),
-            Tensor::from_inner(w1),
-            Tensor::from_inner(b1),
-            Tensor::from_inner(w2),
-            Tensor::from_inner(b2),
+        let fused = feed_forward(
+            x.clone(),
+            w1.clone(),
+            b1.clone(),
+            w2.clone(),
+            b2.clone(),
+            false,
         );
-        let grads = y.sum().backward();
-        assert_eq!(xa.grad(&grads).unwrap().dims(), [rows, d]);
+        assert!(rel_l2(&fused, &composed) <= 1e-6);
+        let mut gradients = Vec::new();
+        for recompute in [false, true] {
+            let xa = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
+            let y = feed_forward(
+                xa.clone(),
+                Tensor::from_inner(w1.clone()),
+                Tensor::from_inner(b1.clone()),
+                Tensor::from_inner(w2.clone()),
+                Tensor::from_inner(b2.clone()),
+                recompute,
+            );
+            let grads = y.sum().backward();
+            gradients.push(xa.grad(&grads).unwrap());
+        }
+        assert_eq!(gradients[0].dims(), [rows, d]);
+        assert!(rel_l2(&gradients[0], &gradients[1]) <= 1e-6);
     }
 }
