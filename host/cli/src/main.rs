@@ -260,6 +260,10 @@ pub enum BenchCommand {
         /// backward, as `[train] gradient_checkpointing_offload`.
         #[arg(long, requires = "gradient_checkpointing")]
         checkpoint_offload: bool,
+        /// Recompute the feed-forwards' pre-activations in the backward instead of keeping
+        /// them, as `[train] recompute_feed_forward`.
+        #[arg(long)]
+        recompute_feed_forward: bool,
         /// "no" (f32), "bf16" or "fp16": frozen weights and compute in half precision, as
         /// `[train] mixed_precision` (on the CPU through burn's flex backend).
         #[arg(long, default_value = "no", value_parser = parse_mixed_precision)]
@@ -496,6 +500,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     warmup,
                     gradient_checkpointing,
                     checkpoint_offload,
+                    recompute_feed_forward,
                     mixed_precision,
                     backend,
                 },
@@ -508,6 +513,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 warmup,
                 gradient_checkpointing,
                 checkpoint_offload,
+                recompute_feed_forward,
                 mixed_precision,
                 cpu_backend: backend,
             },

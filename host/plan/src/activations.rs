@@ -9,8 +9,9 @@
 //! keeps depends on what is trained: LoRA keeps the inputs of the layers it targets, SFT the
 //! inputs of every layer and of every affine norm and gate.
 //! FlashAttention keeps q, k, v, the output and the log-sum-exp; the feed-forward, one operation
-//! when its layers carry no LoRA (`cogvx_model_core::feed_forward`), keeps only its input and
-//! recomputes its hidden layer chunk by chunk in the backward.
+//! when its layers carry no LoRA (`cogvx_model_core::feed_forward`), keeps its input and its
+//! pre-activation (only its input with `recompute_feed_forward`, recomputing the pre-activation
+//! chunk by chunk in the backward), never its hidden layer.
 
 use cogvx_model_core::adapter::matches_target;
 use cogvx_model_core::attention::flash::{MAX_BLOCK_K, TILE_ELEMENTS};
@@ -19,7 +20,7 @@ use cogvx_text::T5Config;
 use cogvx_transformer::TransformerConfig;
 use cogvx_vae::VaeConfig;
 
-use crate::{Checkpointing, Shape, Tokens, Trainable, F32};
+use crate::{ActivationPolicy, Checkpointing, DeviceKind, Shape, Tokens, Trainable, F32};
 
 /// When a block keeps a tensor for its backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +33,9 @@ pub enum Kept {
     Sft,
     /// When the feed-forward runs as one operation: none of its layers carries a LoRA.
     FfFused,
+    /// When the one-operation feed-forward keeps its pre-activation (no
+    /// `recompute_feed_forward`).
+    FfPreActivation,
     /// When one of these feed-forward layers carries a LoRA (the feed-forward then runs layer by
     /// layer, its hidden layer kept whole).
     FfLora(&'static [&'static str]),
@@ -47,7 +51,7 @@ pub enum Kind {
 }
 
 /// What one `CogVideoXBlock` keeps for its backward: `(what, LD tensors, LF tensors, when, dtype)`.
-pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 12] = [
+pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 13] = [
     (
         "norm1, norm2: the LayerNorm's centred input",
         2,
@@ -70,10 +74,17 @@ pub const BLOCK_SAVED: [(&str, u64, u64, Kept, Kind); 12] = [
         Kind::Compute,
     ),
     (
-        "ff input, joined: all the one-operation feed-forward keeps",
+        "ff input, joined: what the one-operation feed-forward keeps",
         1,
         0,
         Kept::FfFused,
+        Kind::Compute,
+    ),
+    (
+        "ff.net.0.proj output, kept by the one-operation feed-forward (unless recomputed)",
+        0,
+        1,
+        Kept::FfPreActivation,
         Kind::Compute,
     ),
     (
@@ -235,6 +246,36 @@ pub fn attention_tile_elements(batch_heads: usize, len: usize) -> u64 {
     (batch_heads * rows * k) as u64
 }
 
+/// Bytes of `per_call` score-sized tiles alive at once in one attention call: on the GPU the
+/// FlashAttention tiles of all heads ([`attention_tile_elements`]); on the CPU the kernel's
+/// (`cogvx_kernels::attention`), one head per thread at a time, each tile at most
+/// `Tiles::DEFAULT` (128 x 256), on as many threads as the machine has.
+fn attention_tile_bytes(device: DeviceKind, batch_heads: usize, len: usize, per_call: u64) -> u64 {
+    let elements = match device {
+        DeviceKind::Cuda => attention_tile_elements(batch_heads, len),
+        DeviceKind::Cpu => {
+            let tile = cogvx_kernels::attention::Tiles::DEFAULT;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (threads.min(batch_heads.max(1)) * tile.q.min(len) * tile.k.min(len)) as u64
+        }
+    };
+    per_call * elements * F32
+}
+
+/// Chunk-sized (`[chunk_rows, 4 x inner_dim]`, f32) buffers of the one-operation feed-forward
+/// alive at once, activations of `act` bytes: the f32 CPU kernel's scratch (one in the forward;
+/// the backward's recomputed pre-activation and the hidden gradient), or the composed chunk's
+/// temporaries (the GPU, and half precision on the CPU).
+fn ff_chunks(device: DeviceKind, act: u64, backward: bool) -> u64 {
+    let kernel = device == DeviceKind::Cpu && act == F32;
+    match (kernel, backward) {
+        (true, false) => 1,
+        (true, true) => 2,
+        (false, false) => 3,
+        (false, true) => 6,
+    }
+}
+
 /// Training-step activation memory, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrainingActivations {
@@ -252,8 +293,15 @@ pub struct TrainingActivations {
 }
 
 /// One block's kept activations, in bytes, for `rows = batch x tokens`, with activations of
-/// `act` bytes per element (4, or 2 in mixed precision; the norm statistics stay f32).
-pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable, act: u64) -> u64 {
+/// `act` bytes per element (4, or 2 in mixed precision; the norm statistics stay f32);
+/// `recompute_ff` as `[train] recompute_feed_forward`.
+pub fn block_saved_bytes(
+    c: &TransformerConfig,
+    rows: u64,
+    trainable: &Trainable,
+    recompute_ff: bool,
+    act: u64,
+) -> u64 {
     let d = c.inner_dim() as u64;
     let f = 4 * d;
     let trained = |layer: &str| *trainable == Trainable::Full || has_lora(trainable, layer);
@@ -264,6 +312,7 @@ pub fn block_saved_bytes(c: &TransformerConfig, rows: u64, trainable: &Trainable
             Kept::Trained(layers) => layers.iter().any(|l| trained(l)),
             Kept::Sft => *trainable == Trainable::Full,
             Kept::FfFused => ff_fused(trainable),
+            Kept::FfPreActivation => ff_fused(trainable) && !recompute_ff,
             Kept::FfLora(layers) => layers.iter().any(|l| has_lora(trainable, l)),
         })
         .map(|(_, ld, lf, _, kind)| (ld * d + lf * f) * if *kind == Kind::F32 { F32 } else { act })
@@ -286,13 +335,15 @@ pub fn training(
     tokens: Tokens,
     batch: usize,
     trainable: &Trainable,
-    checkpointing: Checkpointing,
+    policy: ActivationPolicy,
     act: u64,
+    device: DeviceKind,
 ) -> TrainingActivations {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
     let f = 4 * d;
-    let block = block_saved_bytes(c, rows, trainable, act);
+    let block = block_saved_bytes(c, rows, trainable, policy.recompute_feed_forward, act);
+    let checkpointing = policy.checkpointing;
     // norm_final and norm_out keep f32 statistics.
     let around = rows * d * output_saved_ld(trainable) * F32;
     let blocks = c.num_layers as u64;
@@ -308,13 +359,14 @@ pub fn training(
         Checkpointing::Offloaded => (rows * d * act + segments + around + block, inputs_kept),
     };
     // Feed-forward backward: the gradients of the block's input, output and residual stream
-    // (LD each) and, one operation, the recomputed hidden layer's chunks (its pre-activation,
-    // the gradients of the GELU's output and input, the GELU formula's f32 temporaries), or,
-    // layer by layer, the gradients of the GELU output and input whole (LF each). The attention
+    // (LD each) and, one operation, chunk-sized buffers ([`ff_chunks`]: on the CPU the
+    // pre-activation when recomputed and the hidden gradient; composed on the GPU also the
+    // GELU's output and its f32 temporaries), or, layer by layer, the gradients of the GELU
+    // output and input whole (LF each). The attention
     // backward needs dq, dk, dv, dout and the residual (6 LD). In half precision the attention
     // computes in f32: q, k, v, the output and its gradient upcast, and dq, dk, dv in f32 (8 LD of f32).
     let ff = if ff_fused(trainable) {
-        rows * 3 * d * act + 6 * ff_chunk_elements(c, rows) * F32
+        rows * 3 * d * act + ff_chunks(device, act, true) * ff_chunk_elements(c, rows) * F32
     } else {
         rows * (2 * f + 3 * d) * act
     };
@@ -323,15 +375,15 @@ pub fn training(
     } else {
         rows * 6 * d * F32
     };
-    let tiles = 4 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
+    let tiles = attention_tile_bytes(device, batch * c.num_attention_heads, tokens.total, 4);
     // The two peaks of a block's backward: the feed-forward's (first), and the attention's with
     // its tiles, by which time the block no longer keeps what the feed-forward and norm2 kept
-    // (the ff input, or the hidden layer, and norm2's centred input). The workspace item is
-    // what the larger one adds beside the tiles (counted in their own item).
-    let ff_kept = if ff_fused(trainable) {
-        rows * d * act
-    } else {
-        rows * f * act
+    // (the ff input and pre-activation, or the hidden layer, and norm2's centred input). The
+    // workspace item is what the larger one adds beside the tiles (counted in their own item).
+    let ff_kept = match (ff_fused(trainable), policy.recompute_feed_forward) {
+        (true, true) => rows * d * act,
+        (true, false) => rows * (d + f) * act,
+        (false, _) => rows * f * act,
     };
     let released = ff_kept + rows * d * F32;
     let workspace = ff
@@ -354,25 +406,27 @@ pub fn training(
 }
 
 /// Peak activation bytes of one transformer forward without autodiff (sampling) at `tokens` x
-/// `batch`: the feed-forward's input, hidden and output, or the attention's q, k, v, output and
-/// tiles, whichever is larger (the hidden layer whole when a LoRA sits on a feed-forward layer,
-/// else its chunks). Activations are `act` bytes per element (the attention's tiles are f32).
+/// `batch` on `device`: the feed-forward's input, hidden and output, or the attention's q, k,
+/// v, output and tiles, whichever is larger (the hidden layer whole when a LoRA sits on a
+/// feed-forward layer, else its chunks). Activations are `act` bytes per element (the
+/// attention's tiles are f32).
 pub fn inference_bytes(
     c: &TransformerConfig,
     tokens: Tokens,
     batch: usize,
     trainable: &Trainable,
     act: u64,
+    device: DeviceKind,
 ) -> u64 {
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
     let ff = if ff_fused(trainable) {
-        rows * 3 * d * act + 3 * ff_chunk_elements(c, rows) * F32
+        rows * 3 * d * act + ff_chunks(device, act, false) * ff_chunk_elements(c, rows) * F32
     } else {
         rows * (3 * d + 2 * 4 * d) * act
     };
     let attention = rows * 10 * d * F32
-        + 2 * attention_tile_elements(batch * c.num_attention_heads, tokens.total) * F32;
+        + attention_tile_bytes(device, batch * c.num_attention_heads, tokens.total, 2);
     ff.max(attention)
 }
 

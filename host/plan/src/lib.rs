@@ -116,6 +116,16 @@ impl Checkpointing {
     }
 }
 
+/// What the training step keeps of its activations and what it recomputes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActivationPolicy {
+    /// `[train] gradient_checkpointing` and `gradient_checkpointing_offload`.
+    pub checkpointing: Checkpointing,
+    /// `[train] recompute_feed_forward`: the feed-forwards keep their input only, not their
+    /// pre-activation.
+    pub recompute_feed_forward: bool,
+}
+
 /// How the run is spread over processes and where its optimizer lives (`cogvx launch`,
 /// `[train] zero_stage`, `[train] optimizer_offload`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -234,6 +244,8 @@ pub struct PlanInput {
     pub gradient_checkpointing: bool,
     /// `[train] gradient_checkpointing_offload`: the blocks' kept inputs wait in host memory.
     pub checkpoint_offload: bool,
+    /// `[train] recompute_feed_forward`.
+    pub recompute_feed_forward: bool,
     /// `[train] mixed_precision`.
     pub mixed_precision: MixedPrecision,
     /// `None` when `[validation] steps = 0`.
@@ -284,6 +296,8 @@ pub struct Plan {
     pub gradient_checkpointing: bool,
     /// The checkpointed blocks' inputs kept in host memory.
     pub checkpoint_offload: bool,
+    /// The feed-forwards' pre-activations recomputed in the backward rather than kept.
+    pub recompute_feed_forward: bool,
     pub mixed_precision: MixedPrecision,
     pub tokens: Tokens,
     /// Processes, ZeRO stage and optimizer offload (the plan is one process's).
@@ -434,12 +448,16 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     // train.
     let checkpointing =
         Checkpointing::from_flags(input.gradient_checkpointing, input.checkpoint_offload);
+    let policy = ActivationPolicy {
+        checkpointing,
+        recompute_feed_forward: input.recompute_feed_forward,
+    };
     let mut train = train_phase(
         t,
         tokens,
         input.batch_size,
         &input.trainable,
-        checkpointing,
+        policy,
         input.mixed_precision,
         input.device,
         &input.distribution,
@@ -463,6 +481,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             batch,
             &input.trainable,
             input.mixed_precision.bytes(),
+            input.device,
         );
         let decode = activations::vae_decode_bytes(&m.vae, v.shape);
         let frames = 3 * (v.shape.frames * v.shape.height * v.shape.width) as u64 * F32;
@@ -525,6 +544,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         training,
         gradient_checkpointing: input.gradient_checkpointing,
         checkpoint_offload: checkpointing == Checkpointing::Offloaded,
+        recompute_feed_forward: input.recompute_feed_forward,
         mixed_precision: input.mixed_precision,
         tokens,
         distribution: input.distribution,
@@ -602,7 +622,7 @@ pub fn train_phase(
     tokens: Tokens,
     batch: usize,
     trainable: &Trainable,
-    checkpointing: Checkpointing,
+    policy: ActivationPolicy,
     precision: MixedPrecision,
     device: DeviceKind,
     distribution: &Distribution,
@@ -610,7 +630,7 @@ pub fn train_phase(
     let (n, _) = trainable_parameters(t, trainable)?;
     let weights = params::transformer_parameters(t);
     // On the CPU host memory is the device's: offloading moves nothing out of the budget.
-    let checkpointing = match (checkpointing, device) {
+    let checkpointing = match (policy.checkpointing, device) {
         (Checkpointing::Offloaded, DeviceKind::Cpu) => Checkpointing::Blocks,
         (c, _) => c,
     };
@@ -619,8 +639,12 @@ pub fn train_phase(
         tokens,
         batch,
         trainable,
-        checkpointing,
+        ActivationPolicy {
+            checkpointing,
+            ..policy
+        },
         precision.bytes(),
+        device,
     );
     let half_masters = distribution.half_masters(trainable, precision);
     let mut items = vec![transformer_weights_item(
@@ -682,7 +706,7 @@ pub fn train_phase(
         runtime_bytes(device),
     ));
     let what = format!(
-        "{} tokens ({} text + {} video) x batch {batch}, {}",
+        "{} tokens ({} text + {} video) x batch {batch}, {}{}",
         tokens.total,
         tokens.text,
         tokens.video,
@@ -691,6 +715,11 @@ pub fn train_phase(
             Checkpointing::Blocks => "gradient checkpointing",
             Checkpointing::Offloaded =>
                 "gradient checkpointing, block inputs offloaded to host memory",
+        },
+        if policy.recompute_feed_forward {
+            ", feed-forwards recomputed"
+        } else {
+            ""
         }
     );
     Ok(phase("train", what, items))

@@ -23,6 +23,7 @@ fn input(model: &str, shape: Shape) -> PlanInput {
         trainable: lora(),
         gradient_checkpointing: true,
         checkpoint_offload: false,
+        recompute_feed_forward: false,
         mixed_precision: MixedPrecision::No,
         validation: None,
         device: DeviceKind::Cuda,
@@ -281,9 +282,10 @@ fn mixed_precision_halves_the_frozen_weights_and_most_activations() {
 
 #[test]
 fn a_lora_on_the_feed_forward_keeps_its_hidden_layer() {
-    let act = |targets: &[&str]| {
+    let act = |targets: &[&str], recompute: bool| {
         let mut i = input("cogvideox-2b", S480);
         i.gradient_checkpointing = false;
+        i.recompute_feed_forward = recompute;
         i.trainable = Trainable::Lora {
             rank: 128,
             targets: targets.iter().map(|t| t.to_string()).collect(),
@@ -291,11 +293,43 @@ fn a_lora_on_the_feed_forward_keeps_its_hidden_layer() {
         item(phase(&plan(&i).unwrap(), "train"), "activations")
     };
     let attention = ["to_q", "to_k", "to_v", "to_out.0"];
-    let with_ff = act(&["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]);
+    let with_ff = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"];
     // Layer by layer, each of the 30 blocks keeps the hidden layer [17776, 7680] and the LoRA's
     // `x A` [17776, 128]; the ff input it keeps either way (for the LoRA's A, or as the one
-    // operation's only saved tensor).
-    assert_eq!(with_ff - act(&attention), 30 * 17_776 * (7680 + 128) * 4);
+    // operation's saved input). The one operation keeps its pre-activation, of the hidden
+    // layer's size, unless it recomputes it.
+    assert_eq!(
+        act(&with_ff, true) - act(&attention, true),
+        30 * 17_776 * (7680 + 128) * 4
+    );
+    assert_eq!(
+        act(&with_ff, false) - act(&attention, false),
+        30 * 17_776 * 128 * 4
+    );
+    // A LoRA on the feed-forward runs it layer by layer: the setting changes nothing.
+    assert_eq!(act(&with_ff, true), act(&with_ff, false));
+}
+
+/// `recompute_feed_forward` drops each block's kept pre-activation: every block's without
+/// checkpointing, the recomputed block's with it.
+#[test]
+fn recomputing_the_feed_forward_drops_its_pre_activation() {
+    let act = |checkpointing: bool, recompute: bool| {
+        let i = PlanInput {
+            gradient_checkpointing: checkpointing,
+            recompute_feed_forward: recompute,
+            ..input("cogvideox-2b", S480)
+        };
+        let p = plan(&i).unwrap();
+        assert_eq!(
+            phase(&p, "train").what.contains("feed-forwards recomputed"),
+            recompute
+        );
+        item(phase(&p, "train"), "activations")
+    };
+    let pre = 17_776 * 7680 * 4;
+    assert_eq!(act(false, false) - act(false, true), 30 * pre);
+    assert_eq!(act(true, false) - act(true, true), pre);
 }
 
 #[test]

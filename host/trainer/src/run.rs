@@ -317,6 +317,7 @@ impl<'a, B: ModelAutodiffBackend> Run<'a, B> {
         };
         model.set_gradient_checkpointing(config.gradient_checkpointing);
         model.set_checkpoint_offload(config.gradient_checkpointing_offload);
+        model.set_feed_forward_recompute(config.recompute_feed_forward);
         let grad_layout = GradLayout::new(&mode.values(&mut model));
         let n_params = grad_layout.values();
         if config.is_sft() {

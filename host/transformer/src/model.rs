@@ -91,7 +91,7 @@ impl<B: Backend> FeedForward<B> {
                 Linear::load(&net.pp(2), inner, dim, true, device)?,
                 DropoutConfig::new(dropout).init(),
             ),
-            recompute: true,
+            recompute: false,
         })
     }
 }

@@ -69,6 +69,7 @@ pub fn plan_input(
         trainable,
         gradient_checkpointing: train.gradient_checkpointing,
         checkpoint_offload: train.gradient_checkpointing_offload,
+        recompute_feed_forward: train.recompute_feed_forward,
         mixed_precision: train.mixed_precision,
         validation,
         device: match settings.device {
