@@ -64,6 +64,20 @@ pub(crate) fn unary_backward<B: Backend, S>(
     }
 }
 
+/// The end of an autodiff operation's backward: each parent that is tracked (its id, from
+/// `ops.parents`) gets its gradient, where one was computed.
+pub(crate) fn register_gradients<B: Backend>(
+    grads: &mut burn::backend::autodiff::grads::Gradients,
+    parents: impl IntoIterator<Item = Option<burn::backend::autodiff::NodeId>>,
+    values: impl IntoIterator<Item = Option<FloatTensor<B>>>,
+) {
+    for (parent, value) in parents.into_iter().zip(values) {
+        if let (Some(id), Some(value)) = (parent, value) {
+            grads.register::<B>(id, value);
+        }
+    }
+}
+
 /// A burn backend with cogvx's own operations.
 pub trait ModelBackend: Backend {
     /// Memory-efficient attention forward: the output and the per-row log-sum-exp

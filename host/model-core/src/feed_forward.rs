@@ -301,11 +301,8 @@ impl<B: ModelBackend> Backward<B, 5> for FeedForwardBackward {
         let wanted = ops.parents.each_ref().map(|n| n.is_some());
         let (inputs, kept) = ops.state;
         let values = B::feed_forward_backward(inputs, kept, grad, wanted);
-        for (parent, value) in ops.parents.into_iter().zip(values) {
-            if let (Some(node), Some(value)) = (parent, value) {
-                grads.register::<B>(node.id, value);
-            }
-        }
+        let parents = ops.parents.map(|p| p.map(|n| n.id));
+        crate::backend::register_gradients::<B>(grads, parents, values);
     }
 }
 

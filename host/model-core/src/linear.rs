@@ -102,11 +102,7 @@ impl<B: ModelBackend, const N: usize> Backward<B, N> for LinearBackward<N> {
         let wanted = [0, 1, 2].map(|i| i < N && parents[i].is_some());
         let (x, weight) = ops.state;
         let values = linear_backward::<B>(x, weight, grad, wanted);
-        for (parent, value) in parents.into_iter().zip(values) {
-            if let (Some(node), Some(value)) = (parent, value) {
-                grads.register::<B>(node.id, value);
-            }
-        }
+        crate::backend::register_gradients::<B>(grads, parents.map(|p| p.map(|n| n.id)), values);
     }
 }
 

@@ -35,13 +35,8 @@ impl<B: ModelBackend, const N: usize> Backward<B, N> for AttentionBackward<N> {
         let parents = ops.parents;
         let bias_grad = N == 4 && parents[N - 1].is_some();
         let g = B::flash_attention_backward(ops.state.inputs, ops.state.saved, grad_out, bias_grad);
-        let mut values = [Some(g.q), Some(g.k), Some(g.v), g.bias].into_iter();
-        for parent in parents {
-            let value = values.next().flatten();
-            if let (Some(node), Some(value)) = (parent, value) {
-                grads.register::<B>(node.id, value);
-            }
-        }
+        let values = [Some(g.q), Some(g.k), Some(g.v), g.bias];
+        crate::backend::register_gradients::<B>(grads, parents.map(|p| p.map(|n| n.id)), values);
     }
 }
 
