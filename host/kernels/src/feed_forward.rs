@@ -5,7 +5,8 @@
 //! chunk to chunk; each chunk's output rows (and its input gradient's) are written once, in
 //! place, after the previous chunk's; the weight and bias gradients accumulate into their
 //! buffers. Every product is a threaded [`crate::matmul`] band product; bias sums are products
-//! with a row of ones. The backward recomputes the hidden layer: only `x` is kept.
+//! with a row of ones. The backward takes the pre-activation `x W1^T + b1` that
+//! [`forward_keeping`] returned, or recomputes it chunk by chunk from `x`.
 
 use crate::activation::{gelu_tanh_backward, gelu_tanh_in_place, gelu_tanh_into};
 use crate::matmul::{matmul_append, matmul_into, Matrix};

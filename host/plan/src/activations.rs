@@ -262,18 +262,13 @@ fn attention_tile_bytes(device: DeviceKind, batch_heads: usize, len: usize, per_
     per_call * elements * F32
 }
 
-/// Chunk-sized (`[chunk_rows, 4 x inner_dim]`, f32) buffers of the one-operation feed-forward
-/// alive at once, activations of `act` bytes: the f32 CPU kernel's scratch (one in the forward;
-/// the backward's recomputed pre-activation and the hidden gradient), or the composed chunk's
-/// temporaries (the GPU, and half precision on the CPU).
-fn ff_chunks(device: DeviceKind, act: u64, backward: bool) -> u64 {
-    let kernel = device == DeviceKind::Cpu && act == F32;
-    match (kernel, backward) {
-        (true, false) => 1,
-        (true, true) => 2,
-        (false, false) => 3,
-        (false, true) => 6,
-    }
+/// Whether the one-operation feed-forward runs as the CPU kernel (f32 on the CPU), which holds
+/// one chunk-sized (`[chunk_rows, 4 x inner_dim]`, f32) scratch buffer in the forward and, in
+/// the backward, the hidden gradient's and, when recomputed, the pre-activation's; otherwise
+/// (the GPU, half precision on the CPU) it runs as composed chunks, which hold 3 such
+/// temporaries in the forward and 6 in the backward.
+fn ff_kernel(device: DeviceKind, act: u64) -> bool {
+    device == DeviceKind::Cpu && act == F32
 }
 
 /// Training-step activation memory, in bytes.
@@ -359,14 +354,19 @@ pub fn training(
         Checkpointing::Offloaded => (rows * d * act + segments + around + block, inputs_kept),
     };
     // Feed-forward backward: the gradients of the block's input, output and residual stream
-    // (LD each) and, one operation, chunk-sized buffers ([`ff_chunks`]: on the CPU the
-    // pre-activation when recomputed and the hidden gradient; composed on the GPU also the
+    // (LD each) and, one operation, chunk-sized buffers ([`ff_kernel`]: on the CPU the
+    // hidden gradient and the pre-activation when recomputed; composed on the GPU also the
     // GELU's output and its f32 temporaries), or, layer by layer, the gradients of the GELU
     // output and input whole (LF each). The attention
     // backward needs dq, dk, dv, dout and the residual (6 LD). In half precision the attention
     // computes in f32: q, k, v, the output and its gradient upcast, and dq, dk, dv in f32 (8 LD of f32).
     let ff = if ff_fused(trainable) {
-        rows * 3 * d * act + ff_chunks(device, act, true) * ff_chunk_elements(c, rows) * F32
+        let chunks = if ff_kernel(device, act) {
+            1 + u64::from(policy.recompute_feed_forward)
+        } else {
+            6
+        };
+        rows * 3 * d * act + chunks * ff_chunk_elements(c, rows) * F32
     } else {
         rows * (2 * f + 3 * d) * act
     };
@@ -421,7 +421,8 @@ pub fn inference_bytes(
     let rows = (batch * tokens.total) as u64;
     let d = c.inner_dim() as u64;
     let ff = if ff_fused(trainable) {
-        rows * 3 * d * act + ff_chunks(device, act, false) * ff_chunk_elements(c, rows) * F32
+        let chunks = if ff_kernel(device, act) { 1 } else { 3 };
+        rows * 3 * d * act + chunks * ff_chunk_elements(c, rows) * F32
     } else {
         rows * (3 * d + 2 * 4 * d) * act
     };

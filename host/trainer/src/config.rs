@@ -162,8 +162,8 @@ pub struct TrainConfig {
     /// Recompute each feed-forward's `[tokens, 4 x inner_dim]` pre-activation in the backward
     /// instead of keeping it (Megatron-LM's selective recomputation of the MLP): 546 MiB less
     /// per block for CogVideoX-2B at 49x480x720 in f32 (only one block's with
-    /// `gradient_checkpointing`), for one more `ff.net.0.proj` product per block (about 7% of a
-    /// block's step). The same gradients either way.
+    /// `gradient_checkpointing`), for one more `ff.net.0.proj` product per block (about 3% of a
+    /// training step at the CPU benchmark's preset M). The same gradients either way.
     #[serde(default)]
     pub recompute_feed_forward: bool,
     /// DeepSpeed's ZeRO stage: `0` (each process keeps the whole AdamW state) or `2` (each

@@ -367,7 +367,8 @@ impl<B: Backend> CogVideoXTransformer3DModel<B> {
 
     /// Selective recomputation of the blocks' feed-forwards (Megatron-LM's for the MLP): each
     /// keeps only its input and recomputes its `[tokens, 4 x inner_dim]` pre-activation in the
-    /// backward, for one more `net.0.proj` product per block (about 7% of a block's step).
+    /// backward, for one more `net.0.proj` product per block (about 3% of a training step at
+    /// preset M).
     /// Off, each keeps that pre-activation (546 MiB per block for CogVideoX-2B at 49x480x720 in
     /// f32; with gradient checkpointing only the block being recomputed holds one). The same
     /// values either way.
