@@ -2,7 +2,7 @@
 //! `exp`), chunks on rayon's threads. Same formula as `cogvx_model_core::activation`:
 //! `x * sigmoid(z)` with `z = C1 x + C3 x^3` (`0.5 (1 + tanh(z / 2)) = sigmoid(z)`).
 
-use crate::simd;
+use crate::simd::{self, MulAdd};
 use rayon::prelude::*;
 
 /// `2 sqrt(2/pi)`.
@@ -16,27 +16,27 @@ const CHUNK: usize = 1 << 14;
 /// overflows: `1 / (1 + e)` for `z >= 0`, `e / (1 + e)` below, and `e / (1 + e)^2` (no
 /// cancellation where `sigmoid(z)` is close to 1).
 #[inline(always)]
-fn sigmoid(z: f32) -> (f32, f32) {
-    let e = simd::exp(-z.abs());
+fn sigmoid<M: MulAdd>(z: f32) -> (f32, f32) {
+    let e = simd::exp_with::<M>(-z.abs());
     let r = 1.0 / (1.0 + e);
     let s = if z >= 0.0 { r } else { e * r };
     (s, e * r * r)
 }
 
 #[inline(always)]
-fn forward_body(x: &[f32], out: &mut [f32]) {
+fn forward_body<M: MulAdd>(x: &[f32], out: &mut [f32]) {
     for (o, &x) in out.iter_mut().zip(x) {
         let z = (x * x * C3 + C1) * x;
-        *o = x * sigmoid(z).0;
+        *o = x * sigmoid::<M>(z).0;
     }
 }
 
 /// `d/dx [x s] = s + x s (1 - s) (C1 + 3 C3 x^2)` with `s = sigmoid(z)`, times the gradient.
 #[inline(always)]
-fn backward_body(x: &[f32], grad: &mut [f32]) {
+fn backward_body<M: MulAdd>(x: &[f32], grad: &mut [f32]) {
     for (g, &x) in grad.iter_mut().zip(x) {
         let x2 = x * x;
-        let (s, ds) = sigmoid((x2 * C3 + C1) * x);
+        let (s, ds) = sigmoid::<M>((x2 * C3 + C1) * x);
         let dz = x2 * (3.0 * C3) + C1;
         *g *= ds * dz * x + s;
     }
@@ -44,26 +44,26 @@ fn backward_body(x: &[f32], grad: &mut [f32]) {
 
 crate::simd::dispatch! {
     /// `out[i] = gelu_tanh(x[i])` for one chunk.
-    fn forward_chunk(x: &[f32], out: &mut [f32]) = forward_body;
+    fn forward_chunk(x: &[f32], out: &mut [f32]) = forward_body::<MulAdd>;
 }
 
 #[inline(always)]
-fn in_place_body(v: &mut [f32]) {
+fn in_place_body<M: MulAdd>(v: &mut [f32]) {
     for o in v.iter_mut() {
         let x = *o;
         let z = (x * x * C3 + C1) * x;
-        *o = x * sigmoid(z).0;
+        *o = x * sigmoid::<M>(z).0;
     }
 }
 
 crate::simd::dispatch! {
     /// `v[i] = gelu_tanh(v[i])` for one chunk.
-    fn in_place_chunk(v: &mut [f32]) = in_place_body;
+    fn in_place_chunk(v: &mut [f32]) = in_place_body::<MulAdd>;
 }
 
 crate::simd::dispatch! {
     /// `grad[i] *= gelu_tanh'(x[i])` for one chunk.
-    fn backward_chunk(x: &[f32], grad: &mut [f32]) = backward_body;
+    fn backward_chunk(x: &[f32], grad: &mut [f32]) = backward_body::<MulAdd>;
 }
 
 /// `gelu_tanh(x)` element by element (torch's `gelu(approximate="tanh")`).

@@ -1,7 +1,9 @@
 //! Row-wise loops of the kernels, written so LLVM vectorises them (sixteen independent lanes, no
 //! branches in the body), each compiled three times: for the baseline target and, picked at run
-//! time, for AVX2 + FMA and for AVX-512. The two versions compute the same values (no fused multiply-adds are written,
-//! and Rust never contracts `a * b + c` on its own).
+//! time, for AVX2 + FMA and for AVX-512. Rust never contracts `a * b + c` on its own, so a body
+//! computes the same values in all three builds, except the bodies generic over [`MulAdd`]
+//! (`exp` and what uses it), whose multiply-adds are fused in the AVX builds: one instruction
+//! and one rounding instead of two, the values within an ulp of the baseline's.
 
 /// Lanes of the accumulators (one AVX-512 register of f32, two AVX ones).
 const LANES: usize = 16;
@@ -12,26 +14,58 @@ const EXP_LOW: f32 = -87.336_55;
 /// normal exponent).
 const EXP_HIGH: f32 = 88.0;
 
+/// How a loop body's multiply-adds are computed: fused (the AVX2 and AVX-512 builds, where
+/// `mul_add` is one instruction) or as a multiply then an add (the baseline build, where
+/// `mul_add` would be a call into libm). [`dispatch!`] picks the one its build has.
+pub(crate) trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// [`MulAdd`] as one fused instruction.
+pub(crate) struct Fused;
+/// [`MulAdd`] as a multiply and an add.
+pub(crate) struct Separate;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// `exp(x)` in f32 to about 1 ulp (Cephes' `expf`: `x = n ln2 + r` with a two-part `ln2`, a
 /// degree-6 polynomial for `exp(r)`, `2^n` put into the exponent bits), branch-free so loops
 /// over it vectorise. Values below [`EXP_LOW`] (and `-inf`) give 0, values above [`EXP_HIGH`]
 /// give `exp(88)`, NaN gives NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with::<Separate>(x)
+}
+
+/// [`exp`] with its multiply-adds computed by `M`.
+#[inline(always)]
+pub(crate) fn exp_with<M: MulAdd>(x: f32) -> f32 {
     let xc = x.clamp(EXP_LOW, EXP_HIGH);
     // Round to nearest without `round` or a float-to-int cast (neither vectorises everywhere):
     // adding 1.5 * 2^23 leaves the integer `n` in the low mantissa bits of `t`.
     const MAGIC: f32 = 12_582_912.0;
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let t = M::mul_add(xc, std::f32::consts::LOG2_E, MAGIC);
     let n = t - MAGIC;
-    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let r = M::mul_add(-n, -2.121_944_4e-4, M::mul_add(-n, 0.693_359_4, xc));
     let mut p = 1.987_569_2e-4f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = M::mul_add(p, r, 1.398_2e-3);
+    p = M::mul_add(p, r, 8.333_452e-3);
+    p = M::mul_add(p, r, 4.166_579_6e-2);
+    p = M::mul_add(p, r, 1.666_666_5e-1);
+    p = M::mul_add(p, r, 0.5);
+    let y = M::mul_add(p * r, r, r) + 1.0;
     // `2^n`: `n + 127` into the exponent bits, integer arithmetic on `t`'s bits (|n| <= 127).
     let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
     let pow2 = f32::from_bits(n_bits.wrapping_add(127) << 23);
@@ -47,9 +81,12 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Defines `fn $name` (with its visibility) that runs `$body` compiled for AVX-512 or AVX2 + FMA
-/// when the CPU has them, and for the baseline target otherwise.
+/// when the CPU has them, and for the baseline target otherwise. A body written
+/// `$body::<MulAdd>` is generic over [`MulAdd`]: [`Fused`] in the AVX builds, [`Separate`] in
+/// the baseline one.
 macro_rules! dispatch {
-    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident;) => {
+    (@emit $(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;
+        $fast:path, $plain:path) => {
         $(#[$doc])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
@@ -57,7 +94,7 @@ macro_rules! dispatch {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     #[target_feature(enable = "avx512f,avx2,fma")]
                     unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
-                        $body($($arg),*)
+                        $fast($($arg),*)
                     }
                     // SAFETY: the CPU has the features `wide` was compiled for.
                     return unsafe { wide($($arg),*) };
@@ -67,14 +104,24 @@ macro_rules! dispatch {
                 {
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
-                        $body($($arg),*)
+                        $fast($($arg),*)
                     }
                     // SAFETY: the CPU has the features `fast` was compiled for.
                     return unsafe { fast($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            $plain($($arg),*)
         }
+    };
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
+        = $body:ident::<MulAdd>;) => {
+        $crate::simd::dispatch! { @emit $(#[$doc])* $vis fn $name($($arg: $ty),*) $(-> $ret)?;
+            $body::<$crate::simd::Fused>, $body::<$crate::simd::Separate> }
+    };
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?
+        = $body:ident;) => {
+        $crate::simd::dispatch! { @emit $(#[$doc])* $vis fn $name($($arg: $ty),*) $(-> $ret)?;
+            $body, $body }
     };
 }
 pub(crate) use dispatch;
@@ -102,14 +149,26 @@ fn max_body(row: &[f32], floor: f32) -> f32 {
 
 dispatch! {
     /// `row[i] = exp(row[i] - shift)`; returns the sum of the new values.
-    pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 = exp_shifted_sum_body;
+    pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 = exp_shifted_sum_body::<MulAdd>;
 }
 #[inline(always)]
-fn exp_shifted_sum_body(row: &mut [f32], shift: f32) -> f32 {
-    // Two passes over the (cache-resident) row: the exp loop vectorises on its own, fused with
-    // the lane sums it does not.
-    exp_shifted_body(row, shift);
-    sum_body(row)
+fn exp_shifted_sum_body<M: MulAdd>(row: &mut [f32], shift: f32) -> f32 {
+    // One pass: each lane's values summed as they are written (the same order as `sum`).
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let e = exp_with::<M>(c[l] - shift);
+            c[l] = e;
+            acc[l] += e;
+        }
+    }
+    let mut tail = 0.0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_with::<M>(*x - shift);
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
@@ -127,12 +186,12 @@ fn sum_body(row: &[f32]) -> f32 {
 
 dispatch! {
     /// `row[i] = exp(row[i] - shift)`.
-    pub fn exp_shifted(row: &mut [f32], shift: f32) = exp_shifted_body;
+    pub fn exp_shifted(row: &mut [f32], shift: f32) = exp_shifted_body::<MulAdd>;
 }
 #[inline(always)]
-fn exp_shifted_body(row: &mut [f32], shift: f32) {
+fn exp_shifted_body<M: MulAdd>(row: &mut [f32], shift: f32) {
     for x in row.iter_mut() {
-        *x = exp(*x - shift);
+        *x = exp_with::<M>(*x - shift);
     }
 }
 
@@ -253,27 +312,41 @@ fn norm_grad_body(g: &mut [f32], x: &[f32], mean: f32, rstd: f32, g_mean: f32, g
 mod tests {
     use super::*;
 
-    #[test]
-    fn exp_is_within_two_ulp_of_libm_over_the_softmax_range() {
+    /// The largest relative error of `f` against f64's `exp` over the softmax's range.
+    fn worst_exp_error(f: fn(f32) -> f32) -> f64 {
         let mut worst = 0.0f64;
         let mut x = -87.0f32;
         while x < 88.0 {
             let want = (x as f64).exp();
-            let got = exp(x) as f64;
+            let got = f(x) as f64;
             worst = worst.max(((got - want) / want).abs());
             x += 0.000_731;
         }
-        // f32's epsilon is 1.19e-7: two ulp at most.
-        assert!(worst < 2.4e-7, "worst relative error {worst:e}");
+        worst
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_over_the_softmax_range() {
+        // f32's epsilon is 1.19e-7: two ulp at most, with separate and with fused multiply-adds
+        // (fused here through libm's `fmaf` where the CPU has no FMA).
+        for (name, f) in [
+            ("separate", exp_with::<Separate> as fn(f32) -> f32),
+            ("fused", exp_with::<Fused>),
+        ] {
+            let worst = worst_exp_error(f);
+            assert!(worst < 2.4e-7, "{name}: worst relative error {worst:e}");
+        }
     }
 
     #[test]
     fn exp_edges() {
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(-1000.0), 0.0);
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(f32::NAN).is_nan());
-        assert!(exp(88.0).is_finite() && exp(88.0) > 1e38);
+        for exp in [exp_with::<Separate> as fn(f32) -> f32, exp_with::<Fused>] {
+            assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+            assert_eq!(exp(-1000.0), 0.0);
+            assert_eq!(exp(0.0), 1.0);
+            assert!(exp(f32::NAN).is_nan());
+            assert!(exp(88.0).is_finite() && exp(88.0) > 1e38);
+        }
     }
 
     #[test]
