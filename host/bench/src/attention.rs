@@ -31,9 +31,11 @@ pub struct AttentionReport {
     pub op: String,
     pub shape: [usize; 4],
     pub threads: usize,
-    /// Query rows x key columns per tile, as the backend runs them (`null` for the naive
-    /// formula).
-    pub tile: Option<[usize; 2]>,
+    /// Query rows x key columns per tile of the forward, as the backend runs them (`null` for
+    /// the naive formula).
+    pub forward_tile: Option<[usize; 2]>,
+    /// The same for the backward.
+    pub backward_tile: Option<[usize; 2]>,
     /// Seconds of the forward (values read back, so the work is done).
     pub forward_s: f64,
     /// Seconds of the backward (q, k and v gradients read back).
@@ -92,6 +94,7 @@ pub fn attention_on<B: ModelAutodiffBackend>(
     let backward_s = start.elapsed().as_secs_f64();
     tracing::debug!("attention output sum {out_sum:?}, gradient sum {total}");
     let flops = 14.0 * (batch * heads) as f64 * (len as f64).powi(2) * head_dim as f64;
+    let tiling = B::attention_tiles(blocks);
     AttentionReport {
         op: if naive {
             "naive".into()
@@ -100,10 +103,8 @@ pub fn attention_on<B: ModelAutodiffBackend>(
         },
         shape,
         threads,
-        tile: (!naive).then(|| {
-            let t = B::attention_tiles(blocks);
-            [t.q, t.k]
-        }),
+        forward_tile: (!naive).then_some([tiling.forward.q, tiling.forward.k]),
+        backward_tile: (!naive).then_some([tiling.backward.q, tiling.backward.k]),
         forward_s: round_to(forward_s, 4),
         backward_s: round_to(backward_s, 4),
         gflops: round_to(flops / (forward_s + backward_s) / 1e9, 1),
@@ -143,7 +144,8 @@ mod tests {
                 blocks,
             })
             .unwrap();
-            assert_eq!(r.tile, (!naive).then_some([16, 16]));
+            assert_eq!(r.forward_tile, (!naive).then_some([16, 16]));
+            assert_eq!(r.backward_tile, (!naive).then_some([16, 16]));
             assert_eq!(r.shape, [1, 2, 40, 8]);
             assert!(
                 r.forward_s > 0.0 && r.backward_s > 0.0 && r.gflops > 0.0,

@@ -292,7 +292,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Query rows per tile (with --block-k; default: sized to a 64 MiB tile; the CPU kernel
-        /// runs at most 128 x 256).
+        /// runs at most 256 x 512 in the forward, 128 x 256 in the backward).
         #[arg(long, requires = "block_k")]
         block_q: Option<usize>,
         /// Key columns per tile (with --block-q).

@@ -7,6 +7,7 @@
 //! [`crate::attention`]).
 
 use crate::attention::flash::{self, BlockSizes};
+use crate::attention::Tiling;
 use crate::feed_forward::{FeedForwardGrads, FeedForwardInputs};
 use crate::precision::{float_dtype, to_dtype, to_f32};
 use burn::tensor::FloatDType;
@@ -89,10 +90,14 @@ pub trait ModelBackend: Backend {
         generic_flash_attention_forward(inputs)
     }
 
-    /// The tile this backend's attention runs for the requested one (the CPU kernel caps it,
-    /// see [`crate::attention::cpu`]); what benchmarks report.
-    fn attention_tiles(requested: BlockSizes) -> BlockSizes {
-        requested
+    /// The tiles this backend's attention runs, forward and backward, for the requested one
+    /// (the CPU kernel has its own, capped by it, see [`crate::attention::cpu`]); what
+    /// benchmarks report.
+    fn attention_tiles(requested: BlockSizes) -> Tiling {
+        Tiling {
+            forward: requested,
+            backward: requested,
+        }
     }
 
     /// Memory-efficient attention backward from the saved output and log-sum-exp
@@ -333,7 +338,7 @@ macro_rules! cpu_kernels {
             crate::attention::cpu::forward(inputs)
         }
 
-        fn attention_tiles(requested: BlockSizes) -> BlockSizes {
+        fn attention_tiles(requested: BlockSizes) -> Tiling {
             crate::attention::cpu::tiles(requested)
         }
 

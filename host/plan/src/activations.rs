@@ -246,20 +246,31 @@ pub fn attention_tile_elements(batch_heads: usize, len: usize) -> u64 {
     (batch_heads * rows * k) as u64
 }
 
-/// Bytes of `per_call` score-sized tiles alive at once in one attention call: on the GPU the
-/// FlashAttention tiles of all heads ([`attention_tile_elements`]); on the CPU the kernel's
-/// (`cogvx_kernels::attention`), one head per thread at a time, each tile at most
-/// `Tiles::DEFAULT` (128 x 256), on as many threads as the machine has.
-fn attention_tile_bytes(device: DeviceKind, batch_heads: usize, len: usize, per_call: u64) -> u64 {
+/// Bytes of the score-sized tiles alive at once in one attention call, in training (the
+/// backward's) or not (the forward's): on the GPU 4 or 2 FlashAttention tiles of all heads
+/// ([`attention_tile_elements`]); on the CPU the kernel's (`cogvx_kernels::attention`), one
+/// head per thread at a time, on as many threads as the machine has: in the forward one
+/// `Tiles::FORWARD` score tile, in the backward two `Tiles::BACKWARD` ones (probabilities and
+/// their gradient), the larger of the two in training.
+fn attention_tile_bytes(device: DeviceKind, batch_heads: usize, len: usize, training: bool) -> u64 {
     let elements = match device {
-        DeviceKind::Cuda => attention_tile_elements(batch_heads, len),
+        DeviceKind::Cuda => {
+            let per_call = if training { 4 } else { 2 };
+            per_call * attention_tile_elements(batch_heads, len)
+        }
         DeviceKind::Cpu => {
-            let tile = cogvx_kernels::attention::Tiles::DEFAULT;
+            use cogvx_kernels::attention::Tiles;
+            let tile = |t: Tiles| (t.q.min(len) * t.k.min(len)) as u64;
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (threads.min(batch_heads.max(1)) * tile.q.min(len) * tile.k.min(len)) as u64
+            let per_thread = if training {
+                tile(Tiles::FORWARD).max(2 * tile(Tiles::BACKWARD))
+            } else {
+                tile(Tiles::FORWARD)
+            };
+            threads.min(batch_heads.max(1)) as u64 * per_thread
         }
     };
-    per_call * elements * F32
+    elements * F32
 }
 
 /// Whether the one-operation feed-forward runs as the CPU kernel (f32 on the CPU), which holds
@@ -375,7 +386,7 @@ pub fn training(
     } else {
         rows * 6 * d * F32
     };
-    let tiles = attention_tile_bytes(device, batch * c.num_attention_heads, tokens.total, 4);
+    let tiles = attention_tile_bytes(device, batch * c.num_attention_heads, tokens.total, true);
     // The two peaks of a block's backward: the feed-forward's (first), and the attention's with
     // its tiles, by which time the block no longer keeps what the feed-forward and norm2 kept
     // (the ff input and pre-activation, or the hidden layer, and norm2's centred input). The
@@ -427,7 +438,7 @@ pub fn inference_bytes(
         rows * (3 * d + 2 * 4 * d) * act
     };
     let attention = rows * 10 * d * F32
-        + attention_tile_bytes(device, batch * c.num_attention_heads, tokens.total, 2);
+        + attention_tile_bytes(device, batch * c.num_attention_heads, tokens.total, false);
     ff.max(attention)
 }
 

@@ -41,7 +41,7 @@ impl<B: ModelBackend, const N: usize> Backward<B, N> for AttentionBackward<N> {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
-    fn attention_tiles(requested: crate::attention::BlockSizes) -> crate::attention::BlockSizes {
+    fn attention_tiles(requested: crate::attention::BlockSizes) -> crate::attention::Tiling {
         B::attention_tiles(requested)
     }
 

@@ -7,7 +7,7 @@
 //! output and the gradients come back in their operands' dtypes. A bias gradient (which no
 //! training in cogvx asks for: T5's position bias is frozen) takes the generic path.
 
-use super::BlockSizes;
+use super::{BlockSizes, Tiling};
 use crate::backend::{self, AttentionGrads, AttentionInputs, AttentionSaved};
 use crate::host::{tensor, Host};
 use burn::tensor::{backend::Backend, ops::FloatTensor, FloatDType};
@@ -55,19 +55,31 @@ fn bias_strides(bias: &Host, d: &kernel::Dims) -> [usize; 4] {
     strides
 }
 
-/// The kernel's tiles for the requested ones: [`kernel::Tiles::DEFAULT`] (128 query rows x 256
-/// keys, which keep a tile's scores in L2) or smaller where asked.
-pub fn tiles(requested: BlockSizes) -> BlockSizes {
-    let t = kernel_tiles(requested);
-    BlockSizes { q: t.q, k: t.k }
+/// The kernel's tiles for the requested ones: its own ([`kernel::Tiles::FORWARD`], 256 query
+/// rows x 512 keys, and [`kernel::Tiles::BACKWARD`], 128 x 256, which keep a tile's scores in
+/// L2) or smaller where asked.
+pub fn tiles(requested: BlockSizes) -> Tiling {
+    let cap = max_tiles(requested);
+    let sizes = |t: kernel::Tiles| {
+        let t = t.capped(cap);
+        BlockSizes { q: t.q, k: t.k }
+    };
+    Tiling {
+        forward: sizes(kernel::Tiles::FORWARD),
+        backward: sizes(kernel::Tiles::BACKWARD),
+    }
 }
 
-fn kernel_tiles(requested: BlockSizes) -> kernel::Tiles {
-    kernel::Tiles::at_most(requested.q, requested.k)
+/// The requested tile as the kernel's cap.
+fn max_tiles(requested: BlockSizes) -> kernel::Tiles {
+    kernel::Tiles {
+        q: requested.q,
+        k: requested.k,
+    }
 }
 
 /// An attention call's operands as host buffers: q, k, v, the bias with its broadcast strides,
-/// the kernel's shape, scale and tiles.
+/// the kernel's shape, scale and largest tiles.
 struct Operands {
     q: Host,
     k: Host,
@@ -75,7 +87,7 @@ struct Operands {
     bias: Option<(Host, [usize; 4])>,
     dims: kernel::Dims,
     scale: f32,
-    tiles: kernel::Tiles,
+    max_tiles: kernel::Tiles,
 }
 
 impl Operands {
@@ -98,7 +110,7 @@ impl Operands {
             bias,
             dims,
             scale: inputs.scale as f32,
-            tiles: kernel_tiles(inputs.sizes),
+            max_tiles: max_tiles(inputs.sizes),
         }
     }
 
@@ -113,7 +125,7 @@ impl Operands {
             }),
             dims: self.dims,
             scale: self.scale,
-            tiles: self.tiles,
+            max_tiles: self.max_tiles,
         }
     }
 }

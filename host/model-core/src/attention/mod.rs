@@ -13,6 +13,14 @@ pub mod flash;
 
 pub use flash::BlockSizes;
 
+/// The tiles an attention call runs, the forward's and the backward's (what benchmarks report;
+/// see [`ModelBackend::attention_tiles`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiling {
+    pub forward: BlockSizes,
+    pub backward: BlockSizes,
+}
+
 use crate::backend::{AttentionInputs, ModelBackend};
 use burn::tensor::{activation::softmax, backend::Backend, Tensor, TensorPrimitive};
 
