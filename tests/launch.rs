@@ -8,40 +8,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-#[allow(dead_code)]
 mod common;
 use common::{cogvx, repo, s, text};
 
-/// A run of the tiny 2B model on the four mini clips (one bucket, batch 1 unless `extra` says).
+/// A run of the tiny 2B model on the four mini clips ([`common::tiny_run_config`]) named
+/// `name` in `dir`, no TensorBoard, `extra` appended to `[train]`.
 fn config(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let repo = repo();
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-
-[data]
-root = "{data}"
-resolution = "9x64x96"
-cache_dir = "{cache}"
-
-[train]
-output_dir = "{out}"
-rank = 4
-alpha = 8
-learning_rate = 1e-3
-lr_warmup_steps = 2
-tensorboard = false
-{extra}
-"#,
-        model = repo.join("examples/models/cogvideox-2b-tiny").display(),
-        data = repo.join("examples/datasets/mini").display(),
-        cache = dir.join("cache").display(),
-        out = dir.join(name).display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    common::tiny_run_config(
+        &dir.join(format!("{name}.toml")),
+        &dir.join("cache"),
+        &dir.join(name),
+        "",
+        &format!("tensorboard = false\n{extra}"),
+    )
 }
 
 /// `cogvx launch --nproc-per-node n -- <args>`.

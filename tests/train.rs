@@ -35,35 +35,13 @@ fn small_config(dir: &Path, train_extra: &str) -> PathBuf {
 
 /// [`small_config`] with `data_extra` appended to `[data]` too.
 fn small_config_with(dir: &Path, data_extra: &str, train_extra: &str) -> PathBuf {
-    let repo = repo();
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-
-[data]
-root = "{data}"
-resolution = "9x64x96"
-cache_dir = "{cache}"
-{data_extra}
-
-[train]
-output_dir = "{out}"
-rank = 4
-alpha = 8
-learning_rate = 1e-3
-lr_warmup_steps = 2
-checkpointing_steps = 3
-{train_extra}
-"#,
-        model = repo.join("examples/models/cogvideox-2b-tiny").display(),
-        data = repo.join("examples/datasets/mini").display(),
-        cache = dir.join("cache").display(),
-        out = dir.join("out").display(),
-    );
-    let path = dir.join("run.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::tiny_run_config(
+        &dir.join("run.toml"),
+        &dir.join("cache"),
+        &dir.join("out"),
+        data_extra,
+        &format!("checkpointing_steps = 3\n{train_extra}"),
+    )
 }
 
 /// `[data] buckets` from the CLI: `dataset check` prints the histogram, the cache places the

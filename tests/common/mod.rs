@@ -1,4 +1,5 @@
-//! Helpers shared by the end-to-end tests of the `cogvx` binary.
+//! Helpers shared by the end-to-end tests of the `cogvx` binary (each test crate uses some).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,6 +26,45 @@ pub fn cogvx(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap()
+}
+
+/// Writes `path`, a run of the tiny 2B model on the four mini clips at 9x64x96 (LoRA rank 4,
+/// alpha 8, learning rate 1e-3, 2 warm-up steps, batch 1), its cache in `cache`, its output in
+/// `out`, with `data_extra` and `train_extra` appended to `[data]` and `[train]`.
+pub fn tiny_run_config(
+    path: &Path,
+    cache: &Path,
+    out: &Path,
+    data_extra: &str,
+    train_extra: &str,
+) -> PathBuf {
+    let repo = repo();
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+
+[data]
+root = "{data}"
+resolution = "9x64x96"
+cache_dir = "{cache}"
+{data_extra}
+
+[train]
+output_dir = "{out}"
+rank = 4
+alpha = 8
+learning_rate = 1e-3
+lr_warmup_steps = 2
+{train_extra}
+"#,
+        model = repo.join("examples/models/cogvideox-2b-tiny").display(),
+        data = repo.join("examples/datasets/mini").display(),
+        cache = cache.display(),
+        out = out.display(),
+    );
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
 }
 
 /// (stdout, stderr) as text.
